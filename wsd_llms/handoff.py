@@ -1,0 +1,47 @@
+"""The hand-off in text between the two tokenizers (DESIGN 3.2 and 3.4, and the hold-back of DESIGN 4).
+
+The draft text is decoded with special tokens skipped and stripped; the base model sees it as
+`(base_prompt + draft_text).rstrip()` tokenized with no special tokens added, whose first
+`len(encode(base_prompt))` ids are the prompt and the rest the draft in base tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .reply import decode
+
+# Base tokens at the tail of an unfinished draft that are held back: later text may still
+# re-tokenize them. A change further back is caught and rolled back by the online engine.
+HOLDBACK_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The base tokenization of (prompt + draft so far): prompt ids, then stable draft ids."""
+
+    prompt_ids: list[int]
+    draft_ids: list[int]
+
+
+def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int]) -> str:
+    """The draft so far, left-stripped (the right strip happens once the draft has ended)."""
+    return (forced_prefix + decode(tokenizer, generated)).lstrip()
+
+
+def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str) -> Handoff:
+    """The paper's check-stage tokenization of a finished draft."""
+    ids = tokenizer.encode((base_prompt + text.strip()).rstrip(), add_special_tokens=False)
+    return Handoff(ids[:prompt_len], ids[prompt_len:])
+
+
+def partial_handoff(
+    tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS
+) -> Handoff | None:
+    """The stable part of an unfinished draft's tokenization, or None while nothing is stable."""
+    text = text.rstrip().rstrip("\ufffd").rstrip()
+    if not text:
+        return None
+    ids = tokenizer.encode(base_prompt + text, add_special_tokens=False)
+    return Handoff(ids[:prompt_len], ids[prompt_len : max(prompt_len, len(ids) - holdback)])

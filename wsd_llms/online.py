@@ -1,0 +1,146 @@
+"""The online engine (DESIGN 4): draft, score stable base tokens as they appear, switch, continue.
+
+Equal to `staged` under greedy decoding, but the base model scores while the draft is being
+written, drafting stops the moment a window passes, the base cache is cropped to the switch
+point instead of prefilling again, and text streams as soon as it is final.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .continuation import continue_base, keep_draft
+from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, partial_handoff
+from .loading import LoadedModel
+from .model_runner import KVCache, ModelRunner
+from .sampling import make_generator, sample, token_probs
+from .sequence import Forward, Phase, Program, Sequence
+from .switch import SwitchDetector
+
+# Score once this many new stable base tokens wait (fewer passes vs. earlier text and switch).
+SCORE_INTERVAL = 4
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class _Scorer:
+    """The base model's view of the draft: a cache over prompt + scored draft tokens, and their probabilities."""
+
+    def __init__(self, seq: Sequence, detector: SwitchDetector) -> None:
+        self.seq = seq
+        self.kv = seq.base_kv = KVCache()
+        self.detector = detector
+        self.prompt_len = 0
+        self.last_logits: torch.Tensor | None = None  # next-token logits at the end of the cache
+        self.rows: torch.Tensor | None = None  # logits of the latest pass, one row per fed position
+        self.rows_start = 0
+
+    def scored(self) -> int:
+        return max(0, len(self.kv) - self.prompt_len)
+
+    def score(self, handoff: Handoff) -> Program:
+        """Bring the cache to prompt + draft ids and return the probabilities of the newly fed draft tokens.
+
+        If re-tokenization changed a token already in the cache, crop back to the common prefix (less one
+        token, whose logits are needed again) and forget the probabilities from there on.
+        """
+        target = handoff.prompt_ids + handoff.draft_ids
+        self.prompt_len = len(handoff.prompt_ids)
+        common = _common_prefix(self.kv.ids, target)
+        if common < len(self.kv):
+            self.seq.rollbacks += 1
+            ModelRunner.crop(self.kv, max(common - 1, 0))
+            self.detector.truncate(max(0, common - self.prompt_len))
+            self.last_logits = None
+        if not self.kv.ids and self.prompt_len > 1:
+            # Prefill the prompt without computing logits for every prompt position.
+            yield Forward("base", self.kv, target[: self.prompt_len - 1], phase="score")
+        start = len(self.kv)
+        new = target[start:]
+        if not new:
+            return []
+        rows = yield Forward("base", self.kv, new, keep=len(new), phase="score")
+        self.rows, self.rows_start = rows, start
+        if self.last_logits is None:  # rows[k] predicts target[start + k + 1]
+            prev, offset = rows[:-1], start + 1
+        else:  # the previous pass predicted target[start]
+            prev, offset = torch.cat([self.last_logits[None], rows[:-1]]), start
+        self.last_logits = rows[-1]
+        first = max(offset, self.prompt_len + len(self.detector))
+        if first >= len(target):
+            return []
+        return token_probs(prev[first - offset :], target[first:])
+
+    def cut(self, kept: int) -> torch.Tensor:
+        """Crop the cache after `kept` draft tokens; returns the next-token logits there."""
+        end = self.prompt_len + kept
+        logits = self.rows[end - 1 - self.rows_start]
+        ModelRunner.crop(self.kv, end)
+        return logits
+
+
+def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel, score_interval: int = SCORE_INTERVAL) -> Program:
+    params, prompts = seq.params, seq.prompts
+    draft_gen = make_generator(params.seed)
+    base_gen = make_generator(None if params.seed is None else params.seed + 1)
+    prompt_len = len(prompts.base_ids)
+    free = min(params.switch_window, params.max_tokens)  # always kept: no switch can come earlier
+    detector = SwitchDetector(params.switch_window, params.switch_threshold)
+    scorer = _Scorer(seq, detector)
+
+    seq.phase = Phase.DRAFTING
+    seq.draft_kv = KVCache()
+    logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
+    generated: list[int] = []
+    done = False
+    while True:
+        token = sample(logits, params, draft_gen)
+        if token in draft.eos_ids:
+            done = True
+        else:
+            generated.append(token)
+            done = len(generated) >= params.max_draft_tokens
+        seq.draft_tokens = len(generated)
+
+        text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
+        if done:
+            handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text)
+        else:
+            handoff = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, HOLDBACK_TOKENS)
+        if handoff is not None:
+            stable = handoff.draft_ids[: params.max_tokens]
+            handoff = Handoff(handoff.prompt_ids, stable)
+            if len(seq.reply.ids) < free and len(stable) > len(seq.reply.ids):
+                keep_draft(seq, stable[len(seq.reply.ids) : free])
+                if seq.reply.stopped:
+                    return "stop"
+            if done or len(stable) - scorer.scored() >= score_interval or len(stable) >= params.max_tokens:
+                probs = yield from scorer.score(handoff)
+                for j, p in enumerate(probs, start=len(detector)):
+                    if detector.push(p):
+                        seq.switch_point = j + 1
+                        break
+                if seq.switch_point is not None:
+                    logits = scorer.cut(seq.switch_point)
+                    kept = stable[: seq.switch_point]
+                else:
+                    logits = scorer.last_logits
+                    kept = stable[: scorer.scored()]
+                if len(kept) > len(seq.reply.ids):
+                    keep_draft(seq, kept[len(seq.reply.ids) :])
+                if seq.reply.stopped:
+                    return "stop"
+                if seq.switch_point is not None or done or len(kept) >= params.max_tokens:
+                    break
+        if done:
+            break
+        logits = yield Forward("draft", seq.draft_kv, [token])
+
+    seq.draft_kv = None
+    return (yield from continue_base(seq, base, scorer.kv, logits, base_gen))

@@ -1,0 +1,75 @@
+"""The two prompts of DESIGN 3: the draft model's chat template and the base model's plain template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ModelLoadError
+from .messages import Message, split_forced_prefix
+
+# The plain template's role markers; the base model stops before writing any of them.
+ROLE_HEADERS = {"system": "[System]", "user": "[User]", "assistant": "[Assistant]"}
+ROLE_STOPS = tuple(ROLE_HEADERS.values())
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Both models' prompts for one request, plus the forced start of the reply."""
+
+    draft_ids: list[int]
+    base_text: str
+    base_ids: list[int]
+    forced_prefix: str
+    role_stops: tuple[str, ...]
+
+
+def require_chat_template(tokenizer: Any, name: str) -> None:
+    """The draft model must be an aligned chat model: refuse one whose tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"the draft model {name!r} has no chat template in its tokenizer; the draft must be an aligned "
+            "chat model (for example SmolLM2-135M-Instruct), or set tokenizer.chat_template yourself"
+        )
+
+
+def draft_prompt_ids(tokenizer: Any, messages: list[Message], forced_prefix: str) -> list[int]:
+    """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1)."""
+    text = tokenizer.apply_chat_template(
+        [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer.encode(text + forced_prefix, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def plain_base_prompt(tokenizer: Any, messages: list[Message]) -> str:
+    """BOS + "\\n\\n[Role]\\ncontent" per message + "\\n\\n[Assistant]\\n" (DESIGN 3.3)."""
+    parts = [tokenizer.bos_token or ""]
+    for m in messages:
+        parts.append(f"\n\n{ROLE_HEADERS[m.role]}\n{m.content.strip()}")
+    parts.append(f"\n\n{ROLE_HEADERS['assistant']}\n")
+    return "".join(parts)
+
+
+def chat_base_prompt(tokenizer: Any, messages: list[Message]) -> str:
+    """The base model's own chat template, for base models that have one (an explicit option)."""
+    text = tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and not text.startswith(bos):
+        text = bos + text
+    return text
+
+
+def build_prompts(draft_tok: Any, base_tok: Any, messages: list[Message], base_template: str = "plain") -> Prompts:
+    """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix."""
+    context, prefix = split_forced_prefix(messages)
+    draft_ids = draft_prompt_ids(draft_tok, context, prefix)
+    if base_template == "chat":
+        base_text, role_stops = chat_base_prompt(base_tok, context), ()
+    else:
+        base_text, role_stops = plain_base_prompt(base_tok, context), ROLE_STOPS
+    base_ids = base_tok.encode(base_text, add_special_tokens=False)
+    return Prompts(draft_ids, base_text, base_ids, prefix, role_stops)

@@ -1,0 +1,96 @@
+"""Turns a reply's base-token ids into final text: stop strings, hold-back, and who wrote what.
+
+Both modes feed the same ids through this class, so their replies are cut and decoded identically.
+Text is released only once it is final: a tail that could still grow into a stop string, or an
+incomplete UTF-8 character, is held back until it is ruled out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of final reply text and the model that wrote it ("draft" or "base")."""
+
+    text: str
+    source: str
+
+
+def expand_role_stops(markers: tuple[str, ...]) -> tuple[str, ...]:
+    """Each role marker with two, one or no newlines before it, so the cut drops those newlines."""
+    return tuple(s for m in markers for s in (f"\n\n{m}", f"\n{m}", m))
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    """Decode without special tokens and without space clean-up, so decoding is prefix-stable."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might still be the start of a stop string or of a character."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+class ReplyText:
+    """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self._tok = tokenizer
+        self.stops = stops
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+        self._emitted = 0
+        self._draft_chars = 0
+        self._max_stop = max((len(s) for s in stops), default=0)
+
+    @property
+    def draft_chars(self) -> int:
+        """Length of the reply's leading text that the draft model wrote."""
+        return min(self._draft_chars, len(self.text))
+
+    def add(self, ids: list[int], source: str) -> list[Delta]:
+        """Append ids written by `source`; returns newly final text. Sets `stopped` on a stop string."""
+        if self.stopped:
+            raise RuntimeError("reply already ended at a stop string")
+        self.ids.extend(ids)
+        self.text = decode(self._tok, self.ids)
+        if source == "draft":
+            self._draft_chars = len(self.text)
+        start = max(0, self._emitted - self._max_stop)
+        cut = self._first_stop(start)
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
+            return self._release(len(self.text))
+        return self._release(len(self.text) - _held_back(self.text, self.stops))
+
+    def finish(self) -> list[Delta]:
+        """No more ids will come: release whatever was held back."""
+        return self._release(len(self.text))
+
+    def _first_stop(self, start: int) -> int | None:
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
+    def _release(self, upto: int) -> list[Delta]:
+        deltas = []
+        if upto > self._emitted:
+            split = min(max(self._draft_chars, self._emitted), upto)
+            if split > self._emitted:
+                deltas.append(Delta(self.text[self._emitted : split], "draft"))
+            if upto > split:
+                deltas.append(Delta(self.text[split:upto], "base"))
+            self._emitted = upto
+        return deltas

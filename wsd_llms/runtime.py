@@ -1,0 +1,281 @@
+"""The shared runtime: one per (draft, base, device, dtype) in a process, with one worker thread.
+
+Requests come from any thread or event loop and go back as events: `stream` is a blocking
+iterator, `astream` an async iterator that never blocks the event loop. Models load on the first
+request, in the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .engine import Engine
+from .errors import RuntimeClosedError, WSDError
+from .events import Event, FinalEvent, TextDelta, WSDResult
+from .loading import EMBEDDED_BASE, EMBEDDED_DRAFT, LoadedModel, load_model, resolve_device, resolve_dtype
+from .messages import Message, normalize_messages
+from .params import GenerationParams, parse_params
+from .prompts import require_chat_template
+
+Messages = Seq[Mapping[str, Any] | Message]
+_POLL = 0.5  # seconds between checks that the worker is still alive while a caller waits
+
+
+@dataclass
+class _Submission:
+    messages: list[Message]
+    params: GenerationParams
+    deliver: Callable[[Event | BaseException], None]
+    cancelled: threading.Event
+
+
+class WSDRuntime:
+    """Owns the two models and the worker thread that runs the step loop."""
+
+    def __init__(
+        self,
+        draft: str | None = None,
+        base: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        draft_revision: str | None = None,
+        base_revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.draft_source = draft or EMBEDDED_DRAFT
+        self.base_source = base or EMBEDDED_BASE
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._revisions = (draft_revision, base_revision)
+        self._trust_remote_code = trust_remote_code
+        self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.engine: Engine | None = None
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    def stream(self, messages: Messages, **params: Any) -> Iterator[Event]:
+        """Blocking iterator of events: TextDelta pieces, then one FinalEvent."""
+        inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        cancelled = self._submit(messages, params, inbox.put)
+        try:
+            while True:
+                try:
+                    item = inbox.get(timeout=_POLL)
+                except queue.Empty:
+                    self._check_alive()
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, FinalEvent):
+                    return
+        finally:
+            cancelled.set()
+
+    async def astream(self, messages: Messages, **params: Any) -> AsyncIterator[Event]:
+        """Async iterator of events; waiting never blocks the event loop."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+
+        def deliver(item: Event | BaseException) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        cancelled = self._submit(messages, params, deliver)
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(inbox.get(), timeout=_POLL)
+                except asyncio.TimeoutError:
+                    self._check_alive()
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, FinalEvent):
+                    return
+        finally:
+            cancelled.set()
+
+    def generate(self, messages: Messages, **params: Any) -> WSDResult:
+        """The whole reply at once (built from the same stream)."""
+        return _collect(self.stream(messages, **params))
+
+    async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
+        parts: list[str] = []
+        async for event in self.astream(messages, **params):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                return _checked(event.result, parts)
+        raise RuntimeClosedError("stream ended without a final event")
+
+    def load(self) -> Engine:
+        """Load both models now (normally done by the worker on the first request)."""
+        with self._lock:
+            if self.engine is None:
+                draft = self._load(self.draft_source, self._revisions[0])
+                require_chat_template(draft.tokenizer, draft.name)
+                base = self._load(self.base_source, self._revisions[1])
+                self.engine = Engine(draft, base)
+            return self.engine
+
+    def close(self) -> None:
+        """Stop the worker; requests still waiting fail with RuntimeClosedError."""
+        self._closed = True
+        self._inbox.put(None)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    # ------------------------------------------------------------ worker
+
+    def _load(self, source: str, revision: str | None) -> LoadedModel:
+        return load_model(
+            source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code
+        )
+
+    def _submit(self, messages: Messages, params: dict[str, Any], deliver: Callable[[Event | BaseException], None]) -> threading.Event:
+        if self._closed:
+            raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
+        submission = _Submission(normalize_messages(messages), parse_params(**params), deliver, threading.Event())
+        self._ensure_worker()
+        self._inbox.put(submission)
+        return submission.cancelled
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="wsd-llms-worker", daemon=True)
+                self._thread.start()
+
+    def _check_alive(self) -> None:
+        thread = self._thread
+        if self._closed or thread is None or not thread.is_alive():
+            raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                engine = self.engine
+                busy = engine is not None and engine.has_work()
+                try:
+                    item = self._inbox.get_nowait() if busy else self._inbox.get()
+                except queue.Empty:
+                    item = False  # nothing new; keep stepping
+                if item is None:
+                    self._fail_all(RuntimeClosedError("the runtime was closed"))
+                    return
+                if item:
+                    self._accept(item)
+                if self.engine is not None and self.engine.has_work():
+                    self.engine.step()
+
+    def _accept(self, sub: _Submission) -> None:
+        if sub.cancelled.is_set():
+            return
+        try:
+            engine = self.load()
+            seq = engine.prepare(sub.messages, sub.params, sub.deliver)
+            seq.cancelled = sub.cancelled
+            engine.add(seq)
+        except WSDError as exc:
+            sub.deliver(exc)
+        except Exception as exc:  # a bad request must not kill the worker
+            sub.deliver(WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        engine = self.engine
+        if engine is not None:
+            for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+                engine.scheduler.remove(seq)
+                seq.free()
+                seq.deliver(error)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item:
+                item.deliver(error)
+
+
+def _checked(result: WSDResult, parts: list[str]) -> WSDResult:
+    joined = "".join(parts)
+    if joined != result.text:
+        raise WSDError(f"internal error: streamed text {joined!r} differs from the final text {result.text!r}")
+    return result
+
+
+def _collect(events: Iterator[Event]) -> WSDResult:
+    parts: list[str] = []
+    for event in events:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return _checked(event.result, parts)
+    raise RuntimeClosedError("stream ended without a final event")
+
+
+_registry: dict[tuple, WSDRuntime] = {}
+_registry_lock = threading.Lock()
+
+
+def get_runtime(
+    draft: str | None = None,
+    base: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    draft_revision: str | None = None,
+    base_revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> WSDRuntime:
+    """The process's runtime for these models (created on first call, loaded on first request)."""
+    dev = resolve_device(device)
+    key = (
+        draft or EMBEDDED_DRAFT,
+        base or EMBEDDED_BASE,
+        str(dev),
+        str(resolve_dtype(dtype, dev)),
+        draft_revision,
+        base_revision,
+        trust_remote_code,
+    )
+    with _registry_lock:
+        runtime = _registry.get(key)
+        if runtime is None or runtime._closed:
+            runtime = _registry[key] = WSDRuntime(
+                draft,
+                base,
+                device,
+                dtype,
+                draft_revision=draft_revision,
+                base_revision=base_revision,
+                trust_remote_code=trust_remote_code,
+            )
+        return runtime
+
+
+@atexit.register
+def _close_all() -> None:
+    """At interpreter exit, stop every worker before torch's threads are torn down."""
+    with _registry_lock:
+        runtimes = list(_registry.values())
+    for runtime in runtimes:
+        runtime.close()

@@ -1,0 +1,92 @@
+"""One request's state as it moves through the phases: waiting, drafting, continuing, finished."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .events import Event, TextDelta
+from .model_runner import KVCache
+from .params import GenerationParams
+from .prompts import Prompts
+from .reply import Delta, ReplyText
+
+
+class Phase(str, Enum):
+    WAITING = "waiting"
+    DRAFTING = "drafting"
+    CONTINUING = "continuing"
+    FINISHED = "finished"
+
+
+@dataclass
+class Forward:
+    """A forward pass a sequence needs: feed `ids` into `kv` of `model` ("draft" or "base").
+
+    With keep=0 the answer is the next-token logits [V]; with keep=k, the last k rows [k, V].
+    `phase` ("draft", "score" or "base") says what the pass is for; the scheduler may batch passes
+    of the same model and phase across sequences.
+    """
+
+    model: str
+    kv: KVCache
+    ids: list[int]
+    keep: int = 0
+    phase: str = "draft"
+
+
+# A decoding program: yields the forwards it needs, receives their logits, returns its result.
+Program = Generator[Forward, torch.Tensor, Any]
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Sequence:
+    """A request inside the runtime: its parameters, prompts, reply so far, and bookkeeping."""
+
+    params: GenerationParams
+    prompts: Prompts
+    reply: ReplyText
+    deliver: Callable[[Event | BaseException], None]
+    request_id: int = field(default_factory=lambda: next(_ids))
+    phase: Phase = Phase.WAITING
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    seconds: dict[str, float] = field(default_factory=lambda: {"draft": 0.0, "score": 0.0, "base": 0.0})
+    draft_tokens: int = 0
+    base_tokens: int = 0
+    kept_draft: int = 0
+    switch_point: int | None = None
+    rollbacks: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    draft_kv: KVCache | None = None
+    base_kv: KVCache | None = None
+    program: Program | None = None
+    pending: Forward | None = None
+
+    def emit(self, deltas: list[Delta]) -> None:
+        """Send final text to the caller, noting the time of the first piece."""
+        for d in deltas:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.deliver(TextDelta(d.text, d.source))  # type: ignore[arg-type]
+
+    def cached_tokens(self) -> int:
+        """Positions held in this sequence's KV caches."""
+        return sum(len(kv) for kv in (self.draft_kv, self.base_kv) if kv is not None)
+
+    def free(self) -> None:
+        """Drop the caches (finished, failed or cancelled)."""
+        self.draft_kv = self.base_kv = None
+        self.pending = None
+        if self.program is not None:
+            self.program.close()
+            self.program = None

@@ -1,0 +1,52 @@
+"""The paper's three stages run one after another: the reference the online engine must equal."""
+
+from __future__ import annotations
+
+from .continuation import continue_base, keep_draft
+from .handoff import draft_text, final_handoff
+from .loading import LoadedModel
+from .model_runner import KVCache
+from .sampling import make_generator, sample, token_probs
+from .sequence import Forward, Phase, Program, Sequence
+from .switch import find_switch
+
+
+def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
+    """Draft the whole reply, score it in one base pass, switch, re-prefill and continue."""
+    params, prompts = seq.params, seq.prompts
+    draft_gen = make_generator(params.seed)
+    base_gen = make_generator(None if params.seed is None else params.seed + 1)
+
+    # 1-2. Draft until EOS or max_draft_tokens.
+    seq.phase = Phase.DRAFTING
+    seq.draft_kv = KVCache()
+    logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
+    generated: list[int] = []
+    while len(generated) < params.max_draft_tokens:
+        token = sample(logits, params, draft_gen)
+        if token in draft.eos_ids:
+            break
+        generated.append(token)
+        if len(generated) < params.max_draft_tokens:
+            logits = yield Forward("draft", seq.draft_kv, [token])
+    seq.draft_tokens = len(generated)
+    seq.draft_kv = None
+
+    # 3-5. Check the draft with one base pass and find the switch point.
+    handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), draft_text(draft.tokenizer, prompts.forced_prefix, generated))
+    probs: list[float] = []
+    if handoff.draft_ids:
+        scoring = KVCache()
+        logits = yield Forward("base", scoring, handoff.prompt_ids + handoff.draft_ids, keep=len(handoff.draft_ids) + 1, phase="score")
+        probs = token_probs(logits[:-1], handoff.draft_ids)
+    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold)
+    kept = handoff.draft_ids[: params.max_tokens if switch is None else switch + 1]
+    seq.switch_point = None if switch is None else switch + 1
+
+    # 6-7. Continue from a fresh prefill of prompt + kept draft.
+    keep_draft(seq, kept)
+    if seq.reply.stopped or len(kept) >= params.max_tokens:
+        return "stop" if seq.reply.stopped else "length"
+    seq.base_kv = KVCache()
+    logits = yield Forward("base", seq.base_kv, handoff.prompt_ids + kept, phase="base")
+    return (yield from continue_base(seq, base, seq.base_kv, logits, base_gen))
