@@ -32,6 +32,6 @@ def continue_base(seq: Sequence, base: LoadedModel, kv: KVCache, logits: torch.T
 
 
 def keep_draft(seq: Sequence, ids: list[int]) -> None:
-    """Add kept draft tokens (base ids) to the reply and stream whatever text became final."""
-    seq.emit(seq.reply.add(ids, "draft"))
+    """Make the reply's draft part these base ids and stream whatever text became final."""
+    seq.emit(seq.reply.set_draft(ids))
     seq.kept_draft = len(seq.reply.ids)

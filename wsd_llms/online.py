@@ -17,8 +17,16 @@ from .sampling import make_generator, sample, token_probs
 from .sequence import Forward, Phase, Program, Sequence
 from .switch import SwitchDetector
 
-# Score once this many new stable base tokens wait (fewer passes vs. earlier text and switch).
-SCORE_INTERVAL = 4
+# When to run the next scoring pass: after `scored` tokens, wait for scored clamped to
+# [MIN, MAX] more stable tokens. Each pass re-reads the base model's weights (on a CPU that
+# costs most of a decode step), so passes grow apart while no switch comes; the first pass
+# waits for `switch_window` tokens, the earliest point a window can pass.
+MIN_SCORE_INTERVAL = 4
+MAX_SCORE_INTERVAL = 32
+
+
+def next_score_at(scored: int) -> int:
+    return scored + min(max(scored, MIN_SCORE_INTERVAL), MAX_SCORE_INTERVAL)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -58,14 +66,14 @@ class _Scorer:
             ModelRunner.crop(self.kv, max(common - 1, 0))
             self.detector.truncate(max(0, common - self.prompt_len))
             self.last_logits = None
-        if not self.kv.ids and self.prompt_len > 1:
-            # Prefill the prompt without computing logits for every prompt position.
-            yield Forward("base", self.kv, target[: self.prompt_len - 1], phase="score")
         start = len(self.kv)
         new = target[start:]
         if not new:
             return []
-        rows = yield Forward("base", self.kv, new, keep=len(new), phase="score")
+        # Logits only from the last prompt position on: the prompt's own rows are never needed.
+        keep = min(len(new), len(target) - self.prompt_len + 1)
+        rows = yield Forward("base", self.kv, new, keep=keep, phase="score")
+        start = len(target) - keep  # position of rows[0]
         self.rows, self.rows_start = rows, start
         if self.last_logits is None:  # rows[k] predicts target[start + k + 1]
             prev, offset = rows[:-1], start + 1
@@ -85,7 +93,7 @@ class _Scorer:
         return logits
 
 
-def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel, score_interval: int = SCORE_INTERVAL) -> Program:
+def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     params, prompts = seq.params, seq.prompts
     draft_gen = make_generator(params.seed)
     base_gen = make_generator(None if params.seed is None else params.seed + 1)
@@ -93,6 +101,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel, score_inter
     free = min(params.switch_window, params.max_tokens)  # always kept: no switch can come earlier
     detector = SwitchDetector(params.switch_window, params.switch_threshold)
     scorer = _Scorer(seq, detector)
+    score_at = params.switch_window
 
     seq.phase = Phase.DRAFTING
     seq.draft_kv = KVCache()
@@ -117,11 +126,12 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel, score_inter
             stable = handoff.draft_ids[: params.max_tokens]
             handoff = Handoff(handoff.prompt_ids, stable)
             if len(seq.reply.ids) < free and len(stable) > len(seq.reply.ids):
-                keep_draft(seq, stable[len(seq.reply.ids) : free])
+                keep_draft(seq, stable[: min(free, len(stable))])
                 if seq.reply.stopped:
                     return "stop"
-            if done or len(stable) - scorer.scored() >= score_interval or len(stable) >= params.max_tokens:
+            if done or len(stable) >= min(score_at, params.max_tokens):
                 probs = yield from scorer.score(handoff)
+                score_at = next_score_at(scorer.scored())
                 for j, p in enumerate(probs, start=len(detector)):
                     if detector.push(p):
                         seq.switch_point = j + 1
@@ -132,8 +142,8 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel, score_inter
                 else:
                     logits = scorer.last_logits
                     kept = stable[: scorer.scored()]
-                if len(kept) > len(seq.reply.ids):
-                    keep_draft(seq, kept[len(seq.reply.ids) :])
+                if kept != seq.reply.ids:
+                    keep_draft(seq, kept)
                 if seq.reply.stopped:
                     return "stop"
                 if seq.switch_point is not None or done or len(kept) >= params.max_tokens:

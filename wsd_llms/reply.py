@@ -42,6 +42,11 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
+def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
 class ReplyText:
     """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
@@ -61,28 +66,51 @@ class ReplyText:
         return min(self._draft_chars, len(self.text))
 
     def add(self, ids: list[int], source: str) -> list[Delta]:
-        """Append ids written by `source`; returns newly final text. Sets `stopped` on a stop string."""
+        """Append ids written by `source`; returns newly final text.
+
+        On a stop string the reply ends: `stopped` is set, the text is cut before the stop, and ids
+        after the one that completed the stop are not taken, however the ids were grouped.
+        """
         if self.stopped:
             raise RuntimeError("reply already ended at a stop string")
-        self.ids.extend(ids)
-        self.text = decode(self._tok, self.ids)
-        if source == "draft":
-            self._draft_chars = len(self.text)
         start = max(0, self._emitted - self._max_stop)
-        cut = self._first_stop(start)
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.stopped = True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - _held_back(self.text, self.stops))
+        text = decode(self._tok, self.ids + ids)
+        if self.stops and _first_stop(text, self.stops, start) is not None:
+            for n in range(1, len(ids) + 1):  # rare: find the id that completed the stop
+                text = decode(self._tok, self.ids + ids[:n])
+                cut = _first_stop(text, self.stops, start)
+                if cut is not None:
+                    self._take(ids[:n], text, source)
+                    self.text, self.stopped = text[:cut], True
+                    return self._release(cut)
+        self._take(ids, text, source)
+        return self._release(len(text) - _held_back(text, self.stops))
+
+    def set_draft(self, ids: list[int]) -> list[Delta]:
+        """Make the reply exactly these draft ids (a re-tokenization may have changed earlier ids).
+
+        The text already streamed must stay a prefix of the new text; it always is unless a
+        rollback moved the switch before text that was already sent, which raises.
+        """
+        common = 0
+        while common < min(len(ids), len(self.ids)) and ids[common] == self.ids[common]:
+            common += 1
+        if common < len(self.ids):
+            text = decode(self._tok, ids[:common])
+            if not (text + decode(self._tok, ids[common:])).startswith(self.text[: self._emitted]):
+                raise RuntimeError("a re-tokenization of the draft changed text that was already streamed")
+            self.ids, self.text, self._draft_chars = ids[:common], text, len(text)
+        return self.add(ids[common:], "draft") if len(ids) > common else []
+
+    def _take(self, ids: list[int], text: str, source: str) -> None:
+        self.ids.extend(ids)
+        self.text = text
+        if source == "draft":
+            self._draft_chars = len(text)
 
     def finish(self) -> list[Delta]:
         """No more ids will come: release whatever was held back."""
         return self._release(len(self.text))
-
-    def _first_stop(self, start: int) -> int | None:
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        return min(hits) if hits else None
 
     def _release(self, upto: int) -> list[Delta]:
         deltas = []

@@ -63,6 +63,14 @@ class WSDRuntime:
         self._closed = False
         self.engine: Engine | None = None
 
+    @classmethod
+    def from_models(cls, draft: LoadedModel, base: LoadedModel) -> WSDRuntime:
+        """A runtime over models you already loaded (not shared through get_runtime)."""
+        require_chat_template(draft.tokenizer, draft.name)
+        runtime = cls(draft.name, base.name, str(base.device), base.dtype)
+        runtime.engine = Engine(draft, base)
+        return runtime
+
     # ------------------------------------------------------------ public API
 
     @property

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random model pairs (unit tests) and the embedded default pair (integration)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama  # noqa: E402
+
+from wsd_llms.runtime import WSDRuntime, get_runtime  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def draft_tokenizer():
+    return make_tokenizer(300)
+
+
+@pytest.fixture(scope="session")
+def shared_runtime(draft_tokenizer):
+    """Draft and base share one tokenizer; the base has the draft's weights, so it agrees often."""
+    rt = WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0)
+    )
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="session")
+def differ_runtime(draft_tokenizer):
+    """Different tokenizers (hand-off in text) and a Gemma 3 base with sliding windows and soft-capping."""
+    rt = WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")
+    )
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded default pair through the process-wide registry (converted once, then cached)."""
+    return get_runtime()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Every test ends with no threads beyond the long-lived runtime workers."""
+    before = {t for t in threading.enumerate()}
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.name != "wsd-llms-worker" and t.is_alive()]
+    assert not leaked, f"threads leaked: {leaked}"

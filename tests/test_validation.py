@@ -1,0 +1,61 @@
+"""Bad parameters and messages raise clear errors before any decoding starts."""
+
+import pytest
+
+from wsd_llms import InvalidMessagesError, InvalidParameterError
+from wsd_llms.messages import normalize_messages
+from wsd_llms.params import GenerationParams, parse_params
+
+
+@pytest.mark.parametrize(
+    "params,needle",
+    [
+        ({"max_tokens": 0}, "invalid max_tokens=0: Input should be greater than or equal to 1"),
+        ({"max_draft_tokens": -5}, "invalid max_draft_tokens=-5"),
+        ({"switch_threshold": 0}, "invalid switch_threshold=0: Input should be greater than 0"),
+        ({"switch_threshold": 1.2}, "invalid switch_threshold=1.2: Input should be less than or equal to 1"),
+        ({"switch_window": 0}, "invalid switch_window=0"),
+        ({"temperature": -1}, "invalid temperature=-1"),
+        ({"top_p": 0}, "invalid top_p=0"),
+        ({"top_k": -1}, "invalid top_k=-1"),
+        ({"mode": "fast"}, "invalid mode='fast': Input should be 'online' or 'staged'"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"stop": 5}, "invalid stop=5"),
+        ({"max_tokenz": 5}, "unknown parameter 'max_tokenz'"),
+    ],
+)
+def test_bad_params_name_parameter_value_and_rule(params, needle):
+    with pytest.raises(InvalidParameterError) as err:
+        parse_params(**params)
+    assert needle in str(err.value)
+
+
+def test_defaults_are_the_papers():
+    p = GenerationParams()
+    assert (p.switch_threshold, p.switch_window, p.max_draft_tokens, p.temperature, p.mode) == (0.8, 6, 512, 0.0, "online")
+    assert parse_params(stop="x").stop == ("x",)
+
+
+@pytest.mark.parametrize(
+    "messages,needle",
+    [
+        ([], "messages is empty"),
+        ("hello", "messages must be a list"),
+        ([{"role": "robot", "content": "hi"}], "messages[0] has unknown role 'robot'; allowed: system, user, assistant"),
+        ([{"role": "user", "content": 42}], "messages[0] (user) content must be a str, got int"),
+        ([{"role": "user"}], "messages[0] needs 'role' and 'content'"),
+        ([{"role": "assistant", "content": "x"}], "only assistant turns"),
+        (["hi"], "messages[0] must be a dict, got str"),
+    ],
+)
+def test_bad_messages(messages, needle):
+    with pytest.raises(InvalidMessagesError) as err:
+        normalize_messages(messages)
+    assert needle in str(err.value)
+
+
+def test_runtime_raises_before_decoding(shared_runtime):
+    with pytest.raises(InvalidParameterError, match="switch_window"):
+        shared_runtime.generate([{"role": "user", "content": "hi"}], switch_window=0)
+    with pytest.raises(InvalidMessagesError, match="empty"):
+        list(shared_runtime.stream([]))

@@ -1,0 +1,176 @@
+"""The online engine equals the paper's staged pipeline, token for token, on tiny random model pairs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wsd_llms import FinalEvent, TextDelta
+
+QUESTIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Hello there! Write a list."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count: one two three"}],
+    [{"role": "user", "content": "Tell me about photosynthesis."}, {"role": "assistant", "content": "Sure, here"}],
+    [{"role": "user", "content": "def f(x): return x * 2"}],
+]
+SETTINGS = [
+    {"switch_threshold": 0.9, "switch_window": 3},
+    {"switch_threshold": 0.5, "switch_window": 2},
+    {"switch_threshold": 0.05, "switch_window": 1},
+    {"switch_threshold": 0.8, "switch_window": 6},
+]
+
+
+def _both(runtime, messages, **params):
+    staged = runtime.generate(messages, mode="staged", **params)
+    online = runtime.generate(messages, mode="online", **params)
+    return staged, online
+
+
+def _assert_parity(staged, online):
+    assert online.text == staged.text
+    assert online.finish_reason == staged.finish_reason
+    assert online.switch_point == staged.switch_point
+    assert online.usage.reply_tokens == staged.usage.reply_tokens
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_online_equals_staged(pair, request):
+    runtime = request.getfixturevalue(pair)
+    switched, kept_whole = 0, 0
+    for messages in QUESTIONS:
+        for settings in SETTINGS:
+            staged, online = _both(runtime, messages, max_tokens=40, **settings)
+            _assert_parity(staged, online)
+            switched += staged.switch_point is not None
+            kept_whole += staged.switch_point is None
+    # The grid must exercise both sides of the rule, or this test proves little.
+    assert switched >= 3 and kept_whole >= 3, (switched, kept_whole)
+
+
+def test_draft_stops_at_switch_and_staged_drafts_everything(shared_runtime):
+    staged, online = _both(shared_runtime, QUESTIONS[0], max_tokens=60, switch_threshold=0.5, switch_window=2)
+    assert staged.switch_point is not None
+    assert online.usage.draft_tokens < staged.usage.draft_tokens
+
+
+def test_max_tokens_caps_whole_reply(differ_runtime):
+    for limit in (1, 3, 7, 25):
+        staged, online = _both(differ_runtime, QUESTIONS[1], max_tokens=limit, switch_threshold=0.9)
+        _assert_parity(staged, online)
+        assert online.usage.reply_tokens <= limit
+        assert online.finish_reason == "length"
+
+
+def test_max_draft_tokens_hands_over_to_base(differ_runtime):
+    staged, online = _both(differ_runtime, QUESTIONS[2], max_tokens=50, max_draft_tokens=5)
+    _assert_parity(staged, online)
+    assert online.usage.draft_tokens == 5
+    assert online.usage.base_tokens > 0
+
+
+def test_forced_prefix_starts_the_reply(shared_runtime):
+    staged, online = _both(shared_runtime, QUESTIONS[3], max_tokens=30)
+    _assert_parity(staged, online)
+    assert online.text.startswith("Sure, here")
+
+
+def test_stop_strings(differ_runtime):
+    full = differ_runtime.generate(QUESTIONS[0], max_tokens=40, switch_threshold=0.9)
+    stop = full.text[10:13]
+    staged, online = _both(differ_runtime, QUESTIONS[0], max_tokens=40, switch_threshold=0.9, stop=[stop])
+    _assert_parity(staged, online)
+    assert online.text == full.text[: full.text.index(stop)]
+    assert online.finish_reason == "stop"
+
+
+def test_rollback_after_retokenization_equals_staged(differ_runtime, monkeypatch):
+    """With no hold-back, appending draft text re-tokenizes scored base tokens: roll back, stay equal."""
+    import wsd_llms.online
+
+    monkeypatch.setattr(wsd_llms.online, "HOLDBACK_TOKENS", 0)
+    monkeypatch.setattr(wsd_llms.online, "MAX_SCORE_INTERVAL", 1)
+    monkeypatch.setattr(wsd_llms.online, "MIN_SCORE_INTERVAL", 1)
+    rollbacks = 0
+    for messages in QUESTIONS:
+        for settings in SETTINGS[:2] + SETTINGS[3:]:
+            staged, online = _both(differ_runtime, messages, max_tokens=40, **settings)
+            _assert_parity(staged, online)
+            rollbacks += online.rollbacks
+    assert rollbacks > 0
+
+
+def test_holdback_covers_tail_retokenization(differ_runtime):
+    """The default hold-back absorbs tail re-tokenization without any rollback."""
+    for messages in QUESTIONS:
+        staged, online = _both(differ_runtime, messages, max_tokens=40, switch_threshold=0.9)
+        _assert_parity(staged, online)
+        assert online.rollbacks == 0
+
+
+def test_stream_deltas_join_to_text_and_name_their_model(shared_runtime):
+    events = list(shared_runtime.stream(QUESTIONS[0], max_tokens=40, switch_threshold=0.5, switch_window=2))
+    final = events[-1]
+    assert isinstance(final, FinalEvent)
+    deltas = [e for e in events[:-1] if isinstance(e, TextDelta)]
+    assert "".join(d.text for d in deltas) == final.result.text
+    sources = [d.source for d in deltas]
+    assert set(sources) == {"draft", "base"}
+    assert sources == sorted(sources, key=lambda s: s == "base")  # draft pieces, then base pieces
+    assert "".join(d.text for d in deltas if d.source == "draft") == final.result.draft_text
+
+
+async def test_async_equals_sync_and_never_blocks_the_loop(shared_runtime):
+    sync = shared_runtime.generate(QUESTIONS[1], max_tokens=60)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    parts, result = [], None
+    async for event in shared_runtime.astream(QUESTIONS[1], max_tokens=60):
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            result = event.result
+    stop.set()
+    await task
+    assert result is not None and result.text == sync.text == "".join(parts)
+    assert ticks >= 5
+    assert (await shared_runtime.agenerate(QUESTIONS[1], max_tokens=60)).text == sync.text
+
+
+def test_seeded_sampling_is_reproducible(differ_runtime):
+    params = dict(max_tokens=30, temperature=1.0, top_p=0.9, top_k=50)
+    a = differ_runtime.generate(QUESTIONS[0], seed=7, **params)
+    b = differ_runtime.generate(QUESTIONS[0], seed=7, **params)
+    c = differ_runtime.generate(QUESTIONS[0], seed=8, **params)
+    assert a.text == b.text
+    assert a.text != c.text
+    staged = differ_runtime.generate(QUESTIONS[0], seed=7, mode="staged", **params)
+    assert staged.text == a.text  # each model draws from its own seeded generator
+
+
+def test_closing_a_stream_early_cancels_it(shared_runtime):
+    stream = shared_runtime.stream(QUESTIONS[1], max_tokens=200, switch_threshold=1.0)
+    next(stream)
+    stream.close()
+    # The runtime keeps serving: the next request completes.
+    assert shared_runtime.generate(QUESTIONS[0], max_tokens=5).finish_reason in ("stop", "length")
+
+
+def test_result_facts(shared_runtime):
+    r = shared_runtime.generate(QUESTIONS[0], max_tokens=40, switch_threshold=0.5, switch_window=2)
+    assert r.switch_point == r.usage.kept_draft_tokens
+    assert r.usage.reply_tokens == r.usage.kept_draft_tokens + r.usage.base_tokens
+    assert r.usage.draft_prompt_tokens > 0 and r.usage.base_prompt_tokens > 0
+    t = r.timings
+    assert 0 < t.ttft <= t.total and t.draft > 0 and t.scoring > 0 and t.base > 0
+    assert (r.draft_model, r.base_model) == ("tiny-draft", "tiny-base")

@@ -1,0 +1,93 @@
+"""Tiny randomly initialised model pairs built in-process (seconds, no downloads) for unit tests."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from wsd_llms.loading import LoadedModel, eos_ids
+
+CORPUS = [
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "Hello there! How are you today? I am fine, thank you. What is two plus two? It is four.",
+    "Write a list: apples, bananas, cherries, dates. Here is some code: def f(x): return x * 2",
+    "Photosynthesis turns light into chemical energy. Water boils at 100 degrees.",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def make_tokenizer(vocab_size: int, chat: bool = True) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE trained on a few sentences; `vocab_size` changes how text splits.
+
+    Every token is whole characters, so random models still write valid text.
+    """
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=list(string.printable))
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, name: str, sharpen: float) -> LoadedModel:
+    torch.nn.init.normal_(model.get_output_embeddings().weight, std=sharpen)
+    model.eval()
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        eos_ids=eos_ids(tokenizer, model.generation_config),
+        context_window=model.config.max_position_embeddings,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-llama", sharpen: float = 0.5) -> LoadedModel:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _finish(LlamaForCausalLM(cfg), tokenizer, name, sharpen)
+
+
+def tiny_gemma3(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-gemma3", sharpen: float = 0.5) -> LoadedModel:
+    """Gemma 3 layout: sliding-window layers (window 16, so long tests cross it) and soft-capping."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        max_position_embeddings=512,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _finish(Gemma3ForCausalLM(cfg), tokenizer, name, sharpen)
