@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ class _Submission:
 class WSDRuntime:
     """Owns the two models and the worker thread that runs the step loop."""
 
+    instances: weakref.WeakSet[WSDRuntime] = weakref.WeakSet()
+
     def __init__(
         self,
         draft: str | None = None,
@@ -62,6 +65,7 @@ class WSDRuntime:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.engine: Engine | None = None
+        WSDRuntime.instances.add(self)
 
     @classmethod
     def from_models(cls, draft: LoadedModel, base: LoadedModel) -> WSDRuntime:
@@ -142,6 +146,11 @@ class WSDRuntime:
                 base = self._load(self.base_source, self._revisions[1])
                 self.engine = Engine(draft, base)
             return self.engine
+
+    @property
+    def worker(self) -> threading.Thread | None:
+        """The worker thread, while one runs."""
+        return self._thread if self._thread is not None and self._thread.is_alive() else None
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""

