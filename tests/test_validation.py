@@ -18,7 +18,7 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"temperature": -1}, "invalid temperature=-1"),
         ({"top_p": 0}, "invalid top_p=0"),
         ({"top_k": -1}, "invalid top_k=-1"),
-        ({"mode": "fast"}, "invalid mode='fast': Input should be 'online' or 'staged'"),
+        ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"stop": 5}, "invalid stop=5"),
         ({"max_tokenz": 5}, "unknown parameter 'max_tokenz'"),

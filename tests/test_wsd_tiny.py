@@ -174,3 +174,14 @@ def test_result_facts(shared_runtime):
     t = r.timings
     assert 0 < t.ttft <= t.total and t.draft > 0 and t.scoring > 0 and t.base > 0
     assert (r.draft_model, r.base_model) == ("tiny-draft", "tiny-base")
+
+
+def test_baseline_modes_run_each_model_alone(differ_runtime):
+    base = differ_runtime.generate(QUESTIONS[0], mode="base", max_tokens=20)
+    draft = differ_runtime.generate(QUESTIONS[0], mode="draft", max_tokens=20)
+    assert base.usage.draft_tokens == 0 and base.usage.kept_draft_tokens == 0 and base.draft_text == ""
+    assert draft.usage.reply_tokens == draft.usage.draft_tokens <= 20 and draft.usage.base_tokens == 0
+    assert draft.draft_text == draft.text
+    # The draft alone writes what WSD's draft phase writes (WSD with a never-reached threshold and no base turn).
+    wsd = differ_runtime.generate(QUESTIONS[0], switch_threshold=1.0, max_tokens=20)
+    assert wsd.draft_text.startswith(draft.text.strip()[:10])

@@ -10,8 +10,10 @@ from .sampling import sample
 from .sequence import Forward, Phase, Program, Sequence
 
 
-def continue_base(seq: Sequence, base: LoadedModel, kv: KVCache, logits: torch.Tensor, generator: torch.Generator) -> Program:
-    """Continue the reply from `logits` (the base model's next-token logits); returns the finish reason."""
+def continue_base(
+    seq: Sequence, base: LoadedModel, kv: KVCache, logits: torch.Tensor, generator: torch.Generator, model: str = "base"
+) -> Program:
+    """Continue the reply from `logits` (the model's next-token logits); returns the finish reason."""
     seq.phase = Phase.CONTINUING
     reply, budget = seq.reply, seq.params.max_tokens
     while True:
@@ -23,12 +25,12 @@ def continue_base(seq: Sequence, base: LoadedModel, kv: KVCache, logits: torch.T
         if token in base.eos_ids:
             return "stop"
         seq.base_tokens += 1
-        seq.emit(reply.add([token], "base"))
+        seq.emit(reply.add([token], model))
         if reply.stopped:
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        logits = yield Forward("base", kv, [token], phase="base")
+        logits = yield Forward(model, kv, [token], phase="base")
 
 
 def keep_draft(seq: Sequence, ids: list[int]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from .baselines import run_base_only, run_draft_only
 from .errors import PromptTooLongError, RequestFailedError
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
@@ -20,6 +21,8 @@ from .reply import ReplyText, expand_role_stops
 from .scheduler import Scheduler
 from .sequence import Phase, Sequence
 from .staged import run_staged
+
+PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
 
 
 class Engine:
@@ -44,13 +47,14 @@ class Engine:
                 f"the prompt is {n_draft} draft tokens (draft context window {self.draft.context_window}) and "
                 f"{n_base} base tokens (base context window {self.base.context_window}); shorten the messages"
             )
-        stops = tuple(params.stop) + expand_role_stops(prompts.role_stops)
-        reply = ReplyText(self.base.tokenizer, stops)
+        if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
+            reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
+        else:
+            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + expand_role_stops(prompts.role_stops))
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver)
 
     def add(self, seq: Sequence) -> None:
-        run = run_staged if seq.params.mode == "staged" else run_online
-        seq.program = run(seq, self.draft, self.base)
+        seq.program = PROGRAMS[seq.params.mode](seq, self.draft, self.base)
         seq.pending = next(seq.program)
         self.scheduler.add(seq)
 

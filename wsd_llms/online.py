@@ -21,7 +21,7 @@ from .switch import SwitchDetector
 # [MIN, MAX] more stable tokens. Each pass re-reads the base model's weights (on a CPU that
 # costs most of a decode step), so passes grow apart while no switch comes; the first pass
 # waits for `switch_window` tokens, the earliest point a window can pass.
-MIN_SCORE_INTERVAL = 4
+MIN_SCORE_INTERVAL = 8
 MAX_SCORE_INTERVAL = 32
 
 

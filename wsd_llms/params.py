@@ -23,7 +23,10 @@ class GenerationParams(BaseModel):
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     seed: int | None = Field(None, description="seed for sampling; same seed, same reply")
     stop: tuple[str, ...] = Field((), description="strings that end the reply (not included)")
-    mode: Literal["online", "staged"] = Field("online", description="online engine or the paper's three stages")
+    mode: Literal["online", "staged", "base", "draft"] = Field(
+        "online",
+        description="online engine, the paper's three stages, or one model alone (baselines for comparison)",
+    )
     base_template: Literal["plain", "chat"] = Field(
         "plain", description="base prompt: the paper's plain [User]/[Assistant] template, or the base model's chat template"
     )

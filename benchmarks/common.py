@@ -1,0 +1,49 @@
+"""Shared by the benchmarks: the machine's description and writing results as JSON plus Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write(name: str, data: dict, table: str) -> None:
+    """Write results/<name>.json and results/<name>.md and print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    m = data["machine"]
+    header = f"Machine: {m['device']} ({m['cores']} cores, torch {m['torch']}), {data['date']}\n\n"
+    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    print(header + table)

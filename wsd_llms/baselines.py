@@ -1,0 +1,29 @@
+"""Each model alone, through the same machinery: the baselines WSD is measured against.
+
+`mode="base"`: the base model answers the plain-template prompt by itself.
+`mode="draft"`: the draft model answers by itself (its reply counted in draft tokens).
+"""
+
+from __future__ import annotations
+
+from .continuation import continue_base
+from .loading import LoadedModel
+from .model_runner import KVCache
+from .sampling import make_generator
+from .sequence import Forward, Program, Sequence
+
+
+def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
+    seq.base_kv = KVCache()
+    prompt = seq.prompts.base_ids + base.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
+    logits = yield Forward("base", seq.base_kv, prompt, phase="base")
+    return (yield from continue_base(seq, base, seq.base_kv, logits, make_generator(seq.params.seed)))
+
+
+def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
+    """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
+    seq.draft_kv = KVCache()
+    logits = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, phase="base")
+    reason = yield from continue_base(seq, draft, seq.draft_kv, logits, make_generator(seq.params.seed), model="draft")
+    seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
+    return reason

@@ -1,0 +1,106 @@
+"""`wsd-llms chat`: stream a WSD reply in the terminal, showing what the draft and the base wrote."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from .errors import WSDError
+from .events import FinalEvent, TextDelta, WSDResult
+from .runtime import WSDRuntime, get_runtime
+
+STYLES = {"draft": "bold cyan", "base": "green"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsd-llms", description="Weak-to-Strong Decoding in the terminal.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chat = sub.add_parser("chat", help="ask a question (or chat interactively with no question)")
+    chat.add_argument("question", nargs="?", help="one question; leave out for an interactive chat")
+    chat.add_argument("--system", help="a system prompt")
+    models = chat.add_argument_group("models")
+    models.add_argument("--draft", help="aligned draft model: HF repo id, directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    models.add_argument("--base", help="base model: HF repo id, directory or .gguf (default: embedded Gemma-3-270M)")
+    models.add_argument("--device", default="auto")
+    models.add_argument("--dtype", default="auto")
+    wsd = chat.add_argument_group("switch and sampling")
+    wsd.add_argument("--threshold", type=float, default=0.8, dest="switch_threshold")
+    wsd.add_argument("--window", type=int, default=6, dest="switch_window")
+    wsd.add_argument("--max-tokens", type=int, default=256)
+    wsd.add_argument("--max-draft-tokens", type=int, default=512)
+    wsd.add_argument("--temperature", type=float, default=0.0)
+    wsd.add_argument("--top-p", type=float, default=1.0)
+    wsd.add_argument("--top-k", type=int, default=0)
+    wsd.add_argument("--seed", type=int)
+    wsd.add_argument("--mode", choices=["online", "staged"], default="online")
+    return parser
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("switch_threshold", "switch_window", "max_tokens", "max_draft_tokens", "temperature", "top_p", "top_k", "seed", "mode")
+    return {k: getattr(args, k) for k in keys}
+
+
+def stats_line(result: WSDResult) -> str:
+    """One line of facts about a finished reply."""
+    u, t = result.usage, result.timings
+    where = f"switch after {result.switch_point} draft tokens" if result.switched else "no switch (draft kept whole)"
+    rate = u.reply_tokens / t.total if t.total else 0.0
+    ttft = f"{t.ttft:.2f}s" if t.ttft is not None else "-"
+    return (
+        f"{where} | reply {u.reply_tokens} tokens (draft {u.kept_draft_tokens}, base {u.base_tokens}) | "
+        f"finish {result.finish_reason} | first token {ttft} | total {t.total:.2f}s | {rate:.1f} tok/s"
+    )
+
+
+def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str, str]], params: dict[str, Any]) -> WSDResult:
+    """Print the reply as it streams: draft text and base text in two styles, a marker at the hand-over."""
+    last_source = None
+    for event in runtime.stream(messages, **params):
+        if isinstance(event, TextDelta):
+            if last_source == "draft" and event.source == "base":
+                console.print(Text(" ▸ ", style="bold magenta"), end="")
+            console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
+            last_source = event.source
+        elif isinstance(event, FinalEvent):
+            console.print()
+            console.print(Text(stats_line(event.result), style="dim"))
+            return event.result
+    raise WSDError("the stream ended without a result")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(highlight=False)
+    runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    legend = Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"]))
+    console.print(legend)
+    try:
+        if args.question:
+            stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
+            return 0
+        console.print(Text("interactive chat: empty line or Ctrl-D to quit", style="dim"))
+        while True:
+            try:
+                question = console.input("[bold]you> [/bold]").strip()
+            except EOFError:
+                return 0
+            if not question:
+                return 0
+            history.append({"role": "user", "content": question})
+            result = stream_reply(console, runtime, history, _params(args))
+            history.append({"role": "assistant", "content": result.text})
+    except WSDError as exc:
+        console.print(Text(f"error: {exc}", style="bold red"))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
