@@ -1,0 +1,123 @@
+"""What both framework adapters share: one definition of their settings, content checks, metadata.
+
+`WSDSettings` is the constructor of `WSDChatModel` and `WSDLLM`: the models, the device, and
+the default of every request parameter (the fields of GenerationParams, reused, not copied).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import ConfigDict, Field, create_model
+
+from .errors import InvalidMessagesError
+from .events import WSDResult
+from .params import GenerationParams, parse_params
+from .runtime import WSDRuntime, get_runtime
+
+MODEL_PROVIDER = "wsd"
+
+_GenerationDefaults = create_model(  # type: ignore[call-overload]
+    "_GenerationDefaults",
+    __config__=ConfigDict(protected_namespaces=()),
+    **{
+        name: (info.annotation, copy.copy(info))
+        for name, info in GenerationParams.model_fields.items()
+        if name != "stop"
+    },
+)
+
+
+class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
+    """Models, device and request defaults; every field can be overridden per call."""
+
+    draft_model: str | None = Field(None, description="aligned draft model (repo id, directory, .gguf); None = embedded")
+    base_model: str | None = Field(None, description="base model (repo id, directory, .gguf); None = embedded")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    dtype: str = Field("auto", description="auto, float32, float16, bfloat16")
+    draft_revision: str | None = None
+    base_revision: str | None = None
+    trust_remote_code: bool = False
+    stop: list[str] | None = Field(None, description="strings that end the reply")
+
+    def wsd_runtime(self) -> WSDRuntime:
+        """The shared runtime for these models (nothing loads until its first request)."""
+        return get_runtime(
+            self.draft_model,
+            self.base_model,
+            self.device,
+            self.dtype,
+            draft_revision=self.draft_revision,
+            base_revision=self.base_revision,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def wsd_params(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
+        """Request parameters: these defaults, then per-call overrides (None means "not given").
+
+        Stops from the call are added to the constructor's. Unknown names raise an error naming them.
+        """
+        params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        params["stop"] = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+        parse_params(**params)  # validate now, with the parameter's name in the error
+        return params
+
+
+def content_to_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or a list of text blocks. Other blocks get a clear error."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
+        parts = []
+        for i, block in enumerate(content):
+            if isinstance(block, str):
+                parts.append(block)
+                continue
+            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+            if kind == "text" and isinstance(block, Mapping):
+                parts.append(str(block.get("text", "")))
+            else:
+                raise InvalidMessagesError(
+                    f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text')"
+                )
+        return "".join(parts)
+    raise InvalidMessagesError(f"{where} content must be text, got {type(content).__name__}")
+
+
+def result_metadata(result: WSDResult) -> dict[str, Any]:
+    """Response metadata both adapters attach to the final chunk / response."""
+    return {
+        "model_name": result.base_model,
+        "model_provider": MODEL_PROVIDER,
+        "finish_reason": result.finish_reason,
+        "wsd": {
+            "switched": result.switched,
+            "switch_point": result.switch_point,
+            "kept_draft_tokens": result.usage.kept_draft_tokens,
+            "draft_model": result.draft_model,
+            "base_model": result.base_model,
+            "mode": result.mode,
+            "timings": {
+                "ttft_s": result.timings.ttft,
+                "draft_s": result.timings.draft,
+                "scoring_s": result.timings.scoring,
+                "base_s": result.timings.base,
+                "total_s": result.timings.total,
+            },
+        },
+    }
+
+
+def usage_counts(result: WSDResult) -> dict[str, Any]:
+    """Input/output/total tokens counted in the base tokenizer, with the draft model's counts."""
+    u = result.usage
+    return {
+        "input_tokens": u.base_prompt_tokens,
+        "output_tokens": u.reply_tokens,
+        "total_tokens": u.base_prompt_tokens + u.reply_tokens,
+        "draft": {"input_tokens": u.draft_prompt_tokens, "output_tokens": u.draft_tokens, "kept_tokens": u.kept_draft_tokens},
+        "base": {"continuation_tokens": u.base_tokens},
+    }
