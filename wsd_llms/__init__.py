@@ -7,9 +7,12 @@ from .errors import (
     ModelLoadError,
     PromptTooLongError,
     RequestFailedError,
+    RequestTimeoutError,
+    RequestTooLargeError,
     RuntimeClosedError,
     WSDError,
 )
+from .engine import RuntimeStats
 from .events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
 from .messages import Message
 from .params import GenerationParams
@@ -26,6 +29,9 @@ __all__ = [
     "ModelLoadError",
     "PromptTooLongError",
     "RequestFailedError",
+    "RequestTimeoutError",
+    "RequestTooLargeError",
+    "RuntimeStats",
     "RuntimeClosedError",
     "SwitchDetector",
     "TextDelta",

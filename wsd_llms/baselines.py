@@ -23,7 +23,7 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
 def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
     seq.draft_kv = KVCache()
-    logits = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, phase="base")
+    logits = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids)
     reason = yield from continue_base(seq, draft, seq.draft_kv, logits, make_generator(seq.params.seed), model="draft")
     seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
     return reason

@@ -30,7 +30,7 @@ def continue_base(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        logits = yield Forward(model, kv, [token], phase="base")
+        logits = yield Forward(model, kv, [token], phase=model)
 
 
 def keep_draft(seq: Sequence, ids: list[int]) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 from .baselines import run_base_only, run_draft_only
-from .errors import PromptTooLongError, RequestFailedError
+from .errors import PromptTooLongError, RequestFailedError, RequestTimeoutError
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
@@ -19,19 +22,53 @@ from .params import GenerationParams
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
 from .scheduler import Scheduler
-from .sequence import Phase, Sequence
+from .sequence import Forward, Phase, Sequence
 from .staged import run_staged
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
 
 
-class Engine:
-    """Owns the two models' runners and the scheduler; `step()` advances every running sequence once."""
+def _batchable(forward: Forward | None) -> bool:
+    """Single-token passes over a non-empty cache can share one batched forward."""
+    return forward is not None and len(forward.ids) == 1 and forward.keep == 0 and len(forward.kv) > 0
 
-    def __init__(self, draft: LoadedModel, base: LoadedModel) -> None:
+
+@dataclass(frozen=True)
+class RuntimeStats:
+    """A snapshot of the runtime: requests by state, tokens fed per phase, batch sizes, cache use."""
+
+    queued: int
+    running: int
+    finished: int
+    failed: int
+    cancelled: int
+    tokens: dict[str, int]
+    """Tokens fed through each phase so far: "draft" (draft decoding), "score" (base scoring), "base"."""
+    batch_sizes: dict[str, int]
+    """Sequences in the last step's batched single-token pass of each model."""
+    cached_tokens: int
+    """Positions held in the KV caches of running requests."""
+    reserved_tokens: int
+    """Cache positions reserved by admission for the running requests."""
+    peaks: dict[str, int]
+    """Highest values seen so far: "queued", "running", "draft_batch", "base_batch"."""
+
+
+class Engine:
+    """Owns the two models' runners and the scheduler; `step()` advances every running sequence once.
+
+    Within a step, single-token passes of the same model (draft decoding, base decoding) run as
+    one batched forward pass; prefills and scoring passes run one sequence at a time.
+    """
+
+    def __init__(self, draft: LoadedModel, base: LoadedModel, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
         self.draft, self.base = draft, base
         self.runners = {"draft": ModelRunner(draft), "base": ModelRunner(base)}
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(max_running, max_cached_tokens)
+        self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
+        self.tokens = {"draft": 0, "score": 0, "base": 0}
+        self.batch_sizes = {"draft": 0, "base": 0}
+        self.peaks = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
 
     def prepare(
         self,
@@ -54,41 +91,112 @@ class Engine:
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver)
 
     def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
         seq.program = PROGRAMS[seq.params.mode](seq, self.draft, self.base)
         seq.pending = next(seq.program)
-        self.scheduler.add(seq)
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
 
-    def step(self) -> None:
-        for seq in self.scheduler.schedule():
-            if seq.cancelled.is_set():
-                self._drop(seq)
-                continue
-            try:
-                self._advance(seq)
-            except Exception as exc:  # one request's failure must not stop the others
-                self._drop(seq)
-                error = RequestFailedError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-                seq.deliver(error)
+    def stats(self) -> RuntimeStats:
+        running = list(self.scheduler.running)
+        return RuntimeStats(
+            queued=len(self.scheduler.waiting),
+            running=len(running),
+            finished=self.counts["finished"],
+            failed=self.counts["failed"],
+            cancelled=self.counts["cancelled"],
+            tokens=dict(self.tokens),
+            batch_sizes=dict(self.batch_sizes),
+            cached_tokens=sum(seq.cached_tokens() for seq in running),
+            reserved_tokens=self.scheduler.reserved,
+            peaks=dict(self.peaks),
+        )
 
-    def _advance(self, seq: Sequence) -> None:
-        forward = seq.pending
-        assert forward is not None and seq.program is not None
+    def step(self) -> None:
+        """Admit, drop cancelled or timed-out requests, then run one pass for every running sequence."""
+        now = time.perf_counter()
+        for seq in [s for s in self.scheduler.waiting if s.cancelled.is_set()]:
+            self._drop(seq, "cancelled")
+        batches: dict[str, list[Sequence]] = {"draft": [], "base": []}
+        for seq in self.scheduler.schedule():
+            timeout = seq.params.timeout
+            if seq.cancelled.is_set():
+                self._drop(seq, "cancelled")
+            elif timeout is not None and now - seq.created > timeout:
+                self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
+            elif _batchable(seq.pending):
+                batches[seq.pending.model].append(seq)
+            else:
+                self._run_one(seq)
+        self._note_peaks(batches)
+        for model, group in batches.items():
+            if group:
+                self._run_batch(model, group)
+
+    def _note_peaks(self, batches: dict[str, list[Sequence]]) -> None:
+        for model, group in batches.items():
+            self.batch_sizes[model] = len(group)
+            self.peaks[f"{model}_batch"] = max(self.peaks[f"{model}_batch"], len(group))
+        self.peaks["running"] = max(self.peaks["running"], len(self.scheduler.running))
+        self.peaks["queued"] = max(self.peaks["queued"], len(self.scheduler.waiting))
+
+    def _run_batch(self, model: str, group: list[Sequence]) -> None:
+        forwards = [seq.pending for seq in group]
         t0 = time.perf_counter()
-        logits = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep)
-        seq.seconds[forward.phase] += time.perf_counter() - t0
+        try:
+            logits = self.runners[model].extend_batch([f.kv for f in forwards], [f.ids[0] for f in forwards])
+        except Exception:
+            # Isolate the failure: run each sequence alone, so only the one that fails is failed.
+            for seq in group:
+                self._run_one(seq)
+            return
+        elapsed = time.perf_counter() - t0
+        for row, seq in enumerate(group):
+            self._account(seq, elapsed)
+            self._send(seq, logits[row])
+
+    def _run_one(self, seq: Sequence) -> None:
+        forward = seq.pending
+        assert forward is not None
+        t0 = time.perf_counter()
+        try:
+            logits = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        self._account(seq, time.perf_counter() - t0)
+        self._send(seq, logits)
+
+    def _account(self, seq: Sequence, seconds: float) -> None:
+        forward = seq.pending
+        seq.seconds[forward.phase] += seconds
+        self.tokens[forward.phase] += len(forward.ids)
+
+    def _send(self, seq: Sequence, logits: torch.Tensor) -> None:
+        assert seq.program is not None
         try:
             seq.pending = seq.program.send(logits)
         except StopIteration as stop:
             self._finish(seq, stop.value)
+        except Exception as exc:
+            self._fail(seq, exc)
 
-    def _drop(self, seq: Sequence) -> None:
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        """Fail one request with a clear error; the others go on."""
+        self._drop(seq, "failed")
+        if isinstance(exc, RequestFailedError):
+            error = exc
+        else:
+            error = RequestFailedError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        seq.deliver(error)
+
+    def _drop(self, seq: Sequence, outcome: str) -> None:
         self.scheduler.remove(seq)
         seq.phase = Phase.FINISHED
         seq.free()
+        self.counts[outcome] += 1
 
     def _finish(self, seq: Sequence, finish_reason: str) -> None:
         seq.emit(seq.reply.finish())
@@ -119,5 +227,5 @@ class Engine:
             mode=seq.params.mode,
             rollbacks=seq.rollbacks,
         )
-        self._drop(seq)
+        self._drop(seq, "finished")
         seq.deliver(FinalEvent(result))

@@ -27,5 +27,13 @@ class RequestFailedError(WSDError, RuntimeError):
     """Serving one request failed; the runtime keeps serving the others."""
 
 
+class RequestTooLargeError(RequestFailedError):
+    """A request could never fit the runtime's cache limit."""
+
+
+class RequestTimeoutError(RequestFailedError, TimeoutError):
+    """A request ran past its `timeout`."""
+
+
 class RuntimeClosedError(WSDError, RuntimeError):
     """The runtime was closed, or its worker died, while a request was waiting."""

@@ -27,6 +27,7 @@ class GenerationParams(BaseModel):
         "online",
         description="online engine, the paper's three stages, or one model alone (baselines for comparison)",
     )
+    timeout: float | None = Field(None, gt=0.0, description="seconds before the request fails (queueing included)")
     base_template: Literal["plain", "chat"] = Field(
         "plain", description="base prompt: the paper's plain [User]/[Assistant] template, or the base model's chat template"
     )

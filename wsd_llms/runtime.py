@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .engine import Engine
-from .errors import RuntimeClosedError, WSDError
+from .engine import Engine, RuntimeStats
+from .errors import InvalidParameterError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import EMBEDDED_BASE, EMBEDDED_DRAFT, LoadedModel, load_model, resolve_device, resolve_dtype
 from .messages import Message, normalize_messages
@@ -53,6 +53,8 @@ class WSDRuntime:
         draft_revision: str | None = None,
         base_revision: str | None = None,
         trust_remote_code: bool = False,
+        max_running: int = 16,
+        max_cached_tokens: int = 65536,
     ) -> None:
         self.draft_source = draft or EMBEDDED_DRAFT
         self.base_source = base or EMBEDDED_BASE
@@ -60,6 +62,7 @@ class WSDRuntime:
         self.dtype = resolve_dtype(dtype, self.device)
         self._revisions = (draft_revision, base_revision)
         self._trust_remote_code = trust_remote_code
+        self.limits = {"max_running": max_running, "max_cached_tokens": max_cached_tokens}
         self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -68,11 +71,11 @@ class WSDRuntime:
         WSDRuntime.instances.add(self)
 
     @classmethod
-    def from_models(cls, draft: LoadedModel, base: LoadedModel) -> WSDRuntime:
+    def from_models(cls, draft: LoadedModel, base: LoadedModel, **limits: int) -> WSDRuntime:
         """A runtime over models you already loaded (not shared through get_runtime)."""
         require_chat_template(draft.tokenizer, draft.name)
-        runtime = cls(draft.name, base.name, str(base.device), base.dtype)
-        runtime.engine = Engine(draft, base)
+        runtime = cls(draft.name, base.name, str(base.device), base.dtype, **limits)
+        runtime.engine = Engine(draft, base, **runtime.limits)
         return runtime
 
     # ------------------------------------------------------------ public API
@@ -144,8 +147,26 @@ class WSDRuntime:
                 draft = self._load(self.draft_source, self._revisions[0])
                 require_chat_template(draft.tokenizer, draft.name)
                 base = self._load(self.base_source, self._revisions[1])
-                self.engine = Engine(draft, base)
+                self.engine = Engine(draft, base, **self.limits)
             return self.engine
+
+    def configure(self, max_running: int | None = None, max_cached_tokens: int | None = None) -> None:
+        """Change the admission limits: concurrent sequences, and cache tokens reserved for them."""
+        for name, value in (("max_running", max_running), ("max_cached_tokens", max_cached_tokens)):
+            if value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= 1")
+            self.limits[name] = value
+            if self.engine is not None:
+                setattr(self.engine.scheduler, name, value)
+
+    def stats(self) -> RuntimeStats:
+        """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes, cache use."""
+        if self.engine is None:
+            zeros = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
+            return RuntimeStats(0, 0, 0, 0, 0, {"draft": 0, "score": 0, "base": 0}, {"draft": 0, "base": 0}, 0, 0, zeros)
+        return self.engine.stats()
 
     @property
     def worker(self) -> threading.Thread | None:
@@ -178,13 +199,21 @@ class WSDRuntime:
     def _ensure_worker(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="wsd-llms-worker", daemon=True)
+                self._thread = threading.Thread(target=self._guarded_run, name="wsd-llms-worker", daemon=True)
                 self._thread.start()
 
     def _check_alive(self) -> None:
         thread = self._thread
         if self._closed or thread is None or not thread.is_alive():
             raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
+
+    def _guarded_run(self) -> None:
+        """Run the step loop; if it dies, fail every request at once (the next call starts a new worker)."""
+        try:
+            self._run()
+        except BaseException as exc:
+            self._fail_all(RuntimeClosedError(f"the wsd-llms worker died: {type(exc).__name__}: {exc}"))
+            raise
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -204,10 +233,11 @@ class WSDRuntime:
                     self.engine.step()
 
     def _accept(self, sub: _Submission) -> None:
-        if sub.cancelled.is_set():
-            return
         try:
             engine = self.load()
+            if sub.cancelled.is_set():  # cancelled before it reached the worker
+                engine.counts["cancelled"] += 1
+                return
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
             seq.cancelled = sub.cancelled
             engine.add(seq)
@@ -220,8 +250,7 @@ class WSDRuntime:
         engine = self.engine
         if engine is not None:
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                engine.scheduler.remove(seq)
-                seq.free()
+                engine._drop(seq, "failed")
                 seq.deliver(error)
         while True:
             try:
@@ -262,8 +291,13 @@ def get_runtime(
     draft_revision: str | None = None,
     base_revision: str | None = None,
     trust_remote_code: bool = False,
+    max_running: int | None = None,
+    max_cached_tokens: int | None = None,
 ) -> WSDRuntime:
-    """The process's runtime for these models (created on first call, loaded on first request)."""
+    """The process's runtime for these models (created on first call, loaded on first request).
+
+    `max_running` and `max_cached_tokens`, when given, set the runtime's admission limits.
+    """
     dev = resolve_device(device)
     key = (
         draft or EMBEDDED_DRAFT,
@@ -286,7 +320,8 @@ def get_runtime(
                 base_revision=base_revision,
                 trust_remote_code=trust_remote_code,
             )
-        return runtime
+    runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens)
+    return runtime
 
 
 @atexit.register

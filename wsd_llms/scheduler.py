@@ -1,32 +1,62 @@
-"""Decides which sequences run in the next step: admission from a FIFO queue, then round robin."""
+"""Decides which sequences run in the next step: bounded admission from a FIFO queue, then every
+running sequence advances once per step (so no request starves and long replies do not hold
+back short ones)."""
 
 from __future__ import annotations
 
 from collections import deque
 
+from .errors import RequestTooLargeError
 from .sequence import Phase, Sequence
 
 
-class Scheduler:
-    """Waiting requests join in arrival order; every running sequence advances once per step."""
+def token_budget(seq: Sequence) -> int:
+    """Most cache positions this request can ever hold (both models), reserved at admission."""
+    p = seq.params
+    draft = len(seq.prompts.draft_ids) + p.max_draft_tokens
+    base = len(seq.prompts.base_ids) + p.max_tokens + 1
+    if p.mode == "staged":  # the check stage holds the whole draft in base tokens
+        base += 2 * p.max_draft_tokens
+    return {"base": base, "draft": draft}.get(p.mode, draft + base)
 
-    def __init__(self) -> None:
+
+class Scheduler:
+    """FIFO admission bounded by concurrent sequences and reserved cache tokens."""
+
+    def __init__(self, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
+        self.max_running = max_running
+        self.max_cached_tokens = max_cached_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.reserved = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue a request; one that could never fit fails now."""
+        need = token_budget(seq)
+        if need > self.max_cached_tokens:
+            raise RequestTooLargeError(
+                f"this request may need {need} cached tokens (prompts + max_tokens + max_draft_tokens), more "
+                f"than the runtime's max_cached_tokens={self.max_cached_tokens}; lower max_tokens or "
+                "max_draft_tokens, or raise max_cached_tokens"
+            )
         seq.phase = Phase.WAITING
         self.waiting.append(seq)
 
     def schedule(self) -> list[Sequence]:
-        """Admit every waiting sequence and return the ones to advance this step."""
-        while self.waiting:
-            self.running.append(self.waiting.popleft())
+        """Admit from the head of the queue while the limits allow; return the running sequences."""
+        while self.waiting and len(self.running) < self.max_running:
+            need = token_budget(self.waiting[0])
+            if self.running and self.reserved + need > self.max_cached_tokens:
+                break
+            seq = self.waiting.popleft()
+            self.reserved += need
+            self.running.append(seq)
         return list(self.running)
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
+            self.reserved -= token_budget(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

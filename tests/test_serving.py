@@ -1,0 +1,274 @@
+"""Serving many requests at once: batching, admission, cancellation, timeouts, fault isolation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+
+from wsd_llms import (
+    FinalEvent,
+    RequestFailedError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    RuntimeClosedError,
+    TextDelta,
+    WSDRuntime,
+)
+from wsd_llms.model_runner import ModelRunner
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Hello there! Write a list.",
+    "Count: one two three four five six seven",
+    "Tell me about photosynthesis.",
+    "def f(x): return x * 2",
+    "Water boils at what temperature?",
+    "The quick brown fox",
+    "Thank you!",
+]
+# Different lengths and switch behaviour: early switches, late ones, and one that never switches.
+SETTINGS = [
+    {"max_tokens": 12, "switch_threshold": 0.5, "switch_window": 2},
+    {"max_tokens": 40, "switch_threshold": 0.9, "switch_window": 3},
+    {"max_tokens": 25, "switch_threshold": 1.0},
+    {"max_tokens": 33, "switch_threshold": 0.5, "switch_window": 1},
+    {"max_tokens": 8},
+    {"max_tokens": 30, "mode": "staged", "switch_threshold": 0.5, "switch_window": 2},
+    {"max_tokens": 20, "max_draft_tokens": 4},
+    {"max_tokens": 36, "switch_threshold": 0.02, "switch_window": 1},
+]
+
+
+def _msgs(q):
+    return [{"role": "user", "content": q}]
+
+
+@pytest.fixture
+def fresh(draft_tokenizer):
+    """A private runtime (limits and failures here must not touch the shared ones)."""
+    runtimes = []
+
+    def make(**limits):
+        rt = WSDRuntime.from_models(
+            tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0),
+            tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3"),
+            **limits,
+        )
+        runtimes.append(rt)
+        return rt
+
+    yield make
+    for rt in runtimes:
+        rt.close()
+
+
+def _concurrently(rt, jobs):
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: rt.generate(_msgs(job[0]), **job[1]), jobs))
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_batched_equals_sequential(pair, request):
+    rt = request.getfixturevalue(pair)
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    sequential = [rt.generate(_msgs(q), **s) for q, s in jobs]
+    peak_before = rt.stats().peaks["draft_batch"]
+    batched = _concurrently(rt, jobs)
+    for one, many in zip(sequential, batched):
+        assert many.text == one.text
+        assert many.switch_point == one.switch_point
+        assert many.finish_reason == one.finish_reason
+    assert any(r.switch_point is not None for r in sequential) and any(r.switch_point is None for r in sequential)
+    assert max(rt.stats().peaks["draft_batch"], peak_before) > 1  # they really shared forward passes
+
+
+async def test_32_async_streams_lose_nothing(differ_runtime):
+    rt = differ_runtime
+    jobs = [(QUESTIONS[i % 8], {**SETTINGS[i % 8], "mode": "online"}) for i in range(32)]
+
+    async def run(q, s):
+        parts, result = [], None
+        async for event in rt.astream(_msgs(q), **s):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                result = event.result
+        return "".join(parts), result
+
+    outcomes = await asyncio.gather(*(run(q, s) for q, s in jobs))
+    expected = {}
+    for (q, s), (joined, result) in zip(jobs, outcomes):
+        assert joined == result.text
+        key = (q, tuple(sorted(s.items())))
+        assert expected.setdefault(key, result.text) == result.text  # same request, same reply
+
+
+async def test_cancelling_half_leaves_the_rest_unchanged(fresh):
+    rt = fresh()
+    reference = await rt.agenerate(_msgs(QUESTIONS[1]), max_tokens=40, switch_threshold=0.9)
+    before = rt.stats()
+
+    async def complete():
+        return (await rt.agenerate(_msgs(QUESTIONS[1]), max_tokens=40, switch_threshold=0.9)).text
+
+    async def break_after_first_delta():
+        async for event in rt.astream(_msgs(QUESTIONS[2]), max_tokens=200, switch_threshold=1.0):
+            break
+
+    async def cancelled_task():
+        task = asyncio.create_task(rt.agenerate(_msgs(QUESTIONS[3]), max_tokens=200, switch_threshold=1.0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    kept = [complete() for _ in range(16)]
+    dropped = [break_after_first_delta() for _ in range(8)] + [cancelled_task() for _ in range(8)]
+    results = await asyncio.gather(*kept, *dropped)
+    assert results[:16] == [reference.text] * 16
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (rt.stats().running or rt.stats().queued):
+        await asyncio.sleep(0.05)
+    after = rt.stats()
+    assert after.cancelled - before.cancelled == 16
+    assert after.finished - before.finished == 16
+    assert after.running == after.queued == 0
+    assert after.cached_tokens == 0 and after.reserved_tokens == 0  # every cancelled cache was freed
+
+
+def test_closing_a_sync_stream_frees_its_cache(fresh):
+    rt = fresh()
+    stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0)
+    next(stream)
+    assert rt.stats().cached_tokens > 0
+    stream.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and rt.stats().cancelled == 0:
+        time.sleep(0.01)
+    assert rt.stats().cancelled == 1 and rt.stats().cached_tokens == 0
+
+
+def test_timeout_fails_only_that_request(fresh):
+    rt = fresh()
+    with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.01s"):
+        rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.01)
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
+
+
+def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
+    rt = fresh()
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s) for q, s in jobs]
+    poison = rt.engine.draft.tokenizer.encode("zqzqzq", add_special_tokens=False)
+
+    def poisoned(kv):
+        ids = kv.ids
+        return any(ids[i : i + len(poison)] == poison for i in range(len(ids)))
+
+    real_extend, real_batch = ModelRunner.extend, ModelRunner.extend_batch
+
+    def extend(self, kv, ids, keep=0):
+        if poisoned(kv):
+            raise RuntimeError("injected fault")
+        return real_extend(self, kv, ids, keep)
+
+    def extend_batch(self, kvs, tokens):
+        if any(poisoned(kv) for kv in kvs):
+            raise RuntimeError("injected fault")
+        return real_batch(self, kvs, tokens)
+
+    monkeypatch.setattr(ModelRunner, "extend", extend)
+    monkeypatch.setattr(ModelRunner, "extend_batch", extend_batch)
+
+    def job(i):
+        if i == len(jobs):
+            with pytest.raises(RequestFailedError, match="injected fault"):
+                rt.generate(_msgs("zqzqzq please"), max_tokens=30)
+            return None
+        return rt.generate(_msgs(jobs[i][0]), **jobs[i][1])
+
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        results = list(pool.map(job, range(len(jobs) + 1)))
+    assert [r.text for r in results[:-1]] == [e.text for e in expected]
+    assert rt.stats().failed == 1
+
+
+class WorkerKilled(BaseException):
+    pass
+
+
+def test_dead_worker_fails_waiting_callers_fast_and_restarts(fresh, monkeypatch):
+    rt = fresh()
+    rt.generate(_msgs(QUESTIONS[0]), max_tokens=3)
+    engine = rt.engine
+    real_step = engine.step
+    started = threading.Event()
+
+    def dying_step():
+        started.set()
+        raise WorkerKilled("killed by the test")
+
+    monkeypatch.setattr(engine, "step", dying_step)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the death is expected
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeClosedError, match="worker died: WorkerKilled"):
+        rt.generate(_msgs(QUESTIONS[1]), max_tokens=50)
+    assert time.monotonic() - t0 < 5
+    monkeypatch.setattr(engine, "step", real_step)
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=3).usage.reply_tokens <= 3  # a fresh worker serves
+
+
+def test_admission_queues_beyond_the_limit_and_all_finish(fresh):
+    rt = fresh(max_running=2)
+    jobs = [(QUESTIONS[i], {"max_tokens": 20}) for i in range(4)]
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    results = _concurrently(rt, jobs)
+    assert [r.text for r in results] == expected
+    peaks = rt.stats().peaks
+    assert peaks["running"] <= 2 and peaks["queued"] >= 1
+
+
+def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
+    rt = fresh(max_cached_tokens=700)
+    jobs = [(QUESTIONS[i], {"max_tokens": 20, "max_draft_tokens": 200}) for i in range(4)]
+    results = _concurrently(rt, jobs)
+    assert all(r.text for r in results)
+    assert rt.stats().peaks["running"] < 4
+    with pytest.raises(RequestTooLargeError, match="more than the runtime's max_cached_tokens=700"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=600)
+
+
+def test_close_ends_in_flight_work(fresh):
+    rt = fresh()
+    errors = []
+
+    def long_request():
+        try:
+            rt.generate(_msgs(QUESTIONS[1]), max_tokens=400, switch_threshold=1.0)
+        except RuntimeClosedError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(0.3)
+    rt.close()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(errors) == 1
+    assert rt.worker is None
+    with pytest.raises(RuntimeClosedError, match="closed"):
+        rt.generate(_msgs(QUESTIONS[0]))
+
+
+def test_stats_snapshot(fresh):
+    rt = fresh()
+    events = list(rt.stream(_msgs(QUESTIONS[0]), max_tokens=20, switch_threshold=0.5, switch_window=2))
+    assert isinstance(events[-1], FinalEvent)
+    s = rt.stats()
+    assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 1, 0, 0)
+    assert s.tokens["draft"] > 0 and s.tokens["score"] > 0
+    assert s.cached_tokens == 0
