@@ -86,3 +86,16 @@ async def test_async_generate(embedded):
 def test_prompt_too_long_names_both_windows(embedded):
     with pytest.raises(PromptTooLongError, match="draft context window 8192.*base context window 32768"):
         embedded.generate([{"role": "user", "content": "word " * 9000}])
+
+
+def test_batched_equals_sequential(embedded, parity):
+    """8 concurrent greedy requests give exactly their one-at-a-time replies (the parity runs above)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = list(CASES)
+    with ThreadPoolExecutor(len(names)) as pool:
+        batched = list(pool.map(lambda n: embedded.generate(CASES[n], max_tokens=96, max_draft_tokens=128), names))
+    for name, result in zip(names, batched):
+        online = parity[name][1]
+        assert (result.text, result.switch_point, result.finish_reason) == (online.text, online.switch_point, online.finish_reason), name
+    assert embedded.stats().peaks["draft_batch"] > 1

@@ -1,0 +1,113 @@
+"""Concurrent serving on the embedded pair: aggregate tokens/s, p50/p95 latency and peak RSS
+for 1, 4, 8 and 16 concurrent requests (online WSD, greedy).
+
+    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+from common import write
+
+import wsd_llms
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in detail.",
+    "List five fruits that are red.",
+    "Write a Python function that reverses a string.",
+    "Give me three tips for a job interview.",
+    "Why is the sky blue?",
+    "Write a haiku about autumn.",
+    "What are the benefits of exercise?",
+    "Describe the water cycle.",
+    "How does a computer store numbers?",
+    "Suggest a name for a coffee shop.",
+    "What is the difference between weather and climate?",
+    "Explain what a black hole is.",
+    "Give me a recipe for pancakes.",
+    "What should I pack for a beach trip?",
+    "Summarize the plot of Romeo and Juliet.",
+]
+
+
+class PeakRSS:
+    """Samples this process's resident memory in the background; `.peak` in MiB."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc.memory_info().rss / 2**20)
+            time.sleep(0.02)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    args = parser.parse_args()
+    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+
+    def one(prompt: str) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        r = runtime.generate([{"role": "user", "content": prompt}], max_tokens=args.max_tokens)
+        return time.perf_counter() - t0, r.usage.reply_tokens
+
+    levels = {}
+    for n in args.levels:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        with PeakRSS() as rss, ThreadPoolExecutor(n) as pool:
+            t0 = time.perf_counter()
+            outcomes = list(pool.map(one, prompts))
+            wall = time.perf_counter() - t0
+        latencies = [o[0] for o in outcomes]
+        tokens = sum(o[1] for o in outcomes)
+        levels[n] = {
+            "requests": n,
+            "wall_s": wall,
+            "reply_tokens": tokens,
+            "aggregate_tokens_per_s": tokens / wall,
+            "p50_latency_s": percentile(latencies, 50),
+            "p95_latency_s": percentile(latencies, 95),
+            "peak_rss_mib": rss.peak,
+            "peak_draft_batch": runtime.stats().peaks["draft_batch"],
+        }
+        print(f"{n:3d} concurrent: {tokens / wall:6.1f} tok/s, p50 {levels[n]['p50_latency_s']:.2f}s", flush=True)
+
+    single = levels[args.levels[0]]["aggregate_tokens_per_s"]
+    rows = ["| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+    for n, v in levels.items():
+        rows.append(
+            f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
+            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |"
+        )
+    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, one request per prompt, all submitted at once."]
+    write("serving", {"max_tokens": args.max_tokens, "levels": levels}, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

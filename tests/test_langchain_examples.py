@@ -1,0 +1,27 @@
+"""The LangChain examples run on the embedded default models, as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.mark.embedded
+def test_rag_example_streams_an_answer():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "langchain_rag.py"), "How much is a monthly bus pass?", "--max-tokens", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Sources: buses.md" in proc.stdout
+    answer = proc.stdout.split("Answer: ", 1)[1]
+    assert answer.strip(), proc.stdout

@@ -1,0 +1,173 @@
+"""WSDLLM, the LlamaIndex adapter: eight methods, streaming, stops, metadata, messages, shared runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from llama_index.core.base.llms.types import AudioBlock, ChatMessage, ImageBlock, TextBlock
+from llama_index.core.tools import FunctionTool
+
+import wsd_llms
+from llama_index.llms.wsd import WSDLLM
+from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
+from wsd_llms.loading import EMBEDDED_BASE, local_source
+
+QUESTION = "What is the capital of France?"
+MESSAGES = [ChatMessage(role="user", content=QUESTION)]
+METHODS = ["chat", "stream_chat", "achat", "astream_chat", "complete", "stream_complete", "acomplete", "astream_complete"]
+
+
+def text_of(response: Any) -> str:
+    return response.text if hasattr(response, "text") else response.message.content
+
+
+async def run(llm: WSDLLM, method: str, **kwargs: Any) -> tuple[Any, list[Any]]:
+    """Call one of the eight methods on QUESTION; return the final response and the stream's chunks."""
+    out = getattr(llm, method)(MESSAGES if "chat" in method else QUESTION, **kwargs)
+    if method.startswith("a"):
+        out = await out
+    if "stream" not in method:
+        return out, []
+    chunks = [c async for c in out] if method.startswith("a") else list(out)
+    return chunks[-1], chunks
+
+
+@pytest.fixture(scope="module")
+def llm(embedded: wsd_llms.WSDRuntime) -> WSDLLM:
+    return WSDLLM(max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def reference(llm: WSDLLM) -> str:
+    return llm.chat(MESSAGES).message.content
+
+
+@pytest.mark.embedded
+async def test_eight_methods_same_text(llm: WSDLLM, reference: str) -> None:
+    assert reference.strip()
+    for method in METHODS:
+        final, chunks = await run(llm, method)
+        assert text_of(final) == reference, method
+        joined = ""
+        for chunk in chunks[:-1]:
+            joined += chunk.delta
+            assert text_of(chunk) == joined, method
+            assert chunk.additional_kwargs["wsd_source"] in ("draft", "base")
+        if chunks:
+            assert chunks[-1].delta == "" and joined == reference, method
+        assert final.raw["usage"]["output_tokens"] > 0, method
+        assert final.raw["wsd"]["draft_model"] == llm.wsd_runtime().draft_source
+        assert final.additional_kwargs["completion_tokens"] == final.raw["usage"]["output_tokens"]
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("where", ["call", "constructor"])
+async def test_stop_strings_in_every_method(llm: WSDLLM, reference: str, where: str) -> None:
+    stop = " of"
+    assert stop in reference
+    expected = reference.split(stop)[0]
+    stopping = WSDLLM(max_tokens=12, stop=[stop] if where == "constructor" else None)
+    for method in METHODS:
+        final, _ = await run(stopping, method, **({"stop": [stop]} if where == "call" else {}))
+        assert text_of(final) == expected, method
+
+
+def test_metadata_reads_config_without_loading() -> None:
+    base_dir = str(local_source(EMBEDDED_BASE))
+    llm = WSDLLM(base_model=base_dir, max_tokens=77)
+    meta = llm.metadata
+    assert not llm.wsd_runtime().loaded
+    assert meta.context_window == 32768  # Gemma-3-270M's max_position_embeddings
+    assert meta.num_output == 77
+    assert meta.is_chat_model
+    assert meta.is_function_calling_model == (importlib.util.find_spec("xgrammar") is not None)
+    assert meta.model_name == base_dir
+
+
+@pytest.mark.embedded
+def test_metadata_matches_loaded_model(embedded: wsd_llms.WSDRuntime) -> None:
+    assert WSDLLM().metadata.context_window == embedded.load().base.context_window
+    assert WSDLLM().metadata.model_name == EMBEDDED_BASE
+
+
+def test_runtime_is_shared() -> None:
+    assert WSDLLM().wsd_runtime() is wsd_llms.get_runtime()
+    try:
+        from langchain_wsd import WSDChatModel
+    except ImportError:
+        pytest.skip("langchain_wsd.WSDChatModel is not importable")
+    assert WSDChatModel().wsd_runtime() is WSDLLM().wsd_runtime()
+
+
+class Recorder:
+    """Stands in for the runtime's streams, to see exactly which messages reach it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[dict[str, str]]]] = []
+        self.result = WSDResult("ok", "stop", None, "ok", Usage(), Timings(), "d", "b", "online")
+
+    def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Any]:
+        self.calls.append(("stream", list(messages)))
+        yield TextDelta("ok", "draft")
+        yield FinalEvent(self.result)
+
+    async def astream(self, messages: list[dict[str, str]], **params: Any) -> AsyncIterator[Any]:
+        self.calls.append(("astream", list(messages)))
+        yield TextDelta("ok", "draft")
+        yield FinalEvent(self.result)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> tuple[WSDLLM, Recorder]:
+    base_dir = str(local_source(EMBEDDED_BASE))  # metadata (read by LlamaIndex's callbacks) needs a real config
+    llm = WSDLLM(draft_model="never-loaded-draft", base_model=base_dir, system_prompt="Be brief.")
+    recorder = Recorder()
+    monkeypatch.setattr(llm.wsd_runtime(), "stream", recorder.stream)
+    monkeypatch.setattr(llm.wsd_runtime(), "astream", recorder.astream)
+    return llm, recorder
+
+
+async def test_formatted_prompt_is_not_templated_again(recorded: tuple[WSDLLM, Recorder]) -> None:
+    llm, recorder = recorded
+    prompt = "Context: x\n\nQuestion: y\nAnswer: "
+    for method in ["complete", "stream_complete", "acomplete", "astream_complete"]:
+        out = getattr(llm, method)(prompt, formatted=True)
+        out = await out if method.startswith("a") else out
+        if "stream" in method:
+            _ = [c async for c in out] if method.startswith("a") else list(out)
+    assert [kind for kind, _ in recorder.calls] == ["stream", "stream", "astream", "astream"]
+    assert all(messages == [{"role": "user", "content": prompt}] for _, messages in recorder.calls)
+
+
+def test_unformatted_prompt_gets_completion_to_prompt_and_system_prompt(recorded: tuple[WSDLLM, Recorder]) -> None:
+    llm, recorder = recorded
+    llm.completion_to_prompt = lambda p: f"Q: {p}"
+    assert llm.complete("y").text == "ok"
+    assert recorder.calls == [("stream", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: y"}])]
+
+
+@pytest.mark.parametrize(
+    "block", [ImageBlock(url="http://example.invalid/cat.png"), AudioBlock(url="http://example.invalid/a.wav")]
+)
+async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder], block: Any) -> None:
+    llm, recorder = recorded
+    message = ChatMessage(role="user", blocks=[TextBlock(text="What is this?"), block])
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
+        llm.chat([message])
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
+        await llm.astream_chat([message])
+    assert recorder.calls == []
+
+
+def test_tool_calling_says_it_needs_constrained_decoding(recorded: tuple[WSDLLM, Recorder]) -> None:
+    llm, recorder = recorded
+    tool = FunctionTool.from_defaults(lambda a, b: a + b, name="add", description="Add two numbers.")
+    with pytest.raises(NotImplementedError, match="constrained decoding"):
+        llm.chat_with_tools([tool], user_msg="Add 1 and 2.")
+    with pytest.raises(NotImplementedError, match="constrained decoding"):
+        llm.get_tool_calls_from_response(llm.chat(MESSAGES))
+    with pytest.raises(wsd_llms.InvalidMessagesError, match="'tool'"):
+        llm.chat([*MESSAGES, ChatMessage(role="tool", content="3")])
