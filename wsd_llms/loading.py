@@ -78,7 +78,8 @@ def eos_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def context_window(config: Any, tokenizer: Any) -> int:
+def context_window(config: Any, tokenizer: Any = None) -> int:
+    """The model's maximum positions from its config (else the tokenizer's limit, else 2048)."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(cfg, key, None)

@@ -19,9 +19,18 @@ from typing import Any
 import torch
 
 from .engine import Engine, RuntimeStats
-from .errors import InvalidParameterError, RuntimeClosedError, WSDError
+from .errors import InvalidParameterError, ModelLoadError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
-from .loading import EMBEDDED_BASE, EMBEDDED_DRAFT, LoadedModel, load_model, resolve_device, resolve_dtype
+from .loading import (
+    EMBEDDED_BASE,
+    EMBEDDED_DRAFT,
+    LoadedModel,
+    context_window,
+    load_model,
+    local_source,
+    resolve_device,
+    resolve_dtype,
+)
 from .messages import Message, normalize_messages
 from .params import GenerationParams, parse_params
 from .prompts import require_chat_template
@@ -68,6 +77,7 @@ class WSDRuntime:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.engine: Engine | None = None
+        self._base_context_window: int | None = None
         WSDRuntime.instances.add(self)
 
     @classmethod
@@ -172,6 +182,24 @@ class WSDRuntime:
     def worker(self) -> threading.Thread | None:
         """The worker thread, while one runs."""
         return self._thread if self._thread is not None and self._thread.is_alive() else None
+
+    def base_context_window(self) -> int:
+        """The base model's context window, from the loaded model or else from its config alone."""
+        if self.engine is not None:
+            return self.engine.base.context_window
+        if self._base_context_window is None:
+            from transformers import AutoConfig
+
+            with self._lock:
+                local = local_source(self.base_source)
+                where = str(local) if local is not None else self.base_source
+                revision = self._revisions[1] if local is None else None
+                try:
+                    config = AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code)
+                except OSError as exc:
+                    raise ModelLoadError(f"could not read the config of base model {self.base_source!r}: {exc}") from exc
+                self._base_context_window = context_window(config)
+        return self._base_context_window
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""

@@ -19,15 +19,13 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
 )
-from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from wsd_llms.errors import InvalidMessagesError, ModelLoadError
+from wsd_llms.errors import InvalidMessagesError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import WSDSettings, content_to_text, result_metadata, usage_counts
-from wsd_llms.loading import context_window, local_source
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -115,8 +113,6 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     pair (`wsd_llms.get_runtime`). Every field is a default that a call may override by keyword.
     """
 
-    _context_window: int | None = PrivateAttr(default=None)
-
     @classmethod
     def class_name(cls) -> str:
         return "WSDLLM"
@@ -124,31 +120,12 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.base_context_window(),
+            context_window=self.wsd_runtime().base_context_window(),
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=importlib.util.find_spec("xgrammar") is not None,
             model_name=self.wsd_runtime().base_source,
         )
-
-    def base_context_window(self) -> int:
-        """The base model's context window: from the loaded model, else from its config file alone."""
-        if self._context_window is None:
-            runtime = self.wsd_runtime()
-            if runtime.engine is not None:
-                self._context_window = runtime.engine.base.context_window
-            else:
-                from transformers import AutoConfig
-
-                local = local_source(runtime.base_source)
-                source = str(local) if local is not None else runtime.base_source
-                revision = self.base_revision if local is None else None
-                try:
-                    config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=self.trust_remote_code)
-                except OSError as exc:
-                    raise ModelLoadError(f"could not read the config of base model {runtime.base_source!r}: {exc}") from exc
-                self._context_window = context_window(config, tokenizer=None)
-        return self._context_window
 
     # ------------------------------------------------------------ decoding
 
