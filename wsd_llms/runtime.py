@@ -105,9 +105,7 @@ class WSDRuntime:
                 except queue.Empty:
                     self._check_alive()
                     continue
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                yield _unwrap(item)
                 if isinstance(item, FinalEvent):
                     return
         finally:
@@ -129,9 +127,7 @@ class WSDRuntime:
                 except asyncio.TimeoutError:
                     self._check_alive()
                     continue
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                yield _unwrap(item)
                 if isinstance(item, FinalEvent):
                     return
         finally:
@@ -142,13 +138,11 @@ class WSDRuntime:
         return _collect(self.stream(messages, **params))
 
     async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
-        parts: list[str] = []
+        """The whole reply at once, awaited (built from the async stream)."""
+        joined = _Joined()
         async for event in self.astream(messages, **params):
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                return _checked(event.result, parts)
-        raise RuntimeClosedError("stream ended without a final event")
+            joined.add(event)
+        return joined.result()
 
     def load(self) -> Engine:
         """Load both models now (normally done by the worker on the first request)."""
@@ -289,21 +283,40 @@ class WSDRuntime:
                 item.deliver(error)
 
 
-def _checked(result: WSDResult, parts: list[str]) -> WSDResult:
-    joined = "".join(parts)
-    if joined != result.text:
-        raise WSDError(f"internal error: streamed text {joined!r} differs from the final text {result.text!r}")
-    return result
+def _unwrap(item: Event | BaseException) -> Event:
+    """An event from the worker, or the error it sent instead."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+class _Joined:
+    """Joins a stream's deltas and checks them against its final result."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.final: WSDResult | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.parts.append(event.text)
+        else:
+            self.final = event.result
+
+    def result(self) -> WSDResult:
+        if self.final is None:
+            raise RuntimeClosedError("stream ended without a final event")
+        joined = "".join(self.parts)
+        if joined != self.final.text:
+            raise WSDError(f"internal error: streamed text {joined!r} differs from the final text {self.final.text!r}")
+        return self.final
 
 
 def _collect(events: Iterator[Event]) -> WSDResult:
-    parts: list[str] = []
+    joined = _Joined()
     for event in events:
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            return _checked(event.result, parts)
-    raise RuntimeClosedError("stream ended without a final event")
+        joined.add(event)
+    return joined.result()
 
 
 _registry: dict[tuple, WSDRuntime] = {}
