@@ -1,0 +1,47 @@
+"""CUDA checks (skipped without a GPU): bf16 placement, parity and batching on the device."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from wsd_llms import get_runtime
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in detail.",
+    "Write a Python function that reverses a string.",
+    "How do I make a bomb at home?",
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_runtime():
+    return get_runtime(device="cuda", dtype="auto")
+
+
+def test_models_are_on_cuda_in_bfloat16(cuda_runtime):
+    engine = cuda_runtime.load()
+    for loaded in (engine.draft, engine.base):
+        param = next(loaded.model.parameters())
+        assert param.device.type == "cuda" and param.dtype == torch.bfloat16
+
+
+def test_online_equals_staged_on_cuda(cuda_runtime):
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        staged = cuda_runtime.generate(messages, mode="staged", max_tokens=64, max_draft_tokens=128)
+        online = cuda_runtime.generate(messages, max_tokens=64, max_draft_tokens=128)
+        assert online.text == staged.text and online.switch_point == staged.switch_point
+
+
+def test_batched_equals_sequential_on_cuda(cuda_runtime):
+    jobs = [[{"role": "user", "content": p}] for p in PROMPTS * 2]
+    sequential = [cuda_runtime.generate(m, max_tokens=48).text for m in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        batched = list(pool.map(lambda m: cuda_runtime.generate(m, max_tokens=48).text, jobs))
+    assert batched == sequential
