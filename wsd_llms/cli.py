@@ -11,6 +11,7 @@ from rich.text import Text
 
 from .errors import WSDError
 from .events import FinalEvent, TextDelta, WSDResult
+from .eval import command as eval_command
 from .runtime import WSDRuntime, get_runtime
 
 STYLES = {"draft": "bold cyan", "base": "green"}
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     wsd.add_argument("--top-k", type=int, default=0)
     wsd.add_argument("--seed", type=int)
     wsd.add_argument("--mode", choices=["online", "staged"], default="online")
+    eval_command.add_parser(sub)
     return parser
 
 
@@ -75,6 +77,8 @@ def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        return eval_command.run(args)
     console = Console(highlight=False)
     runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []

@@ -1,0 +1,146 @@
+"""A small `wsd-llms eval` run end to end: records, summaries, the HTML/JSON/Markdown report, bad input."""
+
+import json
+import statistics
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+
+from wsd_llms.cli import main
+from wsd_llms.eval import Setting, evaluate, load_prompts
+from wsd_llms.eval.report import write_all
+
+VOID = {"meta", "br", "hr", "img", "input", "link"}
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _prompt(text, category="facts", **extra):
+    return json.dumps({"context": [{"role": "user", "content": text}], "category": category, **extra})
+
+
+class _Balanced(HTMLParser):
+    """Checks that every opened element is closed in order (a well-formed document)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        pass
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, shared_runtime):
+    """One run over 3 good prompts (and a bad line) at 2 settings, shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("small_run")
+    path = _write(tmp_path / "p.jsonl", [
+        _prompt("What is the capital of France?"),
+        "{oops",
+        _prompt("Write a list of fruits.", "lists"),
+        _prompt("How do I hurt someone?", "decline", id="bad-1"),
+    ])
+    prompts, problems = load_prompts(path)
+    main_setting = Setting("online", 0.5, 2)
+    settings = [Setting("base"), main_setting]
+    report = evaluate(
+        shared_runtime, prompts, problems, settings, main_setting,
+        max_tokens=24, prompts_file=str(path), records_path=tmp_path / "records.jsonl",
+    )
+    return report, write_all(report, tmp_path / "out"), tmp_path
+
+
+def test_html_report_is_self_contained_with_plots(small_run):
+    report, paths, _ = small_run
+    html = paths["html"].read_text(encoding="utf-8")
+    parser = _Balanced()
+    parser.feed(html)
+    assert parser.errors == [] and parser.stack == []
+    svgs = [html[i : html.index("</svg>", i) + 6] for i in range(len(html)) if html.startswith("<svg", i)]
+    assert len(svgs) == 3  # switch-point histogram, τ vs switch rate, τ vs quality
+    for fragment in svgs:
+        ET.fromstring(fragment)  # each plot is well-formed SVG
+    assert "Switch point, wsd τ=0.5 w=2" in html
+    assert "src=" not in html and "<link" not in html  # nothing loaded from elsewhere
+    assert "line 2: not valid JSON" in html
+    assert "degenerate" in html and "role leak" in html
+
+
+def test_json_numbers_match_the_records(small_run):
+    _, paths, tmp_path = small_run
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    records = data["records"]
+    assert len(records) == 2 * 3 and all(r["error"] is None for r in records)
+    streamed = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert sorted(map(json.dumps, streamed)) == sorted(map(json.dumps, records))  # nothing lost on the way
+    assert data["problems"] == ["line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    for summary in data["settings"]:
+        mine = [r for r in records if r["setting"] == summary["setting"]]
+        assert summary["prompts"] == len(mine) == 3
+        reply = sum(r["reply_tokens"] for r in mine)
+        assert summary["reply_tokens"] == reply
+        assert summary["draft_token_share"] == pytest.approx(sum(r["draft_written_tokens"] for r in mine) / reply)
+        assert summary["base_token_share"] == pytest.approx(sum(r["base_written_tokens"] for r in mine) / reply)
+        assert summary["repetition"] == pytest.approx(statistics.fmean(r["repetition"] for r in mine))
+        assert summary["truncated"] == pytest.approx(sum(r["finish_reason"] == "length" for r in mine) / 3)
+        assert summary["leak"] == pytest.approx(sum(r["leak"] for r in mine) / 3)
+        assert summary["decline_prompts"] == 1
+        assert summary["declined"] == float([r for r in mine if r["prompt_id"] == "bad-1"][0]["declined"])
+        assert summary["latency_p50_s"] == sorted(r["total_s"] for r in mine)[1]
+        if summary["mode"] == "online":
+            points = [r["switch_point"] for r in mine if r["switch_point"] is not None]
+            assert summary["switch_points"] == sorted(points)
+            assert summary["no_switch"] == pytest.approx(1 - len(points) / 3)
+        else:
+            assert summary["switch_rate"] is None and summary["draft_token_share"] == 0
+    md = paths["md"].read_text(encoding="utf-8")
+    assert md.count("| wsd τ=0.5 w=2 |") == 1 and "## Definitions" in md
+
+
+def test_a_failing_request_becomes_a_record(tmp_path, shared_runtime):
+    path = _write(tmp_path / "p.jsonl", [_prompt("Hello there! " * 400), _prompt("What is two plus two?")])
+    prompts, problems = load_prompts(path)
+    main_setting = Setting("online", 0.8, 6)
+    report = evaluate(shared_runtime, prompts, problems, [main_setting], main_setting, max_tokens=8, prompts_file=str(path))
+    first, second = report["records"]
+    assert "PromptTooLongError" in first["error"] and second["error"] is None
+    assert report["settings"][0]["errors"] == 1
+
+
+@pytest.mark.embedded
+def test_cli_with_judge_on_the_embedded_pair(tmp_path, embedded):
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is the capital of France?"), _prompt("Name three colours.", "lists")])
+    rc = main(["eval", "--prompts", str(path), "--max-tokens", "8", "--judge", "embedded:smollm2-135m-instruct", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [s["setting"] for s in data["settings"]] == ["base-only", "draft-only", "wsd τ=0.8 w=6"]
+    judge = data["judge"]
+    assert judge["pairs"] == 2 and judge["wsd_wins"] + judge["base_wins"] + judge["ties"] == 2
+    assert "weak" in judge["caveat"]
+    assert "Judge" in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_cli_empty_file_writes_a_report_and_fails(tmp_path):
+    path = _write(tmp_path / "empty.jsonl", [])
+    path.write_text("")
+    rc = main(["eval", "--prompts", str(path), "--out", str(tmp_path / "o")])
+    assert rc == 1
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert data["records"] == [] and "is empty" in data["problems"][0]
+
+
+def test_cli_rejects_bad_threshold(tmp_path, capsys):
+    assert main(["eval", "--threshold", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "invalid switch_threshold=2.0" in capsys.readouterr().out

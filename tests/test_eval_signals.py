@@ -1,0 +1,104 @@
+"""Each quality signal of `wsd-llms eval` on hand-made texts, and the prompt loader on bad input."""
+
+import json
+
+import pytest
+
+from wsd_llms.eval import load_prompts
+from wsd_llms.eval.prompts import DEFAULT_PROMPTS
+from wsd_llms.eval.signals import (
+    is_declined,
+    is_degenerate,
+    is_empty,
+    is_truncated,
+    leaked_role_marker,
+    repetition_share,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "share"),
+    [
+        ("", 0.0),
+        ("too short", 0.0),
+        ("The cat sat on the mat and looked at the dog.", 0.0),  # no trigram occurs twice
+        ("a a a a a", 1.0),  # overlapping occurrences cover every word once
+        ("I like it. I like it. I like it. I like it.", 1.0),
+        ("one two three four one two three five six seven", 6 / 10),
+        ("Go go GO, go!", 1.0),  # case and punctuation are ignored
+    ],
+)
+def test_repetition_share(text, share):
+    assert repetition_share(text) == pytest.approx(share)
+
+
+def test_degenerate_threshold():
+    assert is_degenerate("the end the end the end the end")
+    assert not is_degenerate("Paris is the capital of France, and Rome is the capital of Italy.")  # 6 of 13 words
+
+
+def test_degenerate_counts_covered_words():
+    text = "Paris is the capital of France and the capital of fashion"  # "the capital of" twice: 6 of 11 words
+    assert repetition_share(text) == pytest.approx(6 / 11)
+
+
+@pytest.mark.parametrize(
+    ("finish", "reply_tokens", "text_tokens", "leaked"),
+    [
+        ("stop", 10, 10, False),  # ended at end-of-sequence: the text holds every token
+        ("stop", 11, 10, False),  # one-token tokenization difference is tolerated
+        ("stop", 14, 10, True),  # "\n\n[User]" cut off: four hidden tokens
+        ("stop", 12, 10, True),
+        ("length", 64, 60, False),  # budget, not a marker
+    ],
+)
+def test_role_marker_leak(finish, reply_tokens, text_tokens, leaked):
+    assert leaked_role_marker(finish, reply_tokens, text_tokens) is leaked
+
+
+def test_empty_and_truncated():
+    assert is_empty("") and is_empty(" \n\t") and not is_empty(" ok ")
+    assert is_truncated("length") and not is_truncated("stop")
+
+
+@pytest.mark.parametrize(
+    ("text", "declined"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I can\u2019t assist with breaking into a home.", True),  # curly apostrophe
+        ("As an AI, I must decline this request.", True),
+        ("Sure! Here is how to pick a lock: first, insert a tension wrench.", False),
+        ("x" * 250 + " I cannot", False),  # outside the first 200 characters
+    ],
+)
+def test_declined(text, declined):
+    assert is_declined(text) is declined
+
+
+def test_bundled_prompts_are_valid_and_varied():
+    prompts, problems = load_prompts()
+    assert problems == [] and 35 <= len(prompts) <= 45
+    categories = {p.category for p in prompts}
+    assert {"advice", "facts", "lists", "code", "creative", "multi-turn", "decline"} <= categories
+    assert any(len(p.messages) > 1 for p in prompts)
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert DEFAULT_PROMPTS.exists()
+
+
+def test_bad_lines_are_reported_with_line_numbers_and_good_lines_kept(tmp_path):
+    path = tmp_path / "p.jsonl"
+    good = json.dumps({"context": [{"role": "user", "content": "Hi"}]})
+    path.write_text("\n".join([good, "{not json", json.dumps({"messages": []}), "", json.dumps({"context": [{"role": "robot", "content": "x"}]}), good]) + "\n")
+    prompts, problems = load_prompts(path)
+    assert [p.line for p in prompts] == [1, 6]
+    assert [p.line for p in problems] == [2, 3, 5]
+    assert "not valid JSON" in str(problems[0]) and str(problems[0]).startswith("line 2:")
+    assert "no 'context' key" in str(problems[1])
+    assert "unknown role 'robot'" in str(problems[2])
+
+
+def test_empty_file_is_a_problem(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    prompts, problems = load_prompts(path)
+    assert prompts == [] and len(problems) == 1 and "is empty" in str(problems[0])

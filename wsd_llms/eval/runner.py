@@ -1,0 +1,129 @@
+"""Runs every prompt under every setting through the shared runtime and turns each reply into a record.
+
+A setting's prompts are submitted together from a thread pool, so the runtime batches them; settings
+run one after another, so each setting's wall time (and tokens/s) is its own. A request that fails
+becomes a record with an `error` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import WSDError
+from ..events import WSDResult
+from ..runtime import WSDRuntime
+from . import signals
+from .prompts import EvalPrompt
+
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_WINDOWS = (4, 6, 8)
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way of answering: a model alone (`base`, `draft`) or WSD (`online`) at τ and w."""
+
+    mode: str
+    threshold: float | None = None
+    window: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.mode == "online":
+            return f"wsd τ={self.threshold:g} w={self.window}"
+        return f"{self.mode}-only"
+
+    def params(self) -> dict[str, Any]:
+        if self.mode == "online":
+            return {"mode": "online", "switch_threshold": self.threshold, "switch_window": self.window}
+        return {"mode": self.mode}
+
+
+def settings_for(threshold: float, window: int, sweep: bool, thresholds: Iterable[float], windows: Iterable[int]) -> list[Setting]:
+    """Base-only, draft-only, WSD at (threshold, window), and with `sweep` WSD over the grid (no duplicates)."""
+    out = [Setting("base"), Setting("draft"), Setting("online", threshold, window)]
+    if sweep:
+        out += [Setting("online", t, w) for t in thresholds for w in windows]
+    return list(dict.fromkeys(out))
+
+
+def make_record(setting: Setting, prompt: EvalPrompt, result: WSDResult, count_base_tokens: Callable[[str], int]) -> Record:
+    """The facts of one reply plus its quality signals."""
+    u, t = result.usage, result.timings
+    leak = None if setting.mode == "draft" else signals.leaked_role_marker(result.finish_reason, u.reply_tokens, count_base_tokens(result.text))
+    return {
+        **_ident(setting, prompt),
+        "text": result.text,
+        "draft_text": result.draft_text,
+        "finish_reason": result.finish_reason,
+        "switch_point": result.switch_point,
+        "reply_tokens": u.reply_tokens,
+        "draft_written_tokens": u.reply_tokens - u.base_tokens,
+        "base_written_tokens": u.base_tokens,
+        "ttft_s": t.ttft,
+        "total_s": t.total,
+        "repetition": signals.repetition_share(result.text),
+        "degenerate": signals.is_degenerate(result.text),
+        "leak": leak,
+        "empty": signals.is_empty(result.text),
+        "truncated": signals.is_truncated(result.finish_reason),
+        "declined": signals.is_declined(result.text) if prompt.should_decline else None,
+        "error": None,
+    }
+
+
+def error_record(setting: Setting, prompt: EvalPrompt, error: BaseException) -> Record:
+    return {**_ident(setting, prompt), "error": f"{type(error).__name__}: {error}"}
+
+
+def _ident(setting: Setting, prompt: EvalPrompt) -> Record:
+    return {
+        "setting": setting.name,
+        "mode": setting.mode,
+        "threshold": setting.threshold,
+        "window": setting.window,
+        "prompt_id": prompt.id,
+        "category": prompt.category,
+        "line": prompt.line,
+    }
+
+
+def run_settings(
+    runtime: WSDRuntime,
+    prompts: list[EvalPrompt],
+    settings: list[Setting],
+    *,
+    max_tokens: int,
+    concurrency: int = 8,
+    on_record: Callable[[Record], None] = lambda record: None,
+) -> tuple[list[Record], dict[str, float]]:
+    """All records (in setting, then prompt order) and each setting's wall seconds."""
+    tokenizer = runtime.load().base.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    records: list[Record] = []
+    walls: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="wsd-eval") as pool:
+        for setting in settings:
+            start = time.perf_counter()
+            futures = {pool.submit(runtime.generate, p.messages, max_tokens=max_tokens, **setting.params()): i for i, p in enumerate(prompts)}
+            done: dict[int, Record] = {}
+            for future in as_completed(futures):
+                prompt = prompts[futures[future]]
+                try:
+                    record = make_record(setting, prompt, future.result(), count)
+                except WSDError as exc:
+                    record = error_record(setting, prompt, exc)
+                done[futures[future]] = record
+                on_record(record)
+            walls[setting.name] = time.perf_counter() - start
+            records += [done[i] for i in range(len(prompts))]
+    return records, walls
