@@ -10,20 +10,26 @@ from .continuation import continue_base
 from .loading import LoadedModel
 from .model_runner import KVCache
 from .sampling import make_generator
+from .errors import InvalidParameterError
 from .sequence import Forward, Program, Sequence
+from .structured import Guide, draft_guide, forced_prefix_error
 
 
 def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.base_kv = KVCache()
-    prompt = seq.prompts.base_ids + base.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
-    logits = yield Forward("base", seq.base_kv, prompt, phase="base")
-    return (yield from continue_base(seq, base, seq.base_kv, logits, make_generator(seq.params.seed)))
+    prefix = base.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
+    guide = Guide(base, seq.constraint)
+    if guide.sync(prefix) < len(prefix):
+        raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
+    logits = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base")
+    return (yield from continue_base(seq, base, seq.base_kv, logits, make_generator(seq.params.seed), guide))
 
 
 def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
     seq.draft_kv = KVCache()
+    guide = draft_guide(seq, draft)
     logits = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids)
-    reason = yield from continue_base(seq, draft, seq.draft_kv, logits, make_generator(seq.params.seed), model="draft")
+    reason = yield from continue_base(seq, draft, seq.draft_kv, logits, make_generator(seq.params.seed), guide, "draft")
     seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
     return reason

@@ -8,12 +8,19 @@ from .loading import LoadedModel
 from .model_runner import KVCache
 from .sampling import sample
 from .sequence import Forward, Phase, Program, Sequence
+from .structured import Guide
 
 
 def continue_base(
-    seq: Sequence, base: LoadedModel, kv: KVCache, logits: torch.Tensor, generator: torch.Generator, model: str = "base"
+    seq: Sequence,
+    base: LoadedModel,
+    kv: KVCache,
+    logits: torch.Tensor,
+    generator: torch.Generator,
+    guide: Guide,
+    model: str = "base",
 ) -> Program:
-    """Continue the reply from `logits` (the model's next-token logits); returns the finish reason."""
+    """Continue the reply from `logits` (the model's next-token logits) under `guide`; returns the finish reason."""
     seq.phase = Phase.CONTINUING
     reply, budget = seq.reply, seq.params.max_tokens
     while True:
@@ -21,9 +28,10 @@ def continue_base(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        token = sample(logits, seq.params, generator)
+        token = sample(guide.mask(logits), seq.params, generator)
         if token in base.eos_ids:
             return "stop"
+        guide.accept(token)
         seq.base_tokens += 1
         seq.emit(reply.add([token], model))
         if reply.stopped:
@@ -33,7 +41,10 @@ def continue_base(
         logits = yield Forward(model, kv, [token], phase=model)
 
 
-def keep_draft(seq: Sequence, ids: list[int]) -> None:
-    """Make the reply's draft part these base ids and stream whatever text became final."""
+def keep_draft(seq: Sequence, ids: list[int], guide: Guide) -> list[int]:
+    """Make the reply's draft part the longest prefix of these base ids that `guide` accepts,
+    stream whatever text became final, and return the kept ids."""
+    ids = ids[: guide.sync(ids)]
     seq.emit(seq.reply.set_draft(ids))
     seq.kept_draft = len(seq.reply.ids)
+    return ids

@@ -24,6 +24,7 @@ from .reply import ReplyText, expand_role_stops
 from .scheduler import Scheduler
 from .sequence import Forward, Phase, Sequence
 from .staged import run_staged
+from .structured import constraint_spec, structured_fields
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
 
@@ -77,7 +78,8 @@ class Engine:
         deliver: Callable[[Event | BaseException], None],
     ) -> Sequence:
         """Build both prompts and check they fit; raises before any decoding starts."""
-        prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template)
+        tools = params.tools if params.tool_choice != "none" else ()
+        prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools)
         n_draft, n_base = len(prompts.draft_ids), len(prompts.base_ids)
         if n_draft >= self.draft.context_window or n_base >= self.base.context_window:
             raise PromptTooLongError(
@@ -87,8 +89,9 @@ class Engine:
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
         else:
-            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + expand_role_stops(prompts.role_stops))
-        return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver)
+            role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
+            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + role_stops)
+        return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -226,6 +229,7 @@ class Engine:
             base_model=self.base.name,
             mode=seq.params.mode,
             rollbacks=seq.rollbacks,
+            **structured_fields(reply.text, seq.params),
         )
         self._drop(seq, "finished")
         seq.deliver(FinalEvent(result))

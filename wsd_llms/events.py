@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from .messages import ToolCall
+from .tools import InvalidToolCall
+
 Source = Literal["draft", "base"]
 
 
@@ -48,6 +51,16 @@ class WSDResult:
     mode: str
     rollbacks: int = 0
     """How often a re-tokenization of the draft forced the base cache back (online mode)."""
+    content: str | None = None
+    """The reply's text outside tool calls (equal to `text` when the request has no tools)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The tool calls the reply made that parse and fit their tool's schema, in order."""
+    invalid_tool_calls: tuple[InvalidToolCall, ...] = ()
+    """Calls that do not parse or validate: raw text and error (never dropped silently)."""
+    parsed: Any = None
+    """With `response_format`: the reply as a JSON value."""
+    parse_error: str | None = None
+    """With `response_format`: why the reply does not parse or validate (None when it does)."""
 
     @property
     def switched(self) -> bool:

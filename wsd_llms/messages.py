@@ -2,24 +2,96 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidMessagesError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of one tool: its id, the tool's name and the arguments as a dict."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
 
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of a conversation: a role and its text."""
+    """One turn of a conversation: a role and its text; assistant turns may carry tool calls,
+    and a "tool" turn is the result of the call named by `tool_call_id`."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
+    """A history tool call, flat ({id, name, arguments}) or OpenAI-style ({id, function: {name, arguments}})."""
+    where = f"messages[{i}].tool_calls[{j}]"
+    if isinstance(raw, ToolCall):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise InvalidMessagesError(f"{where} must be a dict, got {type(raw).__name__}")
+    body = raw.get("function", raw)
+    name, arguments = body.get("name") if isinstance(body, Mapping) else None, (body or {}).get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise InvalidMessagesError(f"{where} needs a 'name' (or 'function': {{'name': ...}}), got {dict(raw)!r}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise InvalidMessagesError(f"{where} arguments are not valid JSON: {exc}") from None
+    if not isinstance(arguments, Mapping):
+        raise InvalidMessagesError(f"{where} arguments must be a dict or a JSON object string, got {arguments!r}")
+    return ToolCall(str(raw.get("id") or f"call_{i}_{j}"), name, dict(arguments))
+
+
+def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
+    if isinstance(msg, Message):
+        role, content, calls, call_id = msg.role, msg.content, msg.tool_calls, msg.tool_call_id
+    elif isinstance(msg, Mapping):
+        if "role" not in msg or ("content" not in msg and not msg.get("tool_calls")):
+            raise InvalidMessagesError(f"messages[{i}] needs 'role' and 'content' keys, got {sorted(msg)}")
+        role, content = msg["role"], msg.get("content")
+        calls, call_id = msg.get("tool_calls") or (), msg.get("tool_call_id")
+        if role == "assistant" and content is None:
+            content = ""
+    else:
+        raise InvalidMessagesError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
+    if role not in ROLES:
+        raise InvalidMessagesError(f"messages[{i}] has unknown role {role!r}; allowed: {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise InvalidMessagesError(f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}")
+    if calls and role != "assistant":
+        raise InvalidMessagesError(f"messages[{i}] ({role}) has tool_calls; only assistant messages may carry them")
+    if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+        raise InvalidMessagesError(f"messages[{i}].tool_calls must be a list, got {type(calls).__name__}")
+    if role == "tool" and (not isinstance(call_id, str) or not call_id):
+        raise InvalidMessagesError(f"messages[{i}] (tool) needs a 'tool_call_id' naming the call it answers")
+    if role != "tool":
+        call_id = None
+    return Message(role, content, tuple(_tool_call(i, j, c) for j, c in enumerate(calls)), call_id)
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[Message]:
@@ -30,23 +102,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[
         )
     if not messages:
         raise InvalidMessagesError("messages is empty: give at least one message")
-    out: list[Message] = []
-    for i, msg in enumerate(messages):
-        if isinstance(msg, Message):
-            role, content = msg.role, msg.content
-        elif isinstance(msg, Mapping):
-            if "role" not in msg or "content" not in msg:
-                raise InvalidMessagesError(f"messages[{i}] needs 'role' and 'content' keys, got {sorted(msg)}")
-            role, content = msg["role"], msg["content"]
-        else:
-            raise InvalidMessagesError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
-        if role not in ROLES:
-            raise InvalidMessagesError(f"messages[{i}] has unknown role {role!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise InvalidMessagesError(
-                f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}"
-            )
-        out.append(Message(role, content))
+    out = [_message(i, msg) for i, msg in enumerate(messages)]
     if all(m.role == "assistant" for m in out):
         raise InvalidMessagesError("messages holds only assistant turns: give a user or system message")
     return out
@@ -54,6 +110,6 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[
 
 def split_forced_prefix(messages: list[Message]) -> tuple[list[Message], str]:
     """A trailing assistant message is a forced start of the reply (DESIGN 3.1): split it off."""
-    if messages[-1].role == "assistant":
+    if messages[-1].role == "assistant" and not messages[-1].tool_calls:
         return messages[:-1], messages[-1].content.strip()
     return messages, ""

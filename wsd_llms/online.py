@@ -15,6 +15,7 @@ from .loading import LoadedModel
 from .model_runner import KVCache, ModelRunner
 from .sampling import make_generator, sample, token_probs
 from .sequence import Forward, Phase, Program, Sequence
+from .structured import Guide, draft_guide
 from .switch import SwitchDetector
 
 # When to run the next scoring pass: after `scored` tokens, wait for scored clamped to
@@ -85,12 +86,20 @@ class _Scorer:
             return []
         return token_probs(prev[first - offset :], target[first:])
 
-    def cut(self, kept: int) -> torch.Tensor:
-        """Crop the cache after `kept` draft tokens; returns the next-token logits there."""
+    def cut(self, kept: int) -> Program:
+        """Crop the cache after `kept` draft tokens; returns the next-token logits there.
+
+        They come from the latest pass, or, when the cut lies before it (the base grammar
+        rejected an earlier id), from feeding the last kept position again.
+        """
         end = self.prompt_len + kept
-        logits = self.rows[end - 1 - self.rows_start]
-        ModelRunner.crop(self.kv, end)
-        return logits
+        row = end - 1 - self.rows_start
+        if self.rows is not None and 0 <= row < len(self.rows):
+            ModelRunner.crop(self.kv, end)
+            return self.rows[row]
+        last = self.kv.ids[end - 1]
+        ModelRunner.crop(self.kv, end - 1)
+        return (yield Forward("base", self.kv, [last], phase="score"))
 
 
 def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
@@ -103,16 +112,19 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     scorer = _Scorer(seq, detector)
     score_at = params.switch_window
 
+    guide, base_guide = draft_guide(seq, draft), Guide(base, seq.constraint)
+
     seq.phase = Phase.DRAFTING
     seq.draft_kv = KVCache()
     logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
     generated: list[int] = []
     done = False
     while True:
-        token = sample(logits, params, draft_gen)
+        token = sample(guide.mask(logits), params, draft_gen)
         if token in draft.eos_ids:
             done = True
         else:
+            guide.accept(token)
             generated.append(token)
             done = len(generated) >= params.max_draft_tokens
         seq.draft_tokens = len(generated)
@@ -126,7 +138,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             stable = handoff.draft_ids[: params.max_tokens]
             handoff = Handoff(handoff.prompt_ids, stable)
             if len(seq.reply.ids) < free and len(stable) > len(seq.reply.ids):
-                keep_draft(seq, stable[: min(free, len(stable))])
+                keep_draft(seq, stable[: min(free, len(stable))], base_guide)
                 if seq.reply.stopped:
                     return "stop"
             if done or len(stable) >= min(score_at, params.max_tokens):
@@ -136,21 +148,18 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
                     if detector.push(p):
                         seq.switch_point = j + 1
                         break
+                kept = stable[: scorer.scored() if seq.switch_point is None else seq.switch_point]
+                kept = keep_draft(seq, kept, base_guide)  # cut at the first id the base grammar rejects
                 if seq.switch_point is not None:
-                    logits = scorer.cut(seq.switch_point)
-                    kept = stable[: seq.switch_point]
-                else:
-                    logits = scorer.last_logits
-                    kept = stable[: scorer.scored()]
-                if kept != seq.reply.ids:
-                    keep_draft(seq, kept)
+                    seq.switch_point = len(kept)
                 if seq.reply.stopped:
                     return "stop"
                 if seq.switch_point is not None or done or len(kept) >= params.max_tokens:
+                    logits = yield from scorer.cut(len(kept))
                     break
         if done:
             break
         logits = yield Forward("draft", seq.draft_kv, [token])
 
     seq.draft_kv = None
-    return (yield from continue_base(seq, base, scorer.kv, logits, base_gen))
+    return (yield from continue_base(seq, base, scorer.kv, logits, base_gen, base_guide))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidParameterError
 
@@ -31,6 +31,55 @@ class GenerationParams(BaseModel):
     base_template: Literal["plain", "chat"] = Field(
         "plain", description="base prompt: the paper's plain [User]/[Assistant] template, or the base model's chat template"
     )
+    response_format: dict[str, Any] | None = Field(
+        None, description='a JSON schema, a pydantic model (or its schema), or {"type": "json_object"}: the reply is one such JSON value'
+    )
+    tools: tuple[dict[str, Any], ...] = Field(
+        (), description="tool schemas: {name, description, parameters}, or OpenAI-style {type: function, function: {...}}"
+    )
+    tool_choice: str = Field("auto", description='"auto", "required" (or "any"), "none", or the name of one tool')
+    parallel_tool_calls: bool = Field(False, description="allow several tool calls in one reply")
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        if isinstance(value, type) and hasattr(value, "model_json_schema"):
+            return value.model_json_schema()
+        if isinstance(value, dict) and value.get("type") == "json_object":
+            return {"type": "object"}
+        if isinstance(value, dict) and value.get("type") == "json_schema" and isinstance(value.get("json_schema"), dict):
+            inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
+            return inner.get("schema", inner)
+        return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value: Any) -> Any:
+        from .tools import normalize_tools
+
+        return () if value is None else normalize_tools(value)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if value is None:
+            return "auto"
+        if isinstance(value, dict):  # OpenAI's {"type": "function", "function": {"name": ...}}
+            return (value.get("function") or {}).get("name") or value.get("name") or value
+        return "required" if value == "any" else value
+
+    @model_validator(mode="after")
+    def _constraints(self) -> GenerationParams:
+        names = [t["name"] for t in self.tools]
+        if self.tool_choice not in ("auto", "required", "none") and self.tool_choice not in names:
+            known = ", ".join(names) or "none given"
+            raise ValueError(
+                f"tool_choice={self.tool_choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
+                f"(known tools: {known})"
+            )
+        if self.response_format is not None and self.tools and self.tool_choice != "none":
+            raise ValueError("give either response_format or tools (with tool_choice other than 'none'), not both")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -52,13 +101,28 @@ class GenerationParams(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar constrains the reply (response_format, or tools not turned off)."""
+        return self.response_format is not None or (bool(self.tools) and self.tool_choice != "none")
+
+    @property
+    def free_text(self) -> bool:
+        """Whether the reply may be plain text (so the plain template's role markers still end it)."""
+        return not self.constrained or (self.response_format is None and self.tool_choice == "auto")
+
 
 def parse_params(**params: Any) -> GenerationParams:
     """Validate request parameters, raising an error that names the parameter, value and rule."""
     try:
-        return GenerationParams(**params)
+        parsed = GenerationParams(**params)
     except ValidationError as exc:
         raise InvalidParameterError(describe_validation_error(exc)) from None
+    if parsed.constrained:
+        from .structured import require_xgrammar
+
+        require_xgrammar()
+    return parsed
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -1,16 +1,22 @@
-"""The two prompts of DESIGN 3: the draft model's chat template and the base model's plain template."""
+"""The two prompts of DESIGN 3: the draft model's chat template and the base model's plain template.
+
+With tools, both prompts describe them and render tool calls and results (see `tools`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ModelLoadError
 from .messages import Message, split_forced_prefix
+from .tools import message_text, template_messages, tools_text
 
 # The plain template's role markers; the base model stops before writing any of them.
-ROLE_HEADERS = {"system": "[System]", "user": "[User]", "assistant": "[Assistant]"}
-ROLE_STOPS = tuple(ROLE_HEADERS.values())
+ROLE_HEADERS = {"system": "[System]", "user": "[User]", "assistant": "[Assistant]", "tool": "[Tool]"}
+ROLE_STOPS = ("[System]", "[User]", "[Assistant]")
+TOOLS_HEADER = "[Tools]"
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,14 @@ def require_chat_template(tokenizer: Any, name: str) -> None:
         )
 
 
-def draft_prompt_ids(tokenizer: Any, messages: list[Message], forced_prefix: str) -> list[int]:
+def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> str:
+    rendered, extra = template_messages(tokenizer, messages, tools)
+    return tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
+
+
+def draft_prompt_ids(tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]] = ()) -> list[int]:
     """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1)."""
-    text = tokenizer.apply_chat_template(
-        [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False
-    )
+    text = _chat_template(tokenizer, messages, tools)
     ids = tokenizer.encode(text + forced_prefix, add_special_tokens=False)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
@@ -45,31 +54,37 @@ def draft_prompt_ids(tokenizer: Any, messages: list[Message], forced_prefix: str
     return ids
 
 
-def plain_base_prompt(tokenizer: Any, messages: list[Message]) -> str:
-    """BOS + "\\n\\n[Role]\\ncontent" per message + "\\n\\n[Assistant]\\n" (DESIGN 3.3)."""
+def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
+    """BOS + "\\n\\n[Role]\\ncontent" per message + "\\n\\n[Assistant]\\n" (DESIGN 3.3); tools in a [Tools] block first."""
     parts = [tokenizer.bos_token or ""]
+    if tools:
+        parts.append(f"\n\n{TOOLS_HEADER}\n{tools_text(tools)}")
     for m in messages:
-        parts.append(f"\n\n{ROLE_HEADERS[m.role]}\n{m.content.strip()}")
+        parts.append(f"\n\n{ROLE_HEADERS[m.role]}\n{message_text(m)}")
     parts.append(f"\n\n{ROLE_HEADERS['assistant']}\n")
     return "".join(parts)
 
 
-def chat_base_prompt(tokenizer: Any, messages: list[Message]) -> str:
+def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
     """The base model's own chat template, for base models that have one (an explicit option)."""
-    text = tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False)
+    text = _chat_template(tokenizer, messages, tools)
     bos = tokenizer.bos_token
     if bos and not text.startswith(bos):
         text = bos + text
     return text
 
 
-def build_prompts(draft_tok: Any, base_tok: Any, messages: list[Message], base_template: str = "plain") -> Prompts:
+def build_prompts(
+    draft_tok: Any, base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()
+) -> Prompts:
     """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix."""
     context, prefix = split_forced_prefix(messages)
-    draft_ids = draft_prompt_ids(draft_tok, context, prefix)
+    draft_ids = draft_prompt_ids(draft_tok, context, prefix, tools)
     if base_template == "chat":
-        base_text, role_stops = chat_base_prompt(base_tok, context), ()
+        base_text, role_stops = chat_base_prompt(base_tok, context, tools), ()
     else:
-        base_text, role_stops = plain_base_prompt(base_tok, context), ROLE_STOPS
+        base_text = plain_base_prompt(base_tok, context, tools)
+        uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in context)
+        role_stops = ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ())
     base_ids = base_tok.encode(base_text, add_special_tokens=False)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops)

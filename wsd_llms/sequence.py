@@ -66,6 +66,7 @@ class Sequence:
     kept_draft: int = 0
     switch_point: int | None = None
     rollbacks: int = 0
+    constraint: str | None = None  # the grammar spec (structured.constraint_spec), or None
     cancelled: threading.Event = field(default_factory=threading.Event)
     draft_kv: KVCache | None = None
     base_kv: KVCache | None = None

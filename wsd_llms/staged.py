@@ -8,6 +8,7 @@ from .loading import LoadedModel
 from .model_runner import KVCache
 from .sampling import make_generator, sample, token_probs
 from .sequence import Forward, Phase, Program, Sequence
+from .structured import Guide, draft_guide
 from .switch import find_switch
 
 
@@ -20,19 +21,21 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     # 1-2. Draft until EOS or max_draft_tokens.
     seq.phase = Phase.DRAFTING
     seq.draft_kv = KVCache()
+    guide = draft_guide(seq, draft)
     logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
     generated: list[int] = []
     while len(generated) < params.max_draft_tokens:
-        token = sample(logits, params, draft_gen)
+        token = sample(guide.mask(logits), params, draft_gen)
         if token in draft.eos_ids:
             break
+        guide.accept(token)
         generated.append(token)
         if len(generated) < params.max_draft_tokens:
             logits = yield Forward("draft", seq.draft_kv, [token])
     seq.draft_tokens = len(generated)
     seq.draft_kv = None
 
-    # 3-5. Check the draft with one base pass and find the switch point.
+    # 3-5. Check the draft with one base pass (unconstrained) and find the switch point.
     handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), draft_text(draft.tokenizer, prompts.forced_prefix, generated))
     probs: list[float] = []
     if handoff.draft_ids:
@@ -40,13 +43,13 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         logits = yield Forward("base", scoring, handoff.prompt_ids + handoff.draft_ids, keep=len(handoff.draft_ids) + 1, phase="score")
         probs = token_probs(logits[:-1], handoff.draft_ids)
     switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold)
-    kept = handoff.draft_ids[: params.max_tokens if switch is None else switch + 1]
-    seq.switch_point = None if switch is None else switch + 1
-
-    # 6-7. Continue from a fresh prefill of prompt + kept draft.
-    keep_draft(seq, kept)
+    # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
+    # then continue from a fresh prefill of prompt + kept draft.
+    base_guide = Guide(base, seq.constraint)
+    kept = keep_draft(seq, handoff.draft_ids[: params.max_tokens if switch is None else switch + 1], base_guide)
+    seq.switch_point = None if switch is None else len(kept)
     if seq.reply.stopped or len(kept) >= params.max_tokens:
         return "stop" if seq.reply.stopped else "length"
     seq.base_kv = KVCache()
     logits = yield Forward("base", seq.base_kv, handoff.prompt_ids + kept, phase="base")
-    return (yield from continue_base(seq, base, seq.base_kv, logits, base_gen))
+    return (yield from continue_base(seq, base, seq.base_kv, logits, base_gen, base_guide))

@@ -1,0 +1,193 @@
+"""Grammar-constrained decoding on tiny random model pairs: validity, parity, rollback, parameters."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+
+from wsd_llms import InvalidMessagesError, InvalidParameterError
+from wsd_llms.messages import normalize_messages
+from wsd_llms.params import parse_params
+from wsd_llms.structured import Guide, constraint_spec
+from wsd_llms.tools import parse_reply
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["color", "ok", "n"],
+}
+TOOL = {"name": "pick", "description": "Pick a color", "parameters": SCHEMA}
+OPENAI_TOOL = {"type": "function", "function": {"name": "flag", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]}}}
+SMALL = {"name": "n", "parameters": {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}}
+QUESTIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count: one two three"}],
+    [{"role": "user", "content": "Hello there! Write a list."}],
+]
+SETTINGS = [{"switch_threshold": 0.05, "switch_window": 1}, {"switch_threshold": 0.5, "switch_window": 2}]
+
+
+def _both(runtime, messages, max_tokens=60, **params):
+    return [runtime.generate(messages, mode=mode, max_tokens=max_tokens, **params) for mode in ("staged", "online")]
+
+
+@pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
+def test_response_format_valid_and_online_equals_staged(fixture, request):
+    runtime = request.getfixturevalue(fixture)
+    for messages in QUESTIONS:
+        for settings in SETTINGS:
+            staged, online = _both(runtime, messages, response_format=SCHEMA, **settings)
+            assert online.text == staged.text and online.switch_point == staged.switch_point
+            assert online.parse_error is None, online.text
+            assert set(online.parsed) == {"color", "ok", "n"}
+
+
+@pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
+def test_forced_tool_call_online_equals_staged(fixture, request):
+    runtime = request.getfixturevalue(fixture)
+    for messages in QUESTIONS:
+        staged, online = _both(runtime, messages, tools=[SMALL, OPENAI_TOOL], tool_choice="required", max_tokens=120, **SETTINGS[1])
+        assert online.text == staged.text
+        assert len(online.tool_calls) == 1 and not online.invalid_tool_calls, online.text
+        named = runtime.generate(messages, tools=[SMALL, OPENAI_TOOL], tool_choice="flag", max_tokens=120)
+        assert [c.name for c in named.tool_calls] == ["flag"] and isinstance(named.tool_calls[0].arguments["on"], bool)
+
+
+def test_no_holdback_constrained_parity(differ_runtime, monkeypatch):
+    """With no hold-back and scoring after every token, constrained replies still equal staged ones.
+
+    (These random pairs rarely re-tokenize inside JSON; the matcher-level rollback property is
+    checked directly by the next test.)"""
+    import wsd_llms.online
+
+    monkeypatch.setattr(wsd_llms.online, "HOLDBACK_TOKENS", 0)
+    monkeypatch.setattr(wsd_llms.online, "MAX_SCORE_INTERVAL", 1)
+    monkeypatch.setattr(wsd_llms.online, "MIN_SCORE_INTERVAL", 1)
+    text_schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    for messages in QUESTIONS:
+        for threshold in (0.9, 0.99):
+            staged, online = _both(differ_runtime, messages, response_format=text_schema, switch_threshold=threshold, switch_window=6)
+            assert online.text == staged.text and online.switch_point == staged.switch_point
+
+
+
+def test_matcher_state_after_rollback_equals_state_without(differ_runtime):
+    """Guide.sync over ids A then B (a rollback) leaves the same matcher state as B alone."""
+    engine = differ_runtime.load()
+    spec = constraint_spec(parse_params(response_format={"type": "json_object"}))
+    tok = engine.base.tokenizer
+    a = tok.encode('{"key":"valueone","other":1', add_special_tokens=False)
+    b = tok.encode('{"key":"val","x":[true', add_special_tokens=False)
+    rolled, fresh = Guide(engine.base, spec), Guide(engine.base, spec)
+    assert rolled.sync(a) == len(a)
+    assert rolled.sync(b) == fresh.sync(b) == len(b)
+    assert rolled.ids == fresh.ids
+    for guide in (rolled, fresh):
+        guide.matcher.fill_next_token_bitmask(guide.bitmask)
+    assert bool((rolled.bitmask == fresh.bitmask).all())
+    assert rolled.matcher.is_terminated() == fresh.matcher.is_terminated()
+    # A rejected id cuts there, and a later call over an accepted list recovers fully.
+    bad = tok.encode('{"key"}}', add_special_tokens=False)
+    assert rolled.sync(bad) < len(bad)
+    assert rolled.sync(b) == len(b)
+
+
+def test_missing_extra_names_it(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_xgrammar(name, *args, **kwargs):
+        if name == "xgrammar" or name.startswith("xgrammar."):
+            raise ImportError("No module named 'xgrammar'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_xgrammar)
+    with pytest.raises(ImportError, match=r"pip install 'wsd-llms\[structured\]'"):
+        parse_params(response_format={"type": "json_object"})
+    with pytest.raises(ImportError, match="structured"):
+        parse_params(tools=[TOOL])
+    parse_params(tools=[TOOL], tool_choice="none")  # no grammar, no xgrammar needed
+
+
+@pytest.mark.parametrize(
+    "params,needle",
+    [
+        ({"tools": [TOOL], "tool_choice": "nope"}, "tool_choice='nope'"),
+        ({"tools": [TOOL], "tool_choice": "nope"}, "known tools: pick"),
+        ({"tools": [{"description": "x"}]}, "tools[0] needs a 'name'"),
+        ({"tools": [TOOL, TOOL]}, "tool names must be unique"),
+        ({"tools": "pick"}, "tools must be a list"),
+        ({"tools": [{"name": "a", "parameters": {"type": "string"}}]}, "of type 'object'"),
+        ({"tools": [TOOL], "response_format": SCHEMA}, "either response_format or tools"),
+        ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
+    ],
+)
+def test_bad_structured_params(params, needle):
+    with pytest.raises(InvalidParameterError) as err:
+        parse_params(**params)
+    assert needle in str(err.value)
+
+
+def test_param_forms():
+    from pydantic import BaseModel
+
+    class Point(BaseModel):
+        x: int
+
+    assert parse_params(response_format=Point).response_format["properties"]["x"]["type"] == "integer"
+    assert parse_params(response_format={"type": "json_object"}).response_format == {"type": "object"}
+    p = parse_params(tools=[OPENAI_TOOL], tool_choice={"type": "function", "function": {"name": "flag"}})
+    assert p.tools[0]["name"] == "flag" and p.tool_choice == "flag"
+    assert parse_params(tools=[TOOL], tool_choice="any").tool_choice == "required"
+
+
+def test_parse_reply_reports_invalid_calls():
+    text = (
+        'Sure.\n<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "pick", "arguments": {"color": "pink", "ok": true, "n": 2}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "pick", "argu'
+    )
+    content, calls, invalid = parse_reply(text, [TOOL])
+    assert content == "Sure."
+    assert [c.arguments["color"] for c in calls] == ["red"]
+    assert [i.name for i in invalid] == ["pick", "nope", None]
+    assert "does not match" in invalid[0].error and "unknown tool 'nope'" in invalid[1].error
+    assert invalid[2].raw.endswith('"argu')
+
+
+def test_tool_messages():
+    msgs = normalize_messages(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "pick", "arguments": '{"n": 1}'}}]},
+            {"role": "tool", "content": "done", "tool_call_id": "c1"},
+        ]
+    )
+    assert msgs[1].tool_calls[0].arguments == {"n": 1} and msgs[2].tool_call_id == "c1"
+    for bad, needle in [
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], "needs a 'tool_call_id'"),
+        ([{"role": "user", "content": "x", "tool_calls": [{"name": "a"}]}], "only assistant messages"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "a", "arguments": "{"}}]}], "not valid JSON"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "needs a 'name'"),
+    ]:
+        with pytest.raises(InvalidMessagesError, match=needle):
+            normalize_messages(bad)
+
+
+def test_tools_render_into_both_prompts(differ_runtime):
+    from wsd_llms.prompts import build_prompts
+
+    engine = differ_runtime.load()
+    msgs = normalize_messages(
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "pick", "arguments": {"n": 1}}]},
+            {"role": "tool", "content": "done", "tool_call_id": "c1"},
+        ]
+    )
+    prompts = build_prompts(engine.draft.tokenizer, engine.base.tokenizer, msgs, "plain", [TOOL])
+    draft = engine.draft.tokenizer.decode(prompts.draft_ids)
+    call = '<tool_call>\n{"name": "pick", "arguments": {"n": 1}}\n</tool_call>'
+    for text in (draft, prompts.base_text):
+        assert '"name": "pick"' in text and call in text and "<tool_response>\ndone\n</tool_response>" in text
+    assert "[Tools]" in prompts.base_text and "[Tool]" in prompts.role_stops

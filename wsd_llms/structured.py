@@ -1,0 +1,192 @@
+"""Grammar-constrained decoding with xgrammar (the optional extra `structured`).
+
+A request's constraint is one xgrammar structural tag (a JSON string, built by `constraint_spec`),
+compiled once per (tokenizer, spec). Each model gets its own `Guide`: a matcher over its own
+tokenizer that masks the logits a program receives and follows the tokens it chooses.
+
+The base model's guide is fed only the reply's kept draft ids (`Guide.sync`, which rolls back to
+the common prefix first) and then its own continuation, so its state depends on the kept ids
+alone: a rollback of the online scorer cannot leave it out of step. If the base matcher rejects
+a kept id (the draft text re-tokenized into base ids the grammar does not accept), the kept draft
+is cut before that id, in both engines alike.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from .loading import LoadedModel
+from .params import GenerationParams
+
+EXTRA_HINT = "pip install 'wsd-llms[structured]'"
+# Whitespace allowed between JSON elements: one, so a small model cannot loop on blank space.
+MAX_JSON_WHITESPACE = 1
+
+
+def require_xgrammar() -> Any:
+    """The xgrammar module, or an ImportError that names the extra to install."""
+    try:
+        import xgrammar
+    except ImportError as exc:
+        raise ImportError(
+            f"tools and response_format need grammar-constrained decoding, which needs xgrammar: {EXTRA_HINT}"
+        ) from exc
+    return xgrammar
+
+
+def json_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """A structural-tag format that matches one JSON value of `schema`."""
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+
+
+def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
+    """Why `value` does not fit `schema` (checked by xgrammar's grammar for the schema), or None."""
+    xgr = require_xgrammar()
+    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, any_order=True)
+    text = json.dumps(value, ensure_ascii=False)
+    if xgr.testing._is_grammar_accept_string(grammar, text):
+        return None
+    return f"{text} does not match the JSON schema"
+
+
+def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
+    """The reply as a JSON value and why it does not validate against `schema` (None if it does)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"the reply is not valid JSON: {exc}"
+    return value, schema_error(value, schema)
+
+
+def structured_fields(text: str, params: GenerationParams) -> dict[str, Any]:
+    """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value."""
+    if params.response_format is not None:
+        parsed, error = parse_json(text, params.response_format)
+        return {"content": text, "parsed": parsed, "parse_error": error}
+    if params.tools:
+        from .tools import parse_reply
+
+        content, calls, invalid = parse_reply(text, params.tools)
+        return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
+    return {"content": text}
+
+
+def constraint_spec(params: GenerationParams) -> str | None:
+    """The request's constraint as a structural-tag JSON string, or None when it has none."""
+    from .tools import tool_call_format  # tools imports this module
+
+    if params.response_format is not None:
+        fmt = json_format(params.response_format)
+    elif params.tools and params.tool_choice != "none":
+        fmt = tool_call_format(params)
+    else:
+        return None
+    return json.dumps({"type": "structural_tag", "format": fmt})  # key order is the schema's property order
+
+
+class _Compiled:
+    """Per tokenizer: its xgrammar compiler and the grammars compiled for it, by spec."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        xgr = require_xgrammar()
+        vocab_size = int(getattr(model.model.config, "vocab_size", 0) or len(model.tokenizer))
+        info = xgr.TokenizerInfo.from_huggingface(
+            model.tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(model.eos_ids)
+        )
+        self.vocab_size = vocab_size
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.grammars: dict[str, Any] = {}
+
+
+_cache: weakref.WeakKeyDictionary[Any, _Compiled] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
+    """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width."""
+    with _lock:
+        entry = _cache.get(model.tokenizer)
+        if entry is None:
+            entry = _cache[model.tokenizer] = _Compiled(model)
+        grammar = entry.grammars.get(spec)
+        if grammar is None:
+            grammar = entry.grammars[spec] = entry.compiler.compile_structural_tag(spec)
+        return grammar, entry.vocab_size
+
+
+class Guide:
+    """One model's grammar state for one request; with no spec it lets every token through."""
+
+    def __init__(self, model: LoadedModel, spec: str | None) -> None:
+        self.ids: list[int] = []  # tokens the matcher has accepted, in order
+        self.matcher: Any = None
+        if spec is not None:
+            xgr = require_xgrammar()
+            grammar, vocab_size = compiled_grammar(model, spec)
+            self._xgr = xgr
+            self.matcher = xgr.GrammarMatcher(grammar)
+            self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    @property
+    def active(self) -> bool:
+        return self.matcher is not None
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of `logits` [V] with every token the grammar forbids next set to -inf."""
+        if self.matcher is None:
+            return logits
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        masked = logits.float().cpu().clone()[None]
+        self._xgr.apply_token_bitmask_inplace(masked, self.bitmask)
+        return masked[0].to(logits.device)
+
+    def accept(self, token: int) -> None:
+        """Follow a token chosen under `mask` (a rejection here is a bug, so it raises)."""
+        if self.matcher is None:
+            return
+        if not self.matcher.accept_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}, which its own mask allowed")
+        self.ids.append(token)
+
+    def accept_text(self, text: str) -> bool:
+        """Feed text that is not in tokens (a forced prefix); False if the grammar rejects it."""
+        return self.matcher is None or not text or bool(self.matcher.accept_string(text))
+
+    def sync(self, ids: list[int]) -> int:
+        """Make the matcher's tokens the longest accepted prefix of `ids`; returns its length.
+
+        Rolls back to the common prefix with what it holds, then accepts the rest up to the first
+        id the grammar rejects. The result depends on `ids` alone, never on earlier calls.
+        """
+        if self.matcher is None:
+            return len(ids)
+        common = 0
+        while common < min(len(ids), len(self.ids)) and ids[common] == self.ids[common]:
+            common += 1
+        if common < len(self.ids):
+            self.matcher.rollback(len(self.ids) - common)
+            del self.ids[common:]
+        for token in ids[common:]:
+            if not self.matcher.accept_token(token):
+                break
+            self.ids.append(token)
+        return len(self.ids)
+
+
+def forced_prefix_error(prefix: str) -> str:
+    return f"the reply's forced start (the trailing assistant message) {prefix!r} does not fit the request's grammar"
+
+
+def draft_guide(seq: Any, draft: LoadedModel) -> Guide:
+    """The draft model's guide for a sequence, past the reply's forced start."""
+    from .errors import InvalidParameterError
+
+    guide = Guide(draft, seq.constraint)
+    if not guide.accept_text(seq.prompts.forced_prefix):
+        raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
+    return guide

@@ -1,0 +1,162 @@
+"""Tool calling: tool schemas, their rendering into both prompts, the call grammar, and call parsing.
+
+One text format for a call, used by both models, the grammar, the history and the parser:
+
+    <tool_call>
+    {"name": "<tool name>", "arguments": {<arguments as a JSON object>}}
+    </tool_call>
+
+Several calls (parallel_tool_calls=True) are separated by one newline. `tool_choice`: "auto"
+allows plain text or calls from the reply's first character on (text may not start with "<");
+"required" (or "any") forces at least one call; a tool name forces one call of that tool; "none"
+leaves the reply unconstrained and the tools out of the prompts.
+
+The draft model sees the tools through its chat template's `tools=` when the template uses
+them, otherwise as a system message (`TOOLS_SYSTEM` followed by one JSON schema per line,
+appended to the conversation's own system message if it has one). The base model sees a
+`[Tools]` block of the same text at the top of its plain prompt. Tool results (role "tool")
+render as `<tool_response>` blocks: a user turn for the draft template without tool support,
+a `[Tool]` turn in the plain template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .messages import Message, ToolCall
+from .structured import json_format, schema_error
+
+CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = "<tool_call>\n", "\n</tool_call>", "\n"
+TOOLS_SYSTEM = (
+    "You can call tools. To call one, reply with exactly\n"
+    '<tool_call>\n{"name": "<tool name>", "arguments": {<arguments as JSON>}}\n</tool_call>\n'
+    "The tools, as JSON schemas:"
+)
+_CALL_RE = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class InvalidToolCall:
+    """A call the reply wrote that does not parse or does not fit its tool's schema."""
+
+    raw: str
+    error: str
+    name: str | None = None
+    id: str = ""
+
+
+def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
+    """Tools as {name, description, parameters}; OpenAI's {"type": "function", "function": {...}} accepted."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of tool schemas, got {type(tools).__name__}")
+    out: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ValueError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
+        body = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
+            raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")
+        params = body.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, Mapping) or params.get("type", "object") != "object":
+            raise ValueError(f"tools[{i}] ({body['name']}) parameters must be a JSON schema of type 'object'")
+        out.append({"name": body["name"], "description": str(body.get("description") or ""), "parameters": dict(params)})
+    names = [t["name"] for t in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"tool names must be unique, got {names}")
+    return tuple(out)
+
+
+def tool_call_format(params: Any) -> dict[str, Any]:
+    """The structural-tag format of the reply for these tools and this tool_choice."""
+    chosen = [t for t in params.tools if params.tool_choice in ("auto", "required", t["name"])]
+    tags = [
+        {
+            "type": "tag",
+            "begin": f'{CALL_OPEN}{{"name": {json.dumps(t["name"])}, "arguments": ',
+            "content": json_format(t["parameters"]),
+            "end": "}" + CALL_CLOSE,
+        }
+        for t in chosen
+    ]
+    calls = {
+        "type": "tags_with_separator",
+        "tags": tags,
+        "separator": CALL_SEPARATOR,
+        "at_least_one": True,
+        "stop_after_first": not params.parallel_tool_calls,
+    }
+    if params.tool_choice != "auto":
+        return calls
+    return {"type": "or", "elements": [calls, {"type": "regex", "pattern": r"[^<\s][\s\S]*"}]}
+
+
+def render_call(call: ToolCall) -> str:
+    return f"{CALL_OPEN}{json.dumps({'name': call.name, 'arguments': call.arguments}, ensure_ascii=False)}{CALL_CLOSE}"
+
+
+def tools_text(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The documented description of the tools shown to a model without template support."""
+    return "\n".join([TOOLS_SYSTEM, *(json.dumps(dict(t), ensure_ascii=False) for t in tools)])
+
+
+def message_text(m: Message) -> str:
+    """A message's content in plain text: tool calls as call blocks, a tool result as a response block."""
+    if m.role == "tool":
+        return f"<tool_response>\n{m.content.strip()}\n</tool_response>"
+    return "\n".join([p for p in [m.content.strip(), *(render_call(c) for c in m.tool_calls)] if p])
+
+
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders a `tools` argument."""
+    return "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+
+
+def template_messages(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> tuple[list[dict], dict]:
+    """Messages and extra keyword arguments for this tokenizer's chat template."""
+    if supports_tools(tokenizer):
+        extra = {"tools": [{"type": "function", "function": dict(t)} for t in tools]} if tools else {}
+        return [m.as_dict() for m in messages], extra
+    out = [
+        m.as_dict() if m.role != "tool" and not m.tool_calls else {"role": "user" if m.role == "tool" else m.role, "content": message_text(m)}
+        for m in messages
+    ]
+    if tools:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
+        else:
+            out.insert(0, {"role": "system", "content": tools_text(tools)})
+    return out, {}
+
+
+def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """Split a reply into its text and its tool calls; calls that do not validate are reported, not dropped."""
+    by_name = {t["name"]: t for t in tools}
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for match in _CALL_RE.finditer(text):
+        raw, call_id = match.group(0), f"call_{uuid.uuid4().hex[:24]}"
+        name: str | None = None
+        try:
+            if not match.group(2):
+                raise ValueError("the call is not closed with </tool_call> (the reply ended first)")
+            body = json.loads(match.group(1))
+            if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+                raise ValueError('a call must be {"name": ..., "arguments": {...}}')
+            name, arguments = body["name"], body.get("arguments", {})
+            if name not in by_name:
+                raise ValueError(f"unknown tool {name!r}; known: {', '.join(by_name) or 'none'}")
+            if not isinstance(arguments, dict):
+                raise ValueError(f"arguments must be a JSON object, got {arguments!r}")
+            error = schema_error(arguments, by_name[name]["parameters"])
+            if error:
+                raise ValueError(error)
+            calls.append(ToolCall(call_id, name, arguments))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
+    content = _CALL_RE.sub("", text).strip() if (calls or invalid) else text
+    return content, calls, invalid
