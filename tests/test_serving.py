@@ -245,17 +245,20 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
 
 def test_close_ends_in_flight_work(fresh):
     rt = fresh()
-    errors = []
+    params = dict(max_tokens=300, switch_threshold=1.0, mode="draft")
+    assert rt.generate(_msgs(QUESTIONS[1]), **params).finish_reason == "length"  # a reply that runs long
+    errors, first = [], threading.Event()
 
     def long_request():
         try:
-            rt.generate(_msgs(QUESTIONS[1]), max_tokens=400, switch_threshold=1.0)
+            for _ in rt.stream(_msgs(QUESTIONS[1]), **params):
+                first.set()
         except RuntimeClosedError as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    time.sleep(0.3)
+    assert first.wait(timeout=30)
     rt.close()
     thread.join(timeout=10)
     assert not thread.is_alive() and len(errors) == 1

@@ -26,6 +26,12 @@ MIN_SCORE_INTERVAL = 8
 MAX_SCORE_INTERVAL = 32
 
 
+# The first draft tokens are always kept (no switch can come before the window is full), so their
+# text streams before the base model sees them, from the tokenization with no hold-back. A margin
+# of two tokens below the window keeps that text inside what the final tokenization keeps.
+EARLY_MARGIN = 2
+
+
 def next_score_at(scored: int) -> int:
     return scored + min(max(scored, MIN_SCORE_INTERVAL), MAX_SCORE_INTERVAL)
 
@@ -134,6 +140,13 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text)
         else:
             handoff = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, HOLDBACK_TOKENS)
+        early = min(params.switch_window - EARLY_MARGIN, params.max_tokens)
+        if not done and len(seq.reply.ids) < early:  # stream the first words at once
+            eager = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, holdback=0)
+            if eager is not None and len(eager.draft_ids) > len(seq.reply.ids):
+                keep_draft(seq, eager.draft_ids[:early], base_guide)
+                if seq.reply.stopped:
+                    return "stop"
         if handoff is not None:
             stable = handoff.draft_ids[: params.max_tokens]
             handoff = Handoff(handoff.prompt_ids, stable)
