@@ -6,6 +6,7 @@ that records what reaches it, so they cost nothing.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -13,6 +14,9 @@ from typing import Any
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+from typing_extensions import TypedDict
 
 from langchain_wsd import WSDChatModel
 from langchain_wsd.chat_models import to_runtime_messages
@@ -26,6 +30,8 @@ from wsd_llms import (
     WSDResult,
     WSDRuntime,
 )
+from wsd_llms.messages import ToolCall
+from wsd_llms.tools import InvalidToolCall
 from wsd_llms.integration import result_metadata, usage_counts
 
 QUESTION = "What is the capital of France?"
@@ -176,21 +182,26 @@ def test_names_repeated_roles_and_a_system_message_in_the_middle(embedded):
 # ---------------------------------------------------------------- on a fake runtime
 
 
+def fake_result(text: str = "Hi there", **fields: Any) -> WSDResult:
+    return WSDResult(
+        text, "stop", 1, text[:2], Usage(5, 4, 1, 1, 1, 2), Timings(0.1, 0.1, 0.1, 0.1, 0.4), "fake-draft", "fake-base", "online", **fields
+    )
+
+
 class FakeRuntime:
-    """Records each request and answers "Hi there" (draft "Hi", base " there")."""
+    """Records each request and answers `reply` (by default "Hi there": draft "Hi", base " there")."""
 
     base_source = "fake-base"
     draft_source = "fake-draft"
 
     def __init__(self) -> None:
         self.requests: list[tuple[list[dict[str, str]], dict[str, Any]]] = []
+        self.reply = fake_result()
 
     def _events(self, messages: list[dict[str, str]], params: dict[str, Any]) -> list[TextDelta | FinalEvent]:
         self.requests.append((messages, params))
-        result = WSDResult(
-            "Hi there", "stop", 1, "Hi", Usage(5, 4, 1, 1, 1, 2), Timings(0.1, 0.1, 0.1, 0.1, 0.4), "fake-draft", "fake-base", "online"
-        )
-        return [TextDelta("Hi", "draft"), TextDelta(" there", "base"), FinalEvent(result)]
+        text = self.reply.text
+        return [TextDelta(text[:2], "draft"), TextDelta(text[2:], "base"), FinalEvent(self.reply)]
 
     def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[TextDelta | FinalEvent]:
         yield from self._events(messages, params)
@@ -305,14 +316,194 @@ def test_message_conversion():
     ]
 
 
+def test_unsupported_role_gets_a_clear_error():
+    with pytest.raises(InvalidMessagesError, match="role 'critic'"):
+        to_runtime_messages([HumanMessage("hi"), ChatMessage(role="critic", content="x")])
+
+
+def test_tool_history_conversion():
+    call = {"name": "add", "args": {"a": 1}, "id": "call-1", "type": "tool_call"}
+    messages = [
+        HumanMessage("1+2?"),
+        AIMessage([{"type": "text", "text": "let me add"}, {"type": "tool_use", "id": "call-1", "name": "add", "input": {"a": 1}}], tool_calls=[call]),
+        ToolMessage("3", tool_call_id="call-1", status="error"),
+    ]
+    assert to_runtime_messages(messages)[1:] == [
+        {"role": "assistant", "content": "let me add", "tool_calls": [{"id": "call-1", "name": "add", "arguments": {"a": 1}}]},
+        {"role": "tool", "content": "3", "tool_call_id": "call-1"},
+    ]
+
+
+# ---------------------------------------------------------------- tools and structured output
+
+
+class Add(BaseModel):
+    """Add two integers."""
+
+    a: int
+    b: int
+
+
+def multiply(x: int, y: int) -> int:
+    """Multiply two integers."""
+    return x * y
+
+
+@tool
+def lookup(key: str) -> str:
+    """Look a key up."""
+    return key
+
+
+ADD_DICT = {"type": "function", "function": {"name": "add_dict", "description": "Add.", "parameters": Add.model_json_schema()}}
+CALL = ToolCall("call_1", "Add", {"a": 1, "b": 2})
+CALL_TEXT = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(("tools", "names"), [([Add], ["Add"]), ([multiply, lookup, ADD_DICT], ["multiply", "lookup", "add_dict"])])
+def test_bind_tools_accepts_every_tool_form(fake, tools, names):
+    WSDChatModel().bind_tools(tools).invoke("x")
+    params = fake.requests[-1][1]
+    assert [t["function"]["name"] for t in params["tools"]] == names
+    assert params["tools"][0]["function"]["parameters"]["properties"]
+    assert params["tool_choice"] == "auto" and "parallel_tool_calls" in params
+
+
 @pytest.mark.parametrize(
-    ("message", "match"),
+    ("choice", "expected"),
     [
-        (ToolMessage("42", tool_call_id="call-1"), "tool messages need tool-calling support"),
-        (AIMessage("", tool_calls=[{"name": "add", "args": {}, "id": "call-1"}]), "tool calls needs tool-calling support"),
-        (ChatMessage(role="critic", content="x"), "role 'critic'"),
+        (None, "auto"),
+        ("auto", "auto"),
+        ("any", "required"),
+        ("required", "required"),
+        (True, "required"),
+        ("none", "none"),
+        ("lookup", "lookup"),
+        ({"type": "function", "function": {"name": "lookup"}}, "lookup"),
     ],
 )
-def test_unsupported_messages_get_a_clear_error(message, match):
-    with pytest.raises(InvalidMessagesError, match=match):
-        to_runtime_messages([HumanMessage("hi"), message])
+def test_tool_choice_forms(fake, choice, expected):
+    WSDChatModel().bind_tools([Add, lookup], tool_choice=choice, parallel_tool_calls=True).invoke("x")
+    params = fake.requests[-1][1]
+    assert (params["tool_choice"], params["parallel_tool_calls"]) == (expected, True)
+
+
+@pytest.mark.parametrize("choice", ["unknown_tool", {"type": "function", "function": {"name": "nope"}}, False])
+def test_unknown_tool_choice_is_an_error(choice):
+    with pytest.raises(InvalidParameterError, match="bound tools: Add, lookup"):
+        WSDChatModel().bind_tools([Add, lookup], tool_choice=choice)
+
+
+def _aggregate(chunks: list[AIMessageChunk]) -> AIMessageChunk:
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full += chunk
+    return full
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        fake_result(CALL_TEXT, content="", tool_calls=(CALL,)),
+        fake_result(f"Sure.\n{CALL_TEXT}", content="Sure.", tool_calls=(CALL,)),
+        fake_result("<tool_call>\n{\"name\": \"Add\", \"arg", content="", invalid_tool_calls=(InvalidToolCall("<tool_call>\n{\"name\": \"Add\", \"arg", "not closed", None, "call_2"),)),
+        fake_result("No call needed.", content="No call needed."),
+    ],
+)
+def test_tool_calls_stream_and_invoke_agree(fake, reply):
+    fake.reply = reply
+    model = WSDChatModel().bind_tools([Add], tool_choice="auto")
+    chunks = list(model.stream("x"))
+    invoked = model.invoke("x")
+    full = _aggregate(chunks)
+    assert all("<tool_call>" not in c.text for c in chunks)
+    assert full.content == invoked.content == reply.content
+    assert full.tool_calls == invoked.tool_calls == [{"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in reply.tool_calls]
+    assert [c["id"] for c in full.invalid_tool_calls] == [c["id"] for c in invoked.invalid_tool_calls] == [c.id for c in reply.invalid_tool_calls]
+    assert [c["error"] for c in invoked.invalid_tool_calls] == [c.error for c in reply.invalid_tool_calls]
+    if reply.tool_calls:
+        assert chunks[-1].tool_call_chunks == [{"name": "Add", "args": json.dumps(CALL.arguments), "id": "call_1", "index": 0, "type": "tool_call_chunk"}]
+
+
+def test_text_replays_with_its_sources_when_tools_are_bound(fake):
+    chunks = list(WSDChatModel().bind_tools([Add], tool_choice="none").stream("x"))
+    assert [c.text for c in chunks] == ["Hi", " there", ""]
+    assert [c.response_metadata.get("wsd_source") for c in chunks[:2]] == [["draft"], ["base"]]
+
+
+class Joke(BaseModel):
+    """A joke."""
+
+    setup: str = Field(description="the question")
+    punchline: str
+
+
+class JokeDict(TypedDict):
+    """A joke."""
+
+    setup: str
+    punchline: str
+
+
+JOKE = {"setup": "Why?", "punchline": "Because."}
+
+
+@pytest.mark.parametrize("schema", [Joke, JokeDict, Joke.model_json_schema()])
+@pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
+def test_structured_output_each_schema_and_method(fake, schema, method):
+    if method == "function_calling":
+        name = "Joke" if schema is not JokeDict else "JokeDict"
+        fake.reply = fake_result("<tool_call>...", content="", tool_calls=(ToolCall("call_1", name, JOKE),))
+    else:
+        fake.reply = fake_result(json.dumps(JOKE))
+    parsed = WSDChatModel().with_structured_output(schema, method=method).invoke("joke")
+    assert parsed == (Joke(**JOKE) if schema is Joke else JOKE)
+    params = fake.requests[-1][1]
+    if method == "json_schema":
+        assert params["response_format"]["properties"].keys() == {"setup", "punchline"}
+    elif method == "json_mode":
+        assert params["response_format"] == {"type": "json_object"}
+    else:
+        assert params["tool_choice"] == "required" and len(params["tools"]) == 1
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_structured_output_include_raw(fake, method):
+    fake.reply = fake_result('{"setup": "Why?"}', content="", tool_calls=(ToolCall("call_1", "Joke", {"setup": "Why?"}),)) if method == "function_calling" else fake_result('{"setup": "Why?"}')
+    out = WSDChatModel().with_structured_output(Joke, method=method, include_raw=True).invoke("joke")
+    assert isinstance(out["raw"], AIMessage) and out["parsed"] is None and out["parsing_error"] is not None
+    fake.reply = fake_result(json.dumps(JOKE), content="", tool_calls=(ToolCall("call_1", "Joke", JOKE),)) if method == "function_calling" else fake_result(json.dumps(JOKE))
+    out = WSDChatModel().with_structured_output(Joke, method=method, include_raw=True).invoke("joke")
+    assert out["parsed"] == Joke(**JOKE) and out["parsing_error"] is None
+
+
+def test_structured_output_bad_arguments():
+    with pytest.raises(ValueError, match="method="):
+        WSDChatModel().with_structured_output(Joke, method="xml")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unsupported arguments"):
+        WSDChatModel().with_structured_output(Joke, colour="red")
+
+
+# ---------------------------------------------------------------- tools on the embedded models
+
+
+@pytest.mark.embedded
+def test_embedded_forced_tool_call_stream_matches_invoke_and_history_runs(embedded):
+    model = WSDChatModel(max_tokens=48).bind_tools([Add], tool_choice="Add")
+    question = HumanMessage("What is 17 plus 25?")
+    invoked = model.invoke([question])
+    full = _aggregate(list(model.stream([question])))
+    assert invoked.content == full.content == ""
+    assert len(invoked.tool_calls) == 1 and invoked.invalid_tool_calls == []
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [(c["name"], c["args"]) for c in invoked.tool_calls]
+    call = invoked.tool_calls[0]
+    answer = WSDChatModel(max_tokens=12).bind_tools([Add], tool_choice="none").invoke(
+        [question, invoked, ToolMessage(str(call["args"]["a"] + call["args"]["b"]), tool_call_id=call["id"])]
+    )
+    assert answer.text.strip() and not answer.tool_calls
+
+
+@pytest.mark.embedded
+def test_embedded_structured_output(embedded):
+    joke = WSDChatModel(max_tokens=48).with_structured_output(Joke).invoke("Tell me a joke about cats.")
+    assert isinstance(joke, Joke)

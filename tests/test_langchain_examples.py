@@ -25,3 +25,19 @@ def test_rag_example_streams_an_answer():
     assert "Sources: buses.md" in proc.stdout
     answer = proc.stdout.split("Answer: ", 1)[1]
     assert answer.strip(), proc.stdout
+
+
+@pytest.mark.embedded
+def test_agent_example_calls_both_tools():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "langchain_agent.py"), "--max-tokens", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Tool call [lookup]" in proc.stdout and "Tool call [calculator]" in proc.stdout, proc.stdout
+    assert "Tool result [calculator]" in proc.stdout and "Tool result [lookup]" in proc.stdout, proc.stdout
+    # Not asserted yet: a non-empty final answer. With no tools bound the embedded draft still starts the
+    # last turn with call markup, which the "<tool_call>" stop cuts to an empty answer (open, see report).

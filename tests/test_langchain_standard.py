@@ -18,19 +18,22 @@ class _WSDFlags:
     def chat_model_class(self) -> type[WSDChatModel]:
         return WSDChatModel
 
-    # Tool calling and structured output need constrained decoding (issue 4), not implemented yet.
+    # Tool calling and structured output run on the runtime's constrained decoding.
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
 
     @property
     def has_tool_choice(self) -> bool:
-        return False
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
 
+    # JSON mode only constrains the reply to *some* JSON object; the suite then expects the keys its
+    # prompt asks for, which the embedded 135M draft does not write (it nests {"setup": {"setup": ...}}
+    # until max_tokens). Schema-constrained output (json_schema, function_calling) passes.
     @property
     def supports_json_mode(self) -> bool:
         return False
@@ -74,3 +77,21 @@ class TestWSDChatModelIntegration(_WSDFlags, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"max_tokens": 24, "max_draft_tokens": 32}
+
+    # OFF for now (time budget, not capability): on a shared 2-core CPU each constrained tool-call /
+    # structured-output test took 1-2 minutes (the first 6 tool/structured tests passed in 10.8 minutes),
+    # far over this file's budget. Tool calls and structured output on the embedded pair are covered by
+    # tests/test_langchain_chat_model.py. To turn on: remove these four overrides and use
+    # {"max_tokens": 48, "max_draft_tokens": 32, "tool_choice": "required"} above (with "auto" the pair
+    # answers test_agent_loop's weather question in prose instead of calling get_weather).
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False

@@ -24,3 +24,13 @@ def test_rag_example_answers_from_its_documents() -> None:
     # The mascot's name is made up and written only in examples/data/llamaindex_docs/quillmere_festival.md.
     assert "Biscuit" in query_part.split("[streaming query engine]")[1], proc.stdout
     assert "Biscuit" in chat_part, proc.stdout
+
+
+@pytest.mark.embedded
+def test_agent_example_calls_its_tools() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "llamaindex_agent.py")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[tool] add(" in proc.stdout and "[tool] multiply(" in proc.stdout, proc.stdout

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from llama_index.core.base.llms.types import AudioBlock, ChatMessage, ImageBlock, TextBlock
-from llama_index.core.tools import FunctionTool
 
 import wsd_llms
 from llama_index.llms.wsd import WSDLLM
@@ -160,14 +159,3 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
     with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
         await llm.astream_chat([message])
     assert recorder.calls == []
-
-
-def test_tool_calling_says_it_needs_constrained_decoding(recorded: tuple[WSDLLM, Recorder]) -> None:
-    llm, recorder = recorded
-    tool = FunctionTool.from_defaults(lambda a, b: a + b, name="add", description="Add two numbers.")
-    with pytest.raises(NotImplementedError, match="constrained decoding"):
-        llm.chat_with_tools([tool], user_msg="Add 1 and 2.")
-    with pytest.raises(NotImplementedError, match="constrained decoding"):
-        llm.get_tool_calls_from_response(llm.chat(MESSAGES))
-    with pytest.raises(wsd_llms.InvalidMessagesError, match="'tool'"):
-        llm.chat([*MESSAGES, ChatMessage(role="tool", content="3")])

@@ -191,3 +191,13 @@ def test_tools_render_into_both_prompts(differ_runtime):
     for text in (draft, prompts.base_text):
         assert '"name": "pick"' in text and call in text and "<tool_response>\ndone\n</tool_response>" in text
     assert "[Tools]" in prompts.base_text and "[Tool]" in prompts.role_stops
+
+
+def test_tool_choice_none_reports_no_calls():
+    from wsd_llms.params import parse_params
+    from wsd_llms.structured import structured_fields
+
+    tool = {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
+    assert structured_fields(text, parse_params(tools=[tool], tool_choice="none")) == {"content": text}
+    assert len(structured_fields(text, parse_params(tools=[tool], tool_choice="auto"))["tool_calls"]) == 1

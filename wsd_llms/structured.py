@@ -68,7 +68,7 @@ def structured_fields(text: str, params: GenerationParams) -> dict[str, Any]:
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
         return {"content": text, "parsed": parsed, "parse_error": error}
-    if params.tools:
+    if params.tools and params.tool_choice != "none":  # "none": no calls, whatever the text says
         from .tools import parse_reply
 
         content, calls, invalid = parse_reply(text, params.tools)

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams, generate_from_stream
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
     ChatMessage,
-    FunctionMessage,
     HumanMessage,
     SystemMessage,
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field
 
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.integration import WSDSettings, content_to_text, result_metadata, usage_counts
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
-_NO_TOOLS = "tool-calling support, which WSDChatModel does not have yet"
+_TOOL_CHOICES = ("auto", "any", "required", "none")
 
 
 class WSDChatModel(WSDSettings, BaseChatModel):
@@ -51,7 +59,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     `output_token_details["draft"]` (tokens the draft model wrote, draft tokenizer),
     `["kept_draft"]` and `["base"]` (the reply's draft-written and base-written parts, base tokens).
 
-    Text content only; tool calling and structured output are not available yet.
+    Tools (`bind_tools`) and structured output (`with_structured_output`) use the runtime's constrained
+    decoding. While tools are bound the text is held back until the reply ends, so that call markup
+    never reaches the content: the last chunk then carries the calls as `tool_call_chunks` (arguments as
+    JSON; a call that does not parse or validate keeps its raw text as arguments, becomes an
+    `invalid_tool_call`, and its error is in `response_metadata["tool_call_errors"]`).
     """
 
     streaming: bool = Field(False, description="stream by default when invoked (LangChain convention)")
@@ -112,11 +124,12 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         runtime, runtime_messages, params = self._request(messages, stop, kwargs)
+        chunks = _Chunks(params)
         for event in runtime.stream(runtime_messages, **params):
-            chunk = to_chunk(event)
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+            for chunk in chunks.add(event):
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
 
     async def _astream(
         self,
@@ -126,11 +139,12 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         runtime, runtime_messages, params = self._request(messages, stop, kwargs)
+        chunks = _Chunks(params)
         async for event in runtime.astream(runtime_messages, **params):
-            chunk = to_chunk(event)
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+            for chunk in chunks.add(event):
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
 
     def _generate(
         self,
@@ -139,7 +153,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        return _with_call_errors(generate_from_stream(self._stream(messages, stop, run_manager, **kwargs)))
 
     async def _agenerate(
         self,
@@ -149,19 +163,106 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
-        return generate_from_stream(iter(chunks))
+        return _with_call_errors(generate_from_stream(iter(chunks)))
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (pydantic models, functions, `@tool` objects, dicts) for the runtime's tool calling.
+
+        `tool_choice`: "auto", "any" / "required" / True (at least one call), "none", or a tool name
+        (also as `{"type": "function", "function": {"name": ...}}`); None keeps the model's default.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        bound: dict[str, Any] = {"tools": formatted, **kwargs}
+        if tool_choice is not None:
+            bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+        if parallel_tool_calls is not None:
+            bound["parallel_tool_calls"] = parallel_tool_calls
+        return self.bind(**bound)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
+        """Replies parsed into `schema` (pydantic class -> instance; TypedDict or JSON schema -> dict).
+
+        `json_schema` (default) constrains the reply to the schema; `function_calling` forces one call
+        of the schema as a tool; `json_mode` constrains the reply to a JSON object (`schema` only
+        parses it). Decoding is always constrained, so `strict` changes nothing. `include_raw=True`
+        gives `{"raw", "parsed", "parsing_error"}`.
+        """
+        if kwargs:
+            raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
+        if method == "function_calling":
+            if schema is None:
+                raise ValueError("method='function_calling' needs a schema")
+            return super().with_structured_output(schema, include_raw=include_raw)
+        if method not in ("json_schema", "json_mode"):
+            raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'")
+        if schema is None and method == "json_schema":
+            raise ValueError("method='json_schema' needs a schema")
+        json_schema = convert_to_json_schema(schema) if schema is not None else None
+        llm = self.bind(
+            response_format=json_schema if method == "json_schema" else {"type": "json_object"},
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+        )
+        parser: Runnable = (
+            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            if isinstance(schema, type) and is_basemodel_subclass(schema)
+            else JsonOutputParser()
+        )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks(
+            [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
+        )
 
 
-def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped)."""
-    out = []
+def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
+    """LangChain's tool_choice forms as the runtime's: auto, required, none or a bound tool's name."""
+    if choice is True:
+        return "required"
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name") or choice.get("name") or ""
+    if choice is False or choice not in (*_TOOL_CHOICES, *names):
+        raise InvalidParameterError(
+            f"tool_choice={choice!r} is neither 'auto', 'any', 'required', 'none' nor a bound tool "
+            f"(bound tools: {', '.join(names) or 'none'})"
+        )
+    return "required" if choice == "any" else choice
+
+
+def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped).
+
+    A ToolMessage becomes a "tool" turn with its `tool_call_id`; an AIMessage with tool calls keeps
+    them as `tool_calls` (its provider-specific call blocks, such as "tool_use", are left out of the text).
+    """
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}] ({type(message).__name__})"
-        if isinstance(message, (ToolMessage, FunctionMessage)):
-            raise InvalidMessagesError(f"{where}: tool messages need {_NO_TOOLS}")
-        if isinstance(message, AIMessage) and message.tool_calls:
-            raise InvalidMessagesError(f"{where}: an AI message with tool calls needs {_NO_TOOLS}")
-        out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
+        if isinstance(message, ToolMessage):
+            out.append({"role": "tool", "content": content_to_text(message.content, where), "tool_call_id": message.tool_call_id})
+        elif isinstance(message, AIMessage) and message.tool_calls:
+            content = message.content
+            if isinstance(content, list):
+                content = [b for b in content if not (isinstance(b, dict) and b.get("type") in ("tool_use", "tool_call"))]
+            calls = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
+            out.append({"role": "assistant", "content": content_to_text(content, where), "tool_calls": calls})
+        else:
+            out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
     return out
 
 
@@ -175,21 +276,63 @@ def _role(message: BaseMessage, where: str) -> str:
     if isinstance(message, ChatMessage) and message.role in _CHAT_ROLES:
         return _CHAT_ROLES[message.role]
     role = message.role if isinstance(message, ChatMessage) else message.type
-    raise InvalidMessagesError(f"{where} has role {role!r}; supported roles: system, user (human), assistant (ai)")
+    raise InvalidMessagesError(
+        f"{where} has role {role!r}; supported roles: system, user (human), assistant (ai), tool (ToolMessage)"
+    )
 
 
-def to_chunk(event: TextDelta | FinalEvent) -> ChatGenerationChunk:
-    """A runtime event as a chunk: text tagged with its author, or the final usage and metadata."""
-    if isinstance(event, TextDelta):
-        return ChatGenerationChunk(message=AIMessageChunk(content=event.text, response_metadata={"wsd_source": [event.source]}))
+class _Chunks:
+    """Turns one request's runtime events into chunks; while tools are bound, text waits for the end
+    (the runtime parses call markup out of the reply even with tool_choice="none")."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.hold = bool(params.get("tools"))
+        self.held: list[TextDelta] = []
+
+    def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:
+        if isinstance(event, TextDelta):
+            if self.hold:
+                self.held.append(event)
+                return []
+            return [_text_chunk(event.text, event.source)]
+        result = event.result
+        if result.content is None or result.content == result.text:
+            chunks = [_text_chunk(d.text, d.source) for d in self.held]
+        else:  # call markup removed: the content as one chunk, tagged with the model that ended the reply
+            chunks = [_text_chunk(result.content, "base" if result.switched else "draft")] if result.content else []
+        return [*chunks, final_chunk(result)]
+
+
+def _text_chunk(text: str, source: str) -> ChatGenerationChunk:
+    return ChatGenerationChunk(message=AIMessageChunk(content=text, response_metadata={"wsd_source": [source]}))
+
+
+def final_chunk(result: WSDResult) -> ChatGenerationChunk:
+    """The last chunk: usage, response metadata and the reply's tool calls (valid and invalid, in order)."""
+    calls = [tool_call_chunk(name=c.name, args=json.dumps(c.arguments, ensure_ascii=False), id=c.id, index=i) for i, c in enumerate(result.tool_calls)]
+    n = len(calls)
+    calls += [tool_call_chunk(name=c.name, args=c.raw, id=c.id, index=n + i) for i, c in enumerate(result.invalid_tool_calls)]
+    metadata = result_metadata(result)
+    if result.invalid_tool_calls:
+        metadata["tool_call_errors"] = {c.id: c.error for c in result.invalid_tool_calls}
     return ChatGenerationChunk(
         message=AIMessageChunk(
             content="",
-            usage_metadata=to_usage_metadata(event.result),
-            response_metadata=result_metadata(event.result),
+            usage_metadata=to_usage_metadata(result),
+            response_metadata=metadata,
+            tool_call_chunks=calls,
             chunk_position="last",
         )
     )
+
+
+def _with_call_errors(result: ChatResult) -> ChatResult:
+    """Put the runtime's error of each invalid tool call back on the invoked message."""
+    message = result.generations[0].message
+    errors = message.response_metadata.get("tool_call_errors")
+    if errors and isinstance(message, AIMessage):
+        message.invalid_tool_calls = [{**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls]
+    return result
 
 
 def to_usage_metadata(result: WSDResult) -> UsageMetadata:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import AsyncIterator, Iterator, Sequence
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -18,19 +19,26 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
     TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
+from llama_index.core.types import PydanticProgramMode
+from pydantic import BaseModel
 
 from wsd_llms.errors import InvalidMessagesError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import WSDSettings, content_to_text, result_metadata, usage_counts
 
 if TYPE_CHECKING:
+    from llama_index.core.prompts import BasePromptTemplate
     from llama_index.core.tools.types import BaseTool
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+Model = TypeVar("Model", bound=BaseModel)
+CALL_TAG = "<tool_call>"
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -39,49 +47,86 @@ _ROLES = {
     MessageRole.ASSISTANT: "assistant",
     MessageRole.CHATBOT: "assistant",
     MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool",
+    MessageRole.FUNCTION: "tool",
 }
 
-TOOLS_UNAVAILABLE = (
-    "WSDLLM cannot call tools or produce structured output yet: that needs wsd-llms' constrained "
-    "decoding (the `structured` extra), which is not available in this version. Use a ReActAgent "
-    "(tools through text, with stop=['Observation:']) or plain chat/complete."
-)
+
+def _history_calls(msg: ChatMessage) -> list[dict[str, Any]]:
+    """An assistant message's tool calls: its ToolCallBlocks, else OpenAI/ollama-style additional_kwargs["tool_calls"]."""
+    calls = [
+        {"id": b.tool_call_id, "name": b.tool_name, "arguments": b.tool_kwargs}
+        for b in msg.blocks
+        if isinstance(b, ToolCallBlock)
+    ]
+    return calls or list(msg.additional_kwargs.get("tool_calls") or [])
 
 
 def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
-    """LlamaIndex ChatMessages as the runtime's `{"role", "content"}` dicts (text blocks only)."""
-    out = []
+    """LlamaIndex ChatMessages as runtime message dicts: text blocks, tool calls and tool results."""
+    out: Messages = []
     for i, msg in enumerate(messages):
         role = _ROLES.get(MessageRole(msg.role))
         where = f"messages[{i}] ({MessageRole(msg.role).value})"
         if role is None:
-            raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported; {TOOLS_UNAVAILABLE}")
+            raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported")
         blocks = [block.text if isinstance(block, TextBlock) else block for block in msg.blocks]
-        out.append({"role": role, "content": content_to_text(blocks, where)})
+        blocks = [block for block in blocks if not isinstance(block, ToolCallBlock)]
+        entry: dict[str, Any] = {"role": role, "content": content_to_text(blocks, where)}
+        if role == "tool":
+            entry["tool_call_id"] = msg.additional_kwargs.get("tool_call_id")
+        elif role == "assistant" and (calls := _history_calls(msg)):
+            entry["tool_calls"] = calls
+        out.append(entry)
     return out
 
 
-def _chunk(text: str, event: TextDelta) -> ChatResponse:
+def _chunk(text: str, delta: str, event: TextDelta) -> ChatResponse:
     return ChatResponse(
         message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
-        delta=event.text,
+        delta=delta,
         additional_kwargs={"wsd_source": event.source},
     )
 
 
 def _final(result: WSDResult, delta: str | None) -> ChatResponse:
-    """The last response of a reply: its text, usage and WSD facts."""
+    """The last response of a reply: its text (without call markup), tool calls, usage and WSD facts.
+
+    Valid calls are ToolCallBlocks in `message.blocks`; invalid ones are listed in
+    `message.additional_kwargs["invalid_tool_calls"]` (raw text, error, name, id).
+    """
     usage = usage_counts(result)
+    content = result.text if result.content is None else result.content
+    calls = [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in result.tool_calls]
+    message_kwargs = {}
+    if result.invalid_tool_calls:
+        message_kwargs["invalid_tool_calls"] = [
+            {"raw": c.raw, "error": c.error, "name": c.name, "id": c.id} for c in result.invalid_tool_calls
+        ]
+    raw = {**result_metadata(result), "usage": usage}
+    if result.parse_error is not None:
+        raw["parse_error"] = result.parse_error
     return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+        message=ChatMessage(
+            role=MessageRole.ASSISTANT, blocks=[TextBlock(text=content), *calls], additional_kwargs=message_kwargs
+        ),
         delta=delta,
-        raw={**result_metadata(result), "usage": usage},
+        raw=raw,
         additional_kwargs={
             "prompt_tokens": usage["input_tokens"],
             "completion_tokens": usage["output_tokens"],
             "total_tokens": usage["total_tokens"],
         },
     )
+
+
+def _visible(text: str) -> str:
+    """Streamed text before any tool-call markup (a trailing partial `<tool_call>` held back)."""
+    cut = text.find(CALL_TAG)
+    if cut >= 0:
+        return text[:cut]
+    held = next((k for k in range(min(len(CALL_TAG) - 1, len(text)), 0, -1) if text.endswith(CALL_TAG[:k])), 0)
+    return text[: len(text) - held]
 
 
 def _to_completion(response: ChatResponse) -> CompletionResponse:
@@ -94,16 +139,33 @@ def _to_completion(response: ChatResponse) -> CompletionResponse:
 
 
 class _Accumulator:
-    """Turns runtime events into chat responses with cumulative text."""
+    """Turns runtime events into chat responses with cumulative text.
 
-    def __init__(self) -> None:
+    With tools, call markup is not shown: chunks stop before `<tool_call>`, and the final
+    response carries the reply's content and its calls (as the non-streaming methods do).
+    """
+
+    def __init__(self, hide_calls: bool) -> None:
+        self.hide_calls = hide_calls
+        self.raw = ""
         self.text = ""
 
-    def __call__(self, event: Event) -> ChatResponse:
+    def __call__(self, event: Event) -> ChatResponse | None:
         if isinstance(event, TextDelta):
-            self.text += event.text
-            return _chunk(self.text, event)
-        return _final(event.result, "")
+            self.raw += event.text
+            shown = _visible(self.raw) if self.hide_calls else self.raw
+            if len(shown) <= len(self.text):
+                return None
+            delta, self.text = shown[len(self.text) :], shown
+            return _chunk(shown, delta, event)
+        final = _final(event.result, "")
+        content = final.message.content or ""
+        final.delta = content[len(self.text) :] if content.startswith(self.text) else ""
+        return final
+
+
+def _hides_calls(params: dict[str, Any]) -> bool:
+    return bool(params.get("tools")) and params.get("tool_choice") != "none"
 
 
 class WSDLLM(WSDSettings, FunctionCallingLLM):
@@ -139,24 +201,26 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
         params = self.wsd_params(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator()
+        accumulate = _Accumulator(_hides_calls(params))
 
         def gen() -> Iterator[ChatResponse]:
             with closing(runtime.stream(messages, **params)) as events:
                 for event in events:
-                    yield accumulate(event)
+                    if (response := accumulate(event)) is not None:
+                        yield response
 
         return gen()
 
     def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
         params = self.wsd_params(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator()
+        accumulate = _Accumulator(_hides_calls(params))
 
         async def gen() -> AsyncIterator[ChatResponse]:
             async with aclosing(runtime.astream(messages, **params)) as events:
                 async for event in events:
-                    yield accumulate(event)
+                    if (response := accumulate(event)) is not None:
+                        yield response
 
         return gen()
 
@@ -211,7 +275,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
         return gen()
 
-    # ------------------------------------------------------------ tools (need constrained decoding)
+    # ------------------------------------------------------------ tools (constrained decoding)
 
     def _prepare_chat_with_tools(
         self,
@@ -223,9 +287,124 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         tool_required: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        raise NotImplementedError(TOOLS_UNAVAILABLE)
+        """chat() arguments: messages, OpenAI-style tool specs, tool_choice (an explicit one wins) and parallel calls."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
+        tool_choice = kwargs.pop("tool_choice", None) or ("required" if tool_required else "auto")
+        return {
+            "messages": messages,
+            "tools": [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools] or None,
+            "tool_choice": tool_choice if tools else None,
+            "parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
-        raise NotImplementedError(TOOLS_UNAVAILABLE)
+        """The response's valid calls as ToolSelections; with error_on_no_tool_call, none is an error that
+        names the invalid calls, if the reply wrote any."""
+        calls = [
+            ToolSelection(
+                tool_id=block.tool_call_id or "",
+                tool_name=block.tool_name,
+                tool_kwargs=block.tool_kwargs if isinstance(block.tool_kwargs, dict) else json.loads(block.tool_kwargs),
+            )
+            for block in response.message.blocks
+            if isinstance(block, ToolCallBlock)
+        ]
+        if not calls and error_on_no_tool_call:
+            invalid = response.message.additional_kwargs.get("invalid_tool_calls") or []
+            detail = "; ".join(f"{c['raw']!r}: {c['error']}" for c in invalid)
+            reason = f"its {len(invalid)} tool call(s) are invalid: {detail}" if invalid else "it made no tool call"
+            raise ValueError(f"Expected at least one tool call, but {reason}")
+        return calls
+
+    # ------------------------------------------------------------ structured output (constrained JSON)
+
+    def _structured_request(
+        self, output_cls: type[BaseModel], prompt: BasePromptTemplate, llm_kwargs: dict[str, Any] | None, prompt_args: dict
+    ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        return self._get_messages(prompt, **prompt_args), {**(llm_kwargs or {}), "response_format": output_cls}
+
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """The reply decoded under output_cls's JSON schema, validated into output_cls."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
+        return output_cls.model_validate_json(self.chat(messages, **kwargs).message.content or "")
+
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """Async structured_predict, on the runtime's async stream."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
+        return output_cls.model_validate_json((await self.achat(messages, **kwargs)).message.content or "")
+
+    def stream_structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Generator[Model | FlexibleModel, None, None]:
+        """Partial objects while the JSON streams, as LlamaIndex yields them, then the validated object."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
+        responses = self.stream_chat(messages, **kwargs)
+
+        def gen() -> Generator[Model | FlexibleModel, None, None]:
+            partial = _Partials(output_cls)
+            for response in responses:
+                yield partial(response)
+
+        return gen()
+
+    async def astream_structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncGenerator[Model | FlexibleModel, None]:
+        """Async stream_structured_predict, on the runtime's async stream."""
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return await super().astream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+        messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
+        responses = await self.astream_chat(messages, **kwargs)
+
+        async def gen() -> AsyncGenerator[Model | FlexibleModel, None]:
+            partial = _Partials(output_cls)
+            async for response in responses:
+                yield partial(response)
+
+        return gen()
+
+
+class _Partials:
+    """Stream chunks as partial objects (LlamaIndex's process_streaming_objects); the final chunk validated."""
+
+    def __init__(self, output_cls: type[BaseModel]) -> None:
+        self.output_cls = output_cls
+        self.objects: list[Any] | None = None
+
+    def __call__(self, response: ChatResponse) -> Any:
+        if response.raw is not None:  # the final response: the whole reply, validated
+            return self.output_cls.model_validate_json(response.message.content or "")
+        obj = process_streaming_objects(response, self.output_cls, cur_objects=self.objects, flexible_mode=True)
+        self.objects = [obj]
+        return obj

@@ -1,0 +1,94 @@
+"""A LangChain agent on WSD: `create_agent` with a calculator and a lookup tool, streamed as messages.
+
+The embedded pair is too small to decide by itself when to call a tool, so a `wrap_model_call`
+middleware sets `tool_choice` per turn: a tool must be called while one of the two has not been
+used yet; then the model answers from the tool results with no tools bound (it would otherwise
+imitate the calls in its history), stopping before any call markup it still writes.
+
+    python examples/langchain_agent.py "What is the population of Paris in millions, times 3?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import operator
+from collections.abc import Callable
+
+from langchain.agents import create_agent
+from langchain.agents.middleware import ModelRequest, ModelResponse, wrap_model_call
+from langchain_core.messages import AIMessageChunk, ToolMessage
+from langchain_core.tools import tool
+
+from langchain_wsd import WSDChatModel
+
+FACTS = {"paris": "Paris has a population of 2.1 million.", "london": "London has a population of 8.9 million."}
+_OPS: dict[type, Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression with + - * / and parentheses, such as "2.1 * 3"."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        raise ValueError(f"not arithmetic: {ast.unparse(node)}")
+
+    try:
+        return str(round(value(ast.parse(expression, mode="eval").body), 6))
+    except (SyntaxError, ValueError, ZeroDivisionError) as exc:
+        return f"error: {exc}"
+
+
+@tool
+def lookup(topic: str) -> str:
+    """Look up a fact about a city, such as its population."""
+    hits = [fact for key, fact in FACTS.items() if key in topic.lower()]
+    return " ".join(hits) or f"Nothing known about {topic!r}; known: {', '.join(FACTS)}."
+
+
+@wrap_model_call
+def one_call_per_tool(request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
+    """Force a tool call until every tool has been used, then let the model answer in text."""
+    used = {m.name for m in request.messages if isinstance(m, ToolMessage)}
+    missing = [t.name for t in request.tools if t.name not in used]
+    if not missing:
+        return handler(request.override(tools=[], tool_choice=None, model_settings={"stop": ["<tool_call>"]}))
+    return handler(request.override(tool_choice="any" if len(missing) == len(request.tools) else missing[0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("question", nargs="?", default="Look up the population of Paris, then multiply it by 3.")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    agent = create_agent(WSDChatModel(max_tokens=args.max_tokens), tools=[calculator, lookup], middleware=[one_call_per_tool])
+    print(f"Question: {args.question}")
+    answering = False
+    for message, _ in agent.stream({"messages": [("user", args.question)]}, stream_mode="messages"):
+        if isinstance(message, ToolMessage):
+            print(f"Tool result [{message.name}]: {message.content}")
+        elif isinstance(message, AIMessageChunk):
+            for call in message.tool_calls:
+                print(f"Tool call [{call['name']}]: {call['args']}")
+            if message.text:
+                if not answering:
+                    print("Answer: ", end="")
+                    answering = True
+                print(message.text, end="", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()

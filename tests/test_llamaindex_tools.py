@@ -1,0 +1,166 @@
+"""WSDLLM tools and structured output: ToolSelections, history, stream/non-stream agreement, constrained JSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
+from llama_index.core.prompts import PromptTemplate
+from llama_index.core.tools import FunctionTool
+from pydantic import BaseModel, Field
+
+from llama_index.llms.wsd import WSDLLM
+from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
+from wsd_llms.loading import EMBEDDED_BASE, local_source
+from wsd_llms.messages import ToolCall
+from wsd_llms.tools import InvalidToolCall
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+TOOLS = [FunctionTool.from_defaults(add), FunctionTool.from_defaults(multiply)]
+ASK = "What is 3 plus 4?"
+
+
+class City(BaseModel):
+    name: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+PROMPT = PromptTemplate("Name a famous city in {place}.")
+
+
+def calls(llm: WSDLLM, response: Any) -> list[tuple[str, dict]]:
+    return [(c.tool_name, c.tool_kwargs) for c in llm.get_tool_calls_from_response(response)]
+
+
+@pytest.fixture(scope="module")
+def llm(embedded: wsd_llms.WSDRuntime) -> WSDLLM:
+    return WSDLLM(max_tokens=48)
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("how", [{"tool_required": True}, {"tool_choice": "multiply"}])
+async def test_forced_calls_parse_and_stream_agrees(llm: WSDLLM, how: dict) -> None:
+    response = llm.chat_with_tools(TOOLS, user_msg=ASK, **how)
+    selected = calls(llm, response)
+    assert len(selected) == 1 and "<tool_call>" not in response.message.content
+    name, kwargs = selected[0]
+    assert name == how.get("tool_choice", name) and set(kwargs) == {"a", "b"}
+    assert all(isinstance(v, int) for v in kwargs.values())
+    if "tool_choice" in how:  # the async and streaming paths once, with tool_required
+        return
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg=ASK, **how))
+    achunks = [c async for c in await llm.astream_chat_with_tools(TOOLS, user_msg=ASK, **how)]
+    for stream in (chunks, achunks):
+        assert all("<tool_call" not in (c.message.content or "") for c in stream)
+        assert stream[-1].message.content == response.message.content
+        assert calls(llm, stream[-1]) == selected
+
+
+@pytest.mark.embedded
+async def test_tool_result_history_runs(llm: WSDLLM) -> None:
+    first = llm.chat_with_tools(TOOLS, user_msg=ASK, tool_required=True)
+    call = llm.get_tool_calls_from_response(first)[0]
+    result = ChatMessage(role="tool", content=str(add(**call.tool_kwargs)), additional_kwargs={"tool_call_id": call.tool_id})
+    history = [ChatMessage(role="user", content=ASK), first.message, result]
+    final = await llm.achat_with_tools(TOOLS, chat_history=history, tool_choice="none")
+    assert final.message.content.strip()
+    assert llm.get_tool_calls_from_response(final, error_on_no_tool_call=False) == []
+
+
+@pytest.mark.embedded
+async def test_structured_predict_family_validates(llm: WSDLLM) -> None:
+    city = llm.structured_predict(City, PROMPT, place="Europe")
+    assert isinstance(city, City)
+    assert await llm.astructured_predict(City, PROMPT, place="Europe") == city
+    streamed = list(llm.stream_structured_predict(City, PROMPT, place="Europe"))
+    assert len(streamed) > 1 and streamed[-1] == city
+    astreamed = [x async for x in await llm.astream_structured_predict(City, PROMPT, place="Europe")]
+    assert astreamed[-1] == city
+    reply = llm.as_structured_llm(City).chat([ChatMessage(role="user", content="Name a famous city in Europe.")])
+    assert City.model_validate_json(reply.message.content) and isinstance(reply.raw, City)
+
+
+class Scripted:
+    """Stands in for the runtime's streams: streams `text` and ends with `result`; records the messages."""
+
+    def __init__(self, text: str, result: WSDResult) -> None:
+        self.text, self.result, self.messages = text, result, []
+
+    def stream(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[Any]:
+        self.messages.append(messages)
+        yield from (TextDelta(ch, "draft") for ch in self.text)
+        yield FinalEvent(self.result)
+
+    async def astream(self, messages: list[dict[str, Any]], **params: Any) -> AsyncIterator[Any]:
+        for event in self.stream(messages, **params):
+            yield event
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, text: str, **result: Any) -> tuple[WSDLLM, Scripted]:
+    llm = WSDLLM(draft_model="never-loaded-draft", base_model=str(local_source(EMBEDDED_BASE)))
+    script = Scripted(text, WSDResult(text, "stop", None, text, Usage(), Timings(), "d", "b", "online", **result))
+    monkeypatch.setattr(llm.wsd_runtime(), "stream", script.stream)
+    monkeypatch.setattr(llm.wsd_runtime(), "astream", script.astream)
+    return llm, script
+
+
+def test_parallel_calls_become_tool_selections(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = '<tool_call>\n{"name": "add", ...}\n</tool_call>\n<tool_call>\n{"name": "multiply", ...}\n</tool_call>'
+    made = (ToolCall("c1", "add", {"a": 3, "b": 4}), ToolCall("c2", "multiply", {"a": 5, "b": 6}))
+    llm, _ = scripted(monkeypatch, text, content="", tool_calls=made)
+    response = llm.chat_with_tools(TOOLS, user_msg="3+4 and 5*6?", allow_parallel_tool_calls=True)
+    assert [(c.tool_id, c.tool_name, c.tool_kwargs) for c in llm.get_tool_calls_from_response(response)] == [
+        ("c1", "add", {"a": 3, "b": 4}),
+        ("c2", "multiply", {"a": 5, "b": 6}),
+    ]
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="3+4 and 5*6?", allow_parallel_tool_calls=True))
+    assert [c.message.content for c in chunks] == [""] and calls(llm, chunks[-1]) == calls(llm, response)
+
+
+def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    llm, _ = scripted(monkeypatch, text, content="Let me add.", tool_calls=(ToolCall("c1", "add", {"a": 1, "b": 2}),))
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
+    assert "".join(c.delta for c in chunks).strip() == chunks[-1].message.content == "Let me add."
+    assert all("<" not in (c.message.content or "") for c in chunks) and calls(llm, chunks[-1]) == [("add", {"a": 1, "b": 2})]
+
+
+def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = InvalidToolCall('<tool_call>\n{"name":', "the call is not closed", None, "c9")
+    llm, _ = scripted(monkeypatch, bad.raw, content="", invalid_tool_calls=(bad,))
+    response = llm.chat_with_tools(TOOLS, user_msg=ASK, tool_required=True)
+    assert response.message.additional_kwargs["invalid_tool_calls"] == [
+        {"raw": bad.raw, "error": bad.error, "name": None, "id": "c9"}
+    ]
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    with pytest.raises(ValueError, match="1 tool call.* invalid.*not closed"):
+        llm.get_tool_calls_from_response(response)
+
+
+def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    llm, script = scripted(monkeypatch, "7.")
+    history = [
+        ChatMessage(role="user", content=ASK),
+        ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="c1", tool_name="add", tool_kwargs={"a": 3, "b": 4})]),
+        ChatMessage(role="tool", content="7", additional_kwargs={"tool_call_id": "c1"}),
+        ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [{"id": "c2", "function": {"name": "add", "arguments": "{}"}}]}),
+    ]
+    llm.chat(history[:3])
+    assert script.messages[-1][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "add", "arguments": {"a": 3, "b": 4}}]},
+        {"role": "tool", "content": "7", "tool_call_id": "c1"},
+    ]
+    llm.chat([*history, ChatMessage(role="user", content="Again?")])
+    assert script.messages[-1][3]["tool_calls"] == [{"id": "c2", "function": {"name": "add", "arguments": "{}"}}]
