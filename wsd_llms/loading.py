@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,8 +124,16 @@ def _file_key(path: Path) -> str:
     return f"{path.stem}-{digest}"
 
 
+_CONVERTING = threading.Lock()  # one conversion (and one progress display) at a time
+
+
 def convert_gguf(path: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors directory at `target` (with a progress bar)."""
+    with _CONVERTING:
+        return _convert_gguf(path, target)
+
+
+def _convert_gguf(path: Path, target: Path) -> Path:
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
