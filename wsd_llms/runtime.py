@@ -12,7 +12,6 @@ import atexit
 import queue
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -149,12 +148,10 @@ class WSDRuntime:
         """Load both models now (normally done by the worker on the first request)."""
         with self._lock:
             if self.engine is None:
-                # Both at once: reading weights and building tokenizers release the GIL.
-                with ThreadPoolExecutor(2, thread_name_prefix="wsd-llms-load") as pool:
-                    draft_job = pool.submit(self._load, self.draft_source, self._revisions[0])
-                    base_job = pool.submit(self._load, self.base_source, self._revisions[1])
-                    draft, base = draft_job.result(), base_job.result()
+                # One after the other: transformers' model loading is not thread-safe.
+                draft = self._load(self.draft_source, self._revisions[0])
                 require_chat_template(draft.tokenizer, draft.name)
+                base = self._load(self.base_source, self._revisions[1])
                 self.engine = Engine(draft, base, **self.limits)
             return self.engine
 
