@@ -124,12 +124,14 @@ def _file_key(path: Path) -> str:
     return f"{path.stem}-{digest}"
 
 
-_CONVERTING = threading.Lock()  # one conversion (and one progress display) at a time
+# transformers' model loading is not thread-safe (two at once can leave weights on the meta
+# device), so every load and conversion in the process takes this lock.
+_LOADING = threading.RLock()
 
 
 def convert_gguf(path: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors directory at `target` (with a progress bar)."""
-    with _CONVERTING:
+    with _LOADING:
         return _convert_gguf(path, target)
 
 
@@ -261,6 +263,11 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id."""
+    with _LOADING:
+        return _load_model(source, device, dtype, revision, trust_remote_code)
+
+
+def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision: str | None, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = local_source(source)
