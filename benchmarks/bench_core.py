@@ -48,7 +48,8 @@ def main() -> None:
     args = parser.parse_args()
 
     runtime = wsd_llms.get_runtime()
-    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=8)  # load and warm up
+    for method in METHODS:  # load, and run every kind of pass once before timing anything
+        runtime.generate([{"role": "user", "content": "Tell me about the Moon."}], mode=method, max_tokens=32)
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
