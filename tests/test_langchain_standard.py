@@ -80,11 +80,13 @@ class TestWSDChatModelIntegration(_WSDFlags, ChatModelIntegrationTests):
         # test_agent_loop's weather question in prose instead of calling get_weather.
         return {"max_tokens": 80, "max_draft_tokens": 32, "tool_choice": "required"}
 
-    @pytest.mark.skip(
+    @pytest.mark.xfail(
+        strict=True,
         reason="model capability, not a flag: the 270M base writes customer_name '你好啊集团' intact but then "
         "loops in the free-text `description` ('You can also call this tool to create a customer ...') until "
-        "max_tokens, so the call is unclosed and reported invalid (see the closing note of this change)"
+        "max_tokens, so the call is unclosed and reported invalid",
     )
-    def test_unicode_tool_call_integration(self, *args: Any, **kwargs: Any) -> None:
-        """Skipped: see the reason above."""
+    def test_unicode_tool_call_integration(self, model: Any, *args: Any, **kwargs: Any) -> None:
+        """Expected to fail on the embedded pair: see the reason above (strict: a pass would be reported)."""
+        super().test_unicode_tool_call_integration(model, *args, **kwargs)
 
