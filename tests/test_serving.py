@@ -84,7 +84,9 @@ def test_batched_equals_sequential(pair, request):
         assert many.switch_point == one.switch_point
         assert many.finish_reason == one.finish_reason
     assert any(r.switch_point is not None for r in sequential) and any(r.switch_point is None for r in sequential)
-    assert max(rt.stats().peaks["draft_batch"], peak_before) > 1  # they really shared forward passes
+    peaks = rt.stats().peaks
+    assert max(peaks["draft_batch"], peak_before) > 1  # they really shared forward passes
+    assert peaks["base_batch"] > 1  # scoring passes too
 
 
 async def test_32_async_streams_lose_nothing(differ_runtime):
@@ -177,10 +179,10 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
             raise RuntimeError("injected fault")
         return real_extend(self, kv, ids, keep)
 
-    def extend_batch(self, kvs, tokens):
+    def extend_batch(self, kvs, ids, keeps):
         if any(poisoned(kv) for kv in kvs):
             raise RuntimeError("injected fault")
-        return real_batch(self, kvs, tokens)
+        return real_batch(self, kvs, ids, keeps)
 
     monkeypatch.setattr(ModelRunner, "extend", extend)
     monkeypatch.setattr(ModelRunner, "extend_batch", extend_batch)

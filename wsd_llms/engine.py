@@ -21,17 +21,17 @@ from .online import run_online
 from .params import GenerationParams
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
-from .scheduler import Scheduler
-from .sequence import Forward, Phase, Sequence
+from .scheduler import PASS_OVERHEAD, Scheduler, plan_passes
+from .sequence import Phase, Sequence
 from .staged import run_staged
 from .structured import constraint_spec, structured_fields
 
+# Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
+# for one score in the same batched pass; meanwhile they draft on (a delay of a few tokens,
+# which changes no output: the switch rule sees the same probabilities).
+SCORING_STRIDE = 4
+
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
-
-
-def _batchable(forward: Forward | None) -> bool:
-    """Single-token passes over a non-empty cache can share one batched forward."""
-    return forward is not None and len(forward.ids) == 1 and forward.keep == 0 and len(forward.kv) > 0
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class RuntimeStats:
     tokens: dict[str, int]
     """Tokens fed through each phase so far: "draft" (draft decoding), "score" (base scoring), "base"."""
     batch_sizes: dict[str, int]
-    """Sequences in the last step's batched single-token pass of each model."""
+    """Sequences in the last step's largest batched pass of each model."""
     cached_tokens: int
     """Positions held in the KV caches of running requests."""
     reserved_tokens: int
@@ -58,18 +58,22 @@ class RuntimeStats:
 class Engine:
     """Owns the two models' runners and the scheduler; `step()` advances every running sequence once.
 
-    Within a step, single-token passes of the same model (draft decoding, base decoding) run as
-    one batched forward pass; prefills and scoring passes run one sequence at a time.
+    Within a step, the passes each model owes are grouped (scheduler.plan_passes) and each group
+    runs as one batched forward: all decode steps together, prefills and scoring passes of
+    similar length together.
     """
 
     def __init__(self, draft: LoadedModel, base: LoadedModel, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
         self.draft, self.base = draft, base
         self.runners = {"draft": ModelRunner(draft), "base": ModelRunner(base)}
+        self.head_cost = {name: runner.head_cost() for name, runner in self.runners.items()}
+        self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.scheduler = Scheduler(max_running, max_cached_tokens)
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
         self.tokens = {"draft": 0, "score": 0, "base": 0}
         self.batch_sizes = {"draft": 0, "base": 0}
         self.peaks = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
+        self.steps = 0
 
     def prepare(
         self,
@@ -122,42 +126,47 @@ class Engine:
         for seq in [s for s in self.scheduler.waiting if s.cancelled.is_set()]:
             self._drop(seq, "cancelled")
         batches: dict[str, list[Sequence]] = {"draft": [], "base": []}
-        for seq in self.scheduler.schedule():
+        running = self.scheduler.schedule()
+        self.steps += 1
+        scoring_open = len(running) == 1 or self.steps % SCORING_STRIDE == 0
+        for seq in running:
+            seq.scoring_open = scoring_open
             timeout = seq.params.timeout
             if seq.cancelled.is_set():
                 self._drop(seq, "cancelled")
             elif timeout is not None and now - seq.created > timeout:
                 self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
-            elif _batchable(seq.pending):
-                batches[seq.pending.model].append(seq)
             else:
-                self._run_one(seq)
-        self._note_peaks(batches)
-        for model, group in batches.items():
-            if group:
+                batches[seq.pending.model].append(seq)
+        for model, seqs in batches.items():
+            groups = [[seqs[i] for i in group] for group in plan_passes([s.pending for s in seqs], self.head_cost[model], self.pass_overhead)]
+            self._note_batch(model, max(map(len, groups), default=0))
+            for group in groups:
                 self._run_batch(model, group)
-
-    def _note_peaks(self, batches: dict[str, list[Sequence]]) -> None:
-        for model, group in batches.items():
-            self.batch_sizes[model] = len(group)
-            self.peaks[f"{model}_batch"] = max(self.peaks[f"{model}_batch"], len(group))
         self.peaks["running"] = max(self.peaks["running"], len(self.scheduler.running))
         self.peaks["queued"] = max(self.peaks["queued"], len(self.scheduler.waiting))
 
+    def _note_batch(self, model: str, size: int) -> None:
+        self.batch_sizes[model] = size
+        self.peaks[f"{model}_batch"] = max(self.peaks[f"{model}_batch"], size)
+
     def _run_batch(self, model: str, group: list[Sequence]) -> None:
+        if len(group) == 1:
+            self._run_one(group[0])
+            return
         forwards = [seq.pending for seq in group]
         t0 = time.perf_counter()
         try:
-            logits = self.runners[model].extend_batch([f.kv for f in forwards], [f.ids[0] for f in forwards])
+            logits = self.runners[model].extend_batch([f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards])
         except Exception:
             # Isolate the failure: run each sequence alone, so only the one that fails is failed.
             for seq in group:
                 self._run_one(seq)
             return
         elapsed = time.perf_counter() - t0
-        for row, seq in enumerate(group):
+        for seq, rows in zip(group, logits):
             self._account(seq, elapsed)
-            self._send(seq, logits[row])
+            self._send(seq, rows)
 
     def _run_one(self, seq: Sequence) -> None:
         forward = seq.pending

@@ -11,8 +11,38 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .loading import LoadedModel
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer that appends into spare capacity, doubling it when full.
+
+    transformers' DynamicLayer concatenates the whole cache for every token it appends, which
+    makes a decode step's cache work grow with the sequence length for every layer and sequence.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
+        held = self.get_seq_length()
+        end = held + key_states.shape[-2]
+        if self._storage is None or end > self._storage[0].shape[-2]:
+            capacity = max(2 * end, 64)
+            grown = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+                if held:
+                    buffer[..., :held, :] = old
+                grown.append(buffer)
+            self._storage = (grown[0], grown[1])
+        keys, values = self._storage
+        keys[..., held:end, :] = key_states
+        values[..., held:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
 
 
 class KVCache:
@@ -20,10 +50,41 @@ class KVCache:
 
     def __init__(self) -> None:
         self.cache = DynamicCache()
+        self.cache.layer_class_to_replicate = GrowingLayer
         self.ids: list[int] = []
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class RowsFirstLinear(torch.nn.Module):
+    """A wide output projection computed as `weight @ x.T` on CPU.
+
+    For a few rows times a vocabulary-sized matrix, MKL's kernel behind `F.linear` runs 2-5x
+    slower than the transposed product, and a lone row is faster padded to two
+    (benchmarks/bench_passes.py). The output projection is most of a small model's decode step.
+    """
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        if n == 1:
+            rows = torch.cat([rows, rows])
+        out = (self.linear.weight @ rows.T).T[:n]
+        if self.linear.bias is not None:
+            out = out + self.linear.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def use_rows_first_head(model: Any) -> None:
+    """Swap a CPU model's output projection for `RowsFirstLinear` (same weights, shared if tied)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.weight.device.type == "cpu":
+        model.set_output_embeddings(RowsFirstLinear(head))
 
 
 class ModelRunner:
@@ -33,9 +94,19 @@ class ModelRunner:
         self.loaded = loaded
         self.model: Any = loaded.model
         self.device = loaded.device
+        use_rows_first_head(self.model)
         # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def head_cost(self) -> float:
+        """The output projection's cost for one row, relative to one token through the layers."""
+        head = self.model.get_output_embeddings()
+        head_weight = (head.linear if isinstance(head, RowsFirstLinear) else head).weight
+        embed_weight = self.model.get_input_embeddings().weight
+        total = sum(p.numel() for p in self.model.parameters())  # a tied weight is counted once
+        body = total - embed_weight.numel() - (0 if head_weight is embed_weight else head_weight.numel())
+        return head_weight.numel() / max(body, 1)
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -57,42 +128,68 @@ class ModelRunner:
         return logits if keep else logits[-1]
 
     @torch.inference_mode()
-    def extend_batch(self, kvs: list[KVCache], tokens: list[int]) -> torch.Tensor:
-        """Feed one token to each of several non-empty caches in one forward pass; logits [B, V].
+    def extend_batch(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+        """Feed each cache its own ids in one forward pass; per row, what `extend` would return.
 
-        The caches are left-padded into one batch (padding masked out, positions per row), and
-        each row's new key/value states are appended back to its own cache.
+        Rows are right-aligned and left-padded, so every row's tokens stay contiguous and relative
+        distances (sliding windows, RoPE) are exact. A row with fewer new ids than the widest
+        re-feeds its last cached tokens in the slots it would otherwise pad: the same compute, and
+        no hole between its cache and its new tokens. Only the new tokens' key/value states are
+        appended back to each row's own cache.
         """
         if len(kvs) == 1:
-            return self.extend(kvs[0], tokens)[None]
-        lengths = [len(kv) for kv in kvs]
-        width = max(lengths)
+            return [self.extend(kvs[0], ids[0], keeps[0])]
+        if any(not row for row in ids):
+            raise ValueError("extend_batch() needs at least one id per row")
+        width = max(len(row) for row in ids)
+        refeed = [min(width - len(row), len(kv)) for kv, row in zip(kvs, ids)]
+        cached = [len(kv) - r for kv, r in zip(kvs, refeed)]  # stored positions each row attends to
+        span = max(cached)
         batch = DynamicCache()
-        for layer_idx, first in enumerate(kvs[0].cache.layers):
-            shape = (len(kvs), first.keys.shape[1], width, first.keys.shape[3])
-            keys, values = first.keys.new_zeros(shape), first.values.new_zeros(shape)
-            for row, (kv, n) in enumerate(zip(kvs, lengths)):
-                layer = kv.cache.layers[layer_idx]
-                keys[row, :, width - n :] = layer.keys[0]
-                values[row, :, width - n :] = layer.values[0]
-            batch.update(keys, values, layer_idx)
-        mask = torch.ones(len(kvs), width + 1, dtype=torch.long, device=self.device)
-        for row, n in enumerate(lengths):
-            mask[row, : width - n] = 0
+        if span:
+            template = kvs[cached.index(span)].cache.layers
+            for layer_idx in range(len(template)):
+                first = template[layer_idx].keys
+                shape = (len(kvs), first.shape[1], span, first.shape[3])
+                keys, values = first.new_zeros(shape), first.new_zeros(shape)
+                for row, (kv, n) in enumerate(zip(kvs, cached)):
+                    if n:
+                        layer = kv.cache.layers[layer_idx]
+                        keys[row, :, span - n :] = layer.keys[0, :, :n]
+                        values[row, :, span - n :] = layer.values[0, :, :n]
+                batch.update(keys, values, layer_idx)
+        inputs = torch.zeros(len(kvs), width, dtype=torch.long)
+        positions = torch.zeros(len(kvs), width, dtype=torch.long)
+        mask = torch.zeros(len(kvs), span + width, dtype=torch.long)
+        for row, (kv, new, n) in enumerate(zip(kvs, ids, cached)):
+            fed = kv.ids[n:] + new
+            inputs[row, width - len(fed) :] = torch.tensor(fed)
+            positions[row, width - len(fed) :] = torch.arange(n, n + len(fed))
+            mask[row, span - n :] = 1
+            mask[row, span : span + width - len(fed)] = 0
+        keep = max(max(keeps), 1)
         out = self.model(
-            input_ids=torch.tensor(tokens, device=self.device)[:, None],
-            attention_mask=mask,
-            position_ids=torch.tensor(lengths, device=self.device)[:, None],
+            input_ids=inputs.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             **{self._cache_kw: batch},
         )
         for layer_idx, layer in enumerate(batch.layers):
-            for row, kv in enumerate(kvs):
-                kv.cache.update(layer.keys[row : row + 1, :, -1:], layer.values[row : row + 1, :, -1:], layer_idx)
-        for kv, token in zip(kvs, tokens):
-            kv.ids.append(token)
-        return out.logits[:, -1].float()
+            for row, (kv, new) in enumerate(zip(kvs, ids)):
+                n_new = len(new)
+                kv.cache.update(
+                    layer.keys[row : row + 1, :, -n_new:].contiguous(),
+                    layer.values[row : row + 1, :, -n_new:].contiguous(),
+                    layer_idx,
+                )
+        logits = out.logits.float()
+        results = []
+        for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
+            kv.ids.extend(new)
+            results.append(logits[row, keep - k :] if k else logits[row, -1])
+        return results
 
     @staticmethod
     def crop(kv: KVCache, length: int) -> None:

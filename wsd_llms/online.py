@@ -154,7 +154,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
                 keep_draft(seq, stable[: min(free, len(stable))], base_guide)
                 if seq.reply.stopped:
                     return "stop"
-            if done or len(stable) >= min(score_at, params.max_tokens):
+            if done or (seq.scoring_open and len(stable) >= min(score_at, params.max_tokens)):
                 probs = yield from scorer.score(handoff)
                 score_at = next_score_at(scorer.scored())
                 for j, p in enumerate(probs, start=len(detector)):

@@ -7,7 +7,13 @@ from __future__ import annotations
 from collections import deque
 
 from .errors import RequestTooLargeError
-from .sequence import Phase, Sequence
+from .sequence import Forward, Phase, Sequence
+
+# The fixed cost of one forward pass (reading the weights, launching the layers), in units of
+# one token's compute. Measured for the embedded models on a 2-core CPU (benchmarks/bench_passes.py):
+# 13 (base) to 21 (draft). On a GPU a token costs microseconds and a pass milliseconds; its
+# figure is an estimate, not yet measured on a device.
+PASS_OVERHEAD = {"cpu": 16.0, "cuda": 512.0}
 
 
 def token_budget(seq: Sequence) -> int:
@@ -62,3 +68,33 @@ class Scheduler:
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
+
+
+def plan_passes(forwards: list[Forward], head_cost: float, overhead: float) -> list[list[int]]:
+    """Group one model's pending forwards into batched passes; returns index lists into `forwards`.
+
+    A batched pass is padded to its longest row and computes its largest `keep` of output rows
+    for every row, so its cost is `overhead + rows * (width + head_cost * kept)`, where
+    head_cost is the output projection's cost per row relative to a token through the layers.
+    In order of width, a forward joins the current group when that is cheaper than its own pass:
+    decode steps always share one pass, prefills and scoring passes of similar size share one.
+    """
+
+    def cost(width: int, kept: int, rows: int) -> float:
+        return overhead + rows * (width + head_cost * kept)
+
+    order = sorted(range(len(forwards)), key=lambda i: (len(forwards[i].ids), forwards[i].keep))
+    groups: list[list[int]] = []
+    width = kept = 0
+    for i in order:
+        w, k = len(forwards[i].ids), max(forwards[i].keep, 1)
+        if groups:
+            rows = len(groups[-1])
+            joined = cost(max(width, w), max(kept, k), rows + 1)
+            if joined <= cost(width, kept, rows) + cost(w, k, 1):
+                groups[-1].append(i)
+                width, kept = max(width, w), max(kept, k)
+                continue
+        groups.append([i])
+        width, kept = w, k
+    return groups

@@ -67,6 +67,7 @@ class Sequence:
     switch_point: int | None = None
     rollbacks: int = 0
     constraint: str | None = None  # the grammar spec (structured.constraint_spec), or None
+    scoring_open: bool = True  # whether a scoring pass may start this step (engine.SCORING_STRIDE)
     cancelled: threading.Event = field(default_factory=threading.Event)
     draft_kv: KVCache | None = None
     base_kv: KVCache | None = None

@@ -1,0 +1,102 @@
+"""Forward-pass costs of the embedded models, the facts the scheduler's batching rests on:
+
+- the output projection: `F.linear` against the rows-first product (model_runner.RowsFirstLinear);
+- one decode step for 1, 4, 8 and 16 sequences (batched, caches of 40-75 tokens), and the share
+  of the batched step spent assembling the padded cache;
+- a pass's fixed cost against its cost per token (scheduler.PASS_OVERHEAD).
+
+    python benchmarks/bench_passes.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from common import write
+
+import wsd_llms
+from wsd_llms.model_runner import KVCache, ModelRunner, RowsFirstLinear
+
+
+def timed(fn: Callable[[], object], repeat: int = 7) -> float:
+    """Median milliseconds of `fn` after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def head_costs(runner: ModelRunner) -> list[dict]:
+    head = runner.model.get_output_embeddings()
+    assert isinstance(head, RowsFirstLinear)
+    weight = head.linear.weight
+    rows = []
+    for n in [1, 2, 8, 16, 64]:
+        x = torch.randn(n, weight.shape[1])
+        with torch.inference_mode():
+            linear, rows_first = timed(lambda: F.linear(x, weight)), timed(lambda: head(x))
+        rows.append({"rows": n, "linear_ms": linear, "rows_first_ms": rows_first})
+    return rows
+
+
+def step_costs(runner: ModelRunner) -> dict:
+    def cache(n: int) -> KVCache:
+        kv = runner.new_cache()
+        runner.extend(kv, list(range(100, 100 + n)))
+        return kv
+
+    caches = [cache(40 + 5 * i) for i in range(16)]
+
+    def step(batch: list[KVCache]) -> None:
+        for kv in batch:
+            ModelRunner.crop(kv, 40)
+        runner.extend_batch(batch, [[7]] * len(batch), [0] * len(batch))
+
+    decode = {b: timed(lambda b=b: step(caches[:b])) for b in [1, 4, 8, 16]}
+
+    def scoring(m: int) -> None:
+        ModelRunner.crop(caches[0], 40)
+        runner.extend(caches[0], list(range(200, 200 + m)), keep=m)
+
+    scored = {m: timed(lambda m=m: scoring(m)) for m in [1, 8, 16, 32]}
+    per_token = (scored[32] - scored[8]) / 24
+    return {
+        "decode_ms": decode,
+        "decode_8_vs_1": decode[8] / decode[1],
+        "scoring_ms": scored,
+        "per_token_ms": per_token,
+        "pass_overhead_ms": scored[1] - per_token,
+        "pass_overhead_tokens": (scored[1] - per_token) / per_token,
+    }
+
+
+def main() -> None:
+    runtime = wsd_llms.get_runtime()
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=2)  # load
+    assert runtime.engine is not None
+    data: dict = {}
+    rows = ["| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | head rows 1 / 8 / 64: linear vs rows-first (ms) |", "|---|---|---|---|---|"]
+    for name, runner in runtime.engine.runners.items():
+        steps, heads = step_costs(runner), head_costs(runner)
+        data[name] = {"model": runner.loaded.name, "steps": steps, "head": heads}
+        d = steps["decode_ms"]
+        h = {r["rows"]: r for r in heads}
+        rows.append(
+            f"| {name} ({runner.loaded.name}) | {d[1]:.0f} / {d[4]:.0f} / {d[8]:.0f} / {d[16]:.0f} | {steps['decode_8_vs_1']:.2f}x | "
+            f"{steps['pass_overhead_ms']:.0f}, {steps['pass_overhead_tokens']:.1f} | "
+            + " / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['rows_first_ms']:.0f}" for n in (1, 8, 64))
+            + " |"
+        )
+    rows += ["", "Median of 7 after warm-up; decode caches hold 40-75 tokens; fixed cost = a 1-token scoring pass less one token's cost."]
+    write("passes", data, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The model runner's batched passes equal one-at-a-time passes, and the pass planner groups sensibly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+
+from wsd_llms.model_runner import KVCache, ModelRunner, RowsFirstLinear
+from wsd_llms.scheduler import plan_passes
+from wsd_llms.sequence import Forward
+
+# (cached tokens, new tokens, kept rows): an empty-cache prefill, decode steps, scoring passes;
+# the 40-token rows cross the Gemma 3 model's 16-token sliding window.
+ROWS = [(0, 9, 0), (3, 1, 0), (20, 12, 5), (40, 2, 0), (40, 14, 14), (1, 1, 1)]
+
+
+@pytest.fixture(params=["llama", "gemma3"])
+def runner(request):
+    if request.param == "llama":
+        return ModelRunner(tiny_llama(make_tokenizer(300), 0))
+    return ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+
+
+def _ids(seed: int, n: int, vocab: int) -> list[int]:
+    return torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _caches(runner: ModelRunner) -> list[KVCache]:
+    vocab = runner.model.config.vocab_size
+    caches = []
+    for i, (cached, _, _) in enumerate(ROWS):
+        kv = runner.new_cache()
+        if cached:
+            runner.extend(kv, _ids(i, cached, vocab))
+        caches.append(kv)
+    return caches
+
+
+def test_ragged_batch_equals_one_at_a_time(runner):
+    vocab = runner.model.config.vocab_size
+    new = [_ids(100 + i, n, vocab) for i, (_, n, _) in enumerate(ROWS)]
+    keeps = [k for _, _, k in ROWS]
+    alone, batched = _caches(runner), _caches(runner)
+    expected = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(alone, new, keeps)]
+    got = runner.extend_batch(batched, new, keeps)
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    # The caches now hold the same positions: the next token gives the same logits.
+    for a, b in zip(alone, batched):
+        assert a.ids == b.ids
+        torch.testing.assert_close(runner.extend(b, [42]), runner.extend(a, [42]), atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_output_projection_is_rows_first_and_exact():
+    loaded = tiny_llama(make_tokenizer(300), 0)
+    linear = loaded.model.get_output_embeddings()
+    ModelRunner(loaded)
+    head = loaded.model.get_output_embeddings()
+    assert isinstance(head, RowsFirstLinear) and head.linear is linear
+    for shape in [(1, 1, 32), (1, 5, 32), (3, 2, 32)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, linear.weight), atol=1e-5, rtol=1e-5)
+
+
+def _fw(n: int, keep: int = 0) -> Forward:
+    return Forward("base", KVCache(), list(range(n)), keep)
+
+
+def test_plan_passes_batches_decodes_and_similar_multi_token_passes():
+    forwards = [_fw(1), _fw(30, 8), _fw(1), _fw(60), _fw(28, 9), _fw(1), _fw(61)]
+    groups = plan_passes(forwards, head_cost=1.0, overhead=16.0)
+    as_sizes = sorted(sorted(len(forwards[i].ids) for i in g) for g in groups)
+    assert as_sizes == [[1, 1, 1], [28, 30], [60, 61]]
+    assert sorted(i for g in groups for i in g) == list(range(len(forwards)))
+
+
+def test_plan_passes_keeps_a_long_pass_apart_from_decode_steps():
+    forwards = [_fw(1), _fw(1), _fw(40, 40)]
+    assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=16.0))) == [[0, 1], [2]]
+    # When a pass's fixed cost dwarfs a token's (a GPU), everything shares one pass.
+    assert plan_passes(forwards, head_cost=1.7, overhead=1e6) == [[0, 1, 2]]
