@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import llama_index.core.instrumentation as instrument
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
@@ -164,3 +167,38 @@ def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.
     ]
     llm.chat([*history, ChatMessage(role="user", content="Again?")])
     assert script.messages[-1][3]["tool_calls"] == [{"id": "c2", "function": {"name": "add", "arguments": "{}"}}]
+
+
+class _Collect(BaseEventHandler):
+    """Records LlamaIndex instrumentation events by class name."""
+
+    names: list[str] = []
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        self.names.append(type(event).__name__)
+
+
+@pytest.fixture
+def events() -> Iterator[list[str]]:
+    handler = _Collect(names=[])
+    root = instrument.get_dispatcher()
+    root.add_event_handler(handler)
+    yield handler.names
+    root.event_handlers.remove(handler)
+
+
+async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    llm, _ = scripted(monkeypatch, '{"name": "Oslo", "country": "Norway"}')
+    started, ended = "LLMStructuredPredictStartEvent", "LLMStructuredPredictEndEvent"
+    assert llm.structured_predict(City, PROMPT, place="Europe") == City(name="Oslo", country="Norway")
+    assert events.count(started) == events.count(ended) == 1
+    assert await llm.astructured_predict(City, PROMPT, place="Europe")
+    assert events.count(started) == events.count(ended) == 2
+    events.clear()
+    streamed = list(llm.stream_structured_predict(City, PROMPT, place="Europe"))
+    structured = [e for e in events if e.startswith("LLMStructuredPredict")]
+    assert structured == [started] + ["LLMStructuredPredictInProgressEvent"] * len(streamed) + [ended]
+    events.clear()
+    astreamed = [x async for x in await llm.astream_structured_predict(City, PROMPT, place="Europe")]
+    structured = [e for e in events if e.startswith("LLMStructuredPredict")]
+    assert structured == [started] + ["LLMStructuredPredictInProgressEvent"] * len(astreamed) + [ended]

@@ -21,6 +21,12 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ToolCallBlock,
 )
+import llama_index.core.instrumentation as instrument
+from llama_index.core.instrumentation.events.llm import (
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictInProgressEvent,
+    LLMStructuredPredictStartEvent,
+)
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
 
 Messages = list[dict[str, Any]]
 Model = TypeVar("Model", bound=BaseModel)
+dispatcher = instrument.get_dispatcher(__name__)
 CALL_TAG = "<tool_call>"
 
 _ROLES = {
@@ -326,8 +333,17 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     def _structured_request(
         self, output_cls: type[BaseModel], prompt: BasePromptTemplate, llm_kwargs: dict[str, Any] | None, prompt_args: dict
     ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        """Messages and chat arguments of a structured call; fires LlamaIndex's start event, as LLM does."""
+        dispatcher.event(LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args))
         return self._get_messages(prompt, **prompt_args), {**(llm_kwargs or {}), "response_format": output_cls}
 
+    @staticmethod
+    def _structured_result(output_cls: type[Model], response: ChatResponse) -> Model:
+        result = output_cls.model_validate_json(response.message.content or "")
+        dispatcher.event(LLMStructuredPredictEndEvent(output=result))
+        return result
+
+    @dispatcher.span
     def structured_predict(
         self,
         output_cls: type[Model],
@@ -339,8 +355,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
-        return output_cls.model_validate_json(self.chat(messages, **kwargs).message.content or "")
+        return self._structured_result(output_cls, self.chat(messages, **kwargs))
 
+    @dispatcher.span
     async def astructured_predict(
         self,
         output_cls: type[Model],
@@ -352,8 +369,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
             return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
-        return output_cls.model_validate_json((await self.achat(messages, **kwargs)).message.content or "")
+        return self._structured_result(output_cls, await self.achat(messages, **kwargs))
 
+    @dispatcher.span
     def stream_structured_predict(
         self,
         output_cls: type[Model],
@@ -374,6 +392,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
         return gen()
 
+    @dispatcher.span
     async def astream_structured_predict(
         self,
         output_cls: type[Model],
@@ -403,8 +422,13 @@ class _Partials:
         self.objects: list[Any] | None = None
 
     def __call__(self, response: ChatResponse) -> Any:
-        if response.raw is not None:  # the final response: the whole reply, validated
-            return self.output_cls.model_validate_json(response.message.content or "")
-        obj = process_streaming_objects(response, self.output_cls, cur_objects=self.objects, flexible_mode=True)
-        self.objects = [obj]
+        final = response.raw is not None  # the final response: the whole reply, validated
+        if final:
+            obj = self.output_cls.model_validate_json(response.message.content or "")
+        else:
+            obj = process_streaming_objects(response, self.output_cls, cur_objects=self.objects, flexible_mode=True)
+            self.objects = [obj]
+        dispatcher.event(LLMStructuredPredictInProgressEvent(output=obj))
+        if final:
+            dispatcher.event(LLMStructuredPredictEndEvent(output=obj))
         return obj
