@@ -459,12 +459,16 @@ def test_structured_output_each_schema_and_method(fake, schema, method):
     parsed = WSDChatModel().with_structured_output(schema, method=method).invoke("joke")
     assert parsed == (Joke(**JOKE) if schema is Joke else JOKE)
     params = fake.requests[-1][1]
-    if method == "json_schema":
+    if method in ("json_schema", "json_mode"):  # json_mode holds the object to a given schema too
         assert params["response_format"]["properties"].keys() == {"setup", "punchline"}
-    elif method == "json_mode":
-        assert params["response_format"] == {"type": "json_object"}
     else:
         assert params["tool_choice"] == "required" and len(params["tools"]) == 1
+
+
+def test_json_mode_without_a_schema_is_any_json_object(fake):
+    fake.reply = fake_result(json.dumps(JOKE))
+    assert WSDChatModel().with_structured_output(method="json_mode").invoke("joke") == JOKE
+    assert fake.requests[-1][1]["response_format"] == {"type": "json_object"}
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])

@@ -31,12 +31,9 @@ class _WSDFlags:
     def has_structured_output(self) -> bool:
         return True
 
-    # JSON mode only constrains the reply to *some* JSON object; the suite then expects the keys its
-    # prompt asks for, which the embedded 135M draft does not write (it nests {"setup": {"setup": ...}}
-    # until max_tokens). Schema-constrained output (json_schema, function_calling) passes.
     @property
     def supports_json_mode(self) -> bool:
-        return False
+        return True
 
     # Text-only models: no image, audio, PDF or video inputs.
     @property

@@ -198,9 +198,10 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """Replies parsed into `schema` (pydantic class -> instance; TypedDict or JSON schema -> dict).
 
         `json_schema` (default) constrains the reply to the schema; `function_calling` forces one call
-        of the schema as a tool; `json_mode` constrains the reply to a JSON object (`schema` only
-        parses it). Decoding is always constrained, so `strict` changes nothing. `include_raw=True`
-        gives `{"raw", "parsed", "parsing_error"}`.
+        of the schema as a tool; `json_mode` constrains the reply to a JSON object, held to `schema`
+        too when one is given (a local decoder can, so the parse cannot fail on a missing key).
+        Decoding is always constrained, so `strict` changes nothing. `include_raw=True` gives
+        `{"raw", "parsed", "parsing_error"}`.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
@@ -214,7 +215,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             raise ValueError("method='json_schema' needs a schema")
         json_schema = convert_to_json_schema(schema) if schema is not None else None
         llm = self.bind(
-            response_format=json_schema if method == "json_schema" else {"type": "json_object"},
+            response_format=json_schema if json_schema is not None else {"type": "json_object"},
             ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
         )
         parser: Runnable = (
