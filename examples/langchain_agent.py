@@ -2,8 +2,8 @@
 
 The embedded pair is too small to decide by itself when to call a tool, so a `wrap_model_call`
 middleware sets `tool_choice` per turn: a tool must be called while one of the two has not been
-used yet; then the model answers from the tool results with no tools bound (it would otherwise
-imitate the calls in its history), stopping before any call markup it still writes.
+used yet; then the model answers the question from the tool results, given as plain text with no
+tools bound (shown its own calls, it would imitate them instead of answering).
 
     python examples/langchain_agent.py "What is the population of Paris in millions, times 3?"
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from langchain.agents import create_agent
 from langchain.agents.middleware import ModelRequest, ModelResponse, wrap_model_call
-from langchain_core.messages import AIMessageChunk, ToolMessage
+from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 
 from langchain_wsd import WSDChatModel
@@ -59,12 +59,17 @@ def lookup(topic: str) -> str:
 
 @wrap_model_call
 def one_call_per_tool(request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> ModelResponse:
-    """Force a tool call until every tool has been used, then let the model answer in text."""
-    used = {m.name for m in request.messages if isinstance(m, ToolMessage)}
-    missing = [t.name for t in request.tools if t.name not in used]
-    if not missing:
-        return handler(request.override(tools=[], tool_choice=None, model_settings={"stop": ["<tool_call>"]}))
-    return handler(request.override(tool_choice="any" if len(missing) == len(request.tools) else missing[0]))
+    """Force a tool call until every tool has been used, then let the model answer from the results."""
+    results = [m for m in request.messages if isinstance(m, ToolMessage)]
+    missing = [t.name for t in request.tools if t.name not in {m.name for m in results}]
+    if missing:
+        return handler(request.override(tool_choice="any" if len(missing) == len(request.tools) else missing[0]))
+    # The answer turn: the question and the tool results as plain text, no tools. Shown its own
+    # calls in the history, the small draft would write another call instead of an answer.
+    question = next(m for m in request.messages if isinstance(m, HumanMessage)).text
+    facts = "\n".join(f"- {m.name}: {m.text}" for m in results)
+    prompt = f"{question}\n\nTool results:\n{facts}\n\nAnswer the question in one sentence using these results."
+    return handler(request.override(messages=[HumanMessage(prompt)], tools=[], tool_choice=None))
 
 
 def main() -> None:
