@@ -33,4 +33,7 @@ def test_agent_example_calls_its_tools() -> None:
         [sys.executable, str(EXAMPLES / "llamaindex_agent.py")], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[tool] add(" in proc.stdout and "[tool] multiply(" in proc.stdout, proc.stdout
+    function_part, react_part = proc.stdout.split("[ReActAgent] Q:")
+    for part in (function_part, react_part):
+        assert "[tool] add(" in part and "[tool] multiply(" in part, proc.stdout
+    assert "[ReActAgent] A:" in react_part, proc.stdout

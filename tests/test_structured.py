@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 
 import pytest
 
@@ -10,7 +11,7 @@ from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import parse_params
 from wsd_llms.structured import Guide, constraint_spec
-from wsd_llms.tools import parse_reply
+from wsd_llms.tools import parse_reply, react_format
 
 SCHEMA = {
     "type": "object",
@@ -52,6 +53,36 @@ def test_forced_tool_call_online_equals_staged(fixture, request):
         assert len(online.tool_calls) == 1 and not online.invalid_tool_calls, online.text
         named = runtime.generate(messages, tools=[SMALL, OPENAI_TOOL], tool_choice="flag", max_tokens=120)
         assert [c.name for c in named.tool_calls] == ["flag"] and isinstance(named.tool_calls[0].arguments["on"], bool)
+
+
+@pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
+def test_text_formats_hold_the_reply_and_online_equals_staged(fixture, request):
+    runtime = request.getfixturevalue(fixture)
+    regex = {"type": "regex", "pattern": r"(yes|no), [a-z]{1,12}\."}
+    react = react_format([SMALL, OPENAI_TOOL], answer=False)
+    for messages in QUESTIONS:
+        staged, online = _both(runtime, messages, response_format=regex, **SETTINGS[1])
+        assert online.text == staged.text and re.fullmatch(regex["pattern"], online.text), online.text
+        assert online.parsed is None and online.content == online.text
+        # A random model's thought line runs to max_tokens; the whole step is checked above.
+        staged, online = _both(runtime, messages, response_format=react, max_tokens=30, **SETTINGS[0])
+        assert online.text == staged.text and online.text.startswith("Thought: ") and "\n" not in online.text
+
+
+@pytest.mark.parametrize("answer", [False, True])
+def test_react_format_accepts_exactly_one_step(answer):
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_structural_tag(constraint_spec(parse_params(response_format=react_format([SMALL, OPENAI_TOOL], answer=answer))))
+    accepts = lambda text: xgr.testing._is_grammar_accept_string(grammar, text)  # noqa: E731
+    assert accepts('Thought: I need a tool.\nAction: n\nAction Input: {"n": 1}')
+    assert accepts('Thought: Flip it.\nAction: flag\nAction Input: {"on": true}')
+    assert not accepts('Thought: x\nAction: n\nAction Input: {"n": 3}')  # not the tool's schema
+    assert not accepts('Thought: x\nAction: pick\nAction Input: {}')  # not a given tool
+    assert not accepts('Thought: x\nAction: n\nAction Input: {"n": 1}\nObservation: 1')
+    assert accepts("Thought: I know it.\nAnswer: Paris.") is answer
+    with pytest.raises(ValueError, match="at least one tool"):
+        react_format([], answer=False)
 
 
 def test_no_holdback_constrained_parity(differ_runtime, monkeypatch):
@@ -120,6 +151,8 @@ def test_missing_extra_names_it(monkeypatch):
         ({"tools": [{"name": "a", "parameters": {"type": "string"}}]}, "of type 'object'"),
         ({"tools": [TOOL], "response_format": SCHEMA}, "either response_format or tools"),
         ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
+        ({"response_format": {"type": "regex"}}, 'needs a "pattern" string'),
+        ({"response_format": {"type": "structural_tag", "format": "x"}}, 'needs a "format" object'),
     ],
 )
 def test_bad_structured_params(params, needle):

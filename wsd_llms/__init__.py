@@ -18,6 +18,7 @@ from .messages import Message
 from .params import GenerationParams
 from .runtime import WSDRuntime, get_runtime
 from .switch import SwitchDetector, find_switch
+from .tools import react_format
 
 __all__ = [
     "Event",
@@ -42,4 +43,5 @@ __all__ = [
     "WSDRuntime",
     "find_switch",
     "get_runtime",
+    "react_format",
 ]

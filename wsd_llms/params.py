@@ -32,7 +32,10 @@ class GenerationParams(BaseModel):
         "plain", description="base prompt: the paper's plain [User]/[Assistant] template, or the base model's chat template"
     )
     response_format: dict[str, Any] | None = Field(
-        None, description='a JSON schema, a pydantic model (or its schema), or {"type": "json_object"}: the reply is one such JSON value'
+        None,
+        description='a JSON schema, a pydantic model (or its schema), or {"type": "json_object"}: the reply is one such '
+        'JSON value; or a text format: {"type": "regex", "pattern": ...} or an xgrammar structural tag '
+        '{"type": "structural_tag", "format": {...}}',
     )
     tools: tuple[dict[str, Any], ...] = Field(
         (), description="tool schemas: {name, description, parameters}, or OpenAI-style {type: function, function: {...}}"
@@ -50,6 +53,10 @@ class GenerationParams(BaseModel):
         if isinstance(value, dict) and value.get("type") == "json_schema" and isinstance(value.get("json_schema"), dict):
             inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
             return inner.get("schema", inner)
+        if isinstance(value, dict) and value.get("type") == "regex" and not isinstance(value.get("pattern"), str):
+            raise ValueError('a regex response_format needs a "pattern" string')
+        if isinstance(value, dict) and value.get("type") == "structural_tag" and not isinstance(value.get("format"), dict):
+            raise ValueError('a structural_tag response_format needs a "format" object (an xgrammar structural tag)')
         return value
 
     @field_validator("tools", mode="before")
@@ -105,6 +112,11 @@ class GenerationParams(BaseModel):
     def constrained(self) -> bool:
         """Whether a grammar constrains the reply (response_format, or tools not turned off)."""
         return self.response_format is not None or (bool(self.tools) and self.tool_choice != "none")
+
+    @property
+    def text_format(self) -> bool:
+        """Whether response_format is a text grammar (regex, structural tag) rather than a JSON schema."""
+        return self.response_format is not None and self.response_format.get("type") in ("regex", "structural_tag")
 
     @property
     def free_text(self) -> bool:

@@ -65,6 +65,8 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
 
 def structured_fields(text: str, params: GenerationParams) -> dict[str, Any]:
     """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value."""
+    if params.text_format:
+        return {"content": text}
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
         return {"content": text, "parsed": parsed, "parse_error": error}
@@ -80,7 +82,12 @@ def constraint_spec(params: GenerationParams) -> str | None:
     """The request's constraint as a structural-tag JSON string, or None when it has none."""
     from .tools import tool_call_format  # tools imports this module
 
-    if params.response_format is not None:
+    if params.text_format:
+        assert params.response_format is not None
+        if params.response_format["type"] == "structural_tag":
+            return json.dumps(params.response_format)
+        fmt = {"type": "regex", "pattern": params.response_format["pattern"]}
+    elif params.response_format is not None:
         fmt = json_format(params.response_format)
     elif params.tools and params.tool_choice != "none":
         fmt = tool_call_format(params)

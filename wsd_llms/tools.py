@@ -160,3 +160,30 @@ def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, lis
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
     content = _CALL_RE.sub("", text).strip() if (calls or invalid) else text
     return content, calls, invalid
+
+
+def react_format(tools: Any, answer: bool = True) -> dict[str, Any]:
+    """A response_format holding a reply to one ReAct step (the format of LlamaIndex's and
+    LangChain's ReAct agents): a one-line thought, then a call of one of `tools` with arguments
+    that fit its schema, or, if `answer`, a one-line answer:
+
+        Thought: ...                      Thought: ...
+        Action: <tool name>               Answer: ...
+        Action Input: {...}
+
+    Small models seldom keep to the format unaided; held to it, every step parses.
+    """
+    line = {"type": "regex", "pattern": r"[^\n]+"}
+    steps = [
+        {
+            "type": "sequence",
+            "elements": [{"type": "const_string", "value": f"\nAction: {t['name']}\nAction Input: "}, json_format(t["parameters"])],
+        }
+        for t in normalize_tools(tools)
+    ]
+    if answer:
+        steps.append({"type": "sequence", "elements": [{"type": "const_string", "value": "\nAnswer: "}, line]})
+    if not steps:
+        raise ValueError("react_format needs at least one tool, or answer=True")
+    fmt = {"type": "sequence", "elements": [{"type": "const_string", "value": "Thought: "}, line, {"type": "or", "elements": steps}]}
+    return {"type": "structural_tag", "format": fmt}
