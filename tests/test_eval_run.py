@@ -76,6 +76,8 @@ def test_html_report_is_self_contained_with_plots(small_run):
     assert "src=" not in html and "<link" not in html  # nothing loaded from elsewhere
     assert "line 2: not valid JSON" in html
     assert "degenerate" in html and "role leak" in html
+    # Each plot is also written as its own .svg file, the same SVG as in the page.
+    assert [paths[name].read_text(encoding="utf-8") for name in ("switch", "sweep_switch_rate", "sweep_quality")] == svgs
 
 
 def test_json_numbers_match_the_records(small_run):

@@ -153,10 +153,16 @@ CSS = (
 )
 
 
+def plots(report: Report) -> dict[str, str]:
+    """The report's plots by file stem: the main setting's switch histogram, then the sweep's."""
+    main = main_summary(report)
+    out = {"switch": switch_histogram(main)} if main is not None else {}
+    sweep = sweep_plots(report)
+    return {**out, "sweep_switch_rate": sweep[0], "sweep_quality": sweep[1]}
+
+
 def to_html(report: Report) -> str:
     meta = report["meta"]
-    main = main_summary(report)
-    plots = ([switch_histogram(main)] if main is not None else []) + sweep_plots(report)
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>wsd-llms eval</title><style>{CSS}</style></head><body>",
         f"<h1>wsd-llms eval</h1><p>draft <b>{escape(meta['draft'])}</b> → base <b>{escape(meta['base'])}</b>; "
@@ -168,7 +174,7 @@ def to_html(report: Report) -> str:
         parts.append(f"<h2 class='warn'>Problems in the input</h2><ul class='warn'>{items}</ul>")
     parts += [
         "<h2>Per setting</h2>", _table(headers(), headline_rows(report)),
-        "<h2>Plots</h2><div class='plots'>", *plots, "</div>",
+        "<h2>Plots</h2><div class='plots'>", *plots(report).values(), "</div>",
     ]
     if report["judge"]:
         parts.append(f"<h2>Judge</h2><p>{escape(judge_sentence(report['judge']))}</p>")
@@ -182,10 +188,13 @@ def to_html(report: Report) -> str:
 
 
 def write_all(report: Report, out: Path) -> dict[str, Path]:
-    """report.html, report.json and report.md under `out` (created if needed)."""
+    """report.html, report.json, report.md and each plot as <name>.svg under `out` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / "report.html", "json": out / "report.json", "md": out / "report.md"}
     paths["html"].write_text(to_html(report), encoding="utf-8")
     paths["json"].write_text(to_json(report), encoding="utf-8")
     paths["md"].write_text(to_markdown(report), encoding="utf-8")
+    for name, plot in plots(report).items():
+        paths[name] = out / f"{name}.svg"
+        paths[name].write_text(plot, encoding="utf-8")
     return paths
