@@ -78,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
             if args.judge:
                 model = load_model(args.judge, device=runtime.device, dtype=runtime.dtype)
                 judge = (args.judge, logit_judge(model))
+            source = str(args.prompts) if args.prompts else f"the bundled set ({DEFAULT_PROMPTS.name})"
             report = evaluate(
                 runtime, prompts, problems, settings, main,
-                max_tokens=args.max_tokens, prompts_file=str(args.prompts or DEFAULT_PROMPTS), concurrency=args.concurrency,
+                max_tokens=args.max_tokens, prompts_file=source, concurrency=args.concurrency,
                 records_path=args.out / "records.jsonl", on_record=lambda record: progress.advance(task), judge=judge,
             )
     except WSDError as exc:
