@@ -1,7 +1,8 @@
 """Forward passes of one causal LM over per-sequence KV caches: plain tensors, no decoding logic.
 
 This is the seam between the WSD algorithm and the thing that runs models (DESIGN 5): another
-backend (a distributed serving engine) implements the same four methods.
+backend (a distributed serving engine) implements the same methods: new_cache, extend,
+extend_batch, crop, and head_cost (for the scheduler's cost model).
 """
 
 from __future__ import annotations
