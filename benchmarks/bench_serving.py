@@ -4,7 +4,10 @@ for 1, 4, 8 and 16 concurrent requests (online WSD, greedy).
 Every level serves the same workload (the 16 prompts below), N at a time, so the aggregate
 tokens/s of the levels compare like for like.
 
-    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16]
+    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16] [--rounds 1]
+
+With --rounds K each level serves the prompts K times over (results/serving_xK.*): fewer of the
+requests run in the ramp-down at the end, closer to a steady state.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    prompts = PROMPTS * args.rounds
     runtime = wsd_llms.get_runtime(max_running=max(args.levels))
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
 
@@ -84,13 +89,13 @@ def main() -> None:
     for n in args.levels:
         with PeakRSS() as rss, ThreadPoolExecutor(n) as pool:
             t0 = time.perf_counter()
-            outcomes = list(pool.map(one, PROMPTS))
+            outcomes = list(pool.map(one, prompts))
             wall = time.perf_counter() - t0
         latencies = [o[0] for o in outcomes]
         tokens = sum(o[1] for o in outcomes)
         levels[n] = {
             "concurrent": n,
-            "requests": len(PROMPTS),
+            "requests": len(prompts),
             "wall_s": wall,
             "reply_tokens": tokens,
             "aggregate_tokens_per_s": tokens / wall,
@@ -108,8 +113,9 @@ def main() -> None:
             f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
             f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |"
         )
-    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}; each level serves the same {len(PROMPTS)} prompts, N at a time."]
-    write("serving", {"max_tokens": args.max_tokens, "levels": levels}, "\n".join(rows))
+    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}; each level serves the same {len(prompts)} requests, N at a time."]
+    name = "serving" if args.rounds == 1 else f"serving_x{args.rounds}"
+    write(name, {"max_tokens": args.max_tokens, "rounds": args.rounds, "levels": levels}, "\n".join(rows))
 
 
 if __name__ == "__main__":
