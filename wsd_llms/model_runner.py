@@ -24,10 +24,12 @@ class GrowingLayer(DynamicLayer):
     makes a decode step's cache work grow with the sequence length for every layer and sequence.
     """
 
+    _storage: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self._storage: tuple[torch.Tensor, torch.Tensor] | None = None
+            self._storage = None
         held = self.get_seq_length()
         end = held + key_states.shape[-2]
         if self._storage is None or end > self._storage[0].shape[-2]:
@@ -44,6 +46,15 @@ class GrowingLayer(DynamicLayer):
         values[..., held:end, :] = value_states
         self.keys, self.values = keys[..., :end, :], values[..., :end, :]
         return self.keys, self.values
+
+
+def growing_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> GrowingLayer:
+    """A layer holding the first `length` positions of ready-made buffers; it grows into the rest."""
+    layer = GrowingLayer()
+    layer.lazy_initialization(keys, values)
+    layer._storage = (keys, values)
+    layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+    return layer
 
 
 class KVCache:
@@ -147,18 +158,19 @@ class ModelRunner:
         cached = [len(kv) - r for kv, r in zip(kvs, refeed)]  # stored positions each row attends to
         span = max(cached)
         batch = DynamicCache()
-        if span:
+        batch.layer_class_to_replicate = GrowingLayer
+        if span:  # room for this pass's states too, so the model appends in place
             template = kvs[cached.index(span)].cache.layers
             for layer_idx in range(len(template)):
                 first = template[layer_idx].keys
-                shape = (len(kvs), first.shape[1], span, first.shape[3])
+                shape = (len(kvs), first.shape[1], span + width, first.shape[3])
                 keys, values = first.new_zeros(shape), first.new_zeros(shape)
                 for row, (kv, n) in enumerate(zip(kvs, cached)):
                     if n:
                         layer = kv.cache.layers[layer_idx]
-                        keys[row, :, span - n :] = layer.keys[0, :, :n]
-                        values[row, :, span - n :] = layer.values[0, :, :n]
-                batch.update(keys, values, layer_idx)
+                        keys[row, :, span - n : span] = layer.keys[0, :, :n]
+                        values[row, :, span - n : span] = layer.values[0, :, :n]
+                batch.layers.append(growing_layer(keys, values, span))
         inputs = torch.zeros(len(kvs), width, dtype=torch.long)
         positions = torch.zeros(len(kvs), width, dtype=torch.long)
         mask = torch.zeros(len(kvs), span + width, dtype=torch.long)
