@@ -81,3 +81,13 @@ def test_plan_passes_keeps_a_long_pass_apart_from_decode_steps():
     assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=16.0))) == [[0, 1], [2]]
     # When a pass's fixed cost dwarfs a token's (a GPU), everything shares one pass.
     assert plan_passes(forwards, head_cost=1.7, overhead=1e6) == [[0, 1, 2]]
+
+
+def test_head_cost_counts_a_tied_head_once():
+    untied = ModelRunner(tiny_llama(make_tokenizer(300), 0))
+    model = untied.model
+    head, embed = model.get_output_embeddings().linear.weight, model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - head.numel() - embed.numel()
+    assert untied.head_cost() == pytest.approx(head.numel() / body)
+    model.get_output_embeddings().linear.weight = embed  # tie them
+    assert untied.head_cost() == pytest.approx(embed.numel() / body)

@@ -114,8 +114,10 @@ class ModelRunner:
     def head_cost(self) -> float:
         """The output projection's cost for one row, relative to one token through the layers."""
         head = self.model.get_output_embeddings()
-        head_weight = (head.linear if isinstance(head, RowsFirstLinear) else head).weight
-        embed_weight = self.model.get_input_embeddings().weight
+        head_weight = getattr(head.linear if isinstance(head, RowsFirstLinear) else head, "weight", None)
+        embed_weight = getattr(self.model.get_input_embeddings(), "weight", None)
+        if not isinstance(head_weight, torch.Tensor) or not isinstance(embed_weight, torch.Tensor):
+            return 1.0  # an unusual model: count the head like one more token
         total = sum(p.numel() for p in self.model.parameters())  # a tied weight is counted once
         body = total - embed_weight.numel() - (0 if head_weight is embed_weight else head_weight.numel())
         return head_weight.numel() / max(body, 1)
