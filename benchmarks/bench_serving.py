@@ -75,9 +75,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, ...")
     args = parser.parse_args()
     prompts = PROMPTS * args.rounds
-    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
+    runtime = wsd_llms.get_runtime(dtype=args.dtype, max_running=max(args.levels))
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
 
     def one(prompt: str) -> tuple[float, int]:
@@ -113,9 +114,9 @@ def main() -> None:
             f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
             f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |"
         )
-    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}; each level serves the same {len(prompts)} requests, N at a time."]
-    name = "serving" if args.rounds == 1 else f"serving_x{args.rounds}"
-    write(name, {"max_tokens": args.max_tokens, "rounds": args.rounds, "levels": levels}, "\n".join(rows))
+    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; each level serves the same {len(prompts)} requests, N at a time."]
+    name = "serving" + (f"_x{args.rounds}" if args.rounds != 1 else "") + (f"_{args.dtype}" if args.dtype != "auto" else "")
+    write(name, {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "levels": levels}, "\n".join(rows))
 
 
 if __name__ == "__main__":
