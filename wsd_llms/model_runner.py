@@ -156,8 +156,8 @@ class ModelRunner:
         if any(not row for row in ids):
             raise ValueError("extend_batch() needs at least one id per row")
         width = max(len(row) for row in ids)
-        refeed = [min(width - len(row), len(kv)) for kv, row in zip(kvs, ids)]
-        cached = [len(kv) - r for kv, r in zip(kvs, refeed)]  # stored positions each row attends to
+        # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
+        cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
         span = max(cached)
         batch = DynamicCache()
         batch.layer_class_to_replicate = GrowingLayer
@@ -192,13 +192,8 @@ class ModelRunner:
             **{self._cache_kw: batch},
         )
         for layer_idx, layer in enumerate(batch.layers):
-            for row, (kv, new) in enumerate(zip(kvs, ids)):
-                n_new = len(new)
-                kv.cache.update(
-                    layer.keys[row : row + 1, :, -n_new:].contiguous(),
-                    layer.values[row : row + 1, :, -n_new:].contiguous(),
-                    layer_idx,
-                )
+            for row, (kv, new) in enumerate(zip(kvs, ids)):  # GrowingLayer copies them into its buffer
+                kv.cache.update(layer.keys[row : row + 1, :, -len(new) :], layer.values[row : row + 1, :, -len(new) :], layer_idx)
         logits = out.logits.float()
         results = []
         for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
