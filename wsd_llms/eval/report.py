@@ -161,7 +161,8 @@ def plots(report: Report) -> dict[str, str]:
     return {**out, "sweep_switch_rate": sweep[0], "sweep_quality": sweep[1]}
 
 
-def to_html(report: Report) -> str:
+def to_html(report: Report, figures: dict[str, str]) -> str:
+    """The self-contained page: tables, the given plots inline, definitions and every reply."""
     meta = report["meta"]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>wsd-llms eval</title><style>{CSS}</style></head><body>",
@@ -174,7 +175,7 @@ def to_html(report: Report) -> str:
         parts.append(f"<h2 class='warn'>Problems in the input</h2><ul class='warn'>{items}</ul>")
     parts += [
         "<h2>Per setting</h2>", _table(headers(), headline_rows(report)),
-        "<h2>Plots</h2><div class='plots'>", *plots(report).values(), "</div>",
+        "<h2>Plots</h2><div class='plots'>", *figures.values(), "</div>",
     ]
     if report["judge"]:
         parts.append(f"<h2>Judge</h2><p>{escape(judge_sentence(report['judge']))}</p>")
@@ -191,10 +192,11 @@ def write_all(report: Report, out: Path) -> dict[str, Path]:
     """report.html, report.json, report.md and each plot as <name>.svg under `out` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / "report.html", "json": out / "report.json", "md": out / "report.md"}
-    paths["html"].write_text(to_html(report), encoding="utf-8")
+    figures = plots(report)
+    paths["html"].write_text(to_html(report, figures), encoding="utf-8")
     paths["json"].write_text(to_json(report), encoding="utf-8")
     paths["md"].write_text(to_markdown(report), encoding="utf-8")
-    for name, plot in plots(report).items():
+    for name, plot in figures.items():
         paths[name] = out / f"{name}.svg"
         paths[name].write_text(plot, encoding="utf-8")
     return paths
