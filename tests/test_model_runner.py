@@ -91,3 +91,26 @@ def test_head_cost_counts_a_tied_head_once():
     assert untied.head_cost() == pytest.approx(head.numel() / body)
     model.get_output_embeddings().linear.weight = embed  # tie them
     assert untied.head_cost() == pytest.approx(embed.numel() / body)
+
+
+def test_growing_cache_equals_transformers_cache_across_growth_and_crops():
+    """KVCache appends in place and doubles its buffer; feeding past several doublings, with crops
+    between, gives the logits of transformers' own concatenating DynamicCache."""
+    from transformers import DynamicCache
+
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    ids = _ids(7, 160, runner.model.config.vocab_size)
+    ours, plain = runner.new_cache(), runner.new_cache()
+    plain.cache = DynamicCache()  # DynamicLayer: a concatenation per append
+    for kv in (ours, plain):
+        runner.extend(kv, ids[:20])
+    step = 20
+    while step < len(ids):
+        for kv in (ours, plain):
+            if step % 50 == 0:
+                ModelRunner.crop(kv, step - 5)
+        start = len(ours)
+        a, b = runner.extend(ours, ids[start : start + 3], keep=3), runner.extend(plain, ids[start : start + 3], keep=3)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        step = len(ours)
+    assert ours.cache.layers[0]._storage[0].shape[-2] >= len(ours) > 64
