@@ -10,36 +10,42 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import write
+from common import device_suffix, write
 
 import wsd_llms
 from wsd_llms.model_runner import KVCache, ModelRunner, RowsFirstLinear
 
 
 def timed(fn: Callable[[], object], repeat: int = 7) -> float:
-    """Median milliseconds of `fn` after two warm-up calls."""
+    """Median milliseconds of `fn` after two warm-up calls (waiting for the GPU, if there is one)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn(), fn()
     times = []
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000
 
 
 def head_costs(runner: ModelRunner) -> list[dict]:
+    """The CPU output projection: `F.linear` against the rows-first product (GPUs keep `F.linear`)."""
     head = runner.model.get_output_embeddings()
-    assert isinstance(head, RowsFirstLinear)
+    if not isinstance(head, RowsFirstLinear):
+        return []
     weight = head.linear.weight
     rows = []
     for n in [1, 2, 8, 16, 64]:
-        x = torch.randn(n, weight.shape[1])
+        x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
         with torch.inference_mode():
             linear, rows_first = timed(lambda: F.linear(x, weight)), timed(lambda: head(x))
         rows.append({"rows": n, "linear_ms": linear, "rows_first_ms": rows_first})
@@ -65,8 +71,8 @@ def step_costs(runner: ModelRunner) -> dict:
         ModelRunner.crop(caches[0], 40)
         runner.extend(caches[0], list(range(200, 200 + m)), keep=m)
 
-    scored = {m: timed(lambda m=m: scoring(m)) for m in [1, 8, 16, 32]}
-    per_token = (scored[32] - scored[8]) / 24
+    scored = {m: timed(lambda m=m: scoring(m)) for m in [1, 8, 32, 128, 512]}
+    per_token = (scored[512] - scored[32]) / 480
     return {
         "decode_ms": decode,
         "decode_8_vs_1": decode[8] / decode[1],
@@ -78,7 +84,11 @@ def step_costs(runner: ModelRunner) -> dict:
 
 
 def main() -> None:
-    runtime = wsd_llms.get_runtime()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    runtime = wsd_llms.get_runtime(device=args.device, dtype=args.dtype)
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=2)  # load
     assert runtime.engine is not None
     data: dict = {}
@@ -91,11 +101,15 @@ def main() -> None:
         rows.append(
             f"| {name} ({runner.loaded.name}) | {d[1]:.0f} / {d[4]:.0f} / {d[8]:.0f} / {d[16]:.0f} | {steps['decode_8_vs_1']:.2f}x | "
             f"{steps['pass_overhead_ms']:.0f}, {steps['pass_overhead_tokens']:.1f} | "
-            + " / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['rows_first_ms']:.0f}" for n in (1, 8, 64))
+            + (" / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['rows_first_ms']:.0f}" for n in (1, 8, 64)) if h else "n/a")
             + " |"
         )
-    rows += ["", "Median of 7 after warm-up; decode caches hold 40-75 tokens; fixed cost = a 1-token scoring pass less one token's cost."]
-    write("passes", data, "\n".join(rows))
+    rows += [
+        "",
+        f"dtype {runtime.dtype}. Median of 7 after warm-up; decode caches hold 40-75 tokens; "
+        "fixed cost = a 1-token scoring pass less one token's cost.",
+    ]
+    write("passes" + device_suffix(runtime.device), data, "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ for 1, 4, 8 and 16 concurrent requests (online WSD, greedy).
 Every level serves the same workload (the 16 prompts below), N at a time, so the aggregate
 tokens/s of the levels compare like for like.
 
-    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16] [--rounds 1]
+    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16] [--rounds 1] [--device auto]
 
 With --rounds K each level serves the prompts K times over (results/serving_xK.*): fewer of the
 requests run in the ramp-down at the end, closer to a steady state.
@@ -19,7 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
-from common import write
+import torch
+from common import device_suffix, write
 
 import wsd_llms
 
@@ -76,9 +77,11 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, ...")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     args = parser.parse_args()
     prompts = PROMPTS * args.rounds
-    runtime = wsd_llms.get_runtime(dtype=args.dtype, max_running=max(args.levels))
+    runtime = wsd_llms.get_runtime(device=args.device, dtype=args.dtype, max_running=max(args.levels))
+    cuda = runtime.device.type == "cuda"
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
 
     def one(prompt: str) -> tuple[float, int]:
@@ -88,6 +91,8 @@ def main() -> None:
 
     levels = {}
     for n in args.levels:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as rss, ThreadPoolExecutor(n) as pool:
             t0 = time.perf_counter()
             outcomes = list(pool.map(one, prompts))
@@ -104,18 +109,25 @@ def main() -> None:
             "p95_latency_s": percentile(latencies, 95),
             "peak_rss_mib": rss.peak,
             "peak_draft_batch": runtime.stats().peaks["draft_batch"],
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         }
         print(f"{n:3d} concurrent: {tokens / wall:6.1f} tok/s, p50 {levels[n]['p50_latency_s']:.2f}s", flush=True)
 
     single = levels[args.levels[0]]["aggregate_tokens_per_s"]
-    rows = ["| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+    gpu_head, gpu_rule = (" peak GPU memory (MiB) |", "---|") if cuda else ("", "")
+    rows = [
+        f"| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | peak RSS (MiB) |{gpu_head}",
+        f"|---|---|---|---|---|---|{gpu_rule}",
+    ]
     for n, v in levels.items():
+        gpu = f" {v['peak_gpu_mib']:.0f} |" if cuda else ""
         rows.append(
             f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
-            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |"
+            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |{gpu}"
         )
     rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; each level serves the same {len(prompts)} requests, N at a time."]
     name = "serving" + (f"_x{args.rounds}" if args.rounds != 1 else "") + (f"_{args.dtype}" if args.dtype != "auto" else "")
+    name += device_suffix(runtime.device)
     write(name, {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "levels": levels}, "\n".join(rows))
 
 

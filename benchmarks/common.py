@@ -34,6 +34,12 @@ def machine() -> dict:
     return info
 
 
+def device_suffix(device: object) -> str:
+    """Results of a GPU run are named apart from the CPU ones: "" on CPU, "_cuda" on CUDA."""
+    kind = getattr(device, "type", str(device))
+    return "" if kind == "cpu" else f"_{kind}"
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

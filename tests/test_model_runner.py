@@ -113,4 +113,4 @@ def test_growing_cache_equals_transformers_cache_across_growth_and_crops():
         a, b = runner.extend(ours, ids[start : start + 3], keep=3), runner.extend(plain, ids[start : start + 3], keep=3)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         step = len(ours)
-    assert ours.cache.layers[0]._storage[0].shape[-2] >= len(ours) > 64
+    assert ours.store.buffer is not None and ours.store.buffer.shape[-2] >= len(ours) > 64

@@ -17,56 +17,108 @@ from transformers.cache_utils import DynamicLayer
 from .loading import LoadedModel
 
 
-class GrowingLayer(DynamicLayer):
-    """A cache layer that appends into spare capacity, doubling it when full.
+class KVStore:
+    """Every layer's keys and values of one cache in one buffer: [layers, 2, batch, heads, capacity, head_dim].
 
-    transformers' DynamicLayer concatenates the whole cache for every token it appends, which
-    makes a decode step's cache work grow with the sequence length for every layer and sequence.
+    With one buffer, a batch is assembled and its new states are handed back with one copy per
+    sequence rather than one per layer and sequence (on a GPU, each copy is a kernel launch).
+    Appends go into spare capacity, which doubles when full; transformers' DynamicLayer instead
+    concatenates the whole cache for every token it appends.
     """
 
-    _storage: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, num_layers: int = 0) -> None:
+        self.num_layers = num_layers
+        self.buffer: torch.Tensor | None = None
+
+    def room(self, end: int, like: torch.Tensor) -> torch.Tensor:
+        """The buffer, made or grown so it holds `end` positions of states shaped like `like` [batch, heads, n, dim]."""
+        buffer = self.buffer
+        if buffer is not None:
+            if (buffer.shape[2], buffer.shape[3], buffer.shape[5]) != (like.shape[0], like.shape[1], like.shape[3]):
+                raise ValueError(
+                    f"key/value states of shape {tuple(like.shape)} do not fit a cache of {buffer.shape[3]} heads of "
+                    f"size {buffer.shape[5]}: models whose layers differ in key/value shape are not supported"
+                )
+            if end <= buffer.shape[-2]:
+                return buffer
+        if not self.num_layers:
+            raise RuntimeError("a KVStore needs its number of layers before it holds states")
+        grown = like.new_empty(self.num_layers, 2, like.shape[0], like.shape[1], max(2 * end, 64), like.shape[3])
+        if buffer is not None:
+            grown[..., : buffer.shape[-2], :] = buffer
+        self.buffer = grown
+        return grown
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer of a transformers cache whose states are the first `length` positions of its KVStore slot."""
+
+    def __init__(self, store: KVStore, index: int, length: int = 0) -> None:  # noqa: D107 (no super(): keys are views)
+        self.store, self.index, self.length = store, index, length
+
+    @property
+    def is_initialized(self) -> bool:  # type: ignore[override]
+        return self.store.buffer is not None
+
+    @property
+    def device(self) -> torch.device | None:  # type: ignore[override]
+        return None if self.store.buffer is None else self.store.buffer.device
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self.store.buffer is None else self.store.buffer[self.index, 0, :, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        return None if self.store.buffer is None else self.store.buffer[self.index, 1, :, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._storage = None
-        held = self.get_seq_length()
-        end = held + key_states.shape[-2]
-        if self._storage is None or end > self._storage[0].shape[-2]:
-            capacity = max(2 * end, 64)
-            grown = []
-            for old, new in ((self.keys, key_states), (self.values, value_states)):
-                buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
-                if held:
-                    buffer[..., :held, :] = old
-                grown.append(buffer)
-            self._storage = (grown[0], grown[1])
-        keys, values = self._storage
-        keys[..., held:end, :] = key_states
-        values[..., held:end, :] = value_states
-        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
-        return self.keys, self.values
+        end = self.length + key_states.shape[-2]
+        buffer = self.store.room(end, key_states)
+        buffer[self.index, 0, :, :, self.length : end] = key_states
+        buffer[self.index, 1, :, :, self.length : end] = value_states
+        self.length = end
+        return buffer[self.index, 0, :, :, :end], buffer[self.index, 1, :, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` positions (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop() takes a negative count of positions to remove, got {tokens_to_remove}")
+        self.length = max(self.length + tokens_to_remove, 0)
 
 
-def growing_layer(keys: torch.Tensor, values: torch.Tensor, length: int) -> GrowingLayer:
-    """A layer holding the first `length` positions of ready-made buffers; it grows into the rest."""
-    layer = GrowingLayer()
-    layer.lazy_initialization(keys, values)
-    layer._storage = (keys, values)
-    layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
-    return layer
+class LayerFactory:
+    """Makes a cache's layers as transformers asks for them, numbered in order, all on one store."""
+
+    def __init__(self, store: KVStore, length: int = 0) -> None:
+        self.store, self.length, self.made = store, length, 0
+
+    def __call__(self) -> GrowingLayer:
+        self.made += 1
+        return GrowingLayer(self.store, self.made - 1, self.length)
 
 
 class KVCache:
     """One sequence's cache and the token ids it holds."""
 
     def __init__(self) -> None:
+        self.store = KVStore()
         self.cache = DynamicCache()
-        self.cache.layer_class_to_replicate = GrowingLayer
+        self.cache.layer_class_to_replicate = LayerFactory(self.store)  # type: ignore[assignment]
         self.ids: list[int] = []
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def fill_layers(self, count: int) -> list[GrowingLayer]:
+        """All `count` layers, making those transformers has not asked for yet."""
+        layers = self.cache.layers
+        while len(layers) < count:
+            layers.append(self.cache.layer_class_to_replicate())
+        return layers  # type: ignore[return-value]
 
 
 class RowsFirstLinear(torch.nn.Module):
@@ -110,6 +162,7 @@ class ModelRunner:
         # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
 
     def head_cost(self) -> float:
         """The output projection's cost for one row, relative to one token through the layers."""
@@ -131,6 +184,7 @@ class ModelRunner:
         if not ids:
             raise ValueError("extend() needs at least one id")
         input_ids = torch.tensor([ids], device=self.device)
+        kv.store.num_layers = kv.store.num_layers or self.num_layers
         out = self.model(
             input_ids=input_ids,
             **{self._cache_kw: kv.cache},
@@ -159,20 +213,19 @@ class ModelRunner:
         # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
         cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
         span = max(cached)
-        batch = DynamicCache()
-        batch.layer_class_to_replicate = GrowingLayer
+        store = KVStore(self.num_layers)
         if span:  # room for this pass's states too, so the model appends in place
-            template = kvs[cached.index(span)].cache.layers
-            for layer_idx in range(len(template)):
-                first = template[layer_idx].keys
-                shape = (len(kvs), first.shape[1], span + width, first.shape[3])
-                keys, values = first.new_zeros(shape), first.new_zeros(shape)
-                for row, (kv, n) in enumerate(zip(kvs, cached)):
-                    if n:
-                        layer = kv.cache.layers[layer_idx]
-                        keys[row, :, span - n : span] = layer.keys[0, :, :n]
-                        values[row, :, span - n : span] = layer.values[0, :, :n]
-                batch.layers.append(growing_layer(keys, values, span))
+            rows = [(row, kv.store.buffer, n) for row, (kv, n) in enumerate(zip(kvs, cached)) if n]
+            like = rows[0][1]
+            assert like is not None
+            store.buffer = like.new_empty(*like.shape[:2], len(kvs), like.shape[3], span + width, like.shape[5])
+            store.buffer[:, :, [row for row, n in enumerate(cached) if n < span], :, : span - min(cached)] = 0  # masked, but never NaN
+            for row, own, n in rows:  # one copy per row, all layers at once
+                store.buffer[:, :, row, :, span - n : span] = own[:, :, 0, :, :n]  # type: ignore[index]
+        batch = DynamicCache()
+        batch.layer_class_to_replicate = factory = LayerFactory(store, span)  # type: ignore[assignment]
+        if span:  # transformers reads the past length off the first layer
+            batch.layers.extend(factory() for _ in range(self.num_layers))
         inputs = torch.zeros(len(kvs), width, dtype=torch.long)
         positions = torch.zeros(len(kvs), width, dtype=torch.long)
         mask = torch.zeros(len(kvs), span + width, dtype=torch.long)
@@ -191,9 +244,14 @@ class ModelRunner:
             logits_to_keep=keep,
             **{self._cache_kw: batch},
         )
-        for layer_idx, layer in enumerate(batch.layers):
-            for row, (kv, new) in enumerate(zip(kvs, ids)):  # GrowingLayer copies them into its buffer
-                kv.cache.update(layer.keys[row : row + 1, :, -len(new) :], layer.values[row : row + 1, :, -len(new) :], layer_idx)
+        assert store.buffer is not None
+        for row, (kv, new) in enumerate(zip(kvs, ids)):  # hand each row its new states: one copy per row
+            held, end = len(kv), len(kv) + len(new)
+            kv.store.num_layers = kv.store.num_layers or self.num_layers
+            own = kv.store.room(end, store.buffer[0, 0, row : row + 1])
+            own[:, :, 0, :, held:end] = store.buffer[:, :, row, :, span + width - len(new) : span + width]
+            for layer in kv.fill_layers(self.num_layers):
+                layer.length = end
         logits = out.logits.float()
         results = []
         for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
