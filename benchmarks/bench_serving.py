@@ -71,6 +71,27 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
+def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime, requests: int) -> None:
+    """Write the levels measured so far to results/serving*.json and .md."""
+    cuda = runtime.device.type == "cuda"
+    single = levels[next(iter(levels))]["aggregate_tokens_per_s"]
+    gpu_head, gpu_rule = (" peak GPU memory (MiB) |", "---|") if cuda else ("", "")
+    rows = [
+        f"| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | peak RSS (MiB) |{gpu_head}",
+        f"|---|---|---|---|---|---|{gpu_rule}",
+    ]
+    for n, v in levels.items():
+        gpu = f" {v['peak_gpu_mib']:.0f} |" if cuda else ""
+        rows.append(
+            f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
+            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |{gpu}"
+        )
+    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; each level serves the same {requests} requests, N at a time."]
+    name = "serving" + (f"_x{args.rounds}" if args.rounds != 1 else "") + (f"_{args.dtype}" if args.dtype != "auto" else "")
+    name += device_suffix(runtime.device)
+    write(name, {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "levels": levels}, "\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -112,23 +133,7 @@ def main() -> None:
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         }
         print(f"{n:3d} concurrent: {tokens / wall:6.1f} tok/s, p50 {levels[n]['p50_latency_s']:.2f}s", flush=True)
-
-    single = levels[args.levels[0]]["aggregate_tokens_per_s"]
-    gpu_head, gpu_rule = (" peak GPU memory (MiB) |", "---|") if cuda else ("", "")
-    rows = [
-        f"| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | peak RSS (MiB) |{gpu_head}",
-        f"|---|---|---|---|---|---|{gpu_rule}",
-    ]
-    for n, v in levels.items():
-        gpu = f" {v['peak_gpu_mib']:.0f} |" if cuda else ""
-        rows.append(
-            f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
-            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |{gpu}"
-        )
-    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; each level serves the same {len(prompts)} requests, N at a time."]
-    name = "serving" + (f"_x{args.rounds}" if args.rounds != 1 else "") + (f"_{args.dtype}" if args.dtype != "auto" else "")
-    name += device_suffix(runtime.device)
-    write(name, {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "levels": levels}, "\n".join(rows))
+        report(levels, args, runtime, len(prompts))  # after every level, so a cut-short run keeps what it measured
 
 
 if __name__ == "__main__":

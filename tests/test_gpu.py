@@ -39,9 +39,15 @@ def test_online_equals_staged_on_cuda(cuda_runtime):
         assert online.text == staged.text and online.switch_point == staged.switch_point
 
 
-def test_batched_equals_sequential_on_cuda(cuda_runtime):
+def test_batched_equals_sequential_on_cuda_in_float32():
+    """Exact in float32. In bfloat16 a batched pass rounds differently from a lone one (the GPU's
+    matrix kernels depend on the shapes), so greedy replies part at near-ties: on an H200, 4 of
+    8 replies differed from the sequential ones, one after its fourth character."""
+    runtime = get_runtime(device="cuda", dtype="float32")
     jobs = [[{"role": "user", "content": p}] for p in PROMPTS * 2]
-    sequential = [cuda_runtime.generate(m, max_tokens=48).text for m in jobs]
+    sequential = [runtime.generate(m, max_tokens=48) for m in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        batched = list(pool.map(lambda m: cuda_runtime.generate(m, max_tokens=48).text, jobs))
-    assert batched == sequential
+        batched = list(pool.map(lambda m: runtime.generate(m, max_tokens=48), jobs))
+    assert [r.text for r in batched] == [r.text for r in sequential]
+    assert [r.switch_point for r in batched] == [r.switch_point for r in sequential]
+    assert runtime.stats().peaks["draft_batch"] > 1
