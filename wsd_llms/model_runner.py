@@ -53,8 +53,18 @@ class KVStore:
 class GrowingLayer(DynamicLayer):
     """One layer of a transformers cache whose states are the first `length` positions of its KVStore slot."""
 
-    def __init__(self, store: KVStore, index: int, length: int = 0) -> None:  # noqa: D107 (no super(): keys are views)
+    def __init__(self, store: KVStore, index: int, length: int = 0) -> None:  # no super(): keys are views
         self.store, self.index, self.length = store, index, length
+        self._slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (buffer, keys, values)
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's whole key and value slots [batch, heads, capacity, dim], cached until the store grows."""
+        buffer = self.store.buffer
+        if buffer is None:
+            return None
+        if self._slot is None or self._slot[0] is not buffer:
+            self._slot = (buffer, buffer[self.index, 0], buffer[self.index, 1])
+        return self._slot[1], self._slot[2]
 
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]
@@ -66,19 +76,22 @@ class GrowingLayer(DynamicLayer):
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self.store.buffer is None else self.store.buffer[self.index, 0, :, :, : self.length]
+        views = self._views()
+        return None if views is None else views[0][:, :, : self.length]
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self.store.buffer is None else self.store.buffer[self.index, 1, :, :, : self.length]
+        views = self._views()
+        return None if views is None else views[1][:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        buffer = self.store.room(end, key_states)
-        buffer[self.index, 0, :, :, self.length : end] = key_states
-        buffer[self.index, 1, :, :, self.length : end] = value_states
+        start, end = self.length, self.length + key_states.shape[-2]
+        self.store.room(end, key_states)
+        keys, values = self._views()  # type: ignore[misc]
+        keys[:, :, start:end] = key_states
+        values[:, :, start:end] = value_states
         self.length = end
-        return buffer[self.index, 0, :, :, :end], buffer[self.index, 1, :, :, :end]
+        return keys[:, :, :end], values[:, :, :end]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -215,13 +228,14 @@ class ModelRunner:
         span = max(cached)
         store = KVStore(self.num_layers)
         if span:  # room for this pass's states too, so the model appends in place
-            rows = [(row, kv.store.buffer, n) for row, (kv, n) in enumerate(zip(kvs, cached)) if n]
-            like = rows[0][1]
+            like = kvs[cached.index(span)].store.buffer
             assert like is not None
             store.buffer = like.new_empty(*like.shape[:2], len(kvs), like.shape[3], span + width, like.shape[5])
-            store.buffer[:, :, [row for row, n in enumerate(cached) if n < span], :, : span - min(cached)] = 0  # masked, but never NaN
-            for row, own, n in rows:  # one copy per row, all layers at once
-                store.buffer[:, :, row, :, span - n : span] = own[:, :, 0, :, :n]  # type: ignore[index]
+            for row, n in enumerate(cached):  # one copy per row, all layers at once
+                if n < span:
+                    store.buffer[:, :, row, :, : span - n] = 0  # masked out, but must not hold NaN
+                if n:
+                    store.buffer[:, :, row, :, span - n : span] = kvs[row].store.buffer[:, :, 0, :, :n]  # type: ignore[index]
         batch = DynamicCache()
         batch.layer_class_to_replicate = factory = LayerFactory(store, span)  # type: ignore[assignment]
         if span:  # transformers reads the past length off the first layer
