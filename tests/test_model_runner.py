@@ -114,3 +114,20 @@ def test_growing_cache_equals_transformers_cache_across_growth_and_crops():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         step = len(ours)
     assert ours.store.buffer is not None and ours.store.buffer.shape[-2] >= len(ours) > 64
+
+
+def test_kv_store_grows_by_doubling_and_refuses_mismatched_layers():
+    """All layers share one buffer; it doubles when full, keeps what it held, and a layer whose
+    key/value shape differs from the others gets a clear error instead of a silent mix-up."""
+    from wsd_llms.model_runner import KVStore
+
+    store = KVStore(num_layers=3)
+    states = torch.randn(1, 2, 40, 8)
+    first = store.room(40, states)
+    assert first.shape == (3, 2, 1, 2, 80, 8)
+    first[1, 0, :, :, :40] = states
+    assert store.room(80, states) is first  # fits: no copy
+    grown = store.room(81, states)
+    assert grown.shape[-2] == 162 and torch.equal(grown[1, 0, :, :, :40], states)
+    with pytest.raises(ValueError, match=r"\(1, 4, 1, 8\) do not fit a cache of 2 heads of size 8"):
+        store.room(82, torch.randn(1, 4, 1, 8))

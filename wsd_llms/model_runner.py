@@ -259,11 +259,14 @@ class ModelRunner:
             **{self._cache_kw: batch},
         )
         assert store.buffer is not None
-        for row, (kv, new) in enumerate(zip(kvs, ids)):  # hand each row its new states: one copy per row
-            held, end = len(kv), len(kv) + len(new)
+        # Hand each row its new states, one copy per row. Make room in every row first: if that
+        # fails (out of memory), no row has changed and each can be retried alone.
+        for row, (kv, new) in enumerate(zip(kvs, ids)):
             kv.store.num_layers = kv.store.num_layers or self.num_layers
-            own = kv.store.room(end, store.buffer[0, 0, row : row + 1])
-            own[:, :, 0, :, held:end] = store.buffer[:, :, row, :, span + width - len(new) : span + width]
+            kv.store.room(len(kv) + len(new), store.buffer[0, 0, row : row + 1])
+        for row, (kv, new) in enumerate(zip(kvs, ids)):
+            held, end = len(kv), len(kv) + len(new)
+            kv.store.buffer[:, :, 0, :, held:end] = store.buffer[:, :, row, :, span + width - len(new) : span + width]  # type: ignore[index]
             for layer in kv.fill_layers(self.num_layers):
                 layer.length = end
         logits = out.logits.float()
