@@ -23,11 +23,13 @@ class KVStore:
     With one buffer, a batch is assembled and its new states are handed back with one copy per
     sequence rather than one per layer and sequence (on a GPU, each copy is a kernel launch).
     Appends go into spare capacity, which doubles when full; transformers' DynamicLayer instead
-    concatenates the whole cache for every token it appends.
+    concatenates the whole cache for every token it appends. A batch's own store, which lives for
+    one pass, is made to measure (`spare=False`).
     """
 
-    def __init__(self, num_layers: int = 0) -> None:
+    def __init__(self, num_layers: int = 0, spare: bool = True) -> None:
         self.num_layers = num_layers
+        self.spare = spare
         self.buffer: torch.Tensor | None = None
 
     def room(self, end: int, like: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,8 @@ class KVStore:
                 return buffer
         if not self.num_layers:
             raise RuntimeError("a KVStore needs its number of layers before it holds states")
-        grown = like.new_empty(self.num_layers, 2, like.shape[0], like.shape[1], max(2 * end, 64), like.shape[3])
+        capacity = max(2 * end, 64) if self.spare else end
+        grown = like.new_empty(self.num_layers, 2, like.shape[0], like.shape[1], capacity, like.shape[3])
         if buffer is not None:
             grown[..., : buffer.shape[-2], :] = buffer
         self.buffer = grown
@@ -226,7 +229,7 @@ class ModelRunner:
         # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
         cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
         span = max(cached)
-        store = KVStore(self.num_layers)
+        store = KVStore(self.num_layers, spare=False)
         if span:  # room for this pass's states too, so the model appends in place
             like = kvs[cached.index(span)].store.buffer
             assert like is not None
