@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
 from wsd_llms.model_runner import KVCache, ModelRunner, RowsFirstLinear
 from wsd_llms.scheduler import plan_passes
@@ -15,10 +15,13 @@ from wsd_llms.sequence import Forward
 ROWS = [(0, 9, 0), (3, 1, 0), (20, 12, 5), (40, 2, 0), (40, 14, 14), (1, 1, 1)]
 
 
-@pytest.fixture(params=["llama", "gemma3"])
+@pytest.fixture(params=["llama", "gemma3", "deepseek"])
 def runner(request):
+    """Llama; Gemma 3 (sliding windows); DeepSeek-V3 (cached keys and values of different sizes)."""
     if request.param == "llama":
         return ModelRunner(tiny_llama(make_tokenizer(300), 0))
+    if request.param == "deepseek":
+        return ModelRunner(tiny_deepseek(make_tokenizer(300), 2))
     return ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
 
 
@@ -113,21 +116,23 @@ def test_growing_cache_equals_transformers_cache_across_growth_and_crops():
         a, b = runner.extend(ours, ids[start : start + 3], keep=3), runner.extend(plain, ids[start : start + 3], keep=3)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         step = len(ours)
-    assert ours.store.buffer is not None and ours.store.buffer.shape[-2] >= len(ours) > 64
+    assert ours.store.buffers is not None and ours.store.buffers[0].shape[-2] >= len(ours) > 64
 
 
 def test_kv_store_grows_by_doubling_and_refuses_mismatched_layers():
-    """All layers share one buffer; it doubles when full, keeps what it held, and a layer whose
+    """All layers share one key buffer and one value buffer (their head sizes may differ, as in
+    DeepSeek-style attention); they double when full, keep what they held, and a layer whose
     key/value shape differs from the others gets a clear error instead of a silent mix-up."""
     from wsd_llms.model_runner import KVStore
 
     store = KVStore(num_layers=3)
-    states = torch.randn(1, 2, 40, 8)
-    first = store.room(40, states)
-    assert first.shape == (3, 2, 1, 2, 80, 8)
-    first[1, 0, :, :, :40] = states
-    assert store.room(80, states) is first  # fits: no copy
-    grown = store.room(81, states)
-    assert grown.shape[-2] == 162 and torch.equal(grown[1, 0, :, :, :40], states)
+    keys, values = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 6)
+    first = store.room(40, keys, values)
+    assert first[0].shape == (3, 1, 2, 80, 8) and first[1].shape == (3, 1, 2, 80, 6)
+    first[0][1, :, :, :40] = keys
+    first[1][1, :, :, :40] = values
+    assert store.room(80, keys, values) is first  # fits: no copy
+    grown = store.room(81, keys, values)
+    assert grown[0].shape[-2] == 162 and torch.equal(grown[0][1, :, :, :40], keys) and torch.equal(grown[1][1, :, :, :40], values)
     with pytest.raises(ValueError, match=r"\(1, 4, 1, 8\) do not fit a cache of 2 heads of size 8"):
-        store.room(82, torch.randn(1, 4, 1, 8))
+        store.room(82, torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 6))

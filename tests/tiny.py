@@ -6,7 +6,15 @@ import string
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from wsd_llms.loading import LoadedModel, eos_ids
 
@@ -91,3 +99,32 @@ def tiny_gemma3(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny
         pad_token_id=tokenizer.pad_token_id,
     )
     return _finish(Gemma3ForCausalLM(cfg), tokenizer, name, sharpen)
+
+
+def tiny_deepseek(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-deepseek", sharpen: float = 0.5) -> LoadedModel:
+    """DeepSeek-V3 layout: latent attention, whose cached keys and values differ in head size."""
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=6,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _finish(DeepseekV3ForCausalLM(cfg), tokenizer, name, sharpen)

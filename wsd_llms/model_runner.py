@@ -18,64 +18,69 @@ from .loading import LoadedModel
 
 
 class KVStore:
-    """Every layer's keys and values of one cache in one buffer: [layers, 2, batch, heads, capacity, head_dim].
+    """Every layer's keys, and every layer's values, of one cache in one buffer each:
+    [layers, batch, heads, capacity, head_dim] (keys and values may differ in head_dim).
 
-    With one buffer, a batch is assembled and its new states are handed back with one copy per
-    sequence rather than one per layer and sequence (on a GPU, each copy is a kernel launch).
-    Appends go into spare capacity, which doubles when full; transformers' DynamicLayer instead
-    concatenates the whole cache for every token it appends. A batch's own store, which lives for
-    one pass, is made to measure (`spare=False`).
+    With one buffer per kind, a batch is assembled and its new states are handed back with two
+    copies per sequence rather than two per layer and sequence (on a GPU, each copy is a kernel
+    launch). Appends go into spare capacity, which doubles when full; transformers' DynamicLayer
+    instead concatenates the whole cache for every token it appends. A batch's own store, which
+    lives for one pass, is made to measure (`spare=False`).
     """
 
     def __init__(self, num_layers: int = 0, spare: bool = True) -> None:
         self.num_layers = num_layers
         self.spare = spare
-        self.buffer: torch.Tensor | None = None
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def room(self, end: int, like: torch.Tensor) -> torch.Tensor:
-        """The buffer, made or grown so it holds `end` positions of states shaped like `like` [batch, heads, n, dim]."""
-        buffer = self.buffer
-        if buffer is not None:
-            if (buffer.shape[2], buffer.shape[3], buffer.shape[5]) != (like.shape[0], like.shape[1], like.shape[3]):
-                raise ValueError(
-                    f"key/value states of shape {tuple(like.shape)} do not fit a cache of {buffer.shape[3]} heads of "
-                    f"size {buffer.shape[5]}: models whose layers differ in key/value shape are not supported"
-                )
-            if end <= buffer.shape[-2]:
-                return buffer
+    def room(self, end: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (keys, values) buffers, made or grown to hold `end` positions of states like these [batch, heads, n, dim]."""
+        buffers = self.buffers
+        if buffers is not None:
+            for buffer, like in zip(buffers, (keys, values)):
+                if (buffer.shape[1], buffer.shape[2], buffer.shape[4]) != (like.shape[0], like.shape[1], like.shape[3]):
+                    raise ValueError(
+                        f"key/value states of shape {tuple(like.shape)} do not fit a cache of {buffer.shape[2]} heads "
+                        f"of size {buffer.shape[4]}: models whose layers differ in key/value shape are not supported"
+                    )
+            if end <= buffers[0].shape[-2]:
+                return buffers
         if not self.num_layers:
             raise RuntimeError("a KVStore needs its number of layers before it holds states")
         capacity = max(2 * end, 64) if self.spare else end
-        grown = like.new_empty(self.num_layers, 2, like.shape[0], like.shape[1], capacity, like.shape[3])
-        if buffer is not None:
-            grown[..., : buffer.shape[-2], :] = buffer
-        self.buffer = grown
-        return grown
+        grown = []
+        for i, like in enumerate((keys, values)):
+            buffer = like.new_empty(self.num_layers, like.shape[0], like.shape[1], capacity, like.shape[3])
+            if buffers is not None:
+                buffer[..., : buffers[i].shape[-2], :] = buffers[i]
+            grown.append(buffer)
+        self.buffers = (grown[0], grown[1])
+        return self.buffers
 
 
 class GrowingLayer(DynamicLayer):
-    """One layer of a transformers cache whose states are the first `length` positions of its KVStore slot."""
+    """One layer of a transformers cache whose states are the first `length` positions of its KVStore slots."""
 
     def __init__(self, store: KVStore, index: int, length: int = 0) -> None:  # no super(): keys are views
         self.store, self.index, self.length = store, index, length
-        self._slot: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (buffer, keys, values)
+        self._slot: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This layer's whole key and value slots [batch, heads, capacity, dim], cached until the store grows."""
-        buffer = self.store.buffer
-        if buffer is None:
+        buffers = self.store.buffers
+        if buffers is None:
             return None
-        if self._slot is None or self._slot[0] is not buffer:
-            self._slot = (buffer, buffer[self.index, 0], buffer[self.index, 1])
+        if self._slot is None or self._slot[0] is not buffers:
+            self._slot = (buffers, buffers[0][self.index], buffers[1][self.index])
         return self._slot[1], self._slot[2]
 
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]
-        return self.store.buffer is not None
+        return self.store.buffers is not None
 
     @property
     def device(self) -> torch.device | None:  # type: ignore[override]
-        return None if self.store.buffer is None else self.store.buffer.device
+        return None if self.store.buffers is None else self.store.buffers[0].device
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
@@ -89,7 +94,7 @@ class GrowingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + key_states.shape[-2]
-        self.store.room(end, key_states)
+        self.store.room(end, key_states, value_states)
         keys, values = self._views()  # type: ignore[misc]
         keys[:, :, start:end] = key_states
         values[:, :, start:end] = value_states
@@ -231,14 +236,17 @@ class ModelRunner:
         span = max(cached)
         store = KVStore(self.num_layers, spare=False)
         if span:  # room for this pass's states too, so the model appends in place
-            like = kvs[cached.index(span)].store.buffer
+            like = kvs[cached.index(span)].store.buffers
             assert like is not None
-            store.buffer = like.new_empty(*like.shape[:2], len(kvs), like.shape[3], span + width, like.shape[5])
-            for row, n in enumerate(cached):  # one copy per row, all layers at once
-                if n < span:
-                    store.buffer[:, :, row, :, : span - n] = 0  # masked out, but must not hold NaN
-                if n:
-                    store.buffer[:, :, row, :, span - n : span] = kvs[row].store.buffer[:, :, 0, :, :n]  # type: ignore[index]
+            keys, values = (b.new_empty(b.shape[0], len(kvs), b.shape[2], span + width, b.shape[4]) for b in like)
+            store.buffers = (keys, values)
+            for row, n in enumerate(cached):  # two copies per row (keys, values), all layers at once
+                own = kvs[row].store.buffers
+                for part, buffer in enumerate(store.buffers):
+                    if n < span:
+                        buffer[:, row, :, : span - n] = 0  # masked out, but must not hold NaN
+                    if n:
+                        buffer[:, row, :, span - n : span] = own[part][:, 0, :, :n]  # type: ignore[index]
         batch = DynamicCache()
         batch.layer_class_to_replicate = factory = LayerFactory(store, span)  # type: ignore[assignment]
         if span:  # transformers reads the past length off the first layer
@@ -261,15 +269,17 @@ class ModelRunner:
             logits_to_keep=keep,
             **{self._cache_kw: batch},
         )
-        assert store.buffer is not None
-        # Hand each row its new states, one copy per row. Make room in every row first: if that
+        assert store.buffers is not None
+        batch_keys, batch_values = store.buffers
+        # Hand each row its new states, two copies per row. Make room in every row first: if that
         # fails (out of memory), no row has changed and each can be retried alone.
         for row, (kv, new) in enumerate(zip(kvs, ids)):
             kv.store.num_layers = kv.store.num_layers or self.num_layers
-            kv.store.room(len(kv) + len(new), store.buffer[0, 0, row : row + 1])
+            kv.store.room(len(kv) + len(new), batch_keys[0, row : row + 1], batch_values[0, row : row + 1])
         for row, (kv, new) in enumerate(zip(kvs, ids)):
             held, end = len(kv), len(kv) + len(new)
-            kv.store.buffer[:, :, 0, :, held:end] = store.buffer[:, :, row, :, span + width - len(new) : span + width]  # type: ignore[index]
+            for own, buffer in zip(kv.store.buffers, store.buffers):  # type: ignore[arg-type]
+                own[:, 0, :, held:end] = buffer[:, row, :, span + width - len(new) : span + width]
             for layer in kv.fill_layers(self.num_layers):
                 layer.length = end
         logits = out.logits.float()
