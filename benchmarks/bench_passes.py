@@ -1,11 +1,11 @@
 """Forward-pass costs of the embedded models, the facts the scheduler's batching rests on:
 
 - the output projection: `F.linear` against the rows-first product (model_runner.RowsFirstLinear);
-- one decode step for 1, 4, 8 and 16 sequences (batched, caches of 40-75 tokens), and the share
-  of the batched step spent assembling the padded cache;
-- a pass's fixed cost against its cost per token (scheduler.PASS_OVERHEAD).
+- one decode step for 1, 4, 8 and 16 sequences (batched, caches of 40-75 tokens);
+- a pass's fixed cost against its cost per token (scheduler.PASS_OVERHEAD), from scoring passes
+  of 1 to 512 tokens.
 
-    python benchmarks/bench_passes.py
+    python benchmarks/bench_passes.py [--device auto] [--dtype auto]    (GPU results: results/passes_cuda.*)
 """
 
 from __future__ import annotations

@@ -62,19 +62,26 @@ def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, name: st
     )
 
 
+def _shared(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The config fields every tiny model shares: vocabulary, widths, heads, context, untied head, special ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-llama", sharpen: float = 0.5) -> LoadedModel:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        **_shared(tokenizer),
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     return _finish(LlamaForCausalLM(cfg), tokenizer, name, sharpen)
 
@@ -83,19 +90,12 @@ def tiny_gemma3(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny
     """Gemma 3 layout: sliding-window layers (window 16, so long tests cross it) and soft-capping."""
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        **_shared(tokenizer),
         num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
         sliding_window=16,
-        max_position_embeddings=512,
         final_logit_softcapping=30.0,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return _finish(Gemma3ForCausalLM(cfg), tokenizer, name, sharpen)
@@ -105,12 +105,9 @@ def tiny_deepseek(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "ti
     """DeepSeek-V3 layout: latent attention, whose cached keys and values differ in head size."""
     torch.manual_seed(seed)
     cfg = DeepseekV3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        **_shared(tokenizer),
         moe_intermediate_size=16,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
         n_routed_experts=4,
         num_experts_per_tok=2,
@@ -122,9 +119,5 @@ def tiny_deepseek(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "ti
         qk_rope_head_dim=4,
         qk_nope_head_dim=8,
         v_head_dim=6,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     return _finish(DeepseekV3ForCausalLM(cfg), tokenizer, name, sharpen)
