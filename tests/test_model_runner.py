@@ -136,3 +136,32 @@ def test_kv_store_grows_by_doubling_and_refuses_mismatched_layers():
     assert grown[0].shape[-2] == 162 and torch.equal(grown[0][1, :, :, :40], keys) and torch.equal(grown[1][1, :, :, :40], values)
     with pytest.raises(ValueError, match=r"\(1, 4, 1, 8\) do not fit a cache of 2 heads of size 8"):
         store.room(82, torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 6))
+
+
+def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):
+    """If handing the new states back fails (say, out of memory while growing one row's cache),
+    no row has changed: each can then be run alone, as the engine's retry does, with the logits
+    of a pass that never failed."""
+    from wsd_llms.model_runner import KVStore
+
+    vocab = runner.model.config.vocab_size
+    new = [_ids(100 + i, n, vocab) for i, (_, n, _) in enumerate(ROWS)]
+    keeps = [k for _, _, k in ROWS]
+    failing, clean = _caches(runner), _caches(runner)
+    target = failing[3].store
+    room = KVStore.room
+
+    def out_of_memory(store, end, keys, values):
+        if store is target:
+            raise MemoryError("no room")
+        return room(store, end, keys, values)
+
+    lengths = [len(kv) for kv in failing]
+    with monkeypatch.context() as m:
+        m.setattr(KVStore, "room", out_of_memory)
+        with pytest.raises(MemoryError):
+            runner.extend_batch(failing, new, keeps)
+    assert [len(kv) for kv in failing] == lengths
+    assert all(layer.length == len(kv) for kv in failing for layer in kv.cache.layers)
+    for kv, other, ids, keep in zip(failing, clean, new, keeps):
+        torch.testing.assert_close(runner.extend(kv, ids, keep), runner.extend(other, ids, keep), atol=1e-5, rtol=1e-5)
