@@ -1,6 +1,7 @@
 """Forward-pass costs of the embedded models, the facts the scheduler's batching rests on:
 
-- the output projection: `F.linear` against the rows-first product (model_runner.RowsFirstLinear);
+- the output projection: `F.linear` (MKL) against the oneDNN packed layer the CPU runner uses
+  (packed_linear.PackedLinear);
 - one decode step for 1, 4, 8 and 16 sequences (batched, caches of 40-75 tokens);
 - a pass's fixed cost against its cost per token (scheduler.PASS_OVERHEAD), from scoring passes
   of 1 to 512 tokens.
@@ -16,11 +17,11 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from common import device_suffix, write
 
 import wsd_llms
-from wsd_llms.model_runner import KVCache, ModelRunner, RowsFirstLinear
+from wsd_llms.model_runner import KVCache, ModelRunner
+from wsd_llms.packed_linear import PackedLinear
 
 
 def timed(fn: Callable[[], object], repeat: int = 7) -> float:
@@ -38,17 +39,18 @@ def timed(fn: Callable[[], object], repeat: int = 7) -> float:
 
 
 def head_costs(runner: ModelRunner) -> list[dict]:
-    """The CPU output projection: `F.linear` against the rows-first product (GPUs keep `F.linear`)."""
+    """A CPU output projection of the model's shape and dtype: `nn.Linear` against `PackedLinear` (GPUs keep `nn.Linear`)."""
     head = runner.model.get_output_embeddings()
-    if not isinstance(head, RowsFirstLinear):
+    if not isinstance(head, PackedLinear):
         return []
-    weight = head.linear.weight
+    dtype = runner.model.get_input_embeddings().weight.dtype
+    linear = torch.nn.Linear(head.in_features, head.out_features, bias=False, dtype=dtype)
+    packed = PackedLinear(linear)
     rows = []
     for n in [1, 2, 8, 16, 64]:
-        x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
+        x = torch.randn(n, head.in_features, dtype=dtype)
         with torch.inference_mode():
-            linear, rows_first = timed(lambda: F.linear(x, weight)), timed(lambda: head(x))
-        rows.append({"rows": n, "linear_ms": linear, "rows_first_ms": rows_first})
+            rows.append({"rows": n, "linear_ms": timed(lambda: linear(x)), "packed_ms": timed(lambda: packed(x))})
     return rows
 
 
@@ -92,7 +94,7 @@ def main() -> None:
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=2)  # load
     assert runtime.engine is not None
     data: dict = {}
-    rows = ["| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | head rows 1 / 8 / 64: linear vs rows-first (ms) |", "|---|---|---|---|---|"]
+    rows = ["| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | output projection, rows 1 / 8 / 64: `nn.Linear` vs packed (ms) |", "|---|---|---|---|---|"]
     for name, runner in runtime.engine.runners.items():
         steps, heads = step_costs(runner), head_costs(runner)
         data[name] = {"model": runner.loaded.name, "steps": steps, "head": heads}
@@ -101,7 +103,7 @@ def main() -> None:
         rows.append(
             f"| {name} ({runner.loaded.name}) | {d[1]:.0f} / {d[4]:.0f} / {d[8]:.0f} / {d[16]:.0f} | {steps['decode_8_vs_1']:.2f}x | "
             f"{steps['pass_overhead_ms']:.0f}, {steps['pass_overhead_tokens']:.1f} | "
-            + (" / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['rows_first_ms']:.0f}" for n in (1, 8, 64)) if h else "n/a")
+            + (" / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['packed_ms']:.0f}" for n in (1, 8, 64)) if h else "n/a")
             + " |"
         )
     rows += [

@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
-from wsd_llms.model_runner import KVCache, ModelRunner, RowsFirstLinear
+from wsd_llms.model_runner import KVCache, ModelRunner
+from wsd_llms.packed_linear import PackedLinear
 from wsd_llms.scheduler import plan_passes
 from wsd_llms.sequence import Forward
 
@@ -56,15 +57,31 @@ def test_ragged_batch_equals_one_at_a_time(runner):
         torch.testing.assert_close(runner.extend(b, [42]), runner.extend(a, [42]), atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_output_projection_is_rows_first_and_exact():
+def test_cpu_linears_are_packed_exact_and_batch_invariant():
+    """Every linear layer runs on oneDNN: the same numbers as F.linear, for any input layout, and a
+    row's result does not depend on the rows that share its call (what makes batching exact)."""
     loaded = tiny_llama(make_tokenizer(300), 0)
-    linear = loaded.model.get_output_embeddings()
+    linears = {name: m for name, m in loaded.model.named_modules() if type(m) is torch.nn.Linear}
     ModelRunner(loaded)
-    head = loaded.model.get_output_embeddings()
-    assert isinstance(head, RowsFirstLinear) and head.linear is linear
-    for shape in [(1, 1, 32), (1, 5, 32), (3, 2, 32)]:
-        x = torch.randn(shape)
-        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, linear.weight), atol=1e-5, rtol=1e-5)
+    modules = dict(loaded.model.named_modules())
+    assert linears and all(isinstance(modules[name], PackedLinear) for name in linears)
+    assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
+    head, linear = loaded.model.get_output_embeddings(), linears["lm_head"]
+    x = torch.randn(3, 9, 32)
+    with torch.inference_mode():
+        for view in [x[:1, :1], x[:, 2:7], x[:, ::2], x.transpose(0, 1)]:  # contiguous or not
+            torch.testing.assert_close(head(view), torch.nn.functional.linear(view, linear.weight), atol=1e-5, rtol=1e-5)
+        rows = x.reshape(-1, 32)
+        together = head(rows)
+        assert all(torch.equal(head(rows[i : i + n]), together[i : i + n]) for i, n in [(0, 1), (5, 2), (8, 8), (3, 17)])
+
+
+def test_a_second_runner_on_a_packed_model_changes_nothing():
+    loaded = tiny_llama(make_tokenizer(300), 0)
+    first = ModelRunner(loaded)
+    head, cost = loaded.model.get_output_embeddings(), first.head_cost()
+    second = ModelRunner(loaded)
+    assert loaded.model.get_output_embeddings() is head and second.head_cost() == cost
 
 
 def _fw(n: int, keep: int = 0) -> Forward:
@@ -86,14 +103,17 @@ def test_plan_passes_keeps_a_long_pass_apart_from_decode_steps():
     assert plan_passes(forwards, head_cost=1.7, overhead=1e6) == [[0, 1, 2]]
 
 
-def test_head_cost_counts_a_tied_head_once():
-    untied = ModelRunner(tiny_llama(make_tokenizer(300), 0))
-    model = untied.model
-    head, embed = model.get_output_embeddings().linear.weight, model.get_input_embeddings().weight
-    body = sum(p.numel() for p in model.parameters()) - head.numel() - embed.numel()
-    assert untied.head_cost() == pytest.approx(head.numel() / body)
-    model.get_output_embeddings().linear.weight = embed  # tie them
-    assert untied.head_cost() == pytest.approx(embed.numel() / body)
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_cost_counts_a_tied_head_once(tied):
+    loaded = tiny_llama(make_tokenizer(300), 0)
+    model = loaded.model
+    embed = model.get_input_embeddings().weight
+    if tied:
+        model.get_output_embeddings().weight = embed
+    head = model.get_output_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - embed.numel() - (0 if tied else head.numel())
+    runner = ModelRunner(loaded)  # packs the layers; the count must not change
+    assert runner.head_cost() == pytest.approx(head.numel() / body)
 
 
 def test_growing_cache_equals_transformers_cache_across_growth_and_crops():

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .loading import LoadedModel
+from .packed_linear import PackedLinear, pack_linears
 
 
 class KVStore:
@@ -142,36 +143,6 @@ class KVCache:
         return layers  # type: ignore[return-value]
 
 
-class RowsFirstLinear(torch.nn.Module):
-    """A wide output projection computed as `weight @ x.T` on CPU.
-
-    For a few rows times a vocabulary-sized matrix, MKL's kernel behind `F.linear` runs 2-5x
-    slower than the transposed product, and a lone row is faster padded to two
-    (benchmarks/bench_passes.py). The output projection is most of a small model's decode step.
-    """
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        if n == 1:
-            rows = torch.cat([rows, rows])
-        out = (self.linear.weight @ rows.T).T[:n]
-        if self.linear.bias is not None:
-            out = out + self.linear.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def use_rows_first_head(model: Any) -> None:
-    """Swap a CPU model's output projection for `RowsFirstLinear` (same weights, shared if tied)."""
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear and head.weight.device.type == "cpu":
-        model.set_output_embeddings(RowsFirstLinear(head))
-
-
 class ModelRunner:
     """Runs a loaded model: extend a cache with ids and return float32 logits."""
 
@@ -179,7 +150,7 @@ class ModelRunner:
         self.loaded = loaded
         self.model: Any = loaded.model
         self.device = loaded.device
-        use_rows_first_head(self.model)
+        pack_linears(self.model)
         # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -188,13 +159,15 @@ class ModelRunner:
     def head_cost(self) -> float:
         """The output projection's cost for one row, relative to one token through the layers."""
         head = self.model.get_output_embeddings()
-        head_weight = getattr(head.linear if isinstance(head, RowsFirstLinear) else head, "weight", None)
-        embed_weight = getattr(self.model.get_input_embeddings(), "weight", None)
-        if not isinstance(head_weight, torch.Tensor) or not isinstance(embed_weight, torch.Tensor):
+        embed = getattr(self.model.get_input_embeddings(), "weight", None)
+        if not isinstance(head, (torch.nn.Linear, PackedLinear)) or not isinstance(embed, torch.Tensor):
             return 1.0  # an unusual model: count the head like one more token
-        total = sum(p.numel() for p in self.model.parameters())  # a tied weight is counted once
-        body = total - embed_weight.numel() - (0 if head_weight is embed_weight else head_weight.numel())
-        return head_weight.numel() / max(body, 1)
+        packed = sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, PackedLinear))
+        total = sum(p.numel() for p in self.model.parameters()) + packed  # a tied weight is counted once
+        head_size = head.in_features * head.out_features
+        tied = getattr(head, "weight", None) is embed  # a packed head has its own copy, counted in `packed`
+        body = total - embed.numel() - (0 if tied else head_size)
+        return head_size / max(body, 1)
 
     def new_cache(self) -> KVCache:
         return KVCache()
