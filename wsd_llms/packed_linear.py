@@ -10,6 +10,8 @@ batch: batched serving and one-at-a-time serving compute the same numbers
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Any
 
 import torch
@@ -59,4 +61,15 @@ def pack_linears(model: Any) -> int:
             if type(child) is torch.nn.Linear and can_pack(child.weight):
                 setattr(module, name, PackedLinear(child))
                 swapped += 1
+    if swapped:
+        release_freed_memory()
     return swapped
+
+
+def release_freed_memory() -> None:
+    """Give the freed dense weights' memory back to the OS now: glibc keeps freed blocks of a few
+    MB in its heap for reuse, which after packing would leave the replaced weights resident."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "malloc_trim"):  # glibc; musl has no such call and returns memory itself
+            libc.malloc_trim(0)
