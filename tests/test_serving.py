@@ -143,6 +143,38 @@ async def test_cancelling_half_leaves_the_rest_unchanged(fresh):
     assert after.cached_tokens == 0 and after.reserved_tokens == 0  # every cancelled cache was freed
 
 
+def test_requests_submitted_during_a_step_all_join_the_next(fresh):
+    """The worker takes in everything that arrived while it stepped, not one request per step, so
+    a burst of requests prefills together."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)  # load
+    engine = rt.engine
+    entered, release, seen = threading.Event(), threading.Event(), []
+    step = engine.step
+
+    def gated_step():
+        if not release.is_set():
+            entered.set()
+            release.wait(10)
+        seen.append(len(engine.scheduler))
+        step()
+
+    engine.step = gated_step
+    blocker = rt.stream(_msgs(QUESTIONS[0]), max_tokens=30, switch_threshold=1.0)
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(next, blocker)
+        assert entered.wait(10)  # the worker is inside a step
+        burst = [pool.submit(rt.generate, _msgs(q), max_tokens=6) for q in QUESTIONS[1:5]]
+        deadline = time.monotonic() + 10
+        while rt._inbox.qsize() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        assert all(isinstance(f.result(timeout=60).text, str) for f in burst)
+        first.result(timeout=60)
+        blocker.close()
+    assert seen[0] == 1 and seen[1] == 5  # the blocked step, then all four new requests at once
+
+
 def test_closing_a_sync_stream_frees_its_cache(fresh):
     rt = fresh()
     stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0)

@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -243,17 +243,23 @@ class WSDRuntime:
             while True:
                 engine = self.engine
                 busy = engine is not None and engine.has_work()
-                try:
-                    item = self._inbox.get_nowait() if busy else self._inbox.get()
-                except queue.Empty:
-                    item = False  # nothing new; keep stepping
-                if item is None:
-                    self._fail_all(RuntimeClosedError("the runtime was closed"))
-                    return
-                if item:
+                # Everything submitted since the last step joins the next one (their prefills batch).
+                item = self._inbox.get() if not busy else self._next_submission()
+                while item is not False:
+                    if item is None:
+                        self._fail_all(RuntimeClosedError("the runtime was closed"))
+                        return
                     self._accept(item)
+                    item = self._next_submission()
                 if self.engine is not None and self.engine.has_work():
                     self.engine.step()
+
+    def _next_submission(self) -> _Submission | None | Literal[False]:
+        """The next submission, None when closing, False when there is none."""
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return False
 
     def _accept(self, sub: _Submission) -> None:
         try:
