@@ -6,8 +6,6 @@ $WSD_LLMS_CACHE (default ~/.cache/wsd-llms), so later starts load in seconds.
 
 from __future__ import annotations
 
-import inspect
-
 import hashlib
 import importlib.util
 import os
@@ -256,17 +254,6 @@ def local_source(source: str) -> Path | None:
     return None
 
 
-def _read_into_memory(device: torch.device) -> dict[str, Any]:
-    """On CPU, read the weights into memory rather than map the file: the runner packs the linear
-    layers' weights into new memory (packed_linear.py), and a dense copy it replaces is freed only
-    if it was not mapped (a mapped file stays resident as long as any of its tensors lives)."""
-    from transformers import PreTrainedModel
-
-    if device.type == "cpu" and "disable_mmap" in inspect.signature(PreTrainedModel.from_pretrained).parameters:
-        return {"disable_mmap": True}
-    return {}
-
-
 def load_model(
     source: str,
     *,
@@ -291,7 +278,7 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         with _quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **_read_into_memory(device))
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id): {exc}"

@@ -62,13 +62,22 @@ def pack_linears(model: Any) -> int:
                 setattr(module, name, PackedLinear(child))
                 swapped += 1
     if swapped:
-        release_freed_memory()
+        _release_replaced_weights(model)
     return swapped
 
 
-def release_freed_memory() -> None:
-    """Give the freed dense weights' memory back to the OS now: glibc keeps freed blocks of a few
-    MB in its heap for reuse, which after packing would leave the replaced weights resident."""
+def _release_replaced_weights(model: Any) -> None:
+    """Let the memory of the dense weights just replaced go back to the OS.
+
+    A model loaded from safetensors maps its file, and the mapping stays resident, the replaced
+    weights' pages included, while any tensor still points into it: so the remaining weights
+    (embeddings, norms) are copied out. Weights made in memory (converted at load) are freed to
+    the heap, where glibc keeps blocks of a few MB for reuse: trim it.
+    """
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the caller is in
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None)
         if hasattr(libc, "malloc_trim"):  # glibc; musl has no such call and returns memory itself
