@@ -7,7 +7,7 @@ import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
 from wsd_llms.model_runner import KVCache, ModelRunner
-from wsd_llms.packed_linear import PackedLinear
+from wsd_llms.packed_linear import PackedLinear, can_pack
 from wsd_llms.scheduler import plan_passes
 from wsd_llms.sequence import Forward
 
@@ -74,6 +74,11 @@ def test_cpu_linears_are_packed_exact_and_batch_invariant():
         rows = x.reshape(-1, 32)
         together = head(rows)
         assert all(torch.equal(head(rows[i : i + n]), together[i : i + n]) for i, n in [(0, 1), (5, 2), (8, 8), (3, 17)])
+
+
+def test_only_cpu_float32_and_bfloat16_weights_are_packed():
+    assert can_pack(torch.empty(4, 4)) and can_pack(torch.empty(4, 4, dtype=torch.bfloat16))
+    assert not can_pack(torch.empty(4, 4, dtype=torch.float16)) and not can_pack(torch.empty(4, 4, device="meta"))
 
 
 def test_a_second_runner_on_a_packed_model_changes_nothing():

@@ -1,17 +1,19 @@
 """CPU linear layers on oneDNN with weights prepacked once at load.
 
-For the few rows of a decode step or scoring pass, MKL's kernel behind `F.linear` is slow (an 8-row
-output projection costs 2.4x a 1-row one on the 2-core CI machine) and its result for a row
-depends on how many rows share the call. oneDNN with a prepacked weight is 2-3x faster there,
-an 8-row step costs about 1.2x a single one, and each row's result is bit-identical whatever the
-batch: batched serving and one-at-a-time serving compute the same numbers
-(benchmarks/bench_passes.py). PyTorch's own compiler packs CPU linears the same way.
+For the few rows of a decode step or scoring pass, MKL's float32 kernel behind `nn.Linear` is
+slow, and its result for a row depends on how many rows share the call. oneDNN with a prepacked
+weight is several times faster there (the embedded base's 8-row output projection: 74 ms against
+13 ms; a whole decode step of 8 now costs 1.2x a single one, benchmarks/bench_passes.py), and
+each row's result is bit-identical whatever the batch, so batched serving and one-at-a-time
+serving compute the same numbers. torch.compile's CPU freezing packs linear layers the same way.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -20,14 +22,28 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether this PyTorch build can run `weight` as a oneDNN packed linear (a CPU weight of a packable dtype)."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in PACKABLE_DTYPES
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    """Whether `weight` can run as a oneDNN packed linear: a CPU weight of a packable dtype, on a
+    PyTorch build whose oneDNN linear gives the same numbers as `nn.Linear`."""
+    return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and _onednn_linear_works(weight.dtype)
+
+
+@functools.cache
+def _onednn_linear_works(dtype: torch.dtype) -> bool:
+    """Probe the oneDNN ops once per dtype (they are PyTorch internals): present, and matching `nn.Linear`."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48, dtype=dtype)
+    x = torch.randn(5, 64, generator=generator).to(dtype)
+    try:
+        with torch.inference_mode():
+            packed, plain = PackedLinear(linear)(x), linear(x)
+    except RuntimeError as exc:
+        warnings.warn(f"oneDNN linear layers failed a self-check ({exc}); CPU linear layers stay on nn.Linear", stacklevel=2)
+        return False
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    return torch.allclose(packed.float(), plain.float(), atol=tolerance, rtol=tolerance)
 
 
 class PackedLinear(torch.nn.Module):
