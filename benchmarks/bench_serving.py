@@ -86,6 +86,19 @@ def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime,
             f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
             f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |{gpu}"
         )
+    rows += [
+        "",
+        "Where the time goes: seconds in forward passes per phase (a batched pass serving several phases is split by tokens fed), and passes run:",
+        "",
+        "| concurrent | draft decoding and prefill (s) | base scoring and prefill (s) | base decoding (s) | outside passes (s) | draft / base passes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, v in levels.items():
+        sec, passes = v["pass_seconds"], v["passes"]
+        rows.append(
+            f"| {n} | {sec['draft']:.1f} | {sec['score']:.1f} | {sec['base']:.1f} | {v['wall_s'] - sum(sec.values()):.1f} | "
+            f"{passes['draft']} / {passes['base']} |"
+        )
     rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; each level serves the same {requests} requests, N at a time."]
     name = "serving" + (f"_x{args.rounds}" if args.rounds != 1 else "") + (f"_{args.dtype}" if args.dtype != "auto" else "")
     name += device_suffix(runtime.device)
@@ -114,10 +127,12 @@ def main() -> None:
     for n in args.levels:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        before = runtime.stats()
         with PeakRSS() as rss, ThreadPoolExecutor(n) as pool:
             t0 = time.perf_counter()
             outcomes = list(pool.map(one, prompts))
             wall = time.perf_counter() - t0
+        after = runtime.stats()
         latencies = [o[0] for o in outcomes]
         tokens = sum(o[1] for o in outcomes)
         levels[n] = {
@@ -131,6 +146,9 @@ def main() -> None:
             "peak_rss_mib": rss.peak,
             "peak_draft_batch": runtime.stats().peaks["draft_batch"],
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "pass_seconds": {k: after.pass_seconds[k] - before.pass_seconds[k] for k in after.pass_seconds},
+            "passes": {k: after.passes[k] - before.passes[k] for k in after.passes},
+            "tokens_fed": {k: after.tokens[k] - before.tokens[k] for k in after.tokens},
         }
         print(f"{n:3d} concurrent: {tokens / wall:6.1f} tok/s, p50 {levels[n]['p50_latency_s']:.2f}s", flush=True)
         report(levels, args, runtime, len(prompts))  # after every level, so a cut-short run keeps what it measured

@@ -309,3 +309,9 @@ def test_stats_snapshot(fresh):
     assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 1, 0, 0)
     assert s.tokens["draft"] > 0 and s.tokens["score"] > 0
     assert s.cached_tokens == 0
+    assert s.passes["draft"] > 0 and s.passes["base"] > 0
+    timings = events[-1].result.timings  # one request alone: the runtime's pass time is all its own
+    assert (s.pass_seconds["draft"], s.pass_seconds["score"], s.pass_seconds["base"]) == pytest.approx(
+        (timings.draft, timings.scoring, timings.base)
+    )
+    assert 0 < sum(s.pass_seconds.values()) <= timings.total

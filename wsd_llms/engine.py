@@ -22,7 +22,7 @@ from .params import GenerationParams
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
 from .scheduler import PASS_OVERHEAD, Scheduler, plan_passes
-from .sequence import Phase, Sequence
+from .sequence import Forward, Phase, Sequence
 from .staged import run_staged
 from .structured import constraint_spec, structured_fields
 
@@ -53,6 +53,18 @@ class RuntimeStats:
     """Cache positions reserved by admission for the running requests."""
     peaks: dict[str, int]
     """Highest values seen so far: "queued", "running", "draft_batch", "base_batch"."""
+    passes: dict[str, int]
+    """Forward passes run so far by each model ("draft", "base")."""
+    pass_seconds: dict[str, float]
+    """Seconds spent in forward passes per phase ("draft", "score", "base"); a batched pass that
+    serves several phases is split by the tokens each fed."""
+
+    @classmethod
+    def empty(cls) -> RuntimeStats:
+        """The snapshot of a runtime that has not started."""
+        zeros = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
+        return cls(0, 0, 0, 0, 0, {"draft": 0, "score": 0, "base": 0}, {"draft": 0, "base": 0}, 0, 0, zeros,
+                   {"draft": 0, "base": 0}, {"draft": 0.0, "score": 0.0, "base": 0.0})
 
 
 class Engine:
@@ -73,6 +85,8 @@ class Engine:
         self.tokens = {"draft": 0, "score": 0, "base": 0}
         self.batch_sizes = {"draft": 0, "base": 0}
         self.peaks = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
+        self.passes = {"draft": 0, "base": 0}
+        self.pass_seconds = {"draft": 0.0, "score": 0.0, "base": 0.0}
         self.steps = 0
 
     def prepare(
@@ -118,6 +132,8 @@ class Engine:
             cached_tokens=sum(seq.cached_tokens() for seq in running),
             reserved_tokens=self.scheduler.reserved,
             peaks=dict(self.peaks),
+            passes=dict(self.passes),
+            pass_seconds=dict(self.pass_seconds),
         )
 
     def step(self) -> None:
@@ -164,6 +180,7 @@ class Engine:
                 self._run_one(seq)
             return
         elapsed = time.perf_counter() - t0
+        self._note_pass(model, forwards, elapsed)
         for seq, rows in zip(group, logits):
             self._account(seq, elapsed)
             self._send(seq, rows)
@@ -177,8 +194,16 @@ class Engine:
         except Exception as exc:
             self._fail(seq, exc)
             return
-        self._account(seq, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self._note_pass(forward.model, [forward], elapsed)
+        self._account(seq, elapsed)
         self._send(seq, logits)
+
+    def _note_pass(self, model: str, forwards: list[Forward], seconds: float) -> None:
+        self.passes[model] += 1
+        tokens = sum(len(f.ids) for f in forwards)
+        for f in forwards:
+            self.pass_seconds[f.phase] += seconds * len(f.ids) / tokens
 
     def _account(self, seq: Sequence, seconds: float) -> None:
         forward = seq.pending

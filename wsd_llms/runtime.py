@@ -167,11 +167,9 @@ class WSDRuntime:
                 setattr(self.engine.scheduler, name, value)
 
     def stats(self) -> RuntimeStats:
-        """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes, cache use."""
-        if self.engine is None:
-            zeros = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
-            return RuntimeStats(0, 0, 0, 0, 0, {"draft": 0, "score": 0, "base": 0}, {"draft": 0, "base": 0}, 0, 0, zeros)
-        return self.engine.stats()
+        """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
+        cache use, passes per model and seconds in passes per phase."""
+        return RuntimeStats.empty() if self.engine is None else self.engine.stats()
 
     @property
     def worker(self) -> threading.Thread | None:
