@@ -80,8 +80,9 @@ class TestWSDChatModelIntegration(_WSDFlags, ChatModelIntegrationTests):
     @pytest.mark.xfail(
         strict=True,
         reason="model capability, not a flag: the 270M base writes customer_name '你好啊集团' intact but then "
-        "loops in the free-text `description` ('You can also call this tool to create a customer ...') until "
-        "max_tokens, so the call is unclosed and reported invalid",
+        "copies the tool's whole docstring into the free-text `description` (for the Japanese name it repeats "
+        "'You can call this tool to create a customer ...') until max_tokens, so the call is unclosed and "
+        "reported invalid; the default max_draft_tokens changes nothing",
     )
     def test_unicode_tool_call_integration(self, model: Any, *args: Any, **kwargs: Any) -> None:
         """Expected to fail on the embedded pair: see the reason above (strict: a pass would be reported)."""
