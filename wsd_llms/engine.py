@@ -62,9 +62,20 @@ class RuntimeStats:
     @classmethod
     def empty(cls) -> RuntimeStats:
         """The snapshot of a runtime that has not started."""
-        zeros = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
-        return cls(0, 0, 0, 0, 0, {"draft": 0, "score": 0, "base": 0}, {"draft": 0, "base": 0}, 0, 0, zeros,
-                   {"draft": 0, "base": 0}, {"draft": 0.0, "score": 0.0, "base": 0.0})
+        return cls(
+            queued=0,
+            running=0,
+            finished=0,
+            failed=0,
+            cancelled=0,
+            tokens={"draft": 0, "score": 0, "base": 0},
+            batch_sizes={"draft": 0, "base": 0},
+            cached_tokens=0,
+            reserved_tokens=0,
+            peaks={"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0},
+            passes={"draft": 0, "base": 0},
+            pass_seconds={"draft": 0.0, "score": 0.0, "base": 0.0},
+        )
 
 
 class Engine:
