@@ -91,11 +91,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     runtime = wsd_llms.get_runtime(device=args.device, dtype=args.dtype)
-    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=2)  # load
-    assert runtime.engine is not None
+    # Load here and run every pass in this thread, with no worker: one thread running PyTorch's CPU
+    # ops, as in serving. A second such thread makes libgomp's thread teams share the cores and
+    # throttle their spinning, which inflates every pass (README, "CPU threads").
+    engine = runtime.load()
     data: dict = {}
     rows = ["| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | output projection, rows 1 / 8 / 64: `nn.Linear` vs packed (ms) |", "|---|---|---|---|---|"]
-    for name, runner in runtime.engine.runners.items():
+    for name, runner in engine.runners.items():
         steps, heads = step_costs(runner), head_costs(runner)
         data[name] = {"model": runner.loaded.name, "steps": steps, "head": heads}
         d = steps["decode_ms"]

@@ -10,10 +10,10 @@ from .errors import RequestTooLargeError
 from .sequence import Forward, Phase, Sequence
 
 # The fixed cost of one forward pass (reading the weights, launching the layers), in units of
-# one token's compute, measured for the embedded models (benchmarks/bench_passes.py): 18-30 on a
+# one token's compute, measured for the embedded models (benchmarks/bench_passes.py): 17-20 on a
 # 2-core CPU; 7500-12000 on an H200 in bfloat16, where a pass costs about 20 ms of kernel
 # launches whether it feeds 1 token or 512.
-PASS_OVERHEAD = {"cpu": 24.0, "cuda": 7500.0}
+PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 
 
 def token_budget(seq: Sequence) -> int:
