@@ -144,7 +144,7 @@ def main() -> None:
             "p50_latency_s": percentile(latencies, 50),
             "p95_latency_s": percentile(latencies, 95),
             "peak_rss_mib": rss.peak,
-            "peak_draft_batch": runtime.stats().peaks["draft_batch"],
+            "peak_draft_batch": after.peaks["draft_batch"],
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "pass_seconds": {k: after.pass_seconds[k] - before.pass_seconds[k] for k in after.pass_seconds},
             "passes": {k: after.passes[k] - before.passes[k] for k in after.passes},
