@@ -36,6 +36,30 @@ def test_unsupported_gguf_architecture(tmp_path):
         _cpu(str(path))
 
 
+def test_gguf_architecture_is_read_past_other_keys(tmp_path):
+    """The header reader skips scalars, strings and arrays before the architecture, and names a cut-off file."""
+    import struct
+
+    def string(text):
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    keys = [
+        string("general.name") + struct.pack("<I", 8) + string("tiny"),
+        string("tokenizer.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("bc"),
+        string("general.alignment") + struct.pack("<II", 4, 32),
+        string("tokenizer.scores") + struct.pack("<IIQ", 9, 6, 3) + struct.pack("<3f", 0.0, 1.0, 2.0),
+        string("general.architecture") + struct.pack("<I", 8) + string("gemma3"),
+    ]
+    header = struct.pack("<4sIQQ", b"GGUF", 3, 0, len(keys)) + b"".join(keys)
+    path = tmp_path / "ordered.gguf"
+    path.write_bytes(header)
+    assert loading.gguf_architecture(path) == "gemma3"
+    for cut in (3, 10):
+        path.write_bytes(header[:-cut])
+        with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
+            loading.gguf_architecture(path)
+
+
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b"nope")

@@ -10,15 +10,18 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
+from gguf import GGUFReader, GGUFValueType
 
 from .errors import ModelLoadError
 
@@ -93,14 +96,50 @@ def context_window(config: Any, tokenizer: Any = None) -> int:
 
 
 def gguf_architecture(path: Path) -> str:
-    """The `general.architecture` field of a GGUF file."""
-    from gguf import GGUFReader
+    """The `general.architecture` field of a GGUF file, read from its header.
 
+    GGUFReader parses all metadata, a whole vocabulary included (14 s for the embedded base
+    model); this reads key by key and stops at the architecture, which comes first by convention.
+    """
     try:
-        field = GGUFReader(str(path)).fields["general.architecture"]
-    except (KeyError, ValueError, OSError) as exc:
+        with open(path, "rb") as f:
+            magic, version, _, n_keys = struct.unpack("<4sIQQ", f.read(24))
+            if magic != b"GGUF" or version < 2:
+                raise ValueError(f"no GGUF v2+ header (magic {magic!r}, version {version})")
+            for _ in range(n_keys):
+                key = _gguf_string(f)
+                (kind,) = struct.unpack("<I", f.read(4))
+                if key == "general.architecture" and kind == GGUFValueType.STRING:
+                    return _gguf_string(f)
+                _skip_gguf_value(f, kind)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
-    return bytes(field.parts[field.data[0]]).decode()
+    raise ModelLoadError(f"{path} is not a readable GGUF file: it has no general.architecture field")
+
+
+def _gguf_string(f: BinaryIO) -> str:
+    (size,) = struct.unpack("<Q", f.read(8))
+    data = f.read(size)
+    if len(data) < size:
+        raise ValueError("the file ends inside its metadata")
+    return data.decode()
+
+
+def _skip_gguf_value(f: BinaryIO, kind: int) -> None:
+    """Move past one metadata value of GGUFValueType `kind`."""
+    if kind == GGUFValueType.STRING:
+        f.seek(struct.unpack("<Q", f.read(8))[0], os.SEEK_CUR)
+    elif kind == GGUFValueType.ARRAY:
+        item, count = struct.unpack("<IQ", f.read(12))
+        if item in GGUFReader.gguf_scalar_to_np:
+            f.seek(count * np.dtype(GGUFReader.gguf_scalar_to_np[item]).itemsize, os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_gguf_value(f, item)
+    elif kind in GGUFReader.gguf_scalar_to_np:
+        f.seek(np.dtype(GGUFReader.gguf_scalar_to_np[kind]).itemsize, os.SEEK_CUR)
+    else:
+        raise ValueError(f"unknown metadata value type {kind}")
 
 
 def check_gguf_supported(path: Path) -> str:
