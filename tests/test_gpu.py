@@ -51,3 +51,20 @@ def test_batched_equals_sequential_on_cuda_in_float32():
     assert [r.text for r in batched] == [r.text for r in sequential]
     assert [r.switch_point for r in batched] == [r.switch_point for r in sequential]
     assert runtime.stats().peaks["draft_batch"] > 1
+
+
+def test_passes_on_cuda_do_not_use_cudnn_attention(cuda_runtime):
+    """On an H200 each cuDNN attention call cost about 1 ms of CPU, most of a pass; the runner leaves it out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = cuda_runtime.load()
+    runner = engine.runners["base"]
+    kv = runner.new_cache()
+    ids = engine.base.tokenizer.encode("The capital of France is")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.extend(kv, ids)
+        runner.extend(kv, [ids[-1]])
+        runner.extend_batch([kv, runner.new_cache()], [[ids[0]], ids], [0, 0])
+    names = {event.key for event in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert not any("cudnn_attention" in name for name in names)

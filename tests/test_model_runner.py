@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
-from wsd_llms.model_runner import KVCache, ModelRunner
+from wsd_llms.model_runner import KVCache, ModelRunner, attention_backends
 from wsd_llms.packed_linear import PackedLinear, can_pack
 from wsd_llms.scheduler import plan_passes
 from wsd_llms.sequence import Forward
@@ -190,3 +190,16 @@ def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):
     assert all(layer.length == len(kv) for kv in failing for layer in kv.cache.layers)
     for kv, other, ids, keep in zip(failing, clean, new, keeps):
         torch.testing.assert_close(runner.extend(kv, ids, keep), runner.extend(other, ids, keep), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_passes_leave_out_cudnn_attention_and_cpu_passes_change_nothing():
+    """cuDNN attention costs about 1 ms of CPU per call (H200 profile), so CUDA passes run without it;
+    the choice is restored afterwards and CPU passes leave the settings alone."""
+    flags = torch.backends.cuda
+    before = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(), flags.math_sdp_enabled())
+    with attention_backends(torch.device("cuda")):
+        assert not flags.cudnn_sdp_enabled()
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+    with attention_backends(torch.device("cpu")):
+        assert flags.cudnn_sdp_enabled() == before[0]
+    assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(), flags.math_sdp_enabled()) == before

@@ -7,15 +7,28 @@ extend_batch, crop, and head_cost (for the scheduler's cost model).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .loading import LoadedModel
 from .packed_linear import PackedLinear, pack_linears
+
+
+# Attention kernels for passes on CUDA: all but cuDNN's. On an H200 (torch 2.11) SDPA chose cuDNN for
+# bfloat16, whose calls cost 1-1.7 ms of CPU each against microseconds of GPU work: 58% of a
+# single stream's time and half of 16 streams' in the profile. The others take microseconds.
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The attention kernels a pass on `device` may use (sdpa_kernel sets them process-wide while it lasts)."""
+    return sdpa_kernel(CUDA_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class KVStore:
@@ -179,12 +192,13 @@ class ModelRunner:
             raise ValueError("extend() needs at least one id")
         input_ids = torch.tensor([ids], device=self.device)
         kv.store.num_layers = kv.store.num_layers or self.num_layers
-        out = self.model(
-            input_ids=input_ids,
-            **{self._cache_kw: kv.cache},
-            use_cache=True,
-            logits_to_keep=max(keep, 1),
-        )
+        with attention_backends(self.device):
+            out = self.model(
+                input_ids=input_ids,
+                **{self._cache_kw: kv.cache},
+                use_cache=True,
+                logits_to_keep=max(keep, 1),
+            )
         kv.ids.extend(ids)
         logits = out.logits[0].float()
         return logits if keep else logits[-1]
@@ -234,14 +248,15 @@ class ModelRunner:
             mask[row, span - n :] = 1
             mask[row, span : span + width - len(fed)] = 0
         keep = max(max(keeps), 1)
-        out = self.model(
-            input_ids=inputs.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
-            use_cache=True,
-            logits_to_keep=keep,
-            **{self._cache_kw: batch},
-        )
+        with attention_backends(self.device):
+            out = self.model(
+                input_ids=inputs.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                logits_to_keep=keep,
+                **{self._cache_kw: batch},
+            )
         assert store.buffers is not None
         batch_keys, batch_values = store.buffers
         # Hand each row its new states, two copies per row. Make room in every row first: if that
