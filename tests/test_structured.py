@@ -161,6 +161,13 @@ def test_bad_structured_params(params, needle):
     assert needle in str(err.value)
 
 
+def test_a_rule_across_parameters_is_reported_without_echoing_every_parameter():
+    with pytest.raises(InvalidParameterError) as err:
+        parse_params(tools=[TOOL], tool_choice="nope")
+    assert str(err.value).startswith("invalid parameters: tool_choice='nope' is neither")
+    assert "'parameters'" not in str(err.value)  # the tool's schema is not dumped into the message
+
+
 def test_param_forms():
     from pydantic import BaseModel
 

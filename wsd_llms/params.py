@@ -138,13 +138,16 @@ def parse_params(**params: Any) -> GenerationParams:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per bad field: `name=value: what is allowed`."""
+    """One line per bad field: `name=value: what is allowed`. A rule across fields names its own
+    parameters, so its message stands alone (the input there is every parameter, tools and all)."""
     lines = []
     for err in exc.errors():
-        name = ".".join(str(part) for part in err["loc"]) or "params"
+        name = ".".join(str(part) for part in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown parameter {name!r} (value {err['input']!r})")
+        elif not name:
+            lines.append(f"invalid parameters: {msg}")
         else:
-            msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"invalid {name}={err['input']!r}: {msg}")
     return "; ".join(lines)
