@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType
@@ -174,6 +175,26 @@ def convert_gguf(path: Path, target: Path) -> Path:
         return _convert_gguf(path, target)
 
 
+@contextmanager
+def _one_gguf_reader() -> Iterator[None]:
+    """transformers parses a GGUF file's metadata three times (config, tokenizer, weights), each time
+    with a new GGUFReader over the whole vocabulary; while this lasts they share one per file."""
+    made: dict[tuple[str, str], GGUFReader] = {}
+    original = gguf.GGUFReader
+
+    def shared(path: str | os.PathLike[str], mode: str = "r") -> GGUFReader:
+        key = (os.fspath(path), mode)
+        if key not in made:
+            made[key] = GGUFReader(path, mode)  # type: ignore[arg-type]
+        return made[key]
+
+    gguf.GGUFReader = shared  # type: ignore[assignment, misc]  # transformers imports it at each call
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
+
+
 def _convert_gguf(path: Path, target: Path) -> Path:
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,7 +202,7 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     check_gguf_supported(path)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with Progress(transient=False) as progress:
+    with Progress(transient=False) as progress, _one_gguf_reader():
         task = progress.add_task(f"converting {path.name} (first start only)", total=3)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         progress.advance(task)
