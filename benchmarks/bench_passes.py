@@ -81,7 +81,8 @@ def step_costs(runner: ModelRunner) -> dict:
         "scoring_ms": scored,
         "per_token_ms": per_token,
         "pass_overhead_ms": scored[1] - per_token,
-        "pass_overhead_tokens": (scored[1] - per_token) / per_token,
+        # None where a token costs nothing measurable (a launch-bound GPU: the 512-token pass can time below the 32-token one)
+        "pass_overhead_tokens": (scored[1] - per_token) / per_token if per_token > 0 else None,
     }
 
 
@@ -104,7 +105,9 @@ def main() -> None:
         h = {r["rows"]: r for r in heads}
         rows.append(
             f"| {name} ({runner.loaded.name}) | {d[1]:.0f} / {d[4]:.0f} / {d[8]:.0f} / {d[16]:.0f} | {steps['decode_8_vs_1']:.2f}x | "
-            f"{steps['pass_overhead_ms']:.0f}, {steps['pass_overhead_tokens']:.1f} | "
+            f"{steps['pass_overhead_ms']:.0f}, "
+            + ("n/a (no cost per token above noise)" if steps["pass_overhead_tokens"] is None else f"{steps['pass_overhead_tokens']:.1f}")
+            + " | "
             + (" / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['packed_ms']:.0f}" for n in (1, 8, 64)) if h else "n/a")
             + " |"
         )
