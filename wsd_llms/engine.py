@@ -93,11 +93,9 @@ class Engine:
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.scheduler = Scheduler(max_running, max_cached_tokens)
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
-        self.tokens = {"draft": 0, "score": 0, "base": 0}
-        self.batch_sizes = {"draft": 0, "base": 0}
-        self.peaks = {"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0}
-        self.passes = {"draft": 0, "base": 0}
-        self.pass_seconds = {"draft": 0.0, "score": 0.0, "base": 0.0}
+        zero = RuntimeStats.empty()  # the counters start from the empty snapshot, so their keys are named once
+        self.tokens, self.batch_sizes, self.peaks = dict(zero.tokens), dict(zero.batch_sizes), dict(zero.peaks)
+        self.passes, self.pass_seconds = dict(zero.passes), dict(zero.pass_seconds)
         self.steps = 0
 
     def prepare(
