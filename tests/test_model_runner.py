@@ -196,10 +196,13 @@ def test_cuda_passes_leave_out_cudnn_attention_and_cpu_passes_change_nothing():
     """cuDNN attention costs about 1 ms of CPU per call (H200 profile), so CUDA passes run without it;
     the choice is restored afterwards and CPU passes leave the settings alone."""
     flags = torch.backends.cuda
-    before = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(), flags.math_sdp_enabled())
+
+    def enabled() -> tuple[bool, bool, bool, bool]:  # cuDNN, flash, memory-efficient, math
+        return flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(), flags.math_sdp_enabled()
+
+    before = enabled()
     with attention_backends(torch.device("cuda")):
-        assert not flags.cudnn_sdp_enabled()
-        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+        assert enabled() == (False, True, True, True)
     with attention_backends(torch.device("cpu")):
-        assert flags.cudnn_sdp_enabled() == before[0]
-    assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(), flags.math_sdp_enabled()) == before
+        assert enabled() == before
+    assert enabled() == before
