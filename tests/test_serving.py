@@ -89,6 +89,35 @@ def test_batched_equals_sequential(pair, request):
     assert peaks["base_batch"] > 1  # scoring passes too
 
 
+PICK = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"enum": [1, 2, 3]}}, "required": ["color", "n"]}
+# One of each kind of request a service mixes: every mode, constrained output, a tool call,
+# seeded sampling and stop strings, so grammar masks and samplers run inside shared batches.
+MIXED = [
+    {"max_tokens": 30, "switch_threshold": 0.5, "switch_window": 2},
+    {"max_tokens": 30, "mode": "staged", "switch_threshold": 0.5, "switch_window": 2, "max_draft_tokens": 40},
+    {"max_tokens": 20, "mode": "base"},
+    {"max_tokens": 20, "mode": "draft"},
+    {"max_tokens": 60, "response_format": PICK, "switch_threshold": 0.5, "switch_window": 2},
+    {"max_tokens": 80, "tools": [{"name": "pick", "parameters": PICK}], "tool_choice": "required"},
+    {"max_tokens": 30, "temperature": 0.9, "top_p": 0.9, "top_k": 20, "seed": 7},
+    {"max_tokens": 40, "stop": ["e", "\n"], "switch_threshold": 1.0},
+]
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_mixed_requests_batched_equal_their_lone_replies(pair, request):
+    rt = request.getfixturevalue(pair)
+    jobs = [(QUESTIONS[i % len(QUESTIONS)], MIXED[i % len(MIXED)]) for i in range(16)]
+    alone = [rt.generate(_msgs(q), **s) for q, s in jobs]
+    together = _concurrently(rt, jobs)
+    for (q, s), one, many in zip(jobs, alone, together):
+        assert (many.text, many.switch_point, many.finish_reason) == (one.text, one.switch_point, one.finish_reason), s
+        calls = [[(c.name, c.arguments) for c in r.tool_calls] for r in (many, one)]  # ids are fresh per call
+        assert (calls[0], many.parsed) == (calls[1], one.parsed), s
+    assert alone[4].parse_error is None and alone[5].tool_calls[0].name == "pick"  # the constraints held
+    assert rt.stats().peaks["draft_batch"] > 1
+
+
 async def test_32_async_streams_lose_nothing(differ_runtime):
     rt = differ_runtime
     jobs = [(QUESTIONS[i % 8], {**SETTINGS[i % 8], "mode": "online"}) for i in range(32)]
@@ -309,6 +338,7 @@ def test_stats_snapshot(fresh):
     assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 1, 0, 0)
     assert s.tokens["draft"] > 0 and s.tokens["score"] > 0
     assert s.cached_tokens == 0
+    assert s.batch_sizes == {"draft": 0, "base": 0}  # nothing runs now, whatever the last step was
     assert s.passes["draft"] > 0 and s.passes["base"] > 0
     timings = events[-1].result.timings  # one request alone: the runtime's pass time is all its own
     assert (s.pass_seconds["draft"], s.pass_seconds["score"], s.pass_seconds["base"]) == pytest.approx(

@@ -46,7 +46,7 @@ class RuntimeStats:
     tokens: dict[str, int]
     """Tokens fed through each phase so far: "draft" (draft decoding), "score" (base scoring), "base"."""
     batch_sizes: dict[str, int]
-    """Sequences in the last step's largest batched pass of each model."""
+    """Sequences in the last step's largest batched pass of each model; 0 while nothing runs."""
     cached_tokens: int
     """Positions held in the KV caches of running requests."""
     reserved_tokens: int
@@ -137,7 +137,7 @@ class Engine:
             failed=self.counts["failed"],
             cancelled=self.counts["cancelled"],
             tokens=dict(self.tokens),
-            batch_sizes=dict(self.batch_sizes),
+            batch_sizes={model: size if running else 0 for model, size in self.batch_sizes.items()},
             cached_tokens=sum(seq.cached_tokens() for seq in running),
             reserved_tokens=self.scheduler.reserved,
             peaks=dict(self.peaks),
