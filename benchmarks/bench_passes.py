@@ -4,7 +4,9 @@
   (packed_linear.PackedLinear);
 - one decode step for 1, 4, 8 and 16 sequences (batched, caches of 40-75 tokens);
 - a pass's fixed cost against its cost per token (scheduler.PASS_OVERHEAD), from scoring passes
-  of 1 to 512 tokens.
+  of 1 to 512 tokens;
+- what a batched decode step pays per cached position of each row (scheduler.POSITION_COST), from
+  4 rows over 2000-position caches against 4 over short ones.
 
     python benchmarks/bench_passes.py [--device auto] [--dtype auto]    (GPU results: results/passes_cuda.*)
 """
@@ -75,6 +77,15 @@ def step_costs(runner: ModelRunner) -> dict:
 
     scored = {m: timed(lambda m=m: scoring(m)) for m in [1, 8, 32, 128, 512]}
     per_token = (scored[512] - scored[32]) / 480
+    long = [cache(2000) for _ in range(4)]
+
+    def long_step() -> None:
+        for kv in long:
+            ModelRunner.crop(kv, 2000)
+        runner.extend_batch(long, [[7]] * 4, [0] * 4)
+
+    long_ms = timed(long_step)
+    per_position = (long_ms - decode[4]) / (4 * (2000 - 47))
     return {
         "decode_ms": decode,
         "decode_8_vs_1": decode[8] / decode[1],
@@ -83,6 +94,8 @@ def step_costs(runner: ModelRunner) -> dict:
         "pass_overhead_ms": scored[1] - per_token,
         # None where a token costs nothing measurable (a launch-bound GPU: the 512-token pass can time below the 32-token one)
         "pass_overhead_tokens": (scored[1] - per_token) / per_token if per_token > 0 else None,
+        "decode_4_long_ms": long_ms,
+        "position_cost_tokens": per_position / per_token if per_token > 0 else None,
     }
 
 
@@ -97,7 +110,11 @@ def main() -> None:
     # throttle their spinning, which inflates every pass (README, "CPU threads").
     engine = runtime.load()
     data: dict = {}
-    rows = ["| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | output projection, rows 1 / 8 / 64: `nn.Linear` vs packed (ms) |", "|---|---|---|---|---|"]
+    rows = [
+        "| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | 4 seqs over 2000-position caches (ms); "
+        "per position and row (tokens) | output projection, rows 1 / 8 / 64: `nn.Linear` vs packed (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, runner in engine.runners.items():
         steps, heads = step_costs(runner), head_costs(runner)
         data[name] = {"model": runner.loaded.name, "steps": steps, "head": heads}
@@ -107,6 +124,8 @@ def main() -> None:
             f"| {name} ({runner.loaded.name}) | {d[1]:.0f} / {d[4]:.0f} / {d[8]:.0f} / {d[16]:.0f} | {steps['decode_8_vs_1']:.2f}x | "
             f"{steps['pass_overhead_ms']:.0f}, "
             + ("n/a (no cost per token above noise)" if steps["pass_overhead_tokens"] is None else f"{steps['pass_overhead_tokens']:.1f}")
+            + f" | {steps['decode_4_long_ms']:.0f}; "
+            + ("n/a" if steps["position_cost_tokens"] is None else f"{steps['position_cost_tokens']:.4f}")
             + " | "
             + (" / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['packed_ms']:.0f}" for n in (1, 8, 64)) if h else "n/a")
             + " |"

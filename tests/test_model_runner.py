@@ -8,7 +8,7 @@ from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
 from wsd_llms.model_runner import KVCache, ModelRunner, attention_backends
 from wsd_llms.packed_linear import PackedLinear, can_pack
-from wsd_llms.scheduler import plan_passes
+from wsd_llms.scheduler import plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
 
 # (cached tokens, new tokens, kept rows): an empty-cache prefill, decode steps, scoring passes;
@@ -89,13 +89,15 @@ def test_a_second_runner_on_a_packed_model_changes_nothing():
     assert loaded.model.get_output_embeddings() is head and second.head_cost() == cost
 
 
-def _fw(n: int, keep: int = 0) -> Forward:
-    return Forward("base", KVCache(), list(range(n)), keep)
+def _fw(n: int, keep: int = 0, cached: int = 0) -> Forward:
+    kv = KVCache()
+    kv.ids = list(range(cached))
+    return Forward("base", kv, list(range(n)), keep)
 
 
 def test_plan_passes_batches_decodes_and_similar_multi_token_passes():
     forwards = [_fw(1), _fw(30, 8), _fw(1), _fw(60), _fw(28, 9), _fw(1), _fw(61)]
-    groups = plan_passes(forwards, head_cost=1.0, overhead=16.0)
+    groups = plan_passes(forwards, head_cost=1.0, overhead=16.0, position_cost=0.012)
     as_sizes = sorted(sorted(len(forwards[i].ids) for i in g) for g in groups)
     assert as_sizes == [[1, 1, 1], [28, 30], [60, 61]]
     assert sorted(i for g in groups for i in g) == list(range(len(forwards)))
@@ -103,9 +105,33 @@ def test_plan_passes_batches_decodes_and_similar_multi_token_passes():
 
 def test_plan_passes_keeps_a_long_pass_apart_from_decode_steps():
     forwards = [_fw(1), _fw(1), _fw(40, 40)]
-    assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=16.0))) == [[0, 1], [2]]
+    assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=16.0, position_cost=0.012))) == [[0, 1], [2]]
     # When a pass's fixed cost dwarfs a token's (a GPU), everything shares one pass.
-    assert plan_passes(forwards, head_cost=1.7, overhead=1e6) == [[0, 1, 2]]
+    assert plan_passes(forwards, head_cost=1.7, overhead=1e6, position_cost=0.012) == [[0, 1, 2]]
+
+
+def test_plan_passes_decodes_a_long_cache_apart_from_short_ones():
+    # Batching copies every row's cache and pads the short ones to the longest: a 3000-position
+    # cache would cost each of four short rows far more than its own pass does.
+    forwards = [_fw(1, cached=120), _fw(1, cached=3000), _fw(1, cached=90), _fw(1, cached=150), _fw(1, cached=100)]
+    assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.012))) == [[0, 2, 3, 4], [1]]
+    # Where copying a position costs nothing next to a pass (position_cost 0), all share one pass.
+    assert len(plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.0)) == 1
+
+
+def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget():
+    # A long prompt is fed 512 at a time; the rest follows in later steps, cut from where it left off.
+    assert prefill_pieces([_fw(1100)], 512) == [512]
+    assert prefill_pieces([_fw(588)], 512) == [512]
+    assert prefill_pieces([_fw(76)], 512) == [76]
+    # The last piece keeps every row the forward asks for, even past the chunk size.
+    assert prefill_pieces([_fw(600, 200)], 512) == [600]
+    assert prefill_pieces([_fw(1000, 200)], 512) == [512]
+    # Pieces share the step's budget in admission order: the first always runs, one that does not
+    # fit waits whole (its cut points never depend on what else runs); decode steps always run.
+    assert prefill_pieces([_fw(1000), _fw(40), _fw(1), _fw(1)], 512) == [512, None, 1, 1]
+    assert prefill_pieces([_fw(40), _fw(1000), _fw(30), _fw(1)], 512) == [40, None, 30, 1]
+    assert prefill_pieces([_fw(700, 700), _fw(2)], 512) == [700, None]
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -12,6 +12,7 @@ from tiny import make_tokenizer, tiny_gemma3, tiny_llama
 
 from wsd_llms import (
     FinalEvent,
+    InvalidParameterError,
     RequestFailedError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -19,7 +20,9 @@ from wsd_llms import (
     TextDelta,
     WSDRuntime,
 )
+from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
+from wsd_llms.params import parse_params
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -294,6 +297,55 @@ def test_admission_queues_beyond_the_limit_and_all_finish(fresh):
     assert [r.text for r in results] == expected
     peaks = rt.stats().peaks
     assert peaks["running"] <= 2 and peaks["queued"] >= 1
+
+
+LONG = "Read this and answer. " + " ".join(f"item {i} is {i * 7 % 13}" for i in range(40)) + " Which item is 5?"
+
+
+def test_a_long_prompt_is_fed_in_pieces_while_other_streams_decode(fresh, monkeypatch):
+    rt = fresh(prefill_chunk=32)
+    engine = rt.engine  # stepped by hand here: no worker runs
+    widths = []
+    extend, extend_batch = ModelRunner.extend, ModelRunner.extend_batch
+    monkeypatch.setattr(ModelRunner, "extend", lambda self, kv, ids, keep=0: widths.append(len(ids) - keep) or extend(self, kv, ids, keep))
+    monkeypatch.setattr(
+        ModelRunner, "extend_batch", lambda self, kvs, ids, keeps: widths.extend(len(r) - k for r, k in zip(ids, keeps)) or extend_batch(self, kvs, ids, keeps)
+    )
+    short = engine.prepare(normalize_messages(_msgs(QUESTIONS[0])), parse_params(max_tokens=60, switch_threshold=1.0), lambda e: None)
+    engine.add(short)
+    while short.draft_tokens == 0:
+        engine.step()
+    long = engine.prepare(normalize_messages(_msgs(LONG)), parse_params(max_tokens=4), lambda e: None)
+    engine.add(long)
+    steps, drafted = 0, short.draft_tokens
+    while long.draft_tokens == 0:
+        engine.step()
+        steps += 1
+    assert steps >= len(long.prompts.draft_ids) // 32 >= 8  # the prompt went in over many steps...
+    assert short.draft_tokens - drafted >= steps - 1  # ...and the short stream drafted a token in each
+    assert max(widths) <= 32  # no pass fed more than a piece beyond the rows it scored
+    while engine.has_work():
+        engine.step()
+    assert engine.stats().finished == 2
+
+
+def test_a_chunked_prompt_gets_the_same_reply_alone_and_under_load(fresh):
+    rt = fresh(prefill_chunk=24)
+    alone = rt.generate(_msgs(LONG), max_tokens=30, switch_threshold=0.5, switch_window=2)
+    jobs = [(LONG, {"max_tokens": 30, "switch_threshold": 0.5, "switch_window": 2})] + list(zip(QUESTIONS[:5], SETTINGS[:5]))
+    together = _concurrently(rt, jobs)
+    assert (together[0].text, together[0].switch_point) == (alone.text, alone.switch_point)
+    assert alone.usage.draft_prompt_tokens > 4 * 24 and alone.usage.base_prompt_tokens > 4 * 24
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "512"])
+def test_limits_are_checked(fresh, value):
+    rt = fresh()
+    for name in ("max_running", "max_cached_tokens", "prefill_chunk"):
+        with pytest.raises(InvalidParameterError, match=f"invalid {name}=.*must be an integer >= 1"):
+            rt.configure(**{name: value})
+    rt.configure(prefill_chunk=64)
+    assert rt.engine.prefill_chunk == 64
 
 
 def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):

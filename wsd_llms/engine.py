@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,15 +21,18 @@ from .online import run_online
 from .params import GenerationParams
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
-from .scheduler import PASS_OVERHEAD, Scheduler, plan_passes
+from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, plan_passes, prefill_pieces
 from .sequence import Forward, Phase, Sequence
 from .staged import run_staged
 from .structured import constraint_spec, structured_fields
 
 # Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
 # for one score in the same batched pass; meanwhile they draft on (a delay of a few tokens,
-# which changes no output: the switch rule sees the same probabilities).
+# which changes no output: the switch rule sees the same probabilities). Draft text streams once
+# scored, so when steps are slow (a long prompt being fed), scoring also opens whenever
+# SCORING_INTERVAL seconds have passed since it last did, which bounds the wait for text.
 SCORING_STRIDE = 4
+SCORING_INTERVAL = 0.5
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
 
@@ -83,20 +86,31 @@ class Engine:
 
     Within a step, the passes each model owes are grouped (scheduler.plan_passes) and each group
     runs as one batched forward: all decode steps together, prefills and scoring passes of
-    similar length together.
+    similar length together. A long prompt is fed a piece per step (scheduler.prefill_pieces),
+    so the streams that are decoding go on meanwhile.
     """
 
-    def __init__(self, draft: LoadedModel, base: LoadedModel, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
+    def __init__(
+        self,
+        draft: LoadedModel,
+        base: LoadedModel,
+        max_running: int = 16,
+        max_cached_tokens: int = 65536,
+        prefill_chunk: int | None = None,
+    ) -> None:
         self.draft, self.base = draft, base
         self.runners = {"draft": ModelRunner(draft), "base": ModelRunner(base)}
         self.head_cost = {name: runner.head_cost() for name, runner in self.runners.items()}
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
+        self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])
         self.scheduler = Scheduler(max_running, max_cached_tokens)
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
         zero = RuntimeStats.empty()  # the counters start from the empty snapshot, so their keys are named once
         self.tokens, self.batch_sizes, self.peaks = dict(zero.tokens), dict(zero.batch_sizes), dict(zero.peaks)
         self.passes, self.pass_seconds = dict(zero.passes), dict(zero.pass_seconds)
         self.steps = 0
+        self.scoring_opened = 0.0  # perf_counter() of the last step in which scoring passes could start
 
     def prepare(
         self,
@@ -153,7 +167,9 @@ class Engine:
         batches: dict[str, list[Sequence]] = {"draft": [], "base": []}
         running = self.scheduler.schedule()
         self.steps += 1
-        scoring_open = len(running) == 1 or self.steps % SCORING_STRIDE == 0
+        scoring_open = len(running) == 1 or self.steps % SCORING_STRIDE == 0 or now - self.scoring_opened >= SCORING_INTERVAL
+        if scoring_open:
+            self.scoring_opened = now
         for seq in running:
             seq.scoring_open = scoring_open
             timeout = seq.params.timeout
@@ -164,7 +180,9 @@ class Engine:
             else:
                 batches[seq.pending.model].append(seq)
         for model, seqs in batches.items():
-            groups = [[seqs[i] for i in group] for group in plan_passes([s.pending for s in seqs], self.head_cost[model], self.pass_overhead)]
+            runs = self._pieces(seqs)
+            plan = plan_passes([f for _, f in runs], self.head_cost[model], self.pass_overhead, self.position_cost)
+            groups = [[runs[i] for i in group] for group in plan]
             self._note_batch(model, max(map(len, groups), default=0))
             for group in groups:
                 self._run_batch(model, group)
@@ -175,28 +193,36 @@ class Engine:
         self.batch_sizes[model] = size
         self.peaks[f"{model}_batch"] = max(self.peaks[f"{model}_batch"], size)
 
-    def _run_batch(self, model: str, group: list[Sequence]) -> None:
+    def _pieces(self, seqs: list[Sequence]) -> list[tuple[Sequence, Forward]]:
+        """What each sequence feeds this step: its pending forward, or the next piece of a long one;
+        a sequence whose piece does not fit this step's prefill budget sits the step out."""
+        pending = [seq.pending for seq in seqs]
+        sizes = prefill_pieces(pending, self.prefill_chunk)  # type: ignore[arg-type]
+        return [
+            (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=0))
+            for seq, forward, n in zip(seqs, pending, sizes)
+            if forward is not None and n is not None
+        ]
+
+    def _run_batch(self, model: str, group: list[tuple[Sequence, Forward]]) -> None:
         if len(group) == 1:
-            self._run_one(group[0])
+            self._run_one(*group[0])
             return
-        forwards = [seq.pending for seq in group]
+        forwards = [forward for _, forward in group]
         t0 = time.perf_counter()
         try:
             logits = self.runners[model].extend_batch([f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards])
         except Exception:
             # Isolate the failure: run each sequence alone, so only the one that fails is failed.
-            for seq in group:
-                self._run_one(seq)
+            for seq, forward in group:
+                self._run_one(seq, forward)
             return
         elapsed = time.perf_counter() - t0
         self._note_pass(model, forwards, elapsed)
-        for seq, rows in zip(group, logits):
-            self._account(seq, elapsed)
-            self._send(seq, rows)
+        for (seq, forward), rows in zip(group, logits):
+            self._advance(seq, forward, rows, elapsed)
 
-    def _run_one(self, seq: Sequence) -> None:
-        forward = seq.pending
-        assert forward is not None
+    def _run_one(self, seq: Sequence, forward: Forward) -> None:
         t0 = time.perf_counter()
         try:
             logits = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep)
@@ -205,8 +231,7 @@ class Engine:
             return
         elapsed = time.perf_counter() - t0
         self._note_pass(forward.model, [forward], elapsed)
-        self._account(seq, elapsed)
-        self._send(seq, logits)
+        self._advance(seq, forward, logits, elapsed)
 
     def _note_pass(self, model: str, forwards: list[Forward], seconds: float) -> None:
         self.passes[model] += 1
@@ -214,10 +239,15 @@ class Engine:
         for f in forwards:
             self.pass_seconds[f.phase] += seconds * len(f.ids) / tokens
 
-    def _account(self, seq: Sequence, seconds: float) -> None:
-        forward = seq.pending
+    def _advance(self, seq: Sequence, forward: Forward, logits: torch.Tensor, seconds: float) -> None:
+        """Count a pass to `seq`; hand its logits to the program, or, after a piece, keep the rest pending."""
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
+        pending = seq.pending
+        if forward is pending:
+            self._send(seq, logits)
+        elif pending is not None:
+            seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :])
 
     def _send(self, seq: Sequence, logits: torch.Tensor) -> None:
         assert seq.program is not None

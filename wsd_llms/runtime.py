@@ -64,6 +64,7 @@ class WSDRuntime:
         trust_remote_code: bool = False,
         max_running: int = 16,
         max_cached_tokens: int = 65536,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.draft_source = draft or EMBEDDED_DRAFT
         self.base_source = base or EMBEDDED_BASE
@@ -71,7 +72,7 @@ class WSDRuntime:
         self.dtype = resolve_dtype(dtype, self.device)
         self._revisions = (draft_revision, base_revision)
         self._trust_remote_code = trust_remote_code
-        self.limits = {"max_running": max_running, "max_cached_tokens": max_cached_tokens}
+        self.limits: dict[str, int | None] = {"max_running": max_running, "max_cached_tokens": max_cached_tokens, "prefill_chunk": prefill_chunk}
         self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -81,7 +82,7 @@ class WSDRuntime:
         WSDRuntime.instances.add(self)
 
     @classmethod
-    def from_models(cls, draft: LoadedModel, base: LoadedModel, **limits: int) -> WSDRuntime:
+    def from_models(cls, draft: LoadedModel, base: LoadedModel, **limits: int | None) -> WSDRuntime:
         """A runtime over models you already loaded (not shared through get_runtime)."""
         require_chat_template(draft.tokenizer, draft.name)
         runtime = cls(draft.name, base.name, str(base.device), base.dtype, **limits)
@@ -155,16 +156,16 @@ class WSDRuntime:
                 self.engine = Engine(draft, base, **self.limits)
             return self.engine
 
-    def configure(self, max_running: int | None = None, max_cached_tokens: int | None = None) -> None:
-        """Change the admission limits: concurrent sequences, and cache tokens reserved for them."""
-        for name, value in (("max_running", max_running), ("max_cached_tokens", max_cached_tokens)):
+    def configure(self, max_running: int | None = None, max_cached_tokens: int | None = None, prefill_chunk: int | None = None) -> None:
+        """Change the limits: concurrent sequences, cache tokens reserved for them, prompt tokens fed per step."""
+        for name, value in (("max_running", max_running), ("max_cached_tokens", max_cached_tokens), ("prefill_chunk", prefill_chunk)):
             if value is None:
                 continue
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= 1")
             self.limits[name] = value
             if self.engine is not None:
-                setattr(self.engine.scheduler, name, value)
+                setattr(self.engine if name == "prefill_chunk" else self.engine.scheduler, name, value)
 
     def stats(self) -> RuntimeStats:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
@@ -339,10 +340,11 @@ def get_runtime(
     trust_remote_code: bool = False,
     max_running: int | None = None,
     max_cached_tokens: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> WSDRuntime:
     """The process's runtime for these models (created on first call, loaded on first request).
 
-    `max_running` and `max_cached_tokens`, when given, set the runtime's admission limits.
+    `max_running`, `max_cached_tokens` and `prefill_chunk`, when given, set the runtime's limits.
     """
     dev = resolve_device(device)
     key = (
@@ -366,7 +368,7 @@ def get_runtime(
                 base_revision=base_revision,
                 trust_remote_code=trust_remote_code,
             )
-    runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens)
+    runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
     return runtime
 
 

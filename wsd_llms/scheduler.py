@@ -15,6 +15,19 @@ from .sequence import Forward, Phase, Sequence
 # launches whether it feeds 1 token or 512.
 PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 
+# What a batched pass pays per cached position of each row, in the same units: every row's cache
+# is copied into the batch (a shorter row's is zero-filled up to the longest) and attended over,
+# where a lone sequence attends over its cache in place. Measured on the 2-core CPU
+# (benchmarks/bench_passes.py): 0.007 (base) to 0.018 (draft). On a GPU the copies run at memory
+# bandwidth (an estimate, as yet unmeasured). A sequence with a long cache (a long document)
+# therefore decodes apart from short ones instead of slowing every stream's step.
+POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
+
+# Tokens of prompt a step feeds each model (chunked prefill): on a 2-core CPU a 512-token piece
+# costs about 0.4 s per model, so streams that are decoding pause that long rather than for the
+# whole prompt; on a GPU a pass of this size costs little more than a decode step.
+PREFILL_CHUNK = {"cpu": 512, "cuda": 8192}
+
 
 def token_budget(seq: Sequence) -> int:
     """Most cache positions this request can ever hold (both models), reserved at admission."""
@@ -70,31 +83,54 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
 
-def plan_passes(forwards: list[Forward], head_cost: float, overhead: float) -> list[list[int]]:
+def plan_passes(forwards: list[Forward], head_cost: float, overhead: float, position_cost: float) -> list[list[int]]:
     """Group one model's pending forwards into batched passes; returns index lists into `forwards`.
 
-    A batched pass is padded to its longest row and computes its largest `keep` of output rows
-    for every row, so its cost is `overhead + rows * (width + head_cost * kept)`, where
-    head_cost is the output projection's cost per row relative to a token through the layers.
-    In order of width, a forward joins the current group when that is cheaper than its own pass:
-    decode steps always share one pass, prefills and scoring passes of similar size share one.
+    A batched pass is padded to its longest row and longest cache, and computes its largest
+    `keep` of output rows for every row, so its cost is
+    `overhead + rows * (width + head_cost * kept + position_cost * cached)`, where head_cost is
+    the output projection's cost per row relative to a token through the layers (a lone row pays
+    nothing per cached position). In order of width and cache length, a forward joins the current
+    group when that is cheaper than its own pass: decode steps over caches of similar length
+    share one pass, prefills and scoring passes of similar size share one.
     """
 
-    def cost(width: int, kept: int, rows: int) -> float:
-        return overhead + rows * (width + head_cost * kept)
+    def cost(width: int, kept: int, cached: int, rows: int) -> float:
+        return overhead + rows * (width + head_cost * kept + (position_cost * cached if rows > 1 else 0.0))
 
-    order = sorted(range(len(forwards)), key=lambda i: (len(forwards[i].ids), forwards[i].keep))
+    order = sorted(range(len(forwards)), key=lambda i: (len(forwards[i].ids), len(forwards[i].kv), forwards[i].keep))
     groups: list[list[int]] = []
-    width = kept = 0
+    width = kept = cached = 0
     for i in order:
-        w, k = len(forwards[i].ids), max(forwards[i].keep, 1)
+        w, k, c = len(forwards[i].ids), max(forwards[i].keep, 1), len(forwards[i].kv)
         if groups:
             rows = len(groups[-1])
-            joined = cost(max(width, w), max(kept, k), rows + 1)
-            if joined <= cost(width, kept, rows) + cost(w, k, 1):
+            joined = cost(max(width, w), max(kept, k), max(cached, c), rows + 1)
+            if joined <= cost(width, kept, cached, rows) + cost(w, k, c, 1):
                 groups[-1].append(i)
-                width, kept = max(width, w), max(kept, k)
+                width, kept, cached = max(width, w), max(kept, k), max(cached, c)
                 continue
         groups.append([i])
-        width, kept = w, k
+        width, kept, cached = w, k, c
     return groups
+
+
+def prefill_pieces(forwards: list[Forward], chunk: int) -> list[int | None]:
+    """How many of each forward's ids run this step (chunked prefill); None where it waits a step.
+
+    `forwards` come in admission order. A forward is cut into pieces of `chunk` ids from its start
+    (the same cuts under any load, so a reply does not depend on what else runs), its last piece
+    keeping the rows it asks for. Multi-token pieces share a budget of `chunk` ids per step and the
+    first always runs; single ids (decode steps) always run.
+    """
+    budget, sizes, first = chunk, [], True
+    for forward in forwards:
+        n = len(forward.ids)
+        piece = chunk if n - chunk >= max(forward.keep, 1) else n
+        if n > 1 and not first and piece > budget:
+            sizes.append(None)
+            continue
+        if n > 1:
+            budget, first = budget - piece, False
+        sizes.append(piece)
+    return sizes
