@@ -28,11 +28,8 @@ from .structured import constraint_spec, structured_fields
 
 # Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
 # for one score in the same batched pass; meanwhile they draft on (a delay of a few tokens,
-# which changes no output: the switch rule sees the same probabilities). Draft text streams once
-# scored, so when steps are slow (a long prompt being fed), scoring also opens whenever
-# SCORING_INTERVAL seconds have passed since it last did, which bounds the wait for text.
+# which changes no output: the switch rule sees the same probabilities).
 SCORING_STRIDE = 4
-SCORING_INTERVAL = 0.5
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
 
@@ -110,7 +107,6 @@ class Engine:
         self.tokens, self.batch_sizes, self.peaks = dict(zero.tokens), dict(zero.batch_sizes), dict(zero.peaks)
         self.passes, self.pass_seconds = dict(zero.passes), dict(zero.pass_seconds)
         self.steps = 0
-        self.scoring_opened = 0.0  # perf_counter() of the last step in which scoring passes could start
 
     def prepare(
         self,
@@ -167,9 +163,7 @@ class Engine:
         batches: dict[str, list[Sequence]] = {"draft": [], "base": []}
         running = self.scheduler.schedule()
         self.steps += 1
-        scoring_open = len(running) == 1 or self.steps % SCORING_STRIDE == 0 or now - self.scoring_opened >= SCORING_INTERVAL
-        if scoring_open:
-            self.scoring_opened = now
+        scoring_open = len(running) == 1 or self.steps % SCORING_STRIDE == 0
         for seq in running:
             seq.scoring_open = scoring_open
             timeout = seq.params.timeout
