@@ -190,12 +190,12 @@ class Engine:
     def _pieces(self, seqs: list[Sequence]) -> list[tuple[Sequence, Forward]]:
         """What each sequence feeds this step: its pending forward, or the next piece of a long one;
         a sequence whose piece does not fit this step's prefill budget sits the step out."""
-        pending = [seq.pending for seq in seqs]
-        sizes = prefill_pieces(pending, self.prefill_chunk)  # type: ignore[arg-type]
+        pending = [seq.pending for seq in seqs if seq.pending is not None]  # all of them: they were batched by it
+        sizes = prefill_pieces(pending, self.prefill_chunk)
         return [
             (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=0))
             for seq, forward, n in zip(seqs, pending, sizes)
-            if forward is not None and n is not None
+            if n is not None
         ]
 
     def _run_batch(self, model: str, group: list[tuple[Sequence, Forward]]) -> None:

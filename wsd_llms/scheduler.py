@@ -24,8 +24,9 @@ PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 
 # Tokens of prompt a step feeds each model (chunked prefill): on a 2-core CPU a 512-token piece
-# costs about 0.4 s per model, so streams that are decoding pause that long rather than for the
-# whole prompt; on a GPU a pass of this size costs little more than a decode step.
+# costs 0.2-0.9 s per model (more as the cache grows), so streams that are decoding pause that
+# long rather than for the whole prompt (benchmarks/bench_long_prompt.py); on a GPU a pass of
+# 8192 tokens should cost little more than a decode step (an estimate, as yet unmeasured).
 PREFILL_CHUNK = {"cpu": 512, "cuda": 8192}
 
 
