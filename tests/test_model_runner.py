@@ -189,6 +189,33 @@ def test_kv_store_grows_by_doubling_and_refuses_mismatched_layers():
         store.room(82, torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 6))
 
 
+def test_kv_store_spare_room_stops_at_its_limit():
+    """A sequence's cache never reserves more than the sequence can hold, so max_cached_tokens
+    bounds the memory the caches take, not half of it; asked for more, it still grows."""
+    from wsd_llms.model_runner import KVStore
+
+    store = KVStore(num_layers=2, limit=100)
+    keys, values = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    assert store.room(40, keys, values)[0].shape[-2] == 80
+    assert store.room(81, keys, values)[0].shape[-2] == 100  # not 162
+    assert store.room(101, keys, values)[0].shape[-2] == 101
+
+
+def test_sequence_caches_are_limited_to_what_the_request_can_hold():
+    from wsd_llms.engine import Engine
+    from wsd_llms.messages import normalize_messages
+    from wsd_llms.params import parse_params
+    from wsd_llms.scheduler import token_budget
+
+    model = tiny_llama(make_tokenizer(300), 0)
+    engine = Engine(model, model)
+    seq = engine.prepare(normalize_messages([{"role": "user", "content": "Hi"}]), parse_params(max_tokens=20, max_draft_tokens=30), print)
+    limits = seq.cache_limits()
+    assert limits["draft"] == len(seq.prompts.draft_ids) + 30 and limits["base"] == len(seq.prompts.base_ids) + 21
+    assert seq.new_cache("draft").store.limit == limits["draft"]
+    assert token_budget(seq) == limits["draft"] + limits["base"]  # what admission reserves, online
+
+
 def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):
     """If handing the new states back fails (say, out of memory while growing one row's cache),
     no row has changed: each can then be run alone, as the engine's retry does, with the logits

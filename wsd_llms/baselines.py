@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .continuation import continue_base
 from .loading import LoadedModel
-from .model_runner import KVCache
 from .sampling import make_generator
 from .errors import InvalidParameterError
 from .sequence import Forward, Program, Sequence
@@ -16,7 +15,7 @@ from .structured import Guide, draft_guide, forced_prefix_error
 
 
 def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
-    seq.base_kv = KVCache()
+    seq.base_kv = seq.new_cache("base")
     prefix = base.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
     guide = Guide(base, seq.constraint)
     if guide.sync(prefix) < len(prefix):
@@ -27,7 +26,7 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
 
 def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
-    seq.draft_kv = KVCache()
+    seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
     logits = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids)
     reason = yield from continue_base(seq, draft, seq.draft_kv, logits, make_generator(seq.params.seed), guide, "draft")

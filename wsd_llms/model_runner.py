@@ -38,13 +38,15 @@ class KVStore:
     With one buffer per kind, a batch is assembled and its new states are handed back with two
     copies per sequence rather than two per layer and sequence (on a GPU, each copy is a kernel
     launch). Appends go into spare capacity, which doubles when full; transformers' DynamicLayer
-    instead concatenates the whole cache for every token it appends. A batch's own store, which
-    lives for one pass, is made to measure (`spare=False`).
+    instead concatenates the whole cache for every token it appends, but never past `limit`
+    positions, the most its sequence can hold, unless asked to. A batch's own store, which lives
+    for one pass, is made to measure (`spare=False`).
     """
 
-    def __init__(self, num_layers: int = 0, spare: bool = True) -> None:
+    def __init__(self, num_layers: int = 0, spare: bool = True, limit: int | None = None) -> None:
         self.num_layers = num_layers
         self.spare = spare
+        self.limit = limit
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def room(self, end: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +64,8 @@ class KVStore:
         if not self.num_layers:
             raise RuntimeError("a KVStore needs its number of layers before it holds states")
         capacity = max(2 * end, 64) if self.spare else end
+        if self.limit is not None:
+            capacity = max(end, min(capacity, self.limit))
         grown = []
         for i, like in enumerate((keys, values)):
             buffer = like.new_empty(self.num_layers, like.shape[0], like.shape[1], capacity, like.shape[3])
@@ -137,10 +141,10 @@ class LayerFactory:
 
 
 class KVCache:
-    """One sequence's cache and the token ids it holds."""
+    """One sequence's cache and the token ids it holds; its spare room stops at `limit` positions."""
 
-    def __init__(self) -> None:
-        self.store = KVStore()
+    def __init__(self, limit: int | None = None) -> None:
+        self.store = KVStore(limit=limit)
         self.cache = DynamicCache()
         self.cache.layer_class_to_replicate = LayerFactory(self.store)  # type: ignore[assignment]
         self.ids: list[int] = []

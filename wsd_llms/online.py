@@ -12,7 +12,7 @@ import torch
 from .continuation import continue_base, keep_draft
 from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, partial_handoff
 from .loading import LoadedModel
-from .model_runner import KVCache, ModelRunner
+from .model_runner import ModelRunner
 from .sampling import make_generator, sample, token_probs
 from .sequence import Forward, Phase, Program, Sequence
 from .structured import Guide, draft_guide
@@ -49,7 +49,7 @@ class _Scorer:
 
     def __init__(self, seq: Sequence, detector: SwitchDetector) -> None:
         self.seq = seq
-        self.kv = seq.base_kv = KVCache()
+        self.kv = seq.base_kv = seq.new_cache("base")
         self.detector = detector
         self.prompt_len = 0
         self.last_logits: torch.Tensor | None = None  # next-token logits at the end of the cache
@@ -121,7 +121,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     guide, base_guide = draft_guide(seq, draft), Guide(base, seq.constraint)
 
     seq.phase = Phase.DRAFTING
-    seq.draft_kv = KVCache()
+    seq.draft_kv = seq.new_cache("draft")
     logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
     generated: list[int] = []
     done = False

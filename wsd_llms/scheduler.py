@@ -30,14 +30,14 @@ POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 PREFILL_CHUNK = {"cpu": 512, "cuda": 8192}
 
 
+# The caches each decoding program fills (Sequence.cache_limits).
+CACHES = {"online": ("draft", "base"), "staged": ("draft", "check", "base"), "base": ("base",), "draft": ("draft",)}
+
+
 def token_budget(seq: Sequence) -> int:
     """Most cache positions this request can ever hold (both models), reserved at admission."""
-    p = seq.params
-    draft = len(seq.prompts.draft_ids) + p.max_draft_tokens
-    base = len(seq.prompts.base_ids) + p.max_tokens + 1
-    if p.mode == "staged":  # the check stage holds the whole draft in base tokens
-        base += 2 * p.max_draft_tokens
-    return {"base": base, "draft": draft}.get(p.mode, draft + base)
+    limits = seq.cache_limits()
+    return sum(limits[kind] for kind in CACHES[seq.params.mode])
 
 
 class Scheduler:

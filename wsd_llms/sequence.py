@@ -81,6 +81,20 @@ class Sequence:
                 self.first_token_at = time.perf_counter()
             self.deliver(TextDelta(d.text, d.source))  # type: ignore[arg-type]
 
+    def cache_limits(self) -> dict[str, int]:
+        """Most positions each of this request's caches holds: "draft", "base", and "check" (the
+        staged pipeline's check of the whole draft in one base pass)."""
+        p, prompts = self.params, self.prompts
+        return {
+            "draft": len(prompts.draft_ids) + p.max_draft_tokens,
+            "base": len(prompts.base_ids) + p.max_tokens + 1,
+            "check": len(prompts.base_ids) + 2 * p.max_draft_tokens,
+        }
+
+    def new_cache(self, kind: str) -> KVCache:
+        """An empty cache of `kind` (see cache_limits) that never reserves room beyond its limit."""
+        return KVCache(self.cache_limits()[kind])
+
     def cached_tokens(self) -> int:
         """Positions held in this sequence's KV caches."""
         return sum(len(kv) for kv in (self.draft_kv, self.base_kv) if kv is not None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from .continuation import continue_base, keep_draft
 from .handoff import draft_text, final_handoff
 from .loading import LoadedModel
-from .model_runner import KVCache
 from .sampling import make_generator, sample, token_probs
 from .sequence import Forward, Phase, Program, Sequence
 from .structured import Guide, draft_guide
@@ -20,7 +19,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
 
     # 1-2. Draft until EOS or max_draft_tokens.
     seq.phase = Phase.DRAFTING
-    seq.draft_kv = KVCache()
+    seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
     logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
     generated: list[int] = []
@@ -39,7 +38,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), draft_text(draft.tokenizer, prompts.forced_prefix, generated))
     probs: list[float] = []
     if handoff.draft_ids:
-        scoring = KVCache()
+        scoring = seq.new_cache("check")
         logits = yield Forward("base", scoring, handoff.prompt_ids + handoff.draft_ids, keep=len(handoff.draft_ids) + 1, phase="score")
         probs = token_probs(logits[:-1], handoff.draft_ids)
     switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold)
@@ -50,6 +49,6 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.switch_point = None if switch is None else len(kept)
     if seq.reply.stopped or len(kept) >= params.max_tokens:
         return "stop" if seq.reply.stopped else "length"
-    seq.base_kv = KVCache()
+    seq.base_kv = seq.new_cache("base")
     logits = yield Forward("base", seq.base_kv, handoff.prompt_ids + kept, phase="base")
     return (yield from continue_base(seq, base, seq.base_kv, logits, base_gen, base_guide))
