@@ -5,8 +5,9 @@
 - one decode step for 1, 4, 8 and 16 sequences (batched, caches of 40-75 tokens);
 - a pass's fixed cost against its cost per token (scheduler.PASS_OVERHEAD), from scoring passes
   of 1 to 512 tokens;
-- what a batched decode step pays per cached position of each row (scheduler.POSITION_COST), from
-  4 rows over 2000-position caches against 4 over short ones.
+- 4 decode steps over 2000-position caches in one pass: ragged (each row attends over its own
+  cache, the CPU runner's way) and padded (the caches copied into one batch); what the padded
+  pass pays per cached position of each row (scheduler.POSITION_COST), against 4 short caches.
 
     python benchmarks/bench_passes.py [--device auto] [--dtype auto]    (GPU results: results/passes_cuda.*)
 """
@@ -84,8 +85,12 @@ def step_costs(runner: ModelRunner) -> dict:
             ModelRunner.crop(kv, 2000)
         runner.extend_batch(long, [[7]] * 4, [0] * 4)
 
+    ragged, runner.ragged = runner.ragged, False
     long_ms = timed(long_step)
-    per_position = (long_ms - decode[4]) / (4 * (2000 - 47))
+    decode_4_padded = timed(lambda: step(caches[:4]))
+    runner.ragged = ragged
+    ragged_ms = timed(long_step) if ragged else None
+    per_position = (long_ms - decode_4_padded) / (4 * (2000 - 47))
     return {
         "decode_ms": decode,
         "decode_8_vs_1": decode[8] / decode[1],
@@ -94,7 +99,8 @@ def step_costs(runner: ModelRunner) -> dict:
         "pass_overhead_ms": scored[1] - per_token,
         # None where a token costs nothing measurable (a launch-bound GPU: the 512-token pass can time below the 32-token one)
         "pass_overhead_tokens": (scored[1] - per_token) / per_token if per_token > 0 else None,
-        "decode_4_long_ms": long_ms,
+        "decode_4_long_padded_ms": long_ms,
+        "decode_4_long_ragged_ms": ragged_ms,
         "position_cost_tokens": per_position / per_token if per_token > 0 else None,
     }
 
@@ -111,8 +117,8 @@ def main() -> None:
     engine = runtime.load()
     data: dict = {}
     rows = [
-        "| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | 4 seqs over 2000-position caches (ms); "
-        "per position and row (tokens) | output projection, rows 1 / 8 / 64: `nn.Linear` vs packed (ms) |",
+        "| model | decode 1 / 4 / 8 / 16 seqs (ms) | 8 vs 1 | pass fixed cost (ms, tokens) | 4 seqs over 2000-position caches, "
+        "ragged / padded (ms); padded per position and row (tokens) | output projection, rows 1 / 8 / 64: `nn.Linear` vs packed (ms) |",
         "|---|---|---|---|---|---|",
     ]
     for name, runner in engine.runners.items():
@@ -124,7 +130,9 @@ def main() -> None:
             f"| {name} ({runner.loaded.name}) | {d[1]:.0f} / {d[4]:.0f} / {d[8]:.0f} / {d[16]:.0f} | {steps['decode_8_vs_1']:.2f}x | "
             f"{steps['pass_overhead_ms']:.0f}, "
             + ("n/a (no cost per token above noise)" if steps["pass_overhead_tokens"] is None else f"{steps['pass_overhead_tokens']:.1f}")
-            + f" | {steps['decode_4_long_ms']:.0f}; "
+            + " | "
+            + ("n/a" if steps["decode_4_long_ragged_ms"] is None else f"{steps['decode_4_long_ragged_ms']:.0f}")
+            + f" / {steps['decode_4_long_padded_ms']:.0f}; "
             + ("n/a" if steps["position_cost_tokens"] is None else f"{steps['position_cost_tokens']:.4f}")
             + " | "
             + (" / ".join(f"{h[n]['linear_ms']:.0f} vs {h[n]['packed_ms']:.0f}" for n in (1, 8, 64)) if h else "n/a")

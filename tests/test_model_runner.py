@@ -76,6 +76,68 @@ def test_cpu_linears_are_packed_exact_and_batch_invariant():
         assert all(torch.equal(head(rows[i : i + n]), together[i : i + n]) for i, n in [(0, 1), (5, 2), (8, 8), (3, 17)])
 
 
+def test_a_lone_row_gets_the_bits_it_gets_among_others():
+    """oneDNN's one-row kernel sums long rows in another order (1536 inputs or more, on this
+    machine), so PackedLinear feeds a lone row as two: a lone decode step gives a batched one's bits."""
+    packed = PackedLinear(torch.nn.Linear(2048, 640, bias=False))
+    x = torch.randn(4, 1, 2048)
+    with torch.inference_mode():
+        together = packed(x)
+        assert all(torch.equal(packed(x[i : i + 1]), together[i : i + 1]) for i in range(4))
+        assert torch.equal(packed(x[0, 0]), together[0, 0])  # any layout of one row
+
+
+def test_decode_steps_batch_bit_identical_to_lone_steps(runner):
+    """On CPU a batched decode step attends per row, over each row's own cache (ragged_sdpa): every
+    row gets exactly a lone step's logits, across Gemma 3's 16-position sliding window too. A
+    model whose attention reshapes its cached states (DeepSeek-V3's latent keys) fails the load
+    probe and keeps padded batches."""
+    vocab = runner.model.config.vocab_size
+    caches = []
+    for i, n in enumerate([5, 14, 17, 40]):
+        kv = runner.new_cache()
+        runner.extend(kv, _ids(i, n, vocab))
+        caches.append(kv)
+    keeps = [0, 1, 0, 0]
+    lone = []
+    for kv, keep in zip(caches, keeps):
+        lone.append(runner.extend(kv, [9], keep))
+        runner.crop(kv, len(kv) - 1)
+    batched = runner.extend_batch(caches, [[9]] * 4, keeps)
+    assert runner.ragged == (runner.model.config.model_type != "deepseek_v3")
+    for a, b in zip(lone, batched):
+        assert a.shape == b.shape
+        if runner.ragged:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_ragged_step_leaves_every_row_as_it_was(monkeypatch):
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    assert runner.ragged
+    vocab = runner.model.config.vocab_size
+    failing, clean = [], []
+    for i, n in enumerate([5, 20, 33]):
+        for caches in (failing, clean):
+            kv = runner.new_cache()
+            runner.extend(kv, _ids(i, n, vocab))
+            caches.append(kv)
+    lengths = [len(kv) for kv in failing]
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no room")
+
+    with monkeypatch.context() as m:  # fails halfway: the first layer has stored the new states
+        m.setattr(runner.model.model.layers[1].mlp, "forward", out_of_memory)
+        with pytest.raises(MemoryError):
+            runner.extend_batch(failing, [[9]] * 3, [0] * 3)
+    assert [len(kv) for kv in failing] == lengths
+    assert all(layer.length == len(kv) for kv in failing for layer in kv.cache.layers)
+    for kv, other in zip(failing, clean):
+        assert torch.equal(runner.extend(kv, [9]), runner.extend(other, [9]))
+
+
 def test_only_cpu_float32_and_bfloat16_weights_are_packed():
     assert can_pack(torch.empty(4, 4)) and can_pack(torch.empty(4, 4, dtype=torch.bfloat16))
     assert not can_pack(torch.empty(4, 4, dtype=torch.float16)) and not can_pack(torch.empty(4, 4, device="meta"))
@@ -115,8 +177,10 @@ def test_plan_passes_decodes_a_long_cache_apart_from_short_ones():
     # cache would cost each of four short rows far more than its own pass does.
     forwards = [_fw(1, cached=120), _fw(1, cached=3000), _fw(1, cached=90), _fw(1, cached=150), _fw(1, cached=100)]
     assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.012))) == [[0, 2, 3, 4], [1]]
-    # Where copying a position costs nothing next to a pass (position_cost 0), all share one pass.
+    # Where copying a position costs nothing next to a pass (position_cost 0), all share one pass;
+    # so do ragged decode steps, which attend over each row's cache in place.
     assert len(plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.0)) == 1
+    assert len(plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.012, ragged_decode=True)) == 1
 
 
 def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget():

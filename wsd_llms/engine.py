@@ -175,7 +175,8 @@ class Engine:
                 batches[seq.pending.model].append(seq)
         for model, seqs in batches.items():
             runs = self._pieces(seqs)
-            plan = plan_passes([f for _, f in runs], self.head_cost[model], self.pass_overhead, self.position_cost)
+            ragged = self.runners[model].ragged
+            plan = plan_passes([f for _, f in runs], self.head_cost[model], self.pass_overhead, self.position_cost, ragged)
             groups = [[runs[i] for i in group] for group in plan]
             self._note_batch(model, max(map(len, groups), default=0))
             for group in groups:

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from .loading import LoadedModel
 from .packed_linear import PackedLinear, pack_linears
@@ -29,6 +31,50 @@ CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SD
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The attention kernels a pass on `device` may use (sdpa_kernel sets them process-wide while it lasts)."""
     return sdpa_kernel(CUDA_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class RaggedStates:
+    """The keys (or values) a layer hands attention in a ragged decode pass: each row's own cache
+    [1, heads, length, dim], of its own length."""
+
+    def __init__(self, rows: list[torch.Tensor]) -> None:
+        self.rows = rows
+
+
+def ragged_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | RaggedStates,
+    value: torch.Tensor | RaggedStates,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except in a ragged decode pass (ModelRunner.extend_batch):
+    there each row's one new query attends over its own cache exactly as in a decode step of that
+    row alone (the same call, with the sliding-window mask it would get), so nothing is copied
+    into a batch or padded, and the row gets the bits it would get alone."""
+    if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    outputs = []
+    for row, (keys, values) in enumerate(zip(key.rows, value.rows)):
+        length = keys.shape[-2]
+        mask = None  # a lone decode step needs none, unless the window leaves out early positions
+        if window and length > window:
+            mask = (torch.arange(length, device=keys.device) >= length - window).view(1, 1, 1, length)
+        out, _ = sdpa_attention_forward(module, query[row : row + 1], keys, values, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs), None
+
+
+# Registered beside transformers' own: models the runner uses on CPU with SDPA attention switch to
+# it (every other pass is plain SDPA, with SDPA's masks).
+RAGGED_SDPA = "wsd_ragged_sdpa"
+AttentionInterface.register(RAGGED_SDPA, ragged_sdpa)
+AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)
 
 
 class KVStore:
@@ -129,6 +175,26 @@ class GrowingLayer(DynamicLayer):
         self.length = max(self.length + tokens_to_remove, 0)
 
 
+class RaggedLayer(DynamicLayer):
+    """One layer of a ragged decode pass: each row's new states go straight into that row's own cache."""
+
+    is_initialized = True
+
+    def __init__(self, layers: list[GrowingLayer]) -> None:  # no super(): the rows' layers hold the states
+        self.layers = layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        keys, values = [], []
+        for row, layer in enumerate(self.layers):
+            k, v = layer.update(key_states[row : row + 1], value_states[row : row + 1])
+            keys.append(k)
+            values.append(v)
+        return RaggedStates(keys), RaggedStates(values)
+
+    def get_seq_length(self) -> int:
+        return max(layer.length for layer in self.layers)
+
+
 class LayerFactory:
     """Makes a cache's layers as transformers asks for them, numbered in order, all on one store."""
 
@@ -172,6 +238,29 @@ class ModelRunner:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
+        self.ragged = self._enable_ragged_decode()
+
+    def _enable_ragged_decode(self) -> bool:
+        """On CPU, batch decode steps with per-row attention (ragged_sdpa) where a probe shows a ragged
+        step giving what lone steps give; GPUs keep one padded batch, whose single attention call suits
+        them better than a launch per row, as do models whose attention reshapes cached states."""
+        if self.device.type != "cpu" or self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
+            return False
+        self.model.set_attn_implementation(RAGGED_SDPA)
+        kvs = [self.new_cache() for _ in range(2)]
+        lone = []
+        try:
+            for kv, n in zip(kvs, (3, 6)):
+                self.extend(kv, list(range(1, n + 1)))
+                lone.append(self.extend(kv, [1]))
+                self.crop(kv, n)
+            ragged = self._decode_ragged(kvs, [[1], [1]], [0, 0])
+        except Exception:  # noqa: BLE001 - any failure means this model cannot take ragged steps
+            ragged = []
+        if len(ragged) == 2 and all(torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(lone, ragged)):
+            return True
+        self.model.set_attn_implementation("sdpa")
+        return False
 
     def head_cost(self) -> float:
         """The output projection's cost for one row, relative to one token through the layers."""
@@ -222,6 +311,8 @@ class ModelRunner:
         if any(not row for row in ids):
             raise ValueError("extend_batch() needs at least one id per row")
         width = max(len(row) for row in ids)
+        if self.ragged and width == 1 and max(keeps) <= 1:
+            return self._decode_ragged(kvs, ids, keeps)
         # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
         cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
         span = max(cached)
@@ -279,6 +370,37 @@ class ModelRunner:
         for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
             kv.ids.extend(new)
             results.append(logits[row, keep - k :] if k else logits[row, -1])
+        return results
+
+    @torch.inference_mode()
+    def _decode_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+        """One new id per row, each attending over its own cache in place: no batch copy, no padding,
+        and a long cache costs only its own row. If the pass fails, every row is as it was."""
+        held = [len(kv) for kv in kvs]
+        for kv in kvs:
+            kv.store.num_layers = kv.store.num_layers or self.num_layers
+        rows = [kv.fill_layers(self.num_layers) for kv in kvs]
+        cache = DynamicCache()
+        cache.layers.extend(RaggedLayer([layers[i] for layers in rows]) for i in range(self.num_layers))
+        try:
+            out = self.model(
+                input_ids=torch.tensor(ids, device=self.device),
+                position_ids=torch.tensor([[n] for n in held], device=self.device),
+                attention_mask=torch.ones(len(kvs), 1, 1, 1, dtype=torch.bool, device=self.device),  # unused: no mask to build
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+            )
+        except BaseException:
+            for layers, n in zip(rows, held):  # states past a row's length are never read
+                for layer in layers:
+                    layer.length = n
+            raise
+        logits = out.logits.float()
+        results = []
+        for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
+            kv.ids.extend(new)
+            results.append(logits[row, -1:] if k else logits[row, -1])
         return results
 
     @staticmethod

@@ -4,8 +4,8 @@ For the few rows of a decode step or scoring pass, MKL's float32 kernel behind `
 slow, and its result for a row depends on how many rows share the call. oneDNN with a prepacked
 weight is several times faster there (the embedded base's 8-row output projection: 69 ms against
 17 ms; a whole decode step of 8 now costs 1.2-1.3x a single one, benchmarks/bench_passes.py), and
-each row's result is bit-identical whatever the batch, so batched serving and one-at-a-time
-serving compute the same numbers. torch.compile's CPU freezing packs linear layers the same way.
+each row's result is bit-identical whatever the batch (a lone row is fed as two, see forward),
+so batched serving and one-at-a-time serving compute the same numbers. torch.compile's CPU freezing packs linear layers the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +46,19 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
     return torch.allclose(packed.float(), plain.float(), atol=tolerance, rtol=tolerance)
 
 
+@functools.cache
+def _one_row_kernel_differs(in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN gives a row alone other bits than the same row among others, for this shape."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    x = torch.randn(2, in_features, generator=generator).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    with torch.inference_mode():
+        one = torch.ops.mkldnn._linear_pointwise(x[:1].contiguous(), packed, None, "none", [], "")
+        two = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return not torch.equal(one, two[:1])
+
+
 class PackedLinear(torch.nn.Module):
     """`nn.Linear` computed by oneDNN from a copy of its weight in oneDNN's own layout.
 
@@ -58,9 +71,19 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = linear.bias
+        self.one_row_differs = _one_row_kernel_differs(self.in_features, self.out_features, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        if self.one_row_differs and x.numel() == x.shape[-1]:
+            # One row goes in as two: for some shapes (1536 or more inputs, on this machine) oneDNN's
+            # one-row kernel sums in another order than its many-row one, and a lone decode step
+            # must give the bits a batched one gives.
+            rows = x.reshape(1, -1).expand(2, -1).contiguous()
+            return self._linear(rows)[:1].reshape(*x.shape[:-1], self.out_features)
+        return self._linear(x.contiguous())
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
