@@ -5,7 +5,7 @@ concurrent requests (online WSD, greedy), with the passes and seconds per phase 
 
 Writes results/profile_steps[_cuda].txt: per level the throughput, the step count and mean step
 time, then the 25 functions with the most time of their own. On an H200 this showed cuDNN
-attention costing 1-1.7 ms of CPU per call (model_runner.CUDA_ATTENTION).
+attention costing 1-1.7 ms of CPU per call (attention.CUDA_ATTENTION).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
-from wsd_llms.model_runner import KVCache, ModelRunner, attention_backends
+from wsd_llms.attention import attention_backends
+from wsd_llms.kv_cache import KVCache, KVStore
+from wsd_llms.model_runner import ModelRunner
 from wsd_llms.packed_linear import PackedLinear, can_pack
 from wsd_llms.scheduler import plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
@@ -238,7 +240,6 @@ def test_kv_store_grows_by_doubling_and_refuses_mismatched_layers():
     """All layers share one key buffer and one value buffer (their head sizes may differ, as in
     DeepSeek-style attention); they double when full, keep what they held, and a layer whose
     key/value shape differs from the others gets a clear error instead of a silent mix-up."""
-    from wsd_llms.model_runner import KVStore
 
     store = KVStore(num_layers=3)
     keys, values = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 6)
@@ -256,7 +257,6 @@ def test_kv_store_grows_by_doubling_and_refuses_mismatched_layers():
 def test_kv_store_spare_room_stops_at_its_limit():
     """A sequence's cache never reserves more than the sequence can hold, so max_cached_tokens
     bounds the memory the caches take, not half of it; asked for more, it still grows."""
-    from wsd_llms.model_runner import KVStore
 
     store = KVStore(num_layers=2, limit=100)
     keys, values = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
@@ -284,7 +284,6 @@ def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):
     """If handing the new states back fails (say, out of memory while growing one row's cache),
     no row has changed: each can then be run alone, as the engine's retry does, with the logits
     of a pass that never failed."""
-    from wsd_llms.model_runner import KVStore
 
     vocab = runner.model.config.vocab_size
     new = [_ids(100 + i, n, vocab) for i, (_, n, _) in enumerate(ROWS)]

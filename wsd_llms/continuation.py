@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .loading import LoadedModel
-from .model_runner import KVCache
+from .kv_cache import KVCache
 from .sampling import sample
 from .sequence import Forward, Phase, Program, Sequence
 from .structured import Guide

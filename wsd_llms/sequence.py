@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .events import Event, TextDelta
-from .model_runner import KVCache
+from .kv_cache import KVCache
 from .params import GenerationParams
 from .prompts import Prompts
 from .reply import Delta, ReplyText
