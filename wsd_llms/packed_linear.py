@@ -3,7 +3,7 @@
 For the few rows of a decode step or scoring pass, MKL's float32 kernel behind `nn.Linear` is
 slow, and its result for a row depends on how many rows share the call. oneDNN with a prepacked
 weight is several times faster there (the embedded base's 8-row output projection: 69 ms against
-17 ms; a whole decode step of 8 now costs 1.2-1.3x a single one, benchmarks/bench_passes.py), and
+17 ms; a whole decode step of 8 now costs 1.2-1.5x a single one, benchmarks/bench_passes.py), and
 each row's result is bit-identical whatever the batch (a lone row is fed as two, see forward),
 so batched serving and one-at-a-time serving compute the same numbers. torch.compile's CPU freezing packs linear layers the same way.
 """
