@@ -99,3 +99,5 @@ def test_batched_equals_sequential(embedded, parity):
         online = parity[name][1]
         assert (result.text, result.switch_point, result.finish_reason) == (online.text, online.switch_point, online.finish_reason), name
     assert embedded.stats().peaks["draft_batch"] > 1
+    # Both models passed the load probe: their decode steps batch with per-row attention.
+    assert all(runner.ragged for runner in embedded.load().runners.values())
