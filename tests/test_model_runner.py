@@ -90,27 +90,39 @@ def test_a_lone_row_gets_the_bits_it_gets_among_others(dtype):
         assert torch.equal(packed(x[0, 0]), together[0, 0])  # any layout of one row
 
 
-def test_decode_steps_batch_bit_identical_to_lone_steps(runner):
-    """On CPU a batched decode step attends per row, over each row's own cache (ragged_sdpa): every
-    row gets exactly a lone step's logits, across Gemma 3's 16-position sliding window too. A
-    model whose attention reshapes its cached states (DeepSeek-V3's latent keys) fails the load
-    probe and keeps padded batches."""
+def test_ragged_passes_equal_lone_passes_bit_for_bit_and_plain_ones_closely(runner):
+    """On CPU every pass is ragged: the rows' new tokens go through the layers flattened into one
+    sequence and each row attends over its own cache (attention.ragged_sdpa). A row gets exactly
+    the logits of a pass of its own, whatever shares the pass: decode steps, scoring passes, a
+    first prefill, across Gemma 3's 16-position sliding window too; and they match the model's own
+    (padded, masked) path. A model whose attention reshapes its cached states (DeepSeek-V3's latent
+    keys) fails the load probe and keeps padded batches."""
     vocab = runner.model.config.vocab_size
-    caches = []
-    for i, n in enumerate([5, 14, 17, 40]):
-        kv = runner.new_cache()
-        runner.extend(kv, _ids(i, n, vocab))
-        caches.append(kv)
-    keeps = [0, 1, 0, 0]
-    lone = []
-    for kv, keep in zip(caches, keeps):
-        lone.append(runner.extend(kv, [9], keep))
-        runner.crop(kv, len(kv) - 1)
-    batched = runner.extend_batch(caches, [[9]] * 4, keeps)
+    rows = [(5, 1, 0), (14, 6, 6), (17, 1, 1), (40, 3, 2), (0, 20, 0)]  # (cached, new, keep)
+    new = [_ids(50 + i, n, vocab) for i, (_, n, _) in enumerate(rows)]
+    keeps = [keep for _, _, keep in rows]
+
+    def caches() -> list[KVCache]:
+        made = []
+        for i, (cached, _, _) in enumerate(rows):
+            kv = runner.new_cache()
+            if cached:
+                runner.extend(kv, _ids(i, cached, vocab))
+            made.append(kv)
+        return made
+
     assert runner.ragged == (runner.model.config.model_type != "deepseek_v3")
-    for a, b in zip(lone, batched):
-        assert a.shape == b.shape
-        if runner.ragged:
+    lone = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(caches(), new, keeps)]
+    batched = runner.extend_batch(caches(), new, keeps)
+    ragged, runner.ragged = runner.ragged, False
+    try:
+        plain = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(caches(), new, keeps)]
+    finally:
+        runner.ragged = ragged
+    for a, b, c in zip(lone, batched, plain):
+        assert a.shape == b.shape == c.shape
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+        if ragged:
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -181,9 +193,10 @@ def test_plan_passes_decodes_a_long_cache_apart_from_short_ones():
     forwards = [_fw(1, cached=120), _fw(1, cached=3000), _fw(1, cached=90), _fw(1, cached=150), _fw(1, cached=100)]
     assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.012))) == [[0, 2, 3, 4], [1]]
     # Where copying a position costs nothing next to a pass (position_cost 0), all share one pass;
-    # so do ragged decode steps, which attend over each row's cache in place.
+    # so do all forwards in a ragged pass, which feeds and keeps only what each row asks for.
     assert len(plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.0)) == 1
-    assert len(plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.012, ragged_decode=True)) == 1
+    mixed = [*forwards, _fw(40, 40), _fw(12, 3, cached=50)]
+    assert plan_passes(mixed, head_cost=1.7, overhead=18.0, position_cost=0.012, ragged=True) == [list(range(7))]
 
 
 def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget():

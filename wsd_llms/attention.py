@@ -1,5 +1,5 @@
 """Attention for the runner's passes: which SDPA kernels CUDA may use, and the per-row attention of
-ragged decode steps on CPU (registered with transformers as RAGGED_SDPA)."""
+ragged passes on CPU (registered with transformers as RAGGED_SDPA)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -24,12 +25,43 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
     return sdpa_kernel(CUDA_ATTENTION) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class RaggedStates:
-    """The keys (or values) a layer hands attention in a ragged decode pass: each row's own cache
-    [1, heads, length, dim], of its own length."""
+class RaggedRows:
+    """Where each row of a ragged pass sits: its new tokens are `counts[row]` positions from
+    `starts[row]` of the flattened sequence. Row masks are made once per pass and window."""
 
-    def __init__(self, rows: list[torch.Tensor]) -> None:
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+        self.starts = [sum(counts[:row]) for row in range(len(counts))]
+        self.masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
+
+    def mask(self, row: int, length: int, window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attention mask, is_causal) for `row`'s new tokens over its `length` cached positions.
+
+        A decode step, or a first prefill, within the window needs no mask; otherwise the mask lets
+        each new token see the positions up to its own, and no further back than the window.
+        """
+        key = (row, window)
+        if key not in self.masks:
+            count, within = self.counts[row], not window or length <= window
+            if within and (count == 1 or count == length):
+                self.masks[key] = (None, count > 1)
+            else:
+                query = torch.arange(length - count, length, device=device).view(-1, 1)
+                position = torch.arange(length, device=device).view(1, -1)
+                allowed = position <= query
+                if window:
+                    allowed &= position > query - window
+                self.masks[key] = (allowed.view(1, 1, count, length), False)
+        return self.masks[key]
+
+
+class RaggedStates:
+    """The keys (or values) a layer hands attention in a ragged pass: each row's own cache
+    [1, heads, length, dim], of its own length, and where the row's queries sit."""
+
+    def __init__(self, rows: list[torch.Tensor], layout: RaggedRows) -> None:
         self.rows = rows
+        self.layout = layout
 
 
 def ragged_sdpa(
@@ -43,26 +75,29 @@ def ragged_sdpa(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, except in a ragged decode pass (ModelRunner.extend_batch):
-    there each row's one new query attends over its own cache exactly as in a decode step of that
-    row alone (the same call, with the sliding-window mask it would get), so nothing is copied
-    into a batch or padded, and the row gets the bits it would get alone."""
+    """transformers' SDPA attention, except in a ragged pass (ModelRunner on CPU): there the rows'
+    new tokens come flattened into one sequence, and each row's queries attend over that row's own
+    cache, with one SDPA call per row that does not depend on the other rows; nothing is copied
+    into a batch or padded."""
     if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention logit soft-capping is not supported by SDPA attention")
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    outputs = []
+    grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads
+    layout, outputs = key.layout, []
     for row, (keys, values) in enumerate(zip(key.rows, value.rows)):
-        length = keys.shape[-2]
-        mask = None  # a lone decode step needs none, unless the window leaves out early positions
-        if window and length > window:
-            mask = (torch.arange(length, device=keys.device) >= length - window).view(1, 1, 1, length)
-        out, _ = sdpa_attention_forward(module, query[row : row + 1], keys, values, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
-        outputs.append(out)
-    return torch.cat(outputs), None
+        start, count = layout.starts[row], layout.counts[row]
+        mask, causal = layout.mask(row, keys.shape[-2], window, keys.device)
+        out = F.scaled_dot_product_attention(
+            query[:, :, start : start + count], keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=grouped
+        )
+        outputs.append(out)  # [1, heads, count, dim]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 # Registered beside transformers' own: models the runner uses on CPU with SDPA attention switch to
-# it (every other pass is plain SDPA, with SDPA's masks).
+# it (any pass that is not ragged is plain SDPA, with SDPA's masks).
 RAGGED_SDPA = "wsd_ragged_sdpa"
 AttentionInterface.register(RAGGED_SDPA, ragged_sdpa)
 AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)

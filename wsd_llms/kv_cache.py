@@ -1,5 +1,5 @@
 """Per-sequence KV caches: every layer's keys and values in one growing buffer each, handed to
-transformers as cache layers, and the layers of a ragged decode step over several such caches."""
+transformers as cache layers, and the layers of a ragged pass over several such caches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .attention import RaggedStates
+from .attention import RaggedRows, RaggedStates
 
 
 class KVStore:
@@ -111,20 +111,20 @@ class GrowingLayer(DynamicLayer):
 
 
 class RaggedLayer(DynamicLayer):
-    """One layer of a ragged decode pass: each row's new states go straight into that row's own cache."""
+    """One layer of a ragged pass: each row's new states go straight into that row's own cache."""
 
     is_initialized = True
 
-    def __init__(self, layers: list[GrowingLayer]) -> None:  # no super(): the rows' layers hold the states
-        self.layers = layers
+    def __init__(self, layers: list[GrowingLayer], layout: RaggedRows) -> None:  # no super(): the rows' layers hold the states
+        self.layers, self.layout = layers, layout
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         keys, values = [], []
-        for row, layer in enumerate(self.layers):
-            k, v = layer.update(key_states[row : row + 1], value_states[row : row + 1])
+        for layer, start, count in zip(self.layers, self.layout.starts, self.layout.counts):
+            k, v = layer.update(key_states[:, :, start : start + count], value_states[:, :, start : start + count])
             keys.append(k)
             values.append(v)
-        return RaggedStates(keys), RaggedStates(values)
+        return RaggedStates(keys, self.layout), RaggedStates(values, self.layout)
 
     def get_seq_length(self) -> int:
         return max(layer.length for layer in self.layers)

@@ -13,14 +13,18 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .attention import RAGGED_SDPA, attention_backends
+from .attention import RAGGED_SDPA, RaggedRows, attention_backends
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
 from .loading import LoadedModel
 from .packed_linear import PackedLinear, pack_linears
 
 
 class ModelRunner:
-    """Runs a loaded model: extend a cache with ids and return float32 logits."""
+    """Runs a loaded model: extend a cache with ids and return float32 logits.
+
+    On CPU every pass is ragged (`_extend_ragged`): a row gets the same bits alone or in any batch.
+    Elsewhere a batch is padded (`extend_batch`).
+    """
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -31,26 +35,29 @@ class ModelRunner:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
-        self.ragged = self._enable_ragged_decode()
+        self.ragged = False
+        self.ragged = self._ragged_matches()
 
-    def _enable_ragged_decode(self) -> bool:
-        """On CPU, batch decode steps with per-row attention (ragged_sdpa) where a probe shows a ragged
-        step giving what lone steps give; GPUs keep one padded batch, whose single attention call suits
-        them better than a launch per row, as do models whose attention reshapes cached states."""
+    def _ragged_matches(self) -> bool:
+        """Whether to run ragged passes (attention.ragged_sdpa): on CPU, where a probe shows one giving
+        what plain passes give. GPUs keep padded batches, whose one attention call per layer suits
+        them better than one per row; so do models whose attention reshapes cached states."""
         if self.device.type != "cpu" or self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
             return False
         self.model.set_attn_implementation(RAGGED_SDPA)
-        kvs = [self.new_cache() for _ in range(2)]
-        lone = []
+        rows = [([1, 2, 3], [4], 0), ([1, 2, 3, 4, 5, 6], [7, 8, 9], 2), ([], [1, 2, 3, 4], 0)]  # (cached, new, keep)
+        plain, ragged = [self.new_cache() for _ in rows], [self.new_cache() for _ in rows]
         try:
-            for kv, n in zip(kvs, (3, 6)):
-                self.extend(kv, list(range(1, n + 1)))
-                lone.append(self.extend(kv, [1]))
-                self.crop(kv, n)
-            ragged = self._decode_ragged(kvs, [[1], [1]], [0, 0])
-        except Exception:  # noqa: BLE001 - any failure means this model cannot take ragged steps
-            ragged = []
-        if len(ragged) == 2 and all(torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(lone, ragged)):
+            expected = []
+            for kv, other, (cached, new, keep) in zip(plain, ragged, rows):
+                if cached:
+                    self.extend(kv, cached)
+                    self.extend(other, cached)
+                expected.append(self.extend(kv, new, keep))
+            got = self._extend_ragged(ragged, [new for _, new, _ in rows], [keep for _, _, keep in rows])
+        except Exception:  # noqa: BLE001 - any failure means this model cannot take ragged passes
+            got = []
+        if len(got) == len(rows) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(expected, got)):
             return True
         self.model.set_attn_implementation("sdpa")
         return False
@@ -76,6 +83,8 @@ class ModelRunner:
         """Feed `ids` after what `kv` holds; float32 logits [V] for the last position, or [keep, V]."""
         if not ids:
             raise ValueError("extend() needs at least one id")
+        if self.ragged:
+            return self._extend_ragged([kv], [ids], [keep])[0]
         input_ids = torch.tensor([ids], device=self.device)
         kv.store.num_layers = kv.store.num_layers or self.num_layers
         with attention_backends(self.device):
@@ -93,7 +102,8 @@ class ModelRunner:
     def extend_batch(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
         """Feed each cache its own ids in one forward pass; per row, what `extend` would return.
 
-        Rows are right-aligned and left-padded, so every row's tokens stay contiguous and relative
+        On CPU the pass is ragged (`_extend_ragged`). Otherwise it is padded: rows are
+        right-aligned and left-padded, so every row's tokens stay contiguous and relative
         distances (sliding windows, RoPE) are exact. A row with fewer new ids than the widest
         re-feeds its last cached tokens in the slots it would otherwise pad: the same compute, and
         no hole between its cache and its new tokens. Only the new tokens' key/value states are
@@ -103,9 +113,9 @@ class ModelRunner:
             return [self.extend(kvs[0], ids[0], keeps[0])]
         if any(not row for row in ids):
             raise ValueError("extend_batch() needs at least one id per row")
+        if self.ragged:
+            return self._extend_ragged(kvs, ids, keeps)
         width = max(len(row) for row in ids)
-        if self.ragged and width == 1 and max(keeps) <= 1:
-            return self._decode_ragged(kvs, ids, keeps)
         # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
         cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
         span = max(cached)
@@ -166,22 +176,27 @@ class ModelRunner:
         return results
 
     @torch.inference_mode()
-    def _decode_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
-        """One new id per row, each attending over its own cache in place: no batch copy, no padding,
-        and a long cache costs only its own row. If the pass fails, every row is as it was."""
-        held = [len(kv) for kv in kvs]
+    def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+        """Every row's new ids in one pass, flattened into one sequence: the linear layers take all
+        the tokens at once, each row attends over its own cache where it lies (attention.ragged_sdpa),
+        and the output projection runs only for the rows asked for. Nothing is copied or padded, and
+        a row gets the bits it gets in a pass of its own. If the pass fails, every row is as it was."""
+        held, counts = [len(kv) for kv in kvs], [len(row) for row in ids]
+        layout = RaggedRows(counts)
         for kv in kvs:
             kv.store.num_layers = kv.store.num_layers or self.num_layers
         rows = [kv.fill_layers(self.num_layers) for kv in kvs]
         cache = DynamicCache()
-        cache.layers.extend(RaggedLayer([layers[i] for layers in rows]) for i in range(self.num_layers))
+        cache.layers.extend(RaggedLayer([layers[i] for layers in rows], layout) for i in range(self.num_layers))
+        kept = [min(max(keep, 1), count) for keep, count in zip(keeps, counts)]
+        index = [i for start, count, k in zip(layout.starts, counts, kept) for i in range(start + count - k, start + count)]
         try:
             out = self.model(
-                input_ids=torch.tensor(ids, device=self.device),
-                position_ids=torch.tensor([[n] for n in held], device=self.device),
-                attention_mask=torch.ones(len(kvs), 1, 1, 1, dtype=torch.bool, device=self.device),  # unused: no mask to build
+                input_ids=torch.tensor([[i for row in ids for i in row]], device=self.device),
+                position_ids=torch.tensor([[p for h, n in zip(held, counts) for p in range(h, h + n)]], device=self.device),
+                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),  # unused: no mask to build
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=torch.tensor(index, device=self.device),
                 **{self._cache_kw: cache},
             )
         except BaseException:
@@ -189,11 +204,12 @@ class ModelRunner:
                 for layer in layers:
                     layer.length = n
             raise
-        logits = out.logits.float()
-        results = []
-        for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
+        logits = out.logits[0].float()
+        results, first = [], 0
+        for kv, new, keep, k in zip(kvs, ids, keeps, kept):
             kv.ids.extend(new)
-            results.append(logits[row, -1:] if k else logits[row, -1])
+            results.append(logits[first : first + k] if keep else logits[first + k - 1])
+            first += k
         return results
 
     @staticmethod

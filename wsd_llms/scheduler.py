@@ -20,8 +20,8 @@ PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 # over, where a lone sequence attends over its cache in place. Measured on the 2-core CPU
 # (benchmarks/bench_passes.py, padded decode): 0.007 (base) to 0.018 (draft). On a GPU the copies
 # run at memory bandwidth (an estimate, as yet unmeasured). So a sequence with a long cache (a
-# long document) runs apart from short ones instead of slowing every stream's step. Ragged decode
-# steps (attention.ragged_sdpa, on CPU) attend in place and pay nothing per position.
+# long document) runs apart from short ones instead of slowing every stream's step. Ragged passes
+# (attention.ragged_sdpa, on CPU) attend in place and pay nothing per position.
 POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 
 # Tokens of prompt a step feeds each model (chunked prefill): on a 2-core CPU a 512-token piece
@@ -85,24 +85,23 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
 
-def plan_passes(
-    forwards: list[Forward], head_cost: float, overhead: float, position_cost: float, ragged_decode: bool = False
-) -> list[list[int]]:
+def plan_passes(forwards: list[Forward], head_cost: float, overhead: float, position_cost: float, ragged: bool = False) -> list[list[int]]:
     """Group one model's pending forwards into batched passes; returns index lists into `forwards`.
 
-    A batched pass is padded to its longest row and longest cache, and computes its largest
-    `keep` of output rows for every row, so its cost is
-    `overhead + rows * (width + head_cost * kept + position_cost * cached)`, where head_cost is
-    the output projection's cost per row relative to a token through the layers. A lone row, and
-    with `ragged_decode` a pass of decode steps, pays nothing per cached position. In order of
-    width and cache length, a forward joins the current group when that is cheaper than its own
-    pass: decode steps share one pass (over caches of similar length, unless ragged), prefills and
-    scoring passes of similar size share one.
+    A ragged pass (`ragged`: the CPU runner) feeds every row only its own tokens and computes only
+    the output rows asked for, so all forwards share one. A padded pass is padded to its longest
+    row and longest cache, and computes its largest `keep` of output rows for every row, so its
+    cost is `overhead + rows * (width + head_cost * kept + position_cost * cached)`, where
+    head_cost is the output projection's cost per row relative to a token through the layers (a
+    lone row pays nothing per cached position). In order of width and cache length, a forward
+    joins the current group when that is cheaper than its own pass: decode steps over caches of
+    similar length share one pass, prefills and scoring passes of similar size share one.
     """
+    if ragged:
+        return [list(range(len(forwards)))] if forwards else []
 
     def cost(width: int, kept: int, cached: int, rows: int) -> float:
-        in_place = rows == 1 or (ragged_decode and width == 1 and kept == 1)
-        return overhead + rows * (width + head_cost * kept + (0.0 if in_place else position_cost * cached))
+        return overhead + rows * (width + head_cost * kept + (position_cost * cached if rows > 1 else 0.0))
 
     order = sorted(range(len(forwards)), key=lambda i: (len(forwards[i].ids), len(forwards[i].kv), forwards[i].keep))
     groups: list[list[int]] = []
