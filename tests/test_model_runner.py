@@ -32,10 +32,11 @@ def _ids(seed: int, n: int, vocab: int) -> list[int]:
     return torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _caches(runner: ModelRunner) -> list[KVCache]:
+def _caches(runner: ModelRunner, rows: list[tuple[int, int, int]] = ROWS) -> list[KVCache]:
+    """One cache per (cached, new, keep) row, holding `cached` random ids."""
     vocab = runner.model.config.vocab_size
     caches = []
-    for i, (cached, _, _) in enumerate(ROWS):
+    for i, (cached, _, _) in enumerate(rows):
         kv = runner.new_cache()
         if cached:
             runner.extend(kv, _ids(i, cached, vocab))
@@ -101,22 +102,12 @@ def test_ragged_passes_equal_lone_passes_bit_for_bit_and_plain_ones_closely(runn
     rows = [(5, 1, 0), (14, 6, 6), (17, 1, 1), (40, 3, 2), (0, 20, 0)]  # (cached, new, keep)
     new = [_ids(50 + i, n, vocab) for i, (_, n, _) in enumerate(rows)]
     keeps = [keep for _, _, keep in rows]
-
-    def caches() -> list[KVCache]:
-        made = []
-        for i, (cached, _, _) in enumerate(rows):
-            kv = runner.new_cache()
-            if cached:
-                runner.extend(kv, _ids(i, cached, vocab))
-            made.append(kv)
-        return made
-
     assert runner.ragged == (runner.model.config.model_type != "deepseek_v3")
-    lone = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(caches(), new, keeps)]
-    batched = runner.extend_batch(caches(), new, keeps)
+    lone = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(_caches(runner, rows), new, keeps)]
+    batched = runner.extend_batch(_caches(runner, rows), new, keeps)
     ragged, runner.ragged = runner.ragged, False
     try:
-        plain = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(caches(), new, keeps)]
+        plain = [runner.extend(kv, ids, keep) for kv, ids, keep in zip(_caches(runner, rows), new, keeps)]
     finally:
         runner.ragged = ragged
     for a, b, c in zip(lone, batched, plain):
