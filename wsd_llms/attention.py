@@ -4,6 +4,7 @@ ragged passes on CPU (registered with transformers as RAGGED_SDPA)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ class RaggedRows:
 
     def __init__(self, counts: list[int]) -> None:
         self.counts = counts
-        self.starts = [sum(counts[:row]) for row in range(len(counts))]
+        self.starts = [0, *itertools.accumulate(counts)][:-1]
         self.masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
 
     def mask(self, row: int, length: int, window: int | None, device: torch.device) -> tuple[torch.Tensor | None, bool]:

@@ -82,9 +82,10 @@ class Engine:
     """Owns the two models' runners and the scheduler; `step()` advances every running sequence once.
 
     Within a step, the passes each model owes are grouped (scheduler.plan_passes) and each group
-    runs as one batched forward: all decode steps together, prefills and scoring passes of
-    similar length together. A long prompt is fed a piece per step (scheduler.prefill_pieces),
-    so the streams that are decoding go on meanwhile.
+    runs as one batched forward: on CPU one ragged pass takes them all; on a GPU padded passes
+    take decode steps together, and prefills and scoring passes of similar length together. A
+    long prompt is fed a piece per step (scheduler.prefill_pieces), so the streams that are
+    decoding go on meanwhile.
     """
 
     def __init__(

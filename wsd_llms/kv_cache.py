@@ -18,8 +18,8 @@ class KVStore:
 
     With one buffer per kind, a batch is assembled and its new states are handed back with two
     copies per sequence rather than two per layer and sequence (on a GPU, each copy is a kernel
-    launch). Appends go into spare capacity, which doubles when full; transformers' DynamicLayer
-    instead concatenates the whole cache for every token it appends, but never past `limit`
+    launch). Appends go into spare capacity, which doubles when full (transformers' DynamicLayer
+    instead concatenates the whole cache for every token it appends), but never past `limit`
     positions, the most its sequence can hold, unless asked to. A batch's own store, which lives
     for one pass, is made to measure (`spare=False`).
     """
@@ -154,7 +154,8 @@ class KVCache:
         return len(self.ids)
 
     def fill_layers(self, count: int) -> list[GrowingLayer]:
-        """All `count` layers, making those transformers has not asked for yet."""
+        """All `count` layers, making those transformers has not asked for yet (the store learns the count)."""
+        self.store.num_layers = self.store.num_layers or count
         layers = self.cache.layers
         while len(layers) < count:
             layers.append(self.cache.layer_class_to_replicate())

@@ -183,8 +183,6 @@ class ModelRunner:
         a row gets the bits it gets in a pass of its own. If the pass fails, every row is as it was."""
         held, counts = [len(kv) for kv in kvs], [len(row) for row in ids]
         layout = RaggedRows(counts)
-        for kv in kvs:
-            kv.store.num_layers = kv.store.num_layers or self.num_layers
         rows = [kv.fill_layers(self.num_layers) for kv in kvs]
         cache = DynamicCache()
         cache.layers.extend(RaggedLayer([layers[i] for layers in rows], layout) for i in range(self.num_layers))
