@@ -152,9 +152,10 @@ def test_only_cpu_float32_and_bfloat16_weights_are_packed():
 def test_a_second_runner_on_a_packed_model_changes_nothing():
     loaded = tiny_llama(make_tokenizer(300), 0)
     first = ModelRunner(loaded)
-    head, cost = loaded.model.get_output_embeddings(), first.head_cost()
+    head = loaded.model.get_output_embeddings()
     second = ModelRunner(loaded)
-    assert loaded.model.get_output_embeddings() is head and second.head_cost() == cost
+    assert loaded.model.get_output_embeddings() is head
+    assert torch.equal(first.extend(first.new_cache(), [5, 6, 7]), second.extend(second.new_cache(), [5, 6, 7]))
 
 
 def _fw(n: int, keep: int = 0, cached: int = 0) -> Forward:
@@ -165,7 +166,7 @@ def _fw(n: int, keep: int = 0, cached: int = 0) -> Forward:
 
 def test_plan_passes_batches_decodes_and_similar_multi_token_passes():
     forwards = [_fw(1), _fw(30, 8), _fw(1), _fw(60), _fw(28, 9), _fw(1), _fw(61)]
-    groups = plan_passes(forwards, head_cost=1.0, overhead=16.0, position_cost=0.012)
+    groups = plan_passes(forwards, overhead=16.0, position_cost=0.012)
     as_sizes = sorted(sorted(len(forwards[i].ids) for i in g) for g in groups)
     assert as_sizes == [[1, 1, 1], [28, 30], [60, 61]]
     assert sorted(i for g in groups for i in g) == list(range(len(forwards)))
@@ -173,21 +174,21 @@ def test_plan_passes_batches_decodes_and_similar_multi_token_passes():
 
 def test_plan_passes_keeps_a_long_pass_apart_from_decode_steps():
     forwards = [_fw(1), _fw(1), _fw(40, 40)]
-    assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=16.0, position_cost=0.012))) == [[0, 1], [2]]
+    assert sorted(map(sorted, plan_passes(forwards, overhead=16.0, position_cost=0.012))) == [[0, 1], [2]]
     # When a pass's fixed cost dwarfs a token's (a GPU), everything shares one pass.
-    assert plan_passes(forwards, head_cost=1.7, overhead=1e6, position_cost=0.012) == [[0, 1, 2]]
+    assert plan_passes(forwards, overhead=1e6, position_cost=0.012) == [[0, 1, 2]]
 
 
 def test_plan_passes_decodes_a_long_cache_apart_from_short_ones():
     # Batching copies every row's cache and pads the short ones to the longest: a 3000-position
     # cache would cost each of four short rows far more than its own pass does.
     forwards = [_fw(1, cached=120), _fw(1, cached=3000), _fw(1, cached=90), _fw(1, cached=150), _fw(1, cached=100)]
-    assert sorted(map(sorted, plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.012))) == [[0, 2, 3, 4], [1]]
+    assert sorted(map(sorted, plan_passes(forwards, overhead=18.0, position_cost=0.012))) == [[0, 2, 3, 4], [1]]
     # Where copying a position costs nothing next to a pass (position_cost 0), all share one pass;
     # so do all forwards in a ragged pass, which feeds and keeps only what each row asks for.
-    assert len(plan_passes(forwards, head_cost=1.7, overhead=18.0, position_cost=0.0)) == 1
+    assert len(plan_passes(forwards, overhead=18.0, position_cost=0.0)) == 1
     mixed = [*forwards, _fw(40, 40), _fw(12, 3, cached=50)]
-    assert plan_passes(mixed, head_cost=1.7, overhead=18.0, position_cost=0.012, ragged=True) == [list(range(7))]
+    assert plan_passes(mixed, overhead=18.0, position_cost=0.012, ragged=True) == [list(range(7))]
 
 
 def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget():
@@ -203,19 +204,6 @@ def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget()
     assert prefill_pieces([_fw(1000), _fw(40), _fw(1), _fw(1)], 512) == [512, None, 1, 1]
     assert prefill_pieces([_fw(40), _fw(1000), _fw(30), _fw(1)], 512) == [40, None, 30, 1]
     assert prefill_pieces([_fw(700, 700), _fw(2)], 512) == [700, None]
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_head_cost_counts_a_tied_head_once(tied):
-    loaded = tiny_llama(make_tokenizer(300), 0)
-    model = loaded.model
-    embed = model.get_input_embeddings().weight
-    if tied:
-        model.get_output_embeddings().weight = embed
-    head = model.get_output_embeddings().weight
-    body = sum(p.numel() for p in model.parameters()) - embed.numel() - (0 if tied else head.numel())
-    runner = ModelRunner(loaded)  # packs the layers; the count must not change
-    assert runner.head_cost() == pytest.approx(head.numel() / body)
 
 
 def test_growing_cache_equals_transformers_cache_across_growth_and_crops():

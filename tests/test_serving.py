@@ -238,15 +238,15 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
 
     real_extend, real_batch = ModelRunner.extend, ModelRunner.extend_batch
 
-    def extend(self, kv, ids, keep=0):
+    def extend(self, kv, ids, keep=0, lazy=False):
         if poisoned(kv):
             raise RuntimeError("injected fault")
-        return real_extend(self, kv, ids, keep)
+        return real_extend(self, kv, ids, keep, lazy)
 
-    def extend_batch(self, kvs, ids, keeps):
+    def extend_batch(self, kvs, ids, keeps, lazy=None):
         if any(poisoned(kv) for kv in kvs):
             raise RuntimeError("injected fault")
-        return real_batch(self, kvs, ids, keeps)
+        return real_batch(self, kvs, ids, keeps, lazy)
 
     monkeypatch.setattr(ModelRunner, "extend", extend)
     monkeypatch.setattr(ModelRunner, "extend_batch", extend_batch)
@@ -307,9 +307,11 @@ def test_a_long_prompt_is_fed_in_pieces_while_other_streams_decode(fresh, monkey
     engine = rt.engine  # stepped by hand here: no worker runs
     widths = []
     extend, extend_batch = ModelRunner.extend, ModelRunner.extend_batch
-    monkeypatch.setattr(ModelRunner, "extend", lambda self, kv, ids, keep=0: widths.append(len(ids) - keep) or extend(self, kv, ids, keep))
+    monkeypatch.setattr(ModelRunner, "extend", lambda self, kv, ids, keep=0, lazy=False: widths.append(len(ids) - keep) or extend(self, kv, ids, keep, lazy))
     monkeypatch.setattr(
-        ModelRunner, "extend_batch", lambda self, kvs, ids, keeps: widths.extend(len(r) - k for r, k in zip(ids, keeps)) or extend_batch(self, kvs, ids, keeps)
+        ModelRunner,
+        "extend_batch",
+        lambda self, kvs, ids, keeps, lazy=None: widths.extend(len(r) - k for r, k in zip(ids, keeps)) or extend_batch(self, kvs, ids, keeps, lazy),
     )
     short = engine.prepare(normalize_messages(_msgs(QUESTIONS[0])), parse_params(max_tokens=60, switch_threshold=1.0), lambda e: None)
     engine.add(short)

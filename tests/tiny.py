@@ -11,6 +11,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -121,3 +123,10 @@ def tiny_deepseek(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "ti
         v_head_dim=6,
     )
     return _finish(DeepseekV3ForCausalLM(cfg), tokenizer, name, sharpen)
+
+
+def tiny_granite(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-granite", sharpen: float = 0.5) -> LoadedModel:
+    """Granite layout: its forward divides the logits by `logits_scaling`, beyond a plain head."""
+    torch.manual_seed(seed)
+    cfg = GraniteConfig(**_shared(tokenizer), num_hidden_layers=2, num_key_value_heads=2, logits_scaling=4.0)
+    return _finish(GraniteForCausalLM(cfg), tokenizer, name, sharpen)

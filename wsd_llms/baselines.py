@@ -20,15 +20,15 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
     guide = Guide(base, seq.constraint)
     if guide.sync(prefix) < len(prefix):
         raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
-    logits = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base")
-    return (yield from continue_base(seq, base, seq.base_kv, logits, make_generator(seq.params.seed), guide))
+    rows = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base", lazy=True)
+    return (yield from continue_base(seq, base, seq.base_kv, rows, make_generator(seq.params.seed), guide))
 
 
 def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
     seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
-    logits = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids)
-    reason = yield from continue_base(seq, draft, seq.draft_kv, logits, make_generator(seq.params.seed), guide, "draft")
+    rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)
+    reason = yield from continue_base(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft")
     seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
     return reason

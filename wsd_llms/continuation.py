@@ -7,7 +7,8 @@ import torch
 from .loading import LoadedModel
 from .kv_cache import KVCache
 from .sampling import sample
-from .sequence import Forward, Phase, Program, Sequence
+from .output_head import HeadRows
+from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import Guide
 
 
@@ -15,12 +16,13 @@ def continue_base(
     seq: Sequence,
     base: LoadedModel,
     kv: KVCache,
-    logits: torch.Tensor,
+    rows: HeadRows,
     generator: torch.Generator,
     guide: Guide,
     model: str = "base",
 ) -> Program:
-    """Continue the reply from `logits` (the model's next-token logits) under `guide`; returns the finish reason."""
+    """Continue the reply from `rows` (whose last row gives the model's next-token logits) under
+    `guide`; returns the finish reason. A reply whose budget is spent never projects them."""
     seq.phase = Phase.CONTINUING
     reply, budget = seq.reply, seq.params.max_tokens
     while True:
@@ -28,6 +30,7 @@ def continue_base(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
+        logits = (yield Project(rows[-1:], phase=model))[0]
         token = sample(guide.mask(logits), seq.params, generator)
         if token in base.eos_ids:
             return "stop"
@@ -38,7 +41,7 @@ def continue_base(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        logits = yield Forward(model, kv, [token], phase=model)
+        rows = yield Forward(model, kv, [token], phase=model, lazy=True)
 
 
 def keep_draft(seq: Sequence, ids: list[int], guide: Guide) -> list[int]:

@@ -16,13 +16,13 @@ from .errors import PromptTooLongError, RequestFailedError, RequestTimeoutError
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, Output
 from .online import run_online
 from .params import GenerationParams
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
 from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, plan_passes, prefill_pieces
-from .sequence import Forward, Phase, Sequence
+from .sequence import Forward, Phase, Project, Sequence
 from .staged import run_staged
 from .structured import constraint_spec, structured_fields
 
@@ -57,7 +57,8 @@ class RuntimeStats:
     """Forward passes run so far by each model ("draft", "base")."""
     pass_seconds: dict[str, float]
     """Seconds spent in forward passes per phase ("draft", "score", "base"); a batched pass that
-    serves several phases is split by the tokens each fed."""
+    serves several phases is split by the tokens each fed. Scoring's output projection, run
+    after its pass for the rows that need it (output_head), counts to "score"."""
 
     @classmethod
     def empty(cls) -> RuntimeStats:
@@ -85,7 +86,8 @@ class Engine:
     runs as one batched forward: on CPU one ragged pass takes them all; on a GPU padded passes
     take decode steps together, and prefills and scoring passes of similar length together. A
     long prompt is fed a piece per step (scheduler.prefill_pieces), so the streams that are
-    decoding go on meanwhile.
+    decoding go on meanwhile. Rows that lazy passes leave unprojected (base decoding, the rows
+    scoring needs) are projected after the passes, every program's in one call per model.
     """
 
     def __init__(
@@ -98,7 +100,6 @@ class Engine:
     ) -> None:
         self.draft, self.base = draft, base
         self.runners = {"draft": ModelRunner(draft), "base": ModelRunner(base)}
-        self.head_cost = {name: runner.head_cost() for name, runner in self.runners.items()}
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])
@@ -173,15 +174,17 @@ class Engine:
             elif timeout is not None and now - seq.created > timeout:
                 self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
             else:
+                assert isinstance(seq.pending, Forward)  # projections were all answered last step
                 batches[seq.pending.model].append(seq)
         for model, seqs in batches.items():
             runs = self._pieces(seqs)
             ragged = self.runners[model].ragged
-            plan = plan_passes([f for _, f in runs], self.head_cost[model], self.pass_overhead, self.position_cost, ragged)
+            plan = plan_passes([f for _, f in runs], self.pass_overhead, self.position_cost, ragged)
             groups = [[runs[i] for i in group] for group in plan]
             self._note_batch(model, max(map(len, groups), default=0))
             for group in groups:
                 self._run_batch(model, group)
+        self._project()
         self.peaks["running"] = max(self.peaks["running"], len(self.scheduler.running))
         self.peaks["queued"] = max(self.peaks["queued"], len(self.scheduler.waiting))
 
@@ -195,7 +198,7 @@ class Engine:
         pending = [seq.pending for seq in seqs if seq.pending is not None]  # all of them: they were batched by it
         sizes = prefill_pieces(pending, self.prefill_chunk)
         return [
-            (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=0))
+            (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=0, lazy=True))
             for seq, forward, n in zip(seqs, pending, sizes)
             if n is not None
         ]
@@ -207,7 +210,9 @@ class Engine:
         forwards = [forward for _, forward in group]
         t0 = time.perf_counter()
         try:
-            logits = self.runners[model].extend_batch([f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards])
+            outputs = self.runners[model].extend_batch(
+                [f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards], [f.lazy for f in forwards]
+            )
         except Exception:
             # Isolate the failure: run each sequence alone, so only the one that fails is failed.
             for seq, forward in group:
@@ -215,19 +220,48 @@ class Engine:
             return
         elapsed = time.perf_counter() - t0
         self._note_pass(model, forwards, elapsed)
-        for (seq, forward), rows in zip(group, logits):
-            self._advance(seq, forward, rows, elapsed)
+        for (seq, forward), output in zip(group, outputs):
+            self._advance(seq, forward, output, elapsed)
 
     def _run_one(self, seq: Sequence, forward: Forward) -> None:
         t0 = time.perf_counter()
         try:
-            logits = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep)
+            output = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep, forward.lazy)
         except Exception as exc:
             self._fail(seq, exc)
             return
         elapsed = time.perf_counter() - t0
         self._note_pass(forward.model, [forward], elapsed)
-        self._advance(seq, forward, logits, elapsed)
+        self._advance(seq, forward, output, elapsed)
+
+    def _project(self) -> None:
+        """Hand every program waiting on logits (sequence.Project) its rows' logits: one call of each
+        model's output projection for all of them, again while programs ask for more."""
+        while waiting := [seq for seq in self.scheduler.running if isinstance(seq.pending, Project)]:
+            by_head: dict[int, list[Sequence]] = {}
+            for seq in waiting:
+                by_head.setdefault(id(seq.pending.rows.head), []).append(seq)  # type: ignore[union-attr]
+            for seqs in by_head.values():
+                self._project_group(seqs)
+
+    def _project_group(self, seqs: list[Sequence]) -> None:
+        requests: list[Project] = [seq.pending for seq in seqs]  # type: ignore[misc]
+        t0 = time.perf_counter()
+        try:
+            logits = requests[0].rows.head.logits(torch.cat([r.rows.hidden for r in requests]))
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail(seqs[0], exc)
+                return
+            for seq in seqs:  # isolate the failure, as for a batched pass
+                self._project_group([seq])
+            return
+        elapsed, total = time.perf_counter() - t0, sum(len(r.rows) for r in requests)
+        for seq, request, rows in zip(seqs, requests, logits.split([len(r.rows) for r in requests])):
+            share = elapsed * len(request.rows) / total
+            seq.seconds[request.phase] += share
+            self.pass_seconds[request.phase] += share
+            self._send(seq, rows)
 
     def _note_pass(self, model: str, forwards: list[Forward], seconds: float) -> None:
         self.passes[model] += 1
@@ -235,20 +269,20 @@ class Engine:
         for f in forwards:
             self.pass_seconds[f.phase] += seconds * len(f.ids) / tokens
 
-    def _advance(self, seq: Sequence, forward: Forward, logits: torch.Tensor, seconds: float) -> None:
-        """Count a pass to `seq`; hand its logits to the program, or, after a piece, keep the rest pending."""
+    def _advance(self, seq: Sequence, forward: Forward, output: Output, seconds: float) -> None:
+        """Count a pass to `seq`; hand its output to the program, or, after a piece, keep the rest pending."""
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
         pending = seq.pending
         if forward is pending:
-            self._send(seq, logits)
+            self._send(seq, output)
         elif pending is not None:
             seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :])
 
-    def _send(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _send(self, seq: Sequence, output: Output) -> None:
         assert seq.program is not None
         try:
-            seq.pending = seq.program.send(logits)
+            seq.pending = seq.program.send(output)
         except StopIteration as stop:
             self._finish(seq, stop.value)
         except Exception as exc:

@@ -2,7 +2,7 @@
 
 This is the seam between the WSD algorithm and the thing that runs models (DESIGN 5): another
 backend (a distributed serving engine) implements the same methods: new_cache, extend,
-extend_batch, crop, and head_cost (for the scheduler's cost model).
+extend_batch and crop, and gives lazy rows (output_head.HeadRows) a head that projects them.
 """
 
 from __future__ import annotations
@@ -16,27 +16,47 @@ from transformers import DynamicCache
 from .attention import RAGGED_SDPA, RaggedRows, attention_backends
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
 from .loading import LoadedModel
+from .output_head import HeadRows, OutputHead
 from .packed_linear import PackedLinear, pack_linears
+
+Output = torch.Tensor | HeadRows
 
 
 class ModelRunner:
-    """Runs a loaded model: extend a cache with ids and return float32 logits.
+    """Runs a loaded model: extend a cache with ids and return float32 logits (or, lazy, the rows
+    whose logits are computed when asked for: output_head.HeadRows).
 
     On CPU every pass is ragged (`_extend_ragged`): a row gets the same bits alone or in any batch.
-    Elsewhere a batch is padded (`extend_batch`).
+    Elsewhere a batch is padded (`extend_batch`). The output projection runs outside the model's
+    forward (`self.head`), only for the rows a pass is asked for eagerly.
     """
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model: Any = loaded.model
         self.device = loaded.device
+        self.head = OutputHead(self.model)  # before packing: it copies a slice of the dense projection
         pack_linears(self.model)
         # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
+        if not self._head_matches():
+            self.head = OutputHead.identity()
         self.ragged = False  # plain passes while the probe takes its reference
         self.ragged = self._ragged_matches()
+
+    def _head_matches(self) -> bool:
+        """Whether `self.head` over the model's final hidden states gives the model's own logits; a
+        model whose forward does more (scales or masks its logits) keeps its own head."""
+        decoder = self.model.base_model
+        if not self.head.projects or decoder is self.model:
+            return False
+        ids = torch.tensor([[1, 2, 3, 4]], device=self.device)
+        with torch.inference_mode(), attention_backends(self.device):
+            own = self.model(input_ids=ids, use_cache=False).logits[0].float()
+            ours = self.head.logits(decoder(input_ids=ids, use_cache=False).last_hidden_state[0])
+        return own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-4, atol=1e-4)
 
     def _ragged_matches(self) -> bool:
         """Whether to run ragged passes (attention.ragged_sdpa): on CPU, where a probe shows one giving
@@ -54,7 +74,7 @@ class ModelRunner:
                     self.extend(kv, cached)
                     self.extend(other, cached)
                 expected.append(self.extend(kv, new, keep))
-            got = self._extend_ragged(ragged, [new for _, new, _ in rows], [keep for _, _, keep in rows])
+            got = self._extend_ragged(ragged, [new for _, new, _ in rows], [keep for _, _, keep in rows], [False] * len(rows))
         except Exception:  # noqa: BLE001 - any failure means this model cannot take ragged passes
             got = []
         if len(got) == len(rows) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(expected, got)):
@@ -62,44 +82,50 @@ class ModelRunner:
         self.model.set_attn_implementation("sdpa")
         return False
 
-    def head_cost(self) -> float:
-        """The output projection's cost for one row, relative to one token through the layers."""
-        head = self.model.get_output_embeddings()
-        embed = getattr(self.model.get_input_embeddings(), "weight", None)
-        if not isinstance(head, (torch.nn.Linear, PackedLinear)) or not isinstance(embed, torch.Tensor):
-            return 1.0  # an unusual model: count the head like one more token
-        packed = sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, PackedLinear))
-        total = sum(p.numel() for p in self.model.parameters()) + packed  # a tied weight is counted once
-        head_size = head.in_features * head.out_features
-        tied = getattr(head, "weight", None) is embed  # a packed head has its own copy, counted in `packed`
-        body = total - embed.numel() - (0 if tied else head_size)
-        return head_size / max(body, 1)
-
     def new_cache(self) -> KVCache:
         return KVCache()
 
+    def _forward(self, rows: int | torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """One pass: the final hidden states [batch, n, H] at the last `rows` positions of each row,
+        or at the positions `rows` lists; the model's own logits there if it keeps its own head."""
+        with attention_backends(self.device):
+            if not self.head.projects:
+                return self.model(**inputs, logits_to_keep=rows).logits
+            hidden = self.model.base_model(**inputs).last_hidden_state
+        return hidden[:, -rows:] if isinstance(rows, int) else hidden[:, rows]
+
+    def _outputs(self, rows: list[torch.Tensor], keeps: list[int], lazy: list[bool]) -> list[Output]:
+        """What each row of a pass returns, from its kept rows [k, H]: logits [V] (keep=0) or [k, V],
+        or, lazy, the rows themselves. The head runs once, over every eager row."""
+        eager = [h for h, is_lazy in zip(rows, lazy) if not is_lazy]
+        logits = self.head.logits(torch.cat(eager)) if eager else None
+        results: list[Output] = []
+        first = 0
+        for h, keep, is_lazy in zip(rows, keeps, lazy):
+            if is_lazy:
+                results.append(HeadRows(h, self.head))
+                continue
+            assert logits is not None
+            results.append(logits[first : first + len(h)] if keep else logits[first + len(h) - 1])
+            first += len(h)
+        return results
+
     @torch.inference_mode()
-    def extend(self, kv: KVCache, ids: list[int], keep: int = 0) -> torch.Tensor:
-        """Feed `ids` after what `kv` holds; float32 logits [V] for the last position, or [keep, V]."""
+    def extend(self, kv: KVCache, ids: list[int], keep: int = 0, lazy: bool = False) -> Output:
+        """Feed `ids` after what `kv` holds; float32 logits [V] for the last position, or [keep, V]
+        (lazy: the same rows as HeadRows)."""
         if not ids:
             raise ValueError("extend() needs at least one id")
         if self.ragged:
-            return self._extend_ragged([kv], [ids], [keep])[0]
+            return self._extend_ragged([kv], [ids], [keep], [lazy])[0]
         input_ids = torch.tensor([ids], device=self.device)
         kv.store.num_layers = kv.store.num_layers or self.num_layers
-        with attention_backends(self.device):
-            out = self.model(
-                input_ids=input_ids,
-                **{self._cache_kw: kv.cache},
-                use_cache=True,
-                logits_to_keep=max(keep, 1),
-            )
+        hidden = self._forward(max(keep, 1), input_ids=input_ids, use_cache=True, **{self._cache_kw: kv.cache})
         kv.ids.extend(ids)
-        logits = out.logits[0].float()
-        return logits if keep else logits[-1]
+        return self._outputs([hidden[0]], [keep], [lazy])[0]
 
     @torch.inference_mode()
-    def extend_batch(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+    def extend_batch(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool] | None = None) -> list[Output]:
         """Feed each cache its own ids in one forward pass; per row, what `extend` would return.
 
         On CPU the pass is ragged (`_extend_ragged`). Otherwise it is padded: rows are
@@ -109,12 +135,13 @@ class ModelRunner:
         no hole between its cache and its new tokens. Only the new tokens' key/value states are
         appended back to each row's own cache.
         """
+        lazy = lazy or [False] * len(kvs)
         if len(kvs) == 1:
-            return [self.extend(kvs[0], ids[0], keeps[0])]
+            return [self.extend(kvs[0], ids[0], keeps[0], lazy[0])]
         if any(not row for row in ids):
             raise ValueError("extend_batch() needs at least one id per row")
         if self.ragged:
-            return self._extend_ragged(kvs, ids, keeps)
+            return self._extend_ragged(kvs, ids, keeps, lazy)
         width = max(len(row) for row in ids)
         # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
         cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
@@ -146,15 +173,14 @@ class ModelRunner:
             mask[row, span - n :] = 1
             mask[row, span : span + width - len(fed)] = 0
         keep = max(max(keeps), 1)
-        with attention_backends(self.device):
-            out = self.model(
-                input_ids=inputs.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
-                use_cache=True,
-                logits_to_keep=keep,
-                **{self._cache_kw: batch},
-            )
+        hidden = self._forward(
+            keep,
+            input_ids=inputs.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            **{self._cache_kw: batch},
+        )
         assert store.buffers is not None
         batch_keys, batch_values = store.buffers
         # Hand each row its new states, two copies per row. Make room in every row first: if that
@@ -168,15 +194,12 @@ class ModelRunner:
                 own[:, 0, :, held:end] = buffer[:, row, :, span + width - len(new) : span + width]
             for layer in kv.fill_layers(self.num_layers):
                 layer.length = end
-        logits = out.logits.float()
-        results = []
-        for row, (kv, new, k) in enumerate(zip(kvs, ids, keeps)):
+        for kv, new in zip(kvs, ids):
             kv.ids.extend(new)
-            results.append(logits[row, keep - k :] if k else logits[row, -1])
-        return results
+        return self._outputs([hidden[row, keep - max(k, 1) :] for row, k in enumerate(keeps)], keeps, lazy)
 
     @torch.inference_mode()
-    def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+    def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
         """Every row's new ids in one pass, flattened into one sequence: the linear layers take all
         the tokens at once, each row attends over its own cache where it lies (attention.ragged_sdpa),
         and the output projection runs only for the rows asked for. Nothing is copied or padded, and
@@ -189,26 +212,22 @@ class ModelRunner:
         kept = [min(max(keep, 1), count) for keep, count in zip(keeps, counts)]
         index = [i for start, count, k in zip(layout.starts, counts, kept) for i in range(start + count - k, start + count)]
         try:
-            out = self.model(
+            hidden = self._forward(
+                torch.tensor(index, device=self.device),
                 input_ids=torch.tensor([[i for row in ids for i in row]], device=self.device),
                 position_ids=torch.tensor([[p for h, n in zip(held, counts) for p in range(h, h + n)]], device=self.device),
                 attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),  # unused: no mask to build
                 use_cache=True,
-                logits_to_keep=torch.tensor(index, device=self.device),
                 **{self._cache_kw: cache},
-            )
+            )[0]
         except BaseException:
             for layers, n in zip(rows, held):  # states past a row's length are never read
                 for layer in layers:
                     layer.length = n
             raise
-        logits = out.logits[0].float()
-        results, first = [], 0
-        for kv, new, keep, k in zip(kvs, ids, keeps, kept):
+        for kv, new in zip(kvs, ids):
             kv.ids.extend(new)
-            results.append(logits[first : first + k] if keep else logits[first + k - 1])
-            first += k
-        return results
+        return self._outputs(list(hidden.split(kept)), keeps, lazy)
 
     @staticmethod
     def crop(kv: KVCache, length: int) -> None:

@@ -7,14 +7,15 @@ point instead of prefilling again, and text streams as soon as it is final.
 
 from __future__ import annotations
 
-import torch
+import math
 
 from .continuation import continue_base, keep_draft
 from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, partial_handoff
 from .loading import LoadedModel
 from .model_runner import ModelRunner
+from .output_head import HeadRows
 from .sampling import make_generator, sample, token_probs
-from .sequence import Forward, Phase, Program, Sequence
+from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import Guide, draft_guide
 from .switch import SwitchDetector
 
@@ -45,25 +46,30 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class _Scorer:
-    """The base model's view of the draft: a cache over prompt + scored draft tokens, and their probabilities."""
+    """The base model's view of the draft: a cache over prompt + scored draft tokens, and their probabilities.
+
+    Scoring passes are lazy (sequence.Forward.lazy): the output projection runs in full only for
+    the rows the switch rule can need (output_head), and for the row at the switch point.
+    """
 
     def __init__(self, seq: Sequence, detector: SwitchDetector) -> None:
         self.seq = seq
         self.kv = seq.base_kv = seq.new_cache("base")
         self.detector = detector
         self.prompt_len = 0
-        self.last_logits: torch.Tensor | None = None  # next-token logits at the end of the cache
-        self.rows: torch.Tensor | None = None  # logits of the latest pass, one row per fed position
+        self.last: HeadRows | None = None  # the row at the end of the cache (it predicts the next token)
+        self.rows: HeadRows | None = None  # the latest pass, one row per fed position
         self.rows_start = 0
 
     def scored(self) -> int:
         return max(0, len(self.kv) - self.prompt_len)
 
     def score(self, handoff: Handoff) -> Program:
-        """Bring the cache to prompt + draft ids and return the probabilities of the newly fed draft tokens.
+        """Bring the cache to prompt + draft ids and return the probabilities of the newly fed draft
+        tokens (upper bounds where the exact value cannot decide a switch).
 
         If re-tokenization changed a token already in the cache, crop back to the common prefix (less one
-        token, whose logits are needed again) and forget the probabilities from there on.
+        token, whose row is needed again) and forget the probabilities from there on.
         """
         target = handoff.prompt_ids + handoff.draft_ids
         self.prompt_len = len(handoff.prompt_ids)
@@ -72,40 +78,47 @@ class _Scorer:
             self.seq.rollbacks += 1
             ModelRunner.crop(self.kv, max(common - 1, 0))
             self.detector.truncate(max(0, common - self.prompt_len))
-            self.last_logits = None
+            self.last = None
         start = len(self.kv)
         new = target[start:]
         if not new:
             return []
-        # Logits only from the last prompt position on: the prompt's own rows are never needed.
+        # Rows only from the last prompt position on: the prompt's own rows are never needed.
         keep = min(len(new), len(target) - self.prompt_len + 1)
-        rows = yield Forward("base", self.kv, new, keep=keep, phase="score")
+        rows = yield Forward("base", self.kv, new, keep=keep, phase="score", lazy=True)
         start = len(target) - keep  # position of rows[0]
         self.rows, self.rows_start = rows, start
-        if self.last_logits is None:  # rows[k] predicts target[start + k + 1]
+        if self.last is None:  # rows[k] predicts target[start + k + 1]
             prev, offset = rows[:-1], start + 1
         else:  # the previous pass predicted target[start]
-            prev, offset = torch.cat([self.last_logits[None], rows[:-1]]), start
-        self.last_logits = rows[-1]
+            prev, offset = self.last.then(rows[:-1]), start
+        self.last = rows[-1:]
         first = max(offset, self.prompt_len + len(self.detector))
         if first >= len(target):
             return []
-        return token_probs(prev[first - offset :], target[first:])
+        prev, ids = prev[first - offset :], target[first:]
+        bounds = prev.logprob_bounds(ids)
+        if bounds is None:
+            return token_probs((yield Project(prev)), ids)
+        need = self.detector.needs_exact(bounds)
+        rows = [j for j, n in enumerate(need) if n]
+        exact = iter(token_probs((yield Project(prev[rows])), [ids[j] for j in rows]) if rows else [])
+        return [next(exact) if n else math.exp(b) for n, b in zip(need, bounds)]
 
     def cut(self, kept: int) -> Program:
-        """Crop the cache after `kept` draft tokens; returns the next-token logits there.
+        """Crop the cache after `kept` draft tokens; returns the row there (its logits predict the next token).
 
-        They come from the latest pass, or, when the cut lies before it (the base grammar
+        It comes from the latest pass, or, when the cut lies before it (the base grammar
         rejected an earlier id), from feeding the last kept position again.
         """
         end = self.prompt_len + kept
         row = end - 1 - self.rows_start
         if self.rows is not None and 0 <= row < len(self.rows):
             ModelRunner.crop(self.kv, end)
-            return self.rows[row]
+            return self.rows[row : row + 1]
         last = self.kv.ids[end - 1]
         ModelRunner.crop(self.kv, end - 1)
-        return (yield Forward("base", self.kv, [last], phase="score"))
+        return (yield Forward("base", self.kv, [last], phase="score", lazy=True))
 
 
 def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
@@ -168,11 +181,11 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
                 if seq.reply.stopped:
                     return "stop"
                 if seq.switch_point is not None or done or len(kept) >= params.max_tokens:
-                    logits = yield from scorer.cut(len(kept))
+                    rows = yield from scorer.cut(len(kept))
                     break
         if done:
             break
         logits = yield Forward("draft", seq.draft_kv, [token])
 
     seq.draft_kv = None
-    return (yield from continue_base(seq, base, scorer.kv, logits, base_gen, base_guide))
+    return (yield from continue_base(seq, base, scorer.kv, rows, base_gen, base_guide))

@@ -85,38 +85,36 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
 
-def plan_passes(forwards: list[Forward], head_cost: float, overhead: float, position_cost: float, ragged: bool = False) -> list[list[int]]:
+def plan_passes(forwards: list[Forward], overhead: float, position_cost: float, ragged: bool = False) -> list[list[int]]:
     """Group one model's pending forwards into batched passes; returns index lists into `forwards`.
 
-    A ragged pass (`ragged`: the CPU runner) feeds every row only its own tokens and computes only
-    the output rows asked for, so all forwards share one. A padded pass is padded to its longest
-    row and longest cache, and computes its largest `keep` of output rows for every row, so its
-    cost is `overhead + rows * (width + head_cost * kept + position_cost * cached)`, where
-    head_cost is the output projection's cost per row relative to a token through the layers (a
-    lone row pays nothing per cached position). In order of width and cache length, a forward
-    joins the current group when that is cheaper than its own pass: decode steps over caches of
-    similar length share one pass, prefills and scoring passes of similar size share one.
+    A ragged pass (`ragged`: the CPU runner) feeds every row only its own tokens, so all forwards
+    share one. A padded pass is padded to its longest row and longest cache, so its cost is
+    `overhead + rows * (width + position_cost * cached)` (a lone row pays nothing per cached
+    position). The output projection runs for each row's own kept rows whatever the grouping, so it
+    does not count. In order of width and cache length, a forward joins the current group when that
+    is cheaper than its own pass: decode steps over caches of similar length share one pass,
+    prefills and scoring passes of similar size share one.
     """
     if ragged:
         return [list(range(len(forwards)))] if forwards else []
 
-    def cost(width: int, kept: int, cached: int, rows: int) -> float:
-        return overhead + rows * (width + head_cost * kept + (position_cost * cached if rows > 1 else 0.0))
+    def cost(width: int, cached: int, rows: int) -> float:
+        return overhead + rows * (width + (position_cost * cached if rows > 1 else 0.0))
 
-    order = sorted(range(len(forwards)), key=lambda i: (len(forwards[i].ids), len(forwards[i].kv), forwards[i].keep))
+    order = sorted(range(len(forwards)), key=lambda i: (len(forwards[i].ids), len(forwards[i].kv)))
     groups: list[list[int]] = []
-    width = kept = cached = 0
+    width = cached = 0
     for i in order:
-        w, k, c = len(forwards[i].ids), max(forwards[i].keep, 1), len(forwards[i].kv)
+        w, c = len(forwards[i].ids), len(forwards[i].kv)
         if groups:
             rows = len(groups[-1])
-            joined = cost(max(width, w), max(kept, k), max(cached, c), rows + 1)
-            if joined <= cost(width, kept, cached, rows) + cost(w, k, c, 1):
+            if cost(max(width, w), max(cached, c), rows + 1) <= cost(width, cached, rows) + cost(w, c, 1):
                 groups[-1].append(i)
-                width, kept, cached = max(width, w), max(kept, k), max(cached, c)
+                width, cached = max(width, w), max(cached, c)
                 continue
         groups.append([i])
-        width, kept, cached = w, k, c
+        width, cached = w, c
     return groups
 
 

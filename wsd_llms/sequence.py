@@ -14,6 +14,7 @@ import torch
 
 from .events import Event, TextDelta
 from .kv_cache import KVCache
+from .output_head import HeadRows
 from .params import GenerationParams
 from .prompts import Prompts
 from .reply import Delta, ReplyText
@@ -31,8 +32,9 @@ class Forward:
     """A forward pass a sequence needs: feed `ids` into `kv` of `model` ("draft" or "base").
 
     With keep=0 the answer is the next-token logits [V]; with keep=k, the last k rows [k, V].
-    `phase` ("draft", "score" or "base") says what the pass is for; the scheduler may batch passes
-    of the same model and phase across sequences.
+    With lazy=True it is those rows as output_head.HeadRows instead, whose logits are computed only
+    when asked for. `phase` ("draft", "score" or "base") says what the pass is for; the scheduler
+    may batch passes of the same model and phase across sequences.
     """
 
     model: str
@@ -40,10 +42,21 @@ class Forward:
     ids: list[int]
     keep: int = 0
     phase: str = "draft"
+    lazy: bool = False
 
 
-# A decoding program: yields the forwards it needs, receives their logits, returns its result.
-Program = Generator[Forward, torch.Tensor, Any]
+@dataclass
+class Project:
+    """Logits a program needs for rows a lazy forward gave it: float32 [len(rows), V]. The engine
+    projects every program's waiting rows together, one call of each model's output projection."""
+
+    rows: HeadRows
+    phase: str = "score"
+
+
+# A decoding program: yields the passes and projections it needs, receives their logits (or
+# rows), returns its result.
+Program = Generator[Forward | Project, torch.Tensor | HeadRows, Any]
 
 _ids = itertools.count(1)
 

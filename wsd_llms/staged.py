@@ -50,5 +50,5 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     if seq.reply.stopped or len(kept) >= params.max_tokens:
         return "stop" if seq.reply.stopped else "length"
     seq.base_kv = seq.new_cache("base")
-    logits = yield Forward("base", seq.base_kv, handoff.prompt_ids + kept, phase="base")
-    return (yield from continue_base(seq, base, seq.base_kv, logits, base_gen, base_guide))
+    rows = yield Forward("base", seq.base_kv, handoff.prompt_ids + kept, phase="base", lazy=True)
+    return (yield from continue_base(seq, base, seq.base_kv, rows, base_gen, base_guide))

@@ -36,8 +36,28 @@ class SwitchDetector:
         self._logs.append(_log(float(p)))
         if len(self._logs) < self.window:
             return False
-        mean = math.fsum(self._logs[-self.window :]) / self.window
-        return mean >= self._log_threshold - _TOLERANCE
+        return self._passes(self._logs[-self.window :])
+
+    def _passes(self, logs: list[float]) -> bool:
+        """Whether a window of these log-probabilities (missing ones count as log 1) passes."""
+        return math.fsum(logs) / self.window >= self._log_threshold - _TOLERANCE
+
+    def needs_exact(self, bounds: list[float]) -> list[bool]:
+        """Which of the next positions' exact probabilities can decide a switch, given upper bounds on
+        their log-probabilities: those inside a window that could still pass, counting what comes
+        after them as certain (p = 1). Pushing a bound instead of the exact value elsewhere changes
+        no decision, now or later: every window holding such a position fails either way."""
+        history = self._logs[-(self.window - 1) :] if self.window > 1 else []
+        logs = history + list(bounds)
+        first, need = len(history), [False] * len(bounds)
+        for end in range(first, len(logs) + self.window - 1):  # windows ending at a new position or later
+            start = end - self.window + 1
+            if len(self._logs) - first + end < self.window - 1:  # no window ends this early in the draft
+                continue
+            if self._passes(logs[max(start, 0) : end + 1]):
+                for j in range(max(start, first), min(end + 1, len(logs))):
+                    need[j - first] = True
+        return need
 
     def truncate(self, n: int) -> None:
         """Forget everything from index n on (after a re-tokenization rolled the scores back)."""

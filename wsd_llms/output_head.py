@@ -1,0 +1,145 @@
+"""The output projection run outside the model's forward, so a scoring pass can skip most of it.
+
+The switch rule (DESIGN 3.5) needs a draft token's exact probability only where a window
+containing it could still pass. Everywhere else an upper bound decides the same way, and one
+comes cheaply from a slice of the vocabulary: p(t) = e^l_t / sum_j e^l_j <= e^l_t / sum_{j in S} e^l_j
+for any S holding t. Tokenizers put their frequent words first, so the first BOUND_WORDS ids hold
+most of the probability mass: on the embedded pair 8192 of the base's 262144 words bound all but
+15% of the benchmark's draft tokens below any passing window (benchmarks/bench_serving.py), and the
+full projection runs only for those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .packed_linear import PackedLinear, can_pack
+
+# Vocabulary ids [0, BOUND_WORDS) the bound projects: 1/32 of the embedded base's output projection.
+BOUND_WORDS = 8192
+
+# Below this many words the whole projection is cheap enough: no bound.
+MIN_BOUND_VOCAB = 2 * BOUND_WORDS
+
+# How many units in the last place of the largest logit a bound allows for: a slice's kernel may
+# sum in another order than the whole projection's (one rounding of each), and softmax's own
+# float32 arithmetic differs slightly from log_softmax's.
+BOUND_ULPS = 4.0
+BOUND_FLOOR = 1e-4
+
+
+class OutputHead:
+    """A causal LM's output projection and final soft-capping, applied to its final hidden states.
+
+    Build it before the model's linear layers are packed: it copies the bound's slice of the dense
+    projection. `identity()` stands in where the model's own head cannot be reproduced (its
+    forward returns logits already): the rows are logits, and every probability is exact.
+    """
+
+    def __init__(self, model: Any = None) -> None:
+        self.model = model
+        self.use_bound = True  # off: every scored probability is exact (benchmarks/bench_scoring.py compares)
+        self.softcap: float | None = None
+        self.dtype = torch.float32
+        self._subset: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._words: torch.Tensor | None = None  # the projection's rows, for a target outside the subset
+        self._bias: torch.Tensor | None = None
+        if model is None:
+            return
+        head = model.get_output_embeddings()
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        if not isinstance(head, torch.nn.Linear) or head.out_features < MIN_BOUND_VOCAB:
+            return  # exact probabilities everywhere: the whole projection is all there is, or cheap
+        self.dtype = head.weight.dtype
+        weight, bias = head.weight.detach(), head.bias
+        self._bias = None if bias is None else bias.detach()
+        inputs = model.get_input_embeddings()
+        tied = getattr(inputs, "weight", None) is head.weight
+        packed = can_pack(weight)
+        # The rows stay at hand where they cost nothing: a tied head's are the input embeddings;
+        # an untied head packed for oneDNN drops its dense copy, so its bound skips outside words.
+        self._words = inputs.weight if tied else (None if packed else head.weight)
+        subset = torch.nn.Linear(weight.shape[1], BOUND_WORDS, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            subset.weight.copy_(weight[:BOUND_WORDS])
+            if bias is not None:
+                subset.bias.copy_(bias[:BOUND_WORDS])
+        self._subset = PackedLinear(subset) if packed else subset
+
+    @classmethod
+    def identity(cls) -> OutputHead:
+        return cls()
+
+    @property
+    def projects(self) -> bool:
+        """Whether rows are hidden states this head projects (else they are logits already)."""
+        return self.model is not None
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for rows of final hidden states [..., H], as the model's forward computes them."""
+        if not self.projects:
+            return hidden.float()
+        return self._cap(self.model.get_output_embeddings()(hidden)).float()
+
+    def logprob_bounds(self, hidden: torch.Tensor, ids: list[int]) -> list[float] | None:
+        """Upper bounds on log p(ids[j]) under row j, from the first BOUND_WORDS words (and the
+        target's own row); a target outside them with no row at hand is bounded by p <= 1.
+        None where this head computes no bounds (a small vocabulary, or rows that are logits)."""
+        if self._subset is None or not self.use_bound:
+            return None
+        sub = self._cap(self._subset(hidden)).float()  # [n, BOUND_WORDS]
+        lse = torch.logsumexp(sub, dim=-1)
+        targets = torch.tensor(ids, device=sub.device)
+        inside = targets < BOUND_WORDS
+        own = sub.gather(-1, targets.clamp(max=BOUND_WORDS - 1)[:, None])[:, 0]
+        known = inside.clone()
+        if self._words is not None and not bool(inside.all()):
+            out = (~inside).nonzero()[:, 0]
+            rows = self._words[targets[out]]
+            logit = (hidden[out].float() * rows.float()).sum(-1)
+            if self._bias is not None:
+                logit = logit + self._bias[targets[out]].float()
+            logit = self._cap(logit.to(self.dtype)).float()
+            own[out] = logit
+            lse[out] = torch.logaddexp(lse[out], logit)  # the target joins the subset
+            known[out] = True
+        scale = torch.maximum(sub.abs().amax(-1), own.abs())
+        slack = BOUND_ULPS * torch.finfo(self.dtype).eps * scale + BOUND_FLOOR
+        bounds = torch.where(known, own - lse + slack, torch.full_like(own, BOUND_FLOOR))
+        return bounds.tolist()
+
+
+@dataclass
+class HeadRows:
+    """Some positions' final hidden states from one pass, to be projected only where needed.
+
+    What a lazy forward returns (sequence.Forward.lazy). A program asks the engine for their
+    logits (sequence.Project), and the engine projects every program's rows of a step in one
+    call: on a CPU the projection streams its whole weight whether it takes one row or eight.
+    """
+
+    hidden: torch.Tensor  # [n, H] (logits [n, V] for an identity head)
+    head: OutputHead
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, rows: slice | list[int]) -> HeadRows:
+        return HeadRows(self.hidden[rows], self.head)
+
+    def then(self, other: HeadRows) -> HeadRows:
+        """These rows followed by `other`'s."""
+        return HeadRows(torch.cat([self.hidden, other.hidden]), self.head)
+
+    def logprob_bounds(self, ids: list[int]) -> list[float] | None:
+        """See OutputHead.logprob_bounds."""
+        return self.head.logprob_bounds(self.hidden, ids)
