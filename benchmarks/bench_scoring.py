@@ -1,0 +1,112 @@
+"""Scoring with bounds against exact scoring, side by side in one process, on the embedded pair.
+
+The switch rule needs a draft token's exact probability only where a window could pass
+(wsd_llms/output_head.py); elsewhere an upper bound from the first 8192 words of the base
+vocabulary decides the same. This serves the serving benchmark's 16 prompts at 1 and 8
+concurrent, alternating exact scoring and bounds, and reports seconds in scoring, aggregate
+tokens/s, how many scored tokens needed their exact probability, and whether the replies agree.
+
+    python benchmarks/bench_scoring.py [--rounds 2] [--levels 1 8] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from bench_serving import PROMPTS
+from common import device_suffix, write
+
+import wsd_llms
+from wsd_llms.switch import SwitchDetector
+
+
+class ExactCounter:
+    """Counts the scored positions whose exact probability the switch rule asked for."""
+
+    def __init__(self) -> None:
+        self.needed = self.bounded = 0
+        self._original = SwitchDetector.needs_exact
+
+    def __enter__(self) -> ExactCounter:
+        counter = self
+
+        def counting(detector: SwitchDetector, bounds: list[float]) -> list[bool]:
+            need = counter._original(detector, bounds)
+            counter.needed += sum(need)
+            counter.bounded += len(need)
+            return need
+
+        SwitchDetector.needs_exact = counting  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        SwitchDetector.needs_exact = self._original  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    head = runtime.engine.runners["base"].head
+
+    def serve(n: int) -> dict:
+        before = runtime.stats()
+        with ExactCounter() as counter, ThreadPoolExecutor(n) as pool:
+            t0 = time.perf_counter()
+            results = list(pool.map(lambda p: runtime.generate([{"role": "user", "content": p}], max_tokens=args.max_tokens), PROMPTS))
+            wall = time.perf_counter() - t0
+        after = runtime.stats()
+        return {
+            "wall_s": wall,
+            "tokens_per_s": sum(r.usage.reply_tokens for r in results) / wall,
+            "score_s": after.pass_seconds["score"] - before.pass_seconds["score"],
+            "exact_fraction": counter.needed / counter.bounded if counter.bounded else None,
+            "texts": [r.text for r in results],
+        }
+
+    runs: dict[str, dict[int, list[dict]]] = {"exact": {n: [] for n in args.levels}, "bounds": {n: [] for n in args.levels}}
+    for r in range(args.rounds):
+        for mode in runs:
+            head.use_bound = mode == "bounds"
+            for n in args.levels:
+                run = serve(n)
+                runs[mode][n].append(run)
+                print(f"round {r} {mode:6} {n:2d} concurrent: {run['tokens_per_s']:.1f} tok/s, scoring {run['score_s']:.2f} s", flush=True)
+    head.use_bound = True
+
+    rows = [
+        "| concurrent | scoring (s), exact / bounds | ratio | tok/s, exact / bounds | ratio | scored tokens needing their exact probability | replies equal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for n in args.levels:
+        exact, bounds = runs["exact"][n], runs["bounds"][n]
+        mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+        same = all(b["texts"] == exact[0]["texts"] for b in bounds + exact)
+        fraction = mean(bounds, "exact_fraction")
+        summary[n] = {
+            "score_s": [mean(exact, "score_s"), mean(bounds, "score_s")],
+            "tokens_per_s": [mean(exact, "tokens_per_s"), mean(bounds, "tokens_per_s")],
+            "exact_fraction": fraction,
+            "replies_equal": same,
+        }
+        s, t = summary[n]["score_s"], summary[n]["tokens_per_s"]
+        rows.append(
+            f"| {n} | {s[0]:.2f} / {s[1]:.2f} | {s[1] / s[0]:.2f}x | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {fraction:.0%} | {'yes' if same else 'NO'} |"
+        )
+    rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; means of {args.rounds} rounds, alternating."]
+    for n in summary:
+        for mode in runs:
+            for run in runs[mode][n]:
+                run.pop("texts")
+    write("scoring" + device_suffix(runtime.device), {"levels": summary, "runs": runs}, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
