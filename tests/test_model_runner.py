@@ -274,15 +274,15 @@ def test_sequence_caches_are_limited_to_what_the_request_can_hold():
 
 
 def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):
-    """If handing the new states back fails (say, out of memory while growing one row's cache),
-    no row has changed: each can then be run alone, as the engine's retry does, with the logits
-    of a pass that never failed."""
+    """If handing the new states back fails (say, out of memory while making one row's cache: the
+    first row's is empty), no row has changed: each can then be run alone, as the engine's retry
+    does, with the logits of a pass that never failed."""
 
     vocab = runner.model.config.vocab_size
     new = [_ids(100 + i, n, vocab) for i, (_, n, _) in enumerate(ROWS)]
     keeps = [k for _, _, k in ROWS]
     failing, clean = _caches(runner), _caches(runner)
-    target = failing[3].store
+    target = failing[0].store
     room = KVStore.room
 
     def out_of_memory(store, end, keys, values):

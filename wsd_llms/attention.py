@@ -87,12 +87,9 @@ def ragged_sdpa(
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads
     layout, outputs = key.layout, []
-    for row, (keys, values) in enumerate(zip(key.rows, value.rows)):
-        start, count = layout.starts[row], layout.counts[row]
+    for row, (queries, keys, values) in enumerate(zip(query.split(layout.counts, dim=2), key.rows, value.rows)):
         mask, causal = layout.mask(row, keys.shape[-2], window, keys.device)
-        out = F.scaled_dot_product_attention(
-            query[:, :, start : start + count], keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=grouped
-        )
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=grouped)
         outputs.append(out)  # [1, heads, count, dim]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 

@@ -63,6 +63,7 @@ class GrowingLayer(DynamicLayer):
     def __init__(self, store: KVStore, index: int, length: int = 0) -> None:  # no super(): keys are views
         self.store, self.index, self.length = store, index, length
         self._slot: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        self._checked = False  # whether this layer's states were checked against the store's shape
 
     def _views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This layer's whole key and value slots [batch, heads, capacity, dim], cached until the store grows."""
@@ -93,8 +94,12 @@ class GrowingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + key_states.shape[-2]
-        self.store.room(end, key_states, value_states)
-        keys, values = self._views()  # type: ignore[misc]
+        views = self._views()
+        if views is None or not self._checked or end > views[0].shape[-2]:  # else no room to make, nothing to check
+            self.store.room(end, key_states, value_states)
+            self._checked = True
+            views = self._views()
+        keys, values = views  # type: ignore[misc]
         keys[:, :, start:end] = key_states
         values[:, :, start:end] = value_states
         self.length = end
@@ -120,8 +125,9 @@ class RaggedLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         keys, values = [], []
-        for layer, start, count in zip(self.layers, self.layout.starts, self.layout.counts):
-            k, v = layer.update(key_states[:, :, start : start + count], value_states[:, :, start : start + count])
+        counts = self.layout.counts
+        for layer, new_keys, new_values in zip(self.layers, key_states.split(counts, dim=2), value_states.split(counts, dim=2)):
+            k, v = layer.update(new_keys, new_values)
             keys.append(k)
             values.append(v)
         return RaggedStates(keys, self.layout), RaggedStates(values, self.layout)
