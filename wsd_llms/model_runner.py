@@ -37,12 +37,12 @@ class ModelRunner:
         self.device = loaded.device
         self.head = OutputHead(self.model)  # before packing: it copies a slice of the dense projection
         pack_linears(self.model)
-        # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
         if not self._head_matches():
             self.head = OutputHead.identity()
+        # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
+        called = self.model.base_model if self.head.projects else self.model
+        self._cache_kw = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
         self.ragged = False  # plain passes while the probe takes its reference
         self.ragged = self._ragged_matches()
 
@@ -92,7 +92,8 @@ class ModelRunner:
             if not self.head.projects:
                 return self.model(**inputs, logits_to_keep=rows).logits
             hidden = self.model.base_model(**inputs).last_hidden_state
-        return hidden[:, -rows:] if isinstance(rows, int) else hidden[:, rows]
+        # A copy of the kept positions only: lazy rows may be held across steps, the rest need not be.
+        return hidden[:, -rows:].contiguous() if isinstance(rows, int) else hidden[:, rows]
 
     def _outputs(self, rows: list[torch.Tensor], keeps: list[int], lazy: list[bool]) -> list[Output]:
         """What each row of a pass returns, from its kept rows [k, H]: logits [V] (keep=0) or [k, V],
