@@ -63,6 +63,23 @@ def test_online_stops_drafting_at_the_switch(parity):
             assert online.usage.draft_tokens < staged.usage.draft_tokens
 
 
+def test_scoring_needs_few_exact_probabilities(embedded, monkeypatch):
+    """The base vocabulary's first 8192 words bound most scored tokens' probabilities below any
+    passing window, so the full 262k-word projection runs for few of them (output_head)."""
+    from wsd_llms.switch import SwitchDetector
+
+    needs_exact, counts = SwitchDetector.needs_exact, [0, 0]
+
+    def counting(self, bounds):
+        need = needs_exact(self, bounds)
+        counts[0], counts[1] = counts[0] + sum(need), counts[1] + len(need)
+        return need
+
+    monkeypatch.setattr(SwitchDetector, "needs_exact", counting)
+    embedded.generate(CASES["long answer"], max_tokens=96, max_draft_tokens=128)
+    assert counts[1] >= 40 and counts[0] < counts[1] / 2, counts
+
+
 def test_max_tokens_cuts_the_reply(embedded):
     messages = CASES["long answer"]
     staged = embedded.generate(messages, mode="staged", max_tokens=12, max_draft_tokens=64)
