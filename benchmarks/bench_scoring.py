@@ -6,7 +6,7 @@ vocabulary decides the same. This serves the serving benchmark's 16 prompts at 1
 concurrent, alternating exact scoring and bounds, and reports seconds in scoring, aggregate
 tokens/s, how many scored tokens needed their exact probability, and whether the replies agree.
 
-    python benchmarks/bench_scoring.py [--rounds 2] [--levels 1 8] [--max-tokens 64]
+    python benchmarks/bench_scoring.py [--rounds 2] [--levels 1 8] [--max-tokens 64] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, ...")
     args = parser.parse_args()
-    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
+    runtime = wsd_llms.get_runtime(dtype=args.dtype, max_running=max(args.levels))
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
     head = runtime.engine.runners["base"].head
 
@@ -105,7 +106,8 @@ def main() -> None:
         for mode in runs:
             for run in runs[mode][n]:
                 run.pop("texts")
-    write("scoring" + device_suffix(runtime.device), {"levels": summary, "runs": runs}, "\n".join(rows))
+    name = "scoring" + (f"_{args.dtype}" if args.dtype != "auto" else "") + device_suffix(runtime.device)
+    write(name, {"dtype": str(runtime.dtype), "levels": summary, "runs": runs}, "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -67,21 +67,29 @@ def test_lazy_rows_project_to_the_eager_logits_bit_for_bit(kind):
             torch.testing.assert_close(logits, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("slice_exact", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["llama", "llama-tied", "gemma3"])
-def test_bounds_never_undercut_the_exact_probability(small_bound, kind, dtype):
+def test_bounds_never_undercut_the_exact_probability(small_bound, kind, dtype, slice_exact):
+    """On this CPU the slice's oneDNN kernel gives the whole projection's bits, so bounds allow
+    almost nothing for rounding; where it might not (a GPU), they allow 4 units in the last place."""
     loaded = MODELS[kind.removesuffix("-tied")]()
     model = loaded.model
     if kind.endswith("-tied"):  # the head's rows are the input embeddings: every target is bounded
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.to(dtype)
     runner = ModelRunner(loaded)
+    assert runner.head._slice_exact
+    runner.head._slice_exact = slice_exact
     vocab = model.config.vocab_size
     rows = runner.extend(runner.new_cache(), _ids(1, 60, vocab), keep=60, lazy=True)
     logits = rows.head.logits(rows.hidden)
     logp = torch.log_softmax(logits, dim=-1)
     # How far a bound may lie above p: the mass outside the slice, and the allowance for rounding.
-    slack = output_head.BOUND_ULPS * torch.finfo(dtype).eps * logits.abs().amax(-1) + output_head.BOUND_FLOOR
+    eps = torch.finfo(dtype).eps
+    slack = 2 * eps * logits.abs().amax(-1) + output_head.BOUND_FLOOR
+    if not slice_exact:
+        slack += output_head.BOUND_ULPS * eps * logits.abs().amax(-1)
     # Targets across the vocabulary, inside and outside the bounded slice, and each row's most likely word.
     for targets in [_ids(2, 60, vocab), logp.argmax(-1).tolist(), [i % 64 for i in range(60)]]:
         bounds = rows.logprob_bounds(targets)

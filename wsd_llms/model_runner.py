@@ -40,6 +40,7 @@ class ModelRunner:
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
         if not self._head_matches():
             self.head = OutputHead.identity()
+        self.head.check_slice()
         # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
         called = self.model.base_model if self.head.projects else self.model
         self._cache_kw = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
