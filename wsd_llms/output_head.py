@@ -5,8 +5,8 @@ containing it could still pass. Everywhere else an upper bound decides the same 
 comes cheaply from a slice of the vocabulary: p(t) = e^l_t / sum_j e^l_j <= e^l_t / sum_{j in S} e^l_j
 for any S holding t. Tokenizers put their frequent words first, so the first BOUND_WORDS ids hold
 most of the probability mass: on the embedded pair 8192 of the base's 262144 words bound all but
-15% of the benchmark's draft tokens below any passing window (benchmarks/bench_serving.py), and the
-full projection runs only for those.
+16-20% of the serving benchmark's draft tokens below any passing window (benchmarks/bench_scoring.py),
+and the full projection runs only for those.
 """
 
 from __future__ import annotations
