@@ -101,8 +101,8 @@ class _Scorer:
         if bounds is None:
             return token_probs((yield Project(prev)), ids)
         need = self.detector.needs_exact(bounds)
-        rows = [j for j, n in enumerate(need) if n]
-        exact = iter(token_probs((yield Project(prev[rows])), [ids[j] for j in rows]) if rows else [])
+        wanted = [j for j, n in enumerate(need) if n]
+        exact = iter(token_probs((yield Project(prev[wanted])), [ids[j] for j in wanted]) if wanted else [])
         return [next(exact) if n else math.exp(b) for n, b in zip(need, bounds)]
 
     def cut(self, kept: int) -> Program:
