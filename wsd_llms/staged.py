@@ -6,9 +6,14 @@ from .continuation import continue_base, keep_draft
 from .handoff import draft_text, final_handoff
 from .loading import LoadedModel
 from .sampling import make_generator, sample, token_probs
-from .sequence import Forward, Phase, Program, Sequence
+from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import Guide, draft_guide
 from .switch import find_switch
+
+
+# Rows of the check's logits held at once (each is the base vocabulary's size in float32: 1 MiB
+# for the embedded base), so a 512-token draft's check needs 64 MiB, not 512.
+CHECK_ROWS = 64
 
 
 def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
@@ -38,9 +43,11 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), draft_text(draft.tokenizer, prompts.forced_prefix, generated))
     probs: list[float] = []
     if handoff.draft_ids:
-        scoring = seq.new_cache("check")
-        logits = yield Forward("base", scoring, handoff.prompt_ids + handoff.draft_ids, keep=len(handoff.draft_ids) + 1, phase="score")
-        probs = token_probs(logits[:-1], handoff.draft_ids)
+        scoring, draft_ids = seq.new_cache("check"), handoff.draft_ids
+        rows = yield Forward("base", scoring, handoff.prompt_ids + draft_ids, keep=len(draft_ids) + 1, phase="score", lazy=True)
+        for start in range(0, len(draft_ids), CHECK_ROWS):  # rows[j] predicts draft_ids[j]
+            logits = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])
+            probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
     switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold)
     # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
     # then continue from a fresh prefill of prompt + kept draft.
