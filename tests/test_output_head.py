@@ -164,6 +164,7 @@ def test_online_with_bounds_equals_staged(small_bound, monkeypatch, pair):
     rt = WSDRuntime.from_models(draft, base)
     try:
         assert rt.engine.runners["base"].head.logprob_bounds(torch.zeros(1, 32), [1]) is not None
+        assert rt.engine.runners["draft"].head.logprob_bounds(torch.zeros(1, 32), [1]) is None  # never scored: no slice kept
         switches = set()
         for question in QUESTIONS:
             for settings in SETTINGS:

@@ -99,7 +99,7 @@ class Engine:
         prefill_chunk: int | None = None,
     ) -> None:
         self.draft, self.base = draft, base
-        self.runners = {"draft": ModelRunner(draft), "base": ModelRunner(base)}
+        self.runners = {"draft": ModelRunner(draft, bound=False), "base": ModelRunner(base)}  # only the base scores
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])

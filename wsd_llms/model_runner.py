@@ -17,7 +17,7 @@ from .attention import RAGGED_SDPA, RaggedRows, attention_backends
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
 from .loading import LoadedModel
 from .output_head import HeadRows, OutputHead
-from .packed_linear import PackedLinear, pack_linears
+from .packed_linear import pack_linears
 
 Output = torch.Tensor | HeadRows
 
@@ -31,11 +31,12 @@ class ModelRunner:
     forward (`self.head`), only for the rows a pass is asked for eagerly.
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, bound: bool = True) -> None:
+        """`bound`: whether the head keeps what scoring's probability bounds need (a base model)."""
         self.loaded = loaded
         self.model: Any = loaded.model
         self.device = loaded.device
-        self.head = OutputHead(self.model)  # before packing: it copies a slice of the dense projection
+        self.head = OutputHead(self.model, bound)  # before packing: it copies a slice of the dense projection
         pack_linears(self.model)
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
         if not self._head_matches():

@@ -38,11 +38,11 @@ class OutputHead:
     """A causal LM's output projection and final soft-capping, applied to its final hidden states.
 
     Build it before the model's linear layers are packed: it copies the bound's slice of the dense
-    projection. `identity()` stands in where the model's own head cannot be reproduced (its
+    projection (unless `bound` is off). `identity()` stands in where the model's own head cannot be reproduced (its
     forward returns logits already): the rows are logits, and every probability is exact.
     """
 
-    def __init__(self, model: Any = None) -> None:
+    def __init__(self, model: Any = None, bound: bool = True) -> None:
         self.model = model
         self.use_bound = True  # off: every scored probability is exact (benchmarks/bench_scoring.py compares)
         self.softcap: float | None = None
@@ -55,8 +55,8 @@ class OutputHead:
             return
         head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        if not isinstance(head, torch.nn.Linear) or head.out_features < MIN_BOUND_VOCAB:
-            return  # exact probabilities everywhere: the whole projection is all there is, or cheap
+        if not bound or not isinstance(head, torch.nn.Linear) or head.out_features < MIN_BOUND_VOCAB:
+            return  # no bounds: not asked for (a model that is never scored), or no slice to take, or cheap
         self.dtype = head.weight.dtype
         weight, bias = head.weight.detach(), head.bias
         self._bias = None if bias is None else bias.detach()
