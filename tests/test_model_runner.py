@@ -9,7 +9,7 @@ from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 from wsd_llms.attention import attention_backends
 from wsd_llms.kv_cache import KVCache, KVStore
 from wsd_llms.model_runner import ModelRunner
-from wsd_llms.packed_linear import PackedLinear, can_pack
+from wsd_llms.packed_linear import PackedLinear, SharedInputPart, can_pack, pack_linears
 from wsd_llms.scheduler import plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
 
@@ -67,7 +67,7 @@ def test_cpu_linears_are_packed_exact_and_batch_invariant():
     linears = {name: m for name, m in loaded.model.named_modules() if type(m) is torch.nn.Linear}
     ModelRunner(loaded)
     modules = dict(loaded.model.named_modules())
-    assert linears and all(isinstance(modules[name], PackedLinear) for name in linears)
+    assert linears and all(isinstance(modules[name], PackedLinear | SharedInputPart) for name in linears)
     assert not any(type(m) is torch.nn.Linear for m in loaded.model.modules())
     head, linear = loaded.model.get_output_embeddings(), linears["lm_head"]
     x = torch.randn(3, 9, 32)
@@ -77,6 +77,58 @@ def test_cpu_linears_are_packed_exact_and_batch_invariant():
         rows = x.reshape(-1, 32)
         together = head(rows)
         assert all(torch.equal(head(rows[i : i + n]), together[i : i + n]) for i, n in [(0, 1), (5, 2), (8, 8), (3, 17)])
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3, tiny_deepseek])
+def test_siblings_reading_one_input_share_one_gemm_with_the_same_bits(make):
+    """Layers that read the same input (query, key and value projections; gate and up) run as one
+    GEMM: the model's logits stay bit for bit those of one packed layer each, a lone row included,
+    and the GEMM's output is let go once every sibling has taken its part."""
+    tokenizer = make_tokenizer(420 if make is tiny_gemma3 else 300)
+    fused, apart = make(tokenizer, 3).model, make(tokenizer, 3).model
+    ids = torch.tensor([[5, 9, 2, 7, 11]])
+    assert pack_linears(fused, probe=lambda: fused(input_ids=ids[:, :4], use_cache=False).logits) == pack_linears(apart)
+    attention, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, SharedInputPart) and mlp.gate_proj.shared is mlp.up_proj.shared
+    assert isinstance(attention.q_proj, SharedInputPart) and isinstance(attention.o_proj, PackedLinear)
+    assert isinstance(mlp.down_proj, PackedLinear)
+    with torch.inference_mode():
+        for n in (5, 1):
+            assert torch.equal(fused(input_ids=ids[:, :n]).logits, apart(input_ids=ids[:, :n]).logits)
+    assert mlp.gate_proj.shared._output is None and attention.q_proj.shared._output is None
+
+
+class _Siblings(torch.nn.Module):
+    """Two same-shaped layers that read one input, unless the model `feeds` b a's output, `writes`
+    the input between their reads, or `flattens` a's output (a column slice of a shared GEMM cannot
+    be viewed so)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 1.0  # a tensor of its own, to write to
+        a = self.a(x)
+        if self.how == "writes":
+            x.mul_(2)
+        b = self.b(a if self.how == "feeds" else x)
+        return (a.view(-1) if self.how == "flattens" else a).sum() + b.sum()
+
+
+@pytest.mark.parametrize("how", ["feeds", "writes", "flattens"])
+def test_siblings_stay_apart_unless_they_read_one_input_and_can_take_a_slice(how):
+    model = _Siblings(how)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        expected = model(x)
+    pack_linears(model, probe=lambda: model(x))
+    assert isinstance(model.a, PackedLinear) and isinstance(model.b, PackedLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected)
+    shared = _Siblings("reads")
+    pack_linears(shared, probe=lambda: shared(x))
+    assert isinstance(shared.a, SharedInputPart) and shared.a.shared is shared.b.shared
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

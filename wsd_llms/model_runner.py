@@ -37,7 +37,8 @@ class ModelRunner:
         self.model: Any = loaded.model
         self.device = loaded.device
         self.head = OutputHead(self.model, bound)  # before packing: it copies a slice of the dense projection
-        pack_linears(self.model)
+        probe = torch.tensor([[1, 2, 3, 4]], device=self.device)
+        pack_linears(self.model, probe=lambda: self.model(input_ids=probe, use_cache=False).logits)
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
         if not self._head_matches():
             self.head = OutputHead.identity()
