@@ -131,6 +131,15 @@ def test_siblings_stay_apart_unless_they_read_one_input_and_can_take_a_slice(how
     assert isinstance(shared.a, SharedInputPart) and shared.a.shared is shared.b.shared
 
 
+def test_a_probe_that_fails_leaves_one_gemm_per_layer():
+    def fail() -> None:
+        raise ValueError("this model cannot run the probe")
+
+    model = _Siblings("reads")
+    pack_linears(model, probe=fail)
+    assert isinstance(model.a, PackedLinear) and isinstance(model.b, PackedLinear)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_lone_row_gets_the_bits_it_gets_among_others(dtype):
     """oneDNN's one-row kernel sums long rows in another order (1536 inputs or more, on this

@@ -175,7 +175,7 @@ def pack_linears(model: Any, probe: Callable[[], Any] | None = None) -> int:
         for name, child in list(module.named_children())
         if type(child) is torch.nn.Linear and can_pack(child.weight)
     ]
-    groups = [group for group in (_shared_input_groups(linears, probe) if probe is not None else []) if _stacking_exact(group)]
+    groups = [group for group in (_shared_input_groups(linears, probe) if probe is not None and linears else []) if _stacking_exact(group)]
     grouped = {id(child) for group in groups for _, _, child in group}
     for module, name, child in linears:
         if id(child) not in grouped:
@@ -207,6 +207,8 @@ def _shared_input_groups(linears: list[Sibling], probe: Callable[[], Any]) -> li
     written: set[int] = set()
 
     def record(layer: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if not args:  # called with keywords only: left out of any group
+            return
         x = args[0]
         reads.setdefault(id(layer), []).append(x)
         if id(x) not in first_seen:
@@ -218,6 +220,8 @@ def _shared_input_groups(linears: list[Sibling], probe: Callable[[], Any]) -> li
     try:
         with torch.inference_mode():
             probe()
+    except Exception:  # noqa: BLE001 - a model the probe cannot run keeps one GEMM per layer
+        return []
     finally:
         for hook in hooks:
             hook.remove()
