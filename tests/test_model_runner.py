@@ -9,6 +9,7 @@ from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 from wsd_llms.attention import attention_backends
 from wsd_llms.kv_cache import KVCache, KVStore
 from wsd_llms.model_runner import ModelRunner
+from wsd_llms import packed_linear
 from wsd_llms.packed_linear import PackedLinear, SharedInputPart, can_pack, pack_linears
 from wsd_llms.scheduler import plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
@@ -127,8 +128,11 @@ def test_siblings_stay_apart_unless_they_read_one_input_and_can_take_a_slice(how
     with torch.inference_mode():
         torch.testing.assert_close(model(x), expected)
     shared = _Siblings("reads")
+    packed_linear._STACKING_EXACT.clear()  # so that the check runs here: it must not draw from torch's global generator
+    state = torch.get_rng_state()
     pack_linears(shared, probe=lambda: shared(x))
     assert isinstance(shared.a, SharedInputPart) and shared.a.shared is shared.b.shared
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_a_probe_that_fails_leaves_one_gemm_per_layer():
