@@ -184,6 +184,24 @@ def test_ragged_passes_equal_lone_passes_bit_for_bit_and_plain_ones_closely(runn
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_a_sliding_window_layer_reads_only_its_window_in_a_ragged_pass():
+    """Positions a sliding-window layer can no longer see are not read: NaN written there (in the
+    sliding layers only) changes nothing, for a decode step and a scoring pass past the window."""
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    config, vocab = runner.model.config, runner.model.config.vocab_size
+    sliding = [i for i, kind in enumerate(config.layer_types) if kind == "sliding_attention"]
+    assert runner.ragged and sliding
+    for count in (1, 5):
+        (clean,), (poisoned,) = _caches(runner, [(40, count, 0)]), _caches(runner, [(40, count, 0)])
+        new = _ids(7, count, vocab)
+        unseen = 40 - config.sliding_window + 1  # the first new token sees positions from here on
+        with torch.inference_mode():
+            for buffer in poisoned.store.buffers:
+                buffer[sliding, :, :, :unseen] = float("nan")
+        expected, got = runner.extend_batch([clean, poisoned], [new, new], [count, count])
+        assert torch.isfinite(got).all() and torch.equal(got, expected)
+
+
 def test_a_failed_ragged_step_leaves_every_row_as_it_was(monkeypatch):
     runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
     assert runner.ragged

@@ -79,7 +79,8 @@ def ragged_sdpa(
     """transformers' SDPA attention, except in a ragged pass (ModelRunner on CPU): there the rows'
     new tokens come flattened into one sequence, and each row's queries attend over that row's own
     cache, with one SDPA call per row that does not depend on the other rows; nothing is copied
-    into a batch or padded."""
+    into a batch or padded. In a sliding-window layer a row attends over the last positions its
+    queries can see (a decode step over a 3000-position cache reads 512, not 3000)."""
     if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None:
@@ -88,6 +89,10 @@ def ragged_sdpa(
     grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads
     layout, outputs = key.layout, []
     for row, (queries, keys, values) in enumerate(zip(query.split(layout.counts, dim=2), key.rows, value.rows)):
+        if window:  # only the positions the row's first query can still see: a sliding layer attends over its window, not the whole cache
+            start = keys.shape[-2] - layout.counts[row] - window + 1
+            if start > 0:
+                keys, values = keys[:, :, start:], values[:, :, start:]
         mask, causal = layout.mask(row, keys.shape[-2], window, keys.device)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=grouped)
         outputs.append(out)  # [1, heads, count, dim]
