@@ -340,14 +340,41 @@ def test_a_chunked_prompt_gets_the_same_reply_alone_and_under_load(fresh):
     assert alone.usage.draft_prompt_tokens > 4 * 24 and alone.usage.base_prompt_tokens > 4 * 24
 
 
+def test_a_prompt_that_starts_like_an_earlier_one_feeds_only_the_rest(fresh):
+    """Prefix caching: whole prefill pieces are kept, and the next turn of a conversation (whose
+    prompt starts with the last one's) restores them instead of feeding them again, in both models,
+    and gets the reply a runtime that keeps nothing gives."""
+    settings = {"max_tokens": 30, "switch_threshold": 0.5, "switch_window": 2}
+    first = _msgs(LONG)
+    turn = [*first, {"role": "assistant", "content": "Item 3."}, {"role": "user", "content": "And which item is 6?"}]
+    cold = fresh(prefill_chunk=24, prefix_cache_tokens=0)
+    expected = cold.generate(turn, **settings)
+    rt = fresh(prefill_chunk=24)
+    earlier = rt.generate(first, **settings).usage
+    before = rt.stats()
+    got = rt.generate(turn, **settings)
+    after = rt.stats()
+    assert (got.text, got.switch_point, got.usage) == (expected.text, expected.switch_point, expected.usage)
+    assert after.prefix_cache["hits"] - before.prefix_cache["hits"] == 2  # the draft's prompt and the base's
+    reused = after.prefix_cache["reused_tokens"] - before.prefix_cache["reused_tokens"]
+    assert reused >= earlier.draft_prompt_tokens + earlier.base_prompt_tokens - 4 * 24  # the first prompts, in whole pieces
+    fed = sum(after.tokens[k] - before.tokens[k] for k in ("draft", "score"))
+    assert sum(cold.stats().tokens[k] for k in ("draft", "score")) - fed == reused
+    assert 0 < after.prefix_cache["cached_tokens"] <= 2 * 4096
+
+
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "512"])
 def test_limits_are_checked(fresh, value):
     rt = fresh()
     for name in ("max_running", "max_cached_tokens", "prefill_chunk"):
         with pytest.raises(InvalidParameterError, match=f"invalid {name}=.*must be an integer >= 1"):
             rt.configure(**{name: value})
-    rt.configure(prefill_chunk=64)
+    if value != 0:  # keeping no prompt prefixes is allowed
+        with pytest.raises(InvalidParameterError, match="invalid prefix_cache_tokens=.*must be an integer >= 0"):
+            rt.configure(prefix_cache_tokens=value)
+    rt.configure(prefill_chunk=64, prefix_cache_tokens=0)
     assert rt.engine.prefill_chunk == 64
+    assert all(p.max_tokens == 0 for p in rt.engine.prefixes.values())
 
 
 def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):

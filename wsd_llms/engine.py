@@ -19,6 +19,7 @@ from .messages import Message
 from .model_runner import ModelRunner, Output
 from .online import run_online
 from .params import GenerationParams
+from .prefix_cache import PrefixCache
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
 from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, plan_passes, prefill_pieces
@@ -59,6 +60,10 @@ class RuntimeStats:
     """Seconds spent in forward passes per phase ("draft", "score", "base"); a batched pass that
     serves several phases is split by the tokens each fed. Scoring's output projection, run
     after its pass for the rows that need it (output_head), counts to "score"."""
+    prefix_cache: dict[str, int]
+    """Prompt prefixes kept across requests (prefix_cache.PrefixCache), both models together:
+    "hits" (prefills that started from stored pieces), "reused_tokens" (positions not fed again),
+    "cached_tokens" (positions held)."""
 
     @classmethod
     def empty(cls) -> RuntimeStats:
@@ -76,6 +81,7 @@ class RuntimeStats:
             peaks={"queued": 0, "running": 0, "draft_batch": 0, "base_batch": 0},
             passes={"draft": 0, "base": 0},
             pass_seconds={"draft": 0.0, "score": 0.0, "base": 0.0},
+            prefix_cache={"hits": 0, "reused_tokens": 0, "cached_tokens": 0},
         )
 
 
@@ -97,6 +103,7 @@ class Engine:
         max_running: int = 16,
         max_cached_tokens: int = 65536,
         prefill_chunk: int | None = None,
+        prefix_cache_tokens: int = 4096,
     ) -> None:
         self.draft, self.base = draft, base
         self.runners = {"draft": ModelRunner(draft, bound=False), "base": ModelRunner(base)}  # only the base scores
@@ -104,6 +111,7 @@ class Engine:
         self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])
         self.scheduler = Scheduler(max_running, max_cached_tokens)
+        self.prefixes = {model: PrefixCache(prefix_cache_tokens) for model in self.runners}
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
         zero = RuntimeStats.empty()  # the counters start from the empty snapshot, so their keys are named once
         self.tokens, self.batch_sizes, self.peaks = dict(zero.tokens), dict(zero.batch_sizes), dict(zero.peaks)
@@ -155,6 +163,11 @@ class Engine:
             peaks=dict(self.peaks),
             passes=dict(self.passes),
             pass_seconds=dict(self.pass_seconds),
+            prefix_cache={
+                "hits": sum(p.hits for p in self.prefixes.values()),
+                "reused_tokens": sum(p.reused_tokens for p in self.prefixes.values()),
+                "cached_tokens": sum(p.tokens() for p in self.prefixes.values()),
+            },
         )
 
     def step(self) -> None:
@@ -194,7 +207,9 @@ class Engine:
 
     def _pieces(self, seqs: list[Sequence]) -> list[tuple[Sequence, Forward]]:
         """What each sequence feeds this step: its pending forward, or the next piece of a long one;
-        a sequence whose piece does not fit this step's prefill budget sits the step out."""
+        a sequence whose piece does not fit this step's prefill budget sits the step out. A prompt
+        starts from the pieces an earlier request stored, where its ids begin the same."""
+        seqs = [seq for seq in seqs if self._restore(seq)]
         pending = [seq.pending for seq in seqs if seq.pending is not None]  # all of them: they were batched by it
         sizes = prefill_pieces(pending, self.prefill_chunk)
         return [
@@ -202,6 +217,20 @@ class Engine:
             for seq, forward, n in zip(seqs, pending, sizes)
             if n is not None
         ]
+
+    def _restore(self, seq: Sequence) -> bool:
+        """Start a prefill from stored pieces where they match (prefix_cache); False if that failed the request."""
+        forward = seq.pending
+        if forward is None or len(forward.kv) or len(forward.ids) <= self.prefill_chunk:
+            return True
+        try:
+            held = self.prefixes[forward.model].restore(forward.kv, forward.ids, forward.keep, self.prefill_chunk, self.runners[forward.model].num_layers)
+        except Exception as exc:
+            self._fail(seq, exc)
+            return False
+        if held:
+            seq.pending = replace(forward, ids=forward.ids[held:])
+        return True
 
     def _run_batch(self, model: str, group: list[tuple[Sequence, Forward]]) -> None:
         if len(group) == 1:
@@ -273,6 +302,8 @@ class Engine:
         """Count a pass to `seq`; hand its output to the program, or, after a piece, keep the rest pending."""
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
+        if len(forward.ids) == self.prefill_chunk:  # a whole piece: kept for requests that start the same
+            self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk)
         pending = seq.pending
         if forward is pending:
             self._send(seq, output)

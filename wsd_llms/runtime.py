@@ -65,6 +65,7 @@ class WSDRuntime:
         max_running: int = 16,
         max_cached_tokens: int = 65536,
         prefill_chunk: int | None = None,
+        prefix_cache_tokens: int = 4096,
     ) -> None:
         self.draft_source = draft or EMBEDDED_DRAFT
         self.base_source = base or EMBEDDED_BASE
@@ -72,7 +73,12 @@ class WSDRuntime:
         self.dtype = resolve_dtype(dtype, self.device)
         self._revisions = (draft_revision, base_revision)
         self._trust_remote_code = trust_remote_code
-        self.limits: dict[str, int | None] = {"max_running": max_running, "max_cached_tokens": max_cached_tokens, "prefill_chunk": prefill_chunk}
+        self.limits: dict[str, int | None] = {
+            "max_running": max_running,
+            "max_cached_tokens": max_cached_tokens,
+            "prefill_chunk": prefill_chunk,
+            "prefix_cache_tokens": prefix_cache_tokens,
+        }
         self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -156,15 +162,29 @@ class WSDRuntime:
                 self.engine = Engine(draft, base, **self.limits)
             return self.engine
 
-    def configure(self, max_running: int | None = None, max_cached_tokens: int | None = None, prefill_chunk: int | None = None) -> None:
-        """Change the limits: concurrent sequences, cache tokens reserved for them, prompt tokens fed per step."""
-        for name, value in (("max_running", max_running), ("max_cached_tokens", max_cached_tokens), ("prefill_chunk", prefill_chunk)):
+    def configure(
+        self,
+        max_running: int | None = None,
+        max_cached_tokens: int | None = None,
+        prefill_chunk: int | None = None,
+        prefix_cache_tokens: int | None = None,
+    ) -> None:
+        """Change the limits: concurrent sequences, cache tokens reserved for them, prompt tokens fed
+        per step, and prompt positions kept across requests per model (0 keeps none)."""
+        values = {"max_running": max_running, "max_cached_tokens": max_cached_tokens, "prefill_chunk": prefill_chunk, "prefix_cache_tokens": prefix_cache_tokens}
+        for name, value in values.items():
             if value is None:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= 1")
+            least = 0 if name == "prefix_cache_tokens" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
             self.limits[name] = value
-            if self.engine is not None:
+            if self.engine is None:
+                continue
+            if name == "prefix_cache_tokens":
+                for prefixes in self.engine.prefixes.values():
+                    prefixes.resize(value)
+            else:
                 setattr(self.engine if name == "prefill_chunk" else self.engine.scheduler, name, value)
 
     def stats(self) -> RuntimeStats:
@@ -341,10 +361,12 @@ def get_runtime(
     max_running: int | None = None,
     max_cached_tokens: int | None = None,
     prefill_chunk: int | None = None,
+    prefix_cache_tokens: int | None = None,
 ) -> WSDRuntime:
     """The process's runtime for these models (created on first call, loaded on first request).
 
-    `max_running`, `max_cached_tokens` and `prefill_chunk`, when given, set the runtime's limits.
+    `max_running`, `max_cached_tokens`, `prefill_chunk` and `prefix_cache_tokens`, when given, set
+    the runtime's limits.
     """
     dev = resolve_device(device)
     key = (
@@ -368,7 +390,7 @@ def get_runtime(
                 base_revision=base_revision,
                 trust_remote_code=trust_remote_code,
             )
-    runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk)
+    runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
     return runtime
 
 

@@ -1,0 +1,100 @@
+"""A conversation over a long document (RAG follow-up questions, or an agent loop whose history
+grows): each turn's prompt starts with the last one's. Time to first token and latency per turn
+with prompt prefixes kept across requests (the runtime's `prefix_cache_tokens`) and without,
+alternating in one process.
+
+    python benchmarks/bench_prefix_cache.py [--facts 80] [--turns 3] [--rounds 2] [--max-tokens 48] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from bench_long_prompt import document
+from common import device_suffix, write
+
+import wsd_llms
+from wsd_llms import FinalEvent, TextDelta
+
+QUESTIONS = [
+    "Which city shipped salt on day 12?",
+    "And which city shipped copper on day 1?",
+    "How many crates did the warehouse in Graz ship in its first record?",
+    "Which goods were shipped on day 23?",
+]
+
+
+def conversation(runtime: wsd_llms.WSDRuntime, doc: str, turns: int, max_tokens: int) -> list[dict]:
+    """Ask the questions in turn, each with the whole conversation so far; time each reply."""
+    messages: list[dict] = [{"role": "system", "content": doc}]
+    measured = []
+    for question in QUESTIONS[:turns]:
+        messages.append({"role": "user", "content": question})
+        before, sent, first = runtime.stats().prefix_cache, time.perf_counter(), None
+        for event in runtime.stream(messages, max_tokens=max_tokens):
+            if isinstance(event, TextDelta) and first is None:
+                first = time.perf_counter()
+            elif isinstance(event, FinalEvent):
+                result = event.result
+        done = time.perf_counter()
+        measured.append(
+            {
+                "ttft_s": (first or done) - sent,
+                "latency_s": done - sent,
+                "prompt_tokens": result.usage.draft_prompt_tokens + result.usage.base_prompt_tokens,
+                "reused_tokens": runtime.stats().prefix_cache["reused_tokens"] - before["reused_tokens"],
+                "text": result.text,
+            }
+        )
+        messages.append({"role": "assistant", "content": result.text})
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--facts", type=int, default=80, help="records in the document (about 24 base tokens each)")
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    runtime = wsd_llms.get_runtime(device=args.device)
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    keep = runtime.limits["prefix_cache_tokens"]
+    doc = document(args.facts)
+    runs: dict[str, list[list[dict]]] = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        for arm in runs:
+            runtime.configure(prefix_cache_tokens=0)  # each run starts with nothing kept
+            runtime.configure(prefix_cache_tokens=keep if arm == "on" else 0)
+            runs[arm].append(conversation(runtime, doc, args.turns, args.max_tokens))
+            print(f"{arm}: " + ", ".join(f"{t['latency_s']:.2f}s" for t in runs[arm][-1]), flush=True)
+    same = all(a["text"] == b["text"] for off, on in zip(runs["off"], runs["on"]) for a, b in zip(off, on))
+
+    def med(arm: str, turn: int, key: str) -> float:
+        return statistics.median(run[turn][key] for run in runs[arm])
+
+    rows = [
+        "| turn | prompt tokens (both models) | reused | TTFT (s), none kept / kept | ratio | latency (s), none kept / kept | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for turn in range(args.turns):
+        ttft, latency = (med("off", turn, "ttft_s"), med("on", turn, "ttft_s")), (med("off", turn, "latency_s"), med("on", turn, "latency_s"))
+        rows.append(
+            f"| {turn + 1} | {runs['on'][0][turn]['prompt_tokens']} | {runs['on'][0][turn]['reused_tokens']} | {ttft[0]:.2f} / {ttft[1]:.2f} | "
+            f"{ttft[1] / ttft[0]:.2f}x | {latency[0]:.2f} / {latency[1]:.2f} | {latency[1] / latency[0]:.2f}x |"
+        )
+    rows += [
+        "",
+        f"Medians of {args.rounds} rounds, alternating; prefix_cache_tokens={keep} per model, prefill_chunk={runtime.engine.prefill_chunk}, "
+        f"max_tokens={args.max_tokens}, dtype {runtime.dtype}; replies {'identical' if same else 'DIFFER'} both ways.",
+    ]
+    data = {"facts": args.facts, "turns": args.turns, "rounds": args.rounds, "prefix_cache_tokens": keep, "replies_equal": same, "runs": runs}
+    write("prefix_cache" + device_suffix(runtime.device), data, "\n".join(rows))
+    runtime.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Prompt prefixes kept across requests: restored pieces equal fed ones, within a bounded store."""
+
+from __future__ import annotations
+
+import torch
+from tiny import make_tokenizer, tiny_gemma3
+
+from wsd_llms.model_runner import ModelRunner
+from wsd_llms.prefix_cache import PrefixCache
+
+
+def _fed(runner: ModelRunner, ids: list[int], chunk: int, store: PrefixCache | None = None) -> tuple[object, torch.Tensor]:
+    """A cache fed `ids` in pieces of `chunk` (each whole piece stored), and the last position's logits."""
+    kv = runner.new_cache()
+    start = 0
+    while len(ids) - start > chunk:
+        runner.extend(kv, ids[start : start + chunk], lazy=True)
+        if store is not None:
+            store.store(kv, start, chunk)
+        start += chunk
+    return kv, runner.extend(kv, ids[start:])
+
+
+def test_restored_pieces_give_the_bits_feeding_them_gives():
+    """Across Gemma 3's 16-position sliding window, and for a prompt that goes on differently."""
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    ids = torch.randint(10, runner.model.config.vocab_size, (45,), generator=torch.Generator().manual_seed(0)).tolist()
+    store = PrefixCache(max_tokens=64)
+    _fed(runner, ids, 8, store)
+    assert store.tokens() == 40
+    # The same prompt; one that goes on differently; one whose last piece, always fed, was stored.
+    for prompt, whole in ((ids, 40), (ids[:33] + [7, 8, 9], 32), (ids[:40], 32)):
+        expected_kv, expected = _fed(runner, prompt, 8)
+        kv = runner.new_cache()
+        held = store.restore(kv, prompt, keep=0, chunk=8, num_layers=runner.num_layers)
+        assert held == whole and kv.ids == prompt[:held]
+        assert torch.equal(runner.extend(kv, prompt[held:]), expected)
+        for ours, theirs in zip(kv.store.buffers, expected_kv.store.buffers):
+            assert torch.equal(ours[..., : len(prompt), :], theirs[..., : len(prompt), :])
+    assert (store.hits, store.reused_tokens) == (3, 104)
+
+
+def test_the_store_keeps_its_bound_and_only_whole_runs_from_the_start():
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    ids = list(range(20, 60))
+    store = PrefixCache(max_tokens=16)
+    _fed(runner, ids, 8, store)  # stores 4 pieces, keeps the last 2
+    assert store.tokens() == 16
+    assert store.restore(runner.new_cache(), ids, keep=0, chunk=8, num_layers=runner.num_layers) == 0  # the first piece is gone
+    assert store.restore(runner.new_cache(), ids, keep=0, chunk=16, num_layers=runner.num_layers) == 0  # other cut points
+    store.resize(0)
+    assert store.tokens() == 0
+    _fed(runner, ids, 8, store)
+    assert store.tokens() == 0
