@@ -1,9 +1,12 @@
-"""A conversation over a long document (RAG follow-up questions, or an agent loop whose history
-grows): each turn's prompt starts with the last one's. Time to first token and latency per turn
-with prompt prefixes kept across requests (the runtime's `prefix_cache_tokens`) and without,
-alternating in one process.
+"""Prompts that start alike, with prompt prefixes kept across requests (the runtime's
+`prefix_cache_tokens`) and without, alternating in one process:
 
-    python benchmarks/bench_prefix_cache.py [--facts 80] [--turns 3] [--rounds 2] [--max-tokens 48] [--device auto]
+- a conversation over a long document (RAG follow-up questions, or an agent loop whose history
+  grows): each turn's prompt starts with the last one's; time to first token and latency per turn;
+- parallel branches: several questions on the same document at once (an agent's parallel tool
+  calls or branches); the wall time and the slowest time to first token.
+
+    python benchmarks/bench_prefix_cache.py [--facts 80] [--turns 3] [--branches 4] [--rounds 2] [--max-tokens 48] [--device auto]
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from bench_long_prompt import document
 from common import device_suffix, write
@@ -52,10 +56,34 @@ def conversation(runtime: wsd_llms.WSDRuntime, doc: str, turns: int, max_tokens:
     return measured
 
 
+def branches(runtime: wsd_llms.WSDRuntime, doc: str, n: int, max_tokens: int) -> dict:
+    """Ask `n` questions on the document at once; the wall time, the slowest first token, the texts."""
+
+    def ask(question: str) -> tuple[float, str]:
+        sent, first = time.perf_counter(), None
+        for event in runtime.stream([{"role": "system", "content": doc}, {"role": "user", "content": question}], max_tokens=max_tokens):
+            if isinstance(event, TextDelta) and first is None:
+                first = time.perf_counter()
+            elif isinstance(event, FinalEvent):
+                text = event.result.text
+        return (first or time.perf_counter()) - sent, text
+
+    before, t0 = runtime.stats().prefix_cache, time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(ask, QUESTIONS[:n]))
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "slowest_ttft_s": max(ttft for ttft, _ in answers),
+        "reused_tokens": runtime.stats().prefix_cache["reused_tokens"] - before["reused_tokens"],
+        "texts": [text for _, text in answers],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--facts", type=int, default=80, help="records in the document (about 24 base tokens each)")
     parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--branches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--device", default="auto")
@@ -65,13 +93,19 @@ def main() -> None:
     keep = runtime.limits["prefix_cache_tokens"]
     doc = document(args.facts)
     runs: dict[str, list[list[dict]]] = {"off": [], "on": []}
+    parallel: dict[str, list[dict]] = {"off": [], "on": []}
     for _ in range(args.rounds):
         for arm in runs:
             runtime.configure(prefix_cache_tokens=0)  # each run starts with nothing kept
             runtime.configure(prefix_cache_tokens=keep if arm == "on" else 0)
             runs[arm].append(conversation(runtime, doc, args.turns, args.max_tokens))
             print(f"{arm}: " + ", ".join(f"{t['latency_s']:.2f}s" for t in runs[arm][-1]), flush=True)
+            runtime.configure(prefix_cache_tokens=0)
+            runtime.configure(prefix_cache_tokens=keep if arm == "on" else 0)
+            parallel[arm].append(branches(runtime, doc, args.branches, args.max_tokens))
+            print(f"{arm}: {args.branches} branches in {parallel[arm][-1]['wall_s']:.2f}s", flush=True)
     same = all(a["text"] == b["text"] for off, on in zip(runs["off"], runs["on"]) for a, b in zip(off, on))
+    same = same and all(off["texts"] == on["texts"] for off, on in zip(parallel["off"], parallel["on"]))
 
     def med(arm: str, turn: int, key: str) -> float:
         return statistics.median(run[turn][key] for run in runs[arm])
@@ -86,12 +120,30 @@ def main() -> None:
             f"| {turn + 1} | {runs['on'][0][turn]['prompt_tokens']} | {runs['on'][0][turn]['reused_tokens']} | {ttft[0]:.2f} / {ttft[1]:.2f} | "
             f"{ttft[1] / ttft[0]:.2f}x | {latency[0]:.2f} / {latency[1]:.2f} | {latency[1] / latency[0]:.2f}x |"
         )
+    wall = [statistics.median(r["wall_s"] for r in parallel[arm]) for arm in ("off", "on")]
+    ttft = [statistics.median(r["slowest_ttft_s"] for r in parallel[arm]) for arm in ("off", "on")]
+    rows += [
+        "",
+        "| parallel branches | reused | wall (s), none kept / kept | ratio | slowest TTFT (s), none kept / kept | ratio |",
+        "|---|---|---|---|---|---|",
+        f"| {args.branches} | {parallel['on'][0]['reused_tokens']} | {wall[0]:.2f} / {wall[1]:.2f} | {wall[1] / wall[0]:.2f}x | "
+        f"{ttft[0]:.2f} / {ttft[1]:.2f} | {ttft[1] / ttft[0]:.2f}x |",
+    ]
     rows += [
         "",
         f"Medians of {args.rounds} rounds, alternating; prefix_cache_tokens={keep} per model, prefill_chunk={runtime.engine.prefill_chunk}, "
         f"max_tokens={args.max_tokens}, dtype {runtime.dtype}; replies {'identical' if same else 'DIFFER'} both ways.",
     ]
-    data = {"facts": args.facts, "turns": args.turns, "rounds": args.rounds, "prefix_cache_tokens": keep, "replies_equal": same, "runs": runs}
+    data = {
+        "facts": args.facts,
+        "turns": args.turns,
+        "branches": args.branches,
+        "rounds": args.rounds,
+        "prefix_cache_tokens": keep,
+        "replies_equal": same,
+        "runs": runs,
+        "parallel": parallel,
+    }
     write("prefix_cache" + device_suffix(runtime.device), data, "\n".join(rows))
     runtime.close()
 

@@ -363,6 +363,23 @@ def test_a_prompt_that_starts_like_an_earlier_one_feeds_only_the_rest(fresh):
     assert 0 < after.prefix_cache["cached_tokens"] <= 2 * 4096
 
 
+def test_parallel_branches_with_one_history_feed_it_once(fresh):
+    """Requests that share a long start and run together (an agent's parallel branches): each piece
+    one of them feeds is stored, and the others take it instead of feeding it; the replies are
+    the ones a runtime that keeps nothing gives."""
+    history = [*_msgs(LONG), {"role": "assistant", "content": "Item 3."}]
+    branches = [[*history, {"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    settings = {"max_tokens": 20, "switch_threshold": 0.5, "switch_window": 2}
+    cold = fresh(prefill_chunk=24, prefix_cache_tokens=0)
+    expected = [cold.generate(branch, **settings) for branch in branches]
+    rt = fresh(prefill_chunk=24)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda branch: rt.generate(branch, **settings), branches))
+    assert [(r.text, r.switch_point) for r in got] == [(r.text, r.switch_point) for r in expected]
+    shared = expected[0].usage.draft_prompt_tokens + expected[0].usage.base_prompt_tokens
+    assert rt.stats().prefix_cache["reused_tokens"] >= 2 * (shared - 4 * 24)  # two of the three fed none of it
+
+
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "512"])
 def test_limits_are_checked(fresh, value):
     rt = fresh()

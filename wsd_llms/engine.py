@@ -62,7 +62,7 @@ class RuntimeStats:
     after its pass for the rows that need it (output_head), counts to "score"."""
     prefix_cache: dict[str, int]
     """Prompt prefixes kept across requests (prefix_cache.PrefixCache), both models together:
-    "hits" (prefills that started from stored pieces), "reused_tokens" (positions not fed again),
+    "hits" (times a forward took stored pieces instead of feeding them), "reused_tokens" (positions not fed again),
     "cached_tokens" (positions held)."""
 
     @classmethod
@@ -219,9 +219,9 @@ class Engine:
         ]
 
     def _restore(self, seq: Sequence) -> bool:
-        """Start a prefill from stored pieces where they match (prefix_cache); False if that failed the request."""
+        """Take the stored pieces that continue a long forward (prefix_cache); False if that failed the request."""
         forward = seq.pending
-        if forward is None or len(forward.kv) or len(forward.ids) <= self.prefill_chunk:
+        if forward is None or len(forward.ids) <= self.prefill_chunk:
             return True
         try:
             held = self.prefixes[forward.model].restore(forward.kv, forward.ids, forward.keep, self.prefill_chunk, self.runners[forward.model].num_layers)

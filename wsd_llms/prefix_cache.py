@@ -31,14 +31,19 @@ class PrefixCache:
         return sum(size for size, _ in self._pieces)
 
     def restore(self, kv: KVCache, ids: list[int], keep: int, chunk: int, num_layers: int) -> int:
-        """Fill an empty `kv` with the stored pieces that start `ids`, as far as feeding `ids` in
-        pieces of `chunk` would cut them whole (the last piece, which gives the `keep` rows, is always
-        fed); returns how many of `ids` it now holds."""
-        if len(kv):
+        """Extend `kv` (which ends where a piece would start) with the stored pieces that continue
+        it with `ids`, as far as feeding `ids` in pieces of `chunk` would cut them whole (the last
+        piece, which gives the `keep` rows, is always fed); returns how many of `ids` it now holds.
+
+        A prompt that starts like an earlier one starts from its pieces; one that runs beside
+        another with the same start (parallel agent branches) takes each piece as the other stores it.
+        """
+        start = len(kv)
+        if start % chunk:
             return 0
         found: list[tuple[torch.Tensor, torch.Tensor]] = []
         end = chunk
-        while len(ids) - end >= max(keep, 1) and (key := (chunk, tuple(ids[:end]))) in self._pieces:
+        while len(ids) - end >= max(keep, 1) and (key := (chunk, tuple(kv.ids + ids[:end]))) in self._pieces:
             self._pieces.move_to_end(key)
             found.append(self._pieces[key])
             end += chunk
@@ -47,12 +52,12 @@ class PrefixCache:
         held = chunk * len(found)
         kv.store.num_layers = kv.store.num_layers or num_layers
         first_keys, first_values = found[0]
-        buffers = kv.store.room(held, first_keys[0], first_values[0])
+        buffers = kv.store.room(start + held, first_keys[0], first_values[0])
         for i, piece in enumerate(found):
             for buffer, states in zip(buffers, piece):
-                buffer[..., i * chunk : (i + 1) * chunk, :] = states
+                buffer[..., start + i * chunk : start + (i + 1) * chunk, :] = states
         for layer in kv.fill_layers(num_layers):
-            layer.length = held
+            layer.length = start + held
         kv.ids.extend(ids[:held])
         self.hits += 1
         self.reused_tokens += held
