@@ -19,6 +19,7 @@ import ctypes
 import functools
 import itertools
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -117,15 +118,14 @@ class SharedInput:
 
     The first of them called with an input computes every sibling's output; the others, called
     with that same tensor, take their part of it. Once each has taken its part the GEMM's output
-    is let go, so nothing outlives the forward pass.
+    is let go, so nothing outlives the forward pass. What a pass holds is its thread's own, so
+    threads that run one model at once (two runtimes over the same loaded model) do not mix.
     """
 
     def __init__(self, linears: list[torch.nn.Linear]) -> None:
         self.layer = PackedLinear.stacked(linears)
         self.spans = self.spans_of(linears)
-        self._input: torch.Tensor | None = None
-        self._output: torch.Tensor | None = None
-        self._untaken: set[int] = set()
+        self._pass = threading.local()  # .input, .output, .untaken: the current pass in this thread
 
     @staticmethod
     def spans_of(linears: list[torch.nn.Linear]) -> list[tuple[int, int]]:
@@ -135,13 +135,13 @@ class SharedInput:
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Sibling `index`'s output for `x`."""
-        if x is not self._input:
-            self._output, self._input, self._untaken = self.layer(x), x, set(range(len(self.spans)))
-        output = self._output
-        assert output is not None
-        self._untaken.discard(index)
-        if not self._untaken:
-            self._input = self._output = None
+        now = self._pass
+        if getattr(now, "input", None) is not x:
+            now.output, now.input, now.untaken = self.layer(x), x, set(range(len(self.spans)))
+        output = now.output
+        now.untaken.discard(index)
+        if not now.untaken:
+            now.input = now.output = None
         start, end = self.spans[index]
         return output[..., start:end]
 
