@@ -52,3 +52,26 @@ def test_the_store_keeps_its_bound_and_only_whole_runs_from_the_start():
     assert store.tokens() == 0
     _fed(runner, ids, 8, store)
     assert store.tokens() == 0
+
+
+def test_only_pieces_that_follow_whole_pieces_are_stored_or_taken():
+    """States fed otherwise (a token at a time, or after a crop into a piece) round differently, so
+    a piece that follows them is neither stored nor continued from the store."""
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    ids = list(range(20, 45))
+    store = PrefixCache(max_tokens=64)
+    stepped = runner.new_cache()
+    for token in ids[:8]:
+        runner.extend(stepped, [token])
+    runner.extend(stepped, ids[8:16], lazy=True)
+    store.store(stepped, 8, 8)
+    assert store.tokens() == 0 and stepped.pieces == 0
+    _fed(runner, ids, 8, store)
+    assert store.tokens() == 24
+    assert store.restore(stepped, ids[16:], keep=0, chunk=8, num_layers=runner.num_layers) == 0
+    whole = runner.new_cache()
+    assert store.restore(whole, ids, keep=0, chunk=8, num_layers=runner.num_layers) == 24 and whole.pieces == 24
+    ModelRunner.crop(whole, 12)
+    assert whole.pieces == 12
+    runner.extend(whole, ids[12:16])
+    assert store.restore(whole, ids[16:], keep=0, chunk=8, num_layers=runner.num_layers) == 0  # 16 is not where whole pieces end

@@ -155,6 +155,7 @@ class KVCache:
         self.cache = DynamicCache()
         self.cache.layer_class_to_replicate = LayerFactory(self.store)  # type: ignore[assignment]
         self.ids: list[int] = []
+        self.pieces = 0  # leading positions fed as whole prefill pieces, or restored from them (prefix_cache)
 
     def __len__(self) -> int:
         return len(self.ids)

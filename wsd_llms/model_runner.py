@@ -240,3 +240,4 @@ class ModelRunner:
         if drop > 0:
             kv.cache.crop(-drop)
             del kv.ids[length:]
+            kv.pieces = min(kv.pieces, length)

@@ -5,6 +5,8 @@ document many questions share) feeds only the rest.
 A piece's states depend only on the ids up to its end, and a prompt is cut into pieces at the same
 positions whatever else runs (scheduler.prefill_pieces), so restoring stored pieces gives a cache
 bit for bit equal to feeding them again (on CPU, where a row's pass does not depend on the others).
+That holds for pieces that follow only whole pieces (`KVCache.pieces`): only those are stored, and
+only a cache made of them takes more.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class PrefixCache:
         another with the same start (parallel agent branches) takes each piece as the other stores it.
         """
         start = len(kv)
-        if start % chunk:
+        if start % chunk or start != kv.pieces:
             return 0
         found: list[tuple[torch.Tensor, torch.Tensor]] = []
         end = chunk
@@ -59,13 +61,17 @@ class PrefixCache:
         for layer in kv.fill_layers(num_layers):
             layer.length = start + held
         kv.ids.extend(ids[:held])
+        kv.pieces = start + held
         self.hits += 1
         self.reused_tokens += held
         return held
 
     def store(self, kv: KVCache, start: int, chunk: int) -> None:
-        """Keep the piece `kv` was just fed at positions [start, start + chunk)."""
-        if chunk > self.max_tokens or start % chunk or kv.store.buffers is None:
+        """Keep the piece `kv` was just fed at positions [start, start + chunk), if whole pieces came before it."""
+        if start % chunk or start != kv.pieces or kv.store.buffers is None:
+            return
+        kv.pieces = start + chunk
+        if chunk > self.max_tokens:
             return
         key = (chunk, tuple(kv.ids[: start + chunk]))
         if key in self._pieces:
@@ -79,6 +85,9 @@ class PrefixCache:
         """Hold at most `max_tokens` positions from now on, dropping the least recently used pieces."""
         self.max_tokens = max_tokens
         self._evict()
+
+    def clear(self) -> None:
+        self._pieces.clear()
 
     def _evict(self) -> None:
         while self._pieces and self.tokens() > self.max_tokens:

@@ -186,6 +186,9 @@ class WSDRuntime:
                     prefixes.resize(value)
             else:
                 setattr(self.engine if name == "prefill_chunk" else self.engine.scheduler, name, value)
+            if name == "prefill_chunk":  # stored pieces were cut at other points
+                for prefixes in self.engine.prefixes.values():
+                    prefixes.clear()
 
     def stats(self) -> RuntimeStats:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
