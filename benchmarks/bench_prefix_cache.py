@@ -94,14 +94,18 @@ def main() -> None:
     doc = document(args.facts)
     runs: dict[str, list[list[dict]]] = {"off": [], "on": []}
     parallel: dict[str, list[dict]] = {"off": [], "on": []}
+
+    def start(arm: str) -> None:
+        """Each run starts with nothing kept, and keeps prefixes only in the "on" arm."""
+        runtime.configure(prefix_cache_tokens=0)
+        runtime.configure(prefix_cache_tokens=keep if arm == "on" else 0)
+
     for _ in range(args.rounds):
         for arm in runs:
-            runtime.configure(prefix_cache_tokens=0)  # each run starts with nothing kept
-            runtime.configure(prefix_cache_tokens=keep if arm == "on" else 0)
+            start(arm)
             runs[arm].append(conversation(runtime, doc, args.turns, args.max_tokens))
             print(f"{arm}: " + ", ".join(f"{t['latency_s']:.2f}s" for t in runs[arm][-1]), flush=True)
-            runtime.configure(prefix_cache_tokens=0)
-            runtime.configure(prefix_cache_tokens=keep if arm == "on" else 0)
+            start(arm)
             parallel[arm].append(branches(runtime, doc, args.branches, args.max_tokens))
             print(f"{arm}: {args.branches} branches in {parallel[arm][-1]['wall_s']:.2f}s", flush=True)
     same = all(a["text"] == b["text"] for off, on in zip(runs["off"], runs["on"]) for a, b in zip(off, on))

@@ -36,9 +36,9 @@ class ModelRunner:
         self.loaded = loaded
         self.model: Any = loaded.model
         self.device = loaded.device
+        self._probe_ids = torch.tensor([[1, 2, 3, 4]], device=self.device)  # the load-time checks' input
         self.head = OutputHead(self.model, bound)  # before packing: it copies a slice of the dense projection
-        probe = torch.tensor([[1, 2, 3, 4]], device=self.device)
-        pack_linears(self.model, probe=lambda: self.model(input_ids=probe, use_cache=False).logits)
+        pack_linears(self.model, probe=self._own_logits)
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
         if not self._head_matches():
             self.head = OutputHead.identity()
@@ -49,16 +49,19 @@ class ModelRunner:
         self.ragged = False  # plain passes while the probe takes its reference
         self.ragged = self._ragged_matches()
 
+    def _own_logits(self) -> torch.Tensor:
+        """The model's own logits for the probe ids, its forward unchanged."""
+        return self.model(input_ids=self._probe_ids, use_cache=False).logits
+
     def _head_matches(self) -> bool:
         """Whether `self.head` over the model's final hidden states gives the model's own logits; a
         model whose forward does more (scales or masks its logits) keeps its own head."""
         decoder = self.model.base_model
         if not self.head.projects or decoder is self.model:
             return False
-        ids = torch.tensor([[1, 2, 3, 4]], device=self.device)
         with torch.inference_mode(), attention_backends(self.device):
-            own = self.model(input_ids=ids, use_cache=False).logits[0].float()
-            ours = self.head.logits(decoder(input_ids=ids, use_cache=False).last_hidden_state[0])
+            own = self._own_logits()[0].float()
+            ours = self.head.logits(decoder(input_ids=self._probe_ids, use_cache=False).last_hidden_state[0])
         return own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-4, atol=1e-4)
 
     def _ragged_matches(self) -> bool:

@@ -89,13 +89,9 @@ class PackedLinear(torch.nn.Module):
     @classmethod
     def stacked(cls, linears: list[torch.nn.Linear]) -> PackedLinear:
         """One layer computing all of `linears` (same input size and dtype), their outputs side by side."""
-        weight = torch.cat([linear.weight.detach() for linear in linears])
         biases = [linear.bias for linear in linears]
-        stacked = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None, device="meta", dtype=weight.dtype)
-        stacked.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if biases[0] is not None:
-            stacked.bias = torch.nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)  # type: ignore[union-attr]
-        return cls(stacked)
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # type: ignore[union-attr]
+        return cls(_linear_of(torch.cat([linear.weight.detach() for linear in linears]), bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_row_differs and x.numel() == x.shape[-1]:
@@ -111,6 +107,15 @@ class PackedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """An `nn.Linear` around these tensors (made on the meta device: no weights drawn and thrown away)."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 class SharedInput:
@@ -246,13 +251,13 @@ def _stacking_exact(group: list[Sibling]) -> bool:
     key = (children[0].in_features, tuple(child.out_features for child in children), dtype, bias)
     if key not in _STACKING_EXACT:
         generator = torch.Generator().manual_seed(0)  # not the global one: loading a model draws no user randomness
-        layers = []
-        for n in key[1]:
-            layer = torch.nn.Linear(key[0], n, bias=bias, device="meta", dtype=dtype)
-            layer.weight = torch.nn.Parameter(torch.randn(n, key[0], generator=generator).div(key[0] ** 0.5).to(dtype), requires_grad=False)
-            if bias:
-                layer.bias = torch.nn.Parameter(torch.randn(n, generator=generator).to(dtype), requires_grad=False)
-            layers.append(layer)
+        layers = [
+            _linear_of(
+                torch.randn(n, key[0], generator=generator).div(key[0] ** 0.5).to(dtype),
+                torch.randn(n, generator=generator).to(dtype) if bias else None,
+            )
+            for n in key[1]
+        ]
         x = torch.randn(5, key[0], generator=generator).pow(3).mul(8).to(dtype)  # heavy-tailed, like activations
         stacked, alone = PackedLinear.stacked(layers), [PackedLinear(layer) for layer in layers]
         spans = SharedInput.spans_of(layers)

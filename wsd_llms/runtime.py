@@ -184,11 +184,12 @@ class WSDRuntime:
             if name == "prefix_cache_tokens":
                 for prefixes in self.engine.prefixes.values():
                     prefixes.resize(value)
-            else:
-                setattr(self.engine if name == "prefill_chunk" else self.engine.scheduler, name, value)
-            if name == "prefill_chunk":  # stored pieces were cut at other points
+            elif name == "prefill_chunk":
+                self.engine.prefill_chunk = value
                 for prefixes in self.engine.prefixes.values():
-                    prefixes.clear()
+                    prefixes.clear()  # their pieces were cut at other points
+            else:
+                setattr(self.engine.scheduler, name, value)
 
     def stats(self) -> RuntimeStats:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
