@@ -75,3 +75,24 @@ def test_only_pieces_that_follow_whole_pieces_are_stored_or_taken():
     assert whole.pieces == 12
     runner.extend(whole, ids[12:16])
     assert store.restore(whole, ids[16:], keep=0, chunk=8, num_layers=runner.num_layers) == 0  # 16 is not where whole pieces end
+
+
+def test_pieces_cut_at_another_size_are_neither_stored_nor_continued():
+    """A cache fed in pieces of 8 holds other bits than one fed in pieces of 16 (prefill_chunk changed
+    while it was fed), so no piece of 16 is stored after it or restored into it."""
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    ids = list(range(20, 70))
+    by_16 = PrefixCache(max_tokens=64)
+    _fed(runner, ids, 16, by_16)
+    assert by_16.tokens() == 48
+    by_8 = runner.new_cache()
+    runner.extend(by_8, ids[:8], lazy=True)
+    by_16.store(by_8, 0, 8)  # kept as pieces of 8, and by_8 is known to be cut in 8s
+    runner.extend(by_8, ids[8:16], lazy=True)
+    by_16.store(by_8, 8, 8)
+    assert by_8.pieces == 16
+    assert by_16.restore(by_8, ids[16:], keep=0, chunk=16, num_layers=runner.num_layers) == 0
+    runner.extend(by_8, ids[16:32], lazy=True)
+    other = PrefixCache(max_tokens=64)
+    other.store(by_8, 16, 16)
+    assert other.tokens() == 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from tiny import make_tokenizer, tiny_gemma3, tiny_llama
@@ -224,6 +227,124 @@ def test_timeout_fails_only_that_request(fresh):
     with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.01s"):
         rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.01)
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
+
+
+def _wait_for(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_a_queued_request_times_out_while_it_waits(fresh):
+    """A timeout counts the queue: it fires while the request waits behind max_running, not when it is admitted."""
+    rt = fresh(max_running=1)
+    long = rt.stream(_msgs(QUESTIONS[0]), max_tokens=400, max_draft_tokens=400, mode="draft")
+    next(long)
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.3s"):
+        rt.generate(_msgs(QUESTIONS[1]), max_tokens=5, timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    assert rt.stats().running == 1  # the long request is still going
+    long.close()
+    _wait_for(lambda: rt.stats().running == 0)
+    assert rt.stats().failed == 1 and rt.stats().cancelled == 1
+
+
+def test_a_timeout_fires_while_the_worker_cannot_step(fresh, monkeypatch):
+    """While the worker is busy without stepping (loading the models), the waiting caller fails on time."""
+    rt = fresh()
+    load = rt.load
+    monkeypatch.setattr(rt, "load", lambda: (time.sleep(3), load())[1])  # a slow first load
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match="timeout=0.2s"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=5, timeout=0.2)
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_a_request_that_fails_as_it_starts_fails_alone(fresh):
+    """A request whose program fails before its first pass (here a forced reply start that its grammar
+    rejects) gets that error; the requests running beside it finish as they would alone."""
+    rt = fresh()
+    alone = rt.generate(_msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0)
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0) for _ in range(2)]
+        _wait_for(lambda: rt.stats().running == 2)
+        forced = [{"role": "user", "content": "Pick a number."}, {"role": "assistant", "content": "hello"}]
+        with pytest.raises(InvalidParameterError, match="forced start"):
+            rt.generate(forced, max_tokens=5, response_format={"type": "regex", "pattern": "[0-9]+"})
+        assert [f.result(timeout=60).text for f in running] == [alone.text] * 2
+    assert rt.stats().failed == 1
+
+
+def test_a_caller_whose_event_loop_closed_harms_no_other_request(fresh):
+    """An async caller's loop may close with its request still running (asyncio.run after a
+    wait_for timeout): that request ends, and the others are served as before."""
+    rt = fresh()
+    alone = rt.generate(_msgs(QUESTIONS[0]), max_tokens=100, switch_threshold=1.0)
+    loop = asyncio.new_event_loop()
+    orphan = rt.astream(_msgs(QUESTIONS[2]), max_tokens=400, max_draft_tokens=400, mode="draft")
+    loop.run_until_complete(orphan.__anext__())  # it runs
+    loop.close()  # and nobody will read it again
+    worker = rt.worker
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=100, switch_threshold=1.0).text == alone.text
+    _wait_for(lambda: rt.stats().cancelled == 1)
+    assert rt.worker is worker and rt.stats().failed == 0 and rt.stats().cached_tokens == 0
+    del orphan
+
+
+def test_close_racing_new_requests_leaves_no_worker(fresh):
+    """Requests submitted while the runtime closes either run on the worker that close() stops or are
+    refused: none starts a worker that outlives the runtime."""
+    for trial in range(8):
+        rt = fresh()
+        rt.generate(_msgs("Hi"), max_tokens=2)
+        errors: list[BaseException] = []
+
+        def submit():
+            for _ in range(50):
+                try:
+                    rt.generate(_msgs("Hi"), max_tokens=2, response_format={"type": "object"})
+                except RuntimeClosedError:
+                    return
+                except BaseException as exc:  # anything else is a failure of the test
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=submit) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05 + 0.01 * trial)
+        rt.close()
+        for t in threads:
+            t.join(30)
+        assert not errors and rt.worker is None
+
+
+EXIT_WITH_REQUESTS_IN_FLIGHT = """
+import sys, threading, time
+sys.path.insert(0, {tests!r})
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+from wsd_llms import RuntimeClosedError, WSDRuntime
+rt = WSDRuntime.from_models(tiny_llama(make_tokenizer(300), 0, "d", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "b"))
+def go():
+    try:
+        for _ in rt.stream([{{"role": "user", "content": "Hello there"}}], max_tokens=400, max_draft_tokens=400, mode="draft"):
+            pass
+    except RuntimeClosedError:
+        print("closed at exit")
+for _ in range(4):
+    threading.Thread(target=go, daemon=True).start()
+time.sleep(0.5)
+"""
+
+
+def test_interpreter_exit_with_requests_in_flight_is_clean(tmp_path):
+    """A runtime made directly (not by get_runtime) and never closed: exit stops its worker first."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WITH_REQUESTS_IN_FLIGHT.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):

@@ -141,9 +141,23 @@ class Engine:
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
 
     def add(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+        """Start the request's program and queue it; if either raises, nothing was queued."""
         seq.program = PROGRAMS[seq.params.mode](seq, self.draft, self.base)
-        seq.pending = next(seq.program)
+        seq.pending = next(seq.program)  # its first pass: grammars compile and forced starts are checked here
+        self.scheduler.add(seq)
+
+    def configure(self, name: str, value: int) -> None:
+        """Set one limit (runtime.configure, between steps)."""
+        if name == "prefix_cache_tokens":
+            for prefixes in self.prefixes.values():
+                prefixes.resize(value)
+        elif name == "prefill_chunk":
+            if value != self.prefill_chunk:
+                for prefixes in self.prefixes.values():
+                    prefixes.clear()  # their pieces were cut at other points
+            self.prefill_chunk = value
+        else:
+            setattr(self.scheduler, name, value)
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
@@ -173,20 +187,15 @@ class Engine:
     def step(self) -> None:
         """Admit, drop cancelled or timed-out requests, then run one pass for every running sequence."""
         now = time.perf_counter()
-        for seq in [s for s in self.scheduler.waiting if s.cancelled.is_set()]:
-            self._drop(seq, "cancelled")
+        for seq in list(self.scheduler.waiting):
+            self._end_if_over(seq, now)
         batches: dict[str, list[Sequence]] = {"draft": [], "base": []}
         running = self.scheduler.schedule()
         self.steps += 1
         scoring_open = len(running) == 1 or self.steps % SCORING_STRIDE == 0
         for seq in running:
             seq.scoring_open = scoring_open
-            timeout = seq.params.timeout
-            if seq.cancelled.is_set():
-                self._drop(seq, "cancelled")
-            elif timeout is not None and now - seq.created > timeout:
-                self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
-            else:
+            if not self._end_if_over(seq, now):
                 assert isinstance(seq.pending, Forward)  # projections were all answered last step
                 batches[seq.pending.model].append(seq)
         for model, seqs in batches.items():
@@ -200,6 +209,17 @@ class Engine:
         self._project()
         self.peaks["running"] = max(self.peaks["running"], len(self.scheduler.running))
         self.peaks["queued"] = max(self.peaks["queued"], len(self.scheduler.waiting))
+
+    def _end_if_over(self, seq: Sequence, now: float) -> bool:
+        """Drop a cancelled request, or fail one past its timeout (queued or running); whether it ended."""
+        timeout = seq.params.timeout
+        if seq.cancelled.is_set():
+            self._drop(seq, "cancelled")
+        elif timeout is not None and now - seq.created > timeout:
+            self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
+        else:
+            return False
+        return True
 
     def _note_batch(self, model: str, size: int) -> None:
         self.batch_sizes[model] = size

@@ -156,9 +156,14 @@ class KVCache:
         self.cache.layer_class_to_replicate = LayerFactory(self.store)  # type: ignore[assignment]
         self.ids: list[int] = []
         self.pieces = 0  # leading positions fed as whole prefill pieces, or restored from them (prefix_cache)
+        self.piece_size = 0  # the size those pieces were cut at
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def whole_pieces(self, start: int, chunk: int) -> bool:
+        """Whether the first `start` positions are whole pieces of `chunk` ids (a piece may follow them)."""
+        return start % chunk == 0 and start == self.pieces and (start == 0 or self.piece_size == chunk)
 
     def fill_layers(self, count: int) -> list[GrowingLayer]:
         """All `count` layers, making those transformers has not asked for yet (the store learns the count)."""

@@ -27,10 +27,11 @@ class PrefixCache:
         self._pieces: OrderedDict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = 0
         self.reused_tokens = 0
+        self._tokens = 0  # positions held: a counter, so stats() may read it from any thread
 
     def tokens(self) -> int:
         """Positions held."""
-        return sum(size for size, _ in self._pieces)
+        return self._tokens
 
     def restore(self, kv: KVCache, ids: list[int], keep: int, chunk: int, num_layers: int) -> int:
         """Extend `kv` (which ends where a piece would start) with the stored pieces that continue
@@ -41,7 +42,7 @@ class PrefixCache:
         another with the same start (parallel agent branches) takes each piece as the other stores it.
         """
         start = len(kv)
-        if start % chunk or start != kv.pieces:
+        if not kv.whole_pieces(start, chunk):
             return 0
         found: list[tuple[torch.Tensor, torch.Tensor]] = []
         end = chunk
@@ -61,16 +62,16 @@ class PrefixCache:
         for layer in kv.fill_layers(num_layers):
             layer.length = start + held
         kv.ids.extend(ids[:held])
-        kv.pieces = start + held
+        kv.pieces, kv.piece_size = start + held, chunk
         self.hits += 1
         self.reused_tokens += held
         return held
 
     def store(self, kv: KVCache, start: int, chunk: int) -> None:
         """Keep the piece `kv` was just fed at positions [start, start + chunk), if whole pieces came before it."""
-        if start % chunk or start != kv.pieces or kv.store.buffers is None:
+        if not kv.whole_pieces(start, chunk) or kv.store.buffers is None:
             return
-        kv.pieces = start + chunk
+        kv.pieces, kv.piece_size = start + chunk, chunk
         if chunk > self.max_tokens:
             return
         key = (chunk, tuple(kv.ids[: start + chunk]))
@@ -79,6 +80,7 @@ class PrefixCache:
             return
         keys, values = (buffer[..., start : start + chunk, :].clone() for buffer in kv.store.buffers)
         self._pieces[key] = (keys, values)
+        self._tokens += chunk
         self._evict()
 
     def resize(self, max_tokens: int) -> None:
@@ -88,7 +90,9 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._pieces.clear()
+        self._tokens = 0
 
     def _evict(self) -> None:
-        while self._pieces and self.tokens() > self.max_tokens:
-            self._pieces.popitem(last=False)
+        while self._pieces and self._tokens > self.max_tokens:
+            (size, _), _ = self._pieces.popitem(last=False)
+            self._tokens -= size

@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import queue
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .engine import Engine, RuntimeStats
-from .errors import InvalidParameterError, ModelLoadError, RuntimeClosedError, WSDError
+from .errors import InvalidParameterError, ModelLoadError, RequestTimeoutError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
@@ -45,6 +46,7 @@ class _Submission:
     params: GenerationParams
     deliver: Callable[[Event | BaseException], None]
     cancelled: threading.Event
+    submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
 
 
 class WSDRuntime:
@@ -80,7 +82,9 @@ class WSDRuntime:
             "prefix_cache_tokens": prefix_cache_tokens,
         }
         self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # loading, and reading the base config
+        self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
+        self._step_lock = threading.Lock()  # held by the worker for each step; configure() changes limits between steps
         self._thread: threading.Thread | None = None
         self._closed = False
         self.engine: Engine | None = None
@@ -104,19 +108,19 @@ class WSDRuntime:
     def stream(self, messages: Messages, **params: Any) -> Iterator[Event]:
         """Blocking iterator of events: TextDelta pieces, then one FinalEvent."""
         inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
-        cancelled = self._submit(messages, params, inbox.put)
+        sub = self._submit(messages, params, inbox.put)
         try:
             while True:
                 try:
                     item = inbox.get(timeout=_POLL)
                 except queue.Empty:
-                    self._check_alive()
+                    self._check_waiting(sub)
                     continue
                 yield _unwrap(item)
                 if isinstance(item, FinalEvent):
                     return
         finally:
-            cancelled.set()
+            sub.cancelled.set()
 
     async def astream(self, messages: Messages, **params: Any) -> AsyncIterator[Event]:
         """Async iterator of events; waiting never blocks the event loop."""
@@ -126,19 +130,19 @@ class WSDRuntime:
         def deliver(item: Event | BaseException) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        cancelled = self._submit(messages, params, deliver)
+        sub = self._submit(messages, params, deliver)
         try:
             while True:
                 try:
                     item = await asyncio.wait_for(inbox.get(), timeout=_POLL)
                 except asyncio.TimeoutError:
-                    self._check_alive()
+                    self._check_waiting(sub)
                     continue
                 yield _unwrap(item)
                 if isinstance(item, FinalEvent):
                     return
         finally:
-            cancelled.set()
+            sub.cancelled.set()
 
     def generate(self, messages: Messages, **params: Any) -> WSDResult:
         """The whole reply at once (built from the same stream)."""
@@ -159,7 +163,8 @@ class WSDRuntime:
                 draft = self._load(self.draft_source, self._revisions[0])
                 require_chat_template(draft.tokenizer, draft.name)
                 base = self._load(self.base_source, self._revisions[1])
-                self.engine = Engine(draft, base, **self.limits)
+                with self._step_lock:  # so that a configure() meanwhile is not lost
+                    self.engine = Engine(draft, base, **self.limits)
             return self.engine
 
     def configure(
@@ -178,18 +183,13 @@ class WSDRuntime:
             least = 0 if name == "prefix_cache_tokens" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
-            self.limits[name] = value
-            if self.engine is None:
-                continue
-            if name == "prefix_cache_tokens":
-                for prefixes in self.engine.prefixes.values():
-                    prefixes.resize(value)
-            elif name == "prefill_chunk":
-                self.engine.prefill_chunk = value
-                for prefixes in self.engine.prefixes.values():
-                    prefixes.clear()  # their pieces were cut at other points
-            else:
-                setattr(self.engine.scheduler, name, value)
+        with self._step_lock:  # between two steps: a step sees one set of limits throughout
+            for name, value in values.items():
+                if value is None:
+                    continue
+                self.limits[name] = value
+                if self.engine is not None:
+                    self.engine.configure(name, value)
 
     def stats(self) -> RuntimeStats:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
@@ -221,9 +221,10 @@ class WSDRuntime:
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""
-        self._closed = True
-        self._inbox.put(None)
-        thread = self._thread
+        with self._worker_lock:
+            self._closed = True
+            self._inbox.put(None)
+            thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
 
@@ -234,24 +235,36 @@ class WSDRuntime:
             source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code
         )
 
-    def _submit(self, messages: Messages, params: dict[str, Any], deliver: Callable[[Event | BaseException], None]) -> threading.Event:
-        if self._closed:
-            raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
-        submission = _Submission(normalize_messages(messages), parse_params(**params), deliver, threading.Event())
-        self._ensure_worker()
-        self._inbox.put(submission)
-        return submission.cancelled
+    def _submit(self, messages: Messages, params: dict[str, Any], deliver: Callable[[Event | BaseException], None]) -> _Submission:
+        submitted = time.perf_counter()
+        normalized, parsed, cancelled = normalize_messages(messages), parse_params(**params), threading.Event()
 
-    def _ensure_worker(self) -> None:
-        with self._lock:
+        def guarded(item: Event | BaseException) -> None:
+            try:
+                deliver(item)
+            except RuntimeError:  # the caller's event loop has closed: nobody is waiting, so the request ends
+                cancelled.set()
+
+        with self._worker_lock:  # against close(): a request either reaches a live worker or is refused
+            if self._closed:
+                raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._guarded_run, name="wsd-llms-worker", daemon=True)
                 self._thread.start()
+            sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
+            self._inbox.put(sub)
+        return sub
 
-    def _check_alive(self) -> None:
+    def _check_waiting(self, sub: _Submission) -> None:
+        """While a caller waits: fail at once if the worker stopped, or if the request's timeout passed
+        and the worker, busy without stepping (loading the models), has not failed it itself."""
         thread = self._thread
         if self._closed or thread is None or not thread.is_alive():
             raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
+        timeout = sub.params.timeout
+        if timeout is not None and time.perf_counter() - sub.submitted > timeout + _POLL:
+            sub.cancelled.set()
+            raise RequestTimeoutError(f"the request exceeded timeout={timeout}s before it could start")
 
     def _guarded_run(self) -> None:
         """Run the step loop; if it dies, fail every request at once (the next call starts a new worker)."""
@@ -275,7 +288,8 @@ class WSDRuntime:
                     self._accept(item)
                     item = self._next_submission()
                 if self.engine is not None and self.engine.has_work():
-                    self.engine.step()
+                    with self._step_lock:
+                        self.engine.step()
 
     def _next_submission(self) -> _Submission | None | Literal[False]:
         """The next submission, None when closing, False when there is none."""
@@ -291,12 +305,12 @@ class WSDRuntime:
                 engine.counts["cancelled"] += 1
                 return
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
-            seq.cancelled = sub.cancelled
+            seq.cancelled, seq.created = sub.cancelled, sub.submitted
             engine.add(seq)
-        except WSDError as exc:
-            sub.deliver(exc)
-        except Exception as exc:  # a bad request must not kill the worker
-            sub.deliver(WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a bad request must not kill the worker; it fails alone
+            if self.engine is not None:
+                self.engine.counts["failed"] += 1
+            sub.deliver(exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
 
     def _fail_all(self, error: BaseException) -> None:
         engine = self.engine
@@ -401,7 +415,5 @@ def get_runtime(
 @atexit.register
 def _close_all() -> None:
     """At interpreter exit, stop every worker before torch's threads are torn down."""
-    with _registry_lock:
-        runtimes = list(_registry.values())
-    for runtime in runtimes:
+    for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
         runtime.close()
