@@ -22,12 +22,32 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"stop": 5}, "invalid stop=5"),
         ({"max_tokenz": 5}, "unknown parameter 'max_tokenz'"),
+        ({"seed": 2**64}, "invalid seed=18446744073709551616: Input should be less than 18446744073709551616"),
+        ({"response_format": {"type": "regex", "pattern": "("}}, "invalid response_format: it cannot be compiled into a grammar: Regex parsing error"),
+        ({"response_format": {"type": "strin"}}, 'invalid response_format: it cannot be compiled into a grammar: Unsupported type "strin"'),
+        (
+            {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}]},
+            'invalid tools: it cannot be compiled into a grammar: Unsupported type "strin"',
+        ),
     ],
 )
 def test_bad_params_name_parameter_value_and_rule(params, needle):
     with pytest.raises(InvalidParameterError) as err:
         parse_params(**params)
     assert needle in str(err.value)
+
+
+def test_extreme_sampling_values_still_sample():
+    """A temperature too small to divide by decodes greedily (as in vLLM); a top_p that rounds to 0
+    keeps the most likely token rather than none."""
+    import torch
+
+    from wsd_llms.sampling import sample
+
+    logits = torch.tensor([0.5, 3.0, 1.0, -2.0])
+    assert parse_params(temperature=1e-40).greedy and not parse_params(temperature=1e-3).greedy
+    assert sample(logits, parse_params(temperature=1.0, top_p=1e-300), torch.Generator().manual_seed(0)) == 1
+    assert sample(logits, parse_params(temperature=1e-40), torch.Generator().manual_seed(0)) == 1
 
 
 def test_defaults_are_the_papers():

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidParameterError
 
+# Temperatures below this decode greedily, as in vLLM: dividing logits by less overflows float32.
+GREEDY_BELOW = 1e-5
+
 
 class GenerationParams(BaseModel):
     """Everything one request may set; the defaults are the paper's (τ=0.8, w=6, greedy)."""
@@ -18,10 +21,10 @@ class GenerationParams(BaseModel):
     max_draft_tokens: int = Field(512, ge=1, description="cap on the draft, in draft tokens")
     switch_threshold: float = Field(0.8, gt=0.0, le=1.0, description="τ: geometric-mean probability that triggers the switch")
     switch_window: int = Field(6, ge=1, description="w: number of consecutive draft tokens in the window")
-    temperature: float = Field(0.0, ge=0.0, description="0 means greedy")
+    temperature: float = Field(0.0, ge=0.0, description=f"0 (or anything below {GREEDY_BELOW}) means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
-    seed: int | None = Field(None, description="seed for sampling; same seed, same reply")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
     stop: tuple[str, ...] = Field((), description="strings that end the reply (not included)")
     mode: Literal["online", "staged", "base", "draft"] = Field(
         "online",
@@ -106,7 +109,7 @@ class GenerationParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def constrained(self) -> bool:
@@ -131,9 +134,12 @@ def parse_params(**params: Any) -> GenerationParams:
     except ValidationError as exc:
         raise InvalidParameterError(describe_validation_error(exc)) from None
     if parsed.constrained:
-        from .structured import require_xgrammar
+        from .structured import grammar_error
 
-        require_xgrammar()
+        error = grammar_error(parsed)
+        if error is not None:
+            name = "response_format" if parsed.response_format is not None else "tools"
+            raise InvalidParameterError(f"invalid {name}: it cannot be compiled into a grammar: {error}")
     return parsed
 
 

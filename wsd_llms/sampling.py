@@ -28,7 +28,8 @@ def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Gene
     if params.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=True)
         cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the first token always
+        drop = cum - torch.softmax(sorted_scores, dim=-1) >= params.top_p
+        drop[0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32 would drop it)
         scores = scores.scatter(0, order[drop], -float("inf"))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

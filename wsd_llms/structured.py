@@ -14,6 +14,7 @@ is cut before that id, in both engines alike.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from typing import Any
@@ -94,6 +95,18 @@ def constraint_spec(params: GenerationParams) -> str | None:
     else:
         return None
     return json.dumps({"type": "structural_tag", "format": fmt})  # key order is the schema's property order
+
+
+def grammar_error(params: GenerationParams) -> str | None:
+    """Why the request's constraint cannot be compiled (a bad regex, an unsupported schema), or None;
+    checked before the request is queued, without a tokenizer."""
+    xgr = require_xgrammar()
+    spec = constraint_spec(params)
+    try:
+        xgr.Grammar.from_structural_tag(spec)
+    except RuntimeError as exc:  # xgrammar's message starts with its time and source position
+        return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip())
+    return None
 
 
 class _Compiled:
