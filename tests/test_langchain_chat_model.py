@@ -269,6 +269,60 @@ def test_ls_params():
     assert model._get_ls_params(temperature=0.9)["ls_temperature"] == 0.9
     assert model._llm_type == "wsd-chat"
     assert model._identifying_params["base_model"] == "embedded:gemma-3-270m"
+    assert model._identifying_params["max_tokens"] == 10 and model._identifying_params["stop"] == ["a"]
+
+
+def test_llm_cache_keys_on_every_setting(fake):
+    """LangChain's LLM cache keys on _identifying_params: models that differ in any setting must not
+    share entries, and the same model hits its own."""
+    from langchain_core.caches import InMemoryCache
+
+    cache = InMemoryCache()
+    short, other_mode = WSDChatModel(max_tokens=4, cache=cache), WSDChatModel(max_tokens=4, mode="base", cache=cache)
+    assert short._get_llm_string() != other_mode._get_llm_string()
+    short.invoke("x")
+    other_mode.invoke("x")
+    short.invoke("x")
+    assert [params["mode"] for _, params in fake.requests] == ["online", "base"]
+
+
+class Events(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self.events.append("start")
+
+    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+        self.events.append(type(error).__name__)
+
+
+@pytest.mark.parametrize("path", ["invoke", "stream"])
+def test_a_bad_call_value_reaches_on_llm_error(fake, path):
+    """Values are checked inside the run, so tracing sees the failed call like any other."""
+    handler = Events()
+    with pytest.raises(InvalidParameterError, match="invalid temperature=-1"):
+        call = getattr(WSDChatModel(), path)("x", temperature=-1, config={"callbacks": [handler]})
+        list(call) if path == "stream" else call
+    assert handler.events == ["start", "InvalidParameterError"]
+
+
+@pytest.mark.embedded
+def test_token_counts_use_the_base_tokenizer_without_loading_weights(embedded, monkeypatch):
+    """get_num_tokens and trim_messages count in the base tokenizer (as usage_metadata does), read
+    on its own: no weights load, and nothing is fetched from the hub."""
+    from langchain_core.messages import trim_messages
+
+    base_tokenizer = embedded.load().base.tokenizer
+    unloaded = WSDRuntime()
+    monkeypatch.setattr(WSDRuntime, "load", lambda self: pytest.fail("counting tokens loaded the models"))
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: unloaded)
+    model = WSDChatModel()
+    text = "Weak-to-strong decoding, in one sentence."
+    assert model.get_token_ids(text) == base_tokenizer.encode(text, add_special_tokens=False)
+    history = [HumanMessage("a " * 40), AIMessage("b " * 40), HumanMessage("Which letter came first?")]
+    assert trim_messages(history, token_counter=model, max_tokens=60, strategy="last") == history[1:]
+    unloaded.close()
 
 
 def test_instances_with_the_same_models_share_one_runtime(embedded):

@@ -54,16 +54,24 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             trust_remote_code=self.trust_remote_code,
         )
 
-    def wsd_params(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
+    def wsd_params(self, stop: Iterable[str] | None = None, validate: bool = True, **overrides: Any) -> dict[str, Any]:
         """Request parameters: these defaults, then per-call overrides (None means "not given").
 
-        Stops from the call are added to the constructor's. Unknown names raise an error naming them.
+        Stops from the call are added to the constructor's. Unknown names raise an error naming them
+        (`validate=False`, for tracing, takes the values as they are).
         """
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None})
         params["stop"] = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
-        parse_params(**params)  # validate now, with the parameter's name in the error
+        if validate:
+            parse_params(**params)  # now, with the parameter's name in the error
         return params
+
+    def wsd_identity(self) -> dict[str, Any]:
+        """Every setting that can change a reply (the models as the runtime resolves them), e.g. for a cache key."""
+        runtime = self.wsd_runtime()
+        settings = {name: getattr(self, name) for name in WSDSettings.model_fields}
+        return {**settings, "draft_model": runtime.draft_source, "base_model": runtime.base_source}
 
 
 def content_to_text(content: Any, where: str) -> str:

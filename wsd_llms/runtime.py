@@ -89,6 +89,7 @@ class WSDRuntime:
         self._closed = False
         self.engine: Engine | None = None
         self._base_context_window: int | None = None
+        self._base_tokenizer: Any = None
         WSDRuntime.instances.add(self)
 
     @classmethod
@@ -208,16 +209,29 @@ class WSDRuntime:
         if self._base_context_window is None:
             from transformers import AutoConfig
 
-            with self._lock:
-                local = local_source(self.base_source)
-                where = str(local) if local is not None else self.base_source
-                revision = self._revisions[1] if local is None else None
-                try:
-                    config = AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code)
-                except OSError as exc:
-                    raise ModelLoadError(f"could not read the config of base model {self.base_source!r}: {exc}") from exc
-                self._base_context_window = context_window(config)
+            self._base_context_window = context_window(self._read_base(AutoConfig))
         return self._base_context_window
+
+    def base_tokenizer(self) -> Any:
+        """The base model's tokenizer (usage is counted in it), from the loaded model or else loaded alone."""
+        if self.engine is not None:
+            return self.engine.base.tokenizer
+        if self._base_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._base_tokenizer = self._read_base(AutoTokenizer)
+        return self._base_tokenizer
+
+    def _read_base(self, auto: Any) -> Any:
+        """The base model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer)."""
+        with self._lock:
+            local = local_source(self.base_source)
+            where = str(local) if local is not None else self.base_source
+            revision = self._revisions[1] if local is None else None
+            try:
+                return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code)
+            except OSError as exc:
+                raise ModelLoadError(f"could not read base model {self.base_source!r}: {exc}") from exc
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""

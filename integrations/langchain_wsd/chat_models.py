@@ -74,19 +74,20 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        runtime = self.wsd_runtime()
-        return {
-            "draft_model": runtime.draft_source,
-            "base_model": runtime.base_source,
-            "switch_threshold": self.switch_threshold,
-            "switch_window": self.switch_window,
-            "max_draft_tokens": self.max_draft_tokens,
-        }
+        """Every setting that can change a reply: LangChain's LLM caches key on these."""
+        return self.wsd_identity()
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's
+        default would fetch GPT-2's from the hub); reads the tokenizer only, not the weights."""
+        return self.wsd_runtime().base_tokenizer().encode(text, add_special_tokens=False)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        # Called before the run's callbacks start: values are checked inside the run, so a bad one
+        # reaches on_llm_error like any other failure.
         model = kwargs.pop("model", None)
         kwargs.pop("stream", None)
-        params = self.wsd_params(stop=stop, **kwargs)
+        params = self.wsd_params(stop=stop, validate=False, **kwargs)
         ls_params = LangSmithParams(
             ls_provider="wsd",
             ls_model_name=model or self.wsd_runtime().base_source,
