@@ -278,7 +278,7 @@ class WSDRuntime:
         timeout = sub.params.timeout
         if timeout is not None and time.perf_counter() - sub.submitted > timeout + _POLL:
             sub.cancelled.set()
-            raise RequestTimeoutError(f"the request exceeded timeout={timeout}s before it could start")
+            raise RequestTimeoutError(f"the request exceeded timeout={timeout}s (the worker had not ended it: loading, or a long step)")
 
     def _guarded_run(self) -> None:
         """Run the step loop; if it dies, fail every request at once (the next call starts a new worker)."""
