@@ -16,18 +16,6 @@ def test_role_marker_cut_drops_preceding_newlines(draft_tokenizer):
     assert "".join(d.text for d in deltas) == "Paris is the capital."
 
 
-def test_a_reply_ending_partway_into_a_role_marker_drops_that_part(draft_tokenizer):
-    """Cut at max_tokens as the base model began the next turn: the marker's start is template, not
-    reply; the start of a user's stop string is released as usual."""
-    tok = draft_tokenizer
-    for text, kept in (("Hello there!\n\n[", "Hello there!"), ("Hello there!\n\n[Us", "Hello there!"), ("Hello there!\n", "Hello there!\n")):
-        reply = ReplyText(tok, ("STOP",), markers=expand_role_stops(ROLE_STOPS))
-        deltas = reply.add(_ids(tok, text), "base") + reply.finish()
-        assert reply.text == "".join(d.text for d in deltas) == kept
-    reply = ReplyText(tok, ("STOP",), markers=expand_role_stops(ROLE_STOPS))
-    assert "".join(d.text for d in reply.add(_ids(tok, "one ST"), "base") + reply.finish()) == "one ST"
-
-
 def test_stop_prefix_is_held_back_until_ruled_out(draft_tokenizer):
     tok = draft_tokenizer
     reply = ReplyText(tok, ("STOP",))

@@ -137,7 +137,7 @@ class Engine:
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
-            reply = ReplyText(self.base.tokenizer, tuple(params.stop), markers=role_stops)
+            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + role_stops)
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
 
     def add(self, seq: Sequence) -> None:

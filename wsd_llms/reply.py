@@ -29,20 +29,14 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might still be the start of one of `stops`."""
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might still be the start of a stop string or of a character."""
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), hold, -1):
             if text.endswith(stop[:k]):
                 hold = k
                 break
-    return hold
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might still be the start of a stop string or of a character."""
-    hold = _partial_stop(text, stops)
     if text.endswith("\ufffd"):
         hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
     return hold
@@ -54,22 +48,17 @@ def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
 
 
 class ReplyText:
-    """Accumulates reply ids (draft part first, then base) and yields final text as it appears.
+    """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
-    `markers` are stops of the prompt template (the plain template's `[User]` with its newlines):
-    they end the reply like `stops`, and a reply that ends partway into one does not keep that part.
-    """
-
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...], markers: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
         self._tok = tokenizer
-        self.stops = stops + markers
-        self._markers = markers
+        self.stops = stops
         self.ids: list[int] = []
         self.text = ""
         self.stopped = False
         self._emitted = 0
         self._draft_chars = 0
-        self._max_stop = max((len(s) for s in self.stops), default=0)
+        self._max_stop = max((len(s) for s in stops), default=0)
 
     @property
     def draft_chars(self) -> int:
@@ -120,12 +109,7 @@ class ReplyText:
             self._draft_chars = len(text)
 
     def finish(self) -> list[Delta]:
-        """No more ids will come: release what was held back, but for the start of a template marker
-        (a reply cut at max_tokens as the base model began the next turn's `\n\n[User]`); a bare
-        newline that might have started one stays."""
-        partial = _partial_stop(self.text, self._markers)
-        if partial and self.text[-partial:].strip():
-            self.text = self.text[:-partial]
+        """No more ids will come: release whatever was held back."""
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> list[Delta]:
