@@ -293,6 +293,35 @@ def test_a_caller_whose_event_loop_closed_harms_no_other_request(fresh):
     del orphan
 
 
+def test_configure_waits_for_the_step_in_progress(fresh):
+    """Limits change between steps: a step never sees two prefill_chunk values (its pieces, and the
+    prefix store they go to, are cut at one), and the store is not changed under the worker."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine, step = rt.engine, rt.engine.step
+    inside, release = threading.Event(), threading.Event()
+
+    def gated_step():
+        inside.set()
+        release.wait(10)
+        step()
+
+    engine.step = gated_step
+    with ThreadPoolExecutor(2) as pool:
+        reply = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=5)
+        assert inside.wait(10)
+        change = pool.submit(rt.configure, prefill_chunk=7, prefix_cache_tokens=0)
+        time.sleep(0.2)
+        assert not change.done() and engine.prefill_chunk != 7
+        release.set()
+        change.result(timeout=10)
+        reply.result(timeout=60)
+    assert engine.prefill_chunk == 7 and all(p.max_tokens == 0 for p in engine.prefixes.values())
+    with pytest.raises(InvalidParameterError, match="max_running=0"):
+        rt.configure(prefill_chunk=9, max_running=0)  # one bad value changes nothing
+    assert engine.prefill_chunk == 7
+
+
 def test_close_racing_new_requests_leaves_no_worker(fresh):
     """Requests submitted while the runtime closes either run on the worker that close() stops or are
     refused: none starts a worker that outlives the runtime."""
