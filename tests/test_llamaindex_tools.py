@@ -202,3 +202,15 @@ async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.Mo
     astreamed = [x async for x in await llm.astream_structured_predict(City, PROMPT, place="Europe")]
     structured = [e for e in events if e.startswith("LLMStructuredPredict")]
     assert structured == [started] + ["LLMStructuredPredictInProgressEvent"] * len(astreamed) + [ended]
+
+
+def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
+    """An agent cannot pass tool_choice per call: the constructor's setting holds unless the call
+    gives one (or tool_required)."""
+    llm = WSDLLM(tool_choice="required", parallel_tool_calls=True)
+    prepared = llm._prepare_chat_with_tools(TOOLS, user_msg=ASK)
+    assert (prepared["tool_choice"], prepared["parallel_tool_calls"]) == ("required", True)
+    assert llm._prepare_chat_with_tools(TOOLS, user_msg=ASK, tool_choice="add")["tool_choice"] == "add"
+    plain = WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, tool_required=True)
+    assert (plain["tool_choice"], plain["parallel_tool_calls"]) == ("required", False)
+    assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tool_choice"] == "auto"

@@ -294,16 +294,17 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         tool_required: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """chat() arguments: messages, OpenAI-style tool specs, tool_choice (an explicit one wins) and parallel calls."""
+        """chat() arguments: messages, OpenAI-style tool specs, tool_choice (an explicit one wins, then
+        tool_required, then the constructor's) and parallel calls (allowed by the call or the constructor)."""
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
-        tool_choice = kwargs.pop("tool_choice", None) or ("required" if tool_required else "auto")
+        tool_choice = kwargs.pop("tool_choice", None) or ("required" if tool_required else self.tool_choice)
         return {
             "messages": messages,
             "tools": [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools] or None,
             "tool_choice": tool_choice if tools else None,
-            "parallel_tool_calls": allow_parallel_tool_calls,
+            "parallel_tool_calls": allow_parallel_tool_calls or self.parallel_tool_calls,
             **kwargs,
         }
 
