@@ -10,7 +10,7 @@ import pytest
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import parse_params
-from wsd_llms.structured import Guide, constraint_spec
+from wsd_llms.structured import Guide, constraint_spec, parse_json
 from wsd_llms.tools import parse_reply, react_format
 
 SCHEMA = {
@@ -190,9 +190,22 @@ def test_parse_reply_reports_invalid_calls():
     content, calls, invalid = parse_reply(text, [TOOL])
     assert content == "Sure."
     assert [c.arguments["color"] for c in calls] == ["red"]
-    assert [i.name for i in invalid] == ["pick", "nope", None]
+    assert [i.name for i in invalid] == ["pick", "nope", "pick"]  # a cut-off call still names its tool
     assert "does not match" in invalid[0].error and "unknown tool 'nope'" in invalid[1].error
     assert invalid[2].raw.endswith('"argu')
+
+
+def test_numbers_are_checked_as_written():
+    """A bounded number's grammar writes no exponents; the check must see 0.00001 as the model wrote
+    it, not as Python re-spells it (1e-05), or a valid call is reported invalid."""
+    bounded = {"type": "object", "properties": {"lr": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["lr"]}
+    tool = {"name": "set_lr", "description": "", "parameters": bounded}
+    for written, value in (("0.00001", 1e-05), ("0.5", 0.5), ("1", 1)):
+        _, calls, invalid = parse_reply(f'<tool_call>\n{{"name": "set_lr", "arguments": {{"lr": {written}}}}}\n</tool_call>', [tool])
+        assert not invalid and calls[0].arguments == {"lr": value}
+        assert parse_json(f'{{"lr": {written}}}', bounded) == ({"lr": value}, None)
+    _, calls, invalid = parse_reply('<tool_call>\n{"name": "set_lr", "arguments": {"lr": 1.5}}\n</tool_call>', [tool])
+    assert not calls and "does not match" in invalid[0].error
 
 
 def test_tool_messages():

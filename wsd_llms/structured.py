@@ -45,14 +45,32 @@ def json_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
 
 
-def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
-    """Why `value` does not fit `schema` (checked by xgrammar's grammar for the schema), or None."""
+def schema_error(text: str, schema: dict[str, Any]) -> str | None:
+    """Why the JSON `text` does not fit `schema` (checked by xgrammar's grammar for the schema), or None.
+
+    The text as the model wrote it: a number re-spelt by Python (0.00001 as 1e-05) may not fit a
+    grammar with numeric bounds, which writes no exponents.
+    """
     xgr = require_xgrammar()
     grammar = xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, any_order=True)
-    text = json.dumps(value, ensure_ascii=False)
-    if xgr.testing._is_grammar_accept_string(grammar, text):
+    if xgr.testing._is_grammar_accept_string(grammar, text.strip()):
         return None
-    return f"{text} does not match the JSON schema"
+    return f"{text.strip()} does not match the JSON schema"
+
+
+class Written(str):
+    """A JSON number kept as written (json.loads(..., parse_float=Written, parse_int=Written))."""
+
+
+def as_written(value: Any) -> str:
+    """JSON text for a value parsed with its numbers kept as written (`Written`)."""
+    if isinstance(value, Written):
+        return str.__str__(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {as_written(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(as_written(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
@@ -61,7 +79,7 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"the reply is not valid JSON: {exc}"
-    return value, schema_error(value, schema)
+    return value, schema_error(text, schema)
 
 
 def structured_fields(text: str, params: GenerationParams) -> dict[str, Any]:

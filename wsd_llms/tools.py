@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .messages import Message, ToolCall
-from .structured import json_format, schema_error
+from .structured import Written, as_written, json_format, schema_error
 
 CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = "<tool_call>\n", "\n</tool_call>", "\n"
 TOOLS_SYSTEM = (
@@ -38,6 +38,7 @@ TOOLS_SYSTEM = (
     "The tools, as JSON schemas:"
 )
 _CALL_RE = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+_NAME_RE = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"\\]+)"')
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, lis
     invalid: list[InvalidToolCall] = []
     for match in _CALL_RE.finditer(text):
         raw, call_id = match.group(0), f"call_{uuid.uuid4().hex[:24]}"
-        name: str | None = None
+        named = _NAME_RE.search(match.group(1))  # what a call that does not parse still says it calls
+        name: str | None = named.group(1) if named else None
         try:
             if not match.group(2):
                 raise ValueError("the call is not closed with </tool_call> (the reply ended first)")
@@ -152,7 +154,8 @@ def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, lis
                 raise ValueError(f"unknown tool {name!r}; known: {', '.join(by_name) or 'none'}")
             if not isinstance(arguments, dict):
                 raise ValueError(f"arguments must be a JSON object, got {arguments!r}")
-            error = schema_error(arguments, by_name[name]["parameters"])
+            written = json.loads(match.group(1), parse_float=Written, parse_int=Written)["arguments"]
+            error = schema_error(as_written(written), by_name[name]["parameters"])
             if error:
                 raise ValueError(error)
             calls.append(ToolCall(call_id, name, arguments))
