@@ -195,6 +195,23 @@ def test_parse_reply_reports_invalid_calls():
     assert invalid[2].raw.endswith('"argu')
 
 
+def test_auto_tool_choice_holds_every_call_in_text_to_the_tools():
+    """With tool_choice="auto" a reply may be text, a call, or text then a call; a call written after
+    text is constrained like one at the start (an unknown tool or a wrong type is impossible)."""
+    import xgrammar as xgr
+
+    def accepts(text, **params):
+        grammar = xgr.Grammar.from_structural_tag(constraint_spec(parse_params(tools=[TOOL], **params)))
+        return xgr.testing._is_grammar_accept_string(grammar, text)
+
+    call = '<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>'
+    assert accepts("Just text, a < b.") and accepts(call) and accepts("Let me pick.\n" + call)
+    assert not accepts("Let me pick.\n" + call.replace('"pick"', '"pik"'))
+    assert not accepts("Let me pick.\n" + call.replace("true", '"yes"'))
+    assert not accepts(call + "\n" + call) and accepts(call + "\n" + call, parallel_tool_calls=True)
+    assert not accepts("Let me pick.\n" + call, tool_choice="required")
+
+
 def test_numbers_are_checked_as_written():
     """A bounded number's grammar writes no exponents; the check must see 0.00001 as the model wrote
     it, not as Python re-spells it (1e-05), or a valid call is reported invalid."""

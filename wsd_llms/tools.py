@@ -7,9 +7,10 @@ One text format for a call, used by both models, the grammar, the history and th
     </tool_call>
 
 Several calls (parallel_tool_calls=True) are separated by one newline. `tool_choice`: "auto"
-allows plain text or calls from the reply's first character on (text may not start with "<");
-"required" (or "any") forces at least one call; a tool name forces one call of that tool; "none"
-leaves the reply unconstrained and the tools out of the prompts.
+allows text, in which every "<tool_call>" must begin a valid call of a tool (without parallel
+calls the reply ends with its first call); "required" (or "any") forces at least one call and
+nothing else; a tool name forces one call of that tool; "none" leaves the reply unconstrained and
+the tools out of the prompts.
 
 The draft model sees the tools through its chat template's `tools=` when the template uses
 them, otherwise as a system message (`TOOLS_SYSTEM` followed by one JSON schema per line,
@@ -84,16 +85,21 @@ def tool_call_format(params: Any) -> dict[str, Any]:
         }
         for t in chosen
     ]
-    calls = {
+    if params.tool_choice == "auto":  # free text, in which every "<tool_call>" begins a valid call
+        return {
+            "type": "triggered_tags",
+            "triggers": [CALL_OPEN.strip()],
+            "tags": tags,
+            "at_least_one": False,
+            "stop_after_first": not params.parallel_tool_calls,
+        }
+    return {
         "type": "tags_with_separator",
         "tags": tags,
         "separator": CALL_SEPARATOR,
         "at_least_one": True,
         "stop_after_first": not params.parallel_tool_calls,
     }
-    if params.tool_choice != "auto":
-        return calls
-    return {"type": "or", "elements": [calls, {"type": "regex", "pattern": r"[^<\s][\s\S]*"}]}
 
 
 def render_call(call: ToolCall) -> str:
