@@ -22,12 +22,13 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"stop": 5}, "invalid stop=5"),
         ({"max_tokenz": 5}, "unknown parameter 'max_tokenz'"),
+        ({"stop": ["x" * 300, ""]}, "...: stop strings must be non-empty"),  # a long value is shortened before the rule
         ({"seed": 2**64}, "invalid seed=18446744073709551616: Input should be less than 18446744073709551616"),
         ({"response_format": {"type": "regex", "pattern": "("}}, "invalid response_format: it cannot be compiled into a grammar: Regex parsing error"),
         ({"response_format": {"type": "strin"}}, 'invalid response_format: it cannot be compiled into a grammar: Unsupported type "strin"'),
         (
             {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}]},
-            'invalid tools: it cannot be compiled into a grammar: Unsupported type "strin"',
+            'invalid tools: it cannot be compiled into a grammar: tools[0] (f) parameters: Unsupported type "strin"',
         ),
     ],
 )

@@ -155,5 +155,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         elif not name:
             lines.append(f"invalid parameters: {msg}")
         else:
-            lines.append(f"invalid {name}={err['input']!r}: {msg}")
+            shown = repr(err["input"])
+            shown = shown if len(shown) <= 120 else shown[:100] + "..."  # the rule matters more than a long value
+            lines.append(f"invalid {name}={shown}: {msg}")
     return "; ".join(lines)

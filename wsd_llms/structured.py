@@ -116,15 +116,24 @@ def constraint_spec(params: GenerationParams) -> str | None:
 
 
 def grammar_error(params: GenerationParams) -> str | None:
-    """Why the request's constraint cannot be compiled (a bad regex, an unsupported schema), or None;
-    checked before the request is queued, without a tokenizer."""
+    """Why the request's constraint cannot be compiled (a bad regex, an unsupported schema), naming
+    the tool whose schema fails, or None; checked before the request is queued, without a tokenizer."""
     xgr = require_xgrammar()
-    spec = constraint_spec(params)
     try:
-        xgr.Grammar.from_structural_tag(spec)
-    except RuntimeError as exc:  # xgrammar's message starts with its time and source position
-        return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip())
+        xgr.Grammar.from_structural_tag(constraint_spec(params))
+    except RuntimeError as exc:
+        for i, tool in enumerate(params.tools if params.response_format is None else ()):
+            try:
+                xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": json_format(tool["parameters"])}))
+            except RuntimeError as own:
+                return f"tools[{i}] ({tool['name']}) parameters: {_xgrammar_reason(own)}"
+        return _xgrammar_reason(exc)
     return None
+
+
+def _xgrammar_reason(exc: RuntimeError) -> str:
+    """xgrammar's message without the time and source position it starts with."""
+    return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip())
 
 
 class _Compiled:
