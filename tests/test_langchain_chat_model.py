@@ -519,6 +519,20 @@ def test_structured_output_each_schema_and_method(fake, schema, method):
         assert params["tool_choice"] == "required" and len(params["tools"]) == 1
 
 
+UNTITLED = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}}, "required": ["setup", "punchline"]}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [UNTITLED, {"type": "json_schema", "json_schema": {"name": "joke", "schema": UNTITLED}}, {"name": "joke", "schema": UNTITLED}],
+)
+def test_structured_output_takes_plain_and_openai_style_json_schemas(fake, schema):
+    """As ChatOllama and ChatOpenAI do: a JSON schema without a title, and OpenAI's response_format forms."""
+    fake.reply = fake_result(json.dumps(JOKE))
+    assert WSDChatModel().with_structured_output(schema).invoke("joke") == JOKE
+    assert fake.requests[-1][1]["response_format"] == UNTITLED
+
+
 def test_json_mode_without_a_schema_is_any_json_object(fake):
     fake.reply = fake_result(json.dumps(JOKE))
     assert WSDChatModel().with_structured_output(method="json_mode").invoke("joke") == JOKE

@@ -214,7 +214,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'")
         if schema is None and method == "json_schema":
             raise ValueError("method='json_schema' needs a schema")
-        json_schema = convert_to_json_schema(schema) if schema is not None else None
+        json_schema = _json_schema(schema) if schema is not None else None
         llm = self.bind(
             response_format=json_schema if json_schema is not None else {"type": "json_object"},
             ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
@@ -230,6 +230,19 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         return RunnableMap(raw=llm) | parsed.with_fallbacks(
             [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
         )
+
+
+def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
+    """A structured-output schema as JSON schema: OpenAI's response_format forms are unwrapped, a
+    plain JSON schema is taken as it is (LangChain's converter wants a title), the rest converted."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "json_schema" and isinstance(schema.get("json_schema"), dict):
+            schema = schema["json_schema"]  # {"type": "json_schema", "json_schema": {"name", "schema"}}
+        if isinstance(schema.get("schema"), dict) and "name" in schema:
+            return schema["schema"]
+        if "title" not in schema:
+            return schema
+    return convert_to_json_schema(schema)
 
 
 def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
