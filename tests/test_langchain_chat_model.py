@@ -485,6 +485,21 @@ def test_text_replays_with_its_sources_when_tools_are_bound(fake):
     assert [c.response_metadata.get("wsd_source") for c in chunks[:2]] == [["draft"], ["base"]]
 
 
+def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
+    """With tool_choice="none" no call markup is taken out, so nothing needs holding back."""
+    sent: list[Any] = []
+
+    def stream(messages: Any, **params: Any) -> Iterator[Any]:
+        for event in fake._events(messages, params):
+            sent.append(event)
+            yield event
+
+    monkeypatch.setattr(fake, "stream", stream)
+    chunks = WSDChatModel().bind_tools([Add], tool_choice="none").stream("x")
+    assert next(chunks).text == "Hi" and len(sent) == 1
+    assert [c.text for c in chunks] == [" there", ""]
+
+
 class Joke(BaseModel):
     """A joke."""
 

@@ -74,6 +74,12 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         return {**settings, "draft_model": runtime.draft_source, "base_model": runtime.base_source}
 
 
+def hides_calls(params: Mapping[str, Any]) -> bool:
+    """Whether a reply's text must wait for its end: the runtime takes tool-call markup out of the
+    content when tools are on (not with tool_choice="none", where text streams as it comes)."""
+    return bool(params.get("tools")) and params.get("tool_choice") != "none"
+
+
 def content_to_text(content: Any, where: str) -> str:
     """A message's content as text: a string, or a list of text blocks. Other blocks get a clear error."""
     if isinstance(content, str):

@@ -30,7 +30,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field
 
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
-from wsd_llms.integration import WSDSettings, content_to_text, result_metadata, usage_counts
+from wsd_llms.integration import WSDSettings, content_to_text, hides_calls, result_metadata, usage_counts
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
 _TOOL_CHOICES = ("auto", "any", "required", "none")
@@ -297,11 +297,11 @@ def _role(message: BaseMessage, where: str) -> str:
 
 
 class _Chunks:
-    """Turns one request's runtime events into chunks; while tools are bound, text waits for the end
-    (the runtime parses call markup out of the reply even with tool_choice="none")."""
+    """Turns one request's runtime events into chunks; while tools are on, text waits for the end
+    (the runtime takes call markup out of the content)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.hold = bool(params.get("tools"))
+        self.hold = hides_calls(params)
         self.held: list[TextDelta] = []
 
     def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from wsd_llms.errors import InvalidMessagesError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import WSDSettings, content_to_text, result_metadata, usage_counts
+from wsd_llms.integration import WSDSettings, content_to_text, hides_calls, result_metadata, usage_counts
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -171,10 +171,6 @@ class _Accumulator:
         return final
 
 
-def _hides_calls(params: dict[str, Any]) -> bool:
-    return bool(params.get("tools")) and params.get("tool_choice") != "none"
-
-
 class WSDLLM(WSDSettings, FunctionCallingLLM):
     """Weak-to-Strong Decoding LLM: a small aligned draft model starts each reply, a base model continues.
 
@@ -208,7 +204,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
         params = self.wsd_params(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator(_hides_calls(params))
+        accumulate = _Accumulator(hides_calls(params))
 
         def gen() -> Iterator[ChatResponse]:
             with closing(runtime.stream(messages, **params)) as events:
@@ -221,7 +217,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
         params = self.wsd_params(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator(_hides_calls(params))
+        accumulate = _Accumulator(hides_calls(params))
 
         async def gen() -> AsyncIterator[ChatResponse]:
             async with aclosing(runtime.astream(messages, **params)) as events:
