@@ -271,3 +271,20 @@ def test_tool_choice_none_reports_no_calls():
     text = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'
     assert structured_fields(text, parse_params(tools=[tool], tool_choice="none")) == {"content": text}
     assert len(structured_fields(text, parse_params(tools=[tool], tool_choice="auto"))["tool_calls"]) == 1
+
+
+def test_compiled_grammars_are_kept_within_a_bound(monkeypatch):
+    """An agent may build new tools for every call: compiled grammars stay within the cache's bytes
+    (these 40 take about 1.7 MB unbounded)."""
+    from tiny import make_tokenizer, tiny_llama
+
+    import wsd_llms.structured as structured
+
+    monkeypatch.setattr(structured, "GRAMMAR_CACHE_BYTES", 2**20)
+    model = tiny_llama(make_tokenizer(300), 0)
+    for i in range(40):
+        schema = {"type": "object", "properties": {f"field_{i}_{j}": {"type": "string", "maxLength": 20} for j in range(4)}}
+        grammar, _ = structured.compiled_grammar(model, constraint_spec(parse_params(response_format=schema)))
+        assert grammar is not None
+    compiler = structured._cache[model.tokenizer].compiler
+    assert 0 < compiler.get_cache_size_bytes() <= 2**20
