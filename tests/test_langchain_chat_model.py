@@ -500,6 +500,39 @@ def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
     assert [c.text for c in chunks] == [" there", ""]
 
 
+def test_create_agent_with_provider_strategy_and_tools(fake, monkeypatch):
+    """LangChain's create_agent with response_format=ProviderStrategy(...) binds tools and a
+    response_format together: the model calls tools, then answers with the value."""
+    from langchain.agents import create_agent
+    from langchain.agents.structured_output import ProviderStrategy
+
+    from wsd_llms.params import parse_params
+
+    class Weather(BaseModel):
+        city: str
+        degrees: int
+
+    @tool
+    def temperature(city: str) -> int:
+        """The temperature in a city, in degrees."""
+        return 21
+
+    answer = '{"city": "Paris", "degrees": 21}'
+    replies = [
+        fake_result("<tool_call>...", content="", tool_calls=(ToolCall("call_1", "temperature", {"city": "Paris"}),)),
+        fake_result(answer, content=answer, parsed=json.loads(answer)),
+    ]
+    events = fake._events
+    monkeypatch.setattr(fake, "_events", lambda messages, params: (setattr(fake, "reply", replies.pop(0)), events(messages, params))[1])
+    agent = create_agent(WSDChatModel(), tools=[temperature], response_format=ProviderStrategy(Weather))
+    out = agent.invoke({"messages": [("user", "How warm is Paris?")]})
+    assert out["structured_response"] == Weather(city="Paris", degrees=21)
+    assert [m.type for m in out["messages"]] == ["human", "ai", "tool", "ai"]
+    for _, params in fake.requests:  # what the runtime is asked, it accepts
+        parsed = parse_params(**params)
+        assert parsed.calls_tools and parsed.response_format["title"] == "Weather"
+
+
 class Joke(BaseModel):
     """A joke."""
 

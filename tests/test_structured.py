@@ -45,6 +45,20 @@ def test_response_format_valid_and_online_equals_staged(fixture, request):
 
 
 @pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
+def test_tools_and_response_format_reply_with_calls_or_the_value(fixture, request):
+    """Every reply is valid calls or a valid value (never text), and online equals staged."""
+    runtime = request.getfixturevalue(fixture)
+    for messages in QUESTIONS:
+        for settings in SETTINGS:
+            staged, online = _both(runtime, messages, tools=[SMALL], response_format=SCHEMA, **settings)
+            assert online.text == staged.text and online.switch_point == staged.switch_point
+            if online.tool_calls or online.invalid_tool_calls:
+                assert not online.invalid_tool_calls and online.parsed is None and online.content == "", online.text
+            else:  # the tiny models answer with the value (calls are checked without a model above)
+                assert online.parse_error is None and set(online.parsed) == {"color", "ok", "n"}, online.text
+
+
+@pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
 def test_forced_tool_call_online_equals_staged(fixture, request):
     runtime = request.getfixturevalue(fixture)
     for messages in QUESTIONS:
@@ -149,7 +163,7 @@ def test_missing_extra_names_it(monkeypatch):
         ({"tools": [TOOL, TOOL]}, "tool names must be unique"),
         ({"tools": "pick"}, "tools must be a list"),
         ({"tools": [{"name": "a", "parameters": {"type": "string"}}]}, "of type 'object'"),
-        ({"tools": [TOOL], "response_format": SCHEMA}, "either response_format or tools"),
+        ({"tools": [TOOL], "response_format": SCHEMA, "tool_choice": "required"}, "response_format with tools needs tool_choice 'auto'"),
         ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
         ({"response_format": {"type": "regex"}}, 'needs a "pattern" string'),
         ({"response_format": {"type": "structural_tag", "format": "x"}}, 'needs a "format" object'),
@@ -210,6 +224,27 @@ def test_auto_tool_choice_holds_every_call_in_text_to_the_tools():
     assert not accepts("Let me pick.\n" + call.replace("true", '"yes"'))
     assert not accepts(call + "\n" + call) and accepts(call + "\n" + call, parallel_tool_calls=True)
     assert not accepts("Let me pick.\n" + call, tool_choice="required")
+
+
+def test_tools_with_a_response_format_give_calls_or_the_value():
+    """OpenAI's semantics, which LangChain's create_agent(..., response_format=ProviderStrategy(...))
+    relies on: the reply calls tools, or it is the response_format's value; nothing else."""
+    import xgrammar as xgr
+
+    from wsd_llms.structured import structured_fields
+
+    params = parse_params(tools=[TOOL], response_format=SCHEMA)
+    grammar = xgr.Grammar.from_structural_tag(constraint_spec(params))
+    call = '<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>'
+    value = '{"color": "blue", "ok": false, "n": 3}'
+    assert xgr.testing._is_grammar_accept_string(grammar, call)
+    assert xgr.testing._is_grammar_accept_string(grammar, value)
+    assert not xgr.testing._is_grammar_accept_string(grammar, "Some text.")
+    assert not xgr.testing._is_grammar_accept_string(grammar, "Some text.\n" + call)
+    fields = structured_fields(call, params)
+    assert [c.name for c in fields["tool_calls"]] == ["pick"] and fields.get("parsed") is None
+    fields = structured_fields(value, params)
+    assert fields["parsed"] == {"color": "blue", "ok": False, "n": 3} and fields["parse_error"] is None and "tool_calls" not in fields
 
 
 def test_numbers_are_checked_as_written():

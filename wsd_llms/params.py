@@ -87,8 +87,11 @@ class GenerationParams(BaseModel):
                 f"tool_choice={self.tool_choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
                 f"(known tools: {known})"
             )
-        if self.response_format is not None and self.tools and self.tool_choice != "none":
-            raise ValueError("give either response_format or tools (with tool_choice other than 'none'), not both")
+        if self.response_format is not None and self.tools and self.tool_choice not in ("auto", "none"):
+            raise ValueError(
+                f"response_format with tools needs tool_choice 'auto' (the reply is then tool calls or the "
+                f"response_format's value) or 'none', not {self.tool_choice!r}"
+            )
         return self
 
     @field_validator("stop", mode="before")
@@ -120,6 +123,11 @@ class GenerationParams(BaseModel):
     def text_format(self) -> bool:
         """Whether response_format is a text grammar (regex, structural tag) rather than a JSON schema."""
         return self.response_format is not None and self.response_format.get("type") in ("regex", "structural_tag")
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply may call tools (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def free_text(self) -> bool:

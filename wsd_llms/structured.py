@@ -83,17 +83,19 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
 
 
 def structured_fields(text: str, params: GenerationParams) -> dict[str, Any]:
-    """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value."""
+    """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value.
+    With tools and a response_format, a reply that calls tools is calls, any other the value."""
+    if params.calls_tools:  # "none": no calls, whatever the text says
+        from .tools import parse_reply
+
+        content, calls, invalid = parse_reply(text, params.tools)
+        if calls or invalid or params.response_format is None:
+            return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
     if params.text_format:
         return {"content": text}
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
         return {"content": text, "parsed": parsed, "parse_error": error}
-    if params.tools and params.tool_choice != "none":  # "none": no calls, whatever the text says
-        from .tools import parse_reply
-
-        content, calls, invalid = parse_reply(text, params.tools)
-        return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
     return {"content": text}
 
 
@@ -101,17 +103,19 @@ def constraint_spec(params: GenerationParams) -> str | None:
     """The request's constraint as a structural-tag JSON string, or None when it has none."""
     from .tools import tool_call_format  # tools imports this module
 
-    if params.text_format:
-        assert params.response_format is not None
-        if params.response_format["type"] == "structural_tag":
-            return json.dumps(params.response_format)
-        fmt = {"type": "regex", "pattern": params.response_format["pattern"]}
-    elif params.response_format is not None:
-        fmt = json_format(params.response_format)
-    elif params.tools and params.tool_choice != "none":
-        fmt = tool_call_format(params)
+    answer = params.response_format
+    if answer is None:
+        fmt = tool_call_format(params) if params.calls_tools else None
+    elif answer.get("type") == "structural_tag":
+        fmt = answer["format"]
+    elif answer.get("type") == "regex" and params.text_format:
+        fmt = {"type": "regex", "pattern": answer["pattern"]}
     else:
+        fmt = json_format(answer)
+    if fmt is None:
         return None
+    if answer is not None and params.calls_tools:  # tool calls, or the answer in its format
+        fmt = {"type": "or", "elements": [tool_call_format(params), fmt]}
     return json.dumps({"type": "structural_tag", "format": fmt})  # key order is the schema's property order
 
 

@@ -85,7 +85,7 @@ def tool_call_format(params: Any) -> dict[str, Any]:
         }
         for t in chosen
     ]
-    if params.tool_choice == "auto":  # free text, in which every "<tool_call>" begins a valid call
+    if params.tool_choice == "auto" and params.response_format is None:  # free text, in which every "<tool_call>" begins a valid call
         return {
             "type": "triggered_tags",
             "triggers": [CALL_OPEN.strip()],
