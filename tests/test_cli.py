@@ -31,6 +31,23 @@ def test_interactive_keeps_history():
     assert out.stdout.count("| reply ") == 2
 
 
+def test_bad_model_settings_are_reported():
+    out = _run("hi", "--dtype", "int8")
+    assert out.returncode == 2 and "error:" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_a_pipe_gets_whole_lines():
+    """Rich wraps at 80 columns when stdout is not a terminal; the stats line must stay one line."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "wsd_llms.cli", "chat", "What is the capital of France?", "--max-tokens", "24"],
+        capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    stats = [line for line in out.stdout.splitlines() if "| reply " in line]
+    assert len(stats) == 1 and "tok/s" in stats[0] and len(stats[0]) > 80
+
+
 def test_bad_option_is_reported():
     out = _run("hi", "--threshold", "2")
     assert out.returncode == 2

@@ -146,3 +146,12 @@ def test_cli_empty_file_writes_a_report_and_fails(tmp_path):
 def test_cli_rejects_bad_threshold(tmp_path, capsys):
     assert main(["eval", "--threshold", "2", "--out", str(tmp_path / "o")]) == 2
     assert "invalid switch_threshold=2.0" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_models_and_outputs_without_a_traceback(tmp_path, capsys):
+    assert main(["eval", "--dtype", "int8", "--out", str(tmp_path / "o")]) == 2
+    assert "error:" in capsys.readouterr().out
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    assert main(["eval", "--out", str(taken)]) == 2
+    assert f"cannot write the report to --out {taken}" in capsys.readouterr().out

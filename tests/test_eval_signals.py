@@ -102,3 +102,17 @@ def test_empty_file_is_a_problem(tmp_path):
     path.write_text("")
     prompts, problems = load_prompts(path)
     assert prompts == [] and len(problems) == 1 and "is empty" in str(problems[0])
+
+
+def test_duplicate_ids_and_non_utf8_files_are_problems(tmp_path):
+    """Ids pair a prompt's replies across settings and for the judge: a repeated id is skipped, not mixed up."""
+    path = tmp_path / "p.jsonl"
+    line = lambda i, q: json.dumps({"id": i, "context": [{"role": "user", "content": q}]})  # noqa: E731
+    path.write_text("\n".join([line("a", "Say hi."), line("b", "Name a color."), line("a", "Count to three.")]) + "\n")
+    prompts, problems = load_prompts(path)
+    assert [p.id for p in prompts] == ["a", "b"] and prompts[0].messages[0]["content"] == "Say hi."
+    assert [p.line for p in problems] == [3] and "duplicate id 'a' (first on line 1)" in str(problems[0])
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"context": [{"role": "user", "content": "café"}]}'.encode("latin-1"))
+    prompts, problems = load_prompts(latin)
+    assert prompts == [] and "not UTF-8 text" in str(problems[0])

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from .console import make_console
 from .errors import WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
@@ -79,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "eval":
         return eval_command.run(args)
-    console = Console(highlight=False)
-    runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
+    console = make_console()
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     legend = Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"]))
     console.print(legend)
     try:
+        runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         if args.question:
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0

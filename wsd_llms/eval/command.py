@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..console import make_console
 from ..errors import WSDError
 from ..loading import load_model
 from ..params import parse_params
@@ -54,7 +55,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(highlight=False)
+    console = make_console()
     main = Setting("online", args.threshold, args.window)
     settings = settings_for(args.threshold, args.window, args.sweep, args.thresholds, args.windows)
     try:
@@ -68,10 +69,13 @@ def run(args: argparse.Namespace) -> int:
     prompts, problems = load_prompts(args.prompts)
     for problem in problems:
         console.print(f"[yellow]{args.prompts or DEFAULT_PROMPTS}: {problem}[/]")
-    runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
+        runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WSDError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from exc
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(f"{len(settings)} settings × {len(prompts)} prompts", total=len(settings) * len(prompts))
             judge = None
@@ -87,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     except WSDError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         return 2
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the replies so far are in {args.out / 'records.jsonl'}")
+        return 130
     paths = write_all(report, args.out)
     _print_table(console, report)
     console.print(f"report: {paths['html']}  (also {paths['json'].name}, {paths['md'].name}, records.jsonl)")

@@ -72,15 +72,24 @@ def load_prompts(path: Path | str | None = None) -> tuple[list[EvalPrompt], list
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         return [], [Problem(0, f"cannot read {path}: {exc.strerror or exc}")]
+    except UnicodeDecodeError as exc:
+        return [], [Problem(0, f"cannot read {path}: not UTF-8 text (byte {exc.start}: {exc.reason})")]
     prompts: list[EvalPrompt] = []
     problems: list[Problem] = []
+    first_line: dict[str, int] = {}  # each id's line: ids pair replies across settings and the judge
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            prompts.append(_parse_line(raw, number))
+            prompt = _parse_line(raw, number)
         except ValueError as exc:
             problems.append(Problem(number, str(exc)))
+            continue
+        if prompt.id in first_line:
+            problems.append(Problem(number, f"duplicate id {prompt.id!r} (first on line {first_line[prompt.id]}); this line is skipped"))
+            continue
+        first_line[prompt.id] = number
+        prompts.append(prompt)
     if not prompts and not problems:
         problems.append(Problem(0, f"{path} is empty: no prompts to run"))
     return prompts, problems

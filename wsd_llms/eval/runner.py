@@ -111,7 +111,8 @@ def run_settings(
 
     records: list[Record] = []
     walls: dict[str, float] = {}
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="wsd-eval") as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="wsd-eval")
+    try:
         for setting in settings:
             start = time.perf_counter()
             futures = {pool.submit(runtime.generate, p.messages, max_tokens=max_tokens, **setting.params()): i for i, p in enumerate(prompts)}
@@ -126,4 +127,8 @@ def run_settings(
                 on_record(record)
             walls[setting.name] = time.perf_counter() - start
             records += [done[i] for i in range(len(prompts))]
+    except BaseException:  # interrupted (Ctrl-C): requests not yet started are dropped, not run to the end
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return records, walls
