@@ -54,17 +54,20 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             trust_remote_code=self.trust_remote_code,
         )
 
-    def wsd_params(self, stop: Iterable[str] | None = None, validate: bool = True, **overrides: Any) -> dict[str, Any]:
+    def wsd_params(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """Request parameters: these defaults, then per-call overrides (None means "not given").
 
-        Stops from the call are added to the constructor's. Unknown names raise an error naming them
-        (`validate=False`, for tracing, takes the values as they are).
+        Stops from the call are added to the constructor's. Unknown names raise an error naming them.
         """
+        params = self.wsd_params_unchecked(stop, **overrides)
+        parse_params(**params)  # now, with the parameter's name in the error
+        return params
+
+    def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
+        """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None})
         params["stop"] = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
-        if validate:
-            parse_params(**params)  # now, with the parameter's name in the error
         return params
 
     def wsd_identity(self) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         # reaches on_llm_error like any other failure.
         model = kwargs.pop("model", None)
         kwargs.pop("stream", None)
-        params = self.wsd_params(stop=stop, validate=False, **kwargs)
+        params = self.wsd_params_unchecked(stop, **kwargs)
         ls_params = LangSmithParams(
             ls_provider="wsd",
             ls_model_name=model or self.wsd_runtime().base_source,
