@@ -313,6 +313,9 @@ def test_configure_waits_for_the_step_in_progress(fresh):
         change = pool.submit(rt.configure, prefill_chunk=7, prefix_cache_tokens=0)
         time.sleep(0.2)
         assert not change.done() and engine.prefill_chunk != 7
+        t0 = time.monotonic()
+        rt.configure()  # nothing to change, as every adapter call's get_runtime() asks: no wait
+        assert time.monotonic() - t0 < 1
         release.set()
         change.result(timeout=10)
         reply.result(timeout=60)

@@ -184,6 +184,8 @@ class WSDRuntime:
             least = 0 if name == "prefix_cache_tokens" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
+        if all(value is None for value in values.values()):
+            return  # nothing to change (get_runtime() calls this for every adapter call): no wait for the step
         with self._step_lock:  # between two steps: a step sees one set of limits throughout
             for name, value in values.items():
                 if value is None:
