@@ -108,7 +108,7 @@ def constraint_spec(params: GenerationParams) -> str | None:
         fmt = tool_call_format(params) if params.calls_tools else None
     elif answer.get("type") == "structural_tag":
         fmt = answer["format"]
-    elif answer.get("type") == "regex" and params.text_format:
+    elif answer.get("type") == "regex":
         fmt = {"type": "regex", "pattern": answer["pattern"]}
     else:
         fmt = json_format(answer)
