@@ -1,5 +1,7 @@
 """Reply assembly: stop strings cut the text, possible stop prefixes are held back, sources are tagged."""
 
+from tiny import byte_fallback_tokenizer
+
 from wsd_llms.prompts import ROLE_STOPS
 from wsd_llms.reply import ReplyText, expand_role_stops
 
@@ -54,3 +56,43 @@ def test_draft_and_base_parts(draft_tokenizer):
     b = reply.add(_ids(tok, " friend"), "base")
     assert [(d.source, d.text) for d in a + b] == [("draft", "Hello there"), ("base", " friend")]
     assert reply.draft_chars == len("Hello there")
+
+
+def _byte_ids(text: str) -> list[int]:
+    return [3 + b for b in text.encode()]  # tiny.byte_fallback_tokenizer's byte tokens
+
+
+def test_text_once_streamed_never_changes_with_byte_fallback():
+    """Decoding a run of byte tokens whose last character is incomplete turns the whole run into
+    U+FFFD (Gemma's byte fallback); the reply is decoded piece by piece, so text already streamed
+    stays, and a character cut off by the end of the reply is dropped, not sent as U+FFFD."""
+    tok = byte_fallback_tokenizer()
+    ids = [1, 2, *_byte_ids("\U0001d518"), *_byte_ids("\U0001d52b")[:3]]
+    assert tok.decode(ids) != tok.decode(ids[:6]) + tok.decode(ids[6:])  # the decoder's behaviour the reply must survive
+    for cut in range(6, len(ids) + 1):
+        reply = ReplyText(tok, ())
+        streamed = [d.text for i in ids[:cut] for d in reply.add([i], "base")] + [d.text for d in reply.finish()]
+        assert "".join(streamed) == reply.text == "A \U0001d518"
+    whole = ReplyText(tok, ())
+    assert "".join(d.text for d in whole.add(ids[:6] + _byte_ids("\U0001d52b"), "base")) == "A \U0001d518\U0001d52b"
+
+
+def test_stop_after_byte_characters():
+    tok = byte_fallback_tokenizer()
+    reply = ReplyText(tok, ("A",))
+    out = reply.add([*_byte_ids("\u00e9\u00e8"), 1, *_byte_ids("\u00e0")], "base")
+    assert reply.stopped and reply.text == "\u00e9\u00e8" and "".join(d.text for d in out) == reply.text
+    assert len(reply.ids) == 5  # the ids after the one that completed the stop are not taken
+
+
+def test_handoff_drops_an_incomplete_last_character(draft_tokenizer):
+    """A draft cut by max_draft_tokens inside a character decodes to a trailing U+FFFD: the base
+    model is handed the text without it (it would imitate it), finished or not."""
+    from wsd_llms.handoff import final_handoff, partial_handoff
+
+    tok, prompt = draft_tokenizer, "\n\n[User]\nHi\n\n[Assistant]\n"
+    n = len(tok.encode(prompt, add_special_tokens=False))
+    final = final_handoff(tok, prompt, n, "Paris is \ufffd\ufffd")
+    assert tok.decode(final.draft_ids) == tok.decode(final_handoff(tok, prompt, n, "Paris is").draft_ids)
+    partial = partial_handoff(tok, prompt, n, "Paris is \ufffd", holdback=0)
+    assert partial is not None and partial.draft_ids == final.draft_ids

@@ -50,6 +50,15 @@ def make_tokenizer(vocab_size: int, chat: bool = True) -> PreTrainedTokenizerFas
     return fast
 
 
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """Gemma's and Llama's decoding of characters written as byte tokens (<0xF0>...): ids are
+    "A" 1, "▁" (space) 2, and byte b at 3 + b."""
+    vocab = {"<unk>": 0, "A": 1, "▁": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
 def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, name: str, sharpen: float) -> LoadedModel:
     torch.nn.init.normal_(model.get_output_embeddings().weight, std=sharpen)
     model.eval()

@@ -31,8 +31,10 @@ def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int]) -> str:
 
 
 def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str) -> Handoff:
-    """The paper's check-stage tokenization of a finished draft."""
-    ids = tokenizer.encode((base_prompt + text.strip()).rstrip(), add_special_tokens=False)
+    """The paper's check-stage tokenization of a finished draft. A character the draft left
+    incomplete (max_draft_tokens cut it) is dropped rather than handed on as U+FFFD, which the
+    base model would go on to imitate."""
+    ids = tokenizer.encode((base_prompt + _whole(text.strip())).rstrip(), add_special_tokens=False)
     return Handoff(ids[:prompt_len], ids[prompt_len:])
 
 
@@ -40,8 +42,13 @@ def partial_handoff(
     tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS
 ) -> Handoff | None:
     """The stable part of an unfinished draft's tokenization, or None while nothing is stable."""
-    text = text.rstrip().rstrip("\ufffd").rstrip()
+    text = _whole(text.rstrip())
     if not text:
         return None
     ids = tokenizer.encode(base_prompt + text, add_special_tokens=False)
     return Handoff(ids[:prompt_len], ids[prompt_len : max(prompt_len, len(ids) - holdback)])
+
+
+def _whole(text: str) -> str:
+    """The text without a trailing incomplete character (decoded as U+FFFD) and the space before it."""
+    return text.rstrip("\ufffd").rstrip()

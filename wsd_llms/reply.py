@@ -30,15 +30,13 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might still be the start of a stop string or of a character."""
+    """How many trailing characters might still be the start of a stop string."""
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), hold, -1):
             if text.endswith(stop[:k]):
                 hold = k
                 break
-    if text.endswith("\ufffd"):
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
     return hold
 
 
@@ -47,18 +45,53 @@ def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     return min(hits) if hits else None
 
 
+class IncrementalText:
+    """The text of a growing list of ids, extended by whole characters only (vLLM's incremental
+    detokenization): each new piece is decoded after the piece before it, for context, and taken
+    once it no longer ends in an incomplete character. Text once taken never changes, which
+    decoding all ids again does not promise: Gemma's byte fallback turns a whole run of byte
+    tokens into U+FFFD while its last character is incomplete. Ids whose character never
+    completes add no text."""
+
+    def __init__(self, tokenizer: Any, ids: list[int] | None = None) -> None:
+        self._tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # ids[_prefix:_read] decode to the end of `text`: the context of the next piece
+        self._read = 0  # ids before this are in `text`
+        for token in ids or ():
+            self.push(token)
+
+    def push(self, token: int) -> str:
+        """Append one id; returns the text it completed ("" while a character is incomplete)."""
+        self.ids.append(token)
+        before = decode(self._tok, self.ids[self._prefix : self._read])
+        after = decode(self._tok, self.ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        piece = after[len(before) :]
+        self.text += piece
+        return piece
+
+
 class ReplyText:
     """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
         self._tok = tokenizer
         self.stops = stops
-        self.ids: list[int] = []
+        self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
         self._emitted = 0
         self._draft_chars = 0
         self._max_stop = max((len(s) for s in stops), default=0)
+
+    @property
+    def ids(self) -> list[int]:
+        """The reply's ids so far (in the tokenizer it decodes with)."""
+        return self._decoded.ids
 
     @property
     def draft_chars(self) -> int:
@@ -74,17 +107,17 @@ class ReplyText:
         if self.stopped:
             raise RuntimeError("reply already ended at a stop string")
         start = max(0, self._emitted - self._max_stop)
-        text = decode(self._tok, self.ids + ids)
-        if self.stops and _first_stop(text, self.stops, start) is not None:
-            for n in range(1, len(ids) + 1):  # rare: find the id that completed the stop
-                text = decode(self._tok, self.ids + ids[:n])
-                cut = _first_stop(text, self.stops, start)
-                if cut is not None:
-                    self._take(ids[:n], text, source)
-                    self.text, self.stopped = text[:cut], True
-                    return self._release(cut)
-        self._take(ids, text, source)
-        return self._release(len(text) - _held_back(text, self.stops))
+        for token in ids:
+            if not self._decoded.push(token):
+                continue
+            self.text = self._decoded.text
+            if source == "draft":
+                self._draft_chars = len(self.text)
+            cut = _first_stop(self.text, self.stops, start) if self.stops else None
+            if cut is not None:
+                self.text, self.stopped = self.text[:cut], True
+                return self._release(cut)
+        return self._release(len(self.text) - _held_back(self.text, self.stops))
 
     def set_draft(self, ids: list[int]) -> list[Delta]:
         """Make the reply exactly these draft ids (a re-tokenization may have changed earlier ids).
@@ -96,20 +129,15 @@ class ReplyText:
         while common < min(len(ids), len(self.ids)) and ids[common] == self.ids[common]:
             common += 1
         if common < len(self.ids):
-            text = decode(self._tok, ids[:common])
-            if not (text + decode(self._tok, ids[common:])).startswith(self.text[: self._emitted]):
+            if not IncrementalText(self._tok, ids).text.startswith(self.text[: self._emitted]):
                 raise RuntimeError("a re-tokenization of the draft changed text that was already streamed")
-            self.ids, self.text, self._draft_chars = ids[:common], text, len(text)
+            self._decoded = IncrementalText(self._tok, ids[:common])
+            self.text = self._decoded.text
+            self._draft_chars = len(self.text)
         return self.add(ids[common:], "draft") if len(ids) > common else []
 
-    def _take(self, ids: list[int], text: str, source: str) -> None:
-        self.ids.extend(ids)
-        self.text = text
-        if source == "draft":
-            self._draft_chars = len(text)
-
     def finish(self) -> list[Delta]:
-        """No more ids will come: release whatever was held back."""
+        """No more ids will come: release whatever was held back (an incomplete last character is dropped)."""
         return self._release(len(self.text))
 
     def _release(self, upto: int) -> list[Delta]:
