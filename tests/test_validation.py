@@ -16,6 +16,7 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"switch_threshold": 1.2}, "invalid switch_threshold=1.2: Input should be less than or equal to 1"),
         ({"switch_window": 0}, "invalid switch_window=0"),
         ({"temperature": -1}, "invalid temperature=-1"),
+        ({"temperature": float("inf")}, "invalid temperature=inf: Input should be less than or equal to 10000"),
         ({"top_p": 0}, "invalid top_p=0"),
         ({"top_k": -1}, "invalid top_k=-1"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
@@ -51,6 +52,14 @@ def test_extreme_sampling_values_still_sample():
     assert sample(logits, parse_params(temperature=1e-40), torch.Generator().manual_seed(0)) == 1
 
 
+def test_seed_streams_wrap_into_64_bits():
+    """The base model's draws use seed + 1; the largest seed wraps to 0 instead of overflowing torch's seed."""
+    from wsd_llms.sampling import make_generator
+
+    assert make_generator(2**64 - 1, stream=1).initial_seed() == 0
+    assert make_generator(41, stream=1).initial_seed() == 42
+
+
 def test_defaults_are_the_papers():
     p = GenerationParams()
     assert (p.switch_threshold, p.switch_window, p.max_draft_tokens, p.temperature, p.mode) == (0.8, 6, 512, 0.0, "online")
@@ -67,12 +76,33 @@ def test_defaults_are_the_papers():
         ([{"role": "user"}], "messages[0] needs 'role' and 'content'"),
         ([{"role": "assistant", "content": "x"}], "only assistant turns"),
         (["hi"], "messages[0] must be a dict, got str"),
+        ([{"role": "user", "content": "ok"}, {"role": "assistant", "content": "a\ud800b"}], "messages[1] (assistant) content is not valid Unicode: unpaired surrogate '\\ud800' at index 1"),
     ],
 )
 def test_bad_messages(messages, needle):
     with pytest.raises(InvalidMessagesError) as err:
         normalize_messages(messages)
     assert needle in str(err.value)
+
+
+def test_chat_template_errors_name_the_model_and_the_option(draft_tokenizer):
+    """A template's own refusal (here: roles must alternate) and a chat base template the base model
+    lacks are errors about the messages and the option, not internal failures."""
+    from tiny import make_tokenizer
+
+    from wsd_llms.prompts import build_prompts
+
+    strict = make_tokenizer(300)
+    strict.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    twice = normalize_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(InvalidMessagesError, match="refused these messages: roles must alternate"):
+        build_prompts(strict, draft_tokenizer, twice)
+    plain = make_tokenizer(300, chat=False)
+    with pytest.raises(InvalidParameterError, match="base_template='chat', but the base model .* has no chat template; use 'plain'"):
+        build_prompts(draft_tokenizer, plain, twice, base_template="chat")
 
 
 def test_runtime_raises_before_decoding(shared_runtime):

@@ -156,6 +156,8 @@ def test_seeded_sampling_is_reproducible(differ_runtime):
     assert a.text != c.text
     staged = differ_runtime.generate(QUESTIONS[0], seed=7, mode="staged", **params)
     assert staged.text == a.text  # each model draws from its own seeded generator
+    top = [differ_runtime.generate(QUESTIONS[0], seed=2**64 - 1, mode=mode, **params).text for mode in ("online", "staged")]
+    assert top[0] == top[1]  # the largest seed works too (the base's seed + 1 wraps)
 
 
 def test_closing_a_stream_early_cancels_it(shared_runtime):

@@ -83,6 +83,8 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
         raise InvalidMessagesError(f"messages[{i}] has unknown role {role!r}; allowed: {', '.join(ROLES)}")
     if not isinstance(content, str):
         raise InvalidMessagesError(f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}")
+    if (error := _unicode_error(content)) is not None:
+        raise InvalidMessagesError(f"messages[{i}] ({role}) content is not valid Unicode: {error}")
     if calls and role != "assistant":
         raise InvalidMessagesError(f"messages[{i}] ({role}) has tool_calls; only assistant messages may carry them")
     if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
@@ -92,6 +94,15 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
     if role != "tool":
         call_id = None
     return Message(role, content, tuple(_tool_call(i, j, c) for j, c in enumerate(calls)), call_id)
+
+
+def _unicode_error(text: str) -> str | None:
+    """Why UTF-8 cannot encode the text (an unpaired surrogate, e.g. from a bad decode), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"unpaired surrogate {text[exc.start]!r} at index {exc.start}"
+    return None
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[Message]:

@@ -124,7 +124,7 @@ class _Scorer:
 def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     params, prompts = seq.params, seq.prompts
     draft_gen = make_generator(params.seed)
-    base_gen = make_generator(None if params.seed is None else params.seed + 1)
+    base_gen = make_generator(params.seed, stream=1)
     prompt_len = len(prompts.base_ids)
     free = min(params.switch_window, params.max_tokens)  # always kept: no switch can come earlier
     detector = SwitchDetector(params.switch_window, params.switch_threshold)

@@ -10,6 +10,8 @@ from .errors import InvalidParameterError
 
 # Temperatures below this decode greedily, as in vLLM: dividing logits by less overflows float32.
 GREEDY_BELOW = 1e-5
+# Above this, sampling is uniform in all but name; far above it, logits divided in float32 become NaN.
+MAX_TEMPERATURE = 1e4
 
 
 class GenerationParams(BaseModel):
@@ -21,7 +23,9 @@ class GenerationParams(BaseModel):
     max_draft_tokens: int = Field(512, ge=1, description="cap on the draft, in draft tokens")
     switch_threshold: float = Field(0.8, gt=0.0, le=1.0, description="τ: geometric-mean probability that triggers the switch")
     switch_window: int = Field(6, ge=1, description="w: number of consecutive draft tokens in the window")
-    temperature: float = Field(0.0, ge=0.0, description=f"0 (or anything below {GREEDY_BELOW}) means greedy")
+    temperature: float = Field(
+        0.0, ge=0.0, le=MAX_TEMPERATURE, description=f"0 (or anything below {GREEDY_BELOW}) means greedy"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")

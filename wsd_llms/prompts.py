@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .messages import Message, split_forced_prefix
 from .tools import message_text, template_messages, tools_text
 
@@ -40,8 +40,13 @@ def require_chat_template(tokenizer: Any, name: str) -> None:
 
 
 def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> str:
+    from jinja2 import TemplateError
+
     rendered, extra = template_messages(tokenizer, messages, tools)
-    return tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
+    try:
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
+    except TemplateError as exc:  # the template's own rule, e.g. no system role, or roles must alternate
+        raise InvalidMessagesError(f"the chat template of {tokenizer.name_or_path!r} refused these messages: {exc}") from None
 
 
 def draft_prompt_ids(tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]] = ()) -> list[int]:
@@ -67,6 +72,10 @@ def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[M
 
 def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
     """The base model's own chat template, for base models that have one (an explicit option)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidParameterError(
+            f"base_template='chat', but the base model {tokenizer.name_or_path!r} has no chat template; use 'plain'"
+        )
     text = _chat_template(tokenizer, messages, tools)
     bos = tokenizer.bos_token
     if bos and not text.startswith(bos):

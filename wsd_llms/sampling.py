@@ -7,13 +7,14 @@ import torch
 from .params import GenerationParams
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator: same seed, same draws, whatever the device of the model."""
+def make_generator(seed: int | None, stream: int = 0) -> torch.Generator:
+    """A CPU generator: same seed, same draws, whatever the device of the model. `stream` gives
+    one request's second model draws of its own (seed + stream, wrapped into the 64 bits torch takes)."""
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed)
+        gen.manual_seed(seed + stream if seed + stream < 2**64 else seed + stream - 2**64)
     return gen
 
 

@@ -20,7 +20,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     """Draft the whole reply, score it in one base pass, switch, re-prefill and continue."""
     params, prompts = seq.params, seq.prompts
     draft_gen = make_generator(params.seed)
-    base_gen = make_generator(None if params.seed is None else params.seed + 1)
+    base_gen = make_generator(params.seed, stream=1)
 
     # 1-2. Draft until EOS or max_draft_tokens.
     seq.phase = Phase.DRAFTING
