@@ -79,7 +79,8 @@ def test_metadata_reads_config_without_loading() -> None:
     llm = WSDLLM(base_model=base_dir, max_tokens=77)
     meta = llm.metadata
     assert not llm.wsd_runtime().loaded
-    assert meta.context_window == 32768  # Gemma-3-270M's max_position_embeddings
+    assert meta.context_window == 8192  # SmolLM2-135M's: a prompt must fit both models (Gemma-3-270M's is 32768)
+    assert WSDLLM(base_model=base_dir, mode="base").metadata.context_window == 32768
     assert meta.num_output == 77
     assert meta.is_chat_model
     assert meta.is_function_calling_model == (importlib.util.find_spec("xgrammar") is not None)
@@ -88,7 +89,8 @@ def test_metadata_reads_config_without_loading() -> None:
 
 @pytest.mark.embedded
 def test_metadata_matches_loaded_model(embedded: wsd_llms.WSDRuntime) -> None:
-    assert WSDLLM().metadata.context_window == embedded.load().base.context_window
+    engine = embedded.load()
+    assert WSDLLM().metadata.context_window == min(engine.draft.context_window, engine.base.context_window)
     assert WSDLLM().metadata.model_name == EMBEDDED_BASE
 
 

@@ -141,6 +141,35 @@ def test_prompt_longer_than_a_context_window(shared_runtime):
     assert "draft context window 512" in msg and "base context window 512" in msg
 
 
+def test_replies_end_at_the_context_windows(draft_tokenizer):
+    """No cache outgrows its model's window (decoding past it is silent with rotary positions and an
+    index error with learned ones): the draft hands off where its window ends, as at
+    max_draft_tokens, and the reply ends there with finish_reason "length". A mode is held only to
+    the windows of the models it runs."""
+    from dataclasses import replace
+
+    # No end of turn, so that only the budgets and the windows end the text.
+    draft = replace(tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), context_window=96, eos_ids=frozenset())
+    base = replace(tiny_llama(draft_tokenizer, 1, "tiny-base", sharpen=3.0), context_window=160, eos_ids=frozenset())
+    rt = WSDRuntime.from_models(draft, base)
+    try:
+        question = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 4}]
+        for mode in ("online", "staged"):
+            r = rt.generate(question, max_tokens=1000, max_draft_tokens=1000, switch_threshold=1.0, mode=mode)
+            u = r.usage
+            assert u.draft_tokens == 96 - u.draft_prompt_tokens
+            assert (r.finish_reason, u.reply_tokens) == ("length", 160 - u.base_prompt_tokens)
+        draft_only = rt.generate(question, max_tokens=1000, mode="draft")
+        assert (draft_only.finish_reason, draft_only.usage.draft_tokens) == ("length", 96 - draft_only.usage.draft_prompt_tokens)
+        longer = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 11}]
+        with pytest.raises(PromptTooLongError, match=r"draft tokens \(draft context window 96\) and \d+ base tokens"):
+            rt.generate(longer, max_tokens=10)
+        alone = rt.generate(longer, max_tokens=1000, mode="base")  # the draft's window does not apply
+        assert (alone.finish_reason, alone.usage.reply_tokens) == ("length", 160 - alone.usage.base_prompt_tokens)
+    finally:
+        rt.close()
+
+
 def test_device_and_dtype_resolution():
     assert resolve_device("auto").type in ("cpu", "cuda")
     assert str(resolve_dtype("auto", resolve_device("cpu"))) == "torch.float32"

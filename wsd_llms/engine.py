@@ -33,6 +33,7 @@ from .structured import constraint_spec, structured_fields
 SCORING_STRIDE = 4
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
+MODELS = {"online": ("draft", "base"), "staged": ("draft", "base"), "base": ("base",), "draft": ("draft",)}  # the models each mode runs
 
 
 @dataclass(frozen=True)
@@ -127,18 +128,28 @@ class Engine:
         """Build both prompts and check they fit; raises before any decoding starts."""
         tools = params.tools if params.tool_choice != "none" else ()
         prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools)
-        n_draft, n_base = len(prompts.draft_ids), len(prompts.base_ids)
-        if n_draft >= self.draft.context_window or n_base >= self.base.context_window:
-            raise PromptTooLongError(
-                f"the prompt is {n_draft} draft tokens (draft context window {self.draft.context_window}) and "
-                f"{n_base} base tokens (base context window {self.base.context_window}); shorten the messages"
-            )
+        params = self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
             reply = ReplyText(self.base.tokenizer, tuple(params.stop) + role_stops)
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
+
+    def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
+        """Check that the prompt fits the context window of each model the mode runs, and cap the
+        budgets so that no cache outgrows one: a draft that reaches the draft model's window is
+        handed on as at max_draft_tokens, and a reply that reaches its model's window ends ("length")."""
+        uses = MODELS[params.mode]
+        sizes = {"draft": (n_draft, self.draft.context_window), "base": (n_base, self.base.context_window)}
+        if any(sizes[model][0] >= sizes[model][1] for model in uses):
+            told = " and ".join(f"{sizes[m][0]} {m} tokens ({m} context window {sizes[m][1]})" for m in uses)
+            raise PromptTooLongError(f"the prompt is {told}; shorten the messages")
+        room = {model: window - n for model, (n, window) in sizes.items()}
+        caps = {"max_tokens": min(params.max_tokens, room[uses[-1]])}  # the reply is in the last model's tokens
+        if uses == ("draft", "base"):
+            caps["max_draft_tokens"] = min(params.max_draft_tokens, room["draft"])
+        return params.model_copy(update=caps)
 
     def add(self, seq: Sequence) -> None:
         """Start the request's program and queue it; if either raises, nothing was queued."""

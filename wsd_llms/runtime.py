@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from .engine import Engine, RuntimeStats
+from .engine import MODELS, Engine, RuntimeStats
 from .errors import InvalidParameterError, ModelLoadError, RequestTimeoutError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
@@ -88,7 +88,7 @@ class WSDRuntime:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.engine: Engine | None = None
-        self._base_context_window: int | None = None
+        self._context_windows_read: dict[str, int] | None = None
         self._base_tokenizer: Any = None
         WSDRuntime.instances.add(self)
 
@@ -204,15 +204,19 @@ class WSDRuntime:
         """The worker thread, while one runs."""
         return self._thread if self._thread is not None and self._thread.is_alive() else None
 
-    def base_context_window(self) -> int:
-        """The base model's context window, from the loaded model or else from its config alone."""
+    def context_window(self, mode: str = "online") -> int:
+        """The context window a request in `mode` has: the smallest of the models it runs (in their
+        own tokens), from the loaded models or else from their configs alone."""
+        return min(self._context_windows()[model] for model in MODELS[mode])
+
+    def _context_windows(self) -> dict[str, int]:
         if self.engine is not None:
-            return self.engine.base.context_window
-        if self._base_context_window is None:
+            return {"draft": self.engine.draft.context_window, "base": self.engine.base.context_window}
+        if self._context_windows_read is None:
             from transformers import AutoConfig
 
-            self._base_context_window = context_window(self._read_base(AutoConfig))
-        return self._base_context_window
+            self._context_windows_read = {model: context_window(self._read(model, AutoConfig)) for model in ("draft", "base")}
+        return self._context_windows_read
 
     def base_tokenizer(self) -> Any:
         """The base model's tokenizer (usage is counted in it), from the loaded model or else loaded alone."""
@@ -221,19 +225,19 @@ class WSDRuntime:
         if self._base_tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._base_tokenizer = self._read_base(AutoTokenizer)
+            self._base_tokenizer = self._read("base", AutoTokenizer)
         return self._base_tokenizer
 
-    def _read_base(self, auto: Any) -> Any:
-        """The base model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer)."""
+    def _read(self, model: str, auto: Any) -> Any:
+        """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer)."""
+        source, revision = (self.draft_source, self._revisions[0]) if model == "draft" else (self.base_source, self._revisions[1])
         with self._lock:
-            local = local_source(self.base_source)
-            where = str(local) if local is not None else self.base_source
-            revision = self._revisions[1] if local is None else None
+            local = local_source(source)
+            where = str(local) if local is not None else source
             try:
-                return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code)
+                return auto.from_pretrained(where, revision=revision if local is None else None, trust_remote_code=self._trust_remote_code)
             except OSError as exc:
-                raise ModelLoadError(f"could not read base model {self.base_source!r}: {exc}") from exc
+                raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""

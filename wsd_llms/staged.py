@@ -42,8 +42,8 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     # 3-5. Check the draft with one base pass (unconstrained) and find the switch point.
     handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), draft_text(draft.tokenizer, prompts.forced_prefix, generated))
     probs: list[float] = []
-    if handoff.draft_ids:
-        scoring, draft_ids = seq.new_cache("check"), handoff.draft_ids
+    if handoff.draft_ids:  # only the first max_tokens draft tokens can be kept: only they are checked
+        scoring, draft_ids = seq.new_cache("check"), handoff.draft_ids[: params.max_tokens]
         rows = yield Forward("base", scoring, handoff.prompt_ids + draft_ids, keep=len(draft_ids) + 1, phase="score", lazy=True)
         for start in range(0, len(draft_ids), CHECK_ROWS):  # rows[j] predicts draft_ids[j]
             logits = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])

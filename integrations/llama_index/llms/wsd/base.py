@@ -185,7 +185,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.wsd_runtime().base_context_window(),
+            context_window=self.wsd_runtime().context_window(self.mode),
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=importlib.util.find_spec("xgrammar") is not None,
