@@ -75,6 +75,8 @@ def test_forced_prefix_starts_the_reply(shared_runtime):
     staged, online = _both(shared_runtime, QUESTIONS[3], max_tokens=30)
     _assert_parity(staged, online)
     assert online.text.startswith("Sure, here")
+    for mode in ("base", "draft"):  # the baselines' replies start with it too, so that they compare
+        assert shared_runtime.generate(QUESTIONS[3], max_tokens=30, mode=mode).text.startswith("Sure, here")
 
 
 def test_stop_strings(differ_runtime):

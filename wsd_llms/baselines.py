@@ -21,6 +21,7 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
     if guide.sync(prefix) < len(prefix):
         raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
     rows = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base", lazy=True)
+    seq.emit(seq.reply.add(prefix[: seq.params.max_tokens], "base"))  # the reply starts with it, as WSD's does
     return (yield from continue_base(seq, base, seq.base_kv, rows, make_generator(seq.params.seed), guide))
 
 
@@ -28,7 +29,9 @@ def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Prog
     """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
     seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
-    rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)
+    rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)  # the forced prefix ends it
+    prefix = draft.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
+    seq.emit(seq.reply.add(prefix[: seq.params.max_tokens], "draft"))  # the reply starts with it, as WSD's does
     reason = yield from continue_base(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft")
     seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
     return reason
