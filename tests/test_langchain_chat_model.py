@@ -140,6 +140,17 @@ def test_invoke_result_carries_usage_and_metadata(replies, path):
 
 
 @pytest.mark.embedded
+def test_generation_info_and_prompt_token_count(replies):
+    """The LLMResult's generation carries finish reason and model (as ChatOllama's does), and
+    get_num_tokens_from_messages counts the prompt as usage_metadata's input_tokens does."""
+    message, model = replies["invoke"], WSDChatModel(**SETTINGS)
+    result = model.generate([[HumanMessage(QUESTION)]])
+    meta = message.response_metadata
+    assert result.generations[0][0].generation_info == {"finish_reason": meta["finish_reason"], "model_name": meta["model_name"]}
+    assert model.get_num_tokens_from_messages([HumanMessage(QUESTION)]) == message.usage_metadata["input_tokens"]
+
+
+@pytest.mark.embedded
 @pytest.mark.parametrize(("handler", "path"), [("sync_tokens", "stream"), ("async_tokens", "astream")])
 def test_callbacks_receive_every_token(replies, handler, path):
     assert replies[handler] == [chunk.text for chunk in replies[path]]
@@ -156,6 +167,33 @@ def test_stop_per_call(embedded):
 def test_stop_in_constructor(embedded):
     reply = WSDChatModel(**SETTINGS, stop=["Paris"]).invoke(QUESTION)
     assert reply.text == "The capital of France is "
+    assert WSDChatModel(**SETTINGS).invoke(QUESTION, stop="Paris").text == reply.text  # a string is one stop
+
+
+def test_a_stop_string_is_one_stop_not_one_per_character():
+    model = WSDChatModel(stop="\n\n")
+    assert model.stop == ["\n\n"]
+    assert model.wsd_params(stop="Paris")["stop"] == ["\n\n", "Paris"]
+    assert model.bind(stop="Paris").kwargs["stop"] == "Paris"  # reaches wsd_params as it is, and is taken whole
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"temprature": 0.9}, "unknown argument(s) 'temprature'"),
+        ({"model": "Qwen/Qwen2.5-7B"}, "unknown argument(s) 'model'; name the models with draft_model and base_model"),
+        ({"device": "gpu"}, "invalid device='gpu'"),
+        ({"dtype": "fp16"}, "invalid dtype='fp16'; allowed: auto, float32, float16, bfloat16"),
+    ],
+)
+def test_bad_constructor_arguments_are_named_at_construction(kwargs, needle):
+    """LangChain's models ignore unknown arguments; ours names them, and a bad device or dtype, when
+    built (not at the first call, before its callbacks start)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        WSDChatModel(**kwargs)
+    assert needle in str(err.value)
 
 
 @pytest.mark.embedded
@@ -340,6 +378,16 @@ def test_construction_loads_nothing(monkeypatch):
     assert time.perf_counter() - start < 0.5
     assert model._get_ls_params()["ls_model_name"] == "some/base"
     assert not model.wsd_runtime().loaded
+
+
+def test_reasoning_blocks_are_left_out_and_data_blocks_are_json():
+    """History from other providers: their reasoning is not conversation text; a tool result given
+    as plain data is written as JSON."""
+    thought = AIMessage([{"type": "reasoning", "reasoning": "hmm"}, {"type": "text", "text": "Paris."}])
+    result = ToolMessage([{"city": "Paris", "temp": 21}], tool_call_id="c1")
+    converted = to_runtime_messages([HumanMessage("q"), thought, result])
+    assert converted[1]["content"] == "Paris."
+    assert converted[2]["content"] == '{"city": "Paris", "temp": 21}'
 
 
 def test_non_text_block_names_its_type(fake):

@@ -12,7 +12,7 @@ from llama_index.core.base.llms.types import AudioBlock, ChatMessage, ImageBlock
 import wsd_llms
 from llama_index.llms.wsd import WSDLLM
 from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
-from wsd_llms.loading import EMBEDDED_BASE, local_source
+from wsd_llms.loading import EMBEDDED_BASE, EMBEDDED_DRAFT, local_source
 
 QUESTION = "What is the capital of France?"
 MESSAGES = [ChatMessage(role="user", content=QUESTION)]
@@ -94,6 +94,15 @@ def test_metadata_matches_loaded_model(embedded: wsd_llms.WSDRuntime) -> None:
     assert WSDLLM().metadata.model_name == EMBEDDED_BASE
 
 
+def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'model'; name the models with draft_model and base_model"):
+        WSDLLM(model="llama3")
+    llm = WSDLLM(stop="\n\n")
+    assert llm.stop == ["\n\n"] and WSDLLM.from_dict(llm.to_dict()).stop == ["\n\n"]
+
+
 def test_runtime_is_shared() -> None:
     assert WSDLLM().wsd_runtime() is wsd_llms.get_runtime()
     try:
@@ -123,8 +132,8 @@ class Recorder:
 
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> tuple[WSDLLM, Recorder]:
-    base_dir = str(local_source(EMBEDDED_BASE))  # metadata (read by LlamaIndex's callbacks) needs a real config
-    llm = WSDLLM(draft_model="never-loaded-draft", base_model=base_dir, system_prompt="Be brief.")
+    # metadata (read by LlamaIndex's callbacks) needs real configs; the models are never loaded
+    llm = WSDLLM(draft_model=str(local_source(EMBEDDED_DRAFT)), base_model=str(local_source(EMBEDDED_BASE)), system_prompt="Be brief.")
     recorder = Recorder()
     monkeypatch.setattr(llm.wsd_runtime(), "stream", recorder.stream)
     monkeypatch.setattr(llm.wsd_runtime(), "astream", recorder.astream)

@@ -7,13 +7,15 @@ the default of every request parameter (the fields of GenerationParams, reused, 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, create_model
+from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
 
-from .errors import InvalidMessagesError
+from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
+from .loading import resolve_device, resolve_dtype
 from .params import GenerationParams, parse_params
 from .runtime import WSDRuntime, get_runtime
 
@@ -42,6 +44,46 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     trust_remote_code: bool = False
     stop: list[str] | None = Field(None, description="strings that end the reply")
 
+    unused_arguments: ClassVar[tuple[str, ...]] = ()
+    """Arguments a framework's models conventionally take that mean nothing here: accepted and dropped."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_arguments(cls, data: Any) -> Any:
+        """Refuse an argument this class does not have, naming it: a typo must not pass unnoticed
+        (LangChain's models ignore unknown arguments, so `temprature=0.9` would change nothing)."""
+        if isinstance(data, Mapping):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = sorted(set(data) - known - set(cls.unused_arguments))
+            if unknown:
+                hint = "; name the models with draft_model and base_model" if {"model", "model_name"} & set(unknown) else ""
+                raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint}")
+            data = {name: value for name, value in data.items() if name not in cls.unused_arguments}
+        return data
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return _stops(value) if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            resolve_device(value)
+        except ModelLoadError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        try:
+            resolve_dtype(value, resolve_device("cpu"))
+        except ModelLoadError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     def wsd_runtime(self) -> WSDRuntime:
         """The shared runtime for these models (nothing loads until its first request)."""
         return get_runtime(
@@ -67,7 +109,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None})
-        params["stop"] = list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+        params["stop"] = list(dict.fromkeys([*_stops(self.stop), *_stops(stop)]))
         return params
 
     def wsd_identity(self) -> dict[str, Any]:
@@ -77,14 +119,25 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         return {**settings, "draft_model": runtime.draft_source, "base_model": runtime.base_source}
 
 
+def _stops(value: str | Iterable[str] | None) -> list[str]:
+    """Stop strings as a list: one string is one stop (not one stop per character)."""
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def hides_calls(params: Mapping[str, Any]) -> bool:
     """Whether a reply's text must wait for its end: the runtime takes tool-call markup out of the
     content when tools are on (not with tool_choice="none", where text streams as it comes)."""
     return bool(params.get("tools")) and params.get("tool_choice") != "none"
 
 
+# Blocks of reasoning that other providers' messages carry (OpenAI, Anthropic): not conversation text.
+REASONING_BLOCKS = ("reasoning", "thinking", "redacted_thinking")
+
+
 def content_to_text(content: Any, where: str) -> str:
-    """A message's content as text: a string, or a list of text blocks. Other blocks get a clear error."""
+    """A message's content as text: a string, or a list of text blocks. Another model's reasoning
+    blocks are left out, a block of plain data (a tool result) is written as JSON, and any other
+    block (an image, say) gets a clear error."""
     if isinstance(content, str):
         return content
     if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
@@ -96,6 +149,10 @@ def content_to_text(content: Any, where: str) -> str:
             kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
             if kind == "text" and isinstance(block, Mapping):
                 parts.append(str(block.get("text", "")))
+            elif kind in REASONING_BLOCKS:
+                continue
+            elif kind is None and isinstance(block, Mapping):
+                parts.append(json.dumps(block, ensure_ascii=False, default=str))
             else:
                 raise InvalidMessagesError(
                     f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text')"

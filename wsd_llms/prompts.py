@@ -89,11 +89,24 @@ def build_prompts(
     """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix."""
     context, prefix = split_forced_prefix(messages)
     draft_ids = draft_prompt_ids(draft_tok, context, prefix, tools)
-    if base_template == "chat":
-        base_text, role_stops = chat_base_prompt(base_tok, context, tools), ()
-    else:
-        base_text = plain_base_prompt(base_tok, context, tools)
-        uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in context)
-        role_stops = ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ())
+    base_text, role_stops = base_prompt(base_tok, context, base_template, tools)
     base_ids = base_tok.encode(base_text, add_special_tokens=False)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops)
+
+
+def base_prompt(
+    base_tok: Any, context: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()
+) -> tuple[str, tuple[str, ...]]:
+    """The base model's prompt for the messages before the reply, and the role markers that end its reply."""
+    if base_template == "chat":
+        return chat_base_prompt(base_tok, context, tools), ()
+    uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in context)
+    return plain_base_prompt(base_tok, context, tools), ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ())
+
+
+def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
+    """How many of the base model's positions the messages take: its prompt (a request's
+    usage.base_prompt_tokens) and a forced start of the reply, if the last message is one."""
+    context, prefix = split_forced_prefix(messages)
+    text, _ = base_prompt(base_tok, context, base_template, tools)
+    return len(base_tok.encode(text, add_special_tokens=False)) + len(base_tok.encode(prefix, add_special_tokens=False))

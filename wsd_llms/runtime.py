@@ -34,7 +34,7 @@ from .loading import (
 )
 from .messages import Message, normalize_messages
 from .params import GenerationParams, parse_params
-from .prompts import require_chat_template
+from .prompts import base_prompt_tokens, require_chat_template
 
 Messages = Seq[Mapping[str, Any] | Message]
 _POLL = 0.5  # seconds between checks that the worker is still alive while a caller waits
@@ -227,6 +227,14 @@ class WSDRuntime:
 
             self._base_tokenizer = self._read("base", AutoTokenizer)
         return self._base_tokenizer
+
+    def count_prompt_tokens(self, messages: Messages, **params: Any) -> int:
+        """How many base tokens the messages take: the request's prompt as `usage.base_prompt_tokens`
+        counts it (template, and the tools' block with tools), plus a forced start of the reply (a
+        trailing assistant message); reads the base tokenizer, not the weights."""
+        parsed = parse_params(**params)
+        tools = parsed.tools if parsed.calls_tools else ()
+        return base_prompt_tokens(self.base_tokenizer(), normalize_messages(messages), parsed.base_template, tools)
 
     def _read(self, model: str, auto: Any) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer)."""

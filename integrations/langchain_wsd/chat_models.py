@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
@@ -68,6 +68,10 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 
     streaming: bool = Field(False, description="stream by default when invoked (LangChain convention)")
 
+    # LangChain's standard arguments for hosted models (its standard tests pass them): code written
+    # for one runs unchanged, though a local model has no key and nothing to retry.
+    unused_arguments: ClassVar[tuple[str, ...]] = ("api_key", "max_retries")
+
     @property
     def _llm_type(self) -> str:
         return "wsd-chat"
@@ -81,6 +85,16 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's
         default would fetch GPT-2's from the hub); reads the tokenizer only, not the weights."""
         return self.wsd_runtime().base_tokenizer().encode(text, add_special_tokens=False)
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
+    ) -> int:
+        """The messages' length in the base model's tokens, as `usage_metadata["input_tokens"]`
+        counts a prompt: its real template, and the tools' block when tools are given (a trailing
+        AIMessage, the reply's forced start, counts too). Reads the tokenizer only. (LangChain's
+        default counts a plain transcript in GPT-2 tokens.)"""
+        formatted = [convert_to_openai_tool(t) for t in tools or ()]
+        return self.wsd_runtime().count_prompt_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         # Called before the run's callbacks start: values are checked inside the run, so a bad one
@@ -337,7 +351,8 @@ def final_chunk(result: WSDResult) -> ChatGenerationChunk:
             response_metadata=metadata,
             tool_call_chunks=calls,
             chunk_position="last",
-        )
+        ),
+        generation_info={"finish_reason": result.finish_reason, "model_name": result.base_model},
     )
 
 
