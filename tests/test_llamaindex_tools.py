@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from llama_index.llms.wsd import WSDLLM
 from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
-from wsd_llms.loading import EMBEDDED_BASE, local_source
+from wsd_llms.loading import EMBEDDED_BASE, EMBEDDED_DRAFT, local_source
 from wsd_llms.messages import ToolCall
 from wsd_llms.tools import InvalidToolCall
 
@@ -112,7 +112,7 @@ class Scripted:
 
 
 def scripted(monkeypatch: pytest.MonkeyPatch, text: str, **result: Any) -> tuple[WSDLLM, Scripted]:
-    llm = WSDLLM(draft_model="never-loaded-draft", base_model=str(local_source(EMBEDDED_BASE)))
+    llm = WSDLLM(draft_model=str(local_source(EMBEDDED_DRAFT)), base_model=str(local_source(EMBEDDED_BASE)))  # configs only: never loaded
     script = Scripted(text, WSDResult(text, "stop", None, text, Usage(), Timings(), "d", "b", "online", **result))
     monkeypatch.setattr(llm.wsd_runtime(), "stream", script.stream)
     monkeypatch.setattr(llm.wsd_runtime(), "astream", script.astream)
@@ -136,7 +136,7 @@ def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPat
     text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
     llm, _ = scripted(monkeypatch, text, content="Let me add.", tool_calls=(ToolCall("c1", "add", {"a": 1, "b": 2}),))
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
-    assert "".join(c.delta for c in chunks).strip() == chunks[-1].message.content == "Let me add."
+    assert "".join(c.delta for c in chunks) == chunks[-1].message.content == "Let me add."  # the newline before the call is held back
     assert all("<" not in (c.message.content or "") for c in chunks) and calls(llm, chunks[-1]) == [("add", {"a": 1, "b": 2})]
 
 
@@ -214,3 +214,36 @@ def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     plain = WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, tool_required=True)
     assert (plain["tool_choice"], plain["parallel_tool_calls"]) == ("required", False)
     assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tool_choice"] == "auto"
+
+
+def test_structured_reply_cut_by_max_tokens_says_so() -> None:
+    """A JSON reply that max_tokens cut short gets an error naming max_tokens, not a bare parse error."""
+    from llama_index.core.base.llms.types import ChatResponse
+    from pydantic import BaseModel
+
+    from llama_index.llms.wsd.base import _validated
+    from wsd_llms import InvalidParameterError
+
+    class City(BaseModel):
+        name: str
+
+    raw = {"finish_reason": "length", "parse_error": "EOF while parsing a string", "usage": {"output_tokens": 8}}
+    cut = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Par'), raw=raw)
+    with pytest.raises(InvalidParameterError, match=r"used up max_tokens \(8 tokens\).*EOF.*raise max_tokens for City"):
+        _validated(City, cut)
+    whole = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Paris"}'), raw={"finish_reason": "stop"})
+    assert _validated(City, whole) == City(name="Paris")
+
+
+def test_constructor_takes_what_a_call_takes() -> None:
+    """Defaults go through the request parameters' own conversions: a pydantic class as
+    response_format, tool_choice=None (auto), OpenAI-style tools."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+
+    schema = {"name": "add", "description": "Add two numbers.", "parameters": {"type": "object", "properties": {}}}
+    llm = WSDLLM(response_format=City, tool_choice=None, tools=[{"type": "function", "function": schema}])
+    assert llm.response_format == City.model_json_schema() and llm.tool_choice == "auto"
+    assert llm.tools == (schema,)

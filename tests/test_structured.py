@@ -209,6 +209,16 @@ def test_parse_reply_reports_invalid_calls():
     assert invalid[2].raw.endswith('"argu')
 
 
+@pytest.mark.parametrize("tail", ["<", "<tool", "<tool_call"])
+def test_a_call_tag_cut_short_is_not_content(tail):
+    """max_tokens can end a reply inside the opening tag of its next call: that is not text."""
+    call = '<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>'
+    content, calls, _ = parse_reply(f"{call}\n{tail}", [TOOL])
+    assert (content, len(calls)) == ("", 1)
+    assert parse_reply(f"Let me pick.\n{tail}", [TOOL])[0] == "Let me pick."
+    assert parse_reply("a < b", [TOOL])[0] == "a < b"
+
+
 def test_auto_tool_choice_holds_every_call_in_text_to_the_tools():
     """With tool_choice="auto" a reply may be text, a call, or text then a call; a call written after
     text is constrained like one at the start (an unknown tool or a wrong type is impossible)."""

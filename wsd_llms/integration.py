@@ -21,9 +21,21 @@ from .runtime import WSDRuntime, get_runtime
 
 MODEL_PROVIDER = "wsd"
 
+def _reused(decorator: Any) -> Any:
+    """One of GenerationParams' field validators, for the same field here (the bound method, reused)."""
+    check = decorator.func
+    return field_validator(*decorator.info.fields, mode=decorator.info.mode)(classmethod(lambda cls, value: check(value)))
+
+
 _GenerationDefaults = create_model(  # type: ignore[call-overload]
     "_GenerationDefaults",
     __config__=ConfigDict(protected_namespaces=()),
+    # So that a default takes what a call takes: a pydantic class as response_format, tool_choice=None, ...
+    __validators__={
+        name: _reused(decorator)
+        for name, decorator in GenerationParams.__pydantic_decorators__.field_validators.items()
+        if "stop" not in decorator.info.fields
+    },
     **{
         name: (info.annotation, copy.copy(info))
         for name, info in GenerationParams.model_fields.items()

@@ -89,7 +89,7 @@ class WSDRuntime:
         self._closed = False
         self.engine: Engine | None = None
         self._context_windows_read: dict[str, int] | None = None
-        self._base_tokenizer: Any = None
+        self._tokenizers: dict[str, Any] = {}  # read without the weights, before a load
         WSDRuntime.instances.add(self)
 
     @classmethod
@@ -218,15 +218,16 @@ class WSDRuntime:
             self._context_windows_read = {model: context_window(self._read(model, AutoConfig)) for model in ("draft", "base")}
         return self._context_windows_read
 
-    def base_tokenizer(self) -> Any:
-        """The base model's tokenizer (usage is counted in it), from the loaded model or else loaded alone."""
+    def tokenizer(self, model: str = "base") -> Any:
+        """A model's tokenizer ("base": usage is counted in it; "draft"), from the loaded model or
+        else read alone, without the weights."""
         if self.engine is not None:
-            return self.engine.base.tokenizer
-        if self._base_tokenizer is None:
+            return (self.engine.draft if model == "draft" else self.engine.base).tokenizer
+        if model not in self._tokenizers:
             from transformers import AutoTokenizer
 
-            self._base_tokenizer = self._read("base", AutoTokenizer)
-        return self._base_tokenizer
+            self._tokenizers[model] = self._read(model, AutoTokenizer)
+        return self._tokenizers[model]
 
     def count_prompt_tokens(self, messages: Messages, **params: Any) -> int:
         """How many base tokens the messages take: the request's prompt as `usage.base_prompt_tokens`
@@ -234,7 +235,7 @@ class WSDRuntime:
         trailing assistant message); reads the base tokenizer, not the weights."""
         parsed = parse_params(**params)
         tools = parsed.tools if parsed.calls_tools else ()
-        return base_prompt_tokens(self.base_tokenizer(), normalize_messages(messages), parsed.base_template, tools)
+        return base_prompt_tokens(self.tokenizer("base"), normalize_messages(messages), parsed.base_template, tools)
 
     def _read(self, model: str, auto: Any) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer)."""

@@ -168,7 +168,14 @@ def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, lis
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
     content = _CALL_RE.sub("", text).strip() if (calls or invalid) else text
-    return content, calls, invalid
+    return _without_cut_tag(content), calls, invalid
+
+
+def _without_cut_tag(content: str) -> str:
+    """The content without the start of a call's tag that the reply's end cut short ("...\n<tool_ca")."""
+    tag = CALL_OPEN.strip()
+    cut = next((k for k in range(len(tag) - 1, 0, -1) if content.endswith(tag[:k])), 0)
+    return content[: len(content) - cut].rstrip() if cut else content
 
 
 def react_format(tools: Any, answer: bool = True) -> dict[str, Any]:

@@ -84,7 +84,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's
         default would fetch GPT-2's from the hub); reads the tokenizer only, not the weights."""
-        return self.wsd_runtime().base_tokenizer().encode(text, add_special_tokens=False)
+        return self.wsd_runtime().tokenizer("base").encode(text, add_special_tokens=False)
 
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None

@@ -34,7 +34,7 @@ from llama_index.core.program.utils import FlexibleModel, process_streaming_obje
 from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel
 
-from wsd_llms.errors import InvalidMessagesError
+from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import WSDSettings, content_to_text, hides_calls, result_metadata, usage_counts
 
@@ -128,12 +128,12 @@ def _final(result: WSDResult, delta: str | None) -> ChatResponse:
 
 
 def _visible(text: str) -> str:
-    """Streamed text before any tool-call markup (a trailing partial `<tool_call>` held back)."""
+    """Streamed text before any tool-call markup: a trailing partial `<tool_call>`, and the
+    whitespace before it, are held back (the reply's content drops both)."""
     cut = text.find(CALL_TAG)
-    if cut >= 0:
-        return text[:cut]
-    held = next((k for k in range(min(len(CALL_TAG) - 1, len(text)), 0, -1) if text.endswith(CALL_TAG[:k])), 0)
-    return text[: len(text) - held]
+    if cut < 0:
+        cut = len(text) - next((k for k in range(min(len(CALL_TAG) - 1, len(text)), 0, -1) if text.endswith(CALL_TAG[:k])), 0)
+    return text[:cut].rstrip()
 
 
 def _to_completion(response: ChatResponse) -> CompletionResponse:
@@ -336,7 +336,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     @staticmethod
     def _structured_result(output_cls: type[Model], response: ChatResponse) -> Model:
-        result = output_cls.model_validate_json(response.message.content or "")
+        result = _validated(output_cls, response)
         dispatcher.event(LLMStructuredPredictEndEvent(output=result))
         return result
 
@@ -411,6 +411,17 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return gen()
 
 
+def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
+    """The reply validated into output_cls; a reply that max_tokens cut short says so."""
+    raw = response.raw or {}
+    if raw.get("finish_reason") == "length" and raw.get("parse_error"):
+        raise InvalidParameterError(
+            f"the reply used up max_tokens ({raw['usage']['output_tokens']} tokens) before its JSON was complete "
+            f"({raw['parse_error']}); raise max_tokens for {output_cls.__name__}"
+        )
+    return output_cls.model_validate_json(response.message.content or "")
+
+
 class _Partials:
     """Stream chunks as partial objects (LlamaIndex's process_streaming_objects); the final chunk validated."""
 
@@ -421,7 +432,7 @@ class _Partials:
     def __call__(self, response: ChatResponse) -> Any:
         final = response.raw is not None  # the final response: the whole reply, validated
         if final:
-            obj = self.output_cls.model_validate_json(response.message.content or "")
+            obj = _validated(self.output_cls, response)
         else:
             obj = process_streaming_objects(response, self.output_cls, cur_objects=self.objects, flexible_mode=True)
             self.objects = [obj]
