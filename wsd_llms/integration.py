@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
@@ -20,6 +20,7 @@ from .params import GenerationParams, parse_params
 from .runtime import WSDRuntime, get_runtime
 
 MODEL_PROVIDER = "wsd"
+
 
 def _reused(decorator: Any) -> Any:
     """One of GenerationParams' field validators, for the same field here (the bound method, reused)."""
@@ -78,20 +79,12 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     def _one_stop(cls, value: Any) -> Any:
         return _stops(value) if isinstance(value, str) else value
 
-    @field_validator("device")
+    @field_validator("device", "dtype")
     @classmethod
-    def _device(cls, value: str) -> str:
+    def _resolvable(cls, value: str, info: ValidationInfo) -> str:
+        """A device or dtype the runtime can resolve, checked when the model is built, not at its first call."""
         try:
-            resolve_device(value)
-        except ModelLoadError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, value: str) -> str:
-        try:
-            resolve_dtype(value, resolve_device("cpu"))
+            resolve_device(value) if info.field_name == "device" else resolve_dtype(value, resolve_device("cpu"))
         except ModelLoadError as exc:
             raise ValueError(str(exc)) from None
         return value
