@@ -101,6 +101,7 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
         WSDLLM(model="llama3")
     llm = WSDLLM(stop="\n\n")
     assert llm.stop == ["\n\n"] and WSDLLM.from_dict(llm.to_dict()).stop == ["\n\n"]
+    assert WSDLLM.model_validate(llm.model_dump()).stop == ["\n\n"]  # a dump carries LlamaIndex's class_name
 
 
 def test_runtime_is_shared() -> None:

@@ -166,6 +166,12 @@ def test_replies_end_at_the_context_windows(draft_tokenizer):
             rt.generate(longer, max_tokens=10)
         alone = rt.generate(longer, max_tokens=1000, mode="base")  # the draft's window does not apply
         assert (alone.finish_reason, alone.usage.reply_tokens) == ("length", 160 - alone.usage.base_prompt_tokens)
+        fed = []  # positions the base cache holds after each pass
+        extend = rt.engine.runners["base"].extend
+        rt.engine.runners["base"].extend = lambda kv, ids, *a: (fed.append(len(kv) + len(ids)), extend(kv, ids, *a))[1]
+        started = longer + [{"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 6}]
+        forced = rt.generate(started, max_tokens=1000, mode="base")  # a forced start longer than the room left
+        assert forced.finish_reason == "length" and max(fed) <= 160
     finally:
         rt.close()
 

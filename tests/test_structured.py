@@ -213,10 +213,11 @@ def test_parse_reply_reports_invalid_calls():
 def test_a_call_tag_cut_short_is_not_content(tail):
     """max_tokens can end a reply inside the opening tag of its next call: that is not text."""
     call = '<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>'
-    content, calls, _ = parse_reply(f"{call}\n{tail}", [TOOL])
+    content, calls, _ = parse_reply(f"{call}\n{tail}", [TOOL], cut=True)
     assert (content, len(calls)) == ("", 1)
-    assert parse_reply(f"Let me pick.\n{tail}", [TOOL])[0] == "Let me pick."
-    assert parse_reply("a < b", [TOOL])[0] == "a < b"
+    assert parse_reply(f"Let me pick.\n{tail}", [TOOL], cut=True)[0] == "Let me pick."
+    assert parse_reply(f"Let me pick.\n{tail}", [TOOL])[0] == f"Let me pick.\n{tail}"  # not cut: the model wrote it
+    assert parse_reply("a < b", [TOOL], cut=True)[0] == "a < b"
 
 
 def test_auto_tool_choice_holds_every_call_in_text_to_the_tools():

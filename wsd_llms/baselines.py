@@ -20,8 +20,9 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
     guide = Guide(base, seq.constraint)
     if guide.sync(prefix) < len(prefix):
         raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
+    prefix = prefix[: seq.params.max_tokens]  # the reply starts with it, as WSD's does, within its budget
     rows = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base", lazy=True)
-    seq.emit(seq.reply.add(prefix[: seq.params.max_tokens], "base"))  # the reply starts with it, as WSD's does
+    seq.emit(seq.reply.add(prefix, "base"))
     return (yield from continue_base(seq, base, seq.base_kv, rows, make_generator(seq.params.seed), guide))
 
 

@@ -394,7 +394,7 @@ class Engine:
             base_model=self.base.name,
             mode=seq.params.mode,
             rollbacks=seq.rollbacks,
-            **structured_fields(reply.text, seq.params),
+            **structured_fields(reply.text, seq.params, cut=finish_reason == "length"),
         )
         self._drop(seq, "finished")
         seq.deliver(FinalEvent(result))

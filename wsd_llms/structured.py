@@ -82,13 +82,14 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     return value, schema_error(text, schema)
 
 
-def structured_fields(text: str, params: GenerationParams) -> dict[str, Any]:
+def structured_fields(text: str, params: GenerationParams, cut: bool = False) -> dict[str, Any]:
     """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value.
-    With tools and a response_format, a reply that calls tools is calls, any other the value."""
+    With tools and a response_format, a reply that calls tools is calls, any other the value.
+    `cut`: max_tokens ended the reply."""
     if params.calls_tools:  # "none": no calls, whatever the text says
         from .tools import parse_reply
 
-        content, calls, invalid = parse_reply(text, params.tools)
+        content, calls, invalid = parse_reply(text, params.tools, cut)
         if calls or invalid or params.response_format is None:
             return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
     if params.text_format:

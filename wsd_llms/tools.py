@@ -140,8 +140,11 @@ def template_messages(tokenizer: Any, messages: list[Message], tools: Sequence[M
     return out, {}
 
 
-def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    """Split a reply into its text and its tool calls; calls that do not validate are reported, not dropped."""
+def parse_reply(
+    text: str, tools: Sequence[Mapping[str, Any]], cut: bool = False
+) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """Split a reply into its text and its tool calls; calls that do not validate are reported, not
+    dropped. A reply `cut` short by max_tokens may end inside a call's tag: that is not text."""
     by_name = {t["name"]: t for t in tools}
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
@@ -168,7 +171,7 @@ def parse_reply(text: str, tools: Sequence[Mapping[str, Any]]) -> tuple[str, lis
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
     content = _CALL_RE.sub("", text).strip() if (calls or invalid) else text
-    return _without_cut_tag(content), calls, invalid
+    return _without_cut_tag(content) if cut else content, calls, invalid
 
 
 def _without_cut_tag(content: str) -> str:

@@ -6,7 +6,7 @@ import importlib.util
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -177,6 +177,8 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     Construction loads nothing; the first call loads both models into the runtime shared per model
     pair (`wsd_llms.get_runtime`). Every field is a default that a call may override by keyword.
     """
+
+    unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
 
     @classmethod
     def class_name(cls) -> str:
