@@ -126,7 +126,7 @@ class Engine:
         deliver: Callable[[Event | BaseException], None],
     ) -> Sequence:
         """Build both prompts and check they fit; raises before any decoding starts."""
-        tools = params.tools if params.tool_choice != "none" else ()
+        tools = params.tools if params.calls_tools else ()
         prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools)
         params = self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn

@@ -29,8 +29,8 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might still be the start of a stop string."""
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might still be the start of one of `stops` (cut short before its end)."""
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), hold, -1):
@@ -117,7 +117,7 @@ class ReplyText:
             if cut is not None:
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
-        return self._release(len(self.text) - _held_back(self.text, self.stops))
+        return self._release(len(self.text) - held_back(self.text, self.stops))
 
     def set_draft(self, ids: list[int]) -> list[Delta]:
         """Make the reply exactly these draft ids (a re-tokenization may have changed earlier ids).

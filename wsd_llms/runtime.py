@@ -82,7 +82,7 @@ class WSDRuntime:
             "prefix_cache_tokens": prefix_cache_tokens,
         }
         self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # loading, and reading the base config
+        self._lock = threading.Lock()  # loading, and reading a model's config or tokenizer alone
         self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
         self._step_lock = threading.Lock()  # held by the worker for each step; configure() changes limits between steps
         self._thread: threading.Thread | None = None

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .messages import Message, ToolCall
+from .reply import held_back
 from .structured import Written, as_written, json_format, schema_error
 
-CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = "<tool_call>\n", "\n</tool_call>", "\n"
+CALL_TAG = "<tool_call>"
+CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", "\n</tool_call>", "\n"
 TOOLS_SYSTEM = (
     "You can call tools. To call one, reply with exactly\n"
     '<tool_call>\n{"name": "<tool name>", "arguments": {<arguments as JSON>}}\n</tool_call>\n'
@@ -88,7 +90,7 @@ def tool_call_format(params: Any) -> dict[str, Any]:
     if params.tool_choice == "auto" and params.response_format is None:  # free text, in which every "<tool_call>" begins a valid call
         return {
             "type": "triggered_tags",
-            "triggers": [CALL_OPEN.strip()],
+            "triggers": [CALL_TAG],
             "tags": tags,
             "at_least_one": False,
             "stop_after_first": not params.parallel_tool_calls,
@@ -176,8 +178,7 @@ def parse_reply(
 
 def _without_cut_tag(content: str) -> str:
     """The content without the start of a call's tag that the reply's end cut short ("...\n<tool_ca")."""
-    tag = CALL_OPEN.strip()
-    cut = next((k for k in range(len(tag) - 1, 0, -1) if content.endswith(tag[:k])), 0)
+    cut = held_back(content, (CALL_TAG,))
     return content[: len(content) - cut].rstrip() if cut else content
 
 

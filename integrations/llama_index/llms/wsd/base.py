@@ -37,6 +37,8 @@ from pydantic import BaseModel
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import WSDSettings, content_to_text, hides_calls, result_metadata, usage_counts
+from wsd_llms.reply import held_back
+from wsd_llms.tools import CALL_TAG
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 Messages = list[dict[str, Any]]
 Model = TypeVar("Model", bound=BaseModel)
 dispatcher = instrument.get_dispatcher(__name__)
-CALL_TAG = "<tool_call>"
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -132,7 +133,7 @@ def _visible(text: str) -> str:
     whitespace before it, are held back (the reply's content drops both)."""
     cut = text.find(CALL_TAG)
     if cut < 0:
-        cut = len(text) - next((k for k in range(min(len(CALL_TAG) - 1, len(text)), 0, -1) if text.endswith(CALL_TAG[:k])), 0)
+        cut = len(text) - held_back(text, (CALL_TAG,))
     return text[:cut].rstrip()
 
 
