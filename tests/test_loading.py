@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from tiny import make_tokenizer, tiny_llama
 
@@ -183,3 +184,6 @@ def test_device_and_dtype_resolution():
         resolve_dtype("float8", resolve_device("cpu"))
     with pytest.raises(ModelLoadError, match="invalid device='tpu9'"):
         resolve_device("tpu9")
+    if not torch.cuda.is_available():  # said before any weights load, not as an assertion after
+        with pytest.raises(ModelLoadError, match="device='cuda', but this torch sees no CUDA device"):
+            resolve_device("cuda")
