@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
@@ -96,24 +96,30 @@ async def test_structured_predict_family_validates(llm: WSDLLM) -> None:
 
 
 class Scripted:
-    """Stands in for the runtime's streams: streams `text` and ends with `result`; records the messages."""
+    """Stands in for the runtime's streams: streams `text` and ends with `result`, then the `later`
+    (text, result) pairs on the calls after it, the last one again; records the messages."""
 
-    def __init__(self, text: str, result: WSDResult) -> None:
-        self.text, self.result, self.messages = text, result, []
+    def __init__(self, text: str, result: WSDResult, later: Sequence[tuple[str, WSDResult]] = ()) -> None:
+        self.replies, self.messages = [(text, result), *later], []
 
     def stream(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[Any]:
+        text, result = self.replies[min(len(self.messages), len(self.replies) - 1)]
         self.messages.append(messages)
-        yield from (TextDelta(ch, "draft") for ch in self.text)
-        yield FinalEvent(self.result)
+        yield from (TextDelta(ch, "draft") for ch in text)
+        yield FinalEvent(result)
 
     async def astream(self, messages: list[dict[str, Any]], **params: Any) -> AsyncIterator[Any]:
         for event in self.stream(messages, **params):
             yield event
 
 
-def scripted(monkeypatch: pytest.MonkeyPatch, text: str, **result: Any) -> tuple[WSDLLM, Scripted]:
+def reply(text: str, **result: Any) -> WSDResult:
+    return WSDResult(text, "stop", None, text, Usage(), Timings(), "d", "b", "online", **result)
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, text: str, later: Sequence[tuple[str, WSDResult]] = (), **result: Any) -> tuple[WSDLLM, Scripted]:
     llm = WSDLLM(draft_model=str(local_source(EMBEDDED_DRAFT)), base_model=str(local_source(EMBEDDED_BASE)))  # configs only: never loaded
-    script = Scripted(text, WSDResult(text, "stop", None, text, Usage(), Timings(), "d", "b", "online", **result))
+    script = Scripted(text, reply(text, **result), later)
     monkeypatch.setattr(llm.wsd_runtime(), "stream", script.stream)
     monkeypatch.setattr(llm.wsd_runtime(), "astream", script.astream)
     return llm, script
@@ -167,6 +173,29 @@ def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.
     ]
     llm.chat([*history, ChatMessage(role="user", content="Again?")])
     assert script.messages[-1][3]["tool_calls"] == [{"id": "c2", "function": {"name": "add", "arguments": "{}"}}]
+
+
+async def test_function_agent_after_a_failing_return_direct_tool_writes_a_new_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FunctionAgent leaves an assistant copy of a failed return_direct tool's output last; that is
+    a finished turn (a chat API's model writes the next one), not a start for the reply to continue."""
+    from llama_index.core.agent.workflow import FunctionAgent
+
+    def lookup(city: str) -> str:
+        """Look up the population of a city."""
+        raise ValueError("the database is busy")
+
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"city": "Paris"}}\n</tool_call>'
+    llm, script = scripted(monkeypatch, call, [("I could not look it up.", reply("I could not look it up."))],
+                           content="", tool_calls=(ToolCall("c1", "lookup", {"city": "Paris"}),))
+    tool = FunctionTool.from_defaults(lookup, return_direct=True)
+    agent = FunctionAgent(tools=[tool], llm=llm, allow_parallel_tool_calls=False)
+    answer = await agent.run(user_msg="How many people live in Paris?")
+    assert str(answer) == "I could not look it up."
+    last = script.messages[1][-1]
+    assert last["role"] == "tool" and last["tool_call_id"] == "c1" and "the database is busy" in last["content"]
+    # Not a tool's copy (no matching result before it): a trailing assistant message is still the reply's start.
+    llm.chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello", additional_kwargs={"tool_call_id": "c1"})])
+    assert script.messages[-1][-1] == {"role": "assistant", "content": "Hello"}
 
 
 class _Collect(BaseEventHandler):

@@ -70,8 +70,29 @@ def _history_calls(msg: ChatMessage) -> list[dict[str, Any]]:
     return calls or list(msg.additional_kwargs.get("tool_calls") or [])
 
 
+def _is_direct_record(messages: Sequence[ChatMessage]) -> bool:
+    """Whether the last message is FunctionAgent's record of a `return_direct` tool's output: an
+    assistant message carrying the `tool_call_id` of a tool result before it, with the same text."""
+    last = messages[-1] if messages else None
+    if last is None or _ROLES.get(MessageRole(last.role)) != "assistant" or _history_calls(last):
+        return False
+    call_id = last.additional_kwargs.get("tool_call_id")
+    return call_id is not None and any(
+        _ROLES.get(MessageRole(m.role)) == "tool" and m.additional_kwargs.get("tool_call_id") == call_id and m.content == last.content
+        for m in messages[:-1]
+    )
+
+
 def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
-    """LlamaIndex ChatMessages as runtime message dicts: text blocks, tool calls and tool results."""
+    """LlamaIndex ChatMessages as runtime message dicts: text blocks, tool calls and tool results.
+
+    A trailing assistant message is the forced start of the reply, except FunctionAgent's copy of a
+    `return_direct` tool's output (left last when that tool failed): it is a finished turn that
+    repeats the tool result before it, so it is left out and the model writes the next turn, as
+    a chat API's model would.
+    """
+    if _is_direct_record(messages):
+        messages = messages[:-1]
     out: Messages = []
     for i, msg in enumerate(messages):
         role = _ROLES.get(MessageRole(msg.role))
