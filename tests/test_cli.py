@@ -52,3 +52,23 @@ def test_bad_option_is_reported():
     out = _run("hi", "--threshold", "2")
     assert out.returncode == 2
     assert "invalid switch_threshold=2.0" in out.stdout
+
+
+def test_a_failing_turn_is_reported_and_the_chat_goes_on():
+    """A question past the draft's 8192-token window fails that turn only; the next one is answered."""
+    out = _run("--max-tokens", "8", stdin="word " * 9000 + "\nWhat is the capital of France?\n\n")
+    assert out.returncode == 0, out.stderr
+    assert "error:" in out.stdout and "context window" in out.stdout and "this turn is dropped" in out.stdout
+    assert out.stdout.count("| reply ") == 1
+
+
+def test_interactive_mode_refuses_a_bad_option_before_loading():
+    out = _run("--window", "0", stdin="hi\n\n")
+    assert out.returncode == 2 and "switch_window" in out.stdout and "you>" not in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["base", "draft"])
+def test_one_model_alone(mode):
+    out = _run("What is the capital of France?", "--max-tokens", "12", "--mode", mode)
+    assert out.returncode == 0, out.stderr
+    assert "no switch" in out.stdout and "| reply " in out.stdout

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import closing
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
 from .console import make_console
-from .errors import WSDError
+from .errors import InvalidMessagesError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
+from .params import parse_params
 from .runtime import WSDRuntime, get_runtime
 
 STYLES = {"draft": "bold cyan", "base": "green"}
@@ -38,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     wsd.add_argument("--top-p", type=float, default=1.0)
     wsd.add_argument("--top-k", type=int, default=0)
     wsd.add_argument("--seed", type=int)
-    wsd.add_argument("--mode", choices=["online", "staged"], default="online")
+    wsd.add_argument(
+        "--mode", choices=["online", "staged", "base", "draft"], default="online",
+        help="online or staged WSD (the same reply), or one model alone: base or draft",
+    )
     eval_command.add_parser(sub)
     return parser
 
@@ -63,16 +68,17 @@ def stats_line(result: WSDResult) -> str:
 def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str, str]], params: dict[str, Any]) -> WSDResult:
     """Print the reply as it streams: draft text and base text in two styles, a marker at the hand-over."""
     last_source = None
-    for event in runtime.stream(messages, **params):
-        if isinstance(event, TextDelta):
-            if last_source == "draft" and event.source == "base":
-                console.print(Text(" ▸ ", style="bold magenta"), end="")
-            console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
-            last_source = event.source
-        elif isinstance(event, FinalEvent):
-            console.print()
-            console.print(Text(stats_line(event.result), style="dim"))
-            return event.result
+    with closing(runtime.stream(messages, **params)) as events:  # closing cancels the request (Ctrl-C)
+        for event in events:
+            if isinstance(event, TextDelta):
+                if last_source == "draft" and event.source == "base":
+                    console.print(Text(" ▸ ", style="bold magenta"), end="")
+                console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
+                last_source = event.source
+            elif isinstance(event, FinalEvent):
+                console.print()
+                console.print(Text(stats_line(event.result), style="dim"))
+                return event.result
     raise WSDError("the stream ended without a result")
 
 
@@ -85,26 +91,42 @@ def main(argv: list[str] | None = None) -> int:
     legend = Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"]))
     console.print(legend)
     try:
+        parse_params(**_params(args))  # a bad option fails before any model loads
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         if args.question:
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
-        console.print(Text("interactive chat: empty line or Ctrl-D to quit", style="dim"))
-        while True:
-            try:
-                question = console.input("[bold]you> [/bold]").strip()
-            except EOFError:
-                return 0
-            if not question:
-                return 0
-            history.append({"role": "user", "content": question})
-            result = stream_reply(console, runtime, history, _params(args))
-            history.append({"role": "assistant", "content": result.text})
+        return _interactive(console, runtime, history, _params(args))
     except WSDError as exc:
         console.print(Text(f"error: {exc}", style="bold red"))
         return 2
     except KeyboardInterrupt:
+        console.print()
         return 130
+
+
+def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
+    """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it; a turn that fails (a
+    conversation grown past the context window, say) is reported. Either way that turn is dropped
+    and the chat goes on."""
+    console.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
+    while True:
+        try:
+            question = console.input("[bold]you> [/bold]").strip()
+        except EOFError:
+            return 0
+        if not question:
+            return 0
+        turn = [*history, {"role": "user", "content": question}]
+        try:
+            result = stream_reply(console, runtime, turn, params)
+        except KeyboardInterrupt:
+            console.print(Text("\n(stopped; this turn is dropped)", style="dim"))
+            continue
+        except (InvalidMessagesError, RequestFailedError) as exc:
+            console.print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))
+            continue
+        history[:] = [*turn, {"role": "assistant", "content": result.text}]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""`wsd-llms chat`'s interactive loop over a scripted runtime: Ctrl-C stops a reply, drops that
+turn and closes its stream (which cancels the request), and the chat goes on."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+
+from wsd_llms.cli import _interactive
+from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
+
+
+class Scripted:
+    """Streams one piece, then the result; counts the streams closed."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[dict[str, str]]] = []
+        self.closed = 0
+
+    def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
+        self.calls.append(messages)
+        try:
+            yield TextDelta("Once upon", "draft")
+            yield FinalEvent(WSDResult("Once upon", "stop", None, "Once upon", Usage(), Timings(total=1.0), "d", "b", "online"))
+        finally:
+            self.closed += 1
+
+
+class CtrlCOnce(Console):
+    """A console where Ctrl-C arrives while the first reply's text is printed (the stream is
+    paused at that point, so only closing it cancels the request)."""
+
+    def __init__(self, answers: list[str]) -> None:
+        super().__init__(file=io.StringIO(), force_terminal=False)
+        self.answers, self.fired = iter(answers), False
+
+    def input(self, *args: Any, **kwargs: Any) -> str:
+        return next(self.answers)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        if not self.fired and any("Once upon" in str(o) for o in objects):
+            self.fired = True
+            raise KeyboardInterrupt
+        super().print(*objects, **kwargs)
+
+
+def test_ctrl_c_stops_the_reply_and_drops_the_turn() -> None:
+    runtime, console = Scripted(), CtrlCOnce(["Tell me a story.", "Hi", ""])
+    history: list[dict[str, str]] = []
+    assert _interactive(console, runtime, history, {}) == 0  # type: ignore[arg-type]
+    assert runtime.closed == 2 and "stopped" in console.file.getvalue()
+    assert runtime.calls[1] == [{"role": "user", "content": "Hi"}]  # the stopped turn is not in the history
+    assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
