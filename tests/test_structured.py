@@ -271,6 +271,28 @@ def test_numbers_are_checked_as_written():
     assert not calls and "does not match" in invalid[0].error
 
 
+def test_keywords_the_grammar_does_not_enforce_are_still_checked():
+    """xgrammar's grammar leaves some keywords unenforced (uniqueItems, not, ...); jsonschema checks
+    them, so parse_error and invalid_tool_calls never pass a value the schema rejects. References
+    resolve within the schema only: nothing is fetched."""
+    schema = {
+        "$defs": {"size": {"type": "integer", "not": {"const": 13}}},
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "size": {"$ref": "#/$defs/size"}},
+        "required": ["tags", "size"],
+    }
+    assert parse_json('{"tags": ["a", "b"], "size": 12}', schema) == ({"tags": ["a", "b"], "size": 12}, None)
+    _, error = parse_json('{"tags": ["a", "a"], "size": 12}', schema)
+    assert "non-unique" in error and "$.tags" in error and "uniqueItems" in error
+    _, error = parse_json('{"tags": [], "size": 13}', schema)
+    assert "$.size" in error and "'not'" in error
+    tool = {"name": "label", "description": "", "parameters": schema}
+    _, calls, invalid = parse_reply('<tool_call>\n{"name": "label", "arguments": {"tags": ["x", "x"], "size": 1}}\n</tool_call>', [tool])
+    assert not calls and "non-unique" in invalid[0].error
+    remote = {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
+    assert parse_json('{"x": 1}', remote) == ({"x": 1}, None)  # unresolvable: left unchecked, as the grammar leaves it
+
+
 def test_tool_messages():
     msgs = normalize_messages(
         [

@@ -46,16 +46,35 @@ def json_format(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def schema_error(text: str, schema: dict[str, Any]) -> str | None:
-    """Why the JSON `text` does not fit `schema` (checked by xgrammar's grammar for the schema), or None.
+    """Why the JSON `text` does not fit `schema`, or None.
 
-    The text as the model wrote it: a number re-spelt by Python (0.00001 as 1e-05) may not fit a
-    grammar with numeric bounds, which writes no exponents.
+    First xgrammar's grammar for the schema (what decoding enforced), on the text as the model
+    wrote it: a number re-spelt by Python (0.00001 as 1e-05) may not fit a grammar with numeric
+    bounds, which writes no exponents. Then jsonschema, for the keywords the grammar does not
+    enforce (uniqueItems, multipleOf, not, if/then, oneOf's exclusivity, ...).
     """
     xgr = require_xgrammar()
     grammar = xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, any_order=True)
-    if xgr.testing._is_grammar_accept_string(grammar, text.strip()):
+    if not xgr.testing._is_grammar_accept_string(grammar, text.strip()):
+        return f"{text.strip()} does not match the JSON schema"
+    return _validation_error(json.loads(text), schema)
+
+
+def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
+    """jsonschema's most relevant complaint about `value`, or None. References resolve only within
+    the schema (nothing is fetched); a reference it cannot resolve leaves the value unchecked, as
+    the grammar did."""
+    import jsonschema
+    import referencing.exceptions
+
+    validator = jsonschema.validators.validator_for(schema)(schema, registry=referencing.Registry())
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except referencing.exceptions.Unresolvable:
         return None
-    return f"{text.strip()} does not match the JSON schema"
+    if error is None:
+        return None
+    return f"{error.message} (at {error.json_path}, keyword {error.validator!r})"
 
 
 class Written(str):
