@@ -244,6 +244,9 @@ class FakeRuntime:
     def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[TextDelta | FinalEvent]:
         yield from self._events(messages, params)
 
+    def known_context_window(self, mode: str = "online") -> int | None:
+        return 4096
+
     async def astream(self, messages: list[dict[str, str]], **params: Any) -> AsyncIterator[TextDelta | FinalEvent]:
         for event in self._events(messages, params):
             yield event
@@ -548,9 +551,11 @@ def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
     assert [c.text for c in chunks] == [" there", ""]
 
 
-def test_create_agent_with_provider_strategy_and_tools(fake, monkeypatch):
+@pytest.mark.parametrize("strategy", ["provider", "default"])
+def test_create_agent_with_provider_strategy_and_tools(fake, monkeypatch, strategy):
     """LangChain's create_agent with response_format=ProviderStrategy(...) binds tools and a
-    response_format together: the model calls tools, then answers with the value."""
+    response_format together: the model calls tools, then answers with the value. With a bare
+    schema, create_agent picks that strategy itself, from the model's profile."""
     from langchain.agents import create_agent
     from langchain.agents.structured_output import ProviderStrategy
 
@@ -572,13 +577,63 @@ def test_create_agent_with_provider_strategy_and_tools(fake, monkeypatch):
     ]
     events = fake._events
     monkeypatch.setattr(fake, "_events", lambda messages, params: (setattr(fake, "reply", replies.pop(0)), events(messages, params))[1])
-    agent = create_agent(WSDChatModel(), tools=[temperature], response_format=ProviderStrategy(Weather))
+    agent = create_agent(WSDChatModel(), tools=[temperature], response_format=ProviderStrategy(Weather) if strategy == "provider" else Weather)
     out = agent.invoke({"messages": [("user", "How warm is Paris?")]})
     assert out["structured_response"] == Weather(city="Paris", degrees=21)
     assert [m.type for m in out["messages"]] == ["human", "ai", "tool", "ai"]
     for _, params in fake.requests:  # what the runtime is asked, it accepts
         parsed = parse_params(**params)
         assert parsed.calls_tools and parsed.response_format["title"] == "Weather"
+
+
+def test_profile_says_what_the_models_take_and_give(monkeypatch, tmp_path):
+    """LangChain's model profile: text in and out, tools and native structured output. The context
+    window is there when it costs nothing to read; before the first load has converted the embedded
+    models it is left out, and building the model converts nothing."""
+    profile = WSDChatModel(mode="base").profile
+    assert profile["structured_output"] and profile["tool_calling"] and profile["tool_choice"] and profile["text_inputs"]
+    assert not profile["image_inputs"] and not profile["reasoning_output"]
+    import wsd_llms.runtime
+
+    monkeypatch.setattr(wsd_llms.runtime, "_registry", {})  # a runtime of its own, that has read nothing yet
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "empty"))
+    fresh = WSDChatModel()
+    assert "max_input_tokens" not in fresh.profile and fresh.profile["structured_output"]
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.embedded
+def test_profile_reads_a_hub_model_from_the_cache_without_the_network(embedded, monkeypatch, tmp_path):
+    """A repo id's window comes from the hub cache's snapshot, with no request made (hf_hub_download
+    reaches out even with local_files_only); a repo not in the cache has none."""
+    import shutil
+    import warnings
+
+    import huggingface_hub.constants
+
+    import wsd_llms.runtime
+    from wsd_llms.loading import EMBEDDED_BASE, EMBEDDED_DRAFT, local_source
+
+    for name, source in (("draft", EMBEDDED_DRAFT), ("base", EMBEDDED_BASE)):
+        repo = tmp_path / f"models--someone--{name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("abc123")
+        (repo / "snapshots" / "abc123").mkdir(parents=True)
+        shutil.copy(local_source(source) / "config.json", repo / "snapshots" / "abc123" / "config.json")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(wsd_llms.runtime, "_registry", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pytest-socket warns of a blocked request: that would fail the profile, and this test
+        assert WSDChatModel(draft_model="someone/draft", base_model="someone/base").profile["max_input_tokens"] == 8192
+        assert "max_input_tokens" not in WSDChatModel(draft_model="someone/draft", base_model="someone/other").profile
+
+
+@pytest.mark.embedded
+def test_profile_has_the_context_window_of_the_mode(embedded):
+    windows = {mode: embedded.context_window(mode) for mode in ("online", "base", "draft")}  # converts the models, if not yet
+    for mode, window in windows.items():
+        assert WSDChatModel(mode=mode).profile["max_input_tokens"] == window
+    assert WSDChatModel().profile["max_input_tokens"] == 8192  # the draft's window bounds online WSD
 
 
 class Joke(BaseModel):

