@@ -536,6 +536,50 @@ def test_text_replays_with_its_sources_when_tools_are_bound(fake):
     assert [c.response_metadata.get("wsd_source") for c in chunks[:2]] == [["draft"], ["base"]]
 
 
+def test_an_answer_streams_while_tools_are_bound(fake, monkeypatch):
+    """With tools bound, text before any call streams as it is written (an agent's final answer
+    too); a partial tag and the whitespace before a call wait, and markup never shows."""
+    pieces = [("Let", "draft"), (" me", "draft"), (" add", "base"), (".\n", "base"), ("<tool", "base"), ('_call>\n{"name": "Add"}\n</tool_call>', "base")]
+    text = "".join(p for p, _ in pieces)
+    fake.reply = fake_result(text, content="Let me add.", tool_calls=(CALL,))
+    sent: list[str] = []
+
+    def stream(messages: Any, **params: Any) -> Iterator[Any]:
+        for piece, source in pieces:
+            sent.append(piece)
+            yield TextDelta(piece, source)
+        yield FinalEvent(fake.reply)
+
+    monkeypatch.setattr(fake, "stream", stream)
+    seen = []
+    for chunk in WSDChatModel().bind_tools([Add]).stream("x"):
+        seen.append((chunk.text, chunk.response_metadata.get("wsd_source"), len(sent)))
+    assert seen[:4] == [("Let", ["draft"], 1), (" me", ["draft"], 2), (" add", ["base"], 3), (".", ["base"], 4)]
+    assert [s[0] for s in seen[4:]] == [""] and len(seen) == 5  # the last chunk: the call, no more text
+    assert "".join(s[0] for s in seen) == "Let me add."
+
+
+def test_shown_text_joins_to_the_content_whatever_the_pieces():
+    """integration.ShownText, under both adapters: pieces cut anywhere, a '<' that is not a call,
+    a call after text, and no tools (everything shows as it comes)."""
+    from wsd_llms.integration import ShownText
+
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    for text, content, hide in (
+        ("a < b, so 2 <  3.", "a < b, so 2 <  3.", True),
+        ("Checking.\n\n" + call, "Checking.", True),
+        (call, "", True),
+        ("Plain text, " + call, "Plain text, " + call, False),
+    ):
+        for cut in range(1, 7):
+            shown = ShownText(hide)
+            pieces = [(text[i : i + cut], "draft" if i < 6 else "base") for i in range(0, len(text), cut)]
+            runs = [run for piece, source in pieces for run in shown.add(piece, source)] + shown.finish(content)
+            assert "".join(t for t, _ in runs) == content, (text, cut)
+            assert all("<tool" not in t for t, _ in runs) or not hide
+            assert [s for _, s in runs] == sorted((s for _, s in runs), key=["draft", "base"].index)  # draft text, then base text
+
+
 def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
     """With tool_choice="none" no call markup is taken out, so nothing needs holding back."""
     sent: list[Any] = []

@@ -18,7 +18,9 @@ from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
 from .loading import resolve_device, resolve_dtype
 from .params import GenerationParams, parse_params
+from .reply import held_back
 from .runtime import WSDRuntime, get_runtime
+from .tools import CALL_TAG
 
 MODEL_PROVIDER = "wsd"
 
@@ -139,6 +141,62 @@ def hides_calls(params: Mapping[str, Any]) -> bool:
     """Whether a reply's text must wait for its end: the runtime takes tool-call markup out of the
     content when tools are on (not with tool_choice="none", where text streams as it comes)."""
     return bool(params.get("tools")) and params.get("tool_choice") != "none"
+
+
+class ShownText:
+    """What a stream shows of a reply, in (text, source) runs that join to the reply's content.
+
+    While tools are on (`hide_calls`), text shows up to the first `<tool_call>`; a trailing partial
+    tag, and the whitespace before it, wait until they are ruled out (the content drops both), so
+    an answer streams as it is written and call markup never shows. Otherwise text shows as it comes.
+    """
+
+    def __init__(self, hide_calls: bool) -> None:
+        self.hide_calls = hide_calls
+        self.pieces: list[tuple[str, str]] = []  # (text, source) as written
+        self.raw = ""
+        self.shown = ""
+
+    def add(self, text: str, source: str) -> list[tuple[str, str]]:
+        """Take the next piece of the reply; returns the text that now shows."""
+        self.pieces.append((text, source))
+        self.raw += text
+        return self._show(_before_calls(self.raw) if self.hide_calls else self.raw)
+
+    def finish(self, content: str) -> list[tuple[str, str]]:
+        """At the reply's end, the rest of its `content` (the text without call markup)."""
+        if self.raw.startswith(content):
+            return self._show(content)
+        if not content.startswith(self.shown):  # not met: the shown text is the content's start
+            raise RuntimeError(f"internal error: shown text {self.shown!r} does not start the reply's content {content!r}")
+        rest = content[len(self.shown) :]
+        self.shown = content
+        return [(rest, self.pieces[-1][1])] if rest else []
+
+    def _show(self, text: str) -> list[tuple[str, str]]:
+        """The runs of `text` past what has shown, each with the model that wrote it."""
+        runs: list[tuple[str, str]] = []
+        start = 0
+        for piece, source in self.pieces:
+            lo, hi = max(start, len(self.shown)), min(start + len(piece), len(text))
+            if lo < hi:
+                if runs and runs[-1][1] == source:
+                    runs[-1] = (runs[-1][0] + text[lo:hi], source)
+                else:
+                    runs.append((text[lo:hi], source))
+            start += len(piece)
+        if len(text) > len(self.shown):
+            self.shown = text
+        return runs
+
+
+def _before_calls(text: str) -> str:
+    """The text before any tool-call markup, less a trailing partial `<tool_call>` and the
+    whitespace before it (held_back: the end of the text may start the tag)."""
+    cut = text.find(CALL_TAG)
+    if cut < 0:
+        cut = len(text) - held_back(text, (CALL_TAG,))
+    return text[:cut].rstrip()
 
 
 # Blocks of reasoning that other providers' messages carry (OpenAI, Anthropic): not conversation text.

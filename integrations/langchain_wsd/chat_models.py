@@ -31,7 +31,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field
 
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
-from wsd_llms.integration import WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
 _TOOL_CHOICES = ("auto", "any", "required", "none")
@@ -61,8 +61,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     `["kept_draft"]` and `["base"]` (the reply's draft-written and base-written parts, base tokens).
 
     Tools (`bind_tools`) and structured output (`with_structured_output`) use the runtime's constrained
-    decoding. While tools are bound the text is held back until the reply ends, so that call markup
-    never reaches the content: the last chunk then carries the calls as `tool_call_chunks` (arguments as
+    decoding. While tools are bound, text streams up to any call markup (which never reaches the
+    content): the last chunk carries the calls as `tool_call_chunks` (arguments as
     JSON; a call that does not parse or validate keeps its raw text as arguments, becomes an
     `invalid_tool_call`, and its error is in `response_metadata["tool_call_errors"]`).
     """
@@ -342,25 +342,19 @@ def _role(message: BaseMessage, where: str) -> str:
 
 
 class _Chunks:
-    """Turns one request's runtime events into chunks; while tools are on, text waits for the end
-    (the runtime takes call markup out of the content)."""
+    """Turns one request's runtime events into chunks, each tagged with the model that wrote it.
+    While tools are on, text streams up to any call markup (integration.ShownText), which the
+    runtime takes out of the content; the calls come on the last chunk."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.hold = hides_calls(params)
-        self.held: list[TextDelta] = []
+        self.shown = ShownText(hides_calls(params))
 
     def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:
         if isinstance(event, TextDelta):
-            if self.hold:
-                self.held.append(event)
-                return []
-            return [_text_chunk(event.text, event.source)]
+            return [_text_chunk(text, source) for text, source in self.shown.add(event.text, event.source)]
         result = event.result
-        if result.content is None or result.content == result.text:
-            chunks = [_text_chunk(d.text, d.source) for d in self.held]
-        else:  # call markup removed: the content as one chunk, tagged with the model that ended the reply
-            chunks = [_text_chunk(result.content, "base" if result.switched else "draft")] if result.content else []
-        return [*chunks, final_chunk(result)]
+        rest = self.shown.finish(result.text if result.content is None else result.content)
+        return [*(_text_chunk(text, source) for text, source in rest), final_chunk(result)]
 
 
 def _text_chunk(text: str, source: str) -> ChatGenerationChunk:

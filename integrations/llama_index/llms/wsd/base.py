@@ -35,9 +35,7 @@ from pydantic import BaseModel
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
-from wsd_llms.reply import held_back
-from wsd_llms.tools import CALL_TAG
+from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -148,15 +146,6 @@ def _final(result: WSDResult, delta: str | None) -> ChatResponse:
     )
 
 
-def _visible(text: str) -> str:
-    """Streamed text before any tool-call markup: a trailing partial `<tool_call>`, and the
-    whitespace before it, are held back (the reply's content drops both)."""
-    cut = text.find(CALL_TAG)
-    if cut < 0:
-        cut = len(text) - held_back(text, (CALL_TAG,))
-    return text[:cut].rstrip()
-
-
 def _to_completion(response: ChatResponse) -> CompletionResponse:
     return CompletionResponse(
         text=response.message.content or "",
@@ -167,28 +156,19 @@ def _to_completion(response: ChatResponse) -> CompletionResponse:
 
 
 class _Accumulator:
-    """Turns runtime events into chat responses with cumulative text.
-
-    With tools, call markup is not shown: chunks stop before `<tool_call>`, and the final
-    response carries the reply's content and its calls (as the non-streaming methods do).
-    """
+    """Turns runtime events into chat responses with cumulative text (integration.ShownText: with
+    tools, chunks stop before `<tool_call>`, and the final response carries the reply's content and
+    its calls, as the non-streaming methods do)."""
 
     def __init__(self, hide_calls: bool) -> None:
-        self.hide_calls = hide_calls
-        self.raw = ""
-        self.text = ""
+        self.shown = ShownText(hide_calls)
 
     def __call__(self, event: Event) -> ChatResponse | None:
         if isinstance(event, TextDelta):
-            self.raw += event.text
-            shown = _visible(self.raw) if self.hide_calls else self.raw
-            if len(shown) <= len(self.text):
-                return None
-            delta, self.text = shown[len(self.text) :], shown
-            return _chunk(shown, delta, event)
+            delta = "".join(text for text, _ in self.shown.add(event.text, event.source))
+            return _chunk(self.shown.shown, delta, event) if delta else None
         final = _final(event.result, "")
-        content = final.message.content or ""
-        final.delta = content[len(self.text) :] if content.startswith(self.text) else ""
+        final.delta = "".join(text for text, _ in self.shown.finish(final.message.content or ""))
         return final
 
 
