@@ -493,6 +493,14 @@ def test_tool_choice_forms(fake, choice, expected):
     assert (params["tool_choice"], params["parallel_tool_calls"]) == (expected, True)
 
 
+@pytest.mark.parametrize("strict", [True, False, None])
+def test_bind_tools_takes_strict(fake, strict):
+    """OpenAI's `strict` (which code written for ChatOpenAI passes): calls are always decoded under
+    their schemas, so it is taken and changes nothing."""
+    WSDChatModel().bind_tools([Add], strict=strict).invoke("x")
+    assert "strict" not in fake.requests[-1][1] and fake.requests[-1][1]["tools"][0]["function"]["name"] == "Add"
+
+
 @pytest.mark.parametrize("choice", ["unknown_tool", {"type": "function", "function": {"name": "nope"}}, False])
 def test_unknown_tool_choice_is_an_error(choice):
     with pytest.raises(InvalidParameterError, match="bound tools: Add, lookup"):

@@ -217,12 +217,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         *,
         tool_choice: str | bool | dict[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (pydantic models, functions, `@tool` objects, dicts) for the runtime's tool calling.
 
         `tool_choice`: "auto", "any" / "required" / True (at least one call), "none", or a tool name
         (also as `{"type": "function", "function": {"name": ...}}`); None keeps the model's default.
+        Calls are always decoded under their tools' schemas, so `strict` (as OpenAI's) changes nothing.
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
