@@ -736,6 +736,23 @@ def test_structured_output_takes_plain_and_openai_style_json_schemas(fake, schem
     assert fake.requests[-1][1]["response_format"] == UNTITLED
 
 
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_a_value_off_its_schema_is_a_parsing_error(fake, method):
+    """A TypedDict or JSON schema has no pydantic class to check the value: the runtime's
+    parse_error (a keyword the grammar does not enforce) fails the parse, as a bad JSON would."""
+    from langchain_core.exceptions import OutputParserException
+
+    error = "['a', 'a'] has non-unique elements (at $.tags, keyword 'uniqueItems')"
+    fake.reply = fake_result('{"tags": ["a", "a"]}', parsed={"tags": ["a", "a"]}, parse_error=error)
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}
+    with pytest.raises(OutputParserException, match="non-unique"):
+        WSDChatModel().with_structured_output(schema, method=method).invoke("tags")
+    out = WSDChatModel().with_structured_output(schema, method=method, include_raw=True).invoke("tags")
+    assert out["parsed"] is None and "uniqueItems" in str(out["parsing_error"]) and out["raw"].response_metadata["parse_error"] == error
+    fake.reply = fake_result('{"tags": ["a", "b"]}', parsed={"tags": ["a", "b"]})
+    assert WSDChatModel().with_structured_output(schema, method=method).invoke("tags") == {"tags": ["a", "b"]}
+
+
 def test_json_mode_without_a_schema_is_any_json_object(fake):
     fake.reply = fake_result(json.dumps(JOKE))
     assert WSDChatModel().with_structured_output(method="json_mode").invoke("joke") == JOKE

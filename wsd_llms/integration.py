@@ -231,11 +231,13 @@ def content_to_text(content: Any, where: str) -> str:
 
 
 def result_metadata(result: WSDResult) -> dict[str, Any]:
-    """Response metadata both adapters attach to the final chunk / response."""
+    """Response metadata both adapters attach to the final chunk / response (`parse_error`: why a
+    response_format reply does not fit its schema, when it does not)."""
     return {
         "model_name": result.base_model,
         "model_provider": MODEL_PROVIDER,
         "finish_reason": result.finish_reason,
+        **({"parse_error": result.parse_error} if result.parse_error is not None else {}),
         "wsd": {
             "switched": result.switched,
             "switch_point": result.switch_point,

@@ -22,8 +22,9 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.exceptions import OutputParserException
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGenerationChunk, ChatResult, Generation
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
@@ -269,7 +270,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         parser: Runnable = (
             PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
             if isinstance(schema, type) and is_basemodel_subclass(schema)
-            else JsonOutputParser()
+            else _SchemaJsonParser()
         )
         if not include_raw:
             return llm | parser
@@ -277,6 +278,19 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         return RunnableMap(raw=llm) | parsed.with_fallbacks(
             [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
         )
+
+
+class _SchemaJsonParser(JsonOutputParser):
+    """JSON output parsing that also fails where the runtime found the value off its schema
+    (`response_metadata["parse_error"]`: a keyword the grammar does not enforce, such as
+    uniqueItems); a TypedDict or JSON schema has no pydantic class to check it."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        message = getattr(result[0], "message", None) if result else None
+        error = message.response_metadata.get("parse_error") if message is not None else None
+        if error and not partial:
+            raise OutputParserException(f"the reply does not fit the schema: {error}", llm_output=message.content)
+        return super().parse_result(result, partial=partial)
 
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:

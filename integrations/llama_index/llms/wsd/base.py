@@ -130,8 +130,6 @@ def _final(result: WSDResult, delta: str | None) -> ChatResponse:
             {"raw": c.raw, "error": c.error, "name": c.name, "id": c.id} for c in result.invalid_tool_calls
         ]
     raw = {**result_metadata(result), "usage": usage}
-    if result.parse_error is not None:
-        raw["parse_error"] = result.parse_error
     return ChatResponse(
         message=ChatMessage(
             role=MessageRole.ASSISTANT, blocks=[TextBlock(text=content), *calls], additional_kwargs=message_kwargs
