@@ -10,7 +10,7 @@ import pytest
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import parse_params
-from wsd_llms.structured import Guide, constraint_spec, parse_json
+from wsd_llms.structured import Guide, _validation_error, constraint_spec, parse_json
 from wsd_llms.tools import parse_reply, react_format
 
 SCHEMA = {
@@ -291,6 +291,8 @@ def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     assert not calls and "non-unique" in invalid[0].error
     remote = {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
     assert parse_json('{"x": 1}', remote) == ({"x": 1}, None)  # unresolvable: left unchecked, as the grammar leaves it
+    unicode_class = {"type": "object", "properties": {"x": {"type": "string", "pattern": "^\\p{L}+$"}}}
+    assert _validation_error({"x": "abc"}, unicode_class) is None  # Python's re cannot read \p{L}: the grammar held it
 
 
 def test_tool_messages():

@@ -28,6 +28,10 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"response_format": {"type": "regex", "pattern": "("}}, "invalid response_format: it cannot be compiled into a grammar: Regex parsing error"),
         ({"response_format": {"type": "strin"}}, 'invalid response_format: it cannot be compiled into a grammar: Unsupported type "strin"'),
         (
+            {"response_format": {"type": "object", "properties": {"n": {"minimum": "3"}}}},
+            "invalid response_format: not a valid JSON schema: '3' is not of type 'number' (at $.properties.n.minimum)",
+        ),
+        (
             {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}]},
             'invalid tools: it cannot be compiled into a grammar: tools[0] (f) parameters: Unsupported type "strin"',
         ),

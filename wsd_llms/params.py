@@ -151,7 +151,7 @@ def parse_params(**params: Any) -> GenerationParams:
         error = grammar_error(parsed)
         if error is not None:
             name = "response_format" if parsed.response_format is not None else "tools"
-            raise InvalidParameterError(f"invalid {name}: it cannot be compiled into a grammar: {error}")
+            raise InvalidParameterError(f"invalid {name}: {error}")
     return parsed
 
 

@@ -13,6 +13,7 @@ is cut before that id, in both engines alike.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -62,15 +63,15 @@ def schema_error(text: str, schema: dict[str, Any]) -> str | None:
 
 def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
     """jsonschema's most relevant complaint about `value`, or None. References resolve only within
-    the schema (nothing is fetched); a reference it cannot resolve leaves the value unchecked, as
-    the grammar did."""
+    the schema (nothing is fetched); a reference it cannot resolve, or a pattern in a syntax
+    Python's re lacks, leaves the value unchecked there, as the grammar left it or enforced it."""
     import jsonschema
     import referencing.exceptions
 
     validator = jsonschema.validators.validator_for(schema)(schema, registry=referencing.Registry())
     try:
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    except referencing.exceptions.Unresolvable:
+    except (referencing.exceptions.Unresolvable, re.error):  # a pattern Python's re cannot read: the grammar held it
         return None
     if error is None:
         return None
@@ -140,8 +141,9 @@ def constraint_spec(params: GenerationParams) -> str | None:
 
 
 def grammar_error(params: GenerationParams) -> str | None:
-    """Why the request's constraint cannot be compiled (a bad regex, an unsupported schema), naming
-    the tool whose schema fails, or None; checked before the request is queued, without a tokenizer."""
+    """Why the request's constraint cannot be compiled (a bad regex, an unsupported schema) or a
+    schema of it is not a valid JSON schema, naming the tool whose schema fails, or None; checked
+    before the request is queued, without a tokenizer."""
     xgr = require_xgrammar()
     try:
         xgr.Grammar.from_structural_tag(constraint_spec(params))
@@ -150,8 +152,35 @@ def grammar_error(params: GenerationParams) -> str | None:
             try:
                 xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": json_format(tool["parameters"])}))
             except RuntimeError as own:
-                return f"tools[{i}] ({tool['name']}) parameters: {_xgrammar_reason(own)}"
-        return _xgrammar_reason(exc)
+                return f"it cannot be compiled into a grammar: tools[{i}] ({tool['name']}) parameters: {_xgrammar_reason(own)}"
+        return f"it cannot be compiled into a grammar: {_xgrammar_reason(exc)}"
+    return _schemas_error(params)
+
+
+def _schemas_error(params: GenerationParams) -> str | None:
+    """Why a JSON schema of the request is not a valid JSON schema (its meta-schema says), or None:
+    one the grammar compiled anyway (`{"minimum": "3"}`) would fail the check of the reply."""
+    schemas = [] if params.response_format is None or params.text_format else [("", params.response_format)]
+    if params.calls_tools:
+        schemas += [(f"tools[{i}] ({tool['name']}) parameters: ", tool["parameters"]) for i, tool in enumerate(params.tools)]
+    for where, schema in schemas:
+        error = _meta_schema_error(json.dumps(schema, sort_keys=True))
+        if error is not None:
+            return f"{where}not a valid JSON schema: {error}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_schema_error(schema: str) -> str | None:
+    """What the meta-schema says is wrong with a JSON schema (as JSON text: a request checks it
+    several times, about 2 ms each), or None."""
+    import jsonschema
+
+    value = json.loads(schema)
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.exceptions.SchemaError as exc:
+        return f"{exc.message} (at {exc.json_path})"
     return None
 
 
