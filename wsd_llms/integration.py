@@ -156,6 +156,7 @@ class ShownText:
         self.pieces: list[tuple[str, str]] = []  # (text, source) as written
         self.raw = ""
         self.shown = ""
+        self._next = (0, 0)  # the first piece not wholly shown, and where it starts in raw
 
     def add(self, text: str, source: str) -> list[tuple[str, str]]:
         """Take the next piece of the reply; returns the text that now shows."""
@@ -175,18 +176,22 @@ class ShownText:
 
     def _show(self, text: str) -> list[tuple[str, str]]:
         """The runs of `text` past what has shown, each with the model that wrote it."""
+        if len(text) <= len(self.shown):
+            return []
         runs: list[tuple[str, str]] = []
-        start = 0
-        for piece, source in self.pieces:
+        index, start = self._next
+        while index < len(self.pieces) and start < len(text):
+            piece, source = self.pieces[index]
             lo, hi = max(start, len(self.shown)), min(start + len(piece), len(text))
             if lo < hi:
                 if runs and runs[-1][1] == source:
                     runs[-1] = (runs[-1][0] + text[lo:hi], source)
                 else:
                     runs.append((text[lo:hi], source))
-            start += len(piece)
-        if len(text) > len(self.shown):
-            self.shown = text
+            if start + len(piece) > len(text):
+                break
+            index, start = index + 1, start + len(piece)
+        self._next, self.shown = (index, start), text
         return runs
 
 
