@@ -85,7 +85,7 @@ def test_metadata_reads_config_without_loading() -> None:
     assert draft_tokens and not llm.wsd_runtime().loaded
     assert meta.num_output == 77
     assert meta.is_chat_model
-    assert meta.is_function_calling_model == (importlib.util.find_spec("xgrammar") is not None)
+    assert meta.is_function_calling_model == all(importlib.util.find_spec(m) is not None for m in ("xgrammar", "jsonschema"))
     assert meta.model_name == base_dir
 
 

@@ -138,16 +138,17 @@ def test_matcher_state_after_rollback_equals_state_without(differ_runtime):
     assert rolled.sync(b) == len(b)
 
 
-def test_missing_extra_names_it(monkeypatch):
+@pytest.mark.parametrize("missing", ["xgrammar", "jsonschema"])
+def test_missing_extra_names_it(monkeypatch, missing):
     real_import = builtins.__import__
 
-    def no_xgrammar(name, *args, **kwargs):
-        if name == "xgrammar" or name.startswith("xgrammar."):
-            raise ImportError("No module named 'xgrammar'")
+    def without(name, *args, **kwargs):
+        if name == missing or name.startswith(missing + "."):
+            raise ImportError(f"No module named {missing!r}", name=missing)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_xgrammar)
-    with pytest.raises(ImportError, match=r"pip install 'wsd-llms\[structured\]'"):
+    monkeypatch.setattr(builtins, "__import__", without)
+    with pytest.raises(ImportError, match=rf"\({missing} is missing\): pip install 'wsd-llms\[structured\]'"):
         parse_params(response_format={"type": "json_object"})
     with pytest.raises(ImportError, match="structured"):
         parse_params(tools=[TOOL])

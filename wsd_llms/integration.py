@@ -26,8 +26,8 @@ MODEL_PROVIDER = "wsd"
 
 
 def can_constrain() -> bool:
-    """Whether tools and response_format work here: constrained decoding needs xgrammar (an extra)."""
-    return importlib.util.find_spec("xgrammar") is not None
+    """Whether tools and response_format work here: they need xgrammar and jsonschema (the structured extra)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("xgrammar", "jsonschema"))
 
 
 def _reused(decorator: Any) -> Any:

@@ -31,12 +31,15 @@ MAX_JSON_WHITESPACE = 1
 
 
 def require_xgrammar() -> Any:
-    """The xgrammar module, or an ImportError that names the extra to install."""
+    """The xgrammar module, or an ImportError that names the extra to install (which also brings
+    jsonschema, that checks a reply's JSON after decoding: needed from the call on, not after it)."""
     try:
+        import jsonschema  # noqa: F401
         import xgrammar
     except ImportError as exc:
         raise ImportError(
-            f"tools and response_format need grammar-constrained decoding, which needs xgrammar: {EXTRA_HINT}"
+            f"tools and response_format need grammar-constrained decoding, which needs xgrammar and jsonschema "
+            f"({exc.name} is missing): {EXTRA_HINT}"
         ) from exc
     return xgrammar
 
