@@ -682,10 +682,13 @@ def test_profile_reads_a_hub_model_from_the_cache_without_the_network(embedded, 
 
 @pytest.mark.embedded
 def test_profile_has_the_context_window_of_the_mode(embedded):
+    from langchain.agents.middleware import SummarizationMiddleware
+
     windows = {mode: embedded.context_window(mode) for mode in ("online", "base", "draft")}  # converts the models, if not yet
     for mode, window in windows.items():
         assert WSDChatModel(mode=mode).profile["max_input_tokens"] == window
     assert WSDChatModel().profile["max_input_tokens"] == 8192  # the draft's window bounds online WSD
+    SummarizationMiddleware(model=WSDChatModel(), trigger=("fraction", 0.8))  # needs the profile's window
 
 
 class Joke(BaseModel):
