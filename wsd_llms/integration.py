@@ -18,9 +18,8 @@ from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
 from .loading import resolve_device, resolve_dtype
 from .params import GenerationParams, parse_params
-from .reply import held_back
 from .runtime import WSDRuntime, get_runtime
-from .tools import CALL_TAG
+from .tools import text_before_calls
 
 MODEL_PROVIDER = "wsd"
 
@@ -162,7 +161,7 @@ class ShownText:
         """Take the next piece of the reply; returns the text that now shows."""
         self.pieces.append((text, source))
         self.raw += text
-        return self._show(_before_calls(self.raw) if self.hide_calls else self.raw)
+        return self._show(text_before_calls(self.raw) if self.hide_calls else self.raw)
 
     def finish(self, content: str) -> list[tuple[str, str]]:
         """At the reply's end, the rest of its `content` (the text without call markup)."""
@@ -193,15 +192,6 @@ class ShownText:
             index, start = index + 1, start + len(piece)
         self._next, self.shown = (index, start), text
         return runs
-
-
-def _before_calls(text: str) -> str:
-    """The text before any tool-call markup, less a trailing partial `<tool_call>` and the
-    whitespace before it (held_back: the end of the text may start the tag)."""
-    cut = text.find(CALL_TAG)
-    if cut < 0:
-        cut = len(text) - held_back(text, (CALL_TAG,))
-    return text[:cut].rstrip()
 
 
 # Blocks of reasoning that other providers' messages carry (OpenAI, Anthropic): not conversation text.

@@ -182,6 +182,13 @@ def _without_cut_tag(content: str) -> str:
     return content[: len(content) - cut].rstrip() if cut else content
 
 
+def text_before_calls(text: str) -> str:
+    """What of a reply still being written is surely content: the text before its first call, less
+    a trailing start of the tag (the reply may go on to complete it) and the whitespace before it."""
+    head, tag, _ = text.partition(CALL_TAG)
+    return (head if tag else _without_cut_tag(head)).rstrip()
+
+
 def react_format(tools: Any, answer: bool = True) -> dict[str, Any]:
     """A response_format holding a reply to one ReAct step (the format of LlamaIndex's and
     LangChain's ReAct agents): a one-line thought, then a call of one of `tools` with arguments
