@@ -49,19 +49,19 @@ def json_format(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
 
 
-def schema_error(text: str, schema: dict[str, Any]) -> str | None:
-    """Why the JSON `text` does not fit `schema`, or None.
+def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
+    """Why the JSON `text` (parsed: `value`) does not fit `schema`, or None.
 
     First xgrammar's grammar for the schema (what decoding enforced), on the text as the model
     wrote it: a number re-spelt by Python (0.00001 as 1e-05) may not fit a grammar with numeric
-    bounds, which writes no exponents. Then jsonschema, for the keywords the grammar does not
-    enforce (uniqueItems, multipleOf, not, if/then, oneOf's exclusivity, ...).
+    bounds, which writes no exponents. Then jsonschema on the value, for the keywords the grammar
+    does not enforce (uniqueItems, multipleOf, not, if/then, oneOf's exclusivity, ...).
     """
     xgr = require_xgrammar()
     grammar = xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, any_order=True)
     if not xgr.testing._is_grammar_accept_string(grammar, text.strip()):
         return f"{text.strip()} does not match the JSON schema"
-    return _validation_error(json.loads(text), schema)
+    return _validation_error(value, schema)
 
 
 def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
@@ -102,7 +102,7 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"the reply is not valid JSON: {exc}"
-    return value, schema_error(text, schema)
+    return value, schema_error(text, value, schema)
 
 
 def structured_fields(text: str, params: GenerationParams, cut: bool = False) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def parse_reply(
             if not isinstance(arguments, dict):
                 raise ValueError(f"arguments must be a JSON object, got {arguments!r}")
             written = json.loads(match.group(1), parse_float=Written, parse_int=Written)["arguments"]
-            error = schema_error(as_written(written), by_name[name]["parameters"])
+            error = schema_error(as_written(written), arguments, by_name[name]["parameters"])
             if error:
                 raise ValueError(error)
             calls.append(ToolCall(call_id, name, arguments))
