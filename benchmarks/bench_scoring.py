@@ -12,11 +12,9 @@ tokens/s, how many scored tokens needed their exact probability, and whether the
 from __future__ import annotations
 
 import argparse
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 from bench_serving import PROMPTS
-from common import device_suffix, write
+from common import device_suffix, serve, write
 
 import wsd_llms
 from wsd_llms.switch import SwitchDetector
@@ -56,13 +54,9 @@ def main() -> None:
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
     head = runtime.engine.runners["base"].head
 
-    def serve(n: int) -> dict:
-        before = runtime.stats()
-        with ExactCounter() as counter, ThreadPoolExecutor(n) as pool:
-            t0 = time.perf_counter()
-            results = list(pool.map(lambda p: runtime.generate([{"role": "user", "content": p}], max_tokens=args.max_tokens), PROMPTS))
-            wall = time.perf_counter() - t0
-        after = runtime.stats()
+    def run(n: int) -> dict:
+        with ExactCounter() as counter:
+            results, wall, before, after = serve(runtime, PROMPTS, n, max_tokens=args.max_tokens)
         return {
             "wall_s": wall,
             "tokens_per_s": sum(r.usage.reply_tokens for r in results) / wall,
@@ -76,9 +70,9 @@ def main() -> None:
         for mode in runs:
             head.use_bound = mode == "bounds"
             for n in args.levels:
-                run = serve(n)
-                runs[mode][n].append(run)
-                print(f"round {r} {mode:6} {n:2d} concurrent: {run['tokens_per_s']:.1f} tok/s, scoring {run['score_s']:.2f} s", flush=True)
+                result = run(n)
+                runs[mode][n].append(result)
+                print(f"round {r} {mode:6} {n:2d} concurrent: {result['tokens_per_s']:.1f} tok/s, scoring {result['score_s']:.2f} s", flush=True)
     head.use_bound = True
 
     rows = [

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: the machine's description and writing results as JSON plus Markdown."""
+"""Shared by the benchmarks: the machine's description, serving a set of prompts, and writing results as JSON plus Markdown."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 import os
 import platform
 import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,3 +56,14 @@ def write(name: str, data: dict, table: str) -> None:
     header = f"Machine: {m['device']} ({m['cores']} cores, torch {m['torch']}), {data['date']}\n\n"
     (RESULTS / f"{name}.md").write_text(header + table + "\n")
     print(header + table)
+
+
+def serve(runtime: Any, prompts: list[str], concurrent: int, **params: Any) -> tuple[list, float, Any, Any]:
+    """Serve one user message per prompt, `concurrent` at a time: (results, wall seconds, stats
+    before, stats after)."""
+    before = runtime.stats()
+    with ThreadPoolExecutor(concurrent) as pool:
+        t0 = time.perf_counter()
+        results = list(pool.map(lambda p: runtime.generate([{"role": "user", "content": p}], **params), prompts))
+        wall = time.perf_counter() - t0
+    return results, wall, before, runtime.stats()

@@ -118,3 +118,26 @@ def test_batched_equals_sequential(embedded, parity):
     assert embedded.stats().peaks["draft_batch"] > 1
     # Both models passed the load probe: their decode steps batch with per-row attention.
     assert all(runner.ragged for runner in embedded.load().runners.values())
+
+
+def test_greedy_screen_changes_no_reply(embedded):
+    """The base model's greedy steps take their ids from a bfloat16 screen of its 262k-word
+    projection (output_head.OutputHead.greedy_ids): every reply, free or under a grammar, is the
+    one the full float32 projection gives."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "people": {"type": "integer"}}, "required": ["city", "people"]}
+    requests = [
+        (CASES["long answer"], {"mode": "base"}),
+        (CASES["list"], {}),
+        ([{"role": "user", "content": "Which city is the largest in Japan, and how many people live there?"}], {"mode": "base", "response_format": schema}),
+    ]
+    head = embedded.load().runners["base"].head
+    screened = head.screened_rows
+    replies = {}
+    try:
+        for on in (True, False):
+            head.use_screen = on
+            replies[on] = [embedded.generate(messages, max_tokens=48, **params).text for messages, params in requests]
+    finally:
+        head.use_screen = True
+    assert replies[True] == replies[False]
+    assert head.screened_rows - screened >= 60  # the screen decided most greedy base steps

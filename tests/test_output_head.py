@@ -103,6 +103,74 @@ def test_bounds_never_undercut_the_exact_probability(small_bound, kind, dtype, s
                 assert b == pytest.approx(output_head.BOUND_FLOOR)
 
 
+def _forbid(ids: list[int]):
+    """A mask as structured.Guide.mask gives one: a copy with `ids` at -inf."""
+
+    def mask(logits: torch.Tensor) -> torch.Tensor:
+        masked = logits.clone()
+        masked[ids] = -math.inf
+        return masked
+
+    return mask
+
+
+def test_greedy_screen_gives_the_full_projections_argmax(small_bound):
+    """The bfloat16 screen's ids are torch.argmax's over the float32 projection, masked or not:
+    exact ties go to the first id, near ties and flat rows to the full projection."""
+    loaded = MODELS["llama"]()
+    model = loaded.model
+    words = model.get_input_embeddings().weight
+    model.get_output_embeddings().weight = words  # tied, float32, no bias or soft-capping: screened
+    with torch.no_grad():
+        words[200] = words[100]  # an exact tie, whatever the row
+        words[150] = words[50] * (1 + 2e-7)  # ties within the float32 sums' rounding
+        words[7] = (1 + 0.49 * 2**-7) * 2**-6  # rounds down in bfloat16, as the row below: every product errs one way
+    head = ModelRunner(loaded).head
+    assert head._screen is not None
+    vocab, size = words.shape
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.cat(
+        [
+            torch.randn(40, size, generator=generator).pow(3) * 4,  # heavy-tailed, like final states
+            words[[100, 50]].detach() * 50,  # rows whose largest logits are the ties
+            torch.full((1, size), 1 + 0.49 * 2**-7),  # the bound's worst case
+            torch.zeros(1, size),  # every logit equal: the first word
+        ]
+    )
+    with torch.inference_mode():
+        logits = head.logits(hidden)
+        top = logits.argmax(-1).tolist()
+        masks = [None if i % 2 else _forbid([top[i], 3, 4]) for i in range(len(hidden))]
+        expected = [int(torch.argmax(row if mask is None else mask(row))) for row, mask in zip(logits, masks)]
+        assert head.greedy_ids(hidden, masks) == expected
+        assert head.greedy_ids(hidden, [None] * len(hidden)) == top
+        assert head.screened_rows > 40 and head.fallback_rows >= 3  # both ways were taken
+        assert top[-1] == 0 and top[-4] == 100 and top[-2] == 7  # the first of equal logits wins
+        head.use_screen = False
+        assert head.greedy_ids(hidden, masks) == expected
+        # The bound holds for every word of every row, and is not loose beyond use.
+        screened = head._screen(hidden.to(torch.bfloat16)).float()
+        scales = output_head._screen_scales(hidden)[2]
+        candidates = head._candidates(screened.clone(), hidden, masks)
+        for z, scale, exact, mask, found in zip(screened, scales, logits, masks, candidates):
+            eps = output_head._screen_error(z, head._norms, scale)
+            assert bool(((z - exact).abs() <= eps).all())
+            assert float(eps.max()) < 30 * float((z - exact).abs().max()) + 1e-5
+            z = z if mask is None else mask(z)
+            assert found.tolist() == (z + eps >= (z - eps).max()).nonzero()[:, 0].tolist()  # the top found in one pass
+        assert sum(len(found) > 1 for found in candidates) >= 10
+
+
+def test_no_screen_where_its_bounds_do_not_hold(small_bound):
+    """Soft-capped logits, a bfloat16 projection, and an untied packed head (no rows to compute
+    candidates again) project in full."""
+    assert ModelRunner(MODELS["gemma3"]()).head._screen is None
+    assert ModelRunner(MODELS["llama"]()).head._screen is None  # untied
+    loaded = MODELS["llama"]()
+    loaded.model.get_output_embeddings().weight = loaded.model.get_input_embeddings().weight
+    loaded.model.to(torch.bfloat16)
+    assert ModelRunner(loaded).head._screen is None
+
 def test_no_bound_for_a_small_vocabulary_or_a_head_the_model_scales():
     assert ModelRunner(MODELS["llama"]()).head.logprob_bounds(torch.zeros(1, 32), [5]) is None  # 300 words
     granite = ModelRunner(tiny_granite(make_tokenizer(300), 3))

@@ -30,8 +30,11 @@ def continue_base(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        logits = (yield Project(rows[-1:], phase=model))[0]
-        token = sample(guide.mask(logits), seq.params, generator)
+        if seq.params.greedy:
+            token = (yield Project(rows[-1:], phase=model, greedy=True, mask=guide.mask if guide.active else None))[0]
+        else:
+            logits = (yield Project(rows[-1:], phase=model))[0]
+            token = sample(guide.mask(logits), seq.params, generator)
         if token in base.eos_ids:
             return "stop"
         guide.accept(token)

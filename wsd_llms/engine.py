@@ -308,7 +308,7 @@ class Engine:
         requests: list[Project] = [seq.pending for seq in seqs]  # type: ignore[misc]
         t0 = time.perf_counter()
         try:
-            logits = requests[0].rows.head.logits(torch.cat([r.rows.hidden for r in requests]))
+            answers = self._answers(requests)
         except Exception as exc:
             if len(seqs) == 1:
                 self._fail(seqs[0], exc)
@@ -317,11 +317,28 @@ class Engine:
                 self._project_group([seq])
             return
         elapsed, total = time.perf_counter() - t0, sum(len(r.rows) for r in requests)
-        for seq, request, rows in zip(seqs, requests, logits.split([len(r.rows) for r in requests])):
+        for seq, request, answer in zip(seqs, requests, answers):
             share = elapsed * len(request.rows) / total
             seq.seconds[request.phase] += share
             self.pass_seconds[request.phase] += share
-            self._send(seq, rows)
+            self._send(seq, answer)
+
+    @staticmethod
+    def _answers(requests: list[Project]) -> list[torch.Tensor | list[int]]:
+        """Each request's logits, or its rows' greedy ids: the full projection runs once for all
+        rows where any request needs logits; otherwise the head finds the ids its own way."""
+        head = requests[0].rows.head
+        hidden = torch.cat([r.rows.hidden for r in requests])
+        owner = [r for r in requests for _ in range(len(r.rows))]  # each row's request
+        logits = None if all(r.greedy for r in requests) else head.logits(hidden)
+        greedy = [k for k, r in enumerate(owner) if r.greedy]
+        found = head.greedy_ids(hidden[greedy], [owner[k].mask for k in greedy], None if logits is None else logits[greedy]) if greedy else []
+        ids, answers, start = iter(found), [], 0
+        for r in requests:
+            n = len(r.rows)
+            answers.append([next(ids) for _ in range(n)] if r.greedy else logits[start : start + n])  # type: ignore[index]
+            start += n
+        return answers
 
     def _note_pass(self, model: str, forwards: list[Forward], seconds: float) -> None:
         self.passes[model] += 1

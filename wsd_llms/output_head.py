@@ -7,11 +7,18 @@ for any S holding t. Tokenizers put their frequent words first, so the first BOU
 most of the probability mass: on the embedded pair 8192 of the base's 262144 words bound all but
 16-20% of the serving benchmark's draft tokens below any passing window (benchmarks/bench_scoring.py),
 and the full projection runs only for those.
+
+Greedy decoding needs only the largest logit's id. A bfloat16 copy of the projection (half the
+bytes to stream) screens the words: with a rigorous bound on its rounding, only words within that
+bound of the top can be the float32 projection's argmax (2 of 262144 at the median on the embedded
+base), and their logits are computed again in float32 (`OutputHead.greedy_ids`). The id is the one
+the full projection's argmax gives, ties included; where the bound cannot decide, the row is
+projected in full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +40,39 @@ MIN_BOUND_VOCAB = 2 * BOUND_WORDS
 BOUND_ULPS = 4.0
 BOUND_FLOOR = 1e-4
 
+# A grammar's mask: logits [V] -> a copy with the forbidden words at -inf (structured.Guide.mask).
+Mask = Callable[[torch.Tensor], torch.Tensor]
+
+# More candidates than this after the screen (a flat distribution, or a mask that forbids all):
+# the row is projected in full instead.
+MAX_CANDIDATES = 256
+
+_BF16_UNIT = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
+
+
+def _screen_scales(hidden: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """For rows [n, H]: the float32 sums' relative error bound gamma, each row's norm (with room
+    for its own rounding), and what a word's row norm is multiplied by in `_screen_error`."""
+    n = hidden.shape[-1]
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)  # a float32 sum of n products
+    u = _BF16_UNIT
+    sizes = hidden.norm(dim=-1) * (1 + 1e-3)
+    return gamma, sizes, (2 * u + u * u + gamma * (1 + u) ** 2 + gamma) * sizes
+
+
+def _screen_error(screened: torch.Tensor, norms: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """How far screened logits may lie from the float32 projection's, for words whose rows have
+    these norms: the operands' rounding to bfloat16 and both sums (scale * norm), the result's
+    rounding to bfloat16, and room for flushed subnormals."""
+    return norms * scale + screened.abs() * (_BF16_UNIT / (1 - _BF16_UNIT)) + 1e-6
+
+
+def _float32_matmul_is_ieee() -> bool:
+    """Whether float32 matrix products run in float32 (`torch.set_float32_matmul_precision` can let
+    oneDNN use bfloat16 inside them, beyond what the screen's bounds allow for)."""
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return torch.get_float32_matmul_precision() == "highest" and getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
+
 
 class OutputHead:
     """A causal LM's output projection and final soft-capping, applied to its final hidden states.
@@ -51,6 +91,10 @@ class OutputHead:
         self._words: torch.Tensor | None = None  # the projection's rows, for a target outside the subset
         self._bias: torch.Tensor | None = None
         self._slice_exact = False  # whether the slice's logits are the whole projection's, bit for bit
+        self.use_screen = True  # off: greedy ids always come from the full projection (benchmarks/bench_greedy_head.py compares)
+        self._screen: Callable[[torch.Tensor], torch.Tensor] | None = None  # the projection in bfloat16
+        self._norms: torch.Tensor | None = None  # each word's row norm, float32 [V]
+        self.screened_rows = self.fallback_rows = 0  # greedy rows the screen decided, and those projected in full
         if model is None:
             return
         head = model.get_output_embeddings()
@@ -72,6 +116,12 @@ class OutputHead:
             if bias is not None:
                 subset.bias.copy_(bias[:BOUND_WORDS])
         self._subset = PackedLinear(subset) if packed else subset
+        # The greedy screen, for a float32 projection with its rows at hand (to compute candidates
+        # again) and nothing after the product (a bias or soft-capping would need their own bounds).
+        if packed and self.dtype == torch.float32 and self._words is not None and bias is None and self.softcap is None:
+            if can_pack(weight[:1].to(torch.bfloat16)):
+                self._screen = PackedLinear.of(weight.to(torch.bfloat16))
+                self._norms = weight.double().norm(dim=1).float()
 
     @classmethod
     def identity(cls) -> OutputHead:
@@ -135,6 +185,76 @@ class OutputHead:
             slack = slack + BOUND_ULPS * eps * torch.maximum(sub.abs().amax(-1), own.abs())
         bounds = torch.where(known, own - lse + slack, torch.full_like(own, BOUND_FLOOR))
         return bounds.tolist()
+
+    def greedy_ids(self, hidden: torch.Tensor, masks: Sequence[Mask | None], logits: torch.Tensor | None = None) -> list[int]:
+        """For each row of final hidden states [n, H], the id of its largest logit once its mask is
+        applied: what `torch.argmax` over the float32 projection gives (the first of equal ones).
+
+        From `logits` where the caller has them; else from the bfloat16 screen where this head has
+        one, the float32 projection running only for a row the screen cannot decide."""
+        if logits is None and (self._screen is None or not self.use_screen or not _float32_matmul_is_ieee()):
+            logits = self.logits(hidden)
+        if logits is not None:
+            return [int(torch.argmax(row if mask is None else mask(row))) for row, mask in zip(logits, masks)]
+        assert self._screen is not None and self._norms is not None and self._words is not None
+        screened = self._screen(hidden.to(torch.bfloat16)).float()
+        rows = hidden.float()
+        ids = self._screen_ids(screened, rows, masks)
+        undecided = [i for i, token in enumerate(ids) if token is None]
+        self.screened_rows += len(ids) - len(undecided)
+        self.fallback_rows += len(undecided)
+        if undecided:
+            full = self.logits(hidden[undecided])
+            for i, token in zip(undecided, self.greedy_ids(hidden[undecided], [masks[i] for i in undecided], full)):
+                ids[i] = token
+        return ids  # type: ignore[return-value]
+
+    def _screen_ids(self, screened: torch.Tensor, hidden: torch.Tensor, masks: Sequence[Mask | None]) -> list[int | None]:
+        """The float32 projection's argmax for each row, masked, from its screened logits [n, V];
+        None where the bounds leave it open.
+
+        Rounding the weights and the row to bfloat16, summing, and rounding the result move a
+        logit by at most `_screen_error`; the float32 projection's own sum moves it by at most
+        gamma * S (S = sum |w_k h_k| <= |w| |h|). So only the candidates can be the argmax, and
+        their float32 logits, summed again in any order, decide it unless two lie within both
+        sums' rounding of each other."""
+        gamma, sizes, _ = _screen_scales(hidden)
+        return [self._decide(words, h, size, gamma) for words, h, size in zip(self._candidates(screened, hidden, masks), hidden, sizes)]
+
+    def _candidates(self, screened: torch.Tensor, hidden: torch.Tensor, masks: Sequence[Mask | None]) -> list[torch.Tensor]:
+        """Each row's words whose screened logit plus its error reaches the best screened logit
+        less its error (masked words never do). The words near the top are found first, in one
+        pass over the rows, since no error exceeds `widest`: no screened logit exceeds |w| |h| by
+        more than the bfloat16 operands' and the sum's rounding (Cauchy-Schwarz)."""
+        assert self._norms is not None
+        gamma, sizes, scales = _screen_scales(hidden)
+        top = self._norms.max()
+        widest = _screen_error(top * sizes * (1 + _BF16_UNIT) ** 3 * (1 + gamma), top, scales)
+        for i, mask in enumerate(masks):
+            if mask is not None:
+                screened[i] = mask(screened[i])  # forbidden words at -inf
+        best, at = screened.max(dim=-1)
+        reach = best - _screen_error(best, self._norms[at], scales) - widest
+        near = (screened >= reach[:, None]).nonzero()
+        found = []
+        for z, words, scale in zip(screened, near[:, 1].split(torch.bincount(near[:, 0], minlength=len(screened)).tolist()), scales):
+            z = z[words]
+            eps = _screen_error(z, self._norms[words], scale)
+            found.append(words[z + eps >= (z - eps).max()] if len(words) else words)
+        return found
+
+    def _decide(self, candidates: torch.Tensor, hidden: torch.Tensor, size: torch.Tensor, gamma: float) -> int | None:
+        """One row's argmax among its candidates (ids), or None where their float32 logits leave it open."""
+        assert self._norms is not None and self._words is not None
+        if len(candidates) == 1:
+            return int(candidates[0])
+        if not 1 < len(candidates) <= MAX_CANDIDATES:  # a flat row, everything masked, or NaN
+            return None
+        exact = self._words[candidates].float() @ hidden
+        slack = self._norms[candidates] * (2 * gamma * size) + 1e-6
+        best = int(torch.argmax(exact))
+        rivals = torch.cat([exact[:best] + slack[:best], exact[best + 1 :] + slack[best + 1 :]])
+        return int(candidates[best]) if float(exact[best] - slack[best]) > float(rivals.max()) else None
 
 
 @dataclass

@@ -87,11 +87,16 @@ class PackedLinear(torch.nn.Module):
         self.one_row_differs = _one_row_kernel_differs(self.packed, self.in_features, self.out_features, linear.weight.dtype)
 
     @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
+        """A packed layer computing `x @ weight.T + bias` (the weight is copied into oneDNN's layout)."""
+        return cls(_linear_of(weight, bias))
+
+    @classmethod
     def stacked(cls, linears: list[torch.nn.Linear]) -> PackedLinear:
         """One layer computing all of `linears` (same input size and dtype), their outputs side by side."""
         biases = [linear.bias for linear in linears]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])  # type: ignore[union-attr]
-        return cls(_linear_of(torch.cat([linear.weight.detach() for linear in linears]), bias))
+        return cls.of(torch.cat([linear.weight.detach() for linear in linears]), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_row_differs and x.numel() == x.shape[-1]:

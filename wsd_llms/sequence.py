@@ -14,7 +14,7 @@ import torch
 
 from .events import Event, TextDelta
 from .kv_cache import KVCache
-from .output_head import HeadRows
+from .output_head import HeadRows, Mask
 from .params import GenerationParams
 from .prompts import Prompts
 from .reply import Delta, ReplyText
@@ -48,15 +48,20 @@ class Forward:
 @dataclass
 class Project:
     """Logits a program needs for rows a lazy forward gave it: float32 [len(rows), V]. The engine
-    projects every program's waiting rows together, one call of each model's output projection."""
+    projects every program's waiting rows together, one call of each model's output projection.
+
+    With `greedy`, the answer is instead each row's largest logit's id (list[int]) once `mask` is
+    applied, which the head can find without every logit (output_head.OutputHead.greedy_ids)."""
 
     rows: HeadRows
     phase: str = "score"
+    greedy: bool = False
+    mask: Mask | None = None
 
 
 # A decoding program: yields the passes and projections it needs, receives their logits (or
 # rows), returns its result.
-Program = Generator[Forward | Project, torch.Tensor | HeadRows, Any]
+Program = Generator[Forward | Project, torch.Tensor | HeadRows | list[int], Any]
 
 _ids = itertools.count(1)
 

@@ -1,0 +1,83 @@
+"""The greedy screen against the full output projection, side by side in one process, on the embedded pair.
+
+A greedy base step needs only the id of the largest of 262144 logits. The runtime screens them
+with a bfloat16 copy of the projection and computes only the candidates again in float32
+(wsd_llms/output_head.py); the id is the full projection's. This serves the serving benchmark's
+16 prompts, online WSD and the base model alone, at 1 and 8 concurrent, alternating the full
+projection and the screen, and reports aggregate tokens/s, seconds in base decoding (its passes
+and projections), how many greedy rows the screen decided, and whether the replies agree.
+
+    python benchmarks/bench_greedy_head.py [--rounds 2] [--levels 1 8] [--modes online base] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench_serving import PROMPTS
+from common import device_suffix, serve, write
+
+import wsd_llms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["online", "base"])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    head = runtime.engine.runners["base"].head
+    if head._screen is None:
+        raise SystemExit("this base model's head has no greedy screen (see output_head.OutputHead)")
+
+    def run(mode: str, n: int) -> dict:
+        screened, fallback = head.screened_rows, head.fallback_rows
+        results, wall, before, after = serve(runtime, PROMPTS, n, max_tokens=args.max_tokens, mode=mode)
+        return {
+            "wall_s": wall,
+            "tokens_per_s": sum(r.usage.reply_tokens for r in results) / wall,
+            "base_s": after.pass_seconds["base"] - before.pass_seconds["base"],
+            "screened_rows": head.screened_rows - screened,
+            "fallback_rows": head.fallback_rows - fallback,
+            "texts": [r.text for r in results],
+        }
+
+    cases = [(mode, n) for mode in args.modes for n in args.levels]
+    runs: dict[str, dict[str, list[dict]]] = {way: {f"{m} {n}": [] for m, n in cases} for way in ("full", "screen")}
+    for r in range(args.rounds):
+        for way in runs:
+            head.use_screen = way == "screen"
+            for mode, n in cases:
+                result = run(mode, n)
+                runs[way][f"{mode} {n}"].append(result)
+                print(f"round {r} {way:6} {mode:6} {n:2d} concurrent: {result['tokens_per_s']:.1f} tok/s, base decoding {result['base_s']:.2f} s", flush=True)
+    head.use_screen = True
+
+    rows = [
+        "| mode | concurrent | tok/s, full / screen | ratio | base decoding (s), full / screen | ratio | greedy rows the screen decided | replies equal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+    for mode, n in cases:
+        key = f"{mode} {n}"
+        full, screen = runs["full"][key], runs["screen"][key]
+        decided = sum(x["screened_rows"] for x in screen)
+        share = decided / max(1, decided + sum(x["fallback_rows"] for x in screen))
+        same = all(x["texts"] == full[0]["texts"] for x in full + screen)
+        t, b = [mean(full, "tokens_per_s"), mean(screen, "tokens_per_s")], [mean(full, "base_s"), mean(screen, "base_s")]
+        summary[key] = {"tokens_per_s": t, "base_s": b, "screen_decided": share, "replies_equal": same}
+        rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {b[0]:.2f} / {b[1]:.2f} | {b[1] / b[0]:.2f}x | {share:.1%} | {'yes' if same else 'NO'} |")
+    rows += ["", f"Greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; the serving benchmark's 16 prompts; means of {args.rounds} rounds, alternating."]
+    for way in runs.values():
+        for key in way:
+            for result in way[key]:
+                result.pop("texts")
+    write("greedy_head" + device_suffix(runtime.device), {"dtype": str(runtime.dtype), "cases": summary, "runs": runs}, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
