@@ -93,7 +93,7 @@ class OutputHead:
         self._slice_exact = False  # whether the slice's logits are the whole projection's, bit for bit
         self.use_screen = True  # off: greedy ids always come from the full projection (benchmarks/bench_greedy_head.py compares)
         self._screen: Callable[[torch.Tensor], torch.Tensor] | None = None  # the projection in bfloat16
-        self._norms: torch.Tensor | None = None  # each word's row norm, float32 [V]
+        self._norms: torch.Tensor | None = None  # each word's row norm, rounded up, float32 [V]
         self.screened_rows = self.fallback_rows = 0  # greedy rows the screen decided, and those projected in full
         if model is None:
             return
@@ -121,7 +121,7 @@ class OutputHead:
         if packed and self.dtype == torch.float32 and self._words is not None and bias is None and self.softcap is None:
             if can_pack(weight[:1].to(torch.bfloat16)):
                 self._screen = PackedLinear.of(weight.to(torch.bfloat16))
-                self._norms = weight.double().norm(dim=1).float()
+                self._norms = weight.float().norm(dim=1) * (1 + 1e-3)  # with room for their own rounding
 
     @classmethod
     def identity(cls) -> OutputHead:
