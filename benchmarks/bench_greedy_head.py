@@ -8,6 +8,8 @@ projection and the screen, and reports aggregate tokens/s, seconds in base decod
 and projections), how many greedy rows the screen decided, and whether the replies agree.
 
     python benchmarks/bench_greedy_head.py [--rounds 2] [--levels 1 8] [--modes online base] [--max-tokens 64]
+
+Results go to results/greedy_head.* (results/greedy_head_t<N>.* for another --max-tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from bench_serving import PROMPTS
-from common import device_suffix, serve, write
+from common import alternate, device_suffix, serve, write
 
 import wsd_llms
 
@@ -33,9 +35,10 @@ def main() -> None:
     if head._screen is None:
         raise SystemExit("this base model's head has no greedy screen (see output_head.OutputHead)")
 
-    def run(mode: str, n: int) -> dict:
+    def run(case: str) -> dict:  # "<mode> <concurrent>"
+        mode, n = case.split()
         screened, fallback = head.screened_rows, head.fallback_rows
-        results, wall, before, after = serve(runtime, PROMPTS, n, max_tokens=args.max_tokens, mode=mode)
+        results, wall, before, after = serve(runtime, PROMPTS, int(n), max_tokens=args.max_tokens, mode=mode)
         return {
             "wall_s": wall,
             "tokens_per_s": sum(r.usage.reply_tokens for r in results) / wall,
@@ -45,15 +48,9 @@ def main() -> None:
             "texts": [r.text for r in results],
         }
 
-    cases = [(mode, n) for mode in args.modes for n in args.levels]
-    runs: dict[str, dict[str, list[dict]]] = {way: {f"{m} {n}": [] for m, n in cases} for way in ("full", "screen")}
-    for r in range(args.rounds):
-        for way in runs:
-            head.use_screen = way == "screen"
-            for mode, n in cases:
-                result = run(mode, n)
-                runs[way][f"{mode} {n}"].append(result)
-                print(f"round {r} {way:6} {mode:6} {n:2d} concurrent: {result['tokens_per_s']:.1f} tok/s, base decoding {result['base_s']:.2f} s", flush=True)
+    cases = [f"{mode} {n}" for mode in args.modes for n in args.levels]
+    ways = {way: (lambda on=way == "screen": setattr(head, "use_screen", on)) for way in ("full", "screen")}
+    runs = alternate(args.rounds, ways, cases, run, lambda r: f"{r['tokens_per_s']:.1f} tok/s, base decoding {r['base_s']:.2f} s")
     head.use_screen = True
 
     rows = [
@@ -62,8 +59,8 @@ def main() -> None:
     ]
     summary = {}
     mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
-    for mode, n in cases:
-        key = f"{mode} {n}"
+    for key in cases:
+        mode, n = key.split()
         full, screen = runs["full"][key], runs["screen"][key]
         decided = sum(x["screened_rows"] for x in screen)
         share = decided / max(1, decided + sum(x["fallback_rows"] for x in screen))
@@ -76,7 +73,8 @@ def main() -> None:
         for key in way:
             for result in way[key]:
                 result.pop("texts")
-    write("greedy_head" + device_suffix(runtime.device), {"dtype": str(runtime.dtype), "cases": summary, "runs": runs}, "\n".join(rows))
+    name = "greedy_head" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + device_suffix(runtime.device)
+    write(name, {"dtype": str(runtime.dtype), "cases": summary, "runs": runs}, "\n".join(rows))
 
 
 if __name__ == "__main__":

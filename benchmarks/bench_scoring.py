@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from bench_serving import PROMPTS
-from common import device_suffix, serve, write
+from common import alternate, device_suffix, serve, write
 
 import wsd_llms
 from wsd_llms.switch import SwitchDetector
@@ -65,14 +65,8 @@ def main() -> None:
             "texts": [r.text for r in results],
         }
 
-    runs: dict[str, dict[int, list[dict]]] = {"exact": {n: [] for n in args.levels}, "bounds": {n: [] for n in args.levels}}
-    for r in range(args.rounds):
-        for mode in runs:
-            head.use_bound = mode == "bounds"
-            for n in args.levels:
-                result = run(n)
-                runs[mode][n].append(result)
-                print(f"round {r} {mode:6} {n:2d} concurrent: {result['tokens_per_s']:.1f} tok/s, scoring {result['score_s']:.2f} s", flush=True)
+    ways = {way: (lambda on=way == "bounds": setattr(head, "use_bound", on)) for way in ("exact", "bounds")}
+    runs = alternate(args.rounds, ways, args.levels, run, lambda r: f"{r['tokens_per_s']:.1f} tok/s, scoring {r['score_s']:.2f} s")
     head.use_bound = True
 
     rows = [

@@ -9,6 +9,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,18 @@ def serve(runtime: Any, prompts: list[str], concurrent: int, **params: Any) -> t
         results = list(pool.map(lambda p: runtime.generate([{"role": "user", "content": p}], **params), prompts))
         wall = time.perf_counter() - t0
     return results, wall, before, runtime.stats()
+
+
+def alternate(rounds: int, ways: dict[str, Callable[[], None]], cases: list, run: Callable[[Any], dict], say: Callable[[dict], str]) -> dict[str, dict[Any, list[dict]]]:
+    """Run every case each way, the ways taking turns `rounds` times over, so that the shared
+    machine's drift falls on all of them alike; `ways` maps a name to what sets it up. Returns
+    runs[way][case], a list of `run(case)` results, and prints each with `say`."""
+    runs: dict[str, dict[Any, list[dict]]] = {way: {case: [] for case in cases} for way in ways}
+    for r in range(rounds):
+        for way, setup in ways.items():
+            setup()
+            for case in cases:
+                result = run(case)
+                runs[way][case].append(result)
+                print(f"round {r} {way:6} {case}: {say(result)}", flush=True)
+    return runs

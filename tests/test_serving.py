@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import make_tokenizer, tiny_gemma3, tiny_llama
 
 from wsd_llms import (
@@ -23,6 +24,7 @@ from wsd_llms import (
     TextDelta,
     WSDRuntime,
 )
+from wsd_llms import output_head
 from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
@@ -122,6 +124,33 @@ def test_mixed_requests_batched_equal_their_lone_replies(pair, request):
         assert (calls[0], many.parsed) == (calls[1], one.parsed), s
     assert alone[4].parse_error is None and alone[5].tool_calls[0].name == "pick"  # the constraints held
     assert rt.stats().peaks["draft_batch"] > 1
+
+
+def test_greedy_screen_in_shared_batches_changes_no_reply(draft_tokenizer, monkeypatch):
+    """A base whose head gets the bfloat16 greedy screen (output_head): the mixed requests, alone
+    and together, reply as they do with the full projection; greedy ids and logits share a step's
+    projection call."""
+    monkeypatch.setattr(output_head, "BOUND_WORDS", 64)
+    monkeypatch.setattr(output_head, "MIN_BOUND_VOCAB", 128)  # the tiny vocabulary (300 words) gets a screen
+    base = tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0)
+    words = base.model.get_input_embeddings().weight
+    base.model.get_output_embeddings().weight = words
+    with torch.no_grad():
+        words[-16:] = words[:16]  # ties with the words it picks most: rows the screen leaves to the full projection
+    rt = WSDRuntime.from_models(tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), base)
+    try:
+        head = rt.load().runners["base"].head
+        assert head._screen is not None
+        jobs = [(QUESTIONS[i % len(QUESTIONS)], MIXED[i % len(MIXED)]) for i in range(16)]
+        replies = {}
+        for on in (False, True):
+            head.use_screen = on
+            replies[on] = [rt.generate(_msgs(q), **s) for q, s in jobs] + _concurrently(rt, jobs)
+        for off, on in zip(replies[False], replies[True]):
+            assert (on.text, on.switch_point, on.finish_reason) == (off.text, off.switch_point, off.finish_reason)
+        assert head.screened_rows > 50 and head.fallback_rows > 5
+    finally:
+        rt.close()
 
 
 async def test_32_async_streams_lose_nothing(differ_runtime):
