@@ -63,8 +63,9 @@ def _screen_scales(hidden: torch.Tensor) -> tuple[float, torch.Tensor, torch.Ten
 def _screen_error(screened: torch.Tensor, norms: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """How far screened logits may lie from the float32 projection's, for words whose rows have
     these norms: the operands' rounding to bfloat16 and both sums (scale * norm), the result's
-    rounding to bfloat16, and room for flushed subnormals."""
-    return norms * scale + screened.abs() * (_BF16_UNIT / (1 - _BF16_UNIT)) + 1e-6
+    rounding to bfloat16 (allowing a whole unit in the last place, should a kernel truncate), and
+    room for flushed subnormals."""
+    return norms * scale + screened.abs() * (2 * _BF16_UNIT / (1 - 2 * _BF16_UNIT)) + 1e-6
 
 
 def _float32_matmul_is_ieee() -> bool:
@@ -229,7 +230,7 @@ class OutputHead:
         assert self._norms is not None
         gamma, sizes, scales = _screen_scales(hidden)
         top = self._norms.max()
-        widest = _screen_error(top * sizes * (1 + _BF16_UNIT) ** 3 * (1 + gamma), top, scales)
+        widest = _screen_error(top * sizes * (1 + _BF16_UNIT) ** 2 * (1 + 2 * _BF16_UNIT) * (1 + gamma), top, scales)
         for i, mask in enumerate(masks):
             if mask is not None:
                 screened[i] = mask(screened[i])  # forbidden words at -inf
