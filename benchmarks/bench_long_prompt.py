@@ -1,7 +1,7 @@
 """A long prompt arriving while other streams decode: how long they pause when the prompt is fed
 whole in one step, against fed a piece per step (chunked prefill, the runtime's `prefill_chunk`).
 
-    python benchmarks/bench_long_prompt.py [--streams 4] [--facts 120] [--chunks 0 512 256] [--device auto]
+    python benchmarks/bench_long_prompt.py [--streams 4] [--facts 120] [--chunks 0 512 256 128] [--device auto]
 
 For each setting (0 = the whole prompt in one step), `streams` chat requests start; once each has
 streamed text, one request with a long document (a RAG-style prompt) arrives. Reported, while the
@@ -101,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--facts", type=int, default=120, help="records in the document (about 24 base tokens each)")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 512, 256], help="prefill_chunk settings; 0 = whole prompt")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 512, 256, 128], help="prefill_chunk settings; 0 = whole prompt")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()

@@ -6,7 +6,7 @@
 - parallel branches: several questions on the same document at once (an agent's parallel tool
   calls or branches); the wall time and the slowest time to first token.
 
-    python benchmarks/bench_prefix_cache.py [--facts 80] [--turns 3] [--branches 4] [--rounds 2] [--max-tokens 48] [--device auto]
+    python benchmarks/bench_prefix_cache.py [--facts 80] [--turns 3] [--branches 4] [--rounds 2] [--max-tokens 48] [--prefill-chunk N] [--device auto]
 """
 
 from __future__ import annotations
@@ -87,9 +87,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="the runtime's prefill_chunk (default: its own)")
     args = parser.parse_args()
     runtime = wsd_llms.get_runtime(device=args.device)
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    if args.prefill_chunk:
+        runtime.configure(prefill_chunk=args.prefill_chunk)
     keep = runtime.limits["prefix_cache_tokens"]
     doc = document(args.facts)
     runs: dict[str, list[list[dict]]] = {"off": [], "on": []}

@@ -24,11 +24,13 @@ PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 # (attention.ragged_sdpa, on CPU) attend in place and pay nothing per position.
 POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 
-# Tokens of prompt a step feeds each model (chunked prefill): on a 2-core CPU a 512-token piece
-# costs 0.2-0.9 s per model (more as the cache grows), so streams that are decoding pause that
-# long rather than for the whole prompt (benchmarks/bench_long_prompt.py); on a GPU a pass of
-# 8192 tokens should cost little more than a decode step (an estimate, as yet unmeasured).
-PREFILL_CHUNK = {"cpu": 512, "cuda": 8192}
+# Tokens of prompt a step feeds each model (chunked prefill): streams that are decoding pause for
+# one piece rather than for the whole prompt. On a 2-core CPU (benchmarks/bench_long_prompt.py,
+# a 2905-token document among 4 streams) pieces of 256 stall them for at most 0.52-0.54 s against
+# 1.00 s with 512, for 1-2% more time to the document's first token (128: 0.31-0.32 s, 11% more); a
+# prefix is also kept in finer pieces (bench_prefix_cache.py). On a GPU a pass of 8192 tokens
+# should cost little more than a decode step (an estimate, as yet unmeasured).
+PREFILL_CHUNK = {"cpu": 256, "cuda": 8192}
 
 
 # The caches each decoding program fills (Sequence.cache_limits).
