@@ -11,7 +11,7 @@ from wsd_llms.kv_cache import KVCache, KVStore
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms import packed_linear
 from wsd_llms.packed_linear import PackedLinear, SharedInputPart, can_pack, pack_linears
-from wsd_llms.scheduler import plan_passes, prefill_pieces
+from wsd_llms.scheduler import piece_cuts, piece_end, plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
 
 # (cached tokens, new tokens, kept rows): an empty-cache prefill, decode steps, scoring passes;
@@ -287,6 +287,21 @@ def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget()
     assert prefill_pieces([_fw(1000), _fw(40), _fw(1), _fw(1)], 512) == [512, None, 1, 1]
     assert prefill_pieces([_fw(40), _fw(1000), _fw(30), _fw(1)], 512) == [40, None, 30, 1]
     assert prefill_pieces([_fw(700, 700), _fw(2)], 512) == [700, None]
+
+
+def test_prompts_are_also_cut_where_their_messages_end():
+    """A mark (a message's end) cuts a piece when it lies at least MIN_PIECE past the piece's start
+    and before the next multiple of the chunk; the cuts run from position 0, so two prompts that
+    start alike are cut alike there."""
+    marks = (10, 40, 70, 90, 300)  # MIN_PIECE is 32
+    assert [piece_end(p, marks, 256) for p in (0, 40, 70, 256)] == [40, 90, 256, 300]
+    assert piece_cuts(300, marks, 256) == (40, 90, 256, 300)
+    assert piece_cuts(300, marks[:3], 256) == (40, 256)  # a shorter prompt's marks: the same cuts up to its last
+    # prefill_pieces cuts there, from where the cache ends; the last piece keeps its rows.
+    assert prefill_pieces([_fw(95)], 256, [marks]) == [40]
+    assert prefill_pieces([_fw(55, cached=40)], 256, [marks]) == [50]
+    assert prefill_pieces([_fw(52, 3, cached=40)], 256, [marks]) == [52]  # 2 ids past the mark: fewer than the rows kept
+    assert prefill_pieces([_fw(95)], 256, [()]) == [95]
 
 
 def test_growing_cache_equals_transformers_cache_across_growth_and_crops():

@@ -7,6 +7,7 @@ from tiny import make_tokenizer, tiny_gemma3
 
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.prefix_cache import PrefixCache
+from wsd_llms.scheduler import piece_end
 
 
 def _fed(runner: ModelRunner, ids: list[int], chunk: int, store: PrefixCache | None = None) -> tuple[object, torch.Tensor]:
@@ -72,7 +73,7 @@ def test_only_pieces_that_follow_whole_pieces_are_stored_or_taken():
     whole = runner.new_cache()
     assert store.restore(whole, ids, keep=0, chunk=8, num_layers=runner.num_layers) == 24 and whole.pieces == 24
     ModelRunner.crop(whole, 12)
-    assert whole.pieces == 12
+    assert whole.pieces == 8  # the piece cropped into is no longer whole
     runner.extend(whole, ids[12:16])
     assert store.restore(whole, ids[16:], keep=0, chunk=8, num_layers=runner.num_layers) == 0  # 16 is not where whole pieces end
 
@@ -96,3 +97,60 @@ def test_pieces_cut_at_another_size_are_neither_stored_nor_continued():
     other = PrefixCache(max_tokens=64)
     other.store(by_8, 16, 16)
     assert other.tokens() == 0
+
+
+def test_pieces_cut_where_messages_end_are_restored_bit_for_bit():
+    """Pieces of other sizes (a mark cuts one short of the chunk) are stored and restored as fed,
+    and a prompt whose marks cut it elsewhere takes none of them."""
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    ids = torch.randint(10, runner.model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    marks = (35, 100, 140, 170)  # with chunk 64, cuts at 35, 64, 100, 128, 170, 192 (140 is too close to 128)
+
+    def fed(prompt: list[int], marks: tuple[int, ...], store: PrefixCache | None = None) -> tuple[object, torch.Tensor]:
+        kv, start = runner.new_cache(), 0
+        while len(prompt) - (end := piece_end(start, marks, 64)) >= 1:
+            runner.extend(kv, prompt[start:end], lazy=True)
+            if store is not None:
+                store.store(kv, start, 64, marks)
+            start = end
+        return kv, runner.extend(kv, prompt[start:])
+
+    store = PrefixCache(max_tokens=256)
+    fed(ids, marks, store)
+    assert store.tokens() == 192
+    other = runner.new_cache()  # cut at 50 first: not the pieces stored
+    assert store.restore(other, ids, keep=0, chunk=64, num_layers=runner.num_layers, marks=(50,)) == 0
+    for prompt, its_marks, whole in ((ids, marks, 192), (ids[:120] + [7, 8], marks[:2], 100)):
+        expected_kv, expected = fed(prompt, its_marks)
+        kv = runner.new_cache()
+        assert store.restore(kv, prompt, keep=0, chunk=64, num_layers=runner.num_layers, marks=its_marks) == whole
+        assert kv.cuts == [c for c in (35, 64, 100, 128, 170, 192) if c <= whole]
+        assert torch.equal(runner.extend(kv, prompt[whole:]), expected)
+        for ours, theirs in zip(kv.store.buffers, expected_kv.store.buffers):
+            assert torch.equal(ours[..., : len(prompt), :], theirs[..., : len(prompt), :])
+
+
+def test_marks_fall_where_messages_end_and_grow_with_the_conversation():
+    """Both prompts mark where each message's text ends but the last's (the tools block too), and
+    the next turn's prompt, which starts with this one's messages, has the same marks there."""
+    from wsd_llms.messages import normalize_messages
+    from wsd_llms.prompts import build_prompts
+
+    draft, base = make_tokenizer(300), make_tokenizer(420)
+    turn = [
+        {"role": "system", "content": "You answer questions about the list below, briefly."},
+        {"role": "user", "content": "Which item is 5? Read the list first."},
+    ]
+    later = [*turn, {"role": "assistant", "content": "Item 5 is 9."}, {"role": "user", "content": "And item 6?"}]
+    tools = [{"name": "look", "description": "Look an item up", "parameters": {"type": "object", "properties": {}}}]
+    for template, with_tools in (("plain", ()), ("plain", tools), ("chat", ())):
+        first = build_prompts(draft, base, normalize_messages(turn), template, with_tools)
+        second = build_prompts(draft, base, normalize_messages(later), template, with_tools)
+        for model, tok, ids in (("draft", draft, first.draft_ids), ("base", base, first.base_ids)):
+            marks, more = first.marks[model], second.marks[model]
+            assert len(marks) == 1 + (1 if with_tools and model == "base" else 0), (template, model, marks)
+            # A template without tools of its own gets them in the system message (tools.template_messages).
+            assert tok.decode(ids[: marks[-1]]).endswith('"properties": {}}}' if with_tools and model == "draft" else "list below, briefly.")
+            assert len(more) == len(marks) + 2 and more[: len(marks)] == marks
+            assert tok.decode((second.draft_ids if model == "draft" else second.base_ids)[: more[-1]]).endswith("Item 5 is 9.")
+

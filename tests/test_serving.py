@@ -28,6 +28,7 @@ from wsd_llms import output_head
 from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
+from wsd_llms.prompts import build_prompts
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -544,6 +545,32 @@ def test_a_prompt_that_starts_like_an_earlier_one_feeds_only_the_rest(fresh):
     assert sum(cold.stats().tokens[k] for k in ("draft", "score")) - fed == reused
     assert 0 < after.prefix_cache["cached_tokens"] <= 2 * 4096
 
+
+def test_a_shorter_prompt_is_cut_where_its_messages_end_for_the_next_turn(fresh):
+    """A conversation shorter than a prefill piece: its prompt is also cut where its system message
+    ends, so the next turn restores that piece in both models (and is cut after its own earlier
+    messages for the turn after), and gets the reply a runtime that keeps nothing gives."""
+    settings = {"max_tokens": 20, "switch_threshold": 0.5, "switch_window": 2}
+    first = [
+        {"role": "system", "content": "Read this and answer. " + " ".join(f"item {i} is {i * 7 % 13}" for i in range(8))},
+        {"role": "user", "content": "Which item is 5? Think about the list before you answer it."},
+    ]
+    turn = [*first, {"role": "assistant", "content": "Item 5 is 9."}, {"role": "user", "content": "And item 6?"}]
+    cold = fresh(prefix_cache_tokens=0)
+    expected = [cold.generate(messages, **settings) for messages in (first, turn)]
+    rt = fresh()
+    earlier = rt.generate(first, **settings)
+    before = rt.stats()
+    got = rt.generate(turn, **settings)
+    after = rt.stats()
+    assert [(r.text, r.switch_point) for r in (earlier, got)] == [(r.text, r.switch_point) for r in expected]
+    assert earlier.usage.draft_prompt_tokens < 256 and earlier.usage.base_prompt_tokens < 256  # within one piece of prefill_chunk
+    reused = after.prefix_cache["reused_tokens"] - before.prefix_cache["reused_tokens"]
+    marks = build_prompts(rt.engine.draft.tokenizer, rt.engine.base.tokenizer, normalize_messages(first)).marks
+    assert reused == marks["draft"][0] + marks["base"][0] > 64  # the system message, in both models
+    last = rt.generate([*turn, {"role": "assistant", "content": got.text}, {"role": "user", "content": "Thanks."}], **settings)
+    assert rt.stats().prefix_cache["reused_tokens"] - after.prefix_cache["reused_tokens"] > reused  # and the first exchange
+    assert last.text == cold.generate([*turn, {"role": "assistant", "content": got.text}, {"role": "user", "content": "Thanks."}], **settings).text
 
 def test_parallel_branches_with_one_history_feed_it_once(fresh):
     """Requests that share a long start and run together (an agent's parallel branches): each piece

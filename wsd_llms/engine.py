@@ -242,20 +242,29 @@ class Engine:
         starts from the pieces an earlier request stored, where its ids begin the same."""
         seqs = [seq for seq in seqs if self._restore(seq)]
         pending = [seq.pending for seq in seqs if seq.pending is not None]  # all of them: they were batched by it
-        sizes = prefill_pieces(pending, self.prefill_chunk)
+        sizes = prefill_pieces(pending, self.prefill_chunk, [self._marks(seq, forward.model) for seq, forward in zip(seqs, pending)])
         return [
             (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=0, lazy=True))
             for seq, forward, n in zip(seqs, pending, sizes)
             if n is not None
         ]
 
+    def _marks(self, seq: Sequence, model: str) -> tuple[int, ...]:
+        """Where `model`'s prompt may be cut besides every prefill_chunk ids: at its messages' ends, on
+        a runner whose passes give a row the same bits in any batch (ragged, on CPU); a padded
+        pass (a GPU) pays a launch cost a piece, and its pieces are not reused bit for bit."""
+        return seq.prompts.marks[model] if self.runners[model].ragged else ()
+
     def _restore(self, seq: Sequence) -> bool:
-        """Take the stored pieces that continue a long forward (prefix_cache); False if that failed the request."""
+        """Take the stored pieces that continue a forward fed in more than one piece (prefix_cache);
+        False if that failed the request."""
         forward = seq.pending
-        if forward is None or len(forward.ids) <= self.prefill_chunk:
+        if forward is None or len(forward.ids) == 1:
             return True
         try:
-            held = self.prefixes[forward.model].restore(forward.kv, forward.ids, forward.keep, self.prefill_chunk, self.runners[forward.model].num_layers)
+            held = self.prefixes[forward.model].restore(
+                forward.kv, forward.ids, forward.keep, self.prefill_chunk, self.runners[forward.model].num_layers, self._marks(seq, forward.model)
+            )
         except Exception as exc:
             self._fail(seq, exc)
             return False
@@ -350,8 +359,8 @@ class Engine:
         """Count a pass to `seq`; hand its output to the program, or, after a piece, keep the rest pending."""
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
-        if len(forward.ids) == self.prefill_chunk:  # a whole piece: kept for requests that start the same
-            self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk)
+        if len(forward.ids) > 1:  # a whole piece is kept for requests that start the same
+            self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
         pending = seq.pending
         if forward is pending:
             self._send(seq, output)

@@ -155,15 +155,25 @@ class KVCache:
         self.cache = DynamicCache()
         self.cache.layer_class_to_replicate = LayerFactory(self.store)  # type: ignore[assignment]
         self.ids: list[int] = []
-        self.pieces = 0  # leading positions fed as whole prefill pieces, or restored from them (prefix_cache)
-        self.piece_size = 0  # the size those pieces were cut at
+        self.cuts: list[int] = []  # where the whole prefill pieces fed or restored from the start end (prefix_cache)
+        self.piece_size = 0  # the prefill_chunk those pieces were cut with
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def pieces(self) -> int:
+        """Leading positions held as whole prefill pieces."""
+        return self.cuts[-1] if self.cuts else 0
+
     def whole_pieces(self, start: int, chunk: int) -> bool:
-        """Whether the first `start` positions are whole pieces of `chunk` ids (a piece may follow them)."""
-        return start % chunk == 0 and start == self.pieces and (start == 0 or self.piece_size == chunk)
+        """Whether the first `start` positions are whole pieces cut with `chunk` (a piece may follow them)."""
+        return start == self.pieces and (start == 0 or self.piece_size == chunk)
+
+    def crop_pieces(self, length: int) -> None:
+        """Forget the pieces that end past `length` (the cache was cropped there)."""
+        while self.cuts and self.cuts[-1] > length:
+            self.cuts.pop()
 
     def fill_layers(self, count: int) -> list[GrowingLayer]:
         """All `count` layers, making those transformers has not asked for yet (the store learns the count)."""

@@ -243,4 +243,4 @@ class ModelRunner:
         if drop > 0:
             kv.cache.crop(-drop)
             del kv.ids[length:]
-            kv.pieces = min(kv.pieces, length)
+            kv.crop_pieces(length)

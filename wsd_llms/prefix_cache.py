@@ -1,12 +1,13 @@
 """Prompt prefixes kept across requests: the key/value states of whole prefill pieces, so that a
 request starting with the same tokens as an earlier one (an agent loop's growing history, a
-document many questions share) feeds only the rest.
+document many questions share, one system prompt under many users' questions) feeds only the rest.
 
-A piece's states depend only on the ids up to its end, and a prompt is cut into pieces at the same
-positions whatever else runs (scheduler.prefill_pieces), so restoring stored pieces gives a cache
-bit for bit equal to feeding them again (on CPU, where a row's pass does not depend on the others).
-That holds for pieces that follow only whole pieces (`KVCache.pieces`): only those are stored, and
-only a cache made of them takes more.
+A piece's states depend only on the ids up to its end and on where the pieces before it were
+cut, and a prompt is cut at the same positions whatever else runs (scheduler.piece_end: every
+prefill_chunk ids, and where a message ends), so restoring stored pieces gives a cache bit for bit
+equal to feeding them again (on CPU, where a row's pass does not depend on the others). That holds
+for pieces that follow only whole pieces (`KVCache.cuts`): only those are stored, and only a cache
+made of them takes more; a piece is known by its cuts and its ids.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import OrderedDict
 import torch
 
 from .kv_cache import KVCache
+from .scheduler import piece_end
 
 
 class PrefixCache:
@@ -23,8 +25,9 @@ class PrefixCache:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        # (piece size, every id up to the piece's end) -> the piece's keys and values [layers, 1, heads, size, dim]
-        self._pieces: OrderedDict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # (prefill_chunk, every cut up to the piece's end, every id up to its end) -> the piece's
+        # keys and values [layers, 1, heads, size, dim]
+        self._pieces: OrderedDict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.hits = 0
         self.reused_tokens = 0
         self._tokens = 0  # positions held: a counter, so stats() may read it from any thread
@@ -33,10 +36,11 @@ class PrefixCache:
         """Positions held."""
         return self._tokens
 
-    def restore(self, kv: KVCache, ids: list[int], keep: int, chunk: int, num_layers: int) -> int:
+    def restore(self, kv: KVCache, ids: list[int], keep: int, chunk: int, num_layers: int, marks: tuple[int, ...] = ()) -> int:
         """Extend `kv` (which ends where a piece would start) with the stored pieces that continue
-        it with `ids`, as far as feeding `ids` in pieces of `chunk` would cut them whole (the last
-        piece, which gives the `keep` rows, is always fed); returns how many of `ids` it now holds.
+        it with `ids`, as far as feeding `ids` would cut them whole (`marks`: the prompt's message
+        ends; the last piece, which gives the `keep` rows, is always fed); returns how many of
+        `ids` it now holds.
 
         A prompt that starts like an earlier one starts from its pieces; one that runs beside
         another with the same start (parallel agent branches) takes each piece as the other stores it.
@@ -44,43 +48,52 @@ class PrefixCache:
         start = len(kv)
         if not kv.whole_pieces(start, chunk):
             return 0
-        found: list[tuple[torch.Tensor, torch.Tensor]] = []
-        end = chunk
-        while len(ids) - end >= max(keep, 1) and (key := (chunk, tuple(kv.ids + ids[:end]))) in self._pieces:
+        found: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []  # (end, states) of each piece taken
+        end = start
+        while start + len(ids) - (after := piece_end(end, marks, chunk)) >= max(keep, 1):
+            key = (chunk, (*kv.cuts, *(e for e, _ in found), after), tuple(kv.ids + ids[: after - start]))
+            if key not in self._pieces:
+                break
             self._pieces.move_to_end(key)
-            found.append(self._pieces[key])
-            end += chunk
+            found.append((after, self._pieces[key]))
+            end = after
         if not found:
             return 0
-        held = chunk * len(found)
+        held = end - start
         kv.store.num_layers = kv.store.num_layers or num_layers
-        first_keys, first_values = found[0]
-        buffers = kv.store.room(start + held, first_keys[0], first_values[0])
-        for i, piece in enumerate(found):
+        first_keys, first_values = found[0][1]
+        buffers = kv.store.room(end, first_keys[0], first_values[0])
+        at = start
+        for after, piece in found:
             for buffer, states in zip(buffers, piece):
-                buffer[..., start + i * chunk : start + (i + 1) * chunk, :] = states
+                buffer[..., at:after, :] = states
+            at = after
         for layer in kv.fill_layers(num_layers):
-            layer.length = start + held
+            layer.length = end
         kv.ids.extend(ids[:held])
-        kv.pieces, kv.piece_size = start + held, chunk
+        kv.cuts.extend(after for after, _ in found)
+        kv.piece_size = chunk
         self.hits += 1
         self.reused_tokens += held
         return held
 
-    def store(self, kv: KVCache, start: int, chunk: int) -> None:
-        """Keep the piece `kv` was just fed at positions [start, start + chunk), if whole pieces came before it."""
-        if not kv.whole_pieces(start, chunk) or kv.store.buffers is None:
+    def store(self, kv: KVCache, start: int, chunk: int, marks: tuple[int, ...] = ()) -> None:
+        """Keep the piece `kv` was just fed at positions [start, len(kv)), if whole pieces came
+        before it and it ends where the prompt is cut (`marks`: its message ends)."""
+        end = len(kv)
+        if not kv.whole_pieces(start, chunk) or end != piece_end(start, marks, chunk) or kv.store.buffers is None:
             return
-        kv.pieces, kv.piece_size = start + chunk, chunk
-        if chunk > self.max_tokens:
+        kv.cuts.append(end)
+        kv.piece_size = chunk
+        if end - start > self.max_tokens:
             return
-        key = (chunk, tuple(kv.ids[: start + chunk]))
+        key = (chunk, tuple(kv.cuts), tuple(kv.ids[:end]))
         if key in self._pieces:
             self._pieces.move_to_end(key)
             return
-        keys, values = (buffer[..., start : start + chunk, :].clone() for buffer in kv.store.buffers)
+        keys, values = (buffer[..., start:end, :].clone() for buffer in kv.store.buffers)
         self._pieces[key] = (keys, values)
-        self._tokens += chunk
+        self._tokens += end - start
         self._evict()
 
     def resize(self, max_tokens: int) -> None:
@@ -94,5 +107,5 @@ class PrefixCache:
 
     def _evict(self) -> None:
         while self._pieces and self._tokens > self.max_tokens:
-            (size, _), _ = self._pieces.popitem(last=False)
-            self._tokens -= size
+            _, (keys, _) = self._pieces.popitem(last=False)
+            self._tokens -= keys.shape[-2]

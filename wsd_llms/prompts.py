@@ -28,6 +28,12 @@ class Prompts:
     base_ids: list[int]
     forced_prefix: str
     role_stops: tuple[str, ...]
+    marks: dict[str, tuple[int, ...]]
+    """Per model ("draft", "base"): the positions where the prompt's messages end, ascending, but
+    the last message's, where its prefill may be cut so that a later prompt with the same
+    messages first (the next turn, another question under the same system prompt) reuses the
+    pieces (scheduler.piece_end). The last message's end is left out: a cut costs a pass, and
+    only a request that goes on differently after it could gain from it."""
 
 
 def require_chat_template(tokenizer: Any, name: str) -> None:
@@ -39,24 +45,51 @@ def require_chat_template(tokenizer: Any, name: str) -> None:
         )
 
 
-def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> str:
+def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """The template's text, and the contents of the messages it rendered, in order."""
     from jinja2 import TemplateError
 
     rendered, extra = template_messages(tokenizer, messages, tools)
     try:
-        return tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
     except TemplateError as exc:  # the template's own rule, e.g. no system role, or roles must alternate
         raise InvalidMessagesError(f"the chat template of {tokenizer.name_or_path!r} refused these messages: {exc}") from None
+    return text, [m["content"] for m in rendered if isinstance(m.get("content"), str)]
 
 
-def draft_prompt_ids(tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]] = ()) -> list[int]:
-    """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1)."""
-    text = _chat_template(tokenizer, messages, tools)
-    ids = tokenizer.encode(text + forced_prefix, add_special_tokens=False)
+def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str]) -> tuple[list[int], tuple[int, ...]]:
+    """`text`'s ids, and where each of `contents` ends in them: each is looked for in `text` after
+    the last one found, and marks the position of the token that starts where it ends (none if
+    no token starts there, or for a tokenizer without character offsets)."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a slow tokenizer: no offsets
+        return tokenizer.encode(text, add_special_tokens=False), ()
+    starts: dict[int, int] = {}
+    for i, (start, _) in enumerate(encoded["offset_mapping"]):
+        starts.setdefault(start, i)
+    marks, at = [], 0
+    for content in contents:
+        found = text.find(content, at) if content else -1
+        if found < 0:
+            continue
+        at = found + len(content)
+        if at in starts and (not marks or starts[at] > marks[-1]):
+            marks.append(starts[at])
+    return list(encoded["input_ids"]), tuple(marks)
+
+
+def draft_prompt_ids(
+    tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]] = ()
+) -> tuple[list[int], tuple[int, ...]]:
+    """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1);
+    and where its messages but the last end (Prompts.marks)."""
+    text, contents = _chat_template(tokenizer, messages, tools)
+    ids, marks = encode_with_marks(tokenizer, text + forced_prefix, contents[:-1])
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return ids
+        ids, marks = [bos, *ids], tuple(m + 1 for m in marks)
+    return ids, marks
 
 
 def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
@@ -76,7 +109,7 @@ def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Ma
         raise InvalidParameterError(
             f"base_template='chat', but the base model {tokenizer.name_or_path!r} has no chat template; use 'plain'"
         )
-    text = _chat_template(tokenizer, messages, tools)
+    text, _ = _chat_template(tokenizer, messages, tools)
     bos = tokenizer.bos_token
     if bos and not text.startswith(bos):
         text = bos + text
@@ -88,10 +121,14 @@ def build_prompts(
 ) -> Prompts:
     """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix."""
     context, prefix = split_forced_prefix(messages)
-    draft_ids = draft_prompt_ids(draft_tok, context, prefix, tools)
+    draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops = base_prompt(base_tok, context, base_template, tools)
-    base_ids = base_tok.encode(base_text, add_special_tokens=False)
-    return Prompts(draft_ids, base_text, base_ids, prefix, role_stops)
+    if base_template == "chat":
+        contents = _chat_template(base_tok, context, tools)[1]
+    else:
+        contents = ([tools_text(tools)] if tools else []) + [message_text(m) for m in context]
+    base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1])
+    return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks})
 
 
 def base_prompt(

@@ -32,6 +32,30 @@ POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 # should cost little more than a decode step (an estimate, as yet unmeasured).
 PREFILL_CHUNK = {"cpu": 256, "cuda": 8192}
 
+# A prompt's prefill is also cut where one of its messages ends (prompts.Prompts marks), so that a
+# later request with the same messages first (the next turn of a conversation or an agent loop,
+# another question under the same system prompt) takes those pieces from the prefix cache. A mark
+# less than MIN_PIECE ids past a piece's start is passed over: each pass has a fixed cost (about
+# 17 tokens' worth on the 2-core CPU, PASS_OVERHEAD).
+MIN_PIECE = 32
+
+
+def piece_end(start: int, marks: tuple[int, ...], chunk: int) -> int:
+    """Where the prefill piece that starts at position `start` ends: at the first mark (ascending)
+    at least MIN_PIECE past it, if one comes before the next multiple of `chunk`; else there.
+    Pieces start at 0 and each starts where the last ended, so a prompt's cuts depend on its own
+    ids and marks alone, and two prompts with the same start are cut alike there."""
+    grid = (start // chunk + 1) * chunk
+    return next((m for m in marks if start + MIN_PIECE <= m < grid), grid)
+
+
+def piece_cuts(end: int, marks: tuple[int, ...], chunk: int) -> tuple[int, ...]:
+    """Every piece end from position 0 up to `end`."""
+    cuts: list[int] = []
+    while (at := piece_end(cuts[-1] if cuts else 0, marks, chunk)) <= end:
+        cuts.append(at)
+    return tuple(cuts)
+
 
 # The caches each decoding program fills (Sequence.cache_limits).
 CACHES = {"online": ("draft", "base"), "staged": ("draft", "check", "base"), "base": ("base",), "draft": ("draft",)}
@@ -120,18 +144,19 @@ def plan_passes(forwards: list[Forward], overhead: float, position_cost: float, 
     return groups
 
 
-def prefill_pieces(forwards: list[Forward], chunk: int) -> list[int | None]:
+def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, ...]] | None = None) -> list[int | None]:
     """How many of each forward's ids run this step (chunked prefill); None where it waits a step.
 
-    `forwards` come in admission order. A forward is cut into pieces of `chunk` ids from its start
-    (the same cuts under any load, so a reply does not depend on what else runs), its last piece
-    keeping the rows it asks for. Multi-token pieces share a budget of `chunk` ids per step and the
-    first always runs; single ids (decode steps) always run.
+    `forwards` come in admission order, with their prompts' `marks`. A forward is cut where
+    `piece_end` says (the same cuts under any load, so a reply does not depend on what else runs),
+    its last piece keeping the rows it asks for. Multi-token pieces share a budget of `chunk` ids
+    per step and the first always runs; single ids (decode steps) always run.
     """
     budget, sizes, first = chunk, [], True
-    for forward in forwards:
-        n = len(forward.ids)
-        piece = chunk if n - chunk >= max(forward.keep, 1) else n
+    for forward, its_marks in zip(forwards, marks or [()] * len(forwards)):
+        n, start = len(forward.ids), len(forward.kv)
+        end = piece_end(start, its_marks, chunk)
+        piece = end - start if start + n - end >= max(forward.keep, 1) else n
         if n > 1 and not first and piece > budget:
             sizes.append(None)
             continue
