@@ -135,37 +135,28 @@ def main() -> None:
     same = same and all(off["texts"] == on["texts"] for off, on in zip(parallel["off"], parallel["on"]))
     same = same and all(off["texts"] == on["texts"] for off, on in zip(shared["off"], shared["on"]))
 
-    def med(arm: str, turn: int, key: str) -> float:
-        return statistics.median(run[turn][key] for run in runs[arm])
+    def both(results: dict, key: str) -> list[float]:  # medians, none kept and kept
+        return [statistics.median(r[key] for r in results[arm]) for arm in ("off", "on")]
+
+    def pair(values: list[float]) -> str:  # "none kept / kept | ratio"
+        return f"{values[0]:.2f} / {values[1]:.2f} | {values[1] / values[0]:.2f}x"
 
     rows = [
         "| turn | prompt tokens (both models) | reused | TTFT (s), none kept / kept | ratio | latency (s), none kept / kept | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for turn in range(args.turns):
-        ttft, latency = (med("off", turn, "ttft_s"), med("on", turn, "ttft_s")), (med("off", turn, "latency_s"), med("on", turn, "latency_s"))
-        rows.append(
-            f"| {turn + 1} | {runs['on'][0][turn]['prompt_tokens']} | {runs['on'][0][turn]['reused_tokens']} | {ttft[0]:.2f} / {ttft[1]:.2f} | "
-            f"{ttft[1] / ttft[0]:.2f}x | {latency[0]:.2f} / {latency[1]:.2f} | {latency[1] / latency[0]:.2f}x |"
-        )
-    wall = [statistics.median(r["wall_s"] for r in parallel[arm]) for arm in ("off", "on")]
-    ttft = [statistics.median(r["slowest_ttft_s"] for r in parallel[arm]) for arm in ("off", "on")]
-    rows += [
-        "",
-        "| parallel branches | reused | wall (s), none kept / kept | ratio | slowest TTFT (s), none kept / kept | ratio |",
-        "|---|---|---|---|---|---|",
-        f"| {args.branches} | {parallel['on'][0]['reused_tokens']} | {wall[0]:.2f} / {wall[1]:.2f} | {wall[1] / wall[0]:.2f}x | "
-        f"{ttft[0]:.2f} / {ttft[1]:.2f} | {ttft[1] / ttft[0]:.2f}x |",
+        at = {arm: [run[turn] for run in runs[arm]] for arm in runs}
+        first = runs["on"][0][turn]
+        rows.append(f"| {turn + 1} | {first['prompt_tokens']} | {first['reused_tokens']} | {pair(both(at, 'ttft_s'))} | {pair(both(at, 'latency_s'))} |")
+    tables = [
+        ("| parallel branches | reused | wall (s), none kept / kept | ratio | slowest TTFT (s), none kept / kept | ratio |",
+         f"| {args.branches} | {parallel['on'][0]['reused_tokens']} | {pair(both(parallel, 'wall_s'))} | {pair(both(parallel, 'slowest_ttft_s'))} |"),
+        ("| users under one system prompt | prompt tokens (both models) | reused | TTFT (s), none kept / kept | ratio | latency (s), none kept / kept | ratio |",
+         f"| {len(QUESTIONS)} | {shared['on'][0]['prompt_tokens']:.0f} | {shared['on'][0]['reused_tokens']:.0f} | {pair(both(shared, 'ttft_s'))} | {pair(both(shared, 'latency_s'))} |"),
     ]
-    ttft = [statistics.median(r["ttft_s"] for r in shared[arm]) for arm in ("off", "on")]
-    latency = [statistics.median(r["latency_s"] for r in shared[arm]) for arm in ("off", "on")]
-    rows += [
-        "",
-        "| users under one system prompt | prompt tokens (both models) | reused | TTFT (s), none kept / kept | ratio | latency (s), none kept / kept | ratio |",
-        "|---|---|---|---|---|---|---|",
-        f"| {len(QUESTIONS)} | {shared['on'][0]['prompt_tokens']:.0f} | {shared['on'][0]['reused_tokens']:.0f} | {ttft[0]:.2f} / {ttft[1]:.2f} | "
-        f"{ttft[1] / ttft[0]:.2f}x | {latency[0]:.2f} / {latency[1]:.2f} | {latency[1] / latency[0]:.2f}x |",
-    ]
+    for header, row in tables:
+        rows += ["", header, "|" + "---|" * header.count(" | ") + "---|", row]
     rows += [
         "",
         f"Medians of {args.rounds} rounds, alternating; prefix_cache_tokens={keep} per model, prefill_chunk={runtime.engine.prefill_chunk}, "
