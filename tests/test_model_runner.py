@@ -11,7 +11,7 @@ from wsd_llms.kv_cache import KVCache, KVStore
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms import packed_linear
 from wsd_llms.packed_linear import PackedLinear, SharedInputPart, can_pack, pack_linears
-from wsd_llms.scheduler import piece_cuts, piece_end, plan_passes, prefill_pieces
+from wsd_llms.scheduler import piece_end, plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
 
 # (cached tokens, new tokens, kept rows): an empty-cache prefill, decode steps, scoring passes;
@@ -293,10 +293,16 @@ def test_prompts_are_also_cut_where_their_messages_end():
     """A mark (a message's end) cuts a piece when it lies at least MIN_PIECE past the piece's start
     and before the next multiple of the chunk; the cuts run from position 0, so two prompts that
     start alike are cut alike there."""
+    def cuts(marks: tuple[int, ...]) -> list[int]:
+        found = [piece_end(0, marks, 256)]
+        while found[-1] < 300:
+            found.append(piece_end(found[-1], marks, 256))
+        return found
+
     marks = (10, 40, 70, 90, 300)  # MIN_PIECE is 32
     assert [piece_end(p, marks, 256) for p in (0, 40, 70, 256)] == [40, 90, 256, 300]
-    assert piece_cuts(300, marks, 256) == (40, 90, 256, 300)
-    assert piece_cuts(300, marks[:3], 256) == (40, 256)  # a shorter prompt's marks: the same cuts up to its last
+    assert cuts(marks) == [40, 90, 256, 300]
+    assert cuts(marks[:3]) == [40, 256, 512]  # fewer messages: cut alike up to the last mark it keeps (40)
     # prefill_pieces cuts there, from where the cache ends; the last piece keeps its rows.
     assert prefill_pieces([_fw(95)], 256, [marks]) == [40]
     assert prefill_pieces([_fw(55, cached=40)], 256, [marks]) == [50]

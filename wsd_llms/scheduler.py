@@ -49,14 +49,6 @@ def piece_end(start: int, marks: tuple[int, ...], chunk: int) -> int:
     return next((m for m in marks if start + MIN_PIECE <= m < grid), grid)
 
 
-def piece_cuts(end: int, marks: tuple[int, ...], chunk: int) -> tuple[int, ...]:
-    """Every piece end from position 0 up to `end`."""
-    cuts: list[int] = []
-    while (at := piece_end(cuts[-1] if cuts else 0, marks, chunk)) <= end:
-        cuts.append(at)
-    return tuple(cuts)
-
-
 # The caches each decoding program fills (Sequence.cache_limits).
 CACHES = {"online": ("draft", "base"), "staged": ("draft", "check", "base"), "base": ("base",), "draft": ("draft",)}
 
