@@ -92,28 +92,28 @@ def draft_prompt_ids(
     return ids, marks
 
 
-def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
-    """BOS + "\\n\\n[Role]\\ncontent" per message + "\\n\\n[Assistant]\\n" (DESIGN 3.3); tools in a [Tools] block first."""
-    parts = [tokenizer.bos_token or ""]
-    if tools:
-        parts.append(f"\n\n{TOOLS_HEADER}\n{tools_text(tools)}")
-    for m in messages:
-        parts.append(f"\n\n{ROLE_HEADERS[m.role]}\n{message_text(m)}")
+def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> tuple[str, list[str]]:
+    """BOS + "\n\n[Role]\ncontent" per message + "\n\n[Assistant]\n" (DESIGN 3.3); tools in a [Tools] block first.
+    Also the contents it wrote, in order (the tools block, then each message's)."""
+    contents = ([tools_text(tools)] if tools else []) + [message_text(m) for m in messages]
+    headers = ([TOOLS_HEADER] if tools else []) + [ROLE_HEADERS[m.role] for m in messages]
+    parts = [tokenizer.bos_token or "", *(f"\n\n{header}\n{content}" for header, content in zip(headers, contents))]
     parts.append(f"\n\n{ROLE_HEADERS['assistant']}\n")
-    return "".join(parts)
+    return "".join(parts), contents
 
 
-def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The base model's own chat template, for base models that have one (an explicit option)."""
+def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> tuple[str, list[str]]:
+    """The base model's own chat template, for base models that have one (an explicit option);
+    also the contents it rendered, in order."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameterError(
             f"base_template='chat', but the base model {tokenizer.name_or_path!r} has no chat template; use 'plain'"
         )
-    text, _ = _chat_template(tokenizer, messages, tools)
+    text, contents = _chat_template(tokenizer, messages, tools)
     bos = tokenizer.bos_token
     if bos and not text.startswith(bos):
         text = bos + text
-    return text
+    return text, contents
 
 
 def build_prompts(
@@ -122,28 +122,27 @@ def build_prompts(
     """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix."""
     context, prefix = split_forced_prefix(messages)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
-    base_text, role_stops = base_prompt(base_tok, context, base_template, tools)
-    if base_template == "chat":
-        contents = _chat_template(base_tok, context, tools)[1]
-    else:
-        contents = ([tools_text(tools)] if tools else []) + [message_text(m) for m in context]
+    base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
     base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1])
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks})
 
 
 def base_prompt(
     base_tok: Any, context: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()
-) -> tuple[str, tuple[str, ...]]:
-    """The base model's prompt for the messages before the reply, and the role markers that end its reply."""
+) -> tuple[str, tuple[str, ...], list[str]]:
+    """The base model's prompt for the messages before the reply, the role markers that end its
+    reply, and the contents the prompt holds, in order (where Prompts.marks fall)."""
     if base_template == "chat":
-        return chat_base_prompt(base_tok, context, tools), ()
+        text, contents = chat_base_prompt(base_tok, context, tools)
+        return text, (), contents
     uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in context)
-    return plain_base_prompt(base_tok, context, tools), ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ())
+    text, contents = plain_base_prompt(base_tok, context, tools)
+    return text, ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ()), contents
 
 
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
     """How many of the base model's positions the messages take: its prompt (a request's
     usage.base_prompt_tokens) and a forced start of the reply, if the last message is one."""
     context, prefix = split_forced_prefix(messages)
-    text, _ = base_prompt(base_tok, context, base_template, tools)
+    text, _, _ = base_prompt(base_tok, context, base_template, tools)
     return len(base_tok.encode(text, add_special_tokens=False)) + len(base_tok.encode(prefix, add_special_tokens=False))
