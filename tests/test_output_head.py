@@ -150,8 +150,8 @@ def test_greedy_screen_gives_the_full_projections_argmax(small_bound):
         assert head.greedy_ids(hidden, masks) == expected
         # The bound holds for every word of every row, and is not loose beyond use.
         screened = head._screen(hidden.to(torch.bfloat16)).float()
-        scales = output_head._screen_scales(hidden)[2]
-        candidates = head._candidates(screened.clone(), hidden, masks)
+        gamma, sizes, scales = output_head._screen_scales(hidden)
+        candidates = head._candidates(screened.clone(), sizes, scales, gamma, masks)
         for z, scale, exact, mask, found in zip(screened, scales, logits, masks, candidates):
             eps = output_head._screen_error(z, head._norms, scale)
             assert bool(((z - exact).abs() <= eps).all())

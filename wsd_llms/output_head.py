@@ -219,16 +219,19 @@ class OutputHead:
         gamma * S (S = sum |w_k h_k| <= |w| |h|). So only the candidates can be the argmax, and
         their float32 logits, summed again in any order, decide it unless two lie within both
         sums' rounding of each other."""
-        gamma, sizes, _ = _screen_scales(hidden)
-        return [self._decide(words, h, size, gamma) for words, h, size in zip(self._candidates(screened, hidden, masks), hidden, sizes)]
-
-    def _candidates(self, screened: torch.Tensor, hidden: torch.Tensor, masks: Sequence[Mask | None]) -> list[torch.Tensor]:
-        """Each row's words whose screened logit plus its error reaches the best screened logit
-        less its error (masked words never do). The words near the top are found first, in one
-        pass over the rows, since no error exceeds `widest`: no screened logit exceeds |w| |h| by
-        more than the bfloat16 operands' and the sum's rounding (Cauchy-Schwarz)."""
-        assert self._norms is not None
         gamma, sizes, scales = _screen_scales(hidden)
+        found = self._candidates(screened, sizes, scales, gamma, masks)
+        return [self._decide(words, h, size, gamma) for words, h, size in zip(found, hidden, sizes)]
+
+    def _candidates(
+        self, screened: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor, gamma: float, masks: Sequence[Mask | None]
+    ) -> list[torch.Tensor]:
+        """Each row's words whose screened logit plus its error reaches the best screened logit
+        less its error (masked words never do); `sizes`, `scales`, `gamma`: the rows' `_screen_scales`.
+        The words near the top are found first, in one pass over the rows, since no error exceeds
+        `widest`: no screened logit exceeds |w| |h| by more than the bfloat16 operands' and the
+        sum's rounding (Cauchy-Schwarz)."""
+        assert self._norms is not None
         top = self._norms.max()
         widest = _screen_error(top * sizes * (1 + _BF16_UNIT) ** 2 * (1 + 2 * _BF16_UNIT) * (1 + gamma), top, scales)
         for i, mask in enumerate(masks):
