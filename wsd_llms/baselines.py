@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from .continuation import continue_base
+from .encoding import encode_text
 from .loading import LoadedModel
 from .sampling import make_generator
 from .errors import InvalidParameterError
@@ -16,7 +17,7 @@ from .structured import Guide, draft_guide, forced_prefix_error
 
 def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.base_kv = seq.new_cache("base")
-    prefix = base.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
+    prefix = encode_text(base.tokenizer, seq.prompts.forced_prefix)
     guide = Guide(base, seq.constraint)
     if guide.sync(prefix) < len(prefix):
         raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
@@ -31,7 +32,7 @@ def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Prog
     seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
     rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)  # the forced prefix ends it
-    prefix = draft.tokenizer.encode(seq.prompts.forced_prefix, add_special_tokens=False)
+    prefix = encode_text(draft.tokenizer, seq.prompts.forced_prefix)
     seq.emit(seq.reply.add(prefix[: seq.params.max_tokens], "draft"))  # the reply starts with it, as WSD's does
     reason = yield from continue_base(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft")
     seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0

@@ -2,14 +2,17 @@
 
 The draft text is decoded with special tokens skipped and stripped; the base model sees it as
 `(base_prompt + draft_text).rstrip()` tokenized with no special tokens added, whose first
-`len(encode(base_prompt))` ids are the prompt and the rest the draft in base tokens.
+`len(encode(base_prompt))` ids are the prompt and the rest the draft in base tokens. The
+messages' text in the prompt (`spans`) and the draft's are encoded as text (encoding.encode).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .encoding import Span, encode
 from .reply import decode
 
 # Base tokens at the tail of an unfinished draft that are held back: later text may still
@@ -30,23 +33,28 @@ def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int]) -> str:
     return (forced_prefix + decode(tokenizer, generated)).lstrip()
 
 
-def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str) -> Handoff:
+def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, spans: Sequence[Span] = ()) -> Handoff:
     """The paper's check-stage tokenization of a finished draft. A character the draft left
     incomplete (max_draft_tokens cut it) is dropped rather than handed on as U+FFFD, which the
     base model would go on to imitate."""
-    ids = tokenizer.encode((base_prompt + _whole(text.strip())).rstrip(), add_special_tokens=False)
+    ids = _encode(tokenizer, base_prompt, (base_prompt + _whole(text.strip())).rstrip(), spans)
     return Handoff(ids[:prompt_len], ids[prompt_len:])
 
 
 def partial_handoff(
-    tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS
+    tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS, spans: Sequence[Span] = ()
 ) -> Handoff | None:
     """The stable part of an unfinished draft's tokenization, or None while nothing is stable."""
     text = _whole(text.rstrip())
     if not text:
         return None
-    ids = tokenizer.encode(base_prompt + text, add_special_tokens=False)
+    ids = _encode(tokenizer, base_prompt, base_prompt + text, spans)
     return Handoff(ids[:prompt_len], ids[prompt_len : max(prompt_len, len(ids) - holdback)])
+
+
+def _encode(tokenizer: Any, base_prompt: str, full: str, spans: Sequence[Span]) -> list[int]:
+    """The ids of the prompt followed by the draft: the messages' and the draft's text as text."""
+    return encode(tokenizer, full, [*spans, (len(base_prompt), len(full))])[0]
 
 
 def _whole(text: str) -> str:

@@ -150,12 +150,12 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
 
         text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
         if done:
-            handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text)
+            handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
         else:
-            handoff = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, HOLDBACK_TOKENS)
+            handoff = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, HOLDBACK_TOKENS, prompts.base_spans)
         early = min(params.switch_window - EARLY_MARGIN, params.max_tokens)
         if not done and len(seq.reply.ids) < early:  # stream the first words at once
-            eager = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, holdback=0)
+            eager = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, 0, prompts.base_spans)
             if eager is not None and len(eager.draft_ids) > len(seq.reply.ids):
                 keep_draft(seq, eager.draft_ids[:early], base_guide)
                 if seq.reply.stopped:

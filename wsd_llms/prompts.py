@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .encoding import Span, encode, encode_text
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .messages import Message, split_forced_prefix
 from .tools import message_text, template_messages, tools_text
@@ -34,6 +35,9 @@ class Prompts:
     messages first (the next turn, another question under the same system prompt) reuses the
     pieces (scheduler.piece_end). The last message's end is left out: a cut costs a pass, and
     only a request that goes on differently after it could gain from it."""
+    base_spans: tuple[Span, ...] = ()
+    """Where the messages' own text lies in `base_text`: encoded as text, whatever it holds
+    (encoding.encode), here and wherever the draft is handed to the base model after it."""
 
 
 def require_chat_template(tokenizer: Any, name: str) -> None:
@@ -57,26 +61,37 @@ def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapp
     return text, [m["content"] for m in rendered if isinstance(m.get("content"), str)]
 
 
-def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str]) -> tuple[list[int], tuple[int, ...]]:
-    """`text`'s ids, and where each of `contents` ends in them: each is looked for in `text` after
-    the last one found, and marks the position of the token that starts where it ends (none if
-    no token starts there, or for a tokenizer without character offsets)."""
-    try:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:  # a slow tokenizer: no offsets
-        return tokenizer.encode(text, add_special_tokens=False), ()
+def message_spans(text: str, messages: Sequence[Message], start: int = 0) -> list[Span]:
+    """Where each message's own text lies in a prompt rendered from them: each is looked for
+    after the one before (a template may have stripped it; one not found is left out)."""
+    spans, at = [], start
+    for m in messages:
+        content = m.content.strip()
+        found = text.find(content, at) if content else -1
+        if found >= 0:
+            at = found + len(content)
+            spans.append((found, at))
+    return spans
+
+
+def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str], spans: Sequence[Span] = ()) -> tuple[list[int], tuple[int, ...]]:
+    """`text`'s ids, with the special tokens' text inside `spans` encoded as text (encoding.encode);
+    and where each of `contents` ends in them: each is looked for in `text` after the last one
+    found, and marks the position of the token that starts where it ends (none if no token
+    starts there, or for a tokenizer without character offsets)."""
+    ids, offsets = encode(tokenizer, text, spans)
     starts: dict[int, int] = {}
-    for i, (start, _) in enumerate(encoded["offset_mapping"]):
+    for i, (start, _) in enumerate(offsets):
         starts.setdefault(start, i)
     marks, at = [], 0
-    for content in contents:
+    for content in contents if offsets else ():
         found = text.find(content, at) if content else -1
         if found < 0:
             continue
         at = found + len(content)
         if at in starts and (not marks or starts[at] > marks[-1]):
             marks.append(starts[at])
-    return list(encoded["input_ids"]), tuple(marks)
+    return ids, tuple(marks)
 
 
 def draft_prompt_ids(
@@ -85,7 +100,8 @@ def draft_prompt_ids(
     """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1);
     and where its messages but the last end (Prompts.marks)."""
     text, contents = _chat_template(tokenizer, messages, tools)
-    ids, marks = encode_with_marks(tokenizer, text + forced_prefix, contents[:-1])
+    spans = message_spans(text, messages) + ([(len(text), len(text) + len(forced_prefix))] if forced_prefix else [])
+    ids, marks = encode_with_marks(tokenizer, text + forced_prefix, contents[:-1], spans)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, marks = [bos, *ids], tuple(m + 1 for m in marks)
@@ -123,8 +139,9 @@ def build_prompts(
     context, prefix = split_forced_prefix(messages)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
-    base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1])
-    return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks})
+    base_spans = tuple(message_spans(base_text, context))
+    base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1], base_spans)
+    return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
 
 def base_prompt(
@@ -145,4 +162,4 @@ def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: st
     usage.base_prompt_tokens) and a forced start of the reply, if the last message is one."""
     context, prefix = split_forced_prefix(messages)
     text, _, _ = base_prompt(base_tok, context, base_template, tools)
-    return len(base_tok.encode(text, add_special_tokens=False)) + len(base_tok.encode(prefix, add_special_tokens=False))
+    return len(encode(base_tok, text, message_spans(text, context))[0]) + len(encode_text(base_tok, prefix))

@@ -40,7 +40,8 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.draft_kv = None
 
     # 3-5. Check the draft with one base pass (unconstrained) and find the switch point.
-    handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), draft_text(draft.tokenizer, prompts.forced_prefix, generated))
+    text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
+    handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), text, prompts.base_spans)
     probs: list[float] = []
     if handoff.draft_ids:  # only the first max_tokens draft tokens can be kept: only they are checked
         scoring, draft_ids = seq.new_cache("check"), handoff.draft_ids[: params.max_tokens]

@@ -32,6 +32,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field
 
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
+from wsd_llms.encoding import encode_text
 from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
@@ -115,8 +116,9 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's
-        default would fetch GPT-2's from the hub); reads the tokenizer only, not the weights."""
-        return self.wsd_runtime().tokenizer("base").encode(text, add_special_tokens=False)
+        default would fetch GPT-2's from the hub), with text that spells a special token counted as
+        the text it is, as in a prompt; reads the tokenizer only, not the weights."""
+        return encode_text(self.wsd_runtime().tokenizer("base"), text)
 
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
