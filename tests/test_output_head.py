@@ -189,8 +189,9 @@ def test_switch_decisions_from_bounds_equal_exact_ones():
     skipped = 0
     for _ in range(3000):
         window, threshold = rng.randint(1, 6), rng.choice([0.3, 0.8, 0.9, 1.0])
+        first = rng.choice([0, 0, rng.randint(0, 12)])  # a forced start's last token
         probs = [rng.choice([rng.uniform(0.85, 1.0), rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.05), 1.0, 0.0]) for _ in range(rng.randint(0, 40))]
-        detector, got, i = SwitchDetector(window, threshold), None, 0
+        detector, got, i = SwitchDetector(window, threshold, first), None, 0
         while i < len(probs) and got is None:
             chunk = probs[i : i + rng.randint(1, 12)]
             bounds = [
@@ -203,7 +204,7 @@ def test_switch_decisions_from_bounds_equal_exact_ones():
                     got = i + j
                     break
             i += len(chunk)
-        assert got == find_switch(probs, window, threshold)
+        assert got == find_switch(probs, window, threshold, first)
     assert skipped > 10000  # the bounds did spare most exact values
 
 

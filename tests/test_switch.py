@@ -58,6 +58,17 @@ def test_incremental_matches_pure_and_truncates():
     assert math.isclose(len(det), 4)
 
 
+def test_no_switch_inside_a_forced_start():
+    """min_switch (a forced start's last token): windows ending earlier do not count, later ones do."""
+    probs = [1.0, 1.0, 1.0, 0.1, 1.0, 1.0]
+    assert find_switch(probs, window=2, threshold=0.9) == 1
+    assert find_switch(probs, window=2, threshold=0.9, min_switch=2) == 2  # its window still reaches back
+    assert find_switch(probs, window=2, threshold=0.9, min_switch=3) == 5
+    assert find_switch(probs, window=2, threshold=0.9, min_switch=6) is None
+    det = SwitchDetector(2, 0.9, min_switch=3)
+    assert [det.push(p) for p in probs] == [False, False, False, False, False, True]
+
+
 @pytest.mark.parametrize("window,threshold", [(0, 0.5), (3, 0.0), (3, 1.5)])
 def test_invalid_settings(window, threshold):
     with pytest.raises(ValueError):

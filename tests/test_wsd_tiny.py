@@ -79,6 +79,27 @@ def test_forced_prefix_starts_the_reply(shared_runtime):
         assert shared_runtime.generate(QUESTIONS[3], max_tokens=30, mode=mode).text.startswith("Sure, here")
 
 
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_switch_never_falls_inside_a_forced_start(pair, request):
+    """The base model takes over after the forced start at the earliest, so the reply always
+    starts with all of it; online and staged agree. (Before, a confident window inside it cut
+    the rest of it off: "Sure, here is" became "Sure, h" and whatever the base wrote next.)"""
+    runtime = request.getfixturevalue(pair)
+    base = runtime.engine.base.tokenizer
+    switched = 0
+    for prefix in ("Sure, here is the answer", "Photosynthesis is the process by which"):
+        messages = [{"role": "user", "content": "Tell me about photosynthesis."}, {"role": "assistant", "content": prefix}]
+        forced = len(base.encode(prefix, add_special_tokens=False))
+        for settings in SETTINGS:
+            staged, online = _both(runtime, messages, max_tokens=40, **settings)
+            _assert_parity(staged, online)
+            assert online.text.startswith(prefix), (prefix, settings, online.text)
+            if online.switch_point is not None:
+                switched += 1
+                assert online.switch_point >= forced
+    assert switched >= 1, switched  # the rule was exercised, not only drafts kept whole
+
+
 def test_stop_strings(differ_runtime):
     full = differ_runtime.generate(QUESTIONS[0], max_tokens=40, switch_threshold=0.9)
     stop = full.text[10:13]

@@ -41,6 +41,14 @@ def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, 
     return Handoff(ids[:prompt_len], ids[prompt_len:])
 
 
+def min_switch(tokenizer: Any, base_prompt: str, prompt_len: int, forced_prefix: str, spans: Sequence[Span] = ()) -> int:
+    """The first draft index the switch may fall on: the forced start's last base token (it is
+    forced, so it is kept whole). 0 without one."""
+    if not forced_prefix:
+        return 0
+    return max(0, len(final_handoff(tokenizer, base_prompt, prompt_len, forced_prefix, spans).draft_ids) - 1)
+
+
 def partial_handoff(
     tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS, spans: Sequence[Span] = ()
 ) -> Handoff | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .continuation import continue_base, keep_draft
-from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, partial_handoff
+from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, min_switch, partial_handoff
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
@@ -22,7 +22,7 @@ from .switch import SwitchDetector
 # When to run the next scoring pass: after `scored` tokens, wait for scored clamped to
 # [MIN, MAX] more stable tokens. Each pass re-reads the base model's weights (on a CPU that
 # costs most of a decode step), so passes grow apart while no switch comes; the first pass
-# waits for `switch_window` tokens, the earliest point a window can pass.
+# waits for the earliest point a window can pass (`switch_window` tokens, or a forced start's).
 MIN_SCORE_INTERVAL = 8
 MAX_SCORE_INTERVAL = 32
 
@@ -126,10 +126,11 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     draft_gen = make_generator(params.seed)
     base_gen = make_generator(params.seed, stream=1)
     prompt_len = len(prompts.base_ids)
-    free = min(params.switch_window, params.max_tokens)  # always kept: no switch can come earlier
-    detector = SwitchDetector(params.switch_window, params.switch_threshold)
+    first = min_switch(base.tokenizer, prompts.base_text, prompt_len, prompts.forced_prefix, prompts.base_spans)
+    detector = SwitchDetector(params.switch_window, params.switch_threshold, first)
+    free = min(detector.first + 1, params.max_tokens)  # always kept: no switch can come earlier
     scorer = _Scorer(seq, detector)
-    score_at = params.switch_window
+    score_at = detector.first + 1  # the first pass waits for the earliest point a window can pass
 
     guide, base_guide = draft_guide(seq, draft), Guide(base, seq.constraint)
 

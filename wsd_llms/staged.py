@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .continuation import continue_base, keep_draft
-from .handoff import draft_text, final_handoff
+from .handoff import draft_text, final_handoff, min_switch
 from .loading import LoadedModel
 from .sampling import make_generator, sample, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
@@ -49,7 +49,8 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         for start in range(0, len(draft_ids), CHECK_ROWS):  # rows[j] predicts draft_ids[j]
             logits = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])
             probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
-    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold)
+    first = min_switch(base.tokenizer, prompts.base_text, len(prompts.base_ids), prompts.forced_prefix, prompts.base_spans)
+    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, first)
     # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
     # then continue from a fresh prefill of prompt + kept draft.
     base_guide = Guide(base, seq.constraint)

@@ -2,6 +2,8 @@
 
 The switch point is the first index i >= w-1 whose window p[i-w+1..i] has a geometric mean >= τ.
 Means are compared in log space with a 1e-12 tolerance, so a window that meets τ exactly passes.
+A draft that starts with a forced start (the conversation's last, assistant, message) never
+switches inside it: i is at least its last token's index (`min_switch`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ def _log(p: float) -> float:
 class SwitchDetector:
     """Feeds probabilities one at a time and reports the first index whose window passes."""
 
-    def __init__(self, window: int, threshold: float) -> None:
+    def __init__(self, window: int, threshold: float, min_switch: int = 0) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.window = window
+        self.first = max(window - 1, min_switch)  # the first index a passing window may end at
         self._log_threshold = math.log(threshold)
         self._logs: list[float] = []
 
@@ -34,7 +37,7 @@ class SwitchDetector:
     def push(self, p: float) -> bool:
         """Add the probability of the next draft token; True if the window ending here passes."""
         self._logs.append(_log(float(p)))
-        if len(self._logs) < self.window:
+        if len(self._logs) - 1 < self.first:
             return False
         return self._passes(self._logs[-self.window :])
 
@@ -52,7 +55,7 @@ class SwitchDetector:
         first, need = len(history), [False] * len(bounds)
         for end in range(first, len(logs) + self.window - 1):  # windows ending at a new position or later
             start = end - self.window + 1
-            if len(self._logs) - first + end < self.window - 1:  # no window ends this early in the draft
+            if len(self._logs) - first + end < self.first:  # no window ends this early in the draft
                 continue
             if self._passes(logs[max(start, 0) : end + 1]):
                 for j in range(max(start, first), min(end + 1, len(logs))):
@@ -64,9 +67,9 @@ class SwitchDetector:
         del self._logs[n:]
 
 
-def find_switch(probs: Iterable[float], window: int, threshold: float) -> int | None:
+def find_switch(probs: Iterable[float], window: int, threshold: float, min_switch: int = 0) -> int | None:
     """Index of the last kept draft token (the switch point), or None if no window passes."""
-    detector = SwitchDetector(window, threshold)
+    detector = SwitchDetector(window, threshold, min_switch)
     for i, p in enumerate(probs):
         if detector.push(p):
             return i
