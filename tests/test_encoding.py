@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_wsd_tiny import _assert_parity, _both
 
-from wsd_llms.encoding import encode, encode_text, special_ids
+from wsd_llms.encoding import encode, encode_text, special_ids, special_spans
 from wsd_llms.handoff import final_handoff, partial_handoff
 from wsd_llms.messages import normalize_messages
 from wsd_llms.prompts import build_prompts, message_spans
@@ -64,7 +64,8 @@ def test_handoff_keeps_the_prompt_ids_and_encodes_the_draft_as_text(tokenizers):
 def test_encode_splits_only_inside_the_spans(tokenizers):
     _, base = tokenizers
     text = "<bos>a <bos> b<bos>"
-    ids, offsets = encode(base, text, [(5, 12)])
+    assert special_spans(base, text, [(5, 12), (12, 14)]) == [(5, 12)]
+    ids, offsets = encode(base, text, [(5, 12)], offsets=True)
     assert [i == base.bos_token_id for i in ids].count(True) == 2  # the first and last stay tokens
     assert ids[0] == ids[-1] == base.bos_token_id and base.decode(ids) == text
     assert offsets[0] == (0, 5) and offsets[-1] == (14, 19)

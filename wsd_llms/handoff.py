@@ -2,8 +2,9 @@
 
 The draft text is decoded with special tokens skipped and stripped; the base model sees it as
 `(base_prompt + draft_text).rstrip()` tokenized with no special tokens added, whose first
-`len(encode(base_prompt))` ids are the prompt and the rest the draft in base tokens. The
-messages' text in the prompt (`spans`) and the draft's are encoded as text (encoding.encode).
+`len(encode(base_prompt))` ids are the prompt and the rest the draft in base tokens. Message
+text that spells special tokens (`spans`, Prompts.base_spans) and a draft that does are
+encoded as text (encoding.encode).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .encoding import Span, encode
+from .encoding import Span, encode, spells_special
 from .reply import decode
 
 # Base tokens at the tail of an unfinished draft that are held back: later text may still
@@ -37,7 +38,7 @@ def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, 
     """The paper's check-stage tokenization of a finished draft. A character the draft left
     incomplete (max_draft_tokens cut it) is dropped rather than handed on as U+FFFD, which the
     base model would go on to imitate."""
-    ids = _encode(tokenizer, base_prompt, (base_prompt + _whole(text.strip())).rstrip(), spans)
+    ids = _encode(tokenizer, base_prompt, prompt_len, (base_prompt + _whole(text.strip())).rstrip(), spans)
     return Handoff(ids[:prompt_len], ids[prompt_len:])
 
 
@@ -56,13 +57,16 @@ def partial_handoff(
     text = _whole(text.rstrip())
     if not text:
         return None
-    ids = _encode(tokenizer, base_prompt, base_prompt + text, spans)
+    ids = _encode(tokenizer, base_prompt, prompt_len, base_prompt + text, spans)
     return Handoff(ids[:prompt_len], ids[prompt_len : max(prompt_len, len(ids) - holdback)])
 
 
-def _encode(tokenizer: Any, base_prompt: str, full: str, spans: Sequence[Span]) -> list[int]:
-    """The ids of the prompt followed by the draft: the messages' and the draft's text as text."""
-    return encode(tokenizer, full, [*spans, (len(base_prompt), len(full))])[0]
+def _encode(tokenizer: Any, base_prompt: str, prompt_len: int, full: str, spans: Sequence[Span]) -> list[int]:
+    """The ids of the prompt followed by the draft, the messages' and the draft's text as text."""
+    ids = encode(tokenizer, full, spans)[0]
+    if spells_special(tokenizer, ids[prompt_len:]):  # the draft wrote a special token's text
+        ids = encode(tokenizer, full, [*spans, (len(base_prompt), len(full))])[0]
+    return ids
 
 
 def _whole(text: str) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .encoding import Span, encode, encode_text
+from .encoding import Span, encode, encode_text, special_spans
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .messages import Message, split_forced_prefix
 from .tools import message_text, template_messages, tools_text
@@ -36,8 +36,8 @@ class Prompts:
     pieces (scheduler.piece_end). The last message's end is left out: a cut costs a pass, and
     only a request that goes on differently after it could gain from it."""
     base_spans: tuple[Span, ...] = ()
-    """Where the messages' own text lies in `base_text`: encoded as text, whatever it holds
-    (encoding.encode), here and wherever the draft is handed to the base model after it."""
+    """Where the messages' text in `base_text` spells special tokens (usually nowhere): it is
+    encoded as text (encoding.encode), here and wherever the draft is handed to the base model."""
 
 
 def require_chat_template(tokenizer: Any, name: str) -> None:
@@ -75,11 +75,11 @@ def message_spans(text: str, messages: Sequence[Message], start: int = 0) -> lis
 
 
 def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str], spans: Sequence[Span] = ()) -> tuple[list[int], tuple[int, ...]]:
-    """`text`'s ids, with the special tokens' text inside `spans` encoded as text (encoding.encode);
-    and where each of `contents` ends in them: each is looked for in `text` after the last one
-    found, and marks the position of the token that starts where it ends (none if no token
-    starts there, or for a tokenizer without character offsets)."""
-    ids, offsets = encode(tokenizer, text, spans)
+    """`text`'s ids, with `spans` (message text that spells special tokens) encoded as text
+    (encoding.encode); and where each of `contents` ends in them: each is looked for in `text`
+    after the last one found, and marks the position of the token that starts where it ends
+    (none if no token starts there, or for a tokenizer without character offsets)."""
+    ids, offsets = encode(tokenizer, text, spans, offsets=True)
     starts: dict[int, int] = {}
     for i, (start, _) in enumerate(offsets):
         starts.setdefault(start, i)
@@ -100,8 +100,10 @@ def draft_prompt_ids(
     """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1);
     and where its messages but the last end (Prompts.marks)."""
     text, contents = _chat_template(tokenizer, messages, tools)
-    spans = message_spans(text, messages) + ([(len(text), len(text) + len(forced_prefix))] if forced_prefix else [])
-    ids, marks = encode_with_marks(tokenizer, text + forced_prefix, contents[:-1], spans)
+    full = text + forced_prefix
+    texts = message_spans(text, messages) + ([(len(text), len(full))] if forced_prefix else [])
+    spans = special_spans(tokenizer, full, texts)
+    ids, marks = encode_with_marks(tokenizer, full, contents[:-1], spans)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, marks = [bos, *ids], tuple(m + 1 for m in marks)
@@ -139,7 +141,7 @@ def build_prompts(
     context, prefix = split_forced_prefix(messages)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
-    base_spans = tuple(message_spans(base_text, context))
+    base_spans = tuple(special_spans(base_tok, base_text, message_spans(base_text, context)))
     base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1], base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
@@ -162,4 +164,5 @@ def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: st
     usage.base_prompt_tokens) and a forced start of the reply, if the last message is one."""
     context, prefix = split_forced_prefix(messages)
     text, _, _ = base_prompt(base_tok, context, base_template, tools)
-    return len(encode(base_tok, text, message_spans(text, context))[0]) + len(encode_text(base_tok, prefix))
+    spans = special_spans(base_tok, text, message_spans(text, context))
+    return len(encode(base_tok, text, spans)[0]) + len(encode_text(base_tok, prefix))
