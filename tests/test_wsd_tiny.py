@@ -100,6 +100,18 @@ def test_switch_never_falls_inside_a_forced_start(pair, request):
     assert switched >= 1, switched  # the rule was exercised, not only drafts kept whole
 
 
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_stop_inside_the_kept_draft(pair, request):
+    """A stop string inside the text that is kept before any scoring (a forced start, the first
+    window): online stops there at once, staged after its check; both say no switch happened."""
+    runtime = request.getfixturevalue(pair)
+    messages = [{"role": "user", "content": "of a list of x"}, {"role": "assistant", "content": "x of Paris list <|user|> and more"}]
+    for settings in SETTINGS:
+        staged, online = _both(runtime, messages, max_tokens=32, stop=["e"], **settings)
+        _assert_parity(staged, online)
+        assert online.text == "x of Paris list <|us" and online.finish_reason == "stop" and online.switch_point is None
+
+
 def test_stop_strings(differ_runtime):
     full = differ_runtime.generate(QUESTIONS[0], max_tokens=40, switch_threshold=0.9)
     stop = full.text[10:13]

@@ -41,7 +41,8 @@ class WSDResult:
     text: str
     finish_reason: Literal["stop", "length"]
     switch_point: int | None
-    """Kept draft tokens (in base tokens) when a window passed; None when no switch happened."""
+    """Kept draft tokens (in base tokens) when a window passed; None when no switch happened, or
+    when the reply ended at a stop string in the draft, before the base model took over."""
     draft_text: str
     """The part of `text` the draft model wrote."""
     usage: Usage

@@ -179,7 +179,8 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
                 kept = keep_draft(seq, kept, base_guide)  # cut at the first id the base grammar rejects
                 if seq.switch_point is not None:
                     seq.switch_point = len(kept)
-                if seq.reply.stopped:
+                if seq.reply.stopped:  # the reply ended in the draft: the base model never took over
+                    seq.switch_point = None
                     return "stop"
                 if seq.switch_point is not None or done or len(kept) >= params.max_tokens:
                     rows = yield from scorer.cut(len(kept))

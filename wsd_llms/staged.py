@@ -55,7 +55,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     # then continue from a fresh prefill of prompt + kept draft.
     base_guide = Guide(base, seq.constraint)
     kept = keep_draft(seq, handoff.draft_ids[: params.max_tokens if switch is None else switch + 1], base_guide)
-    seq.switch_point = None if switch is None else len(kept)
+    seq.switch_point = None if switch is None or seq.reply.stopped else len(kept)  # a stop in the draft: no switch
     if seq.reply.stopped or len(kept) >= params.max_tokens:
         return "stop" if seq.reply.stopped else "length"
     seq.base_kv = seq.new_cache("base")
