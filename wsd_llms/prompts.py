@@ -61,10 +61,10 @@ def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapp
     return text, [m["content"] for m in rendered if isinstance(m.get("content"), str)]
 
 
-def message_spans(text: str, messages: Sequence[Message], start: int = 0) -> list[Span]:
+def message_spans(text: str, messages: Sequence[Message]) -> list[Span]:
     """Where each message's own text lies in a prompt rendered from them: each is looked for
     after the one before (a template may have stripped it; one not found is left out)."""
-    spans, at = [], start
+    spans, at = [], 0
     for m in messages:
         content = m.content.strip()
         found = text.find(content, at) if content else -1
@@ -141,7 +141,7 @@ def build_prompts(
     context, prefix = split_forced_prefix(messages)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
-    base_spans = tuple(special_spans(base_tok, base_text, message_spans(base_text, context)))
+    base_spans = tuple(special_spans(base_tok, base_text, message_spans(base_text, context)))  # usually none
     base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1], base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
