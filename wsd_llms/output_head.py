@@ -95,6 +95,7 @@ class OutputHead:
         self.use_screen = True  # off: greedy ids always come from the full projection (benchmarks/bench_greedy_head.py compares)
         self._screen: Callable[[torch.Tensor], torch.Tensor] | None = None  # the projection in bfloat16
         self._norms: torch.Tensor | None = None  # each word's row norm, rounded up, float32 [V]
+        self._top_norm: torch.Tensor | None = None  # the largest of them
         self.screened_rows = self.fallback_rows = 0  # greedy rows the screen decided, and those projected in full
         if model is None:
             return
@@ -123,6 +124,7 @@ class OutputHead:
             if can_pack(weight[:1].to(torch.bfloat16)):
                 self._screen = PackedLinear.of(weight.to(torch.bfloat16))
                 self._norms = weight.float().norm(dim=1) * (1 + 1e-3)  # with room for their own rounding
+                self._top_norm = self._norms.max()
 
     @classmethod
     def identity(cls) -> OutputHead:
@@ -231,8 +233,8 @@ class OutputHead:
         The words near the top are found first, in one pass over the rows, since no error exceeds
         `widest`: no screened logit exceeds |w| |h| by more than the bfloat16 operands' and the
         sum's rounding (Cauchy-Schwarz)."""
-        assert self._norms is not None
-        top = self._norms.max()
+        assert self._norms is not None and self._top_norm is not None
+        top = self._top_norm
         widest = _screen_error(top * sizes * (1 + _BF16_UNIT) ** 2 * (1 + 2 * _BF16_UNIT) * (1 + gamma), top, scales)
         for i, mask in enumerate(masks):
             if mask is not None:
