@@ -13,6 +13,13 @@ from typing import Any
 
 import pytest
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.exceptions import (
+    ContextOverflowError,
+    ModelAPIError,
+    ModelInvalidRequestError,
+    ModelNotFoundError,
+    ModelTimeoutError,
+)
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
@@ -24,12 +31,19 @@ from wsd_llms import (
     FinalEvent,
     InvalidMessagesError,
     InvalidParameterError,
+    ModelLoadError,
+    PromptTooLongError,
+    RequestFailedError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    RuntimeClosedError,
     TextDelta,
     Timings,
     Usage,
     WSDResult,
     WSDRuntime,
 )
+from tiny import tiny_llama
 from wsd_llms.messages import ToolCall
 from wsd_llms.tools import InvalidToolCall
 from wsd_llms.integration import result_metadata, usage_counts
@@ -345,7 +359,75 @@ def test_a_bad_call_value_reaches_on_llm_error(fake, path):
     with pytest.raises(InvalidParameterError, match="invalid temperature=-1"):
         call = getattr(WSDChatModel(), path)("x", temperature=-1, config={"callbacks": [handler]})
         list(call) if path == "stream" else call
-    assert handler.events == ["start", "InvalidParameterError"]
+    assert handler.events == ["start", "WSDInvalidParameterError"]
+
+
+ERROR_KINDS = [
+    (PromptTooLongError("2 prompts too long"), ContextOverflowError, False),
+    (InvalidMessagesError("bad messages"), ModelInvalidRequestError, False),
+    (InvalidParameterError("bad value"), ModelInvalidRequestError, False),
+    (RequestTooLargeError("never fits"), ModelInvalidRequestError, False),
+    (ModelLoadError("no such model"), ModelNotFoundError, False),
+    (RequestTimeoutError("too slow"), ModelTimeoutError, True),
+    (RequestFailedError("out of memory"), ModelAPIError, True),
+    (RuntimeClosedError("worker died"), ModelAPIError, True),
+]
+
+
+@pytest.mark.parametrize("path", ["invoke", "stream", "ainvoke", "astream"])
+@pytest.mark.parametrize(("error", "kind", "retryable"), ERROR_KINDS, ids=[type(e[0]).__name__ for e in ERROR_KINDS])
+async def test_errors_are_langchain_model_errors_and_stay_wsd_errors(fake, monkeypatch, path, error, kind, retryable):
+    """A failed request raises LangChain's standard model error of its kind (what agent middleware
+    reads), which is still the wsd-llms error it was, with its message."""
+
+    def stream(messages: Any, **params: Any) -> Iterator[Any]:
+        yield TextDelta("Hi", "draft")
+        raise error
+
+    async def astream(messages: Any, **params: Any) -> AsyncIterator[Any]:
+        for event in stream(messages, **params):
+            yield event
+
+    monkeypatch.setattr(fake, "stream", stream)
+    monkeypatch.setattr(fake, "astream", astream)
+    model = WSDChatModel()
+    with pytest.raises(kind) as raised:
+        if path == "invoke":
+            model.invoke("x")
+        elif path == "stream":
+            list(model.stream("x"))
+        elif path == "ainvoke":
+            await model.ainvoke("x")
+        else:
+            [chunk async for chunk in model.astream("x")]
+    assert isinstance(raised.value, type(error)) and raised.value.args == error.args
+    assert raised.value.is_retryable is retryable
+
+
+def test_model_retry_middleware_retries_a_failed_request_but_not_a_prompt_too_long(fake, monkeypatch):
+    """LangChain's ModelRetryMiddleware: a request that failed (out of memory, say) is tried again and
+    can succeed; a prompt that does not fit fails at once, without retries that would fail alike."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    failures: list[BaseException] = []
+    events = fake._events
+
+    def stream(messages: Any, **params: Any) -> Iterator[Any]:
+        if failures:
+            raise failures.pop(0)
+        yield from events(messages, params)
+
+    monkeypatch.setattr(fake, "stream", stream)
+    retry = ModelRetryMiddleware(max_retries=2, initial_delay=0, jitter=False, on_failure="error")
+    agent = create_agent(WSDChatModel(), middleware=[retry])
+    failures[:] = [RequestFailedError("out of memory")]
+    out = agent.invoke({"messages": [("user", "hello")]})
+    assert out["messages"][-1].text == "Hi there" and not failures
+    failures[:] = [PromptTooLongError("too long"), RequestFailedError("not reached")]
+    with pytest.raises(ContextOverflowError, match="too long"):
+        agent.invoke({"messages": [("user", "hello")]})
+    assert len(failures) == 1  # tried once, not retried
 
 
 @pytest.mark.embedded
@@ -802,3 +884,35 @@ def test_embedded_forced_tool_call_stream_matches_invoke_and_history_runs(embedd
 def test_embedded_structured_output(embedded):
     joke = WSDChatModel(max_tokens=48).with_structured_output(Joke).invoke("Tell me a joke about cats.")
     assert isinstance(joke, Joke)
+
+
+def test_summarization_middleware_shortens_a_summary_prompt_that_overflows(draft_tokenizer, monkeypatch):
+    """An agent whose history has outgrown the draft model's window keeps going under LangChain's
+    SummarizationMiddleware: the summary call raises ContextOverflowError, which the middleware
+    answers by summarizing a shorter cut of the history. Tiny models (a 256-token draft window),
+    so the real runtime decodes the summary and the answer in a moment."""
+    from dataclasses import replace
+
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import SummarizationMiddleware
+
+    draft = replace(tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), context_window=256)
+    runtime = WSDRuntime.from_models(draft, tiny_llama(draft_tokenizer, 1, "tiny-base", sharpen=3.0))
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: runtime)
+    try:
+        model = WSDChatModel(max_tokens=6)
+        assert model.profile["max_input_tokens"] == 256
+        log = "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees. " * 24
+        history = [HumanMessage(log), AIMessage("Noted."), HumanMessage(log), AIMessage("Noted."), HumanMessage(QUESTION)]
+        assert model.get_num_tokens_from_messages(history[:4]) > 2 * 256
+        errors = Events()
+        summarize = SummarizationMiddleware(
+            model=model, trigger=("messages", 4), keep=("messages", 1), trim_tokens_to_summarize=None, summary_prompt="Summarize:\n{messages}"
+        )
+        out = create_agent(model, middleware=[summarize]).invoke({"messages": history}, config={"callbacks": [errors]})
+        assert errors.events.count("WSDContextOverflowError") == 1  # the first summary call, and no other call
+        summary, question, answer = out["messages"]
+        assert summary.text.startswith("Here is a summary of the conversation to date:")
+        assert question.text == QUESTION and isinstance(answer, AIMessage) and answer.text
+    finally:
+        runtime.close()

@@ -31,6 +31,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field
 
+from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
@@ -172,13 +173,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        runtime, runtime_messages, params = self._request(messages, stop, kwargs)
-        chunks = _Chunks(params)
-        for event in runtime.stream(runtime_messages, **params):
-            for chunk in chunks.add(event):
-                if run_manager:
-                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+        with langchain_errors():
+            runtime, runtime_messages, params = self._request(messages, stop, kwargs)
+            chunks = _Chunks(params)
+            for event in runtime.stream(runtime_messages, **params):
+                for chunk in chunks.add(event):
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
 
     async def _astream(
         self,
@@ -187,13 +189,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        runtime, runtime_messages, params = self._request(messages, stop, kwargs)
-        chunks = _Chunks(params)
-        async for event in runtime.astream(runtime_messages, **params):
-            for chunk in chunks.add(event):
-                if run_manager:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
+        with langchain_errors():
+            runtime, runtime_messages, params = self._request(messages, stop, kwargs)
+            chunks = _Chunks(params)
+            async for event in runtime.astream(runtime_messages, **params):
+                for chunk in chunks.add(event):
+                    if run_manager:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
 
     def _generate(
         self,
