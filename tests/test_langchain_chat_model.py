@@ -249,6 +249,7 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.requests: list[tuple[list[dict[str, str]], dict[str, Any]]] = []
         self.reply = fake_result()
+        self.limits: dict[str, int | None] = {"max_running": 16}
 
     def _events(self, messages: list[dict[str, str]], params: dict[str, Any]) -> list[TextDelta | FinalEvent]:
         self.requests.append((messages, params))
@@ -296,6 +297,40 @@ async def test_async_paths_never_use_the_sync_stream(fake, monkeypatch):
     model = WSDChatModel()
     assert (await model.ainvoke("x")).text == "Hi there"
     assert "".join([c.text async for c in model.astream("x")]) == "Hi there"
+
+
+@pytest.mark.parametrize(
+    ("max_running", "config", "expected"),
+    [(16, None, 12), (5, None, 5), (16, {"max_concurrency": 3}, 3)],
+)
+@pytest.mark.parametrize("method", ["batch", "batch_as_completed"])
+def test_batch_sends_every_input_at_once_up_to_max_running(fake, monkeypatch, max_running, config, expected, method):
+    """LangChain's default batch runs min(32, CPUs + 4) invokes at a time (6 on a 2-core machine);
+    ours sends them all, up to the runtime's max_running, to share its batched passes. A
+    max_concurrency in the config still decides."""
+    import threading
+
+    fake.limits["max_running"] = max_running
+    events, lock = fake._events, threading.Lock()
+    inside, peak = [0], [0]
+
+    def stream(messages: Any, **params: Any) -> Iterator[Any]:
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        time.sleep(0.2)  # every call that can start does so meanwhile
+        with lock:
+            inside[0] -= 1
+        yield from events(messages, params)
+
+    monkeypatch.setattr(fake, "stream", stream)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # LangChain's pool size is the machine's, so fix it
+    questions = [f"q{i}" for i in range(12)]
+    if method == "batch":  # through a chain, whose batch calls each step's
+        replies = (WSDChatModel() | (lambda message: message.text)).batch(questions, config)
+    else:
+        replies = [reply.text for _, reply in sorted(WSDChatModel().batch_as_completed(questions, config), key=lambda r: r[0])]
+    assert replies == ["Hi there"] * 12 and peak[0] == expected
 
 
 def test_unknown_parameter_is_named(fake):
