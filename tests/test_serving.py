@@ -652,3 +652,49 @@ def test_stats_snapshot(fresh):
         (timings.draft, timings.scoring, timings.base)
     )
     assert 0 < sum(s.pass_seconds.values()) <= timings.total
+
+
+ADAPTER_ENDINGS = ["lc-stream-break", "lc-astream-break", "lc-ainvoke-cancel", "lc-timeout", "li-stream_chat-break", "li-astream_chat-break", "li-achat-cancel", "li-timeout"]
+
+
+@pytest.mark.parametrize("ending", ADAPTER_ENDINGS)
+async def test_adapter_calls_end_their_requests(fresh, monkeypatch, ending):
+    """Each way a LangChain or LlamaIndex caller stops listening (leaving a stream's loop, cancelling
+    the task, a timeout) cancels its request in the runtime and frees its caches; the reply is not
+    written to the end."""
+    from langchain_wsd import WSDChatModel
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.wsd import WSDLLM
+
+    from wsd_llms.integration import WSDSettings
+
+    rt = fresh()
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: rt)
+    long = {"max_tokens": 200, "switch_threshold": 1.0}
+    question = QUESTIONS[0]
+    chat, llm, messages = WSDChatModel(**long), WSDLLM(**long), [ChatMessage(role="user", content=question)]
+    if ending == "lc-stream-break":
+        for _ in chat.stream(question):
+            break
+    elif ending == "lc-astream-break":
+        async for _ in chat.astream(question):
+            break
+    elif ending == "li-stream_chat-break":
+        for _ in llm.stream_chat(messages):
+            break
+    elif ending == "li-astream_chat-break":
+        async for _ in await llm.astream_chat(messages):
+            break
+    elif ending.endswith("-cancel"):
+        task = asyncio.create_task(chat.ainvoke(question) if ending.startswith("lc") else llm.achat(messages))
+        await asyncio.to_thread(_wait_for, lambda: rt.stats().cached_tokens > 0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with pytest.raises(RequestTimeoutError):
+            chat.invoke(question, timeout=0.05) if ending.startswith("lc") else llm.chat(messages, timeout=0.05)
+    await asyncio.to_thread(_wait_for, lambda: rt.stats().running == 0)
+    after = rt.stats()
+    ended = after.failed if ending.endswith("timeout") else after.cancelled
+    assert (ended, after.finished, after.cached_tokens, after.reserved_tokens) == (1, 0, 0, 0)
