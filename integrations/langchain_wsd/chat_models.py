@@ -69,6 +69,10 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     content): the last chunk carries the calls as `tool_call_chunks` (arguments as
     JSON; a call that does not parse or validate keeps its raw text as arguments, becomes an
     `invalid_tool_call`, and its error is in `response_metadata["tool_call_errors"]`).
+
+    A failed call raises LangChain's standard model error of its kind (`ContextOverflowError` for a
+    prompt that does not fit, ...; see `langchain_wsd.errors`), which is still the wsd-llms error.
+    `batch` sends its inputs to the runtime at once, up to its `max_running`.
     """
 
     streaming: bool = Field(False, description="stream by default when invoked (LangChain convention)")
