@@ -23,6 +23,7 @@ from langchain_core.exceptions import (
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
+from tiny import tiny_llama
 from typing_extensions import TypedDict
 
 from langchain_wsd import WSDChatModel
@@ -43,7 +44,6 @@ from wsd_llms import (
     WSDResult,
     WSDRuntime,
 )
-from tiny import tiny_llama
 from wsd_llms.messages import ToolCall
 from wsd_llms.tools import InvalidToolCall
 from wsd_llms.integration import result_metadata, usage_counts
@@ -311,15 +311,15 @@ def test_batch_sends_every_input_at_once_up_to_max_running(fake, monkeypatch, ma
     import threading
 
     fake.limits["max_running"] = max_running
-    events, lock = fake._events, threading.Lock()
+    events, inside_changed = fake._events, threading.Condition()
     inside, peak = [0], [0]
 
     def stream(messages: Any, **params: Any) -> Iterator[Any]:
-        with lock:
+        with inside_changed:
             inside[0] += 1
             peak[0] = max(peak[0], inside[0])
-        time.sleep(0.2)  # every call that can start does so meanwhile
-        with lock:
+            inside_changed.notify_all()
+            inside_changed.wait_for(lambda: peak[0] >= expected, timeout=5)  # until as many as expected have run at once
             inside[0] -= 1
         yield from events(messages, params)
 
