@@ -127,7 +127,7 @@ def test_usage_and_metadata_on_the_final_chunk(replies, path):
         "input_tokens": counts["input_tokens"],
         "output_tokens": counts["output_tokens"],
         "total_tokens": counts["total_tokens"],
-        "input_token_details": {"draft": counts["draft"]["input_tokens"]},
+        "input_token_details": {"cache_read": counts["cache_read_tokens"], "draft": counts["draft"]["input_tokens"]},
         "output_token_details": {
             "draft": counts["draft"]["output_tokens"],
             "kept_draft": counts["draft"]["kept_tokens"],

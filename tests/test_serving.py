@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -537,9 +538,12 @@ def test_a_prompt_that_starts_like_an_earlier_one_feeds_only_the_rest(fresh):
     before = rt.stats()
     got = rt.generate(turn, **settings)
     after = rt.stats()
-    assert (got.text, got.switch_point, got.usage) == (expected.text, expected.switch_point, expected.usage)
+    cached = {"draft_cached_prompt_tokens": 0, "base_cached_prompt_tokens": 0}
+    assert (got.text, got.switch_point, replace(got.usage, **cached)) == (expected.text, expected.switch_point, expected.usage)
     assert after.prefix_cache["hits"] - before.prefix_cache["hits"] == 2  # the draft's prompt and the base's
     reused = after.prefix_cache["reused_tokens"] - before.prefix_cache["reused_tokens"]
+    assert got.usage.draft_cached_prompt_tokens + got.usage.base_cached_prompt_tokens == reused  # each request says its own
+    assert earlier.draft_cached_prompt_tokens == earlier.base_cached_prompt_tokens == expected.usage.base_cached_prompt_tokens == 0
     assert reused >= earlier.draft_prompt_tokens + earlier.base_prompt_tokens - 4 * 24  # the first prompts, in whole pieces
     fed = sum(after.tokens[k] - before.tokens[k] for k in ("draft", "score"))
     assert sum(cold.stats().tokens[k] for k in ("draft", "score")) - fed == reused
@@ -698,3 +702,46 @@ async def test_adapter_calls_end_their_requests(fresh, monkeypatch, ending):
     after = rt.stats()
     ended = after.failed if ending.endswith("timeout") else after.cancelled
     assert (ended, after.finished, after.cached_tokens, after.reserved_tokens) == (1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("mode", ["online", "staged", "base", "draft"])
+def test_usage_counts_the_prompt_taken_from_the_prefix_cache(fresh, mode):
+    """A request's usage says how much of each model's prompt came from the prefix cache: none for a
+    prompt seen first, the stored pieces for one that starts like it. In the staged pipeline the
+    base model's second prefill of the prompt, which takes what its first pass stored, does not
+    count again."""
+    settings = {"max_tokens": 12, "switch_threshold": 0.5, "switch_window": 2, "mode": mode}
+    rt = fresh(prefill_chunk=24)
+    first = rt.generate(_msgs(LONG), **settings).usage
+    assert (first.draft_cached_prompt_tokens, first.base_cached_prompt_tokens) == (0, 0)
+    before = rt.stats().prefix_cache["reused_tokens"]
+    again = rt.generate([*_msgs(LONG), {"role": "assistant", "content": "Item 3."}, {"role": "user", "content": "And 6?"}], **settings).usage
+    cached = {"draft": again.draft_cached_prompt_tokens, "base": again.base_cached_prompt_tokens}
+    runs = {"online": ("draft", "base"), "staged": ("draft", "base"), "base": ("base",), "draft": ("draft",)}[mode]
+    prompt = {"draft": first.draft_prompt_tokens, "base": first.base_prompt_tokens}
+    for model in ("draft", "base"):
+        assert (prompt[model] - 24 < cached[model] <= prompt[model]) if model in runs else cached[model] == 0, (model, cached)
+    if mode != "staged":  # staged's second base prefill reuses too, uncounted
+        assert sum(cached.values()) == rt.stats().prefix_cache["reused_tokens"] - before
+
+
+def test_adapters_report_the_prompt_taken_from_the_prefix_cache(fresh, monkeypatch):
+    """LangChain's `input_token_details["cache_read"]` and LlamaIndex's `raw["usage"]["cache_read_tokens"]`
+    are the base prompt positions the runtime restored: none the first time, most of it the next."""
+    from langchain_wsd import WSDChatModel
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.wsd import WSDLLM
+
+    from wsd_llms.integration import WSDSettings
+
+    rt = fresh(prefill_chunk=24)
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: rt)
+    settings = {"max_tokens": 8, "switch_threshold": 0.5, "switch_window": 2}
+    chat, llm = WSDChatModel(**settings), WSDLLM(**settings)
+    first = chat.invoke(LONG).usage_metadata
+    second = chat.invoke(LONG + " Answer briefly.").usage_metadata
+    third = llm.chat([ChatMessage(role="user", content=LONG + " Answer at once.")]).raw["usage"]
+    assert first["input_token_details"]["cache_read"] == 0
+    # the user's message ends differently: the whole 24-token pieces before that are restored
+    assert first["input_tokens"] - 2 * 24 < second["input_token_details"]["cache_read"] < second["input_tokens"]
+    assert first["input_tokens"] - 2 * 24 < third["cache_read_tokens"] < third["input_tokens"] and third["draft"]["cache_read_tokens"] > 0

@@ -268,6 +268,7 @@ class Engine:
         except Exception as exc:
             self._fail(seq, exc)
             return False
+        seq.note_restored(forward.model, forward.kv, held)
         if held:
             seq.pending = replace(forward, ids=forward.ids[held:])
         return True
@@ -408,6 +409,8 @@ class Engine:
                 kept_draft_tokens=seq.kept_draft,
                 base_tokens=seq.base_tokens,
                 reply_tokens=len(reply.ids),
+                draft_cached_prompt_tokens=seq.cached_prompt["draft"],
+                base_cached_prompt_tokens=seq.cached_prompt["base"],
             ),
             timings=Timings(
                 ttft=None if seq.first_token_at is None else seq.first_token_at - seq.created,

@@ -32,6 +32,10 @@ class Usage:
     kept_draft_tokens: int = 0
     base_tokens: int = 0
     reply_tokens: int = 0
+    draft_cached_prompt_tokens: int = 0
+    base_cached_prompt_tokens: int = 0
+    """Prompt positions each model took from the prefix cache instead of computing them (in its
+    first pass over the prompt: the staged pipeline's second base prefill does not count)."""
 
 
 @dataclass(frozen=True)

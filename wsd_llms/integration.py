@@ -252,12 +252,19 @@ def result_metadata(result: WSDResult) -> dict[str, Any]:
 
 
 def usage_counts(result: WSDResult) -> dict[str, Any]:
-    """Input/output/total tokens counted in the base tokenizer, with the draft model's counts."""
+    """Input/output/total tokens counted in the base tokenizer, with the draft model's counts;
+    `cache_read_tokens`: the input tokens taken from the prefix cache (for the draft, in its own)."""
     u = result.usage
     return {
         "input_tokens": u.base_prompt_tokens,
         "output_tokens": u.reply_tokens,
         "total_tokens": u.base_prompt_tokens + u.reply_tokens,
-        "draft": {"input_tokens": u.draft_prompt_tokens, "output_tokens": u.draft_tokens, "kept_tokens": u.kept_draft_tokens},
+        "cache_read_tokens": u.base_cached_prompt_tokens,
+        "draft": {
+            "input_tokens": u.draft_prompt_tokens,
+            "cache_read_tokens": u.draft_cached_prompt_tokens,
+            "output_tokens": u.draft_tokens,
+            "kept_tokens": u.kept_draft_tokens,
+        },
         "base": {"continuation_tokens": u.base_tokens},
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -89,6 +90,9 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     draft_kv: KVCache | None = None
     base_kv: KVCache | None = None
+    cached_prompt: dict[str, int] = field(default_factory=lambda: {"draft": 0, "base": 0})
+    """Prompt positions each model took from the prefix cache, in its first cache (note_restored)."""
+    prompt_caches: dict[str, weakref.ref[KVCache]] = field(default_factory=dict)
     program: Program | None = None
     pending: Forward | None = None
 
@@ -112,6 +116,16 @@ class Sequence:
     def new_cache(self, kind: str) -> KVCache:
         """An empty cache of `kind` (see cache_limits) that never reserves room beyond its limit."""
         return KVCache(self.cache_limits()[kind])
+
+    def note_restored(self, model: str, kv: KVCache, held: int) -> None:
+        """Count `held` positions taken from the prefix cache into `kv` if `kv` is the first cache of
+        `model` that this request fed more than one id (its prompt); a later cache of the same model
+        (the staged pipeline's second base prefill) takes what the first stored and does not count.
+        A weak reference, so a cache dropped early is not kept."""
+        first = self.prompt_caches.setdefault(model, weakref.ref(kv))
+        if first() is kv:
+            prompt = self.prompts.draft_ids if model == "draft" else self.prompts.base_ids
+            self.cached_prompt[model] = min(self.cached_prompt[model] + held, len(prompt))
 
     def cached_tokens(self) -> int:
         """Positions held in this sequence's KV caches."""

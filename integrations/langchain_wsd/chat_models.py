@@ -459,7 +459,7 @@ def to_usage_metadata(result: WSDResult) -> UsageMetadata:
         input_tokens=counts["input_tokens"],
         output_tokens=counts["output_tokens"],
         total_tokens=counts["total_tokens"],
-        input_token_details={"draft": draft["input_tokens"]},  # type: ignore[typeddict-unknown-key]
+        input_token_details={"cache_read": counts["cache_read_tokens"], "draft": draft["input_tokens"]},  # type: ignore[typeddict-unknown-key]
         output_token_details={  # type: ignore[typeddict-unknown-key]
             "draft": draft["output_tokens"],
             "kept_draft": draft["kept_tokens"],
