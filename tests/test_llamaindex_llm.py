@@ -173,3 +173,26 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
     with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
         await llm.astream_chat([message])
     assert recorder.calls == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_token_counting_handler_counts_the_runtime_tokens(draft_tokenizer, monkeypatch, method):
+    """LlamaIndex's TokenCountingHandler takes each call's counts from the response's usage (the base
+    model's tokens), not from its own tiktoken estimate, for all eight methods."""
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+    from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+
+    from wsd_llms.integration import WSDSettings
+
+    runtime = wsd_llms.WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")
+    )
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: runtime)
+    try:
+        counter = TokenCountingHandler()
+        final, _ = await run(WSDLLM(max_tokens=10, callback_manager=CallbackManager([counter])), method)
+        usage = final.raw["usage"]
+        assert (counter.prompt_llm_token_count, counter.completion_llm_token_count) == (usage["input_tokens"], usage["output_tokens"])
+        assert usage["output_tokens"] > 0
+    finally:
+        runtime.close()
