@@ -141,7 +141,7 @@ def build_prompts(
     context, prefix = split_forced_prefix(messages)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
-    base_spans = tuple(special_spans(base_tok, base_text, message_spans(base_text, context)))  # usually none
+    base_spans = base_prompt_spans(base_tok, base_text, context)
     base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1], base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
@@ -159,10 +159,15 @@ def base_prompt(
     return text, ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ()), contents
 
 
+def base_prompt_spans(base_tok: Any, text: str, context: list[Message]) -> tuple[Span, ...]:
+    """Where the messages' text in the base prompt `text` spells special tokens (usually nowhere):
+    what its encoding takes as text (Prompts.base_spans)."""
+    return tuple(special_spans(base_tok, text, message_spans(text, context)))
+
+
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
     """How many of the base model's positions the messages take: its prompt (a request's
     usage.base_prompt_tokens) and a forced start of the reply, if the last message is one."""
     context, prefix = split_forced_prefix(messages)
     text, _, _ = base_prompt(base_tok, context, base_template, tools)
-    spans = special_spans(base_tok, text, message_spans(text, context))
-    return len(encode(base_tok, text, spans)[0]) + len(encode_text(base_tok, prefix))
+    return len(encode(base_tok, text, base_prompt_spans(base_tok, text, context))[0]) + len(encode_text(base_tok, prefix))

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from langchain_core.exceptions import (
     ContextOverflowError,
     ModelAPIError,
-    ModelError,
     ModelInvalidRequestError,
     ModelNotFoundError,
     ModelTimeoutError,
@@ -81,9 +80,7 @@ _AS_LANGCHAIN: tuple[tuple[type[WSDError], type[WSDError]], ...] = (
 
 def as_langchain_error(error: WSDError) -> WSDError:
     """`error` as the LangChain model error of its kind, with its message and traceback;
-    unchanged if it already is one or has no such kind."""
-    if isinstance(error, ModelError):
-        return error
+    unchanged if it has no such kind."""
     for kind, langchain_kind in _AS_LANGCHAIN:
         if isinstance(error, kind):
             return langchain_kind(*error.args).with_traceback(error.__traceback__)
