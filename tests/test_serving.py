@@ -209,6 +209,32 @@ async def test_cancelling_half_leaves_the_rest_unchanged(fresh):
     assert after.cached_tokens == 0 and after.reserved_tokens == 0  # every cancelled cache was freed
 
 
+async def test_cancelling_as_an_event_arrives_still_cancels(fresh, monkeypatch):
+    """A task cancelled in the moment an event reaches its stream (the event is queued, the task has
+    not yet woken) stops with CancelledError and its request is cancelled. Under load events arrive
+    every few milliseconds, so this moment is common; Python 3.11's asyncio.wait_for returned the
+    event there and dropped the cancellation, and the reply ran on to its end."""
+    rt = fresh()
+    target: list[asyncio.Task] = []
+    put = asyncio.Queue.put_nowait
+
+    def put_then_cancel(queue, item):  # the stream's inbox takes an event; cancel its reader at once
+        put(queue, item)
+        if target:
+            target.pop().cancel()
+
+    monkeypatch.setattr(asyncio.Queue, "put_nowait", put_then_cancel)
+    for _ in range(3):
+        task = asyncio.create_task(rt.agenerate(_msgs(QUESTIONS[3]), max_tokens=200, switch_threshold=1.0))
+        await asyncio.to_thread(_wait_for, lambda: rt.stats().cached_tokens > 0)
+        target.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.to_thread(_wait_for, lambda: rt.stats().running == 0)
+    after = rt.stats()
+    assert (after.cancelled, after.finished, after.cached_tokens) == (3, 0, 0)
+
+
 def test_requests_submitted_during_a_step_all_join_the_next(fresh):
     """The worker takes in everything that arrived while it stepped, not one request per step, so
     a burst of requests prefills together."""

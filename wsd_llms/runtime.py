@@ -135,9 +135,10 @@ class WSDRuntime:
         sub = self._submit(messages, params, deliver)
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(inbox.get(), timeout=_POLL)
-                except asyncio.TimeoutError:
+                try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
+                    async with asyncio.timeout(_POLL):
+                        item = await inbox.get()
+                except TimeoutError:
                     self._check_waiting(sub)
                     continue
                 yield _unwrap(item)
