@@ -1,5 +1,5 @@
-"""Concurrent serving on the embedded pair: aggregate tokens/s, p50/p95 latency and peak RSS
-for 1, 4, 8 and 16 concurrent requests (online WSD, greedy).
+"""Concurrent serving on the embedded pair: aggregate tokens/s, p50/p95 latency, p50/p95 time to
+the first streamed text, and peak RSS for 1, 4, 8 and 16 concurrent requests (online WSD, greedy).
 
 Every level serves the same workload (the 16 prompts below), N at a time, so the aggregate
 tokens/s of the levels compare like for like.
@@ -77,14 +77,15 @@ def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime,
     single = levels[next(iter(levels))]["aggregate_tokens_per_s"]
     gpu_head, gpu_rule = (" peak GPU memory (MiB) |", "---|") if cuda else ("", "")
     rows = [
-        f"| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | peak RSS (MiB) |{gpu_head}",
-        f"|---|---|---|---|---|---|{gpu_rule}",
+        f"| concurrent | aggregate tok/s | vs 1 | p50 latency (s) | p95 latency (s) | p50 first text (s) | p95 first text (s) | peak RSS (MiB) |{gpu_head}",
+        f"|---|---|---|---|---|---|---|---|{gpu_rule}",
     ]
     for n, v in levels.items():
         gpu = f" {v['peak_gpu_mib']:.0f} |" if cuda else ""
         rows.append(
             f"| {n} | {v['aggregate_tokens_per_s']:.1f} | {v['aggregate_tokens_per_s'] / single:.2f}x | "
-            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['peak_rss_mib']:.0f} |{gpu}"
+            f"{v['p50_latency_s']:.2f} | {v['p95_latency_s']:.2f} | {v['p50_first_text_s']:.2f} | {v['p95_first_text_s']:.2f} | "
+            f"{v['peak_rss_mib']:.0f} |{gpu}"
         )
     rows += [
         "",
@@ -118,10 +119,16 @@ def main() -> None:
     cuda = runtime.device.type == "cuda"
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
 
-    def one(prompt: str) -> tuple[float, int]:
+    def one(prompt: str) -> tuple[float, float, int]:
+        """(latency, time to the first streamed text, reply tokens) of one request, as its caller sees them."""
         t0 = time.perf_counter()
-        r = runtime.generate([{"role": "user", "content": prompt}], max_tokens=args.max_tokens)
-        return time.perf_counter() - t0, r.usage.reply_tokens
+        first = None
+        for event in runtime.stream([{"role": "user", "content": prompt}], max_tokens=args.max_tokens):
+            if first is None and isinstance(event, wsd_llms.TextDelta) and event.text:
+                first = time.perf_counter() - t0
+            if isinstance(event, wsd_llms.FinalEvent):
+                result = event.result
+        return time.perf_counter() - t0, first if first is not None else time.perf_counter() - t0, result.usage.reply_tokens
 
     levels = {}
     for n in args.levels:
@@ -134,7 +141,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
         after = runtime.stats()
         latencies = [o[0] for o in outcomes]
-        tokens = sum(o[1] for o in outcomes)
+        first_texts = [o[1] for o in outcomes]
+        tokens = sum(o[2] for o in outcomes)
         levels[n] = {
             "concurrent": n,
             "requests": len(prompts),
@@ -143,6 +151,8 @@ def main() -> None:
             "aggregate_tokens_per_s": tokens / wall,
             "p50_latency_s": percentile(latencies, 50),
             "p95_latency_s": percentile(latencies, 95),
+            "p50_first_text_s": percentile(first_texts, 50),
+            "p95_first_text_s": percentile(first_texts, 95),
             "peak_rss_mib": rss.peak,
             "peak_draft_batch": after.peaks["draft_batch"],
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -150,7 +160,7 @@ def main() -> None:
             "passes": {k: after.passes[k] - before.passes[k] for k in after.passes},
             "tokens_fed": {k: after.tokens[k] - before.tokens[k] for k in after.tokens},
         }
-        print(f"{n:3d} concurrent: {tokens / wall:6.1f} tok/s, p50 {levels[n]['p50_latency_s']:.2f}s", flush=True)
+        print(f"{n:3d} concurrent: {tokens / wall:6.1f} tok/s, p50 {levels[n]['p50_latency_s']:.2f}s, first text p50 {levels[n]['p50_first_text_s']:.2f}s", flush=True)
         report(levels, args, runtime, len(prompts))  # after every level, so a cut-short run keeps what it measured
 
 
