@@ -202,26 +202,39 @@ def test_a_sliding_window_layer_reads_only_its_window_in_a_ragged_pass():
         assert torch.isfinite(got).all() and torch.equal(got, expected)
 
 
-def test_a_failed_ragged_step_leaves_every_row_as_it_was(monkeypatch):
+@pytest.mark.parametrize("where", ["layer", "projection"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "alone"])
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "plain"])
+def test_a_pass_that_fails_midway_leaves_every_cache_as_it_was(monkeypatch, ragged, batch, where):
+    """A pass that raises in a layer (the first layers have stored their states) or in the output
+    projection (every layer has) leaves each cache as it was, so the engine's retry runs each row
+    alone from there and gets what a pass that never failed gives."""
     runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
     assert runner.ragged
+    runner.ragged = ragged
     vocab = runner.model.config.vocab_size
     failing, clean = [], []
-    for i, n in enumerate([5, 20, 33]):
+    for i, n in enumerate([5, 20, 33] if batch else [20]):
         for caches in (failing, clean):
             kv = runner.new_cache()
             runner.extend(kv, _ids(i, n, vocab))
             caches.append(kv)
-    lengths = [len(kv) for kv in failing]
+    ids = [list(kv.ids) for kv in failing]
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("no room")
 
-    with monkeypatch.context() as m:  # fails halfway: the first layer has stored the new states
-        m.setattr(runner.model.model.layers[1].mlp, "forward", out_of_memory)
+    with monkeypatch.context() as m:
+        if where == "layer":
+            m.setattr(runner.model.model.layers[1].mlp, "forward", out_of_memory)
+        else:
+            m.setattr(runner.head, "logits", out_of_memory)
         with pytest.raises(MemoryError):
-            runner.extend_batch(failing, [[9]] * 3, [0] * 3)
-    assert [len(kv) for kv in failing] == lengths
+            if batch:
+                runner.extend_batch(failing, [[9]] * len(failing), [0] * len(failing))
+            else:
+                runner.extend(failing[0], [9, 10])
+    assert [kv.ids for kv in failing] == ids
     assert all(layer.length == len(kv) for kv in failing for layer in kv.cache.layers)
     for kv, other in zip(failing, clean):
         assert torch.equal(runner.extend(kv, [9]), runner.extend(other, [9]))

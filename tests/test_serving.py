@@ -474,6 +474,28 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
     assert rt.stats().failed == 1
 
 
+def test_a_batched_pass_that_fails_after_writing_its_states_is_retried_cleanly(fresh, monkeypatch):
+    """A batched pass that fails after its layers wrote every row's states (in the output projection,
+    as running out of memory there would) is retried row by row from where each row was: no request
+    fails, and every reply is what it is alone (before, the retry fed each row its tokens twice)."""
+    rt = fresh()
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    real, fired = ModelRunner._outputs, []
+
+    def outputs(self, rows, keeps, lazy):
+        if len(rows) > 1 and len(fired) < 3:
+            fired.append(len(rows))
+            raise MemoryError("injected: out of memory in the output projection")
+        return real(self, rows, keeps, lazy)
+
+    monkeypatch.setattr(ModelRunner, "_outputs", outputs)
+    results = _concurrently(rt, jobs)
+    assert len(fired) == 3
+    assert [r.text for r in results] == expected
+    assert rt.stats().failed == 0
+
+
 class WorkerKilled(BaseException):
     pass
 

@@ -120,20 +120,29 @@ class ModelRunner:
     @torch.inference_mode()
     def extend(self, kv: KVCache, ids: list[int], keep: int = 0, lazy: bool = False) -> Output:
         """Feed `ids` after what `kv` holds; float32 logits [V] for the last position, or [keep, V]
-        (lazy: the same rows as HeadRows)."""
+        (lazy: the same rows as HeadRows). If the pass fails, the cache is as it was."""
         if not ids:
             raise ValueError("extend() needs at least one id")
         if self.ragged:
             return self._extend_ragged([kv], [ids], [keep], [lazy])[0]
         input_ids = torch.tensor([ids], device=self.device)
+        held = len(kv)
         kv.store.num_layers = kv.store.num_layers or self.num_layers
-        hidden = self._forward(max(keep, 1), input_ids=input_ids, use_cache=True, **{self._cache_kw: kv.cache})
+        try:
+            hidden = self._forward(max(keep, 1), input_ids=input_ids, use_cache=True, **{self._cache_kw: kv.cache})
+            output = self._outputs([hidden[0]], [keep], [lazy])[0]
+        except BaseException:
+            for layer in kv.fill_layers(self.num_layers):
+                layer.length = min(layer.length, held)
+            raise
         kv.ids.extend(ids)
-        return self._outputs([hidden[0]], [keep], [lazy])[0]
+        return output
 
     @torch.inference_mode()
     def extend_batch(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool] | None = None) -> list[Output]:
-        """Feed each cache its own ids in one forward pass; per row, what `extend` would return.
+        """Feed each cache its own ids in one forward pass; per row, what `extend` would return. If
+        the pass fails (in a layer, or in the output projection), every cache is as it was, so each
+        row can be retried alone.
 
         On CPU the pass is ragged (`_extend_ragged`). Otherwise it is padded: rows are
         right-aligned and left-padded, so every row's tokens stay contiguous and relative
@@ -188,6 +197,7 @@ class ModelRunner:
             use_cache=True,
             **{self._cache_kw: batch},
         )
+        outputs = self._outputs([hidden[row, keep - max(k, 1) :] for row, k in enumerate(keeps)], keeps, lazy)
         assert store.buffers is not None
         batch_keys, batch_values = store.buffers
         # Hand each row its new states, two copies per row. Make room in every row first: if that
@@ -203,7 +213,7 @@ class ModelRunner:
                 layer.length = end
         for kv, new in zip(kvs, ids):
             kv.ids.extend(new)
-        return self._outputs([hidden[row, keep - max(k, 1) :] for row, k in enumerate(keeps)], keeps, lazy)
+        return outputs
 
     @torch.inference_mode()
     def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
@@ -227,6 +237,7 @@ class ModelRunner:
                 use_cache=True,
                 **{self._cache_kw: cache},
             )[0]
+            outputs = self._outputs(list(hidden.split(kept)), keeps, lazy)
         except BaseException:
             for layers, n in zip(rows, held):  # states past a row's length are never read
                 for layer in layers:
@@ -234,7 +245,7 @@ class ModelRunner:
             raise
         for kv, new in zip(kvs, ids):
             kv.ids.extend(new)
-        return self._outputs(list(hidden.split(kept)), keeps, lazy)
+        return outputs
 
     @staticmethod
     def crop(kv: KVCache, length: int) -> None:
