@@ -496,6 +496,38 @@ def test_a_batched_pass_that_fails_after_writing_its_states_is_retried_cleanly(f
     assert rt.stats().failed == 0
 
 
+def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monkeypatch):
+    """An exception while a request's result is built, after its program ended (here injected into
+    reading the reply's structured fields), fails that request with the error; before, it escaped
+    the step, killed the worker and failed every other request with it."""
+    from wsd_llms import engine
+
+    rt = fresh()
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    worker, real = rt.worker, engine.structured_fields
+
+    def fields(text, params, cut=False):
+        if "zqzq" in params.stop:
+            raise RecursionError("injected while finishing")
+        return real(text, params, cut)
+
+    monkeypatch.setattr(engine, "structured_fields", fields)
+
+    def job(i):
+        if i == len(jobs):
+            with pytest.raises(RequestFailedError, match="RecursionError: injected while finishing"):
+                rt.generate(_msgs(QUESTIONS[2]), max_tokens=30, stop=["zqzq"])
+            return None
+        return rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        results = list(pool.map(job, range(len(jobs) + 1)))
+    assert results[:-1] == expected
+    assert rt.worker is worker and worker.is_alive()
+    assert (rt.stats().failed, rt.stats().running, rt.stats().cached_tokens) == (1, 0, 0)
+
+
 class WorkerKilled(BaseException):
     pass
 

@@ -210,6 +210,19 @@ def test_parse_reply_reports_invalid_calls():
     assert invalid[2].raw.endswith('"argu')
 
 
+def test_json_nested_too_deeply_to_parse_is_reported_like_other_bad_json():
+    """json.loads raises RecursionError for JSON nested some thousand levels deep: a reply, a tool
+    call's arguments or a message's tool-call arguments that deep are reported as JSON that does
+    not parse (a parse error, an invalid call, InvalidMessagesError), not raised as a crash."""
+    deep = "[" * 100_000 + "]" * 100_000
+    assert parse_json(deep, {"type": "array"}) == (None, "the reply is not valid JSON: it is nested too deeply to parse")
+    content, calls, invalid = parse_reply(f'<tool_call>\n{{"name": "pick", "arguments": {{"n": {deep}}}}}\n</tool_call>', [TOOL])
+    assert (content, calls, [i.name for i in invalid]) == ("", [], ["pick"])
+    assert "nested too deeply" in invalid[0].error
+    with pytest.raises(InvalidMessagesError, match="arguments are not valid JSON"):
+        normalize_messages([{"role": "assistant", "content": "", "tool_calls": [{"name": "pick", "arguments": f'{{"n": {deep}}}'}]}])
+
+
 @pytest.mark.parametrize("tail", ["<", "<tool", "<tool_call"])
 def test_a_call_tag_cut_short_is_not_content(tail):
     """max_tokens can end a reply inside the opening tag of its next call: that is not text."""

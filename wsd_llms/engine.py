@@ -369,11 +369,14 @@ class Engine:
             seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :])
 
     def _send(self, seq: Sequence, output: Output) -> None:
+        """Hand the program its output; it asks for the next pass, or ends and the request finishes.
+        An exception in either (the program's, or in building the result) fails this request alone."""
         assert seq.program is not None
         try:
-            seq.pending = seq.program.send(output)
-        except StopIteration as stop:
-            self._finish(seq, stop.value)
+            try:
+                seq.pending = seq.program.send(output)
+            except StopIteration as stop:
+                self._finish(seq, stop.value)
         except Exception as exc:
             self._fail(seq, exc)
 

@@ -60,7 +60,7 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to parse
             raise InvalidMessagesError(f"{where} arguments are not valid JSON: {exc}") from None
     if not isinstance(arguments, Mapping):
         raise InvalidMessagesError(f"{where} arguments must be a dict or a JSON object string, got {arguments!r}")

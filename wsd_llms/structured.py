@@ -96,11 +96,20 @@ def as_written(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def load_json(text: str, **kwargs: Any) -> Any:
+    """json.loads, where JSON nested too deeply for Python's parser is a ValueError, as other JSON
+    that does not parse is (json.loads raises RecursionError for it)."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to parse") from None
+
+
 def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     """The reply as a JSON value and why it does not validate against `schema` (None if it does)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
+        value = load_json(text)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return None, f"the reply is not valid JSON: {exc}"
     return value, schema_error(text, value, schema)
 

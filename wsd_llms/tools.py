@@ -31,7 +31,7 @@ from typing import Any
 
 from .messages import Message, ToolCall
 from .reply import held_back
-from .structured import Written, as_written, json_format, schema_error
+from .structured import Written, as_written, json_format, load_json, schema_error
 
 CALL_TAG = "<tool_call>"
 CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", "\n</tool_call>", "\n"
@@ -157,7 +157,7 @@ def parse_reply(
         try:
             if not match.group(2):
                 raise ValueError("the call is not closed with </tool_call> (the reply ended first)")
-            body = json.loads(match.group(1))
+            body = load_json(match.group(1))
             if not isinstance(body, dict) or not isinstance(body.get("name"), str):
                 raise ValueError('a call must be {"name": ..., "arguments": {...}}')
             name, arguments = body["name"], body.get("arguments", {})
@@ -165,7 +165,7 @@ def parse_reply(
                 raise ValueError(f"unknown tool {name!r}; known: {', '.join(by_name) or 'none'}")
             if not isinstance(arguments, dict):
                 raise ValueError(f"arguments must be a JSON object, got {arguments!r}")
-            written = json.loads(match.group(1), parse_float=Written, parse_int=Written)["arguments"]
+            written = load_json(match.group(1), parse_float=Written, parse_int=Written)["arguments"]
             error = schema_error(as_written(written), arguments, by_name[name]["parameters"])
             if error:
                 raise ValueError(error)
