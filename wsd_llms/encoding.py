@@ -11,6 +11,7 @@ ordinary prompts keep their ids and pay nothing more.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,20 @@ from typing import Any
 Span = tuple[int, int]  # [start, end) in characters
 
 _SPECIAL_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _lock(tokenizer: Any) -> threading.Lock:
+    """The lock held around each of this module's encodes with `tokenizer`. A fast tokenizer
+    (transformers 5) sets its one Rust tokenizer's split-special-tokens flag before every encode, so
+    two threads encoding at once (the worker building a prompt, a caller counting tokens) could
+    each run under the other's flag: a message's "</s>" would become the control token."""
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _LOCKS[tokenizer] = threading.Lock()
+        return lock
 
 
 def special_ids(tokenizer: Any) -> frozenset[int]:
@@ -37,12 +52,19 @@ def spells_special(tokenizer: Any, ids: Sequence[int]) -> bool:
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Ids for text that is all message or reply text: no special token's text becomes the token."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    with _lock(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def special_spans(tokenizer: Any, text: str, spans: Sequence[Span]) -> list[Span]:
     """Those of `spans` (message text in `text`) whose text spells a special token."""
-    return [(lo, hi) for lo, hi in spans if spells_special(tokenizer, tokenizer.encode(text[lo:hi], add_special_tokens=False))]
+    return [(lo, hi) for lo, hi in spans if spells_special(tokenizer, _plain(tokenizer, text[lo:hi]))]
+
+
+def _plain(tokenizer: Any, text: str) -> list[int]:
+    """`text`'s ids as the tokenizer encodes by default: special tokens' text becomes the tokens."""
+    with _lock(tokenizer):
+        return tokenizer.encode(text, add_special_tokens=False)
 
 
 def encode(tokenizer: Any, text: str, spans: Sequence[Span] = (), offsets: bool = False) -> tuple[list[int], list[Span]]:
@@ -51,7 +73,7 @@ def encode(tokenizer: Any, text: str, spans: Sequence[Span] = (), offsets: bool 
     rest in one piece between them; with `offsets`, each id's character span too (empty for a
     tokenizer without offsets, a slow one, which is encoded whole, as written)."""
     if not spans and not offsets:
-        return tokenizer.encode(text, add_special_tokens=False), []
+        return _plain(tokenizer, text), []
     ids: list[int] = []
     where: list[Span] = []
     at = 0
@@ -62,7 +84,7 @@ def encode(tokenizer: Any, text: str, spans: Sequence[Span] = (), offsets: bool 
             at = hi
         _extend(tokenizer, text, at, len(text), False, ids, where)
     except NotImplementedError:  # a slow tokenizer: no offsets, so no way to tell the markers apart
-        return tokenizer.encode(text, add_special_tokens=False), []
+        return _plain(tokenizer, text), []
     return ids, where
 
 
@@ -70,6 +92,7 @@ def _extend(tokenizer: Any, text: str, lo: int, hi: int, as_text: bool, ids: lis
     """Append the ids and offsets of text[lo:hi], encoded on its own."""
     if lo >= hi:
         return
-    encoded = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
+    with _lock(tokenizer):
+        encoded = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=as_text)
     ids.extend(encoded["input_ids"])
     where.extend((s + lo, e + lo) for s, e in encoded["offset_mapping"])

@@ -230,7 +230,8 @@ class WSDRuntime:
 
     def tokenizer(self, model: str = "base") -> Any:
         """A model's tokenizer ("base": usage is counted in it; "draft"), from the loaded model or
-        else read alone, without the weights."""
+        else read alone, without the weights. The worker encodes with the same object: encode
+        through wsd_llms.encoding (or count_prompt_tokens), which keeps threads' encodes apart."""
         if self.engine is not None:
             return (self.engine.draft if model == "draft" else self.engine.base).tokenizer
         if model not in self._tokenizers:
