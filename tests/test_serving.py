@@ -553,6 +553,56 @@ def test_dead_worker_fails_waiting_callers_fast_and_restarts(fresh, monkeypatch)
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=3).usage.reply_tokens <= 3  # a fresh worker serves
 
 
+def test_a_request_sent_as_the_dead_worker_ends_starts_a_fresh_one(fresh, monkeypatch):
+    """A request submitted after the worker died, while its thread still ends (its traceback is
+    printed), starts a fresh worker and is served, instead of waiting on an inbox nobody reads."""
+    rt = fresh()
+    rt.generate(_msgs(QUESTIONS[0]), max_tokens=3)
+    engine, real_step = rt.engine, rt.engine.step
+    ending, release = threading.Event(), threading.Event()
+
+    def dying_step():
+        monkeypatch.setattr(engine, "step", real_step)
+        raise WorkerKilled("killed by the test")
+
+    def slow_excepthook(args):  # the dead worker's thread, still alive while it reports its death
+        ending.set()
+        release.wait(10)
+
+    monkeypatch.setattr(engine, "step", dying_step)
+    monkeypatch.setattr(threading, "excepthook", slow_excepthook)
+    dead = rt.worker
+    with pytest.raises(RuntimeClosedError, match="worker died: WorkerKilled"):
+        rt.generate(_msgs(QUESTIONS[1]), max_tokens=50)
+    try:
+        assert ending.wait(10) and dead.is_alive()
+        assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=3).usage.reply_tokens <= 3
+        assert rt.worker is not dead and rt.stats().cancelled == 0
+    finally:
+        release.set()
+
+
+def test_a_timeout_counts_as_failed_whoever_notices_it_first(fresh, monkeypatch):
+    """A timeout is a failure in stats() whether the worker ends the request at it or, in a step
+    longer than the caller's poll, the caller gives up first (which also cancels the request)."""
+    rt = fresh()
+    rt.generate(_msgs(QUESTIONS[0]), max_tokens=3)
+    engine, real_step = rt.engine, rt.engine.step
+
+    def slow_step():
+        monkeypatch.setattr(engine, "step", real_step)
+        time.sleep(1.5)
+        real_step()
+
+    for slow in (False, True):
+        if slow:
+            monkeypatch.setattr(engine, "step", slow_step)
+        with pytest.raises(RequestTimeoutError):
+            rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.3)
+        _wait_for(lambda: rt.stats().running == 0 and rt.stats().queued == 0)
+        assert (rt.stats().failed, rt.stats().cancelled) == (1 + slow, 0)
+
+
 def test_admission_queues_beyond_the_limit_and_all_finish(fresh):
     rt = fresh(max_running=2)
     jobs = [(QUESTIONS[i], {"max_tokens": 20}) for i in range(4)]
@@ -719,6 +769,33 @@ def test_close_ends_in_flight_work(fresh):
     assert rt.worker is None
     with pytest.raises(RuntimeClosedError, match="closed"):
         rt.generate(_msgs(QUESTIONS[0]))
+
+
+def test_a_snapshot_shows_an_ending_request_counted(fresh, monkeypatch):
+    """stats() from another thread while the worker drops a request (here paused as it frees the
+    request's caches) shows it counted, not in neither queue and in no counter: a caller that waits
+    for running == 0 then reads the counters reads them right."""
+    from wsd_llms.sequence import Sequence
+
+    rt = fresh()
+    freeing, release, free = threading.Event(), threading.Event(), Sequence.free
+
+    def slow_free(self):
+        if threading.current_thread() is rt.worker and not release.is_set():
+            freeing.set()
+            release.wait(10)
+        free(self)
+
+    monkeypatch.setattr(Sequence, "free", slow_free)
+    stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0)
+    next(stream)
+    stream.close()
+    try:
+        assert freeing.wait(10)
+        s = rt.stats()
+        assert (s.running, s.queued, s.cancelled, s.reserved_tokens) == (0, 0, 1, 0)
+    finally:
+        release.set()
 
 
 def test_stats_snapshot(fresh):

@@ -173,7 +173,17 @@ class Engine:
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
 
+    def count(self, outcome: str) -> None:
+        """Count a request that ended before it was queued ("cancelled" or "failed")."""
+        with self.scheduler.lock:
+            self.counts[outcome] += 1
+
     def stats(self) -> RuntimeStats:
+        """A consistent snapshot, safe to take from any thread while a step runs."""
+        with self.scheduler.lock:
+            return self._stats()
+
+    def _stats(self) -> RuntimeStats:
         running = list(self.scheduler.running)
         return RuntimeStats(
             queued=len(self.scheduler.waiting),
@@ -222,12 +232,13 @@ class Engine:
         self.peaks["queued"] = max(self.peaks["queued"], len(self.scheduler.waiting))
 
     def _end_if_over(self, seq: Sequence, now: float) -> bool:
-        """Drop a cancelled request, or fail one past its timeout (queued or running); whether it ended."""
+        """Fail a request past its timeout, or drop a cancelled one (queued or running); whether it
+        ended. The timeout comes first: a caller that gave up at it, in a long step, also cancelled."""
         timeout = seq.params.timeout
-        if seq.cancelled.is_set():
-            self._drop(seq, "cancelled")
-        elif timeout is not None and now - seq.created > timeout:
+        if timeout is not None and now - seq.created > timeout:
             self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
+        elif seq.cancelled.is_set():
+            self._drop(seq, "cancelled")
         else:
             return False
         return True
@@ -391,10 +402,11 @@ class Engine:
         seq.deliver(error)
 
     def _drop(self, seq: Sequence, outcome: str) -> None:
-        self.scheduler.remove(seq)
+        with self.scheduler.lock:  # a snapshot sees the request in a queue or counted, never neither
+            self.scheduler.remove(seq)
+            self.counts[outcome] += 1
         seq.phase = Phase.FINISHED
         seq.free()
-        self.counts[outcome] += 1
 
     def _finish(self, seq: Sequence, finish_reason: str) -> None:
         seq.emit(seq.reply.finish())

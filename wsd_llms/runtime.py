@@ -318,7 +318,10 @@ class WSDRuntime:
         try:
             self._run()
         except BaseException as exc:
-            self._fail_all(RuntimeClosedError(f"the wsd-llms worker died: {type(exc).__name__}: {exc}"))
+            with self._worker_lock:  # a request submitted after this starts a fresh worker; one before it fails here
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                self._fail_all(RuntimeClosedError(f"the wsd-llms worker died: {type(exc).__name__}: {exc}"))
             raise
 
     def _run(self) -> None:
@@ -348,15 +351,16 @@ class WSDRuntime:
     def _accept(self, sub: _Submission) -> None:
         try:
             engine = self.load()
-            if sub.cancelled.is_set():  # cancelled before it reached the worker
-                engine.counts["cancelled"] += 1
+            if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
+                timeout = sub.params.timeout
+                engine.count("failed" if timeout is not None and time.perf_counter() - sub.submitted > timeout else "cancelled")
                 return
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
             seq.cancelled, seq.created = sub.cancelled, sub.submitted
             engine.add(seq)
         except Exception as exc:  # a bad request must not kill the worker; it fails alone
             if self.engine is not None:
-                self.engine.counts["failed"] += 1
+                self.engine.count("failed")
             sub.deliver(exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
 
     def _fail_all(self, error: BaseException) -> None:

@@ -4,6 +4,7 @@ back short ones)."""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 from .errors import RequestTooLargeError
@@ -68,6 +69,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.reserved = 0
+        # Held by each change of the queues and by readers of a snapshot (Engine.stats, from other
+        # threads), so a reader never sees a request in neither queue or its reservation left behind.
+        self.lock = threading.RLock()
 
     def add(self, seq: Sequence) -> None:
         """Queue a request; one that could never fit fails now."""
@@ -79,25 +83,28 @@ class Scheduler:
                 "max_draft_tokens, or raise max_cached_tokens"
             )
         seq.phase = Phase.WAITING
-        self.waiting.append(seq)
+        with self.lock:
+            self.waiting.append(seq)
 
     def schedule(self) -> list[Sequence]:
         """Admit from the head of the queue while the limits allow; return the running sequences."""
-        while self.waiting and len(self.running) < self.max_running:
-            need = token_budget(self.waiting[0])
-            if self.running and self.reserved + need > self.max_cached_tokens:
-                break
-            seq = self.waiting.popleft()
-            self.reserved += need
-            self.running.append(seq)
-        return list(self.running)
+        with self.lock:
+            while self.waiting and len(self.running) < self.max_running:
+                need = token_budget(self.waiting[0])
+                if self.running and self.reserved + need > self.max_cached_tokens:
+                    break
+                seq = self.waiting.popleft()
+                self.reserved += need
+                self.running.append(seq)
+            return list(self.running)
 
     def remove(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-            self.reserved -= token_budget(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        with self.lock:
+            if seq in self.running:
+                self.running.remove(seq)
+                self.reserved -= token_budget(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
