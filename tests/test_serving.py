@@ -528,6 +528,38 @@ def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monke
     assert (rt.stats().failed, rt.stats().running, rt.stats().cached_tokens) == (1, 0, 0)
 
 
+def test_a_failure_keeping_a_prompt_piece_fails_that_request_alone(fresh, monkeypatch):
+    """Keeping a prefilled piece for later requests (the prefix cache copies its states) happens
+    after the pass, outside its retry; running out of memory there fails that request with the
+    error, and the worker and the other requests go on."""
+    from wsd_llms.prefix_cache import PrefixCache
+
+    rt = fresh(prefill_chunk=24)
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    worker, store, engine = rt.worker, PrefixCache.store, rt.engine
+    tokenizers = {id(engine.prefixes[m]): (engine.draft if m == "draft" else engine.base).tokenizer for m in ("draft", "base")}
+
+    def failing_store(self, kv, start, chunk, marks=()):
+        if "Which item is 5?" in tokenizers[id(self)].decode(kv.ids):  # the long prompt below
+            raise MemoryError("injected while keeping a piece")
+        return store(self, kv, start, chunk, marks)
+
+    monkeypatch.setattr(PrefixCache, "store", failing_store)
+
+    def job(i):
+        if i == len(jobs):
+            with pytest.raises(RequestFailedError, match="MemoryError: injected while keeping a piece"):
+                rt.generate(_msgs(LONG), max_tokens=10)
+            return None
+        return rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        results = list(pool.map(job, range(len(jobs) + 1)))
+    assert results[:-1] == expected
+    assert rt.worker is worker and worker.is_alive() and rt.stats().failed == 1
+
+
 class WorkerKilled(BaseException):
     pass
 

@@ -372,7 +372,11 @@ class Engine:
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
         if len(forward.ids) > 1:  # a whole piece is kept for requests that start the same
-            self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
+            try:
+                self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
+            except Exception as exc:  # out of memory copying the piece, say: this request fails, the others go on
+                self._fail(seq, exc)
+                return
         pending = seq.pending
         if forward is pending:
             self._send(seq, output)
