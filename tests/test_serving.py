@@ -267,6 +267,37 @@ def test_requests_submitted_during_a_step_all_join_the_next(fresh):
     assert seen[0] == 1 and seen[1] == 5  # the blocked step, then all four new requests at once
 
 
+def test_requests_sent_before_close_are_not_started(fresh, monkeypatch):
+    """Requests still in the inbox when close() is called fail with RuntimeClosedError without
+    being prepared (nor, on a runtime whose models are not loaded yet, loading them)."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine = rt.engine
+    entered, release, prepared = threading.Event(), threading.Event(), []
+    step, prepare = engine.step, engine.prepare
+
+    def gated_step():
+        entered.set()
+        release.wait(10)
+        step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
+        assert entered.wait(10)  # the worker is inside a step
+        waiting = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=30)
+        _wait_for(lambda: rt._inbox.qsize() == 1)
+        closing = pool.submit(rt.close)
+        _wait_for(lambda: rt._closed)
+        release.set()
+        for future in (running, waiting):
+            with pytest.raises(RuntimeClosedError, match="closed"):
+                future.result(timeout=30)
+        closing.result(timeout=30)
+    assert prepared == [1]  # the request that was running; not the one sent before close()
+
+
 def test_closing_a_sync_stream_frees_its_cache(fresh):
     rt = fresh()
     stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0)

@@ -335,7 +335,10 @@ class WSDRuntime:
                     if item is None:
                         self._fail_all(RuntimeClosedError("the runtime was closed"))
                         return
-                    self._accept(item)
+                    if self._closed:  # sent before close(): it fails with the rest, without loading models or starting
+                        item.deliver(RuntimeClosedError("the runtime was closed"))
+                    else:
+                        self._accept(item)
                     item = self._next_submission()
                 if self.engine is not None and self.engine.has_work():
                     with self._step_lock:
