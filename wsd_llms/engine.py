@@ -29,7 +29,8 @@ from .structured import constraint_spec, structured_fields
 
 # Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
 # for one score in the same batched pass; meanwhile they draft on (a delay of a few tokens,
-# which changes no output: the switch rule sees the same probabilities).
+# which changes no output: each pass scores what was stable when it fell due, online.run_online,
+# so the switch rule sees the same probabilities to the bit).
 SCORING_STRIDE = 4
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}

@@ -8,6 +8,7 @@ point instead of prefilling again, and text streams as soon as it is final.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from .continuation import continue_base, keep_draft
 from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, min_switch, partial_handoff
@@ -138,6 +139,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.draft_kv = seq.new_cache("draft")
     logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
     generated: list[int] = []
+    due: deque[Handoff] = deque()  # scoring passes due and not yet run: each ends where the request's own progress put it
     done = False
     while True:
         token = sample(guide.mask(logits), params, draft_gen)
@@ -168,23 +170,36 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
                 keep_draft(seq, stable[: min(free, len(stable))], base_guide)
                 if seq.reply.stopped:
                     return "stop"
-            if done or (seq.scoring_open and len(stable) >= min(score_at, params.max_tokens)):
-                probs = yield from scorer.score(handoff)
-                score_at = next_score_at(scorer.scored())
+            if not done and len(stable) >= min(score_at, params.max_tokens):
+                due.append(handoff)
+                score_at = next_score_at(len(stable))
+            # A pass scores what was stable when it fell due, so its ids, and its probabilities to the
+            # bit, are the same alone (a scoring pass may start every step) and under load (every
+            # SCORING_STRIDE steps, so that passes batch); at the draft's end every due pass runs.
+            if done:
+                passes, due = [*due, handoff], deque()
+            else:
+                passes = [due.popleft()] if due and seq.scoring_open else []
+            ended = False
+            for k, scoring in enumerate(passes):
+                probs = yield from scorer.score(scoring)
                 for j, p in enumerate(probs, start=len(detector)):
                     if detector.push(p):
                         seq.switch_point = j + 1
                         break
-                kept = stable[: scorer.scored() if seq.switch_point is None else seq.switch_point]
+                kept = scoring.draft_ids[: scorer.scored() if seq.switch_point is None else seq.switch_point]
                 kept = keep_draft(seq, kept, base_guide)  # cut at the first id the base grammar rejects
                 if seq.switch_point is not None:
                     seq.switch_point = len(kept)
                 if seq.reply.stopped:  # the reply ended in the draft: the base model never took over
                     seq.switch_point = None
                     return "stop"
-                if seq.switch_point is not None or done or len(kept) >= params.max_tokens:
+                if seq.switch_point is not None or (done and k == len(passes) - 1) or len(kept) >= params.max_tokens:
                     rows = yield from scorer.cut(len(kept))
+                    ended = True
                     break
+            if ended:
+                break
         if done:
             break
         logits = yield Forward("draft", seq.draft_kv, [token])
