@@ -235,6 +235,33 @@ async def test_cancelling_as_an_event_arrives_still_cancels(fresh, monkeypatch):
     assert (after.cancelled, after.finished, after.cached_tokens) == (3, 0, 0)
 
 
+def test_scoring_passes_and_probabilities_do_not_depend_on_the_load(fresh, monkeypatch):
+    """An online request scores its draft in the same passes, and gets the same probabilities to the
+    bit, alone (a scoring pass may start every step) and among others (every SCORING_STRIDE steps):
+    each pass ends where the request's own progress put it. So no switch decision can flip with the
+    load, even at a near-tie (before, a pass under load took everything stable by the next open
+    step, its rows rounded differently, and a threshold at such a tie gave another reply)."""
+    from wsd_llms import online
+
+    passes: dict[tuple[int, ...], list] = {}
+    score = online._Scorer.score
+
+    def recorded(self, handoff):
+        probs = yield from score(self, handoff)
+        passes.setdefault(tuple(self.seq.prompts.base_ids), []).append((len(handoff.draft_ids), list(probs)))
+        return probs
+
+    monkeypatch.setattr(online._Scorer, "score", recorded)
+    rt = fresh()
+    settings = {"max_tokens": 60, "max_draft_tokens": 60, "switch_threshold": 1.0, "switch_window": 6}  # all scored
+    jobs = [(q, settings) for q in QUESTIONS[:4]]
+    alone = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    by_itself, passes = passes, {}
+    together = [r.text for r in _concurrently(rt, jobs)]
+    assert rt.stats().peaks["draft_batch"] >= 3
+    assert passes == by_itself and together == alone
+
+
 def test_requests_submitted_during_a_step_all_join_the_next(fresh):
     """The worker takes in everything that arrived while it stepped, not one request per step, so
     a burst of requests prefills together."""
@@ -859,6 +886,38 @@ def test_a_snapshot_shows_an_ending_request_counted(fresh, monkeypatch):
         assert (s.running, s.queued, s.cancelled, s.reserved_tokens) == (0, 0, 1, 0)
     finally:
         release.set()
+
+
+def test_staged_frees_its_check_cache_before_the_base_continues(fresh, monkeypatch):
+    """The staged pipeline's check cache (prompt and whole draft, every base layer) is freed once
+    the draft is checked, not held through the base model's continuation, where stats() would not
+    count it."""
+    import gc
+    import weakref
+
+    from wsd_llms.sequence import Sequence
+
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine, step, new_cache = rt.engine, rt.engine.step, Sequence.new_cache
+    checks, alive_while_continuing = [], []
+
+    def recorded(self, kind):
+        kv = new_cache(self, kind)
+        if kind == "check":
+            checks.append(weakref.ref(kv))
+        return kv
+
+    def observed_step():
+        step()
+        if checks and len(alive_while_continuing) < 3 and any(seq.base_kv is not None for seq in engine.scheduler.running):
+            gc.collect()
+            alive_while_continuing.append(checks[-1]() is not None)
+
+    monkeypatch.setattr(Sequence, "new_cache", recorded)
+    monkeypatch.setattr(engine, "step", observed_step)
+    result = rt.generate(_msgs(QUESTIONS[0]), mode="staged", max_tokens=60, max_draft_tokens=20, switch_threshold=1.0)
+    assert result.usage.base_tokens > 10 and alive_while_continuing == [False] * 3
 
 
 def test_stats_snapshot(fresh):

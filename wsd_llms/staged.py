@@ -49,6 +49,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         for start in range(0, len(draft_ids), CHECK_ROWS):  # rows[j] predicts draft_ids[j]
             logits = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])
             probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
+        del scoring, rows  # the check cache is freed now, not when the request ends
     first = min_switch(base.tokenizer, prompts.base_text, len(prompts.base_ids), prompts.forced_prefix, prompts.base_spans)
     switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, first)
     # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
