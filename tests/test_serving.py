@@ -618,6 +618,43 @@ def test_a_failure_keeping_a_prompt_piece_fails_that_request_alone(fresh, monkey
     assert rt.worker is worker and worker.is_alive() and rt.stats().failed == 1
 
 
+def test_a_failing_cleanup_as_a_request_ends_fails_that_request_alone(fresh, monkeypatch):
+    """Ending a request closes its program, which runs the program's cleanup; an error there (one
+    request's `finally`, here injected) reaches that request's caller, and the worker and the
+    other requests go on."""
+    from wsd_llms import engine
+
+    online = engine.PROGRAMS["online"]
+
+    def with_cleanup(seq, draft, base):
+        try:
+            return (yield from online(seq, draft, base))
+        finally:
+            if "zqzq" in seq.params.stop:
+                raise RuntimeError("injected in cleanup")
+
+    monkeypatch.setitem(engine.PROGRAMS, "online", with_cleanup)
+    rt = fresh()
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    worker = rt.worker
+
+    def job(i):
+        if i < len(jobs):
+            return rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+        stream = rt.stream(_msgs(QUESTIONS[2]), max_tokens=200, switch_threshold=1.0, stop=["zqzq"])
+        next(stream)
+        stream.close()  # cancelled at the next step, where its cleanup raises
+        return None
+
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        results = list(pool.map(job, range(len(jobs) + 1)))
+    assert results[:-1] == expected
+    _wait_for(lambda: rt.stats().cancelled == 1)
+    assert rt.worker is worker and worker.is_alive()
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
+
+
 class WorkerKilled(BaseException):
     pass
 

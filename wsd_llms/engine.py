@@ -411,7 +411,10 @@ class Engine:
             self.scheduler.remove(seq)
             self.counts[outcome] += 1
         seq.phase = Phase.FINISHED
-        seq.free()
+        try:
+            seq.free()
+        except Exception as exc:  # the program's cleanup failed: its caller hears of it, the others go on
+            seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {type(exc).__name__}: {exc}"))
 
     def _finish(self, seq: Sequence, finish_reason: str) -> None:
         seq.emit(seq.reply.finish())

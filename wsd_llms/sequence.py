@@ -135,6 +135,6 @@ class Sequence:
         """Drop the caches (finished, failed or cancelled)."""
         self.draft_kv = self.base_kv = None
         self.pending = None
-        if self.program is not None:
-            self.program.close()
-            self.program = None
+        program, self.program = self.program, None
+        if program is not None:
+            program.close()  # runs the program's cleanup, which may raise (Engine._drop)
