@@ -235,9 +235,8 @@ class Engine:
     def _end_if_over(self, seq: Sequence, now: float) -> bool:
         """Fail a request past its timeout, or drop a cancelled one (queued or running); whether it
         ended. The timeout comes first: a caller that gave up at it, in a long step, also cancelled."""
-        timeout = seq.params.timeout
-        if timeout is not None and now - seq.created > timeout:
-            self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={timeout}s"))
+        if seq.params.timed_out(seq.created, now):
+            self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={seq.params.timeout}s"))
         elif seq.cancelled.is_set():
             self._drop(seq, "cancelled")
         else:

@@ -138,6 +138,11 @@ class GenerationParams(BaseModel):
         """Whether the reply may be plain text (so the plain template's role markers still end it)."""
         return not self.constrained or (self.response_format is None and self.tool_choice == "auto")
 
+    def timed_out(self, since: float, now: float, grace: float = 0.0) -> bool:
+        """Whether `timeout` (and `grace` more seconds) passed between `since` (the request's
+        submission, time.perf_counter) and `now`."""
+        return self.timeout is not None and now - since > self.timeout + grace
+
 
 def parse_params(**params: Any) -> GenerationParams:
     """Validate request parameters, raising an error that names the parameter, value and rule."""

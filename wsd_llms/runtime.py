@@ -308,10 +308,11 @@ class WSDRuntime:
         thread = self._thread
         if self._closed or thread is None or not thread.is_alive():
             raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
-        timeout = sub.params.timeout
-        if timeout is not None and time.perf_counter() - sub.submitted > timeout + _POLL:
+        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=_POLL):
             sub.cancelled.set()
-            raise RequestTimeoutError(f"the request exceeded timeout={timeout}s (the worker had not ended it: loading, or a long step)")
+            raise RequestTimeoutError(
+                f"the request exceeded timeout={sub.params.timeout}s (the worker had not ended it: loading, or a long step)"
+            )
 
     def _guarded_run(self) -> None:
         """Run the step loop; if it dies, fail every request at once (the next call starts a new worker)."""
@@ -355,8 +356,7 @@ class WSDRuntime:
         try:
             engine = self.load()
             if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-                timeout = sub.params.timeout
-                engine.count("failed" if timeout is not None and time.perf_counter() - sub.submitted > timeout else "cancelled")
+                engine.count("failed" if sub.params.timed_out(sub.submitted, time.perf_counter()) else "cancelled")
                 return
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
             seq.cancelled, seq.created = sub.cancelled, sub.submitted
