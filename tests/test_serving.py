@@ -82,6 +82,17 @@ def _concurrently(rt, jobs):
         return list(pool.map(lambda job: rt.generate(_msgs(job[0]), **job[1]), jobs))
 
 
+def _texts_beside(rt, jobs, odd):
+    """The replies to `jobs`, run at once beside `odd()`: one more request that fails or is
+    cancelled, and checks its own outcome."""
+
+    def job(i):
+        return odd() if i == len(jobs) else rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+
+    with ThreadPoolExecutor(len(jobs) + 1) as pool:
+        return list(pool.map(job, range(len(jobs) + 1)))[:-1]
+
+
 @pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
 def test_batched_equals_sequential(pair, request):
     rt = request.getfixturevalue(pair)
@@ -519,16 +530,11 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
     monkeypatch.setattr(ModelRunner, "extend", extend)
     monkeypatch.setattr(ModelRunner, "extend_batch", extend_batch)
 
-    def job(i):
-        if i == len(jobs):
-            with pytest.raises(RequestFailedError, match="injected fault"):
-                rt.generate(_msgs("zqzqzq please"), max_tokens=30)
-            return None
-        return rt.generate(_msgs(jobs[i][0]), **jobs[i][1])
+    def poisoned_request():
+        with pytest.raises(RequestFailedError, match="injected fault"):
+            rt.generate(_msgs("zqzqzq please"), max_tokens=30)
 
-    with ThreadPoolExecutor(len(jobs) + 1) as pool:
-        results = list(pool.map(job, range(len(jobs) + 1)))
-    assert [r.text for r in results[:-1]] == [e.text for e in expected]
+    assert _texts_beside(rt, jobs, poisoned_request) == [e.text for e in expected]
     assert rt.stats().failed == 1
 
 
@@ -572,16 +578,11 @@ def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monke
 
     monkeypatch.setattr(engine, "structured_fields", fields)
 
-    def job(i):
-        if i == len(jobs):
-            with pytest.raises(RequestFailedError, match="RecursionError: injected while finishing"):
-                rt.generate(_msgs(QUESTIONS[2]), max_tokens=30, stop=["zqzq"])
-            return None
-        return rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+    def failing_request():
+        with pytest.raises(RequestFailedError, match="RecursionError: injected while finishing"):
+            rt.generate(_msgs(QUESTIONS[2]), max_tokens=30, stop=["zqzq"])
 
-    with ThreadPoolExecutor(len(jobs) + 1) as pool:
-        results = list(pool.map(job, range(len(jobs) + 1)))
-    assert results[:-1] == expected
+    assert _texts_beside(rt, jobs, failing_request) == expected
     assert rt.worker is worker and worker.is_alive()
     assert (rt.stats().failed, rt.stats().running, rt.stats().cached_tokens) == (1, 0, 0)
 
@@ -605,16 +606,11 @@ def test_a_failure_keeping_a_prompt_piece_fails_that_request_alone(fresh, monkey
 
     monkeypatch.setattr(PrefixCache, "store", failing_store)
 
-    def job(i):
-        if i == len(jobs):
-            with pytest.raises(RequestFailedError, match="MemoryError: injected while keeping a piece"):
-                rt.generate(_msgs(LONG), max_tokens=10)
-            return None
-        return rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+    def failing_request():
+        with pytest.raises(RequestFailedError, match="MemoryError: injected while keeping a piece"):
+            rt.generate(_msgs(LONG), max_tokens=10)
 
-    with ThreadPoolExecutor(len(jobs) + 1) as pool:
-        results = list(pool.map(job, range(len(jobs) + 1)))
-    assert results[:-1] == expected
+    assert _texts_beside(rt, jobs, failing_request) == expected
     assert rt.worker is worker and worker.is_alive() and rt.stats().failed == 1
 
 
@@ -639,17 +635,12 @@ def test_a_failing_cleanup_as_a_request_ends_fails_that_request_alone(fresh, mon
     expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
     worker = rt.worker
 
-    def job(i):
-        if i < len(jobs):
-            return rt.generate(_msgs(jobs[i][0]), **jobs[i][1]).text
+    def cancelled_request():
         stream = rt.stream(_msgs(QUESTIONS[2]), max_tokens=200, switch_threshold=1.0, stop=["zqzq"])
         next(stream)
         stream.close()  # cancelled at the next step, where its cleanup raises
-        return None
 
-    with ThreadPoolExecutor(len(jobs) + 1) as pool:
-        results = list(pool.map(job, range(len(jobs) + 1)))
-    assert results[:-1] == expected
+    assert _texts_beside(rt, jobs, cancelled_request) == expected
     _wait_for(lambda: rt.stats().cancelled == 1)
     assert rt.worker is worker and worker.is_alive()
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
