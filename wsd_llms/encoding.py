@@ -11,6 +11,7 @@ ordinary prompts keep their ids and pay nothing more.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -33,6 +34,16 @@ def _lock(tokenizer: Any) -> threading.Lock:
         if lock is None:
             lock = _LOCKS[tokenizer] = threading.Lock()
         return lock
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no other threads: a lock one of the parent's held at the fork is free."""
+    global _LOCKS_LOCK
+    _LOCKS_LOCK = threading.Lock()
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def special_ids(tokenizer: Any) -> frozenset[int]:

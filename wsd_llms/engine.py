@@ -171,6 +171,13 @@ class Engine:
         else:
             setattr(self.scheduler, name, value)
 
+    def forget_requests(self) -> None:
+        """Drop every request and kept prefix without a word: a forked child's copies of the parent's
+        (their callers are in the parent, and a fork mid-step may have left either half updated)."""
+        self.scheduler = Scheduler(self.scheduler.max_running, self.scheduler.max_cached_tokens)
+        for prefixes in self.prefixes.values():
+            prefixes.clear()
+
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
 

@@ -174,6 +174,15 @@ def _file_key(path: Path) -> str:
 _LOADING = threading.RLock()
 
 
+def _after_fork_in_child() -> None:
+    """A load in another thread of the parent did not come along to a forked child; its lock is free."""
+    global _LOADING
+    _LOADING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def convert_gguf(path: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors directory at `target` (with a progress bar)."""
     with _LOADING:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import queue
 import threading
 import time
@@ -82,16 +83,29 @@ class WSDRuntime:
             "prefill_chunk": prefill_chunk,
             "prefix_cache_tokens": prefix_cache_tokens,
         }
-        self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # loading, and reading a model's config or tokenizer alone
-        self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
-        self._step_lock = threading.Lock()  # held by the worker for each step; configure() changes limits between steps
-        self._thread: threading.Thread | None = None
+        self._start_clean()
         self._closed = False
         self.engine: Engine | None = None
         self._context_windows_read: dict[str, int] | None = None
         self._tokenizers: dict[str, Any] = {}  # read without the weights, before a load
         WSDRuntime.instances.add(self)
+
+    def _start_clean(self) -> None:
+        """No worker, no submissions, every lock free: at creation, and in a forked child."""
+        self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # loading, and reading a model's config or tokenizer alone
+        self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
+        self._step_lock = threading.Lock()  # held by the worker for each step; configure() changes limits between steps
+        self._thread: threading.Thread | None = None
+
+    def _after_fork(self) -> None:
+        """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
+        parent's worker did not come along, and a lock it held mid-step would stay held forever. Start
+        clean; the loaded models stay, shared with the parent until either writes to them, and the
+        parent's requests are dropped unsaid (their callers are in the parent)."""
+        self._start_clean()
+        if self.engine is not None:
+            self.engine.forget_requests()
 
     @classmethod
     def from_models(cls, draft: LoadedModel, base: LoadedModel, **limits: int | None) -> WSDRuntime:
@@ -475,6 +489,16 @@ def get_runtime(
             )
     runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
     return runtime
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for runtime in list(WSDRuntime.instances):
+        runtime._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

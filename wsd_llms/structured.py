@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import threading
 import weakref
@@ -222,6 +223,17 @@ class _Compiled:
 
 _cache: weakref.WeakKeyDictionary[Any, _Compiled] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with free locks and fresh compilers (one may have been mid-compile in
+    another thread of the parent, its own locks held)."""
+    global _lock
+    _lock = threading.Lock()
+    _cache.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
