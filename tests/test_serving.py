@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import multiprocessing
+import os
+import select
+import signal
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +30,7 @@ from wsd_llms import (
     TextDelta,
     WSDRuntime,
 )
-from wsd_llms import output_head
+from wsd_llms import encoding, output_head
 from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
@@ -503,6 +508,76 @@ def test_interpreter_exit_with_requests_in_flight_is_clean(tmp_path):
     script.write_text(EXIT_WITH_REQUESTS_IN_FLIGHT.format(tests=str(Path(__file__).parent)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _in_a_forked_child(work, seconds=60.0):
+    """What `work()` returns (as JSON) when run in a child forked from this process; fails the test
+    if the child hangs (the child exits at once, running none of the parent's clean-up)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            try:
+                out = {"value": work()}
+            except BaseException as exc:  # the parent reports it
+                out = {"error": f"{type(exc).__name__}: {exc}"}
+            with os.fdopen(write, "w") as pipe:
+                json.dump(out, pipe)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        ready, _, _ = select.select([pipe], [], [], seconds)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        text = pipe.read() if ready else ""
+    os.waitpid(pid, 0)
+    assert text, f"the forked child gave no answer within {seconds} s"
+    out = json.loads(text)
+    assert "error" not in out, out["error"]
+    return out["value"]
+
+
+def test_a_forked_child_serves_with_the_parents_models_whatever_the_fork_interrupted(fresh):
+    """A fork (multiprocessing's default on Linux, prefork servers) can come while the worker is mid-step,
+    holding its locks, with requests in flight: the child drops the parent's requests, starts its own
+    worker and serves with the models it shares with the parent; the parent goes on unharmed."""
+    rt = fresh()
+    expected = rt.generate(_msgs(QUESTIONS[0]), max_tokens=20).text
+    in_flight = rt.stream(_msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300, mode="draft")
+    first = next(in_flight)
+
+    def child():
+        stats = rt.stats()
+        return [stats.running, stats.queued, rt.generate(_msgs(QUESTIONS[0]), max_tokens=20, timeout=30).text]
+
+    # The locks a worker holds mid-step, taken in its order, as the fork finds them.
+    with rt._step_lock, rt.engine.scheduler.lock, encoding._lock(rt.engine.base.tokenizer):
+        running, queued, text = _in_a_forked_child(child)
+    assert (running, queued, text) == (0, 0, expected)
+    rest = "".join(e.text for e in in_flight if isinstance(e, TextDelta))
+    assert first.text + rest
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=20).text == expected
+
+
+_POOL_RUNTIME = None
+
+
+def _pool_reply(question):
+    return _POOL_RUNTIME.generate(_msgs(question), max_tokens=16, timeout=30).text
+
+
+def test_a_fork_pool_started_while_requests_run_gets_the_same_replies(fresh):
+    """multiprocessing with the fork start method, started while the parent's worker is busy."""
+    global _POOL_RUNTIME
+    _POOL_RUNTIME = rt = fresh()
+    expected = [rt.generate(_msgs(q), max_tokens=16).text for q in QUESTIONS[:4]]
+    in_flight = rt.stream(_msgs(QUESTIONS[5]), max_tokens=300, max_draft_tokens=300, mode="draft")
+    next(in_flight)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        assert list(pool.map(_pool_reply, QUESTIONS[:4], timeout=90)) == expected
+    in_flight.close()
 
 
 def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
