@@ -141,3 +141,27 @@ def test_greedy_screen_changes_no_reply(embedded):
         head.use_screen = True
     assert replies[True] == replies[False]
     assert head.screened_rows - screened >= 60  # the screen decided most greedy base steps
+
+
+def test_a_draft_token_that_re_splits_streamed_text_keeps_the_stream_whole(embedded, monkeypatch):
+    """The first words stream from a tokenization with nothing held back. Here the draft's " banana"
+    streams as one base token, then its "i" makes the base tokenizer split the word (" ban", "an",
+    "ai"), so the first tokens of the new tokenization end inside text already streamed: the reply
+    must wait for more rather than fail (a sampled reply did, under load). Online equals staged."""
+    from wsd_llms import online, staged
+
+    draft = embedded.tokenizer("draft")
+    said = draft.encode("applebanana banana", add_special_tokens=False) + draft.encode("i and cherries.", add_special_tokens=False)
+    eos = draft.convert_tokens_to_ids(draft.eos_token)
+
+    def scripted(module):
+        ids = iter(said)
+        monkeypatch.setattr(module, "sample", lambda logits, params, generator: next(ids, eos))
+
+    replies = {}
+    for mode, module in (("online", online), ("staged", staged)):
+        scripted(module)
+        events = list(embedded.stream(CASES["list"], mode=mode, max_tokens=24, switch_threshold=1.0))
+        replies[mode] = events[-1].result.text
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == replies[mode]
+    assert replies["online"] == replies["staged"] == "applebanana bananai and cherries."

@@ -1,5 +1,6 @@
 """Reply assembly: stop strings cut the text, possible stop prefixes are held back, sources are tagged."""
 
+import pytest
 from tiny import byte_fallback_tokenizer
 
 from wsd_llms.prompts import ROLE_STOPS
@@ -96,3 +97,26 @@ def test_handoff_drops_an_incomplete_last_character(draft_tokenizer):
     assert tok.decode(final.draft_ids) == tok.decode(final_handoff(tok, prompt, n, "Paris is").draft_ids)
     partial = partial_handoff(tok, prompt, n, "Paris is \ufffd", holdback=0)
     assert partial is not None and partial.draft_ids == final.draft_ids
+
+
+def test_a_draft_behind_the_streamed_text_releases_nothing_until_it_catches_up():
+    """A re-split word can leave the reply's draft ids ending inside text already streamed: that is
+    allowed while the text agrees with it, and only text past it is released; contradicting it, or
+    ending inside it, raises."""
+    tok = byte_fallback_tokenizer()
+    reply = ReplyText(tok, ())
+    assert "".join(d.text for d in reply.set_draft(_byte_ids("bananas"))) == "bananas"
+    assert reply.set_draft(_byte_ids("banan")) == [] and reply.text == "banan"
+    assert reply.set_draft(_byte_ids("banana")) == []
+    assert [(d.source, d.text) for d in reply.add(_byte_ids("s ok"), "base")] == [("base", " ok")]
+    assert reply.text == "bananas ok"
+
+    behind = ReplyText(tok, ())
+    behind.set_draft(_byte_ids("bananas"))
+    behind.set_draft(_byte_ids("ban"))
+    with pytest.raises(RuntimeError, match="contradicts"):
+        behind.add(_byte_ids("jo"), "base")
+    with pytest.raises(RuntimeError, match="already streamed"):
+        behind.set_draft(_byte_ids("bar"))
+    with pytest.raises(RuntimeError, match="inside text already streamed"):
+        behind.finish()

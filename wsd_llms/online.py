@@ -28,9 +28,11 @@ MIN_SCORE_INTERVAL = 8
 MAX_SCORE_INTERVAL = 32
 
 
-# The first draft tokens are always kept (no switch can come before the window is full), so their
-# text streams before the base model sees them, from the tokenization with no hold-back. A margin
-# of two tokens below the window keeps that text inside what the final tokenization keeps.
+# The first draft tokens are always kept (no switch can come before the window is full, and no
+# reply ends before max_tokens), so their text streams before the base model sees them, from the
+# tokenization with no hold-back. A margin of two tokens below the smaller of the two keeps that
+# text inside what the final tokenization keeps, when later text re-splits a word already streamed
+# into more tokens (reply.ReplyText.set_draft).
 EARLY_MARGIN = 2
 
 
@@ -156,7 +158,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
         else:
             handoff = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, HOLDBACK_TOKENS, prompts.base_spans)
-        early = min(params.switch_window - EARLY_MARGIN, params.max_tokens)
+        early = min(params.switch_window, params.max_tokens) - EARLY_MARGIN
         if not done and len(seq.reply.ids) < early:  # stream the first words at once
             eager = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, 0, prompts.base_spans)
             if eager is not None and len(eager.draft_ids) > len(seq.reply.ids):

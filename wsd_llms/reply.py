@@ -85,6 +85,7 @@ class ReplyText:
         self.text = ""
         self.stopped = False
         self._emitted = 0
+        self._streamed = ""  # the text released so far; the text may fall behind it for a while (set_draft)
         self._draft_chars = 0
         self._max_stop = max((len(s) for s in stops), default=0)
 
@@ -106,6 +107,7 @@ class ReplyText:
         """
         if self.stopped:
             raise RuntimeError("reply already ended at a stop string")
+        behind = len(self.text) < self._emitted
         start = max(0, self._emitted - self._max_stop)
         for token in ids:
             if not self._decoded.push(token):
@@ -117,19 +119,24 @@ class ReplyText:
             if cut is not None:
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
+        if behind and not self._agrees(self.text):
+            raise RuntimeError(f"the reply's text {self.text!r} contradicts text already streamed {self._streamed!r}")
         return self._release(len(self.text) - held_back(self.text, self.stops))
 
     def set_draft(self, ids: list[int]) -> list[Delta]:
         """Make the reply exactly these draft ids (a re-tokenization may have changed earlier ids).
 
-        The text already streamed must stay a prefix of the new text; it always is unless a
-        rollback moved the switch before text that was already sent, which raises.
+        The new text may end inside text already streamed: the first words stream from a
+        tokenization with nothing held back, and a later draft token can re-split a word that
+        streamed whole into more tokens, so a tokenization cut after the same number of ids ends
+        inside it. The reply is then behind until more ids come, and releases nothing new. Text
+        that contradicts what was streamed raises.
         """
         common = 0
         while common < min(len(ids), len(self.ids)) and ids[common] == self.ids[common]:
             common += 1
         if common < len(self.ids):
-            if not IncrementalText(self._tok, ids).text.startswith(self.text[: self._emitted]):
+            if not self._agrees(IncrementalText(self._tok, ids).text):
                 raise RuntimeError("a re-tokenization of the draft changed text that was already streamed")
             self._decoded = IncrementalText(self._tok, ids[:common])
             self.text = self._decoded.text
@@ -138,7 +145,14 @@ class ReplyText:
 
     def finish(self) -> list[Delta]:
         """No more ids will come: release whatever was held back (an incomplete last character is dropped)."""
+        if len(self.text) < self._emitted:
+            raise RuntimeError(f"the reply ended as {self.text!r}, inside text already streamed {self._streamed!r}")
         return self._release(len(self.text))
+
+    def _agrees(self, text: str) -> bool:
+        """Whether `text` and the text streamed so far are equal as far as both go."""
+        n = min(len(text), self._emitted)
+        return text[:n] == self._streamed[:n]
 
     def _release(self, upto: int) -> list[Delta]:
         deltas = []
@@ -148,5 +162,6 @@ class ReplyText:
                 deltas.append(Delta(self.text[self._emitted : split], "draft"))
             if upto > split:
                 deltas.append(Delta(self.text[split:upto], "base"))
+            self._streamed += self.text[self._emitted : upto]
             self._emitted = upto
         return deltas
