@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -498,12 +500,28 @@ def go():
         print("closed at exit")
 for _ in range(4):
     threading.Thread(target=go, daemon=True).start()
+dropped = WSDRuntime.from_models(tiny_llama(make_tokenizer(300), 0, "d", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "b"))
+dropped.generate([{{"role": "user", "content": "Hi"}}], max_tokens=4)
+del dropped  # never closed, and collected as its worker may still be ending: that worker must end before exit too
 time.sleep(0.5)
 """
 
 
+def test_a_runtime_dropped_without_close_is_freed_and_its_worker_ends(draft_tokenizer):
+    """The worker holds its runtime only while it serves: a runtime nobody uses any more (made
+    directly, never closed) is collected with its models, and its worker thread ends."""
+    rt = WSDRuntime.from_models(tiny_llama(draft_tokenizer, 0, "d", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "b"))
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=8).text
+    worker, gone = rt.worker, weakref.ref(rt)
+    del rt
+    _wait_for(lambda: gc.collect() >= 0 and gone() is None)  # once the worker has ended the step that finished it
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+
+
 def test_interpreter_exit_with_requests_in_flight_is_clean(tmp_path):
-    """A runtime made directly (not by get_runtime) and never closed: exit stops its worker first."""
+    """Runtimes made directly (not by get_runtime) and never closed, one in use and one dropped: exit
+    stops their workers first (a worker thread alive at exit aborts the process)."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_WITH_REQUESTS_IN_FLIGHT.format(tests=str(Path(__file__).parent)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)

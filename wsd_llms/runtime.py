@@ -310,7 +310,9 @@ class WSDRuntime:
             if self._closed:
                 raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._guarded_run, name="wsd-llms-worker", daemon=True)
+                self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._inbox), name="wsd-llms-worker", daemon=True)
+                weakref.finalize(self, self._inbox.put, None).atexit = False  # collected: the idle worker wakes and ends
+                _workers.add(self._thread)
                 self._thread.start()
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
             self._inbox.put(sub)
@@ -328,10 +330,11 @@ class WSDRuntime:
                 f"the request exceeded timeout={sub.params.timeout}s (the worker had not ended it: loading, or a long step)"
             )
 
-    def _guarded_run(self) -> None:
-        """Run the step loop; if it dies, fail every request at once (the next call starts a new worker)."""
+    def _guarded_run(self, item: _Submission | None) -> bool:
+        """Serve from `item` until idle (True) or closed (False); if the step loop dies, fail every
+        request at once (the next call starts a new worker)."""
         try:
-            self._run()
+            return self._run(item)
         except BaseException as exc:
             with self._worker_lock:  # a request submitted after this starts a fresh worker; one before it fails here
                 if self._thread is threading.current_thread():
@@ -339,25 +342,24 @@ class WSDRuntime:
                 self._fail_all(RuntimeClosedError(f"the wsd-llms worker died: {type(exc).__name__}: {exc}"))
             raise
 
-    def _run(self) -> None:
+    def _run(self, item: _Submission | None | Literal[False]) -> bool:
         with torch.inference_mode():
             while True:
-                engine = self.engine
-                busy = engine is not None and engine.has_work()
                 # Everything submitted since the last step joins the next one (their prefills batch).
-                item = self._inbox.get() if not busy else self._next_submission()
                 while item is not False:
                     if item is None:
                         self._fail_all(RuntimeClosedError("the runtime was closed"))
-                        return
+                        return False
                     if self._closed:  # sent before close(): it fails with the rest, without loading models or starting
                         item.deliver(RuntimeClosedError("the runtime was closed"))
                     else:
                         self._accept(item)
                     item = self._next_submission()
-                if self.engine is not None and self.engine.has_work():
-                    with self._step_lock:
-                        self.engine.step()
+                if self.engine is None or not self.engine.has_work():
+                    return True
+                with self._step_lock:
+                    self.engine.step()
+                item = self._next_submission()
 
     def _next_submission(self) -> _Submission | None | Literal[False]:
         """The next submission, None when closing, False when there is none."""
@@ -393,6 +395,17 @@ class WSDRuntime:
                 return
             if item:
                 item.deliver(error)
+
+
+def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | None]) -> None:
+    """The worker thread. It holds its runtime only while serving, so a runtime dropped without
+    close() (nobody can be waiting on it then) is freed with its models, and its worker ends."""
+    while True:
+        item = inbox.get()
+        runtime = ref()
+        if runtime is None or not runtime._guarded_run(item):
+            return
+        del runtime
 
 
 def _unwrap(item: Event | BaseException) -> Event:
@@ -501,8 +514,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every worker started, while it runs
+
+
 @atexit.register
 def _close_all() -> None:
-    """At interpreter exit, stop every worker before torch's threads are torn down."""
+    """At interpreter exit, stop every worker before torch's threads are torn down (a worker thread
+    alive then aborts the process)."""
     for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
         runtime.close()
+    for thread in list(_workers):  # those of runtimes collected just now are ending
+        thread.join(timeout=30)
