@@ -36,14 +36,35 @@ def _lock(tokenizer: Any) -> threading.Lock:
         return lock
 
 
+_held: list[threading.Lock] = []  # taken for a fork
+
+
+def _before_fork() -> None:
+    """No encode of ours may be running in another thread as the process forks: the Rust tokenizer
+    encodes without the GIL under its own lock, which a forked child would find held forever (its
+    first change of the special-token flag then blocks, holding the GIL: the whole child stops).
+    An encode is short: the fork waits for it."""
+    _LOCKS_LOCK.acquire()
+    _held[:] = [_LOCKS_LOCK, *_LOCKS.values()]
+    for lock in _held[1:]:
+        lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for lock in reversed(_held):
+        lock.release()
+    _held.clear()
+
+
 def _after_fork_in_child() -> None:
-    """A forked child has no other threads: a lock one of the parent's held at the fork is free."""
+    """A forked child has no other threads: every lock starts free."""
     global _LOCKS_LOCK
     _LOCKS_LOCK = threading.Lock()
     _LOCKS.clear()
+    _held.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def special_ids(tokenizer: Any) -> frozenset[int]:
