@@ -570,13 +570,39 @@ def test_a_forked_child_serves_with_the_parents_models_whatever_the_fork_interru
         stats = rt.stats()
         return [stats.running, stats.queued, rt.generate(_msgs(QUESTIONS[0]), max_tokens=20, timeout=30).text]
 
-    # The locks a worker holds mid-step, taken in its order, as the fork finds them.
-    with rt._step_lock, rt.engine.scheduler.lock, encoding._lock(rt.engine.base.tokenizer):
+    # The locks a worker holds mid-step, taken in its order, as the fork finds them (a fork waits
+    # for an encode in flight: the test below).
+    with rt._step_lock, rt.engine.scheduler.lock:
         running, queued, text = _in_a_forked_child(child)
     assert (running, queued, text) == (0, 0, expected)
     rest = "".join(e.text for e in in_flight if isinstance(e, TextDelta))
     assert first.text + rest
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=20).text == expected
+
+
+def test_a_fork_while_another_thread_encodes_leaves_the_child_a_working_tokenizer():
+    """The Rust tokenizer encodes without the GIL under a lock of its own: a fork in the middle of an
+    encode left that lock held in the child, whose first change of the special-token flag then
+    blocked for good, GIL held. A fork now waits for the encodes in flight."""
+    tokenizer = make_tokenizer(420)
+    text = "The capital of France is Paris. Hello there </s> " * 200
+    spans = [(0, len(text))]  # encoded as text: the flag changes
+    expected = encoding.encode(tokenizer, text, spans)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            encoding.encode(tokenizer, text, spans)
+            encoding.encode(tokenizer, text, [])
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        for _ in range(5):
+            assert _in_a_forked_child(lambda: encoding.encode(tokenizer, text, spans), seconds=10) == json.loads(json.dumps(expected))
+    finally:
+        stop.set()
+        thread.join()
 
 
 _POOL_RUNTIME = None
@@ -791,6 +817,7 @@ def test_a_request_sent_as_the_dead_worker_ends_starts_a_fresh_one(fresh, monkey
         assert rt.worker is not dead and rt.stats().cancelled == 0
     finally:
         release.set()
+        dead.join(10)  # it ends as its report returns; the leak check must not race it
 
 
 def test_a_timeout_counts_as_failed_whoever_notices_it_first(fresh, monkeypatch):
