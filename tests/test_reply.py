@@ -109,7 +109,7 @@ def test_a_draft_behind_the_streamed_text_releases_nothing_until_it_catches_up()
     assert reply.set_draft(_byte_ids("banan")) == [] and reply.text == "banan"
     assert reply.set_draft(_byte_ids("banana")) == []
     assert [(d.source, d.text) for d in reply.add(_byte_ids("s ok"), "base")] == [("base", " ok")]
-    assert reply.text == "bananas ok"
+    assert reply.text == "bananas ok" and reply.draft_chars == len("bananas")  # what streamed as the draft's stays so
 
     behind = ReplyText(tok, ())
     behind.set_draft(_byte_ids("bananas"))
@@ -120,3 +120,9 @@ def test_a_draft_behind_the_streamed_text_releases_nothing_until_it_catches_up()
         behind.set_draft(_byte_ids("bar"))
     with pytest.raises(RuntimeError, match="inside text already streamed"):
         behind.finish()
+
+    stopping = ReplyText(tok, ("STOP",))  # a stop string does not hide a contradiction
+    stopping.set_draft(_byte_ids("abc"))
+    stopping.set_draft(_byte_ids("ab"))
+    with pytest.raises(RuntimeError, match="contradicts"):
+        stopping.add(_byte_ids("XSTOP"), "base")

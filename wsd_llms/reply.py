@@ -87,6 +87,7 @@ class ReplyText:
         self._emitted = 0
         self._streamed = ""  # the text released so far; the text may fall behind it for a while (set_draft)
         self._draft_chars = 0
+        self._draft_streamed = 0  # where the last text streamed as the draft's ends
         self._max_stop = max((len(s) for s in stops), default=0)
 
     @property
@@ -96,8 +97,9 @@ class ReplyText:
 
     @property
     def draft_chars(self) -> int:
-        """Length of the reply's leading text that the draft model wrote."""
-        return min(self._draft_chars, len(self.text))
+        """Length of the reply's leading text that the draft model wrote (text streamed as the
+        draft's stays the draft's, though a behind reply's base ids write it again)."""
+        return min(max(self._draft_chars, self._draft_streamed), len(self.text))
 
     def add(self, ids: list[int], source: str) -> list[Delta]:
         """Append ids written by `source`; returns newly final text.
@@ -113,14 +115,18 @@ class ReplyText:
             if not self._decoded.push(token):
                 continue
             self.text = self._decoded.text
+            if behind:
+                if not self._agrees(self.text):
+                    raise RuntimeError(f"the reply's text {self.text!r} contradicts text already streamed {self._streamed!r}")
+                behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
             cut = _first_stop(self.text, self.stops, start) if self.stops else None
             if cut is not None:
+                if cut < self._emitted:
+                    raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
-        if behind and not self._agrees(self.text):
-            raise RuntimeError(f"the reply's text {self.text!r} contradicts text already streamed {self._streamed!r}")
         return self._release(len(self.text) - held_back(self.text, self.stops))
 
     def set_draft(self, ids: list[int]) -> list[Delta]:
@@ -160,6 +166,7 @@ class ReplyText:
             split = min(max(self._draft_chars, self._emitted), upto)
             if split > self._emitted:
                 deltas.append(Delta(self.text[self._emitted : split], "draft"))
+                self._draft_streamed = split
             if upto > split:
                 deltas.append(Delta(self.text[split:upto], "base"))
             self._streamed += self.text[self._emitted : upto]
