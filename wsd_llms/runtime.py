@@ -93,6 +93,7 @@ class WSDRuntime:
     def _start_clean(self) -> None:
         """No worker, no submissions, every lock free: at creation, and in a forked child."""
         self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        weakref.finalize(self, self._inbox.put, None).atexit = False  # collected: its idle worker wakes and ends
         self._lock = threading.Lock()  # loading, and reading a model's config or tokenizer alone
         self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
         self._step_lock = threading.Lock()  # held by the worker for each step; configure() changes limits between steps
@@ -311,7 +312,6 @@ class WSDRuntime:
                 raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._inbox), name="wsd-llms-worker", daemon=True)
-                weakref.finalize(self, self._inbox.put, None).atexit = False  # collected: the idle worker wakes and ends
                 _workers.add(self._thread)
                 self._thread.start()
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
