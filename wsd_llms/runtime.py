@@ -505,6 +505,7 @@ def get_runtime(
 
 
 def _after_fork_in_child() -> None:
+    """Every runtime in a forked child starts clean (WSDRuntime._after_fork); so does the registry's lock."""
     global _registry_lock
     _registry_lock = threading.Lock()
     for runtime in list(WSDRuntime.instances):
