@@ -182,7 +182,7 @@ class Engine:
         return len(self.scheduler) > 0
 
     def count(self, outcome: str) -> None:
-        """Count a request that ended before it was queued ("cancelled" or "failed")."""
+        """Count a request that ended ("finished", "cancelled" or "failed")."""
         with self.scheduler.lock:
             self.counts[outcome] += 1
 
@@ -415,7 +415,7 @@ class Engine:
     def _drop(self, seq: Sequence, outcome: str) -> None:
         with self.scheduler.lock:  # a snapshot sees the request in a queue or counted, never neither
             self.scheduler.remove(seq)
-            self.counts[outcome] += 1
+            self.count(outcome)
         seq.phase = Phase.FINISHED
         try:
             seq.free()
