@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidMessagesError
+from .structured import load_json
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -59,8 +59,8 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
         raise InvalidMessagesError(f"{where} needs a 'name' (or 'function': {{'name': ...}}), got {dict(raw)!r}")
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deeply to parse
+            arguments = load_json(arguments) if arguments.strip() else {}
+        except ValueError as exc:  # json.JSONDecodeError is one, and so is JSON nested too deeply
             raise InvalidMessagesError(f"{where} arguments are not valid JSON: {exc}") from None
     if not isinstance(arguments, Mapping):
         raise InvalidMessagesError(f"{where} arguments must be a dict or a JSON object string, got {arguments!r}")
