@@ -84,7 +84,6 @@ class ReplyText:
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
-        self._emitted = 0
         self._streamed = ""  # the text released so far; the text may fall behind it for a while (set_draft)
         self._draft_chars = 0
         self._draft_streamed = 0  # where the last text streamed as the draft's ends
@@ -94,6 +93,11 @@ class ReplyText:
     def ids(self) -> list[int]:
         """The reply's ids so far (in the tokenizer it decodes with)."""
         return self._decoded.ids
+
+    @property
+    def _emitted(self) -> int:
+        """How many characters were released."""
+        return len(self._streamed)
 
     @property
     def draft_chars(self) -> int:
@@ -170,5 +174,4 @@ class ReplyText:
             if upto > split:
                 deltas.append(Delta(self.text[split:upto], "base"))
             self._streamed += self.text[self._emitted : upto]
-            self._emitted = upto
         return deltas
