@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from wsd_llms import get_runtime
+from wsd_llms.model_runner import ModelRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -37,6 +39,29 @@ def test_online_equals_staged_on_cuda(cuda_runtime):
         staged = cuda_runtime.generate(messages, mode="staged", max_tokens=64, max_draft_tokens=128)
         online = cuda_runtime.generate(messages, max_tokens=64, max_draft_tokens=128)
         assert online.text == staged.text and online.switch_point == staged.switch_point
+    # Both models' decode steps replayed CUDA graphs (decode_graphs), none fell back to plain passes.
+    for runner in cuda_runtime.load().runners.values():
+        assert runner.graphs is not None and runner.graphs.passes
+        assert all(p.graph is not None for p in runner.graphs.passes.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_decode_steps_replay_cuda_graphs(kind, monkeypatch):
+    """Captured decode graphs give the plain passes' logits (float32, tiny models), through
+    batches, a reallocation of the slots, a lazy row and a scoring pass after them."""
+    from test_decode_graphs import MODELS, decode_and_compare
+
+    def on_cuda() -> object:
+        loaded = MODELS[kind]()
+        loaded.model.to("cuda")
+        return dataclasses.replace(loaded, device=torch.device("cuda"))
+
+    graphed = ModelRunner(on_cuda())
+    monkeypatch.setenv("WSD_LLMS_CUDA_GRAPHS", "0")
+    plain = ModelRunner(on_cuda())
+    assert graphed.graphs is not None and plain.graphs is None
+    decode_and_compare(plain, graphed)
+    assert all(p.graph is not None for p in graphed.graphs.passes.values())
 
 
 def test_batched_equals_sequential_on_cuda_in_float32():

@@ -1,5 +1,6 @@
-"""Attention for the runner's passes: which SDPA kernels CUDA may use, and the per-row attention of
-ragged passes on CPU (registered with transformers as RAGGED_SDPA)."""
+"""Attention for the runner's passes: which SDPA kernels CUDA may use, the per-row attention of
+ragged passes on CPU, and the masked attention over fixed slots of graphed decode passes on CUDA
+(both registered with transformers as RAGGED_SDPA)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,36 @@ class RaggedStates:
         self.layout = layout
 
 
+class SlotLayout:
+    """Where each row of a slot pass (decode_graphs) writes and reads: row b's one new token sits at
+    `positions[b]` of its slot, and sees that slot's positions up to its own. Masks are made once per
+    pass and window, from the positions tensor alone, so a captured graph recomputes them on replay."""
+
+    def __init__(self, positions: torch.Tensor, capacity: int) -> None:
+        self.positions, self.capacity = positions, capacity
+        self.masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[batch, 1, 1, capacity]: which slot positions each row's query sees."""
+        if window not in self.masks:
+            keys = torch.arange(self.capacity, device=self.positions.device).view(1, -1)
+            query = self.positions.view(-1, 1)
+            allowed = keys <= query
+            if window:
+                allowed &= keys > query - window
+            self.masks[window] = allowed.view(-1, 1, 1, self.capacity)
+        return self.masks[window]
+
+
+class SlotStates:
+    """The keys (or values) a layer hands attention in a slot pass: every row's whole slot
+    [batch, heads, capacity, dim], and the layout that says which positions each row sees."""
+
+    def __init__(self, states: torch.Tensor, layout: SlotLayout) -> None:
+        self.states = states
+        self.layout = layout
+
+
 def ragged_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -80,7 +111,18 @@ def ragged_sdpa(
     new tokens come flattened into one sequence, and each row's queries attend over that row's own
     cache, with one SDPA call per row that does not depend on the other rows; nothing is copied
     into a batch or padded. In a sliding-window layer a row attends over the last positions its
-    queries can see (a decode step over a 3000-position cache reads 512, not 3000)."""
+    queries can see (a decode step over a 3000-position cache reads 512, not 3000).
+
+    In a slot pass (decode_graphs), each row's one query attends over its fixed-size slot under a
+    mask made from the positions: shapes that do not change from one pass to the next."""
+    if isinstance(key, SlotStates) and isinstance(value, SlotStates):
+        if kwargs.get("softcap") is not None:
+            raise ValueError("attention logit soft-capping is not supported by SDPA attention")
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        grouped = query.shape[1] != key.states.shape[1]
+        mask = key.layout.mask(window)
+        out = F.scaled_dot_product_attention(query, key.states, value.states, attn_mask=mask, scale=scaling, enable_gqa=grouped)
+        return out.transpose(1, 2).contiguous(), None
     if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None:
@@ -99,8 +141,8 @@ def ragged_sdpa(
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-# Registered beside transformers' own: models the runner uses on CPU with SDPA attention switch to
-# it (any pass that is not ragged is plain SDPA, with SDPA's masks).
+# Registered beside transformers' own: models the runner uses with SDPA attention switch to it on CPU,
+# and on CUDA where decode passes replay graphs (any other pass is plain SDPA, with SDPA's masks).
 RAGGED_SDPA = "wsd_ragged_sdpa"
 AttentionInterface.register(RAGGED_SDPA, ragged_sdpa)
 AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)

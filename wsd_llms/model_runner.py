@@ -8,12 +8,15 @@ extend_batch and crop, and gives lazy rows (output_head.HeadRows) a head that pr
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from .attention import RAGGED_SDPA, RaggedRows, attention_backends
+from .decode_graphs import CannotCapture, DecodeGraphs
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
 from .loading import LoadedModel
 from .output_head import HeadRows, OutputHead
@@ -27,8 +30,9 @@ class ModelRunner:
     whose logits are computed when asked for: output_head.HeadRows).
 
     On CPU every pass is ragged (`_extend_ragged`): a row gets the same bits alone or in any batch.
-    Elsewhere a batch is padded (`extend_batch`). The output projection runs outside the model's
-    forward (`self.head`), only for the rows a pass is asked for eagerly.
+    Elsewhere a batch is padded (`extend_batch`), and on CUDA a decode step replays a CUDA graph
+    (`_extend_slots`). The output projection runs outside the model's forward (`self.head`), only
+    for the rows a pass is asked for eagerly.
     """
 
     def __init__(self, loaded: LoadedModel, bound: bool = True) -> None:
@@ -46,8 +50,11 @@ class ModelRunner:
         # transformers renamed `past_key_values` to `cache` in its 5.x forward signatures.
         called = self.model.base_model if self.head.projects else self.model
         self._cache_kw = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # a 4D mask transformers passes on unread
+        self.graphs: DecodeGraphs | None = None
         self.ragged = False  # plain passes while the probe takes its reference
         self.ragged = self._ragged_matches()
+        self.graphs = self._decode_graphs()
 
     def _own_logits(self) -> torch.Tensor:
         """The model's own logits for the probe ids, its forward unchanged."""
@@ -88,6 +95,20 @@ class ModelRunner:
         self.model.set_attn_implementation("sdpa")
         return False
 
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """Decode steps from CUDA graphs (decode_graphs): on CUDA, for a model on SDPA attention,
+        unless the environment sets WSD_LLMS_CUDA_GRAPHS=0."""
+        if self.device.type != "cuda" or os.environ.get("WSD_LLMS_CUDA_GRAPHS", "1") == "0":
+            return None
+        if self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
+            return None
+        self.model.set_attn_implementation(RAGGED_SDPA)  # plain SDPA for every other pass
+        return DecodeGraphs(self._slot_forward, capture=True)
+
+    def _slot_forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """A slot pass's forward (decode_graphs.SlotPass): the final hidden states [batch, 1, H]."""
+        return self._forward(1, input_ids=ids, position_ids=positions, attention_mask=self._no_mask, use_cache=True, **{self._cache_kw: cache})
+
     def new_cache(self) -> KVCache:
         return KVCache()
 
@@ -125,6 +146,9 @@ class ModelRunner:
             raise ValueError("extend() needs at least one id")
         if self.ragged:
             return self._extend_ragged([kv], [ids], [keep], [lazy])[0]
+        slots = self._extend_slots([kv], [ids], [keep], [lazy])
+        if slots is not None:
+            return slots[0]
         input_ids = torch.tensor([ids], device=self.device)
         held = len(kv)
         kv.store.num_layers = kv.store.num_layers or self.num_layers
@@ -158,6 +182,9 @@ class ModelRunner:
             raise ValueError("extend_batch() needs at least one id per row")
         if self.ragged:
             return self._extend_ragged(kvs, ids, keeps, lazy)
+        slots = self._extend_slots(kvs, ids, keeps, lazy)
+        if slots is not None:
+            return slots
         width = max(len(row) for row in ids)
         # Stored positions each row attends to: its cache less the tokens it re-feeds to fill the width.
         cached = [max(len(kv) + len(row) - width, 0) for kv, row in zip(kvs, ids)]
@@ -213,6 +240,24 @@ class ModelRunner:
                 layer.length = end
         for kv, new in zip(kvs, ids):
             kv.ids.extend(new)
+        return outputs
+
+    def _extend_slots(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output] | None:
+        """A decode step (one new id per row) from a replayed graph (decode_graphs); None where the
+        pass is not one, or the model's cannot be captured (then its passes stay plain from here on).
+        If the pass fails, every cache is as it was."""
+        if self.graphs is None or not self.graphs.takes(kvs, ids, keeps):
+            return None
+        new = [row[0] for row in ids]
+        try:
+            slot_pass = self.graphs.load(kvs, new)
+        except CannotCapture as error:
+            warnings.warn(f"{self.loaded.name}: decode steps run without CUDA graphs: {error}", RuntimeWarning, stacklevel=2)
+            self.graphs = None
+            return None
+        hidden = slot_pass()[: len(kvs)].clone()  # the pass's own output is overwritten by the next replay
+        outputs = self._outputs(list(hidden.unbind(0)), keeps, lazy)
+        self.graphs.hand_back(kvs, new, self.num_layers)
         return outputs
 
     @torch.inference_mode()

@@ -1,0 +1,104 @@
+"""Slot passes (decode_graphs): a decode step over fixed slots, as CUDA graphs replay it, gives what a
+plain pass gives. Run eagerly here on CPU (capture=False); tests/test_gpu.py replays the graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
+
+from wsd_llms.attention import RAGGED_SDPA
+from wsd_llms.decode_graphs import MAX_SLOT_POSITIONS, MIN_CAPACITY, DecodeGraphs, bucket
+from wsd_llms.model_runner import ModelRunner
+from wsd_llms.output_head import HeadRows
+
+MODELS = {
+    "llama": lambda: tiny_llama(make_tokenizer(300), 0),
+    "gemma3": lambda: tiny_gemma3(make_tokenizer(420), 1),  # sliding windows of 16: the rows below cross them
+    "deepseek": lambda: tiny_deepseek(make_tokenizer(300), 2),  # keys and values of different sizes
+}
+
+
+def slot_runner(loaded) -> ModelRunner:
+    """A runner whose decode steps are slot passes, run eagerly (no CUDA here)."""
+    runner = ModelRunner(loaded)
+    runner.ragged = False
+    runner.model.set_attn_implementation(RAGGED_SDPA)
+    runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
+    return runner
+
+
+def _ids(seed: int, n: int, vocab: int = 280) -> list[int]:
+    return torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
+    """Three rows of different lengths through 8 batched decode steps, then one row alone (lazily),
+    then a plain scoring pass: the slot runner's logits equal the plain runner's throughout."""
+    lengths = [5, 30, MIN_CAPACITY - 6]  # the last row outgrows the first capacity: the slots are reallocated
+    caches = {}
+    for name, runner in (("plain", plain), ("slots", slots)):
+        caches[name] = [runner.new_cache() for _ in lengths]
+        for i, (kv, n) in enumerate(zip(caches[name], lengths)):
+            runner.extend(kv, _ids(i, n))
+    for step in range(8):
+        new = [[i] for i in _ids(50 + step, len(lengths))]
+        keeps = [step % 2, 0, 1]
+        expected = plain.extend_batch(caches["plain"], new, keeps)
+        got = slots.extend_batch(caches["slots"], new, keeps)
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    assert slots.graphs is not None, "the slot passes fell back to plain ones"
+    assert slots.graphs.buffers is not None and slots.graphs.buffers.capacity == 2 * MIN_CAPACITY
+    assert set(slots.graphs.passes) == {(4, 2 * MIN_CAPACITY)}  # the passes over the old buffers are gone
+
+    # One row alone (a batch of one), lazily: the same rows.
+    expected = plain.extend(caches["plain"][1], [7], keep=1)
+    lazy = slots.extend(caches["slots"][1], [7], keep=1, lazy=True)
+    assert isinstance(lazy, HeadRows)
+    with torch.inference_mode():  # as the engine projects lazy rows (the head's weights require grad)
+        torch.testing.assert_close(lazy.head.logits(lazy.hidden), expected, atol=1e-4, rtol=1e-4)
+
+    # The rows' own caches took the slot passes' states: a plain scoring pass over them agrees too.
+    for a, b in zip(caches["plain"], caches["slots"]):
+        assert a.ids == b.ids
+        torch.testing.assert_close(slots.extend(b, [3, 4, 5], keep=3), plain.extend(a, [3, 4, 5], keep=3), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_slot_decode_steps_equal_plain_passes(kind):
+    decode_and_compare(ModelRunner(MODELS[kind]()), slot_runner(MODELS[kind]()))
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_model_whose_attention_reads_the_cached_states_keeps_plain_passes():
+    """DeepSeek-V3's attention reads the shape of the states the cache hands it; the first slot pass
+    fails, and its decode steps stay plain, with the same logits, after one warning."""
+    plain, slots = ModelRunner(MODELS["deepseek"]()), slot_runner(MODELS["deepseek"]())
+    a, b = plain.new_cache(), slots.new_cache()
+    plain.extend(a, [5, 6, 7])
+    slots.extend(b, [5, 6, 7])
+    with pytest.warns(RuntimeWarning, match="tiny-deepseek: decode steps run without CUDA graphs"):
+        got = slots.extend(b, [8])
+    assert slots.graphs is None
+    torch.testing.assert_close(got, plain.extend(a, [8]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(slots.extend(b, [9]), plain.extend(a, [9]), atol=1e-4, rtol=1e-4)  # no second warning
+
+
+def test_only_decode_steps_take_slot_passes():
+    runner = slot_runner(MODELS["llama"]())
+    kv = runner.new_cache()
+    assert not runner.graphs.takes([kv], [[5]], [0])  # no cache yet to shape the slots after
+    runner.extend(kv, [5, 6, 7])
+    assert runner.graphs.passes == {}
+    assert runner.graphs.takes([kv], [[5]], [1])
+    assert not runner.graphs.takes([kv], [[5, 6]], [0])  # two new ids: a scoring or prefill pass
+    assert not runner.graphs.takes([kv], [[5]], [2])
+    many = [kv] * (MAX_SLOT_POSITIONS // MIN_CAPACITY + 1)  # more rows than the slots may hold
+    assert not runner.graphs.takes(many, [[5]] * len(many), [0] * len(many))
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
+    assert bucket(3, MIN_CAPACITY) == MIN_CAPACITY and bucket(MIN_CAPACITY + 1, MIN_CAPACITY) == 2 * MIN_CAPACITY

@@ -1,0 +1,189 @@
+"""Decode passes (one new token per row) replayed from CUDA graphs.
+
+On a GPU a small model's pass is bound by the CPU work of launching its kernels, thousands per pass,
+not by the GPU (benchmarks/results/profile_steps_cuda.txt). A graph captured once per (batch,
+capacity) bucket launches them all in one call. For that, every replay must have the same shapes
+and addresses: rows are copied into fixed slots of one buffer per model (SlotBuffers), each row's
+new key/value states are written at its own position by a scatter, and attention reads every
+slot whole under a mask made from the positions (attention.SlotLayout). Only the new states are
+copied back into each row's own cache, so everything else (scoring, crops, the prefix cache) sees
+the caches it always did.
+
+Without CUDA (`capture=False`) the same passes run eagerly: the tests compare them with the plain
+passes on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .attention import SlotLayout, SlotStates
+from .kv_cache import KVCache
+
+MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here, so few graphs are captured
+# The most positions the slots may hold (rows x capacity): a step past it runs a plain pass. The
+# slots are reserved for good once made; at this size, about 750 MB for the embedded draft in bfloat16.
+MAX_SLOT_POSITIONS = 32768
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The power of two at or above `n` (and `least`): the batch or capacity a graph is captured for."""
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+class SlotLayer(DynamicLayer):
+    """One layer of a slot pass: writes each row's new states at its position, hands attention the whole slots."""
+
+    is_initialized = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, layout: SlotLayout) -> None:  # no super(): the slots hold the states
+        self.keys_slots, self.values_slots, self.layout = keys, values, layout
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        at = self.layout.positions.view(-1, 1, 1, 1)
+        self.keys_slots.scatter_(2, at.expand_as(key_states), key_states)
+        self.values_slots.scatter_(2, at.expand_as(value_states), value_states)
+        return SlotStates(self.keys_slots, self.layout), SlotStates(self.values_slots, self.layout)
+
+    def get_seq_length(self) -> int:
+        return self.keys_slots.shape[-2]
+
+
+class SlotBuffers:
+    """Every layer's keys, and values, of every slot: [layers, slots, heads, capacity, dim] each,
+    shaped like the rows' own caches. Grown by reallocation, which makes every pass captured over
+    the old buffers stale."""
+
+    def __init__(self, like: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """`like`: a row's own (keys, values) buffers [layers, 1, heads, n, dim], whose shapes and dtype to follow."""
+        self.shapes = [(b.shape[0], b.shape[2], b.shape[4]) for b in like]
+        self.keys = self.values = like[0].new_empty(0)
+        self.slots = self.capacity = 0
+
+    def fits(self, slots: int, capacity: int) -> bool:
+        return slots <= self.slots and capacity <= self.capacity
+
+    def grow(self, slots: int, capacity: int) -> None:
+        """Reallocate to hold at least `slots` rows of `capacity` positions (the old buffers are freed first)."""
+        self.slots, self.capacity = max(slots, self.slots), max(capacity, self.capacity)
+        empty = self.keys.new_empty(0)
+        self.keys = self.values = empty
+        self.keys, self.values = (empty.new_zeros(layers, self.slots, heads, self.capacity, dim) for layers, heads, dim in self.shapes)
+
+
+class SlotPass:
+    """One decode pass over the first `batch` slots of `capacity` positions: fixed input tensors,
+    and a graph replayed over them (or, without capture, the forward run each time)."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], buffers: SlotBuffers, batch: int, capacity: int, capture: bool) -> None:
+        device = buffers.keys.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        keys, values = buffers.keys[:, :batch, :, :capacity], buffers.values[:, :batch, :, :capacity]
+
+        def run() -> torch.Tensor:
+            layout = SlotLayout(self.positions, capacity)
+            cache = DynamicCache()
+            cache.layers.extend(SlotLayer(k, v, layout) for k, v in zip(keys, values))
+            return forward(self.ids, self.positions.view(-1, 1), cache)
+
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.run = run
+        if not capture:
+            run()  # what capture would find wrong, found now
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialisation (cuBLAS workspaces) must not happen in capture
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (another runtime's worker) may go on launching work meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.output = run()
+
+    def __call__(self) -> torch.Tensor:
+        """The pass's output for every slot: [batch, 1, H] (valid until the next call)."""
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.output
+
+
+class CannotCapture(Exception):
+    """A model's decode pass could not be made into a slot pass (its attention needs more than SDPA,
+    say); its passes stay plain."""
+
+
+class DecodeGraphs:
+    """The slot passes of one model, made as rows first need them: `load` copies rows into slots and
+    returns the pass to run; after it, `hand_back` copies each row's new states into its own cache."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], capture: bool) -> None:
+        """`forward(ids [B, 1], position_ids [B, 1], cache)`: the model's pass, its output [B, 1, H]."""
+        self.forward, self.capture = forward, capture
+        self.buffers: SlotBuffers | None = None  # shaped after the first row cache seen
+        self.passes: dict[tuple[int, int], SlotPass] = {}
+
+    def takes(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> bool:
+        """Whether a pass is a decode step these passes can run: one new id per row, at most its own
+        row kept, slots within MAX_SLOT_POSITIONS, and a cache to take the slots' shapes from."""
+        if any(len(row) != 1 for row in ids) or max(keeps) > 1:
+            return False
+        slots, capacity = bucket(len(kvs)), bucket(max(len(kv) for kv in kvs) + 1, MIN_CAPACITY)
+        if self.buffers is not None:
+            slots, capacity = max(slots, self.buffers.slots), max(capacity, self.buffers.capacity)
+        if slots * capacity > MAX_SLOT_POSITIONS:
+            return False
+        return self.buffers is not None or any(kv.store.buffers is not None for kv in kvs)
+
+    def load(self, kvs: list[KVCache], ids: list[int]) -> SlotPass:
+        """The pass for these rows, their caches copied into its slots and their ids and positions set."""
+        held = [len(kv) for kv in kvs]
+        batch, capacity = bucket(len(kvs)), bucket(max(held) + 1, MIN_CAPACITY)
+        if self.buffers is None:
+            self.buffers = SlotBuffers(next(kv.store.buffers for kv in kvs if kv.store.buffers is not None))
+        if not self.buffers.fits(batch, capacity):
+            self.passes.clear()  # captured over the old buffers
+            self.buffers.grow(batch, capacity)
+        key = (batch, capacity)
+        if key not in self.passes:
+            try:
+                self.passes[key] = SlotPass(self.forward, self.buffers, batch, capacity, self.capture)
+            except Exception as error:
+                raise CannotCapture(f"a decode pass of {batch} rows over {capacity} positions could not be captured: {error!r}") from error
+        slot_pass = self.passes[key]
+        for row, (kv, n) in enumerate(zip(kvs, held)):
+            if n:
+                own = kv.store.buffers
+                assert self.buffers is not None
+                assert own is not None
+                self.buffers.keys[:, row, :, :n] = own[0][:, 0, :, :n]
+                self.buffers.values[:, row, :, :n] = own[1][:, 0, :, :n]
+        pad = batch - len(kvs)  # spare slots decode id 0 at position 0: harmless, and never read
+        slot_pass.ids.copy_(torch.tensor([[i] for i in ids] + [[0]] * pad))
+        slot_pass.positions.copy_(torch.tensor(held + [0] * pad))
+        return slot_pass
+
+    def hand_back(self, kvs: list[KVCache], ids: list[int], num_layers: int) -> None:
+        """Copy each row's new states from its slot into its own cache. Room is made in every row
+        first: if that fails (out of memory), no row has changed and each can be retried alone."""
+        assert self.buffers is not None
+        keys, values = self.buffers.keys, self.buffers.values
+        held = [len(kv) for kv in kvs]
+        for row, (kv, n) in enumerate(zip(kvs, held)):
+            kv.store.num_layers = kv.store.num_layers or num_layers
+            kv.store.room(n + 1, keys[0, row : row + 1, :, n : n + 1], values[0, row : row + 1, :, n : n + 1])
+        for row, (kv, n, new) in enumerate(zip(kvs, held, ids)):
+            own = kv.store.buffers
+            assert own is not None
+            own[0][:, 0, :, n : n + 1] = keys[:, row, :, n : n + 1]
+            own[1][:, 0, :, n : n + 1] = values[:, row, :, n : n + 1]
+            for layer in kv.fill_layers(num_layers):
+                layer.length = n + 1
+            kv.ids.append(new)
