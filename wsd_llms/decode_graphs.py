@@ -92,26 +92,28 @@ class SlotPass:
             return forward(self.ids, self.positions.view(-1, 1), cache)
 
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.run = run
+        self.device, self.run = device, run
         if not capture:
             run()  # what capture would find wrong, found now
             return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy initialisation (cuBLAS workspaces) must not happen in capture
-                run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (another runtime's worker) may go on launching work meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = run()
+        with torch.cuda.device(device):  # capture and replay use the current device's streams: the model's
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy initialisation (cuBLAS workspaces) must not happen in capture
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (another runtime's worker) may go on launching work meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.output = run()
 
     def __call__(self) -> torch.Tensor:
         """The pass's output for every slot: [batch, 1, H] (valid until the next call)."""
         if self.graph is None:
             return self.run()
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.output
 
 
