@@ -99,6 +99,27 @@ def test_only_decode_steps_take_slot_passes():
     assert not runner.graphs.takes(many, [[5]] * len(many), [0] * len(many))
 
 
+def test_slots_that_cannot_be_made_fail_the_pass_and_are_made_again(monkeypatch):
+    """Out of memory while the slots grow fails that pass with the caches as they were; the next pass
+    makes the slots again."""
+    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    a, b = plain.new_cache(), slots.new_cache()
+    plain.extend(a, _ids(0, 5))
+    slots.extend(b, _ids(0, 5))
+    new_zeros = torch.Tensor.new_zeros
+
+    def out_of_memory(*args, **kwargs):
+        monkeypatch.setattr(torch.Tensor, "new_zeros", new_zeros)  # once
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        slots.extend(b, [8])
+    assert b.ids == a.ids and slots.graphs is not None and slots.graphs.buffers.slots == 0
+    torch.testing.assert_close(slots.extend(b, [8]), plain.extend(a, [8]), atol=1e-4, rtol=1e-4)
+    assert slots.graphs.buffers.slots == 1
+
+
 def test_buckets_are_powers_of_two():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
     assert bucket(3, MIN_CAPACITY) == MIN_CAPACITY and bucket(MIN_CAPACITY + 1, MIN_CAPACITY) == 2 * MIN_CAPACITY

@@ -68,11 +68,14 @@ class SlotBuffers:
         return slots <= self.slots and capacity <= self.capacity
 
     def grow(self, slots: int, capacity: int) -> None:
-        """Reallocate to hold at least `slots` rows of `capacity` positions (the old buffers are freed first)."""
-        self.slots, self.capacity = max(slots, self.slots), max(capacity, self.capacity)
+        """Reallocate to hold at least `slots` rows of `capacity` positions. The old buffers are freed
+        first; if the new ones cannot be had (out of memory), the slots are left empty, to be made again."""
+        slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
         empty = self.keys.new_empty(0)
         self.keys = self.values = empty
-        self.keys, self.values = (empty.new_zeros(layers, self.slots, heads, self.capacity, dim) for layers, heads, dim in self.shapes)
+        self.slots = self.capacity = 0
+        keys, values = (empty.new_zeros(layers, slots, heads, capacity, dim) for layers, heads, dim in self.shapes)
+        self.keys, self.values, self.slots, self.capacity = keys, values, slots, capacity
 
 
 class SlotPass:
