@@ -8,7 +8,8 @@ import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
 from wsd_llms.attention import RAGGED_SDPA
-from wsd_llms.decode_graphs import MAX_SLOT_POSITIONS, MIN_CAPACITY, DecodeGraphs, bucket
+from wsd_llms import decode_graphs
+from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MIN_CAPACITY, DecodeGraphs, bucket
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.output_head import HeadRows
 
@@ -95,8 +96,47 @@ def test_only_decode_steps_take_slot_passes():
     assert runner.graphs.takes([kv], [[5]], [1])
     assert not runner.graphs.takes([kv], [[5, 6]], [0])  # two new ids: a scoring or prefill pass
     assert not runner.graphs.takes([kv], [[5]], [2])
-    many = [kv] * (MAX_SLOT_POSITIONS // MIN_CAPACITY + 1)  # more rows than the slots may hold
+    many = [kv] * (MAX_SLOT_BYTES // (runner.graphs.buffers.position_bytes * MIN_CAPACITY) + 1)  # more than the slots may hold
     assert not runner.graphs.takes(many, [[5]] * len(many), [0] * len(many))
+
+
+def test_a_step_takes_slots_by_its_own_shape_whatever_came_before(monkeypatch):
+    """Slots kept from a long row alone do not keep a batch of short rows off them: where both
+    shapes together would pass MAX_SLOT_BYTES, the slots are remade to the step's own shape."""
+    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    caches = {}
+    for name, runner in (("plain", plain), ("slots", slots)):
+        caches[name] = [runner.new_cache() for _ in range(3)]
+        for i, (kv, n) in enumerate(zip(caches[name], (600, 10, 20))):
+            runner.extend(kv, _ids(i, n))
+    assert slots.graphs.takes(caches["slots"][:1], [[3]], [0])  # which shapes the slots after the rows' caches
+    monkeypatch.setattr(decode_graphs, "MAX_SLOT_BYTES", slots.graphs.buffers.position_bytes * 1024)
+    for rows, shape in (([0], (1, 1024)), ([1, 2], (2, 256)), ([0], (1, 1024)), ([1, 2], (2, 256))):
+        new = [[i + 3] for i in rows]
+        expected = plain.extend_batch([caches["plain"][i] for i in rows], new, [0] * len(rows))
+        got = slots.extend_batch([caches["slots"][i] for i in rows], new, [0] * len(rows))
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        assert (slots.graphs.buffers.slots, slots.graphs.buffers.capacity) == shape and set(slots.graphs.passes) == {shape}
+
+
+def test_what_an_earlier_row_left_in_a_slot_cannot_reach_the_next():
+    """A non-finite state left past a row's length by the slot's earlier occupant (an overflow in
+    another request) is masked out and zeroed before the next row reads the slot."""
+    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    caches = {}
+    for name, runner in (("plain", plain), ("slots", slots)):
+        caches[name] = [runner.new_cache() for _ in range(2)]
+        for i, (kv, n) in enumerate(zip(caches[name], (100, 10))):
+            runner.extend(kv, _ids(i, n))
+    slots.extend(caches["slots"][0], [3])  # the long row takes slot 0
+    plain.extend(caches["plain"][0], [3])
+    with torch.inference_mode():  # as if its states had overflowed there
+        slots.graphs.buffers.keys[:, 0, :, 50:101] = float("nan")
+        slots.graphs.buffers.values[:, 0, :, 50:101] = float("inf")
+    got = slots.extend(caches["slots"][1], [4])  # the short row takes slot 0 next
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, plain.extend(caches["plain"][1], [4]), atol=1e-4, rtol=1e-4)
 
 
 def test_slots_that_cannot_be_made_fail_the_pass_and_are_made_again(monkeypatch):

@@ -25,9 +25,10 @@ from .attention import SlotLayout, SlotStates
 from .kv_cache import KVCache
 
 MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here, so few graphs are captured
-# The most positions the slots may hold (rows x capacity): a step past it runs a plain pass. The
-# slots are reserved for good once made; at this size, about 750 MB for the embedded draft in bfloat16.
-MAX_SLOT_POSITIONS = 32768
+# The most memory one model's slots may take: a step that needs more runs a plain pass. Slots are
+# kept once made, for the next step. For the embedded pair in bfloat16 this allows 32768 positions
+# (16 rows of 2048, or one of 32768); for an 8B model with 8 key/value heads of 128, 8192.
+MAX_SLOT_BYTES = 1 << 30
 
 
 def bucket(n: int, least: int = 1) -> int:
@@ -55,27 +56,44 @@ class SlotLayer(DynamicLayer):
 
 class SlotBuffers:
     """Every layer's keys, and values, of every slot: [layers, slots, heads, capacity, dim] each,
-    shaped like the rows' own caches. Grown by reallocation, which makes every pass captured over
-    the old buffers stale."""
+    shaped like the rows' own caches. Remade (larger, or as small as a step needs when larger would
+    pass MAX_SLOT_BYTES) by reallocation, which makes every pass captured over the old buffers stale."""
 
     def __init__(self, like: tuple[torch.Tensor, torch.Tensor]) -> None:
         """`like`: a row's own (keys, values) buffers [layers, 1, heads, n, dim], whose shapes and dtype to follow."""
         self.shapes = [(b.shape[0], b.shape[2], b.shape[4]) for b in like]
+        self.position_bytes = sum(layers * heads * dim for layers, heads, dim in self.shapes) * like[0].element_size()
         self.keys = self.values = like[0].new_empty(0)
         self.slots = self.capacity = 0
+        self.dirty: list[int] = []  # per slot: positions from there on hold nothing written since the slots were made
+
+    def allows(self, slots: int, capacity: int) -> bool:
+        """Whether slots of this shape stay within MAX_SLOT_BYTES."""
+        return slots * capacity * self.position_bytes <= MAX_SLOT_BYTES
 
     def fits(self, slots: int, capacity: int) -> bool:
         return slots <= self.slots and capacity <= self.capacity
 
-    def grow(self, slots: int, capacity: int) -> None:
-        """Reallocate to hold at least `slots` rows of `capacity` positions. The old buffers are freed
-        first; if the new ones cannot be had (out of memory), the slots are left empty, to be made again."""
-        slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
+    def remake(self, slots: int, capacity: int) -> None:
+        """Reallocate to hold `slots` rows of `capacity` positions: as large as both the old and the
+        new shape where that is allowed, else just the new. The old buffers are freed first; if the
+        new ones cannot be had (out of memory), the slots are left empty, to be made again."""
+        if self.allows(max(slots, self.slots), max(capacity, self.capacity)):
+            slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
         empty = self.keys.new_empty(0)
         self.keys = self.values = empty
         self.slots = self.capacity = 0
         keys, values = (empty.new_zeros(layers, slots, heads, capacity, dim) for layers, heads, dim in self.shapes)
         self.keys, self.values, self.slots, self.capacity = keys, values, slots, capacity
+        self.dirty = [0] * slots
+
+    def clean(self, row: int, length: int) -> None:
+        """Zero what an earlier row left in slot `row` past `length`: masked out, but a non-finite
+        state there (an overflow in another request) would still turn this row's attention to NaN."""
+        if self.dirty[row] > length:
+            self.keys[:, row, :, length : self.dirty[row]] = 0
+            self.values[:, row, :, length : self.dirty[row]] = 0
+        self.dirty[row] = length + 1  # the pass writes this row's new states at `length`
 
 
 class SlotPass:
@@ -137,25 +155,29 @@ class DecodeGraphs:
 
     def takes(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> bool:
         """Whether a pass is a decode step these passes can run: one new id per row, at most its own
-        row kept, slots within MAX_SLOT_POSITIONS, and a cache to take the slots' shapes from."""
+        row kept, slots within MAX_SLOT_BYTES, and a cache to take the slots' shapes from."""
         if any(len(row) != 1 for row in ids) or max(keeps) > 1:
             return False
-        slots, capacity = bucket(len(kvs)), bucket(max(len(kv) for kv in kvs) + 1, MIN_CAPACITY)
-        if self.buffers is not None:
-            slots, capacity = max(slots, self.buffers.slots), max(capacity, self.buffers.capacity)
-        if slots * capacity > MAX_SLOT_POSITIONS:
-            return False
-        return self.buffers is not None or any(kv.store.buffers is not None for kv in kvs)
+        if self.buffers is None:
+            like = next((kv.store.buffers for kv in kvs if kv.store.buffers is not None), None)
+            if like is None:
+                return False
+            self.buffers = SlotBuffers(like)
+        return self.buffers.allows(*self._shape(kvs))
+
+    @staticmethod
+    def _shape(kvs: list[KVCache]) -> tuple[int, int]:
+        """The (rows, capacity) bucket a step over these rows is captured for."""
+        return bucket(len(kvs)), bucket(max(len(kv) for kv in kvs) + 1, MIN_CAPACITY)
 
     def load(self, kvs: list[KVCache], ids: list[int]) -> SlotPass:
         """The pass for these rows, their caches copied into its slots and their ids and positions set."""
         held = [len(kv) for kv in kvs]
-        batch, capacity = bucket(len(kvs)), bucket(max(held) + 1, MIN_CAPACITY)
-        if self.buffers is None:
-            self.buffers = SlotBuffers(next(kv.store.buffers for kv in kvs if kv.store.buffers is not None))
+        batch, capacity = self._shape(kvs)
+        assert self.buffers is not None  # made by takes()
         if not self.buffers.fits(batch, capacity):
             self.passes.clear()  # captured over the old buffers
-            self.buffers.grow(batch, capacity)
+            self.buffers.remake(batch, capacity)
         key = (batch, capacity)
         if key not in self.passes:
             try:
@@ -164,13 +186,15 @@ class DecodeGraphs:
                 raise CannotCapture(f"a decode pass of {batch} rows over {capacity} positions could not be captured: {error!r}") from error
         slot_pass = self.passes[key]
         for row, (kv, n) in enumerate(zip(kvs, held)):
+            self.buffers.clean(row, n)
             if n:
                 own = kv.store.buffers
-                assert self.buffers is not None
                 assert own is not None
                 self.buffers.keys[:, row, :, :n] = own[0][:, 0, :, :n]
                 self.buffers.values[:, row, :, :n] = own[1][:, 0, :, :n]
         pad = batch - len(kvs)  # spare slots decode id 0 at position 0: harmless, and never read
+        for row in range(len(kvs), batch):
+            self.buffers.dirty[row] = max(self.buffers.dirty[row], 1)
         slot_pass.ids.copy_(torch.tensor([[i] for i in ids] + [[0]] * pad))
         slot_pass.positions.copy_(torch.tensor(held + [0] * pad))
         return slot_pass
