@@ -160,6 +160,32 @@ def test_slots_that_cannot_be_made_fail_the_pass_and_are_made_again(monkeypatch)
     assert slots.graphs.buffers.slots == 1
 
 
+def test_running_out_of_memory_while_capturing_fails_that_pass_only():
+    """Out of memory while a pass is first captured is no reason to give up graphs: that pass fails,
+    with the caches as they were, and the next captures again."""
+    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    a, b = plain.new_cache(), slots.new_cache()
+    plain.extend(a, _ids(0, 5))
+    slots.extend(b, _ids(0, 5))
+    forward, failures = slots.graphs.forward, []
+
+    def out_of_memory_once(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            try:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            except torch.OutOfMemoryError as error:
+                raise RuntimeError("capture failed") from error  # as a capture ended by the error may say
+        return forward(*args, **kwargs)
+
+    slots.graphs.forward = out_of_memory_once
+    with pytest.raises(RuntimeError, match="capture failed"):
+        slots.extend(b, [8])
+    assert b.ids == a.ids and slots.graphs is not None and slots.graphs.passes == {}
+    torch.testing.assert_close(slots.extend(b, [8]), plain.extend(a, [8]), atol=1e-4, rtol=1e-4)
+    assert set(slots.graphs.passes) == {(1, MIN_CAPACITY)}
+
+
 def test_buckets_are_powers_of_two():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
     assert bucket(3, MIN_CAPACITY) == MIN_CAPACITY and bucket(MIN_CAPACITY + 1, MIN_CAPACITY) == 2 * MIN_CAPACITY

@@ -138,6 +138,15 @@ class SlotPass:
         return self.output
 
 
+def _out_of_memory(error: BaseException | None) -> bool:
+    """Whether running out of memory caused `error` (a failed capture may raise its own error on top)."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class CannotCapture(Exception):
     """A model's decode pass could not be made into a slot pass (its attention needs more than SDPA,
     say); its passes stay plain."""
@@ -183,6 +192,8 @@ class DecodeGraphs:
             try:
                 self.passes[key] = SlotPass(self.forward, self.buffers, batch, capacity, self.capture)
             except Exception as error:
+                if _out_of_memory(error):  # for now: this pass fails, its rows are retried alone, the next captures again
+                    raise
                 raise CannotCapture(f"a decode pass of {batch} rows over {capacity} positions could not be captured: {error!r}") from error
         slot_pass = self.passes[key]
         for row, (kv, n) in enumerate(zip(kvs, held)):
