@@ -119,10 +119,14 @@ def ragged_sdpa(
         if kwargs.get("softcap") is not None:
             raise ValueError("attention logit soft-capping is not supported by SDPA attention")
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        grouped = query.shape[1] != key.states.shape[1]
-        mask = key.layout.mask(window)
-        out = F.scaled_dot_product_attention(query, key.states, value.states, attn_mask=mask, scale=scaling, enable_gqa=grouped)
-        return out.transpose(1, 2).contiguous(), None
+        rows, heads, _, _ = query.shape
+        kv_heads = key.states.shape[1]
+        # One query per row: the query heads that share a key/value head go in as that head's queries,
+        # so grouped-query attention needs no enable_gqa, which CUDA's memory-efficient kernel cannot
+        # take with a mask (it would fall back to the math kernel and copy the keys to every head).
+        grouped = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
+        out = F.scaled_dot_product_attention(grouped, key.states, value.states, attn_mask=key.layout.mask(window), scale=scaling)
+        return out.reshape(rows, 1, heads, out.shape[-1]), None
     if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None:
