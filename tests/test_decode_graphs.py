@@ -3,6 +3,8 @@ plain pass gives. Run eagerly here on CPU (capture=False); tests/test_gpu.py rep
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
@@ -12,6 +14,7 @@ from wsd_llms import decode_graphs
 from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MIN_CAPACITY, DecodeGraphs, bucket
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.output_head import HeadRows
+from wsd_llms.runtime import WSDRuntime
 
 MODELS = {
     "llama": lambda: tiny_llama(make_tokenizer(300), 0),
@@ -189,3 +192,42 @@ def test_running_out_of_memory_while_capturing_fails_that_pass_only():
 def test_buckets_are_powers_of_two():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
     assert bucket(3, MIN_CAPACITY) == MIN_CAPACITY and bucket(MIN_CAPACITY + 1, MIN_CAPACITY) == 2 * MIN_CAPACITY
+
+
+def _slotted(rt: WSDRuntime) -> WSDRuntime:
+    """The runtime with both models' decode steps on eager slot passes, as on CUDA without capture."""
+    for runner in rt.load().runners.values():
+        runner.ragged = False
+        runner.model.set_attn_implementation(RAGGED_SDPA)
+        runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
+    return rt
+
+
+@pytest.mark.parametrize("base", ["same-weights", "gemma3"])
+def test_the_engine_on_slot_passes(draft_tokenizer, base):
+    """The whole engine on slot passes: 8 concurrent greedy requests reply as they do one at a time,
+    online as staged, and as on the CPU's own passes; both models' decode steps took slots (the
+    same-weights base agrees with the draft, so replies switch and the base decodes)."""
+    draft = lambda: tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0)  # noqa: E731
+    bases = {
+        "same-weights": lambda: tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0),
+        "gemma3": lambda: tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3", sharpen=3.0),
+    }
+    slotted = _slotted(WSDRuntime.from_models(draft(), bases[base]()))
+    plain = WSDRuntime.from_models(draft(), bases[base]())
+    try:
+        jobs = [[{"role": "user", "content": f"Tell me about topic {i}. " * (1 + i % 3)}] for i in range(8)]
+        alone = [slotted.generate(m, max_tokens=32) for m in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda m: slotted.generate(m, max_tokens=32), jobs))
+        assert [r.text for r in together] == [r.text for r in alone]
+        assert [r.text for r in alone] == [slotted.generate(m, max_tokens=32, mode="staged").text for m in jobs]
+        assert [r.text for r in alone] == [plain.generate(m, max_tokens=32).text for m in jobs]
+        assert slotted.stats().peaks["draft_batch"] > 1
+        used = {name: runner.graphs is not None and bool(runner.graphs.passes) for name, runner in slotted.engine.runners.items()}
+        assert used == {"draft": True, "base": base == "same-weights"}, used
+        if base == "same-weights":
+            assert any(r.switch_point is not None for r in alone)
+    finally:
+        slotted.close()
+        plain.close()
