@@ -96,6 +96,12 @@ class SlotStates:
         self.layout = layout
 
 
+def _refuse_softcap(kwargs: dict[str, Any]) -> None:
+    """SDPA has no attention logit soft-capping (Gemma 2's): refuse rather than compute without it."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention logit soft-capping is not supported by SDPA attention")
+
+
 def ragged_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -116,8 +122,7 @@ def ragged_sdpa(
     In a slot pass (decode_graphs), each row's one query attends over its fixed-size slot under a
     mask made from the positions: shapes that do not change from one pass to the next."""
     if isinstance(key, SlotStates) and isinstance(value, SlotStates):
-        if kwargs.get("softcap") is not None:
-            raise ValueError("attention logit soft-capping is not supported by SDPA attention")
+        _refuse_softcap(kwargs)
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         rows, heads, _, _ = query.shape
         kv_heads = key.states.shape[1]
@@ -129,8 +134,7 @@ def ragged_sdpa(
         return out.reshape(rows, 1, heads, out.shape[-1]), None
     if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attention logit soft-capping is not supported by SDPA attention")
+    _refuse_softcap(kwargs)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads
     layout, outputs = key.layout, []

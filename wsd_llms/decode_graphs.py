@@ -1,6 +1,6 @@
 """Decode passes (one new token per row) replayed from CUDA graphs.
 
-On a GPU a small model's pass is bound by the CPU work of launching its kernels, thousands per pass,
+On a GPU a small model's pass is bound by the CPU work of launching its kernels, hundreds per pass,
 not by the GPU (benchmarks/results/profile_steps_cuda.txt). A graph captured once per (batch,
 capacity) bucket launches them all in one call. For that, every replay must have the same shapes
 and addresses: rows are copied into fixed slots of one buffer per model (SlotBuffers), each row's
@@ -15,6 +15,7 @@ passes on CPU.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,15 @@ MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here,
 # kept once made, for the next step. For the embedded pair in bfloat16 this allows 32768 positions
 # (16 rows of 2048, or one of 32768); for an 8B model with 8 key/value heads of 128, 8192.
 MAX_SLOT_BYTES = 1 << 30
+
+
+# Steps before a shape whose capture ran out of memory is tried again (plain passes meanwhile).
+RETRY_AFTER = 64
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether decode steps on `device` replay graphs: on CUDA, unless WSD_LLMS_CUDA_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get("WSD_LLMS_CUDA_GRAPHS", "1") != "0"
 
 
 def bucket(n: int, least: int = 1) -> int:
@@ -65,13 +75,16 @@ class SlotBuffers:
         self.position_bytes = sum(layers * heads * dim for layers, heads, dim in self.shapes) * like[0].element_size()
         self.keys = self.values = like[0].new_empty(0)
         self.slots = self.capacity = 0
-        self.dirty: list[int] = []  # per slot: positions from there on hold nothing written since the slots were made
+        # Per slot: positions from there on hold nothing written since the slots were made (but
+        # position 0, where spare slots decode; a row always rewrites it before reading it).
+        self.dirty: list[int] = []
 
     def allows(self, slots: int, capacity: int) -> bool:
         """Whether slots of this shape stay within MAX_SLOT_BYTES."""
         return slots * capacity * self.position_bytes <= MAX_SLOT_BYTES
 
     def fits(self, slots: int, capacity: int) -> bool:
+        """Whether the slots as they are hold `slots` rows of `capacity` positions."""
         return slots <= self.slots and capacity <= self.capacity
 
     def remake(self, slots: int, capacity: int) -> None:
@@ -138,10 +151,10 @@ class SlotPass:
         return self.output
 
 
-def _out_of_memory(error: BaseException | None) -> bool:
+def out_of_memory(error: BaseException | None) -> bool:
     """Whether running out of memory caused `error` (a failed capture may raise its own error on top)."""
     while error is not None:
-        if isinstance(error, torch.OutOfMemoryError):
+        if isinstance(error, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from torch 2.5
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -161,6 +174,8 @@ class DecodeGraphs:
         self.forward, self.capture = forward, capture
         self.buffers: SlotBuffers | None = None  # shaped after the first row cache seen
         self.passes: dict[tuple[int, int], SlotPass] = {}
+        self.steps = 0  # decode steps offered (takes)
+        self.retry_at: dict[tuple[int, int], int] = {}  # shapes whose capture ran out of memory: when to try again
 
     def takes(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> bool:
         """Whether a pass is a decode step these passes can run: one new id per row, at most its own
@@ -172,7 +187,9 @@ class DecodeGraphs:
             if like is None:
                 return False
             self.buffers = SlotBuffers(like)
-        return self.buffers.allows(*self._shape(kvs))
+        self.steps += 1
+        shape = self._shape(kvs)
+        return self.buffers.allows(*shape) and self.retry_at.get(shape, 0) <= self.steps
 
     @staticmethod
     def _shape(kvs: list[KVCache]) -> tuple[int, int]:
@@ -192,7 +209,8 @@ class DecodeGraphs:
             try:
                 self.passes[key] = SlotPass(self.forward, self.buffers, batch, capacity, self.capture)
             except Exception as error:
-                if _out_of_memory(error):  # for now: this pass fails, its rows are retried alone, the next captures again
+                if out_of_memory(error):  # for now: this step runs plain, and this shape again after RETRY_AFTER steps
+                    self.retry_at[key] = self.steps + RETRY_AFTER
                     raise
                 raise CannotCapture(f"a decode pass of {batch} rows over {capacity} positions could not be captured: {error!r}") from error
         slot_pass = self.passes[key]
@@ -204,8 +222,6 @@ class DecodeGraphs:
                 self.buffers.keys[:, row, :, :n] = own[0][:, 0, :, :n]
                 self.buffers.values[:, row, :, :n] = own[1][:, 0, :, :n]
         pad = batch - len(kvs)  # spare slots decode id 0 at position 0: harmless, and never read
-        for row in range(len(kvs), batch):
-            self.buffers.dirty[row] = max(self.buffers.dirty[row], 1)
         slot_pass.ids.copy_(torch.tensor([[i] for i in ids] + [[0]] * pad))
         slot_pass.positions.copy_(torch.tensor(held + [0] * pad))
         return slot_pass

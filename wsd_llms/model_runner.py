@@ -8,13 +8,13 @@ extend_batch and crop, and gives lazy rows (output_head.HeadRows) a head that pr
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from . import decode_graphs
 from .attention import RAGGED_SDPA, RaggedRows, attention_backends
 from .decode_graphs import CannotCapture, DecodeGraphs
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
@@ -96,14 +96,35 @@ class ModelRunner:
         return False
 
     def _decode_graphs(self) -> DecodeGraphs | None:
-        """Decode steps from CUDA graphs (decode_graphs): on CUDA, for a model on SDPA attention,
-        unless the environment sets WSD_LLMS_CUDA_GRAPHS=0."""
-        if self.device.type != "cuda" or os.environ.get("WSD_LLMS_CUDA_GRAPHS", "1") == "0":
-            return None
-        if self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
+        """Decode steps from CUDA graphs (decode_graphs): on CUDA, for a model on SDPA attention
+        whose decode step over slots gives a plain step's logits, unless WSD_LLMS_CUDA_GRAPHS=0."""
+        if not decode_graphs.enabled(self.device) or self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
             return None
         self.model.set_attn_implementation(RAGGED_SDPA)  # plain SDPA for every other pass
+        if not self._slots_match():
+            warnings.warn(f"{self.loaded.name}: decode steps run without CUDA graphs: a step over slots does not give a plain step's logits", RuntimeWarning, stacklevel=2)
+            return None
         return DecodeGraphs(self._slot_forward, capture=True)
+
+    @torch.inference_mode()
+    def _slots_match(self) -> bool:
+        """Whether one decode step over slots, run eagerly, gives what a plain step gives, within 5%
+        of the logits' range (a bfloat16 model rounds differently in each): slot attention reads only
+        positions and sliding windows, so a model whose attention needs more (a bias, sinks) fails."""
+        plain, slotted = self.new_cache(), self.new_cache()
+        probe = DecodeGraphs(self._slot_forward, capture=False)
+        try:
+            self.extend(plain, [1, 2, 3])
+            self.extend(slotted, [1, 2, 3])
+            expected = self.extend(plain, [4])
+            if not probe.takes([slotted], [[4]], [0]):
+                return False
+            got = self._outputs([probe.load([slotted], [4])()[0]], [0], [False])[0]
+        except Exception:  # noqa: BLE001 - any failure means this model's steps cannot run over slots
+            return False
+        assert isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
+        spread = float(expected.max() - expected.min())
+        return got.shape == expected.shape and float((got - expected).abs().max()) <= 0.05 * spread + 1e-3
 
     def _slot_forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """A slot pass's forward (decode_graphs.SlotPass): the final hidden states [batch, 1, H]."""
@@ -244,8 +265,9 @@ class ModelRunner:
 
     def _extend_slots(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output] | None:
         """A decode step (one new id per row) from a replayed graph (decode_graphs); None where the
-        pass is not one, or the model's cannot be captured (then its passes stay plain from here on).
-        If the pass fails, every cache is as it was."""
+        pass is not one, where memory ran out making its slots or graph (this step runs plain), or
+        where the model's cannot be captured (then its passes stay plain from here on). If the pass
+        fails, every cache is as it was."""
         if self.graphs is None or not self.graphs.takes(kvs, ids, keeps):
             return None
         new = [row[0] for row in ids]
@@ -255,6 +277,10 @@ class ModelRunner:
             warnings.warn(f"{self.loaded.name}: decode steps run without CUDA graphs: {error}", RuntimeWarning, stacklevel=2)
             self.graphs = None
             return None
+        except Exception as error:
+            if decode_graphs.out_of_memory(error):  # making the slots or capturing: this step runs plain
+                return None
+            raise
         hidden = slot_pass()[: len(kvs)].clone()  # the pass's own output is overwritten by the next replay
         outputs = self._outputs(list(hidden.unbind(0)), keeps, lazy)
         self.graphs.hand_back(kvs, new, self.num_layers)
