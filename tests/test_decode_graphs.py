@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
-from wsd_llms.attention import RAGGED_SDPA, SlotLayout
+from wsd_llms.attention import WSD_SDPA, SlotLayout
 from wsd_llms import decode_graphs
 from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MIN_CAPACITY, DecodeGraphs, bucket
 from wsd_llms.model_runner import ModelRunner
@@ -27,7 +27,7 @@ def slot_runner(loaded) -> ModelRunner:
     """A runner whose decode steps are slot passes, run eagerly (no CUDA here)."""
     runner = ModelRunner(loaded)
     runner.ragged = False
-    runner.model.set_attn_implementation(RAGGED_SDPA)
+    runner.model.set_attn_implementation(WSD_SDPA)
     runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
     return runner
 
@@ -224,7 +224,7 @@ def _slotted(rt: WSDRuntime) -> WSDRuntime:
     """The runtime with both models' decode steps on eager slot passes, as on CUDA without capture."""
     for runner in rt.load().runners.values():
         runner.ragged = False
-        runner.model.set_attn_implementation(RAGGED_SDPA)
+        runner.model.set_attn_implementation(WSD_SDPA)
         runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
     return rt
 

@@ -158,7 +158,7 @@ def test_a_lone_row_gets_the_bits_it_gets_among_others(dtype):
 
 def test_ragged_passes_equal_lone_passes_bit_for_bit_and_plain_ones_closely(runner):
     """On CPU every pass is ragged: the rows' new tokens go through the layers flattened into one
-    sequence and each row attends over its own cache (attention.ragged_sdpa). A row gets exactly
+    sequence and each row attends over its own cache (attention.wsd_sdpa). A row gets exactly
     the logits of a pass of its own, whatever shares the pass: decode steps, scoring passes, a
     first prefill, across Gemma 3's 16-position sliding window too; and they match the model's own
     (padded, masked) path. A model whose attention reshapes its cached states (DeepSeek-V3's latent

@@ -1,6 +1,6 @@
 """Attention for the runner's passes: which SDPA kernels CUDA may use, the per-row attention of
 ragged passes on CPU, and the masked attention over fixed slots of graphed decode passes on CUDA
-(both registered with transformers as RAGGED_SDPA)."""
+(both registered with transformers as WSD_SDPA)."""
 
 from __future__ import annotations
 
@@ -102,11 +102,11 @@ def _refuse_softcap(kwargs: dict[str, Any]) -> None:
         raise ValueError("attention logit soft-capping is not supported by SDPA attention")
 
 
-def ragged_sdpa(
+def wsd_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
-    key: torch.Tensor | RaggedStates,
-    value: torch.Tensor | RaggedStates,
+    key: torch.Tensor | RaggedStates | SlotStates,
+    value: torch.Tensor | RaggedStates | SlotStates,
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
@@ -151,6 +151,6 @@ def ragged_sdpa(
 
 # Registered beside transformers' own: models the runner uses with SDPA attention switch to it on CPU,
 # and on CUDA where decode passes replay graphs (any other pass is plain SDPA, with SDPA's masks).
-RAGGED_SDPA = "wsd_ragged_sdpa"
-AttentionInterface.register(RAGGED_SDPA, ragged_sdpa)
-AttentionMaskInterface.register(RAGGED_SDPA, sdpa_mask)
+WSD_SDPA = "wsd_sdpa"
+AttentionInterface.register(WSD_SDPA, wsd_sdpa)
+AttentionMaskInterface.register(WSD_SDPA, sdpa_mask)

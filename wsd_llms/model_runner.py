@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from . import decode_graphs
-from .attention import RAGGED_SDPA, RaggedRows, attention_backends
+from .attention import WSD_SDPA, RaggedRows, attention_backends
 from .decode_graphs import CannotCapture, DecodeGraphs
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
 from .loading import LoadedModel
@@ -72,12 +72,12 @@ class ModelRunner:
         return own.shape == ours.shape and torch.allclose(own, ours, rtol=1e-4, atol=1e-4)
 
     def _ragged_matches(self) -> bool:
-        """Whether to run ragged passes (attention.ragged_sdpa): on CPU, where a probe shows one giving
+        """Whether to run ragged passes (attention.wsd_sdpa): on CPU, where a probe shows one giving
         what plain passes give. GPUs keep padded batches, whose one attention call per layer suits
         them better than one per row; so do models whose attention reshapes cached states."""
-        if self.device.type != "cpu" or self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
+        if self.device.type != "cpu" or self.model.config._attn_implementation not in ("sdpa", WSD_SDPA):
             return False
-        self.model.set_attn_implementation(RAGGED_SDPA)
+        self.model.set_attn_implementation(WSD_SDPA)
         rows = [([1, 2, 3], [4], 0), ([1, 2, 3, 4, 5, 6], [7, 8, 9], 2), ([], [1, 2, 3, 4], 0)]  # (cached, new, keep)
         plain, ragged = [self.new_cache() for _ in rows], [self.new_cache() for _ in rows]
         try:
@@ -98,9 +98,9 @@ class ModelRunner:
     def _decode_graphs(self) -> DecodeGraphs | None:
         """Decode steps from CUDA graphs (decode_graphs): on CUDA, for a model on SDPA attention
         whose decode step over slots gives a plain step's logits, unless WSD_LLMS_CUDA_GRAPHS=0."""
-        if not decode_graphs.enabled(self.device) or self.model.config._attn_implementation not in ("sdpa", RAGGED_SDPA):
+        if not decode_graphs.enabled(self.device) or self.model.config._attn_implementation not in ("sdpa", WSD_SDPA):
             return None
-        self.model.set_attn_implementation(RAGGED_SDPA)  # plain SDPA for every other pass
+        self.model.set_attn_implementation(WSD_SDPA)  # plain SDPA for every other pass
         if not self._slots_match():
             warnings.warn(f"{self.loaded.name}: decode steps run without CUDA graphs: a step over slots does not give a plain step's logits", RuntimeWarning, stacklevel=2)
             return None
@@ -289,7 +289,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
         """Every row's new ids in one pass, flattened into one sequence: the linear layers take all
-        the tokens at once, each row attends over its own cache where it lies (attention.ragged_sdpa),
+        the tokens at once, each row attends over its own cache where it lies (attention.wsd_sdpa),
         and the output projection runs only for the rows asked for. Nothing is copied or padded, and
         a row gets the bits it gets in a pass of its own. If the pass fails, every row is as it was."""
         held, counts = [len(kv) for kv in kvs], [len(row) for row in ids]

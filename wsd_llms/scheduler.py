@@ -22,7 +22,7 @@ PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 # (benchmarks/bench_passes.py, padded decode): 0.007 (base) to 0.018 (draft). On a GPU the copies
 # run at memory bandwidth (an estimate, as yet unmeasured). So a sequence with a long cache (a
 # long document) runs apart from short ones instead of slowing every stream's step. Ragged passes
-# (attention.ragged_sdpa, on CPU) attend in place and pay nothing per position.
+# (attention.wsd_sdpa, on CPU) attend in place and pay nothing per position.
 POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 
 # Tokens of prompt a step feeds each model (chunked prefill): streams that are decoding pause for
