@@ -30,8 +30,6 @@ MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here,
 # kept once made, for the next step. For the embedded pair in bfloat16 this allows 32768 positions
 # (16 rows of 2048, or one of 32768); for an 8B model with 8 key/value heads of 128, 8192.
 MAX_SLOT_BYTES = 1 << 30
-
-
 # Steps before a shape whose capture ran out of memory is tried again (plain passes meanwhile).
 RETRY_AFTER = 64
 
