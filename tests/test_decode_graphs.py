@@ -23,13 +23,16 @@ MODELS = {
 }
 
 
-def slot_runner(loaded) -> ModelRunner:
-    """A runner whose decode steps are slot passes, run eagerly (no CUDA here)."""
-    runner = ModelRunner(loaded)
+def on_slots(runner: ModelRunner) -> ModelRunner:
+    """The runner with its decode steps on slot passes, run eagerly (no CUDA here)."""
     runner.ragged = False
     runner.model.set_attn_implementation(WSD_SDPA)
     runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
     return runner
+
+
+def slot_runner(loaded) -> ModelRunner:
+    return on_slots(ModelRunner(loaded))
 
 
 def _ids(seed: int, n: int, vocab: int = 280) -> list[int]:
@@ -223,9 +226,7 @@ def test_buckets_are_powers_of_two():
 def _slotted(rt: WSDRuntime) -> WSDRuntime:
     """The runtime with both models' decode steps on eager slot passes, as on CUDA without capture."""
     for runner in rt.load().runners.values():
-        runner.ragged = False
-        runner.model.set_attn_implementation(WSD_SDPA)
-        runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
+        on_slots(runner)
     return rt
 
 

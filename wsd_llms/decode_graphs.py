@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .attention import SlotLayout, SlotStates
-from .kv_cache import KVCache
+from .kv_cache import KVCache, append_states
 
 MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here, so few graphs are captured
 # The most memory one model's slots may take: a step that needs more runs a plain pass. Slots are
@@ -225,19 +225,9 @@ class DecodeGraphs:
         return slot_pass
 
     def hand_back(self, kvs: list[KVCache], ids: list[int], num_layers: int) -> None:
-        """Copy each row's new states from its slot into its own cache. Room is made in every row
-        first: if that fails (out of memory), no row has changed and each can be retried alone."""
+        """Copy each row's new states from its slot into its own cache (kv_cache.append_states: if
+        that fails, no row has changed and each can be retried alone)."""
         assert self.buffers is not None
         keys, values = self.buffers.keys, self.buffers.values
-        held = [len(kv) for kv in kvs]
-        for row, (kv, n) in enumerate(zip(kvs, held)):
-            kv.store.num_layers = kv.store.num_layers or num_layers
-            kv.store.room(n + 1, keys[0, row : row + 1, :, n : n + 1], values[0, row : row + 1, :, n : n + 1])
-        for row, (kv, n, new) in enumerate(zip(kvs, held, ids)):
-            own = kv.store.buffers
-            assert own is not None
-            own[0][:, 0, :, n : n + 1] = keys[:, row, :, n : n + 1]
-            own[1][:, 0, :, n : n + 1] = values[:, row, :, n : n + 1]
-            for layer in kv.fill_layers(num_layers):
-                layer.length = n + 1
-            kv.ids.append(new)
+        states = [(keys[:, row, :, len(kv) : len(kv) + 1], values[:, row, :, len(kv) : len(kv) + 1]) for row, kv in enumerate(kvs)]
+        append_states(kvs, [[i] for i in ids], states, num_layers)

@@ -182,3 +182,21 @@ class KVCache:
         while len(layers) < count:
             layers.append(self.cache.layer_class_to_replicate())
         return layers  # type: ignore[return-value]
+
+
+def append_states(kvs: list[KVCache], ids: list[list[int]], states: list[tuple[torch.Tensor, torch.Tensor]], num_layers: int) -> None:
+    """Append to each cache its new ids and their keys and values ([layers, heads, n, dim] each, read
+    from a batched pass's buffers): two copies per row. Room is made in every row first: if that
+    fails (out of memory), no row has changed and each can be retried alone."""
+    for kv, new, (keys, values) in zip(kvs, ids, states):
+        kv.store.num_layers = kv.store.num_layers or num_layers
+        kv.store.room(len(kv) + len(new), keys[0].unsqueeze(0), values[0].unsqueeze(0))
+    for kv, new, (keys, values) in zip(kvs, ids, states):
+        held, end = len(kv), len(kv) + len(new)
+        own = kv.store.buffers
+        assert own is not None
+        own[0][:, 0, :, held:end] = keys
+        own[1][:, 0, :, held:end] = values
+        for layer in kv.fill_layers(num_layers):
+            layer.length = end
+        kv.ids.extend(new)

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 from . import decode_graphs
 from .attention import WSD_SDPA, RaggedRows, attention_backends
 from .decode_graphs import CannotCapture, DecodeGraphs
-from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer
+from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer, append_states
 from .loading import LoadedModel
 from .output_head import HeadRows, OutputHead
 from .packed_linear import pack_linears
@@ -248,19 +248,8 @@ class ModelRunner:
         outputs = self._outputs([hidden[row, keep - max(k, 1) :] for row, k in enumerate(keeps)], keeps, lazy)
         assert store.buffers is not None
         batch_keys, batch_values = store.buffers
-        # Hand each row its new states, two copies per row. Make room in every row first: if that
-        # fails (out of memory), no row has changed and each can be retried alone.
-        for row, (kv, new) in enumerate(zip(kvs, ids)):
-            kv.store.num_layers = kv.store.num_layers or self.num_layers
-            kv.store.room(len(kv) + len(new), batch_keys[0, row : row + 1], batch_values[0, row : row + 1])
-        for row, (kv, new) in enumerate(zip(kvs, ids)):
-            held, end = len(kv), len(kv) + len(new)
-            for own, buffer in zip(kv.store.buffers, store.buffers):  # type: ignore[arg-type]
-                own[:, 0, :, held:end] = buffer[:, row, :, span + width - len(new) : span + width]
-            for layer in kv.fill_layers(self.num_layers):
-                layer.length = end
-        for kv, new in zip(kvs, ids):
-            kv.ids.extend(new)
+        end = span + width  # each row's new tokens are the last of its batch row
+        append_states(kvs, ids, [(batch_keys[:, row, :, end - len(new) : end], batch_values[:, row, :, end - len(new) : end]) for row, new in enumerate(ids)], self.num_layers)
         return outputs
 
     def _extend_slots(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output] | None:
