@@ -1,5 +1,6 @@
-"""Slot passes (decode_graphs): a decode step over fixed slots, as CUDA graphs replay it, gives what a
-plain pass gives. Run eagerly here on CPU (capture=False); tests/test_gpu.py replays the graphs."""
+"""Slot passes (decode_graphs): a decode step or short scoring pass over fixed slots, as CUDA graphs
+replay it, gives what a plain pass gives. Run eagerly here on CPU (capture=False); tests/test_gpu.py
+replays the graphs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
 
 from wsd_llms.attention import WSD_SDPA, SlotLayout
 from wsd_llms import decode_graphs
-from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MIN_CAPACITY, DecodeGraphs, bucket
+from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MAX_WIDTH, MIN_CAPACITY, DecodeGraphs, bucket
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.output_head import HeadRows
 from wsd_llms.runtime import WSDRuntime
@@ -24,10 +25,10 @@ MODELS = {
 
 
 def on_slots(runner: ModelRunner) -> ModelRunner:
-    """The runner with its decode steps on slot passes, run eagerly (no CUDA here)."""
+    """The runner with its decode steps and scoring passes on slot passes, run eagerly (no CUDA here)."""
     runner.ragged = False
     runner.model.set_attn_implementation(WSD_SDPA)
-    runner.graphs = DecodeGraphs(runner._slot_forward, capture=False)
+    runner.graphs = runner._new_graphs(capture=False)
     return runner
 
 
@@ -41,7 +42,8 @@ def _ids(seed: int, n: int, vocab: int = 280) -> list[int]:
 
 def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
     """Three rows of different lengths through 8 batched decode steps, then one row alone (lazily),
-    then a plain scoring pass: the slot runner's logits equal the plain runner's throughout."""
+    then scoring passes of rows padded to their pass's width, alone and batched: the slot runner's
+    logits equal the plain runner's throughout."""
     lengths = [5, 30, MIN_CAPACITY - 6]  # the last row outgrows the first capacity: the slots are reallocated
     caches = {}
     for name, runner in (("plain", plain), ("slots", slots)):
@@ -58,17 +60,29 @@ def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
             torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
     assert slots.graphs is not None, "the slot passes fell back to plain ones"
     assert slots.graphs.buffers is not None and slots.graphs.buffers.capacity == 2 * MIN_CAPACITY
-    assert set(slots.graphs.passes) == {(4, 2 * MIN_CAPACITY)}  # the passes over the old buffers are gone
+    assert set(slots.graphs.passes) == {(4, 1, 2 * MIN_CAPACITY)}  # the passes over the old buffers are gone
 
     # One row alone (a batch of one), lazily: the same rows.
     expected = plain.extend(caches["plain"][1], [7], keep=1)
     lazy = slots.extend(caches["slots"][1], [7], keep=1, lazy=True)
     assert isinstance(lazy, HeadRows)
-    assert set(slots.graphs.passes) == {(4, 2 * MIN_CAPACITY), (1, MIN_CAPACITY)}  # its own capacity, in the slots as they are
+    assert set(slots.graphs.passes) == {(4, 1, 2 * MIN_CAPACITY), (1, 1, MIN_CAPACITY)}  # its own capacity, in the slots as they are
     with torch.inference_mode():  # as the engine projects lazy rows (the head's weights require grad)
         torch.testing.assert_close(lazy.head.logits(lazy.hidden), expected, atol=1e-4, rtol=1e-4)
 
-    # The rows' own caches took the slot passes' states: a plain scoring pass over them agrees too.
+    # Scoring passes: one row of 3 ids (width 8), then rows of 1, 10 and 3 ids (width 32), each
+    # keeping some of its rows (a decode step's last row, 0, among them).
+    passes = [([1], [[3, 4, 5]], [3]), ([0, 1, 2], [[6], _ids(7, 10), [8, 9, 10]], [0, 2, 3])]
+    for rows, new, keeps in passes:
+        expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
+        got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    assert {(1, 8, MIN_CAPACITY), (4, 32, 2 * MIN_CAPACITY)} <= set(slots.graphs.passes)
+
+    # The rows' own caches took the slot passes' states: plain passes over them agree too.
+    slots.graphs = None
     for a, b in zip(caches["plain"], caches["slots"]):
         assert a.ids == b.ids
         torch.testing.assert_close(slots.extend(b, [3, 4, 5], keep=3), plain.extend(a, [3, 4, 5], keep=3), atol=1e-4, rtol=1e-4)
@@ -87,24 +101,32 @@ def test_a_model_whose_attention_reads_the_cached_states_keeps_plain_passes():
     a, b = plain.new_cache(), slots.new_cache()
     plain.extend(a, [5, 6, 7])
     slots.extend(b, [5, 6, 7])
-    with pytest.warns(RuntimeWarning, match="tiny-deepseek: decode steps run without CUDA graphs"):
+    with pytest.warns(RuntimeWarning, match="tiny-deepseek: passes run without CUDA graphs"):
         got = slots.extend(b, [8])
     assert slots.graphs is None
     torch.testing.assert_close(got, plain.extend(a, [8]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(slots.extend(b, [9]), plain.extend(a, [9]), atol=1e-4, rtol=1e-4)  # no second warning
 
 
-def test_only_decode_steps_take_slot_passes():
+def test_which_passes_take_slot_passes():
     runner = slot_runner(MODELS["llama"]())
     kv = runner.new_cache()
     assert not runner.graphs.takes([kv], [[5]], [0])  # no cache yet to shape the slots after
     runner.extend(kv, [5, 6, 7])
     assert runner.graphs.passes == {}
     assert runner.graphs.takes([kv], [[5]], [1])
-    assert not runner.graphs.takes([kv], [[5, 6]], [0])  # two new ids: a scoring or prefill pass
+    assert runner.graphs.takes([kv, kv], [[5, 6], [7]], [2, 0])  # a scoring pass beside a decode step
+    assert runner.graphs.takes([kv], [[5] * MAX_WIDTH], [MAX_WIDTH])
+    assert not runner.graphs.takes([kv], [[5] * (MAX_WIDTH + 1)], [0])  # longer: a prompt's prefill
     assert not runner.graphs.takes([kv], [[5]], [2])
+    runner.graphs.max_positions = len(kv) + 8
+    assert runner.graphs.takes([kv], [[5, 6]], [0]) and not runner.graphs.takes([kv], [[5] * 9], [0])  # padding past the context window
+    runner.graphs.max_positions = runner.loaded.context_window
     many = [kv] * (MAX_SLOT_BYTES // (runner.graphs.buffers.position_bytes * MIN_CAPACITY) + 1)  # more than the slots may hold
     assert not runner.graphs.takes(many, [[5]] * len(many), [0] * len(many))
+    runner.head = runner.head.identity()  # a model that keeps its own head: decode steps only
+    decode_only = runner._new_graphs(capture=False)
+    assert decode_only.max_width == 1 and not decode_only.takes([kv], [[5, 6]], [0]) and decode_only.takes([kv], [[5]], [0])
 
 
 def test_a_step_takes_slots_by_its_own_shape_whatever_came_before(monkeypatch):
@@ -119,10 +141,10 @@ def test_a_step_takes_slots_by_its_own_shape_whatever_came_before(monkeypatch):
     assert slots.graphs.takes(caches["slots"][:1], [[3]], [0])  # which shapes the slots after the rows' caches
     monkeypatch.setattr(decode_graphs, "MAX_SLOT_BYTES", slots.graphs.buffers.position_bytes * 1024)
     steps = [  # (rows, the slots' shape after the step, the passes made over them)
-        ([0], (1, 1024), {(1, 1024)}),
-        ([1, 2], (2, 256), {(2, 256)}),  # with the last slots, 2 x 1024: over the limit
-        ([3], (2, 512), {(1, 512)}),  # with the last slots, 2 x 512: allowed, and kept
-        ([1, 2], (2, 512), {(1, 512), (2, 256)}),
+        ([0], (1, 1024), {(1, 1, 1024)}),
+        ([1, 2], (2, 256), {(2, 1, 256)}),  # with the last slots, 2 x 1024: over the limit
+        ([3], (2, 512), {(1, 1, 512)}),  # with the last slots, 2 x 512: allowed, and kept
+        ([1, 2], (2, 512), {(1, 1, 512), (2, 1, 256)}),
     ]
     for rows, shape, made in steps:
         new = [[i + 3] for i in rows]
@@ -169,7 +191,7 @@ def test_slots_that_cannot_be_made_leave_that_step_plain_and_are_made_again(monk
     torch.testing.assert_close(slots.extend(b, [8]), plain.extend(a, [8]), atol=1e-4, rtol=1e-4)
     assert slots.graphs is not None and slots.graphs.buffers.slots == 0 and not slots.graphs.passes
     torch.testing.assert_close(slots.extend(b, [9]), plain.extend(a, [9]), atol=1e-4, rtol=1e-4)
-    assert slots.graphs.buffers.slots == 1 and set(slots.graphs.passes) == {(1, MIN_CAPACITY)}
+    assert slots.graphs.buffers.slots == 1 and set(slots.graphs.passes) == {(1, 1, MIN_CAPACITY)}
     assert b.ids == a.ids
 
 
@@ -196,7 +218,7 @@ def test_running_out_of_memory_while_capturing_runs_that_step_plain(monkeypatch)
     for step, captured in ((8, False), (9, False), (10, True)):
         torch.testing.assert_close(slots.extend(b, [step]), plain.extend(a, [step]), atol=1e-4, rtol=1e-4)
         assert slots.graphs is not None and bool(slots.graphs.passes) == captured
-    assert b.ids == a.ids and set(slots.graphs.passes) == {(1, MIN_CAPACITY)}
+    assert b.ids == a.ids and set(slots.graphs.passes) == {(1, 1, MIN_CAPACITY)}
 
 
 def test_a_step_over_slots_is_checked_against_a_plain_step_before_graphs_are_used(monkeypatch):
@@ -206,7 +228,7 @@ def test_a_step_over_slots_is_checked_against_a_plain_step_before_graphs_are_use
         assert ModelRunner(MODELS[kind]())._slots_match()
     assert not ModelRunner(MODELS["deepseek"]())._slots_match()
     runner = ModelRunner(MODELS["llama"]())
-    monkeypatch.setattr(SlotLayout, "mask", lambda self, window: torch.ones(len(self.positions), 1, 1, self.capacity, dtype=torch.bool))
+    monkeypatch.setattr(SlotLayout, "mask", lambda self, window, groups=1: torch.ones(len(self.positions), 1, groups * self.positions.shape[1], self.capacity, dtype=torch.bool))
     assert not runner._slots_match()  # every slot position seen, written or not
 
 
@@ -224,7 +246,7 @@ def test_buckets_are_powers_of_two():
 
 
 def _slotted(rt: WSDRuntime) -> WSDRuntime:
-    """The runtime with both models' decode steps on eager slot passes, as on CUDA without capture."""
+    """The runtime with both models' decode steps and scoring passes on eager slot passes, as on CUDA without capture."""
     for runner in rt.load().runners.values():
         on_slots(runner)
     return rt
@@ -233,8 +255,9 @@ def _slotted(rt: WSDRuntime) -> WSDRuntime:
 @pytest.mark.parametrize("base", ["same-weights", "gemma3"])
 def test_the_engine_on_slot_passes(draft_tokenizer, base):
     """The whole engine on slot passes: 8 concurrent greedy requests reply as they do one at a time,
-    online as staged, and as on the CPU's own passes; decode steps took slots (with the same-weights
-    base, which agrees with the draft, replies switch and the base's steps take slots too)."""
+    online as staged, and as on the CPU's own passes; decode steps and scoring passes took slots
+    (with the same-weights base, which agrees with the draft, replies switch and the base's decode
+    steps take slots too)."""
     draft = lambda: tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0)  # noqa: E731
     bases = {
         "same-weights": lambda: tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0),
@@ -251,10 +274,10 @@ def test_the_engine_on_slot_passes(draft_tokenizer, base):
         assert [r.text for r in alone] == [slotted.generate(m, max_tokens=32, mode="staged").text for m in jobs]
         assert [r.text for r in alone] == [plain.generate(m, max_tokens=32).text for m in jobs]
         assert slotted.stats().peaks["draft_batch"] > 1
-        used = {name: runner.graphs is not None and bool(runner.graphs.passes) for name, runner in slotted.engine.runners.items()}
-        assert used["draft"]
+        widths = {name: {shape[1] for shape in runner.graphs.passes} for name, runner in slotted.engine.runners.items() if runner.graphs is not None}
+        assert 1 in widths["draft"] and max(widths["base"]) > 1  # decode steps, and the base's scoring passes
         if base == "same-weights":
-            assert any(r.switch_point is not None for r in alone) and used["base"]
+            assert any(r.switch_point is not None for r in alone) and 1 in widths["base"]
     finally:
         slotted.close()
         plain.close()

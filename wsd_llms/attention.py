@@ -1,5 +1,5 @@
 """Attention for the runner's passes: which SDPA kernels CUDA may use, the per-row attention of
-ragged passes on CPU, and the masked attention over fixed slots of graphed decode passes on CUDA
+ragged passes on CPU, and the masked attention over fixed slots of graphed passes on CUDA
 (both registered with transformers as WSD_SDPA)."""
 
 from __future__ import annotations
@@ -67,24 +67,26 @@ class RaggedStates:
 
 
 class SlotLayout:
-    """Where each row of a slot pass (decode_graphs) writes and reads: row b's one new token sits at
-    `positions[b]` of its slot, and sees that slot's positions up to its own. Masks are made once per
-    pass and window, from the positions tensor alone, so a captured graph recomputes them on replay."""
+    """Where each row of a slot pass (decode_graphs) writes and reads: row b's new tokens sit at
+    `positions[b]` of its slot, and each sees that slot's positions up to its own. Masks are made once
+    per pass and window, from the positions tensor alone, so a captured graph recomputes them on replay."""
 
     def __init__(self, positions: torch.Tensor, capacity: int) -> None:
         self.positions, self.capacity = positions, capacity
-        self.masks: dict[int | None, torch.Tensor] = {}
+        self.masks: dict[tuple[int | None, int], torch.Tensor] = {}
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[batch, 1, 1, capacity]: which slot positions each row's query sees."""
-        if window not in self.masks:
-            keys = torch.arange(self.capacity, device=self.positions.device).view(1, -1)
-            query = self.positions.view(-1, 1)
+    def mask(self, window: int | None, groups: int = 1) -> torch.Tensor:
+        """[batch, 1, groups * width, capacity]: which slot positions each row's queries see, repeated
+        for the `groups` query heads that share a key/value head (their queries go in one after another)."""
+        if (window, groups) not in self.masks:
+            rows, width = self.positions.shape
+            keys = torch.arange(self.capacity, device=self.positions.device).view(1, 1, -1)
+            query = self.positions.view(rows, width, 1)
             allowed = keys <= query
             if window:
                 allowed &= keys > query - window
-            self.masks[window] = allowed.view(-1, 1, 1, self.capacity)
-        return self.masks[window]
+            self.masks[window, groups] = allowed.view(rows, 1, width, self.capacity).repeat(1, 1, groups, 1)
+        return self.masks[window, groups]
 
 
 class SlotStates:
@@ -119,19 +121,20 @@ def wsd_sdpa(
     into a batch or padded. In a sliding-window layer a row attends over the last positions its
     queries can see (a decode step over a 3000-position cache reads 512, not 3000).
 
-    In a slot pass (decode_graphs), each row's one query attends over its fixed-size slot under a
-    mask made from the positions: shapes that do not change from one pass to the next."""
+    In a slot pass (decode_graphs), each row's queries attend over its fixed-size slot under a mask
+    made from their positions: shapes that do not change from one pass to the next."""
     if isinstance(key, SlotStates) and isinstance(value, SlotStates):
         _refuse_softcap(kwargs)
         window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-        rows, heads, _, _ = query.shape
+        rows, heads, width, dim = query.shape
         kv_heads = key.states.shape[1]
-        # One query per row: the query heads that share a key/value head go in as that head's queries,
+        groups = heads // kv_heads
+        # The query heads that share a key/value head go in as that head's queries, one after another,
         # so grouped-query attention needs no enable_gqa, which CUDA's memory-efficient kernel cannot
         # take with a mask (it would fall back to the math kernel and copy the keys to every head).
-        grouped = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
-        out = F.scaled_dot_product_attention(grouped, key.states, value.states, attn_mask=key.layout.mask(window), scale=scaling)
-        return out.reshape(rows, 1, heads, out.shape[-1]), None
+        grouped = query.reshape(rows, kv_heads, groups * width, dim)
+        out = F.scaled_dot_product_attention(grouped, key.states, value.states, attn_mask=key.layout.mask(window, groups), scale=scaling)
+        return out.reshape(rows, heads, width, dim).transpose(1, 2).contiguous(), None
     if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     _refuse_softcap(kwargs)

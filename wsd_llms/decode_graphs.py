@@ -1,13 +1,16 @@
-"""Decode passes (one new token per row) replayed from CUDA graphs.
+"""Decode steps and short scoring passes (up to MAX_WIDTH new tokens per row) replayed from CUDA graphs.
 
 On a GPU a small model's pass is bound by the CPU work of launching its kernels, hundreds per pass,
 not by the GPU (benchmarks/results/profile_steps_cuda.txt). A graph captured once per (batch,
-capacity) bucket launches them all in one call. For that, every replay must have the same shapes
-and addresses: rows are copied into fixed slots of one buffer per model (SlotBuffers), each row's
-new key/value states are written at its own position by a scatter, and attention reads every
-slot whole under a mask made from the positions (attention.SlotLayout). Only the new states are
-copied back into each row's own cache, so everything else (scoring, crops, the prefix cache) sees
-the caches it always did.
+width, capacity) bucket launches them all in one call. For that, every replay must have the same
+shapes and addresses: rows are copied into fixed slots of one buffer per model (SlotBuffers), each
+row's new key/value states are written at their own positions by a scatter, and attention reads
+every slot whole under a mask made from the positions (attention.SlotLayout). A row with fewer new
+ids than the pass's width feeds id 0 in the rest, after its own: those queries write past the
+row's length, where its own queries cannot see and which is never handed back. Only the new states
+are copied back into each row's own cache, so everything else (crops, the prefix cache, longer
+passes) sees the caches it always did. A model's graphs share one memory pool: a pass's output is
+copied out before the next replay.
 
 Without CUDA (`capture=False`) the same passes run eagerly: the tests compare them with the plain
 passes on CPU.
@@ -26,6 +29,11 @@ from .attention import SlotLayout, SlotStates
 from .kv_cache import KVCache, append_states
 
 MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here, so few graphs are captured
+# How many new ids a row of a slot pass feeds, at most: decode steps (1) and scoring passes (online
+# scores 8 to 32 draft tokens at a time, MAX_SCORE_INTERVAL); a row with fewer is padded to the next.
+# Few widths, so few graphs: each capture costs about a tenth of a second. Longer passes (prompts) run plain.
+WIDTHS = (1, 8, 32)
+MAX_WIDTH = WIDTHS[-1]
 # The most memory one model's slots may take: a step that needs more runs a plain pass. Slots are
 # kept once made, for the next step. For the embedded pair in bfloat16 this allows 32768 positions
 # (16 rows of 2048, or one of 32768); for an 8B model with 8 key/value heads of 128, 8192.
@@ -53,7 +61,8 @@ class SlotLayer(DynamicLayer):
         self.keys_slots, self.values_slots, self.layout = keys, values, layout
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        at = self.layout.positions.view(-1, 1, 1, 1)
+        rows, width = self.layout.positions.shape
+        at = self.layout.positions.view(rows, 1, width, 1)
         self.keys_slots.scatter_(2, at.expand_as(key_states), key_states)
         self.values_slots.scatter_(2, at.expand_as(value_states), value_states)
         return SlotStates(self.keys_slots, self.layout), SlotStates(self.values_slots, self.layout)
@@ -73,8 +82,7 @@ class SlotBuffers:
         self.position_bytes = sum(layers * heads * dim for layers, heads, dim in self.shapes) * like[0].element_size()
         self.keys = self.values = like[0].new_empty(0)
         self.slots = self.capacity = 0
-        # Per slot: positions from there on hold nothing written since the slots were made (but
-        # position 0, where spare slots decode; a row always rewrites it before reading it).
+        # Per slot: positions from there on hold nothing written since the slots were made.
         self.dirty: list[int] = []
 
     def allows(self, slots: int, capacity: int) -> bool:
@@ -98,30 +106,32 @@ class SlotBuffers:
         self.keys, self.values, self.slots, self.capacity = keys, values, slots, capacity
         self.dirty = [0] * slots
 
-    def clean(self, row: int, length: int) -> None:
+    def clean(self, row: int, length: int, width: int) -> None:
         """Zero what an earlier row left in slot `row` past `length`: masked out, but a non-finite
         state there (an overflow in another request) would still turn this row's attention to NaN."""
         if self.dirty[row] > length:
             self.keys[:, row, :, length : self.dirty[row]] = 0
             self.values[:, row, :, length : self.dirty[row]] = 0
-        self.dirty[row] = length + 1  # the pass writes this row's new states at `length`
+        self.dirty[row] = length + width  # the pass writes this row's new states from `length`
 
 
 class SlotPass:
-    """One decode pass over the first `batch` slots of `capacity` positions: fixed input tensors,
-    and a graph replayed over them (or, without capture, the forward run each time)."""
+    """One pass of `width` new ids per row over the first `batch` slots of `capacity` positions:
+    fixed input tensors, and a graph replayed over them (or, without capture, the forward run each
+    time). `pool`: the memory pool the graph shares with the model's other graphs."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], buffers: SlotBuffers, batch: int, capacity: int, capture: bool) -> None:
+    def __init__(self, forward: Callable[..., torch.Tensor], buffers: SlotBuffers, shape: tuple[int, int, int], capture: bool, pool: Any = None) -> None:
+        batch, width, capacity = shape
         device = buffers.keys.device
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, width, dtype=torch.long, device=device)
         keys, values = buffers.keys[:, :batch, :, :capacity], buffers.values[:, :batch, :, :capacity]
 
         def run() -> torch.Tensor:
             layout = SlotLayout(self.positions, capacity)
             cache = DynamicCache()
             cache.layers.extend(SlotLayer(k, v, layout) for k, v in zip(keys, values))
-            return forward(self.ids, self.positions.view(-1, 1), cache)
+            return forward(self.ids, self.positions, cache)
 
         self.graph: torch.cuda.CUDAGraph | None = None
         self.device, self.run = device, run
@@ -137,11 +147,11 @@ class SlotPass:
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: other threads (another runtime's worker) may go on launching work meanwhile
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.output = run()
 
     def __call__(self) -> torch.Tensor:
-        """The pass's output for every slot: [batch, 1, H] (valid until the next call)."""
+        """The pass's output for every slot: [batch, width, H] (valid until the next call)."""
         if self.graph is None:
             return self.run()
         with torch.cuda.device(self.device):
@@ -159,26 +169,31 @@ def out_of_memory(error: BaseException | None) -> bool:
 
 
 class CannotCapture(Exception):
-    """A model's decode pass could not be made into a slot pass (its attention needs more than SDPA,
-    say); its passes stay plain."""
+    """A model's pass could not be made into a slot pass (its attention needs more than SDPA, say);
+    its passes stay plain."""
 
 
 class DecodeGraphs:
     """The slot passes of one model, made as rows first need them: `load` copies rows into slots and
     returns the pass to run; after it, `hand_back` copies each row's new states into its own cache."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor], capture: bool) -> None:
-        """`forward(ids [B, 1], position_ids [B, 1], cache)`: the model's pass, its output [B, 1, H]."""
-        self.forward, self.capture = forward, capture
+    def __init__(self, forward: Callable[..., torch.Tensor], capture: bool, max_width: int = MAX_WIDTH, max_positions: int | None = None) -> None:
+        """`forward(ids [B, W], position_ids [B, W], cache)`: the model's pass, its output [B, W, H]
+        (logits, for a model that keeps its own head: give it `max_width` 1, or each graph keeps
+        [B, MAX_WIDTH, vocab] of them). `max_positions`: the model's context window, which no
+        padding position may pass (a table of learned positions has no row for it)."""
+        self.forward, self.capture, self.max_width, self.max_positions = forward, capture, max_width, max_positions
+        self.pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for all of them
         self.buffers: SlotBuffers | None = None  # shaped after the first row cache seen
-        self.passes: dict[tuple[int, int], SlotPass] = {}
-        self.steps = 0  # decode steps offered (takes)
-        self.retry_at: dict[tuple[int, int], int] = {}  # shapes whose capture ran out of memory: when to try again
+        self.passes: dict[tuple[int, int, int], SlotPass] = {}
+        self.steps = 0  # passes offered (takes)
+        self.retry_at: dict[tuple[int, int, int], int] = {}  # shapes whose capture ran out of memory: when to try again
 
     def takes(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> bool:
-        """Whether a pass is a decode step these passes can run: one new id per row, at most its own
-        row kept, slots within MAX_SLOT_BYTES, and a cache to take the slots' shapes from."""
-        if any(len(row) != 1 for row in ids) or max(keeps) > 1:
+        """Whether a pass is one these passes can run: at most `max_width` new ids per row, at most
+        those kept, padding within `max_positions`, slots within MAX_SLOT_BYTES, and a cache to take
+        the slots' shapes from."""
+        if max(len(row) for row in ids) > self.max_width or any(keep > len(row) for row, keep in zip(ids, keeps)):
             return False
         if self.buffers is None:
             like = next((kv.store.buffers for kv in kvs if kv.store.buffers is not None), None)
@@ -186,48 +201,53 @@ class DecodeGraphs:
                 return False
             self.buffers = SlotBuffers(like)
         self.steps += 1
-        shape = self._shape(kvs)
-        return self.buffers.allows(*shape) and self.retry_at.get(shape, 0) <= self.steps
+        batch, width, capacity = shape = self._shape(kvs, ids)
+        if self.max_positions is not None and any(len(kv) + width > self.max_positions for kv, row in zip(kvs, ids) if len(row) < width):
+            return False
+        return self.buffers.allows(batch, capacity) and self.retry_at.get(shape, 0) <= self.steps
 
     @staticmethod
-    def _shape(kvs: list[KVCache]) -> tuple[int, int]:
-        """The (rows, capacity) bucket a step over these rows is captured for."""
-        return bucket(len(kvs)), bucket(max(len(kv) for kv in kvs) + 1, MIN_CAPACITY)
+    def _shape(kvs: list[KVCache], ids: list[list[int]]) -> tuple[int, int, int]:
+        """The (rows, width, capacity) bucket a pass over these rows is captured for."""
+        width = next(w for w in WIDTHS if w >= max(len(row) for row in ids))
+        return bucket(len(kvs)), width, bucket(max(len(kv) for kv in kvs) + width, MIN_CAPACITY)
 
-    def load(self, kvs: list[KVCache], ids: list[int]) -> SlotPass:
+    def load(self, kvs: list[KVCache], ids: list[list[int]]) -> SlotPass:
         """The pass for these rows, their caches copied into its slots and their ids and positions set."""
         held = [len(kv) for kv in kvs]
-        batch, capacity = self._shape(kvs)
+        shape = batch, width, capacity = self._shape(kvs, ids)
         assert self.buffers is not None  # made by takes()
         if not self.buffers.fits(batch, capacity):
             self.passes.clear()  # captured over the old buffers
             self.buffers.remake(batch, capacity)
-        key = (batch, capacity)
-        if key not in self.passes:
+        if shape not in self.passes:
             try:
-                self.passes[key] = SlotPass(self.forward, self.buffers, batch, capacity, self.capture)
+                self.passes[shape] = SlotPass(self.forward, self.buffers, shape, self.capture, self.pool)
             except Exception as error:
                 if out_of_memory(error):  # for now: this step runs plain, and this shape again after RETRY_AFTER steps
-                    self.retry_at[key] = self.steps + RETRY_AFTER
+                    self.retry_at[shape] = self.steps + RETRY_AFTER
                     raise
-                raise CannotCapture(f"a decode pass of {batch} rows over {capacity} positions could not be captured: {error!r}") from error
-        slot_pass = self.passes[key]
+                raise CannotCapture(f"a pass of {batch} rows of {width} ids over {capacity} positions could not be captured: {error!r}") from error
+        slot_pass = self.passes[shape]
         for row, (kv, n) in enumerate(zip(kvs, held)):
-            self.buffers.clean(row, n)
+            self.buffers.clean(row, n, width)
             if n:
                 own = kv.store.buffers
                 assert own is not None
                 self.buffers.keys[:, row, :, :n] = own[0][:, 0, :, :n]
                 self.buffers.values[:, row, :, :n] = own[1][:, 0, :, :n]
-        pad = batch - len(kvs)  # spare slots decode id 0 at position 0: harmless, and never read
-        slot_pass.ids.copy_(torch.tensor([[i] for i in ids] + [[0]] * pad))
-        slot_pass.positions.copy_(torch.tensor(held + [0] * pad))
+        # A row's own ids first, then id 0; spare slots feed id 0 from position 0: harmless, and never read.
+        for row in range(len(kvs), batch):
+            self.buffers.dirty[row] = max(self.buffers.dirty[row], width)
+        fed = [row + [0] * (width - len(row)) for row in ids] + [[0] * width] * (batch - len(kvs))
+        slot_pass.ids.copy_(torch.tensor(fed))
+        slot_pass.positions.copy_(torch.tensor(held + [0] * (batch - len(kvs))).view(-1, 1) + torch.arange(width))
         return slot_pass
 
-    def hand_back(self, kvs: list[KVCache], ids: list[int], num_layers: int) -> None:
+    def hand_back(self, kvs: list[KVCache], ids: list[list[int]], num_layers: int) -> None:
         """Copy each row's new states from its slot into its own cache (kv_cache.append_states: if
         that fails, no row has changed and each can be retried alone)."""
         assert self.buffers is not None
         keys, values = self.buffers.keys, self.buffers.values
-        states = [(keys[:, row, :, len(kv) : len(kv) + 1], values[:, row, :, len(kv) : len(kv) + 1]) for row, kv in enumerate(kvs)]
-        append_states(kvs, [[i] for i in ids], states, num_layers)
+        states = [(keys[:, row, :, len(kv) : len(kv) + len(new)], values[:, row, :, len(kv) : len(kv) + len(new)]) for row, (kv, new) in enumerate(zip(kvs, ids))]
+        append_states(kvs, ids, states, num_layers)

@@ -30,9 +30,9 @@ class ModelRunner:
     whose logits are computed when asked for: output_head.HeadRows).
 
     On CPU every pass is ragged (`_extend_ragged`): a row gets the same bits alone or in any batch.
-    Elsewhere a batch is padded (`extend_batch`), and on CUDA a decode step replays a CUDA graph
-    (`_extend_slots`). The output projection runs outside the model's forward (`self.head`), only
-    for the rows a pass is asked for eagerly.
+    Elsewhere a batch is padded (`extend_batch`), and on CUDA a decode step or short scoring pass
+    replays a CUDA graph (`_extend_slots`). The output projection runs outside the model's forward
+    (`self.head`), only for the rows a pass is asked for eagerly.
     """
 
     def __init__(self, loaded: LoadedModel, bound: bool = True) -> None:
@@ -96,39 +96,50 @@ class ModelRunner:
         return False
 
     def _decode_graphs(self) -> DecodeGraphs | None:
-        """Decode steps from CUDA graphs (decode_graphs): on CUDA, for a model on SDPA attention
-        whose decode step over slots gives a plain step's logits, unless WSD_LLMS_CUDA_GRAPHS=0."""
+        """Decode steps and short scoring passes from CUDA graphs (decode_graphs): on CUDA, for a
+        model on SDPA attention whose passes over slots give plain passes' logits, unless
+        WSD_LLMS_CUDA_GRAPHS=0."""
         if not decode_graphs.enabled(self.device) or self.model.config._attn_implementation not in ("sdpa", WSD_SDPA):
             return None
         self.model.set_attn_implementation(WSD_SDPA)  # plain SDPA for every other pass
         if not self._slots_match():
-            warnings.warn(f"{self.loaded.name}: decode steps run without CUDA graphs: a step over slots does not give a plain step's logits", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.loaded.name}: passes run without CUDA graphs: a pass over slots does not give a plain pass's logits", RuntimeWarning, stacklevel=2)
             return None
-        return DecodeGraphs(self._slot_forward, capture=True)
+        return self._new_graphs(capture=True)
+
+    def _new_graphs(self, capture: bool) -> DecodeGraphs:
+        """Slot passes for this model: a model that keeps its own head (whose forward returns logits
+        for every position fed) takes them for decode steps only."""
+        return DecodeGraphs(self._slot_forward, capture, decode_graphs.MAX_WIDTH if self.head.projects else 1, self.loaded.context_window)
 
     @torch.inference_mode()
     def _slots_match(self) -> bool:
-        """Whether one decode step over slots, run eagerly, gives what a plain step gives, within 5%
-        of the logits' range (a bfloat16 model rounds differently in each): slot attention reads only
-        positions and sliding windows, so a model whose attention needs more (a bias, sinks) fails."""
+        """Whether passes over slots, run eagerly, give what plain passes give (a decode step, then a
+        scoring pass whose row is padded to the pass's width), within 5% of the logits' range (a
+        bfloat16 model rounds differently in each): slot attention reads only positions and sliding
+        windows, so a model whose attention needs more (a bias, sinks) fails."""
         plain, slotted = self.new_cache(), self.new_cache()
-        probe = DecodeGraphs(self._slot_forward, capture=False)
+        probe = self._new_graphs(capture=False)
         try:
             self.extend(plain, [1, 2, 3])
             self.extend(slotted, [1, 2, 3])
-            expected = self.extend(plain, [4])
-            if not probe.takes([slotted], [[4]], [0]):
-                return False
-            got = self._outputs([probe.load([slotted], [4])()[0]], [0], [False])[0]
-        except Exception:  # noqa: BLE001 - any failure means this model's steps cannot run over slots
+            passes = [([4], 0)] + ([([5, 6, 7], 3)] if probe.max_width > 1 else [])  # (new ids, keep)
+            for new, keep in passes:
+                expected = self.extend(plain, new, keep)
+                if not probe.takes([slotted], [new], [keep]):
+                    return False
+                got = self._run_slots(probe, [slotted], [new], [keep], [False])[0]
+                assert isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
+                spread = float(expected.max() - expected.min())
+                if got.shape != expected.shape or float((got - expected).abs().max()) > 0.05 * spread + 1e-3:
+                    return False
+        except Exception:  # noqa: BLE001 - any failure means this model's passes cannot run over slots
             return False
-        assert isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
-        spread = float(expected.max() - expected.min())
-        return got.shape == expected.shape and float((got - expected).abs().max()) <= 0.05 * spread + 1e-3
+        return True
 
     def _slot_forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """A slot pass's forward (decode_graphs.SlotPass): the final hidden states [batch, 1, H]."""
-        return self._forward(1, input_ids=ids, position_ids=positions, attention_mask=self._no_mask, use_cache=True, **{self._cache_kw: cache})
+        """A slot pass's forward (decode_graphs.SlotPass): the final hidden states [batch, width, H]."""
+        return self._forward(ids.shape[1], input_ids=ids, position_ids=positions, attention_mask=self._no_mask, use_cache=True, **{self._cache_kw: cache})
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -253,26 +264,29 @@ class ModelRunner:
         return outputs
 
     def _extend_slots(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output] | None:
-        """A decode step (one new id per row) from a replayed graph (decode_graphs); None where the
+        """A decode step or short scoring pass from a replayed graph (decode_graphs); None where the
         pass is not one, where memory ran out making its slots or graph (this step runs plain), or
         where the model's cannot be captured (then its passes stay plain from here on). If the pass
         fails, every cache is as it was."""
         if self.graphs is None or not self.graphs.takes(kvs, ids, keeps):
             return None
-        new = [row[0] for row in ids]
         try:
-            slot_pass = self.graphs.load(kvs, new)
+            return self._run_slots(self.graphs, kvs, ids, keeps, lazy)
         except CannotCapture as error:
-            warnings.warn(f"{self.loaded.name}: decode steps run without CUDA graphs: {error}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.loaded.name}: passes run without CUDA graphs: {error}", RuntimeWarning, stacklevel=2)
             self.graphs = None
             return None
         except Exception as error:
             if decode_graphs.out_of_memory(error):  # making the slots or capturing: this step runs plain
                 return None
             raise
+
+    def _run_slots(self, graphs: DecodeGraphs, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
+        """One pass over `graphs`' slots: the rows' outputs, and their new states handed back."""
+        slot_pass = graphs.load(kvs, ids)
         hidden = slot_pass()[: len(kvs)].clone()  # the pass's own output is overwritten by the next replay
-        outputs = self._outputs(list(hidden.unbind(0)), keeps, lazy)
-        self.graphs.hand_back(kvs, new, self.num_layers)
+        outputs = self._outputs([hidden[row, len(new) - max(keep, 1) : len(new)] for row, (new, keep) in enumerate(zip(ids, keeps))], keeps, lazy)
+        graphs.hand_back(kvs, ids, self.num_layers)
         return outputs
 
     @torch.inference_mode()
