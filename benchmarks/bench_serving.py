@@ -4,7 +4,12 @@ the first streamed text, and peak RSS for 1, 4, 8 and 16 concurrent requests (on
 Every level serves the same workload (the 16 prompts below), N at a time, so the aggregate
 tokens/s of the levels compare like for like.
 
-    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16] [--rounds 1] [--device auto] [--compare-graphs]
+    python benchmarks/bench_serving.py [--max-tokens 64] [--levels 1 4 8 16] [--rounds 1] [--device auto] [--compare-graphs] [--no-warm-up]
+
+Before the levels, the prompts are served once at the highest level, untimed, so that first-use
+costs (CUDA graphs captured for each new shape, oneDNN's kernels for new row counts) fall outside
+the table, as in a server that has been up a while; the warm-up's wall time and the graphs it
+captured are printed and recorded. --no-warm-up times the levels from a cold start instead.
 
 With --rounds K each level serves the prompts K times over (results/serving_xK.*): fewer of the
 requests run in the ramp-down at the end, closer to a steady state. On CUDA, --compare-graphs also
@@ -23,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import torch
-from common import device_suffix, write
+from common import device_suffix, serve, write
 
 import wsd_llms
 
@@ -74,7 +79,7 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime, requests: int, plain: dict | None = None) -> None:
+def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime, requests: int, plain: dict | None = None, warm_up: dict | None = None) -> None:
     """Write the levels measured so far to results/serving*.json and .md (with `plain`, the same
     levels with CUDA graphs off, side by side)."""
     cuda = runtime.device.type == "cuda"
@@ -110,9 +115,14 @@ def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime,
             f"{passes['draft']} / {passes['base']} |"
         )
     rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; each level serves the same {requests} requests, N at a time."]
+    if warm_up is not None:
+        rows[-1] += f" Before the levels, an untimed warm-up served them {warm_up['concurrent']} at a time in {warm_up['wall_s']:.1f} s"
+        rows[-1] += f" and captured {warm_up['graphs']} CUDA graphs (shapes first seen later are captured within their level)." if cuda else "."
+    else:
+        rows[-1] += " No warm-up: each level pays its own first-use costs."
     name = "serving" + (f"_x{args.rounds}" if args.rounds != 1 else "") + (f"_{args.dtype}" if args.dtype != "auto" else "")
     name += device_suffix(runtime.device)
-    data = {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "levels": levels}
+    data = {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "warm_up": warm_up, "levels": levels}
     if plain is not None:
         data["levels_graphs_off"] = plain
     write(name, data, "\n".join(rows))
@@ -163,6 +173,18 @@ def measure(runtime: wsd_llms.WSDRuntime, n: int, prompts: list[str], max_tokens
     }
 
 
+def graphs_captured(runtime: wsd_llms.WSDRuntime) -> int:
+    """How many slot passes (CUDA graphs, decode_graphs) the runtime's models hold."""
+    return sum(len(runner.graphs.passes) for runner in runtime.load().runners.values() if runner.graphs is not None)
+
+
+def warm(runtime: wsd_llms.WSDRuntime, n: int, prompts: list[str], max_tokens: int) -> dict:
+    """Serve `prompts` `n` at a time, untimed in the table: its wall time and the graphs captured meanwhile."""
+    graphs = graphs_captured(runtime)
+    _, wall, _, _ = serve(runtime, prompts, n, max_tokens=max_tokens)
+    return {"concurrent": n, "wall_s": wall, "graphs": graphs_captured(runtime) - graphs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -171,6 +193,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, ...")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     parser.add_argument("--compare-graphs", action="store_true", help="on CUDA, the same levels with CUDA graphs off, side by side")
+    parser.add_argument("--no-warm-up", action="store_true", help="time the levels without serving the prompts once first")
     args = parser.parse_args()
     prompts = PROMPTS * args.rounds
     runtime = wsd_llms.get_runtime(device=args.device, dtype=args.dtype, max_running=max(args.levels))
@@ -183,6 +206,12 @@ def main() -> None:
         plain = wsd_llms.WSDRuntime(device=args.device, dtype=args.dtype, max_running=max(args.levels))
         plain.generate([{"role": "user", "content": "Hi"}], max_tokens=4)
         del os.environ["WSD_LLMS_CUDA_GRAPHS"]
+    warm_up = None
+    if not args.no_warm_up:
+        warm_up = warm(runtime, max(args.levels), prompts, args.max_tokens)
+        print(f"warm-up, {warm_up['concurrent']} at a time: {warm_up['wall_s']:.1f} s, {warm_up['graphs']} graphs captured", flush=True)
+        if plain is not None:
+            warm(plain, max(args.levels), prompts, args.max_tokens)
 
     levels: dict[int, dict] = {}
     plain_levels: dict[int, dict] = {}
@@ -192,7 +221,7 @@ def main() -> None:
         if plain is not None:
             plain_levels[n] = measure(plain, n, prompts, args.max_tokens)
             print(f"{n:3d} concurrent, graphs off: {plain_levels[n]['aggregate_tokens_per_s']:6.1f} tok/s", flush=True)
-        report(levels, args, runtime, len(prompts), plain_levels if plain is not None else None)  # after every level, so a cut-short run keeps what it measured
+        report(levels, args, runtime, len(prompts), plain_levels if plain is not None else None, warm_up)  # after every level, so a cut-short run keeps what it measured
 
 
 if __name__ == "__main__":
