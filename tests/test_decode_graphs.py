@@ -82,10 +82,11 @@ def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
     assert {(1, 8, MIN_CAPACITY), (4, 32, 2 * MIN_CAPACITY)} <= set(slots.graphs.passes)
 
     # The rows' own caches took the slot passes' states: plain passes over them agree too.
-    slots.graphs = None
+    graphs, slots.graphs = slots.graphs, None
     for a, b in zip(caches["plain"], caches["slots"]):
         assert a.ids == b.ids
         torch.testing.assert_close(slots.extend(b, [3, 4, 5], keep=3), plain.extend(a, [3, 4, 5], keep=3), atol=1e-4, rtol=1e-4)
+    slots.graphs = graphs
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
@@ -174,6 +175,53 @@ def test_what_an_earlier_row_left_in_a_slot_cannot_reach_the_next():
     torch.testing.assert_close(got, plain.extend(caches["plain"][1], [4]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_padding_cannot_reach_the_rows_it_pads(kind):
+    """A row padded to its pass's width, and the spare rows of a batch bucket, feed id 0, whose states
+    need not be finite (here its embedding is NaN; plain passes never feed it): they write zeros, so
+    the rows' own logits stay those of plain passes, in that pass and in later ones over the slots."""
+    plain, slots = ModelRunner(MODELS[kind]()), slot_runner(MODELS[kind]())
+    caches = {}
+    for name, runner in (("plain", plain), ("slots", slots)):
+        with torch.no_grad():
+            runner.model.get_input_embeddings().weight[0] = float("nan")
+        caches[name] = [runner.new_cache() for _ in range(3)]
+        for i, kv in enumerate(caches[name]):
+            runner.extend(kv, _ids(i, 20 + i))
+    passes = [  # (rows, new ids, keeps, the slot pass's shape): 1 row, then 3 (one spare slot), widths 8, 8 and 1
+        ([0], [[11, 12, 13]], [3], (1, 8, MIN_CAPACITY)),
+        ([0, 1, 2], [[14], [15, 16], [17]], [0, 2, 1], (4, 8, MIN_CAPACITY)),
+        ([2, 0, 1], [[18], [19], [20]], [0, 0, 0], (4, 1, MIN_CAPACITY)),
+    ]
+    for rows, new, keeps, shape in passes:
+        expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
+        got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
+        assert shape in slots.graphs.passes
+        for e, g in zip(expected, got):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_passes_over_old_slots_are_freed_with_them():
+    """Remaking the slots drops the passes captured over the old ones, and with them the last
+    references to the old buffers, at once (not at the next garbage collection)."""
+    import gc
+    import weakref
+
+    slots = slot_runner(MODELS["llama"]())
+    kv = slots.new_cache()
+    slots.extend(kv, _ids(0, 10))
+    slots.extend(kv, [5])
+    old = weakref.ref(next(iter(slots.graphs.passes.values())))
+    gc.disable()
+    try:
+        slots.extend(kv, _ids(1, 250))  # a prompt piece: plain
+        slots.extend(kv, [6])  # past the first capacity: the slots are remade
+        assert slots.graphs.buffers.capacity == 2 * MIN_CAPACITY and old() is None
+    finally:
+        gc.enable()
+
+
 def test_slots_that_cannot_be_made_leave_that_step_plain_and_are_made_again(monkeypatch):
     """Out of memory while the slots are remade: that step runs plain, the slots are left empty
     rather than claiming a size they lack, and the next step makes them again."""
@@ -222,7 +270,7 @@ def test_running_out_of_memory_while_capturing_runs_that_step_plain(monkeypatch)
 
 
 def test_a_step_over_slots_is_checked_against_a_plain_step_before_graphs_are_used(monkeypatch):
-    """At load on CUDA, one eager step over slots must give a plain step's logits: Llama and Gemma 3
+    """At load on CUDA, eager passes over slots (a decode step, a padded scoring pass) must give plain passes' logits: Llama and Gemma 3
     do; DeepSeek-V3 (its attention reads the states' shape) and broken slot attention do not."""
     for kind in ("llama", "gemma3"):
         assert ModelRunner(MODELS[kind]())._slots_match()

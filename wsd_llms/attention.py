@@ -68,11 +68,13 @@ class RaggedStates:
 
 class SlotLayout:
     """Where each row of a slot pass (decode_graphs) writes and reads: row b's new tokens sit at
-    `positions[b]` of its slot, and each sees that slot's positions up to its own. Masks are made once
-    per pass and window, from the positions tensor alone, so a captured graph recomputes them on replay."""
+    `positions[b]` of its slot, and each sees that slot's positions up to its own; `fed[b]` says
+    which of them are the row's own (the rest pad it to the pass's width). Masks are made once per
+    pass and window, from these tensors alone, so a captured graph recomputes them on replay."""
 
-    def __init__(self, positions: torch.Tensor, capacity: int) -> None:
+    def __init__(self, positions: torch.Tensor, fed: torch.Tensor, capacity: int) -> None:
         self.positions, self.capacity = positions, capacity
+        self.padding = ~fed.view(positions.shape[0], 1, positions.shape[1], 1)  # [batch, 1, width, 1], as states are laid out
         self.masks: dict[tuple[int | None, int], torch.Tensor] = {}
 
     def mask(self, window: int | None, groups: int = 1) -> torch.Tensor:

@@ -6,11 +6,11 @@ width, capacity) bucket launches them all in one call. For that, every replay mu
 shapes and addresses: rows are copied into fixed slots of one buffer per model (SlotBuffers), each
 row's new key/value states are written at their own positions by a scatter, and attention reads
 every slot whole under a mask made from the positions (attention.SlotLayout). A row with fewer new
-ids than the pass's width feeds id 0 in the rest, after its own: those queries write past the
-row's length, where its own queries cannot see and which is never handed back. Only the new states
-are copied back into each row's own cache, so everything else (crops, the prefix cache, longer
-passes) sees the caches it always did. A model's graphs share one memory pool: a pass's output is
-copied out before the next replay.
+ids than the pass's width feeds id 0 in the rest, after its own: those queries write zeros (not
+their states, which need not even be finite) past the row's length, where its own queries cannot
+see and which is never handed back. Only the new states are copied back into each row's own cache,
+so everything else (crops, the prefix cache, longer passes) sees the caches it always did. A
+model's graphs share one memory pool: a pass's output is copied out before the next replay.
 
 Without CUDA (`capture=False`) the same passes run eagerly: the tests compare them with the plain
 passes on CPU.
@@ -31,7 +31,7 @@ from .kv_cache import KVCache, append_states
 MIN_CAPACITY = 256  # the smallest slot: capacities are powers of two from here, so few graphs are captured
 # How many new ids a row of a slot pass feeds, at most: decode steps (1) and scoring passes (online
 # scores 8 to 32 draft tokens at a time, MAX_SCORE_INTERVAL); a row with fewer is padded to the next.
-# Few widths, so few graphs: each capture costs about a tenth of a second. Longer passes (prompts) run plain.
+# Few widths, so few graphs: each capture costs about a tenth of a second. Longer passes (prompt pieces) run plain.
 WIDTHS = (1, 8, 32)
 MAX_WIDTH = WIDTHS[-1]
 # The most memory one model's slots may take: a step that needs more runs a plain pass. Slots are
@@ -43,7 +43,7 @@ RETRY_AFTER = 64
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether decode steps on `device` replay graphs: on CUDA, unless WSD_LLMS_CUDA_GRAPHS=0."""
+    """Whether passes on `device` replay graphs: on CUDA, unless WSD_LLMS_CUDA_GRAPHS=0."""
     return device.type == "cuda" and os.environ.get("WSD_LLMS_CUDA_GRAPHS", "1") != "0"
 
 
@@ -53,7 +53,8 @@ def bucket(n: int, least: int = 1) -> int:
 
 
 class SlotLayer(DynamicLayer):
-    """One layer of a slot pass: writes each row's new states at its position, hands attention the whole slots."""
+    """One layer of a slot pass: writes each row's new states at their positions (zeros for its
+    padding), hands attention the whole slots."""
 
     is_initialized = True
 
@@ -63,8 +64,9 @@ class SlotLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         rows, width = self.layout.positions.shape
         at = self.layout.positions.view(rows, 1, width, 1)
-        self.keys_slots.scatter_(2, at.expand_as(key_states), key_states)
-        self.values_slots.scatter_(2, at.expand_as(value_states), value_states)
+        padding = self.layout.padding
+        self.keys_slots.scatter_(2, at.expand_as(key_states), key_states.masked_fill(padding, 0))
+        self.values_slots.scatter_(2, at.expand_as(value_states), value_states.masked_fill(padding, 0))
         return SlotStates(self.keys_slots, self.layout), SlotStates(self.values_slots, self.layout)
 
     def get_seq_length(self) -> int:
@@ -123,15 +125,16 @@ class SlotPass:
     def __init__(self, forward: Callable[..., torch.Tensor], buffers: SlotBuffers, shape: tuple[int, int, int], capture: bool, pool: Any = None) -> None:
         batch, width, capacity = shape
         device = buffers.keys.device
-        self.ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.ids = ids = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.positions = positions = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.fed = fed = torch.zeros(batch, width, dtype=torch.bool, device=device)  # which ids are the rows' own
         keys, values = buffers.keys[:, :batch, :, :capacity], buffers.values[:, :batch, :, :capacity]
 
-        def run() -> torch.Tensor:
-            layout = SlotLayout(self.positions, capacity)
+        def run() -> torch.Tensor:  # holds no reference to self: a pass is freed (graph, views of old slots) once dropped
+            layout = SlotLayout(positions, fed, capacity)
             cache = DynamicCache()
             cache.layers.extend(SlotLayer(k, v, layout) for k, v in zip(keys, values))
-            return forward(self.ids, self.positions, cache)
+            return forward(ids, positions, cache)
 
         self.graph: torch.cuda.CUDAGraph | None = None
         self.device, self.run = device, run
@@ -219,6 +222,7 @@ class DecodeGraphs:
         assert self.buffers is not None  # made by takes()
         if not self.buffers.fits(batch, capacity):
             self.passes.clear()  # captured over the old buffers
+            self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # a fresh pool for the new ones
             self.buffers.remake(batch, capacity)
         if shape not in self.passes:
             try:
@@ -236,12 +240,11 @@ class DecodeGraphs:
                 assert own is not None
                 self.buffers.keys[:, row, :, :n] = own[0][:, 0, :, :n]
                 self.buffers.values[:, row, :, :n] = own[1][:, 0, :, :n]
-        # A row's own ids first, then id 0; spare slots feed id 0 from position 0: harmless, and never read.
-        for row in range(len(kvs), batch):
-            self.buffers.dirty[row] = max(self.buffers.dirty[row], width)
+        # A row's own ids first, then id 0; spare slots feed id 0 from position 0. Padding writes zeros.
         fed = [row + [0] * (width - len(row)) for row in ids] + [[0] * width] * (batch - len(kvs))
         slot_pass.ids.copy_(torch.tensor(fed))
         slot_pass.positions.copy_(torch.tensor(held + [0] * (batch - len(kvs))).view(-1, 1) + torch.arange(width))
+        slot_pass.fed.copy_(torch.tensor([len(row) for row in ids] + [0] * (batch - len(kvs))).view(-1, 1) > torch.arange(width))
         return slot_pass
 
     def hand_back(self, kvs: list[KVCache], ids: list[list[int]], num_layers: int) -> None:

@@ -265,9 +265,9 @@ class ModelRunner:
 
     def _extend_slots(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output] | None:
         """A decode step or short scoring pass from a replayed graph (decode_graphs); None where the
-        pass is not one, where memory ran out making its slots or graph (this step runs plain), or
-        where the model's cannot be captured (then its passes stay plain from here on). If the pass
-        fails, every cache is as it was."""
+        pass is not one, where memory ran out (making its slots or graph, or in the pass: this step
+        runs plain), or where the model's cannot be captured (then its passes stay plain from here
+        on). If the pass fails, every cache is as it was."""
         if self.graphs is None or not self.graphs.takes(kvs, ids, keeps):
             return None
         try:
@@ -277,15 +277,19 @@ class ModelRunner:
             self.graphs = None
             return None
         except Exception as error:
-            if decode_graphs.out_of_memory(error):  # making the slots or capturing: this step runs plain
+            if decode_graphs.out_of_memory(error):  # no cache has changed yet: this step runs plain
                 return None
             raise
 
     def _run_slots(self, graphs: DecodeGraphs, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
         """One pass over `graphs`' slots: the rows' outputs, and their new states handed back."""
         slot_pass = graphs.load(kvs, ids)
-        hidden = slot_pass()[: len(kvs)].clone()  # the pass's own output is overwritten by the next replay
-        outputs = self._outputs([hidden[row, len(new) - max(keep, 1) : len(new)] for row, (new, keep) in enumerate(zip(ids, keeps))], keeps, lazy)
+        output = slot_pass()  # [batch, width, H], overwritten by the next replay: the kept rows are copied out
+        kept = [max(keep, 1) for keep in keeps]
+        width = output.shape[1]
+        index = [row * width + j for row, (new, k) in enumerate(zip(ids, kept)) for j in range(len(new) - k, len(new))]
+        hidden = output.flatten(0, 1).index_select(0, torch.tensor(index, device=output.device))
+        outputs = self._outputs(list(hidden.split(kept)), keeps, lazy)
         graphs.hand_back(kvs, ids, self.num_layers)
         return outputs
 
