@@ -202,6 +202,57 @@ def test_padding_cannot_reach_the_rows_it_pads(kind):
             torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
+def _pass(plain: ModelRunner, slots: ModelRunner, caches: dict, rows: list[int], new: list[list[int]], keeps: list[int] | None = None) -> None:
+    """One batched pass over `rows` on both runners: the slot runner's logits equal the plain one's."""
+    keeps = keeps or [0] * len(rows)
+    expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
+    got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_stay_in_their_slots_until_their_caches_change():
+    """A row whose slot holds its cache as it is keeps that slot without a copy, in any order among
+    other rows; a crop, a plain pass or a restored prefix piece makes the slot copy it again; and a
+    spare slot's padding, written over a row left out of the pass, makes that row's slot copy again."""
+    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    caches = {}
+    for name, runner in (("plain", plain), ("slots", slots)):
+        caches[name] = [runner.new_cache() for _ in range(4)]
+        for i, (kv, n) in enumerate(zip(caches[name], (20, 30, MIN_CAPACITY - 6, 40))):
+            runner.extend(kv, _ids(i, n))
+    _pass(plain, slots, caches, [0, 1], [[5], [6]])
+    _pass(plain, slots, caches, [0, 1], [[21, 22], [23]], [2, 0])  # each pass shape made (which runs it once) before the test
+    taken = {i: slots.graphs.resident.index(next(e for e in slots.graphs.resident if e and e[0]() is caches["slots"][i])) for i in (0, 1)}
+    # The rows' own caches are not read again while their slots hold them: spoil them (slots only).
+    own = [caches["slots"][i].store.buffers for i in (0, 1)]
+    saved = [(k[..., : len(caches["slots"][i]), :].clone(), v[..., : len(caches["slots"][i]), :].clone()) for i, (k, v) in enumerate(own)]
+    with torch.inference_mode():
+        for k, v in own:
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
+    _pass(plain, slots, caches, [1, 0], [[7], [8]])  # the other order: the same slots
+    _pass(plain, slots, caches, [0, 1], [[9, 10, 11], [12]], [3, 0])  # a scoring pass beside a decode step
+    with torch.inference_mode():
+        for (k, v), (k0, v0) in zip(own, saved):  # their states back, and the new ones from the slots
+            n = k0.shape[-2]
+            k[..., :n, :], v[..., :n, :] = k0, v0
+    for i in (0, 1):
+        assert slots.graphs._holds(taken[i], caches["slots"][i])
+    # Changes to a row's own cache: a crop, a plain pass (a prompt piece of 40 ids), a restored piece.
+    for name, runner in (("plain", plain), ("slots", slots)):
+        runner.crop(caches[name][0], 18)
+        runner.extend(caches[name][1], _ids(5, 40))
+    _pass(plain, slots, caches, [0, 1], [[13], [14]])
+    # A row left out of a pass whose spare slot writes padding over its last states.
+    _pass(plain, slots, caches, [0, 1, 2, 3], [[15], [16], [17], [18]])  # four slots of 256 positions
+    _pass(plain, slots, caches, [0, 1, 3], [[19, 20], [21], [22]], [2, 0, 0])  # its shape made
+    _pass(plain, slots, caches, [0, 1, 2, 3], [[23], [24], [25], [26]])  # every row in its slot again
+    assert all(any(slots.graphs._holds(s, kv) for s in range(4)) for kv in caches["slots"])
+    _pass(plain, slots, caches, [0, 1, 3], [[27, 28], [29], [30]], [2, 0, 0])  # width 8: the long row's slot spare
+    _pass(plain, slots, caches, [2, 0, 1, 3], [[31], [32], [33], [34]])
+
+
 def test_passes_over_old_slots_are_freed_with_them():
     """Remaking the slots drops the passes captured over the old ones, and with them the last
     references to the old buffers, at once (not at the next garbage collection)."""

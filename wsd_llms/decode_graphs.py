@@ -9,8 +9,10 @@ every slot whole under a mask made from the positions (attention.SlotLayout). A 
 ids than the pass's width feeds id 0 in the rest, after its own: those queries write zeros (not
 their states, which need not even be finite) past the row's length, where its own queries cannot
 see and which is never handed back. Only the new states are copied back into each row's own cache,
-so everything else (crops, the prefix cache, longer passes) sees the caches it always did. A
-model's graphs share one memory pool: a pass's output is copied out before the next replay.
+so everything else (crops, the prefix cache, longer passes) sees the caches it always did. A row
+keeps its slot from one pass to the next: while nothing else has written to its own cache
+(kv_cache.KVStore.edits), its slot still holds it, and only rows new to their slots are copied in.
+A model's graphs share one memory pool: a pass's output is copied out before the next replay.
 
 Without CUDA (`capture=False`) the same passes run eagerly: the tests compare them with the plain
 passes on CPU.
@@ -19,6 +21,7 @@ passes on CPU.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -125,19 +128,20 @@ class SlotPass:
     def __init__(self, forward: Callable[..., torch.Tensor], buffers: SlotBuffers, shape: tuple[int, int, int], capture: bool, pool: Any = None) -> None:
         batch, width, capacity = shape
         device = buffers.keys.device
-        self.ids = ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.positions = positions = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.fed = fed = torch.zeros(batch, width, dtype=torch.bool, device=device)  # which ids are the rows' own
+        # Per slot: the ids fed, their positions, and whether each is the row's own (1) or padding (0),
+        # set by one copy per pass.
+        self.inputs = inputs = torch.zeros(3, batch, width, dtype=torch.long, device=device)
         keys, values = buffers.keys[:, :batch, :, :capacity], buffers.values[:, :batch, :, :capacity]
 
         def run() -> torch.Tensor:  # holds no reference to self: a pass is freed (graph, views of old slots) once dropped
-            layout = SlotLayout(positions, fed, capacity)
+            ids, positions, fed = inputs
+            layout = SlotLayout(positions, fed > 0, capacity)
             cache = DynamicCache()
             cache.layers.extend(SlotLayer(k, v, layout) for k, v in zip(keys, values))
             return forward(ids, positions, cache)
 
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.device, self.run = device, run
+        self.width, self.capacity, self.device, self.run = width, capacity, device, run
         if not capture:
             run()  # what capture would find wrong, found now
             return
@@ -189,6 +193,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for all of them
         self.buffers: SlotBuffers | None = None  # shaped after the first row cache seen
         self.passes: dict[tuple[int, int, int], SlotPass] = {}
+        # Per slot: the cache whose states it holds, and that cache's edit count when it did.
+        self.resident: list[tuple[weakref.ref[KVCache], int] | None] = []
         self.steps = 0  # passes offered (takes)
         self.retry_at: dict[tuple[int, int, int], int] = {}  # shapes whose capture ran out of memory: when to try again
 
@@ -215,16 +221,18 @@ class DecodeGraphs:
         width = next(w for w in WIDTHS if w >= max(len(row) for row in ids))
         return bucket(len(kvs)), width, bucket(max(len(kv) for kv in kvs) + width, MIN_CAPACITY)
 
-    def load(self, kvs: list[KVCache], ids: list[list[int]]) -> SlotPass:
-        """The pass for these rows, their caches copied into its slots and their ids and positions set."""
-        held = [len(kv) for kv in kvs]
+    def load(self, kvs: list[KVCache], ids: list[list[int]]) -> tuple[SlotPass, list[int]]:
+        """The pass for these rows, with each row's cache in a slot and its ids and positions set;
+        and each row's slot. A row whose slot still holds its cache as it is (nothing has written
+        to the cache since this slot's pass handed it back) keeps it without a copy."""
         shape = batch, width, capacity = self._shape(kvs, ids)
         assert self.buffers is not None  # made by takes()
         if not self.buffers.fits(batch, capacity):
             self.passes.clear()  # captured over the old buffers
             self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # a fresh pool for the new ones
             self.buffers.remake(batch, capacity)
-        if shape not in self.passes:
+        if shape not in self.passes:  # new slots, or a pass to make, which runs it over them as they are
+            self.resident = [None] * self.buffers.slots
             try:
                 self.passes[shape] = SlotPass(self.forward, self.buffers, shape, self.capture, self.pool)
             except Exception as error:
@@ -232,25 +240,57 @@ class DecodeGraphs:
                     self.retry_at[shape] = self.steps + RETRY_AFTER
                     raise
                 raise CannotCapture(f"a pass of {batch} rows of {width} ids over {capacity} positions could not be captured: {error!r}") from error
-        slot_pass = self.passes[shape]
-        for row, (kv, n) in enumerate(zip(kvs, held)):
-            self.buffers.clean(row, n, width)
-            if n:
-                own = kv.store.buffers
-                assert own is not None
-                self.buffers.keys[:, row, :, :n] = own[0][:, 0, :, :n]
-                self.buffers.values[:, row, :, :n] = own[1][:, 0, :, :n]
-        # A row's own ids first, then id 0; spare slots feed id 0 from position 0. Padding writes zeros.
-        fed = [row + [0] * (width - len(row)) for row in ids] + [[0] * width] * (batch - len(kvs))
-        slot_pass.ids.copy_(torch.tensor(fed))
-        slot_pass.positions.copy_(torch.tensor(held + [0] * (batch - len(kvs))).view(-1, 1) + torch.arange(width))
-        slot_pass.fed.copy_(torch.tensor([len(row) for row in ids] + [0] * (batch - len(kvs))).view(-1, 1) > torch.arange(width))
-        return slot_pass
+        slot_pass, slots = self.passes[shape], self._place(kvs, batch)
+        # Spare slots feed id 0 in their last positions (writing zeros there, as all padding does).
+        fed_ids, positions, own = [[0] * width] * batch, [list(range(capacity - width, capacity))] * batch, [[0] * width] * batch
+        for kv, new, slot in zip(kvs, ids, slots):
+            n = len(kv)
+            if self._holds(slot, kv):
+                self.buffers.dirty[slot] = max(self.buffers.dirty[slot], n + width)
+            else:
+                self.resident[slot] = None
+                self.buffers.clean(slot, n, width)
+                if n:
+                    buffers = kv.store.buffers
+                    assert buffers is not None
+                    self.buffers.keys[:, slot, :, :n] = buffers[0][:, 0, :, :n]
+                    self.buffers.values[:, slot, :, :n] = buffers[1][:, 0, :, :n]
+            fed_ids[slot] = new + [0] * (width - len(new))  # then id 0: padding
+            positions[slot] = list(range(n, n + width))
+            own[slot] = [1] * len(new) + [0] * (width - len(new))
+        for slot in set(range(batch)) - set(slots):
+            kv = self._occupant(slot)
+            if kv is not None and len(kv) > capacity - width:  # the spare row's zeros land on its states
+                self.resident[slot] = None
+        slot_pass.inputs.copy_(torch.tensor([fed_ids, positions, own]))
+        return slot_pass, slots
 
-    def hand_back(self, kvs: list[KVCache], ids: list[list[int]], num_layers: int) -> None:
+    def _occupant(self, slot: int) -> KVCache | None:
+        """The cache whose states slot `slot` holds, if it still lives."""
+        entry = self.resident[slot]
+        return None if entry is None else entry[0]()
+
+    def _holds(self, slot: int, kv: KVCache) -> bool:
+        """Whether slot `slot` holds `kv`'s states as they are now."""
+        entry = self.resident[slot]
+        return entry is not None and entry[0]() is kv and entry[1] == kv.store.edits
+
+    def _place(self, kvs: list[KVCache], batch: int) -> list[int]:
+        """A slot among the first `batch` for each row: the one that holds its cache as it is, where
+        one does; else a free one, empty ones first."""
+        holding = {id(kv): s for s in range(batch) if (kv := self._occupant(s)) is not None and self._holds(s, kv)}
+        slots = [s if (s := holding.get(id(kv))) is not None and self._occupant(s) is kv else None for kv in kvs]
+        taken = {s for s in slots if s is not None}
+        free = sorted(set(range(batch)) - taken, key=lambda s: self._occupant(s) is not None)
+        return [s if s is not None else free.pop(0) for s in slots]
+
+    def hand_back(self, kvs: list[KVCache], ids: list[list[int]], slots: list[int], num_layers: int) -> None:
         """Copy each row's new states from its slot into its own cache (kv_cache.append_states: if
-        that fails, no row has changed and each can be retried alone)."""
+        that fails, no row has changed and each can be retried alone); each slot then holds its row's
+        cache as it is."""
         assert self.buffers is not None
         keys, values = self.buffers.keys, self.buffers.values
-        states = [(keys[:, row, :, len(kv) : len(kv) + len(new)], values[:, row, :, len(kv) : len(kv) + len(new)]) for row, (kv, new) in enumerate(zip(kvs, ids))]
+        states = [(keys[:, s, :, len(kv) : len(kv) + len(new)], values[:, s, :, len(kv) : len(kv) + len(new)]) for kv, new, s in zip(kvs, ids, slots)]
         append_states(kvs, ids, states, num_layers)
+        for kv, slot in zip(kvs, slots):
+            self.resident[slot] = (weakref.ref(kv), kv.store.edits)

@@ -29,6 +29,9 @@ class KVStore:
         self.spare = spare
         self.limit = limit
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Counts writes and crops, so that a copy of the states (a graph's slot, decode_graphs) can
+        # tell whether it is still the cache as it is.
+        self.edits = 0
 
     def room(self, end: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (keys, values) buffers, made or grown to hold `end` positions of states like these [batch, heads, n, dim]."""
@@ -103,6 +106,7 @@ class GrowingLayer(DynamicLayer):
         keys[:, :, start:end] = key_states
         values[:, :, start:end] = value_states
         self.length = end
+        self.store.edits += 1
         return keys[:, :, :end], values[:, :, :end]
 
     def get_seq_length(self) -> int:
@@ -113,6 +117,7 @@ class GrowingLayer(DynamicLayer):
         if tokens_to_remove > 0:
             raise ValueError(f"crop() takes a negative count of positions to remove, got {tokens_to_remove}")
         self.length = max(self.length + tokens_to_remove, 0)
+        self.store.edits += 1
 
 
 class RaggedLayer(DynamicLayer):
@@ -197,6 +202,7 @@ def append_states(kvs: list[KVCache], ids: list[list[int]], states: list[tuple[t
         assert own is not None
         own[0][:, 0, :, held:end] = keys
         own[1][:, 0, :, held:end] = values
+        kv.store.edits += 1
         for layer in kv.fill_layers(num_layers):
             layer.length = end
         kv.ids.extend(new)

@@ -283,14 +283,14 @@ class ModelRunner:
 
     def _run_slots(self, graphs: DecodeGraphs, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
         """One pass over `graphs`' slots: the rows' outputs, and their new states handed back."""
-        slot_pass = graphs.load(kvs, ids)
+        slot_pass, slots = graphs.load(kvs, ids)
         output = slot_pass()  # [batch, width, H], overwritten by the next replay: the kept rows are copied out
         kept = [max(keep, 1) for keep in keeps]
         width = output.shape[1]
-        index = [row * width + j for row, (new, k) in enumerate(zip(ids, kept)) for j in range(len(new) - k, len(new))]
+        index = [slot * width + j for slot, new, k in zip(slots, ids, kept) for j in range(len(new) - k, len(new))]
         hidden = output.flatten(0, 1).index_select(0, torch.tensor(index, device=output.device))
         outputs = self._outputs(list(hidden.split(kept)), keeps, lazy)
-        graphs.hand_back(kvs, ids, self.num_layers)
+        graphs.hand_back(kvs, ids, slots, self.num_layers)
         return outputs
 
     @torch.inference_mode()

@@ -64,6 +64,7 @@ class PrefixCache:
         first_keys, first_values = found[0][1]
         buffers = kv.store.room(end, first_keys[0], first_values[0])
         at = start
+        kv.store.edits += 1
         for after, piece in found:
             for buffer, states in zip(buffers, piece):
                 buffer[..., at:after, :] = states
