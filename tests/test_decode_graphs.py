@@ -212,10 +212,14 @@ def _pass(plain: ModelRunner, slots: ModelRunner, caches: dict, rows: list[int],
 
 
 def test_rows_stay_in_their_slots_until_their_caches_change():
+    stay_and_compare(ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]()))
+
+
+def stay_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
     """A row whose slot holds its cache as it is keeps that slot without a copy, in any order among
-    other rows; a crop, a plain pass or a restored prefix piece makes the slot copy it again; and a
-    spare slot's padding, written over a row left out of the pass, makes that row's slot copy again."""
-    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    other rows; a crop or a plain pass makes the slot copy it again; and a spare slot's padding,
+    written over a row left out of the pass, makes that row's slot copy again. Throughout, the slot
+    runner's logits equal the plain runner's."""
     caches = {}
     for name, runner in (("plain", plain), ("slots", slots)):
         caches[name] = [runner.new_cache() for _ in range(4)]

@@ -45,14 +45,16 @@ def test_online_equals_staged_on_cuda(cuda_runtime):
         assert all(p.graph is not None for p in runner.graphs.passes.values())
 
 
+@pytest.mark.parametrize("check", ["decode_and_compare", "stay_and_compare"])
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_decode_steps_replay_cuda_graphs(kind, monkeypatch):
-    """Captured decode graphs give the plain passes' logits (float32, tiny models), through
-    batches, a reallocation of the slots, a lazy row and a scoring pass after them."""
-    from test_decode_graphs import MODELS, decode_and_compare
+def test_passes_replay_cuda_graphs(kind, check, monkeypatch):
+    """Captured graphs give the plain passes' logits (float32, tiny models): decode steps through
+    batches, a reallocation of the slots and a lazy row, then padded scoring passes; and rows kept in
+    their slots between passes until their caches change (tests/test_decode_graphs.py)."""
+    import test_decode_graphs
 
     def on_cuda() -> object:
-        loaded = MODELS[kind]()
+        loaded = test_decode_graphs.MODELS[kind]()
         loaded.model.to("cuda")
         return dataclasses.replace(loaded, device=torch.device("cuda"))
 
@@ -60,8 +62,8 @@ def test_decode_steps_replay_cuda_graphs(kind, monkeypatch):
     monkeypatch.setenv("WSD_LLMS_CUDA_GRAPHS", "0")
     plain = ModelRunner(on_cuda())
     assert graphed.graphs is not None and plain.graphs is None
-    decode_and_compare(plain, graphed)
-    assert all(p.graph is not None for p in graphed.graphs.passes.values())
+    getattr(test_decode_graphs, check)(plain, graphed)
+    assert graphed.graphs.passes and all(p.graph is not None for p in graphed.graphs.passes.values())
 
 
 def test_batched_equals_sequential_on_cuda_in_float32():
