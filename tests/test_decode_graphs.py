@@ -243,18 +243,37 @@ def stay_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
             k[..., :n, :], v[..., :n, :] = k0, v0
     for i in (0, 1):
         assert slots.graphs._holds(taken[i], caches["slots"][i])
-    # Changes to a row's own cache: a crop, a plain pass (a prompt piece of 40 ids), a restored piece.
+    # A crop only shortens a cache: its slot still holds it. A plain pass (a prompt piece of 40 ids) writes to it.
     for name, runner in (("plain", plain), ("slots", slots)):
         runner.crop(caches[name][0], 18)
         runner.extend(caches[name][1], _ids(5, 40))
+    assert slots.graphs._holds(taken[0], caches["slots"][0]) and not slots.graphs._holds(taken[1], caches["slots"][1])
     _pass(plain, slots, caches, [0, 1], [[13], [14]])
-    # A row left out of a pass whose spare slot writes padding over its last states.
+    # A row left out of a pass: the spare slot's padding goes past its states, where there is room.
     _pass(plain, slots, caches, [0, 1, 2, 3], [[15], [16], [17], [18]])  # four slots of 256 positions
     _pass(plain, slots, caches, [0, 1, 3], [[19, 20], [21], [22]], [2, 0, 0])  # its shape made
     _pass(plain, slots, caches, [0, 1, 2, 3], [[23], [24], [25], [26]])  # every row in its slot again
-    assert all(any(slots.graphs._holds(s, kv) for s in range(4)) for kv in caches["slots"])
-    _pass(plain, slots, caches, [0, 1, 3], [[27, 28], [29], [30]], [2, 0, 0])  # width 8: the long row's slot spare
+    held = [next(s for s in range(4) if slots.graphs._holds(s, kv)) for kv in caches["slots"]]
+    _pass(plain, slots, caches, [1, 2, 3], [[35], [36], [37]])  # row 0's slot spare, with room past it
+    assert slots.graphs._holds(held[0], caches["slots"][0])
+    _pass(plain, slots, caches, [0, 1, 3], [[27, 28], [29], [30]], [2, 0, 0])  # width 8: the long row's slot spare, with no room
+    assert not slots.graphs._holds(held[2], caches["slots"][2])
     _pass(plain, slots, caches, [2, 0, 1, 3], [[31], [32], [33], [34]])
+
+
+def test_no_position_fed_passes_the_context_window():
+    """Padding, a spare slot's too, stays within the model's context window even where the slots are
+    longer (a table of learned positions has no row past it)."""
+    slots = slot_runner(MODELS["llama"]())
+    kvs = [slots.new_cache() for _ in range(4)]
+    for i, kv in enumerate(kvs):
+        slots.extend(kv, _ids(i, (20, 195, 30, 40)[i]))
+    slots.graphs.max_positions = 200
+    slots.extend_batch(kvs, [[1], [2], [3], [4]], [0] * 4)  # slots of 256 positions
+    slots.extend_batch([kvs[0], kvs[2], kvs[3]], [[5, 6], [7], [8]], [0] * 3)  # width 8: the long row's slot spare, without room
+    assert slots.graphs.passes
+    for slot_pass in slots.graphs.passes.values():
+        assert int(slot_pass.inputs[1].max()) < 200
 
 
 def test_passes_over_old_slots_are_freed_with_them():

@@ -87,7 +87,7 @@ class SlotBuffers:
         self.position_bytes = sum(layers * heads * dim for layers, heads, dim in self.shapes) * like[0].element_size()
         self.keys = self.values = like[0].new_empty(0)
         self.slots = self.capacity = 0
-        # Per slot: positions from there on hold nothing written since the slots were made.
+        # Per slot: positions from there on hold zeros (as made, or as padding writes them).
         self.dirty: list[int] = []
 
     def allows(self, slots: int, capacity: int) -> bool:
@@ -111,13 +111,14 @@ class SlotBuffers:
         self.keys, self.values, self.slots, self.capacity = keys, values, slots, capacity
         self.dirty = [0] * slots
 
-    def clean(self, row: int, length: int, width: int) -> None:
-        """Zero what an earlier row left in slot `row` past `length`: masked out, but a non-finite
-        state there (an overflow in another request) would still turn this row's attention to NaN."""
-        if self.dirty[row] > length:
-            self.keys[:, row, :, length : self.dirty[row]] = 0
-            self.values[:, row, :, length : self.dirty[row]] = 0
-        self.dirty[row] = length + width  # the pass writes this row's new states from `length`
+    def clean(self, slot: int, length: int, width: int) -> None:
+        """Zero what an earlier row left in `slot` past `length`, for a row of that length: masked out,
+        but a non-finite state there (an overflow in another request) would still turn the row's
+        attention to NaN."""
+        if self.dirty[slot] > length:
+            self.keys[:, slot, :, length : self.dirty[slot]] = 0
+            self.values[:, slot, :, length : self.dirty[slot]] = 0
+        self.dirty[slot] = length + width  # the pass writes the row's new states from `length`
 
 
 class SlotPass:
@@ -141,7 +142,7 @@ class SlotPass:
             return forward(ids, positions, cache)
 
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.width, self.capacity, self.device, self.run = width, capacity, device, run
+        self.device, self.run = device, run
         if not capture:
             run()  # what capture would find wrong, found now
             return
@@ -181,14 +182,16 @@ class CannotCapture(Exception):
 
 
 class DecodeGraphs:
-    """The slot passes of one model, made as rows first need them: `load` copies rows into slots and
-    returns the pass to run; after it, `hand_back` copies each row's new states into its own cache."""
+    """The slot passes of one model, made as rows first need them: `load` puts rows in slots (copying
+    in those new to theirs) and returns the pass to run; after it, `hand_back` copies each row's new
+    states into its own cache."""
 
     def __init__(self, forward: Callable[..., torch.Tensor], capture: bool, max_width: int = MAX_WIDTH, max_positions: int | None = None) -> None:
         """`forward(ids [B, W], position_ids [B, W], cache)`: the model's pass, its output [B, W, H]
         (logits, for a model that keeps its own head: give it `max_width` 1, or each graph keeps
         [B, MAX_WIDTH, vocab] of them). `max_positions`: the model's context window, which no
-        padding position may pass (a table of learned positions has no row for it)."""
+        position fed may pass, padding included (a table of learned positions has no row for it;
+        dynamic rotary scaling would rescale the whole pass)."""
         self.forward, self.capture, self.max_width, self.max_positions = forward, capture, max_width, max_positions
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for all of them
         self.buffers: SlotBuffers | None = None  # shaped after the first row cache seen
@@ -241,8 +244,7 @@ class DecodeGraphs:
                     raise
                 raise CannotCapture(f"a pass of {batch} rows of {width} ids over {capacity} positions could not be captured: {error!r}") from error
         slot_pass, slots = self.passes[shape], self._place(kvs, batch)
-        # Spare slots feed id 0 in their last positions (writing zeros there, as all padding does).
-        fed_ids, positions, own = [[0] * width] * batch, [list(range(capacity - width, capacity))] * batch, [[0] * width] * batch
+        fed_ids, positions, own = [[0] * width] * batch, [list(range(width))] * batch, [[0] * width] * batch
         for kv, new, slot in zip(kvs, ids, slots):
             n = len(kv)
             if self._holds(slot, kv):
@@ -258,9 +260,14 @@ class DecodeGraphs:
             fed_ids[slot] = new + [0] * (width - len(new))  # then id 0: padding
             positions[slot] = list(range(n, n + width))
             own[slot] = [1] * len(new) + [0] * (width - len(new))
+        # Spare slots feed id 0, as padding (writing zeros): past the states of a row the slot holds,
+        # which keeps it there, or else from position 0.
+        top = capacity if self.max_positions is None else min(capacity, self.max_positions)
         for slot in set(range(batch)) - set(slots):
             kv = self._occupant(slot)
-            if kv is not None and len(kv) > capacity - width:  # the spare row's zeros land on its states
+            if kv is not None and len(kv) + width <= top:
+                positions[slot] = list(range(len(kv), len(kv) + width))
+            else:
                 self.resident[slot] = None
         slot_pass.inputs.copy_(torch.tensor([fed_ids, positions, own]))
         return slot_pass, slots
@@ -277,11 +284,12 @@ class DecodeGraphs:
 
     def _place(self, kvs: list[KVCache], batch: int) -> list[int]:
         """A slot among the first `batch` for each row: the one that holds its cache as it is, where
-        one does; else a free one, empty ones first."""
+        one does; else one no other row of the pass takes: empty first, then one whose row's cache has
+        changed since, and last one that holds another row's (which loses it)."""
         holding = {id(kv): s for s in range(batch) if (kv := self._occupant(s)) is not None and self._holds(s, kv)}
-        slots = [s if (s := holding.get(id(kv))) is not None and self._occupant(s) is kv else None for kv in kvs]
+        slots = [holding.get(id(kv)) for kv in kvs]  # the rows are alive: no other object has their id
         taken = {s for s in slots if s is not None}
-        free = sorted(set(range(batch)) - taken, key=lambda s: self._occupant(s) is not None)
+        free = sorted(set(range(batch)) - taken, key=lambda s: (s in holding.values(), self._occupant(s) is not None))
         return [s if s is not None else free.pop(0) for s in slots]
 
     def hand_back(self, kvs: list[KVCache], ids: list[list[int]], slots: list[int], num_layers: int) -> None:

@@ -29,8 +29,8 @@ class KVStore:
         self.spare = spare
         self.limit = limit
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Counts writes and crops, so that a copy of the states (a graph's slot, decode_graphs) can
-        # tell whether it is still the cache as it is.
+        # Counts writes, so that a copy of the states (a graph's slot, decode_graphs) can tell whether
+        # its first positions still hold the cache as it is (a crop only shortens it).
         self.edits = 0
 
     def room(self, end: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +116,7 @@ class GrowingLayer(DynamicLayer):
         """Forget the last `-tokens_to_remove` positions (transformers' convention: a negative count)."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop() takes a negative count of positions to remove, got {tokens_to_remove}")
-        self.length = max(self.length + tokens_to_remove, 0)
-        self.store.edits += 1
+        self.length = max(self.length + tokens_to_remove, 0)  # the states before are unchanged: no edit
 
 
 class RaggedLayer(DynamicLayer):
