@@ -147,13 +147,16 @@ def test_a_probe_that_fails_leaves_one_gemm_per_layer():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_lone_row_gets_the_bits_it_gets_among_others(dtype):
     """oneDNN's one-row kernel sums long rows in another order (1536 inputs or more, on this
-    machine), so PackedLinear feeds a lone row as two: a lone decode step gives a batched one's bits."""
+    machine), and its kernels for a few rows are slower, so PackedLinear feeds fewer than MIN_ROWS
+    rows as that many: one, two or three rows get the bits they get among sixteen."""
     packed = PackedLinear(torch.nn.Linear(2048, 640, bias=False, dtype=dtype))
     x = torch.randn(16, 1, 2048).pow(3).to(dtype)  # heavy-tailed, like activations
     with torch.inference_mode():
         together = packed(x)
-        assert all(torch.equal(packed(x[i : i + 1]), together[i : i + 1]) for i in range(16))
+        for n in range(1, packed_linear.MIN_ROWS + 1):
+            assert all(torch.equal(packed(x[i : i + n]), together[i : i + n]) for i in range(0, 16 - n + 1, n))
         assert torch.equal(packed(x[0, 0]), together[0, 0])  # any layout of one row
+        assert torch.equal(packed(x[:3].view(1, 3, 2048)), together[:3].view(1, 3, 640))  # three rows as one sequence
 
 
 def test_ragged_passes_equal_lone_passes_bit_for_bit_and_plain_ones_closely(runner):

@@ -4,8 +4,9 @@ For the few rows of a decode step or scoring pass, MKL's float32 kernel behind `
 slow, and its result for a row depends on how many rows share the call. oneDNN with a prepacked
 weight is several times faster there (the embedded base's 8-row output projection: 69 ms against
 17 ms; a whole decode step of 8 now costs 1.2-1.5x a single one, benchmarks/bench_passes.py), and
-each row's result is bit-identical whatever the batch (a lone row is fed as two, see forward),
-so batched serving and one-at-a-time serving compute the same numbers. torch.compile's CPU freezing packs linear layers the same way.
+each row's result is bit-identical whatever the batch (fewer than MIN_ROWS rows are fed as that
+many, see forward), so batched serving and one-at-a-time serving compute the same numbers.
+torch.compile's CPU freezing packs linear layers the same way.
 
 Sibling layers that read the same input (an attention layer's query, key and value projections;
 an MLP's gate and up projections) run as one GEMM over their weights stacked (`SharedInput`): one
@@ -54,22 +55,13 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
     return torch.allclose(packed.float(), plain.float(), atol=tolerance, rtol=tolerance)
 
 
-_ONE_ROW_DIFFERS: dict[tuple[int, int, torch.dtype], bool] = {}
-
-
-def _one_row_kernel_differs(packed: torch.Tensor, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
-    """Whether oneDNN gives a row alone other bits than the same row among others, for this shape
-    (oneDNN picks kernels by shape, so the first weight of a shape answers for all). The inputs are
-    heavy-tailed, like activations, so that another summation order shows even through bfloat16's
-    rounding of the result (with Gaussian inputs it rarely does)."""
-    key = (in_features, out_features, dtype)
-    if key not in _ONE_ROW_DIFFERS:
-        x = torch.randn(16, in_features, generator=torch.Generator().manual_seed(0)).pow(3).mul(8).to(dtype)
-        with torch.inference_mode():
-            together = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            alone = [torch.ops.mkldnn._linear_pointwise(x[i : i + 1], packed, None, "none", [], "") for i in range(len(x))]
-        _ONE_ROW_DIFFERS[key] = not torch.equal(torch.cat(alone), together)
-    return _ONE_ROW_DIFFERS[key]
+# A layer is fed at least this many rows: oneDNN's kernels for fewer run slower on this machine
+# (benchmarks/bench_gemm.py: a draft step's linear layers take 24.7 ms for one row, 22.5 for two and
+# 16.4 for four; a lone stream served 1.11x the tokens/s padded, 8 at a time 1.03x) and its one-row
+# kernel sums the long rows of some shapes (down projections) in another order than its many-row
+# ones. From two rows up a row gets the same bits in any batch (tests/test_model_runner.py), so
+# padding keeps a lone row's bits a batched one's.
+MIN_ROWS = 4
 
 
 class PackedLinear(torch.nn.Module):
@@ -84,7 +76,6 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = linear.bias
-        self.one_row_differs = _one_row_kernel_differs(self.packed, self.in_features, self.out_features, linear.weight.dtype)
 
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
@@ -99,13 +90,12 @@ class PackedLinear(torch.nn.Module):
         return cls.of(torch.cat([linear.weight.detach() for linear in linears]), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row_differs and x.numel() == x.shape[-1]:
-            # One row goes in as two: for some shapes (down projections, on this machine) oneDNN's
-            # one-row kernel sums in another order than its many-row one, and a lone decode step
-            # must give the bits a batched one gives.
-            rows = x.reshape(1, -1).expand(2, -1).contiguous()
-            return self._linear(rows)[:1].reshape(*x.shape[:-1], self.out_features)
-        return self._linear(x.contiguous())
+        rows = x.numel() // x.shape[-1]
+        if rows >= MIN_ROWS:
+            return self._linear(x.contiguous())
+        flat = x.reshape(rows, -1)
+        fed = torch.cat([flat, flat[:1].expand(MIN_ROWS - rows, -1)])  # its first row again
+        return self._linear(fed)[:rows].reshape(*x.shape[:-1], self.out_features)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
