@@ -100,12 +100,6 @@ class SlotStates:
         self.layout = layout
 
 
-def _refuse_softcap(kwargs: dict[str, Any]) -> None:
-    """SDPA has no attention logit soft-capping (Gemma 2's): refuse rather than compute without it."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attention logit soft-capping is not supported by SDPA attention")
-
-
 def wsd_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -125,9 +119,13 @@ def wsd_sdpa(
 
     In a slot pass (decode_graphs), each row's queries attend over its fixed-size slot under a mask
     made from their positions: shapes that do not change from one pass to the next."""
+    slot_pass = isinstance(key, SlotStates) and isinstance(value, SlotStates)
+    if not slot_pass and not (isinstance(key, RaggedStates) and isinstance(value, RaggedStates)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if kwargs.get("softcap") is not None:  # Gemma 2's attention logit soft-capping: SDPA has none
+        raise ValueError("attention logit soft-capping is not supported by SDPA attention")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if isinstance(key, SlotStates) and isinstance(value, SlotStates):
-        _refuse_softcap(kwargs)
-        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
         rows, heads, width, dim = query.shape
         kv_heads = key.states.shape[1]
         groups = heads // kv_heads
@@ -137,10 +135,7 @@ def wsd_sdpa(
         grouped = query.reshape(rows, kv_heads, groups * width, dim)
         out = F.scaled_dot_product_attention(grouped, key.states, value.states, attn_mask=key.layout.mask(window, groups), scale=scaling)
         return out.reshape(rows, heads, width, dim).transpose(1, 2).contiguous(), None
-    if not isinstance(key, RaggedStates) or not isinstance(value, RaggedStates):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    _refuse_softcap(kwargs)
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    assert isinstance(key, RaggedStates) and isinstance(value, RaggedStates)
     grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads
     layout, outputs = key.layout, []
     for row, (queries, keys, values) in enumerate(zip(query.split(layout.counts, dim=2), key.rows, value.rows)):
@@ -155,7 +150,7 @@ def wsd_sdpa(
 
 
 # Registered beside transformers' own: models the runner uses with SDPA attention switch to it on CPU,
-# and on CUDA where decode passes replay graphs (any other pass is plain SDPA, with SDPA's masks).
+# and on CUDA where decode and scoring passes replay graphs (any other pass is plain SDPA, with SDPA's masks).
 WSD_SDPA = "wsd_sdpa"
 AttentionInterface.register(WSD_SDPA, wsd_sdpa)
 AttentionMaskInterface.register(WSD_SDPA, sdpa_mask)

@@ -243,11 +243,11 @@ class DecodeGraphs:
                     self.retry_at[shape] = self.steps + RETRY_AFTER
                     raise
                 raise CannotCapture(f"a pass of {batch} rows of {width} ids over {capacity} positions could not be captured: {error!r}") from error
-        slot_pass, slots = self.passes[shape], self._place(kvs, batch)
+        slot_pass, (slots, held) = self.passes[shape], self._place(kvs, batch)
         fed_ids, positions, own = [[0] * width] * batch, [list(range(width))] * batch, [[0] * width] * batch
-        for kv, new, slot in zip(kvs, ids, slots):
+        for kv, new, slot, holds in zip(kvs, ids, slots, held):
             n = len(kv)
-            if self._holds(slot, kv):
+            if holds:
                 self.buffers.dirty[slot] = max(self.buffers.dirty[slot], n + width)
             else:
                 self.resident[slot] = None
@@ -282,15 +282,16 @@ class DecodeGraphs:
         entry = self.resident[slot]
         return entry is not None and entry[0]() is kv and entry[1] == kv.store.edits
 
-    def _place(self, kvs: list[KVCache], batch: int) -> list[int]:
-        """A slot among the first `batch` for each row: the one that holds its cache as it is, where
-        one does; else one no other row of the pass takes: empty first, then one whose row's cache has
-        changed since, and last one that holds another row's (which loses it)."""
+    def _place(self, kvs: list[KVCache], batch: int) -> tuple[list[int], list[bool]]:
+        """A slot among the first `batch` for each row, and whether it holds the row's cache as it is:
+        the one that does, where one does; else one no other row of the pass takes: empty first, then
+        one whose row's cache has changed since, and last one that holds another row's (which loses it)."""
         holding = {id(kv): s for s in range(batch) if (kv := self._occupant(s)) is not None and self._holds(s, kv)}
         slots = [holding.get(id(kv)) for kv in kvs]  # the rows are alive: no other object has their id
         taken = {s for s in slots if s is not None}
-        free = sorted(set(range(batch)) - taken, key=lambda s: (s in holding.values(), self._occupant(s) is not None))
-        return [s if s is not None else free.pop(0) for s in slots]
+        holding_others = set(holding.values()) - taken  # slots that hold rows this pass leaves out
+        free = sorted(set(range(batch)) - taken, key=lambda s: (s in holding_others, self._occupant(s) is not None))
+        return [s if s is not None else free.pop(0) for s in slots], [s is not None for s in slots]
 
     def hand_back(self, kvs: list[KVCache], ids: list[list[int]], slots: list[int], num_layers: int) -> None:
         """Copy each row's new states from its slot into its own cache (kv_cache.append_states: if
