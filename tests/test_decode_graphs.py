@@ -40,24 +40,36 @@ def _ids(seed: int, n: int, vocab: int = 280) -> list[int]:
     return torch.randint(10, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
-    """Three rows of different lengths through 8 batched decode steps, then one row alone (lazily),
-    then scoring passes of rows padded to their pass's width, alone and batched: the slot runner's
-    logits equal the plain runner's throughout."""
-    lengths = [5, 30, MIN_CAPACITY - 6]  # the last row outgrows the first capacity: the slots are reallocated
+def _rows(plain: ModelRunner, slots: ModelRunner, lengths: tuple[int, ...] | list[int]) -> dict[str, list]:
+    """Caches of these lengths, holding the same ids, on both runners: {"plain": [...], "slots": [...]}."""
     caches = {}
     for name, runner in (("plain", plain), ("slots", slots)):
         caches[name] = [runner.new_cache() for _ in lengths]
         for i, (kv, n) in enumerate(zip(caches[name], lengths)):
             runner.extend(kv, _ids(i, n))
+    return caches
+
+
+def _pass(plain: ModelRunner, slots: ModelRunner, caches: dict, rows: list[int], new: list[list[int]], keeps: list[int] | None = None) -> list:
+    """One batched pass over `rows` on both runners: the slot runner's logits equal the plain one's.
+    Returns the slot runner's."""
+    keeps = keeps or [0] * len(rows)
+    expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
+    got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    return got
+
+
+def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
+    """Three rows of different lengths through 8 batched decode steps, then one row alone (lazily),
+    then scoring passes of rows padded to their pass's width, alone and batched: the slot runner's
+    logits equal the plain runner's throughout."""
+    lengths = [5, 30, MIN_CAPACITY - 6]  # the last row outgrows the first capacity: the slots are reallocated
+    caches = _rows(plain, slots, lengths)
     for step in range(8):
-        new = [[i] for i in _ids(50 + step, len(lengths))]
-        keeps = [step % 2, 0, 1]
-        expected = plain.extend_batch(caches["plain"], new, keeps)
-        got = slots.extend_batch(caches["slots"], new, keeps)
-        for e, g in zip(expected, got):
-            assert g.shape == e.shape
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        _pass(plain, slots, caches, [0, 1, 2], [[i] for i in _ids(50 + step, len(lengths))], [step % 2, 0, 1])
     assert slots.graphs is not None, "the slot passes fell back to plain ones"
     assert slots.graphs.buffers is not None and slots.graphs.buffers.capacity == 2 * MIN_CAPACITY
     assert set(slots.graphs.passes) == {(4, 1, 2 * MIN_CAPACITY)}  # the passes over the old buffers are gone
@@ -74,11 +86,7 @@ def decode_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
     # keeping some of its rows (a decode step's last row, 0, among them).
     passes = [([1], [[3, 4, 5]], [3]), ([0, 1, 2], [[6], _ids(7, 10), [8, 9, 10]], [0, 2, 3])]
     for rows, new, keeps in passes:
-        expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
-        got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
-        for e, g in zip(expected, got):
-            assert g.shape == e.shape
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        _pass(plain, slots, caches, rows, new, keeps)
     assert {(1, 8, MIN_CAPACITY), (4, 32, 2 * MIN_CAPACITY)} <= set(slots.graphs.passes)
 
     # The rows' own caches took the slot passes' states: plain passes over them agree too.
@@ -134,11 +142,7 @@ def test_a_step_takes_slots_by_its_own_shape_whatever_came_before(monkeypatch):
     """Slots kept from a long row alone do not keep a batch of short rows off them: where both
     shapes together would pass MAX_SLOT_BYTES, the slots are remade to the step's own shape."""
     plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
-    caches = {}
-    for name, runner in (("plain", plain), ("slots", slots)):
-        caches[name] = [runner.new_cache() for _ in range(4)]
-        for i, (kv, n) in enumerate(zip(caches[name], (600, 10, 20, 300))):
-            runner.extend(kv, _ids(i, n))
+    caches = _rows(plain, slots, (600, 10, 20, 300))
     assert slots.graphs.takes(caches["slots"][:1], [[3]], [0])  # which shapes the slots after the rows' caches
     monkeypatch.setattr(decode_graphs, "MAX_SLOT_BYTES", slots.graphs.buffers.position_bytes * 1024)
     steps = [  # (rows, the slots' shape after the step, the passes made over them)
@@ -148,11 +152,7 @@ def test_a_step_takes_slots_by_its_own_shape_whatever_came_before(monkeypatch):
         ([1, 2], (2, 512), {(1, 1, 512), (2, 1, 256)}),
     ]
     for rows, shape, made in steps:
-        new = [[i + 3] for i in rows]
-        expected = plain.extend_batch([caches["plain"][i] for i in rows], new, [0] * len(rows))
-        got = slots.extend_batch([caches["slots"][i] for i in rows], new, [0] * len(rows))
-        for e, g in zip(expected, got):
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        _pass(plain, slots, caches, rows, [[i + 3] for i in rows])
         assert (slots.graphs.buffers.slots, slots.graphs.buffers.capacity) == shape and set(slots.graphs.passes) == made
 
 
@@ -160,11 +160,7 @@ def test_what_an_earlier_row_left_in_a_slot_cannot_reach_the_next():
     """A non-finite state left past a row's length by the slot's earlier occupant (an overflow in
     another request) is masked out and zeroed before the next row reads the slot."""
     plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
-    caches = {}
-    for name, runner in (("plain", plain), ("slots", slots)):
-        caches[name] = [runner.new_cache() for _ in range(2)]
-        for i, (kv, n) in enumerate(zip(caches[name], (100, 10))):
-            runner.extend(kv, _ids(i, n))
+    caches = _rows(plain, slots, (100, 10))
     slots.extend(caches["slots"][0], [3])  # the long row takes slot 0
     plain.extend(caches["plain"][0], [3])
     with torch.inference_mode():  # as if its states had overflowed there
@@ -181,34 +177,19 @@ def test_padding_cannot_reach_the_rows_it_pads(kind):
     need not be finite (here its embedding is NaN; plain passes never feed it): they write zeros, so
     the rows' own logits stay those of plain passes, in that pass and in later ones over the slots."""
     plain, slots = ModelRunner(MODELS[kind]()), slot_runner(MODELS[kind]())
-    caches = {}
-    for name, runner in (("plain", plain), ("slots", slots)):
+    for runner in (plain, slots):
         with torch.no_grad():
             runner.model.get_input_embeddings().weight[0] = float("nan")
-        caches[name] = [runner.new_cache() for _ in range(3)]
-        for i, kv in enumerate(caches[name]):
-            runner.extend(kv, _ids(i, 20 + i))
+    caches = _rows(plain, slots, (20, 21, 22))
     passes = [  # (rows, new ids, keeps, the slot pass's shape): 1 row, then 3 (one spare slot), widths 8, 8 and 1
         ([0], [[11, 12, 13]], [3], (1, 8, MIN_CAPACITY)),
         ([0, 1, 2], [[14], [15, 16], [17]], [0, 2, 1], (4, 8, MIN_CAPACITY)),
         ([2, 0, 1], [[18], [19], [20]], [0, 0, 0], (4, 1, MIN_CAPACITY)),
     ]
     for rows, new, keeps, shape in passes:
-        expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
-        got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
+        got = _pass(plain, slots, caches, rows, new, keeps)
         assert shape in slots.graphs.passes
-        for e, g in zip(expected, got):
-            assert torch.isfinite(g).all()
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
-
-
-def _pass(plain: ModelRunner, slots: ModelRunner, caches: dict, rows: list[int], new: list[list[int]], keeps: list[int] | None = None) -> None:
-    """One batched pass over `rows` on both runners: the slot runner's logits equal the plain one's."""
-    keeps = keeps or [0] * len(rows)
-    expected = plain.extend_batch([caches["plain"][i] for i in rows], new, keeps)
-    got = slots.extend_batch([caches["slots"][i] for i in rows], new, keeps)
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+        assert all(torch.isfinite(g).all() for g in got)
 
 
 def test_rows_stay_in_their_slots_until_their_caches_change():
@@ -220,11 +201,7 @@ def stay_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
     other rows; a crop or a plain pass makes the slot copy it again; and a spare slot's padding,
     written over a row left out of the pass, makes that row's slot copy again. Throughout, the slot
     runner's logits equal the plain runner's."""
-    caches = {}
-    for name, runner in (("plain", plain), ("slots", slots)):
-        caches[name] = [runner.new_cache() for _ in range(4)]
-        for i, (kv, n) in enumerate(zip(caches[name], (20, 30, MIN_CAPACITY - 6, 40))):
-            runner.extend(kv, _ids(i, n))
+    caches = _rows(plain, slots, (20, 30, MIN_CAPACITY - 6, 40))
     _pass(plain, slots, caches, [0, 1], [[5], [6]])
     _pass(plain, slots, caches, [0, 1], [[21, 22], [23]], [2, 0])  # each pass shape made (which runs it once) before the test
     taken = {i: slots.graphs.resident.index(next(e for e in slots.graphs.resident if e and e[0]() is caches["slots"][i])) for i in (0, 1)}
