@@ -275,7 +275,8 @@ def test_passes_over_old_slots_are_freed_with_them():
 
 def test_slots_that_cannot_be_made_leave_that_step_plain_and_are_made_again(monkeypatch):
     """Out of memory while the slots are remade: that step runs plain, the slots are left empty
-    rather than claiming a size they lack, and the next step makes them again."""
+    rather than claiming a size they lack, and RETRY_AFTER steps on they are made again."""
+    monkeypatch.setattr(decode_graphs, "RETRY_AFTER", 2)
     plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
     a, b = plain.new_cache(), slots.new_cache()
     plain.extend(a, _ids(0, 5))
@@ -290,8 +291,43 @@ def test_slots_that_cannot_be_made_leave_that_step_plain_and_are_made_again(monk
     torch.testing.assert_close(slots.extend(b, [8]), plain.extend(a, [8]), atol=1e-4, rtol=1e-4)
     assert slots.graphs is not None and slots.graphs.buffers.slots == 0 and not slots.graphs.passes
     torch.testing.assert_close(slots.extend(b, [9]), plain.extend(a, [9]), atol=1e-4, rtol=1e-4)
+    assert slots.graphs.buffers.slots == 0  # the step after: plain
+    torch.testing.assert_close(slots.extend(b, [10]), plain.extend(a, [10]), atol=1e-4, rtol=1e-4)
     assert slots.graphs.buffers.slots == 1 and set(slots.graphs.passes) == {(1, 1, MIN_CAPACITY)}
     assert b.ids == a.ids
+
+
+@pytest.mark.parametrize("where", ["pass", "hand_back"])
+def test_running_out_of_memory_in_a_slot_pass_backs_off_its_shape(monkeypatch, where):
+    """Out of memory in a pass over slots that were made and captured (in the forward, or making room
+    in the rows' caches for the new states): that step runs plain, with every cache as it was, and
+    so does its shape for RETRY_AFTER steps instead of failing again each step; then it runs on slots."""
+    monkeypatch.setattr(decode_graphs, "RETRY_AFTER", 2)
+    plain, slots = ModelRunner(MODELS["llama"]()), slot_runner(MODELS["llama"]())
+    a, b = plain.new_cache(), slots.new_cache()
+    plain.extend(a, _ids(0, 5))
+    slots.extend(b, _ids(0, 5))
+    torch.testing.assert_close(slots.extend(b, [7]), plain.extend(a, [7]), atol=1e-4, rtol=1e-4)  # the pass is made
+    slot_pass = slots.graphs.passes[(1, 1, MIN_CAPACITY)]
+    run, append, tried = slot_pass.run, decode_graphs.append_states, []
+
+    def failing(real):
+        def attempt(*args, **kwargs):
+            tried.append(len(b))
+            if len(b) == 6:  # the first step below
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(*args, **kwargs)
+
+        return attempt
+
+    if where == "pass":
+        monkeypatch.setattr(slot_pass, "run", failing(run))
+    else:
+        monkeypatch.setattr(decode_graphs, "append_states", failing(append))
+    for step in (8, 9, 10):
+        torch.testing.assert_close(slots.extend(b, [step]), plain.extend(a, [step]), atol=1e-4, rtol=1e-4)
+        assert b.ids == a.ids
+    assert tried == [6, 8]  # the step after the failure ran plain without trying the slots; the next, on them
 
 
 def test_running_out_of_memory_while_capturing_runs_that_step_plain(monkeypatch):

@@ -41,7 +41,8 @@ MAX_WIDTH = WIDTHS[-1]
 # kept once made, for the next step. For the embedded pair in bfloat16 this allows 32768 positions
 # (16 rows of 2048, or one of 32768); for an 8B model with 8 key/value heads of 128, 8192.
 MAX_SLOT_BYTES = 1 << 30
-# Steps before a shape whose capture ran out of memory is tried again (plain passes meanwhile).
+# Steps before a pass shape that ran out of memory (capturing, running or handing back) is tried
+# again (plain passes meanwhile): memory that was short one step is likely short the next.
 RETRY_AFTER = 64
 
 
@@ -199,7 +200,7 @@ class DecodeGraphs:
         # Per slot: the cache whose states it holds, and that cache's edit count when it did.
         self.resident: list[tuple[weakref.ref[KVCache], int] | None] = []
         self.steps = 0  # passes offered (takes)
-        self.retry_at: dict[tuple[int, int, int], int] = {}  # shapes whose capture ran out of memory: when to try again
+        self.retry_at: dict[tuple[int, int, int], int] = {}  # shapes that ran out of memory: when to try again (back_off)
 
     def takes(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int]) -> bool:
         """Whether a pass is one these passes can run: at most `max_width` new ids per row, at most
@@ -217,6 +218,12 @@ class DecodeGraphs:
         if self.max_positions is not None and any(len(kv) + width > self.max_positions for kv, row in zip(kvs, ids) if len(row) < width):
             return False
         return self.buffers.allows(batch, capacity) and self.retry_at.get(shape, 0) <= self.steps
+
+    def back_off(self, kvs: list[KVCache], ids: list[list[int]]) -> None:
+        """Memory ran out in a pass over these rows (capturing it, running it, or handing back): this
+        step runs plain, and so do passes of its shape for the next RETRY_AFTER steps, rather than
+        each trying the slots first and failing again."""
+        self.retry_at[self._shape(kvs, ids)] = self.steps + RETRY_AFTER
 
     @staticmethod
     def _shape(kvs: list[KVCache], ids: list[list[int]]) -> tuple[int, int, int]:
@@ -239,8 +246,7 @@ class DecodeGraphs:
             try:
                 self.passes[shape] = SlotPass(self.forward, self.buffers, shape, self.capture, self.pool)
             except Exception as error:
-                if out_of_memory(error):  # for now: this step runs plain, and this shape again after RETRY_AFTER steps
-                    self.retry_at[shape] = self.steps + RETRY_AFTER
+                if out_of_memory(error):  # the runner backs off this shape (`back_off`)
                     raise
                 raise CannotCapture(f"a pass of {batch} rows of {width} ids over {capacity} positions could not be captured: {error!r}") from error
         slot_pass, (slots, held) = self.passes[shape], self._place(kvs, batch)

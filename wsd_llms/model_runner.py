@@ -278,6 +278,7 @@ class ModelRunner:
             return None
         except Exception as error:
             if decode_graphs.out_of_memory(error):  # no cache has changed yet: this step runs plain
+                self.graphs.back_off(kvs, ids)
                 return None
             raise
 
