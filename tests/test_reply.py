@@ -126,3 +126,31 @@ def test_a_draft_behind_the_streamed_text_releases_nothing_until_it_catches_up()
     stopping.set_draft(_byte_ids("ab"))
     with pytest.raises(RuntimeError, match="contradicts"):
         stopping.add(_byte_ids("XSTOP"), "base")
+
+
+@pytest.mark.parametrize("vocab", [300, 420])
+def test_draft_tokens_estimate_matches_an_exact_handoff_as_the_draft_grows(vocab):
+    """Between exact hand-offs, `DraftTokens.estimate` gives the stable count a partial hand-off
+    would: as the draft grows one piece at a time, when its tail changes (a decode that re-spells
+    the last characters), and with exact hand-offs taken now and then, as scoring passes take them."""
+    from tiny import CORPUS, make_tokenizer
+
+    from wsd_llms.handoff import DraftTokens, partial_handoff
+
+    tok = make_tokenizer(vocab)
+    prompt = "\n\n[User]\n" + " ".join(CORPUS[:8]) + "\n\n[Assistant]\n"
+    n = len(tok.encode(prompt, add_special_tokens=False))
+    words = " ".join(CORPUS[:4]).split(" ")
+    tokens = DraftTokens(tok, prompt, n)
+    assert tokens.estimate("Paris") is None  # nothing to go on before an exact hand-off
+    tokens.exact(words[0])
+    checked = 0
+    for i in range(2, len(words) + 1):
+        text = " ".join(words[:i])
+        for draft in (text, text[:-1] + "\ufffd", text + " "):  # grown, a changed tail, a trailing space
+            exact = partial_handoff(tok, prompt, n, draft)
+            assert tokens.estimate(draft) == (0 if exact is None else len(exact.draft_ids)), draft
+            checked += 1
+        if i % 7 == 0:
+            tokens.exact(text)
+    assert checked > 100

@@ -222,3 +222,43 @@ def test_baseline_modes_run_each_model_alone(differ_runtime):
     # The draft alone writes what WSD's draft phase writes (WSD with a never-reached threshold and no base turn).
     wsd = differ_runtime.generate(QUESTIONS[0], switch_threshold=1.0, max_tokens=20)
     assert wsd.draft_text.startswith(draft.text.strip()[:10])
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_the_prompt_is_tokenized_with_the_draft_only_when_a_scoring_pass_may_fall_due(pair, request, monkeypatch):
+    """Between scoring passes the online engine estimates the draft's stable base tokens instead of
+    tokenizing the whole prompt with it every step (handoff.DraftTokens). Every reply, and every
+    scoring pass (the draft tokens it scores), is what tokenizing every step gives, while the
+    exact tokenizations drop to those the first words and the passes need."""
+    from wsd_llms import handoff, online
+
+    runtime = request.getfixturevalue(pair)
+    runs: dict[str, list] = {}
+    for way in ("every step", "estimated"):
+        scored, exact, drafted = [], [], []
+        score, take = online._Scorer.score, handoff.DraftTokens.exact
+
+        def scoring(self, due, score=score, scored=scored):
+            scored.append(len(due.draft_ids))
+            return (yield from score(self, due))
+
+        def exactly(self, text, holdback=handoff.HOLDBACK_TOKENS, take=take, exact=exact):
+            exact.append(text)
+            return take(self, text, holdback)
+
+        monkeypatch.setattr(online._Scorer, "score", scoring)
+        monkeypatch.setattr(handoff.DraftTokens, "exact", exactly)
+        if way == "every step":
+            monkeypatch.setattr(handoff.DraftTokens, "estimate", lambda self, text, holdback=0: None)
+        replies = []
+        for messages in QUESTIONS:
+            for settings in SETTINGS:
+                result = runtime.generate(messages, max_tokens=48, max_draft_tokens=48, **settings)
+                replies.append((result.text, result.switch_point))
+                drafted.append(result.usage.draft_tokens)
+        runs[way] = [replies, scored, len(exact), sum(drafted)]
+        monkeypatch.undo()
+    assert runs["estimated"][:2] == runs["every step"][:2]
+    assert runs["every step"][2] >= runs["every step"][3] - len(QUESTIONS) * len(SETTINGS)  # about one a draft token
+    assert runs["estimated"][2] <= len(runs["estimated"][1]) + 8 * len(QUESTIONS) * len(SETTINGS)  # the passes and the first words
+    assert runs["estimated"][2] < runs["every step"][2] / 2

@@ -13,12 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .encoding import Span, encode, spells_special
+from .encoding import Span, encode, encode_text, spells_special
 from .reply import decode
 
 # Base tokens at the tail of an unfinished draft that are held back: later text may still
 # re-tokenize them. A change further back is caught and rolled back by the online engine.
 HOLDBACK_TOKENS = 2
+
+# Characters before the point where two drafts' texts part that `DraftTokens.estimate` re-encodes
+# with them: BPE's merges that a new character can undo reach back a few characters, not 64.
+CONTEXT_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,54 @@ def partial_handoff(
     tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS, spans: Sequence[Span] = ()
 ) -> Handoff | None:
     """The stable part of an unfinished draft's tokenization, or None while nothing is stable."""
-    text = _whole(text.rstrip())
-    if not text:
-        return None
-    ids = _encode(tokenizer, base_prompt, prompt_len, base_prompt + text, spans)
-    return Handoff(ids[:prompt_len], ids[prompt_len : max(prompt_len, len(ids) - holdback)])
+    return DraftTokens(tokenizer, base_prompt, prompt_len, spans).exact(text, holdback)
+
+
+class DraftTokens:
+    """How many base tokens an unfinished draft's hand-off would hold, estimated between exact ones.
+
+    A partial hand-off tokenizes the whole prompt with the draft, in time that grows with the
+    prompt (the embedded base's tokenizer: 0.16 ms for a 54-token prompt, 2.1 ms for 3300 tokens,
+    8.3 ms for 11600), and the online engine needs one only when a scoring pass may fall due. In
+    between, the count is the last exact one plus the change in tokens of the text from
+    CONTEXT_CHARS characters before where the drafts part: two short encodes. Since the engine
+    takes an exact hand-off before it acts on an estimate (and an estimate that comes short only
+    delays a pass, which changes no output), the estimate decides no reply.
+    """
+
+    def __init__(self, tokenizer: Any, base_prompt: str, prompt_len: int, spans: Sequence[Span] = ()) -> None:
+        self.tokenizer, self.base_prompt, self.prompt_len, self.spans = tokenizer, base_prompt, prompt_len, spans
+        self._text: str | None = None  # the text of the last exact hand-off, as tokenized
+        self._count = 0  # its draft tokens, none held back
+        self._window: tuple[int, int] = (-1, 0)  # (start, tokens) of the last exact text's window
+
+    def exact(self, text: str, holdback: int = HOLDBACK_TOKENS) -> Handoff | None:
+        """`partial_handoff` of the draft so far, noted for later estimates."""
+        whole = _whole(text.rstrip())
+        if not whole:
+            return None
+        ids = _encode(self.tokenizer, self.base_prompt, self.prompt_len, self.base_prompt + whole, self.spans)
+        self._text, self._count, self._window = whole, len(ids) - self.prompt_len, (-1, 0)
+        return Handoff(ids[: self.prompt_len], ids[self.prompt_len : max(self.prompt_len, len(ids) - holdback)])
+
+    def estimate(self, text: str, holdback: int = HOLDBACK_TOKENS) -> int | None:
+        """The stable draft tokens `exact(text)` would give, estimated; None before any exact one."""
+        if self._text is None:
+            return None
+        whole = _whole(text.rstrip())
+        parted = len(self.base_prompt) + _common_prefix(self._text, whole)
+        start = max(0, parted - CONTEXT_CHARS)
+        if self._window[0] != start:
+            self._window = (start, len(encode_text(self.tokenizer, (self.base_prompt + self._text)[start:])))
+        new = len(encode_text(self.tokenizer, (self.base_prompt + whole)[start:]))
+        return max(0, self._count + new - self._window[1] - holdback)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 def _encode(tokenizer: Any, base_prompt: str, prompt_len: int, full: str, spans: Sequence[Span]) -> list[int]:

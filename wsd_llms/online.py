@@ -11,7 +11,7 @@ import math
 from collections import deque
 
 from .continuation import continue_base, keep_draft
-from .handoff import HOLDBACK_TOKENS, Handoff, draft_text, final_handoff, min_switch, partial_handoff
+from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, draft_text, final_handoff, min_switch, partial_handoff
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
@@ -142,6 +142,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
     generated: list[int] = []
     due: deque[Handoff] = deque()  # scoring passes due and not yet run: each ends where the request's own progress put it
+    tokens = DraftTokens(base.tokenizer, prompts.base_text, prompt_len, prompts.base_spans)
     done = False
     while True:
         token = sample(guide.mask(logits), params, draft_gen)
@@ -156,8 +157,9 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
         if done:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
-        else:
-            handoff = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, HOLDBACK_TOKENS, prompts.base_spans)
+        else:  # tokenized with the prompt while the first words stream from it, or when a scoring pass may fall due
+            guess = None if len(seq.reply.ids) < free else tokens.estimate(text, HOLDBACK_TOKENS)
+            handoff = tokens.exact(text, HOLDBACK_TOKENS) if guess is None or guess >= min(score_at, params.max_tokens) else None
         early = min(params.switch_window, params.max_tokens) - EARLY_MARGIN
         if not done and len(seq.reply.ids) < early:  # stream the first words at once
             eager = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, 0, prompts.base_spans)
@@ -175,33 +177,33 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             if not done and len(stable) >= min(score_at, params.max_tokens):
                 due.append(handoff)
                 score_at = next_score_at(len(stable))
-            # A pass scores what was stable when it fell due, so its ids, and its probabilities to the
-            # bit, are the same alone (a scoring pass may start every step) and under load (every
-            # SCORING_STRIDE steps, so that passes batch); at the draft's end every due pass runs.
-            if done:
-                passes, due = [*due, handoff], deque()
-            else:
-                passes = [due.popleft()] if due and seq.scoring_open else []
-            ended = False
-            for k, scoring in enumerate(passes):
-                probs = yield from scorer.score(scoring)
-                for j, p in enumerate(probs, start=len(detector)):
-                    if detector.push(p):
-                        seq.switch_point = j + 1
-                        break
-                kept = scoring.draft_ids[: scorer.scored() if seq.switch_point is None else seq.switch_point]
-                kept = keep_draft(seq, kept, base_guide)  # cut at the first id the base grammar rejects
-                if seq.switch_point is not None:
-                    seq.switch_point = len(kept)
-                if seq.reply.stopped:  # the reply ended in the draft: the base model never took over
-                    seq.switch_point = None
-                    return "stop"
-                if seq.switch_point is not None or (done and k == len(passes) - 1) or len(kept) >= params.max_tokens:
-                    rows = yield from scorer.cut(len(kept))
-                    ended = True
+        # A pass scores what was stable when it fell due, so its ids, and its probabilities to the
+        # bit, are the same alone (a scoring pass may start every step) and under load (every
+        # SCORING_STRIDE steps, so that passes batch); at the draft's end every due pass runs.
+        if done:
+            passes, due = [*due, handoff], deque()
+        else:
+            passes = [due.popleft()] if due and seq.scoring_open else []
+        ended = False
+        for k, scoring in enumerate(passes):
+            probs = yield from scorer.score(scoring)
+            for j, p in enumerate(probs, start=len(detector)):
+                if detector.push(p):
+                    seq.switch_point = j + 1
                     break
-            if ended:
+            kept = scoring.draft_ids[: scorer.scored() if seq.switch_point is None else seq.switch_point]
+            kept = keep_draft(seq, kept, base_guide)  # cut at the first id the base grammar rejects
+            if seq.switch_point is not None:
+                seq.switch_point = len(kept)
+            if seq.reply.stopped:  # the reply ended in the draft: the base model never took over
+                seq.switch_point = None
+                return "stop"
+            if seq.switch_point is not None or (done and k == len(passes) - 1) or len(kept) >= params.max_tokens:
+                rows = yield from scorer.cut(len(kept))
+                ended = True
                 break
+        if ended:
+            break
         if done:
             break
         logits = yield Forward("draft", seq.draft_kv, [token])
