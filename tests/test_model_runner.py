@@ -391,6 +391,9 @@ def test_sequence_caches_are_limited_to_what_the_request_can_hold():
     assert limits["draft"] == len(seq.prompts.draft_ids) + 30 and limits["base"] == len(seq.prompts.base_ids) + 21
     assert seq.new_cache("draft").store.limit == limits["draft"]
     assert token_budget(seq) == limits["draft"] + limits["base"]  # what admission reserves, online
+    # The draft model alone writes its whole reply into the draft cache: max_tokens, not max_draft_tokens.
+    alone = engine.prepare(normalize_messages([{"role": "user", "content": "Hi"}]), parse_params(max_tokens=20, max_draft_tokens=512, mode="draft"), print)
+    assert token_budget(alone) == alone.cache_limits()["draft"] == len(alone.prompts.draft_ids) + 20
 
 
 def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):

@@ -1172,3 +1172,17 @@ def test_adapters_report_the_prompt_taken_from_the_prefix_cache(fresh, monkeypat
     # the user's message ends differently: the whole 24-token pieces before that are restored
     assert first["input_tokens"] - 2 * 24 < second["input_token_details"]["cache_read"] < second["input_tokens"]
     assert first["input_tokens"] - 2 * 24 < third["cache_read_tokens"] < third["input_tokens"] and third["draft"]["cache_read_tokens"] > 0
+
+
+def test_the_draft_model_alone_reserves_its_reply_and_holds_no_more(fresh):
+    """mode="draft" writes the reply into the draft cache: admission reserves the prompt and
+    max_tokens (not max_draft_tokens, which that mode never drafts), so a short reply fits a small
+    limit, and a long one never holds more positions than it reserved."""
+    rt = fresh(max_cached_tokens=300)
+    assert rt.generate(_msgs(QUESTIONS[0]), mode="draft", max_tokens=5).usage.reply_tokens > 0  # max_draft_tokens is 512
+    most = []
+    for _ in rt.stream(_msgs(QUESTIONS[0]), mode="draft", max_tokens=120, max_draft_tokens=1, stop=["zzzz"]):
+        stats = rt.stats()
+        most.append((stats.cached_tokens, stats.reserved_tokens))
+    assert max(cached for cached, _ in most) > 60  # a long reply
+    assert all(cached <= reserved for cached, reserved in most)

@@ -105,10 +105,11 @@ class Sequence:
 
     def cache_limits(self) -> dict[str, int]:
         """Most positions each of this request's caches holds: "draft", "base", and "check" (the
-        staged pipeline's check of the whole draft in one base pass)."""
+        staged pipeline's check of the whole draft in one base pass). The draft model alone
+        (mode="draft") writes the whole reply, up to max_tokens, into its draft cache."""
         p, prompts = self.params, self.prompts
         return {
-            "draft": len(prompts.draft_ids) + p.max_draft_tokens,
+            "draft": len(prompts.draft_ids) + (p.max_tokens if p.mode == "draft" else p.max_draft_tokens),
             "base": len(prompts.base_ids) + p.max_tokens + 1,
             "check": len(prompts.base_ids) + 2 * p.max_draft_tokens,
         }
