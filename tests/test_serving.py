@@ -341,6 +341,36 @@ def test_requests_sent_before_close_are_not_started(fresh, monkeypatch):
                 future.result(timeout=30)
         closing.result(timeout=30)
     assert prepared == [1]  # the request that was running; not the one sent before close()
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled) == (1, 2, 0)  # every request counted once
+
+
+def test_requests_waiting_when_the_worker_dies_fail_and_are_counted(fresh, monkeypatch):
+    """Requests still in the inbox when the worker dies fail at once with it, and stats() counts
+    them as failed with the request that was running."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine = rt.engine
+    entered, release = threading.Event(), threading.Event()
+
+    def dying_step():
+        entered.set()
+        release.wait(10)
+        raise WorkerKilled("killed by the test")
+
+    monkeypatch.setattr(engine, "step", dying_step)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the death is expected
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
+        assert entered.wait(10)
+        waiting = [pool.submit(rt.generate, _msgs(q), max_tokens=30) for q in QUESTIONS[1:3]]
+        _wait_for(lambda: rt._inbox.qsize() == 2)
+        release.set()
+        for future in (running, *waiting):
+            with pytest.raises(RuntimeClosedError, match="worker died"):
+                future.result(timeout=30)
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (1, 3, 0, 0, 0)
 
 
 def test_closing_a_sync_stream_frees_its_cache(fresh):
@@ -839,6 +869,25 @@ def test_a_timeout_counts_as_failed_whoever_notices_it_first(fresh, monkeypatch)
             rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.3)
         _wait_for(lambda: rt.stats().running == 0 and rt.stats().queued == 0)
         assert (rt.stats().failed, rt.stats().cancelled) == (1 + slow, 0)
+
+
+def test_a_request_that_ends_as_its_caller_times_out_counts_as_failed(fresh, monkeypatch):
+    """The caller gives up at its timeout during a step that finishes the request: the caller got
+    RequestTimeoutError, so stats() counts a failure, not a finished request."""
+    rt = fresh()
+    rt.generate(_msgs(QUESTIONS[0]), max_tokens=1, mode="base")
+    real_extend = ModelRunner.extend
+
+    def slow_extend(self, *args, **kwargs):  # one long pass: the caller's poll comes first
+        time.sleep(1.5)
+        return real_extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "extend", slow_extend)
+    with pytest.raises(RequestTimeoutError):
+        rt.generate(_msgs(QUESTIONS[1]), max_tokens=1, mode="base", timeout=0.3)
+    _wait_for(lambda: rt.stats().running == 0 and rt.stats().queued == 0)
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled) == (1, 1, 0)
 
 
 def test_admission_queues_beyond_the_limit_and_all_finish(fresh):

@@ -454,5 +454,8 @@ class Engine:
             rollbacks=seq.rollbacks,
             **structured_fields(reply.text, seq.params, cut=finish_reason == "length"),
         )
-        self._drop(seq, "finished")
+        # A caller that gave up while this step finished the request (at its timeout, or closing its
+        # stream) never reads the result: it is counted as what ended it for them.
+        given_up = "failed" if seq.params.timed_out(seq.created, now) else "cancelled"
+        self._drop(seq, given_up if seq.cancelled.is_set() else "finished")
         seq.deliver(FinalEvent(result))

@@ -351,7 +351,7 @@ class WSDRuntime:
                         self._fail_all(RuntimeClosedError("the runtime was closed"))
                         return False
                     if self._closed:  # sent before close(): it fails with the rest, without loading models or starting
-                        item.deliver(RuntimeClosedError("the runtime was closed"))
+                        self._refuse(item, RuntimeClosedError("the runtime was closed"))
                     else:
                         self._accept(item)
                     item = self._next_submission()
@@ -394,7 +394,14 @@ class WSDRuntime:
             except queue.Empty:
                 return
             if item:
-                item.deliver(error)
+                self._refuse(item, error)
+
+    def _refuse(self, item: _Submission, error: BaseException) -> None:
+        """Fail a request the engine never took (still in the inbox as the runtime closed or its
+        worker died), counted as failed like the requests that were running."""
+        if self.engine is not None:
+            self.engine.count("failed")
+        item.deliver(error)
 
 
 def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | None]) -> None:
