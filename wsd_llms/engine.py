@@ -37,6 +37,12 @@ PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "
 MODELS = {"online": ("draft", "base"), "staged": ("draft", "base"), "base": ("base",), "draft": ("draft",)}  # the models each mode runs
 
 
+def given_up(params: GenerationParams, since: float, now: float) -> str:
+    """How stats() counts a request its caller gave up on: "failed" past its timeout (a timeout is a
+    failure, whoever notices it), else "cancelled"."""
+    return "failed" if params.timed_out(since, now) else "cancelled"
+
+
 @dataclass(frozen=True)
 class RuntimeStats:
     """A snapshot of the runtime: requests by state, tokens fed per phase, batch sizes, cache use."""
@@ -456,6 +462,5 @@ class Engine:
         )
         # A caller that gave up while this step finished the request (at its timeout, or closing its
         # stream) never reads the result: it is counted as what ended it for them.
-        given_up = "failed" if seq.params.timed_out(seq.created, now) else "cancelled"
-        self._drop(seq, given_up if seq.cancelled.is_set() else "finished")
+        self._drop(seq, given_up(seq.params, seq.created, now) if seq.cancelled.is_set() else "finished")
         seq.deliver(FinalEvent(result))

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .engine import MODELS, Engine, RuntimeStats
+from .engine import MODELS, Engine, RuntimeStats, given_up
 from .errors import InvalidParameterError, ModelLoadError, RequestTimeoutError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
@@ -372,7 +372,7 @@ class WSDRuntime:
         try:
             engine = self.load()
             if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-                engine.count("failed" if sub.params.timed_out(sub.submitted, time.perf_counter()) else "cancelled")
+                engine.count(given_up(sub.params, sub.submitted, time.perf_counter()))
                 return
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
             seq.cancelled, seq.created = sub.cancelled, sub.submitted
@@ -398,9 +398,10 @@ class WSDRuntime:
 
     def _refuse(self, item: _Submission, error: BaseException) -> None:
         """Fail a request the engine never took (still in the inbox as the runtime closed or its
-        worker died), counted as failed like the requests that were running."""
+        worker died), counted as failed like the requests that were running, or as cancelled if its
+        caller had already given up on it (as `_accept` counts it)."""
         if self.engine is not None:
-            self.engine.count("failed")
+            self.engine.count(given_up(item.params, item.submitted, time.perf_counter()) if item.cancelled.is_set() else "failed")
         item.deliver(error)
 
 
