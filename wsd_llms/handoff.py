@@ -32,6 +32,10 @@ class Handoff:
     prompt_ids: list[int]
     draft_ids: list[int]
 
+    def held_back(self, tokens: int) -> Handoff:
+        """This hand-off less its last `tokens` draft tokens (which later text may re-tokenize)."""
+        return Handoff(self.prompt_ids, self.draft_ids[: max(0, len(self.draft_ids) - tokens)])
+
 
 def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int]) -> str:
     """The draft so far, left-stripped (the right strip happens once the draft has ended)."""
@@ -86,7 +90,7 @@ class DraftTokens:
             return None
         ids = _encode(self.tokenizer, self.base_prompt, self.prompt_len, self.base_prompt + whole, self.spans)
         self._text, self._count, self._window = whole, len(ids) - self.prompt_len, (-1, 0)
-        return Handoff(ids[: self.prompt_len], ids[self.prompt_len : max(self.prompt_len, len(ids) - holdback)])
+        return Handoff(ids[: self.prompt_len], ids[self.prompt_len :]).held_back(holdback)
 
     def estimate(self, text: str, holdback: int = HOLDBACK_TOKENS) -> int | None:
         """The stable draft tokens `exact(text)` would give, estimated; None before any exact one."""

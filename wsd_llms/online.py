@@ -11,7 +11,7 @@ import math
 from collections import deque
 
 from .continuation import continue_base, keep_draft
-from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, draft_text, final_handoff, min_switch, partial_handoff
+from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, draft_text, final_handoff, min_switch
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
@@ -155,16 +155,17 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         seq.draft_tokens = len(generated)
 
         text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
+        whole = None  # the tokenization with nothing held back
         if done:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
         else:  # tokenized with the prompt while the first words stream from it, or when a scoring pass may fall due
             guess = None if len(seq.reply.ids) < free else tokens.estimate(text, HOLDBACK_TOKENS)
-            handoff = tokens.exact(text, HOLDBACK_TOKENS) if guess is None or guess >= min(score_at, params.max_tokens) else None
+            whole = tokens.exact(text, 0) if guess is None or guess >= min(score_at, params.max_tokens) else None
+            handoff = None if whole is None else whole.held_back(HOLDBACK_TOKENS)
         early = min(params.switch_window, params.max_tokens) - EARLY_MARGIN
-        if not done and len(seq.reply.ids) < early:  # stream the first words at once
-            eager = partial_handoff(base.tokenizer, prompts.base_text, prompt_len, text, 0, prompts.base_spans)
-            if eager is not None and len(eager.draft_ids) > len(seq.reply.ids):
-                keep_draft(seq, eager.draft_ids[:early], base_guide)
+        if whole is not None and len(seq.reply.ids) < early:  # stream the first words at once (early < free: tokenized)
+            if len(whole.draft_ids) > len(seq.reply.ids):
+                keep_draft(seq, whole.draft_ids[:early], base_guide)
                 if seq.reply.stopped:
                     return "stop"
         if handoff is not None:
