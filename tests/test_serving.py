@@ -345,6 +345,59 @@ def test_requests_sent_before_close_are_not_started(fresh, monkeypatch):
     assert (stats.finished, stats.failed, stats.cancelled) == (1, 2, 0)  # every request counted once
 
 
+def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch, draft_tokenizer):
+    """stats() counts a request from the moment it is sent: while the worker is inside a step (or
+    loading the models) requests wait in its inbox, and they show as queued, not nowhere."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine = rt.engine
+    entered, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def gated_step():
+        entered.set()
+        release.wait(10)
+        step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)]
+        assert entered.wait(10)
+        futures += [pool.submit(rt.generate, _msgs(q), max_tokens=30) for q in QUESTIONS[1:4]]
+        _wait_for(lambda: rt._inbox.qsize() == 3)
+        stats = rt.stats()
+        assert (stats.queued, stats.running, stats.finished) == (4, 0, 1)  # the first is admitted when the step schedules
+        monkeypatch.setattr(engine, "step", step)
+        release.set()
+        for future in futures:
+            assert future.result(timeout=60).text
+    stats = rt.stats()
+    assert (stats.queued, stats.running, stats.finished) == (0, 0, 5)
+
+    # Before the models are loaded (the first request loads them in the worker).
+    unloaded = WSDRuntime.from_models(tiny_llama(draft_tokenizer, 0), tiny_llama(draft_tokenizer, 1))
+    built, unloaded.engine = unloaded.engine, None
+    loading = threading.Event()
+
+    def slow_load():
+        loading.set()
+        time.sleep(0.5)
+        unloaded.engine = built
+        return built
+
+    monkeypatch.setattr(unloaded, "load", slow_load)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(unloaded.generate, _msgs(q), max_tokens=5) for q in QUESTIONS[:2]]
+            assert loading.wait(10)
+            assert unloaded.stats().queued == 2
+            for future in futures:
+                future.result(timeout=60)
+        assert (unloaded.stats().queued, unloaded.stats().finished) == (0, 2)
+    finally:
+        unloaded.close()
+
+
 def test_requests_waiting_when_the_worker_dies_fail_and_are_counted(fresh, monkeypatch):
     """Requests still in the inbox when the worker dies fail at once with it, and stats() counts
     them as failed with the request that was running."""

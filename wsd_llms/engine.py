@@ -48,6 +48,8 @@ class RuntimeStats:
     """A snapshot of the runtime: requests by state, tokens fed per phase, batch sizes, cache use."""
 
     queued: int
+    """Requests sent and not yet running: waiting for admission, or (runtime.stats()) not yet taken
+    in by the worker, which takes new requests between steps and after loading the models."""
     running: int
     finished: int
     failed: int

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +98,9 @@ class WSDRuntime:
         self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
         self._step_lock = threading.Lock()  # held by the worker for each step; configure() changes limits between steps
         self._thread: threading.Thread | None = None
+        # Submissions put in the inbox, and those the worker has taken from it (queued in the engine,
+        # or counted as ended): the difference is queued too in stats(), while models load or a step runs.
+        self._sent = self._taken = 0
 
     def _after_fork(self) -> None:
         """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
@@ -214,7 +217,12 @@ class WSDRuntime:
     def stats(self) -> RuntimeStats:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
         cache use, passes per model and seconds in passes per phase."""
-        return RuntimeStats.empty() if self.engine is None else self.engine.stats()
+        engine = self.engine
+        if engine is None:
+            return replace(RuntimeStats.empty(), queued=self._sent - self._taken)
+        with engine.scheduler.lock:  # the worker takes a submission and queues (or counts) it under this lock
+            stats = engine.stats()
+            return replace(stats, queued=stats.queued + self._sent - self._taken)
 
     @property
     def worker(self) -> threading.Thread | None:
@@ -316,6 +324,7 @@ class WSDRuntime:
                 self._thread.start()
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
             self._inbox.put(sub)
+            self._sent += 1
         return sub
 
     def _check_waiting(self, sub: _Submission) -> None:
@@ -369,18 +378,25 @@ class WSDRuntime:
             return False
 
     def _accept(self, sub: _Submission) -> None:
+        """Take a submission into the engine: queued, or (cancelled, or failing as it starts) counted."""
         try:
             engine = self.load()
-            if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-                engine.count(given_up(sub.params, sub.submitted, time.perf_counter()))
-                return
-            seq = engine.prepare(sub.messages, sub.params, sub.deliver)
-            seq.cancelled, seq.created = sub.cancelled, sub.submitted
-            engine.add(seq)
-        except Exception as exc:  # a bad request must not kill the worker; it fails alone
-            if self.engine is not None:
-                self.engine.count("failed")
+        except Exception as exc:  # no models: the request fails alone, and the next one tries again
+            self._taken += 1
             sub.deliver(exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
+            return
+        with engine.scheduler.lock:  # taken and queued (or counted) in one move, as stats() sees it
+            self._taken += 1
+            try:
+                if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
+                    engine.count(given_up(sub.params, sub.submitted, time.perf_counter()))
+                    return
+                seq = engine.prepare(sub.messages, sub.params, sub.deliver)
+                seq.cancelled, seq.created = sub.cancelled, sub.submitted
+                engine.add(seq)
+            except Exception as exc:  # a bad request must not kill the worker; it fails alone
+                engine.count("failed")
+                sub.deliver(exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
 
     def _fail_all(self, error: BaseException) -> None:
         engine = self.engine
@@ -400,8 +416,13 @@ class WSDRuntime:
         """Fail a request the engine never took (still in the inbox as the runtime closed or its
         worker died), counted as failed like the requests that were running, or as cancelled if its
         caller had already given up on it (as `_accept` counts it)."""
-        if self.engine is not None:
-            self.engine.count(given_up(item.params, item.submitted, time.perf_counter()) if item.cancelled.is_set() else "failed")
+        engine = self.engine
+        if engine is None:
+            self._taken += 1
+        else:
+            with engine.scheduler.lock:
+                self._taken += 1
+                engine.count(given_up(item.params, item.submitted, time.perf_counter()) if item.cancelled.is_set() else "failed")
         item.deliver(error)
 
 
