@@ -154,3 +154,23 @@ def test_draft_tokens_estimate_matches_an_exact_handoff_as_the_draft_grows(vocab
         if i % 7 == 0:
             tokens.exact(text)
     assert checked > 100
+
+
+def test_draft_tokens_estimate_defers_to_an_exact_handoff_where_the_draft_spells_a_special_token():
+    """A draft that writes a special token's text ("</s>", or a character the vocabulary lacks) is
+    encoded apart from the prompt, which changes the tokens where they meet: the estimate gives way
+    to an exact hand-off there, and so long as the last exact one was such a draft."""
+    from tiny import make_tokenizer
+
+    from wsd_llms.handoff import DraftTokens, partial_handoff
+
+    tok = make_tokenizer(300)
+    prompt = "\n\n[User]\nHi\n\n[Assistant]\n "  # ends in a space: it merges with the draft's first word
+    n = len(tok.encode(prompt, add_special_tokens=False))
+    tokens = DraftTokens(tok, prompt, n)
+    tokens.exact("two")
+    for text in ("two</s>", "two </s> four", "two \u4e2d"):
+        assert tokens.estimate(text) is None, text
+    assert tokens.estimate("two plus two") == len(partial_handoff(tok, prompt, n, "two plus two").draft_ids)
+    tokens.exact("two </s> four")
+    assert tokens.estimate("two </s> four is") is None

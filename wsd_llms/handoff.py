@@ -46,7 +46,7 @@ def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, 
     """The paper's check-stage tokenization of a finished draft. A character the draft left
     incomplete (max_draft_tokens cut it) is dropped rather than handed on as U+FFFD, which the
     base model would go on to imitate."""
-    ids = _encode(tokenizer, base_prompt, prompt_len, (base_prompt + _whole(text.strip())).rstrip(), spans)
+    ids, _ = _encode(tokenizer, base_prompt, prompt_len, (base_prompt + _whole(text.strip())).rstrip(), spans)
     return Handoff(ids[:prompt_len], ids[prompt_len:])
 
 
@@ -80,6 +80,7 @@ class DraftTokens:
     def __init__(self, tokenizer: Any, base_prompt: str, prompt_len: int, spans: Sequence[Span] = ()) -> None:
         self.tokenizer, self.base_prompt, self.prompt_len, self.spans = tokenizer, base_prompt, prompt_len, spans
         self._text: str | None = None  # the text of the last exact hand-off, as tokenized
+        self._apart = False  # whether its draft spelled a special token's text
         self._count = 0  # its draft tokens, none held back
         self._window: tuple[int, int] = (-1, 0)  # (start, tokens) of the last exact text's window
 
@@ -88,17 +89,20 @@ class DraftTokens:
         whole = _whole(text.rstrip())
         if not whole:
             return None
-        ids = _encode(self.tokenizer, self.base_prompt, self.prompt_len, self.base_prompt + whole, self.spans)
+        ids, self._apart = _encode(self.tokenizer, self.base_prompt, self.prompt_len, self.base_prompt + whole, self.spans)
         self._text, self._count, self._window = whole, len(ids) - self.prompt_len, (-1, 0)
         return Handoff(ids[: self.prompt_len], ids[self.prompt_len :]).held_back(holdback)
 
     def estimate(self, text: str, holdback: int = HOLDBACK_TOKENS) -> int | None:
-        """The stable draft tokens `exact(text)` would give, estimated; None before any exact one."""
-        if self._text is None:
+        """The stable draft tokens `exact(text)` would give, estimated; None before any exact one, and
+        where a draft spells a special token's text (which `exact` encodes apart from the prompt)."""
+        if self._text is None or self._apart:
             return None
         whole = _whole(text.rstrip())
         parted = len(self.base_prompt) + _common_prefix(self._text, whole)
         start = max(0, parted - CONTEXT_CHARS)
+        if spells_special(self.tokenizer, encode(self.tokenizer, whole[max(0, start - len(self.base_prompt)) :])[0]):
+            return None
         if self._window[0] != start:
             self._window = (start, len(encode_text(self.tokenizer, (self.base_prompt + self._text)[start:])))
         new = len(encode_text(self.tokenizer, (self.base_prompt + whole)[start:]))
@@ -112,12 +116,13 @@ def _common_prefix(a: str, b: str) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
-def _encode(tokenizer: Any, base_prompt: str, prompt_len: int, full: str, spans: Sequence[Span]) -> list[int]:
-    """The ids of the prompt followed by the draft, the messages' and the draft's text as text."""
+def _encode(tokenizer: Any, base_prompt: str, prompt_len: int, full: str, spans: Sequence[Span]) -> tuple[list[int], bool]:
+    """The ids of the prompt followed by the draft, the messages' and the draft's text as text; and
+    whether the draft spelled a special token's text, which encodes it apart from the prompt."""
     ids = encode(tokenizer, full, spans)[0]
     if spells_special(tokenizer, ids[prompt_len:]):  # the draft wrote a special token's text
-        ids = encode(tokenizer, full, [*spans, (len(base_prompt), len(full))])[0]
-    return ids
+        return encode(tokenizer, full, [*spans, (len(base_prompt), len(full))])[0], True
+    return ids, False
 
 
 def _whole(text: str) -> str:
