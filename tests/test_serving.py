@@ -1083,8 +1083,12 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
     results = _concurrently(rt, jobs)
     assert all(r.text for r in results)
     assert rt.stats().peaks["running"] < 4
-    with pytest.raises(RequestTooLargeError, match="more than the runtime's max_cached_tokens=700"):
+    with pytest.raises(RequestTooLargeError, match=r"\(prompts \+ max_tokens \+ max_draft_tokens\), more than the runtime's max_cached_tokens=700"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=600)
+    rt.configure(max_cached_tokens=200)
+    for mode in ("base", "draft"):  # each model alone: its budget is max_tokens only
+        with pytest.raises(RequestTooLargeError, match=r"\(prompts \+ max_tokens\), .*; lower max_tokens, or raise max_cached_tokens"):
+            rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode=mode)
 
 
 def test_close_ends_in_flight_work(fresh):

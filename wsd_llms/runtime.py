@@ -402,7 +402,7 @@ class WSDRuntime:
         engine = self.engine
         if engine is not None:
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                engine._drop(seq, "failed")
+                engine._drop(seq, given_up(seq.params, seq.created, time.perf_counter()) if seq.cancelled.is_set() else "failed")
                 seq.deliver(error)
         while True:
             try:

@@ -77,10 +77,11 @@ class Scheduler:
         """Queue a request; one that could never fit fails now."""
         need = token_budget(seq)
         if need > self.max_cached_tokens:
+            drafts = seq.params.mode in ("online", "staged")  # the modes whose budget has a draft
+            budgets = "max_tokens or max_draft_tokens" if drafts else "max_tokens"
             raise RequestTooLargeError(
-                f"this request may need {need} cached tokens (prompts + max_tokens + max_draft_tokens), more "
-                f"than the runtime's max_cached_tokens={self.max_cached_tokens}; lower max_tokens or "
-                "max_draft_tokens, or raise max_cached_tokens"
+                f"this request may need {need} cached tokens (prompts + max_tokens{' + max_draft_tokens' if drafts else ''}), more "
+                f"than the runtime's max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
             )
         seq.phase = Phase.WAITING
         with self.lock:
