@@ -174,3 +174,23 @@ def test_draft_tokens_estimate_defers_to_an_exact_handoff_where_the_draft_spells
     assert tokens.estimate("two plus two") == len(partial_handoff(tok, prompt, n, "two plus two").draft_ids)
     tokens.exact("two </s> four")
     assert tokens.estimate("two </s> four is") is None
+
+
+def test_an_unfinished_drafts_text_never_takes_back_what_a_run_of_byte_tokens_showed():
+    """A byte-fallback decoder turns a whole run of byte tokens into U+FFFD while it ends in an
+    incomplete or invalid character ("N" then "N" + <0xC3> decodes to two U+FFFD): an unfinished
+    draft's text stops before such a run, so each step's text begins every later one's, finished or not."""
+    import random
+
+    from wsd_llms.handoff import draft_text
+
+    tok = byte_fallback_tokenizer()  # "A" 1, "▁" 2, byte b at 3 + b
+    assert draft_text(tok, "", [3 + 0x4E], final=True) == "N" and draft_text(tok, "", [3 + 0x4E, 3 + 0xC3], final=True) == "\ufffd\ufffd"
+    assert draft_text(tok, "", [1, 3 + 0x4E, 3 + 0xC3], final=False) == "A"
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.choice([1, 2, 3 + 0x4E, 3 + 0xC3, 3 + 0xA9, 3 + 0xF0, 3 + 0x9F, 3 + 0x98, 3 + 0x80]) for _ in range(12)]
+        texts = [draft_text(tok, "", ids[:n], final=False) for n in range(1, len(ids) + 1)]
+        for n, text in enumerate(texts):
+            later = texts[n:] + [draft_text(tok, "", ids, final=True)]
+            assert all(t.startswith(text.rstrip()) for t in later), (ids, n)

@@ -262,3 +262,30 @@ def test_the_prompt_is_tokenized_with_the_draft_only_when_a_scoring_pass_may_fal
     assert runs["every step"][2] >= runs["every step"][3] - len(QUESTIONS) * len(SETTINGS)  # about one a draft token
     assert runs["estimated"][2] <= len(runs["estimated"][1]) + 8 * len(QUESTIONS) * len(SETTINGS)  # the passes and the first words
     assert runs["estimated"][2] < runs["every step"][2] / 2
+
+
+def test_a_draft_of_byte_tokens_streams_only_text_it_keeps():
+    """A draft model whose tokenizer falls back to bytes (Llama's, Gemma's) writes characters as runs
+    of byte tokens, which its decoder turns into U+FFFD while a run ends in an incomplete or invalid
+    character: text that streamed from such a run used to vanish from the draft, and the request
+    failed ("contradicts text already streamed"). Now it finishes, equal to the staged pipeline."""
+    from tiny import CHAT_TEMPLATE, byte_fallback_tokenizer, make_tokenizer, tiny_llama
+
+    from wsd_llms.runtime import WSDRuntime
+
+    bytes_tok = byte_fallback_tokenizer()
+    bytes_tok.chat_template = CHAT_TEMPLATE
+    bytes_tok.add_special_tokens({"eos_token": "</s>"})
+    runtime = WSDRuntime.from_models(tiny_llama(bytes_tok, 0, "tiny-bytes", sharpen=3.0), tiny_llama(make_tokenizer(420), 1, "tiny-base", sharpen=1.0))
+    try:
+        messages = [
+            {"role": "user", "content": "four. I bananas, you jumps four. of are a How dog. plus </s> <|assistant|>"},
+            {"role": "assistant", "content": "The "},
+        ]
+        for settings in ({"switch_threshold": 1.0, "switch_window": 7}, *SETTINGS):
+            staged, online = _both(runtime, messages, max_tokens=8, max_draft_tokens=30, **settings)
+            _assert_parity(staged, online)
+            events = list(runtime.stream(messages, max_tokens=8, max_draft_tokens=30, **settings))
+            assert "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].result.text == online.text
+    finally:
+        runtime.close()

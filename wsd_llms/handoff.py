@@ -9,6 +9,8 @@ encoded as text (encoding.encode).
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +39,31 @@ class Handoff:
         return Handoff(self.prompt_ids, self.draft_ids[: max(0, len(self.draft_ids) - tokens)])
 
 
-def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int]) -> str:
-    """The draft so far, left-stripped (the right strip happens once the draft has ended)."""
+def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int], final: bool = True) -> str:
+    """The draft so far, left-stripped (the right strip happens once the draft has ended).
+
+    An unfinished draft's text stops before a run of byte tokens at its end: a byte-fallback decoder
+    (Llama's, Gemma's: "<0xC3>") decodes a run of them together, and turns the whole run into U+FFFD
+    while it ends in an incomplete or invalid character, which would take back characters the run
+    had shown (and that may have streamed). A run's text is final once another token ends it."""
+    if not final:
+        byte_ids, end = _byte_ids(tokenizer), len(generated)
+        while end and generated[end - 1] in byte_ids:
+            end -= 1
+        generated = generated[:end]
     return (forced_prefix + decode(tokenizer, generated)).lstrip()
+
+
+_BYTES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _byte_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of a byte-fallback vocabulary's byte tokens ("<0x41>"): none in other vocabularies."""
+    found = _BYTES.get(tokenizer)
+    if found is None:
+        found = _BYTES[tokenizer] = frozenset(i for token, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
+    return found
 
 
 def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, spans: Sequence[Span] = ()) -> Handoff:

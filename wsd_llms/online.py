@@ -154,7 +154,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             done = len(generated) >= params.max_draft_tokens
         seq.draft_tokens = len(generated)
 
-        text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
+        text = draft_text(draft.tokenizer, prompts.forced_prefix, generated, final=done)
         whole = None  # the tokenization with nothing held back
         if done:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
