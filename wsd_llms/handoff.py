@@ -96,7 +96,7 @@ class DraftTokens:
     prompt (the embedded base's tokenizer: 0.16 ms for a 54-token prompt, 2.1 ms for 3300 tokens,
     8.3 ms for 11600), and the online engine needs one only when a scoring pass may fall due. In
     between, the count is the last exact one plus the change in tokens of the text from
-    CONTEXT_CHARS characters before where the drafts part: two short encodes. Since the engine
+    CONTEXT_CHARS characters before where the drafts part: a few short encodes. Since the engine
     takes an exact hand-off before it acts on an estimate (and an estimate that comes short only
     delays a pass, which changes no output), the estimate decides no reply.
     """
@@ -123,7 +123,7 @@ class DraftTokens:
         if self._text is None or self._apart:
             return None
         whole = _whole(text.rstrip())
-        parted = len(self.base_prompt) + _common_prefix(self._text, whole)
+        parted = len(self.base_prompt) + common_prefix(self._text, whole)
         start = max(0, parted - CONTEXT_CHARS)
         if spells_special(self.tokenizer, encode(self.tokenizer, whole[max(0, start - len(self.base_prompt)) :])[0]):
             return None
@@ -133,7 +133,8 @@ class DraftTokens:
         return max(0, self._count + new - self._window[1] - holdback)
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (characters, ids) `a` and `b` share."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n

@@ -11,7 +11,7 @@ import math
 from collections import deque
 
 from .continuation import continue_base, keep_draft
-from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, draft_text, final_handoff, min_switch
+from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, common_prefix, draft_text, final_handoff, min_switch
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
@@ -38,14 +38,6 @@ EARLY_MARGIN = 2
 
 def next_score_at(scored: int) -> int:
     return scored + min(max(scored, MIN_SCORE_INTERVAL), MAX_SCORE_INTERVAL)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class _Scorer:
@@ -76,7 +68,7 @@ class _Scorer:
         """
         target = handoff.prompt_ids + handoff.draft_ids
         self.prompt_len = len(handoff.prompt_ids)
-        common = _common_prefix(self.kv.ids, target)
+        common = common_prefix(self.kv.ids, target)
         if common < len(self.kv):
             self.seq.rollbacks += 1
             ModelRunner.crop(self.kv, max(common - 1, 0))
