@@ -323,8 +323,8 @@ class WSDRuntime:
                 _workers.add(self._thread)
                 self._thread.start()
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
+            self._sent += 1  # before the worker can take it
             self._inbox.put(sub)
-            self._sent += 1
         return sub
 
     def _check_waiting(self, sub: _Submission) -> None:
