@@ -377,11 +377,11 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
     # Before the models are loaded (the first request loads them in the worker).
     unloaded = WSDRuntime.from_models(tiny_llama(draft_tokenizer, 0), tiny_llama(draft_tokenizer, 1))
     built, unloaded.engine = unloaded.engine, None
-    loading = threading.Event()
+    loading, loaded = threading.Event(), threading.Event()
 
-    def slow_load():
+    def slow_load():  # the first request's load lasts until the test has looked
         loading.set()
-        time.sleep(0.5)
+        loaded.wait(10)
         unloaded.engine = built
         return built
 
@@ -390,7 +390,9 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(unloaded.generate, _msgs(q), max_tokens=5) for q in QUESTIONS[:2]]
             assert loading.wait(10)
+            _wait_for(lambda: unloaded._sent == 2)  # the second caller has sent its request too
             assert unloaded.stats().queued == 2
+            loaded.set()
             for future in futures:
                 future.result(timeout=60)
         assert (unloaded.stats().queued, unloaded.stats().finished) == (0, 2)
