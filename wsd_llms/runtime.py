@@ -383,7 +383,7 @@ class WSDRuntime:
             engine = self.load()
         except Exception as exc:  # no models: the request fails alone, and the next one tries again
             self._taken += 1
-            sub.deliver(exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
+            sub.deliver(_start_error(exc))
             return
         with engine.scheduler.lock:  # taken and queued (or counted) in one move, as stats() sees it
             self._taken += 1
@@ -396,7 +396,7 @@ class WSDRuntime:
                 engine.add(seq)
             except Exception as exc:  # a bad request must not kill the worker; it fails alone
                 engine.count("failed")
-                sub.deliver(exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}"))
+                sub.deliver(_start_error(exc))
 
     def _fail_all(self, error: BaseException) -> None:
         engine = self.engine
@@ -424,6 +424,11 @@ class WSDRuntime:
                 self._taken += 1
                 engine.count(given_up(item.params, item.submitted, time.perf_counter()) if item.cancelled.is_set() else "failed")
         item.deliver(error)
+
+
+def _start_error(exc: Exception) -> WSDError:
+    """What a caller gets for a request that could not start: our own errors as they are."""
+    return exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}")
 
 
 def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | None]) -> None:

@@ -77,7 +77,8 @@ class Scheduler:
         """Queue a request; one that could never fit fails now."""
         need = token_budget(seq)
         if need > self.max_cached_tokens:
-            drafts = seq.params.mode in ("online", "staged")  # the modes whose budget has a draft
+            caches = CACHES[seq.params.mode]
+            drafts = "draft" in caches and "base" in caches  # a draft for the base model (max_draft_tokens)
             budgets = "max_tokens or max_draft_tokens" if drafts else "max_tokens"
             raise RequestTooLargeError(
                 f"this request may need {need} cached tokens (prompts + max_tokens{' + max_draft_tokens' if drafts else ''}), more "
