@@ -7,6 +7,7 @@ import gc
 import json
 import multiprocessing
 import os
+import re
 import select
 import signal
 import subprocess
@@ -32,7 +33,8 @@ from wsd_llms import (
     TextDelta,
     WSDRuntime,
 )
-from wsd_llms import encoding, output_head
+from wsd_llms import encoding, output_head, structured
+from wsd_llms import runtime as runtime_module
 from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
@@ -1294,3 +1296,50 @@ def test_the_draft_model_alone_reserves_its_reply_and_holds_no_more(fresh):
         most.append((stats.cached_tokens, stats.reserved_tokens))
     assert max(cached for cached, _ in most) > 60  # a long reply
     assert all(cached <= reserved for cached, reserved in most)
+
+
+@pytest.mark.parametrize("calls", ["sync", "async"])
+def test_a_new_grammar_compiles_before_the_worker_takes_its_request(fresh, monkeypatch, calls):
+    """Compiling a request's grammar (up to 1.4 s for a new schema over the embedded base's words)
+    runs in its caller's thread, or for an async caller in a thread beside its event loop, so the
+    streams already running never wait for it: here a compile is held until a plain request sent
+    after it has finished, with the reply it gets alone."""
+    rt = fresh()
+    alone = rt.generate(_msgs(QUESTIONS[0]), max_tokens=10)
+    entered, release = threading.Event(), threading.Event()
+    real = structured.compiled_grammar
+
+    def held(model, spec):
+        if threading.current_thread() is not rt.worker:
+            entered.set()
+            assert release.wait(20), "the held compile was never released"
+        return real(model, spec)
+
+    monkeypatch.setattr(structured, "compiled_grammar", held)
+    monkeypatch.setattr(runtime_module, "compiled_grammar", held)
+    digits = {"max_tokens": 5, "response_format": {"type": "regex", "pattern": "[0-9]+"}}
+    try:
+        if calls == "sync":
+            with ThreadPoolExecutor(1) as pool:
+                constrained = pool.submit(rt.generate, _msgs("Pick a number."), **digits)
+                assert entered.wait(10), "the grammar was not compiled in the caller's thread"
+                plain = rt.generate(_msgs(QUESTIONS[0]), max_tokens=10)
+                release.set()
+                number = constrained.result(timeout=60)
+        else:
+
+            async def both():
+                constrained = asyncio.create_task(rt.agenerate(_msgs("Pick a number."), **digits))
+                deadline = time.monotonic() + 10
+                while not entered.is_set():
+                    assert time.monotonic() < deadline, "the grammar was not compiled beside the event loop"
+                    await asyncio.sleep(0.01)
+                plain = await rt.agenerate(_msgs(QUESTIONS[0]), max_tokens=10)
+                release.set()
+                return plain, await constrained
+
+            plain, number = asyncio.run(both())
+    finally:
+        release.set()
+    assert plain.text == alone.text
+    assert re.fullmatch("[0-9]+", number.text)

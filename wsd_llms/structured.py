@@ -237,12 +237,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
-    """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width."""
+    """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width.
+
+    The lock covers only making a tokenizer's compiler: xgrammar's compiler takes calls from many
+    threads at once, so a caller compiling a new schema never holds up one whose grammar is cached.
+    """
     with _lock:
         entry = _cache.get(model.tokenizer)
         if entry is None:
             entry = _cache[model.tokenizer] = _Compiled(model)
-        return entry.compiler.compile_structural_tag(spec), entry.vocab_size
+    return entry.compiler.compile_structural_tag(spec), entry.vocab_size
 
 
 class Guide:
