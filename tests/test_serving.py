@@ -1343,3 +1343,48 @@ def test_a_new_grammar_compiles_before_the_worker_takes_its_request(fresh, monke
         release.set()
     assert plain.text == alone.text
     assert re.fullmatch("[0-9]+", number.text)
+
+
+def test_requests_given_up_in_the_inbox_count_as_their_callers_left_them(fresh, monkeypatch):
+    """A request still in the inbox as the runtime closes counts as cancelled if its caller
+    cancelled it there, as failed if its timeout passed there, and as failed otherwise, as
+    requests the worker takes are counted (engine.given_up)."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine = rt.engine
+    entered, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def gated_step():
+        entered.set()
+        release.wait(20)
+        step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+
+    async def cancelled_in_the_inbox():
+        task = asyncio.create_task(rt.agenerate(_msgs(QUESTIONS[3]), max_tokens=30))
+        while rt._inbox.qsize() < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
+        assert entered.wait(10)  # the worker is inside a step
+        waiting = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=30)
+        timed_out = pool.submit(rt.generate, _msgs(QUESTIONS[2]), max_tokens=30, timeout=0.2)
+        _wait_for(lambda: rt._inbox.qsize() == 2)
+        asyncio.run(cancelled_in_the_inbox())
+        with pytest.raises(RequestTimeoutError):
+            timed_out.result(timeout=30)
+        closing = pool.submit(rt.close)
+        _wait_for(lambda: rt._closed)
+        release.set()
+        for future in (running, waiting):
+            with pytest.raises(RuntimeClosedError, match="closed"):
+                future.result(timeout=30)
+        closing.result(timeout=30)
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled, stats.queued, stats.running) == (1, 3, 1, 0, 0)
