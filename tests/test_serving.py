@@ -369,6 +369,7 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
         _wait_for(lambda: rt._inbox.qsize() == 3)
         stats = rt.stats()
         assert (stats.queued, stats.running, stats.finished) == (4, 0, 1)  # the first is admitted when the step schedules
+        assert stats.peaks["queued"] == 4
         monkeypatch.setattr(engine, "step", step)
         release.set()
         for future in futures:
@@ -393,7 +394,7 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
             futures = [pool.submit(unloaded.generate, _msgs(q), max_tokens=5) for q in QUESTIONS[:2]]
             assert loading.wait(10)
             _wait_for(lambda: unloaded._sent == 2)  # the second caller has sent its request too
-            assert unloaded.stats().queued == 2
+            assert unloaded.stats().queued == unloaded.stats().peaks["queued"] == 2
             loaded.set()
             for future in futures:
                 future.result(timeout=60)

@@ -102,6 +102,7 @@ class WSDRuntime:
         # Submissions put in the inbox, and those the worker has taken from it (queued in the engine,
         # or counted as ended): the difference is queued too in stats(), while models load or a step runs.
         self._sent = self._taken = 0
+        self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
 
     def _after_fork(self) -> None:
         """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
@@ -227,10 +228,22 @@ class WSDRuntime:
         cache use, passes per model and seconds in passes per phase."""
         engine = self.engine
         if engine is None:
-            return replace(RuntimeStats.empty(), queued=self._sent - self._taken)
+            stats = RuntimeStats.empty()
+            return replace(stats, queued=self._sent - self._taken, peaks={**stats.peaks, "queued": self._peak_queued})
         with engine.scheduler.lock:  # the worker takes a submission and queues (or counts) it under this lock
             stats = engine.stats()
-            return replace(stats, queued=stats.queued + self._sent - self._taken)
+            peak = max(stats.peaks["queued"], self._peak_queued)
+            return replace(stats, queued=stats.queued + self._sent - self._taken, peaks={**stats.peaks, "queued": peak})
+
+    def _note_queued(self) -> None:
+        """Raise the peak of queued requests to what is queued now, inbox included (as stats() counts);
+        under the worker lock, so that callers sending at once do not lose each other's count."""
+        engine = self.engine
+        if engine is None:
+            self._peak_queued = max(self._peak_queued, self._sent - self._taken)
+            return
+        with engine.scheduler.lock:
+            self._peak_queued = max(self._peak_queued, len(engine.scheduler.waiting) + self._sent - self._taken)
 
     @property
     def worker(self) -> threading.Thread | None:
@@ -348,6 +361,7 @@ class WSDRuntime:
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
             self._sent += 1  # before the worker can take it
             self._inbox.put(sub)
+            self._note_queued()
         return sub
 
     def _check_waiting(self, sub: _Submission) -> None:
