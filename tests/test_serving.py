@@ -31,6 +31,7 @@ from wsd_llms import (
     RequestTooLargeError,
     RuntimeClosedError,
     TextDelta,
+    WSDError,
     WSDRuntime,
 )
 from wsd_llms import encoding, output_head, structured
@@ -1302,9 +1303,9 @@ def test_the_draft_model_alone_reserves_its_reply_and_holds_no_more(fresh):
 @pytest.mark.parametrize("calls", ["sync", "async"])
 def test_a_new_grammar_compiles_before_the_worker_takes_its_request(fresh, monkeypatch, calls):
     """Compiling a request's grammar (up to 1.4 s for a new schema over the embedded base's words)
-    runs in its caller's thread, or for an async caller in a thread beside its event loop, so the
-    streams already running never wait for it: here a compile is held until a plain request sent
-    after it has finished, with the reply it gets alone."""
+    runs beside the worker, so the streams already running never wait for it: here a compile is
+    held until a plain request sent after it has finished, with the reply it gets alone. Meanwhile
+    the request counts as queued."""
     rt = fresh()
     alone = rt.generate(_msgs(QUESTIONS[0]), max_tokens=10)
     entered, release = threading.Event(), threading.Event()
@@ -1323,7 +1324,8 @@ def test_a_new_grammar_compiles_before_the_worker_takes_its_request(fresh, monke
         if calls == "sync":
             with ThreadPoolExecutor(1) as pool:
                 constrained = pool.submit(rt.generate, _msgs("Pick a number."), **digits)
-                assert entered.wait(10), "the grammar was not compiled in the caller's thread"
+                assert entered.wait(10), "the grammar was not compiled beside the worker"
+                assert rt.stats().queued == 1
                 plain = rt.generate(_msgs(QUESTIONS[0]), max_tokens=10)
                 release.set()
                 number = constrained.result(timeout=60)
@@ -1333,7 +1335,7 @@ def test_a_new_grammar_compiles_before_the_worker_takes_its_request(fresh, monke
                 constrained = asyncio.create_task(rt.agenerate(_msgs("Pick a number."), **digits))
                 deadline = time.monotonic() + 10
                 while not entered.is_set():
-                    assert time.monotonic() < deadline, "the grammar was not compiled beside the event loop"
+                    assert time.monotonic() < deadline, "the grammar was not compiled beside the worker"
                     await asyncio.sleep(0.01)
                 plain = await rt.agenerate(_msgs(QUESTIONS[0]), max_tokens=10)
                 release.set()
@@ -1389,3 +1391,63 @@ def test_requests_given_up_in_the_inbox_count_as_their_callers_left_them(fresh, 
         closing.result(timeout=30)
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.queued, stats.running) == (1, 3, 1, 0, 0)
+
+
+@pytest.mark.parametrize("ending", ["compiles", "fails to compile", "times out", "is cancelled", "runtime closes"])
+def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monkeypatch, ending):
+    """While its grammar compiles beside the worker a request counts as queued; then it runs, or
+    fails with the compile's error, or ends at its timeout, its cancellation or close(), counted
+    once as finished, failed or cancelled."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    entered, release = threading.Event(), threading.Event()
+    real = structured.compiled_grammar
+
+    def held(model, spec):
+        entered.set()
+        assert release.wait(20), "the held compile was never released"
+        if ending == "fails to compile":
+            raise RuntimeError("no grammar today")
+        return real(model, spec)
+
+    monkeypatch.setattr(runtime_module, "compiled_grammar", held)
+    digits = {"max_tokens": 5, "response_format": {"type": "regex", "pattern": "[0-9]+"}}
+    if ending == "times out":
+        digits["timeout"] = 0.2
+
+    async def cancelled_while_compiling():
+        task = asyncio.create_task(rt.agenerate(_msgs("Pick a number."), **digits))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            if ending == "is cancelled":
+                asyncio.run(cancelled_while_compiling())
+                outcome = None
+            else:
+                outcome = pool.submit(rt.generate, _msgs("Pick a number."), **digits)
+                assert entered.wait(10)
+            assert rt.stats().queued == 1
+            if ending == "times out":
+                with pytest.raises(RequestTimeoutError):
+                    outcome.result(timeout=10)
+            if ending == "runtime closes":
+                rt.close()
+                with pytest.raises(RuntimeClosedError):
+                    outcome.result(timeout=10)
+            release.set()
+            if ending == "compiles":
+                assert re.fullmatch("[0-9]+", outcome.result(timeout=60).text)
+            if ending == "fails to compile":
+                with pytest.raises(WSDError, match="could not start the request: RuntimeError: no grammar today"):
+                    outcome.result(timeout=60)
+    finally:
+        release.set()
+    expected = {"compiles": (2, 0, 0), "fails to compile": (1, 1, 0), "times out": (1, 1, 0), "is cancelled": (1, 0, 1), "runtime closes": (1, 1, 0)}
+    _wait_for(lambda: rt.stats().queued == 0)
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled, stats.running) == (*expected[ending], 0)

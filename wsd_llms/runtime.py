@@ -50,6 +50,14 @@ class _Submission:
     deliver: Callable[[Event | BaseException], None]
     cancelled: threading.Event
     submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
+    compiled: bool = False  # its grammar has been compiled aside (`WSDRuntime._compile_aside`), or needs none
+    compile_error: Exception | None = None
+    told_closed: bool = False  # its caller was told the worker stopped (and left): it failed, not cancelled
+
+    def given_up(self) -> str:
+        """How the request counts once its caller has left: failed if the caller was told the
+        runtime stopped, or left past the timeout; else cancelled (engine.given_up)."""
+        return "failed" if self.told_closed else given_up(self.params, self.submitted, time.perf_counter())
 
 
 class WSDRuntime:
@@ -129,11 +137,8 @@ class WSDRuntime:
 
     def stream(self, messages: Messages, **params: Any) -> Iterator[Event]:
         """Blocking iterator of events: TextDelta pieces, then one FinalEvent."""
-        submitted = time.perf_counter()
-        normalized, parsed = normalize_messages(messages), parse_params(**params)
-        self._compile_grammar(parsed)
         inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
-        sub = self._submit(normalized, parsed, submitted, inbox.put)
+        sub = self._submit(messages, params, inbox.put)
         try:
             while True:
                 try:
@@ -155,11 +160,7 @@ class WSDRuntime:
         def deliver(item: Event | BaseException) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        submitted = time.perf_counter()
-        normalized, parsed = normalize_messages(messages), parse_params(**params)
-        if self.engine is not None and parsed.constrained:
-            await asyncio.to_thread(self._compile_grammar, parsed)
-        sub = self._submit(normalized, parsed, submitted, deliver)
+        sub = self._submit(messages, params, deliver)
         try:
             while True:
                 try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
@@ -326,24 +327,9 @@ class WSDRuntime:
             source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code
         )
 
-    def _compile_grammar(self, params: GenerationParams) -> None:
-        """Compile the request's grammar for the models its mode runs, in the caller's thread (an
-        async caller's in a thread of its loop), before the worker takes the request: a new schema
-        takes 0.1-1.4 s to compile over the embedded base's 262k words, and on the worker every
-        other stream would wait for it. The worker's own compile then finds it cached. Before the
-        models load there is nothing to compile for: the worker compiles it after loading them."""
-        engine = self.engine
-        if engine is None or not params.constrained:
-            return
-        spec = constraint_spec(params)
-        try:
-            for model in MODELS[params.mode]:
-                compiled_grammar(engine.draft if model == "draft" else engine.base, spec)
-        except Exception as exc:  # as the worker would fail the request
-            raise _start_error(exc) from exc
-
-    def _submit(self, normalized: list[Message], parsed: GenerationParams, submitted: float, deliver: Callable[[Event | BaseException], None]) -> _Submission:
-        cancelled = threading.Event()
+    def _submit(self, messages: Messages, params: dict[str, Any], deliver: Callable[[Event | BaseException], None]) -> _Submission:
+        submitted = time.perf_counter()
+        normalized, parsed, cancelled = normalize_messages(messages), parse_params(**params), threading.Event()
 
         def guarded(item: Event | BaseException) -> None:
             try:
@@ -354,26 +340,48 @@ class WSDRuntime:
         with self._worker_lock:  # against close(): a request either reaches a live worker or is refused
             if self._closed:
                 raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._inbox), name="wsd-llms-worker", daemon=True)
-                _workers.add(self._thread)
-                self._thread.start()
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
             self._sent += 1  # before the worker can take it
-            self._inbox.put(sub)
+            self._put(sub)
             self._note_queued()
         return sub
+
+    def _put(self, sub: _Submission) -> None:
+        """Put a submission in the inbox, starting a worker if none is alive (under the worker lock)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._inbox), name="wsd-llms-worker", daemon=True)
+            _workers.add(self._thread)
+            self._thread.start()
+        self._inbox.put(sub)
+
+    def _compile_aside(self, engine: Engine, sub: _Submission) -> None:
+        """Compile a request's grammar for the models its mode runs (thread "wsd-llms-compile"), then
+        send it back to the worker, which finds the grammar cached. A new schema takes 0.1-1.4 s
+        over the embedded base's 262k words; on the worker every running stream would wait for it.
+        Meanwhile the request counts as queued; a compile that fails fails it when the worker takes it."""
+        try:
+            spec = constraint_spec(sub.params)
+            for model in MODELS[sub.params.mode]:
+                compiled_grammar(engine.draft if model == "draft" else engine.base, spec)
+        except Exception as exc:
+            sub.compile_error = exc
+        with self._worker_lock:
+            if self._closed:
+                self._refuse(sub, RuntimeClosedError("this runtime was closed while the request's grammar compiled"))
+            else:
+                self._put(sub)
 
     def _check_waiting(self, sub: _Submission) -> None:
         """While a caller waits: fail at once if the worker stopped, or if the request's timeout passed
         and the worker, busy without stepping (loading the models), has not failed it itself."""
         thread = self._thread
         if self._closed or thread is None or not thread.is_alive():
+            sub.told_closed = True
             raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
         if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=_POLL):
             sub.cancelled.set()
             raise RequestTimeoutError(
-                f"the request exceeded timeout={sub.params.timeout}s (the worker had not ended it: loading, or a long step)"
+                f"the request exceeded timeout={sub.params.timeout}s (the worker had not ended it: loading, compiling its grammar, or a long step)"
             )
 
     def _guarded_run(self, item: _Submission | None) -> bool:
@@ -415,19 +423,26 @@ class WSDRuntime:
             return False
 
     def _accept(self, sub: _Submission) -> None:
-        """Take a submission into the engine: queued, or (cancelled, or failing as it starts) counted."""
+        """Take a submission into the engine: queued, or (cancelled, or failing as it starts) counted.
+        One with a grammar goes aside first, and comes back once the grammar is compiled."""
         try:
             engine = self.load()
         except Exception as exc:  # no models: the request fails alone, and the next one tries again
             self._taken += 1
             sub.deliver(_start_error(exc))
             return
+        if not sub.compiled and sub.params.constrained and not sub.cancelled.is_set():
+            sub.compiled = True  # still in the inbox's count: it comes back once compiled
+            threading.Thread(target=self._compile_aside, args=(engine, sub), name="wsd-llms-compile", daemon=True).start()
+            return
         with engine.scheduler.lock:  # taken and queued (or counted) in one move, as stats() sees it
             self._taken += 1
             try:
                 if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-                    engine.count(given_up(sub.params, sub.submitted, time.perf_counter()))
+                    engine.count(sub.given_up())
                     return
+                if sub.compile_error is not None:
+                    raise sub.compile_error
                 seq = engine.prepare(sub.messages, sub.params, sub.deliver)
                 seq.cancelled, seq.created = sub.cancelled, sub.submitted
                 engine.add(seq)
@@ -450,8 +465,8 @@ class WSDRuntime:
                 self._refuse(item, error)
 
     def _refuse(self, item: _Submission, error: BaseException) -> None:
-        """Fail a request the engine never took (still in the inbox as the runtime closed or its
-        worker died), counted as failed like the requests that were running, or as cancelled if its
+        """Fail a request the engine never took (still in the inbox, or compiling its grammar, as the
+        runtime closed or its worker died), counted as failed like the requests that were running, or as cancelled if its
         caller had already given up on it (as `_accept` counts it)."""
         engine = self.engine
         if engine is None:
@@ -459,7 +474,7 @@ class WSDRuntime:
         else:
             with engine.scheduler.lock:
                 self._taken += 1
-                engine.count(given_up(item.params, item.submitted, time.perf_counter()) if item.cancelled.is_set() else "failed")
+                engine.count(item.given_up() if item.cancelled.is_set() else "failed")
         item.deliver(error)
 
 
