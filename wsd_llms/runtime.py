@@ -2,7 +2,7 @@
 
 Requests come from any thread or event loop and go back as events: `stream` is a blocking
 iterator, `astream` an async iterator that never blocks the event loop. Models load on the first
-request, in the worker thread.
+request, in the worker thread; a request's grammar compiles beside it.
 """
 
 from __future__ import annotations
@@ -356,9 +356,11 @@ class WSDRuntime:
 
     def _compile_aside(self, engine: Engine, sub: _Submission) -> None:
         """Compile a request's grammar for the models its mode runs (thread "wsd-llms-compile"), then
-        send it back to the worker, which finds the grammar cached. A new schema takes 0.1-1.4 s
-        over the embedded base's 262k words; on the worker every running stream would wait for it.
-        Meanwhile the request counts as queued; a compile that fails fails it when the worker takes it."""
+        send it back to the worker, which finds the grammar cached. The first grammar for a tokenizer
+        builds xgrammar's table of its words (over a second for the embedded base's 262k), a later
+        schema 5-130 ms; on the worker every running stream would wait for it
+        (benchmarks/bench_grammar_pause.py). Meanwhile the request counts as queued; a compile that
+        fails fails the request when the worker takes it again."""
         try:
             spec = constraint_spec(sub.params)
             for model in MODELS[sub.params.mode]:
@@ -466,8 +468,8 @@ class WSDRuntime:
 
     def _refuse(self, item: _Submission, error: BaseException) -> None:
         """Fail a request the engine never took (still in the inbox, or compiling its grammar, as the
-        runtime closed or its worker died), counted as failed like the requests that were running, or as cancelled if its
-        caller had already given up on it (as `_accept` counts it)."""
+        runtime closed or its worker died), counted as failed like the requests that were running,
+        or as its caller left it if it had already given up on it (as `_accept` counts it)."""
         engine = self.engine
         if engine is None:
             self._taken += 1
