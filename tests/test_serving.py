@@ -1451,3 +1451,31 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
     _wait_for(lambda: rt.stats().queued == 0)
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.running) == (*expected[ending], 0)
+
+
+def test_a_request_whose_caller_was_told_the_runtime_closed_counts_failed(fresh, monkeypatch):
+    """A running request's caller that learns of close() before the worker ends the request (the
+    step in flight is long) leaves with RuntimeClosedError; the request counts as failed, as the
+    runtime ended it, not as cancelled."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine = rt.engine
+    entered, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def gated_step():
+        entered.set()
+        release.wait(20)
+        step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
+        assert entered.wait(10)
+        closing = pool.submit(rt.close)
+        with pytest.raises(RuntimeClosedError, match="worker stopped"):
+            running.result(timeout=10)  # the caller polled and left before the step ended
+        release.set()
+        closing.result(timeout=30)
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (1, 1, 0, 0, 0)

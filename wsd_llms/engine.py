@@ -23,7 +23,7 @@ from .prefix_cache import PrefixCache
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
 from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, plan_passes, prefill_pieces
-from .sequence import Forward, Phase, Project, Sequence
+from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
 from .structured import constraint_spec, structured_fields
 
@@ -37,10 +37,11 @@ PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "
 MODELS = {"online": ("draft", "base"), "staged": ("draft", "base"), "base": ("base",), "draft": ("draft",)}  # the models each mode runs
 
 
-def given_up(params: GenerationParams, since: float, now: float) -> str:
+def given_up(params: GenerationParams, since: float, now: float, left: CallerLeft) -> str:
     """How stats() counts a request its caller gave up on: "failed" past its timeout (a timeout is a
-    failure, whoever notices it), else "cancelled"."""
-    return "failed" if params.timed_out(since, now) else "cancelled"
+    failure, whoever notices it) or when the caller left on being told the runtime stopped (it
+    ended the request), else "cancelled"."""
+    return "failed" if left.told_closed or params.timed_out(since, now) else "cancelled"
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class Engine:
         if seq.params.timed_out(seq.created, now):
             self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={seq.params.timeout}s"))
         elif seq.cancelled.is_set():
-            self._drop(seq, "cancelled")
+            self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled))
         else:
             return False
         return True
@@ -464,5 +465,5 @@ class Engine:
         )
         # A caller that gave up while this step finished the request (at its timeout, or closing its
         # stream) never reads the result: it is counted as what ended it for them.
-        self._drop(seq, given_up(seq.params, seq.created, now) if seq.cancelled.is_set() else "finished")
+        self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled) if seq.cancelled.is_set() else "finished")
         seq.deliver(FinalEvent(result))

@@ -37,6 +37,7 @@ from .loading import (
 from .messages import Message, normalize_messages
 from .params import GenerationParams, parse_params
 from .prompts import base_prompt_tokens, require_chat_template
+from .sequence import CallerLeft
 from .structured import compiled_grammar, constraint_spec
 
 Messages = Seq[Mapping[str, Any] | Message]
@@ -48,16 +49,14 @@ class _Submission:
     messages: list[Message]
     params: GenerationParams
     deliver: Callable[[Event | BaseException], None]
-    cancelled: threading.Event
+    cancelled: CallerLeft  # its sequence's too, once the engine takes it
     submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
     compiled: bool = False  # its grammar has been compiled aside (`WSDRuntime._compile_aside`), or needs none
     compile_error: Exception | None = None
-    told_closed: bool = False  # its caller was told the worker stopped (and left): it failed, not cancelled
 
     def given_up(self) -> str:
-        """How the request counts once its caller has left: failed if the caller was told the
-        runtime stopped, or left past the timeout; else cancelled (engine.given_up)."""
-        return "failed" if self.told_closed else given_up(self.params, self.submitted, time.perf_counter())
+        """How the request counts once its caller has left it (engine.given_up)."""
+        return given_up(self.params, self.submitted, time.perf_counter(), self.cancelled)
 
 
 class WSDRuntime:
@@ -329,7 +328,7 @@ class WSDRuntime:
 
     def _submit(self, messages: Messages, params: dict[str, Any], deliver: Callable[[Event | BaseException], None]) -> _Submission:
         submitted = time.perf_counter()
-        normalized, parsed, cancelled = normalize_messages(messages), parse_params(**params), threading.Event()
+        normalized, parsed, cancelled = normalize_messages(messages), parse_params(**params), CallerLeft()
 
         def guarded(item: Event | BaseException) -> None:
             try:
@@ -378,7 +377,7 @@ class WSDRuntime:
         and the worker, busy without stepping (loading the models), has not failed it itself."""
         thread = self._thread
         if self._closed or thread is None or not thread.is_alive():
-            sub.told_closed = True
+            sub.cancelled.told_closed = True
             raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
         if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=_POLL):
             sub.cancelled.set()
@@ -456,7 +455,7 @@ class WSDRuntime:
         engine = self.engine
         if engine is not None:
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                engine._drop(seq, given_up(seq.params, seq.created, time.perf_counter()) if seq.cancelled.is_set() else "failed")
+                engine._drop(seq, given_up(seq.params, seq.created, time.perf_counter(), seq.cancelled) if seq.cancelled.is_set() else "failed")
                 seq.deliver(error)
         while True:
             try:

@@ -21,6 +21,13 @@ from .prompts import Prompts
 from .reply import Delta, ReplyText
 
 
+class CallerLeft(threading.Event):
+    """Set when a request's caller has left it (its stream closed, its task cancelled, its timeout
+    passed); `told_closed` when it left because it was told the runtime stopped."""
+
+    told_closed = False
+
+
 class Phase(str, Enum):
     WAITING = "waiting"
     DRAFTING = "drafting"
@@ -87,7 +94,7 @@ class Sequence:
     rollbacks: int = 0
     constraint: str | None = None  # the grammar spec (structured.constraint_spec), or None
     scoring_open: bool = True  # whether a scoring pass may start this step (engine.SCORING_STRIDE)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CallerLeft = field(default_factory=lambda: CallerLeft())
     draft_kv: KVCache | None = None
     base_kv: KVCache | None = None
     cached_prompt: dict[str, int] = field(default_factory=lambda: {"draft": 0, "base": 0})
