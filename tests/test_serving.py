@@ -1393,11 +1393,11 @@ def test_requests_given_up_in_the_inbox_count_as_their_callers_left_them(fresh, 
     assert (stats.finished, stats.failed, stats.cancelled, stats.queued, stats.running) == (1, 3, 1, 0, 0)
 
 
-@pytest.mark.parametrize("ending", ["compiles", "fails to compile", "times out", "is cancelled", "runtime closes"])
+@pytest.mark.parametrize("ending", ["compiles", "fails to compile", "dies compiling", "times out", "is cancelled", "runtime closes"])
 def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monkeypatch, ending):
     """While its grammar compiles beside the worker a request counts as queued; then it runs, or
-    fails with the compile's error, or ends at its timeout, its cancellation or close(), counted
-    once as finished, failed or cancelled."""
+    fails with the compile's error (whatever it is), or ends at its timeout, its cancellation or
+    close(), which waits for the compile to end; it is counted once as finished, failed or cancelled."""
     rt = fresh()
     rt.generate(_msgs("Hi"), max_tokens=2)
     entered, release = threading.Event(), threading.Event()
@@ -1408,6 +1408,8 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
         assert release.wait(20), "the held compile was never released"
         if ending == "fails to compile":
             raise RuntimeError("no grammar today")
+        if ending == "dies compiling":
+            raise WorkerKilled("killed mid-compile")
         return real(model, spec)
 
     monkeypatch.setattr(runtime_module, "compiled_grammar", held)
@@ -1436,18 +1438,27 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
                 with pytest.raises(RequestTimeoutError):
                     outcome.result(timeout=10)
             if ending == "runtime closes":
-                rt.close()
+                closing = threading.Thread(target=rt.close)
+                closing.start()
                 with pytest.raises(RuntimeClosedError):
                     outcome.result(timeout=10)
+                assert closing.is_alive()  # close() waits for the compile
             release.set()
+            if ending == "runtime closes":
+                closing.join(10)
+                assert not [t for t in threading.enumerate() if t.name == "wsd-llms-compile"]
+                assert rt.stats().queued == 0
             if ending == "compiles":
                 assert re.fullmatch("[0-9]+", outcome.result(timeout=60).text)
             if ending == "fails to compile":
                 with pytest.raises(WSDError, match="could not start the request: RuntimeError: no grammar today"):
                     outcome.result(timeout=60)
+            if ending == "dies compiling":
+                with pytest.raises(WSDError, match="could not start the request: WorkerKilled: killed mid-compile"):
+                    outcome.result(timeout=60)
     finally:
         release.set()
-    expected = {"compiles": (2, 0, 0), "fails to compile": (1, 1, 0), "times out": (1, 1, 0), "is cancelled": (1, 0, 1), "runtime closes": (1, 1, 0)}
+    expected = {"compiles": (2, 0, 0), "fails to compile": (1, 1, 0), "dies compiling": (1, 1, 0), "times out": (1, 1, 0), "is cancelled": (1, 0, 1), "runtime closes": (1, 1, 0)}
     _wait_for(lambda: rt.stats().queued == 0)
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.running) == (*expected[ending], 0)
@@ -1479,3 +1490,26 @@ def test_a_request_whose_caller_was_told_the_runtime_closed_counts_failed(fresh,
         closing.result(timeout=30)
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (1, 1, 0, 0, 0)
+
+
+@pytest.mark.parametrize("beside", ["full", "no thread"])
+def test_a_grammar_compiles_on_the_worker_when_none_can_beside_it(fresh, monkeypatch, beside):
+    """Past MAX_COMPILES compiling at once, or when no thread can start, the worker compiles the
+    grammar itself as it takes the request, which is served as before."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    if beside == "full":
+        monkeypatch.setattr(runtime_module, "MAX_COMPILES", 0)
+    else:
+        def no_thread(self):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+    compiled_on = []
+    real = structured.compiled_grammar
+    monkeypatch.setattr(structured, "compiled_grammar", lambda model, spec: compiled_on.append(threading.current_thread()) or real(model, spec))
+    number = rt.generate(_msgs("Pick a number."), max_tokens=5, response_format={"type": "regex", "pattern": "[0-9]+"})
+    assert re.fullmatch("[0-9]+", number.text)
+    assert compiled_on and set(compiled_on) == {rt.worker}
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.queued) == (2, 0, 0)

@@ -42,6 +42,8 @@ from .structured import compiled_grammar, constraint_spec
 
 Messages = Seq[Mapping[str, Any] | Message]
 _POLL = 0.5  # seconds between checks that the worker is still alive while a caller waits
+# Grammars compiling beside the worker at once, per runtime; a request past them compiles on the worker.
+MAX_COMPILES = 4
 
 
 @dataclass
@@ -52,7 +54,7 @@ class _Submission:
     cancelled: CallerLeft  # its sequence's too, once the engine takes it
     submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
     compiled: bool = False  # its grammar has been compiled aside (`WSDRuntime._compile_aside`), or needs none
-    compile_error: Exception | None = None
+    compile_error: BaseException | None = None
 
     def given_up(self) -> str:
         """How the request counts once its caller has left it (engine.given_up)."""
@@ -110,6 +112,7 @@ class WSDRuntime:
         # or counted as ended): the difference is queued too in stats(), while models load or a step runs.
         self._sent = self._taken = 0
         self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
+        self._compiles: set[threading.Thread] = set()  # compiling beside the worker (under the worker lock)
 
     def _after_fork(self) -> None:
         """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
@@ -315,9 +318,11 @@ class WSDRuntime:
         with self._worker_lock:
             self._closed = True
             self._inbox.put(None)
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
+            threads = [self._thread, *self._compiles]
+        deadline = time.monotonic() + 30
+        for thread in threads:  # compiles too: a thread inside xgrammar at interpreter exit aborts it
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=max(deadline - time.monotonic(), 0))
 
     # ------------------------------------------------------------ worker
 
@@ -364,13 +369,30 @@ class WSDRuntime:
             spec = constraint_spec(sub.params)
             for model in MODELS[sub.params.mode]:
                 compiled_grammar(engine.draft if model == "draft" else engine.base, spec)
-        except Exception as exc:
+        except BaseException as exc:  # whatever it is, it goes back to the request
             sub.compile_error = exc
         with self._worker_lock:
+            self._compiles.discard(threading.current_thread())
             if self._closed:
                 self._refuse(sub, RuntimeClosedError("this runtime was closed while the request's grammar compiled"))
             else:
                 self._put(sub)
+
+    def _compile_beside(self, engine: Engine, sub: _Submission) -> bool:
+        """Start compiling a request's grammar beside the worker (`_compile_aside`); False when
+        MAX_COMPILES are compiling already, no thread can start, or the runtime is closing (close()
+        has listed the threads it waits for): the worker compiles it then."""
+        thread = threading.Thread(target=self._compile_aside, args=(engine, sub), name="wsd-llms-compile", daemon=True)
+        with self._worker_lock:
+            if self._closed or len(self._compiles) >= MAX_COMPILES:
+                return False
+            try:
+                thread.start()
+            except RuntimeError:  # the process's thread limit
+                return False
+            self._compiles.add(thread)
+            _workers.add(thread)
+        return True
 
     def _check_waiting(self, sub: _Submission) -> None:
         """While a caller waits: fail at once if the worker stopped, or if the request's timeout passed
@@ -433,9 +455,9 @@ class WSDRuntime:
             sub.deliver(_start_error(exc))
             return
         if not sub.compiled and sub.params.constrained and not sub.cancelled.is_set():
-            sub.compiled = True  # still in the inbox's count: it comes back once compiled
-            threading.Thread(target=self._compile_aside, args=(engine, sub), name="wsd-llms-compile", daemon=True).start()
-            return
+            sub.compiled = True  # from here on it compiles once, beside the worker or on it
+            if self._compile_beside(engine, sub):
+                return  # still in the inbox's count: it comes back once compiled
         with engine.scheduler.lock:  # taken and queued (or counted) in one move, as stats() sees it
             self._taken += 1
             try:
@@ -443,7 +465,9 @@ class WSDRuntime:
                     engine.count(sub.given_up())
                     return
                 if sub.compile_error is not None:
-                    raise sub.compile_error
+                    engine.count("failed")
+                    sub.deliver(_start_error(sub.compile_error))
+                    return
                 seq = engine.prepare(sub.messages, sub.params, sub.deliver)
                 seq.cancelled, seq.created = sub.cancelled, sub.submitted
                 engine.add(seq)
@@ -479,7 +503,7 @@ class WSDRuntime:
         item.deliver(error)
 
 
-def _start_error(exc: Exception) -> WSDError:
+def _start_error(exc: BaseException) -> WSDError:
     """What a caller gets for a request that could not start: our own errors as they are."""
     return exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}")
 
@@ -602,13 +626,13 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every worker started, while it runs
+_workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every worker and compile started, while it runs
 
 
 @atexit.register
 def _close_all() -> None:
-    """At interpreter exit, stop every worker before torch's threads are torn down (a worker thread
-    alive then aborts the process)."""
+    """At interpreter exit, stop every worker, and let every compile end, before torch's threads are
+    torn down (a worker thread alive then aborts the process, and one inside xgrammar too)."""
     for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
         runtime.close()
     for thread in list(_workers):  # those of runtimes collected just now are ending
