@@ -400,7 +400,8 @@ class WSDRuntime:
         thread = self._thread
         if self._closed or thread is None or not thread.is_alive():
             sub.cancelled.told_closed = True
-            raise RuntimeClosedError("the wsd-llms worker stopped while this request was waiting")
+            stopped = "this runtime was closed" if self._closed else "the wsd-llms worker stopped"
+            raise RuntimeClosedError(f"{stopped} while this request was waiting")
         if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=_POLL):
             sub.cancelled.set()
             raise RequestTimeoutError(
