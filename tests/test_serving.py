@@ -319,30 +319,15 @@ def test_requests_sent_before_close_are_not_started(fresh, monkeypatch):
     """Requests still in the inbox when close() is called fail with RuntimeClosedError without
     being prepared (nor, on a runtime whose models are not loaded yet, loading them)."""
     rt = fresh()
-    rt.generate(_msgs("Hi"), max_tokens=2)
-    engine = rt.engine
-    entered, release, prepared = threading.Event(), threading.Event(), []
-    step, prepare = engine.step, engine.prepare
-
-    def gated_step():
-        entered.set()
-        release.wait(10)
-        step()
-
-    monkeypatch.setattr(engine, "step", gated_step)
-    monkeypatch.setattr(engine, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    entered, release = _held_steps(rt, monkeypatch)
+    prepared, prepare = [], rt.engine.prepare
+    monkeypatch.setattr(rt.engine, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
         assert entered.wait(10)  # the worker is inside a step
         waiting = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=30)
         _wait_for(lambda: rt._inbox.qsize() == 1)
-        closing = pool.submit(rt.close)
-        _wait_for(lambda: rt._closed)
-        release.set()
-        for future in (running, waiting):
-            with pytest.raises(RuntimeClosedError, match="closed"):
-                future.result(timeout=30)
-        closing.result(timeout=30)
+        _close_mid_step(rt, pool, release, [running, waiting])
     assert prepared == [1]  # the request that was running; not the one sent before close()
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled) == (1, 2, 0)  # every request counted once
@@ -352,17 +337,7 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
     """stats() counts a request from the moment it is sent: while the worker is inside a step (or
     loading the models) requests wait in its inbox, and they show as queued, not nowhere."""
     rt = fresh()
-    rt.generate(_msgs("Hi"), max_tokens=2)
-    engine = rt.engine
-    entered, release = threading.Event(), threading.Event()
-    step = engine.step
-
-    def gated_step():
-        entered.set()
-        release.wait(10)
-        step()
-
-    monkeypatch.setattr(engine, "step", gated_step)
+    entered, release = _held_steps(rt, monkeypatch)
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)]
         assert entered.wait(10)
@@ -371,7 +346,6 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
         stats = rt.stats()
         assert (stats.queued, stats.running, stats.finished) == (4, 0, 1)  # the first is admitted when the step schedules
         assert stats.peaks["queued"] == 4
-        monkeypatch.setattr(engine, "step", step)
         release.set()
         for future in futures:
             assert future.result(timeout=60).text
@@ -449,6 +423,35 @@ def test_timeout_fails_only_that_request(fresh):
     with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.01s"):
         rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.01)
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
+
+
+def _held_steps(rt, monkeypatch):
+    """Load `rt`, then hold every step of its worker until `release` is set; `entered` is set as a
+    step is held. Returns (entered, release)."""
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine = rt.engine
+    entered, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def held_step():
+        entered.set()
+        release.wait(20)
+        step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    return entered, release
+
+
+def _close_mid_step(rt, pool, release, futures):
+    """Close `rt` while its worker is held in a step (`_held_steps`), then let the step end: each of
+    `futures` fails with RuntimeClosedError."""
+    closing = pool.submit(rt.close)
+    _wait_for(lambda: rt._closed)
+    release.set()
+    for future in futures:
+        with pytest.raises(RuntimeClosedError, match="closed"):
+            future.result(timeout=30)
+    closing.result(timeout=30)
 
 
 def _wait_for(condition, seconds=10.0):
@@ -1353,17 +1356,7 @@ def test_requests_given_up_in_the_inbox_count_as_their_callers_left_them(fresh, 
     cancelled it there, as failed if its timeout passed there, and as failed otherwise, as
     requests the worker takes are counted (engine.given_up)."""
     rt = fresh()
-    rt.generate(_msgs("Hi"), max_tokens=2)
-    engine = rt.engine
-    entered, release = threading.Event(), threading.Event()
-    step = engine.step
-
-    def gated_step():
-        entered.set()
-        release.wait(20)
-        step()
-
-    monkeypatch.setattr(engine, "step", gated_step)
+    entered, release = _held_steps(rt, monkeypatch)
 
     async def cancelled_in_the_inbox():
         task = asyncio.create_task(rt.agenerate(_msgs(QUESTIONS[3]), max_tokens=30))
@@ -1382,13 +1375,7 @@ def test_requests_given_up_in_the_inbox_count_as_their_callers_left_them(fresh, 
         asyncio.run(cancelled_in_the_inbox())
         with pytest.raises(RequestTimeoutError):
             timed_out.result(timeout=30)
-        closing = pool.submit(rt.close)
-        _wait_for(lambda: rt._closed)
-        release.set()
-        for future in (running, waiting):
-            with pytest.raises(RuntimeClosedError, match="closed"):
-                future.result(timeout=30)
-        closing.result(timeout=30)
+        _close_mid_step(rt, pool, release, [running, waiting])
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.queued, stats.running) == (1, 3, 1, 0, 0)
 
@@ -1469,17 +1456,7 @@ def test_a_request_whose_caller_was_told_the_runtime_closed_counts_failed(fresh,
     step in flight is long) leaves with RuntimeClosedError; the request counts as failed, as the
     runtime ended it, not as cancelled."""
     rt = fresh()
-    rt.generate(_msgs("Hi"), max_tokens=2)
-    engine = rt.engine
-    entered, release = threading.Event(), threading.Event()
-    step = engine.step
-
-    def gated_step():
-        entered.set()
-        release.wait(20)
-        step()
-
-    monkeypatch.setattr(engine, "step", gated_step)
+    entered, release = _held_steps(rt, monkeypatch)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
         assert entered.wait(10)
