@@ -1490,3 +1490,60 @@ def test_a_grammar_compiles_on_the_worker_when_none_can_beside_it(fresh, monkeyp
     assert compiled_on and set(compiled_on) == {rt.worker}
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.queued) == (2, 0, 0)
+
+
+def test_a_request_no_worker_can_start_for_is_not_counted(fresh, monkeypatch):
+    """If no worker thread can start (the process's thread limit), the call raises and the request
+    was never sent: stats() does not show it queued, and the next call is served."""
+    rt = fresh()
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", no_thread)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            rt.generate(_msgs("Hi"), max_tokens=2)
+        assert rt.stats().queued == 0
+    assert rt.generate(_msgs("Hi"), max_tokens=2).text
+    stats = rt.stats()
+    assert (stats.queued, stats.finished, stats.failed) == (0, 1, 0)
+
+
+def test_sending_a_request_does_not_wait_for_a_grammar_compiling_on_the_worker(fresh, monkeypatch):
+    """While the worker compiles a grammar itself (no room beside it), taking the scheduler's lock,
+    another caller's request is still sent at once: an async caller's event loop runs on."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    monkeypatch.setattr(runtime_module, "MAX_COMPILES", 0)
+    entered, release = threading.Event(), threading.Event()
+    real = structured.compiled_grammar
+
+    def held(model, spec):
+        entered.set()
+        assert release.wait(20)
+        return real(model, spec)
+
+    monkeypatch.setattr(structured, "compiled_grammar", held)
+    digits = {"max_tokens": 5, "response_format": {"type": "regex", "pattern": "[0-9]+"}}
+
+    async def both():
+        constrained = asyncio.create_task(rt.agenerate(_msgs("Pick a number."), **digits))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        plain = asyncio.create_task(rt.agenerate(_msgs(QUESTIONS[0]), max_tokens=5))
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)  # the plain request is sent meanwhile
+        paused = time.monotonic() - t0
+        release.set()
+        return paused, await constrained, await plain
+
+    timer = threading.Timer(5.0, release.set)  # if the loop were blocked, this alone would free it
+    timer.start()
+    try:
+        paused, number, plain = asyncio.run(both())
+    finally:
+        timer.cancel()
+        release.set()
+    assert paused < 2.0
+    assert re.fullmatch("[0-9]+", number.text) and plain.text

@@ -53,7 +53,7 @@ class _Submission:
     deliver: Callable[[Event | BaseException], None]
     cancelled: CallerLeft  # its sequence's too, once the engine takes it
     submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
-    compiled: bool = False  # its grammar has been compiled aside (`WSDRuntime._compile_aside`), or needs none
+    compiled: bool = False  # its grammar was sent to compile (beside the worker, or on it); False without one
     compile_error: BaseException | None = None
 
     def given_up(self) -> str:
@@ -240,13 +240,12 @@ class WSDRuntime:
 
     def _note_queued(self) -> None:
         """Raise the peak of queued requests to what is queued now, inbox included (as stats() counts);
-        under the worker lock, so that callers sending at once do not lose each other's count."""
+        under the worker lock, so that callers sending at once do not lose each other's count. It
+        does not wait for the scheduler's lock, which the worker holds while it takes a request in
+        (a grammar compiling on the worker among that): the engine's queue is read as it stands."""
         engine = self.engine
-        if engine is None:
-            self._peak_queued = max(self._peak_queued, self._sent - self._taken)
-            return
-        with engine.scheduler.lock:
-            self._peak_queued = max(self._peak_queued, len(engine.scheduler.waiting) + self._sent - self._taken)
+        waiting = 0 if engine is None else len(engine.scheduler.waiting)
+        self._peak_queued = max(self._peak_queued, waiting + self._sent - self._taken)
 
     @property
     def worker(self) -> threading.Thread | None:
@@ -345,18 +344,19 @@ class WSDRuntime:
             if self._closed:
                 raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
+            self._start_worker()  # if no thread can start, the request was never sent
             self._sent += 1  # before the worker can take it
-            self._put(sub)
+            self._inbox.put(sub)
             self._note_queued()
         return sub
 
-    def _put(self, sub: _Submission) -> None:
-        """Put a submission in the inbox, starting a worker if none is alive (under the worker lock)."""
+    def _start_worker(self) -> None:
+        """Start a worker if none is alive (under the worker lock)."""
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._inbox), name="wsd-llms-worker", daemon=True)
-            _workers.add(self._thread)
-            self._thread.start()
-        self._inbox.put(sub)
+            thread = threading.Thread(target=_work, args=(weakref.ref(self), self._inbox), name="wsd-llms-worker", daemon=True)
+            thread.start()
+            self._thread = thread
+            _workers.add(thread)
 
     def _compile_aside(self, engine: Engine, sub: _Submission) -> None:
         """Compile a request's grammar for the models its mode runs (thread "wsd-llms-compile"), then
@@ -375,8 +375,13 @@ class WSDRuntime:
             self._compiles.discard(threading.current_thread())
             if self._closed:
                 self._refuse(sub, RuntimeClosedError("this runtime was closed while the request's grammar compiled"))
-            else:
-                self._put(sub)
+                return
+            try:
+                self._start_worker()  # the worker may have died meanwhile
+            except RuntimeError as exc:  # no thread can start: the request fails, counted
+                self._refuse(sub, _start_error(exc))
+                return
+            self._inbox.put(sub)
 
     def _compile_beside(self, engine: Engine, sub: _Submission) -> bool:
         """Start compiling a request's grammar beside the worker (`_compile_aside`); False when

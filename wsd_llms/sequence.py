@@ -94,7 +94,7 @@ class Sequence:
     rollbacks: int = 0
     constraint: str | None = None  # the grammar spec (structured.constraint_spec), or None
     scoring_open: bool = True  # whether a scoring pass may start this step (engine.SCORING_STRIDE)
-    cancelled: CallerLeft = field(default_factory=lambda: CallerLeft())
+    cancelled: CallerLeft = field(default_factory=CallerLeft)
     draft_kv: KVCache | None = None
     base_kv: KVCache | None = None
     cached_prompt: dict[str, int] = field(default_factory=lambda: {"draft": 0, "base": 0})
