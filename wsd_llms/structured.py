@@ -240,7 +240,8 @@ def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
     """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width.
 
     The lock covers only making a tokenizer's compiler: xgrammar's compiler takes calls from many
-    threads at once, so a caller compiling a new schema never holds up one whose grammar is cached.
+    threads at once, so a thread compiling a new schema (runtime's "wsd-llms-compile") never holds
+    up one whose grammar is cached (the worker's, as a request starts).
     """
     with _lock:
         entry = _cache.get(model.tokenizer)
