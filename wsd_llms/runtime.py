@@ -56,10 +56,6 @@ class _Submission:
     compiled: bool = False  # its grammar was sent to compile (beside the worker, or on it); False without one
     compile_error: BaseException | None = None
 
-    def given_up(self) -> str:
-        """How the request counts once its caller has left it (engine.given_up)."""
-        return given_up(self.params, self.submitted, time.perf_counter(), self.cancelled)
-
 
 class WSDRuntime:
     """Owns the two models and the worker thread that runs the step loop."""
@@ -468,7 +464,7 @@ class WSDRuntime:
             self._taken += 1
             try:
                 if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-                    engine.count(sub.given_up())
+                    engine.count(given_up(sub.params, sub.submitted, time.perf_counter(), sub.cancelled))
                     return
                 if sub.compile_error is not None:
                     engine.count("failed")
@@ -485,7 +481,7 @@ class WSDRuntime:
         engine = self.engine
         if engine is not None:
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                engine._drop(seq, given_up(seq.params, seq.created, time.perf_counter(), seq.cancelled) if seq.cancelled.is_set() else "failed")
+                engine._drop(seq, _ended_by_runtime(seq.params, seq.created, seq.cancelled))
                 seq.deliver(error)
         while True:
             try:
@@ -505,8 +501,14 @@ class WSDRuntime:
         else:
             with engine.scheduler.lock:
                 self._taken += 1
-                engine.count(item.given_up() if item.cancelled.is_set() else "failed")
+                engine.count(_ended_by_runtime(item.params, item.submitted, item.cancelled))
         item.deliver(error)
+
+
+def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) -> str:
+    """How a request the runtime ended (closing, or its worker dying) counts: failed, or as its
+    caller left it if it had already given up on it (engine.given_up)."""
+    return given_up(params, since, time.perf_counter(), left) if left.is_set() else "failed"
 
 
 def _start_error(exc: BaseException) -> WSDError:
