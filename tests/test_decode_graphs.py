@@ -398,8 +398,9 @@ def test_the_engine_on_slot_passes(draft_tokenizer, base):
         "same-weights": lambda: tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0),
         "gemma3": lambda: tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3", sharpen=3.0),
     }
-    slotted = _slotted(WSDRuntime.from_models(draft(), bases[base]()))
-    plain = WSDRuntime.from_models(draft(), bases[base]())
+    # No guessed ids (lookup_tokens=0), as on CUDA (engine.LOOKUP_TOKENS): base decode steps of one id.
+    slotted = _slotted(WSDRuntime.from_models(draft(), bases[base](), lookup_tokens=0))
+    plain = WSDRuntime.from_models(draft(), bases[base](), lookup_tokens=0)
     try:
         jobs = [[{"role": "user", "content": f"Tell me about topic {i}. " * (1 + i % 3)}] for i in range(8)]
         alone = [slotted.generate(m, max_tokens=32) for m in jobs]

@@ -187,6 +187,27 @@ def test_ragged_passes_equal_lone_passes_bit_for_bit_and_plain_ones_closely(runn
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cached", [20, 40])
+def test_a_decode_step_with_guesses_gets_the_bits_of_one_id_a_pass(runner, cached):
+    """A stepwise row (a decode step and the ids guessed after it, lookup) gives each of its rows,
+    and leaves its cache with, the bits that feeding its ids one pass each gives, alone or among
+    other rows; 40 cached positions cross Gemma 3's 16-position sliding window. Without stepwise
+    attention the rows differ in their last bits (the load probe checks them against plain passes)."""
+    if not runner.ragged:
+        pytest.skip("padded passes (DeepSeek-V3's latent keys) do not give a row the bits of a pass of its own")
+    vocab = runner.model.config.vocab_size
+    new = _ids(9, 5, vocab)
+    (one_by_one,) = _caches(runner, [(cached, 1, 1)])
+    expected = torch.cat([runner.extend(one_by_one, [token], keep=1) for token in new])
+    (alone,), (among,) = _caches(runner, [(cached, 5, 5)]), _caches(runner, [(cached, 5, 5)])
+    others = _caches(runner, [(7, 1, 0), (12, 6, 6)])
+    got_alone = runner.extend(alone, new, keep=5, stepwise=True)
+    got_among = runner.extend_batch([others[0], among, others[1]], [[3], new, _ids(4, 6, vocab)], [0, 5, 6], stepwise=[False, True, False])[1]
+    assert torch.equal(got_alone, expected) and torch.equal(got_among, expected)
+    after = runner.extend(one_by_one, [42])
+    assert torch.equal(runner.extend(alone, [42]), after) and torch.equal(runner.extend(among, [42]), after)
+
+
 def test_a_sliding_window_layer_reads_only_its_window_in_a_ragged_pass():
     """Positions a sliding-window layer can no longer see are not read: NaN written there (in the
     sliding layers only) changes nothing, for a decode step and a scoring pass past the window."""
@@ -303,6 +324,9 @@ def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget()
     assert prefill_pieces([_fw(1000), _fw(40), _fw(1), _fw(1)], 512) == [512, None, 1, 1]
     assert prefill_pieces([_fw(40), _fw(1000), _fw(30), _fw(1)], 512) == [40, None, 30, 1]
     assert prefill_pieces([_fw(700, 700), _fw(2)], 512) == [700, None]
+    # A decode step with ids guessed after it (lookup) runs whole, whatever the budget left.
+    guessed = Forward("base", KVCache(), [1, 2, 3, 4, 5], keep=5, guesses=4)
+    assert prefill_pieces([_fw(1000), guessed, _fw(40)], 512) == [512, 5, None]
 
 
 def test_prompts_are_also_cut_where_their_messages_end():

@@ -29,10 +29,14 @@ def attention_backends(device: torch.device) -> contextlib.AbstractContextManage
 
 class RaggedRows:
     """Where each row of a ragged pass sits: its new tokens are `counts[row]` positions from
-    `starts[row]` of the flattened sequence. Row masks are made once per pass and window."""
+    `starts[row]` of the flattened sequence. A `stepwise` row's queries attend one at a time, each
+    as a decode step of its own would (a decode step with guessed ids after it: its rows and its
+    cache get the bits that feeding its ids one per pass gives). Row masks are made once per pass
+    and window."""
 
-    def __init__(self, counts: list[int]) -> None:
+    def __init__(self, counts: list[int], stepwise: list[bool] | None = None) -> None:
         self.counts = counts
+        self.stepwise = stepwise or [False] * len(counts)
         self.starts = [0, *itertools.accumulate(counts)][:-1]
         self.masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, bool]] = {}
 
@@ -139,6 +143,9 @@ def wsd_sdpa(
     grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads
     layout, outputs = key.layout, []
     for row, (queries, keys, values) in enumerate(zip(query.split(layout.counts, dim=2), key.rows, value.rows)):
+        if layout.stepwise[row]:
+            outputs.append(_stepwise(queries, keys, values, window, scaling, grouped))
+            continue
         if window:  # only the positions the row's first query can still see: a sliding layer attends over its window, not the whole cache
             start = keys.shape[-2] - layout.counts[row] - window + 1
             if start > 0:
@@ -147,6 +154,20 @@ def wsd_sdpa(
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=grouped)
         outputs.append(out)  # [1, heads, count, dim]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _stepwise(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None, scaling: float | None, grouped: bool) -> torch.Tensor:
+    """A row's queries [1, heads, n, dim], the last n positions of its cache, each attending as a
+    decode step there does: over the positions up to its own (the last `window` of them in a
+    sliding layer), in a call of its own with no mask."""
+    count, length = queries.shape[2], keys.shape[-2]
+    outputs = []
+    for j in range(count):
+        end = length - count + 1 + j
+        start = max(end - window, 0) if window else 0
+        k, v = keys[:, :, start:end], values[:, :, start:end]
+        outputs.append(F.scaled_dot_product_attention(queries[:, :, j : j + 1], k, v, scale=scaling, enable_gqa=grouped))
+    return torch.cat(outputs, dim=2)
 
 
 # Registered beside transformers' own: models the runner uses with SDPA attention switch to it on CPU,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from .loading import LoadedModel
+from .lookup import NgramIndex
+from .model_runner import ModelRunner
 from .kv_cache import KVCache
 from .sampling import sample
 from .output_head import HeadRows
@@ -22,29 +24,54 @@ def continue_base(
     model: str = "base",
 ) -> Program:
     """Continue the reply from `rows` (whose last row gives the model's next-token logits) under
-    `guide`; returns the finish reason. A reply whose budget is spent never projects them."""
+    `guide`; returns the finish reason. A reply whose budget is spent never projects them.
+
+    Each pass feeds the latest token and up to `seq.lookup_tokens` guessed ones (lookup), and the
+    rows it returns are read in order for as long as the token chosen from a row is the guess fed
+    after it: the same choices, and the same draws of `generator`, as one token a pass."""
     seq.phase = Phase.CONTINUING
     reply, budget = seq.reply, seq.params.max_tokens
+    rows, guesses = rows[-1:], []  # guesses: the ids fed after the one rows[0] follows
+    lookup = NgramIndex(kv.ids) if seq.lookup_tokens else None  # the prompt and the reply so far
     while True:
         if reply.stopped:
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        if seq.params.greedy:
-            token = (yield Project(rows[-1:], phase=model, greedy=True, mask=guide.mask if guide.active else None))[0]
-        else:
-            logits = (yield Project(rows[-1:], phase=model))[0]
-            token = sample(guide.mask(logits), seq.params, generator)
-        if token in base.eos_ids:
-            return "stop"
-        guide.accept(token)
-        seq.base_tokens += 1
-        seq.emit(reply.add([token], model))
-        if reply.stopped:
-            return "stop"
-        if len(reply.ids) >= budget:
-            return "length"
-        rows = yield Forward(model, kv, [token], phase=model, lazy=True)
+        choose = yield from _chooser(seq, rows, generator, guide, model)
+        for j in range(len(rows)):
+            token = choose(j)
+            if token in base.eos_ids:
+                return "stop"
+            guide.accept(token)
+            seq.base_tokens += 1
+            seq.emit(reply.add([token], model))
+            if lookup is not None:
+                lookup.extend([token])
+            if reply.stopped:
+                return "stop"
+            if len(reply.ids) >= budget:
+                return "length"
+            if j == len(guesses) or token != guesses[j]:
+                break
+        seq.guesses["accepted"] += j
+        ModelRunner.crop(kv, len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
+        guesses = [] if lookup is None else lookup.guess(min(seq.lookup_tokens, budget - len(reply.ids)))
+        seq.guesses["fed"] += len(guesses)
+        rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses))
+
+
+def _chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:
+    """Project `rows` (one call) and return choose(j): the token row j gives, under the guide's mask
+    as it stands when asked. Greedy and unmasked (or a lone row), the head finds each row's largest
+    logit without the full projection (sequence.Project.greedy)."""
+    params = seq.params
+    if params.greedy and (len(rows) == 1 or not guide.active):
+        mask = guide.mask if guide.active else None
+        ids = yield Project(rows, phase=model, greedy=True, mask=mask)
+        return lambda j: ids[j]
+    logits = yield Project(rows, phase=model)
+    return lambda j: sample(guide.mask(logits[j]), params, generator)
 
 
 def keep_draft(seq: Sequence, ids: list[int], guide: Guide) -> list[int]:

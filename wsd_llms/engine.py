@@ -33,6 +33,13 @@ from .structured import constraint_spec, structured_fields
 # so the switch rule sees the same probabilities to the bit).
 SCORING_STRIDE = 4
 
+# Ids a continuation guesses per pass (lookup.NgramIndex; 0: none). On a 2-core CPU a base pass
+# and its greedy projection cost about the same for 1 to 5 rows (50 against 51 ms on the embedded
+# base over a 300-position cache, the guessed rows attending one query at a time), 59 ms for 7; so
+# 4. On a GPU a graphed step that feeds one row several ids pads every row of the pass to that
+# width: none there until measured.
+LOOKUP_TOKENS = {"cpu": 4, "cuda": 0}
+
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}
 MODELS = {"online": ("draft", "base"), "staged": ("draft", "base"), "base": ("base",), "draft": ("draft",)}  # the models each mode runs
 
@@ -56,7 +63,8 @@ class RuntimeStats:
     failed: int
     cancelled: int
     tokens: dict[str, int]
-    """Tokens fed through each phase so far: "draft" (draft decoding), "score" (base scoring), "base"."""
+    """Tokens fed through each phase so far: "draft" (draft decoding), "score" (base scoring), "base"
+    (guessed ids included)."""
     batch_sizes: dict[str, int]
     """Sequences in the last step's largest batched pass of each model; 0 while nothing runs."""
     cached_tokens: int
@@ -75,6 +83,9 @@ class RuntimeStats:
     """Prompt prefixes kept across requests (prefix_cache.PrefixCache), both models together:
     "hits" (times a forward took stored pieces instead of feeding them), "reused_tokens" (positions not fed again),
     "cached_tokens" (positions held)."""
+    prompt_lookup: dict[str, int]
+    """Ids continuations guessed (prompt lookup, `lookup_tokens`): "fed" (checked by a pass) and
+    "accepted" (the model chose them, each a pass saved)."""
 
     @classmethod
     def empty(cls) -> RuntimeStats:
@@ -93,6 +104,7 @@ class RuntimeStats:
             passes={"draft": 0, "base": 0},
             pass_seconds={"draft": 0.0, "score": 0.0, "base": 0.0},
             prefix_cache={"hits": 0, "reused_tokens": 0, "cached_tokens": 0},
+            prompt_lookup={"fed": 0, "accepted": 0},
         )
 
 
@@ -115,18 +127,21 @@ class Engine:
         max_cached_tokens: int = 65536,
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int = 4096,
+        lookup_tokens: int | None = None,
     ) -> None:
         self.draft, self.base = draft, base
         self.runners = {"draft": ModelRunner(draft, bound=False), "base": ModelRunner(base)}  # only the base scores
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])
+        self.lookup_tokens = LOOKUP_TOKENS.get(base.device.type, LOOKUP_TOKENS["cuda"]) if lookup_tokens is None else lookup_tokens
         self.scheduler = Scheduler(max_running, max_cached_tokens)
         self.prefixes = {model: PrefixCache(prefix_cache_tokens) for model in self.runners}
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
         zero = RuntimeStats.empty()  # the counters start from the empty snapshot, so their keys are named once
         self.tokens, self.batch_sizes, self.peaks = dict(zero.tokens), dict(zero.batch_sizes), dict(zero.peaks)
         self.passes, self.pass_seconds = dict(zero.passes), dict(zero.pass_seconds)
+        self.guesses = dict(zero.prompt_lookup)  # of the requests that ended (running ones add theirs in stats())
         self.steps = 0
 
     def prepare(
@@ -163,6 +178,7 @@ class Engine:
 
     def add(self, seq: Sequence) -> None:
         """Start the request's program and queue it; if either raises, nothing was queued."""
+        seq.lookup_tokens = self.lookup_tokens
         seq.program = PROGRAMS[seq.params.mode](seq, self.draft, self.base)
         seq.pending = next(seq.program)  # its first pass: grammars compile and forced starts are checked here
         self.scheduler.add(seq)
@@ -177,6 +193,8 @@ class Engine:
                 for prefixes in self.prefixes.values():
                     prefixes.clear()  # their pieces were cut at other points
             self.prefill_chunk = value
+        elif name == "lookup_tokens":
+            self.lookup_tokens = value  # for requests that start from now on
         else:
             setattr(self.scheduler, name, value)
 
@@ -220,6 +238,7 @@ class Engine:
                 "reused_tokens": sum(p.reused_tokens for p in self.prefixes.values()),
                 "cached_tokens": sum(p.tokens() for p in self.prefixes.values()),
             },
+            prompt_lookup={key: ended + sum(seq.guesses[key] for seq in running) for key, ended in self.guesses.items()},
         )
 
     def step(self) -> None:
@@ -308,7 +327,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             outputs = self.runners[model].extend_batch(
-                [f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards], [f.lazy for f in forwards]
+                [f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards], [f.lazy for f in forwards], [f.guesses > 0 for f in forwards]
             )
         except Exception:
             # Isolate the failure: run each sequence alone, so only the one that fails is failed.
@@ -323,7 +342,7 @@ class Engine:
     def _run_one(self, seq: Sequence, forward: Forward) -> None:
         t0 = time.perf_counter()
         try:
-            output = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep, forward.lazy)
+            output = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep, forward.lazy, forward.guesses > 0)
         except Exception as exc:
             self._fail(seq, exc)
             return
@@ -387,7 +406,7 @@ class Engine:
         """Count a pass to `seq`; hand its output to the program, or, after a piece, keep the rest pending."""
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
-        if len(forward.ids) > 1:  # a whole piece is kept for requests that start the same
+        if len(forward.ids) > 1 + forward.guesses:  # a whole piece is kept for requests that start the same
             try:
                 self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
             except Exception as exc:  # out of memory copying the piece, say: this request fails, the others go on
@@ -425,6 +444,8 @@ class Engine:
         with self.scheduler.lock:  # a snapshot sees the request in a queue or counted, never neither
             self.scheduler.remove(seq)
             self.count(outcome)
+            for key, value in seq.guesses.items():
+                self.guesses[key] += value
         seq.phase = Phase.FINISHED
         try:
             seq.free()

@@ -78,16 +78,17 @@ class ModelRunner:
         if self.device.type != "cpu" or self.model.config._attn_implementation not in ("sdpa", WSD_SDPA):
             return False
         self.model.set_attn_implementation(WSD_SDPA)
-        rows = [([1, 2, 3], [4], 0), ([1, 2, 3, 4, 5, 6], [7, 8, 9], 2), ([], [1, 2, 3, 4], 0)]  # (cached, new, keep)
+        # (cached, new, keep, stepwise)
+        rows = [([1, 2, 3], [4], 0, False), ([1, 2, 3, 4, 5, 6], [7, 8, 9], 2, False), ([], [1, 2, 3, 4], 0, False), ([1, 2, 3], [4, 5, 6], 3, True)]
         plain, ragged = [self.new_cache() for _ in rows], [self.new_cache() for _ in rows]
         try:
             expected = []
-            for kv, other, (cached, new, keep) in zip(plain, ragged, rows):
+            for kv, other, (cached, new, keep, _) in zip(plain, ragged, rows):
                 if cached:
                     self.extend(kv, cached)
                     self.extend(other, cached)
                 expected.append(self.extend(kv, new, keep))
-            got = self._extend_ragged(ragged, [new for _, new, _ in rows], [keep for _, _, keep in rows], [False] * len(rows))
+            got = self._extend_ragged(ragged, [row[1] for row in rows], [row[2] for row in rows], [False] * len(rows), [row[3] for row in rows])
         except Exception:  # noqa: BLE001 - any failure means this model cannot take ragged passes
             got = []
         if len(got) == len(rows) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(expected, got)):
@@ -171,13 +172,15 @@ class ModelRunner:
         return results
 
     @torch.inference_mode()
-    def extend(self, kv: KVCache, ids: list[int], keep: int = 0, lazy: bool = False) -> Output:
+    def extend(self, kv: KVCache, ids: list[int], keep: int = 0, lazy: bool = False, stepwise: bool = False) -> Output:
         """Feed `ids` after what `kv` holds; float32 logits [V] for the last position, or [keep, V]
-        (lazy: the same rows as HeadRows). If the pass fails, the cache is as it was."""
+        (lazy: the same rows as HeadRows). If the pass fails, the cache is as it was. `stepwise`: a
+        decode step with guessed ids after the first, which a ragged pass gives the bits of one id a
+        pass (attention.RaggedRows)."""
         if not ids:
             raise ValueError("extend() needs at least one id")
         if self.ragged:
-            return self._extend_ragged([kv], [ids], [keep], [lazy])[0]
+            return self._extend_ragged([kv], [ids], [keep], [lazy], [stepwise])[0]
         slots = self._extend_slots([kv], [ids], [keep], [lazy])
         if slots is not None:
             return slots[0]
@@ -195,7 +198,9 @@ class ModelRunner:
         return output
 
     @torch.inference_mode()
-    def extend_batch(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool] | None = None) -> list[Output]:
+    def extend_batch(
+        self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool] | None = None, stepwise: list[bool] | None = None
+    ) -> list[Output]:
         """Feed each cache its own ids in one forward pass; per row, what `extend` would return. If
         the pass fails (in a layer, or in the output projection), every cache is as it was, so each
         row can be retried alone.
@@ -208,12 +213,13 @@ class ModelRunner:
         appended back to each row's own cache.
         """
         lazy = lazy or [False] * len(kvs)
+        stepwise = stepwise or [False] * len(kvs)
         if len(kvs) == 1:
-            return [self.extend(kvs[0], ids[0], keeps[0], lazy[0])]
+            return [self.extend(kvs[0], ids[0], keeps[0], lazy[0], stepwise[0])]
         if any(not row for row in ids):
             raise ValueError("extend_batch() needs at least one id per row")
         if self.ragged:
-            return self._extend_ragged(kvs, ids, keeps, lazy)
+            return self._extend_ragged(kvs, ids, keeps, lazy, stepwise)
         slots = self._extend_slots(kvs, ids, keeps, lazy)
         if slots is not None:
             return slots
@@ -295,13 +301,13 @@ class ModelRunner:
         return outputs
 
     @torch.inference_mode()
-    def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output]:
+    def _extend_ragged(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool], stepwise: list[bool]) -> list[Output]:
         """Every row's new ids in one pass, flattened into one sequence: the linear layers take all
         the tokens at once, each row attends over its own cache where it lies (attention.wsd_sdpa),
         and the output projection runs only for the rows asked for. Nothing is copied or padded, and
         a row gets the bits it gets in a pass of its own. If the pass fails, every row is as it was."""
         held, counts = [len(kv) for kv in kvs], [len(row) for row in ids]
-        layout = RaggedRows(counts)
+        layout = RaggedRows(counts, stepwise)
         rows = [kv.fill_layers(self.num_layers) for kv in kvs]
         cache = DynamicCache()
         cache.layers.extend(RaggedLayer([layers[i] for layers in rows], layout) for i in range(self.num_layers))

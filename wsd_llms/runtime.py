@@ -76,6 +76,7 @@ class WSDRuntime:
         max_cached_tokens: int = 65536,
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int = 4096,
+        lookup_tokens: int | None = None,
     ) -> None:
         self.draft_source = draft or EMBEDDED_DRAFT
         self.base_source = base or EMBEDDED_BASE
@@ -88,6 +89,7 @@ class WSDRuntime:
             "max_cached_tokens": max_cached_tokens,
             "prefill_chunk": prefill_chunk,
             "prefix_cache_tokens": prefix_cache_tokens,
+            "lookup_tokens": lookup_tokens,
         }
         self._start_clean()
         self._closed = False
@@ -202,14 +204,22 @@ class WSDRuntime:
         max_cached_tokens: int | None = None,
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int | None = None,
+        lookup_tokens: int | None = None,
     ) -> None:
         """Change the limits: concurrent sequences, cache tokens reserved for them, prompt tokens fed
-        per step, and prompt positions kept across requests per model (0 keeps none)."""
-        values = {"max_running": max_running, "max_cached_tokens": max_cached_tokens, "prefill_chunk": prefill_chunk, "prefix_cache_tokens": prefix_cache_tokens}
+        per step, prompt positions kept across requests per model (0 keeps none), and ids a
+        continuation guesses per pass (prompt lookup; 0 guesses none)."""
+        values = {
+            "max_running": max_running,
+            "max_cached_tokens": max_cached_tokens,
+            "prefill_chunk": prefill_chunk,
+            "prefix_cache_tokens": prefix_cache_tokens,
+            "lookup_tokens": lookup_tokens,
+        }
         for name, value in values.items():
             if value is None:
                 continue
-            least = 0 if name == "prefix_cache_tokens" else 1
+            least = 0 if name in ("prefix_cache_tokens", "lookup_tokens") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
         if all(value is None for value in values.values()):
@@ -591,11 +601,12 @@ def get_runtime(
     max_cached_tokens: int | None = None,
     prefill_chunk: int | None = None,
     prefix_cache_tokens: int | None = None,
+    lookup_tokens: int | None = None,
 ) -> WSDRuntime:
     """The process's runtime for these models (created on first call, loaded on first request).
 
-    `max_running`, `max_cached_tokens`, `prefill_chunk` and `prefix_cache_tokens`, when given, set
-    the runtime's limits.
+    `max_running`, `max_cached_tokens`, `prefill_chunk`, `prefix_cache_tokens` and `lookup_tokens`,
+    when given, set the runtime's limits.
     """
     dev = resolve_device(device)
     key = (
@@ -619,7 +630,13 @@ def get_runtime(
                 base_revision=base_revision,
                 trust_remote_code=trust_remote_code,
             )
-    runtime.configure(max_running=max_running, max_cached_tokens=max_cached_tokens, prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
+    runtime.configure(
+        max_running=max_running,
+        max_cached_tokens=max_cached_tokens,
+        prefill_chunk=prefill_chunk,
+        prefix_cache_tokens=prefix_cache_tokens,
+        lookup_tokens=lookup_tokens,
+    )
     return runtime
 
 

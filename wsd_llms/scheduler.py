@@ -151,11 +151,14 @@ def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, .
     `forwards` come in admission order, with their prompts' `marks`. A forward is cut where
     `piece_end` says (the same cuts under any load, so a reply does not depend on what else runs),
     its last piece keeping the rows it asks for. Multi-token pieces share a budget of `chunk` ids
-    per step and the first always runs; single ids (decode steps) always run.
+    per step and the first always runs; decode steps (one id, and any guesses after it) always run whole.
     """
     budget, sizes, first = chunk, [], True
     for forward, its_marks in zip(forwards, marks or [()] * len(forwards)):
         n, start = len(forward.ids), len(forward.kv)
+        if n == 1 + forward.guesses:
+            sizes.append(n)
+            continue
         end = piece_end(start, its_marks, chunk)
         piece = end - start if start + n - end >= max(forward.keep, 1) else n
         if n > 1 and not first and piece > budget:

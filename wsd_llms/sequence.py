@@ -42,7 +42,8 @@ class Forward:
     With keep=0 the answer is the next-token logits [V]; with keep=k, the last k rows [k, V].
     With lazy=True it is those rows as output_head.HeadRows instead, whose logits are computed only
     when asked for. `phase` ("draft", "score" or "base") says what the pass is for; the scheduler
-    may batch passes of the same model and phase across sequences.
+    may batch passes of the same model and phase across sequences. `guesses`: how many of the ids
+    after the first are guessed (lookup), checked by their rows: a decode step, never cut in pieces.
     """
 
     model: str
@@ -51,6 +52,7 @@ class Forward:
     keep: int = 0
     phase: str = "draft"
     lazy: bool = False
+    guesses: int = 0
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Sequence:
     rollbacks: int = 0
     constraint: str | None = None  # the grammar spec (structured.constraint_spec), or None
     scoring_open: bool = True  # whether a scoring pass may start this step (engine.SCORING_STRIDE)
+    lookup_tokens: int = 0  # ids its continuation may guess per pass (engine.Engine.lookup_tokens)
+    guesses: dict[str, int] = field(default_factory=lambda: {"fed": 0, "accepted": 0})
     cancelled: CallerLeft = field(default_factory=CallerLeft)
     draft_kv: KVCache | None = None
     base_kv: KVCache | None = None

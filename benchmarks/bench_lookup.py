@@ -1,0 +1,80 @@
+"""Prompt lookup on and off, side by side in one process, on the embedded pair.
+
+A continuation (the base model's after the switch, or either model alone) feeds each pass the
+latest token and up to `lookup_tokens` ids guessed from what followed the same tokens earlier in
+the prompt or reply (wsd_llms/lookup.py); the rows the model agrees with save a pass each. This
+serves the serving benchmark's 16 prompts at each level and mode, alternating lookup off and on,
+and reports aggregate tokens/s, passes of the model that continues, ids guessed and accepted, and
+whether the replies agree.
+
+    python benchmarks/bench_lookup.py [--rounds 2] [--levels 1 8] [--modes online base] [--max-tokens 64] [--lookup-tokens 4]
+
+Results go to results/lookup.* (results/lookup_t<N>.* for another --max-tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench_serving import PROMPTS
+from common import alternate, device_suffix, serve, write
+
+import wsd_llms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["online", "base"])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--lookup-tokens", type=int, default=4)
+    args = parser.parse_args()
+    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+
+    def run(case: str) -> dict:  # "<mode> <concurrent>"
+        mode, n = case.split()
+        results, wall, before, after = serve(runtime, PROMPTS, int(n), max_tokens=args.max_tokens, mode=mode)
+        model = "draft" if mode == "draft" else "base"
+        return {
+            "wall_s": wall,
+            "tokens_per_s": sum(r.usage.reply_tokens for r in results) / wall,
+            "passes": after.passes[model] - before.passes[model],
+            **{f"guesses_{k}": after.prompt_lookup[k] - before.prompt_lookup[k] for k in after.prompt_lookup},
+            "texts": [r.text for r in results],
+        }
+
+    cases = [f"{mode} {n}" for mode in args.modes for n in args.levels]
+    ways = {"off": lambda: runtime.configure(lookup_tokens=0), "on": lambda: runtime.configure(lookup_tokens=args.lookup_tokens)}
+    runs = alternate(args.rounds, ways, cases, run, lambda r: f"{r['tokens_per_s']:.1f} tok/s, {r['passes']} passes")
+
+    rows = [
+        "| mode | concurrent | tok/s, off / on | ratio | passes of the continuing model, off / on | ids guessed / accepted | replies equal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+    for key in cases:
+        mode, n = key.split()
+        off, on = runs["off"][key], runs["on"][key]
+        same = all(x["texts"] == off[0]["texts"] for x in off + on)
+        t, p = [mean(off, "tokens_per_s"), mean(on, "tokens_per_s")], [mean(off, "passes"), mean(on, "passes")]
+        fed, accepted = mean(on, "guesses_fed"), mean(on, "guesses_accepted")
+        summary[key] = {"tokens_per_s": t, "passes": p, "guesses_fed": fed, "guesses_accepted": accepted, "replies_equal": same}
+        rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {p[0]:.0f} / {p[1]:.0f} | {fed:.0f} / {accepted:.0f} | {'yes' if same else 'NO'} |")
+    rows += [
+        "",
+        f"Greedy, max_tokens={args.max_tokens}, lookup_tokens={args.lookup_tokens} when on, dtype {runtime.dtype}; "
+        f"the serving benchmark's 16 prompts; means of {args.rounds} rounds, alternating.",
+    ]
+    for way in runs.values():
+        for key in way:
+            for result in way[key]:
+                result.pop("texts")
+    name = "lookup" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + device_suffix(runtime.device)
+    write(name, {"dtype": str(runtime.dtype), "lookup_tokens": args.lookup_tokens, "cases": summary, "runs": runs}, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
