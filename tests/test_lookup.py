@@ -89,6 +89,21 @@ def test_replies_with_guesses_equal_replies_without(runtime, mode):
     assert passes[model] < plain_passes[model]
 
 
+def test_a_busy_pass_feeds_fewer_guesses_and_replies_do_not_change(runtime):
+    """8 streams at once share a pass's room for guesses (engine.GUESS_ROWS): each feeds fewer than
+    alone, and every reply is what it is alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [{"messages": QUESTIONS[i % len(QUESTIONS)], "mode": "base", "max_tokens": 40 + 3 * i} for i in range(8)]
+    alone, _, alone_guesses = _replies(runtime, 4, requests)
+    before = runtime.stats().prompt_lookup
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda request: runtime.generate(**request), requests))
+    fed = runtime.stats().prompt_lookup["fed"] - before["fed"]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert 0 < fed < alone_guesses["fed"] and runtime.stats().peaks["base_batch"] > 1
+
+
 def test_guesses_under_a_grammar_equal_none(runtime):
     """A grammar's mask for each guessed row is the one its position gets one token at a time."""
     requests = [{"messages": m, "mode": mode, "max_tokens": 60, "response_format": SCHEMA} for m in QUESTIONS for mode in ("online", "base")]

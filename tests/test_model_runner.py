@@ -11,7 +11,7 @@ from wsd_llms.kv_cache import KVCache, KVStore
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms import packed_linear
 from wsd_llms.packed_linear import PackedLinear, SharedInputPart, can_pack, pack_linears
-from wsd_llms.scheduler import piece_end, plan_passes, prefill_pieces
+from wsd_llms.scheduler import guess_shares, piece_end, plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
 
 # (cached tokens, new tokens, kept rows): an empty-cache prefill, decode steps, scoring passes;
@@ -327,6 +327,18 @@ def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget()
     # A decode step with ids guessed after it (lookup) runs whole, whatever the budget left.
     guessed = Forward("base", KVCache(), [1, 2, 3, 4, 5], keep=5, guesses=4)
     assert prefill_pieces([_fw(1000), guessed, _fw(40)], 512) == [512, 5, None]
+
+
+def test_guess_shares_fit_a_pass_to_its_rows():
+    """Guessed ids fill what room a pass has left after every other id, shared alike."""
+    def guessing(n: int) -> Forward:
+        return Forward("base", KVCache(), list(range(1 + n)), keep=1 + n, guesses=n)
+
+    assert guess_shares([guessing(4), _fw(1), guessing(2)], 16) == [4, 0, 2]  # room for all
+    assert guess_shares([guessing(4)] * 8, 16) == [1] * 8  # 8 decode rows leave 8 ids: one each
+    assert guess_shares([guessing(4)] * 3 + [_fw(1)], 12) == [2, 2, 2, 0]  # 8 left for 3: 2 each
+    assert guess_shares([guessing(4), _fw(40)], 16) == [0, 0]  # a prefill piece leaves no room
+    assert guess_shares([_fw(1), _fw(3, 3)], 16) == [0, 0]
 
 
 def test_prompts_are_also_cut_where_their_messages_end():

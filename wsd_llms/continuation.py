@@ -57,8 +57,9 @@ def continue_base(
         seq.guesses["accepted"] += j
         ModelRunner.crop(kv, len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
         guesses = [] if lookup is None else lookup.guess(min(seq.lookup_tokens, budget - len(reply.ids)))
-        seq.guesses["fed"] += len(guesses)
         rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses))
+        guesses = guesses[: len(rows) - 1]  # a busy pass may feed fewer (engine.GUESS_ROWS)
+        seq.guesses["fed"] += len(guesses)
 
 
 def _chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:

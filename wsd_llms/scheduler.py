@@ -145,6 +145,17 @@ def plan_passes(forwards: list[Forward], overhead: float, position_cost: float, 
     return groups
 
 
+def guess_shares(forwards: list[Forward], rows: int) -> list[int]:
+    """How many of its guessed ids (lookup) each of one model's forwards feeds this step, so that
+    the pass feeds at most `rows` ids: every id that is not a guess first, then what room is left,
+    shared alike by the forwards that guess. A guess changes no output, so any share is safe."""
+    guessing = sum(1 for forward in forwards if forward.guesses)
+    if not guessing:
+        return [0] * len(forwards)
+    room = max(0, rows - sum(len(forward.ids) - forward.guesses for forward in forwards))
+    return [min(forward.guesses, room // guessing) for forward in forwards]
+
+
 def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, ...]] | None = None) -> list[int | None]:
     """How many of each forward's ids run this step (chunked prefill); None where it waits a step.
 
