@@ -48,13 +48,14 @@ def continue_base(
             seq.emit(reply.add([token], model))
             if lookup is not None:
                 lookup.extend([token])
+            hit = j < len(guesses) and token == guesses[j]  # then row j + 1 follows this token
+            seq.guesses["accepted"] += hit
             if reply.stopped:
                 return "stop"
             if len(reply.ids) >= budget:
                 return "length"
-            if j == len(guesses) or token != guesses[j]:
+            if not hit:
                 break
-        seq.guesses["accepted"] += j
         ModelRunner.crop(kv, len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
         guesses = [] if lookup is None else lookup.guess(min(seq.lookup_tokens, budget - len(reply.ids)))
         rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses))
