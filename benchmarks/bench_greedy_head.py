@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from bench_serving import PROMPTS
-from common import alternate, device_suffix, serve, write
+from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, write
 
 import wsd_llms
 
@@ -58,21 +58,17 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
-    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
     for key in cases:
         mode, n = key.split()
         full, screen = runs["full"][key], runs["screen"][key]
         decided = sum(x["screened_rows"] for x in screen)
         share = decided / max(1, decided + sum(x["fallback_rows"] for x in screen))
-        same = all(x["texts"] == full[0]["texts"] for x in full + screen)
-        t, b = [mean(full, "tokens_per_s"), mean(screen, "tokens_per_s")], [mean(full, "base_s"), mean(screen, "base_s")]
+        same = same_texts(full + screen)
+        t, b = [mean_of(full, "tokens_per_s"), mean_of(screen, "tokens_per_s")], [mean_of(full, "base_s"), mean_of(screen, "base_s")]
         summary[key] = {"tokens_per_s": t, "base_s": b, "screen_decided": share, "replies_equal": same}
         rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {b[0]:.2f} / {b[1]:.2f} | {b[1] / b[0]:.2f}x | {share:.1%} | {'yes' if same else 'NO'} |")
     rows += ["", f"Greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; the serving benchmark's 16 prompts; means of {args.rounds} rounds, alternating."]
-    for way in runs.values():
-        for key in way:
-            for result in way[key]:
-                result.pop("texts")
+    drop_texts(runs)
     name = "greedy_head" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + device_suffix(runtime.device)
     write(name, {"dtype": str(runtime.dtype), "cases": summary, "runs": runs}, "\n".join(rows))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from bench_serving import PROMPTS
-from common import alternate, device_suffix, serve, write
+from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, write
 
 import wsd_llms
 
@@ -54,13 +54,12 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     summary = {}
-    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
     for key in cases:
         mode, n = key.split()
         off, on = runs["off"][key], runs["on"][key]
-        same = all(x["texts"] == off[0]["texts"] for x in off + on)
-        t, p = [mean(off, "tokens_per_s"), mean(on, "tokens_per_s")], [mean(off, "passes"), mean(on, "passes")]
-        fed, accepted = mean(on, "guesses_fed"), mean(on, "guesses_accepted")
+        same = same_texts(off + on)
+        t, p = [mean_of(off, "tokens_per_s"), mean_of(on, "tokens_per_s")], [mean_of(off, "passes"), mean_of(on, "passes")]
+        fed, accepted = mean_of(on, "guesses_fed"), mean_of(on, "guesses_accepted")
         summary[key] = {"tokens_per_s": t, "passes": p, "guesses_fed": fed, "guesses_accepted": accepted, "replies_equal": same}
         rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {p[0]:.0f} / {p[1]:.0f} | {fed:.0f} / {accepted:.0f} | {'yes' if same else 'NO'} |")
     rows += [
@@ -68,10 +67,7 @@ def main() -> None:
         f"Greedy, max_tokens={args.max_tokens}, lookup_tokens={args.lookup_tokens} when on, dtype {runtime.dtype}; "
         f"the serving benchmark's 16 prompts; means of {args.rounds} rounds, alternating.",
     ]
-    for way in runs.values():
-        for key in way:
-            for result in way[key]:
-                result.pop("texts")
+    drop_texts(runs)
     name = "lookup" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + device_suffix(runtime.device)
     write(name, {"dtype": str(runtime.dtype), "lookup_tokens": args.lookup_tokens, "cases": summary, "runs": runs}, "\n".join(rows))
 

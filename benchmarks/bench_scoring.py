@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from bench_serving import PROMPTS
-from common import alternate, device_suffix, serve, write
+from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, write
 
 import wsd_llms
 from wsd_llms.switch import SwitchDetector
@@ -76,12 +76,11 @@ def main() -> None:
     summary = {}
     for n in args.levels:
         exact, bounds = runs["exact"][n], runs["bounds"][n]
-        mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
-        same = all(b["texts"] == exact[0]["texts"] for b in bounds + exact)
-        fraction = mean(bounds, "exact_fraction")
+        same = same_texts(exact + bounds)
+        fraction = mean_of(bounds, "exact_fraction")
         summary[n] = {
-            "score_s": [mean(exact, "score_s"), mean(bounds, "score_s")],
-            "tokens_per_s": [mean(exact, "tokens_per_s"), mean(bounds, "tokens_per_s")],
+            "score_s": [mean_of(exact, "score_s"), mean_of(bounds, "score_s")],
+            "tokens_per_s": [mean_of(exact, "tokens_per_s"), mean_of(bounds, "tokens_per_s")],
             "exact_fraction": fraction,
             "replies_equal": same,
         }
@@ -90,10 +89,7 @@ def main() -> None:
             f"| {n} | {s[0]:.2f} / {s[1]:.2f} | {s[1] / s[0]:.2f}x | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {fraction:.0%} | {'yes' if same else 'NO'} |"
         )
     rows += ["", f"Online WSD, greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; means of {args.rounds} rounds, alternating."]
-    for n in summary:
-        for mode in runs:
-            for run in runs[mode][n]:
-                run.pop("texts")
+    drop_texts(runs)
     name = "scoring" + (f"_{args.dtype}" if args.dtype != "auto" else "") + device_suffix(runtime.device)
     write(name, {"dtype": str(runtime.dtype), "levels": summary, "runs": runs}, "\n".join(rows))
 

@@ -48,6 +48,24 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def mean_of(results: list[dict], key: str) -> float:
+    """The mean of `key` over runs of one case (alternate's results)."""
+    return sum(result[key] for result in results) / len(results)
+
+
+def same_texts(results: list[dict]) -> bool:
+    """Whether every run gave the replies the first one did (each result's "texts")."""
+    return all(result["texts"] == results[0]["texts"] for result in results)
+
+
+def drop_texts(runs: dict[str, dict[Any, list[dict]]]) -> None:
+    """Take the replies out of alternate's runs before they are written: compared, not recorded."""
+    for way in runs.values():
+        for results in way.values():
+            for result in results:
+                result.pop("texts")
+
+
 def write(name: str, data: dict, table: str) -> None:
     """Write results/<name>.json and results/<name>.md and print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
