@@ -1,5 +1,5 @@
-"""Prompt lookup (lookup.py, continuation.continue_base): guessed ids change no reply, only how many
-passes write it."""
+"""Prompt lookup (lookup.py; continuation.continue_base, drafting.DraftPasses): guessed ids change no
+reply, only how many passes write it."""
 
 from __future__ import annotations
 
@@ -71,12 +71,13 @@ def _replies(rt, lookup_tokens: int, requests: list[dict]) -> tuple[list, dict, 
 
 @pytest.mark.parametrize("mode", ["online", "staged", "base", "draft"])
 def test_replies_with_guesses_equal_replies_without(runtime, mode):
-    """Greedy, seeded sampling, stop strings and budgets that end a reply inside a run of guesses:
-    the same text, finish reason and token counts, in fewer passes."""
+    """Greedy, seeded sampling, stop strings and budgets (of the reply and of the draft) that end
+    inside a run of guesses: the same text, finish reason and token counts, in fewer passes of each
+    model that writes (the draft's guesses in online and staged drafting, the continuation's)."""
     requests = [
-        {"messages": m, "mode": mode, "max_tokens": max_tokens, "max_draft_tokens": 48, **params}
+        {"messages": m, "mode": mode, "max_tokens": max_tokens, "max_draft_tokens": max_draft, **params}
         for m in QUESTIONS
-        for max_tokens in (7, 60)
+        for max_tokens, max_draft in ((7, 48), (60, 48), (60, 9))
         for params in ({}, {"temperature": 0.9, "seed": 3}, {"stop": ["e "]})
     ]
     plain, plain_passes, none = _replies(runtime, 0, requests)
@@ -84,9 +85,9 @@ def test_replies_with_guesses_equal_replies_without(runtime, mode):
     assert none == {"fed": 0, "accepted": 0}
     for a, b in zip(plain, guessed):
         assert (b.text, b.finish_reason, b.switch_point, b.usage) == (a.text, a.finish_reason, a.switch_point, a.usage)
-    model = "draft" if mode == "draft" else "base"
     assert 0 < guesses["accepted"] <= guesses["fed"]
-    assert passes[model] < plain_passes[model]
+    for model in {"online": ("draft", "base"), "staged": ("draft", "base")}.get(mode, (mode,)):
+        assert passes[model] < plain_passes[model]
 
 
 def test_a_busy_pass_feeds_fewer_guesses_and_replies_do_not_change(runtime):

@@ -38,7 +38,7 @@ def continue_base(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        choose = yield from _chooser(seq, rows, generator, guide, model)
+        choose = yield from chooser(seq, rows, generator, guide, model)
         for j in range(len(rows)):
             token = choose(j)
             if token in base.eos_ids:
@@ -63,7 +63,7 @@ def continue_base(
         seq.guesses["fed"] += len(guesses)
 
 
-def _chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:
+def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:
     """Project `rows` (one call) and return choose(j): the token row j gives, under the guide's mask
     as it stands when asked. Greedy and unmasked (or a lone row), the head finds each row's largest
     logit without the full projection (sequence.Project.greedy)."""

@@ -33,10 +33,10 @@ from .structured import constraint_spec, structured_fields
 # so the switch rule sees the same probabilities to the bit).
 SCORING_STRIDE = 4
 
-# Ids a continuation guesses per pass (lookup.NgramIndex; 0: none). On a 2-core CPU a base pass
-# and its greedy projection cost about the same for 1 to 5 rows (50 against 51 ms on the embedded
-# base over a 300-position cache, the guessed rows attending one query at a time), 59 ms for 7; so
-# 4. On a GPU a graphed step that feeds one row several ids pads every row of the pass to that
+# Ids a decode pass guesses (lookup.NgramIndex; 0: none), of a continuation and of a draft. On a
+# 2-core CPU a base pass and its greedy projection cost about the same for 1 to 5 rows (50 against
+# 51 ms on the embedded base over a 300-position cache, the guessed rows attending one query at a
+# time), 59 ms for 7, and a draft pass with 4 guesses 39.3 against 38.5 ms; so 4. On a GPU a graphed step that feeds one row several ids pads every row of the pass to that
 # width: none there until measured.
 LOOKUP_TOKENS = {"cpu": 4, "cuda": 0}
 
@@ -90,7 +90,7 @@ class RuntimeStats:
     "hits" (times a forward took stored pieces instead of feeding them), "reused_tokens" (positions not fed again),
     "cached_tokens" (positions held)."""
     prompt_lookup: dict[str, int]
-    """Ids continuations guessed (prompt lookup, `lookup_tokens`): "fed" (checked by a pass) and
+    """Ids guessed by continuations and drafts (prompt lookup, `lookup_tokens`): "fed" (checked by a pass) and
     "accepted" (the model chose them, each a pass saved)."""
 
     @classmethod

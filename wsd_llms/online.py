@@ -11,11 +11,12 @@ import math
 from collections import deque
 
 from .continuation import continue_base, keep_draft
+from .drafting import DraftPasses
 from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, common_prefix, draft_text, final_handoff, min_switch
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
-from .sampling import make_generator, sample, token_probs
+from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import Guide, draft_guide
 from .switch import SwitchDetector
@@ -131,13 +132,14 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
 
     seq.phase = Phase.DRAFTING
     seq.draft_kv = seq.new_cache("draft")
-    logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
+    drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide)
+    yield from drafter.start(prompts.draft_ids)
     generated: list[int] = []
     due: deque[Handoff] = deque()  # scoring passes due and not yet run: each ends where the request's own progress put it
     tokens = DraftTokens(base.tokenizer, prompts.base_text, prompt_len, prompts.base_spans)
     done = False
     while True:
-        token = sample(guide.mask(logits), params, draft_gen)
+        token = yield from drafter.choose()
         if token in draft.eos_ids:
             done = True
         else:
@@ -199,7 +201,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             break
         if done:
             break
-        logits = yield Forward("draft", seq.draft_kv, [token])
+        yield from drafter.feed(token, len(generated))
 
     seq.draft_kv = None
     return (yield from continue_base(seq, base, scorer.kv, rows, base_gen, base_guide))

@@ -208,7 +208,7 @@ class WSDRuntime:
     ) -> None:
         """Change the limits: concurrent sequences, cache tokens reserved for them, prompt tokens fed
         per step, prompt positions kept across requests per model (0 keeps none), and ids a
-        continuation guesses per pass (prompt lookup; 0 guesses none)."""
+        decode pass guesses (prompt lookup, in drafts and continuations; 0 guesses none)."""
         values = {
             "max_running": max_running,
             "max_cached_tokens": max_cached_tokens,

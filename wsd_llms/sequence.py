@@ -96,7 +96,7 @@ class Sequence:
     rollbacks: int = 0
     constraint: str | None = None  # the grammar spec (structured.constraint_spec), or None
     scoring_open: bool = True  # whether a scoring pass may start this step (engine.SCORING_STRIDE)
-    lookup_tokens: int = 0  # ids its continuation may guess per pass (engine.Engine.lookup_tokens)
+    lookup_tokens: int = 0  # ids its draft and continuation may guess per pass (engine.Engine.lookup_tokens)
     guesses: dict[str, int] = field(default_factory=lambda: {"fed": 0, "accepted": 0})
     cancelled: CallerLeft = field(default_factory=CallerLeft)
     draft_kv: KVCache | None = None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .continuation import continue_base, keep_draft
+from .drafting import DraftPasses
 from .handoff import draft_text, final_handoff, min_switch
 from .loading import LoadedModel
-from .sampling import make_generator, sample, token_probs
+from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import Guide, draft_guide
 from .switch import find_switch
@@ -26,16 +27,17 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.phase = Phase.DRAFTING
     seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
-    logits = yield Forward("draft", seq.draft_kv, prompts.draft_ids)
+    drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide)
+    yield from drafter.start(prompts.draft_ids)
     generated: list[int] = []
     while len(generated) < params.max_draft_tokens:
-        token = sample(guide.mask(logits), params, draft_gen)
+        token = yield from drafter.choose()
         if token in draft.eos_ids:
             break
         guide.accept(token)
         generated.append(token)
         if len(generated) < params.max_draft_tokens:
-            logits = yield Forward("draft", seq.draft_kv, [token])
+            yield from drafter.feed(token, len(generated))
     seq.draft_tokens = len(generated)
     seq.draft_kv = None
 

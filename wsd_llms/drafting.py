@@ -1,0 +1,66 @@
+"""The draft model's decode passes while it writes a draft, with guessed ids (lookup) checked in
+the same pass, so that a run of tokens the draft writes the way its prompt or its own draft did
+before costs one pass instead of one each."""
+
+from __future__ import annotations
+
+import torch
+
+from .continuation import chooser
+from .kv_cache import KVCache
+from .lookup import NgramIndex
+from .model_runner import ModelRunner
+from .output_head import HeadRows
+from .sequence import Forward, Program, Sequence
+from .structured import Guide
+
+
+class DraftPasses:
+    """The draft's tokens, one at a time: each chosen from the row a pass gave after the one before,
+    where a pass feeds the latest token and up to `seq.lookup_tokens` guesses; while the draft picks
+    the guesses, their rows stand in for passes.
+
+    Rows are lazy (output_head.HeadRows): a row is projected only when its token is chosen, so a
+    guess the draft does not take costs its place in the pass and no projection. Each row is the
+    one a pass of one id would give (to the bit on CPU, where guessed rows attend one query at a
+    time: attention.RaggedRows), so the draft, and its draws of `generator`, are the same with
+    guesses or without."""
+
+    def __init__(self, seq: Sequence, kv: KVCache, room: int, generator: torch.Generator, guide: Guide) -> None:
+        """The draft writes at most `room` tokens into `kv`, under `guide`."""
+        self.seq, self.kv, self.room, self.generator, self.guide = seq, kv, room, generator, guide
+        self.lookup: NgramIndex | None = None  # the prompt and the draft so far, once the prompt is in
+        self.row: HeadRows | None = None  # predicts the next token
+        self.guesses: list[int] = []  # fed after the latest token, not yet picked by the draft
+        self.rows: HeadRows | None = None  # rows[i]: after guesses[i]
+
+    def start(self, prompt_ids: list[int]) -> Program:
+        """Feed the prompt."""
+        self.row = yield Forward("draft", self.kv, prompt_ids, lazy=True)
+        if self.seq.lookup_tokens:
+            self.lookup = NgramIndex(prompt_ids)
+
+    def choose(self) -> Program:
+        """The next token (greedy, or a draw of the generator, under the guide's mask)."""
+        assert self.row is not None
+        choose = yield from chooser(self.seq, self.row, self.generator, self.guide, "draft")
+        return choose(0)
+
+    def feed(self, token: int, written: int) -> Program:
+        """Follow the cache with `token`, the draft's `written`-th: take the row after it from a
+        guess the draft picked, else from a pass that feeds it and the next guesses."""
+        if self.lookup is None:
+            self.row = yield Forward("draft", self.kv, [token], lazy=True)
+            return
+        self.lookup.extend([token])
+        if self.guesses and token == self.guesses[0]:
+            assert self.rows is not None
+            self.seq.guesses["accepted"] += 1
+            self.row, self.rows, self.guesses = self.rows[:1], self.rows[1:], self.guesses[1:]
+            return
+        ModelRunner.crop(self.kv, len(self.kv) - len(self.guesses))  # drop the guesses the draft did not take
+        guesses = self.lookup.guess(min(self.seq.lookup_tokens, self.room - written))
+        rows = yield Forward("draft", self.kv, [token, *guesses], keep=1 + len(guesses), lazy=True, guesses=len(guesses))
+        self.guesses = guesses[: len(rows) - 1]  # a busy pass may feed fewer (engine.GUESS_ROWS)
+        self.seq.guesses["fed"] += len(self.guesses)
+        self.row, self.rows = rows[:1], rows[1:]
