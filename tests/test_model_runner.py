@@ -330,13 +330,21 @@ def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget()
 
 
 def test_guess_shares_fit_a_pass_to_its_rows():
-    """Guessed ids fill what room a pass has left after every other id, shared alike."""
-    def guessing(n: int) -> Forward:
-        return Forward("base", KVCache(), list(range(1 + n)), keep=1 + n, guesses=n)
+    """Guessed ids fill what room a pass has left after every other id: the guesses from the
+    longest matches first, one id at a time round those from equally long ones; only a lone
+    forward feeds guesses from a match of one id."""
+    def guessing(n: int, matched: int = 3) -> Forward:
+        return Forward("base", KVCache(), list(range(1 + n)), keep=1 + n, guesses=n, matched=matched)
 
     assert guess_shares([guessing(4), _fw(1), guessing(2)], 16) == [4, 0, 2]  # room for all
     assert guess_shares([guessing(4)] * 8, 16) == [1] * 8  # 8 decode rows leave 8 ids: one each
-    assert guess_shares([guessing(4)] * 3 + [_fw(1)], 12) == [2, 2, 2, 0]  # 8 left for 3: 2 each
+    assert guess_shares([guessing(4)] * 9, 16) == [1] * 7 + [0, 0]  # 7 left for 9
+    assert guess_shares([guessing(4)] * 3 + [_fw(1)], 12) == [3, 3, 2, 0]  # 8 left for 3
+    ranked = [guessing(4, matched=1), guessing(4, matched=3), guessing(2, matched=2), guessing(4, matched=3)] + [_fw(1)] * 6
+    assert guess_shares(ranked, 16) == [0, 3, 0, 3] + [0] * 6  # 6 left: the 3-id matches' first
+    assert guess_shares(ranked, 20) == [0, 4, 2, 4] + [0] * 6  # 10 left: then the 2-id match's
+    assert guess_shares(ranked, 40) == [0, 4, 2, 4] + [0] * 6  # never the 1-id match's in a shared pass
+    assert guess_shares([guessing(4, matched=1)], 16) == [4]  # but alone
     assert guess_shares([guessing(4), _fw(40)], 16) == [0, 0]  # a prefill piece leaves no room
     assert guess_shares([_fw(1), _fw(3, 3)], 16) == [0, 0]
 

@@ -57,8 +57,8 @@ def continue_base(
             if not hit:
                 break
         ModelRunner.crop(kv, len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
-        guesses = [] if lookup is None else lookup.guess(min(seq.lookup_tokens, budget - len(reply.ids)))
-        rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses))
+        guesses, matched = ([], 0) if lookup is None else lookup.guess(min(seq.lookup_tokens, budget - len(reply.ids)))
+        rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses), matched=matched)
         guesses = guesses[: len(rows) - 1]  # a busy pass may feed fewer (engine.GUESS_ROWS)
         seq.guesses["fed"] += len(guesses)
 

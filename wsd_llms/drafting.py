@@ -59,8 +59,8 @@ class DraftPasses:
             self.row, self.rows, self.guesses = self.rows[:1], self.rows[1:], self.guesses[1:]
             return
         ModelRunner.crop(self.kv, len(self.kv) - len(self.guesses))  # drop the guesses the draft did not take
-        guesses = self.lookup.guess(min(self.seq.lookup_tokens, self.room - written))
-        rows = yield Forward("draft", self.kv, [token, *guesses], keep=1 + len(guesses), lazy=True, guesses=len(guesses))
+        guesses, matched = self.lookup.guess(min(self.seq.lookup_tokens, self.room - written))
+        rows = yield Forward("draft", self.kv, [token, *guesses], keep=1 + len(guesses), lazy=True, guesses=len(guesses), matched=matched)
         self.guesses = guesses[: len(rows) - 1]  # a busy pass may feed fewer (engine.GUESS_ROWS)
         self.seq.guesses["fed"] += len(self.guesses)
         self.row, self.rows = rows[:1], rows[1:]

@@ -43,7 +43,9 @@ class Forward:
     With lazy=True it is those rows as output_head.HeadRows instead, whose logits are computed only
     when asked for. `phase` ("draft", "score" or "base") says what the pass is for; the scheduler
     may batch passes of the same model and phase across sequences. `guesses`: how many of the ids
-    after the first are guessed (lookup), checked by their rows: a decode step, never cut in pieces.
+    after the first are guessed (lookup), checked by their rows: a decode step, never cut in pieces;
+    `matched`: the length of the match they came from (lookup.Guess), which ranks them for a busy
+    pass's room (scheduler.guess_shares).
     """
 
     model: str
@@ -53,6 +55,7 @@ class Forward:
     phase: str = "draft"
     lazy: bool = False
     guesses: int = 0
+    matched: int = 0
 
 
 @dataclass
