@@ -65,8 +65,9 @@ def continue_base(
 
 def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:
     """Project `rows` (one call) and return choose(j): the token row j gives, under the guide's mask
-    as it stands when asked. Greedy and unmasked (or a lone row), the head finds each row's largest
-    logit without the full projection (sequence.Project.greedy)."""
+    as it stands when asked. Greedy and unmasked (or a lone row), it asks only for each row's
+    largest logit's id (sequence.Project.greedy), which a head with a screen finds without the full
+    projection (output_head.OutputHead.greedy_ids)."""
     params = seq.params
     if params.greedy and (len(rows) == 1 or not guide.active):
         mask = guide.mask if guide.active else None

@@ -36,8 +36,9 @@ SCORING_STRIDE = 4
 # Ids a decode pass guesses (lookup.NgramIndex; 0: none), of a continuation and of a draft. On a
 # 2-core CPU a base pass and its greedy projection cost about the same for 1 to 5 rows (50 against
 # 51 ms on the embedded base over a 300-position cache, the guessed rows attending one query at a
-# time), 59 ms for 7, and a draft pass with 4 guesses 39.3 against 38.5 ms; so 4. On a GPU a graphed step that feeds one row several ids pads every row of the pass to that
-# width: none there until measured.
+# time), 59 ms for 7, and a draft pass with 4 guesses 39.3 against 38.5 ms; so 4. On a GPU a
+# graphed step that feeds one row several ids pads every row of the pass to that width: none
+# there until measured.
 LOOKUP_TOKENS = {"cpu": 4, "cuda": 0}
 
 # Ids one pass of a model feeds at most once guesses join it (scheduler.guess_shares). Up to 16
@@ -70,7 +71,7 @@ class RuntimeStats:
     cancelled: int
     tokens: dict[str, int]
     """Tokens fed through each phase so far: "draft" (draft decoding), "score" (base scoring), "base"
-    (guessed ids included)."""
+    (base decoding); guessed ids included."""
     batch_sizes: dict[str, int]
     """Sequences in the last step's largest batched pass of each model; 0 while nothing runs."""
     cached_tokens: int
@@ -121,7 +122,7 @@ class Engine:
     runs as one batched forward: on CPU one ragged pass takes them all; on a GPU padded passes
     take decode steps together, and prefills and scoring passes of similar length together. A
     long prompt is fed a piece per step (scheduler.prefill_pieces), so the streams that are
-    decoding go on meanwhile. Rows that lazy passes leave unprojected (base decoding, the rows
+    decoding go on meanwhile. Rows that lazy passes leave unprojected (decode steps, the rows
     scoring needs) are projected after the passes, every program's in one call per model.
     """
 
@@ -262,8 +263,7 @@ class Engine:
                 assert isinstance(seq.pending, Forward)  # projections were all answered last step
                 batches[seq.pending.model].append(seq)
         for model, seqs in batches.items():
-            self._share_guesses(seqs)
-            runs = self._pieces(seqs)
+            runs = self._share_guesses(self._pieces(seqs))
             ragged = self.runners[model].ragged
             plan = plan_passes([f for _, f in runs], self.pass_overhead, self.position_cost, ragged)
             groups = [[runs[i] for i in group] for group in plan]
@@ -275,12 +275,16 @@ class Engine:
         self.peaks["queued"] = max(self.peaks["queued"], len(self.scheduler.waiting))
 
     @staticmethod
-    def _share_guesses(seqs: list[Sequence]) -> None:
-        """Feed fewer guessed ids where a pass would carry more than GUESS_ROWS ids; the programs read as many rows as come back."""
-        pending: list[Forward] = [seq.pending for seq in seqs]  # type: ignore[misc]
-        for seq, forward, share in zip(seqs, pending, guess_shares(pending, GUESS_ROWS)):
-            if share < forward.guesses:
-                seq.pending = replace(forward, ids=forward.ids[: 1 + share], keep=1 + share, guesses=share)
+    def _share_guesses(runs: list[tuple[Sequence, Forward]]) -> list[tuple[Sequence, Forward]]:
+        """Feed fewer guessed ids where a pass would carry more than GUESS_ROWS ids, counting the
+        pieces that run this step; the programs read as many rows as come back."""
+        shares = guess_shares([forward for _, forward in runs], GUESS_ROWS)
+        trimmed = []
+        for (seq, forward), share in zip(runs, shares):
+            if share < forward.guesses:  # a forward with guesses is a decode step, never cut: it is seq.pending
+                seq.pending = forward = replace(forward, ids=forward.ids[: 1 + share], keep=1 + share, guesses=share)
+            trimmed.append((seq, forward))
+        return trimmed
 
     def _end_if_over(self, seq: Sequence, now: float) -> bool:
         """Fail a request past its timeout, or drop a cancelled one (queued or running); whether it
