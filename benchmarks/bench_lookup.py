@@ -1,11 +1,11 @@
 """Prompt lookup on and off, side by side in one process, on the embedded pair.
 
-A continuation (the base model's after the switch, or either model alone) feeds each pass the
-latest token and up to `lookup_tokens` ids guessed from what followed the same tokens earlier in
-the prompt or reply (wsd_llms/lookup.py); the rows the model agrees with save a pass each. This
-serves the serving benchmark's 16 prompts at each level and mode, alternating lookup off and on,
-and reports aggregate tokens/s, passes of the model that continues, ids guessed and accepted, and
-whether the replies agree.
+Each decode pass of a model writing a reply or a draft (the draft model while it drafts, the base
+model after the switch, either model alone) feeds the latest token and up to `lookup_tokens` ids
+guessed from what followed the same tokens earlier in the prompt or reply (wsd_llms/lookup.py);
+the rows the model agrees with save a pass each. This serves the serving benchmark's 16 prompts
+at each level and mode, alternating lookup off and on, and reports aggregate tokens/s, each
+model's passes, ids guessed and accepted, and whether the replies agree.
 
     python benchmarks/bench_lookup.py [--rounds 2] [--levels 1 8] [--modes online base] [--max-tokens 64] [--lookup-tokens 4]
 
@@ -36,32 +36,33 @@ def main() -> None:
     def run(case: str) -> dict:  # "<mode> <concurrent>"
         mode, n = case.split()
         results, wall, before, after = serve(runtime, PROMPTS, int(n), max_tokens=args.max_tokens, mode=mode)
-        model = "draft" if mode == "draft" else "base"
         return {
             "wall_s": wall,
             "tokens_per_s": sum(r.usage.reply_tokens for r in results) / wall,
-            "passes": after.passes[model] - before.passes[model],
+            **{f"passes_{model}": after.passes[model] - before.passes[model] for model in after.passes},
             **{f"guesses_{k}": after.prompt_lookup[k] - before.prompt_lookup[k] for k in after.prompt_lookup},
             "texts": [r.text for r in results],
         }
 
     cases = [f"{mode} {n}" for mode in args.modes for n in args.levels]
     ways = {"off": lambda: runtime.configure(lookup_tokens=0), "on": lambda: runtime.configure(lookup_tokens=args.lookup_tokens)}
-    runs = alternate(args.rounds, ways, cases, run, lambda r: f"{r['tokens_per_s']:.1f} tok/s, {r['passes']} passes")
+    runs = alternate(args.rounds, ways, cases, run, lambda r: f"{r['tokens_per_s']:.1f} tok/s, {r['passes_draft']} + {r['passes_base']} passes")
 
     rows = [
-        "| mode | concurrent | tok/s, off / on | ratio | passes of the continuing model, off / on | ids guessed / accepted | replies equal |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | concurrent | tok/s, off / on | ratio | draft passes, off / on | base passes, off / on | ids guessed / accepted | replies equal |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for key in cases:
         mode, n = key.split()
         off, on = runs["off"][key], runs["on"][key]
         same = same_texts(off + on)
-        t, p = [mean_of(off, "tokens_per_s"), mean_of(on, "tokens_per_s")], [mean_of(off, "passes"), mean_of(on, "passes")]
+        t = [mean_of(off, "tokens_per_s"), mean_of(on, "tokens_per_s")]
+        p = {model: [mean_of(off, f"passes_{model}"), mean_of(on, f"passes_{model}")] for model in ("draft", "base")}
         fed, accepted = mean_of(on, "guesses_fed"), mean_of(on, "guesses_accepted")
         summary[key] = {"tokens_per_s": t, "passes": p, "guesses_fed": fed, "guesses_accepted": accepted, "replies_equal": same}
-        rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {p[0]:.0f} / {p[1]:.0f} | {fed:.0f} / {accepted:.0f} | {'yes' if same else 'NO'} |")
+        draft, base = (f"{p[m][0]:.0f} / {p[m][1]:.0f}" if p[m][0] else "-" for m in ("draft", "base"))
+        rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {draft} | {base} | {fed:.0f} / {accepted:.0f} | {'yes' if same else 'NO'} |")
     rows += [
         "",
         f"Greedy, max_tokens={args.max_tokens}, lookup_tokens={args.lookup_tokens} when on, dtype {runtime.dtype}; "
