@@ -91,8 +91,8 @@ class RuntimeStats:
     "hits" (times a forward took stored pieces instead of feeding them), "reused_tokens" (positions not fed again),
     "cached_tokens" (positions held)."""
     prompt_lookup: dict[str, int]
-    """Ids guessed by continuations and drafts (prompt lookup, `lookup_tokens`): "fed" (checked by a pass) and
-    "accepted" (the model chose them, each a pass saved)."""
+    """Ids guessed by drafts and continuations (prompt lookup, `lookup_tokens`): "fed" (checked by a
+    pass) and "accepted" (the model chose them, each a pass saved)."""
 
     @classmethod
     def empty(cls) -> RuntimeStats:
