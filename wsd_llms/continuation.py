@@ -57,10 +57,18 @@ def continue_base(
             if not hit:
                 break
         ModelRunner.crop(kv, len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
-        guesses, matched = ([], 0) if lookup is None else lookup.guess(min(seq.lookup_tokens, budget - len(reply.ids)))
-        rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses), matched=matched)
-        guesses = guesses[: len(rows) - 1]  # a busy pass may feed fewer (engine.GUESS_ROWS)
-        seq.guesses["fed"] += len(guesses)
+        rows, guesses = yield from guessed_pass(seq, model, kv, token, lookup, budget - len(reply.ids))
+
+
+def guessed_pass(seq: Sequence, model: str, kv: KVCache, token: int, lookup: NgramIndex | None, room: int) -> Program:
+    """Feed `token` into `kv` of `model`, with up to `seq.lookup_tokens` ids guessed by `lookup`
+    (at most `room`); returns the pass's lazy rows and the guesses it fed, which a busy pass may
+    have cut short (engine.GUESS_ROWS): rows[k + 1] follows guesses[k]."""
+    guesses, matched = ([], 0) if lookup is None else lookup.guess(min(seq.lookup_tokens, room))
+    rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses), matched=matched)
+    guesses = guesses[: len(rows) - 1]
+    seq.guesses["fed"] += len(guesses)
+    return rows, guesses
 
 
 def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:

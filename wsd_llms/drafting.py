@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .continuation import chooser
+from .continuation import chooser, guessed_pass
 from .kv_cache import KVCache
 from .lookup import NgramIndex
 from .model_runner import ModelRunner
@@ -49,18 +49,13 @@ class DraftPasses:
     def feed(self, token: int, written: int) -> Program:
         """Follow the cache with `token`, the draft's `written`-th: take the row after it from a
         guess the draft picked, else from a pass that feeds it and the next guesses."""
-        if self.lookup is None:
-            self.row = yield Forward("draft", self.kv, [token], lazy=True)
-            return
-        self.lookup.extend([token])
+        if self.lookup is not None:
+            self.lookup.extend([token])
         if self.guesses and token == self.guesses[0]:
             assert self.rows is not None
             self.seq.guesses["accepted"] += 1
             self.row, self.rows, self.guesses = self.rows[:1], self.rows[1:], self.guesses[1:]
             return
         ModelRunner.crop(self.kv, len(self.kv) - len(self.guesses))  # drop the guesses the draft did not take
-        guesses, matched = self.lookup.guess(min(self.seq.lookup_tokens, self.room - written))
-        rows = yield Forward("draft", self.kv, [token, *guesses], keep=1 + len(guesses), lazy=True, guesses=len(guesses), matched=matched)
-        self.guesses = guesses[: len(rows) - 1]  # a busy pass may feed fewer (engine.GUESS_ROWS)
-        self.seq.guesses["fed"] += len(self.guesses)
+        rows, self.guesses = yield from guessed_pass(self.seq, "draft", self.kv, token, self.lookup, self.room - written)
         self.row, self.rows = rows[:1], rows[1:]
