@@ -14,23 +14,14 @@ Results go to results/greedy_head.* (results/greedy_head_t<N>.* for another --ma
 
 from __future__ import annotations
 
-import argparse
-
 from bench_serving import PROMPTS
-from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, write
-
-import wsd_llms
+from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, side_by_side_parser, tokens_suffix, warm_runtime, write
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--modes", nargs="+", default=["online", "base"])
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = side_by_side_parser(modes=True)
     args = parser.parse_args()
-    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
-    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    runtime = warm_runtime(max_running=max(args.levels))
     head = runtime.engine.runners["base"].head
     if head._screen is None:
         raise SystemExit("this base model's head has no greedy screen (see output_head.OutputHead)")
@@ -69,7 +60,7 @@ def main() -> None:
         rows.append(f"| {mode} | {n} | {t[0]:.1f} / {t[1]:.1f} | {t[1] / t[0]:.2f}x | {b[0]:.2f} / {b[1]:.2f} | {b[1] / b[0]:.2f}x | {share:.1%} | {'yes' if same else 'NO'} |")
     rows += ["", f"Greedy, max_tokens={args.max_tokens}, dtype {runtime.dtype}; the serving benchmark's 16 prompts; means of {args.rounds} rounds, alternating."]
     drop_texts(runs)
-    name = "greedy_head" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + device_suffix(runtime.device)
+    name = "greedy_head" + tokens_suffix(args.max_tokens) + device_suffix(runtime.device)
     write(name, {"dtype": str(runtime.dtype), "cases": summary, "runs": runs}, "\n".join(rows))
 
 

@@ -14,24 +14,15 @@ Results go to results/lookup.* (results/lookup_t<N>.* for another --max-tokens).
 
 from __future__ import annotations
 
-import argparse
-
 from bench_serving import PROMPTS
-from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, write
-
-import wsd_llms
+from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, side_by_side_parser, tokens_suffix, warm_runtime, write
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--modes", nargs="+", default=["online", "base"])
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = side_by_side_parser(modes=True)
     parser.add_argument("--lookup-tokens", type=int, default=4)
     args = parser.parse_args()
-    runtime = wsd_llms.get_runtime(max_running=max(args.levels))
-    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    runtime = warm_runtime(max_running=max(args.levels))
 
     def run(case: str) -> dict:  # "<mode> <concurrent>"
         mode, n = case.split()
@@ -69,7 +60,7 @@ def main() -> None:
         f"the serving benchmark's 16 prompts; means of {args.rounds} rounds, alternating.",
     ]
     drop_texts(runs)
-    name = "lookup" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + device_suffix(runtime.device)
+    name = "lookup" + tokens_suffix(args.max_tokens) + device_suffix(runtime.device)
     write(name, {"dtype": str(runtime.dtype), "lookup_tokens": args.lookup_tokens, "cases": summary, "runs": runs}, "\n".join(rows))
 
 

@@ -11,12 +11,9 @@ tokens/s, how many scored tokens needed their exact probability, and whether the
 
 from __future__ import annotations
 
-import argparse
-
 from bench_serving import PROMPTS
-from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, write
+from common import alternate, device_suffix, drop_texts, mean_of, same_texts, serve, side_by_side_parser, warm_runtime, write
 
-import wsd_llms
 from wsd_llms.switch import SwitchDetector
 
 
@@ -44,14 +41,10 @@ class ExactCounter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = side_by_side_parser()
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU), bfloat16, ...")
     args = parser.parse_args()
-    runtime = wsd_llms.get_runtime(dtype=args.dtype, max_running=max(args.levels))
-    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
+    runtime = warm_runtime(dtype=args.dtype, max_running=max(args.levels))
     head = runtime.engine.runners["base"].head
 
     def run(n: int) -> dict:

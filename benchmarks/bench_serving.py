@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import torch
-from common import device_suffix, serve, write
+from common import device_suffix, serve, tokens_suffix, write
 
 import wsd_llms
 
@@ -120,7 +120,7 @@ def report(levels: dict, args: argparse.Namespace, runtime: wsd_llms.WSDRuntime,
         rows[-1] += f" and captured {warm_up['graphs']} CUDA graphs (shapes first seen later are captured within their level)." if cuda else "."
     else:
         rows[-1] += " No warm-up: each level pays its own first-use costs."
-    name = "serving" + (f"_t{args.max_tokens}" if args.max_tokens != 64 else "") + (f"_x{args.rounds}" if args.rounds != 1 else "")
+    name = "serving" + tokens_suffix(args.max_tokens) + (f"_x{args.rounds}" if args.rounds != 1 else "")
     name += f"_{args.dtype}" if args.dtype != "auto" else ""
     name += device_suffix(runtime.device)
     data = {"max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": str(runtime.dtype), "warm_up": warm_up, "levels": levels}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -42,6 +43,32 @@ def device_suffix(device: object) -> str:
     """Results of a GPU run are named apart from the CPU ones: "" on CPU, "_cuda" on CUDA."""
     kind = getattr(device, "type", str(device))
     return "" if kind == "cpu" else f"_{kind}"
+
+
+def side_by_side_parser(modes: bool = False) -> argparse.ArgumentParser:
+    """The options of a benchmark that serves the serving prompts two ways in turns: --rounds,
+    --levels, --max-tokens, and with `modes` --modes."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8])
+    if modes:
+        parser.add_argument("--modes", nargs="+", default=["online", "base"])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    return parser
+
+
+def warm_runtime(**settings: Any) -> Any:
+    """The process's runtime with these settings, its models loaded and warmed up by a short request."""
+    import wsd_llms
+
+    runtime = wsd_llms.get_runtime(**settings)
+    runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)
+    return runtime
+
+
+def tokens_suffix(max_tokens: int) -> str:
+    """What a result's name gains for replies of other than the default 64 tokens."""
+    return f"_t{max_tokens}" if max_tokens != 64 else ""
 
 
 def median(values: list[float]) -> float:
