@@ -349,6 +349,23 @@ def test_guess_shares_fit_a_pass_to_its_rows():
     assert guess_shares([_fw(1), _fw(3, 3)], 16) == [0, 0]
 
 
+def test_the_engine_shares_guess_room_after_prompts_are_cut_in_pieces():
+    """A prompt that waits to be fed whole counts only the piece that runs this step: a 4-id piece
+    of a 300-id prompt leaves a guessing decode step its room (16 - 4 - 1 = 11 ids); the trimmed
+    forward is what the sequence now waits on."""
+    from types import SimpleNamespace
+
+    from wsd_llms.engine import Engine
+
+    prompt = _fw(300)
+    piece = Forward("base", prompt.kv, prompt.ids[:4], keep=0, lazy=True)
+    decode = Forward("base", KVCache(), list(range(13)), keep=13, guesses=12, matched=3)
+    waiting, guessing = SimpleNamespace(pending=prompt), SimpleNamespace(pending=decode)
+    runs = Engine._share_guesses([(waiting, piece), (guessing, decode)])
+    assert [forward.guesses for _, forward in runs] == [0, 11] and runs[0][1] is piece
+    assert guessing.pending is runs[1][1] and guessing.pending.ids == list(range(12)) and waiting.pending is prompt
+
+
 def test_prompts_are_also_cut_where_their_messages_end():
     """A mark (a message's end) cuts a piece when it lies at least MIN_PIECE past the piece's start
     and before the next multiple of the chunk; the cuts run from position 0, so two prompts that
