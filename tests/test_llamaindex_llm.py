@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from llama_index.core.base.llms.types import AudioBlock, ChatMessage, ImageBlock, TextBlock
+from llama_index.core.base.llms.types import AudioBlock, CacheControl, CachePoint, ChatMessage, ImageBlock, MessageRole, TextBlock, ThinkingBlock
 
 import wsd_llms
 from llama_index.llms.wsd import WSDLLM
@@ -173,6 +173,40 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
     with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
         await llm.astream_chat([message])
     assert recorder.calls == []
+
+
+def test_text_blocks_join_as_content_does_and_other_models_blocks_are_left_out(recorded: tuple[WSDLLM, Recorder]) -> None:
+    """Text blocks reach the model joined with newlines, as ChatMessage.content joins them; another
+    model's thinking and Anthropic's cache points (a history from another provider) are not text."""
+    llm, recorder = recorded
+    history = [
+        ChatMessage(role="system", blocks=[TextBlock(text="Be brief."), CachePoint(cache_control=CacheControl(type="ephemeral"))]),
+        ChatMessage(role="user", blocks=[TextBlock(text="Context: Paris is in France."), TextBlock(text="Where is Paris?")]),
+        ChatMessage(role="assistant", blocks=[ThinkingBlock(content="Easy."), TextBlock(text="In France.")]),
+        ChatMessage(role="user", content="And Rome?"),
+    ]
+    llm.chat(history)
+    assert recorder.calls[0][1] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": history[1].content},
+        {"role": "assistant", "content": "In France."},
+        {"role": "user", "content": "And Rome?"},
+    ]
+    assert history[1].content == "Context: Paris is in France.\nWhere is Paris?"
+
+
+def test_react_observations_in_tool_role_reach_the_model(recorded: tuple[WSDLLM, Recorder]) -> None:
+    """ReActChatFormatter(observation_role=TOOL), LlamaIndex's advice for tool-calling models, writes
+    observations as tool messages that answer no call by id."""
+    from llama_index.core.agent.react import ReActChatFormatter
+    from llama_index.core.agent.react.types import ActionReasoningStep, ObservationReasoningStep
+
+    llm, recorder = recorded
+    steps = [ActionReasoningStep(thought="add", action="add", action_input={"a": 3, "b": 4}), ObservationReasoningStep(observation="7")]
+    messages = ReActChatFormatter.from_defaults(observation_role=MessageRole.TOOL).format([], [ChatMessage(role="user", content="3+4?")], steps)
+    llm.chat(messages)
+    sent = recorder.calls[0][1]
+    assert sent[-1] == {"role": "tool", "content": "Observation: 7"} and [m["role"] for m in sent] == ["system", "user", "assistant", "tool"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -318,8 +318,10 @@ def test_tool_messages():
         ]
     )
     assert msgs[1].tool_calls[0].arguments == {"n": 1} and msgs[2].tool_call_id == "c1"
+    observation = normalize_messages([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}])[1]
+    assert observation.tool_call_id is None and observation.as_dict() == {"role": "tool", "content": "r"}  # a ReAct observation
     for bad, needle in [
-        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}], "needs a 'tool_call_id'"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "r", "tool_call_id": 7}], "tool_call_id must name the call"),
         ([{"role": "user", "content": "x", "tool_calls": [{"name": "a"}]}], "only assistant messages"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "a", "arguments": "{"}}]}], "not valid JSON"),
         ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "needs a 'name'"),

@@ -27,7 +27,8 @@ class ToolCall:
 @dataclass(frozen=True)
 class Message:
     """One turn of a conversation: a role and its text; assistant turns may carry tool calls,
-    and a "tool" turn is the result of the call named by `tool_call_id`."""
+    and a "tool" turn is a tool's result: of the call named by `tool_call_id`, or of none (a
+    ReAct observation, say)."""
 
     role: str
     content: str
@@ -89,8 +90,8 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
         raise InvalidMessagesError(f"messages[{i}] ({role}) has tool_calls; only assistant messages may carry them")
     if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
         raise InvalidMessagesError(f"messages[{i}].tool_calls must be a list, got {type(calls).__name__}")
-    if role == "tool" and (not isinstance(call_id, str) or not call_id):
-        raise InvalidMessagesError(f"messages[{i}] (tool) needs a 'tool_call_id' naming the call it answers")
+    if role == "tool" and call_id is not None and (not isinstance(call_id, str) or not call_id):
+        raise InvalidMessagesError(f"messages[{i}] (tool) tool_call_id must name the call it answers (a non-empty str), got {call_id!r}")
     if role != "tool":
         call_id = None
     return Message(role, content, tuple(_tool_call(i, j, c) for j, c in enumerate(calls)), call_id)

@@ -15,9 +15,11 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
+    CachePoint,
     LLMMetadata,
     MessageRole,
     TextBlock,
+    ThinkingBlock,
     ToolCallBlock,
 )
 import llama_index.core.instrumentation as instrument
@@ -96,15 +98,27 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
         where = f"messages[{i}] ({MessageRole(msg.role).value})"
         if role is None:
             raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported")
-        blocks = [block.text if isinstance(block, TextBlock) else block for block in msg.blocks]
-        blocks = [block for block in blocks if not isinstance(block, ToolCallBlock)]
-        entry: dict[str, Any] = {"role": role, "content": content_to_text(blocks, where)}
-        if role == "tool":
-            entry["tool_call_id"] = msg.additional_kwargs.get("tool_call_id")
+        entry: dict[str, Any] = {"role": role, "content": _text(msg, where)}
+        if role == "tool" and (call_id := msg.additional_kwargs.get("tool_call_id")) is not None:
+            entry["tool_call_id"] = call_id  # ReAct's observations (observation_role=TOOL) answer no call by id
         elif role == "assistant" and (calls := _history_calls(msg)):
             entry["tool_calls"] = calls
         out.append(entry)
     return out
+
+
+# Blocks that are not conversation text: tool calls (taken apart), another model's reasoning, and
+# Anthropic's prompt-cache markers.
+_NOT_TEXT = (ToolCallBlock, ThinkingBlock, CachePoint)
+
+
+def _text(msg: ChatMessage, where: str) -> str:
+    """A message's text blocks joined with newlines, as `ChatMessage.content` joins them; any other
+    content block (an image, say) gets integration.content_to_text's clear error."""
+    blocks = [block.text if isinstance(block, TextBlock) else block for block in msg.blocks if not isinstance(block, _NOT_TEXT)]
+    if all(isinstance(block, str) for block in blocks):
+        return "\n".join(blocks)
+    return content_to_text(blocks, where)
 
 
 def _chunk(text: str, delta: str, event: TextDelta) -> ChatResponse:
