@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -206,6 +207,17 @@ def test_switch_decisions_from_bounds_equal_exact_ones():
             i += len(chunk)
         assert got == find_switch(probs, window, threshold, first)
     assert skipped > 10000  # the bounds did spare most exact values
+
+
+def test_needs_exact_does_not_walk_a_long_window():
+    """A window longer than any draft is answered at once: needs_exact starts at the first window
+    that can end (switch_window=10**9 used to hold the worker for good on every scoring pass)."""
+    detector = SwitchDetector(10**9, 0.8)
+    start = time.perf_counter()
+    for _ in range(20):
+        assert all(detector.needs_exact([math.log(0.5)] * 32))  # with the rest certain, the window could pass
+        assert not any(detector.push(0.5) for _ in range(32))
+    assert time.perf_counter() - start < 1.0
 
 
 QUESTIONS = ["What is the capital of France?", "Hello there! Write a list.", "Count: one two three", "def f(x): return x * 2"]

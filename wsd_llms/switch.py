@@ -53,10 +53,9 @@ class SwitchDetector:
         history = self._logs[-(self.window - 1) :] if self.window > 1 else []
         logs = history + list(bounds)
         first, need = len(history), [False] * len(bounds)
-        for end in range(first, len(logs) + self.window - 1):  # windows ending at a new position or later
+        earliest = max(first, self.first - len(self._logs) + first)  # no window ends earlier in the draft
+        for end in range(earliest, len(logs) + self.window - 1):  # windows ending at a new position or later
             start = end - self.window + 1
-            if len(self._logs) - first + end < self.first:  # no window ends this early in the draft
-                continue
             if self._passes(logs[max(start, 0) : end + 1]):
                 for j in range(max(start, first), min(end + 1, len(logs))):
                     need[j - first] = True
