@@ -1158,35 +1158,36 @@ def test_a_snapshot_shows_an_ending_request_counted(fresh, monkeypatch):
         release.set()
 
 
-def test_staged_frees_its_check_cache_before_the_base_continues(fresh, monkeypatch):
-    """The staged pipeline's check cache (prompt and whole draft, every base layer) is freed once
-    the draft is checked, not held through the base model's continuation, where stats() would not
-    count it."""
+@pytest.mark.parametrize("mode, kind", [("staged", "check"), ("staged", "draft"), ("online", "draft")])
+def test_draft_and_check_caches_are_freed_before_the_base_continues(fresh, monkeypatch, mode, kind):
+    """The draft's cache, and the staged pipeline's check cache (prompt and whole draft, every base
+    layer), are freed once the draft is checked, not held through the base model's continuation,
+    where stats() would not count them."""
     import gc
     import weakref
 
-    from wsd_llms.sequence import Sequence
+    from wsd_llms.sequence import Phase, Sequence
 
     rt = fresh()
     rt.generate(_msgs("Hi"), max_tokens=2)
     engine, step, new_cache = rt.engine, rt.engine.step, Sequence.new_cache
     checks, alive_while_continuing = [], []
 
-    def recorded(self, kind):
-        kv = new_cache(self, kind)
-        if kind == "check":
+    def recorded(self, which):
+        kv = new_cache(self, which)
+        if which == kind:
             checks.append(weakref.ref(kv))
         return kv
 
     def observed_step():
         step()
-        if checks and len(alive_while_continuing) < 3 and any(seq.base_kv is not None for seq in engine.scheduler.running):
+        if checks and len(alive_while_continuing) < 3 and any(seq.phase == Phase.CONTINUING for seq in engine.scheduler.running):
             gc.collect()
             alive_while_continuing.append(checks[-1]() is not None)
 
     monkeypatch.setattr(Sequence, "new_cache", recorded)
     monkeypatch.setattr(engine, "step", observed_step)
-    result = rt.generate(_msgs(QUESTIONS[0]), mode="staged", max_tokens=60, max_draft_tokens=20, switch_threshold=1.0)
+    result = rt.generate(_msgs(QUESTIONS[0]), mode=mode, max_tokens=60, max_draft_tokens=20, switch_threshold=1.0)
     assert result.usage.base_tokens > 10 and alive_while_continuing == [False] * 3
 
 

@@ -204,4 +204,5 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         yield from drafter.feed(token, len(generated))
 
     seq.draft_kv = None
+    del drafter  # and its cache: freed now, not when the request ends
     return (yield from continue_base(seq, base, scorer.kv, rows, base_gen, base_guide))

@@ -40,6 +40,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             yield from drafter.feed(token, len(generated))
     seq.draft_tokens = len(generated)
     seq.draft_kv = None
+    del drafter  # and its cache: freed now, not when the request ends
 
     # 3-5. Check the draft with one base pass (unconstrained) and find the switch point.
     text = draft_text(draft.tokenizer, prompts.forced_prefix, generated)
