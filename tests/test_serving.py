@@ -1088,6 +1088,9 @@ def test_limits_are_checked(fresh, value):
     if value != 0:  # keeping no prompt prefixes is allowed
         with pytest.raises(InvalidParameterError, match="invalid prefix_cache_tokens=.*must be an integer >= 0"):
             rt.configure(prefix_cache_tokens=value)
+    for name in ("max_running", "max_cached_tokens", "prefill_chunk"):  # and as the runtime is made, before any request hangs on one
+        with pytest.raises(InvalidParameterError, match=f"invalid {name}=.*must be an integer >= 1"):
+            fresh(**{name: value})
     rt.configure(prefill_chunk=64, prefix_cache_tokens=0)
     assert rt.engine.prefill_chunk == 64
     assert all(p.max_tokens == 0 for p in rt.engine.prefixes.values())

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,20 @@ class _Submission:
     compile_error: BaseException | None = None
 
 
+AUTO_LIMITS = ("prefill_chunk", "lookup_tokens")  # None at construction: chosen for the device
+
+
+def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
+    """InvalidParameterError for a limit that is not an integer of at least its least value (0 for
+    prefix_cache_tokens and lookup_tokens, 1 for the rest); those named in `unset` may be None."""
+    for name, value in values.items():
+        if value is None and name in unset:
+            continue
+        least = 0 if name in ("prefix_cache_tokens", "lookup_tokens") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
+
+
 class WSDRuntime:
     """Owns the two models and the worker thread that runs the step loop."""
 
@@ -91,6 +105,7 @@ class WSDRuntime:
             "prefix_cache_tokens": prefix_cache_tokens,
             "lookup_tokens": lookup_tokens,
         }
+        _check_limits(self.limits, unset=AUTO_LIMITS)
         self._start_clean()
         self._closed = False
         self.engine: Engine | None = None
@@ -216,12 +231,7 @@ class WSDRuntime:
             "prefix_cache_tokens": prefix_cache_tokens,
             "lookup_tokens": lookup_tokens,
         }
-        for name, value in values.items():
-            if value is None:
-                continue
-            least = 0 if name in ("prefix_cache_tokens", "lookup_tokens") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
+        _check_limits(values, unset=values)
         if all(value is None for value in values.values()):
             return  # nothing to change (get_runtime() calls this for every adapter call): no wait for the step
         with self._step_lock:  # between two steps: a step sees one set of limits throughout
