@@ -756,6 +756,37 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
     assert rt.stats().failed == 1
 
 
+def test_a_kept_error_does_not_keep_the_failed_request_s_caches(fresh, monkeypatch):
+    """The error a failed request raises holds no worker frames (they hold its caches): a caller that
+    keeps it (batch with return_exceptions, a tracer) keeps no memory; the worker's trace is a note."""
+    import gc
+    import weakref
+
+    from wsd_llms.sequence import Sequence
+
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    caches, new_cache, real_extend = [], Sequence.new_cache, ModelRunner.extend
+
+    def recorded(self, which):
+        kv = new_cache(self, which)
+        caches.append(weakref.ref(kv))
+        return kv
+
+    def extend(self, kv, ids, *args, **kwargs):
+        if len(kv) > 40:
+            raise RuntimeError("injected fault")
+        return real_extend(self, kv, ids, *args, **kwargs)
+
+    monkeypatch.setattr(Sequence, "new_cache", recorded)
+    monkeypatch.setattr(ModelRunner, "extend", extend)
+    with pytest.raises(RequestFailedError, match="injected fault") as failed:
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=40, switch_threshold=1.0)
+    gc.collect()
+    assert caches and all(ref() is None for ref in caches)
+    assert any("raised in the wsd-llms worker" in note for note in failed.value.__cause__.__notes__)
+
+
 def test_a_batched_pass_that_fails_after_writing_its_states_is_retried_cleanly(fresh, monkeypatch):
     """A batched pass that fails after its layers wrote every row's states (in the output projection,
     as running out of memory there would) is retried row by row from where each row was: no request

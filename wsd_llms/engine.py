@@ -6,6 +6,7 @@ Single-threaded: only the runtime's worker thread calls into an Engine.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -453,10 +454,10 @@ class Engine:
         """Fail one request with a clear error; the others go on."""
         self._drop(seq, "failed")
         if isinstance(exc, RequestFailedError):
-            error = exc
+            error = _detached(exc)
         else:
             error = RequestFailedError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
+            error.__cause__ = _detached(exc)
         seq.deliver(error)
 
     def _drop(self, seq: Sequence, outcome: str) -> None:
@@ -507,3 +508,18 @@ class Engine:
         # stream) never reads the result: it is counted as what ended it for them.
         self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled) if seq.cancelled.is_set() else "finished")
         seq.deliver(FinalEvent(result))
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """The exception (and those it chains to) without tracebacks, which hold the worker's frames, and
+    through them the request's caches, for as long as a caller keeps the error (batch with
+    return_exceptions, a tracer); each trace stays readable as a note."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if link.__traceback__ is not None:
+            link.add_note("raised in the wsd-llms worker:\n" + "".join(traceback.format_tb(link.__traceback__)).rstrip())
+            link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
