@@ -26,6 +26,7 @@ from tiny import make_tokenizer, tiny_gemma3, tiny_llama
 from wsd_llms import (
     FinalEvent,
     InvalidParameterError,
+    ModelLoadError,
     RequestFailedError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -1240,6 +1241,43 @@ def test_stats_snapshot(fresh):
         (timings.draft, timings.scoring, timings.base)
     )
     assert 0 < sum(s.pass_seconds.values()) <= timings.total
+
+
+def test_requests_that_fail_as_the_models_fail_to_load_are_counted():
+    rt = WSDRuntime("/nonexistent/draft-model", "/nonexistent/base-model", device="cpu")
+    try:
+        for _ in range(2):
+            with pytest.raises(ModelLoadError, match="does not exist"):
+                rt.generate(_msgs("hi"), max_tokens=5)
+        s = rt.stats()
+        assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 0, 2, 0)
+    finally:
+        rt.close()
+
+
+def test_stats_does_not_wait_for_a_request_being_prepared(fresh, monkeypatch):
+    """The worker builds a new request's prompts (a long prompt takes seconds to tokenize) and starts
+    its program (a grammar may compile there) outside the lock stats() takes: a metrics call from
+    another thread or an event loop does not stall meanwhile, and sees the request queued."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    entered, release, prepare = threading.Event(), threading.Event(), rt.engine.prepare
+
+    def held_prepare(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(rt.engine, "prepare", held_prepare)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=4)
+        assert entered.wait(10)
+        start = time.perf_counter()
+        s = rt.stats()
+        assert time.perf_counter() - start < 1.0 and (s.queued, s.running) == (1, 0)
+        release.set()
+        assert future.result(timeout=30).text
+    assert rt.stats().finished == 2
 
 
 ADAPTER_ENDINGS = ["lc-stream-break", "lc-astream-break", "lc-ainvoke-cancel", "lc-timeout", "li-stream_chat-break", "li-astream_chat-break", "li-achat-cancel", "li-timeout"]

@@ -184,11 +184,15 @@ class Engine:
             caps["max_draft_tokens"] = min(params.max_draft_tokens, room["draft"])
         return params.model_copy(update=caps)
 
-    def add(self, seq: Sequence) -> None:
-        """Start the request's program and queue it; if either raises, nothing was queued."""
+    def start(self, seq: Sequence) -> None:
+        """Start the request's program, up to its first pass (grammars compile and forced starts are checked here)."""
         seq.lookup_tokens = self.lookup_tokens
         seq.program = PROGRAMS[seq.params.mode](seq, self.draft, self.base)
-        seq.pending = next(seq.program)  # its first pass: grammars compile and forced starts are checked here
+        seq.pending = next(seq.program)
+
+    def add(self, seq: Sequence) -> None:
+        """Start the request's program and queue it; if either raises, nothing was queued."""
+        self.start(seq)
         self.scheduler.add(seq)
 
     def configure(self, name: str, value: int) -> None:

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -106,6 +107,7 @@ class WSDRuntime:
             "lookup_tokens": lookup_tokens,
         }
         _check_limits(self.limits, unset=AUTO_LIMITS)
+        self._unstarted: Counter[str] = Counter()  # requests that ended before there was an engine (a load failed), by outcome
         self._start_clean()
         self._closed = False
         self.engine: Engine | None = None
@@ -124,6 +126,7 @@ class WSDRuntime:
         # Submissions put in the inbox, and those the worker has taken from it (queued in the engine,
         # or counted as ended): the difference is queued too in stats(), while models load or a step runs.
         self._sent = self._taken = 0
+        self._counts_lock = threading.Lock()  # stats() against the worker counting a request before there is an engine
         self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
         self._compiles: set[threading.Thread] = set()  # compiling beside the worker (under the worker lock)
 
@@ -246,13 +249,16 @@ class WSDRuntime:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
         cache use, passes per model and seconds in passes per phase."""
         engine = self.engine
-        if engine is None:
-            stats = RuntimeStats.empty()
-            return replace(stats, queued=self._sent - self._taken, peaks={**stats.peaks, "queued": self._peak_queued})
-        with engine.scheduler.lock:  # the worker takes a submission and queues (or counts) it under this lock
-            stats = engine.stats()
-            peak = max(stats.peaks["queued"], self._peak_queued)
-            return replace(stats, queued=stats.queued + self._sent - self._taken, peaks={**stats.peaks, "queued": peak})
+        with self._counts_lock if engine is None else engine.scheduler.lock:  # under which the worker takes a submission and queues (or counts) it
+            stats = RuntimeStats.empty() if engine is None else engine.stats()
+            return replace(
+                stats,
+                queued=stats.queued + self._sent - self._taken,
+                finished=stats.finished + self._unstarted["finished"],
+                failed=stats.failed + self._unstarted["failed"],
+                cancelled=stats.cancelled + self._unstarted["cancelled"],
+                peaks={**stats.peaks, "queued": max(stats.peaks["queued"], self._peak_queued)},
+            )
 
     def _note_queued(self) -> None:
         """Raise the peak of queued requests to what is queued now, inbox included (as stats() counts);
@@ -473,29 +479,45 @@ class WSDRuntime:
         try:
             engine = self.load()
         except Exception as exc:  # no models: the request fails alone, and the next one tries again
-            self._taken += 1
-            sub.deliver(_start_error(exc))
+            self._end_unstarted(sub, "failed", _start_error(exc))
             return
         if not sub.compiled and sub.params.constrained and not sub.cancelled.is_set():
             sub.compiled = True  # from here on it compiles once, beside the worker or on it
             if self._compile_beside(engine, sub):
                 return  # still in the inbox's count: it comes back once compiled
-        with engine.scheduler.lock:  # taken and queued (or counted) in one move, as stats() sees it
+        if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
+            self._end_unstarted(sub, given_up(sub.params, sub.submitted, time.perf_counter(), sub.cancelled))
+            return
+        if sub.compile_error is not None:
+            self._end_unstarted(sub, "failed", _start_error(sub.compile_error))
+            return
+        try:  # outside the scheduler's lock, which stats() waits for: prompts built, a grammar compiled on the worker
+            seq = engine.prepare(sub.messages, sub.params, sub.deliver)
+            seq.cancelled, seq.created = sub.cancelled, sub.submitted
+            engine.start(seq)
+        except Exception as exc:  # a bad request must not kill the worker; it fails alone
+            self._end_unstarted(sub, "failed", _start_error(exc))
+            return
+        with engine.scheduler.lock:  # taken and queued in one move, as stats() sees it
             self._taken += 1
             try:
-                if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-                    engine.count(given_up(sub.params, sub.submitted, time.perf_counter(), sub.cancelled))
-                    return
-                if sub.compile_error is not None:
-                    engine.count("failed")
-                    sub.deliver(_start_error(sub.compile_error))
-                    return
-                seq = engine.prepare(sub.messages, sub.params, sub.deliver)
-                seq.cancelled, seq.created = sub.cancelled, sub.submitted
-                engine.add(seq)
-            except Exception as exc:  # a bad request must not kill the worker; it fails alone
+                engine.scheduler.add(seq)
+            except Exception as exc:  # one that could never fit
                 engine.count("failed")
                 sub.deliver(_start_error(exc))
+
+    def _end_unstarted(self, sub: _Submission, outcome: str, error: BaseException | None = None) -> None:
+        """Count a request that ends before it runs (taken from the inbox and counted in one move, as
+        stats() sees it; by the runtime while there is no engine), and tell its caller why, if anyone waits."""
+        engine = self.engine
+        with self._counts_lock if engine is None else engine.scheduler.lock:
+            self._taken += 1
+            if engine is None:
+                self._unstarted[outcome] += 1
+            else:
+                engine.count(outcome)
+        if error is not None:
+            sub.deliver(error)
 
     def _fail_all(self, error: BaseException) -> None:
         engine = self.engine
@@ -515,14 +537,7 @@ class WSDRuntime:
         """Fail a request the engine never took (still in the inbox, or compiling its grammar, as the
         runtime closed or its worker died), counted as failed like the requests that were running,
         or as its caller left it if it had already given up on it (as `_accept` counts it)."""
-        engine = self.engine
-        if engine is None:
-            self._taken += 1
-        else:
-            with engine.scheduler.lock:
-                self._taken += 1
-                engine.count(_ended_by_runtime(item.params, item.submitted, item.cancelled))
-        item.deliver(error)
+        self._end_unstarted(item, _ended_by_runtime(item.params, item.submitted, item.cancelled), error)
 
 
 def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) -> str:
