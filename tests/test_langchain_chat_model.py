@@ -856,6 +856,32 @@ def test_structured_output_takes_plain_and_openai_style_json_schemas(fake, schem
     assert fake.requests[-1][1]["response_format"] == UNTITLED
 
 
+class Node(BaseModel):
+    name: str
+    children: list[Node] = []
+
+
+TAGS = {"title": "Tags", "type": "array", "items": {"type": "string"}, "maxItems": 3}
+SCORES = {"title": "Scores", "type": "object", "additionalProperties": {"type": "integer"}}
+
+
+@pytest.mark.parametrize(
+    "schema, sent",
+    [
+        (TAGS, TAGS),  # titled, and no properties: LangChain's converter kept only the title
+        (SCORES, SCORES),
+        ({"type": "function", "function": {"name": "joke", "parameters": UNTITLED}}, UNTITLED),
+        (Node, Node.model_json_schema()),  # LangChain's converter wrote the recursion as any value
+    ],
+)
+def test_structured_output_sends_the_whole_schema(fake, schema, sent):
+    fake.reply = fake_result(json.dumps({"name": "a", "children": []} if schema is Node else ["a"]))
+    WSDChatModel().with_structured_output(schema, method="json_schema").invoke("x")
+    assert fake.requests[-1][1]["response_format"] == sent
+    if schema is Node:
+        assert sent["$defs"]["Node"]["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}
+
+
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 def test_a_value_off_its_schema_is_a_parsing_error(fake, method):
     """A TypedDict or JSON schema has no pydantic class to check the value: the runtime's

@@ -339,15 +339,21 @@ class _SchemaJsonParser(JsonOutputParser):
 
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
-    """A structured-output schema as JSON schema: OpenAI's response_format forms are unwrapped, a
-    plain JSON schema is taken as it is (LangChain's converter wants a title), the rest converted."""
+    """A structured-output schema as JSON schema: a dict is one already (OpenAI's response_format and
+    function forms unwrapped), a pydantic class gives its own (with `$defs`, so a recursive model
+    stays recursive), and a TypedDict is converted. (LangChain's converter keeps only an object's
+    properties, and writes a recursive reference as any value: either would leave the grammar loose.)"""
     if isinstance(schema, dict):
         if schema.get("type") == "json_schema" and isinstance(schema.get("json_schema"), dict):
             schema = schema["json_schema"]  # {"type": "json_schema", "json_schema": {"name", "schema"}}
-        if isinstance(schema.get("schema"), dict) and "name" in schema:
-            return schema["schema"]
-        if "title" not in schema:
-            return schema
+        if schema.get("type") == "function" and isinstance(schema.get("function"), dict):
+            schema = schema["function"]  # {"type": "function", "function": {"name", "parameters"}}
+        for wrapped in ("schema", "parameters"):  # {"name", "schema"} and {"name", "description", "parameters"}
+            if "name" in schema and isinstance(schema.get(wrapped), dict):
+                return schema[wrapped]
+        return schema
+    if isinstance(schema, type) and is_basemodel_subclass(schema):
+        return schema.model_json_schema()
     return convert_to_json_schema(schema)
 
 
