@@ -915,6 +915,25 @@ def test_structured_output_include_raw(fake, method):
     assert out["parsed"] == Joke(**JOKE) and out["parsing_error"] is None
 
 
+@pytest.mark.parametrize("schema", [Joke, JokeDict])
+def test_function_calling_without_a_valid_call_is_a_parsing_error(fake, schema):
+    """A call cut short by max_tokens fails the parse with the runtime's error (LangChain's parser gave None)."""
+    from langchain_core.exceptions import OutputParserException
+
+    raw = '<tool_call>\n{"name": "Joke", "arg'
+    fake.reply = fake_result(raw, content="", invalid_tool_calls=(InvalidToolCall(raw, "the call is not closed", "Joke", "call_1"),))
+    with pytest.raises(OutputParserException, match="the call is not closed"):
+        WSDChatModel().with_structured_output(schema, method="function_calling").invoke("joke")
+    out = WSDChatModel().with_structured_output(schema, method="function_calling", include_raw=True).invoke("joke")
+    assert out["parsed"] is None and "not closed" in str(out["parsing_error"])
+    fake.reply = fake_result("ok", content="ok")
+    with pytest.raises(OutputParserException, match="it made no call"):
+        WSDChatModel().with_structured_output(schema, method="function_calling").invoke("joke")
+    fake.reply = fake_result("<tool_call>...", content="", tool_calls=(ToolCall("call_1", schema.__name__, JOKE),))
+    chunks = list(WSDChatModel().with_structured_output(schema, method="function_calling").stream("joke"))
+    assert chunks[-1] == (Joke(**JOKE) if schema is Joke else JOKE)
+
+
 def test_structured_output_bad_arguments():
     with pytest.raises(ValueError, match="method="):
         WSDChatModel().with_structured_output(Joke, method="xml")  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult, Generation
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
 from langchain_core.runnables.config import get_config_list
@@ -299,24 +300,27 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """
         if kwargs:
             raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
-        if method == "function_calling":
-            if schema is None:
-                raise ValueError("method='function_calling' needs a schema")
-            return super().with_structured_output(schema, include_raw=include_raw)
-        if method not in ("json_schema", "json_mode"):
+        if method not in ("json_schema", "function_calling", "json_mode"):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'")
-        if schema is None and method == "json_schema":
-            raise ValueError("method='json_schema' needs a schema")
-        json_schema = _json_schema(schema) if schema is not None else None
-        llm = self.bind(
-            response_format=json_schema if json_schema is not None else {"type": "json_object"},
-            ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
-        )
-        parser: Runnable = (
-            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
-            if isinstance(schema, type) and is_basemodel_subclass(schema)
-            else _SchemaJsonParser()
-        )
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method={method!r} needs a schema")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        parser: Runnable
+        if method == "function_calling":  # as BaseChatModel does, but a reply without a valid call fails the parse (it gave None)
+            assert schema is not None
+            llm = self.bind_tools([schema], tool_choice="any", ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+            parser = (
+                _PydanticCall(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if pydantic
+                else _KeyCall(key_name=convert_to_openai_tool(schema)["function"]["name"], first_tool_only=True)
+            )
+        else:
+            json_schema = _json_schema(schema) if schema is not None else None
+            llm = self.bind(
+                response_format=json_schema if json_schema is not None else {"type": "json_object"},
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+            )
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else _SchemaJsonParser()  # type: ignore[arg-type]
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -336,6 +340,28 @@ class _SchemaJsonParser(JsonOutputParser):
         if error and not partial:
             raise OutputParserException(f"the reply does not fit the schema: {error}", llm_output=message.content)
         return super().parse_result(result, partial=partial)
+
+
+class _NeedsACall:
+    """A tools parser whose final parse fails, naming the runtime's error, where the reply has no
+    valid call (LangChain's gives None: a call cut short by max_tokens, or off its schema)."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        message = getattr(result[0], "message", None) if result else None
+        if not partial and isinstance(message, AIMessage) and not message.tool_calls:
+            errors = message.response_metadata.get("tool_call_errors") or {}
+            detail = "; ".join(f"{c.get('name')!r}: {errors.get(c.get('id')) or c.get('error')}" for c in message.invalid_tool_calls)
+            reason = f"its call is invalid: {detail}" if detail else "it made no call"
+            raise OutputParserException(f"the reply did not call the schema's tool: {reason}", llm_output=message.text)
+        return super().parse_result(result, partial=partial)  # type: ignore[misc]
+
+
+class _PydanticCall(_NeedsACall, PydanticToolsParser):
+    """PydanticToolsParser that fails on a reply without a valid call (_NeedsACall)."""
+
+
+class _KeyCall(_NeedsACall, JsonOutputKeyToolsParser):
+    """JsonOutputKeyToolsParser that fails on a reply without a valid call (_NeedsACall)."""
 
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
