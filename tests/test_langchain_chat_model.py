@@ -6,6 +6,7 @@ that records what reaches it, so they cost nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -651,6 +652,10 @@ def test_tool_calls_stream_and_invoke_agree(fake, reply):
     assert full.tool_calls == invoked.tool_calls == [{"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in reply.tool_calls]
     assert [c["id"] for c in full.invalid_tool_calls] == [c["id"] for c in invoked.invalid_tool_calls] == [c.id for c in reply.invalid_tool_calls]
     assert [c["error"] for c in invoked.invalid_tool_calls] == [c.error for c in reply.invalid_tool_calls]
+    # LangChain makes the message from the chunks itself when the model streams under invoke
+    streamed = WSDChatModel(streaming=True).bind_tools([Add], tool_choice="auto")
+    for message in (streamed.invoke("x"), asyncio.run(streamed.ainvoke("x"))):
+        assert [c["error"] for c in message.invalid_tool_calls] == [c.error for c in reply.invalid_tool_calls]
     if reply.tool_calls:
         assert chunks[-1].tool_call_chunks == [{"name": "Add", "args": json.dumps(CALL.arguments), "id": "call_1", "index": 0, "type": "tool_call_chunk"}]
 

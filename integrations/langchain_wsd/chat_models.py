@@ -211,7 +211,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _with_call_errors(generate_from_stream(self._stream(messages, stop, run_manager, **kwargs)))
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
 
     async def _agenerate(
         self,
@@ -221,7 +221,16 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
-        return _with_call_errors(generate_from_stream(iter(chunks)))
+        return generate_from_stream(iter(chunks))
+
+    # Every path that makes one message of a reply goes through these two: _generate, and LangChain
+    # aggregating _stream's chunks itself (streaming=True, astream_events, a streaming callback), before
+    # on_llm_end sees the result.
+    def _generate_with_cache(self, *args: Any, **kwargs: Any) -> ChatResult:
+        return _with_call_errors(super()._generate_with_cache(*args, **kwargs))
+
+    async def _agenerate_with_cache(self, *args: Any, **kwargs: Any) -> ChatResult:
+        return _with_call_errors(await super()._agenerate_with_cache(*args, **kwargs))
 
     def batch(
         self,
