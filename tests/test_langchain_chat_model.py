@@ -481,6 +481,11 @@ def test_token_counts_use_the_base_tokenizer_without_loading_weights(embedded, m
     assert model.get_token_ids(text) == base_tokenizer.encode(text, add_special_tokens=False)
     history = [HumanMessage("a " * 40), AIMessage("b " * 40), HumanMessage("Which letter came first?")]
     assert trim_messages(history, token_counter=model, max_tokens=60, strategy="last") == history[1:]
+    # trim_messages counts every tail, none and a reply alone too (they raised as requests would)
+    answered = [HumanMessage("a " * 40), AIMessage("b " * 3)]
+    reply_alone = model.get_num_tokens_from_messages(answered[1:])
+    assert 3 < reply_alone < model.get_num_tokens_from_messages(answered) and model.get_num_tokens_from_messages([]) == 0
+    assert trim_messages(answered, token_counter=model, max_tokens=reply_alone, strategy="last") == answered[1:]
     unloaded.close()
 
 

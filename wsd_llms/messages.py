@@ -106,16 +106,17 @@ def _unicode_error(text: str) -> str | None:
     return None
 
 
-def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[Message]:
-    """Check and convert `[{"role": ..., "content": ...}]` into Messages, or raise a clear error."""
+def normalize_messages(messages: Sequence[Mapping[str, Any] | Message], request: bool = True) -> list[Message]:
+    """Check and convert `[{"role": ..., "content": ...}]` into Messages, or raise a clear error.
+    `request=False`: any part of a conversation (to count its tokens), not only one a reply can follow."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidMessagesError(
             f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}"
         )
-    if not messages:
+    if not messages and request:
         raise InvalidMessagesError("messages is empty: give at least one message")
     out = [_message(i, msg) for i, msg in enumerate(messages)]
-    if all(m.role == "assistant" for m in out):
+    if request and all(m.role == "assistant" for m in out):
         raise InvalidMessagesError("messages holds only assistant turns: give a user or system message")
     return out
 

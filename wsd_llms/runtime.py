@@ -311,10 +311,13 @@ class WSDRuntime:
     def count_prompt_tokens(self, messages: Messages, **params: Any) -> int:
         """How many base tokens the messages take: the request's prompt as `usage.base_prompt_tokens`
         counts it (template, and the tools' block with tools), plus a forced start of the reply (a
-        trailing assistant message); reads the base tokenizer, not the weights."""
+        trailing assistant message); reads the base tokenizer, not the weights. Any part of a
+        conversation counts (LangChain's trim_messages counts its tails): none takes 0 tokens."""
         parsed = parse_params(**params)
         tools = parsed.tools if parsed.calls_tools else ()
-        return base_prompt_tokens(self.tokenizer("base"), normalize_messages(messages), parsed.base_template, tools)
+        if isinstance(messages, (list, tuple)) and not messages:
+            return 0
+        return base_prompt_tokens(self.tokenizer("base"), normalize_messages(messages, request=False), parsed.base_template, tools)
 
     def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).
