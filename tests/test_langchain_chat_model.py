@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -608,6 +609,11 @@ def test_bind_tools_accepts_every_tool_form(fake, tools, names):
         ("none", "none"),
         ("lookup", "lookup"),
         ({"type": "function", "function": {"name": "lookup"}}, "lookup"),
+        ({"type": "function", "name": "lookup"}, "lookup"),  # OpenAI's Responses API
+        ({"type": "tool", "name": "lookup"}, "lookup"),  # Anthropic's
+        ({"type": "any"}, "required"),
+        ({"type": "auto"}, "auto"),
+        ({"type": "none"}, "none"),
     ],
 )
 def test_tool_choice_forms(fake, choice, expected):
@@ -624,10 +630,16 @@ def test_bind_tools_takes_strict(fake, strict):
     assert "strict" not in fake.requests[-1][1] and fake.requests[-1][1]["tools"][0]["function"]["name"] == "Add"
 
 
-@pytest.mark.parametrize("choice", ["unknown_tool", {"type": "function", "function": {"name": "nope"}}, False])
+@pytest.mark.parametrize("choice", ["unknown_tool", {"type": "function", "function": {"name": "nope"}}, {"type": "some"}, False])
 def test_unknown_tool_choice_is_an_error(choice):
-    with pytest.raises(InvalidParameterError, match="bound tools: Add, lookup"):
+    with pytest.raises(InvalidParameterError, match=re.escape(f"tool_choice={choice!r} is neither") + ".*bound tools: Add, lookup"):
         WSDChatModel().bind_tools([Add, lookup], tool_choice=choice)
+
+
+@pytest.mark.parametrize("choice", ["any", "required", True, {"type": "any"}])
+def test_a_required_call_with_no_tools_is_an_error(choice):
+    with pytest.raises(InvalidParameterError, match="asks for a tool call, but no tools are bound"):
+        WSDChatModel().bind_tools([], tool_choice=choice)
 
 
 def _aggregate(chunks: list[AIMessageChunk]) -> AIMessageChunk:

@@ -14,6 +14,24 @@ GREEDY_BELOW = 1e-5
 MAX_TEMPERATURE = 1e4
 
 
+def tool_choice_value(value: Any) -> Any:
+    """A tool_choice in the runtime's terms ("auto", "required", "none" or a tool's name) from the
+    forms LangChain, OpenAI and Anthropic use: None (auto), True and "any" (required), a
+    {"type": "function", "function": {"name"}} or {"type": "tool" | "function", "name"} dict (the
+    name), {"type": "auto" | "any" | "none"}; anything else as given, for the error that names it."""
+    if value is None:
+        return "auto"
+    if value is True or value == "any":
+        return "required"
+    if isinstance(value, dict):
+        function = value.get("function")
+        name = (function.get("name") if isinstance(function, dict) else None) or value.get("name")
+        if name is None and value.get("type") in ("auto", "any", "none"):
+            return tool_choice_value(value["type"])
+        return name if isinstance(name, str) else value
+    return value
+
+
 class GenerationParams(BaseModel):
     """Everything one request may set; the defaults are the paper's (τ=0.8, w=6, greedy)."""
 
@@ -76,11 +94,7 @@ class GenerationParams(BaseModel):
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _tool_choice(cls, value: Any) -> Any:
-        if value is None:
-            return "auto"
-        if isinstance(value, dict):  # OpenAI's {"type": "function", "function": {"name": ...}}
-            return (value.get("function") or {}).get("name") or value.get("name") or value
-        return "required" if value == "any" else value
+        return tool_choice_value(value)
 
     @model_validator(mode="after")
     def _constraints(self) -> GenerationParams:

@@ -36,10 +36,10 @@ from pydantic import Field
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
+from wsd_llms.params import tool_choice_value
 from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
-_TOOL_CHOICES = ("auto", "any", "required", "none")
 
 
 class WSDChatModel(WSDSettings, BaseChatModel):
@@ -393,17 +393,17 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
 
 
 def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
-    """LangChain's tool_choice forms as the runtime's: auto, required, none or a bound tool's name."""
-    if choice is True:
-        return "required"
-    if isinstance(choice, dict):
-        choice = (choice.get("function") or {}).get("name") or choice.get("name") or ""
-    if choice is False or choice not in (*_TOOL_CHOICES, *names):
+    """LangChain's (and OpenAI's and Anthropic's) tool_choice forms as the runtime's: auto, required,
+    none or a bound tool's name; one that asks for a call of no bound tool is an error."""
+    value = tool_choice_value(choice)
+    if value not in ("auto", "required", "none", *names):
         raise InvalidParameterError(
             f"tool_choice={choice!r} is neither 'auto', 'any', 'required', 'none' nor a bound tool "
             f"(bound tools: {', '.join(names) or 'none'})"
         )
-    return "required" if choice == "any" else choice
+    if value == "required" and not names:
+        raise InvalidParameterError(f"tool_choice={choice!r} asks for a tool call, but no tools are bound")
+    return value
 
 
 def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
