@@ -390,13 +390,22 @@ class Events(BaseCallbackHandler):
 
 
 @pytest.mark.parametrize("path", ["invoke", "stream"])
-def test_a_bad_call_value_reaches_on_llm_error(fake, path):
-    """Values are checked inside the run, so tracing sees the failed call like any other."""
+@pytest.mark.parametrize("value, needle", [({"temperature": -1}, "invalid temperature=-1"), ({"stop": 5}, "invalid stop.0=5: Input should be a valid string")])
+def test_a_bad_call_value_reaches_on_llm_error(fake, path, value, needle):
+    """Values are checked inside the run, so tracing sees the failed call like any other (a stop
+    that is no list failed with a bare TypeError before the run began)."""
     handler = Events()
-    with pytest.raises(InvalidParameterError, match="invalid temperature=-1"):
-        call = getattr(WSDChatModel(), path)("x", temperature=-1, config={"callbacks": [handler]})
+    with pytest.raises(InvalidParameterError, match=re.escape(needle)):
+        call = getattr(WSDChatModel(), path)("x", **value, config={"callbacks": [handler]})
         list(call) if path == "stream" else call
     assert handler.events == ["start", "WSDInvalidParameterError"]
+
+
+def test_none_in_the_constructor_is_not_given(fake):
+    """As in a call: LangChain code passes max_tokens=None, temperature=None and the like."""
+    WSDChatModel(max_tokens=None, temperature=None, top_p=None, switch_window=None, seed=None).invoke("x")
+    params = fake.requests[-1][1]
+    assert (params["max_tokens"], params["temperature"], params["top_p"], params["switch_window"], params["seed"]) == (256, 0.0, 1.0, 6, None)
 
 
 ERROR_KINDS = [

@@ -78,7 +78,12 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             if unknown:
                 hint = "; name the models with draft_model and base_model" if {"model", "model_name"} & set(unknown) else ""
                 raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint}")
-            data = {name: value for name, value in data.items() if name not in cls.unused_arguments}
+            # None is "not given", as in a call (LangChain code passes max_tokens=None and the like)
+            data = {
+                name: value
+                for name, value in data.items()
+                if name not in cls.unused_arguments and not (value is None and name in GenerationParams.model_fields)
+            }
         return data
 
     @field_validator("stop", mode="before")
@@ -132,8 +137,13 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
 
 
 def _stops(value: str | Iterable[str] | None) -> list[str]:
-    """Stop strings as a list: one string is one stop (not one stop per character)."""
-    return [value] if isinstance(value, str) else list(value or [])
+    """Stop strings as a list: one string is one stop (not one stop per character); any other single
+    value is one stop too, for the check to name (`invalid stop.0=5: Input should be a valid string`)."""
+    if value is None:
+        return []
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+        return list(value)
+    return [value]  # type: ignore[list-item]
 
 
 def hides_calls(params: Mapping[str, Any]) -> bool:
