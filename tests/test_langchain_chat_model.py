@@ -717,16 +717,22 @@ def test_an_answer_streams_while_tools_are_bound(fake, monkeypatch):
 
 def test_shown_text_joins_to_the_content_whatever_the_pieces():
     """integration.ShownText, under both adapters: pieces cut anywhere, a '<' that is not a call,
-    a call after text, and no tools (everything shows as it comes)."""
+    a call after text (with space before the text: its content kept it, as shown, where before it
+    was stripped and the stream failed), text after a call, and no tools (everything shows as it comes)."""
     from wsd_llms.integration import ShownText
+    from wsd_llms.tools import parse_reply
 
     call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     for text, content, hide in (
         ("a < b, so 2 <  3.", "a < b, so 2 <  3.", True),
         ("Checking.\n\n" + call, "Checking.", True),
+        (" Checking.\n" + call, " Checking.", True),
+        ("\n" + call + "\nDone.", "Done.", True),
         (call, "", True),
         ("Plain text, " + call, "Plain text, " + call, False),
     ):
+        if hide:
+            assert parse_reply(text, [{"name": "f", "parameters": {"type": "object"}}])[0] == content
         for cut in range(1, 7):
             shown = ShownText(hide)
             pieces = [(text[i : i + cut], "draft" if i < 6 else "base") for i in range(0, len(text), cut)]

@@ -172,7 +172,11 @@ def parse_reply(
             calls.append(ToolCall(call_id, name, arguments))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
-    content = _CALL_RE.sub("", text).strip() if (calls or invalid) else text
+    if calls or invalid:  # the text round the calls: as a stream shows it (text_before_calls), less the space the calls leave
+        content = _CALL_RE.sub("", text).rstrip()
+        content = content if text[: _CALL_RE.search(text).start()].strip() else content.lstrip()  # type: ignore[union-attr]
+    else:
+        content = text
     return _without_cut_tag(content) if cut else content, calls, invalid
 
 
