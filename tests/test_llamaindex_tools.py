@@ -100,11 +100,12 @@ class Scripted:
     (text, result) pairs on the calls after it, the last one again; records the messages."""
 
     def __init__(self, text: str, result: WSDResult, later: Sequence[tuple[str, WSDResult]] = ()) -> None:
-        self.replies, self.messages = [(text, result), *later], []
+        self.replies, self.messages, self.params = [(text, result), *later], [], []
 
     def stream(self, messages: list[dict[str, Any]], **params: Any) -> Iterator[Any]:
         text, result = self.replies[min(len(self.messages), len(self.replies) - 1)]
         self.messages.append(messages)
+        self.params.append(params)
         yield from (TextDelta(ch, "draft") for ch in text)
         yield FinalEvent(result)
 
@@ -144,6 +145,35 @@ def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPat
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
     assert "".join(c.delta for c in chunks) == chunks[-1].message.content == "Let me add."  # the newline before the call is held back
     assert all("<" not in (c.message.content or "") for c in chunks) and calls(llm, chunks[-1]) == [("add", {"a": 1, "b": 2})]
+
+
+def test_every_chunk_says_which_model_wrote_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last chunk too: with tools bound it may carry text held back in case it began a call."""
+    llm, _ = scripted(monkeypatch, "Use a <tool", content="Use a <tool")
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg=ASK))
+    assert chunks[-1].delta == " <tool" and [c.additional_kwargs["wsd_source"] for c in chunks] == ["draft"] * len(chunks)
+
+
+def test_function_mode_streams_structured_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic_program_mode="function" (LlamaIndex's FunctionCallingProgram) reads streamed calls from
+    additional_kwargs["tool_calls"], as other integrations give them (it streamed an empty object)."""
+    oslo = {"name": "Oslo", "country": "Norway"}
+    llm, _ = scripted(monkeypatch, "<tool_call>...</tool_call>", content="", tool_calls=(ToolCall("c1", "City", oslo),))
+    llm.pydantic_program_mode = "function"
+    assert llm.structured_predict(City, PROMPT, place="Norway") == City(**oslo)
+    assert list(llm.stream_structured_predict(City, PROMPT, place="Norway"))[-1] == City(**oslo)
+
+
+def test_without_the_structured_extra_structured_calls_parse_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without xgrammar (the structured extra), is_function_calling_model is False and structured
+    calls run LlamaIndex's text-completion program, as for any LLM that cannot constrain its output."""
+    from llama_index.llms.wsd import base
+
+    monkeypatch.setattr(base, "can_constrain", lambda: False)
+    llm, script = scripted(monkeypatch, '{"name": "Oslo", "country": "Norway"}')
+    assert not llm.metadata.is_function_calling_model
+    assert llm.structured_predict(City, PROMPT, place="Norway") == City(name="Oslo", country="Norway")
+    assert script.params[-1].get("response_format") is None
 
 
 def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -181,7 +181,12 @@ class ShownText:
             raise RuntimeError(f"internal error: shown text {self.shown!r} does not start the reply's content {content!r}")
         rest = content[len(self.shown) :]
         self.shown = content
-        return [(rest, self.pieces[-1][1] if self.pieces else "draft")] if rest else []
+        return [(rest, self.last_source)] if rest else []
+
+    @property
+    def last_source(self) -> str:
+        """The model that wrote the reply's latest piece ("draft" before any)."""
+        return self.pieces[-1][1] if self.pieces else "draft"
 
     def _show(self, text: str) -> list[tuple[str, str]]:
         """The runs of `text` past what has shown, each with the model that wrote it."""

@@ -132,13 +132,19 @@ def _chunk(text: str, delta: str, event: TextDelta) -> ChatResponse:
 def _final(result: WSDResult, delta: str | None) -> ChatResponse:
     """The last response of a reply: its text (without call markup), tool calls, usage and WSD facts.
 
-    Valid calls are ToolCallBlocks in `message.blocks`; invalid ones are listed in
+    Valid calls are ToolCallBlocks in `message.blocks`, and OpenAI-style dicts in
+    `message.additional_kwargs["tool_calls"]`; invalid ones are listed in
     `message.additional_kwargs["invalid_tool_calls"]` (raw text, error, name, id).
     """
     usage = usage_counts(result)
     content = result.text if result.content is None else result.content
     calls = [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in result.tool_calls]
-    message_kwargs = {}
+    message_kwargs: dict[str, Any] = {}
+    if result.tool_calls:  # also as other integrations give them: LlamaIndex's streaming programs read calls here
+        message_kwargs["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for c in result.tool_calls
+        ]
     if result.invalid_tool_calls:
         message_kwargs["invalid_tool_calls"] = [
             {"raw": c.raw, "error": c.error, "name": c.name, "id": c.id} for c in result.invalid_tool_calls
@@ -180,7 +186,9 @@ class _Accumulator:
             delta = "".join(text for text, _ in self.shown.add(event.text, event.source))
             return _chunk(self.shown.shown, delta, event) if delta else None
         final = _final(event.result, "")
-        final.delta = "".join(text for text, _ in self.shown.finish(final.message.content or ""))
+        rest = self.shown.finish(final.message.content or "")
+        final.delta = "".join(text for text, _ in rest)
+        final.additional_kwargs["wsd_source"] = rest[-1][1] if rest else self.shown.last_source  # as on every chunk
         return final
 
 
@@ -349,6 +357,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         dispatcher.event(LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args))
         return self._get_messages(prompt, **prompt_args), {**(llm_kwargs or {}), "response_format": output_cls}
 
+    def _constrains(self) -> bool:
+        """Whether structured calls decode under the schema: in the default program mode, with the
+        structured extra installed; else LlamaIndex's own programs run (text parsing without the extra)."""
+        return self.pydantic_program_mode == PydanticProgramMode.DEFAULT and can_constrain()
+
     @staticmethod
     def _structured_result(output_cls: type[Model], response: ChatResponse) -> Model:
         result = _validated(output_cls, response)
@@ -364,7 +377,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         **prompt_args: Any,
     ) -> Model:
         """The reply decoded under output_cls's JSON schema, validated into output_cls."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+        if not self._constrains():
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
         return self._structured_result(output_cls, self.chat(messages, **kwargs))
@@ -378,7 +391,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         **prompt_args: Any,
     ) -> Model:
         """Async structured_predict, on the runtime's async stream."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+        if not self._constrains():
             return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
         return self._structured_result(output_cls, await self.achat(messages, **kwargs))
@@ -392,7 +405,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         **prompt_args: Any,
     ) -> Generator[Model | FlexibleModel, None, None]:
         """Partial objects while the JSON streams, as LlamaIndex yields them, then the validated object."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+        if not self._constrains():
             return super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
         responses = self.stream_chat(messages, **kwargs)
@@ -413,7 +426,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         **prompt_args: Any,
     ) -> AsyncGenerator[Model | FlexibleModel, None]:
         """Async stream_structured_predict, on the runtime's async stream."""
-        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+        if not self._constrains():
             return await super().astream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
         responses = await self.astream_chat(messages, **kwargs)
