@@ -24,7 +24,7 @@ from langchain_core.exceptions import (
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from tiny import tiny_llama
 from typing_extensions import TypedDict
 
@@ -336,8 +336,10 @@ def test_batch_sends_every_input_at_once_up_to_max_running(fake, monkeypatch, ma
 
 
 def test_unknown_parameter_is_named(fake):
-    with pytest.raises(InvalidParameterError, match="temprature"):
+    with pytest.raises(InvalidParameterError, match="unknown parameter 'temprature' \\(value 0.5\\); did you mean 'temperature'\\? \\(allowed: .*top_p"):
         WSDChatModel().invoke("x", temprature=0.5)
+    with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'max_new_tokens'; did you mean 'max_tokens'\\?"):
+        WSDChatModel(max_new_tokens=5)
 
 
 def test_per_call_model_must_be_the_base_model(fake):

@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_vali
 from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
 from .loading import resolve_device, resolve_dtype
-from .params import GenerationParams, parse_params
+from .params import GenerationParams, did_you_mean, parse_params
 from .runtime import WSDRuntime, get_runtime
 from .tools import text_before_calls
 
@@ -77,6 +77,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             unknown = sorted(set(data) - known - set(cls.unused_arguments))
             if unknown:
                 hint = "; name the models with draft_model and base_model" if {"model", "model_name"} & set(unknown) else ""
+                hint = hint or "".join(did_you_mean(name, known) for name in unknown)
                 raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint}")
             # None is "not given", as in a call (LangChain code passes max_tokens=None and the like)
             data = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -182,7 +184,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         name = ".".join(str(part) for part in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown parameter {name!r} (value {err['input']!r})")
+            known = sorted(GenerationParams.model_fields)
+            lines.append(f"unknown parameter {name!r} (value {err['input']!r}){did_you_mean(name, known)} (allowed: {', '.join(known)})")
         elif not name:
             lines.append(f"invalid parameters: {msg}")
         else:
@@ -190,3 +193,9 @@ def describe_validation_error(exc: ValidationError) -> str:
             shown = shown if len(shown) <= 120 else shown[:100] + "..."  # the rule matters more than a long value
             lines.append(f"invalid {name}={shown}: {msg}")
     return "; ".join(lines)
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" with the known names closest to a mistyped one, or "" if none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
