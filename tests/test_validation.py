@@ -16,7 +16,11 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"switch_threshold": 1.2}, "invalid switch_threshold=1.2: Input should be less than or equal to 1"),
         ({"switch_window": 0}, "invalid switch_window=0"),
         ({"temperature": -1}, "invalid temperature=-1"),
-        ({"temperature": float("inf")}, "invalid temperature=inf: Input should be less than or equal to 10000"),
+        ({"temperature": float("inf")}, "invalid temperature=inf: Input should be a finite number"),
+        ({"temperature": float("nan")}, "invalid temperature=nan: Input should be a finite number"),  # said "<= 10000"
+        ({"timeout": float("inf")}, "invalid timeout=inf: Input should be a finite number"),
+        ({"max_tokens": True}, "invalid max_tokens=True: a number is needed, not a bool"),  # pydantic took True as 1
+        ({"seed": False}, "invalid seed=False: a number is needed, not a bool"),
         ({"top_p": 0}, "invalid top_p=0"),
         ({"top_k": -1}, "invalid top_k=-1"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),

@@ -37,7 +37,7 @@ def tool_choice_value(value: Any) -> Any:
 class GenerationParams(BaseModel):
     """Everything one request may set; the defaults are the paper's (τ=0.8, w=6, greedy)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_tokens: int = Field(256, ge=1, description="cap on the whole reply, in base tokens")
     max_draft_tokens: int = Field(512, ge=1, description="cap on the draft, in draft tokens")
@@ -92,6 +92,15 @@ class GenerationParams(BaseModel):
         from .tools import normalize_tools
 
         return () if value is None else normalize_tools(value)
+
+    @field_validator(
+        "max_tokens", "max_draft_tokens", "switch_threshold", "switch_window", "temperature", "top_p", "top_k", "seed", "timeout", mode="before"
+    )
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would take True as 1
+            raise ValueError("a number is needed, not a bool")
+        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod
