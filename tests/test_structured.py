@@ -251,6 +251,34 @@ def test_auto_tool_choice_holds_every_call_in_text_to_the_tools():
     assert not accepts("Let me pick.\n" + call, tool_choice="required")
 
 
+def test_a_tool_named_in_any_script_is_called_as_the_prompt_shows_it():
+    """The grammar writes a tool's name as the prompt's tool list and call history show it (it forced
+    the escaped form \\u5929\\u6c14, which the model never saw, and a forced start with the name refused)."""
+    import xgrammar as xgr
+
+    tool = {"name": "天气", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    params = parse_params(tools=[tool], tool_choice="required")
+    grammar = xgr.Grammar.from_structural_tag(constraint_spec(params))
+    call = '<tool_call>\n{"name": "天气", "arguments": {"city": "北京"}}\n</tool_call>'
+    assert xgr.testing._is_grammar_accept_string(grammar, call)
+    assert [(c.name, c.arguments) for c in parse_reply(call, params.tools)[1]] == [("天气", {"city": "北京"})]
+
+
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"tools": [{"name": "none", "parameters": {}}]}, "tools[0] is named 'none', which tool_choice reads as a keyword"),
+        ({"tools": [{"name": "t", "parameters": {"type": "object", "properties": {"a": {"enum": {1, 2}}}}}]}, "tools[0] (t) parameters hold a value JSON cannot write"),
+        ({"response_format": {"type": "object", "properties": {"a": {"default": builtins.object()}}}}, "the schema's values hold a value JSON cannot write"),
+    ],
+)
+def test_tools_and_schemas_that_cannot_work_are_named(params, needle):
+    """A tool named like a tool_choice keyword could not be chosen by name (choosing 'none' turned
+    tools off); a schema with a value JSON cannot write raised a bare TypeError."""
+    with pytest.raises(InvalidParameterError, match=re.escape(needle)):
+        parse_params(**params)
+
+
 def test_tools_with_a_response_format_give_calls_or_the_value():
     """OpenAI's semantics, which LangChain's create_agent(..., response_format=ProviderStrategy(...))
     relies on: the reply calls tools, or it is the response_format's value; nothing else."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -14,6 +15,15 @@ from .errors import InvalidParameterError
 GREEDY_BELOW = 1e-5
 # Above this, sampling is uniform in all but name; far above it, logits divided in float32 become NaN.
 MAX_TEMPERATURE = 1e4
+
+
+def json_error(schema: Any) -> str | None:
+    """Why a schema cannot be written as JSON (a date as a default, a set as an enum), or None."""
+    try:
+        json.dumps(schema)
+    except (TypeError, ValueError) as exc:
+        return f"hold a value JSON cannot write: {exc}"
+    return None
 
 
 def tool_choice_value(value: Any) -> Any:
@@ -80,6 +90,8 @@ class GenerationParams(BaseModel):
         if isinstance(value, dict) and value.get("type") == "json_schema" and isinstance(value.get("json_schema"), dict):
             inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
             return inner.get("schema", inner)
+        if isinstance(value, dict) and (error := json_error(value)) is not None:
+            raise ValueError(f"the schema's values {error}")
         if isinstance(value, dict) and value.get("type") == "regex" and not isinstance(value.get("pattern"), str):
             raise ValueError('a regex response_format needs a "pattern" string')
         if isinstance(value, dict) and value.get("type") == "structural_tag" and not isinstance(value.get("format"), dict):

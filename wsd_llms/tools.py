@@ -31,9 +31,11 @@ from typing import Any
 
 from .messages import Message, ToolCall
 from .reply import held_back
+from .params import json_error
 from .structured import Written, as_written, json_format, load_json, schema_error
 
 CALL_TAG = "<tool_call>"
+KEYWORD_CHOICES = ("auto", "any", "required", "none")  # tool_choice values that name no tool
 CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", "\n</tool_call>", "\n"
 TOOLS_SYSTEM = (
     "You can call tools. To call one, reply with exactly\n"
@@ -68,6 +70,10 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
         params = body.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, Mapping) or params.get("type", "object") != "object":
             raise ValueError(f"tools[{i}] ({body['name']}) parameters must be a JSON schema of type 'object'")
+        if body["name"] in KEYWORD_CHOICES:
+            raise ValueError(f"tools[{i}] is named {body['name']!r}, which tool_choice reads as a keyword ({', '.join(KEYWORD_CHOICES)}); rename it")
+        if (error := json_error(params)) is not None:
+            raise ValueError(f"tools[{i}] ({body['name']}) parameters {error}")
         out.append({"name": body["name"], "description": str(body.get("description") or ""), "parameters": dict(params)})
     names = [t["name"] for t in out]
     if len(set(names)) != len(names):
@@ -81,7 +87,7 @@ def tool_call_format(params: Any) -> dict[str, Any]:
     tags = [
         {
             "type": "tag",
-            "begin": f'{CALL_OPEN}{{"name": {json.dumps(t["name"])}, "arguments": ',
+            "begin": f'{CALL_OPEN}{{"name": {json.dumps(t["name"], ensure_ascii=False)}, "arguments": ',  # as the prompt shows it
             "content": json_format(t["parameters"]),
             "end": "}" + CALL_CLOSE,
         }
