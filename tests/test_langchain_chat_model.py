@@ -24,6 +24,7 @@ from langchain_core.exceptions import (
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
+import pydantic.v1
 from pydantic import BaseModel, Field, ValidationError
 from tiny import tiny_llama
 from typing_extensions import TypedDict
@@ -200,6 +201,8 @@ def test_a_stop_string_is_one_stop_not_one_per_character():
         ({"model": "Qwen/Qwen2.5-7B"}, "unknown argument(s) 'model'; name the models with draft_model and base_model"),
         ({"device": "gpu"}, "invalid device='gpu'"),
         ({"dtype": "fp16"}, "invalid dtype='fp16'; allowed: auto, float32, float16, bfloat16"),
+        ({"temperature": float("nan")}, "temperature\n  Input should be a finite number"),
+        ({"max_tokens": True}, "max_tokens\n  Value error, a number is needed, not a bool"),
     ],
 )
 def test_bad_constructor_arguments_are_named_at_construction(kwargs, needle):
@@ -900,6 +903,10 @@ class Node(BaseModel):
     children: list[Node] = []
 
 
+class V1Joke(pydantic.v1.BaseModel):  # pydantic 1 models, which LangChain still takes, have no model_json_schema
+    setup: str
+
+
 TAGS = {"title": "Tags", "type": "array", "items": {"type": "string"}, "maxItems": 3}
 SCORES = {"title": "Scores", "type": "object", "additionalProperties": {"type": "integer"}}
 
@@ -911,10 +918,11 @@ SCORES = {"title": "Scores", "type": "object", "additionalProperties": {"type": 
         (SCORES, SCORES),
         ({"type": "function", "function": {"name": "joke", "parameters": UNTITLED}}, UNTITLED),
         (Node, Node.model_json_schema()),  # LangChain's converter wrote the recursion as any value
+        (V1Joke, {"title": "V1Joke", "description": "", "type": "object", "properties": {"setup": {"type": "string"}}, "required": ["setup"]}),
     ],
 )
 def test_structured_output_sends_the_whole_schema(fake, schema, sent):
-    fake.reply = fake_result(json.dumps({"name": "a", "children": []} if schema is Node else ["a"]))
+    fake.reply = fake_result(json.dumps({"name": "a", "children": []} if schema is Node else {"setup": "a"} if schema is V1Joke else ["a"]))
     WSDChatModel().with_structured_output(schema, method="json_schema").invoke("x")
     assert fake.requests[-1][1]["response_format"] == sent
     if schema is Node:

@@ -788,6 +788,26 @@ def test_a_kept_error_does_not_keep_the_failed_request_s_caches(fresh, monkeypat
     assert any("raised in the wsd-llms worker" in note for note in failed.value.__cause__.__notes__)
 
 
+def test_an_error_s_whole_chain_is_detached_from_the_worker_s_frames():
+    """Its cause and its context both (an error raised from one while another was handled)."""
+    from wsd_llms.engine import _detached
+
+    try:
+        raise ValueError("cause")
+    except ValueError as exc:
+        cause = exc
+    try:
+        try:
+            raise KeyError("handled")
+        except KeyError:
+            raise RuntimeError("failed") from cause
+    except RuntimeError as exc:
+        error = _detached(exc)
+    chain = [error, error.__cause__, error.__context__]
+    assert [type(e).__name__ for e in chain] == ["RuntimeError", "ValueError", "KeyError"]
+    assert all(e.__traceback__ is None and "raised in the wsd-llms worker" in e.__notes__[0] for e in chain)
+
+
 def test_a_batched_pass_that_fails_after_writing_its_states_is_retried_cleanly(fresh, monkeypatch):
     """A batched pass that fails after its layers wrote every row's states (in the output projection,
     as running out of memory there would) is retried row by row from where each row was: no request
@@ -1251,6 +1271,35 @@ def test_requests_that_fail_as_the_models_fail_to_load_are_counted():
                 rt.generate(_msgs("hi"), max_tokens=5)
         s = rt.stats()
         assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 0, 2, 0)
+    finally:
+        rt.close()
+
+
+def test_a_snapshot_taken_as_the_models_finish_loading_counts_the_first_request(draft_tokenizer, monkeypatch):
+    """stats() that finds no engine holds the lock the engine is set under: the worker cannot set it
+    and take the first request meanwhile, which the snapshot would then count nowhere."""
+    from wsd_llms.engine import RuntimeStats
+
+    models = {"draft": tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), "base": tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")}
+    rt = WSDRuntime("tiny-draft", "tiny-gemma3", device="cpu", lookup_tokens=0)
+    monkeypatch.setattr(rt, "_load", lambda source, revision: models["draft" if source == "tiny-draft" else "base"])
+    main, empty = threading.current_thread(), RuntimeStats.empty.__func__
+
+    def empty_while_the_worker_loads(cls):
+        if threading.current_thread() is main:  # give the worker time to set the engine and take the request
+            deadline = time.monotonic() + 1.0
+            while rt._taken == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return empty(cls)
+
+    monkeypatch.setattr(RuntimeStats, "empty", classmethod(empty_while_the_worker_loads))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=8)
+            _wait_for(lambda: rt._sent == 1)
+            s = rt.stats()
+            assert s.queued + s.running + s.finished == 1
+            assert future.result(timeout=30).text
     finally:
         rt.close()
 

@@ -519,11 +519,14 @@ def _detached(exc: BaseException) -> BaseException:
     through them the request's caches, for as long as a caller keeps the error (batch with
     return_exceptions, a tracer); each trace stays readable as a note."""
     seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
+    links: list[BaseException | None] = [exc]
+    while links:
+        link = links.pop()
+        if link is None or id(link) in seen:
+            continue
         seen.add(id(link))
         if link.__traceback__ is not None:
             link.add_note("raised in the wsd-llms worker:\n" + "".join(traceback.format_tb(link.__traceback__)).rstrip())
             link.__traceback__ = None
-        link = link.__cause__ or link.__context__
+        links += [link.__cause__, link.__context__]
     return exc

@@ -37,7 +37,7 @@ def _reused(decorator: Any) -> Any:
 
 _GenerationDefaults = create_model(  # type: ignore[call-overload]
     "_GenerationDefaults",
-    __config__=ConfigDict(protected_namespaces=()),
+    __config__=ConfigDict(protected_namespaces=(), allow_inf_nan=GenerationParams.model_config["allow_inf_nan"]),
     # So that a default takes what a call takes: a pydantic class as response_format, tool_choice=None, ...
     __validators__={
         name: _reused(decorator)

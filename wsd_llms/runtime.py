@@ -213,7 +213,9 @@ class WSDRuntime:
                 require_chat_template(draft.tokenizer, draft.name)
                 base = self._load(self.base_source, self._revisions[1])
                 with self._step_lock:  # so that a configure() meanwhile is not lost
-                    self.engine = Engine(draft, base, **self.limits)
+                    engine = Engine(draft, base, **self.limits)
+                    with self._counts_lock:  # a snapshot sees no engine and the runtime's counts, or the engine's
+                        self.engine = engine
             return self.engine
 
     def configure(
@@ -248,17 +250,24 @@ class WSDRuntime:
     def stats(self) -> RuntimeStats:
         """A snapshot: requests queued/running/finished/failed/cancelled, tokens per phase, batch sizes,
         cache use, passes per model and seconds in passes per phase."""
-        engine = self.engine
-        with self._counts_lock if engine is None else engine.scheduler.lock:  # under which the worker takes a submission and queues (or counts) it
-            stats = RuntimeStats.empty() if engine is None else engine.stats()
-            return replace(
-                stats,
-                queued=stats.queued + self._sent - self._taken,
-                finished=stats.finished + self._unstarted["finished"],
-                failed=stats.failed + self._unstarted["failed"],
-                cancelled=stats.cancelled + self._unstarted["cancelled"],
-                peaks={**stats.peaks, "queued": max(stats.peaks["queued"], self._peak_queued)},
-            )
+        with self._counts_lock:  # the engine is set under it: none now means none until this snapshot is taken
+            engine = self.engine
+            if engine is None:
+                return self._with_runtime_counts(RuntimeStats.empty())
+        with engine.scheduler.lock:  # under which the worker takes a submission and queues (or counts) it
+            return self._with_runtime_counts(engine.stats())
+
+    def _with_runtime_counts(self, stats: RuntimeStats) -> RuntimeStats:
+        """The engine's snapshot (or an empty one) with what the runtime counts itself: requests in the
+        inbox, those that ended before there was an engine, and the peak of queued requests."""
+        return replace(
+            stats,
+            queued=stats.queued + self._sent - self._taken,
+            finished=stats.finished + self._unstarted["finished"],
+            failed=stats.failed + self._unstarted["failed"],
+            cancelled=stats.cancelled + self._unstarted["cancelled"],
+            peaks={**stats.peaks, "queued": max(stats.peaks["queued"], self._peak_queued)},
+        )
 
     def _note_queued(self) -> None:
         """Raise the peak of queued requests to what is queued now, inbox included (as stats() counts);

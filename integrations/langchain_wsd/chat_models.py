@@ -387,7 +387,7 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
             if "name" in schema and isinstance(schema.get(wrapped), dict):
                 return schema[wrapped]
         return schema
-    if isinstance(schema, type) and is_basemodel_subclass(schema):
+    if isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema"):  # not pydantic.v1's
         return schema.model_json_schema()
     return convert_to_json_schema(schema)
 
