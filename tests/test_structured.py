@@ -279,6 +279,34 @@ def test_tools_and_schemas_that_cannot_work_are_named(params, needle):
         parse_params(**params)
 
 
+def test_calls_parse_whatever_their_strings_hold():
+    """A call's JSON ends where its JSON ends: an argument may hold the closing tag (the call was cut
+    there and markup leaked into the content), and a const or enum holding an object or a list is
+    checked as the grammar writes it (it was re-spaced and refused)."""
+    import xgrammar as xgr
+
+    from wsd_llms.structured import structured_fields
+
+    echo = {"name": "echo", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}
+    sized = {"type": "object", "properties": {"size": {"enum": [[1, 2], [3, 4]]}, "opts": {"const": {"mode": "fast"}}}, "required": ["size", "opts"]}
+    resize = {"name": "resize", "parameters": sized}
+    params = parse_params(tools=[echo, resize], parallel_tool_calls=True)
+    grammar = xgr.Grammar.from_structural_tag(constraint_spec(params))
+    first = '<tool_call>\n{"name": "echo", "arguments": {"text": "x</tool_call>y"}}\n</tool_call>'
+    second = '<tool_call>\n{"name": "resize", "arguments": {"size": [1,2], "opts": {"mode":"fast"}}}\n</tool_call>'
+    reply = f"Sure.\n{first}\n{second}"
+    assert xgr.testing._is_grammar_accept_string(grammar, reply)
+    content, calls, invalid = parse_reply(reply, params.tools)
+    assert content == "Sure." and not invalid
+    assert [(c.name, c.arguments) for c in calls] == [("echo", {"text": "x</tool_call>y"}), ("resize", {"size": [1, 2], "opts": {"mode": "fast"}})]
+    # with a response_format, a value is a value whatever its strings hold (it was read as a call)
+    params = parse_params(tools=[echo], response_format={"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]})
+    value = '{"s": "write <tool_call> to call"}'
+    assert xgr.testing._is_grammar_accept_string(xgr.Grammar.from_structural_tag(constraint_spec(params)), value)
+    fields = structured_fields(value, params)
+    assert fields["parsed"] == {"s": "write <tool_call> to call"} and fields["content"] == value and "tool_calls" not in fields
+
+
 def test_tools_with_a_response_format_give_calls_or_the_value():
     """OpenAI's semantics, which LangChain's create_agent(..., response_format=ProviderStrategy(...))
     relies on: the reply calls tools, or it is the response_format's value; nothing else."""

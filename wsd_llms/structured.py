@@ -119,12 +119,13 @@ def structured_fields(text: str, params: GenerationParams, cut: bool = False) ->
     """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value.
     With tools and a response_format, a reply that calls tools is calls, any other the value.
     `cut`: max_tokens ended the reply."""
-    if params.calls_tools:  # "none": no calls, whatever the text says
-        from .tools import parse_reply
+    from .tools import CALL_TAG, parse_reply
 
+    # "none": no calls, whatever the text says; with a response_format, a reply is calls only if it
+    # starts as calls do (the value may be a string that holds the tag)
+    if params.calls_tools and (params.response_format is None or text.lstrip().startswith(CALL_TAG)):
         content, calls, invalid = parse_reply(text, params.tools, cut)
-        if calls or invalid or params.response_format is None:
-            return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
+        return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
     if params.text_format:
         return {"content": text}
     if params.response_format is not None:

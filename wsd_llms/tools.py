@@ -27,7 +27,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .messages import Message, ToolCall
 from .reply import held_back
@@ -42,7 +42,8 @@ TOOLS_SYSTEM = (
     '<tool_call>\n{"name": "<tool name>", "arguments": {<arguments as JSON>}}\n</tool_call>\n'
     "The tools, as JSON schemas:"
 )
-_CALL_RE = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+CLOSE_TAG = "</tool_call>"
+_CLOSE_RE = re.compile(r"\s*</tool_call>")
 _NAME_RE = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"\\]+)"')
 
 
@@ -148,6 +149,46 @@ def template_messages(tokenizer: Any, messages: list[Message], tools: Sequence[M
     return out, {}
 
 
+class _CallSpan(NamedTuple):
+    """Where a call's markup is in a reply: text[start:end], its body (the JSON between the tags), and
+    whether its closing tag came."""
+
+    start: int
+    end: int
+    body: str
+    closed: bool
+
+
+def _call_spans(text: str) -> list[_CallSpan]:
+    """The calls a reply writes, in order. A body that parses as JSON ends where its JSON ends, so a
+    string argument may hold "</tool_call>"; one that does not runs to the next closing tag, or to
+    the end (a call the reply did not finish)."""
+    decoder, spans, pos = json.JSONDecoder(), [], 0
+    while (start := text.find(CALL_TAG, pos)) != -1:
+        body_start = start + len(CALL_TAG)
+        first = len(text) - len(text[body_start:].lstrip())
+        try:
+            _, end = decoder.raw_decode(text, first)
+            close = _CLOSE_RE.match(text, end)
+        except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+            close = None
+        if close is None:
+            end = text.find(CLOSE_TAG, body_start)
+            close = None if end == -1 else _CLOSE_RE.match(text, end)
+            end = len(text) if end == -1 else end
+        spans.append(_CallSpan(start, close.end() if close else end, text[body_start:end], close is not None))
+        pos = spans[-1].end
+    return spans
+
+
+def _arguments_text(body: str, name: str) -> str | None:
+    """The arguments' JSON text as the call wrote it, where the call has the form the grammar writes
+    (tool_call_format's tag), or None."""
+    begin = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+    stripped = body.strip()
+    return stripped[len(begin) : -1] if stripped.startswith(begin) and stripped.endswith("}") else None
+
+
 def parse_reply(
     text: str, tools: Sequence[Mapping[str, Any]], cut: bool = False
 ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
@@ -156,14 +197,15 @@ def parse_reply(
     by_name = {t["name"]: t for t in tools}
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    for match in _CALL_RE.finditer(text):
-        raw, call_id = match.group(0), f"call_{uuid.uuid4().hex[:24]}"
-        named = _NAME_RE.search(match.group(1))  # what a call that does not parse still says it calls
+    spans = _call_spans(text)
+    for span in spans:
+        raw, call_id = text[span.start : span.end], f"call_{uuid.uuid4().hex[:24]}"
+        named = _NAME_RE.search(span.body)  # what a call that does not parse still says it calls
         name: str | None = named.group(1) if named else None
         try:
-            if not match.group(2):
+            if not span.closed:
                 raise ValueError("the call is not closed with </tool_call> (the reply ended first)")
-            body = load_json(match.group(1))
+            body = load_json(span.body)
             if not isinstance(body, dict) or not isinstance(body.get("name"), str):
                 raise ValueError('a call must be {"name": ..., "arguments": {...}}')
             name, arguments = body["name"], body.get("arguments", {})
@@ -171,16 +213,19 @@ def parse_reply(
                 raise ValueError(f"unknown tool {name!r}; known: {', '.join(by_name) or 'none'}")
             if not isinstance(arguments, dict):
                 raise ValueError(f"arguments must be a JSON object, got {arguments!r}")
-            written = load_json(match.group(1), parse_float=Written, parse_int=Written)["arguments"]
-            error = schema_error(as_written(written), arguments, by_name[name]["parameters"])
+            written = _arguments_text(span.body, name)  # checked as written: the grammar's own spelling of a const or enum
+            if written is None:
+                written = as_written(load_json(span.body, parse_float=Written, parse_int=Written)["arguments"])
+            error = schema_error(written, arguments, by_name[name]["parameters"])
             if error:
                 raise ValueError(error)
             calls.append(ToolCall(call_id, name, arguments))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        except ValueError as exc:
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
-    if calls or invalid:  # the text round the calls: as a stream shows it (text_before_calls), less the space the calls leave
-        content = _CALL_RE.sub("", text).rstrip()
-        content = content if text[: _CALL_RE.search(text).start()].strip() else content.lstrip()  # type: ignore[union-attr]
+    if spans:  # the text round the calls: as a stream shows it (text_before_calls), less the space the calls leave
+        bounds = [0, *(i for span in spans for i in (span.start, span.end)), len(text)]
+        content = "".join(text[bounds[k] : bounds[k + 1]] for k in range(0, len(bounds), 2)).rstrip()
+        content = content if text[: spans[0].start].strip() else content.lstrip()
     else:
         content = text
     return _without_cut_tag(content) if cut else content, calls, invalid
