@@ -19,6 +19,27 @@ def test_role_marker_cut_drops_preceding_newlines(draft_tokenizer):
     assert "".join(d.text for d in deltas) == "Paris is the capital."
 
 
+def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer):
+    """A call's arguments may hold a role marker (a message to send, a transcript): with the call's
+    tags quoted the reply goes on to the call's end; outside a call the marker still ends it."""
+    from wsd_llms.tools import CALL_TAG, CLOSE_TAG
+
+    tok = draft_tokenizer
+    call = '<tool_call>\n{"name": "send", "arguments": {"text": "[User] asked"}}\n</tool_call>'
+    text = f"Sending.\n{call}\n\n[User]\nmore"
+    assert tok.decode(_ids(tok, text), skip_special_tokens=True, clean_up_tokenization_spaces=False) == text
+    reply = ReplyText(tok, expand_role_stops(ROLE_STOPS), (CALL_TAG, CLOSE_TAG))
+    out = []
+    for i in range(0, len(text), 7):  # in pieces, as a stream writes it
+        out += reply.add(_ids(tok, text[i : i + 7]), "base")
+        if reply.stopped:
+            break
+    assert reply.stopped and reply.text == f"Sending.\n{call}" == "".join(d.text for d in out)
+    unquoted = ReplyText(tok, expand_role_stops(ROLE_STOPS))
+    unquoted.add(_ids(tok, text), "base")
+    assert unquoted.text.endswith('"text": "')
+
+
 def test_stop_prefix_is_held_back_until_ruled_out(draft_tokenizer):
     tok = draft_tokenizer
     reply = ReplyText(tok, ("STOP",))

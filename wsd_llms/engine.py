@@ -27,6 +27,7 @@ from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, g
 from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
 from .structured import constraint_spec, structured_fields
+from .tools import CALL_TAG, CLOSE_TAG
 
 # Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
 # for one score in the same batched pass; meanwhile they draft on (a delay of a few tokens,
@@ -166,7 +167,8 @@ class Engine:
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
-            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + role_stops)
+            calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # a call's arguments may hold a role marker
+            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + role_stops, calls)
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:

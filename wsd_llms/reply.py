@@ -40,8 +40,23 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None) -> int | None:
+    """Where the first stop string starts at or after `start`, outside any `quoted` span (from an
+    opening mark to its closing mark, or to the end while it is open), or None."""
+
+    def inside(i: int) -> bool:
+        if quoted is None:
+            return False
+        opened = text.rfind(quoted[0], 0, i)
+        return opened >= 0 and text.find(quoted[1], opened, i) == -1
+
+    hits = []
+    for stop in stops:
+        i = text.find(stop, start)
+        while i >= 0 and inside(i):
+            i = text.find(stop, i + 1)
+        if i >= 0:
+            hits.append(i)
     return min(hits) if hits else None
 
 
@@ -78,9 +93,12 @@ class IncrementalText:
 class ReplyText:
     """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None) -> None:
+        """`quoted`: an opening and a closing mark between which stops do not count (a tool call's tags:
+        its arguments may hold a role marker)."""
         self._tok = tokenizer
         self.stops = stops
+        self.quoted = quoted
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -125,7 +143,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            cut = _first_stop(self.text, self.stops, start) if self.stops else None
+            cut = _first_stop(self.text, self.stops, start, self.quoted) if self.stops else None
             if cut is not None:
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
