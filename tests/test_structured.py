@@ -6,6 +6,7 @@ import builtins
 import re
 
 import pytest
+from pydantic import BaseModel
 
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
@@ -184,8 +185,6 @@ def test_a_rule_across_parameters_is_reported_without_echoing_every_parameter():
 
 
 def test_param_forms():
-    from pydantic import BaseModel
-
     class Point(BaseModel):
         x: int
 
@@ -374,6 +373,16 @@ def test_tool_messages():
         ]
     )
     assert msgs[1].tool_calls[0].arguments == {"n": 1} and msgs[2].tool_call_id == "c1"
+    class Function(BaseModel):  # the shape of OpenAI's and Ollama's SDK calls, which LlamaIndex keeps in additional_kwargs
+        name: str
+        arguments: str | dict
+
+    class SDKCall(BaseModel):
+        id: str | None = None
+        function: Function
+
+    sdk = normalize_messages([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [SDKCall(id="c2", function=Function(name="pick", arguments='{"n": 2}')), SDKCall(function=Function(name="pick", arguments={"n": 3}))]}])
+    assert [(c.id, c.name, c.arguments) for c in sdk[1].tool_calls] == [("c2", "pick", {"n": 2}), ("call_1_1", "pick", {"n": 3})]
     observation = normalize_messages([{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}])[1]
     assert observation.tool_call_id is None and observation.as_dict() == {"role": "tool", "content": "r"}  # a ReAct observation
     for bad, needle in [

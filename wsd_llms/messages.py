@@ -48,10 +48,13 @@ class Message:
 
 
 def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
-    """A history tool call, flat ({id, name, arguments}) or OpenAI-style ({id, function: {name, arguments}})."""
+    """A history tool call, flat ({id, name, arguments}) or OpenAI-style ({id, function: {name, arguments}}),
+    as a dict or as a pydantic object of that shape."""
     where = f"messages[{i}].tool_calls[{j}]"
     if isinstance(raw, ToolCall):
         return raw
+    if not isinstance(raw, Mapping) and callable(getattr(raw, "model_dump", None)):
+        raw = raw.model_dump()  # a provider SDK's pydantic call (OpenAI's, Ollama's), as LlamaIndex's histories keep them
     if not isinstance(raw, Mapping):
         raise InvalidMessagesError(f"{where} must be a dict, got {type(raw).__name__}")
     body = raw.get("function", raw)
