@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -496,6 +497,27 @@ def test_token_counts_use_the_base_tokenizer_without_loading_weights(embedded, m
     assert model.get_token_ids(text) == base_tokenizer.encode(text, add_special_tokens=False)
     history = [HumanMessage("a " * 40), AIMessage("b " * 40), HumanMessage("Which letter came first?")]
     assert trim_messages(history, token_counter=model, max_tokens=60, strategy="last") == history[1:]
+    # a count does not wait for the models loading (from an event loop it froze the loop): the files are here
+    held, done = threading.Event(), threading.Event()
+
+    def load_in_progress() -> None:
+        with unloaded._lock:  # as a load holds it, until the count is done (or for a minute, if it waits)
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=load_in_progress)
+    holder.start()
+    try:
+        held.wait(5)
+        fresh = WSDRuntime()  # nothing read yet: its tokenizer and config are read now
+        fresh._lock = unloaded._lock
+        monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: fresh)
+        assert model.get_num_tokens_from_messages(history) > 80 and fresh.context_window() > 0
+        assert holder.is_alive()  # the lock was never let go: the count did not wait for it
+    finally:
+        done.set()
+        holder.join()
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: unloaded)
     # trim_messages counts every tail, none and a reply alone too (they raised as requests would)
     answered = [HumanMessage("a " * 40), AIMessage("b " * 3)]
     reply_alone = model.get_num_tokens_from_messages(answered[1:])

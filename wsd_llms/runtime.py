@@ -330,21 +330,30 @@ class WSDRuntime:
 
     def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).
-        `at_once`: only what is on this machine already (a directory, a converted GGUF or embedded
-        model, the hub's cache), and not while the models load; else ModelLoadError."""
+        What is on this machine already (a directory, a converted GGUF or embedded model, the hub's
+        cache) is read at once, even while the models load (a token count on an event loop must not
+        wait for the weights); the rest waits for a load in progress and may be downloaded or
+        converted, or with `at_once` is a ModelLoadError."""
         source, revision = (self.draft_source, self._revisions[0]) if model == "draft" else (self.base_source, self._revisions[1])
+        try:
+            ready: Path | None = local_source(source, build=False) or _hub_cached(source, revision)
+        except ModelLoadError:  # not converted yet, or not in the hub's cache
+            ready = None
+        if ready is not None:  # complete: a conversion writes aside and renames
+            return self._from_pretrained(model, source, auto, str(ready), None)
         if not self._lock.acquire(blocking=not at_once):
             raise ModelLoadError(f"the {model} model is loading")
         try:
             local = local_source(source, build=not at_once)
-            if local is None and at_once:
-                local = _hub_cached(source, revision)
-            where = str(local) if local is not None else source
-            return auto.from_pretrained(where, revision=revision if local is None else None, trust_remote_code=self._trust_remote_code)
-        except OSError as exc:
-            raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
+            return self._from_pretrained(model, source, auto, source if local is None else str(local), revision if local is None else None)
         finally:
             self._lock.release()
+
+    def _from_pretrained(self, model: str, source: str, auto: Any, where: str, revision: str | None) -> Any:
+        try:
+            return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code)
+        except OSError as exc:
+            raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""
