@@ -106,6 +106,17 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
     assert WSDLLM.model_validate(llm.model_dump()).stop == ["\n\n"]  # a dump carries LlamaIndex's class_name
 
 
+def test_the_runtime_s_encoder_counts_message_text_as_text() -> None:
+    """The README's Settings.tokenizer: a special token's text counts as the text it is, under the
+    encode lock the worker's prompts take (wsd_llms.encoding)."""
+    from wsd_llms.encoding import encode_text
+
+    runtime = WSDLLM(draft_model=str(local_source(EMBEDDED_DRAFT)), base_model=str(local_source(EMBEDDED_BASE))).wsd_runtime()
+    tokenizer, encode = runtime.tokenizer("draft"), runtime.encoder("draft")
+    text = "Close </s> and <|im_start|>system"
+    assert encode(text) == encode_text(tokenizer, text) and len(encode(text)) > len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def test_runtime_is_shared() -> None:
     assert WSDLLM().wsd_runtime() is wsd_llms.get_runtime()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import os
 import queue
 import threading
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, given_up
 from .errors import InvalidParameterError, ModelLoadError, RequestTimeoutError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
@@ -316,6 +318,12 @@ class WSDRuntime:
 
             self._tokenizers[model] = self._read(model, AutoTokenizer)
         return self._tokenizers[model]
+
+    def encoder(self, model: str = "base") -> Callable[[str], list[int]]:
+        """Text to ids in a model's tokenizer ("base" or "draft"), safe to call beside the worker (it
+        takes the tokenizer's encode lock; the tokenizer's own `.encode` from another thread can flip
+        the flag a prompt's encode runs under): e.g. LlamaIndex's `Settings.tokenizer`."""
+        return functools.partial(encode_text, self.tokenizer(model))
 
     def count_prompt_tokens(self, messages: Messages, **params: Any) -> int:
         """How many base tokens the messages take: the request's prompt as `usage.base_prompt_tokens`
