@@ -33,7 +33,7 @@ def test_interactive_keeps_history():
 
 def test_bad_model_settings_are_reported():
     out = _run("hi", "--dtype", "int8")
-    assert out.returncode == 2 and "error:" in out.stdout and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "error:" in out.stderr and "error:" not in out.stdout and "Traceback" not in out.stderr  # stdout: replies only
 
 
 def test_a_pipe_gets_whole_lines():
@@ -51,20 +51,20 @@ def test_a_pipe_gets_whole_lines():
 def test_bad_option_is_reported():
     out = _run("hi", "--threshold", "2")
     assert out.returncode == 2
-    assert "invalid switch_threshold=2.0" in out.stdout
+    assert "invalid switch_threshold=2.0" in out.stderr
 
 
 def test_a_failing_turn_is_reported_and_the_chat_goes_on():
     """A question past the draft's 8192-token window fails that turn only; the next one is answered."""
     out = _run("--max-tokens", "8", stdin="word " * 9000 + "\nWhat is the capital of France?\n\n")
     assert out.returncode == 0, out.stderr
-    assert "error:" in out.stdout and "context window" in out.stdout and "this turn is dropped" in out.stdout
+    assert "error:" in out.stderr and "context window" in out.stderr and "this turn is dropped" in out.stderr
     assert out.stdout.count("| reply ") == 1
 
 
 def test_interactive_mode_refuses_a_bad_option_before_loading():
     out = _run("--window", "0", stdin="hi\n\n")
-    assert out.returncode == 2 and "switch_window" in out.stdout and "you>" not in out.stdout
+    assert out.returncode == 2 and "switch_window" in out.stderr and "you>" not in out.stdout
 
 
 @pytest.mark.parametrize("mode", ["base", "draft"])

@@ -143,15 +143,30 @@ def test_cli_empty_file_writes_a_report_and_fails(tmp_path):
     assert data["records"] == [] and "is empty" in data["problems"][0]
 
 
+def test_cli_refuses_a_judge_without_a_chat_template_before_the_run(tmp_path, capsys):
+    """It failed with a traceback after every reply was written, and no report."""
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--judge", "embedded:gemma-3-270m", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the judge model 'embedded:gemma-3-270m' has no chat template" in err and not (tmp_path / "o" / "records.jsonl").exists()
+
+
+def test_cli_prints_problems_as_text_not_markup(tmp_path, capsys):
+    """A prompt file's text in a problem (a duplicate id) is printed as it is, not read as Rich markup."""
+    path = _write(tmp_path / "p.jsonl", [_prompt("2 + 2?", id="[/x]"), _prompt("3 + 3?", id="[/x]")])
+    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--window", "2", "--out", str(tmp_path / "o")]) == 1  # a skipped line fails the run
+    assert "duplicate id '[/x]'" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_threshold(tmp_path, capsys):
     assert main(["eval", "--threshold", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "invalid switch_threshold=2.0" in capsys.readouterr().out
+    assert "invalid switch_threshold=2.0" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_models_and_outputs_without_a_traceback(tmp_path, capsys):
     assert main(["eval", "--dtype", "int8", "--out", str(tmp_path / "o")]) == 2
-    assert "error:" in capsys.readouterr().out
+    assert "error:" in capsys.readouterr().err
     taken = tmp_path / "afile"
     taken.write_text("")
     assert main(["eval", "--out", str(taken)]) == 2
-    assert f"cannot write the report to --out {taken}" in capsys.readouterr().out
+    assert f"cannot write the report to --out {taken}" in capsys.readouterr().err

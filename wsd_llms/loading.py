@@ -213,10 +213,12 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .console import error_console
+
     check_gguf_supported(path)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with Progress(transient=False) as progress, _one_gguf_reader():
+    with Progress(transient=False, console=error_console()) as progress, _one_gguf_reader():  # not into a piped reply
         task = progress.add_task(f"converting {path.name} (first start only)", total=3)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         progress.advance(task)

@@ -40,11 +40,11 @@ class Prompts:
     encoded as text (encoding.encode), here and wherever the draft is handed to the base model."""
 
 
-def require_chat_template(tokenizer: Any, name: str) -> None:
-    """The draft model must be an aligned chat model: refuse one whose tokenizer has no template."""
+def require_chat_template(tokenizer: Any, name: str, role: str = "draft") -> None:
+    """The draft model (and eval's judge) must be an aligned chat model: refuse one whose tokenizer has no template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(
-            f"the draft model {name!r} has no chat template in its tokenizer; the draft must be an aligned "
+            f"the {role} model {name!r} has no chat template in its tokenizer; the {role} must be an aligned "
             "chat model (for example SmolLM2-135M-Instruct), or set tokenizer.chat_template yourself"
         )
 

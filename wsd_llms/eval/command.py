@@ -13,11 +13,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from ..console import make_console
+from ..console import error_console, make_console
 from ..errors import WSDError
 from ..loading import load_model
 from ..params import parse_params
+from ..prompts import require_chat_template
 from ..runtime import get_runtime
 from .evaluate import evaluate
 from .judge import logit_judge
@@ -55,7 +57,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = make_console()
+    console, errors = make_console(), error_console()
     main = Setting("online", args.threshold, args.window)
     settings = settings_for(args.threshold, args.window, args.sweep, args.thresholds, args.windows)
     try:
@@ -64,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         if args.concurrency < 1:
             raise WSDError(f"invalid concurrency={args.concurrency}: must be an integer >= 1")
     except WSDError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        errors.print(Text(f"error: {exc}", style="bold red"))
         return 2
     prompts, problems = load_prompts(args.prompts)
     for problem in problems:
-        console.print(f"[yellow]{args.prompts or DEFAULT_PROMPTS}: {problem}[/]")
+        errors.print(Text(f"{args.prompts or DEFAULT_PROMPTS}: {problem}", style="yellow"))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             judge = None
             if args.judge:
                 model = load_model(args.judge, device=runtime.device, dtype=runtime.dtype)
+                require_chat_template(model.tokenizer, args.judge, "judge")  # it reads the replies as a chat: before the run, not after
                 judge = (args.judge, logit_judge(model))
             source = str(args.prompts) if args.prompts else f"the bundled set ({DEFAULT_PROMPTS.name})"
             report = evaluate(
@@ -89,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
                 records_path=args.out / "records.jsonl", on_record=lambda record: progress.advance(task), judge=judge,
             )
     except WSDError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        errors.print(Text(f"error: {exc}", style="bold red"))
         return 2
     except KeyboardInterrupt:
-        console.print(f"interrupted: the replies so far are in {args.out / 'records.jsonl'}")
+        errors.print(Text(f"interrupted: the replies so far are in {args.out / 'records.jsonl'}"))
         return 130
     paths = write_all(report, args.out)
     _print_table(console, report)
-    console.print(f"report: {paths['html']}  (also {paths['json'].name}, {paths['md'].name}, records.jsonl)")
+    console.print(Text(f"report: {paths['html']}  (also {paths['json'].name}, {paths['md'].name}, records.jsonl)"))
     failed = any(s["errors"] for s in report["settings"])
     return 1 if problems or failed else 0
 
