@@ -325,9 +325,10 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             )
         else:
             json_schema = _json_schema(schema) if schema is not None else None
+            traced = convert_to_json_schema(schema) if isinstance(schema, type) else json_schema  # as LangChain traces a class
             llm = self.bind(
                 response_format=json_schema if json_schema is not None else {"type": "json_object"},
-                ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )
             parser = PydanticOutputParser(pydantic_object=schema) if pydantic else _SchemaJsonParser()  # type: ignore[arg-type]
         if not include_raw:
