@@ -214,3 +214,25 @@ def test_one_build_of_a_cache_entry_at_a_time(tmp_path):
     build("second")
     first.join()
     assert order == [("first", "in", True), ("first", "out", True), ("second", "in", False), ("second", "out", False)]
+
+
+def test_a_repo_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
+    """With the hub out of reach (no network here; offline mode) a repo id not in the hub's cache
+    fails in seconds, saying why: the hub client retried for most of a minute."""
+    import time
+
+    import torch
+
+    from wsd_llms.loading import _hub_reachable, load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert not _hub_reachable()  # sockets are off in tests
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not _hub_reachable()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="the Hugging Face hub cannot be reached from here, and the repo is not in its cache"):
+        load_model("someorg/not-a-cached-model", device=torch.device("cpu"), dtype=torch.float32)
+    assert time.monotonic() - start < 20

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import struct
 import sys
 import threading
@@ -374,6 +375,23 @@ def load_model(
         return _load_model(source, device, dtype, revision, trust_remote_code)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: offline mode is off and its host answers a
+    connection at once (behind a proxy, assumed so)."""
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except (OSError, RuntimeError):  # RuntimeError: a test's blocked socket (pytest-socket)
+        return False
+    return True
+
+
 def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision: str | None, trust_remote_code: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -382,13 +400,17 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None and local is None:
         kwargs["revision"] = revision
+    offline = local is None and not _hub_reachable()
+    if offline:  # the hub's cache alone, at once: the hub client retries an unreachable host for most of a minute
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as exc:
+        hint = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)" if offline else ""
         raise ModelLoadError(
-            f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id): {exc}"
+            f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id){hint}: {exc}"
         ) from exc
     model.to(device)
     model.eval()
