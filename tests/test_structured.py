@@ -190,6 +190,10 @@ def test_param_forms():
 
     assert parse_params(response_format=Point).response_format["properties"]["x"]["type"] == "integer"
     assert parse_params(response_format={"type": "json_object"}).response_format == {"type": "object"}
+    wrapped = {"type": "json_schema", "json_schema": {"name": "point", "schema": SCHEMA, "strict": True}}
+    assert parse_params(response_format=wrapped).response_format == SCHEMA
+    # OpenAI's wrapper without a schema is any JSON object (its own keys were taken as the schema)
+    assert parse_params(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).response_format == {"type": "object"}
     p = parse_params(tools=[OPENAI_TOOL], tool_choice={"type": "function", "function": {"name": "flag"}})
     assert p.tools[0]["name"] == "flag" and p.tool_choice == "flag"
     assert parse_params(tools=[TOOL], tool_choice="any").tool_choice == "required"

@@ -89,7 +89,7 @@ class GenerationParams(BaseModel):
             return {"type": "object"}
         if isinstance(value, dict) and value.get("type") == "json_schema" and isinstance(value.get("json_schema"), dict):
             inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
-            return inner.get("schema", inner)
+            return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
         if isinstance(value, dict) and (error := json_error(value)) is not None:
             raise ValueError(f"the schema's values {error}")
         if isinstance(value, dict) and value.get("type") == "regex" and not isinstance(value.get("pattern"), str):
