@@ -229,6 +229,9 @@ def test_a_repo_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert not _hub_reachable()  # sockets are off in tests
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy decides, not a direct connection
+    assert _hub_reachable()
+    monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not _hub_reachable()
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -236,3 +239,34 @@ def test_a_repo_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
     with pytest.raises(ModelLoadError, match="the Hugging Face hub cannot be reached from here, and the repo is not in its cache"):
         load_model("someorg/not-a-cached-model", device=torch.device("cpu"), dtype=torch.float32)
     assert time.monotonic() - start < 20
+
+
+def test_a_build_and_a_load_take_their_locks_in_one_order(tmp_path):
+    """load_model holds the process's loading lock and then builds (the file lock); a build started
+    elsewhere (a tokenizer read before its runtime loads) converts under both too. Taken in
+    opposite orders, two such threads waited for each other for good."""
+    import threading
+    import time
+
+    from wsd_llms.loading import _LOADING, _building
+
+    target, started = tmp_path / "model", threading.Barrier(2)
+
+    def load_then_build() -> None:
+        with _LOADING:
+            started.wait(5)
+            time.sleep(0.2)
+            with _building(target):
+                pass
+
+    def build_then_convert() -> None:
+        started.wait(5)
+        with _building(target), _LOADING:  # convert_gguf takes the loading lock inside a build
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=load_then_build, daemon=True), threading.Thread(target=build_then_convert, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)

@@ -19,25 +19,31 @@ def test_role_marker_cut_drops_preceding_newlines(draft_tokenizer):
     assert "".join(d.text for d in deltas) == "Paris is the capital."
 
 
-def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer):
-    """A call's arguments may hold a role marker (a message to send, a transcript): with the call's
-    tags quoted the reply goes on to the call's end; outside a call the marker still ends it."""
+@pytest.mark.parametrize("argument", ["[User] asked", "see <tool_call>...</tool_call> then [User] asked"])
+def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer, argument):
+    """A call's arguments may hold a role marker (a message to send, a transcript, even of calls):
+    with the call's tags quoted the reply goes on to the call's end, where the call's JSON closes;
+    outside a call the marker still ends it, and a stop the caller chose counts anywhere."""
     from wsd_llms.tools import CALL_TAG, CLOSE_TAG
 
     tok = draft_tokenizer
-    call = '<tool_call>\n{"name": "send", "arguments": {"text": "[User] asked"}}\n</tool_call>'
+    roles = expand_role_stops(ROLE_STOPS)
+    call = '<tool_call>\n{"name": "send", "arguments": {"text": "%s"}}\n</tool_call>' % argument
     text = f"Sending.\n{call}\n\n[User]\nmore"
     assert tok.decode(_ids(tok, text), skip_special_tokens=True, clean_up_tokenization_spaces=False) == text
-    reply = ReplyText(tok, expand_role_stops(ROLE_STOPS), (CALL_TAG, CLOSE_TAG))
+    reply = ReplyText(tok, roles, (CALL_TAG, CLOSE_TAG), roles)
     out = []
     for i in range(0, len(text), 7):  # in pieces, as a stream writes it
         out += reply.add(_ids(tok, text[i : i + 7]), "base")
         if reply.stopped:
             break
     assert reply.stopped and reply.text == f"Sending.\n{call}" == "".join(d.text for d in out)
-    unquoted = ReplyText(tok, expand_role_stops(ROLE_STOPS))
+    unquoted = ReplyText(tok, roles)
     unquoted.add(_ids(tok, text), "base")
-    assert unquoted.text.endswith('"text": "')
+    assert unquoted.text.endswith('"text": "') or unquoted.text.endswith("...</tool_call> then ")
+    chosen = ReplyText(tok, ("asked",), (CALL_TAG, CLOSE_TAG), roles)
+    chosen.add(_ids(tok, text), "base")
+    assert chosen.stopped and chosen.text.endswith("[User] ")
 
 
 def test_stop_prefix_is_held_back_until_ruled_out(draft_tokenizer):

@@ -249,7 +249,7 @@ def _building(target: Path) -> Iterator[bool]:
     rebuilding the embedded GGUF under another's memory map killed it); yields whether `target`
     still needs building, which another holder may have done meanwhile."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(target.name + ".lock"), "w") as lock:
+    with _LOADING, open(target.with_name(target.name + ".lock"), "w") as lock:  # this process's lock first, as load_model takes it
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield not (target / "config.json").exists()  # the lock goes with the file's closing
@@ -376,19 +376,26 @@ def load_model(
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be reached: offline mode is off and its host answers a
-    connection at once (behind a proxy, assumed so)."""
+    """Whether the Hugging Face hub may be reachable: not when offline mode is on, or its host's name
+    does not resolve or its connection is refused; a proxy (as the hub client finds one), a slow
+    answer or an odd endpoint count as reachable, and the hub client decides."""
     from urllib.parse import urlsplit
+    from urllib.request import getproxies
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if getproxies():
         return True
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except (OSError, RuntimeError):  # RuntimeError: a test's blocked socket (pytest-socket)
+        url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        address = (url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80))
+        socket.create_connection(address, timeout).close()
+    except TimeoutError:
+        return True
+    except (OSError, RuntimeError):  # no name, refused, no route; RuntimeError: a test's blocked socket (pytest-socket)
         return False
+    except ValueError:  # a port that is not a number: the hub client says what is wrong
+        return True
     return True
 
 

@@ -40,20 +40,47 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None) -> int | None:
-    """Where the first stop string starts at or after `start`, outside any `quoted` span (from an
-    opening mark to its closing mark, or to the end while it is open), or None."""
+def close_outside_strings(text: str, close: str, start: int, end: int | None = None) -> int:
+    """Where `close` first appears in text[start:end] outside a JSON string (a call's arguments may
+    hold the mark in a string), or -1."""
+    end = len(text) if end is None else end
+    in_string = escaped = False
+    for i in range(start, end):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif text.startswith(close, i):
+            return i
+    return -1
 
-    def inside(i: int) -> bool:
+
+def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: frozenset[str] = frozenset()) -> int | None:
+    """Where the first stop string starts at or after `start`, or None. One of `quoted_stops` does not
+    count inside a `quoted` span: from an opening mark to its closing mark outside a JSON string, or
+    to the end while it is open (so a stop's fate depends only on the text before it)."""
+
+    def inside(i: int) -> bool:  # the spans from the start, in turn: an opening mark in a string opens none
         if quoted is None:
             return False
-        opened = text.rfind(quoted[0], 0, i)
-        return opened >= 0 and text.find(quoted[1], opened, i) == -1
+        pos = 0
+        while (opened := text.find(quoted[0], pos, i)) != -1:
+            closed = close_outside_strings(text, quoted[1], opened + len(quoted[0]), i)
+            if closed == -1:
+                return True
+            pos = closed + len(quoted[1])
+        return False
 
     hits = []
     for stop in stops:
         i = text.find(stop, start)
-        while i >= 0 and inside(i):
+        while i >= 0 and stop in quoted_stops and inside(i):
             i = text.find(stop, i + 1)
         if i >= 0:
             hits.append(i)
@@ -93,12 +120,15 @@ class IncrementalText:
 class ReplyText:
     """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None) -> None:
-        """`quoted`: an opening and a closing mark between which stops do not count (a tool call's tags:
-        its arguments may hold a role marker)."""
+    def __init__(
+        self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = ()
+    ) -> None:
+        """`quoted`: an opening and a closing mark between which `quoted_stops` (of `stops`) do not
+        count: a tool call's tags, whose arguments may hold a role marker (a stop the caller chose
+        counts anywhere)."""
         self._tok = tokenizer
         self.stops = stops
-        self.quoted = quoted
+        self.quoted, self._quoted_stops = quoted, frozenset(quoted_stops)
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -143,7 +173,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            cut = _first_stop(self.text, self.stops, start, self.quoted) if self.stops else None
+            cut = _first_stop(self.text, self.stops, start, self.quoted, self._quoted_stops) if self.stops else None
             if cut is not None:
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")

@@ -338,21 +338,23 @@ class WSDRuntime:
 
     def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).
-        What is on this machine already (a directory, a converted GGUF or embedded model, the hub's
-        cache) is read at once, even while the models load (a token count on an event loop must not
-        wait for the weights); the rest waits for a load in progress and may be downloaded or
-        converted, or with `at_once` is a ModelLoadError."""
+        A local model (a directory, a converted GGUF or embedded model) is read at once, even while
+        the models load (a token count on an event loop must not wait for the weights); the rest
+        waits for a load in progress and may be downloaded or converted; with `at_once`, only the
+        hub's cache is read, and not while the models load, else ModelLoadError."""
         source, revision = (self.draft_source, self._revisions[0]) if model == "draft" else (self.base_source, self._revisions[1])
         try:
-            ready: Path | None = local_source(source, build=False) or _hub_cached(source, revision)
-        except ModelLoadError:  # not converted yet, or not in the hub's cache
+            ready = local_source(source, build=False)
+        except ModelLoadError:  # not converted yet
             ready = None
-        if ready is not None:  # complete: a conversion writes aside and renames
+        if ready is not None:  # whole: a conversion writes aside and renames (a hub snapshot fills file by file)
             return self._from_pretrained(model, source, auto, str(ready), None)
         if not self._lock.acquire(blocking=not at_once):
             raise ModelLoadError(f"the {model} model is loading")
         try:
             local = local_source(source, build=not at_once)
+            if local is None and at_once:
+                local = _hub_cached(source, revision)
             return self._from_pretrained(model, source, auto, source if local is None else str(local), revision if local is None else None)
         finally:
             self._lock.release()

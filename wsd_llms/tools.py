@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .messages import Message, ToolCall
-from .reply import held_back
+from .reply import close_outside_strings, held_back
 from .params import json_error
 from .structured import Written, as_written, json_format, load_json, schema_error
 
@@ -172,8 +172,8 @@ def _call_spans(text: str) -> list[_CallSpan]:
             close = _CLOSE_RE.match(text, end)
         except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
             close = None
-        if close is None:
-            end = text.find(CLOSE_TAG, body_start)
+        if close is None:  # the first closing tag outside the body's strings, if any, else the end
+            end = close_outside_strings(text, CLOSE_TAG, body_start)
             close = None if end == -1 else _CLOSE_RE.match(text, end)
             end = len(text) if end == -1 else end
         spans.append(_CallSpan(start, close.end() if close else end, text[body_start:end], close is not None))
@@ -186,7 +186,13 @@ def _arguments_text(body: str, name: str) -> str | None:
     (tool_call_format's tag), or None."""
     begin = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
     stripped = body.strip()
-    return stripped[len(begin) : -1] if stripped.startswith(begin) and stripped.endswith("}") else None
+    if not stripped.startswith(begin):
+        return None
+    try:
+        _, end = json.JSONDecoder().raw_decode(stripped, len(begin))
+    except (ValueError, RecursionError):
+        return None
+    return stripped[len(begin) : end] if stripped[end:].strip() == "}" else None  # nothing else in the call
 
 
 def parse_reply(

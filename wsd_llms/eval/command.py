@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise WSDError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from exc
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*columns, console=errors, transient=False) as progress:  # stdout: the table and the report's path
             task = progress.add_task(f"{len(settings)} settings × {len(prompts)} prompts", total=len(settings) * len(prompts))
             judge = None
             if args.judge:
