@@ -81,7 +81,7 @@ def test_metadata_reads_config_without_loading() -> None:
     assert not llm.wsd_runtime().loaded
     assert meta.context_window == 8192  # SmolLM2-135M's: a prompt must fit both models (Gemma-3-270M's is 32768)
     assert WSDLLM(base_model=base_dir, mode="base").metadata.context_window == 32768
-    draft_tokens = llm.wsd_runtime().tokenizer("draft").encode("Hello there")  # for Settings.tokenizer (README)
+    draft_tokens = llm.wsd_runtime().encoder("draft")("Hello there")  # for Settings.tokenizer (README)
     assert draft_tokens and not llm.wsd_runtime().loaded
     assert meta.num_output == 77
     assert meta.is_chat_model
