@@ -34,16 +34,15 @@ from .reply import close_outside_strings, held_back
 from .params import json_error
 from .structured import Written, as_written, json_format, load_json, schema_error
 
-CALL_TAG = "<tool_call>"
+CALL_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
 KEYWORD_CHOICES = ("auto", "any", "required", "none")  # tool_choice values that name no tool
-CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", "\n</tool_call>", "\n"
+CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", f"\n{CLOSE_TAG}", "\n"
 TOOLS_SYSTEM = (
     "You can call tools. To call one, reply with exactly\n"
     '<tool_call>\n{"name": "<tool name>", "arguments": {<arguments as JSON>}}\n</tool_call>\n'
     "The tools, as JSON schemas:"
 )
-CLOSE_TAG = "</tool_call>"
-_CLOSE_RE = re.compile(r"\s*</tool_call>")
+_CLOSE_RE = re.compile(r"\s*" + re.escape(CLOSE_TAG))
 _NAME_RE = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"\\]+)"')
 
 
@@ -82,13 +81,18 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def _call_begin(name: str) -> str:
+    """How the grammar starts a call's JSON, up to its arguments: the name as the prompt shows it."""
+    return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+
+
 def tool_call_format(params: Any) -> dict[str, Any]:
     """The structural-tag format of the reply for these tools and this tool_choice."""
     chosen = [t for t in params.tools if params.tool_choice in ("auto", "required", t["name"])]
     tags = [
         {
             "type": "tag",
-            "begin": f'{CALL_OPEN}{{"name": {json.dumps(t["name"], ensure_ascii=False)}, "arguments": ',  # as the prompt shows it
+            "begin": CALL_OPEN + _call_begin(t["name"]),
             "content": json_format(t["parameters"]),
             "end": "}" + CALL_CLOSE,
         }
@@ -184,7 +188,7 @@ def _call_spans(text: str) -> list[_CallSpan]:
 def _arguments_text(body: str, name: str) -> str | None:
     """The arguments' JSON text as the call wrote it, where the call has the form the grammar writes
     (tool_call_format's tag), or None."""
-    begin = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+    begin = _call_begin(name)
     stripped = body.strip()
     if not stripped.startswith(begin):
         return None
