@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from .console import error_console, make_console
+from .console import make_console
 from .errors import InvalidMessagesError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _interactive(console, runtime, history, _params(args))
     except WSDError as exc:
-        error_console().print(Text(f"error: {exc}", style="bold red"))
+        make_console(stderr=True).print(Text(f"error: {exc}", style="bold red"))
         return 2
     except KeyboardInterrupt:
         console.print()
@@ -124,7 +124,7 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
             console.print(Text("\n(stopped; this turn is dropped)", style="dim"))
             continue
         except (InvalidMessagesError, RequestFailedError) as exc:
-            error_console().print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))
+            make_console(stderr=True).print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))
             continue
         history[:] = [*turn, {"role": "assistant", "content": result.text}]
 

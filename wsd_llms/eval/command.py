@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..console import error_console, make_console
+from ..console import make_console
 from ..errors import WSDError
 from ..loading import load_model
 from ..params import parse_params
@@ -57,7 +57,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console, errors = make_console(), error_console()
+    console, errors = make_console(), make_console(stderr=True)
     main = Setting("online", args.threshold, args.window)
     settings = settings_for(args.threshold, args.window, args.sweep, args.thresholds, args.windows)
     try:
