@@ -1,9 +1,14 @@
 """`wsd-llms chat`'s interactive loop over a scripted runtime: Ctrl-C stops a reply, drops that
-turn and closes its stream (which cancels the request), and the chat goes on."""
+turn and closes its stream (which cancels the request), and the chat goes on. Ctrl-C while the
+models load exits at once."""
 
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,3 +59,30 @@ def test_ctrl_c_stops_the_reply_and_drops_the_turn() -> None:
     assert runtime.closed == 2 and "stopped" in console.file.getvalue()
     assert runtime.calls[1] == [{"role": "user", "content": "Hi"}]  # the stopped turn is not in the history
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
+
+
+SLOW_LOAD = """
+import sys, time
+from wsd_llms import cli, runtime
+
+def slow_load(self, source, revision):  # a model load, which nothing can interrupt
+    print("loading", file=sys.stderr, flush=True)
+    time.sleep(600)
+
+runtime.WSDRuntime._load = slow_load
+sys.exit(cli.main(["chat", "hi"]))
+"""
+
+
+def test_ctrl_c_while_the_models_load_exits_at_once() -> None:
+    """A normal exit would wait for the load (atexit joins the worker, up to a minute)."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None and proc.stderr.readline() == "loading\n"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert proc.wait(timeout=20) == 130
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -386,6 +386,33 @@ def test_requests_sent_during_a_step_or_a_load_show_as_queued(fresh, monkeypatch
         unloaded.close()
 
 
+def test_close_during_a_load_ends_it_before_the_next_model(draft_tokenizer):
+    """A load cannot be interrupted, so close() (and interpreter exit, which closes every runtime)
+    would wait for both models: instead the load stops once the model in progress is in, the base
+    is never loaded, and the request waiting on the load fails as closed."""
+    draft = tiny_llama(draft_tokenizer, 0, "tiny-draft")
+    entered, release, loads = threading.Event(), threading.Event(), []
+
+    class SlowLoad(WSDRuntime):
+        def _load(self, source: str, revision: str | None):
+            loads.append(source)
+            entered.set()
+            assert release.wait(30)
+            return draft
+
+    rt = SlowLoad("some/draft", "some/base")
+    with ThreadPoolExecutor(2) as pool:
+        request = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=5)
+        assert entered.wait(10)
+        closing = pool.submit(rt.close)
+        _wait_for(lambda: rt._closed)
+        release.set()
+        closing.result(timeout=10)
+        with pytest.raises(RuntimeClosedError):
+            request.result(timeout=10)
+    assert loads == ["some/draft"] and rt.engine is None
+
+
 def test_requests_waiting_when_the_worker_dies_fail_and_are_counted(fresh, monkeypatch):
     """Requests still in the inbox when the worker dies fail at once with it, and stats() counts
     them as failed with the request that was running."""

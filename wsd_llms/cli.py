@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import closing
 from typing import Any
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     legend = Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"]))
     console.print(legend)
+    runtime = None
     try:
         parse_params(**_params(args))  # a bad option fails before any model loads
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
@@ -102,7 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         console.print()
+        if runtime is not None and not runtime.loaded:
+            _exit_now(130)
         return 130
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once: a model load cannot be interrupted, and a normal exit would wait for it
+    (atexit closes the runtime and joins its worker, up to a minute). Nothing is left half-written:
+    a model's cache entry is written aside and renamed, and its file lock ends with the process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:

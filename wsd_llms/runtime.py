@@ -210,10 +210,14 @@ class WSDRuntime:
         """Load both models now (normally done by the worker on the first request)."""
         with self._lock:
             if self.engine is None:
-                # One after the other: transformers' model loading is not thread-safe.
+                # One after the other: transformers' model loading is not thread-safe. A close()
+                # meanwhile ends the load at the next model, so that exit waits for one load at most.
+                self._check_open()
                 draft = self._load(self.draft_source, self._revisions[0])
                 require_chat_template(draft.tokenizer, draft.name)
+                self._check_open()
                 base = self._load(self.base_source, self._revisions[1])
+                self._check_open()
                 with self._step_lock:  # so that a configure() meanwhile is not lost
                     engine = Engine(draft, base, **self.limits)
                     with self._counts_lock:  # a snapshot sees no engine and the runtime's counts, or the engine's
@@ -365,6 +369,11 @@ class WSDRuntime:
         except OSError as exc:
             raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
 
+    def _check_open(self) -> None:
+        """Refuse new work once closed."""
+        if self._closed:
+            raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
+
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError."""
         with self._worker_lock:
@@ -394,8 +403,7 @@ class WSDRuntime:
                 cancelled.set()
 
         with self._worker_lock:  # against close(): a request either reaches a live worker or is refused
-            if self._closed:
-                raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
+            self._check_open()
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
             self._start_worker()  # if no thread can start, the request was never sent
             self._sent += 1  # before the worker can take it
