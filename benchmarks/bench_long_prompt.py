@@ -7,8 +7,9 @@ For each setting (0 = the whole prompt in one step), `streams` chat requests sta
 streamed text, one request with a long document (a RAG-style prompt) arrives. Reported, while the
 document is prefilled: the longest step (every running stream advances one token per step, so
 this is how long they all stand still) and the steps per second (tokens per second of each
-stream); then the
-document request's time to first token and the run's aggregate tokens/s.
+stream); then the document request's time to first token, that of a short question sent once
+the document's prefill has begun (it must not wait for the whole document), and the run's
+aggregate tokens/s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ STREAMS = [
     "Describe a day in the life of a medieval baker.",
     "Write a long guide to learning a new language.",
 ]
+QUESTION = "What is the capital of Italy?"
 CITIES = ["Lyon", "Porto", "Graz", "Turku", "Ghent", "Split", "Brno", "Malmo", "Cork", "Bern"]
 
 
@@ -57,7 +59,7 @@ async def one_setting(runtime: wsd_llms.WSDRuntime, streams: int, doc: str, max_
 
     engine.step = timed_step  # type: ignore[method-assign]
     streaming = [False] * streams
-    tokens = [0] * (streams + 1)
+    tokens = [0] * (streams + 2)
     all_streaming = asyncio.Event()
 
     async def stream(i: int) -> None:
@@ -69,20 +71,34 @@ async def one_setting(runtime: wsd_llms.WSDRuntime, streams: int, doc: str, max_
             else:
                 tokens[i] = event.result.usage.reply_tokens
 
-    async def long_request() -> tuple[float, float, float]:
-        await all_streaming.wait()
+    async def timed_request(content: str, slot: int) -> tuple[float, float, int]:
+        """(sent, first text, base prompt tokens) of one request."""
         sent, first = time.perf_counter(), None
-        async for event in runtime.astream([{"role": "user", "content": doc}], max_tokens=32):
+        async for event in runtime.astream([{"role": "user", "content": content}], max_tokens=32):
             if isinstance(event, TextDelta) and first is None:
                 first = time.perf_counter()
             elif not isinstance(event, TextDelta):
-                tokens[streams] = event.result.usage.reply_tokens
+                tokens[slot] = event.result.usage.reply_tokens
                 prompt = event.result.usage.base_prompt_tokens
         return sent, first if first is not None else time.perf_counter(), prompt
 
+    async def long_request() -> tuple[float, float, int]:
+        await all_streaming.wait()
+        return await timed_request(doc, streams)
+
+    async def short_request() -> tuple[float, float, int]:
+        await all_streaming.wait()
+        await asyncio.sleep(0)  # the document is sent first
+        begun = len(steps) + 1
+        while len(steps) < begun:  # a step has ended since: the next one feeds the document's first piece
+            await asyncio.sleep(0.005)
+        return await timed_request(QUESTION, streams + 1)
+
     t0 = time.perf_counter()
     try:
-        *_, (sent, first, prompt) = await asyncio.gather(*(stream(i) for i in range(streams)), long_request())
+        *_, (sent, first, prompt), (asked, answered, _) = await asyncio.gather(
+            *(stream(i) for i in range(streams)), long_request(), short_request()
+        )
     finally:
         engine.step = step  # type: ignore[method-assign]
     wall = time.perf_counter() - t0
@@ -91,6 +107,8 @@ async def one_setting(runtime: wsd_llms.WSDRuntime, streams: int, doc: str, max_
         "longest_step_s": max(during, default=0.0),
         "steps_per_s_during_prefill": len(during) / (first - sent),
         "document_ttft_s": first - sent,
+        "question_ttft_s": answered - asked,
+        "question_sent_after_document_s": asked - sent,
         "document_base_tokens": prompt,
         "wall_s": wall,
         "aggregate_tokens_per_s": sum(tokens) / wall,
@@ -112,20 +130,27 @@ def main() -> None:
         runtime.configure(prefill_chunk=chunk or 2**30)
         results[chunk] = asyncio.run(one_setting(runtime, args.streams, doc, args.max_tokens))
         r = results[chunk]
-        print(f"chunk {chunk or 'whole'}: longest step {r['longest_step_s']:.2f}s, document TTFT {r['document_ttft_s']:.2f}s", flush=True)
+        print(
+            f"chunk {chunk or 'whole'}: longest step {r['longest_step_s']:.2f}s, document TTFT {r['document_ttft_s']:.2f}s, "
+            f"question TTFT {r['question_ttft_s']:.2f}s", flush=True
+        )
     whole = results.get(0)
     rows = [
-        "| prefill_chunk | longest step during the prefill (s) | vs whole | steps/s during the prefill | document time to first token (s) | aggregate tok/s |",
-        "|---|---|---|---|---|---|",
+        "| prefill_chunk | longest step during the prefill (s) | vs whole | steps/s during the prefill | document time to first token (s) | question time to first token (s) | aggregate tok/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for chunk, r in results.items():
         ratio = f"{r['longest_step_s'] / whole['longest_step_s']:.2f}x" if whole else "n/a"
         rows.append(
             f"| {chunk or 'whole prompt'} | {r['longest_step_s']:.2f} | {ratio} | {r['steps_per_s_during_prefill']:.1f} | "
-            f"{r['document_ttft_s']:.2f} | {r['aggregate_tokens_per_s']:.1f} |"
+            f"{r['document_ttft_s']:.2f} | {r['question_ttft_s']:.2f} | {r['aggregate_tokens_per_s']:.1f} |"
         )
     prompt = next(iter(results.values()))["document_base_tokens"]
-    rows += ["", f"{args.streams} streams (max_tokens={args.max_tokens}) and one document of {prompt} base tokens, dtype {runtime.dtype}."]
+    rows += [
+        "",
+        f"{args.streams} streams (max_tokens={args.max_tokens}) and one document of {prompt} base tokens, dtype {runtime.dtype}; "
+        f"the question ({QUESTION!r}) is sent one step after the document.",
+    ]
     write("long_prompt" + device_suffix(runtime.device), {"streams": args.streams, "facts": args.facts, "results": results}, "\n".join(rows))
     runtime.close()
 

@@ -319,14 +319,19 @@ def test_prefill_pieces_cut_long_forwards_at_fixed_points_within_a_step_budget()
     # The last piece keeps every row the forward asks for, even past the chunk size.
     assert prefill_pieces([_fw(600, 200)], 512) == [600]
     assert prefill_pieces([_fw(1000, 200)], 512) == [512]
-    # Pieces share the step's budget in admission order: the first always runs, one that does not
-    # fit waits whole (its cut points never depend on what else runs); decode steps always run.
-    assert prefill_pieces([_fw(1000), _fw(40), _fw(1), _fw(1)], 512) == [512, None, 1, 1]
-    assert prefill_pieces([_fw(40), _fw(1000), _fw(30), _fw(1)], 512) == [40, None, 30, 1]
+    # Pieces share the step's budget: first the forwards this step finishes, then those that go on,
+    # each in admission order. The first of each kind always runs; one that does not fit waits
+    # whole (its cut points never depend on what else runs); decode steps always run. A short
+    # prompt does not wait behind a long one's prefill, nor the long one behind short ones.
+    assert prefill_pieces([_fw(1000), _fw(40), _fw(1), _fw(1)], 512) == [512, 40, 1, 1]
+    assert prefill_pieces([_fw(40), _fw(1000), _fw(30), _fw(1)], 512) == [40, 512, 30, 1]
+    assert prefill_pieces([_fw(300), _fw(250), _fw(1000)], 512) == [300, None, 512]
+    assert prefill_pieces([_fw(1000), _fw(1000, cached=512), _fw(600)], 512) == [512, None, None]
+    assert prefill_pieces([_fw(1000), _fw(700)], 1024) == [1000, None]
     assert prefill_pieces([_fw(700, 700), _fw(2)], 512) == [700, None]
     # A decode step with ids guessed after it (lookup) runs whole, whatever the budget left.
     guessed = Forward("base", KVCache(), [1, 2, 3, 4, 5], keep=5, guesses=4)
-    assert prefill_pieces([_fw(1000), guessed, _fw(40)], 512) == [512, 5, None]
+    assert prefill_pieces([_fw(1000), guessed, _fw(40)], 512) == [512, 5, 40]
 
 
 def test_guess_shares_fit_a_pass_to_its_rows():

@@ -1080,6 +1080,28 @@ def test_a_long_prompt_is_fed_in_pieces_while_other_streams_decode(fresh, monkey
     assert engine.stats().finished == 2
 
 
+def test_a_short_prompt_does_not_wait_for_a_long_prompt_s_prefill(fresh):
+    """A prompt that one step feeds whole goes before the pieces of a long prompt being fed: it
+    starts at the next step rather than after the whole long prompt, and the long prompt still
+    gets a piece in every step."""
+    rt = fresh(prefill_chunk=32)
+    engine = rt.engine  # stepped by hand here: no worker runs
+    long = engine.prepare(normalize_messages(_msgs(LONG)), parse_params(max_tokens=4), lambda e: None)
+    engine.add(long)
+    engine.step()
+    short = engine.prepare(normalize_messages(_msgs(QUESTIONS[0])), parse_params(max_tokens=4), lambda e: None)
+    engine.add(short)
+    fed = [len(long.pending.kv)]
+    while short.draft_tokens == 0:
+        engine.step()
+        fed.append(len(long.pending.kv))
+    assert len(fed) == 2 and long.draft_tokens == 0  # one step, while the long prompt is still being fed
+    assert fed[1] > fed[0] > 0 and len(long.prompts.draft_ids) > 4 * 32
+    while engine.has_work():
+        engine.step()
+    assert engine.stats().finished == 2
+
+
 def test_a_chunked_prompt_gets_the_same_reply_alone_and_under_load(fresh):
     rt = fresh(prefill_chunk=24)
     alone = rt.generate(_msgs(LONG), max_tokens=30, switch_threshold=0.5, switch_window=2)

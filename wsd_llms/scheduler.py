@@ -180,21 +180,28 @@ def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, .
 
     `forwards` come in admission order, with their prompts' `marks`. A forward is cut where
     `piece_end` says (the same cuts under any load, so a reply does not depend on what else runs),
-    its last piece keeping the rows it asks for. Multi-token pieces share a budget of `chunk` ids
-    per step and the first always runs; decode steps (one id, and any guesses after it) always run whole.
+    its last piece keeping the rows it asks for. Decode steps (one id, and any guesses after it)
+    always run whole. The other forwards share a budget of `chunk` ids per step: first those this
+    step finishes (a short prompt, a scoring pass, a prompt's last piece), then those that go on
+    (a long prompt's next piece), each kind in admission order, and the first of each kind always
+    runs. So a short prompt or a scoring pass never waits behind a long prompt's prefill, and that
+    prefill still gets a piece every step: a step feeds at most about two chunks.
     """
-    budget, sizes, first = chunk, [], True
-    for forward, its_marks in zip(forwards, marks or [()] * len(forwards)):
+    sizes: list[int | None] = [None] * len(forwards)
+    finishing, going_on = [], []
+    for i, (forward, its_marks) in enumerate(zip(forwards, marks or [()] * len(forwards))):
         n, start = len(forward.ids), len(forward.kv)
         if n == 1 + forward.guesses:
-            sizes.append(n)
+            sizes[i] = n
             continue
         end = piece_end(start, its_marks, chunk)
-        piece = end - start if start + n - end >= max(forward.keep, 1) else n
-        if n > 1 and not first and piece > budget:
-            sizes.append(None)
-            continue
-        if n > 1:
-            budget, first = budget - piece, False
-        sizes.append(piece)
+        if start + n - end >= max(forward.keep, 1):
+            going_on.append((i, end - start))
+        else:
+            finishing.append((i, n))
+    budget = chunk
+    for kind in (finishing, going_on):
+        for j, (i, piece) in enumerate(kind):
+            if j == 0 or piece <= budget:
+                sizes[i], budget = piece, budget - piece
     return sizes
