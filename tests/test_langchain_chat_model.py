@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -949,6 +950,27 @@ def test_structured_output_sends_the_whole_schema(fake, schema, sent):
     assert fake.requests[-1][1]["response_format"] == sent
     if schema is Node:
         assert sent["$defs"]["Node"]["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+@pytest.mark.parametrize("pydantic", [True, False])
+def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
+    """Where max_tokens ended the JSON, the parse fails with the runtime's parse_error, which says
+    to raise max_tokens (not only that the JSON is invalid), for a pydantic class too."""
+    from langchain_core.exceptions import OutputParserException
+
+    from wsd_llms.params import parse_params
+    from wsd_llms.structured import structured_fields
+
+    class City(BaseModel):
+        name: str
+
+    text = '{"name": "Par'
+    fields = structured_fields(text, parse_params(response_format=City.model_json_schema(), max_tokens=6), cut=True)
+    fake.reply = replace(fake_result(text, parsed=None, parse_error=fields["parse_error"]), finish_reason="length")
+    schema = City if pydantic else City.model_json_schema()
+    with pytest.raises(OutputParserException, match=r"used up max_tokens=6 before its JSON was complete .*; raise max_tokens"):
+        WSDChatModel().with_structured_output(schema, method=method).invoke("a city")
 
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])

@@ -286,9 +286,14 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
     class City(BaseModel):
         name: str
 
-    raw = {"finish_reason": "length", "parse_error": "EOF while parsing a string", "usage": {"output_tokens": 8}}
-    cut = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Par'), raw=raw)
-    with pytest.raises(InvalidParameterError, match=r"used up max_tokens \(8 tokens\).*EOF.*raise max_tokens for City"):
+    from wsd_llms.params import parse_params
+    from wsd_llms.structured import structured_fields
+
+    text, schema = '{"name": "Par', {"type": "json_schema", "json_schema": {"schema": City.model_json_schema()}}
+    error = structured_fields(text, parse_params(response_format=schema, max_tokens=8), cut=True)["parse_error"]
+    raw = {"finish_reason": "length", "parse_error": error, "usage": {"output_tokens": 8}}
+    cut = ChatResponse(message=ChatMessage(role="assistant", content=text), raw=raw)
+    with pytest.raises(InvalidParameterError, match=r"used up max_tokens=8 before its JSON was complete \(the reply is not valid JSON: .*\); raise max_tokens for City"):
         _validated(City, cut)
     whole = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Paris"}'), raw={"finish_reason": "stop"})
     assert _validated(City, whole) == City(name="Paris")

@@ -338,6 +338,19 @@ def test_tools_with_a_response_format_give_calls_or_the_value():
     assert fields["parsed"] == {"color": "blue", "ok": False, "n": 3} and fields["parse_error"] is None and "tool_calls" not in fields
 
 
+def test_a_json_reply_cut_by_max_tokens_says_so():
+    """parse_error names max_tokens where it cut the JSON short (both adapters pass it on); a reply
+    that ended on its own, or whose JSON is whole, says nothing of it."""
+    from wsd_llms.structured import structured_fields
+
+    params = parse_params(response_format=SCHEMA, max_tokens=9)
+    cut = structured_fields('{"color": "bl', params, cut=True)["parse_error"]
+    assert cut.startswith("the reply used up max_tokens=9 before its JSON was complete (the reply is not valid JSON: ")
+    assert cut.endswith("; raise max_tokens")
+    assert "max_tokens" not in structured_fields('{"color": "bl', params)["parse_error"]
+    assert structured_fields('{"color": "blue", "ok": false, "n": 3}', params, cut=True)["parse_error"] is None
+
+
 def test_numbers_are_checked_as_written():
     """A bounded number's grammar writes no exponents; the check must see 0.00001 as the model wrote
     it, not as Python re-spells it (1e-05), or a valid call is reported invalid."""

@@ -130,6 +130,8 @@ def structured_fields(text: str, params: GenerationParams, cut: bool = False) ->
         return {"content": text}
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
+        if cut and parsed is None and error is not None:
+            error = f"the reply used up max_tokens={params.max_tokens} before its JSON was complete ({error}); raise max_tokens"
         return {"content": text, "parsed": parsed, "parse_error": error}
     return {"content": text}
 

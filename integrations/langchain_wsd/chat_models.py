@@ -330,7 +330,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
                 response_format=json_schema if json_schema is not None else {"type": "json_object"},
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )
-            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else _SchemaJsonParser()  # type: ignore[arg-type]
+            parser = _SchemaPydanticParser(pydantic_object=schema) if pydantic else _SchemaJsonParser()  # type: ignore[arg-type]
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -342,14 +342,31 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 class _SchemaJsonParser(JsonOutputParser):
     """JSON output parsing that also fails where the runtime found the value off its schema
     (`response_metadata["parse_error"]`: a keyword the grammar does not enforce, such as
-    uniqueItems); a TypedDict or JSON schema has no pydantic class to check it."""
+    uniqueItems; a TypedDict or JSON schema has no pydantic class to check it), and says so where
+    max_tokens cut the JSON short."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        message = getattr(result[0], "message", None) if result else None
-        error = message.response_metadata.get("parse_error") if message is not None else None
-        if error and not partial:
-            raise OutputParserException(f"the reply does not fit the schema: {error}", llm_output=message.content)
+        _raise_parse_error(result, partial, cut_only=False)
         return super().parse_result(result, partial=partial)
+
+
+class _SchemaPydanticParser(PydanticOutputParser):
+    """PydanticOutputParser whose failure for a reply max_tokens cut short says so (the runtime's
+    parse_error) rather than only that the JSON is invalid."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        _raise_parse_error(result, partial, cut_only=True)
+        return super().parse_result(result, partial=partial)
+
+
+def _raise_parse_error(result: list[Generation], partial: bool, cut_only: bool) -> None:
+    """Fail a final parse with the runtime's parse_error (with `cut_only`, only where max_tokens ended the reply)."""
+    message = getattr(result[0], "message", None) if result else None
+    if partial or message is None:
+        return
+    error = message.response_metadata.get("parse_error")
+    if error and (not cut_only or message.response_metadata.get("finish_reason") == "length"):
+        raise OutputParserException(f"the reply does not fit the schema: {error}", llm_output=message.content)
 
 
 class _NeedsACall:

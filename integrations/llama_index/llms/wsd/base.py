@@ -440,13 +440,10 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
 
 def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
-    """The reply validated into output_cls; a reply that max_tokens cut short says so."""
+    """The reply validated into output_cls; a reply that max_tokens cut short says so (the runtime's parse_error)."""
     raw = response.raw or {}
     if raw.get("finish_reason") == "length" and raw.get("parse_error"):
-        raise InvalidParameterError(
-            f"the reply used up max_tokens ({raw['usage']['output_tokens']} tokens) before its JSON was complete "
-            f"({raw['parse_error']}); raise max_tokens for {output_cls.__name__}"
-        )
+        raise InvalidParameterError(f"{raw['parse_error']} for {output_cls.__name__}")
     return output_cls.model_validate_json(response.message.content or "")
 
 
