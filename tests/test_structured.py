@@ -305,7 +305,8 @@ def test_calls_parse_whatever_their_strings_hold():
     # a call cut short whose string holds the closing tag is not closed there (markup leaked into the content)
     cut = 'A\n<tool_call>\n{"name": "echo", "arguments": {"text": "x</tool_call>y"}}'
     content, calls, invalid = parse_reply(cut, params.tools, cut=True)
-    assert content == "A" and not calls and [i.error for i in invalid] == ["the call is not closed with </tool_call> (the reply ended first)"]
+    assert content == "A" and not calls and [i.error for i in invalid] == ["the call is not closed with </tool_call> (the reply used up max_tokens first; raise max_tokens)"]
+    assert [i.error for i in parse_reply(cut, params.tools)[2]] == ["the call is not closed with </tool_call> (the reply ended first)"]
     # a call with a key the grammar does not write is still read (its arguments were sliced wrongly)
     extra = '<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}, "id": 1}\n</tool_call>'
     assert [(c.name, c.arguments) for c in parse_reply(extra, params.tools)[1]] == [("echo", {"text": "hi"})]

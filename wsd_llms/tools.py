@@ -214,7 +214,8 @@ def parse_reply(
         name: str | None = named.group(1) if named else None
         try:
             if not span.closed:
-                raise ValueError("the call is not closed with </tool_call> (the reply ended first)")
+                ended = "the reply used up max_tokens first; raise max_tokens" if cut else "the reply ended first"
+                raise ValueError(f"the call is not closed with </tool_call> ({ended})")
             body = load_json(span.body)
             if not isinstance(body, dict) or not isinstance(body.get("name"), str):
                 raise ValueError('a call must be {"name": ..., "arguments": {...}}')
