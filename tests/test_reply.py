@@ -221,3 +221,26 @@ def test_an_unfinished_drafts_text_never_takes_back_what_a_run_of_byte_tokens_sh
         for n, text in enumerate(texts):
             later = texts[n:] + [draft_text(tok, "", ids, final=True)]
             assert all(t.startswith(text.rstrip()) for t in later), (ids, n)
+
+
+def test_a_reply_that_ends_in_the_start_of_a_role_marker_drops_it(draft_tokenizer):
+    """max_tokens may end a reply inside a role marker ("...\n\n[Assis"): the template's text, held
+    back as a possible stop, is not the reply's. A caller's own stop, a newline alone, and a marker
+    inside a tool call's arguments are kept; a reply cut at a whole stop is unchanged."""
+    from wsd_llms.tools import CALL_TAG, CLOSE_TAG
+
+    tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
+
+    def finished(text, stops=roles, quoted=None, role_stops=roles):
+        reply = ReplyText(tok, stops, quoted, role_stops)
+        deltas = reply.add(_ids(tok, text), "base") + reply.finish()
+        assert "".join(d.text for d in deltas) == reply.text  # the stream is the text
+        return reply.text
+
+    assert finished("Paris.\n\n[Assis") == "Paris."
+    assert finished("Paris.\n[Us") == "Paris."
+    assert finished("Paris.\n\n") == "Paris.\n\n"
+    assert finished("Paris. [Us", stops=(*roles, "[Use me]"), role_stops=roles) == "Paris. "  # as a whole marker cuts it
+    assert finished("Paris. [Us", stops=("[Use me]",), role_stops=()) == "Paris. [Us"
+    call = '<tool_call>\n{"name": "send", "arguments": {"text": "hi\n\n[Us'
+    assert finished(call, quoted=(CALL_TAG, CLOSE_TAG)) == call

@@ -66,25 +66,28 @@ def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str
     count inside a `quoted` span: from an opening mark to its closing mark outside a JSON string, or
     to the end while it is open (so a stop's fate depends only on the text before it)."""
 
-    def inside(i: int) -> bool:  # the spans from the start, in turn: an opening mark in a string opens none
-        if quoted is None:
-            return False
-        pos = 0
-        while (opened := text.find(quoted[0], pos, i)) != -1:
-            closed = close_outside_strings(text, quoted[1], opened + len(quoted[0]), i)
-            if closed == -1:
-                return True
-            pos = closed + len(quoted[1])
-        return False
-
     hits = []
     for stop in stops:
         i = text.find(stop, start)
-        while i >= 0 and stop in quoted_stops and inside(i):
+        while i >= 0 and stop in quoted_stops and _inside(text, i, quoted):
             i = text.find(stop, i + 1)
         if i >= 0:
             hits.append(i)
     return min(hits) if hits else None
+
+
+def _inside(text: str, i: int, quoted: tuple[str, str] | None) -> bool:
+    """Whether position i of text is inside a `quoted` span (the spans from the start, in turn: an
+    opening mark in a JSON string opens none)."""
+    if quoted is None:
+        return False
+    pos = 0
+    while (opened := text.find(quoted[0], pos, i)) != -1:
+        closed = close_outside_strings(text, quoted[1], opened + len(quoted[0]), i)
+        if closed == -1:
+            return True
+        pos = closed + len(quoted[1])
+    return False
 
 
 class IncrementalText:
@@ -121,14 +124,15 @@ class ReplyText:
     """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
     def __init__(
-        self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = ()
+        self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None, role_stops: tuple[str, ...] = ()
     ) -> None:
-        """`quoted`: an opening and a closing mark between which `quoted_stops` (of `stops`) do not
-        count: a tool call's tags, whose arguments may hold a role marker (a stop the caller chose
-        counts anywhere)."""
+        """`role_stops` (of `stops`): the prompt template's role markers, which end the reply but are
+        no text of it. They do not count between `quoted`'s opening and closing marks (a tool call's
+        tags, whose arguments may hold a role marker; a stop the caller chose counts anywhere), and a
+        reply that ends (max_tokens) in the start of one drops that start."""
         self._tok = tokenizer
         self.stops = stops
-        self.quoted, self._quoted_stops = quoted, frozenset(quoted_stops)
+        self.quoted, self._role_stops, self._role_set = quoted, tuple(role_stops), frozenset(role_stops)
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -173,7 +177,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            cut = _first_stop(self.text, self.stops, start, self.quoted, self._quoted_stops) if self.stops else None
+            cut = _first_stop(self.text, self.stops, start, self.quoted, self._role_set) if self.stops else None
             if cut is not None:
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
@@ -202,9 +206,15 @@ class ReplyText:
         return self.add(ids[common:], "draft") if len(ids) > common else []
 
     def finish(self) -> list[Delta]:
-        """No more ids will come: release whatever was held back (an incomplete last character is dropped)."""
+        """No more ids will come: release whatever was held back (an incomplete last character is
+        dropped), less the start of a role marker the reply ends in (outside a tool call): text the
+        template would have written, held back as a possible stop and never streamed."""
         if len(self.text) < self._emitted:
             raise RuntimeError(f"the reply ended as {self.text!r}, inside text already streamed {self._streamed!r}")
+        if not self.stopped and self._role_stops:
+            end = max(len(self.text) - held_back(self.text, self._role_stops), self._emitted)
+            if self.text[end:].strip() and not _inside(self.text, end, self.quoted):
+                self.text = self.text[:end]
         return self._release(len(self.text))
 
     def _agrees(self, text: str) -> bool:
