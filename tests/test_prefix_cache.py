@@ -45,14 +45,33 @@ def test_the_store_keeps_its_bound_and_only_whole_runs_from_the_start():
     runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
     ids = list(range(20, 60))
     store = PrefixCache(max_tokens=16)
-    _fed(runner, ids, 8, store)  # stores 4 pieces, keeps the last 2
+    _fed(runner, ids, 8, store)  # stores 4 pieces in turn; keeps the first 2, which the next request can take
     assert store.tokens() == 16
-    assert store.restore(runner.new_cache(), ids, keep=0, chunk=8, num_layers=runner.num_layers) == 0  # the first piece is gone
+    again = runner.new_cache()
+    assert store.restore(again, ids, keep=0, chunk=8, num_layers=runner.num_layers) == 16 and again.cuts == [8, 16]
     assert store.restore(runner.new_cache(), ids, keep=0, chunk=16, num_layers=runner.num_layers) == 0  # other cut points
     store.resize(0)
     assert store.tokens() == 0
     _fed(runner, ids, 8, store)
     assert store.tokens() == 0
+
+
+def test_the_store_drops_the_least_recently_used_piece_that_no_piece_continues():
+    """Two prompts on one start (a shared document): a piece that another continues stays while
+    that one does; of the pieces nothing continues, the least recently used goes first."""
+    runner = ModelRunner(tiny_gemma3(make_tokenizer(420), 1))
+    shared, first, second = list(range(20, 28)), list(range(30, 46)), list(range(50, 58))
+    store = PrefixCache(max_tokens=24)
+    _fed(runner, shared + first + [1], 8, store)  # the shared piece and two of its own: 24 positions
+    _fed(runner, shared + second + [1], 8, store)  # one more: the first prompt's last piece goes
+    assert store.tokens() == 24
+
+    def taken(ids: list[int]) -> int:
+        return store.restore(runner.new_cache(), ids, keep=0, chunk=8, num_layers=runner.num_layers)
+
+    assert taken(shared + first + [1]) == 16 and taken(shared + second + [1]) == 16
+    store.resize(8)  # the two continuations go; the shared piece, continued no more, stays alone
+    assert store.tokens() == 8 and taken(shared + second + [1]) == 8
 
 
 def test_only_pieces_that_follow_whole_pieces_are_stored_or_taken():

@@ -20,14 +20,27 @@ from .kv_cache import KVCache
 from .scheduler import piece_end
 
 
+# A piece: (prefill_chunk, every cut up to the piece's end, every id up to its end).
+Key = tuple[int, tuple[int, ...], tuple[int, ...]]
+
+
+def _before(key: Key) -> Key | None:
+    """The key of the piece just before this one in its prompt (None for a first piece)."""
+    chunk, cuts, ids = key
+    return (chunk, cuts[:-1], ids[: cuts[-2]]) if len(cuts) > 1 else None
+
+
 class PrefixCache:
-    """One model's stored pieces, least recently used first, within `max_tokens` positions."""
+    """One model's stored pieces within `max_tokens` positions. A piece is stored only after the
+    piece before it (a piece is taken only after it), and the least recently used piece that no
+    stored piece continues goes first: a prompt longer than the store keeps its first pieces,
+    which the next request on it can take, rather than its last ones, which it cannot reach."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        # (prefill_chunk, every cut up to the piece's end, every id up to its end) -> the piece's
-        # keys and values [layers, 1, heads, size, dim]
-        self._pieces: OrderedDict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # each piece's keys and values [layers, 1, heads, size, dim], least recently used first
+        self._pieces: OrderedDict[Key, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._continued: dict[Key, int] = {}  # how many stored pieces continue each piece that some do
         self.hits = 0
         self.reused_tokens = 0
         self._tokens = 0  # positions held: a counter, so stats() may read it from any thread
@@ -92,21 +105,34 @@ class PrefixCache:
         if key in self._pieces:
             self._pieces.move_to_end(key)
             return
+        before = _before(key)
+        if before is not None and before not in self._pieces:  # it could never be taken
+            return
         keys, values = (buffer[..., start:end, :].clone() for buffer in kv.store.buffers)
         self._pieces[key] = (keys, values)
+        if before is not None:
+            self._continued[before] = self._continued.get(before, 0) + 1
         self._tokens += end - start
         self._evict()
 
     def resize(self, max_tokens: int) -> None:
-        """Hold at most `max_tokens` positions from now on, dropping the least recently used pieces."""
+        """Hold at most `max_tokens` positions from now on, dropping pieces as `_evict` does."""
         self.max_tokens = max_tokens
         self._evict()
 
     def clear(self) -> None:
         self._pieces.clear()
+        self._continued.clear()
         self._tokens = 0
 
     def _evict(self) -> None:
+        """Drop pieces, least recently used first among those no stored piece continues, until the store fits."""
         while self._pieces and self._tokens > self.max_tokens:
-            _, (keys, _) = self._pieces.popitem(last=False)
+            key = next(key for key in self._pieces if key not in self._continued)  # a chain's last piece is one
+            keys, _ = self._pieces.pop(key)
             self._tokens -= keys.shape[-2]
+            before = _before(key)
+            if before is not None:
+                self._continued[before] -= 1
+                if not self._continued[before]:
+                    del self._continued[before]
