@@ -460,6 +460,11 @@ def test_sequence_caches_are_limited_to_what_the_request_can_hold():
     # The draft model alone writes its whole reply into the draft cache: max_tokens, not max_draft_tokens.
     alone = engine.prepare(normalize_messages([{"role": "user", "content": "Hi"}]), parse_params(max_tokens=20, max_draft_tokens=512, mode="draft"), print)
     assert token_budget(alone) == alone.cache_limits()["draft"] == len(alone.prompts.draft_ids) + 20
+    # The staged pipeline frees each cache before it makes the next: it reserves the largest. Its
+    # check holds the draft's first max_tokens base ids at most.
+    staged = engine.prepare(normalize_messages([{"role": "user", "content": "Hi"}]), parse_params(max_tokens=20, max_draft_tokens=30, mode="staged"), print)
+    limits = staged.cache_limits()
+    assert limits["check"] == len(staged.prompts.base_ids) + 20 and token_budget(staged) == max(limits.values()) < sum(limits.values())
 
 
 def test_failed_batch_leaves_every_row_as_it_was(runner, monkeypatch):

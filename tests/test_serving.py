@@ -1295,6 +1295,36 @@ def test_draft_and_check_caches_are_freed_before_the_base_continues(fresh, monke
     assert result.usage.base_tokens > 10 and alive_while_continuing == [False] * 3
 
 
+def test_the_staged_check_cache_counts_as_cached_tokens(fresh, monkeypatch):
+    """The staged pipeline's check cache (the prompt and the draft, fed in pieces over several
+    steps) counts in stats().cached_tokens while it is held."""
+    import weakref
+
+    from wsd_llms.sequence import Sequence
+
+    rt = fresh(prefill_chunk=8)
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine, step, new_cache = rt.engine, rt.engine.step, Sequence.new_cache
+    checks, seen = [], []
+
+    def recorded(self, which):
+        kv = new_cache(self, which)
+        if which == "check":
+            checks.append(weakref.ref(kv))
+        return kv
+
+    def observed_step():
+        step()
+        check = checks[-1]() if checks else None
+        if check is not None and len(check):
+            seen.append((len(check), engine.stats().cached_tokens))
+
+    monkeypatch.setattr(Sequence, "new_cache", recorded)
+    monkeypatch.setattr(engine, "step", observed_step)
+    rt.generate(_msgs(QUESTIONS[0]), mode="staged", max_tokens=30, max_draft_tokens=30)
+    assert len(seen) >= 2 and all(cached >= held for held, cached in seen), seen
+
+
 def test_stats_snapshot(fresh):
     rt = fresh()
     events = list(rt.stream(_msgs(QUESTIONS[0]), max_tokens=20, switch_threshold=0.5, switch_window=2))

@@ -53,11 +53,15 @@ def piece_end(start: int, marks: tuple[int, ...], chunk: int) -> int:
 # The caches each decoding program fills (Sequence.cache_limits).
 CACHES = {"online": ("draft", "base"), "staged": ("draft", "check", "base"), "base": ("base",), "draft": ("draft",)}
 
+# Programs that free each cache before they make the next (staged.run_staged): they hold one at a time.
+ONE_AT_A_TIME = {"staged"}
+
 
 def token_budget(seq: Sequence) -> int:
-    """Most cache positions this request can ever hold (both models), reserved at admission."""
+    """Most cache positions this request can ever hold at once (both models), reserved at admission."""
     limits = seq.cache_limits()
-    return sum(limits[kind] for kind in CACHES[seq.params.mode])
+    held = [limits[kind] for kind in CACHES[seq.params.mode]]
+    return max(held) if seq.params.mode in ONE_AT_A_TIME else sum(held)
 
 
 class Scheduler:

@@ -119,13 +119,14 @@ class Sequence:
 
     def cache_limits(self) -> dict[str, int]:
         """Most positions each of this request's caches holds: "draft", "base", and "check" (the
-        staged pipeline's check of the whole draft in one base pass). The draft model alone
+        staged pipeline's check of the draft in one base pass: its first max_tokens base ids, with
+        room for a draft that takes twice as many base ids as its own). The draft model alone
         (mode="draft") writes the whole reply, up to max_tokens, into its draft cache."""
         p, prompts = self.params, self.prompts
         return {
             "draft": len(prompts.draft_ids) + (p.max_tokens if p.mode == "draft" else p.max_draft_tokens),
             "base": len(prompts.base_ids) + p.max_tokens + 1,
-            "check": len(prompts.base_ids) + 2 * p.max_draft_tokens,
+            "check": len(prompts.base_ids) + min(2 * p.max_draft_tokens, p.max_tokens),
         }
 
     def new_cache(self, kind: str) -> KVCache:

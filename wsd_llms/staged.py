@@ -47,12 +47,13 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     handoff = final_handoff(base.tokenizer, prompts.base_text, len(prompts.base_ids), text, prompts.base_spans)
     probs: list[float] = []
     if handoff.draft_ids:  # only the first max_tokens draft tokens can be kept: only they are checked
-        scoring, draft_ids = seq.new_cache("check"), handoff.draft_ids[: params.max_tokens]
-        rows = yield Forward("base", scoring, handoff.prompt_ids + draft_ids, keep=len(draft_ids) + 1, phase="score", lazy=True)
+        seq.base_kv, draft_ids = seq.new_cache("check"), handoff.draft_ids[: params.max_tokens]  # counted as the base's
+        rows = yield Forward("base", seq.base_kv, handoff.prompt_ids + draft_ids, keep=len(draft_ids) + 1, phase="score", lazy=True)
         for start in range(0, len(draft_ids), CHECK_ROWS):  # rows[j] predicts draft_ids[j]
             logits = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])
             probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
-        del scoring, rows  # the check cache is freed now, not when the request ends
+        seq.base_kv = None
+        del rows  # the check cache is freed now, not when the request ends
     first = min_switch(base.tokenizer, prompts.base_text, len(prompts.base_ids), prompts.forced_prefix, prompts.base_spans)
     switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, first)
     # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
