@@ -467,6 +467,9 @@ class Engine:
         seq.deliver(error)
 
     def _drop(self, seq: Sequence, outcome: str) -> None:
+        """Count a request's end as `outcome`, take it off the queues and free its caches. It sends
+        the caller nothing but a failing cleanup: _fail and _finish send their answer after it, and a
+        caller that has left (its stream closed, its timeout passed) waits for none."""
         with self.scheduler.lock:  # a snapshot sees the request in a queue or counted, never neither
             self.scheduler.remove(seq)
             self.count(outcome)
