@@ -956,7 +956,9 @@ def test_structured_output_sends_the_whole_schema(fake, schema, sent):
 @pytest.mark.parametrize("pydantic", [True, False])
 def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
     """Where max_tokens ended the JSON, the parse fails with the runtime's parse_error, which says
-    to raise max_tokens (not only that the JSON is invalid), for a pydantic class too."""
+    to raise max_tokens (not only that the JSON is invalid). A pydantic class still validates what
+    LangChain's parsing makes of a cut JSON (it closes an open string and brackets, as for any
+    provider): only where that fails does its parse fail, then with the same reason."""
     from langchain_core.exceptions import OutputParserException
 
     from wsd_llms.params import parse_params
@@ -965,12 +967,20 @@ def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
     class City(BaseModel):
         name: str
 
-    text = '{"name": "Par'
-    fields = structured_fields(text, parse_params(response_format=City.model_json_schema(), max_tokens=6), cut=True)
-    fake.reply = replace(fake_result(text, parsed=None, parse_error=fields["parse_error"]), finish_reason="length")
+    def cut_reply(text: str) -> WSDResult:
+        fields = structured_fields(text, parse_params(response_format=City.model_json_schema(), max_tokens=6), cut=True)
+        return replace(fake_result(text, parsed=None, parse_error=fields["parse_error"]), finish_reason="length")
+
     schema = City if pydantic else City.model_json_schema()
-    with pytest.raises(OutputParserException, match=r"used up max_tokens=6 before its JSON was complete .*; raise max_tokens"):
+    fake.reply = cut_reply('{"na')
+    with pytest.raises(OutputParserException, match=r"^the reply used up max_tokens=6 before its JSON was complete .*; raise max_tokens"):
         WSDChatModel().with_structured_output(schema, method=method).invoke("a city")
+    fake.reply = cut_reply('{"name": "Par')
+    if pydantic:
+        assert WSDChatModel().with_structured_output(schema, method=method).invoke("a city") == City(name="Par")
+    else:
+        with pytest.raises(OutputParserException, match="used up max_tokens=6"):
+            WSDChatModel().with_structured_output(schema, method=method).invoke("a city")
 
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])

@@ -342,31 +342,41 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 class _SchemaJsonParser(JsonOutputParser):
     """JSON output parsing that also fails where the runtime found the value off its schema
     (`response_metadata["parse_error"]`: a keyword the grammar does not enforce, such as
-    uniqueItems; a TypedDict or JSON schema has no pydantic class to check it), and says so where
-    max_tokens cut the JSON short."""
+    uniqueItems; a TypedDict or JSON schema has no pydantic class to check it), or cut short by
+    max_tokens, with the runtime's reason."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _raise_parse_error(result, partial, cut_only=False)
+        message = _final_message(result, partial)
+        error = message.response_metadata.get("parse_error") if message is not None else None
+        if error:
+            raise OutputParserException(_parse_failure(message, error), llm_output=message.content)
         return super().parse_result(result, partial=partial)
 
 
 class _SchemaPydanticParser(PydanticOutputParser):
-    """PydanticOutputParser whose failure for a reply max_tokens cut short says so (the runtime's
-    parse_error) rather than only that the JSON is invalid."""
+    """PydanticOutputParser (which, as LangChain's JSON parsing does, closes a JSON that was cut
+    short and validates what it has) whose failure for a reply max_tokens cut short gives the
+    runtime's reason, which says to raise max_tokens, rather than only that the JSON is invalid."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        _raise_parse_error(result, partial, cut_only=True)
-        return super().parse_result(result, partial=partial)
+        try:
+            return super().parse_result(result, partial=partial)
+        except OutputParserException as exc:
+            message = _final_message(result, partial)
+            error = message.response_metadata.get("parse_error") if message is not None else None
+            if error and message.response_metadata.get("finish_reason") == "length":
+                raise OutputParserException(_parse_failure(message, error), llm_output=message.content) from exc
+            raise
 
 
-def _raise_parse_error(result: list[Generation], partial: bool, cut_only: bool) -> None:
-    """Fail a final parse with the runtime's parse_error (with `cut_only`, only where max_tokens ended the reply)."""
-    message = getattr(result[0], "message", None) if result else None
-    if partial or message is None:
-        return
-    error = message.response_metadata.get("parse_error")
-    if error and (not cut_only or message.response_metadata.get("finish_reason") == "length"):
-        raise OutputParserException(f"the reply does not fit the schema: {error}", llm_output=message.content)
+def _final_message(result: list[Generation], partial: bool) -> Any:
+    """The message of a final parse's generation (None for a partial parse, or a generation without one)."""
+    return None if partial or not result else getattr(result[0], "message", None)
+
+
+def _parse_failure(message: Any, error: str) -> str:
+    """Why a final parse fails: the runtime's parse_error, which says so itself where max_tokens cut the reply."""
+    return error if message.response_metadata.get("finish_reason") == "length" else f"the reply does not fit the schema: {error}"
 
 
 class _NeedsACall:
