@@ -223,24 +223,26 @@ def test_an_unfinished_drafts_text_never_takes_back_what_a_run_of_byte_tokens_sh
             assert all(t.startswith(text.rstrip()) for t in later), (ids, n)
 
 
-def test_a_reply_that_ends_in_the_start_of_a_role_marker_drops_it(draft_tokenizer):
-    """max_tokens may end a reply inside a role marker ("...\n\n[Assis"): the template's text, held
-    back as a possible stop, is not the reply's. A caller's own stop, a newline alone, and a marker
-    inside a tool call's arguments are kept; a reply cut at a whole stop is unchanged."""
+def test_a_reply_cut_in_the_start_of_a_role_marker_drops_it(draft_tokenizer):
+    """max_tokens may end a reply inside a role marker on a new line ("...\n\n[Assis"): the
+    template's text, held back as a possible stop, is not the reply's. Kept: text that only may
+    start a marker on its line ("x = [", "See [A"), a newline alone, a caller's own stop, a marker
+    inside a tool call's arguments, and any reply that ended otherwise (end of turn)."""
     from wsd_llms.tools import CALL_TAG, CLOSE_TAG
 
     tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
 
-    def finished(text, stops=roles, quoted=None, role_stops=roles):
+    def finished(text, stops=roles, quoted=None, role_stops=roles, cut=True):
         reply = ReplyText(tok, stops, quoted, role_stops)
-        deltas = reply.add(_ids(tok, text), "base") + reply.finish()
+        deltas = reply.add(_ids(tok, text), "base") + reply.finish(cut)
         assert "".join(d.text for d in deltas) == reply.text  # the stream is the text
         return reply.text
 
     assert finished("Paris.\n\n[Assis") == "Paris."
     assert finished("Paris.\n[Us") == "Paris."
-    assert finished("Paris.\n\n") == "Paris.\n\n"
-    assert finished("Paris. [Us", stops=(*roles, "[Use me]"), role_stops=roles) == "Paris. "  # as a whole marker cuts it
-    assert finished("Paris. [Us", stops=("[Use me]",), role_stops=()) == "Paris. [Us"
+    assert finished("Paris.\n\n[Assis", cut=False) == "Paris.\n\n[Assis"
+    for kept in ("Paris.\n\n", "x = [", "See [A"):
+        assert finished(kept) == kept
+    assert finished("Paris.\n[Us", stops=("\n[Use me]",), role_stops=()) == "Paris.\n[Us"
     call = '<tool_call>\n{"name": "send", "arguments": {"text": "hi\n\n[Us'
     assert finished(call, quoted=(CALL_TAG, CLOSE_TAG)) == call

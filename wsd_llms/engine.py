@@ -482,7 +482,7 @@ class Engine:
             seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {type(exc).__name__}: {exc}"))
 
     def _finish(self, seq: Sequence, finish_reason: str) -> None:
-        seq.emit(seq.reply.finish())
+        seq.emit(seq.reply.finish(cut=finish_reason == "length"))
         now = time.perf_counter()
         reply = seq.reply
         result = WSDResult(

@@ -205,15 +205,16 @@ class ReplyText:
             self._draft_chars = len(self.text)
         return self.add(ids[common:], "draft") if len(ids) > common else []
 
-    def finish(self) -> list[Delta]:
+    def finish(self, cut: bool = False) -> list[Delta]:
         """No more ids will come: release whatever was held back (an incomplete last character is
-        dropped), less the start of a role marker the reply ends in (outside a tool call): text the
-        template would have written, held back as a possible stop and never streamed."""
+        dropped). A reply `cut` at its budget that ends in the start of a role marker on a new line
+        (outside a tool call: "...\n\n[Assis") drops it: text the template would have written, held
+        back as a possible stop and never streamed."""
         if len(self.text) < self._emitted:
             raise RuntimeError(f"the reply ended as {self.text!r}, inside text already streamed {self._streamed!r}")
-        if not self.stopped and self._role_stops:
+        if cut and not self.stopped and self._role_stops:
             end = max(len(self.text) - held_back(self.text, self._role_stops), self._emitted)
-            if self.text[end:].strip() and not _inside(self.text, end, self.quoted):
+            if self.text[end:].startswith("\n") and self.text[end:].strip() and not _inside(self.text, end, self.quoted):
                 self.text = self.text[:end]
         return self._release(len(self.text))
 
