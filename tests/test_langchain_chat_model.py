@@ -962,13 +962,13 @@ def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
     from langchain_core.exceptions import OutputParserException
 
     from wsd_llms.params import parse_params
-    from wsd_llms.structured import structured_fields
+    from wsd_llms.structured import Cut, structured_fields
 
     class City(BaseModel):
         name: str
 
     def cut_reply(text: str) -> WSDResult:
-        fields = structured_fields(text, parse_params(response_format=City.model_json_schema(), max_tokens=6), cut=True)
+        fields = structured_fields(text, parse_params(response_format=City.model_json_schema()), Cut("the reply used up max_tokens=6", "raise max_tokens"))
         return replace(fake_result(text, parsed=None, parse_error=fields["parse_error"]), finish_reason="length")
 
     schema = City if pydantic else City.model_json_schema()

@@ -287,13 +287,13 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
         name: str
 
     from wsd_llms.params import parse_params
-    from wsd_llms.structured import structured_fields
+    from wsd_llms.structured import Cut, structured_fields
 
     text, schema = '{"name": "Par', {"type": "json_schema", "json_schema": {"schema": City.model_json_schema()}}
-    error = structured_fields(text, parse_params(response_format=schema, max_tokens=8), cut=True)["parse_error"]
+    error = structured_fields(text, parse_params(response_format=schema), Cut("the reply used up max_tokens=8", "raise max_tokens"))["parse_error"]
     raw = {"finish_reason": "length", "parse_error": error, "usage": {"output_tokens": 8}}
     cut = ChatResponse(message=ChatMessage(role="assistant", content=text), raw=raw)
-    with pytest.raises(InvalidParameterError, match=r"used up max_tokens=8 before its JSON was complete \(the reply is not valid JSON: .*\); raise max_tokens for City"):
+    with pytest.raises(InvalidParameterError, match=r"^City: the reply used up max_tokens=8 before its JSON was complete \(the reply is not valid JSON: .*\); raise max_tokens$"):
         _validated(City, cut)
     whole = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Paris"}'), raw={"finish_reason": "stop"})
     assert _validated(City, whole) == City(name="Paris")

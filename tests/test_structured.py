@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import parse_params
-from wsd_llms.structured import Guide, _validation_error, constraint_spec, parse_json
+from wsd_llms.structured import Cut, Guide, _validation_error, constraint_spec, parse_json
 from wsd_llms.tools import parse_reply, react_format
 
 SCHEMA = {
@@ -20,6 +20,7 @@ SCHEMA = {
     "required": ["color", "ok", "n"],
 }
 TOOL = {"name": "pick", "description": "Pick a color", "parameters": SCHEMA}
+CUT = Cut("the reply used up max_tokens=12", "raise max_tokens")  # what the engine says of a reply max_tokens ended
 OPENAI_TOOL = {"type": "function", "function": {"name": "flag", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]}}}
 SMALL = {"name": "n", "parameters": {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}}
 QUESTIONS = [
@@ -230,11 +231,11 @@ def test_json_nested_too_deeply_to_parse_is_reported_like_other_bad_json():
 def test_a_call_tag_cut_short_is_not_content(tail):
     """max_tokens can end a reply inside the opening tag of its next call: that is not text."""
     call = '<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>'
-    content, calls, _ = parse_reply(f"{call}\n{tail}", [TOOL], cut=True)
+    content, calls, _ = parse_reply(f"{call}\n{tail}", [TOOL], CUT)
     assert (content, len(calls)) == ("", 1)
-    assert parse_reply(f"Let me pick.\n{tail}", [TOOL], cut=True)[0] == "Let me pick."
+    assert parse_reply(f"Let me pick.\n{tail}", [TOOL], CUT)[0] == "Let me pick."
     assert parse_reply(f"Let me pick.\n{tail}", [TOOL])[0] == f"Let me pick.\n{tail}"  # not cut: the model wrote it
-    assert parse_reply("a < b", [TOOL], cut=True)[0] == "a < b"
+    assert parse_reply("a < b", [TOOL], CUT)[0] == "a < b"
 
 
 def test_auto_tool_choice_holds_every_call_in_text_to_the_tools():
@@ -304,8 +305,8 @@ def test_calls_parse_whatever_their_strings_hold():
     assert [(c.name, c.arguments) for c in calls] == [("echo", {"text": "x</tool_call>y"}), ("resize", {"size": [1, 2], "opts": {"mode": "fast"}})]
     # a call cut short whose string holds the closing tag is not closed there (markup leaked into the content)
     cut = 'A\n<tool_call>\n{"name": "echo", "arguments": {"text": "x</tool_call>y"}}'
-    content, calls, invalid = parse_reply(cut, params.tools, cut=True)
-    assert content == "A" and not calls and [i.error for i in invalid] == ["the call is not closed with </tool_call> (the reply used up max_tokens first; raise max_tokens)"]
+    content, calls, invalid = parse_reply(cut, params.tools, CUT)
+    assert content == "A" and not calls and [i.error for i in invalid] == ["the call is not closed with </tool_call> (the reply used up max_tokens=12 first; raise max_tokens)"]
     assert [i.error for i in parse_reply(cut, params.tools)[2]] == ["the call is not closed with </tool_call> (the reply ended first)"]
     # a call with a key the grammar does not write is still read (its arguments were sliced wrongly)
     extra = '<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}, "id": 1}\n</tool_call>'
@@ -339,17 +340,41 @@ def test_tools_with_a_response_format_give_calls_or_the_value():
     assert fields["parsed"] == {"color": "blue", "ok": False, "n": 3} and fields["parse_error"] is None and "tool_calls" not in fields
 
 
-def test_a_json_reply_cut_by_max_tokens_says_so():
-    """parse_error names max_tokens where it cut the JSON short (both adapters pass it on); a reply
-    that ended on its own, or whose JSON is whole, says nothing of it."""
+def test_a_json_reply_cut_short_says_what_ended_it(draft_tokenizer):
+    """parse_error says what ended a JSON value early and what to do (both adapters pass it on):
+    max_tokens (raise it), or the base model's context window where that capped max_tokens
+    (shorten the messages). A reply that ended on its own, or whose JSON is whole, says neither."""
+    import dataclasses
+
+    from tiny import tiny_llama
+
+    from wsd_llms import WSDRuntime
     from wsd_llms.structured import structured_fields
 
-    params = parse_params(response_format=SCHEMA, max_tokens=9)
-    cut = structured_fields('{"color": "bl', params, cut=True)["parse_error"]
-    assert cut.startswith("the reply used up max_tokens=9 before its JSON was complete (the reply is not valid JSON: ")
-    assert cut.endswith("; raise max_tokens")
+    draft, base = (tiny_llama(draft_tokenizer, 0, name, sharpen=3.0) for name in ("tiny-draft", "tiny-base"))
+    long_name = {"type": "object", "properties": {"name": {"type": "string", "minLength": 30}}, "required": ["name"]}
+    schema, messages = {"type": "json_schema", "json_schema": {"schema": long_name}}, [{"role": "user", "content": "A city as JSON."}]
+
+    def reply(base_model, **params):
+        runtime = WSDRuntime.from_models(draft, base_model)
+        try:
+            return runtime.generate(messages, response_format=schema, **params)
+        finally:
+            runtime.close()
+
+    cut = reply(base, max_tokens=6)
+    assert cut.finish_reason == "length" and cut.parsed is None
+    assert cut.parse_error.startswith("the reply used up max_tokens=6 before its JSON was complete (the reply is not valid JSON: ")
+    assert cut.parse_error.endswith("; raise max_tokens")
+    prompt = cut.usage.base_prompt_tokens
+    capped = reply(dataclasses.replace(base, context_window=prompt + 6), max_tokens=500)
+    assert capped.finish_reason == "length" and capped.parse_error.startswith(
+        f"the reply reached the base model's context window ({prompt + 6} tokens with the prompt's {prompt}) before its JSON was complete ("
+    )
+    assert capped.parse_error.endswith("; shorten the messages")
+    params = parse_params(response_format=SCHEMA)
     assert "max_tokens" not in structured_fields('{"color": "bl', params)["parse_error"]
-    assert structured_fields('{"color": "blue", "ok": false, "n": 3}', params, cut=True)["parse_error"] is None
+    assert structured_fields('{"color": "blue", "ok": false, "n": 3}', params, CUT)["parse_error"] is None
 
 
 def test_numbers_are_checked_as_written():

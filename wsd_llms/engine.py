@@ -26,7 +26,7 @@ from .reply import ReplyText, expand_role_stops
 from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, guess_shares, plan_passes, prefill_pieces
 from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
-from .structured import constraint_spec, structured_fields
+from .structured import Cut, constraint_spec, structured_fields
 from .tools import CALL_TAG, CLOSE_TAG
 
 # Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
@@ -481,6 +481,16 @@ class Engine:
         except Exception as exc:  # the program's cleanup failed: its caller hears of it, the others go on
             seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {type(exc).__name__}: {exc}"))
 
+    def _cut(self, seq: Sequence) -> Cut:
+        """What ended a reply at its budget: the model's context window where it capped max_tokens
+        (_fit_windows), else max_tokens."""
+        model = MODELS[seq.params.mode][-1]  # the reply is in the last model's tokens
+        window = (self.draft if model == "draft" else self.base).context_window
+        prompt = len(seq.prompts.draft_ids if model == "draft" else seq.prompts.base_ids)
+        if prompt + len(seq.reply.ids) >= window:
+            return Cut(f"the reply reached the {model} model's context window ({window} tokens with the prompt's {prompt})", "shorten the messages")
+        return Cut(f"the reply used up max_tokens={seq.params.max_tokens}", "raise max_tokens")
+
     def _finish(self, seq: Sequence, finish_reason: str) -> None:
         seq.emit(seq.reply.finish(cut=finish_reason == "length"))
         now = time.perf_counter()
@@ -511,7 +521,7 @@ class Engine:
             base_model=self.base.name,
             mode=seq.params.mode,
             rollbacks=seq.rollbacks,
-            **structured_fields(reply.text, seq.params, cut=finish_reason == "length"),
+            **structured_fields(reply.text, seq.params, self._cut(seq) if finish_reason == "length" else None),
         )
         # A caller that gave up while this step finished the request (at its timeout, or closing its
         # stream) never reads the result: it is counted as what ended it for them.

@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,10 +116,19 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     return value, schema_error(text, value, schema)
 
 
-def structured_fields(text: str, params: GenerationParams, cut: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Cut:
+    """What ended a reply at its budget, and what to do about it, for the errors of a JSON value or
+    a call it cut short: max_tokens, or the model's context window (which capped max_tokens)."""
+
+    limit: str  # "the reply used up max_tokens=80"
+    remedy: str  # "raise max_tokens"
+
+
+def structured_fields(text: str, params: GenerationParams, cut: Cut | None = None) -> dict[str, Any]:
     """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value.
     With tools and a response_format, a reply that calls tools is calls, any other the value.
-    `cut`: max_tokens ended the reply."""
+    `cut`: what ended the reply at its budget, if anything did."""
     from .tools import CALL_TAG, parse_reply
 
     # "none": no calls, whatever the text says; with a response_format, a reply is calls only if it
@@ -130,8 +140,8 @@ def structured_fields(text: str, params: GenerationParams, cut: bool = False) ->
         return {"content": text}
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
-        if cut and parsed is None and error is not None:
-            error = f"the reply used up max_tokens={params.max_tokens} before its JSON was complete ({error}); raise max_tokens"
+        if cut is not None and parsed is None and error is not None:
+            error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy}"
         return {"content": text, "parsed": parsed, "parse_error": error}
     return {"content": text}
 

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from .messages import Message, ToolCall
 from .reply import close_outside_strings, held_back
 from .params import json_error
-from .structured import Written, as_written, json_format, load_json, schema_error
+from .structured import Cut, Written, as_written, json_format, load_json, schema_error
 
 CALL_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
 KEYWORD_CHOICES = ("auto", "any", "required", "none")  # tool_choice values that name no tool
@@ -200,10 +200,10 @@ def _arguments_text(body: str, name: str) -> str | None:
 
 
 def parse_reply(
-    text: str, tools: Sequence[Mapping[str, Any]], cut: bool = False
+    text: str, tools: Sequence[Mapping[str, Any]], cut: Cut | None = None
 ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
     """Split a reply into its text and its tool calls; calls that do not validate are reported, not
-    dropped. A reply `cut` short by max_tokens may end inside a call's tag: that is not text."""
+    dropped. A reply `cut` short at its budget may end inside a call's tag: that is not text."""
     by_name = {t["name"]: t for t in tools}
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
@@ -214,7 +214,7 @@ def parse_reply(
         name: str | None = named.group(1) if named else None
         try:
             if not span.closed:
-                ended = "the reply used up max_tokens first; raise max_tokens" if cut else "the reply ended first"
+                ended = f"{cut.limit} first; {cut.remedy}" if cut is not None else "the reply ended first"
                 raise ValueError(f"the call is not closed with </tool_call> ({ended})")
             body = load_json(span.body)
             if not isinstance(body, dict) or not isinstance(body.get("name"), str):
@@ -239,7 +239,7 @@ def parse_reply(
         content = content if text[: spans[0].start].strip() else content.lstrip()
     else:
         content = text
-    return _without_cut_tag(content) if cut else content, calls, invalid
+    return _without_cut_tag(content) if cut is not None else content, calls, invalid
 
 
 def _without_cut_tag(content: str) -> str:

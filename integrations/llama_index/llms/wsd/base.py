@@ -443,7 +443,7 @@ def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
     """The reply validated into output_cls; a reply that max_tokens cut short says so (the runtime's parse_error)."""
     raw = response.raw or {}
     if raw.get("finish_reason") == "length" and raw.get("parse_error"):
-        raise InvalidParameterError(f"{raw['parse_error']} for {output_cls.__name__}")
+        raise InvalidParameterError(f"{output_cls.__name__}: {raw['parse_error']}")
     return output_cls.model_validate_json(response.message.content or "")
 
 
