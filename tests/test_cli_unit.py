@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from wsd_llms.cli import _interactive
@@ -20,6 +21,8 @@ from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDRes
 
 class Scripted:
     """Streams one piece, then the result; counts the streams closed."""
+
+    loaded = True
 
     def __init__(self) -> None:
         self.calls: list[list[dict[str, str]]] = []
@@ -70,14 +73,21 @@ def slow_load(self, source, revision):  # a model load, which nothing can interr
     time.sleep(600)
 
 runtime.WSDRuntime._load = slow_load
-sys.exit(cli.main(["chat", "hi"]))
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_while_the_models_load_exits_at_once() -> None:
-    """A normal exit would wait for the load (atexit joins the worker, up to a minute)."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("args", [["chat", "hi"], ["chat"]])
+def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
+    """One question, or an interactive chat's first: a normal exit would wait for the load (atexit
+    joins the worker, up to a minute)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
+        assert proc.stdin is not None
+        proc.stdin.write("hi\n")  # the interactive chat's first question (kept open: no end of input)
+        proc.stdin.flush()
         assert proc.stderr is not None and proc.stderr.readline() == "loading\n"
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()

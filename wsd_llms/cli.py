@@ -121,7 +121,7 @@ def _exit_now(code: int) -> None:
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it; a turn that fails (a
     conversation grown past the context window, say) is reported. Either way that turn is dropped
-    and the chat goes on."""
+    and the chat goes on. Ctrl-C while the models first load quits."""
     console.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     while True:
         try:
@@ -134,6 +134,9 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         try:
             result = stream_reply(console, runtime, turn, params)
         except KeyboardInterrupt:
+            if not runtime.loaded:  # during the first load, which nothing can interrupt: quit now
+                console.print()
+                _exit_now(130)
             console.print(Text("\n(stopped; this turn is dropped)", style="dim"))
             continue
         except (InvalidMessagesError, RequestFailedError) as exc:
