@@ -1207,8 +1207,13 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=600)
     rt.configure(max_cached_tokens=200)
     for mode in ("base", "draft"):  # each model alone: its budget is max_tokens only
-        with pytest.raises(RequestTooLargeError, match=r"\(prompts \+ max_tokens\), .*; lower max_tokens, or raise max_cached_tokens"):
+        with pytest.raises(RequestTooLargeError, match=r"\(prompt \+ max_tokens\), .*; lower max_tokens, or raise max_cached_tokens"):
             rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode=mode)
+    # staged WSD holds one cache at a time: the error names the largest, and what lowers it
+    with pytest.raises(RequestTooLargeError, match=r"\(the base prompt \+ max_tokens\), .*; lower max_tokens, or raise"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=10, mode="staged")
+    with pytest.raises(RequestTooLargeError, match=r"\(the draft prompt \+ max_draft_tokens\), .*; lower max_draft_tokens, or raise"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=20, max_draft_tokens=300, mode="staged")
 
 
 def test_close_ends_in_flight_work(fresh):

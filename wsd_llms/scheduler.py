@@ -64,6 +64,25 @@ def token_budget(seq: Sequence) -> int:
     return max(held) if seq.params.mode in ONE_AT_A_TIME else sum(held)
 
 
+# For a program that holds one cache at a time: what its largest cache holds, and what lowers it.
+CACHE_TERMS = {
+    "draft": ("the draft prompt + max_draft_tokens", "max_draft_tokens"),
+    "check": ("the base prompt + the draft it checks", "max_draft_tokens or max_tokens"),
+    "base": ("the base prompt + max_tokens", "max_tokens"),
+}
+
+
+def _need_terms(seq: Sequence) -> tuple[str, str]:
+    """What token_budget counts for this request, and the parameters that lower it."""
+    caches = CACHES[seq.params.mode]
+    if seq.params.mode in ONE_AT_A_TIME:
+        limits = seq.cache_limits()
+        return CACHE_TERMS[max(caches, key=lambda kind: limits[kind])]
+    if caches == ("draft", "base"):
+        return "prompts + max_tokens + max_draft_tokens", "max_tokens or max_draft_tokens"
+    return "prompt + max_tokens", "max_tokens"
+
+
 class Scheduler:
     """FIFO admission bounded by concurrent sequences and reserved cache tokens."""
 
@@ -81,12 +100,10 @@ class Scheduler:
         """Queue a request; one that could never fit fails now."""
         need = token_budget(seq)
         if need > self.max_cached_tokens:
-            caches = CACHES[seq.params.mode]
-            drafts = "draft" in caches and "base" in caches  # a draft for the base model (max_draft_tokens)
-            budgets = "max_tokens or max_draft_tokens" if drafts else "max_tokens"
+            held, budgets = _need_terms(seq)
             raise RequestTooLargeError(
-                f"this request may need {need} cached tokens (prompts + max_tokens{' + max_draft_tokens' if drafts else ''}), more "
-                f"than the runtime's max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
+                f"this request may need {need} cached tokens ({held}), more than the runtime's "
+                f"max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
             )
         seq.phase = Phase.WAITING
         with self.lock:
