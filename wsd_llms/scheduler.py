@@ -26,7 +26,8 @@ PASS_OVERHEAD = {"cpu": 18.0, "cuda": 7500.0}
 POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 
 # Tokens of prompt a step feeds each model (chunked prefill): streams that are decoding pause for
-# one piece rather than for the whole prompt. On a 2-core CPU (benchmarks/bench_long_prompt.py,
+# one piece rather than for the whole prompt (prefill_pieces: a step may feed prompts it finishes
+# beside a long prompt's piece, up to about twice this). On a 2-core CPU (benchmarks/bench_long_prompt.py,
 # a 2905-token document among 4 streams) pieces of 256 stall them for at most 0.52-0.54 s against
 # 1.00 s with 512, for 1-2% more time to the document's first token (128: 0.31-0.32 s, 11% more); a
 # prefix is also kept in finer pieces (bench_prefix_cache.py). On a GPU a pass of 8192 tokens
