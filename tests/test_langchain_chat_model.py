@@ -952,6 +952,34 @@ def test_structured_output_sends_the_whole_schema(fake, schema, sent):
         assert sent["$defs"]["Node"]["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}
 
 
+def test_a_recursive_tool_schema_stays_recursive(fake):
+    """bind_tools (and function_calling) sends a pydantic schema with references as its own JSON
+    schema, as a tool or as a @tool's argument: LangChain's converter wrote the recursion as any
+    value, so the grammar let through calls the model then refused. A schema without references
+    is sent as LangChain converts it."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    @tool
+    def store(node: Node) -> str:
+        """Store a tree."""
+        return "ok"
+
+    class Flat(BaseModel):
+        """A flat schema."""
+
+        name: str
+
+    fake.reply = fake_result("Hi")
+    WSDChatModel().bind_tools([Node, store, Flat]).invoke("x")
+    node, stored, flat = (t["function"]["parameters"] for t in fake.requests[-1][1]["tools"])
+    assert node == Node.model_json_schema() and node["$defs"]["Node"]["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}
+    assert stored["$defs"]["Node"]["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}
+    assert flat == convert_to_openai_tool(Flat)["function"]["parameters"]
+    fake.reply = fake_result("", tool_calls=(ToolCall("call_1", "Node", {"name": "a", "children": [{"name": "b"}]}),))
+    assert WSDChatModel().with_structured_output(Node, method="function_calling").invoke("x") == Node(name="a", children=[Node(name="b")])
+    assert fake.requests[-1][1]["tools"][0]["function"]["parameters"] == Node.model_json_schema()
+
+
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 @pytest.mark.parametrize("pydantic", [True, False])
 def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):

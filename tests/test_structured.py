@@ -166,6 +166,7 @@ def test_missing_extra_names_it(monkeypatch, missing):
         ({"tools": [TOOL, TOOL]}, "tool names must be unique"),
         ({"tools": "pick"}, "tools must be a list"),
         ({"tools": [{"name": "a", "parameters": {"type": "string"}}]}, "of type 'object'"),
+        ({"tools": [{"name": "a", "parameter": SCHEMA}]}, "tools[0] (a) has unknown key 'parameter'; did you mean 'parameters'?"),
         ({"tools": [TOOL], "response_format": SCHEMA, "tool_choice": "required"}, "response_format with tools needs tool_choice 'auto'"),
         ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
         ({"response_format": {"type": "regex"}}, 'needs a "pattern" string'),
@@ -183,6 +184,15 @@ def test_a_rule_across_parameters_is_reported_without_echoing_every_parameter():
         parse_params(tools=[TOOL], tool_choice="nope")
     assert str(err.value).startswith("invalid parameters: tool_choice='nope' is neither")
     assert "'parameters'" not in str(err.value)  # the tool's schema is not dumped into the message
+
+
+def test_tool_forms():
+    """OpenAI's function, wrapped or not (strict changes nothing), and Anthropic's tool, whose schema
+    is input_schema, give the same tool."""
+    openai = {"name": "pick", "description": "Pick a color", "parameters": SCHEMA, "strict": True}
+    anthropic = {"name": "pick", "description": "Pick a color", "input_schema": SCHEMA, "cache_control": {"type": "ephemeral"}}
+    forms = [TOOL, openai, {"type": "function", "function": openai}, anthropic]
+    assert all(parse_params(tools=[form]).tools == parse_params(tools=[TOOL]).tools for form in forms)
 
 
 def test_param_forms():

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from .messages import Message, ToolCall
 from .reply import close_outside_strings, held_back
-from .params import json_error
+from .params import did_you_mean, json_error
 from .structured import Cut, Written, as_written, json_format, load_json, schema_error
 
 CALL_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
@@ -56,8 +56,15 @@ class InvalidToolCall:
     id: str = ""
 
 
+# What a tool's schema may hold: OpenAI's function (`strict` changes nothing: calls always follow
+# their schema), and Anthropic's tool, whose schema is `input_schema` (with `cache_control`).
+TOOL_KEYS = ("name", "description", "parameters", "strict", "input_schema", "cache_control")
+
+
 def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
-    """Tools as {name, description, parameters}; OpenAI's {"type": "function", "function": {...}} accepted."""
+    """Tools as {name, description, parameters}; OpenAI's {"type": "function", "function": {...}}
+    and Anthropic's {name, description, input_schema} accepted. An unknown key is an error, so a
+    misspelt schema is not taken for a tool without arguments."""
     if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
         raise ValueError(f"tools must be a list of tool schemas, got {type(tools).__name__}")
     out: list[dict[str, Any]] = []
@@ -67,7 +74,13 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
         body = tool.get("function", tool) if tool.get("type", "function") == "function" else None
         if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
             raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")
-        params = body.get("parameters") or {"type": "object", "properties": {}}
+        unknown = [key for key in body if key not in TOOL_KEYS]
+        if unknown:
+            raise ValueError(
+                f"tools[{i}] ({body['name']}) has unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), TOOL_KEYS)} "
+                f"(a tool is {{name, description, parameters}}, or OpenAI's or Anthropic's form of it)"
+            )
+        params = body.get("parameters", body.get("input_schema")) or {"type": "object", "properties": {}}
         if not isinstance(params, Mapping) or params.get("type", "object") != "object":
             raise ValueError(f"tools[{i}] ({body['name']}) parameters must be a JSON schema of type 'object'")
         if body["name"] in KEYWORD_CHOICES:

@@ -282,7 +282,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         (also as `{"type": "function", "function": {"name": ...}}`); None keeps the model's default.
         Calls are always decoded under their tools' schemas, so `strict` (as OpenAI's) changes nothing.
         """
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        formatted = [_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
         if tool_choice is not None:
             bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
@@ -418,6 +418,20 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
     if isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema"):  # not pydantic.v1's
         return schema.model_json_schema()
     return convert_to_json_schema(schema)
+
+
+def _openai_tool(tool: dict[str, Any] | type | Callable | BaseTool) -> dict[str, Any]:
+    """A tool in OpenAI's form as LangChain converts it, except that a pydantic schema with
+    references (`$defs`) keeps its own JSON schema as the parameters: LangChain's converter inlines
+    references and writes a recursive one as any value, which would let a call through the grammar
+    that the tool's own model then refuses."""
+    formatted = convert_to_openai_tool(tool)
+    model = tool.tool_call_schema if isinstance(tool, BaseTool) else tool
+    if isinstance(model, type) and is_basemodel_subclass(model) and hasattr(model, "model_json_schema"):  # not pydantic.v1's
+        own = model.model_json_schema()
+        if "$defs" in own:
+            formatted["function"]["parameters"] = own
+    return formatted
 
 
 def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
