@@ -422,6 +422,14 @@ def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     assert parse_json('{"x": 1}', remote) == ({"x": 1}, None)  # unresolvable: left unchecked, as the grammar leaves it
     unicode_class = {"type": "object", "properties": {"x": {"type": "string", "pattern": "^\\p{L}+$"}}}
     assert _validation_error({"x": "abc"}, unicode_class) is None  # Python's re cannot read \p{L}: the grammar held it
+    # formats, as far as jsonschema checks them: the grammar writes a date's digits, not its calendar
+    import json
+
+    import xgrammar as xgr
+
+    day = {"type": "object", "properties": {"on": {"type": "string", "format": "date"}}, "required": ["on"]}
+    assert xgr.testing._is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(day)), '{"on": "2023-02-29"}')
+    assert "is not a 'date'" in parse_json('{"on": "2023-02-29"}', day)[1] and parse_json('{"on": "2024-02-29"}', day)[1] is None
 
 
 def test_tool_messages():

@@ -69,11 +69,15 @@ def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
 def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
     """jsonschema's most relevant complaint about `value`, or None. References resolve only within
     the schema (nothing is fetched); a reference it cannot resolve, or a pattern in a syntax
-    Python's re lacks, leaves the value unchecked there, as the grammar left it or enforced it."""
+    Python's re lacks, leaves the value unchecked there, as the grammar left it or enforced it.
+    Formats are checked as far as jsonschema can without optional packages (a date's day, a
+    UUID's, an email's, an IP address's shape; the grammar writes a date's digits but allows
+    "2023-02-30")."""
     import jsonschema
     import referencing.exceptions
 
-    validator = jsonschema.validators.validator_for(schema)(schema, registry=referencing.Registry())
+    cls = jsonschema.validators.validator_for(schema)
+    validator = cls(schema, registry=referencing.Registry(), format_checker=cls.FORMAT_CHECKER)
     try:
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     except (referencing.exceptions.Unresolvable, re.error):  # a pattern Python's re cannot read: the grammar held it
