@@ -201,6 +201,7 @@ def test_param_forms():
 
     assert parse_params(response_format=Point).response_format["properties"]["x"]["type"] == "integer"
     assert parse_params(response_format={"type": "json_object"}).response_format == {"type": "object"}
+    assert parse_params(response_format={"type": "text"}).response_format is None  # OpenAI's plain text
     wrapped = {"type": "json_schema", "json_schema": {"name": "point", "schema": SCHEMA, "strict": True}}
     assert parse_params(response_format=wrapped).response_format == SCHEMA
     # OpenAI's wrapper without a schema is any JSON object (its own keys were taken as the schema)

@@ -85,6 +85,8 @@ class GenerationParams(BaseModel):
     def _response_format(cls, value: Any) -> Any:
         if isinstance(value, type) and hasattr(value, "model_json_schema"):
             return value.model_json_schema()
+        if isinstance(value, dict) and value == {"type": "text"}:
+            return None  # OpenAI's explicit plain text (no JSON schema has type "text")
         if isinstance(value, dict) and value.get("type") == "json_object":
             return {"type": "object"}
         if isinstance(value, dict) and value.get("type") == "json_schema" and isinstance(value.get("json_schema"), dict):
