@@ -327,6 +327,41 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             **kwargs,
         }
 
+    def predict_and_call(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        error_on_no_tool_call: bool = True,
+        error_on_tool_error: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """FunctionCallingLLM's, with the calls parallel where the constructor allows them: its
+        single-call branch raised 'Invalid' on the several calls the decoding then allowed."""
+        return super().predict_and_call(
+            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls or self.parallel_tool_calls,
+            error_on_no_tool_call, error_on_tool_error, **kwargs,
+        )
+
+    async def apredict_and_call(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        error_on_no_tool_call: bool = True,
+        error_on_tool_error: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """apredict_and_call as predict_and_call is."""
+        return await super().apredict_and_call(
+            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls or self.parallel_tool_calls,
+            error_on_no_tool_call, error_on_tool_error, **kwargs,
+        )
+
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
