@@ -247,7 +247,7 @@ def events() -> Iterator[list[str]]:
 
 
 async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
-    llm, _ = scripted(monkeypatch, '{"name": "Oslo", "country": "Norway"}')
+    llm, script = scripted(monkeypatch, '{"name": "Oslo", "country": "Norway"}')
     started, ended = "LLMStructuredPredictStartEvent", "LLMStructuredPredictEndEvent"
     assert llm.structured_predict(City, PROMPT, place="Europe") == City(name="Oslo", country="Norway")
     assert events.count(started) == events.count(ended) == 1
@@ -261,6 +261,13 @@ async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.Mo
     astreamed = [x async for x in await llm.astream_structured_predict(City, PROMPT, place="Europe")]
     structured = [e for e in events if e.startswith("LLMStructuredPredict")]
     assert structured == [started] + ["LLMStructuredPredictInProgressEvent"] * len(astreamed) + [ended]
+    # as LlamaIndex's own, a stream that is made but never read starts nothing: no request, no event
+    events.clear()
+    calls_before = len(script.messages)
+    made, amade = llm.stream_structured_predict(City, PROMPT, place="Europe"), await llm.astream_structured_predict(City, PROMPT, place="Europe")
+    assert not [e for e in events if e.startswith(("LLMStructuredPredictStart", "LLMChatStart"))] and len(script.messages) == calls_before
+    made.close()
+    await amade.aclose()
 
 
 def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():

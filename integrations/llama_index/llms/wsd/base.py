@@ -439,16 +439,17 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         llm_kwargs: dict[str, Any] | None = None,
         **prompt_args: Any,
     ) -> Generator[Model | FlexibleModel, None, None]:
-        """Partial objects while the JSON streams, as LlamaIndex yields them, then the validated object."""
+        """Partial objects while the JSON streams, as LlamaIndex yields them, then the validated object.
+        As LlamaIndex's, nothing starts (no request, no event) until the first object is asked for."""
         if not self._constrains():
             return super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
-        responses = self.stream_chat(messages, **kwargs)
 
         def gen() -> Generator[Model | FlexibleModel, None, None]:
+            messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
             partial = _Partials(output_cls)
-            for response in responses:
-                yield partial(response)
+            with closing(self.stream_chat(messages, **kwargs)) as responses:
+                for response in responses:
+                    yield partial(response)
 
         return gen()
 
@@ -463,13 +464,13 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """Async stream_structured_predict, on the runtime's async stream."""
         if not self._constrains():
             return await super().astream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
-        messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
-        responses = await self.astream_chat(messages, **kwargs)
 
         async def gen() -> AsyncGenerator[Model | FlexibleModel, None]:
+            messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
             partial = _Partials(output_cls)
-            async for response in responses:
-                yield partial(response)
+            async with aclosing(await self.astream_chat(messages, **kwargs)) as responses:
+                async for response in responses:
+                    yield partial(response)
 
         return gen()
 
