@@ -282,17 +282,20 @@ def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tool_choice"] == "auto"
 
 
-async def test_predict_and_call_runs_the_parallel_calls_the_constructor_allows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """predict_and_call's default (allow_parallel_tool_calls=False) cannot be told from a per-call
-    False: the constructor's parallel_tool_calls=True holds, every call runs and the outputs are
-    joined (LlamaIndex's single-call branch raised 'Invalid' on two calls)."""
-    text = '<tool_call>\n{"name": "add", ...}\n</tool_call>\n<tool_call>\n{"name": "multiply", ...}\n</tool_call>'
-    made = (ToolCall("c1", "add", {"a": 3, "b": 4}), ToolCall("c2", "multiply", {"a": 5, "b": 6}))
-    llm, script = scripted(monkeypatch, text, content="", tool_calls=made)
+async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict_and_call runs one call unless its own allow_parallel_tool_calls says more (its
+    single-call branch raises 'Invalid' on two): the runtime decodes that many, whatever the
+    constructor's parallel_tool_calls. A reply without a call gives its text."""
+    text = '<tool_call>\n{"name": "add", ...}\n</tool_call>'
+    llm, script = scripted(monkeypatch, text, content="", tool_calls=(ToolCall("c1", "add", {"a": 3, "b": 4}),))
     llm.parallel_tool_calls = True
-    for response in (llm.predict_and_call(TOOLS, user_msg="3+4 and 5*6?"), await llm.apredict_and_call(TOOLS, user_msg="3+4 and 5*6?")):
-        assert [source.raw_output for source in response.sources] == [7, 30] and "7" in response.response and "30" in response.response
-    assert [params["parallel_tool_calls"] for params in script.params] == [True, True]
+    assert llm.predict_and_call(TOOLS, user_msg="3+4?").response == "7"
+    assert (await llm.apredict_and_call(TOOLS, user_msg="3+4?")).response == "7"
+    assert llm.predict_and_call(TOOLS, user_msg="3+4?", allow_parallel_tool_calls=True).response == "7"
+    assert [params["parallel_tool_calls"] for params in script.params] == [False, False, True]
+    llm, _ = scripted(monkeypatch, "It is seven.")
+    llm.parallel_tool_calls = True
+    assert llm.predict_and_call(TOOLS, user_msg="3+4?", error_on_no_tool_call=False).response == "It is seven."
 
 
 def test_structured_reply_cut_by_max_tokens_says_so() -> None:

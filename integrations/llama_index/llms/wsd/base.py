@@ -338,11 +338,12 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         error_on_tool_error: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """FunctionCallingLLM's, with the calls parallel where the constructor allows them: its
-        single-call branch raised 'Invalid' on the several calls the decoding then allowed."""
+        """FunctionCallingLLM's, decoding as many calls as its own allow_parallel_tool_calls lets it
+        run (one by default, whatever the constructor's parallel_tool_calls): its single-call branch
+        raises 'Invalid' on more than one."""
+        kwargs.setdefault("parallel_tool_calls", allow_parallel_tool_calls)
         return super().predict_and_call(
-            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls or self.parallel_tool_calls,
-            error_on_no_tool_call, error_on_tool_error, **kwargs,
+            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls, error_on_no_tool_call, error_on_tool_error, **kwargs
         )
 
     async def apredict_and_call(
@@ -357,9 +358,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         **kwargs: Any,
     ) -> Any:
         """apredict_and_call as predict_and_call is."""
+        kwargs.setdefault("parallel_tool_calls", allow_parallel_tool_calls)
         return await super().apredict_and_call(
-            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls or self.parallel_tool_calls,
-            error_on_no_tool_call, error_on_tool_error, **kwargs,
+            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls, error_on_no_tool_call, error_on_tool_error, **kwargs
         )
 
     def get_tool_calls_from_response(
