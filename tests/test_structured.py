@@ -187,11 +187,12 @@ def test_a_rule_across_parameters_is_reported_without_echoing_every_parameter():
 
 
 def test_tool_forms():
-    """OpenAI's function, wrapped or not (strict changes nothing), and Anthropic's tool, whose schema
-    is input_schema, give the same tool."""
+    """OpenAI's function, wrapped (Chat Completions) or flat (Responses; strict changes nothing), and
+    Anthropic's tool, whose schema is input_schema, give the same tool."""
     openai = {"name": "pick", "description": "Pick a color", "parameters": SCHEMA, "strict": True}
     anthropic = {"name": "pick", "description": "Pick a color", "input_schema": SCHEMA, "cache_control": {"type": "ephemeral"}}
-    forms = [TOOL, openai, {"type": "function", "function": openai}, anthropic]
+    responses_api = {"type": "function", **openai}  # OpenAI's Responses API: flat
+    forms = [TOOL, openai, {"type": "function", "function": openai}, responses_api, anthropic, {"type": "custom", **anthropic}]
     assert all(parse_params(tools=[form]).tools == parse_params(tools=[TOOL]).tools for form in forms)
 
 

@@ -71,10 +71,11 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
     for i, tool in enumerate(tools):
         if not isinstance(tool, Mapping):
             raise ValueError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
-        body = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        kind = tool.get("type", "function")  # Anthropic's may say "custom"; OpenAI's Responses API's are flat
+        body = tool.get("function", tool) if kind == "function" else tool if kind == "custom" and "input_schema" in tool else None
         if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
             raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")
-        unknown = [key for key in body if key not in TOOL_KEYS]
+        unknown = [key for key in body if key not in TOOL_KEYS and not (key == "type" and body is tool)]
         if unknown:
             raise ValueError(
                 f"tools[{i}] ({body['name']}) has unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), TOOL_KEYS)} "
