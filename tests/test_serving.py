@@ -1214,6 +1214,9 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=10, mode="staged")
     with pytest.raises(RequestTooLargeError, match=r"\(the draft prompt \+ max_draft_tokens\), .*; lower max_draft_tokens, or raise"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=20, max_draft_tokens=300, mode="staged")
+    both = r"\(the draft prompt \+ max_draft_tokens, and the base prompt \+ max_tokens\), .*; lower max_draft_tokens and max_tokens, or raise"
+    with pytest.raises(RequestTooLargeError, match=both):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="staged")
 
 
 def test_close_ends_in_flight_work(fresh):

@@ -65,20 +65,18 @@ def token_budget(seq: Sequence) -> int:
     return max(held) if seq.params.mode in ONE_AT_A_TIME else sum(held)
 
 
-# For a program that holds one cache at a time: what its largest cache holds, and what lowers it.
-CACHE_TERMS = {
-    "draft": ("the draft prompt + max_draft_tokens", "max_draft_tokens"),
-    "check": ("the base prompt + the draft it checks", "max_draft_tokens or max_tokens"),
-    "base": ("the base prompt + max_tokens", "max_tokens"),
-}
+# For a program that holds one cache at a time: what each cache holds, and what lowers it (the
+# staged check holds at most what the base cache does: it is never the one too large alone).
+CACHE_TERMS = {"draft": ("the draft prompt + max_draft_tokens", "max_draft_tokens"), "base": ("the base prompt + max_tokens", "max_tokens")}
 
 
-def _need_terms(seq: Sequence) -> tuple[str, str]:
-    """What token_budget counts for this request, and the parameters that lower it."""
+def _need_terms(seq: Sequence, limit: int) -> tuple[str, str]:
+    """What token_budget counts for this request, and the parameters that lower it under `limit`."""
     caches = CACHES[seq.params.mode]
     if seq.params.mode in ONE_AT_A_TIME:
         limits = seq.cache_limits()
-        return CACHE_TERMS[max(caches, key=lambda kind: limits[kind])]
+        over = [CACHE_TERMS[kind] for kind in caches if kind in CACHE_TERMS and limits[kind] > limit]
+        return ", and ".join(held for held, _ in over), " and ".join(budget for _, budget in over)
     if caches == ("draft", "base"):
         return "prompts + max_tokens + max_draft_tokens", "max_tokens or max_draft_tokens"
     return "prompt + max_tokens", "max_tokens"
@@ -101,7 +99,7 @@ class Scheduler:
         """Queue a request; one that could never fit fails now."""
         need = token_budget(seq)
         if need > self.max_cached_tokens:
-            held, budgets = _need_terms(seq)
+            held, budgets = _need_terms(seq, self.max_cached_tokens)
             raise RequestTooLargeError(
                 f"this request may need {need} cached tokens ({held}), more than the runtime's "
                 f"max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
