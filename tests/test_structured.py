@@ -432,6 +432,8 @@ def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     day = {"type": "object", "properties": {"on": {"type": "string", "format": "date"}}, "required": ["on"]}
     assert xgr.testing._is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(day)), '{"on": "2023-02-29"}')
     assert "is not a 'date'" in parse_json('{"on": "2023-02-29"}', day)[1] and parse_json('{"on": "2024-02-29"}', day)[1] is None
+    at = {"type": "string", "format": "date-time"}
+    assert "is not a 'date-time'" in _validation_error("2023-02-30T10:00:00Z", at) and _validation_error("2024-02-29T10:00:00Z", at) is None
 
 
 def test_tool_messages():

@@ -13,6 +13,7 @@ is cut before that id, in both engines alike.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -70,14 +71,12 @@ def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
     """jsonschema's most relevant complaint about `value`, or None. References resolve only within
     the schema (nothing is fetched); a reference it cannot resolve, or a pattern in a syntax
     Python's re lacks, leaves the value unchecked there, as the grammar left it or enforced it.
-    Formats are checked as far as jsonschema can without optional packages (a date's day, a
-    UUID's, an email's, an IP address's shape; the grammar writes a date's digits but allows
-    "2023-02-30")."""
+    Formats are checked where the grammar writes their syntax but not their sense (_format_checker)."""
     import jsonschema
     import referencing.exceptions
 
     cls = jsonschema.validators.validator_for(schema)
-    validator = cls(schema, registry=referencing.Registry(), format_checker=cls.FORMAT_CHECKER)
+    validator = cls(schema, registry=referencing.Registry(), format_checker=_format_checker())
     try:
         error = jsonschema.exceptions.best_match(validator.iter_errors(value))
     except (referencing.exceptions.Unresolvable, re.error):  # a pattern Python's re cannot read: the grammar held it
@@ -85,6 +84,25 @@ def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
     if error is None:
         return None
     return f"{error.message} (at {error.json_path}, keyword {error.validator!r})"
+
+
+@functools.cache
+def _format_checker() -> Any:
+    """The formats checked after decoding, the same whatever optional packages are installed:
+    jsonschema's date (its calendar: the grammar allows "2023-02-30"), email, IPv4, IPv6 and UUID,
+    and a date-time's date likewise."""
+    import jsonschema
+
+    checker = jsonschema.FormatChecker(formats=("date", "email", "ipv4", "ipv6", "uuid"))
+
+    @checker.checks("date-time", raises=ValueError)
+    def _date_time(value: object) -> bool:
+        if not isinstance(value, str) or not re.match(r"\d{4}-\d{2}-\d{2}[Tt ]", value):
+            return True  # the grammar holds the syntax
+        datetime.date.fromisoformat(value[:10])
+        return True
+
+    return checker
 
 
 class Written(str):
