@@ -292,7 +292,8 @@ async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest
     assert llm.predict_and_call(TOOLS, user_msg="3+4?").response == "7"
     assert (await llm.apredict_and_call(TOOLS, user_msg="3+4?")).response == "7"
     assert llm.predict_and_call(TOOLS, user_msg="3+4?", allow_parallel_tool_calls=True).response == "7"
-    assert [params["parallel_tool_calls"] for params in script.params] == [False, False, True]
+    assert llm.predict_and_call(TOOLS, "3+4?", None, False, True).response == "7"  # as positional arguments
+    assert [params["parallel_tool_calls"] for params in script.params] == [False, False, True, True]
     llm, _ = scripted(monkeypatch, "It is seven.")
     llm.parallel_tool_calls = True
     assert llm.predict_and_call(TOOLS, user_msg="3+4?", error_on_no_tool_call=False).response == "It is seven."

@@ -327,41 +327,15 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             **kwargs,
         }
 
-    def predict_and_call(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        error_on_no_tool_call: bool = True,
-        error_on_tool_error: bool = False,
-        **kwargs: Any,
-    ) -> Any:
+    def predict_and_call(self, tools: Sequence[BaseTool], *args: Any, **kwargs: Any) -> Any:
         """FunctionCallingLLM's, decoding as many calls as its own allow_parallel_tool_calls lets it
         run (one by default, whatever the constructor's parallel_tool_calls): its single-call branch
         raises 'Invalid' on more than one."""
-        kwargs.setdefault("parallel_tool_calls", allow_parallel_tool_calls)
-        return super().predict_and_call(
-            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls, error_on_no_tool_call, error_on_tool_error, **kwargs
-        )
+        return super().predict_and_call(tools, *args, **_calls_it_runs(args, kwargs))
 
-    async def apredict_and_call(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        error_on_no_tool_call: bool = True,
-        error_on_tool_error: bool = False,
-        **kwargs: Any,
-    ) -> Any:
+    async def apredict_and_call(self, tools: Sequence[BaseTool], *args: Any, **kwargs: Any) -> Any:
         """apredict_and_call as predict_and_call is."""
-        kwargs.setdefault("parallel_tool_calls", allow_parallel_tool_calls)
-        return await super().apredict_and_call(
-            tools, user_msg, chat_history, verbose, allow_parallel_tool_calls, error_on_no_tool_call, error_on_tool_error, **kwargs
-        )
+        return await super().apredict_and_call(tools, *args, **_calls_it_runs(args, kwargs))
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
@@ -474,6 +448,13 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                     yield partial(response)
 
         return gen()
+
+
+def _calls_it_runs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """predict_and_call's keyword arguments, with the runtime's parallel_tool_calls set to its
+    allow_parallel_tool_calls (its fourth argument after the tools: user_msg, chat_history, verbose)."""
+    allow = args[3] if len(args) > 3 else kwargs.get("allow_parallel_tool_calls", False)
+    return {"parallel_tool_calls": allow, **kwargs}
 
 
 def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
