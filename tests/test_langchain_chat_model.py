@@ -980,6 +980,15 @@ def test_a_recursive_tool_schema_stays_recursive(fake):
     assert fake.requests[-1][1]["tools"][0]["function"]["parameters"] == Node.model_json_schema()
 
 
+def test_a_recursive_tool_is_counted_as_it_is_sent(shared_runtime, monkeypatch):
+    """get_num_tokens_from_messages counts the tools' block as bind_tools sends it: a schema with
+    $defs as its own JSON schema (the count had used LangChain's conversion: 342 tokens for 452)."""
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: shared_runtime)
+    model = WSDChatModel(max_tokens=2)
+    sent = model.bind_tools([Node]).invoke("hi").usage_metadata["input_tokens"]
+    assert model.get_num_tokens_from_messages([HumanMessage("hi")], tools=[Node]) == sent
+
+
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
 @pytest.mark.parametrize("pydantic", [True, False])
 def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):

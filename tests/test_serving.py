@@ -1209,7 +1209,7 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
     for mode in ("base", "draft"):  # each model alone: its budget is max_tokens only
         with pytest.raises(RequestTooLargeError, match=r"\(prompt \+ max_tokens\), .*; lower max_tokens, or raise max_cached_tokens"):
             rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode=mode)
-    # staged WSD holds one cache at a time: the error names the largest, and what lowers it
+    # staged WSD holds one cache at a time: the error names each one over the limit, and what lowers it
     with pytest.raises(RequestTooLargeError, match=r"\(the base prompt \+ max_tokens\), .*; lower max_tokens, or raise"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=10, mode="staged")
     with pytest.raises(RequestTooLargeError, match=r"\(the draft prompt \+ max_draft_tokens\), .*; lower max_draft_tokens, or raise"):

@@ -72,10 +72,13 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
         if not isinstance(tool, Mapping):
             raise ValueError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
         kind = tool.get("type", "function")  # Anthropic's may say "custom"; OpenAI's Responses API's are flat
-        body = tool.get("function", tool) if kind == "function" else tool if kind == "custom" and "input_schema" in tool else None
+        if kind not in ("function", "custom") or (kind == "custom" and "input_schema" not in tool):
+            raise ValueError(f"tools[{i}] has type {kind!r}, which is not a function tool (a 'custom' tool needs an 'input_schema')")
+        body = tool.get("function", tool)
         if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
             raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")
-        unknown = [key for key in body if key not in TOOL_KEYS and not (key == "type" and body is tool)]
+        wrapper = [key for key in tool if key not in ("type", "function")] if body is not tool else []
+        unknown = wrapper or [key for key in body if key not in TOOL_KEYS and not (key == "type" and body is tool)]
         if unknown:
             raise ValueError(
                 f"tools[{i}] ({body['name']}) has unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), TOOL_KEYS)} "

@@ -134,7 +134,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         counts a prompt: its real template, and the tools' block when tools are given (a trailing
         AIMessage, the reply's forced start, counts too). Reads the tokenizer only. (LangChain's
         default counts a plain transcript in GPT-2 tokens.)"""
-        formatted = [convert_to_openai_tool(t) for t in tools or ()]
+        formatted = [_openai_tool(t) for t in tools or ()]  # as bind_tools sends them
         return self.wsd_runtime().count_prompt_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
