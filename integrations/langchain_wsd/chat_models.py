@@ -346,10 +346,8 @@ class _SchemaJsonParser(JsonOutputParser):
     max_tokens, with the runtime's reason."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        message = _final_message(result, partial)
-        error = message.response_metadata.get("parse_error") if message is not None else None
-        if error:
-            raise OutputParserException(_parse_failure(message, error), llm_output=message.content)
+        if (failure := _runtime_failure(result, partial)) is not None:
+            raise failure
         return super().parse_result(result, partial=partial)
 
 
@@ -362,11 +360,9 @@ class _SchemaPydanticParser(PydanticOutputParser):
         try:
             return super().parse_result(result, partial=partial)
         except OutputParserException as exc:
-            message = _final_message(result, partial)
-            error = message.response_metadata.get("parse_error") if message is not None else None
-            if error and message.response_metadata.get("finish_reason") == "length":
-                raise OutputParserException(_parse_failure(message, error), llm_output=message.content) from exc
-            raise
+            if (failure := _runtime_failure(result, partial, cut_only=True)) is None:
+                raise
+            raise failure from exc
 
 
 def _final_message(result: list[Generation], partial: bool) -> Any:
@@ -374,9 +370,15 @@ def _final_message(result: list[Generation], partial: bool) -> Any:
     return None if partial or not result else getattr(result[0], "message", None)
 
 
-def _parse_failure(message: Any, error: str) -> str:
-    """Why a final parse fails: the runtime's parse_error, which says so itself where max_tokens cut the reply."""
-    return error if message.response_metadata.get("finish_reason") == "length" else f"the reply does not fit the schema: {error}"
+def _runtime_failure(result: list[Generation], partial: bool, cut_only: bool = False) -> OutputParserException | None:
+    """A final parse's failure from the runtime's parse_error, which says itself where max_tokens
+    cut the reply (`cut_only`: only there), or None."""
+    message = _final_message(result, partial)
+    error = message.response_metadata.get("parse_error") if message is not None else None
+    cut = message is not None and message.response_metadata.get("finish_reason") == "length"
+    if not error or (cut_only and not cut):
+        return None
+    return OutputParserException(error if cut else f"the reply does not fit the schema: {error}", llm_output=message.content)
 
 
 class _NeedsACall:
@@ -384,8 +386,8 @@ class _NeedsACall:
     valid call (LangChain's gives None: a call cut short by max_tokens, or off its schema)."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        message = getattr(result[0], "message", None) if result else None
-        if not partial and isinstance(message, AIMessage) and not message.tool_calls:
+        message = _final_message(result, partial)
+        if isinstance(message, AIMessage) and not message.tool_calls:
             errors = message.response_metadata.get("tool_call_errors") or {}
             detail = "; ".join(f"{c.get('name')!r}: {errors.get(c.get('id')) or c.get('error')}" for c in message.invalid_tool_calls)
             reason = f"its call is invalid: {detail}" if detail else "it made no call"
