@@ -61,7 +61,7 @@ def close_outside_strings(text: str, close: str, start: int, end: int | None = N
     return -1
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: frozenset[str] = frozenset()) -> int | None:
+def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = ()) -> int | None:
     """Where the first stop string starts at or after `start`, or None. One of `quoted_stops` does not
     count inside a `quoted` span: from an opening mark to its closing mark outside a JSON string, or
     to the end while it is open (so a stop's fate depends only on the text before it)."""
@@ -132,7 +132,7 @@ class ReplyText:
         reply that ends (max_tokens) in the start of one drops that start."""
         self._tok = tokenizer
         self.stops = stops
-        self.quoted, self._role_stops, self._role_set = quoted, tuple(role_stops), frozenset(role_stops)
+        self.quoted, self._role_stops = quoted, tuple(role_stops)
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -177,7 +177,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            cut = _first_stop(self.text, self.stops, start, self.quoted, self._role_set) if self.stops else None
+            cut = _first_stop(self.text, self.stops, start, self.quoted, self._role_stops) if self.stops else None
             if cut is not None:
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
