@@ -77,8 +77,10 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
         body = tool.get("function", tool)
         if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
             raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")
-        wrapper = [key for key in tool if key not in ("type", "function")] if body is not tool else []
-        unknown = wrapper or [key for key in body if key not in TOOL_KEYS and not (key == "type" and body is tool)]
+        flat = body is tool  # its "type" sits beside the function's keys
+        wrapper = [] if flat else [key for key in tool if key not in ("type", "function")]
+        allowed = (*TOOL_KEYS, "type") if flat else TOOL_KEYS
+        unknown = wrapper or [key for key in body if key not in allowed]
         if unknown:
             raise ValueError(
                 f"tools[{i}] ({body['name']}) has unknown key {unknown[0]!r}{did_you_mean(str(unknown[0]), TOOL_KEYS)} "
