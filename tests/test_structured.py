@@ -405,6 +405,23 @@ def test_numbers_are_checked_as_written():
     assert not calls and "does not match" in invalid[0].error
 
 
+def test_a_raw_control_character_the_grammar_lets_through_is_read():
+    """xgrammar's rule for a string with maxLength (or minLength) lets raw control characters
+    through, a tab say, which strict JSON refuses: the value is still the reply's, not a parse
+    error, and a call's arguments are written out again with the character escaped."""
+    import json
+
+    import xgrammar as xgr
+
+    bounded = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 8}}, "required": ["note"]}
+    text = '{"note": "a\tb"}'
+    assert xgr.testing._is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(bounded)), text)
+    assert parse_json(text, bounded) == ({"note": "a\tb"}, None)
+    tool = {"name": "jot", "description": "", "parameters": bounded}
+    _, calls, invalid = parse_reply(f'<tool_call>\n{{"name": "jot", "arguments": {text}}}\n</tool_call>', [tool])
+    assert not invalid and calls[0].arguments == {"note": "a\tb"}
+
+
 def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     """xgrammar's grammar leaves some keywords unenforced (uniqueItems, not, ...); jsonschema checks
     them, so parse_error and invalid_tool_calls never pass a value the schema rejects. References

@@ -122,9 +122,11 @@ def as_written(value: Any) -> str:
 
 def load_json(text: str, **kwargs: Any) -> Any:
     """json.loads, where JSON nested too deeply for Python's parser is a ValueError, as other JSON
-    that does not parse is (json.loads raises RecursionError for it)."""
+    that does not parse is (json.loads raises RecursionError for it). Strings may hold raw control
+    characters: xgrammar's rule for a string with minLength/maxLength lets them through (a tab, say),
+    and the value they spell is plain; a value written out again (`as_written`) escapes them."""
     try:
-        return json.loads(text, **kwargs)
+        return json.loads(text, strict=False, **kwargs)
     except RecursionError:
         raise ValueError("it is nested too deeply to parse") from None
 

@@ -212,7 +212,7 @@ def _arguments_text(body: str, name: str) -> str | None:
     if not stripped.startswith(begin):
         return None
     try:
-        _, end = json.JSONDecoder().raw_decode(stripped, len(begin))
+        _, end = json.JSONDecoder(strict=False).raw_decode(stripped, len(begin))
     except (ValueError, RecursionError):
         return None
     return stripped[len(begin) : end] if stripped[end:].strip() == "}" else None  # nothing else in the call
