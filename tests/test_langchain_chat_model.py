@@ -296,6 +296,41 @@ def test_langchain_stream_flags_are_not_request_parameters(fake, model, stream):
     assert "stream" not in fake.requests[-1][1]
 
 
+@pytest.mark.parametrize(
+    ("model", "call", "streamed"),
+    [
+        (WSDChatModel(), {}, True),
+        (WSDChatModel(disable_streaming=True), {}, False),
+        (WSDChatModel(streaming=False), {}, False),
+        (WSDChatModel(), {"stream": False}, False),
+        (WSDChatModel(disable_streaming="tool_calling"), {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, False),
+        (WSDChatModel(disable_streaming="tool_calling"), {}, True),
+    ],
+)
+async def test_turning_streaming_off_keeps_tokens_from_callbacks(fake, model, call, streamed):
+    """An invoke tells a callback of each token (as ChatOllama's does) unless the caller turned
+    streaming off: then LangGraph's "messages" stream carries the reply as one whole message."""
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    sync, handler = Tokens(), AsyncTokens()
+    model.invoke("x", config={"callbacks": [sync]}, **call)
+    await model.ainvoke("x", config={"callbacks": [handler]}, **call)
+    assert sync.tokens == handler.tokens == (["Hi", " there", ""] if streamed else [])  # "": the final chunk, usage only
+
+    async def node(state: MessagesState) -> dict[str, list[AIMessage]]:
+        return {"messages": [await model.ainvoke(state["messages"], **call)]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("model", node)
+    graph.add_edge(START, "model")
+    graph.add_edge("model", END)
+    parts = [message async for message, _ in graph.compile().astream({"messages": [("user", "x")]}, stream_mode="messages")]
+    if streamed:
+        assert "".join(part.text for part in parts) == "Hi there"
+    else:
+        assert [(type(part), part.text) for part in parts] == [(AIMessage, "Hi there")]
+
+
 async def test_async_paths_never_use_the_sync_stream(fake, monkeypatch):
     def no_sync(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the async path called the sync stream")

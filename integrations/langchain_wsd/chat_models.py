@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
@@ -38,6 +38,9 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.params import tool_choice_value
 from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
+
+# A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
+_RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
 
@@ -211,7 +214,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        return generate_from_stream(self._stream(messages, stop, self._tokens_to(run_manager, kwargs), **kwargs))
 
     async def _agenerate(
         self,
@@ -220,8 +223,20 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        chunks = [chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)]
+        chunks = [chunk async for chunk in self._astream(messages, stop, self._tokens_to(run_manager, kwargs), **kwargs)]
         return generate_from_stream(iter(chunks))
+
+    def _tokens_to(self, run_manager: _RunManager | None, kwargs: dict[str, Any]) -> _RunManager | None:
+        """Who hears each token of a call LangChain did not stream: its callbacks (as ChatOllama's),
+        unless the caller turned streaming off (disable_streaming, streaming=False, stream=False), so
+        that a LangGraph "messages" stream then sees one whole message, not its tokens."""
+        off = (
+            self.disable_streaming is True
+            or (self.disable_streaming == "tool_calling" and bool(kwargs.get("tools")))
+            or ("stream" in kwargs and not kwargs["stream"])
+            or ("streaming" in self.model_fields_set and not self.streaming)
+        )
+        return None if off else run_manager
 
     # Every path that makes one message of a reply goes through these two: _generate, and LangChain
     # aggregating _stream's chunks itself (streaming=True, astream_events, a streaming callback), before
