@@ -609,7 +609,7 @@ def test_message_conversion():
     assert to_runtime_messages(messages) == [
         {"role": "system", "content": "s1"},
         {"role": "user", "content": "u1"},
-        {"role": "user", "content": "u2+"},
+        {"role": "user", "content": "u2\n+"},  # blocks joined with newlines: a context block and a question do not run together
         {"role": "assistant", "content": "a1"},
         {"role": "system", "content": "s2"},
         {"role": "user", "content": "u3"},

@@ -215,9 +215,10 @@ REASONING_BLOCKS = ("reasoning", "thinking", "redacted_thinking")
 
 
 def content_to_text(content: Any, where: str) -> str:
-    """A message's content as text: a string, or a list of text blocks. Another model's reasoning
-    blocks are left out, a block of plain data (a tool result) is written as JSON, and any other
-    block (an image, say) gets a clear error."""
+    """A message's content as text: a string, or a list of text blocks joined with newlines (as
+    LlamaIndex's `ChatMessage.content`, Ollama and vLLM join them: a context block and a question
+    block must not run together). Another model's reasoning blocks are left out, a block of plain
+    data (a tool result) is written as JSON, and any other block (an image, say) gets a clear error."""
     if isinstance(content, str):
         return content
     if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
@@ -237,7 +238,7 @@ def content_to_text(content: Any, where: str) -> str:
                 raise InvalidMessagesError(
                     f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text')"
                 )
-        return "".join(parts)
+        return "\n".join(parts)
     raise InvalidMessagesError(f"{where} content must be text, got {type(content).__name__}")
 
 
