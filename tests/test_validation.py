@@ -60,14 +60,6 @@ def test_extreme_sampling_values_still_sample():
     assert sample(logits, parse_params(temperature=1e-40), torch.Generator().manual_seed(0)) == 1
 
 
-def test_seed_streams_wrap_into_64_bits():
-    """The base model's draws use seed + 1; the largest seed wraps to 0 instead of overflowing torch's seed."""
-    from wsd_llms.sampling import make_generator
-
-    assert make_generator(2**64 - 1, stream=1).initial_seed() == 0
-    assert make_generator(41, stream=1).initial_seed() == 42
-
-
 def test_defaults_are_the_papers():
     p = GenerationParams()
     assert (p.switch_threshold, p.switch_window, p.max_draft_tokens, p.temperature, p.mode) == (0.8, 6, 512, 0.0, "online")
@@ -118,3 +110,4 @@ def test_runtime_raises_before_decoding(shared_runtime):
         shared_runtime.generate([{"role": "user", "content": "hi"}], switch_window=0)
     with pytest.raises(InvalidMessagesError, match="empty"):
         list(shared_runtime.stream([]))
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from wsd_llms import FinalEvent, TextDelta
 
@@ -192,7 +193,21 @@ def test_seeded_sampling_is_reproducible(differ_runtime):
     staged = differ_runtime.generate(QUESTIONS[0], seed=7, mode="staged", **params)
     assert staged.text == a.text  # each model draws from its own seeded generator
     top = [differ_runtime.generate(QUESTIONS[0], seed=2**64 - 1, mode=mode, **params).text for mode in ("online", "staged")]
-    assert top[0] == top[1]  # the largest seed works too (the base's seed + 1 wraps)
+    assert top[0] == top[1]  # the largest seed works too
+    assert differ_runtime.generate(QUESTIONS[0], seed=7 + 2**32, **params).text != a.text  # every bit of a 64-bit seed counts
+
+
+def test_every_bit_of_a_seed_counts_and_streams_do_not_overlap():
+    """torch's CPU generator keeps a seed's low 32 bits: stream_seed mixes all 64 in, and a
+    request's base stream is no other seed's draft stream."""
+    from wsd_llms.sampling import make_generator, stream_seed
+
+    seeds = [0, 1, 2, 7, 7 + 2**32, 7 + 2**40, 2**63, 2**64 - 1, -2]
+    mixed = {stream_seed(seed, stream) for seed in seeds for stream in (0, 1)}
+    assert len(mixed) == 2 * len(seeds) and all(0 <= m < 2**32 for m in mixed)
+    assert stream_seed(-1, 1) == stream_seed(2**64 - 1, 1)  # a negative seed is its two's complement
+    draws = [torch.rand(4, generator=make_generator(seed)).tolist() for seed in (7, 7 + 2**32)]
+    assert draws[0] != draws[1] and draws[0] == torch.rand(4, generator=make_generator(7)).tolist()
 
 
 def test_closing_a_stream_early_cancels_it(shared_runtime):

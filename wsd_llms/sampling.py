@@ -9,13 +9,25 @@ from .params import GenerationParams
 
 def make_generator(seed: int | None, stream: int = 0) -> torch.Generator:
     """A CPU generator: same seed, same draws, whatever the device of the model. `stream` gives
-    one request's second model draws of its own (seed + stream, wrapped into the 64 bits torch takes)."""
+    one request's second model draws of its own (`stream_seed`)."""
     gen = torch.Generator()
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed + stream if seed + stream < 2**64 else seed + stream - 2**64)
+        gen.manual_seed(stream_seed(seed, stream))
     return gen
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """A 64-bit `seed` (negative ones as their two's complement) and a stream number mixed into the 32
+    bits torch's CPU generator keeps (its mt19937 takes a seed's low 32 bits only), with splitmix64's
+    finalizer: every bit of the seed counts, and no seed's stream is another seed's (seed + 1 had
+    been the base model's stream of seed, and seed + 2**32 the same reply as seed)."""
+    z = (seed + stream * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
 
 
 def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> int:
