@@ -111,3 +111,19 @@ def test_runtime_raises_before_decoding(shared_runtime):
     with pytest.raises(InvalidMessagesError, match="empty"):
         list(shared_runtime.stream([]))
 
+
+def test_a_misspelt_model_or_mode_is_named():
+    """The runtime's helpers name a model or mode they do not know ("Draft" had counted tokens in
+    the base model's tokenizer, "Online" had raised a bare KeyError), before reading any model."""
+    from wsd_llms import WSDRuntime
+
+    runtime = WSDRuntime("some/draft", "some/base")
+    for call, needle in (
+        (lambda: runtime.tokenizer("Draft"), "invalid model='Draft': must be 'base' or 'draft'"),
+        (lambda: runtime.encoder("drafts"), "invalid model='drafts'"),
+        (lambda: runtime.context_window("Online"), "invalid mode='Online': must be one of 'online', 'staged', 'base', 'draft'"),
+        (lambda: runtime.known_context_window("chat"), "invalid mode='chat'"),
+    ):
+        with pytest.raises(InvalidParameterError, match=needle.replace("(", "\\(").replace("[", "\\[")):
+            call()
+    runtime.close()

@@ -74,6 +74,13 @@ def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
             raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
 
 
+def _models_of(mode: str) -> tuple[str, ...]:
+    """The models a request in `mode` runs, or InvalidParameterError naming the modes."""
+    if mode not in MODELS:
+        raise InvalidParameterError(f"invalid mode={mode!r}: must be one of {', '.join(map(repr, MODELS))}")
+    return MODELS[mode]
+
+
 class WSDRuntime:
     """Owns the two models and the worker thread that runs the step loop."""
 
@@ -292,13 +299,13 @@ class WSDRuntime:
     def context_window(self, mode: str = "online") -> int:
         """The context window a request in `mode` has: the smallest of the models it runs (in their
         own tokens), from the loaded models or else from their configs alone."""
-        return min(self._context_windows()[model] for model in MODELS[mode])
+        return min(self._context_windows()[model] for model in _models_of(mode))
 
     def known_context_window(self, mode: str = "online") -> int | None:
         """`context_window(mode)` if it can be told at once, else None: nothing is downloaded or
         converted (a GGUF or embedded model before its first load), and no load in progress is waited for."""
         try:
-            return min(self._context_windows(at_once=True)[model] for model in MODELS[mode])
+            return min(self._context_windows(at_once=True)[model] for model in _models_of(mode))
         except ModelLoadError:
             return None
 
@@ -315,6 +322,8 @@ class WSDRuntime:
         """A model's tokenizer ("base": usage is counted in it; "draft"), from the loaded model or
         else read alone, without the weights. The worker encodes with the same object: encode
         through wsd_llms.encoding (or count_prompt_tokens), which keeps threads' encodes apart."""
+        if model not in ("base", "draft"):
+            raise InvalidParameterError(f"invalid model={model!r}: must be 'base' or 'draft'")
         if self.engine is not None:
             return (self.engine.draft if model == "draft" else self.engine.base).tokenizer
         if model not in self._tokenizers:
