@@ -71,4 +71,4 @@ def test_interactive_mode_refuses_a_bad_option_before_loading():
 def test_one_model_alone(mode):
     out = _run("What is the capital of France?", "--max-tokens", "12", "--mode", mode)
     assert out.returncode == 0, out.stderr
-    assert "no switch" in out.stdout and "| reply " in out.stdout
+    assert f"{mode} model alone | reply " in out.stdout and "(draft " not in out.stdout  # no switch or split to report

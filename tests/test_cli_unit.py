@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from wsd_llms.cli import _interactive
+from wsd_llms.cli import _interactive, main, stats_line
 from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
 
 
@@ -96,3 +96,27 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
     finally:
         proc.kill()
         proc.communicate()
+
+
+@pytest.mark.parametrize(
+    ("mode", "usage", "expected"),
+    [
+        ("online", Usage(draft_tokens=9, kept_draft_tokens=5, base_tokens=7, reply_tokens=12), "switch after 5 draft tokens | reply 12 tokens (draft 5, base 7)"),
+        ("base", Usage(base_tokens=12, reply_tokens=12), "base model alone | reply 12 tokens |"),
+        ("draft", Usage(draft_tokens=12, reply_tokens=12), "draft model alone | reply 12 tokens |"),
+    ],
+)
+def test_the_stats_line_says_who_wrote_the_reply(mode: str, usage: Usage, expected: str) -> None:
+    """WSD's line gives the switch and each model's share; a model alone has neither (base mode
+    had said "no switch (draft kept whole)", draft mode "draft 0, base 0")."""
+    switch = 5 if mode == "online" else None
+    result = WSDResult("x", "stop", switch, "x", usage, Timings(ttft=0.1, total=2.0), "d", "b", mode)  # type: ignore[arg-type]
+    assert stats_line(result).startswith(expected) and stats_line(result).endswith("| 6.0 tok/s")
+
+
+@pytest.mark.parametrize("question", ["", "  "])
+def test_an_empty_question_is_an_error_not_an_interactive_chat(question: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsd-llms chat "$Q"` with Q unset had started an interactive chat (which, with no terminal,
+    ended at once, printing nothing)."""
+    assert main(["chat", question]) == 2
+    assert "the question is empty" in capsys.readouterr().err

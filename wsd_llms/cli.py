@@ -55,13 +55,18 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stats_line(result: WSDResult) -> str:
-    """One line of facts about a finished reply."""
+    """One line of facts about a finished reply: where WSD switched and who wrote how much, or
+    which model answered alone."""
     u, t = result.usage, result.timings
-    where = f"switch after {result.switch_point} draft tokens" if result.switched else "no switch (draft kept whole)"
+    if result.mode in ("base", "draft"):
+        where, parts = f"{result.mode} model alone", ""
+    else:
+        where = f"switch after {result.switch_point} draft tokens" if result.switched else "no switch (draft kept whole)"
+        parts = f" (draft {u.kept_draft_tokens}, base {u.base_tokens})"
     rate = u.reply_tokens / t.total if t.total else 0.0
     ttft = f"{t.ttft:.2f}s" if t.ttft is not None else "-"
     return (
-        f"{where} | reply {u.reply_tokens} tokens (draft {u.kept_draft_tokens}, base {u.base_tokens}) | "
+        f"{where} | reply {u.reply_tokens} tokens{parts} | "
         f"finish {result.finish_reason} | first token {ttft} | total {t.total:.2f}s | {rate:.1f} tok/s"
     )
 
@@ -94,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     runtime = None
     try:
         parse_params(**_params(args))  # a bad option fails before any model loads
+        if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
+            raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
-        if args.question:
+        if args.question is not None:
+            runtime.load()  # before the request, so that its first-token time and tok/s are the reply's own
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
         return _interactive(console, runtime, history, _params(args))
