@@ -192,7 +192,7 @@ def test_stop_in_constructor(embedded):
 def test_a_stop_string_is_one_stop_not_one_per_character():
     model = WSDChatModel(stop="\n\n")
     assert model.stop == ["\n\n"]
-    assert model.wsd_params(stop="Paris")["stop"] == ["\n\n", "Paris"]
+    assert model.wsd_params(stop="Paris")["stop"] == ["Paris"]
     assert model.bind(stop="Paris").kwargs["stop"] == "Paris"  # reaches wsd_params as it is, and is taken whole
 
 
@@ -286,7 +286,11 @@ def test_bind_and_call_kwargs_override_the_constructor(fake):
     model.bind(temperature=0.7, seed=3).invoke("x", stop=["b"], top_p=0.9)
     params = fake.requests[-1][1]
     assert (params["temperature"], params["seed"], params["top_p"], params["top_k"]) == (0.7, 3, 0.9, 10)
-    assert params["stop"] == ["a", "b"]
+    assert params["stop"] == ["b"]  # a call's stop replaces the constructor's, as ChatOpenAI's does
+    model.invoke("x", stop=[])
+    assert fake.requests[-1][1]["stop"] == []  # and can clear it
+    model.invoke("x")
+    assert fake.requests[-1][1]["stop"] == ["a"]
 
 
 @pytest.mark.parametrize("model", [WSDChatModel(), WSDChatModel(streaming=True), WSDChatModel(disable_streaming=True)])
@@ -397,7 +401,7 @@ def test_ls_params():
         "ls_model_type": "chat",
         "ls_temperature": 0.3,
         "ls_max_tokens": 10,
-        "ls_stop": ["a", "b"],
+        "ls_stop": ["b"],
     }
     assert model._get_ls_params(model="other", temperature=0.9)["ls_model_name"] == "other"
     assert model._get_ls_params(temperature=0.9)["ls_temperature"] == 0.9
@@ -933,9 +937,10 @@ def test_structured_output_each_schema_and_method(fake, schema, method):
         fake.reply = fake_result("<tool_call>...", content="", tool_calls=(ToolCall("call_1", name, JOKE),))
     else:
         fake.reply = fake_result(json.dumps(JOKE))
-    parsed = WSDChatModel().with_structured_output(schema, method=method).invoke("joke")
+    parsed = WSDChatModel(stop=["\n"]).with_structured_output(schema, method=method).invoke("joke")
     assert parsed == (Joke(**JOKE) if schema is Joke else JOKE)
     params = fake.requests[-1][1]
+    assert params["stop"] == []  # the grammar ends the value: the model's stops would cut it short
     if method in ("json_schema", "json_mode"):  # json_mode holds the object to a given schema too
         assert params["response_format"]["properties"].keys() == {"setup", "punchline"}
     else:

@@ -248,8 +248,10 @@ def events() -> Iterator[list[str]]:
 
 async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
     llm, script = scripted(monkeypatch, '{"name": "Oslo", "country": "Norway"}')
+    llm.stop = ["\n", "Observation:"]  # a ReAct agent's, say: the grammar ends the JSON, so these must not cut it
     started, ended = "LLMStructuredPredictStartEvent", "LLMStructuredPredictEndEvent"
     assert llm.structured_predict(City, PROMPT, place="Europe") == City(name="Oslo", country="Norway")
+    assert script.params[-1]["stop"] == []
     assert events.count(started) == events.count(ended) == 1
     assert await llm.astructured_predict(City, PROMPT, place="Europe")
     assert events.count(started) == events.count(ended) == 2
@@ -268,6 +270,8 @@ async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.Mo
     assert not [e for e in events if e.startswith(("LLMStructuredPredictStart", "LLMChatStart"))] and len(script.messages) == calls_before
     made.close()
     await amade.aclose()
+    llm.structured_predict(City, PROMPT, llm_kwargs={"stop": ["}"]}, place="Europe")
+    assert script.params[-1]["stop"] == ["}"]  # a structured call's own stop still counts
 
 
 def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():

@@ -117,7 +117,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     def wsd_params(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """Request parameters: these defaults, then per-call overrides (None means "not given").
 
-        Stops from the call are added to the constructor's. Unknown names raise an error naming them.
+        A call's `stop` replaces the constructor's (`stop=[]`: none), as every other parameter does and
+        as ChatOpenAI's and LlamaIndex's OpenAI do. Unknown names raise an error naming them.
         """
         params = self.wsd_params_unchecked(stop, **overrides)
         parse_params(**params)  # now, with the parameter's name in the error
@@ -127,7 +128,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None})
-        params["stop"] = list(dict.fromkeys([*_stops(self.stop), *_stops(stop)]))
+        params["stop"] = list(dict.fromkeys(_stops(self.stop if stop is None else stop)))
         return params
 
     def wsd_identity(self) -> dict[str, Any]:

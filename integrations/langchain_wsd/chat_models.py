@@ -319,7 +319,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         `json_schema` (default) constrains the reply to the schema; `function_calling` forces one call
         of the schema as a tool; `json_mode` constrains the reply to a JSON object, held to `schema`
         too when one is given (a local decoder can, so the parse cannot fail on a missing key).
-        Decoding is always constrained, so `strict` changes nothing. `include_raw=True` gives
+        Decoding is always constrained, so `strict` changes nothing, and the grammar ends the value:
+        the model's own stops do not apply (a call's `stop` still does). `include_raw=True` gives
         `{"raw", "parsed", "parsing_error"}`.
         """
         if kwargs:
@@ -332,7 +333,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         parser: Runnable
         if method == "function_calling":  # as BaseChatModel does, but a reply without a valid call fails the parse (it gave None)
             assert schema is not None
-            llm = self.bind_tools([schema], tool_choice="any", ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+            llm = self.bind_tools([schema], tool_choice="any", stop=[], ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
             parser = (
                 _PydanticCall(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if pydantic
@@ -342,6 +343,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             json_schema = _json_schema(schema) if schema is not None else None
             traced = convert_to_json_schema(schema) if isinstance(schema, type) else json_schema  # as LangChain traces a class
             llm = self.bind(
+                stop=[],
                 response_format=json_schema if json_schema is not None else {"type": "json_object"},
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )
