@@ -384,6 +384,11 @@ def test_unknown_parameter_is_named(fake):
         WSDChatModel().invoke("x", temprature=0.5)
     with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'max_new_tokens'; did you mean 'max_tokens'\\?"):
         WSDChatModel(max_new_tokens=5)
+    # a hosted model's HTTP extras, which framework code passes whatever the model, mean nothing here
+    assert WSDChatModel().invoke("x", extra_headers={"x-a": "1"}, extra_query={"q": "1"}, max_tokens=4).text == "Hi there"
+    assert fake.requests[-1][1]["max_tokens"] == 4 and not {"extra_headers", "extra_query"} & set(fake.requests[-1][1])
+    with pytest.raises(InvalidParameterError, match="unknown parameter 'extra_body'"):  # it carries generation parameters
+        WSDChatModel().invoke("x", extra_body={"top_k": 5})
 
 
 def test_per_call_model_must_be_the_base_model(fake):

@@ -339,3 +339,11 @@ def test_constructor_takes_what_a_call_takes() -> None:
     llm = WSDLLM(response_format=City, tool_choice=None, tools=[{"type": "function", "function": schema}])
     assert llm.response_format == City.model_json_schema() and llm.tool_choice == "auto"
     assert llm.tools == (schema,)
+
+
+async def test_http_extras_in_a_call_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LlamaIndex's DocumentContextExtractor calls achat(..., extra_headers=...) whatever the LLM; it
+    had failed every node with "unknown parameter" (caught and logged by the extractor)."""
+    llm, script = scripted(monkeypatch, "Context.")
+    response = await llm.achat([ChatMessage(role="user", content="Situate this chunk.")], max_tokens=16, extra_headers={"anthropic-beta": "x"})
+    assert response.message.content == "Context." and script.params[-1]["max_tokens"] == 16 and "extra_headers" not in script.params[-1]

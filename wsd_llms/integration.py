@@ -52,6 +52,12 @@ _GenerationDefaults = create_model(  # type: ignore[call-overload]
 )
 
 
+# Per-call arguments that only shape a hosted model's HTTP request, which framework code passes whatever
+# the model (LlamaIndex's DocumentContextExtractor sends extra_headers): no request here has them, so
+# they are dropped. (extra_body is not: it carries generation parameters, which must not pass unread.)
+TRANSPORT_ARGUMENTS = frozenset({"extra_headers", "extra_query"})
+
+
 class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     """Models, device and request defaults; every field can be overridden per call."""
 
@@ -127,7 +133,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
-        params.update({k: v for k, v in overrides.items() if v is not None})
+        params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
         params["stop"] = list(dict.fromkeys(_stops(self.stop if stop is None else stop)))
         return params
 
