@@ -106,6 +106,20 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
     assert WSDLLM.model_validate(llm.model_dump()).stop == ["\n\n"]  # a dump carries LlamaIndex's class_name
 
 
+def test_a_prompt_formatter_the_chat_model_never_applies_is_refused() -> None:
+    """messages_to_prompt and query_wrapper_prompt (HuggingFaceLLM's) had been taken and ignored:
+    the runtime formats the messages itself. completion_to_prompt and system_prompt do apply."""
+    from llama_index.core import PromptTemplate
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="messages_to_prompt: WSDLLM formats the messages itself"):
+        WSDLLM(messages_to_prompt=lambda messages: "x")
+    with pytest.raises(ValidationError, match="query_wrapper_prompt: WSDLLM formats the messages itself"):
+        WSDLLM(query_wrapper_prompt=PromptTemplate("<s>{query_str}"))
+    llm = WSDLLM(completion_to_prompt=lambda prompt: f"Q: {prompt}", system_prompt="Be brief.")
+    assert llm._prompt_messages("hi", formatted=False) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: hi"}]
+
+
 def test_the_runtime_s_encoder_counts_message_text_as_text() -> None:
     """The README's Settings.tokenizer: a special token's text counts as the text it is, under the
     encode lock the worker's prompts take (wsd_llms.encoding)."""

@@ -33,7 +33,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
 from llama_index.core.types import PydanticProgramMode
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
@@ -197,6 +197,21 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     """
 
     unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_prompt_formatters(cls, data: Any) -> Any:
+        """Refuse `messages_to_prompt` and `query_wrapper_prompt`, which a chat model never applies:
+        the runtime formats the messages itself (the draft's chat template, the base's plain one), so
+        a formatter given here would change nothing but LlamaIndex's token counts of the prompt."""
+        if isinstance(data, dict):
+            given = [name for name in ("messages_to_prompt", "query_wrapper_prompt") if data.get(name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: WSDLLM formats the messages itself (the draft model's chat template and the "
+                    "base model's [User]/[Assistant] template), so a prompt formatter would change nothing; leave it out"
+                )
+        return data
 
     @classmethod
     def class_name(cls) -> str:
