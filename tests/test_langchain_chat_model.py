@@ -1063,6 +1063,11 @@ def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
     else:
         with pytest.raises(OutputParserException, match="used up max_tokens=6"):
             WSDChatModel().with_structured_output(schema, method=method).invoke("a city")
+    # a stop string the call gave cut it: the same, naming the stop
+    fields = structured_fields('{"na', parse_params(response_format=City.model_json_schema()), Cut("the stop string 'me' ended the reply", "leave 'me' out of stop"))
+    fake.reply = fake_result('{"na', parsed=None, parse_error=fields["parse_error"], stop_reason="me")
+    with pytest.raises(OutputParserException, match=r"^the stop string 'me' ended the reply before its JSON was complete .*; leave 'me' out of stop"):
+        WSDChatModel().with_structured_output(schema, method=method).invoke("a city", stop=["me"])
 
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])

@@ -323,6 +323,10 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
     cut = ChatResponse(message=ChatMessage(role="assistant", content=text), raw=raw)
     with pytest.raises(InvalidParameterError, match=r"^City: the reply used up max_tokens=8 before its JSON was complete \(the reply is not valid JSON: .*\); raise max_tokens$"):
         _validated(City, cut)
+    error = structured_fields('{"na', parse_params(response_format=schema), Cut("the stop string 'me' ended the reply", "leave 'me' out of stop"))["parse_error"]
+    stopped = ChatResponse(message=ChatMessage(role="assistant", content='{"na'), raw={"finish_reason": "stop", "stop_reason": "me", "parse_error": error})
+    with pytest.raises(InvalidParameterError, match=r"^City: the stop string 'me' ended the reply before its JSON was complete .*; leave 'me' out of stop$"):
+        _validated(City, stopped)
     whole = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Paris"}'), raw={"finish_reason": "stop"})
     assert _validated(City, whole) == City(name="Paris")
 

@@ -387,6 +387,11 @@ def test_a_json_reply_cut_short_says_what_ended_it(draft_tokenizer):
         f"the reply reached the base model's context window ({prompt + 6} tokens with the prompt's {prompt}) before its JSON was complete ("
     )
     assert capped.parse_error.endswith("; shorten the messages")
+    stopped = reply(base, max_tokens=40, stop=[":"])  # a stop string that the JSON holds
+    assert (stopped.finish_reason, stopped.stop_reason, stopped.text.strip(), stopped.parsed) == ("stop", ":", '{"name"', None)
+    assert stopped.parse_error.startswith("the stop string ':' ended the reply before its JSON was complete (the reply is not valid JSON: ")
+    assert stopped.parse_error.endswith("; leave ':' out of stop")
+    assert cut.stop_reason is None and reply(base, max_tokens=40, stop=["@@"]).stop_reason is None  # only a stop that ended it
     params = parse_params(response_format=SCHEMA)
     assert "max_tokens" not in structured_fields('{"color": "bl', params)["parse_error"]
     assert structured_fields('{"color": "blue", "ok": false, "n": 3}', params, CUT)["parse_error"] is None

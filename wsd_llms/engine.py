@@ -495,6 +495,10 @@ class Engine:
         seq.emit(seq.reply.finish(cut=finish_reason == "length"))
         now = time.perf_counter()
         reply = seq.reply
+        stop_reason = reply.stop_found if reply.stop_found in seq.params.stop else None
+        cut = self._cut(seq) if finish_reason == "length" else None
+        if stop_reason is not None:
+            cut = Cut(f"the stop string {stop_reason!r} ended the reply", f"leave {stop_reason!r} out of stop")
         result = WSDResult(
             text=reply.text,
             finish_reason=finish_reason,  # type: ignore[arg-type]
@@ -521,7 +525,8 @@ class Engine:
             base_model=self.base.name,
             mode=seq.params.mode,
             rollbacks=seq.rollbacks,
-            **structured_fields(reply.text, seq.params, self._cut(seq) if finish_reason == "length" else None),
+            stop_reason=stop_reason,
+            **structured_fields(reply.text, seq.params, cut),
         )
         # A caller that gave up while this step finished the request (at its timeout, or closing its
         # stream) never reads the result: it is counted as what ended it for them.

@@ -66,6 +66,9 @@ class WSDResult:
     """With `response_format`: the reply as a JSON value."""
     parse_error: str | None = None
     """With `response_format`: why the reply does not parse or validate (None when it does)."""
+    stop_reason: str | None = None
+    """The `stop` string the reply ended at (as vLLM's stop_reason), else None: it ended at the
+    model's end of turn, the template's role marker, or its budget."""
 
     @property
     def switched(self) -> bool:

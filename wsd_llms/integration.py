@@ -249,6 +249,11 @@ def content_to_text(content: Any, where: str) -> str:
     raise InvalidMessagesError(f"{where} content must be text, got {type(content).__name__}")
 
 
+def cut_short(metadata: Mapping[str, Any]) -> bool:
+    """Whether a reply's metadata (`result_metadata`) says its budget or a stop string ended it."""
+    return metadata.get("finish_reason") == "length" or metadata.get("stop_reason") is not None
+
+
 def result_metadata(result: WSDResult) -> dict[str, Any]:
     """Response metadata both adapters attach to the final chunk / response (`parse_error`: why a
     response_format reply does not fit its schema, when it does not)."""
@@ -257,6 +262,7 @@ def result_metadata(result: WSDResult) -> dict[str, Any]:
         "model_provider": MODEL_PROVIDER,
         "finish_reason": result.finish_reason,
         **({"parse_error": result.parse_error} if result.parse_error is not None else {}),
+        **({"stop_reason": result.stop_reason} if result.stop_reason is not None else {}),
         "wsd": {
             "switched": result.switched,
             "switch_point": result.switch_point,

@@ -136,6 +136,7 @@ class ReplyText:
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
+        self.stop_found: str | None = None  # the stop string the reply ended at
         self._streamed = ""  # the text released so far; the text may fall behind it for a while (set_draft)
         self._draft_chars = 0
         self._draft_streamed = 0  # where the last text streamed as the draft's ends
@@ -181,6 +182,7 @@ class ReplyText:
             if cut is not None:
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
+                self.stop_found = max((s for s in self.stops if self.text.startswith(s, cut)), key=len)
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
         return self._release(len(self.text) - held_back(self.text, self.stops))

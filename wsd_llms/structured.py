@@ -142,8 +142,8 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
 
 @dataclass(frozen=True)
 class Cut:
-    """What ended a reply at its budget, and what to do about it, for the errors of a JSON value or
-    a call it cut short: max_tokens, or the model's context window (which capped max_tokens)."""
+    """What cut a reply short, and what to do about it, for the errors of a JSON value or a call it
+    cut short: max_tokens, the model's context window (which capped max_tokens), or a stop string."""
 
     limit: str  # "the reply used up max_tokens=80"
     remedy: str  # "raise max_tokens"
@@ -152,7 +152,7 @@ class Cut:
 def structured_fields(text: str, params: GenerationParams, cut: Cut | None = None) -> dict[str, Any]:
     """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value.
     With tools and a response_format, a reply that calls tools is calls, any other the value.
-    `cut`: what ended the reply at its budget, if anything did."""
+    `cut`: what cut the reply short (its budget or a stop string), if anything did."""
     from .tools import CALL_TAG, parse_reply
 
     # "none": no calls, whatever the text says; with a response_format, a reply is calls only if it

@@ -222,7 +222,7 @@ def parse_reply(
     text: str, tools: Sequence[Mapping[str, Any]], cut: Cut | None = None
 ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
     """Split a reply into its text and its tool calls; calls that do not validate are reported, not
-    dropped. A reply `cut` short at its budget may end inside a call's tag: that is not text."""
+    dropped. A reply `cut` short (at its budget or a stop string) may end inside a call's tag: that is not text."""
     by_name = {t["name"]: t for t in tools}
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []

@@ -37,7 +37,7 @@ from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.params import tool_choice_value
-from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -389,10 +389,10 @@ def _final_message(result: list[Generation], partial: bool) -> Any:
 
 def _runtime_failure(result: list[Generation], partial: bool, cut_only: bool = False) -> OutputParserException | None:
     """A final parse's failure from the runtime's parse_error, which says itself where max_tokens
-    cut the reply (`cut_only`: only there), or None."""
+    or a stop string cut the reply (`cut_only`: only there), or None."""
     message = _final_message(result, partial)
     error = message.response_metadata.get("parse_error") if message is not None else None
-    cut = message is not None and message.response_metadata.get("finish_reason") == "length"
+    cut = message is not None and cut_short(message.response_metadata)
     if not error or (cut_only and not cut):
         return None
     return OutputParserException(error if cut else f"the reply does not fit the schema: {error}", llm_output=message.content)

@@ -37,7 +37,7 @@ from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -472,9 +472,10 @@ def _calls_it_runs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
 
 
 def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
-    """The reply validated into output_cls; a reply that max_tokens cut short says so (the runtime's parse_error)."""
+    """The reply validated into output_cls; a reply that max_tokens or a stop string cut short says
+    so (the runtime's parse_error)."""
     raw = response.raw or {}
-    if raw.get("finish_reason") == "length" and raw.get("parse_error"):
+    if cut_short(raw) and raw.get("parse_error"):
         raise InvalidParameterError(f"{output_cls.__name__}: {raw['parse_error']}")
     return output_cls.model_validate_json(response.message.content or "")
 
