@@ -120,3 +120,11 @@ def test_an_empty_question_is_an_error_not_an_interactive_chat(question: str, ca
     ended at once, printing nothing)."""
     assert main(["chat", question]) == 2
     assert "the question is empty" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_load_is_a_clean_error(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """One question loads the models first, in this thread: a config transformers cannot read is an
+    error line and exit status 2, not a traceback."""
+    (tmp_path / "config.json").write_text('{"model_type": "nosucharch", "architectures": ["NoSuch"]}')
+    assert main(["chat", "--draft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu", "hi"]) == 2
+    assert f"error: could not load model '{tmp_path}'" in capsys.readouterr().err

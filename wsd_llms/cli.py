@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .console import make_console
-from .errors import InvalidMessagesError, RequestFailedError, WSDError
+from .errors import InvalidMessagesError, ModelLoadError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
 from .params import parse_params
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         if args.question is not None:
-            runtime.load()  # before the request, so that its first-token time and tok/s are the reply's own
+            _load(runtime)  # before the request, so that its first-token time and tok/s are the reply's own
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
         return _interactive(console, runtime, history, _params(args))
@@ -115,6 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         if runtime is not None and not runtime.loaded:
             _exit_now(130)
         return 130
+
+
+def _load(runtime: WSDRuntime) -> None:
+    """Load the models, any failure as a WSDError (the worker reports a load that fails in a request so)."""
+    try:
+        runtime.load()
+    except WSDError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"the models could not load: {type(exc).__name__}: {exc}") from exc
 
 
 def _exit_now(code: int) -> None:

@@ -418,6 +418,8 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
         raise ModelLoadError(
             f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id){hint}: {exc}"
         ) from exc
+    except ValueError as exc:  # transformers' word for a config or tokenizer it cannot read
+        raise ModelLoadError(f"could not load model {source!r}: {exc}") from exc
     model.to(device)
     model.eval()
     return LoadedModel(
