@@ -329,6 +329,9 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
         _validated(City, stopped)
     whole = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Paris"}'), raw={"finish_reason": "stop"})
     assert _validated(City, whole) == City(name="Paris")
+    # a raw tab, which xgrammar lets through in a string with maxLength and pydantic's JSON parser refuses
+    tab = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Par\tis"}'), raw={"finish_reason": "stop"})
+    assert _validated(City, tab) == City(name="Par\tis")
 
 
 def test_constructor_takes_what_a_call_takes() -> None:

@@ -131,6 +131,17 @@ def load_json(text: str, **kwargs: Any) -> Any:
         raise ValueError("it is nested too deeply to parse") from None
 
 
+def strict_json(text: str) -> str:
+    """`text` as JSON a strict parser (pydantic's) takes: a raw control character in a string (see
+    `load_json`) escaped, numbers as written; text that is not JSON comes back as it is, for that
+    parser to say what is wrong with it."""
+    try:
+        value = load_json(text, parse_float=Written, parse_int=Written)
+    except ValueError:
+        return text
+    return as_written(value)
+
+
 def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     """The reply as a JSON value and why it does not validate against `schema` (None if it does)."""
     try:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, model_validator
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
+from wsd_llms.structured import strict_json
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -477,7 +478,7 @@ def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
     raw = response.raw or {}
     if cut_short(raw) and raw.get("parse_error"):
         raise InvalidParameterError(f"{output_cls.__name__}: {raw['parse_error']}")
-    return output_cls.model_validate_json(response.message.content or "")
+    return output_cls.model_validate_json(strict_json(response.message.content or ""))
 
 
 class _Partials:
