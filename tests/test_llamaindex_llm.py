@@ -117,6 +117,7 @@ def test_a_prompt_formatter_the_chat_model_never_applies_is_refused() -> None:
     with pytest.raises(ValidationError, match="query_wrapper_prompt: WSDLLM formats the messages itself"):
         WSDLLM(query_wrapper_prompt=PromptTemplate("<s>{query_str}"))
     llm = WSDLLM(completion_to_prompt=lambda prompt: f"Q: {prompt}", system_prompt="Be brief.")
+    assert WSDLLM(**dict(llm)).system_prompt == "Be brief."  # an LLM's fields carry LlamaIndex's default formatter: no choice
     assert llm._prompt_messages("hi", formatted=False) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: hi"}]
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, 
 from contextlib import aclosing, closing
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -205,8 +206,10 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """Refuse `messages_to_prompt` and `query_wrapper_prompt`, which a chat model never applies:
         the runtime formats the messages itself (the draft's chat template, the base's plain one), so
         a formatter given here would change nothing but LlamaIndex's token counts of the prompt."""
-        if isinstance(data, dict):
-            given = [name for name in ("messages_to_prompt", "query_wrapper_prompt") if data.get(name) is not None]
+        if isinstance(data, dict):  # LlamaIndex's own default formatter, as a dump of an LLM carries it, is no choice
+            given = [
+                name for name in ("messages_to_prompt", "query_wrapper_prompt") if data.get(name) not in (None, generic_messages_to_prompt)
+            ]
             if given:
                 raise ValueError(
                     f"{', '.join(given)}: WSDLLM formats the messages itself (the draft model's chat template and the "
