@@ -946,6 +946,13 @@ def test_structured_output_each_schema_and_method(fake, schema, method):
     assert parsed == (Joke(**JOKE) if schema is Joke else JOKE)
     params = fake.requests[-1][1]
     assert params["stop"] == []  # the grammar ends the value: the model's stops would cut it short
+    if method != "function_calling":  # however the request asks for JSON
+        WSDChatModel(stop=["\n"]).with_structured_output(schema, method=method).invoke("joke", stop=None)
+        assert fake.requests[-1][1]["stop"] == []
+        WSDChatModel(stop=["\n"]).invoke("joke", response_format={"type": "json_object"})
+        assert fake.requests[-1][1]["stop"] == []
+        WSDChatModel(stop=["\n"]).invoke("joke", response_format={"type": "regex", "pattern": "[a-z]+"})
+        assert fake.requests[-1][1]["stop"] == ["\n"]  # a text grammar: the stops still end it
     if method in ("json_schema", "json_mode"):  # json_mode holds the object to a given schema too
         assert params["response_format"]["properties"].keys() == {"setup", "punchline"}
     else:

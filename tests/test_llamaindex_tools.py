@@ -272,6 +272,9 @@ async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.Mo
     await amade.aclose()
     llm.structured_predict(City, PROMPT, llm_kwargs={"stop": ["}"]}, place="Europe")
     assert script.params[-1]["stop"] == ["}"]  # a structured call's own stop still counts
+    llm.structured_predict(City, PROMPT, llm_kwargs={"stop": None}, place="Europe")
+    llm.chat([ChatMessage(role="user", content="A city.")], response_format=City)
+    assert script.params[-2]["stop"] == script.params[-1]["stop"] == []
 
 
 def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():

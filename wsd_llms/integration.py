@@ -124,7 +124,9 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """Request parameters: these defaults, then per-call overrides (None means "not given").
 
         A call's `stop` replaces the constructor's (`stop=[]`: none), as every other parameter does and
-        as ChatOpenAI's and LlamaIndex's OpenAI do. Unknown names raise an error naming them.
+        as ChatOpenAI's and LlamaIndex's OpenAI do; a request for a JSON value takes none of the
+        constructor's (the grammar ends the value: a ReAct agent's "Observation:" or a one-line stop
+        would cut it short). Unknown names raise an error naming them.
         """
         params = self.wsd_params_unchecked(stop, **overrides)
         parse_params(**params)  # now, with the parameter's name in the error
@@ -134,7 +136,9 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
-        params["stop"] = list(dict.fromkeys(_stops(self.stop if stop is None else stop)))
+        if stop is None:
+            stop = [] if _asks_for_json(params.get("response_format")) else self.stop
+        params["stop"] = list(dict.fromkeys(_stops(stop)))
         return params
 
     def wsd_identity(self) -> dict[str, Any]:
@@ -142,6 +146,14 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         runtime = self.wsd_runtime()
         settings = {name: getattr(self, name) for name in WSDSettings.model_fields}
         return {**settings, "draft_model": runtime.draft_source, "base_model": runtime.base_source}
+
+
+def _asks_for_json(response_format: Any) -> bool:
+    """Whether a response_format asks for a JSON value (a schema, a pydantic class, json_object), not
+    plain text or a text grammar (regex, structural tag)."""
+    if isinstance(response_format, type):
+        return True
+    return isinstance(response_format, Mapping) and response_format.get("type") not in ("text", "regex", "structural_tag")
 
 
 def _stops(value: str | Iterable[str] | None) -> list[str]:

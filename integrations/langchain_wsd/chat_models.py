@@ -320,7 +320,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         of the schema as a tool; `json_mode` constrains the reply to a JSON object, held to `schema`
         too when one is given (a local decoder can, so the parse cannot fail on a missing key).
         Decoding is always constrained, so `strict` changes nothing, and the grammar ends the value:
-        the model's own stops do not apply (a call's `stop` still does). `include_raw=True` gives
+        the model's own stops do not apply (a call's `stop` still does; see WSDSettings.wsd_params).
+        `include_raw=True` gives
         `{"raw", "parsed", "parsing_error"}`.
         """
         if kwargs:
@@ -343,7 +344,6 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             json_schema = _json_schema(schema) if schema is not None else None
             traced = convert_to_json_schema(schema) if isinstance(schema, type) else json_schema  # as LangChain traces a class
             llm = self.bind(
-                stop=[],
                 response_format=json_schema if json_schema is not None else {"type": "json_object"},
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )

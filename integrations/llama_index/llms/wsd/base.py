@@ -380,10 +380,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         self, output_cls: type[BaseModel], prompt: BasePromptTemplate, llm_kwargs: dict[str, Any] | None, prompt_args: dict
     ) -> tuple[list[ChatMessage], dict[str, Any]]:
         """Messages and chat arguments of a structured call; fires LlamaIndex's start event, as LLM does.
-        The grammar ends the JSON: the constructor's stops (a ReAct agent's "Observation:", say) do
-        not apply, so none cuts a value short; `llm_kwargs` may still give some."""
+        (A request for JSON takes none of the constructor's stops: WSDSettings.wsd_params.)"""
         dispatcher.event(LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args))
-        return self._get_messages(prompt, **prompt_args), {"stop": [], **(llm_kwargs or {}), "response_format": output_cls}
+        return self._get_messages(prompt, **prompt_args), {**(llm_kwargs or {}), "response_format": output_cls}
 
     def _constrains(self) -> bool:
         """Whether structured calls decode under the schema: in the default program mode, with the
