@@ -198,13 +198,17 @@ def test_seeded_sampling_is_reproducible(differ_runtime):
 
 
 def test_every_bit_of_a_seed_counts_and_streams_do_not_overlap():
-    """torch's CPU generator keeps a seed's low 32 bits: stream_seed mixes all 64 in, and a
-    request's base stream is no other seed's draft stream."""
+    """torch's CPU generator keeps a seed's low 32 bits: stream_seed mixes the high bits in, keeps
+    seeds below 2**32 apart, and keeps the base streams of seeds below 2**31 off their draft streams."""
     from wsd_llms.sampling import make_generator, stream_seed
 
-    seeds = [0, 1, 2, 7, 7 + 2**32, 7 + 2**40, 2**63, 2**64 - 1, -2]
-    mixed = {stream_seed(seed, stream) for seed in seeds for stream in (0, 1)}
-    assert len(mixed) == 2 * len(seeds) and all(0 <= m < 2**32 for m in mixed)
+    small = range(0, 2**31, 2**31 // 100_000)
+    drafts, bases = {stream_seed(s, 0) for s in small}, {stream_seed(s, 1) for s in small}
+    assert len(drafts) == len(bases) == len(small) and not drafts & bases
+    assert stream_seed(5, 0) == 5  # a seed below 2**32 draws as it always did for the draft
+    high = [7, 7 + 2**32, 7 + 2**40, 2**63, 2**64 - 1]
+    assert len({stream_seed(s, k) for s in high for k in (0, 1)}) == 2 * len(high)
+    assert all(0 <= stream_seed(s, k) < 2**32 for s in high for k in (0, 1))
     assert stream_seed(-1, 1) == stream_seed(2**64 - 1, 1)  # a negative seed is its two's complement
     draws = [torch.rand(4, generator=make_generator(seed)).tolist() for seed in (7, 7 + 2**32)]
     assert draws[0] != draws[1] and draws[0] == torch.rand(4, generator=make_generator(7)).tolist()

@@ -19,15 +19,23 @@ def make_generator(seed: int | None, stream: int = 0) -> torch.Generator:
 
 
 def stream_seed(seed: int, stream: int) -> int:
-    """A 64-bit `seed` (negative ones as their two's complement) and a stream number mixed into the 32
-    bits torch's CPU generator keeps (its mt19937 takes a seed's low 32 bits only), with splitmix64's
-    finalizer: every bit of the seed counts, and no seed's stream is another seed's (seed + 1 had
-    been the base model's stream of seed, and seed + 2**32 the same reply as seed)."""
-    z = (seed + stream * 0x9E3779B97F4A7C15) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    z ^= z >> 31
-    return (z ^ (z >> 32)) & 0xFFFFFFFF
+    """A 64-bit `seed` (a negative one as its two's complement) and a stream number as the 32 bits
+    torch's CPU generator keeps (its mt19937 takes a seed's low 32 bits only). A seed below 2**32
+    is itself for the draft's draws (stream 0); higher bits are mixed in (murmur3's finalizer), so
+    seed + 2**32 draws otherwise than seed; the base's draws (stream 1) flip the top bit with a
+    constant, so no seed below 2**31 draws the base stream of another (seed + 1 had been the base
+    stream of seed). 32 bits cannot keep every 64-bit seed apart."""
+    u = seed % 2**64
+    return (u & 0xFFFFFFFF) ^ _fmix32(u >> 32) ^ (stream * 0x9E3779B9 & 0xFFFFFFFF)
+
+
+def _fmix32(h: int) -> int:
+    """murmur3's 32-bit finalizer: a bijection with every input bit in every output bit (0 -> 0)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> int:
