@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -1046,6 +1047,27 @@ def test_admission_queues_beyond_the_limit_and_all_finish(fresh):
     assert [r.text for r in results] == expected
     peaks = rt.stats().peaks
     assert peaks["running"] <= 2 and peaks["queued"] >= 1
+
+
+def test_a_burst_of_requests_is_taken_in_a_few_per_step_while_others_run(fresh, monkeypatch):
+    """Taking a request in (its prompts built, the prefix cache searched) costs 2-26 ms: a burst of
+    hundreds taken in before one step had held running streams for seconds. While requests run, a
+    step takes in ACCEPT_PER_STEP, and all finish with the replies they give alone."""
+    rt = fresh(max_running=4)
+    engine = rt.load()
+    log: list[str] = []
+    prepare, step = engine.prepare, engine.step
+    monkeypatch.setattr(engine, "prepare", lambda *args: log.append("take") or prepare(*args))
+    monkeypatch.setattr(engine, "step", lambda: log.append("step") or step())
+    burst = 3 * runtime_module.ACCEPT_PER_STEP + 5
+    with closing(rt.stream(_msgs(QUESTIONS[0]), max_tokens=200, switch_threshold=1.0)) as running:
+        next(running)  # in flight
+        expected = rt.generate(_msgs(QUESTIONS[1]), max_tokens=3).text
+        log.clear()
+        results = _concurrently(rt, [(QUESTIONS[1], {"max_tokens": 3})] * burst)
+    runs = [len(run) for run in "".join("t" if entry == "take" else " " for entry in log).split()]
+    assert sum(runs) == burst and max(runs) <= runtime_module.ACCEPT_PER_STEP
+    assert [r.text for r in results] == [expected] * burst
 
 
 LONG = "Read this and answer. " + " ".join(f"item {i} is {i * 7 % 13}" for i in range(40)) + " Which item is 5?"
