@@ -246,3 +246,21 @@ def test_a_reply_cut_in_the_start_of_a_role_marker_drops_it(draft_tokenizer):
     assert finished("Paris.\n[Us", stops=("\n[Use me]",), role_stops=()) == "Paris.\n[Us"
     call = '<tool_call>\n{"name": "send", "arguments": {"text": "hi\n\n[Us'
     assert finished(call, quoted=(CALL_TAG, CLOSE_TAG)) == call
+
+
+def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_place(draft_tokenizer):
+    """`stop_found` (WSDResult.stop_reason where it is the caller's): where a caller's "\n" and the
+    template's "\n[User]" start at one cut (a token holding the whole marker), the caller's is the
+    one named, and a role marker inside a call, where it does not count, is never named."""
+    from wsd_llms.tools import CALL_TAG, CLOSE_TAG
+
+    tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
+    reply = ReplyText(tok, ("\n", *roles), None, roles)
+    reply.text = "Paris.\n[User] more"
+    assert reply._stop_at(6) == "\n"
+    call = ReplyText(tok, ("[", *roles), (CALL_TAG, CLOSE_TAG), roles)
+    call.text = '<tool_call>\n{"name": "send", "arguments": {"text": "a [User] b"}}'
+    assert call._stop_at(call.text.index("[User]")) == "["
+    plain = ReplyText(tok, roles, None, roles)
+    plain.add(_ids(tok, "Paris.\n\n[User] more"), "base")
+    assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason

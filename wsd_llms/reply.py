@@ -182,10 +182,18 @@ class ReplyText:
             if cut is not None:
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
-                self.stop_found = max((s for s in self.stops if self.text.startswith(s, cut)), key=len)
+                self.stop_found = self._stop_at(cut)
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
         return self._release(len(self.text) - held_back(self.text, self.stops))
+
+    def _stop_at(self, cut: int) -> str:
+        """The stop string that ends the reply at `cut`: a caller's before a role marker (which may be
+        longer: "\n" and "\n[User]"), and no role marker inside a call, where it does not count."""
+        found = [s for s in self.stops if self.text.startswith(s, cut)]
+        caller = [s for s in found if s not in self._role_stops]
+        role = [s for s in found if s in self._role_stops and not _inside(self.text, cut, self.quoted)]
+        return max(caller or role, key=len)
 
     def set_draft(self, ids: list[int]) -> list[Delta]:
         """Make the reply exactly these draft ids (a re-tokenization may have changed earlier ids).
