@@ -1070,6 +1070,25 @@ def test_a_burst_of_requests_is_taken_in_a_few_per_step_while_others_run(fresh, 
     assert [r.text for r in results] == [expected] * burst
 
 
+def test_closing_refuses_a_queued_burst_at_once(fresh, monkeypatch):
+    """The per-step cap on taking requests in does not hold a close back: what was sent before it is
+    refused without another step."""
+    rt = fresh(max_running=1)
+    engine = rt.load()
+    stepped_closed: list[bool] = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: stepped_closed.append(rt._closed) or time.sleep(0.05) or step())  # slow: the burst stays in the inbox
+    with closing(rt.stream(_msgs(QUESTIONS[0]), max_tokens=400, switch_threshold=1.0)) as running:
+        next(running)
+        with ThreadPoolExecutor(50) as pool:
+            futures = [pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=3) for _ in range(50)]
+            while rt.stats().queued < 40:
+                time.sleep(0.01)
+            rt.close()
+            errors = [f.exception(timeout=10) for f in futures]
+    assert all(isinstance(e, RuntimeClosedError) for e in errors if e is not None) and not any(stepped_closed)
+
+
 LONG = "Read this and answer. " + " ".join(f"item {i} is {i * 7 % 13}" for i in range(40)) + " Which item is 5?"
 
 

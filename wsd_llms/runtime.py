@@ -514,13 +514,17 @@ class WSDRuntime:
                     else:
                         self._accept(item)
                     taken += 1
-                    busy = taken >= ACCEPT_PER_STEP and self.engine is not None and self.engine.has_work()
-                    item = False if busy else self._next_submission()
+                    item = False if taken >= ACCEPT_PER_STEP and self._streams_running() else self._next_submission()
                 if self.engine is None or not self.engine.has_work():
                     return True
                 with self._step_lock:
                     self.engine.step()
                 item = self._next_submission()
+
+    def _streams_running(self) -> bool:
+        """Whether requests are running (not only waiting) and the runtime is open: a step then waits
+        on the submissions taken in before it. Closing refuses all that were sent before it at once."""
+        return not self._closed and self.engine is not None and bool(self.engine.scheduler.running)
 
     def _next_submission(self) -> _Submission | None | Literal[False]:
         """The next submission, None when closing, False when there is none."""
