@@ -427,6 +427,16 @@ def test_a_raw_control_character_the_grammar_lets_through_is_read():
     assert not invalid and calls[0].arguments == {"note": "a\tb"}
 
 
+def test_strict_json_escapes_what_strict_parsers_refuse_and_leaves_the_rest():
+    """strict_json (LlamaIndex's pydantic validation): a raw tab escaped, numbers as written, and JSON
+    nested deeper than it can write again (Python's parser takes more) left for the parser as it is."""
+    from wsd_llms.structured import strict_json
+
+    assert strict_json('{"a": "x\ty", "n": 1.50, "big": 12345678901234567890}') == '{"a": "x\\ty", "n": 1.50, "big": 12345678901234567890}'
+    deep = '{"v": ' + "[" * 400 + "]" * 400 + "}"
+    assert strict_json(deep) == deep and strict_json("not json") == "not json"
+
+
 def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     """xgrammar's grammar leaves some keywords unenforced (uniqueItems, not, ...); jsonschema checks
     them, so parse_error and invalid_tool_calls never pass a value the schema rejects. References

@@ -136,10 +136,9 @@ def strict_json(text: str) -> str:
     `load_json`) escaped, numbers as written; text that is not JSON comes back as it is, for that
     parser to say what is wrong with it."""
     try:
-        value = load_json(text, parse_float=Written, parse_int=Written)
-    except ValueError:
+        return as_written(load_json(text, parse_float=Written, parse_int=Written))
+    except (ValueError, RecursionError):  # as_written recurses: nesting Python's parser takes can be too deep for it
         return text
-    return as_written(value)
 
 
 def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
