@@ -946,9 +946,9 @@ def test_structured_output_each_schema_and_method(fake, schema, method):
     assert parsed == (Joke(**JOKE) if schema is Joke else JOKE)
     params = fake.requests[-1][1]
     assert params["stop"] == []  # the grammar ends the value: the model's stops would cut it short
+    WSDChatModel(stop=["\n"]).with_structured_output(schema, method=method).invoke("joke", stop=None)
+    assert fake.requests[-1][1]["stop"] == []
     if method != "function_calling":  # however the request asks for JSON
-        WSDChatModel(stop=["\n"]).with_structured_output(schema, method=method).invoke("joke", stop=None)
-        assert fake.requests[-1][1]["stop"] == []
         WSDChatModel(stop=["\n"]).invoke("joke", response_format={"type": "json_object"})
         assert fake.requests[-1][1]["stop"] == []
         WSDChatModel(stop=["\n"]).invoke("joke", response_format={"type": "regex", "pattern": "[a-z]+"})

@@ -124,8 +124,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """Request parameters: these defaults, then per-call overrides (None means "not given").
 
         A call's `stop` replaces the constructor's (`stop=[]`: none), as every other parameter does and
-        as ChatOpenAI's and LlamaIndex's OpenAI do; a request for a JSON value takes none of the
-        constructor's (the grammar ends the value: a ReAct agent's "Observation:" or a one-line stop
+        as ChatOpenAI's and LlamaIndex's OpenAI do; a request for a JSON value or a forced tool call
+        takes none of the constructor's (the grammar ends the value: a ReAct agent's "Observation:" or a one-line stop
         would cut it short). Unknown names raise an error naming them.
         """
         params = self.wsd_params_unchecked(stop, **overrides)
@@ -137,7 +137,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
         if stop is None:
-            stop = [] if _asks_for_json(params.get("response_format")) else self.stop
+            stop = [] if _asks_for_json(params.get("response_format")) or _forces_a_call(params) else self.stop
         params["stop"] = list(dict.fromkeys(_stops(stop)))
         return params
 
@@ -154,6 +154,12 @@ def _asks_for_json(response_format: Any) -> bool:
     if isinstance(response_format, type):
         return True
     return isinstance(response_format, Mapping) and response_format.get("type") not in ("text", "regex", "structural_tag")
+
+
+def _forces_a_call(params: Mapping[str, Any]) -> bool:
+    """Whether a request must call a tool (tool_choice required, any or a name): its reply is a call,
+    whose JSON the grammar ends (LangChain's function_calling structured output)."""
+    return bool(params.get("tools")) and params.get("tool_choice") not in (None, "auto", "none")
 
 
 def _stops(value: str | Iterable[str] | None) -> list[str]:

@@ -334,7 +334,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         parser: Runnable
         if method == "function_calling":  # as BaseChatModel does, but a reply without a valid call fails the parse (it gave None)
             assert schema is not None
-            llm = self.bind_tools([schema], tool_choice="any", stop=[], ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+            llm = self.bind_tools([schema], tool_choice="any", ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
             parser = (
                 _PydanticCall(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if pydantic
