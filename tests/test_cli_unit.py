@@ -82,7 +82,14 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
     """One question, or an interactive chat's first: a normal exit would wait for the load (atexit
     joins the worker, up to a minute)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_LOAD, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLOW_LOAD, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: a run started in the background of a shell without job control (nohup
+        # make test &) ignores SIGINT, and a child would inherit that and never see the Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdin is not None
