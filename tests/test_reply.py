@@ -254,13 +254,12 @@ def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_pl
     one named, and a role marker inside a call, where it does not count, is never named."""
     from wsd_llms.tools import CALL_TAG, CLOSE_TAG
 
+    from wsd_llms.reply import _first_stop
+
     tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
-    reply = ReplyText(tok, ("\n", *roles), None, roles)
-    reply.text = "Paris.\n[User] more"
-    assert reply._stop_at(6) == "\n"
-    call = ReplyText(tok, ("[", *roles), (CALL_TAG, CLOSE_TAG), roles)
-    call.text = '<tool_call>\n{"name": "send", "arguments": {"text": "a [User] b"}}'
-    assert call._stop_at(call.text.index("[User]")) == "["
+    assert _first_stop("Paris.\n[User] more", ("\n", *roles), 0, None, roles) == (6, "\n")
+    call = '<tool_call>\n{"name": "send", "arguments": {"text": "a [User] b"}}'
+    assert _first_stop(call, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), roles) == (call.index("[User]"), "[")
     plain = ReplyText(tok, roles, None, roles)
     plain.add(_ids(tok, "Paris.\n\n[User] more"), "base")
     assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason

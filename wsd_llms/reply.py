@@ -61,10 +61,13 @@ def close_outside_strings(text: str, close: str, start: int, end: int | None = N
     return -1
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = ()) -> int | None:
-    """Where the first stop string starts at or after `start`, or None. One of `quoted_stops` does not
-    count inside a `quoted` span: from an opening mark to its closing mark outside a JSON string, or
-    to the end while it is open (so a stop's fate depends only on the text before it)."""
+def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = ()) -> tuple[int, str] | None:
+    """Where the first stop string starts at or after `start`, and which it is, or None. One of
+    `quoted_stops` does not count inside a `quoted` span: from an opening mark to its closing mark
+    outside a JSON string, or to the end while it is open (so a stop's fate depends only on the text
+    before it). Where several start at one place, a stop not of `quoted_stops` (the caller's) is the
+    one named before a role marker, and a longer before a shorter ("\n" before "\n[User]" if "\n" is
+    the caller's)."""
 
     hits = []
     for stop in stops:
@@ -72,8 +75,11 @@ def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str
         while i >= 0 and stop in quoted_stops and _inside(text, i, quoted):
             i = text.find(stop, i + 1)
         if i >= 0:
-            hits.append(i)
-    return min(hits) if hits else None
+            hits.append((i, stop in quoted_stops, -len(stop), stop))
+    if not hits:
+        return None
+    first = min(hits)
+    return first[0], first[3]
 
 
 def _inside(text: str, i: int, quoted: tuple[str, str] | None) -> bool:
@@ -178,22 +184,14 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            cut = _first_stop(self.text, self.stops, start, self.quoted, self._role_stops) if self.stops else None
-            if cut is not None:
+            found = _first_stop(self.text, self.stops, start, self.quoted, self._role_stops) if self.stops else None
+            if found is not None:
+                cut, self.stop_found = found
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
-                self.stop_found = self._stop_at(cut)
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
         return self._release(len(self.text) - held_back(self.text, self.stops))
-
-    def _stop_at(self, cut: int) -> str:
-        """The stop string that ends the reply at `cut`: a caller's before a role marker (which may be
-        longer: "\n" and "\n[User]"), and no role marker inside a call, where it does not count."""
-        found = [s for s in self.stops if self.text.startswith(s, cut)]
-        caller = [s for s in found if s not in self._role_stops]
-        role = [s for s in found if s in self._role_stops and not _inside(self.text, cut, self.quoted)]
-        return max(caller or role, key=len)
 
     def set_draft(self, ids: list[int]) -> list[Delta]:
         """Make the reply exactly these draft ids (a re-tokenization may have changed earlier ids).
