@@ -42,6 +42,7 @@ from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
 from wsd_llms.prompts import build_prompts
+from wsd_llms.sequence import Phase
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -1319,7 +1320,7 @@ def test_draft_and_check_caches_are_freed_before_the_base_continues(fresh, monke
     import gc
     import weakref
 
-    from wsd_llms.sequence import Phase, Sequence
+    from wsd_llms.sequence import Sequence
 
     rt = fresh()
     rt.generate(_msgs("Hi"), max_tokens=2)
@@ -1805,3 +1806,22 @@ def test_sending_a_request_does_not_wait_for_a_grammar_compiling_on_the_worker(f
         release.set()
     assert paused < 2.0
     assert re.fullmatch("[0-9]+", number.text) and plain.text
+
+
+@pytest.mark.parametrize(("mode", "running_phase"), [("online", Phase.DRAFTING), ("staged", Phase.DRAFTING), ("base", Phase.CONTINUING), ("draft", Phase.DRAFTING)])
+def test_a_sequence_reads_waiting_only_while_queued(fresh, mode, running_phase):
+    """A request's phase says what it is doing: waiting while queued (its program has already
+    started, to check the request), then its program's phase once admitted, finished at the end."""
+    rt = fresh(max_running=1)
+    engine = rt.engine  # stepped by hand here: no worker runs
+    first, second = (
+        engine.prepare(normalize_messages(_msgs(q)), parse_params(max_tokens=6, mode=mode, switch_threshold=1.0), lambda e: None) for q in QUESTIONS[:2]
+    )
+    engine.add(first)
+    engine.add(second)
+    assert (first.phase, second.phase) == (Phase.WAITING, Phase.WAITING)
+    engine.step()
+    assert (first.phase, second.phase) == (running_phase, Phase.WAITING)
+    while engine.has_work():
+        engine.step()
+    assert (first.phase, second.phase) == (Phase.FINISHED, Phase.FINISHED)

@@ -11,11 +11,12 @@ from .encoding import encode_text
 from .loading import LoadedModel
 from .sampling import make_generator
 from .errors import InvalidParameterError
-from .sequence import Forward, Program, Sequence
+from .sequence import Forward, Phase, Program, Sequence
 from .structured import Guide, draft_guide, forced_prefix_error
 
 
 def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
+    seq.phase = Phase.CONTINUING  # the base model writes the whole reply
     seq.base_kv = seq.new_cache("base")
     prefix = encode_text(base.tokenizer, seq.prompts.forced_prefix)
     guide = Guide(base, seq.constraint)
@@ -29,6 +30,7 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
 
 def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     """The draft model writes the whole reply; `seq.reply` decodes with the draft tokenizer."""
+    seq.phase = Phase.DRAFTING
     seq.draft_kv = seq.new_cache("draft")
     guide = draft_guide(seq, draft)
     rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)  # the forced prefix ends it

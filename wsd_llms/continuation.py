@@ -29,7 +29,7 @@ def continue_base(
     Each pass feeds the latest token and up to `seq.lookup_tokens` guessed ones (lookup), and the
     rows it returns are read in order for as long as the token chosen from a row is the guess fed
     after it: the same choices, and the same draws of `generator`, as one token a pass."""
-    seq.phase = Phase.CONTINUING
+    seq.phase = Phase.CONTINUING if model == "base" else Phase.DRAFTING  # the draft model alone drafts the whole reply
     reply, budget = seq.reply, seq.params.max_tokens
     rows, guesses = rows[-1:], []  # guesses: the ids fed after the one rows[0] follows
     lookup = NgramIndex(kv.ids) if seq.lookup_tokens else None  # the prompt and the reply so far

@@ -8,7 +8,7 @@ import threading
 from collections import deque
 
 from .errors import RequestTooLargeError
-from .sequence import Forward, Phase, Sequence
+from .sequence import Forward, Sequence
 
 # The fixed cost of one forward pass (reading the weights, launching the layers), in units of
 # one token's compute, measured for the embedded models (benchmarks/bench_passes.py): 17-20 on a
@@ -104,7 +104,7 @@ class Scheduler:
                 f"this request may need {need} cached tokens ({held}), more than the runtime's "
                 f"max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
             )
-        seq.phase = Phase.WAITING
+        seq.queued = True
         with self.lock:
             self.waiting.append(seq)
 
@@ -116,6 +116,7 @@ class Scheduler:
                 if self.running and self.reserved + need > self.max_cached_tokens:
                     break
                 seq = self.waiting.popleft()
+                seq.queued = False
                 self.reserved += need
                 self.running.append(seq)
             return list(self.running)
@@ -127,6 +128,7 @@ class Scheduler:
                 self.reserved -= token_budget(seq)
             elif seq in self.waiting:
                 self.waiting.remove(seq)
+                seq.queued = False
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)

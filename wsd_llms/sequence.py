@@ -88,7 +88,8 @@ class Sequence:
     reply: ReplyText
     deliver: Callable[[Event | BaseException], None]
     request_id: int = field(default_factory=lambda: next(_ids))
-    phase: Phase = Phase.WAITING
+    queued: bool = False  # in the scheduler's queue, not yet admitted: its phase reads WAITING
+    _phase: Phase = Phase.WAITING  # what its program is doing (set by the program, and on finishing)
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     seconds: dict[str, float] = field(default_factory=lambda: {"draft": 0.0, "score": 0.0, "base": 0.0})
@@ -109,6 +110,15 @@ class Sequence:
     prompt_caches: dict[str, weakref.ref[KVCache]] = field(default_factory=dict)
     program: Program | None = None
     pending: Forward | None = None
+
+    @property
+    def phase(self) -> Phase:
+        """Waiting while queued (its program may have started, to check the request), else its program's phase."""
+        return Phase.WAITING if self.queued else self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self._phase = phase
 
     def emit(self, deltas: list[Delta]) -> None:
         """Send final text to the caller, noting the time of the first piece."""
