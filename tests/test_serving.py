@@ -1727,13 +1727,13 @@ def test_a_request_whose_caller_was_told_the_runtime_closed_counts_failed(fresh,
     assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (1, 1, 0, 0, 0)
 
 
-@pytest.mark.parametrize("beside", ["full", "no thread"])
+@pytest.mark.parametrize("beside", ["none allowed", "no thread"])
 def test_a_grammar_compiles_on_the_worker_when_none_can_beside_it(fresh, monkeypatch, beside):
-    """Past MAX_COMPILES compiling at once, or when no thread can start, the worker compiles the
-    grammar itself as it takes the request, which is served as before."""
+    """With MAX_COMPILES 0, or when no thread can start, the worker compiles the grammar itself as
+    it takes the request, which is served as before."""
     rt = fresh()
     rt.generate(_msgs("Hi"), max_tokens=2)
-    if beside == "full":
+    if beside == "none allowed":
         monkeypatch.setattr(runtime_module, "MAX_COMPILES", 0)
     else:
         def no_thread(self):
@@ -1748,6 +1748,55 @@ def test_a_grammar_compiles_on_the_worker_when_none_can_beside_it(fresh, monkeyp
     assert compiled_on and set(compiled_on) == {rt.worker}
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.queued) == (2, 0, 0)
+
+
+@pytest.mark.parametrize("ending", ["compiled", "runtime closes"])
+def test_grammars_past_max_compiles_wait_for_a_compile_thread_not_the_worker(fresh, monkeypatch, ending):
+    """Past MAX_COMPILES compiling at once, a request's grammar waits for the first compile thread
+    to finish, in order, and is compiled there: never on the worker, whose streams go on. Closing
+    the runtime meanwhile fails the waiting request, counted, and leaves no thread behind."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    monkeypatch.setattr(runtime_module, "MAX_COMPILES", 1)
+    entered, release = threading.Event(), threading.Event()
+    compiled = []
+    real = structured.compiled_grammar
+
+    def held(model, spec):
+        entered.set()
+        assert release.wait(20), "the held compile was never released"
+        compiled.append((spec, threading.current_thread()))
+        return real(model, spec)
+
+    monkeypatch.setattr(runtime_module, "compiled_grammar", held)
+    patterns = ["[0-9]+", "[a-c]+", "[x-z]+"]
+    with ThreadPoolExecutor(len(patterns)) as pool:
+        outcomes = []
+        for pattern in patterns:
+            outcomes.append(pool.submit(rt.generate, _msgs("Pick one."), max_tokens=5, response_format={"type": "regex", "pattern": pattern}))
+            assert entered.wait(10)
+            _wait_for(lambda: rt.stats().queued == len(outcomes))
+        assert len([t for t in threading.enumerate() if t.name == "wsd-llms-compile"]) == 1
+        assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=3).text  # served while the grammars wait
+        if ending == "runtime closes":
+            closing = threading.Thread(target=rt.close)
+            closing.start()
+            for outcome in outcomes:
+                with pytest.raises(RuntimeClosedError):
+                    outcome.result(timeout=10)
+            release.set()
+            closing.join(10)
+            assert not closing.is_alive() and not [t for t in threading.enumerate() if t.name == "wsd-llms-compile"]
+            stats = rt.stats()
+            assert (stats.queued, stats.finished, stats.failed) == (0, 2, 3)
+            return
+        release.set()
+        for pattern, outcome in zip(patterns, outcomes):
+            assert re.fullmatch(pattern, outcome.result(timeout=60).text)
+    assert [next(p for p in patterns if p in spec) for spec in dict.fromkeys(spec for spec, _ in compiled)] == patterns  # in order
+    assert len({thread for _, thread in compiled}) == 1 and rt.worker not in {thread for _, thread in compiled}
+    stats = rt.stats()
+    assert (stats.queued, stats.finished, stats.failed) == (0, 5, 0)
 
 
 def test_a_request_no_worker_can_start_for_is_not_counted(fresh, monkeypatch):

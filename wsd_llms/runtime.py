@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +45,8 @@ from .structured import compiled_grammar, constraint_spec
 
 Messages = Seq[Mapping[str, Any] | Message]
 _POLL = 0.5  # seconds between checks that the worker is still alive while a caller waits
-# Grammars compiling beside the worker at once, per runtime; a request past them compiles on the worker.
+# Threads compiling grammars beside the worker at once, per runtime; requests past them wait for one
+# of them, in order (0: the worker compiles each grammar itself, as it does when no thread can start).
 MAX_COMPILES = 4
 # Submissions taken in (prompts built, prefix cache searched) between two steps while requests run:
 # a burst of 300 had held running streams for seconds (taking in one costs 2-26 ms with its prompt's
@@ -142,6 +143,7 @@ class WSDRuntime:
         self._counts_lock = threading.Lock()  # stats() against the worker counting a request before there is an engine
         self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
         self._compiles: set[threading.Thread] = set()  # compiling beside the worker (under the worker lock)
+        self._to_compile: deque[_Submission] = deque()  # waiting for one of them (under the worker lock)
 
     def _after_fork(self) -> None:
         """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
@@ -432,39 +434,51 @@ class WSDRuntime:
             self._thread = thread
             _workers.add(thread)
 
-    def _compile_aside(self, engine: Engine, sub: _Submission) -> None:
+    def _compile_aside(self, engine: Engine, sub: _Submission | None) -> None:
         """Compile a request's grammar for the models its mode runs (thread "wsd-llms-compile"), then
-        send it back to the worker, which finds the grammar cached. The first grammar for a tokenizer
-        builds xgrammar's table of its words (over a second for the embedded base's 262k), a later
-        schema 5-130 ms; on the worker every running stream would wait for it
-        (benchmarks/bench_grammar_pause.py). Meanwhile the request counts as queued; a compile that
-        fails fails the request when the worker takes it again."""
-        try:
-            spec = constraint_spec(sub.params)
-            for model in MODELS[sub.params.mode]:
-                compiled_grammar(engine.draft if model == "draft" else engine.base, spec)
-        except BaseException as exc:  # whatever it is, it goes back to the request
-            sub.compile_error = exc
-        with self._worker_lock:
-            self._compiles.discard(threading.current_thread())
-            if self._closed:
-                self._refuse(sub, RuntimeClosedError("this runtime was closed while the request's grammar compiled"))
-                return
-            try:
-                self._start_worker()  # the worker may have died meanwhile
-            except RuntimeError as exc:  # no thread can start: the request fails, counted
-                self._refuse(sub, _start_error(exc))
-                return
-            self._inbox.put(sub)
+        send it back to the worker, which finds the grammar cached; then the next request waiting
+        for a compile thread, if any. The first grammar for a tokenizer builds xgrammar's table of
+        its words (over a second for the embedded base's 262k), a later schema 5-130 ms; on the
+        worker every running stream would wait for it (benchmarks/bench_grammar_pause.py).
+        Meanwhile the request counts as queued; a compile that fails fails the request when the
+        worker takes it again, and one whose caller left is not compiled."""
+        while sub is not None:
+            if not sub.cancelled.is_set():
+                try:
+                    spec = constraint_spec(sub.params)
+                    for model in MODELS[sub.params.mode]:
+                        compiled_grammar(engine.draft if model == "draft" else engine.base, spec)
+                except BaseException as exc:  # whatever it is, it goes back to the request
+                    sub.compile_error = exc
+            with self._worker_lock:
+                if self._closed:
+                    self._compiles.discard(threading.current_thread())
+                    for left in (sub, *self._to_compile):
+                        self._refuse(left, RuntimeClosedError("this runtime was closed while the request's grammar compiled"))
+                    self._to_compile.clear()
+                    return
+                try:
+                    self._start_worker()  # the worker may have died meanwhile
+                except RuntimeError as exc:  # no thread can start: the request fails, counted
+                    self._refuse(sub, _start_error(exc))
+                else:
+                    self._inbox.put(sub)
+                sub = self._to_compile.popleft() if self._to_compile else None
+                if sub is None:  # ended under the lock: a request queued after this starts a thread of its own
+                    self._compiles.discard(threading.current_thread())
 
     def _compile_beside(self, engine: Engine, sub: _Submission) -> bool:
-        """Start compiling a request's grammar beside the worker (`_compile_aside`); False when
-        MAX_COMPILES are compiling already, no thread can start, or the runtime is closing (close()
-        has listed the threads it waits for): the worker compiles it then."""
+        """Have a request's grammar compiled beside the worker (`_compile_aside`): by a new thread,
+        or, when MAX_COMPILES are compiling, by the first of them to finish. False when none can be
+        (MAX_COMPILES is 0, no thread can start, or the runtime is closing: close() has listed the
+        threads it waits for): the worker compiles it then."""
         thread = threading.Thread(target=self._compile_aside, args=(engine, sub), name="wsd-llms-compile", daemon=True)
         with self._worker_lock:
-            if self._closed or len(self._compiles) >= MAX_COMPILES:
+            if self._closed or not MAX_COMPILES:
                 return False
+            if len(self._compiles) >= MAX_COMPILES:
+                self._to_compile.append(sub)
+                return True
             try:
                 thread.start()
             except RuntimeError:  # the process's thread limit
