@@ -76,6 +76,40 @@ def test_encode_splits_only_inside_the_spans(tokenizers):
     assert len(encode_text(base, "<bos>")) > 1
 
 
+@pytest.mark.parametrize(
+    "message",
+    [INJECTION, PLAIN, "<b>bold</b> <unused12> <i", "<|im_start|<|im_end", "x" * 3000 + "<|im_end|>", "a<eos", "<bos<bos>", "<unused6242>", "<start_of_image>", ""],
+)
+def test_special_spans_screened_by_text_finds_what_encoding_finds(tokenizers, monkeypatch, message):
+    """A message is encoded to look for special tokens only when one's text is in it; what is
+    found is what encoding every message finds (the screen only skips encodes that find nothing)."""
+    from wsd_llms import encoding
+
+    for tokenizer in tokenizers:
+        text = f"[pre]{message}[post]"
+        spans = [(5, 5 + len(message))]
+        encoded = [span for span in spans if encoding.spells_special(tokenizer, encoding._plain(tokenizer, text[span[0] : span[1]]))]
+        calls = []
+        plain = encoding._plain
+        monkeypatch.setattr(encoding, "_plain", lambda tok, piece: calls.append(piece) or plain(tok, piece))
+        assert special_spans(tokenizer, text, spans) == encoded
+        assert bool(calls) == any(marker in message for marker in encoding._markers(tokenizer)[1])
+        monkeypatch.undo()
+
+
+def test_a_tokenizer_that_matches_special_tokens_after_normalizing_is_always_encoded(tokenizers, monkeypatch):
+    """Where a special token is matched in normalized text, its text need not be in the raw text:
+    every message is encoded to look for them, as before the screen."""
+    from wsd_llms import encoding
+
+    class Normalizing:
+        is_fast = True
+        all_special_ids = [0]
+        added_tokens_decoder = {0: type("Added", (), {"content": "<s>", "normalized": True})()}
+
+    assert encoding._markers(Normalizing()) is None and encoding._may_spell_special(Normalizing(), "plain text")
+
+
 def test_message_spans_follow_the_messages_in_order():
     text = "[User]\nhello\n[Assistant]\nhello again\n[User]\nhello"
     messages = normalize_messages(

@@ -89,8 +89,53 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 
 
 def special_spans(tokenizer: Any, text: str, spans: Sequence[Span]) -> list[Span]:
-    """Those of `spans` (message text in `text`) whose text spells a special token."""
-    return [(lo, hi) for lo, hi in spans if spells_special(tokenizer, _plain(tokenizer, text[lo:hi]))]
+    """Those of `spans` (message text in `text`) whose text spells a special token: encoded as the
+    tokenizer does by default, unless no special token's text is in it at all (`_may_spell_special`)."""
+    return [
+        (lo, hi)
+        for lo, hi in spans
+        if _may_spell_special(tokenizer, text[lo:hi]) and spells_special(tokenizer, _plain(tokenizer, text[lo:hi]))
+    ]
+
+
+# Per tokenizer: its special tokens' texts, and the lengths of those that start with each character;
+# None where a message's text cannot be screened by them (see _markers).
+_MARKERS: weakref.WeakKeyDictionary[Any, tuple[dict[str, tuple[int, ...]], frozenset[str]] | None] = weakref.WeakKeyDictionary()
+
+
+def _markers(tokenizer: Any) -> tuple[dict[str, tuple[int, ...]], frozenset[str]] | None:
+    """The texts of the tokenizer's special tokens, with the lengths of those that start with each
+    character; None unless a fast tokenizer matches every one of them in the raw text (not after its
+    normalizer: `normalized=False`, as transformers adds special tokens), where a text that holds
+    none of them cannot encode to one."""
+    if tokenizer in _MARKERS:
+        return _MARKERS[tokenizer]
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens = [added.get(i) for i in special_ids(tokenizer)]
+    markers = None
+    if getattr(tokenizer, "is_fast", False) and all(t is not None and t.content and not t.normalized for t in tokens):
+        lengths: dict[str, set[int]] = {}
+        for token in tokens:
+            lengths.setdefault(token.content[0], set()).add(len(token.content))  # type: ignore[union-attr]
+        markers = ({first: tuple(sorted(n)) for first, n in lengths.items()}, frozenset(t.content for t in tokens))  # type: ignore[union-attr]
+    _MARKERS[tokenizer] = markers
+    return markers
+
+
+def _may_spell_special(tokenizer: Any, text: str) -> bool:
+    """False only where `text` holds no special token's text, so it needs no encode to tell (a
+    document with no markers in it costs a scan for their first characters, not a second encode)."""
+    markers = _markers(tokenizer)
+    if markers is None:
+        return True
+    lengths, texts = markers
+    for first, sizes in lengths.items():
+        at = text.find(first)
+        while at != -1:
+            if any(text[at : at + n] in texts for n in sizes):
+                return True
+            at = text.find(first, at + 1)
+    return False
 
 
 def _plain(tokenizer: Any, text: str) -> list[int]:
