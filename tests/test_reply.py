@@ -31,7 +31,7 @@ def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer, a
     call = '<tool_call>\n{"name": "send", "arguments": {"text": "%s"}}\n</tool_call>' % argument
     text = f"Sending.\n{call}\n\n[User]\nmore"
     assert tok.decode(_ids(tok, text), skip_special_tokens=True, clean_up_tokenization_spaces=False) == text
-    reply = ReplyText(tok, roles, (CALL_TAG, CLOSE_TAG), roles)
+    reply = ReplyText(tok, (), (CALL_TAG, CLOSE_TAG), roles)
     out = []
     for i in range(0, len(text), 7):  # in pieces, as a stream writes it
         out += reply.add(_ids(tok, text[i : i + 7]), "base")
@@ -44,6 +44,9 @@ def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer, a
     chosen = ReplyText(tok, ("asked",), (CALL_TAG, CLOSE_TAG), roles)
     chosen.add(_ids(tok, text), "base")
     assert chosen.stopped and chosen.text.endswith("[User] ")
+    marker = ReplyText(tok, ("[User]",), (CALL_TAG, CLOSE_TAG), roles)  # the caller's, though a role marker too
+    marker.add(_ids(tok, text), "base")
+    assert marker.stopped and marker.stop_found == "[User]" and marker.text == text[: text.index("[User]")]
 
 
 def test_stop_prefix_is_held_back_until_ruled_out(draft_tokenizer):
@@ -232,7 +235,7 @@ def test_a_reply_cut_in_the_start_of_a_role_marker_drops_it(draft_tokenizer):
 
     tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
 
-    def finished(text, stops=roles, quoted=None, role_stops=roles, cut=True):
+    def finished(text, stops=(), quoted=None, role_stops=roles, cut=True):
         reply = ReplyText(tok, stops, quoted, role_stops)
         deltas = reply.add(_ids(tok, text), "base") + reply.finish(cut)
         assert "".join(d.text for d in deltas) == reply.text  # the stream is the text
@@ -260,6 +263,6 @@ def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_pl
     assert _first_stop("Paris.\n[User] more", ("\n", *roles), 0, None, roles) == (6, "\n")
     call = '<tool_call>\n{"name": "send", "arguments": {"text": "a [User] b"}}'
     assert _first_stop(call, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), roles) == (call.index("[User]"), "[")
-    plain = ReplyText(tok, roles, None, roles)
+    plain = ReplyText(tok, (), None, roles)
     plain.add(_ids(tok, "Paris.\n\n[User] more"), "base")
     assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason

@@ -168,7 +168,7 @@ class Engine:
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
             calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # a call's arguments may hold a role marker
-            reply = ReplyText(self.base.tokenizer, tuple(params.stop) + role_stops, calls, role_stops)
+            reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops)
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:

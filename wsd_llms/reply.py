@@ -132,13 +132,15 @@ class ReplyText:
     def __init__(
         self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None, role_stops: tuple[str, ...] = ()
     ) -> None:
-        """`role_stops` (of `stops`): the prompt template's role markers, which end the reply but are
-        no text of it. They do not count between `quoted`'s opening and closing marks (a tool call's
-        tags, whose arguments may hold a role marker; a stop the caller chose counts anywhere), and a
-        reply that ends (max_tokens) in the start of one drops that start."""
+        """`stops`: the caller's stop strings, which count anywhere. `role_stops`: the prompt
+        template's role markers, which end the reply too but are no text of it. Those that are not
+        also the caller's do not count between `quoted`'s opening and closing marks (a tool call's
+        tags, whose arguments may hold a role marker), and a reply that ends (max_tokens) in the
+        start of one drops that start."""
         self._tok = tokenizer
-        self.stops = stops
+        self.stops = tuple(dict.fromkeys(stops + role_stops))
         self.quoted, self._role_stops = quoted, tuple(role_stops)
+        self._quoted_stops = tuple(stop for stop in role_stops if stop not in stops)
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -146,7 +148,7 @@ class ReplyText:
         self._streamed = ""  # the text released so far; the text may fall behind it for a while (set_draft)
         self._draft_chars = 0
         self._draft_streamed = 0  # where the last text streamed as the draft's ends
-        self._max_stop = max((len(s) for s in stops), default=0)
+        self._max_stop = max((len(s) for s in self.stops), default=0)
 
     @property
     def ids(self) -> list[int]:
@@ -184,7 +186,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            found = _first_stop(self.text, self.stops, start, self.quoted, self._role_stops) if self.stops else None
+            found = _first_stop(self.text, self.stops, start, self.quoted, self._quoted_stops) if self.stops else None
             if found is not None:
                 cut, self.stop_found = found
                 if cut < self._emitted:
