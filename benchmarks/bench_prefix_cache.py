@@ -108,7 +108,7 @@ def main() -> None:
     runtime.generate([{"role": "user", "content": "Hi"}], max_tokens=4)  # load and warm up
     if args.prefill_chunk:
         runtime.configure(prefill_chunk=args.prefill_chunk)
-    keep = runtime.limits["prefix_cache_tokens"]
+    keep = runtime.engine.prefix_cache_tokens  # the default's, chosen for the models
     doc = document(args.facts)
     runs: dict[str, list[list[dict]]] = {"off": [], "on": []}
     parallel: dict[str, list[dict]] = {"off": [], "on": []}

@@ -173,3 +173,23 @@ def test_marks_fall_where_messages_end_and_grow_with_the_conversation():
             assert len(more) == len(marks) + 2 and more[: len(marks)] == marks
             assert tok.decode((second.draft_ids if model == "draft" else second.base_ids)[: more[-1]]).endswith("Item 5 is 9.")
 
+
+
+def test_the_default_store_holds_a_fixed_number_of_bytes_of_both_models():
+    """prefix_cache_tokens=None keeps as many positions per model as both models' keys and values
+    hold in PREFIX_CACHE_BYTES, each model's bytes a position read from its config as its caches
+    hold them; a number given is kept as it is."""
+    from tiny import tiny_llama
+
+    from wsd_llms.engine import PREFIX_CACHE_BYTES, Engine
+
+    draft, base = tiny_llama(make_tokenizer(420), 0), tiny_gemma3(make_tokenizer(420), 1)
+    engine = Engine(draft, base)
+    for runner in engine.runners.values():
+        kv = runner.new_cache()
+        runner.extend(kv, [5, 6, 7])
+        assert runner.position_bytes == sum(buffer[..., :1, :].numel() * buffer.element_size() for buffer in kv.store.buffers)
+    per_position = sum(runner.position_bytes for runner in engine.runners.values())
+    assert engine.prefix_cache_tokens == PREFIX_CACHE_BYTES // per_position
+    assert {prefixes.max_tokens for prefixes in engine.prefixes.values()} == {engine.prefix_cache_tokens}
+    assert Engine(draft, base, prefix_cache_tokens=100).prefixes["base"].max_tokens == 100

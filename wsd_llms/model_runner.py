@@ -56,6 +56,15 @@ class ModelRunner:
         self.ragged = self._ragged_matches()
         self.graphs = self._decode_graphs()
 
+    @property
+    def position_bytes(self) -> int:
+        """Bytes of keys and values one cached position takes, every layer's (from the config)."""
+        text = self.model.config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return 2 * self.num_layers * kv_heads * head_dim * self.loaded.dtype.itemsize
+
     def _own_logits(self) -> torch.Tensor:
         """The model's own logits for the probe ids, its forward unchanged."""
         return self.model(input_ids=self._probe_ids, use_cache=False).logits

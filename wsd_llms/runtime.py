@@ -65,7 +65,7 @@ class _Submission:
     compile_error: BaseException | None = None
 
 
-AUTO_LIMITS = ("prefill_chunk", "lookup_tokens")  # None at construction: chosen for the device
+AUTO_LIMITS = ("prefill_chunk", "lookup_tokens", "prefix_cache_tokens")  # None at construction: chosen for the device and models
 
 
 def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
@@ -104,7 +104,7 @@ class WSDRuntime:
         max_running: int = 16,
         max_cached_tokens: int = 65536,
         prefill_chunk: int | None = None,
-        prefix_cache_tokens: int = 4096,
+        prefix_cache_tokens: int | None = None,
         lookup_tokens: int | None = None,
     ) -> None:
         self.draft_source = draft or EMBEDDED_DRAFT
