@@ -52,8 +52,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     With no models named it runs the embedded default pair. Construction is instant; the models load
     on the first call, once per process for each model pair (instances with the same models share
     one runtime). Every request parameter (max_tokens, sampling, switch settings, mode, ...) set in
-    the constructor can be overridden per call (`invoke(..., x=...)` or `.bind(x=...)`); `stop`
-    strings from the call are added to the constructor's. A per-call `model` must name the base model.
+    the constructor can be overridden per call (`invoke(..., x=...)` or `.bind(x=...)`); a call's
+    `stop` replaces the constructor's (`stop=[]` clears it). A per-call `model` must name the base model.
 
     Streamed chunks:
 
