@@ -493,9 +493,13 @@ class Engine:
         except Exception as exc:  # the program's cleanup failed: its caller hears of it, the others go on
             seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {type(exc).__name__}: {exc}"))
 
-    def _cut(self, seq: Sequence) -> Cut:
-        """What ended a reply at its budget: the model's context window where it capped max_tokens
-        (_fit_windows), else max_tokens."""
+    def _cut(self, seq: Sequence, finish_reason: str, stop_reason: str | None) -> Cut | None:
+        """What cut a reply short, if anything did: a stop string of the caller's, or its budget
+        (the model's context window where it capped max_tokens, _fit_windows, else max_tokens)."""
+        if stop_reason is not None:
+            return Cut(f"the stop string {stop_reason!r} ended the reply", f"leave {stop_reason!r} out of stop")
+        if finish_reason != "length":
+            return None
         model = MODELS[seq.params.mode][-1]  # the reply is in the last model's tokens
         window = (self.draft if model == "draft" else self.base).context_window
         prompt = len(seq.prompts.draft_ids if model == "draft" else seq.prompts.base_ids)
@@ -508,9 +512,6 @@ class Engine:
         now = time.perf_counter()
         reply = seq.reply
         stop_reason = reply.stop_found if reply.stop_found in seq.params.stop else None
-        cut = self._cut(seq) if finish_reason == "length" else None
-        if stop_reason is not None:
-            cut = Cut(f"the stop string {stop_reason!r} ended the reply", f"leave {stop_reason!r} out of stop")
         result = WSDResult(
             text=reply.text,
             finish_reason=finish_reason,  # type: ignore[arg-type]
@@ -538,7 +539,7 @@ class Engine:
             mode=seq.params.mode,
             rollbacks=seq.rollbacks,
             stop_reason=stop_reason,
-            **structured_fields(reply.text, seq.params, cut),
+            **structured_fields(reply.text, seq.params, self._cut(seq, finish_reason, stop_reason)),
         )
         # A caller that gave up while this step finished the request (at its timeout, or closing its
         # stream) never reads the result: it is counted as what ended it for them.

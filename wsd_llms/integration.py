@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_vali
 from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
 from .loading import resolve_device, resolve_dtype
-from .params import GenerationParams, did_you_mean, parse_params
+from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params
 from .runtime import WSDRuntime, get_runtime
 from .tools import text_before_calls
 
@@ -153,7 +153,7 @@ def _asks_for_json(response_format: Any) -> bool:
     plain text or a text grammar (regex, structural tag)."""
     if isinstance(response_format, type):
         return True
-    return isinstance(response_format, Mapping) and response_format.get("type") not in ("text", "regex", "structural_tag")
+    return isinstance(response_format, Mapping) and response_format.get("type") not in ("text", *TEXT_GRAMMARS)
 
 
 def _forces_a_call(params: Mapping[str, Any]) -> bool:

@@ -44,6 +44,10 @@ def tool_choice_value(value: Any) -> Any:
     return value
 
 
+# response_format types that constrain text rather than ask for a JSON value.
+TEXT_GRAMMARS = ("regex", "structural_tag")
+
+
 class GenerationParams(BaseModel):
     """Everything one request may set; the defaults are the paper's (τ=0.8, w=6, greedy)."""
 
@@ -165,7 +169,7 @@ class GenerationParams(BaseModel):
     @property
     def text_format(self) -> bool:
         """Whether response_format is a text grammar (regex, structural tag) rather than a JSON schema."""
-        return self.response_format is not None and self.response_format.get("type") in ("regex", "structural_tag")
+        return self.response_format is not None and self.response_format.get("type") in TEXT_GRAMMARS
 
     @property
     def calls_tools(self) -> bool:
