@@ -3,10 +3,11 @@ the worker's step starts (time spent between steps counts) while the request is 
 grammar compiled beside the worker (as the runtime does) and, for comparison, on the worker itself.
 
 Cases: the first structured request of a process (xgrammar builds its table of each tokenizer's
-words, 262k for the embedded base: `structured._cache` is emptied before it), and a request with a
-schema not compiled before. The two ways take turns, so the machine's drift falls on both alike.
+words, 262k for the embedded base: `structured._cache` is emptied before it), a request with a
+schema not compiled before, and a burst of such requests at once (past MAX_COMPILES, they wait for
+a compile thread). The two ways take turns, so the machine's drift falls on both alike.
 
-    python benchmarks/bench_grammar_pause.py [--rounds 2]
+    python benchmarks/bench_grammar_pause.py [--rounds 2] [--burst 16]
 
 Writes results/grammar_pause.json and .md.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from common import alternate, median, write
@@ -26,7 +28,7 @@ from wsd_llms import structured
 
 STREAM = [{"role": "user", "content": "Explain photosynthesis in detail."}]
 ASK = [{"role": "user", "content": "Give me JSON."}]
-CASES = ["first structured request", "new schema"]
+CASES = ["first structured request", "new schema", "new schemas at once"]
 
 
 def schema(n: int) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def schema(n: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--burst", type=int, default=16, help="requests with new schemas sent at once in the last case")
     args = parser.parse_args()
     rt = wsd_llms.get_runtime(device="cpu")
     engine = rt.load()
@@ -58,7 +61,11 @@ def main() -> None:
         stream.start()
         time.sleep(1.0)
         t0 = time.perf_counter()
-        rt.generate(ASK, max_tokens=20, response_format=schema(next(fresh)))
+        if case == CASES[2]:
+            with ThreadPoolExecutor(args.burst) as pool:
+                list(pool.map(lambda n: rt.generate(ASK, max_tokens=20, response_format=schema(n)), [next(fresh) for _ in range(args.burst)]))
+        else:
+            rt.generate(ASK, max_tokens=20, response_format=schema(next(fresh)))
         t1 = time.perf_counter()
         stream.join()
         during = [s for s in starts if t0 - 0.5 <= s <= t1]
@@ -91,7 +98,8 @@ def main() -> None:
             "|---|---|---|---|---|",
             *rows,
             "",
-            f"Online WSD, greedy; one stream of 64 tokens running, then a JSON-schema request of 20 tokens; medians of {args.rounds} rounds, alternating.",
+            f"Online WSD, greedy; one stream of 64 tokens running, then a JSON-schema request of 20 tokens (in the last case {args.burst} at once, "
+            f"the request's latency the burst's); MAX_COMPILES={beside}; medians of {args.rounds} rounds, alternating.",
         ]
     )
     write("grammar_pause", {"rounds": args.rounds, "results": data}, table)

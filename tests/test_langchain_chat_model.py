@@ -593,9 +593,11 @@ def test_reasoning_blocks_are_left_out_and_data_blocks_are_json():
     as plain data is written as JSON."""
     thought = AIMessage([{"type": "reasoning", "reasoning": "hmm"}, {"type": "text", "text": "Paris."}])
     result = ToolMessage([{"city": "Paris", "temp": 21}], tool_call_id="c1")
-    converted = to_runtime_messages([HumanMessage("q"), thought, result])
+    typed = ToolMessage([{"type": "json", "json": {"city": "Paris", "temp": 21}}, {"type": "text", "text": "(cached)"}], tool_call_id="c2")
+    converted = to_runtime_messages([HumanMessage("q"), thought, result, typed])
     assert converted[1]["content"] == "Paris."
     assert converted[2]["content"] == '{"city": "Paris", "temp": 21}'
+    assert converted[3]["content"] == '{"city": "Paris", "temp": 21}\n(cached)'  # LangChain's json block, as ToolNode passes it
 
 
 def test_non_text_block_names_its_type(fake):

@@ -243,7 +243,8 @@ def content_to_text(content: Any, where: str) -> str:
     """A message's content as text: a string, or a list of text blocks joined with newlines (as
     LlamaIndex's `ChatMessage.content`, Ollama and vLLM join them: a context block and a question
     block must not run together). Another model's reasoning blocks are left out, a block of plain
-    data (a tool result) is written as JSON, and any other block (an image, say) gets a clear error."""
+    data (a tool result, untyped or LangChain's {"type": "json", "json": ...}) is written as JSON, and
+    any other block (an image, say) gets a clear error."""
     if isinstance(content, str):
         return content
     if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
@@ -259,6 +260,8 @@ def content_to_text(content: Any, where: str) -> str:
                 continue
             elif kind is None and isinstance(block, Mapping):
                 parts.append(json.dumps(block, ensure_ascii=False, default=str))
+            elif kind == "json" and isinstance(block, Mapping) and "json" in block:  # LangChain's tool-result data block
+                parts.append(json.dumps(block["json"], ensure_ascii=False, default=str))
             else:
                 raise InvalidMessagesError(
                     f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text')"
