@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
@@ -11,7 +13,7 @@ from wsd_llms.kv_cache import KVCache, KVStore
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms import packed_linear
 from wsd_llms.packed_linear import PackedLinear, SharedInputPart, can_pack, pack_linears
-from wsd_llms.scheduler import guess_shares, piece_end, plan_passes, prefill_pieces
+from wsd_llms.scheduler import guess_shares, piece_end, piece_rows, plan_passes, prefill_pieces
 from wsd_llms.sequence import Forward
 
 # (cached tokens, new tokens, kept rows): an empty-cache prefill, decode steps, scoring passes;
@@ -390,6 +392,11 @@ def test_prompts_are_also_cut_where_their_messages_end():
     assert prefill_pieces([_fw(55, cached=40)], 256, [marks]) == [50]
     assert prefill_pieces([_fw(52, 3, cached=40)], 256, [marks]) == [52]  # 2 ids past the mark: fewer than the rows kept
     assert prefill_pieces([_fw(95)], 256, [()]) == [95]
+    # A lazy forward is cut at a mark among its rows too (a scoring pass's prompt end, where the
+    # next turn's pieces are cut), the piece before keeping its share of them; at the grid it is not.
+    scoring = replace(_fw(52, 3, cached=40), lazy=True)
+    assert prefill_pieces([scoring], 256, [marks]) == [50] and piece_rows(scoring, 50) == 1
+    assert prefill_pieces([replace(_fw(56, 5, cached=202), lazy=True)], 256, [marks]) == [56]  # 256 is no mark
 
 
 def test_growing_cache_equals_transformers_cache_across_growth_and_crops():

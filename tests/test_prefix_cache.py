@@ -149,9 +149,10 @@ def test_pieces_cut_where_messages_end_are_restored_bit_for_bit():
             assert torch.equal(ours[..., : len(prompt), :], theirs[..., : len(prompt), :])
 
 
-def test_marks_fall_where_messages_end_and_grow_with_the_conversation():
-    """Both prompts mark where each message's text ends but the last's (the tools block too), and
-    the next turn's prompt, which starts with this one's messages, has the same marks there."""
+def test_marks_fall_where_messages_start_and_the_prompt_ends_and_grow_with_the_conversation():
+    """Both prompts mark where each message's text starts (the tools block's too) and where the
+    prompt ends; the next turn's prompt, which starts with this whole prompt, has the same marks
+    there, and one more at this prompt's end, where the reply it holds starts."""
     from wsd_llms.messages import normalize_messages
     from wsd_llms.prompts import build_prompts
 
@@ -165,14 +166,14 @@ def test_marks_fall_where_messages_end_and_grow_with_the_conversation():
     for template, with_tools in (("plain", ()), ("plain", tools), ("chat", ())):
         first = build_prompts(draft, base, normalize_messages(turn), template, with_tools)
         second = build_prompts(draft, base, normalize_messages(later), template, with_tools)
-        for model, tok, ids in (("draft", draft, first.draft_ids), ("base", base, first.base_ids)):
+        for model, tok, ids, more_ids in (("draft", draft, first.draft_ids, second.draft_ids), ("base", base, first.base_ids, second.base_ids)):
             marks, more = first.marks[model], second.marks[model]
-            assert len(marks) == 1 + (1 if with_tools and model == "base" else 0), (template, model, marks)
-            # A template without tools of its own gets them in the system message (tools.template_messages).
-            assert tok.decode(ids[: marks[-1]]).endswith('"properties": {}}}' if with_tools and model == "draft" else "list below, briefly.")
+            assert len(marks) == 3 + (1 if with_tools and model == "base" else 0), (template, model, marks)
+            assert marks[-1] == len(ids) and more_ids[: len(ids)] == ids  # this prompt starts the next one
+            assert tok.decode(ids[marks[-3] : marks[-2]]).startswith("You answer")  # (the base's tools block is marked before it)
+            assert tok.decode(ids[marks[-2] :]).startswith("Which item is 5?")
             assert len(more) == len(marks) + 2 and more[: len(marks)] == marks
-            assert tok.decode((second.draft_ids if model == "draft" else second.base_ids)[: more[-1]]).endswith("Item 5 is 9.")
-
+            assert tok.decode(more_ids[more[-3] : more[-2]]).startswith("Item 5 is 9.") and tok.decode(more_ids[more[-2] :]).startswith("And item 6?")
 
 
 def test_the_default_store_holds_a_fixed_number_of_bytes_of_both_models():

@@ -1179,10 +1179,11 @@ def test_a_prompt_that_starts_like_an_earlier_one_feeds_only_the_rest(fresh):
     assert 0 < after.prefix_cache["cached_tokens"] <= 2 * 4096
 
 
-def test_a_shorter_prompt_is_cut_where_its_messages_end_for_the_next_turn(fresh):
-    """A conversation shorter than a prefill piece: its prompt is also cut where its system message
-    ends, so the next turn restores that piece in both models (and is cut after its own earlier
-    messages for the turn after), and gets the reply a runtime that keeps nothing gives."""
+def test_a_shorter_prompt_is_cut_where_its_messages_start_and_it_ends_for_the_next_turn(fresh):
+    """A conversation shorter than a prefill piece: its prompt is also cut where its last message
+    starts and where it ends (in the base model's scoring pass too, which feeds the prompt with
+    the first draft ids), so the next turn restores the whole of it in both models (and is cut
+    alike for the turn after), and gets the reply a runtime that keeps nothing gives."""
     settings = {"max_tokens": 20, "switch_threshold": 0.5, "switch_window": 2}
     first = [
         {"role": "system", "content": "Read this and answer. " + " ".join(f"item {i} is {i * 7 % 13}" for i in range(8))},
@@ -1200,7 +1201,9 @@ def test_a_shorter_prompt_is_cut_where_its_messages_end_for_the_next_turn(fresh)
     assert earlier.usage.draft_prompt_tokens < 256 and earlier.usage.base_prompt_tokens < 256  # within one piece of prefill_chunk
     reused = after.prefix_cache["reused_tokens"] - before.prefix_cache["reused_tokens"]
     marks = build_prompts(rt.engine.draft.tokenizer, rt.engine.base.tokenizer, normalize_messages(first)).marks
-    assert reused == marks["draft"][0] + marks["base"][0] > 64  # the system message, in both models
+    whole = earlier.usage.draft_prompt_tokens + earlier.usage.base_prompt_tokens
+    assert marks["draft"][-1] - marks["draft"][-2] >= 32 and marks["base"][-1] - marks["base"][-2] >= 32  # the question: a piece of its own
+    assert reused == whole == got.usage.draft_cached_prompt_tokens + got.usage.base_cached_prompt_tokens  # the whole first prompt
     last = rt.generate([*turn, {"role": "assistant", "content": got.text}, {"role": "user", "content": "Thanks."}], **settings)
     assert rt.stats().prefix_cache["reused_tokens"] - after.prefix_cache["reused_tokens"] > reused  # and the first exchange
     assert last.text == cold.generate([*turn, {"role": "assistant", "content": got.text}, {"role": "user", "content": "Thanks."}], **settings).text

@@ -23,7 +23,7 @@ from .params import GenerationParams
 from .prefix_cache import PrefixCache
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
-from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, guess_shares, plan_passes, prefill_pieces
+from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, guess_shares, piece_rows, plan_passes, prefill_pieces
 from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
 from .structured import Cut, constraint_spec, structured_fields
@@ -328,7 +328,7 @@ class Engine:
         pending = [seq.pending for seq in seqs if seq.pending is not None]  # all of them: they were batched by it
         sizes = prefill_pieces(pending, self.prefill_chunk, [self._marks(seq, forward.model) for seq, forward in zip(seqs, pending)])
         return [
-            (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=0, lazy=True))
+            (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=piece_rows(forward, n), lazy=True))
             for seq, forward, n in zip(seqs, pending, sizes)
             if n is not None
         ]
@@ -452,9 +452,13 @@ class Engine:
                 return
         pending = seq.pending
         if forward is pending:
+            if seq.piece_rows is not None:  # rows its earlier pieces gave (a piece cut among the rows kept)
+                output, seq.piece_rows = seq.piece_rows.then(output), None  # type: ignore[arg-type]
             self._send(seq, output)
         elif pending is not None:
-            seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :])
+            if forward.keep:
+                seq.piece_rows = output if seq.piece_rows is None else seq.piece_rows.then(output)  # type: ignore[arg-type]
+            seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :], keep=pending.keep - forward.keep)
 
     def _send(self, seq: Sequence, output: Output) -> None:
         """Hand the program its output; it asks for the next pass, or ends and the request finishes.

@@ -30,11 +30,15 @@ class Prompts:
     forced_prefix: str
     role_stops: tuple[str, ...]
     marks: dict[str, tuple[int, ...]]
-    """Per model ("draft", "base"): the positions where the prompt's messages end, ascending, but
-    the last message's, where its prefill may be cut so that a later prompt with the same
-    messages first (the next turn, another question under the same system prompt) reuses the
-    pieces (scheduler.piece_end). The last message's end is left out: a cut costs a pass, and
-    only a request that goes on differently after it could gain from it."""
+    """Per model ("draft", "base"): the positions where the prompt's messages start (their text,
+    after the template's header) and where the prompt ends (where the reply's text starts),
+    ascending, where its prefill may be cut so that a later prompt with the same messages first
+    reuses the pieces (scheduler.piece_end). The next turn of a conversation or an agent loop
+    starts with this whole prompt and has these marks there, and its own reply's start where
+    this prompt ends, so it is cut alike up to this prompt's end (marks where messages end
+    would not do: this prompt's last message would end at a mark only in the next one, which
+    would be cut differently from the start of that message on); so does another question under
+    the same system prompt, up to its question's start."""
     base_spans: tuple[Span, ...] = ()
     """Where the messages' text in `base_text` spells special tokens (usually nowhere): it is
     encoded as text (encoding.encode), here and wherever the draft is handed to the base model."""
@@ -76,9 +80,10 @@ def message_spans(text: str, messages: Sequence[Message]) -> list[Span]:
 
 def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str], spans: Sequence[Span] = ()) -> tuple[list[int], tuple[int, ...]]:
     """`text`'s ids, with `spans` (message text that spells special tokens) encoded as text
-    (encoding.encode); and where each of `contents` ends in them: each is looked for in `text`
-    after the last one found, and marks the position of the token that starts where it ends
-    (none if no token starts there, or for a tokenizer without character offsets)."""
+    (encoding.encode); and where each of `contents` starts in them, then the end (Prompts.marks):
+    each is looked for in `text` after the last one found, and marks the position of the token
+    that starts where it starts (none if no token starts there; only the end for a tokenizer
+    without character offsets)."""
     ids, offsets = encode(tokenizer, text, spans, offsets=True)
     starts: dict[int, int] = {}
     for i, (start, _) in enumerate(offsets):
@@ -89,8 +94,10 @@ def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str], spans:
         if found < 0:
             continue
         at = found + len(content)
-        if at in starts and (not marks or starts[at] > marks[-1]):
-            marks.append(starts[at])
+        if found in starts and (not marks or starts[found] > marks[-1]):
+            marks.append(starts[found])
+    if ids and (not marks or marks[-1] < len(ids)):
+        marks.append(len(ids))
     return ids, tuple(marks)
 
 
@@ -98,12 +105,12 @@ def draft_prompt_ids(
     tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]] = ()
 ) -> tuple[list[int], tuple[int, ...]]:
     """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1);
-    and where its messages but the last end (Prompts.marks)."""
+    and where its messages start and it ends (Prompts.marks)."""
     text, contents = _chat_template(tokenizer, messages, tools)
     full = text + forced_prefix
     texts = message_spans(text, messages) + ([(len(text), len(full))] if forced_prefix else [])
     spans = special_spans(tokenizer, full, texts)
-    ids, marks = encode_with_marks(tokenizer, full, contents[:-1], spans)
+    ids, marks = encode_with_marks(tokenizer, full, contents, spans)
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, marks = [bos, *ids], tuple(m + 1 for m in marks)
@@ -142,7 +149,7 @@ def build_prompts(
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
     base_spans = base_prompt_spans(base_tok, base_text, context)
-    base_ids, base_marks = encode_with_marks(base_tok, base_text, contents[:-1], base_spans)
+    base_ids, base_marks = encode_with_marks(base_tok, base_text, contents, base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
 

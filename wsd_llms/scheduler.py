@@ -197,12 +197,20 @@ def guess_shares(forwards: list[Forward], rows: int) -> list[int]:
     return shares
 
 
+def piece_rows(forward: Forward, n: int) -> int:
+    """Of the rows `forward` keeps, how many its first `n` ids give (prefill_pieces)."""
+    return max(0, forward.keep - (len(forward.ids) - n))
+
+
 def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, ...]] | None = None) -> list[int | None]:
     """How many of each forward's ids run this step (chunked prefill); None where it waits a step.
 
     `forwards` come in admission order, with their prompts' `marks`. A forward is cut where
     `piece_end` says (the same cuts under any load, so a reply does not depend on what else runs),
-    its last piece keeping the rows it asks for. Decode steps (one id, and any guesses after it)
+    its last piece keeping the rows it asks for; a lazy forward may also be cut at a mark among
+    those rows (the base model's prompt end, in a scoring pass that feeds it with the first draft
+    ids and needs its last position's row), the piece before keeping its share of them
+    (`piece_rows`), so that the whole prompt is a stored piece for the next turn. Decode steps (one id, and any guesses after it)
     always run whole. The other forwards share a budget of `chunk` ids per step: first those this
     step finishes (a short prompt, a scoring pass, a prompt's last piece), then those that go on
     (a long prompt's next piece), each kind in admission order, and the first of each kind always
@@ -217,7 +225,8 @@ def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, .
             sizes[i] = n
             continue
         end = piece_end(start, its_marks, chunk)
-        if start + n - end >= max(forward.keep, 1):
+        rest = start + n - end
+        if rest >= max(forward.keep, 1) or (forward.lazy and rest >= 1 and end in its_marks):
             going_on.append((i, end - start))
         else:
             finishing.append((i, n))

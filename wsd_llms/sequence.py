@@ -110,6 +110,7 @@ class Sequence:
     prompt_caches: dict[str, weakref.ref[KVCache]] = field(default_factory=dict)
     program: Program | None = None
     pending: Forward | None = None
+    piece_rows: HeadRows | None = None  # rows the pending forward's pieces gave so far (scheduler.prefill_pieces)
 
     @property
     def phase(self) -> Phase:
@@ -160,7 +161,7 @@ class Sequence:
     def free(self) -> None:
         """Drop the caches (finished, failed or cancelled)."""
         self.draft_kv = self.base_kv = None
-        self.pending = None
+        self.pending = self.piece_rows = None
         program, self.program = self.program, None
         if program is not None:
             program.close()  # runs the program's cleanup, which may raise (Engine._drop)
