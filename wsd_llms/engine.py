@@ -51,10 +51,10 @@ GUESS_ROWS = 16
 
 # The prefix cache's default size (prefix_cache_tokens=None): as many positions per model as both
 # models' keys and values hold in this many bytes. For the embedded pair in float32 (45 KiB a position
-# for the draft, 36 KiB for the base) that is 12945 positions, a 40-turn conversation or a few long
-# documents (the previous default, 4096, re-fed everything past it on every turn: a 30-turn chat's
-# first text took 14.4 s at its last turn against 4.1 s with 16384); for a 7B model in float32
-# (512 KiB a position), about 1900.
+# for the draft, 36 KiB for the base) that is 12945 positions, a long conversation or a few long
+# documents (with the previous default, 4096, benchmarks/bench_long_chat.py's 30th turn fed 7464
+# positions again and its first text took 21.7 s, against 526 and 2.2 s); for a 7B base of
+# 32 layers with 32 key/value heads of 128 in float32 (1 MiB a position), about 1000.
 PREFIX_CACHE_BYTES = 1 << 30
 
 PROGRAMS = {"online": run_online, "staged": run_staged, "base": run_base_only, "draft": run_draft_only}

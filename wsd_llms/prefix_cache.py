@@ -4,7 +4,7 @@ document many questions share, one system prompt under many users' questions) fe
 
 A piece's states depend only on the ids up to its end and on where the pieces before it were
 cut, and a prompt is cut at the same positions whatever else runs (scheduler.piece_end: every
-prefill_chunk ids, and where a message ends), so restoring stored pieces gives a cache bit for bit
+prefill_chunk ids, and at its marks: where a message starts, where it ends), so restoring stored pieces gives a cache bit for bit
 equal to feeding them again (on CPU, where a row's pass does not depend on the others). That holds
 for pieces that follow only whole pieces (`KVCache.cuts`): only those are stored, and only a cache
 made of them takes more; a piece is known by its cuts and its ids.
@@ -62,8 +62,8 @@ class PrefixCache:
 
     def restore(self, kv: KVCache, ids: list[int], keep: int, chunk: int, num_layers: int, marks: tuple[int, ...] = ()) -> int:
         """Extend `kv` (which ends where a piece would start) with the stored pieces that continue
-        it with `ids`, as far as feeding `ids` would cut them whole (`marks`: the prompt's message
-        ends; the last piece, which gives the `keep` rows, is always fed); returns how many of
+        it with `ids`, as far as feeding `ids` would cut them whole (`marks`: the prompt's
+        marks, prompts.Prompts.marks; the last piece, which gives the `keep` rows, is always fed); returns how many of
         `ids` it now holds.
 
         A prompt that starts like an earlier one starts from its pieces; one that runs beside
@@ -104,7 +104,7 @@ class PrefixCache:
 
     def store(self, kv: KVCache, start: int, chunk: int, marks: tuple[int, ...] = ()) -> None:
         """Keep the piece `kv` was just fed at positions [start, len(kv)), if whole pieces came
-        before it and it ends where the prompt is cut (`marks`: its message ends)."""
+        before it and it ends where the prompt is cut (`marks`: the prompt's, prompts.Prompts.marks)."""
         end = len(kv)
         if not kv.whole_pieces(start, chunk) or end != piece_end(start, marks, chunk) or kv.store.buffers is None:
             return

@@ -34,9 +34,9 @@ POSITION_COST = {"cpu": 0.012, "cuda": 0.01}
 # should cost little more than a decode step (an estimate, as yet unmeasured).
 PREFILL_CHUNK = {"cpu": 256, "cuda": 8192}
 
-# A prompt's prefill is also cut where one of its messages ends (prompts.Prompts marks), so that a
-# later request with the same messages first (the next turn of a conversation or an agent loop,
-# another question under the same system prompt) takes those pieces from the prefix cache. A mark
+# A prompt's prefill is also cut where each of its messages starts and where it ends (prompts.Prompts
+# marks), so that a later request with the same messages first (the next turn of a conversation or
+# an agent loop, another question under the same system prompt) takes those pieces from the prefix cache. A mark
 # less than MIN_PIECE ids past a piece's start is passed over: each pass has a fixed cost (about
 # 17 tokens' worth on the 2-core CPU, PASS_OVERHEAD).
 MIN_PIECE = 32
