@@ -17,10 +17,10 @@ import statistics
 import time
 
 from bench_long_prompt import CITIES
+from bench_prefix_cache import ask
 from common import device_suffix, write
 
 import wsd_llms
-from wsd_llms import FinalEvent, TextDelta
 
 GOODS = ["apples", "copper", "paper", "glass", "wool", "salt"]
 
@@ -41,16 +41,11 @@ def chat(runtime: wsd_llms.WSDRuntime, turns: int, records: int, max_tokens: int
     measured = []
     for turn in range(turns):
         messages.append({"role": "user", "content": message(turn, records)})
-        sent, first = time.perf_counter(), None
-        for event in runtime.stream(messages, max_tokens=max_tokens):
-            if isinstance(event, TextDelta) and first is None:
-                first = time.perf_counter()
-            elif isinstance(event, FinalEvent):
-                result = event.result
+        ttft, _, result = ask(runtime, messages, max_tokens)
         usage = result.usage
         measured.append(
             {
-                "ttft_s": (first or time.perf_counter()) - sent,
+                "ttft_s": ttft,
                 "prompt_tokens": usage.draft_prompt_tokens + usage.base_prompt_tokens,
                 "fed_tokens": usage.draft_prompt_tokens + usage.base_prompt_tokens - usage.draft_cached_prompt_tokens - usage.base_cached_prompt_tokens,
                 "text": result.text,
