@@ -396,6 +396,7 @@ def test_prompts_are_also_cut_where_their_messages_end():
     # next turn's pieces are cut), the piece before keeping its share of them; at the grid it is not.
     scoring = replace(_fw(52, 3, cached=40), lazy=True)
     assert prefill_pieces([scoring], 256, [marks]) == [50] and piece_rows(scoring, 50) == 1
+    assert prefill_pieces([_fw(3000), scoring], 256, [(), marks]) == [256, 50]  # it gives rows: not behind a long prompt's piece
     assert prefill_pieces([replace(_fw(56, 5, cached=202), lazy=True)], 256, [marks]) == [56]  # 256 is no mark
 
 

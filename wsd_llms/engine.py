@@ -334,7 +334,7 @@ class Engine:
         ]
 
     def _marks(self, seq: Sequence, model: str) -> tuple[int, ...]:
-        """Where `model`'s prompt may be cut besides every prefill_chunk ids: at its messages' ends, on
+        """Where `model`'s prompt may be cut besides every prefill_chunk ids: where its messages start and where it ends, on
         a runner whose passes give a row the same bits in any batch (ragged, on CPU); a padded
         pass (a GPU) pays a launch cost a piece, and its pieces are not reused bit for bit."""
         return seq.prompts.marks[model] if self.runners[model].ragged else ()

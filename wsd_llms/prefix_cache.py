@@ -4,7 +4,7 @@ document many questions share, one system prompt under many users' questions) fe
 
 A piece's states depend only on the ids up to its end and on where the pieces before it were
 cut, and a prompt is cut at the same positions whatever else runs (scheduler.piece_end: every
-prefill_chunk ids, and at its marks: where a message starts, where it ends), so restoring stored pieces gives a cache bit for bit
+prefill_chunk ids, and at its marks: where each message starts and where it ends), so restoring stored pieces gives a cache bit for bit
 equal to feeding them again (on CPU, where a row's pass does not depend on the others). That holds
 for pieces that follow only whole pieces (`KVCache.cuts`): only those are stored, and only a cache
 made of them takes more; a piece is known by its cuts and its ids.

@@ -210,12 +210,13 @@ def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, .
     its last piece keeping the rows it asks for; a lazy forward may also be cut at a mark among
     those rows (the base model's prompt end, in a scoring pass that feeds it with the first draft
     ids and needs its last position's row), the piece before keeping its share of them
-    (`piece_rows`), so that the whole prompt is a stored piece for the next turn. Decode steps (one id, and any guesses after it)
-    always run whole. The other forwards share a budget of `chunk` ids per step: first those this
-    step finishes (a short prompt, a scoring pass, a prompt's last piece), then those that go on
-    (a long prompt's next piece), each kind in admission order, and the first of each kind always
-    runs. So a short prompt or a scoring pass never waits behind a long prompt's prefill, and that
-    prefill still gets a piece every step: a step feeds at most about two chunks.
+    (`piece_rows`), so that the whole prompt is a stored piece for the next turn (which costs such a
+    pass one more step). Decode steps (one id, and any guesses after it) always run whole. The
+    other forwards share a budget of `chunk` ids per step: first those that give rows this step (a
+    short prompt, a scoring pass or its prompt's last piece, a prompt's last piece), then those
+    that go on (a long prompt's next piece), each kind in admission order, and the first of each
+    kind always runs. So a short prompt or a scoring pass never waits behind a long prompt's
+    prefill, and that prefill still gets a piece every step: a step feeds at most about two chunks.
     """
     sizes: list[int | None] = [None] * len(forwards)
     finishing, going_on = [], []
@@ -226,8 +227,10 @@ def prefill_pieces(forwards: list[Forward], chunk: int, marks: list[tuple[int, .
             continue
         end = piece_end(start, its_marks, chunk)
         rest = start + n - end
-        if rest >= max(forward.keep, 1) or (forward.lazy and rest >= 1 and end in its_marks):
+        if rest >= max(forward.keep, 1):
             going_on.append((i, end - start))
+        elif forward.lazy and rest >= 1 and end in its_marks:  # cut among its rows: it gives some this step
+            finishing.append((i, end - start))
         else:
             finishing.append((i, n))
     budget = chunk
