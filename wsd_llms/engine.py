@@ -155,7 +155,6 @@ class Engine:
         self.scheduler = Scheduler(max_running, max_cached_tokens)
         if prefix_cache_tokens is None:
             prefix_cache_tokens = PREFIX_CACHE_BYTES // sum(runner.position_bytes for runner in self.runners.values())
-        self.prefix_cache_tokens = prefix_cache_tokens
         self.prefixes = {model: PrefixCache(prefix_cache_tokens) for model in self.runners}
         self.counts = {"finished": 0, "failed": 0, "cancelled": 0}
         zero = RuntimeStats.empty()  # the counters start from the empty snapshot, so their keys are named once
@@ -208,10 +207,14 @@ class Engine:
         self.start(seq)
         self.scheduler.add(seq)
 
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Prompt positions each model's prefix store holds at most (the default's, or as configured)."""
+        return self.prefixes["base"].max_tokens
+
     def configure(self, name: str, value: int) -> None:
         """Set one limit (runtime.configure, between steps)."""
         if name == "prefix_cache_tokens":
-            self.prefix_cache_tokens = value
             for prefixes in self.prefixes.values():
                 prefixes.resize(value)
         elif name == "prefill_chunk":
