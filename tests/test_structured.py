@@ -85,6 +85,19 @@ def test_text_formats_hold_the_reply_and_online_equals_staged(fixture, request):
         assert online.text == staged.text and online.text.startswith("Thought: ") and "\n" not in online.text
 
 
+def test_role_markers_end_a_text_format_reply(shared_runtime):
+    """A text grammar (regex, structural tag) holds text, in which the plain template's role markers
+    still end the reply as they do unconstrained: the base must not run on into a next turn. (The
+    grammar here forces one, where an any_text tag lets a model write one.)"""
+    messages = QUESTIONS[0]
+    turn = {"type": "regex", "pattern": r"Yes\n\n\[User\]\nNo"}
+    for mode in ("base", "staged", "online"):
+        result = shared_runtime.generate(messages, mode=mode, max_tokens=30, response_format=turn, switch_threshold=1.0)
+        assert result.text == "Yes" and result.finish_reason == "stop", (mode, result.text)
+    caller = shared_runtime.generate(messages, mode="base", max_tokens=30, response_format=turn, stop=["No"])
+    assert caller.text == "Yes" and caller.stop_reason is None, caller.text  # the role marker came first
+
+
 @pytest.mark.parametrize("answer", [False, True])
 def test_react_format_accepts_exactly_one_step(answer):
     import xgrammar as xgr

@@ -178,8 +178,10 @@ class GenerationParams(BaseModel):
 
     @property
     def free_text(self) -> bool:
-        """Whether the reply may be plain text (so the plain template's role markers still end it)."""
-        return not self.constrained or (self.response_format is None and self.tool_choice == "auto")
+        """Whether the reply may be plain text (so the plain template's role markers still end it):
+        no grammar, tools on "auto" beside free text, or a text grammar (an any_text tag, a permissive
+        regex), in which a model may write a next turn as it may unconstrained."""
+        return not self.constrained or self.text_format or (self.response_format is None and self.tool_choice == "auto")
 
     def timed_out(self, since: float, now: float, grace: float = 0.0) -> bool:
         """Whether `timeout` (and `grace` more seconds) passed between `since` (the request's
