@@ -387,6 +387,10 @@ def test_prompts_are_also_cut_where_their_messages_end():
     assert [piece_end(p, marks, 256) for p in (0, 40, 70, 256)] == [40, 90, 256, 300]
     assert cuts(marks) == [40, 90, 256, 300]
     assert cuts(marks[:3]) == [40, 256, 512]  # fewer messages: cut alike up to the last mark it keeps (40)
+    # A piece cut at a mark just short of a multiple of the chunk passes over it: no pass of 3 ids.
+    assert cuts((253, 280, 520)) == [253, 512]  # 280 is too close to 253 to cut, as 256 is
+    assert cuts((253, 290)) == [253, 290, 512]
+    assert cuts((100, 230, 500)) == [100, 230, 500]
     # prefill_pieces cuts there, from where the cache ends; the last piece keeps its rows.
     assert prefill_pieces([_fw(95)], 256, [marks]) == [40]
     assert prefill_pieces([_fw(55, cached=40)], 256, [marks]) == [50]

@@ -44,10 +44,14 @@ MIN_PIECE = 32
 
 def piece_end(start: int, marks: tuple[int, ...], chunk: int) -> int:
     """Where the prefill piece that starts at position `start` ends: at the first mark (ascending)
-    at least MIN_PIECE past it, if one comes before the next multiple of `chunk`; else there.
+    at least MIN_PIECE past it, if one comes before the next multiple of `chunk`; else there. A
+    piece that starts at a mark passes over a multiple of `chunk` less than MIN_PIECE past it (a
+    mark at 253 would leave a pass of 3 ids before 256), so it may run to chunk + MIN_PIECE - 1 ids.
     Pieces start at 0 and each starts where the last ended, so a prompt's cuts depend on its own
     ids and marks alone, and two prompts with the same start are cut alike there."""
     grid = (start // chunk + 1) * chunk
+    if start % chunk and grid - start < MIN_PIECE:
+        grid += chunk
     return next((m for m in marks if start + MIN_PIECE <= m < grid), grid)
 
 
