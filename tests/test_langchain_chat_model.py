@@ -256,11 +256,14 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.requests: list[tuple[list[dict[str, str]], dict[str, Any]]] = []
         self.reply = fake_result()
+        self.piece = 0  # if set, the text streams this many characters at a time (all the base's)
         self.limits: dict[str, int | None] = {"max_running": 16}
 
     def _events(self, messages: list[dict[str, str]], params: dict[str, Any]) -> list[TextDelta | FinalEvent]:
         self.requests.append((messages, params))
         text = self.reply.text
+        if self.piece:
+            return [*(TextDelta(text[i : i + self.piece], "base") for i in range(0, len(text), self.piece)), FinalEvent(self.reply)]
         return [TextDelta(text[:2], "draft"), TextDelta(text[2:], "base"), FinalEvent(self.reply)]
 
     def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[TextDelta | FinalEvent]:
@@ -749,15 +752,51 @@ def test_tool_calls_stream_and_invoke_agree(fake, reply):
     full = _aggregate(chunks)
     assert all("<tool_call>" not in c.text for c in chunks)
     assert full.content == invoked.content == reply.content
-    assert full.tool_calls == invoked.tool_calls == [{"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in reply.tool_calls]
+    expected = [{"name": c.name, "args": c.arguments, "type": "tool_call"} for c in reply.tool_calls]
+    assert _without_ids(full.tool_calls) == _without_ids(invoked.tool_calls) == expected  # ids: each stream's own
     assert [c["id"] for c in full.invalid_tool_calls] == [c["id"] for c in invoked.invalid_tool_calls] == [c.id for c in reply.invalid_tool_calls]
     assert [c["error"] for c in invoked.invalid_tool_calls] == [c.error for c in reply.invalid_tool_calls]
     # LangChain makes the message from the chunks itself when the model streams under invoke
     streamed = WSDChatModel(streaming=True).bind_tools([Add], tool_choice="auto")
     for message in (streamed.invoke("x"), asyncio.run(streamed.ainvoke("x"))):
         assert [c["error"] for c in message.invalid_tool_calls] == [c.error for c in reply.invalid_tool_calls]
-    if reply.tool_calls:
-        assert chunks[-1].tool_call_chunks == [{"name": "Add", "args": json.dumps(CALL.arguments), "id": "call_1", "index": 0, "type": "tool_call_chunk"}]
+
+
+def _without_ids(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "id"} for c in calls]
+
+
+def test_a_call_streams_as_it_is_written(fake):
+    """As OpenAI's calls stream: the id and name once the name is written, then the arguments' JSON
+    text as it is written; the chunks add up to the call, whose arguments parse as far as they came."""
+    fake.reply = fake_result(f"Sure.\n{CALL_TEXT}", content="Sure.", tool_calls=(CALL,))
+    fake.piece = 3
+    chunks = list(WSDChatModel().bind_tools([Add]).stream("x"))
+    pieces = [p for c in chunks for p in c.tool_call_chunks]
+    assert pieces[0]["name"] == "Add" and pieces[0]["id"].startswith("call_") and pieces[0]["index"] == 0
+    assert len(pieces) > 3 and all(p["name"] is None and p["id"] is None and p["index"] == 0 for p in pieces[1:])
+    assert "".join(p["args"] for p in pieces) == json.dumps(CALL.arguments)  # as written: the grammar's spacing
+    assert not chunks[-1].tool_call_chunks  # all of it showed before the end
+    grown = [_aggregate(chunks[:k]).tool_calls for k in range(1, len(chunks) + 1)]
+    assert {"a": 1} in [calls[0]["args"] for calls in grown if calls]  # a partial parse on the way
+    full = _aggregate(chunks)
+    assert full.text == "Sure." and _without_ids(full.tool_calls) == [{"name": "Add", "args": CALL.arguments, "type": "tool_call"}]
+    assert full.tool_calls[0]["id"] == pieces[0]["id"]
+
+
+def test_a_streamed_call_found_invalid_at_the_end_is_reported_under_its_id(fake):
+    """A call cut short by max_tokens streams as far as it was written; the last chunk names its
+    error under the id it streamed with, and an invoked message lists it as invalid."""
+    raw = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b'
+    error = "the call is not closed with </tool_call> (the reply used up max_tokens=20 first; raise max_tokens)"
+    fake.reply = fake_result(raw, content="", invalid_tool_calls=(InvalidToolCall(raw, error, "Add", "call_9"),))
+    fake.piece = 4
+    for model in (WSDChatModel(), WSDChatModel(streaming=True)):
+        chunks = list(model.bind_tools([Add]).stream("x"))
+        streamed_id = chunks[0].tool_call_chunks[0]["id"]
+        assert chunks[-1].response_metadata["tool_call_errors"] == {streamed_id: error}
+        invoked = model.bind_tools([Add]).invoke("x")
+        assert invoked.tool_calls == [] and [(c["name"], c["args"], c["error"]) for c in invoked.invalid_tool_calls] == [("Add", '{"a": 1}', error)]
 
 
 def test_text_replays_with_its_sources_when_tools_are_bound(fake):
@@ -1146,7 +1185,9 @@ def test_embedded_forced_tool_call_stream_matches_invoke_and_history_runs(embedd
     model = WSDChatModel(max_tokens=48).bind_tools([Add], tool_choice="Add")
     question = HumanMessage("What is 17 plus 25?")
     invoked = model.invoke([question])
-    full = _aggregate(list(model.stream([question])))
+    chunks = list(model.stream([question]))
+    full = _aggregate(chunks)
+    assert len([c for c in chunks if c.tool_call_chunks]) > 3 and not chunks[-1].tool_call_chunks  # as it was written
     assert invoked.content == full.content == ""
     assert len(invoked.tool_calls) == 1 and invoked.invalid_tool_calls == []
     assert [(c["name"], c["args"]) for c in full.tool_calls] == [(c["name"], c["args"]) for c in invoked.tool_calls]

@@ -147,6 +147,52 @@ def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPat
     assert all("<" not in (c.message.content or "") for c in chunks) and calls(llm, chunks[-1]) == [("add", {"a": 1, "b": 2})]
 
 
+def test_a_call_streams_as_it_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As OpenAI's calls stream in LlamaIndex: each response carries the calls begun so far, their
+    arguments parsed as far as they are written, under one id from the first response to the last."""
+    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    llm, _ = scripted(monkeypatch, text, content="Let me add.", tool_calls=(ToolCall("c1", "add", {"a": 1, "b": 2}),))
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
+    seen = [llm.get_tool_calls_from_response(c, error_on_no_tool_call=False) for c in chunks]
+    during = [s[0] for s in seen[:-1] if s]
+    assert during and {c.tool_id for c in during} == {seen[-1][0].tool_id} and seen[-1][0].tool_id.startswith("call_")
+    assert [c.tool_kwargs for c in during][:1] == [{}] and {"a": 1} in [c.tool_kwargs for c in during]
+    assert (seen[-1][0].tool_name, seen[-1][0].tool_kwargs) == ("add", {"a": 1, "b": 2})
+    listed = [c.message.additional_kwargs["tool_calls"][0]["function"]["arguments"] for c in chunks if c.message.additional_kwargs.get("tool_calls")]
+    assert all(b.startswith(a) for a, b in zip(listed, listed[1:])) and listed[-1] == '{"a": 1, "b": 2}'
+    assert chunks[-1].message.content == "Let me add." and all("<" not in (c.message.content or "") for c in chunks)
+
+
+def test_a_streaming_program_builds_partial_objects_from_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FunctionCallingProgram.stream_call reads the call as it is written (it had given empty objects
+    until the end)."""
+    from llama_index.core.program import FunctionCallingProgram
+
+    class Sum(BaseModel):
+        a: int
+        b: int
+
+    text = '<tool_call>\n{"name": "Sum", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    llm, _ = scripted(monkeypatch, text, content="", tool_calls=(ToolCall("c1", "Sum", {"a": 1, "b": 2}),))
+    program = FunctionCallingProgram.from_defaults(output_cls=Sum, llm=llm, prompt_template_str="Add {x}.")
+    objects = list(program.stream_call(x="1 and 2"))
+    assert (objects[-1].a, objects[-1].b) == (1, 2)
+    assert (1, None) in [(o.a, o.b) for o in objects[:-1]]
+
+
+def test_a_streamed_call_found_invalid_at_the_end_leaves_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that max_tokens cut short shows while written, and the final response lists it as
+    invalid under the same id, with no ToolCallBlock."""
+    raw = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b'
+    bad = InvalidToolCall(raw, "the call is not closed with </tool_call>", "add", "c9")
+    llm, _ = scripted(monkeypatch, raw, content="", invalid_tool_calls=(bad,))
+    chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
+    streamed = llm.get_tool_calls_from_response(chunks[-2], error_on_no_tool_call=False)
+    assert [(c.tool_name, c.tool_kwargs) for c in streamed] == [("add", {"a": 1})]  # the unfinished key left out
+    assert llm.get_tool_calls_from_response(chunks[-1], error_on_no_tool_call=False) == []
+    assert chunks[-1].message.additional_kwargs["invalid_tool_calls"] == [{"raw": raw, "error": bad.error, "name": "add", "id": streamed[0].tool_id}]
+
+
 def test_every_chunk_says_which_model_wrote_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The last chunk too: with tools bound it may carry text held back in case it began a call."""
     llm, _ = scripted(monkeypatch, "Use a <tool", content="Use a <tool")
@@ -221,8 +267,9 @@ async def test_function_agent_after_a_failing_return_direct_tool_writes_a_new_tu
     agent = FunctionAgent(tools=[tool], llm=llm, allow_parallel_tool_calls=False)
     answer = await agent.run(user_msg="How many people live in Paris?")
     assert str(answer) == "I could not look it up."
-    last = script.messages[1][-1]
-    assert last["role"] == "tool" and last["tool_call_id"] == "c1" and "the database is busy" in last["content"]
+    called, last = script.messages[1][-2:]
+    assert [c["name"] for c in called["tool_calls"]] == ["lookup"]  # under the id it streamed with
+    assert last["role"] == "tool" and last["tool_call_id"] == called["tool_calls"][0]["id"] and "the database is busy" in last["content"]
     # Not a tool's copy (no matching result before it): a trailing assistant message is still the reply's start.
     llm.chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello", additional_kwargs={"tool_call_id": "c1"})])
     assert script.messages[-1][-1] == {"role": "assistant", "content": "Hello"}

@@ -368,6 +368,32 @@ def test_tools_with_a_response_format_give_calls_or_the_value():
     assert fields["parsed"] == {"color": "blue", "ok": False, "n": 3} and fields["parse_error"] is None and "tool_calls" not in fields
 
 
+def test_calls_show_as_they_are_written_and_finish_in_order():
+    """begun_calls: each call's name once written, and its arguments' text, which only grows with the
+    reply and ends where their JSON does (a string may hold braces and the closing tag);
+    calls_in_order: parse_reply's valid and invalid calls in the order they were written."""
+    from wsd_llms.tools import begun_calls, calls_in_order
+
+    args = '{"note": "a } and </tool_call>", "n": 1}'
+    text = (
+        f'Text.\n<tool_call>\n{{"name": "pick", "arguments": {args}}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "n", "arguments": {"n": 7}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "n", "arguments": {"n": 2}}\n</tool_call>'
+    )
+    seen: dict[int, str] = {}
+    for end in range(len(text) + 1):
+        for index, begun in enumerate(begun_calls(text[:end])):
+            if begun is not None:
+                assert begun[1].startswith(seen.get(index, "")), (end, begun)
+                seen[index] = begun[1]
+    assert [b for b in begun_calls(text)] == [("pick", args), ("n", '{"n": 7}'), ("n", '{"n": 2}')]
+    assert begun_calls('<tool_call>\n{"name": "pi') == [None] and begun_calls('<tool_call>\n{"name":"n","arguments":{}}') == [None]
+    tools = [{"name": "pick", "parameters": {"type": "object"}}, SMALL]
+    content, calls, invalid = parse_reply(text, tools)
+    assert [c.name for c in calls] == ["pick", "n"] and len(invalid) == 1  # 7 is not one of n's values
+    assert [getattr(c, "arguments", None) for c in calls_in_order(text, calls, invalid)] == [{"note": "a } and </tool_call>", "n": 1}, None, {"n": 2}]
+
+
 def test_a_json_reply_cut_short_says_what_ended_it(draft_tokenizer):
     """parse_error says what ended a JSON value early and what to do (both adapters pass it on):
     max_tokens (raise it), or the base model's context window where that capped max_tokens

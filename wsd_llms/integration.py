@@ -7,8 +7,10 @@ the default of every request parameter (the fields of GenerationParams, reused, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -16,10 +18,12 @@ from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_vali
 
 from .errors import InvalidMessagesError, ModelLoadError
 from .events import WSDResult
+from .messages import ToolCall
 from .loading import resolve_device, resolve_dtype
 from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params
 from .runtime import WSDRuntime, get_runtime
-from .tools import text_before_calls
+from .tools import InvalidToolCall
+from .tools import begun_calls, calls_in_order, reads_as_calls, text_before_calls
 
 MODEL_PROVIDER = "wsd"
 
@@ -233,6 +237,80 @@ class ShownText:
             index, start = index + 1, start + len(piece)
         self._next, self.shown = (index, start), text
         return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class CallDelta:
+    """A piece of a tool call being written: the call's position among the reply's calls (LangChain's
+    `index`), its id and name on its first piece only, and the arguments' JSON text written since its last."""
+
+    index: int
+    id: str | None
+    name: str | None
+    args: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalCall:
+    """One of a finished reply's calls, valid or not, with the id it streamed under (if it did) and
+    its position; `args`: the arguments' text a streamed valid call has yet to show."""
+
+    index: int
+    call: ToolCall | InvalidToolCall
+    streamed: bool
+    args: str
+
+
+class ShownCalls:
+    """A reply's tool calls as they are written, as OpenAI streams them: a call shows, with a new id,
+    once its name is written, then its arguments' JSON text as the model writes it (so a UI shows
+    them, and a partial parse of the arguments grows). Calls show while tools are on, and beside a
+    response_format only in a reply that starts with one (tools.reads_as_calls). Whether a call is
+    valid is known at the end (`finish`): a call cut short by max_tokens, or off its schema, streamed
+    as far as it was written and is then reported invalid under the same id."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.on = hides_calls(params)
+        self.with_format = params.get("response_format") is not None
+        self.calls: dict[int, tuple[str, str, str]] = {}  # index -> (id, name, arguments text shown)
+
+    @property
+    def shown(self) -> list[tuple[str, str, str]]:
+        """The calls shown so far, in order: (id, name, arguments' text so far)."""
+        return [self.calls[index] for index in sorted(self.calls)]
+
+    def add(self, raw: str) -> list[CallDelta]:
+        """The calls' pieces the reply so far (`raw`, all its text) adds."""
+        if not self.on or not reads_as_calls(raw, self.with_format):
+            return []
+        deltas = []
+        for index, begun in enumerate(begun_calls(raw)):
+            if begun is None:
+                continue
+            name, args = begun
+            if index not in self.calls:
+                call_id = f"call_{uuid.uuid4().hex[:24]}"
+                self.calls[index] = (call_id, name, args)
+                deltas.append(CallDelta(index, call_id, name, args))
+            elif len(args) > len(shown := self.calls[index][2]):
+                self.calls[index] = (*self.calls[index][:2], args)
+                deltas.append(CallDelta(index, None, None, args[len(shown) :]))
+        return deltas
+
+    def finish(self, result: WSDResult) -> list[FinalCall]:
+        """The reply's calls in the order it wrote them, each with the id it streamed under."""
+        if not (result.tool_calls or result.invalid_tool_calls):
+            return []
+        begun = begun_calls(result.text)
+        final = []
+        for index, call in enumerate(calls_in_order(result.text, result.tool_calls, result.invalid_tool_calls)):
+            if index not in self.calls:
+                final.append(FinalCall(index, call, False, ""))
+                continue
+            call_id, _, shown = self.calls[index]
+            rest = begun[index][1][len(shown) :] if isinstance(call, ToolCall) and begun[index] else ""  # type: ignore[index]
+            final.append(FinalCall(index, dataclasses.replace(call, id=call_id), True, rest))
+        return final
 
 
 # Blocks of reasoning that other providers' messages carry (OpenAI, Anthropic): not conversation text.

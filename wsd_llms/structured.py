@@ -163,11 +163,9 @@ def structured_fields(text: str, params: GenerationParams, cut: Cut | None = Non
     """The WSDResult fields a constrained reply adds: content, tool calls, the parsed JSON value.
     With tools and a response_format, a reply that calls tools is calls, any other the value.
     `cut`: what cut the reply short (its budget or a stop string), if anything did."""
-    from .tools import CALL_TAG, parse_reply
+    from .tools import parse_reply, reads_as_calls
 
-    # "none": no calls, whatever the text says; with a response_format, a reply is calls only if it
-    # starts as calls do (the value may be a string that holds the tag)
-    if params.calls_tools and (params.response_format is None or text.lstrip().startswith(CALL_TAG)):
+    if params.calls_tools and reads_as_calls(text, params.response_format is not None):  # "none": no calls, whatever the text says
         content, calls, invalid = parse_reply(text, params.tools, cut)
         return {"content": content, "tool_calls": tuple(calls), "invalid_tool_calls": tuple(invalid)}
     if params.text_format:

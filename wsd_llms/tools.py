@@ -44,6 +44,7 @@ TOOLS_SYSTEM = (
 )
 _CLOSE_RE = re.compile(r"\s*" + re.escape(CLOSE_TAG))
 _NAME_RE = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"\\]+)"')
+_BEGIN_RE = re.compile(r'\s*\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')  # _call_begin's text, any name
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,45 @@ def parse_reply(
     else:
         content = text
     return _without_cut_tag(content) if cut is not None else content, calls, invalid
+
+
+def reads_as_calls(text: str, with_format: bool) -> bool:
+    """Whether a reply under tools is read as calls: always, but beside a response_format only if it
+    starts as calls do (the format's value may be a string that holds the call tag)."""
+    return not with_format or text.lstrip().startswith(CALL_TAG)
+
+
+def begun_calls(text: str) -> list[tuple[str, str] | None]:
+    """The calls a reply still being written has begun, in order (OpenAI's streamed calls): each
+    one's name and its arguments' JSON text as written so far, once the call's text has the
+    grammar's form up to its arguments (tool_call_format), else None. The arguments' text only
+    grows while the reply does, and ends where their JSON ends."""
+    decoder, found = json.JSONDecoder(strict=False), []
+    for span in _call_spans(text):
+        begin = _BEGIN_RE.match(span.body)
+        if begin is None:
+            found.append(None)
+            continue
+        args = span.body[begin.end() :]
+        try:
+            args = args[: decoder.raw_decode(args)[1]]
+        except (ValueError, RecursionError):  # not yet whole: all of it is arguments so far
+            pass
+        found.append((json.loads(begin.group(1)), args))
+    return found
+
+
+def calls_in_order(text: str, calls: Sequence[ToolCall], invalid: Sequence[InvalidToolCall]) -> list[ToolCall | InvalidToolCall]:
+    """The valid and invalid calls parse_reply found in `text`, in the order the reply wrote them
+    (an invalid call is known by its raw text, which decides its fate); any `text` does not hold
+    come last."""
+    valid, bad, ordered = list(calls), list(invalid), []
+    for span in _call_spans(text):
+        if bad and bad[0].raw == text[span.start : span.end]:
+            ordered.append(bad.pop(0))
+        elif valid:
+            ordered.append(valid.pop(0))
+    return [*ordered, *valid, *bad]
 
 
 def _without_cut_tag(content: str) -> str:

@@ -22,7 +22,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult, Generation
@@ -36,8 +36,21 @@ from pydantic import Field
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
+from wsd_llms.messages import ToolCall
 from wsd_llms.params import tool_choice_value
-from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import (
+    CallDelta,
+    FinalCall,
+    ShownCalls,
+    ShownText,
+    WSDSettings,
+    can_constrain,
+    content_to_text,
+    cut_short,
+    hides_calls,
+    result_metadata,
+    usage_counts,
+)
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -70,9 +83,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 
     Tools (`bind_tools`) and structured output (`with_structured_output`) use the runtime's constrained
     decoding. While tools are bound, text streams up to any call markup (which never reaches the
-    content): the last chunk carries the calls as `tool_call_chunks` (arguments as
-    JSON; a call that does not parse or validate keeps its raw text as arguments, becomes an
-    `invalid_tool_call`, and its error is in `response_metadata["tool_call_errors"]`).
+    content), and each call streams as OpenAI's do: a `tool_call_chunks` entry with its `index`, id
+    and name once its name is written, then its arguments' JSON text as it is written. A call that
+    does not parse or validate (cut short by max_tokens, say) has its error in the last chunk's
+    `response_metadata["tool_call_errors"]` (by id), and an invoked message lists it in
+    `invalid_tool_calls` (a call that never showed, with its raw text as arguments).
 
     A failed call raises LangChain's standard model error of its kind (`ContextOverflowError` for a
     prompt that does not fit, ...; see `langchain_wsd.errors`), which is still the wsd-llms error.
@@ -505,39 +520,59 @@ def _role(message: BaseMessage, where: str) -> str:
 
 
 class _Chunks:
-    """Turns one request's runtime events into chunks, each tagged with the model that wrote it.
-    While tools are on, text streams up to any call markup (integration.ShownText), which the
-    runtime takes out of the content; the calls come on the last chunk."""
+    """Turns one request's runtime events into chunks, each text chunk tagged with the model that
+    wrote it. While tools are on, text streams up to any call markup (integration.ShownText), which
+    the runtime takes out of the content, and the calls stream as they are written (ShownCalls)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.shown = ShownText(hides_calls(params))
+        self.calls = ShownCalls(params)
 
     def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:
         if isinstance(event, TextDelta):
-            return [_text_chunk(text, source) for text, source in self.shown.add(event.text, event.source)]
+            chunks = [_text_chunk(text, source) for text, source in self.shown.add(event.text, event.source)]
+            if deltas := self.calls.add(self.shown.raw):
+                chunks.append(_calls_chunk(deltas))
+            return chunks
         result = event.result
         rest = self.shown.finish(result.text if result.content is None else result.content)
-        return [*(_text_chunk(text, source) for text, source in rest), final_chunk(result)]
+        return [*(_text_chunk(text, source) for text, source in rest), final_chunk(result, self.calls.finish(result))]
 
 
 def _text_chunk(text: str, source: str) -> ChatGenerationChunk:
     return ChatGenerationChunk(message=AIMessageChunk(content=text, response_metadata={"wsd_source": [source]}))
 
 
-def final_chunk(result: WSDResult) -> ChatGenerationChunk:
-    """The last chunk: usage, response metadata and the reply's tool calls (valid and invalid, in order)."""
-    calls = [tool_call_chunk(name=c.name, args=json.dumps(c.arguments, ensure_ascii=False), id=c.id, index=i) for i, c in enumerate(result.tool_calls)]
-    n = len(calls)
-    calls += [tool_call_chunk(name=c.name, args=c.raw, id=c.id, index=n + i) for i, c in enumerate(result.invalid_tool_calls)]
+def _calls_chunk(deltas: list[CallDelta]) -> ChatGenerationChunk:
+    """Pieces of the calls being written, as LangChain merges them (by index: id and name come first)."""
+    return ChatGenerationChunk(
+        message=AIMessageChunk(content="", tool_call_chunks=[tool_call_chunk(name=d.name, args=d.args, id=d.id, index=d.index) for d in deltas])
+    )
+
+
+def final_chunk(result: WSDResult, calls: list[FinalCall]) -> ChatGenerationChunk:
+    """The last chunk: usage, response metadata and what the reply's calls (in order) have yet to
+    show: the rest of a streamed call's arguments, and any call that never showed (its arguments
+    as JSON, or an invalid call's raw text)."""
+    pieces = []
+    for final in calls:
+        call = final.call
+        if final.streamed:
+            if final.args:
+                pieces.append(tool_call_chunk(name=None, args=final.args, id=None, index=final.index))
+        elif isinstance(call, ToolCall):
+            pieces.append(tool_call_chunk(name=call.name, args=json.dumps(call.arguments, ensure_ascii=False), id=call.id, index=final.index))
+        else:
+            pieces.append(tool_call_chunk(name=call.name, args=call.raw, id=call.id, index=final.index))
     metadata = result_metadata(result)
-    if result.invalid_tool_calls:
-        metadata["tool_call_errors"] = {c.id: c.error for c in result.invalid_tool_calls}
+    if errors := {final.call.id: final.call.error for final in calls if not isinstance(final.call, ToolCall)}:
+        metadata["tool_call_errors"] = errors
     return ChatGenerationChunk(
         message=AIMessageChunk(
             content="",
             usage_metadata=to_usage_metadata(result),
             response_metadata=metadata,
-            tool_call_chunks=calls,
+            tool_call_chunks=pieces,
             chunk_position="last",
         ),
         generation_info={"finish_reason": result.finish_reason, "model_name": result.base_model},
@@ -545,11 +580,21 @@ def final_chunk(result: WSDResult) -> ChatGenerationChunk:
 
 
 def _with_call_errors(result: ChatResult) -> ChatResult:
-    """Put the runtime's error of each invalid tool call back on the invoked message."""
+    """Put the runtime's error of each invalid tool call on the invoked message: a call that streamed
+    before the runtime found it invalid (its arguments parsed as far as they were written) moves to
+    `invalid_tool_calls`, with those arguments as JSON."""
     message = result.generations[0].message
     errors = message.response_metadata.get("tool_call_errors")
     if errors and isinstance(message, AIMessage):
-        message.invalid_tool_calls = [{**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls]
+        streamed = [c for c in message.tool_calls if c["id"] in errors]
+        message.tool_calls = [c for c in message.tool_calls if c["id"] not in errors]
+        message.invalid_tool_calls = [
+            *({**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls),
+            *(
+                invalid_tool_call(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], error=errors[c["id"]])
+                for c in streamed
+            ),
+        ]
     return result
 
 

@@ -32,13 +32,26 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
 from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import (
+    FinalCall,
+    ShownCalls,
+    ShownText,
+    WSDSettings,
+    can_constrain,
+    content_to_text,
+    cut_short,
+    hides_calls,
+    result_metadata,
+    usage_counts,
+)
+from wsd_llms.messages import ToolCall
 from wsd_llms.structured import strict_json
 
 if TYPE_CHECKING:
@@ -120,38 +133,44 @@ def _text(msg: ChatMessage, where: str) -> str:
     return content_to_text([block.text if isinstance(block, TextBlock) else block for block in msg.blocks if not isinstance(block, _NOT_TEXT)], where)
 
 
-def _chunk(text: str, delta: str, event: TextDelta) -> ChatResponse:
+def _chunk(text: str, delta: str, source: str, calls: list[tuple[str, str, str]]) -> ChatResponse:
+    """A response while the reply is written: its text so far and the calls begun so far, each with
+    its arguments' JSON text as far as it is written (a ToolCallBlock's `tool_kwargs` as a string,
+    which get_tool_calls_from_response parses as far as it goes)."""
+    blocks, message_kwargs = _call_fields([(call_id, name, args, args) for call_id, name, args in calls])
     return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+        message=ChatMessage(role=MessageRole.ASSISTANT, blocks=[TextBlock(text=text), *blocks], additional_kwargs=message_kwargs),
         delta=delta,
-        additional_kwargs={"wsd_source": event.source},
+        additional_kwargs={"wsd_source": source},
     )
 
 
-def _final(result: WSDResult, delta: str | None) -> ChatResponse:
+def _call_fields(calls: list[tuple[str, str, dict[str, Any] | str, str]]) -> tuple[list[ToolCallBlock], dict[str, Any]]:
+    """Calls (id, name, arguments, arguments' JSON text) as ToolCallBlocks, and as the OpenAI-style
+    `additional_kwargs["tool_calls"]` that other integrations give and LlamaIndex's streaming programs read."""
+    blocks = [ToolCallBlock(tool_call_id=call_id, tool_name=name, tool_kwargs=args) for call_id, name, args, _ in calls]
+    listed = [{"id": call_id, "type": "function", "function": {"name": name, "arguments": text}} for call_id, name, _, text in calls]
+    return blocks, ({"tool_calls": listed} if listed else {})
+
+
+def _final(result: WSDResult, delta: str | None, calls: list[FinalCall]) -> ChatResponse:
     """The last response of a reply: its text (without call markup), tool calls, usage and WSD facts.
 
     Valid calls are ToolCallBlocks in `message.blocks`, and OpenAI-style dicts in
     `message.additional_kwargs["tool_calls"]`; invalid ones are listed in
-    `message.additional_kwargs["invalid_tool_calls"]` (raw text, error, name, id).
+    `message.additional_kwargs["invalid_tool_calls"]` (raw text, error, name, id). `calls`: the reply's
+    calls in order, with the ids they streamed under (ShownCalls.finish).
     """
     usage = usage_counts(result)
     content = result.text if result.content is None else result.content
-    calls = [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in result.tool_calls]
-    message_kwargs: dict[str, Any] = {}
-    if result.tool_calls:  # also as other integrations give them: LlamaIndex's streaming programs read calls here
-        message_kwargs["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
-            for c in result.tool_calls
-        ]
-    if result.invalid_tool_calls:
-        message_kwargs["invalid_tool_calls"] = [
-            {"raw": c.raw, "error": c.error, "name": c.name, "id": c.id} for c in result.invalid_tool_calls
-        ]
+    valid = [c.call for c in calls if isinstance(c.call, ToolCall)]
+    blocks, message_kwargs = _call_fields([(c.id, c.name, c.arguments, json.dumps(c.arguments, ensure_ascii=False)) for c in valid])
+    if invalid := [c.call for c in calls if not isinstance(c.call, ToolCall)]:
+        message_kwargs["invalid_tool_calls"] = [{"raw": c.raw, "error": c.error, "name": c.name, "id": c.id} for c in invalid]
     raw = {**result_metadata(result), "usage": usage}
     return ChatResponse(
         message=ChatMessage(
-            role=MessageRole.ASSISTANT, blocks=[TextBlock(text=content), *calls], additional_kwargs=message_kwargs
+            role=MessageRole.ASSISTANT, blocks=[TextBlock(text=content), *blocks], additional_kwargs=message_kwargs
         ),
         delta=delta,
         raw=raw,
@@ -173,18 +192,21 @@ def _to_completion(response: ChatResponse) -> CompletionResponse:
 
 
 class _Accumulator:
-    """Turns runtime events into chat responses with cumulative text (integration.ShownText: with
-    tools, chunks stop before `<tool_call>`, and the final response carries the reply's content and
-    its calls, as the non-streaming methods do)."""
+    """Turns runtime events into chat responses with cumulative text and calls (integration.ShownText
+    and ShownCalls: with tools, text stops before `<tool_call>`, calls show as they are written, and
+    the final response carries the reply's content and its calls, as the non-streaming methods do)."""
 
-    def __init__(self, hide_calls: bool) -> None:
-        self.shown = ShownText(hide_calls)
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.shown = ShownText(hides_calls(params))
+        self.calls = ShownCalls(params)
 
     def __call__(self, event: Event) -> ChatResponse | None:
         if isinstance(event, TextDelta):
             delta = "".join(text for text, _ in self.shown.add(event.text, event.source))
-            return _chunk(self.shown.shown, delta, event) if delta else None
-        final = _final(event.result, "")
+            if self.calls.add(self.shown.raw) or delta:
+                return _chunk(self.shown.shown, delta, event.source, self.calls.shown)
+            return None
+        final = _final(event.result, "", self.calls.finish(event.result))
         rest = self.shown.finish(final.message.content or "")
         final.delta = "".join(text for text, _ in rest)
         final.additional_kwargs["wsd_source"] = rest[-1][1] if rest else self.shown.last_source  # as on every chunk
@@ -243,7 +265,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
         params = self.wsd_params(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator(hides_calls(params))
+        accumulate = _Accumulator(params)
 
         def gen() -> Iterator[ChatResponse]:
             with closing(runtime.stream(messages, **params)) as events:
@@ -256,7 +278,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
         params = self.wsd_params(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator(hides_calls(params))
+        accumulate = _Accumulator(params)
 
         async def gen() -> AsyncIterator[ChatResponse]:
             async with aclosing(runtime.astream(messages, **params)) as events:
@@ -267,12 +289,14 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return gen()
 
     def _generate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
-        result = self.wsd_runtime().generate(messages, **self.wsd_params(**kwargs))
-        return _final(result, None)
+        params = self.wsd_params(**kwargs)
+        result = self.wsd_runtime().generate(messages, **params)
+        return _final(result, None, ShownCalls(params).finish(result))
 
     async def _agenerate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
-        result = await self.wsd_runtime().agenerate(messages, **self.wsd_params(**kwargs))
-        return _final(result, None)
+        params = self.wsd_params(**kwargs)
+        result = await self.wsd_runtime().agenerate(messages, **params)
+        return _final(result, None, ShownCalls(params).finish(result))
 
     # ------------------------------------------------------------ chat
 
@@ -359,11 +383,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """The response's valid calls as ToolSelections; with error_on_no_tool_call, none is an error that
         names the invalid calls, if the reply wrote any."""
         calls = [
-            ToolSelection(
-                tool_id=block.tool_call_id or "",
-                tool_name=block.tool_name,
-                tool_kwargs=block.tool_kwargs if isinstance(block.tool_kwargs, dict) else json.loads(block.tool_kwargs),
-            )
+            ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name, tool_kwargs=_arguments(block.tool_kwargs))
             for block in response.message.blocks
             if isinstance(block, ToolCallBlock)
         ]
@@ -465,6 +485,18 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                     yield partial(response)
 
         return gen()
+
+
+def _arguments(kwargs: dict[str, Any] | str) -> dict[str, Any]:
+    """A call's arguments: a finished call's dict, or the JSON text a call being written has so far,
+    parsed as far as it goes (LlamaIndex's partial parse; {} before its first key)."""
+    if isinstance(kwargs, dict):
+        return kwargs
+    try:
+        parsed = parse_partial_json(kwargs)
+    except ValueError:  # json.JSONDecodeError is one
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _calls_it_runs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
