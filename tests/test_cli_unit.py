@@ -64,6 +64,19 @@ def test_ctrl_c_stops_the_reply_and_drops_the_turn() -> None:
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
 
 
+def test_an_interactive_chat_loads_the_models_before_its_first_question(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for one question: the first turn's time to first token and tok/s are the reply's own, not
+    the load's (they had read 28.8 s and 0.4 tok/s)."""
+    from wsd_llms import cli
+
+    order: list[str] = []
+    runtime = Scripted()
+    runtime.load = lambda: order.append("load")  # type: ignore[attr-defined]
+    monkeypatch.setattr(cli, "get_runtime", lambda *args: runtime)
+    monkeypatch.setattr(Console, "input", lambda self, *args, **kwargs: order.append("input") or "")
+    assert main(["chat"]) == 0 and order == ["load", "input"]
+
+
 SLOW_LOAD = """
 import sys, time
 from wsd_llms import cli, runtime

@@ -257,11 +257,16 @@ def test_json_nested_too_deeply_to_parse_is_reported_like_other_bad_json():
 
 @pytest.mark.parametrize("tail", ["<", "<tool", "<tool_call"])
 def test_a_call_tag_cut_short_is_not_content(tail):
-    """max_tokens can end a reply inside the opening tag of its next call: that is not text."""
+    """max_tokens can end a reply inside the opening tag of its next call: that is not text, but a
+    call cut short, reported as invalid (it was dropped without a word: a forced call at a tiny
+    max_tokens came back as neither a call nor an error)."""
     call = '<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>'
-    content, calls, _ = parse_reply(f"{call}\n{tail}", [TOOL], CUT)
+    content, calls, invalid = parse_reply(f"{call}\n{tail}", [TOOL], CUT)
     assert (content, len(calls)) == ("", 1)
+    assert [(c.raw, c.error) for c in invalid] == [(tail, "the call's tag is cut short (the reply used up max_tokens=12 first; raise max_tokens)")]
     assert parse_reply(f"Let me pick.\n{tail}", [TOOL], CUT)[0] == "Let me pick."
+    assert [c.raw for c in parse_reply(tail, [TOOL], CUT)[2]] == [tail]
+    assert parse_reply(f"Let me pick.\n{tail}", [TOOL])[2] == []
     assert parse_reply(f"Let me pick.\n{tail}", [TOOL])[0] == f"Let me pick.\n{tail}"  # not cut: the model wrote it
     assert parse_reply("a < b", [TOOL], CUT)[0] == "a < b"
 

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
             raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
+        _load(runtime)  # before the first request, so that its first-token time and tok/s are the reply's own
         if args.question is not None:
-            _load(runtime)  # before the request, so that its first-token time and tok/s are the reply's own
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
         return _interactive(console, runtime, history, _params(args))
@@ -139,7 +139,7 @@ def _exit_now(code: int) -> None:
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it; a turn that fails (a
     conversation grown past the context window, say) is reported. Either way that turn is dropped
-    and the chat goes on. Ctrl-C while the models first load quits."""
+    and the chat goes on."""
     console.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     while True:
         try:
@@ -152,9 +152,6 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         try:
             result = stream_reply(console, runtime, turn, params)
         except KeyboardInterrupt:
-            if not runtime.loaded:  # during the first load, which nothing can interrupt: quit now
-                console.print()
-                _exit_now(130)
             console.print(Text("\n(stopped; this turn is dropped)", style="dim"))
             continue
         except (InvalidMessagesError, RequestFailedError) as exc:

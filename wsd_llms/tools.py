@@ -253,6 +253,9 @@ def parse_reply(
             calls.append(ToolCall(call_id, name, arguments))
         except ValueError as exc:
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
+    tail = held_back(text, (CALL_TAG,)) if cut is not None else 0
+    if tail and len(text) - tail >= (spans[-1].end if spans else 0):  # a call begun after the last, cut inside its tag
+        invalid.append(InvalidToolCall(text[-tail:], f"the call's tag is cut short ({cut.limit} first; {cut.remedy})", None, f"call_{uuid.uuid4().hex[:24]}"))  # type: ignore[union-attr]
     if spans:  # the text round the calls: as a stream shows it (text_before_calls), less the space the calls leave
         bounds = [0, *(i for span in spans for i in (span.start, span.end)), len(text)]
         content = "".join(text[bounds[k] : bounds[k + 1]] for k in range(0, len(bounds), 2)).rstrip()
