@@ -399,6 +399,17 @@ def test_calls_show_as_they_are_written_and_finish_in_order():
     assert [getattr(c, "arguments", None) for c in calls_in_order(text, calls, invalid)] == [{"note": "a } and </tool_call>", "n": 1}, None, {"n": 2}]
 
 
+def test_a_value_off_its_schema_is_not_parsed():
+    """A value that breaks a keyword the grammar does not enforce (uniqueItems) gets a parse_error and
+    no `parsed` (it had held the invalid value beside the error, for a caller that reads only it)."""
+    from wsd_llms.structured import structured_fields
+
+    params = parse_params(response_format={"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}})
+    fields = structured_fields('{"tags": ["a", "a"]}', params)
+    assert "uniqueItems" in fields["parse_error"] and fields["parsed"] is None and fields["content"] == '{"tags": ["a", "a"]}'
+    assert structured_fields('{"tags": ["a", "b"]}', params)["parsed"] == {"tags": ["a", "b"]}
+
+
 def test_a_json_reply_cut_short_says_what_ended_it(draft_tokenizer):
     """parse_error says what ended a JSON value early and what to do (both adapters pass it on):
     max_tokens (raise it), or the base model's context window where that capped max_tokens

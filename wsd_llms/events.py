@@ -63,7 +63,8 @@ class WSDResult:
     invalid_tool_calls: tuple[InvalidToolCall, ...] = ()
     """Calls that do not parse or validate: raw text and error (never dropped silently)."""
     parsed: Any = None
-    """With `response_format`: the reply as a JSON value."""
+    """With `response_format`: the reply as a JSON value, if it parses and fits the schema (else None,
+    as an invalid call is not among `tool_calls`: `parse_error` says why, and `text` holds the reply)."""
     parse_error: str | None = None
     """With `response_format`: why the reply does not parse or validate (None when it does)."""
     stop_reason: str | None = None

@@ -174,7 +174,7 @@ def structured_fields(text: str, params: GenerationParams, cut: Cut | None = Non
         parsed, error = parse_json(text, params.response_format)
         if cut is not None and parsed is None and error is not None:
             error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy}"
-        return {"content": text, "parsed": parsed, "parse_error": error}
+        return {"content": text, "parsed": parsed if error is None else None, "parse_error": error}  # never an invalid value as parsed
     return {"content": text}
 
 
