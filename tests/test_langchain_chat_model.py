@@ -723,9 +723,15 @@ def test_unknown_tool_choice_is_an_error(choice):
 
 
 @pytest.mark.parametrize("choice", ["any", "required", True, {"type": "any"}])
-def test_a_required_call_with_no_tools_is_an_error(choice):
-    with pytest.raises(InvalidParameterError, match="asks for a tool call, but no tools are bound"):
+def test_a_required_call_with_no_tools_is_an_error(fake, choice):
+    """At bind time, or in a call (which had run as a plain reply), as a LangChain model error, as
+    OpenAI's API refuses it; a constructor's "required" applies only when tools come."""
+    with pytest.raises(InvalidParameterError, match="asks for a tool call, but no tools are bound") as bound:
         WSDChatModel().bind_tools([], tool_choice=choice)
+    with pytest.raises(InvalidParameterError, match="asks for a tool call, but no tools are given") as called:
+        WSDChatModel().invoke("x", tool_choice=choice)
+    assert all(isinstance(e.value, ModelInvalidRequestError) for e in (bound, called))
+    assert WSDChatModel(tool_choice="required").invoke("x").text == "Hi there" and len(fake.requests) == 1
 
 
 def _aggregate(chunks: list[AIMessageChunk]) -> AIMessageChunk:
@@ -1164,6 +1170,9 @@ def test_function_calling_without_a_valid_call_is_a_parsing_error(fake, schema):
     assert out["parsed"] is None and "not closed" in str(out["parsing_error"])
     fake.reply = fake_result("ok", content="ok")
     with pytest.raises(OutputParserException, match="it made no call"):
+        WSDChatModel().with_structured_output(schema, method="function_calling").invoke("joke")
+    fake.reply = fake_result("<tool_ca", content="", invalid_tool_calls=(InvalidToolCall("<tool_ca", "the call's tag is cut short", None, "call_3"),))
+    with pytest.raises(OutputParserException, match="its call is invalid: a call: the call's tag is cut short"):  # not "None: ..."
         WSDChatModel().with_structured_output(schema, method="function_calling").invoke("joke")
     fake.reply = fake_result("<tool_call>...", content="", tool_calls=(ToolCall("call_1", schema.__name__, JOKE),))
     chunks = list(WSDChatModel().with_structured_output(schema, method="function_calling").stream("joke"))

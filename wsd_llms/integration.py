@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
-from .errors import InvalidMessagesError, ModelLoadError
+from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
 from .messages import ToolCall
 from .loading import resolve_device, resolve_dtype
-from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params
+from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params, tool_choice_value
 from .runtime import WSDRuntime, get_runtime
 from .tools import InvalidToolCall
 from .tools import begun_calls, calls_in_order, reads_as_calls, text_before_calls
@@ -134,6 +134,9 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """
         params = self.wsd_params_unchecked(stop, **overrides)
         parse_params(**params)  # now, with the parameter's name in the error
+        if tool_choice_value(overrides.get("tool_choice")) == "required" and not params.get("tools"):
+            # as OpenAI's API refuses it; a constructor's "required" only applies when tools come
+            raise InvalidParameterError(f"tool_choice={overrides['tool_choice']!r} asks for a tool call, but no tools are given")
         return params
 
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:

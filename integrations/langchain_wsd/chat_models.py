@@ -315,7 +315,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         formatted = [_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
         if tool_choice is not None:
-            bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+            with langchain_errors():  # ModelInvalidRequestError, as a call's own bad tool_choice is
+                bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(**bound)
@@ -421,7 +422,9 @@ class _NeedsACall:
         message = _final_message(result, partial)
         if isinstance(message, AIMessage) and not message.tool_calls:
             errors = message.response_metadata.get("tool_call_errors") or {}
-            detail = "; ".join(f"{c.get('name')!r}: {errors.get(c.get('id')) or c.get('error')}" for c in message.invalid_tool_calls)
+            detail = "; ".join(
+                f"{repr(c['name']) if c.get('name') else 'a call'}: {errors.get(c.get('id')) or c.get('error')}" for c in message.invalid_tool_calls
+            )
             reason = f"its call is invalid: {detail}" if detail else "it made no call"
             raise OutputParserException(f"the reply did not call the schema's tool: {reason}", llm_output=message.text)
         return super().parse_result(result, partial=partial)  # type: ignore[misc]
