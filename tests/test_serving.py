@@ -1264,6 +1264,35 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="staged")
 
 
+def test_a_head_too_large_for_the_room_left_is_passed_a_bounded_number_of_times():
+    """Short requests that fit run past a head whose reservation does not (they had all waited
+    until a long request ended), at most max_running of them while it waits; then admission
+    waits for it, and it runs once enough running requests end."""
+    from types import SimpleNamespace
+
+    from wsd_llms.scheduler import Scheduler
+
+    def request(positions: int, name: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, params=SimpleNamespace(mode="base"), cache_limits=lambda: {"base": positions}, queued=False)
+
+    scheduler = Scheduler(max_running=3, max_cached_tokens=100)
+    big, head, *short = [request(60, "big"), request(60, "head"), *(request(10, f"s{i}") for i in range(1, 6))]
+    for seq in (big, head, *short):
+        scheduler.add(seq)  # type: ignore[arg-type]
+
+    def running() -> list[str]:
+        return [seq.name for seq in scheduler.schedule()]
+
+    assert running() == ["big", "s1", "s2"]  # the head does not fit beside big; two pass it
+    scheduler.remove(short[0])  # type: ignore[arg-type]
+    assert running() == ["big", "s2", "s3"]  # a third (max_running) passes
+    scheduler.remove(short[1])  # type: ignore[arg-type]
+    assert running() == ["big", "s3"]  # no more: s4 fits, but waits for the head
+    scheduler.remove(big)  # type: ignore[arg-type]
+    assert running() == ["s3", "head", "s4"]  # the head first, then in order
+    assert [seq.name for seq in scheduler.waiting] == ["s5"] and scheduler.reserved == 80
+
+
 def test_close_ends_in_flight_work(fresh):
     rt = fresh()
     params = dict(max_tokens=300, switch_threshold=1.0, mode="draft")

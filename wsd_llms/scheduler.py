@@ -1,6 +1,6 @@
-"""Decides which sequences run in the next step: bounded admission from a FIFO queue, then every
-running sequence advances once per step (so no request starves and long replies do not hold
-back short ones)."""
+"""Decides which sequences run in the next step: bounded admission from a FIFO queue (a head too
+large for the cache budget may be passed a bounded number of times), then every running sequence
+advances once per step (so no request starves and long replies do not hold back short ones)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,14 @@ def _need_terms(seq: Sequence, limit: int) -> tuple[str, str]:
 
 
 class Scheduler:
-    """FIFO admission bounded by concurrent sequences and reserved cache tokens."""
+    """FIFO admission bounded by concurrent sequences and reserved cache tokens.
+
+    A request at the head of the queue whose reservation does not fit beside the running ones (one
+    with max_tokens=10**6 reserves up to both context windows: about 33k positions on the embedded
+    pair) may be passed by later requests that fit now, at most `max_running` of them while it
+    waits, so that short requests do not wait for a long one to end; after that admission waits for
+    it, so it still starts once enough running requests end.
+    """
 
     def __init__(self, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
         self.max_running = max_running
@@ -95,6 +102,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.reserved = 0
+        self._head: Sequence | None = None  # the head that later requests passed, and how many did
+        self._passed = 0
         # Held by each change of the queues and by readers of a snapshot (Engine.stats, from other
         # threads), so a reader never sees a request in neither queue or its reservation left behind.
         self.lock = threading.RLock()
@@ -113,17 +122,31 @@ class Scheduler:
             self.waiting.append(seq)
 
     def schedule(self) -> list[Sequence]:
-        """Admit from the head of the queue while the limits allow; return the running sequences."""
+        """Admit from the head of the queue while the limits allow, then past a head too large for
+        the room left (see the class); return the running sequences."""
         with self.lock:
-            while self.waiting and len(self.running) < self.max_running:
-                need = token_budget(self.waiting[0])
-                if self.running and self.reserved + need > self.max_cached_tokens:
+            while self.waiting and len(self.running) < self.max_running and self._fits(self.waiting[0]):
+                self._admit(self.waiting.popleft())
+            head = self.waiting[0] if self.waiting else None
+            if head is not self._head:
+                self._head, self._passed = head, 0
+            for seq in list(self.waiting)[1:]:
+                if len(self.running) >= self.max_running or self._passed >= self.max_running:
                     break
-                seq = self.waiting.popleft()
-                seq.queued = False
-                self.reserved += need
-                self.running.append(seq)
+                if self._fits(seq):
+                    self.waiting.remove(seq)
+                    self._admit(seq)
+                    self._passed += 1
             return list(self.running)
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether `seq`'s reservation fits beside the running requests' (alone, it always runs)."""
+        return not self.running or self.reserved + token_budget(seq) <= self.max_cached_tokens
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.queued = False
+        self.reserved += token_budget(seq)
+        self.running.append(seq)
 
     def remove(self, seq: Sequence) -> None:
         with self.lock:
