@@ -1264,6 +1264,23 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="staged")
 
 
+def test_a_closed_runtimes_successor_keeps_its_limits():
+    """get_runtime after close() makes a new runtime for the models: with the limits the closed one
+    was given (it had the defaults again), and the same automatic choices where none was given."""
+    from wsd_llms import get_runtime
+
+    closed = get_runtime("no/such-draft", "no/such-base", "cpu", "float32")  # nothing loads until a request
+    closed.configure(max_running=3, prefill_chunk=64)
+    closed.close()
+    successor = get_runtime("no/such-draft", "no/such-base", "cpu", "float32")
+    try:
+        assert successor is not closed and not successor._closed
+        assert successor.limits == closed.limits and successor.limits["max_running"] == 3
+        assert successor.limits["prefix_cache_tokens"] is None  # still chosen for the models at load
+    finally:
+        successor.close()
+
+
 def test_a_head_too_large_for_the_room_left_is_passed_a_bounded_number_of_times():
     """Short requests that fit run past a head whose reservation does not (they had all waited
     until a long request ended), at most max_running of them while it waits; then admission

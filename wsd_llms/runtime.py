@@ -702,7 +702,8 @@ def get_runtime(
     prefix_cache_tokens: int | None = None,
     lookup_tokens: int | None = None,
 ) -> WSDRuntime:
-    """The process's runtime for these models (created on first call, loaded on first request).
+    """The process's runtime for these models (created on first call, loaded on first request; after
+    `close()`, a new one with the closed one's limits, loaded again on its first request).
 
     `max_running`, `max_cached_tokens`, `prefill_chunk`, `prefix_cache_tokens` and `lookup_tokens`,
     when given, set the runtime's limits.
@@ -719,7 +720,7 @@ def get_runtime(
     )
     with _registry_lock:
         runtime = _registry.get(key)
-        if runtime is None or runtime._closed:
+        if runtime is None or runtime._closed:  # a closed one's successor keeps the limits it was given
             runtime = _registry[key] = WSDRuntime(
                 draft,
                 base,
@@ -728,6 +729,7 @@ def get_runtime(
                 draft_revision=draft_revision,
                 base_revision=base_revision,
                 trust_remote_code=trust_remote_code,
+                **(runtime.limits if runtime is not None else {}),
             )
     runtime.configure(
         max_running=max_running,
