@@ -18,12 +18,11 @@ from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_vali
 
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
-from .messages import ToolCall
 from .loading import resolve_device, resolve_dtype
+from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params, tool_choice_value
 from .runtime import WSDRuntime, get_runtime
-from .tools import InvalidToolCall
-from .tools import begun_calls, calls_in_order, reads_as_calls, text_before_calls
+from .tools import InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, text_before_calls
 
 MODEL_PROVIDER = "wsd"
 
@@ -311,7 +310,8 @@ class ShownCalls:
                 final.append(FinalCall(index, call, False, ""))
                 continue
             call_id, _, shown = self.calls[index]
-            rest = begun[index][1][len(shown) :] if isinstance(call, ToolCall) and begun[index] else ""  # type: ignore[index]
+            written = begun[index] if index < len(begun) else None
+            rest = written[1][len(shown) :] if isinstance(call, ToolCall) and written is not None else ""
             final.append(FinalCall(index, dataclasses.replace(call, id=call_id), True, rest))
         return final
 
