@@ -38,19 +38,7 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ToolCall
 from wsd_llms.params import tool_choice_value
-from wsd_llms.integration import (
-    CallDelta,
-    FinalCall,
-    ShownCalls,
-    ShownText,
-    WSDSettings,
-    can_constrain,
-    content_to_text,
-    cut_short,
-    hides_calls,
-    result_metadata,
-    usage_counts,
-)
+from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)

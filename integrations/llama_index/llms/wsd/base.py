@@ -39,18 +39,7 @@ from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import (
-    FinalCall,
-    ShownCalls,
-    ShownText,
-    WSDSettings,
-    can_constrain,
-    content_to_text,
-    cut_short,
-    hides_calls,
-    result_metadata,
-    usage_counts,
-)
+from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
 from wsd_llms.messages import ToolCall
 from wsd_llms.structured import strict_json
 
