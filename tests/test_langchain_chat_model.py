@@ -861,6 +861,19 @@ def test_shown_text_joins_to_the_content_whatever_the_pieces():
             assert [s for _, s in runs] == sorted((s for _, s in runs), key=["draft", "base"].index)  # draft text, then base text
 
 
+def test_a_response_format_value_streams_whatever_its_strings_hold():
+    """Beside a response_format, only a reply that starts as calls do is read as calls: a value
+    whose string holds the call tag streams as it is written (it had waited from the tag to the end)."""
+    from wsd_llms.integration import ShownText
+
+    value, call = '{"note": "use <tool_call> here"}', '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    shown = ShownText(True, with_format=True)
+    seen = ["".join(t for t, _ in shown.add(value[i : i + 3], "base")) for i in range(0, len(value), 3)]
+    assert "".join(seen) == value and all(seen)  # every piece shows as it comes
+    calls = ShownText(True, with_format=True)
+    assert not "".join(t for i in range(0, len(call), 3) for t, _ in calls.add(call[i : i + 3], "base"))
+
+
 def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
     """With tool_choice="none" no call markup is taken out, so nothing needs holding back."""
     sent: list[Any] = []
@@ -1137,8 +1150,11 @@ def test_a_value_off_its_schema_is_a_parsing_error(fake, method):
         WSDChatModel().with_structured_output(schema, method=method).invoke("tags")
     out = WSDChatModel().with_structured_output(schema, method=method, include_raw=True).invoke("tags")
     assert out["parsed"] is None and "uniqueItems" in str(out["parsing_error"]) and out["raw"].response_metadata["parse_error"] == error
+    with pytest.raises(OutputParserException, match="non-unique"):  # a stream at its end too (it had given the value)
+        list(WSDChatModel().with_structured_output(schema, method=method).stream("tags"))
     fake.reply = fake_result('{"tags": ["a", "b"]}', parsed={"tags": ["a", "b"]})
     assert WSDChatModel().with_structured_output(schema, method=method).invoke("tags") == {"tags": ["a", "b"]}
+    assert list(WSDChatModel().with_structured_output(schema, method=method).stream("tags"))[-1] == {"tags": ["a", "b"]}
 
 
 def test_json_mode_without_a_schema_is_any_json_object(fake):
@@ -1168,6 +1184,15 @@ def test_function_calling_without_a_valid_call_is_a_parsing_error(fake, schema):
         WSDChatModel().with_structured_output(schema, method="function_calling").invoke("joke")
     out = WSDChatModel().with_structured_output(schema, method="function_calling", include_raw=True).invoke("joke")
     assert out["parsed"] is None and "not closed" in str(out["parsing_error"])
+    for piece in (0, 4):  # a stream fails at its end as invoke does (it had given nothing and no error), streamed call or not
+        fake.piece = piece
+        with pytest.raises(OutputParserException, match="the call is not closed"):
+            list(WSDChatModel().with_structured_output(schema, method="function_calling").stream("joke"))
+    begun = '<tool_call>\n{"name": "Joke", "arguments": {"setup": "Wh'
+    fake.reply = fake_result(begun, content="", invalid_tool_calls=(InvalidToolCall(begun, "the call is not closed", "Joke", "call_1"),))
+    with pytest.raises(OutputParserException, match="its call is invalid: 'Joke': the call is not closed"):
+        list(WSDChatModel().with_structured_output(schema, method="function_calling").stream("joke"))
+    fake.piece = 0
     fake.reply = fake_result("ok", content="ok")
     with pytest.raises(OutputParserException, match="it made no call"):
         WSDChatModel().with_structured_output(schema, method="function_calling").invoke("joke")

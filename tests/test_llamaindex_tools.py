@@ -140,7 +140,7 @@ def test_parallel_calls_become_tool_selections(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPatch) -> None:
-    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {\n"a": 1, "b": 2\n}}\n</tool_call>'  # spaced as the grammar may
     llm, _ = scripted(monkeypatch, text, content="Let me add.", tool_calls=(ToolCall("c1", "add", {"a": 1, "b": 2}),))
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
     assert "".join(c.delta for c in chunks) == chunks[-1].message.content == "Let me add."  # the newline before the call is held back
@@ -150,7 +150,7 @@ def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPat
 def test_a_call_streams_as_it_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
     """As OpenAI's calls stream in LlamaIndex: each response carries the calls begun so far, their
     arguments parsed as far as they are written, under one id from the first response to the last."""
-    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {\n"a": 1, "b": 2\n}}\n</tool_call>'  # spaced as the grammar may
     llm, _ = scripted(monkeypatch, text, content="Let me add.", tool_calls=(ToolCall("c1", "add", {"a": 1, "b": 2}),))
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
     seen = [llm.get_tool_calls_from_response(c, error_on_no_tool_call=False) for c in chunks]
@@ -159,7 +159,7 @@ def test_a_call_streams_as_it_is_written(monkeypatch: pytest.MonkeyPatch) -> Non
     assert [c.tool_kwargs for c in during][:1] == [{}] and {"a": 1} in [c.tool_kwargs for c in during]
     assert (seen[-1][0].tool_name, seen[-1][0].tool_kwargs) == ("add", {"a": 1, "b": 2})
     listed = [c.message.additional_kwargs["tool_calls"][0]["function"]["arguments"] for c in chunks if c.message.additional_kwargs.get("tool_calls")]
-    assert all(b.startswith(a) for a, b in zip(listed, listed[1:])) and listed[-1] == '{"a": 1, "b": 2}'
+    assert all(b.startswith(a) for a, b in zip(listed, listed[1:])) and listed[-1] == '{\n"a": 1, "b": 2\n}'  # the final too, as written
     assert chunks[-1].message.content == "Let me add." and all("<" not in (c.message.content or "") for c in chunks)
 
 

@@ -337,10 +337,17 @@ def test_calls_parse_whatever_their_strings_hold():
     assert content == "Sure." and not invalid
     assert [(c.name, c.arguments) for c in calls] == [("echo", {"text": "x</tool_call>y"}), ("resize", {"size": [1, 2], "opts": {"mode": "fast"}})]
     # a call cut short whose string holds the closing tag is not closed there (markup leaked into the content)
-    cut = 'A\n<tool_call>\n{"name": "echo", "arguments": {"text": "x</tool_call>y"}}'
+    cut = 'A\n<tool_call>\n{"name": "echo", "arguments": {"text": "x</tool_call>y'
     content, calls, invalid = parse_reply(cut, params.tools, CUT)
     assert content == "A" and not calls and [i.error for i in invalid] == ["the call is not closed with </tool_call> (the reply used up max_tokens=12 first; raise max_tokens)"]
     assert [i.error for i in parse_reply(cut, params.tools)[2]] == ["the call is not closed with </tool_call> (the reply ended first)"]
+    # one whose JSON is whole, cut before or inside its closing tag, is made, as OpenAI gives it (a
+    # stream had shown it whole and invoke called it invalid)
+    for tail in ("", "\n", "\n</tool", "\n</tool_call"):
+        whole = 'A\n<tool_call>\n{"name": "echo", "arguments": {"text": "x</tool_call>y"}}' + tail
+        content, calls, invalid = parse_reply(whole, params.tools, CUT)
+        assert (content, [c.arguments for c in calls], invalid) == ("A", [{"text": "x</tool_call>y"}], []), tail
+    assert parse_reply(whole + "\nmore", params.tools, CUT)[2]  # not a cut tag: the call is not closed
     # a call with a key the grammar does not write is still read (its arguments were sliced wrongly)
     extra = '<tool_call>\n{"name": "echo", "arguments": {"text": "hi"}, "id": 1}\n</tool_call>'
     assert [(c.name, c.arguments) for c in parse_reply(extra, params.tools)[1]] == [("echo", {"text": "hi"})]

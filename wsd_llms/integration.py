@@ -22,7 +22,7 @@ from .loading import resolve_device, resolve_dtype
 from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params, tool_choice_value
 from .runtime import WSDRuntime, get_runtime
-from .tools import InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, text_before_calls
+from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, text_before_calls
 
 MODEL_PROVIDER = "wsd"
 
@@ -189,11 +189,13 @@ class ShownText:
 
     While tools are on (`hide_calls`), text shows up to the first `<tool_call>`; a trailing partial
     tag, and the whitespace before it, wait until they are ruled out (the content drops both), so
-    an answer streams as it is written and call markup never shows. Otherwise text shows as it comes.
+    an answer streams as it is written and call markup never shows. Beside a response_format
+    (`with_format`) only a reply that starts as calls do is read as calls (tools.reads_as_calls):
+    a value streams whole, whatever its strings hold. Otherwise text shows as it comes.
     """
 
-    def __init__(self, hide_calls: bool) -> None:
-        self.hide_calls = hide_calls
+    def __init__(self, hide_calls: bool, with_format: bool = False) -> None:
+        self.hide_calls, self.with_format = hide_calls, with_format
         self.pieces: list[tuple[str, str]] = []  # (text, source) as written
         self.raw = ""
         self.shown = ""
@@ -203,7 +205,9 @@ class ShownText:
         """Take the next piece of the reply; returns the text that now shows."""
         self.pieces.append((text, source))
         self.raw += text
-        return self._show(text_before_calls(self.raw) if self.hide_calls else self.raw)
+        start = self.raw.lstrip()
+        calls = self.hide_calls and (not self.with_format or start.startswith(CALL_TAG) or CALL_TAG.startswith(start))
+        return self._show(text_before_calls(self.raw) if calls else self.raw)
 
     def finish(self, content: str) -> list[tuple[str, str]]:
         """At the reply's end, the rest of its `content` (the text without call markup)."""
@@ -255,12 +259,14 @@ class CallDelta:
 @dataclasses.dataclass(frozen=True)
 class FinalCall:
     """One of a finished reply's calls, valid or not, with the id it streamed under (if it did) and
-    its position; `args`: the arguments' text a streamed valid call has yet to show."""
+    its position; `args`: the arguments' text a streamed valid call has yet to show; `written`: a
+    valid call's arguments' JSON text as the reply wrote them (where it has the grammar's form)."""
 
     index: int
     call: ToolCall | InvalidToolCall
     streamed: bool
     args: str
+    written: str | None = None
 
 
 class ShownCalls:
@@ -306,13 +312,14 @@ class ShownCalls:
         begun = begun_calls(result.text)
         final = []
         for index, call in enumerate(calls_in_order(result.text, result.tool_calls, result.invalid_tool_calls)):
+            begun_here = begun[index] if index < len(begun) and isinstance(call, ToolCall) else None
+            written = begun_here[1] if begun_here is not None else None
             if index not in self.calls:
-                final.append(FinalCall(index, call, False, ""))
+                final.append(FinalCall(index, call, False, "", written))
                 continue
             call_id, _, shown = self.calls[index]
-            written = begun[index] if index < len(begun) else None
-            rest = written[1][len(shown) :] if isinstance(call, ToolCall) and written is not None else ""
-            final.append(FinalCall(index, dataclasses.replace(call, id=call_id), True, rest))
+            rest = written[len(shown) :] if written is not None else ""
+            final.append(FinalCall(index, dataclasses.replace(call, id=call_id), True, rest, written))
         return final
 
 

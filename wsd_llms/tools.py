@@ -175,7 +175,8 @@ def template_messages(tokenizer: Any, messages: list[Message], tools: Sequence[M
 
 class _CallSpan(NamedTuple):
     """Where a call's markup is in a reply: text[start:end], its body (the JSON between the tags), and
-    whether its closing tag came."""
+    whether it is closed: its closing tag came, or its JSON is whole and the reply ends before or
+    inside the tag (OpenAI gives such a call, cut by max_tokens after its arguments, as made)."""
 
     start: int
     end: int
@@ -194,6 +195,9 @@ def _call_spans(text: str) -> list[_CallSpan]:
         try:
             _, end = decoder.raw_decode(text, first)
             close = _CLOSE_RE.match(text, end)
+            if close is None and CLOSE_TAG.startswith(text[end:].lstrip()):  # whole, cut before its tag ended
+                spans.append(_CallSpan(start, len(text), text[body_start:end], True))
+                break
         except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
             close = None
         if close is None:  # the first closing tag outside the body's strings, if any, else the end

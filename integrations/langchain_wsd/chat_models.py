@@ -387,8 +387,11 @@ class _SchemaPydanticParser(PydanticOutputParser):
 
 
 def _final_message(result: list[Generation], partial: bool) -> Any:
-    """The message of a final parse's generation (None for a partial parse, or a generation without one)."""
-    return None if partial or not result else getattr(result[0], "message", None)
+    """The message of a final parse's generation: an invoked reply, or a stream's at its last chunk
+    (LangChain parses a stream only as partial, so a stream's failure shows there, as invoke's
+    does); None for a partial parse before that, or a generation without a message."""
+    message = getattr(result[0], "message", None) if result else None
+    return message if not partial or getattr(message, "chunk_position", None) == "last" else None
 
 
 def _runtime_failure(result: list[Generation], partial: bool, cut_only: bool = False) -> OutputParserException | None:
@@ -408,10 +411,12 @@ class _NeedsACall:
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
         message = _final_message(result, partial)
-        if isinstance(message, AIMessage) and not message.tool_calls:
-            errors = message.response_metadata.get("tool_call_errors") or {}
+        errors = message.response_metadata.get("tool_call_errors") or {} if isinstance(message, AIMessage) else {}
+        # (a stream's last chunk still counts a call that streamed before the runtime found it invalid)
+        if isinstance(message, AIMessage) and all(c["id"] in errors for c in message.tool_calls):
+            invalid = [*message.invalid_tool_calls, *message.tool_calls]
             detail = "; ".join(
-                f"{repr(c['name']) if c.get('name') else 'a call'}: {errors.get(c.get('id')) or c.get('error')}" for c in message.invalid_tool_calls
+                f"{repr(c['name']) if c.get('name') else 'a call'}: {errors.get(c.get('id')) or c.get('error')}" for c in invalid
             )
             reason = f"its call is invalid: {detail}" if detail else "it made no call"
             raise OutputParserException(f"the reply did not call the schema's tool: {reason}", llm_output=message.text)
@@ -516,7 +521,7 @@ class _Chunks:
     the runtime takes out of the content, and the calls stream as they are written (ShownCalls)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.shown = ShownText(hides_calls(params))
+        self.shown = ShownText(hides_calls(params), params.get("response_format") is not None)
         self.calls = ShownCalls(params)
 
     def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:

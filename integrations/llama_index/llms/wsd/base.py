@@ -152,8 +152,10 @@ def _final(result: WSDResult, delta: str | None, calls: list[FinalCall]) -> Chat
     """
     usage = usage_counts(result)
     content = result.text if result.content is None else result.content
-    valid = [c.call for c in calls if isinstance(c.call, ToolCall)]
-    blocks, message_kwargs = _call_fields([(c.id, c.name, c.arguments, json.dumps(c.arguments, ensure_ascii=False)) for c in valid])
+    valid = [(c.call, c.written) for c in calls if isinstance(c.call, ToolCall)]
+    blocks, message_kwargs = _call_fields(  # the arguments' text as written, which the streamed responses' text led up to
+        [(c.id, c.name, c.arguments, written or json.dumps(c.arguments, ensure_ascii=False)) for c, written in valid]
+    )
     if invalid := [c.call for c in calls if not isinstance(c.call, ToolCall)]:
         message_kwargs["invalid_tool_calls"] = [{"raw": c.raw, "error": c.error, "name": c.name, "id": c.id} for c in invalid]
     raw = {**result_metadata(result), "usage": usage}
@@ -186,7 +188,7 @@ class _Accumulator:
     the final response carries the reply's content and its calls, as the non-streaming methods do)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.shown = ShownText(hides_calls(params))
+        self.shown = ShownText(hides_calls(params), params.get("response_format") is not None)
         self.calls = ShownCalls(params)
 
     def __call__(self, event: Event) -> ChatResponse | None:
