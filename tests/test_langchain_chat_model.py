@@ -1124,9 +1124,12 @@ def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
     fake.reply = cut_reply('{"na')
     with pytest.raises(OutputParserException, match=r"^the reply used up max_tokens=6 before its JSON was complete .*; raise max_tokens"):
         WSDChatModel().with_structured_output(schema, method=method).invoke("a city")
+    with pytest.raises(OutputParserException, match=r"^the reply used up max_tokens=6"):  # a stream at its end, as invoke
+        list(WSDChatModel().with_structured_output(schema, method=method).stream("a city"))
     fake.reply = cut_reply('{"name": "Par')
     if pydantic:
         assert WSDChatModel().with_structured_output(schema, method=method).invoke("a city") == City(name="Par")
+        assert list(WSDChatModel().with_structured_output(schema, method=method).stream("a city"))[-1] == City(name="Par")
     else:
         with pytest.raises(OutputParserException, match="used up max_tokens=6"):
             WSDChatModel().with_structured_output(schema, method=method).invoke("a city")
@@ -1202,6 +1205,21 @@ def test_function_calling_without_a_valid_call_is_a_parsing_error(fake, schema):
     fake.reply = fake_result("<tool_call>...", content="", tool_calls=(ToolCall("call_1", schema.__name__, JOKE),))
     chunks = list(WSDChatModel().with_structured_output(schema, method="function_calling").stream("joke"))
     assert chunks[-1] == (Joke(**JOKE) if schema is Joke else JOKE)
+
+
+def test_a_structured_stream_ends_on_the_call_invoke_takes(fake):
+    """With parallel calls, a call that streamed before the runtime found it off its schema is not
+    the stream's last value: the valid call invoke takes is (the stream had ended on the invalid one)."""
+    bad = '<tool_call>\n{"name": "Joke", "arguments": {"setup": "a", "punchline": "a"}}\n</tool_call>'
+    good = '<tool_call>\n{"name": "Joke", "arguments": {"setup": "b", "punchline": "c"}}\n</tool_call>'
+    fake.reply = fake_result(
+        f"{bad}\n{good}", content="", tool_calls=(ToolCall("call_2", "Joke", {"setup": "b", "punchline": "c"}),),
+        invalid_tool_calls=(InvalidToolCall(bad, "'a' is not unique (at $, keyword 'not')", "Joke", "call_1"),),
+    )
+    fake.piece = 5
+    model = WSDChatModel(parallel_tool_calls=True).with_structured_output(Joke, method="function_calling")
+    assert model.invoke("joke") == list(model.stream("joke"))[-1] == Joke(setup="b", punchline="c")
+    fake.piece = 0
 
 
 def test_structured_output_bad_arguments():

@@ -177,6 +177,8 @@ class Engine:
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
+            if params.text_format:  # a marker inside a line is the format's text (a JSON string, say); one on a new line starts a turn
+                role_stops = tuple(stop for stop in role_stops if stop.startswith("\n"))
             calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # a call's arguments may hold a role marker
             reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops)
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
@@ -337,7 +339,7 @@ class Engine:
         ]
 
     def _marks(self, seq: Sequence, model: str) -> tuple[int, ...]:
-        """Where `model`'s prompt may be cut besides every prefill_chunk ids: where its messages start and where it ends, on
+        """Where `model`'s prompt may be cut besides the multiples of prefill_chunk: where its messages start and where it ends, on
         a runner whose passes give a row the same bits in any batch (ragged, on CPU); a padded
         pass (a GPU) pays a launch cost a piece, and its pieces are not reused bit for bit."""
         return seq.prompts.marks[model] if self.runners[model].ragged else ()

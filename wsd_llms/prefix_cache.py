@@ -3,8 +3,8 @@ request starting with the same tokens as an earlier one (an agent loop's growing
 document many questions share, one system prompt under many users' questions) feeds only the rest.
 
 A piece's states depend only on the ids up to its end and on where the pieces before it were
-cut, and a prompt is cut at the same positions whatever else runs (scheduler.piece_end: every
-prefill_chunk ids, and at its marks: where each message starts and where it ends), so restoring stored pieces gives a cache bit for bit
+cut, and a prompt is cut at the same positions whatever else runs (scheduler.piece_end: at the
+multiples of prefill_chunk, less one just past a mark cut, and at its marks: where each message starts and where it ends), so restoring stored pieces gives a cache bit for bit
 equal to feeding them again (on CPU, where a row's pass does not depend on the others). That holds
 for pieces that follow only whole pieces (`KVCache.cuts`): only those are stored, and only a cache
 made of them takes more; a piece is known by its cuts and its ids.

@@ -201,7 +201,7 @@ def _call_spans(text: str) -> list[_CallSpan]:
         except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
             close = None
         if close is None:  # the first closing tag outside the body's strings, if any, else the end
-            end = close_outside_strings(text, CLOSE_TAG, body_start)
+            end = close_outside_strings(text, CLOSE_TAG, body_start) if text.find(CLOSE_TAG, body_start) != -1 else -1  # (a call being written has none: no scan)
             close = None if end == -1 else _CLOSE_RE.match(text, end)
             end = len(text) if end == -1 else end
         spans.append(_CallSpan(start, close.end() if close else end, text[body_start:end], close is not None))
@@ -258,7 +258,8 @@ def parse_reply(
         except ValueError as exc:
             invalid.append(InvalidToolCall(raw, str(exc), name, call_id))
     tail = held_back(text, (CALL_TAG,)) if cut is not None else 0
-    if tail and len(text) - tail >= (spans[-1].end if spans else 0):  # a call begun after the last, cut inside its tag
+    after = spans[-1].end if spans else 0
+    if tail and len(text) - tail >= after and not text[after : len(text) - tail].strip():  # nothing but a call begun, cut inside its tag
         invalid.append(InvalidToolCall(text[-tail:], f"the call's tag is cut short ({cut.limit} first; {cut.remedy})", None, f"call_{uuid.uuid4().hex[:24]}"))  # type: ignore[union-attr]
     if spans:  # the text round the calls: as a stream shows it (text_before_calls), less the space the calls leave
         bounds = [0, *(i for span in spans for i in (span.start, span.end)), len(text)]

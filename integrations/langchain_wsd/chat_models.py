@@ -378,8 +378,8 @@ class _SchemaPydanticParser(PydanticOutputParser):
     runtime's reason, which says to raise max_tokens, rather than only that the JSON is invalid."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        try:
-            return super().parse_result(result, partial=partial)
+        try:  # a stream's last chunk as invoke's message (a partial parse gives None where it fails)
+            return super().parse_result(result, partial=partial and _final_message(result, partial) is None)
         except OutputParserException as exc:
             if (failure := _runtime_failure(result, partial, cut_only=True)) is None:
                 raise
@@ -411,16 +411,21 @@ class _NeedsACall:
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
         message = _final_message(result, partial)
-        errors = message.response_metadata.get("tool_call_errors") or {} if isinstance(message, AIMessage) else {}
-        # (a stream's last chunk still counts a call that streamed before the runtime found it invalid)
-        if isinstance(message, AIMessage) and all(c["id"] in errors for c in message.tool_calls):
+        if not isinstance(message, AIMessage):
+            return super().parse_result(result, partial=partial)  # type: ignore[misc]
+        # A stream's last chunk still counts a call that streamed before the runtime found it
+        # invalid: it is left out, as _with_call_errors leaves it out of an invoked message.
+        errors = message.response_metadata.get("tool_call_errors") or {}
+        valid = [c for c in message.tool_calls if c["id"] not in errors]
+        if not valid:
             invalid = [*message.invalid_tool_calls, *message.tool_calls]
             detail = "; ".join(
                 f"{repr(c['name']) if c.get('name') else 'a call'}: {errors.get(c.get('id')) or c.get('error')}" for c in invalid
             )
             reason = f"its call is invalid: {detail}" if detail else "it made no call"
             raise OutputParserException(f"the reply did not call the schema's tool: {reason}", llm_output=message.text)
-        return super().parse_result(result, partial=partial)  # type: ignore[misc]
+        final = result[0].model_copy(update={"message": message.model_copy(update={"tool_calls": valid})})
+        return super().parse_result([final], partial=False)  # type: ignore[misc]
 
 
 class _PydanticCall(_NeedsACall, PydanticToolsParser):
