@@ -853,7 +853,7 @@ def test_shown_text_joins_to_the_content_whatever_the_pieces():
         if hide:
             assert parse_reply(text, [{"name": "f", "parameters": {"type": "object"}}])[0] == content
         for cut in range(1, 7):
-            shown = ShownText(hide)
+            shown = ShownText({"tools": [{"name": "f"}]} if hide else {})
             pieces = [(text[i : i + cut], "draft" if i < 6 else "base") for i in range(0, len(text), cut)]
             runs = [run for piece, source in pieces for run in shown.add(piece, source)] + shown.finish(content)
             assert "".join(t for t, _ in runs) == content, (text, cut)
@@ -867,10 +867,11 @@ def test_a_response_format_value_streams_whatever_its_strings_hold():
     from wsd_llms.integration import ShownText
 
     value, call = '{"note": "use <tool_call> here"}', '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    shown = ShownText(True, with_format=True)
+    with_format = {"tools": [{"name": "f"}], "response_format": {"type": "object"}}
+    shown = ShownText(with_format)
     seen = ["".join(t for t, _ in shown.add(value[i : i + 3], "base")) for i in range(0, len(value), 3)]
     assert "".join(seen) == value and all(seen)  # every piece shows as it comes
-    calls = ShownText(True, with_format=True)
+    calls = ShownText(with_format)
     assert not "".join(t for i in range(0, len(call), 3) for t, _ in calls.add(call[i : i + 3], "base"))
 
 

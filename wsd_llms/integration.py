@@ -187,15 +187,16 @@ def hides_calls(params: Mapping[str, Any]) -> bool:
 class ShownText:
     """What a stream shows of a reply, in (text, source) runs that join to the reply's content.
 
-    While tools are on (`hide_calls`), text shows up to the first `<tool_call>`; a trailing partial
-    tag, and the whitespace before it, wait until they are ruled out (the content drops both), so
-    an answer streams as it is written and call markup never shows. Beside a response_format
-    (`with_format`) only a reply that starts as calls do is read as calls (tools.reads_as_calls):
-    a value streams whole, whatever its strings hold. Otherwise text shows as it comes.
+    While the request's tools are on (hides_calls), text shows up to the first `<tool_call>`; a
+    trailing partial tag, and the whitespace before it, wait until they are ruled out (the content
+    drops both), so an answer streams as it is written and call markup never shows. Beside a
+    response_format only a reply that starts as calls do (or may yet) is read as calls
+    (tools.reads_as_calls): a value streams whole, whatever its strings hold. Otherwise text shows
+    as it comes.
     """
 
-    def __init__(self, hide_calls: bool, with_format: bool = False) -> None:
-        self.hide_calls, self.with_format = hide_calls, with_format
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.hide_calls, self.with_format = hides_calls(params), params.get("response_format") is not None
         self.pieces: list[tuple[str, str]] = []  # (text, source) as written
         self.raw = ""
         self.shown = ""
@@ -205,8 +206,7 @@ class ShownText:
         """Take the next piece of the reply; returns the text that now shows."""
         self.pieces.append((text, source))
         self.raw += text
-        start = self.raw.lstrip()
-        calls = self.hide_calls and (not self.with_format or start.startswith(CALL_TAG) or CALL_TAG.startswith(start))
+        calls = self.hide_calls and (reads_as_calls(self.raw, self.with_format) or CALL_TAG.startswith(self.raw.lstrip()))
         return self._show(text_before_calls(self.raw) if calls else self.raw)
 
     def finish(self, content: str) -> list[tuple[str, str]]:

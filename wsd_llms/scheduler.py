@@ -130,7 +130,9 @@ class Scheduler:
             head = self.waiting[0] if self.waiting else None
             if head is not self._head:
                 self._head, self._passed = head, 0
-            for seq in list(self.waiting)[1:]:
+            if head is None or len(self.running) >= self.max_running or self._passed >= self.max_running:
+                return list(self.running)
+            for seq in list(self.waiting)[1:]:  # past the head, which does not fit
                 if len(self.running) >= self.max_running or self._passed >= self.max_running:
                     break
                 if self._fits(seq):

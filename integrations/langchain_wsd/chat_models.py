@@ -38,7 +38,7 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ToolCall
 from wsd_llms.params import tool_choice_value
-from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -526,7 +526,7 @@ class _Chunks:
     the runtime takes out of the content, and the calls stream as they are written (ShownCalls)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.shown = ShownText(hides_calls(params), params.get("response_format") is not None)
+        self.shown = ShownText(params)
         self.calls = ShownCalls(params)
 
     def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:

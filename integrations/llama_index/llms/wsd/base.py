@@ -39,7 +39,7 @@ from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, hides_calls, result_metadata, usage_counts
+from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
 from wsd_llms.messages import ToolCall
 from wsd_llms.structured import strict_json
 
@@ -188,7 +188,7 @@ class _Accumulator:
     the final response carries the reply's content and its calls, as the non-streaming methods do)."""
 
     def __init__(self, params: dict[str, Any]) -> None:
-        self.shown = ShownText(hides_calls(params), params.get("response_format") is not None)
+        self.shown = ShownText(params)
         self.calls = ShownCalls(params)
 
     def __call__(self, event: Event) -> ChatResponse | None:
