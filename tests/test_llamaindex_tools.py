@@ -359,7 +359,7 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
     from pydantic import BaseModel
 
     from llama_index.llms.wsd.base import _validated
-    from wsd_llms import InvalidParameterError
+    from wsd_llms import ReplyCutShortError
 
     class City(BaseModel):
         name: str
@@ -371,11 +371,11 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
     error = structured_fields(text, parse_params(response_format=schema), Cut("the reply used up max_tokens=8", "raise max_tokens"))["parse_error"]
     raw = {"finish_reason": "length", "parse_error": error, "usage": {"output_tokens": 8}}
     cut = ChatResponse(message=ChatMessage(role="assistant", content=text), raw=raw)
-    with pytest.raises(InvalidParameterError, match=r"^City: the reply used up max_tokens=8 before its JSON was complete \(the reply is not valid JSON: .*\); raise max_tokens$"):
+    with pytest.raises(ReplyCutShortError, match=r"^City: the reply used up max_tokens=8 before its JSON was complete \(the reply is not valid JSON: .*\); raise max_tokens$"):
         _validated(City, cut)
     error = structured_fields('{"na', parse_params(response_format=schema), Cut("the stop string 'me' ended the reply", "leave 'me' out of stop"))["parse_error"]
     stopped = ChatResponse(message=ChatMessage(role="assistant", content='{"na'), raw={"finish_reason": "stop", "stop_reason": "me", "parse_error": error})
-    with pytest.raises(InvalidParameterError, match=r"^City: the stop string 'me' ended the reply before its JSON was complete .*; leave 'me' out of stop$"):
+    with pytest.raises(ReplyCutShortError, match=r"^City: the stop string 'me' ended the reply before its JSON was complete .*; leave 'me' out of stop$"):
         _validated(City, stopped)
     whole = ChatResponse(message=ChatMessage(role="assistant", content='{"name": "Paris"}'), raw={"finish_reason": "stop"})
     assert _validated(City, whole) == City(name="Paris")

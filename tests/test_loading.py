@@ -8,7 +8,7 @@ import pytest
 from tiny import make_tokenizer, tiny_llama
 
 import wsd_llms.loading as loading
-from wsd_llms import ModelLoadError, PromptTooLongError, WSDRuntime
+from wsd_llms import InvalidParameterError, ModelLoadError, PromptTooLongError, WSDRuntime
 from wsd_llms.loading import load_model, resolve_device, resolve_dtype
 
 
@@ -180,9 +180,9 @@ def test_replies_end_at_the_context_windows(draft_tokenizer):
 def test_device_and_dtype_resolution():
     assert resolve_device("auto").type in ("cpu", "cuda")
     assert str(resolve_dtype("auto", resolve_device("cpu"))) == "torch.float32"
-    with pytest.raises(ModelLoadError, match="invalid dtype='float8'"):
+    with pytest.raises(InvalidParameterError, match="invalid dtype='float8'; allowed: auto, float32"):
         resolve_dtype("float8", resolve_device("cpu"))
-    with pytest.raises(ModelLoadError, match="invalid device='tpu9'"):
+    with pytest.raises(InvalidParameterError, match="invalid device='tpu9': .*; use 'auto', 'cpu' or 'cuda:N'"):
         resolve_device("tpu9")
     if not torch.cuda.is_available():  # said before any weights load, not as an assertion after
         with pytest.raises(ModelLoadError, match="device='cuda', but this torch sees no CUDA device"):

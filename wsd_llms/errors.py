@@ -19,6 +19,10 @@ class PromptTooLongError(InvalidMessagesError):
     """The prompt does not fit one of the two models' context windows."""
 
 
+class ReplyCutShortError(WSDError, ValueError):
+    """max_tokens, the context window or a stop string ended a reply before its structured value was whole."""
+
+
 class ModelLoadError(WSDError, RuntimeError):
     """A model could not be located, converted or loaded."""
 

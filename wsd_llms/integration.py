@@ -107,7 +107,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """A device or dtype the runtime can resolve, checked when the model is built, not at its first call."""
         try:
             resolve_device(value) if info.field_name == "device" else resolve_dtype(value, resolve_device("cpu"))
-        except ModelLoadError as exc:
+        except (InvalidParameterError, ModelLoadError) as exc:
             raise ValueError(str(exc)) from None
         return value
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType
 
-from .errors import ModelLoadError
+from .errors import InvalidParameterError, ModelLoadError
 
 try:
     import fcntl  # POSIX: the cache's build lock across processes
@@ -61,7 +61,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"invalid device={device!r}: {exc}") from None
+        raise InvalidParameterError(f"invalid device={device!r}: {exc}; use 'auto', 'cpu' or 'cuda:N'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device={device!r}, but this torch sees no CUDA device (a CPU build, or no GPU); use 'cpu' or 'auto'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -79,7 +79,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"invalid dtype={dtype!r}; allowed: auto, {', '.join(_DTYPES)}")
+        raise InvalidParameterError(f"invalid dtype={dtype!r}; allowed: auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 

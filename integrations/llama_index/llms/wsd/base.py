@@ -37,7 +37,7 @@ from llama_index.core.program.utils import FlexibleModel, process_streaming_obje
 from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, model_validator
 
-from wsd_llms.errors import InvalidMessagesError, InvalidParameterError
+from wsd_llms.errors import InvalidMessagesError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
 from wsd_llms.messages import ToolCall
@@ -498,11 +498,11 @@ def _calls_it_runs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
 
 
 def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
-    """The reply validated into output_cls; a reply that max_tokens or a stop string cut short says
-    so (the runtime's parse_error)."""
+    """The reply validated into output_cls; a reply that max_tokens or a stop string cut short raises
+    ReplyCutShortError with the runtime's parse_error, which names the limit and how to lift it."""
     raw = response.raw or {}
     if cut_short(raw) and raw.get("parse_error"):
-        raise InvalidParameterError(f"{output_cls.__name__}: {raw['parse_error']}")
+        raise ReplyCutShortError(f"{output_cls.__name__}: {raw['parse_error']}")
     return output_cls.model_validate_json(strict_json(response.message.content or ""))
 
 
