@@ -430,6 +430,14 @@ def test_llm_cache_keys_on_every_setting(fake):
     other_mode.invoke("x")
     short.invoke("x")
     assert [params["mode"] for _, params in fake.requests] == ["online", "base"]
+    # a constructor's stop is a setting too (LangChain keys on the call's stop, None when not given)
+    stopped, other_stop = WSDChatModel(max_tokens=4, stop=["\n"], cache=cache), WSDChatModel(max_tokens=4, stop=["."], cache=cache)
+    assert len({short._get_llm_string(), stopped._get_llm_string(), other_stop._get_llm_string()}) == 3
+    stopped.invoke("x")
+    other_stop.invoke("x")
+    stopped.invoke("x", stop=["\n"])  # the same stop given per call: the same entry
+    assert [params["stop"] for _, params in fake.requests[2:]] == [["\n"], ["."]]
+    assert stopped._get_invocation_params()["stop"] == ["\n"] and stopped._get_invocation_params(stop=[])["stop"] == []
 
 
 class Events(BaseCallbackHandler):

@@ -143,6 +143,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         formatted = [_openai_tool(t) for t in tools or ()]  # as bind_tools sends them
         return self.wsd_runtime().count_prompt_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
 
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The call's parameters with the stop strings it runs with (LangChain puts the call's own
+        `stop`, None when not given, over the constructor's): LLM caches key on these, so a model
+        with `stop=[...]` never shares an entry with one without."""
+        params = super()._get_invocation_params(stop=stop, **kwargs)
+        params["stop"] = self.wsd_params_unchecked(stop, **kwargs)["stop"]
+        return params
+
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         # Called before the run's callbacks start: values are checked inside the run, so a bad one
         # reaches on_llm_error like any other failure.
