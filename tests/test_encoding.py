@@ -119,10 +119,11 @@ def test_message_spans_follow_the_messages_in_order():
 
 
 def test_token_counts_match_usage_for_such_text(embedded):
-    """count_prompt_tokens (LangChain's get_num_tokens_from_messages) counts the prompt as the request feeds it."""
+    """window_tokens (LangChain's get_num_tokens_from_messages) counts each model's prompt as the request feeds it."""
     messages = [{"role": "user", "content": INJECTION}]
     result = embedded.generate(messages, max_tokens=2)
-    assert embedded.count_prompt_tokens(messages) == result.usage.base_prompt_tokens
+    assert embedded.window_tokens(messages, mode="base") == result.usage.base_prompt_tokens
+    assert embedded.window_tokens(messages, mode="draft") == result.usage.draft_prompt_tokens
 
 
 @pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])

@@ -161,12 +161,16 @@ def test_invoke_result_carries_usage_and_metadata(replies, path):
 @pytest.mark.embedded
 def test_generation_info_and_prompt_token_count(replies):
     """The LLMResult's generation carries finish reason and model (as ChatOllama's does), and
-    get_num_tokens_from_messages counts the prompt as usage_metadata's input_tokens does."""
+    get_num_tokens_from_messages counts the prompt against the window as the request fed it: in
+    the draft's tokens, or a quarter of the base's (its window is 4x the draft's), whichever is more."""
     message, model = replies["invoke"], WSDChatModel(**SETTINGS)
     result = model.generate([[HumanMessage(QUESTION)]])
     meta = message.response_metadata
     assert result.generations[0][0].generation_info == {"finish_reason": meta["finish_reason"], "model_name": meta["model_name"]}
-    assert model.get_num_tokens_from_messages([HumanMessage(QUESTION)]) == message.usage_metadata["input_tokens"]
+    usage = message.usage_metadata
+    measured = max(usage["input_token_details"]["draft"], -(-usage["input_tokens"] // 4))
+    assert model.get_num_tokens_from_messages([HumanMessage(QUESTION)]) == measured and model.profile["max_input_tokens"] == 8192
+    assert WSDChatModel(mode="base").get_num_tokens_from_messages([HumanMessage(QUESTION)]) == usage["input_tokens"]
 
 
 @pytest.mark.embedded
@@ -539,9 +543,10 @@ def test_model_retry_middleware_retries_a_failed_request_but_not_a_prompt_too_lo
 
 
 @pytest.mark.embedded
-def test_token_counts_use_the_base_tokenizer_without_loading_weights(embedded, monkeypatch):
-    """get_num_tokens and trim_messages count in the base tokenizer (as usage_metadata does), read
-    on its own: no weights load, and nothing is fetched from the hub."""
+def test_token_counts_read_the_tokenizers_without_loading_weights(embedded, monkeypatch):
+    """get_num_tokens counts in the base tokenizer (as usage_metadata does) and trim_messages in the
+    draft's, whose window binds on the embedded pair; both read on their own: no weights load, and
+    nothing is fetched from the hub."""
     from langchain_core.messages import trim_messages
 
     base_tokenizer = embedded.load().base.tokenizer
@@ -552,7 +557,10 @@ def test_token_counts_use_the_base_tokenizer_without_loading_weights(embedded, m
     text = "Weak-to-strong decoding, in one sentence."
     assert model.get_token_ids(text) == base_tokenizer.encode(text, add_special_tokens=False)
     history = [HumanMessage("a " * 40), AIMessage("b " * 40), HumanMessage("Which letter came first?")]
-    assert trim_messages(history, token_counter=model, max_tokens=60, strategy="last") == history[1:]
+    tail = model.get_num_tokens_from_messages(history[1:])
+    assert tail < model.get_num_tokens_from_messages(history)
+    assert trim_messages(history, token_counter=model, max_tokens=tail, strategy="last") == history[1:]
+    assert trim_messages(history, token_counter=model, max_tokens=tail - 1, strategy="last") == history[2:]
     # a count does not wait for the models loading (from an event loop it froze the loop): the files are here
     held, done = threading.Event(), threading.Event()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import pytest
-from tiny import make_tokenizer, tiny_llama
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama
 
 import wsd_llms.loading as loading
 from wsd_llms import InvalidParameterError, ModelLoadError, PromptTooLongError, WSDRuntime
@@ -175,6 +175,54 @@ def test_replies_end_at_the_context_windows(draft_tokenizer):
         assert forced.finish_reason == "length" and max(fed) <= 160
     finally:
         rt.close()
+
+
+@pytest.mark.parametrize(("draft_window", "base_window"), [(96, 384), (384, 96)])
+def test_window_tokens_tell_which_prompts_fit(draft_tokenizer, draft_window, base_window):
+    """window_tokens (LangChain's get_num_tokens_from_messages) measures a prompt against the
+    smaller window, in the tokens of the model whose window it fills most: a prompt fits exactly
+    when it measures less than the window, whichever model binds, so a counter that trims to the
+    window keeps a prompt that fits (base tokens alone had let a prompt in the draft's tokenizer
+    run past the draft's window)."""
+    from dataclasses import replace
+
+    draft = replace(tiny_llama(draft_tokenizer, 0, "tiny-draft"), context_window=draft_window)
+    base = replace(tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3"), context_window=base_window)  # another tokenizer
+    rt = WSDRuntime.from_models(draft, base)
+    try:
+        window = min(draft_window, base_window)
+        for words in range(8, 160, 3):
+            messages = [{"role": "user", "content": "Paris, the capital of France: two plus two is four. "[:words] * (1 + words // 16)}]
+            measured = rt.window_tokens(messages)
+            try:
+                usage = rt.generate(messages, max_tokens=1).usage
+            except PromptTooLongError:
+                assert measured >= window
+                continue
+            scaled = [-(-usage.draft_prompt_tokens * window // draft_window), -(-usage.base_prompt_tokens * window // base_window)]
+            assert measured == max(scaled) < window
+        short = [{"role": "user", "content": "Paris?"}]
+        assert rt.window_tokens(short, mode="base") == rt.generate(short, mode="base", max_tokens=1).usage.base_prompt_tokens
+        assert rt.window_tokens([]) == 0
+    finally:
+        rt.close()
+
+
+def test_window_tokens_count_a_tail_a_strict_template_refuses(draft_tokenizer):
+    """trim_messages counts tails of a conversation, reversed: one that a strict draft template
+    refuses on its own (it starts with a reply) counts as the plain transcript in the draft's tokens."""
+    import copy
+
+    from wsd_llms.prompts import draft_prompt_tokens, plain_base_prompt
+    from wsd_llms.messages import normalize_messages
+    from wsd_llms.encoding import encode_text
+
+    strict = copy.deepcopy(draft_tokenizer)
+    strict.chat_template = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('a conversation starts with the user') }}{% endif %}" + strict.chat_template
+    tail = normalize_messages([{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"}], request=False)
+    plain, _ = plain_base_prompt(strict, tail)
+    assert draft_prompt_tokens(strict, tail) == len(encode_text(strict, plain))
+    assert draft_prompt_tokens(strict, tail[1:]) == draft_prompt_tokens(draft_tokenizer, tail[1:])  # what it takes, it counts as its own
 
 
 def test_device_and_dtype_resolution():

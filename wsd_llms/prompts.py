@@ -173,8 +173,19 @@ def base_prompt_spans(base_tok: Any, text: str, context: list[Message]) -> tuple
 
 
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
-    """How many of the base model's positions the messages take: its prompt (a request's
-    usage.base_prompt_tokens) and a forced start of the reply, if the last message is one."""
-    context, prefix = split_forced_prefix(messages)
-    text, _, _ = base_prompt(base_tok, context, base_template, tools)
-    return len(encode(base_tok, text, base_prompt_spans(base_tok, text, context))[0]) + len(encode_text(base_tok, prefix))
+    """How many of the base model's positions the messages take as a prompt, each message a turn:
+    a trailing assistant message too, a few tokens more than as a forced start, since LangChain's
+    trim_messages counts a conversation's tails reversed, where its first message comes last."""
+    text, _, _ = base_prompt(base_tok, messages, base_template, tools)
+    return len(encode(base_tok, text, base_prompt_spans(base_tok, text, messages))[0])
+
+
+def draft_prompt_tokens(draft_tok: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> int:
+    """How many of the draft model's positions the messages take as a prompt, each message a turn
+    (as base_prompt_tokens). A part of a conversation that a strict template refuses on its own
+    (one that starts with a reply, say) counts as the plain transcript in the draft's tokens."""
+    try:
+        return len(draft_prompt_ids(draft_tok, messages, "", tools)[0])
+    except InvalidMessagesError:  # a whole conversation it refuses fails as a request, with this error
+        text, _ = plain_base_prompt(draft_tok, messages, tools)
+        return len(encode_text(draft_tok, text))

@@ -39,7 +39,7 @@ from .loading import (
 )
 from .messages import Message, normalize_messages
 from .params import GenerationParams, parse_params
-from .prompts import base_prompt_tokens, require_chat_template
+from .prompts import base_prompt_tokens, draft_prompt_tokens, require_chat_template
 from .sequence import CallerLeft
 from .structured import compiled_grammar, constraint_spec
 
@@ -327,7 +327,7 @@ class WSDRuntime:
     def tokenizer(self, model: str = "base") -> Any:
         """A model's tokenizer ("base": usage is counted in it; "draft"), from the loaded model or
         else read alone, without the weights. The worker encodes with the same object: encode
-        through wsd_llms.encoding (or count_prompt_tokens), which keeps threads' encodes apart."""
+        through wsd_llms.encoding (or window_tokens), which keeps threads' encodes apart."""
         if model not in ("base", "draft"):
             raise InvalidParameterError(f"invalid model={model!r}: must be 'base' or 'draft'")
         if self.engine is not None:
@@ -344,16 +344,27 @@ class WSDRuntime:
         the flag a prompt's encode runs under): e.g. LlamaIndex's `Settings.tokenizer`."""
         return functools.partial(encode_text, self.tokenizer(model))
 
-    def count_prompt_tokens(self, messages: Messages, **params: Any) -> int:
-        """How many base tokens the messages take: the request's prompt as `usage.base_prompt_tokens`
-        counts it (template, and the tools' block with tools), plus a forced start of the reply (a
-        trailing assistant message); reads the base tokenizer, not the weights. Any part of a
-        conversation counts (LangChain's trim_messages counts its tails): none takes 0 tokens."""
+    def window_tokens(self, messages: Messages, **params: Any) -> int:
+        """The messages' length against `context_window(mode)`, for a counter that trims to that window
+        (LangChain's get_num_tokens_from_messages): each model the mode runs counts their prompt, the
+        template and the tools' block with tools, in its own tokens, scaled by that window over its own
+        (a base with 4x the draft's window counts a quarter); the largest count is the length, so
+        the prompt fits when it is below the window. Each message counts as a turn, a trailing
+        assistant message too (prompts.base_prompt_tokens). Reads the tokenizers and the models'
+        configs, not the weights; no messages take 0."""
         parsed = parse_params(**params)
-        tools = parsed.tools if parsed.calls_tools else ()
+        models = _models_of(parsed.mode)
         if isinstance(messages, (list, tuple)) and not messages:
             return 0
-        return base_prompt_tokens(self.tokenizer("base"), normalize_messages(messages, request=False), parsed.base_template, tools)
+        normalized = normalize_messages(messages, request=False)
+        tools = parsed.tools if parsed.calls_tools else ()
+        counts = {
+            "draft": lambda: draft_prompt_tokens(self.tokenizer("draft"), normalized, tools),
+            "base": lambda: base_prompt_tokens(self.tokenizer("base"), normalized, parsed.base_template, tools),
+        }
+        windows = self._context_windows()
+        window = min(windows[model] for model in models)
+        return max(-(-counts[model]() * window // windows[model]) for model in models)  # rounded up
 
     def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).

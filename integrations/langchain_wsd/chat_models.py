@@ -136,12 +136,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
     ) -> int:
-        """The messages' length in the base model's tokens, as `usage_metadata["input_tokens"]`
-        counts a prompt: its real template, and the tools' block when tools are given (a trailing
-        AIMessage, the reply's forced start, counts too). Reads the tokenizer only. (LangChain's
+        """The messages' length against `profile["max_input_tokens"]`, so that `trim_messages(token_counter=llm)`
+        keeps a prompt that fits: the real prompts, templates and the tools' block included (a
+        trailing AIMessage, the reply's forced start, counts too), in the tokens of the model whose
+        window they fill most (`WSDRuntime.window_tokens`; the draft's on the embedded pair, where
+        `usage_metadata["input_tokens"]` counts the base's). Reads the tokenizers only. (LangChain's
         default counts a plain transcript in GPT-2 tokens.)"""
         formatted = [_openai_tool(t) for t in tools or ()]  # as bind_tools sends them
-        return self.wsd_runtime().count_prompt_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
+        return self.wsd_runtime().window_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
 
     def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         """The call's parameters with the stop strings it runs with (LangChain puts the call's own
