@@ -316,6 +316,7 @@ def test_langchain_stream_flags_are_not_request_parameters(fake, model, stream):
         (WSDChatModel(), {"stream": False}, False),
         (WSDChatModel(disable_streaming="tool_calling"), {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, False),
         (WSDChatModel(disable_streaming="tool_calling"), {}, True),
+        (WSDChatModel(disable_streaming="tool_calling", tools=[{"name": "f", "parameters": {}}]), {}, False),  # the constructor's tools
     ],
 )
 async def test_turning_streaming_off_keeps_tokens_from_callbacks(fake, model, call, streamed):
@@ -340,6 +341,28 @@ async def test_turning_streaming_off_keeps_tokens_from_callbacks(fake, model, ca
         assert "".join(part.text for part in parts) == "Hi there"
     else:
         assert [(type(part), part.text) for part in parts] == [(AIMessage, "Hi there")]
+
+
+async def test_an_invokes_tokens_carry_the_runs_message_id(fake):
+    """The chunks an invoke tells its callbacks carry the run's message id, as a stream's do and as
+    the invoked message does, so a handler can group tokens by message either way."""
+
+    class Ids(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.ids: list[str | None] = []
+
+        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+            self.ids.append(kwargs["chunk"].message.id)
+
+    model = WSDChatModel()
+    for call in (model.invoke, model.ainvoke, model.stream):
+        handler = Ids()
+        result = call("x", config={"callbacks": [handler]})
+        if call == model.stream:
+            result = list(result)[0]
+        elif call == model.ainvoke:
+            result = await result
+        assert handler.ids and set(handler.ids) == {result.id} and result.id.startswith("lc_run-")
 
 
 async def test_async_paths_never_use_the_sync_stream(fake, monkeypatch):

@@ -31,6 +31,7 @@ from langchain_core.runnables.config import get_config_list
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import Field
 
 from langchain_wsd.errors import langchain_errors
@@ -201,7 +202,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             for event in runtime.stream(runtime_messages, **params):
                 for chunk in chunks.add(event):
                     if run_manager:
-                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                        run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
                     yield chunk
 
     async def _astream(
@@ -217,7 +218,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             async for event in runtime.astream(runtime_messages, **params):
                 for chunk in chunks.add(event):
                     if run_manager:
-                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                        await run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
                     yield chunk
 
     def _generate(
@@ -243,13 +244,12 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """Who hears each token of a call LangChain did not stream: its callbacks (as ChatOllama's),
         unless the caller turned streaming off (disable_streaming, streaming=False, stream=False), so
         that a LangGraph "messages" stream then sees one whole message, not its tokens."""
-        off = (
-            self.disable_streaming is True
-            or (self.disable_streaming == "tool_calling" and bool(kwargs.get("tools")))
-            or ("stream" in kwargs and not kwargs["stream"])
-            or ("streaming" in self.model_fields_set and not self.streaming)
-        )
-        return None if off else run_manager
+        return None if self._streaming_disabled(**kwargs) else run_manager
+
+    def _streaming_disabled(self, **kwargs: Any) -> bool:
+        """LangChain's opt-outs of streaming, with the constructor's tools counted as a call's for
+        `disable_streaming="tool_calling"` (LangChain looks only at a call's)."""
+        return super()._streaming_disabled(**{**kwargs, "tools": kwargs.get("tools") or self.tools})
 
     # Every path that makes one message of a reply goes through these two: _generate, and LangChain
     # aggregating _stream's chunks itself (streaming=True, astream_events, a streaming callback), before
@@ -588,6 +588,14 @@ def final_chunk(result: WSDResult, calls: list[FinalCall]) -> ChatGenerationChun
         ),
         generation_info={"finish_reason": result.finish_reason, "model_name": result.base_model},
     )
+
+
+def _with_run_id(chunk: ChatGenerationChunk, run_manager: _RunManager) -> ChatGenerationChunk:
+    """A chunk of an invoke, told to its callbacks, with the run's message id, as LangChain gives a
+    streamed chunk one (and the invoked message)."""
+    if chunk.message.id is None:
+        chunk.message.id = "-".join((LC_ID_PREFIX, str(run_manager.run_id)))
+    return chunk
 
 
 def _with_call_errors(result: ChatResult) -> ChatResult:
