@@ -18,17 +18,19 @@ def _run(*args, stdin=None):
 
 
 def test_one_question():
+    """stdout holds the reply alone (no legend, marker or facts: a reply piped to a file is the reply);
+    stderr the legend and the line of facts."""
     out = _run("What is the capital of France?", "--max-tokens", "24")
     assert out.returncode == 0, out.stderr
-    assert "draft model  ▸ switch  base model" in out.stdout
-    assert "Paris" in out.stdout
-    assert "| reply " in out.stdout and "tok/s" in out.stdout
+    assert "draft model  ▸ switch  base model" in out.stderr and "▸" not in out.stdout
+    assert "Paris" in out.stdout and len(out.stdout.strip().splitlines()) == 1
+    assert "| reply " in out.stderr and "tok/s" in out.stderr
 
 
 def test_interactive_keeps_history():
     out = _run("--max-tokens", "16", stdin="My name is Ada.\nWhat is my name?\n\n")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("| reply ") == 2
+    assert out.stderr.count("| reply ") == 2
 
 
 def test_bad_model_settings_are_reported():
@@ -44,14 +46,14 @@ def test_a_pipe_gets_whole_lines():
         capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr
-    stats = [line for line in out.stdout.splitlines() if "| reply " in line]
+    stats = [line for line in out.stderr.splitlines() if "| reply " in line]
     assert len(stats) == 1 and "tok/s" in stats[0] and len(stats[0]) > 80
 
 
 def test_bad_option_is_reported():
     out = _run("hi", "--threshold", "2")
     assert out.returncode == 2
-    assert "invalid switch_threshold=2.0" in out.stderr
+    assert "error: --threshold: invalid switch_threshold=2.0" in out.stderr and not out.stdout  # before the models load
 
 
 def test_a_failing_turn_is_reported_and_the_chat_goes_on():
@@ -59,7 +61,7 @@ def test_a_failing_turn_is_reported_and_the_chat_goes_on():
     out = _run("--max-tokens", "8", stdin="word " * 9000 + "\nWhat is the capital of France?\n\n")
     assert out.returncode == 0, out.stderr
     assert "error:" in out.stderr and "context window" in out.stderr and "this turn is dropped" in out.stderr
-    assert out.stdout.count("| reply ") == 1
+    assert out.stderr.count("| reply ") == 1
 
 
 def test_interactive_mode_refuses_a_bad_option_before_loading():
@@ -71,4 +73,4 @@ def test_interactive_mode_refuses_a_bad_option_before_loading():
 def test_one_model_alone(mode):
     out = _run("What is the capital of France?", "--max-tokens", "12", "--mode", mode)
     assert out.returncode == 0, out.stderr
-    assert f"{mode} model alone | reply " in out.stdout and "(draft " not in out.stdout  # no switch or split to report
+    assert f"{mode} model alone | reply " in out.stderr and "(draft " not in out.stderr  # no switch or split to report

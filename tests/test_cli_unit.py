@@ -108,7 +108,8 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
         assert proc.stdin is not None
         proc.stdin.write("hi\n")  # the interactive chat's first question (kept open: no end of input)
         proc.stdin.flush()
-        assert proc.stderr is not None and proc.stderr.readline() == "loading\n"
+        assert proc.stderr is not None and proc.stderr.readline() == "draft model  ▸ switch  base model\n"  # the legend, on stderr
+        assert proc.stderr.readline() == "loading\n"
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         assert proc.wait(timeout=20) == 130
@@ -144,7 +145,7 @@ def test_an_empty_question_is_an_error_not_an_interactive_chat(question: str, ca
 
 def test_a_model_that_cannot_load_is_a_clean_error(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """One question loads the models first, in this thread: a config transformers cannot read is an
-    error line and exit status 2, not a traceback."""
+    error line and exit status 1 (a failure; 2 is for bad options), not a traceback."""
     (tmp_path / "config.json").write_text('{"model_type": "nosucharch", "architectures": ["NoSuch"]}')
-    assert main(["chat", "--draft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu", "hi"]) == 2
+    assert main(["chat", "--draft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu", "hi"]) == 1
     assert f"error: could not load model '{tmp_path}'" in capsys.readouterr().err

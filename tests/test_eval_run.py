@@ -134,19 +134,50 @@ def test_cli_with_judge_on_the_embedded_pair(tmp_path, embedded):
     assert "Judge" in (tmp_path / "o" / "report.html").read_text()
 
 
-def test_cli_empty_file_writes_a_report_and_fails(tmp_path):
-    path = _write(tmp_path / "empty.jsonl", [])
-    path.write_text("")
-    rc = main(["eval", "--prompts", str(path), "--out", str(tmp_path / "o")])
-    assert rc == 1
-    data = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert data["records"] == [] and "is empty" in data["problems"][0]
+@pytest.mark.parametrize("prompts", ["empty.jsonl", "missing.jsonl", "bad.jsonl", "."])
+def test_cli_with_no_prompts_to_run_writes_nothing(tmp_path, capsys, prompts):
+    """An empty, missing (a typo), all-bad or unreadable prompt file is a usage error that leaves a
+    report already in --out as it was (it had been overwritten with an empty one)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "records.jsonl").write_text("earlier\n")
+    assert main(["eval", "--prompts", str(tmp_path / prompts), "--out", str(out)]) == 2
+    assert "no prompts to run; nothing was written" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["records.jsonl"] and (out / "records.jsonl").read_text() == "earlier\n"
+
+
+def test_cli_a_model_that_cannot_load_leaves_the_last_run_and_says_why(tmp_path, capsys):
+    """A model that cannot load (a config huggingface_hub refuses) is an error line and exit 1 after
+    the models load, before records.jsonl is opened (it was emptied first, and a traceback followed)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": "x"}')
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "records.jsonl").write_text("earlier\n")
+    assert main(["eval", "--prompts", str(path), "--draft", str(broken), "--base", str(broken), "--device", "cpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: could not load model '{broken}': StrictDataclassFieldValidationError" in err and "Traceback" not in err
+    assert (out / "records.jsonl").read_text() == "earlier\n"
+
+
+def test_cli_a_report_it_cannot_write_is_an_error_line(tmp_path, capsys, shared_runtime, monkeypatch):
+    """The replies are in records.jsonl; the report's own files failing to write is said, not a traceback."""
+    monkeypatch.setattr("wsd_llms.eval.command.get_runtime", lambda *args: shared_runtime)
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    (tmp_path / "o" / "report.json").mkdir(parents=True)  # a directory where the report's file goes
+    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--window", "2", "--out", str(tmp_path / "o")]) == 1
+    assert f"error: cannot write the report to {tmp_path / 'o'}" in capsys.readouterr().err
+    assert len((tmp_path / "o" / "records.jsonl").read_text().splitlines()) == 3  # base-only, draft-only, WSD
 
 
 def test_cli_refuses_a_judge_without_a_chat_template_before_the_run(tmp_path, capsys):
     """It failed with a traceback after every reply was written, and no report."""
     path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
-    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--judge", "embedded:gemma-3-270m", "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--judge", "embedded:gemma-3-270m", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "the judge model 'embedded:gemma-3-270m' has no chat template" in err and not (tmp_path / "o" / "records.jsonl").exists()
 
@@ -160,7 +191,13 @@ def test_cli_prints_problems_as_text_not_markup(tmp_path, capsys):
 
 def test_cli_rejects_bad_threshold(tmp_path, capsys):
     assert main(["eval", "--threshold", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "invalid switch_threshold=2.0" in capsys.readouterr().err
+    assert "error: --threshold: invalid switch_threshold=2.0" in capsys.readouterr().err
+    assert main(["eval", "--sweep", "--thresholds", "0.5,2", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --thresholds: invalid switch_threshold=2.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--thresholds", "a,b"])
+    assert exit_.value.code == 2 and "argument --thresholds: 'a,b' is not a comma-separated list of numbers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_reports_bad_models_and_outputs_without_a_traceback(tmp_path, capsys):
@@ -170,3 +207,22 @@ def test_cli_reports_bad_models_and_outputs_without_a_traceback(tmp_path, capsys
     taken.write_text("")
     assert main(["eval", "--out", str(taken)]) == 2
     assert f"cannot write the report to --out {taken}" in capsys.readouterr().err
+
+
+def test_settings_that_differ_have_names_that_differ():
+    """The report keys its numbers on names: two thresholds that print alike at 6 digits had one name, and their records merged."""
+    assert Setting("online", 0.8, 6).name == "wsd τ=0.8 w=6" and Setting("online", 1.0, 6).name == "wsd τ=1 w=6"
+    assert Setting("online", 0.8000001, 6).name != Setting("online", 0.8, 6).name
+
+
+def test_a_base_only_reply_after_a_forced_start_is_all_the_bases(shared_runtime):
+    """A conversation that ends with the assistant's turn: base-only's share of draft tokens is 0
+    (the forced start had counted as the draft's)."""
+    from wsd_llms.eval.prompts import EvalPrompt
+    from wsd_llms.eval.runner import make_record
+
+    messages = [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two"}]
+    result = shared_runtime.generate(messages, mode="base", max_tokens=6)
+    assert result.usage.reply_tokens > result.usage.base_tokens  # the forced start is in the reply
+    record = make_record(Setting("base"), EvalPrompt("p", "facts", messages, 1), result, lambda text: 0)
+    assert (record["draft_written_tokens"], record["base_written_tokens"]) == (0, result.usage.reply_tokens)

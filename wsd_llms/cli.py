@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .console import make_console
-from .errors import InvalidMessagesError, ModelLoadError, RequestFailedError, WSDError
+from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
 from .params import parse_params
@@ -24,23 +24,26 @@ STYLES = {"draft": "bold cyan", "base": "green"}
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsd-llms", description="Weak-to-Strong Decoding in the terminal.")
     sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="ask a question (or chat interactively with no question)")
+    chat = sub.add_parser(
+        "chat", help="ask a question (or chat interactively with no question)", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Stream a WSD reply: the reply on stdout, the legend and a line of facts on stderr.",
+    )
     chat.add_argument("question", nargs="?", help="one question; leave out for an interactive chat")
     chat.add_argument("--system", help="a system prompt")
     models = chat.add_argument_group("models")
     models.add_argument("--draft", help="aligned draft model: HF repo id, directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
     models.add_argument("--base", help="base model: HF repo id, directory or .gguf (default: embedded Gemma-3-270M)")
-    models.add_argument("--device", default="auto")
-    models.add_argument("--dtype", default="auto")
+    models.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    models.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, float16 or bfloat16")
     wsd = chat.add_argument_group("switch and sampling")
-    wsd.add_argument("--threshold", type=float, default=0.8, dest="switch_threshold")
-    wsd.add_argument("--window", type=int, default=6, dest="switch_window")
-    wsd.add_argument("--max-tokens", type=int, default=256)
-    wsd.add_argument("--max-draft-tokens", type=int, default=512)
-    wsd.add_argument("--temperature", type=float, default=0.0)
-    wsd.add_argument("--top-p", type=float, default=1.0)
-    wsd.add_argument("--top-k", type=int, default=0)
-    wsd.add_argument("--seed", type=int)
+    wsd.add_argument("--threshold", type=float, default=0.8, dest="switch_threshold", metavar="TAU", help="the base takes over where its tokens' probabilities reach this")
+    wsd.add_argument("--window", type=int, default=6, dest="switch_window", metavar="W", help="over this many draft tokens in a row")
+    wsd.add_argument("--max-tokens", type=int, default=256, metavar="N", help="reply budget, in base tokens")
+    wsd.add_argument("--max-draft-tokens", type=int, default=512, metavar="N", help="how far the draft may write before the base takes over")
+    wsd.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
+    wsd.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
+    wsd.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps every token")
+    wsd.add_argument("--seed", type=int, help="the same seed gives the same sampled reply")
     wsd.add_argument(
         "--mode", choices=["online", "staged", "base", "draft"], default="online",
         help="online or staged WSD (the same reply), or one model alone: base or draft",
@@ -49,9 +52,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLAGS = {
+    "switch_threshold": "--threshold", "switch_window": "--window", "max_tokens": "--max-tokens", "max_draft_tokens": "--max-draft-tokens",
+    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed", "mode": "--mode",
+}
+
+
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("switch_threshold", "switch_window", "max_tokens", "max_draft_tokens", "temperature", "top_p", "top_k", "seed", "mode")
-    return {k: getattr(args, k) for k in keys}
+    return {k: getattr(args, k) for k in FLAGS}
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Each option's value as the runtime takes it, the error naming the option (before any model loads)."""
+    for name, flag in FLAGS.items():
+        try:
+            parse_params(**{name: getattr(args, name)})
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"{flag}: {exc}") from None
+    parse_params(**_params(args))
 
 
 def stats_line(result: WSDResult) -> str:
@@ -72,18 +90,19 @@ def stats_line(result: WSDResult) -> str:
 
 
 def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str, str]], params: dict[str, Any]) -> WSDResult:
-    """Print the reply as it streams: draft text and base text in two styles, a marker at the hand-over."""
+    """Print the reply as it streams: draft text and base text in two styles, a marker at the hand-over
+    (on a terminal: in a pipe or a file, the reply's text alone), then its facts on stderr."""
     last_source = None
     with closing(runtime.stream(messages, **params)) as events:  # closing cancels the request (Ctrl-C)
         for event in events:
             if isinstance(event, TextDelta):
-                if last_source == "draft" and event.source == "base":
+                if last_source == "draft" and event.source == "base" and console.is_terminal:
                     console.print(Text(" ▸ ", style="bold magenta"), end="")
                 console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
                 last_source = event.source
             elif isinstance(event, FinalEvent):
                 console.print()
-                console.print(Text(stats_line(event.result), style="dim"))
+                make_console(stderr=True).print(Text(stats_line(event.result), style="dim"))
                 return event.result
     raise WSDError("the stream ended without a result")
 
@@ -92,24 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "eval":
         return eval_command.run(args)
-    console = make_console()
+    console, errors = make_console(), make_console(stderr=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    legend = Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"]))
-    console.print(legend)
     runtime = None
     try:
-        parse_params(**_params(args))  # a bad option fails before any model loads
+        _check_options(args)  # a bad option fails before any model loads
         if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
             raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
+        errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
         _load(runtime)  # before the first request, so that its first-token time and tok/s are the reply's own
         if args.question is not None:
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
         return _interactive(console, runtime, history, _params(args))
     except WSDError as exc:
-        make_console(stderr=True).print(Text(f"error: {exc}", style="bold red"))
-        return 2
+        errors.print(Text(f"error: {exc}", style="bold red"))
+        return 2 if isinstance(exc, (InvalidParameterError, InvalidMessagesError)) else 1  # usage, or a failure
     except KeyboardInterrupt:
         console.print()
         if runtime is not None and not runtime.loaded:
@@ -140,11 +158,12 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it; a turn that fails (a
     conversation grown past the context window, say) is reported. Either way that turn is dropped
     and the chat goes on."""
-    console.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
+    make_console(stderr=True).print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     while True:
         try:
             question = console.input("[bold]you> [/bold]").strip()
-        except EOFError:
+        except EOFError:  # Ctrl-D: the shell's prompt on a line of its own
+            console.print()
             return 0
         if not question:
             return 0

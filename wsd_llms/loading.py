@@ -420,6 +420,8 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
         ) from exc
     except ValueError as exc:  # transformers' word for a config or tokenizer it cannot read
         raise ModelLoadError(f"could not load model {source!r}: {exc}") from exc
+    except Exception as exc:  # another library's word for it (huggingface_hub's check of a config's fields, say)
+        raise ModelLoadError(f"could not load model {source!r}: {type(exc).__name__}: {exc}") from exc
     model.to(device)
     model.eval()
     return LoadedModel(

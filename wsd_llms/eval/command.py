@@ -1,7 +1,9 @@
 """`wsd-llms eval`: the command-line front of the evaluation (arguments, progress bar, output files).
 
 Exit status: 0 when every prompt line was usable and every request succeeded; 1 when the input had
-bad lines or some requests failed (the report is still written, with those listed); 2 for bad options.
+bad lines or some requests failed (the report is still written, with those listed), or the models
+could not load or the report could not be written; 2 for bad options or a prompt file with no prompts
+to run (nothing is written then: a report already in --out stays as it was).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..console import make_console
-from ..errors import WSDError
+from ..errors import InvalidMessagesError, InvalidParameterError, WSDError
 from ..loading import load_model
 from ..params import parse_params
 from ..prompts import require_chat_template
@@ -25,15 +27,35 @@ from .evaluate import evaluate
 from .judge import logit_judge
 from .prompts import DEFAULT_PROMPTS, load_prompts
 from .report import headers, headline_rows, write_all
-from .runner import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, Setting, settings_for
+from .runner import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, Record, Setting, settings_for
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Each option's value as the runtime takes it, the error naming the option (before any model loads)."""
+    checks = [("--threshold", {"switch_threshold": args.threshold}), ("--window", {"switch_window": args.window}), ("--max-tokens", {"max_tokens": args.max_tokens})]
+    if args.sweep:
+        checks += [("--thresholds", {"switch_threshold": t}) for t in args.thresholds] + [("--windows", {"switch_window": w}) for w in args.windows]
+    for flag, params in checks:
+        try:
+            parse_params(**params)
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"{flag}: {exc}") from None
+    if args.concurrency < 1:
+        raise InvalidParameterError(f"--concurrency: invalid concurrency={args.concurrency}: must be an integer >= 1")
 
 
 def add_parser(sub: Any) -> None:
@@ -61,43 +83,59 @@ def run(args: argparse.Namespace) -> int:
     main = Setting("online", args.threshold, args.window)
     settings = settings_for(args.threshold, args.window, args.sweep, args.thresholds, args.windows)
     try:
-        for setting in settings:
-            parse_params(max_tokens=args.max_tokens, **setting.params())
-        if args.concurrency < 1:
-            raise WSDError(f"invalid concurrency={args.concurrency}: must be an integer >= 1")
+        _check_options(args)
     except WSDError as exc:
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 2
     prompts, problems = load_prompts(args.prompts)
     for problem in problems:
         errors.print(Text(f"{args.prompts or DEFAULT_PROMPTS}: {problem}", style="yellow"))
+    if not prompts:
+        errors.print(Text(f"error: no prompts to run; nothing was written to {args.out}", style="bold red"))
+        return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    written: list[Record] = []
     try:
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise WSDError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from exc
+            raise InvalidParameterError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from exc
+        errors.print(Text("loading the models ...", style="dim"))
+        runtime.load()  # before records.jsonl is opened: a model that cannot load leaves --out as it was
+        judge = None
+        if args.judge:
+            model = load_model(args.judge, device=runtime.device, dtype=runtime.dtype)
+            require_chat_template(model.tokenizer, args.judge, "judge")  # it reads the replies as a chat: before the run, not after
+            judge = (args.judge, logit_judge(model))
         with Progress(*columns, console=errors, transient=False) as progress:  # stdout: the table and the report's path
             task = progress.add_task(f"{len(settings)} settings × {len(prompts)} prompts", total=len(settings) * len(prompts))
-            judge = None
-            if args.judge:
-                model = load_model(args.judge, device=runtime.device, dtype=runtime.dtype)
-                require_chat_template(model.tokenizer, args.judge, "judge")  # it reads the replies as a chat: before the run, not after
-                judge = (args.judge, logit_judge(model))
             source = str(args.prompts) if args.prompts else f"the bundled set ({DEFAULT_PROMPTS.name})"
+
+            def advance(record: Record) -> None:
+                written.append(record)
+                progress.advance(task)
+
             report = evaluate(
                 runtime, prompts, problems, settings, main,
                 max_tokens=args.max_tokens, prompts_file=source, concurrency=args.concurrency,
-                records_path=args.out / "records.jsonl", on_record=lambda record: progress.advance(task), judge=judge,
+                records_path=args.out / "records.jsonl", on_record=advance, judge=judge,
             )
-    except WSDError as exc:
+    except (InvalidParameterError, InvalidMessagesError) as exc:
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 2
+    except WSDError as exc:
+        errors.print(Text(f"error: {exc}", style="bold red"))
+        return 1
     except KeyboardInterrupt:
-        errors.print(Text(f"interrupted: the replies so far are in {args.out / 'records.jsonl'}"))
+        said = f"the replies so far ({len(written)}) are in {args.out / 'records.jsonl'}" if written else "before any reply was written"
+        errors.print(Text(f"interrupted: {said}"))
         return 130
-    paths = write_all(report, args.out)
+    try:
+        paths = write_all(report, args.out)
+    except OSError as exc:
+        errors.print(Text(f"error: cannot write the report to {args.out}: {exc}; the replies are in {args.out / 'records.jsonl'}", style="bold red"))
+        return 1
     _print_table(console, report)
     console.print(Text(f"report: {paths['html']}  (also {paths['json'].name}, {paths['md'].name}, records.jsonl)"))
     failed = any(s["errors"] for s in report["settings"])

@@ -36,7 +36,7 @@ class Setting:
     @property
     def name(self) -> str:
         if self.mode == "online":
-            return f"wsd τ={self.threshold:g} w={self.window}"
+            return f"wsd τ={self.threshold:.10g} w={self.window}"  # two thresholds that differ get two names
         return f"{self.mode}-only"
 
     def params(self) -> dict[str, Any]:
@@ -64,8 +64,9 @@ def make_record(setting: Setting, prompt: EvalPrompt, result: WSDResult, count_b
         "finish_reason": result.finish_reason,
         "switch_point": result.switch_point,
         "reply_tokens": u.reply_tokens,
-        "draft_written_tokens": u.reply_tokens - u.base_tokens,
-        "base_written_tokens": u.base_tokens,
+        # a forced start (a conversation that ends with the assistant's turn) counts as the model's that continues it
+        "draft_written_tokens": 0 if setting.mode == "base" else u.reply_tokens - u.base_tokens,
+        "base_written_tokens": u.reply_tokens if setting.mode == "base" else u.base_tokens,
         "ttft_s": t.ttft,
         "total_s": t.total,
         "repetition": signals.repetition_share(result.text),
