@@ -169,7 +169,7 @@ def test_generation_info_and_prompt_token_count(replies):
     assert result.generations[0][0].generation_info == {"finish_reason": meta["finish_reason"], "model_name": meta["model_name"]}
     usage = message.usage_metadata
     measured = max(usage["input_token_details"]["draft"], -(-usage["input_tokens"] // 4))
-    assert model.get_num_tokens_from_messages([HumanMessage(QUESTION)]) == measured and model.profile["max_input_tokens"] == 8192
+    assert model.get_num_tokens_from_messages([HumanMessage(QUESTION)]) == measured and model.profile["max_input_tokens"] == 8191
     assert WSDChatModel(mode="base").get_num_tokens_from_messages([HumanMessage(QUESTION)]) == usage["input_tokens"]
 
 
@@ -317,6 +317,7 @@ def test_langchain_stream_flags_are_not_request_parameters(fake, model, stream):
         (WSDChatModel(disable_streaming="tool_calling"), {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, False),
         (WSDChatModel(disable_streaming="tool_calling"), {}, True),
         (WSDChatModel(disable_streaming="tool_calling", tools=[{"name": "f", "parameters": {}}]), {}, False),  # the constructor's tools
+        (WSDChatModel(disable_streaming="tool_calling", tools=[{"name": "f", "parameters": {}}]), {"tools": []}, True),  # which a call's [] clears
     ],
 )
 async def test_turning_streaming_off_keeps_tokens_from_callbacks(fake, model, call, streamed):
@@ -1002,7 +1003,7 @@ def test_profile_reads_a_hub_model_from_the_cache_without_the_network(embedded, 
     monkeypatch.setattr(wsd_llms.runtime, "_registry", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # pytest-socket warns of a blocked request: that would fail the profile, and this test
-        assert WSDChatModel(draft_model="someone/draft", base_model="someone/base").profile["max_input_tokens"] == 8192
+        assert WSDChatModel(draft_model="someone/draft", base_model="someone/base").profile["max_input_tokens"] == 8191
         assert "max_input_tokens" not in WSDChatModel(draft_model="someone/draft", base_model="someone/other").profile
 
 
@@ -1012,8 +1013,8 @@ def test_profile_has_the_context_window_of_the_mode(embedded):
 
     windows = {mode: embedded.context_window(mode) for mode in ("online", "base", "draft")}  # converts the models, if not yet
     for mode, window in windows.items():
-        assert WSDChatModel(mode=mode).profile["max_input_tokens"] == window
-    assert WSDChatModel().profile["max_input_tokens"] == 8192  # the draft's window bounds online WSD
+        assert WSDChatModel(mode=mode).profile["max_input_tokens"] == window - 1  # a reply needs a position
+    assert WSDChatModel().profile["max_input_tokens"] == 8191  # the draft's window bounds online WSD
     SummarizationMiddleware(model=WSDChatModel(), trigger=("fraction", 0.8))  # needs the profile's window
 
 
@@ -1311,7 +1312,7 @@ def test_summarization_middleware_shortens_a_summary_prompt_that_overflows(draft
     monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: runtime)
     try:
         model = WSDChatModel(max_tokens=6)
-        assert model.profile["max_input_tokens"] == 256
+        assert model.profile["max_input_tokens"] == 255
         log = "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees. " * 24
         history = [HumanMessage(log), AIMessage("Noted."), HumanMessage(log), AIMessage("Noted."), HumanMessage(QUESTION)]
         assert model.get_num_tokens_from_messages(history[:4]) > 2 * 256

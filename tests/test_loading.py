@@ -177,30 +177,33 @@ def test_replies_end_at_the_context_windows(draft_tokenizer):
         rt.close()
 
 
-@pytest.mark.parametrize(("draft_window", "base_window"), [(96, 384), (384, 96)])
+@pytest.mark.parametrize(("draft_window", "base_window"), [(96, 384), (384, 96), (100, 96), (96, 100)])
 def test_window_tokens_tell_which_prompts_fit(draft_tokenizer, draft_window, base_window):
     """window_tokens (LangChain's get_num_tokens_from_messages) measures a prompt against the
     smaller window, in the tokens of the model whose window it fills most: a prompt fits exactly
-    when it measures less than the window, whichever model binds, so a counter that trims to the
-    window keeps a prompt that fits (base tokens alone had let a prompt in the draft's tokenizer
-    run past the draft's window)."""
+    when it measures less than the window, whichever model binds, so a counter that trims to
+    max_input_tokens (the window less one) keeps a prompt that fits (base tokens alone had let a
+    prompt in the draft's tokenizer run past the draft's window)."""
     from dataclasses import replace
 
     draft = replace(tiny_llama(draft_tokenizer, 0, "tiny-draft"), context_window=draft_window)
     base = replace(tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3"), context_window=base_window)  # another tokenizer
     rt = WSDRuntime.from_models(draft, base)
     try:
-        window = min(draft_window, base_window)
-        for words in range(8, 160, 3):
-            messages = [{"role": "user", "content": "Paris, the capital of France: two plus two is four. "[:words] * (1 + words // 16)}]
+        window, fits = min(draft_window, base_window), []
+        for words in range(1, 120):
+            messages = [{"role": "user", "content": "Paris, two plus two, four. "[: 1 + words % 7] * (1 + words // 2)}]
             measured = rt.window_tokens(messages)
             try:
                 usage = rt.generate(messages, max_tokens=1).usage
             except PromptTooLongError:
                 assert measured >= window
+                fits.append(False)
                 continue
-            scaled = [-(-usage.draft_prompt_tokens * window // draft_window), -(-usage.base_prompt_tokens * window // base_window)]
+            fits.append(True)
+            scaled = [-(-(n + 1) * window // w) - 1 for n, w in ((usage.draft_prompt_tokens, draft_window), (usage.base_prompt_tokens, base_window))]
             assert measured == max(scaled) < window
+        assert True in fits and False in fits
         short = [{"role": "user", "content": "Paris?"}]
         assert rt.window_tokens(short, mode="base") == rt.generate(short, mode="base", max_tokens=1).usage.base_prompt_tokens
         assert rt.window_tokens([]) == 0
@@ -209,20 +212,25 @@ def test_window_tokens_tell_which_prompts_fit(draft_tokenizer, draft_window, bas
 
 
 def test_window_tokens_count_a_tail_a_strict_template_refuses(draft_tokenizer):
-    """trim_messages counts tails of a conversation, reversed: one that a strict draft template
-    refuses on its own (it starts with a reply) counts as the plain transcript in the draft's tokens."""
+    """trim_messages counts a conversation's tails reversed: one that a strict template refuses in
+    that order counts as it will be sent (reversed again), exactly; one it refuses either way as
+    the plain transcript plus what the template adds around a turn."""
     import copy
 
-    from wsd_llms.prompts import draft_prompt_tokens, plain_base_prompt
-    from wsd_llms.messages import normalize_messages
     from wsd_llms.encoding import encode_text
+    from wsd_llms.messages import Message
+    from wsd_llms.prompts import draft_prompt_tokens, plain_base_prompt
 
     strict = copy.deepcopy(draft_tokenizer)
     strict.chat_template = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('a conversation starts with the user') }}{% endif %}" + strict.chat_template
-    tail = normalize_messages([{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"}], request=False)
-    plain, _ = plain_base_prompt(strict, tail)
-    assert draft_prompt_tokens(strict, tail) == len(encode_text(strict, plain))
-    assert draft_prompt_tokens(strict, tail[1:]) == draft_prompt_tokens(draft_tokenizer, tail[1:])  # what it takes, it counts as its own
+    question, answer = Message("user", "Which city is the capital of France?"), Message("assistant", "Paris.")
+    assert draft_prompt_tokens(strict, [answer, question]) == draft_prompt_tokens(draft_tokenizer, [question, answer])
+
+    def plain(messages: list[Message]) -> int:
+        return len(encode_text(strict, plain_base_prompt(strict, messages)[0]))
+
+    around = max(0, draft_prompt_tokens(strict, [Message("user", "")]) - plain([Message("user", "")]))  # none here: the tiny template's markers are single tokens
+    assert draft_prompt_tokens(strict, [answer]) == plain([answer]) + around
 
 
 def test_device_and_dtype_resolution():

@@ -5,7 +5,7 @@ With tools, both prompts describe them and render tool calls and results (see `t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,17 +175,40 @@ def base_prompt_spans(base_tok: Any, text: str, context: list[Message]) -> tuple
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
     """How many of the base model's positions the messages take as a prompt, each message a turn:
     a trailing assistant message too, a few tokens more than as a forced start, since LangChain's
-    trim_messages counts a conversation's tails reversed, where its first message comes last."""
-    text, _, _ = base_prompt(base_tok, messages, base_template, tools)
-    return len(encode(base_tok, text, base_prompt_spans(base_tok, text, messages))[0])
+    trim_messages counts a conversation's tails reversed, where its first message comes last. A
+    part that its chat template refuses counts as `template_tokens` says."""
+
+    def count(order: list[Message]) -> int:
+        text, _, _ = base_prompt(base_tok, order, base_template, tools)
+        return len(encode(base_tok, text, base_prompt_spans(base_tok, text, order))[0])
+
+    return template_tokens(count, base_tok, messages, tools)
 
 
 def draft_prompt_tokens(draft_tok: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> int:
     """How many of the draft model's positions the messages take as a prompt, each message a turn
-    (as base_prompt_tokens). A part of a conversation that a strict template refuses on its own
-    (one that starts with a reply, say) counts as the plain transcript in the draft's tokens."""
+    (as base_prompt_tokens); a part that its template refuses counts as `template_tokens` says."""
+    return template_tokens(lambda order: len(draft_prompt_ids(draft_tok, order, "", tools)[0]), draft_tok, messages, tools)
+
+
+def template_tokens(count: Callable[[list[Message]], int], tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> int:
+    """`count(messages)`, for a part of a conversation a strict chat template refuses on its own
+    (roles must alternate, say) too: the count of its reverse, which is the order it will be sent in
+    when LangChain's trim_messages counts a conversation's tails reversed; if the template refuses
+    both, the plain transcript's tokens plus what the template adds around one empty user turn.
+    A whole conversation it refuses fails as a request, with the template's reason."""
+    for order in (messages, messages[::-1]):
+        try:
+            return count(order)
+        except InvalidMessagesError:
+            continue
+
+    def plain(order: list[Message]) -> int:
+        return len(encode_text(tokenizer, plain_base_prompt(tokenizer, order, tools)[0]))
+
+    one = [Message("user", "")]
     try:
-        return len(draft_prompt_ids(draft_tok, messages, "", tools)[0])
-    except InvalidMessagesError:  # a whole conversation it refuses fails as a request, with this error
-        text, _ = plain_base_prompt(draft_tok, messages, tools)
-        return len(encode_text(draft_tok, text))
+        around = max(0, count(one) - plain(one))
+    except InvalidMessagesError:
+        around = 0
+    return plain(messages) + around

@@ -125,7 +125,7 @@ class WSDRuntime:
         self._start_clean()
         self._closed = False
         self.engine: Engine | None = None
-        self._context_windows_read: dict[str, int] | None = None
+        self._context_windows_read: dict[str, int] = {}
         self._tokenizers: dict[str, Any] = {}  # read without the weights, before a load
         WSDRuntime.instances.add(self)
 
@@ -305,24 +305,26 @@ class WSDRuntime:
     def context_window(self, mode: str = "online") -> int:
         """The context window a request in `mode` has: the smallest of the models it runs (in their
         own tokens), from the loaded models or else from their configs alone."""
-        return min(self._context_windows()[model] for model in _models_of(mode))
+        return min(self._context_windows(_models_of(mode)).values())
 
     def known_context_window(self, mode: str = "online") -> int | None:
         """`context_window(mode)` if it can be told at once, else None: nothing is downloaded or
         converted (a GGUF or embedded model before its first load), and no load in progress is waited for."""
         try:
-            return min(self._context_windows(at_once=True)[model] for model in _models_of(mode))
+            return min(self._context_windows(_models_of(mode), at_once=True).values())
         except ModelLoadError:
             return None
 
-    def _context_windows(self, at_once: bool = False) -> dict[str, int]:
+    def _context_windows(self, models: Seq[str], at_once: bool = False) -> dict[str, int]:
+        """The windows of `models` (a mode's), reading no other model's config."""
         if self.engine is not None:
-            return {"draft": self.engine.draft.context_window, "base": self.engine.base.context_window}
-        if self._context_windows_read is None:
-            from transformers import AutoConfig
+            return {model: (self.engine.draft if model == "draft" else self.engine.base).context_window for model in models}
+        from transformers import AutoConfig
 
-            self._context_windows_read = {model: context_window(self._read(model, AutoConfig, at_once)) for model in ("draft", "base")}
-        return self._context_windows_read
+        for model in models:
+            if model not in self._context_windows_read:
+                self._context_windows_read[model] = context_window(self._read(model, AutoConfig, at_once))
+        return {model: self._context_windows_read[model] for model in models}
 
     def tokenizer(self, model: str = "base") -> Any:
         """A model's tokenizer ("base": usage is counted in it; "draft"), from the loaded model or
@@ -348,10 +350,12 @@ class WSDRuntime:
         """The messages' length against `context_window(mode)`, for a counter that trims to that window
         (LangChain's get_num_tokens_from_messages): each model the mode runs counts their prompt, the
         template and the tools' block with tools, in its own tokens, scaled by that window over its own
-        (a base with 4x the draft's window counts a quarter); the largest count is the length, so
-        the prompt fits when it is below the window. Each message counts as a turn, a trailing
-        assistant message too (prompts.base_prompt_tokens). Reads the tokenizers and the models'
-        configs, not the weights; no messages take 0."""
+        (a base with 4x the draft's window counts about a quarter); the largest count is the length,
+        and the prompt fits exactly when it is below the window (at most `context_window(mode) - 1`,
+        LangChain's max_input_tokens). Each message counts as a turn, a trailing assistant message
+        too (prompts.base_prompt_tokens). Reads the tokenizers and the configs of the mode's models
+        and loads no weights (an embedded or GGUF model is converted first if it has not been); no
+        messages take 0."""
         parsed = parse_params(**params)
         models = _models_of(parsed.mode)
         if isinstance(messages, (list, tuple)) and not messages:
@@ -362,9 +366,10 @@ class WSDRuntime:
             "draft": lambda: draft_prompt_tokens(self.tokenizer("draft"), normalized, tools),
             "base": lambda: base_prompt_tokens(self.tokenizer("base"), normalized, parsed.base_template, tools),
         }
-        windows = self._context_windows()
-        window = min(windows[model] for model in models)
-        return max(-(-counts[model]() * window // windows[model]) for model in models)  # rounded up
+        windows = self._context_windows(models)
+        window = min(windows.values())
+        # n fits a window w when n < w; (n + 1) * window / w - 1, rounded up, is below `window` exactly then
+        return max(-(-(counts[model]() + 1) * window // windows[model]) - 1 for model in models)
 
     def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).

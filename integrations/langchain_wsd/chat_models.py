@@ -124,8 +124,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             temperature=True,
         )
         window = self.wsd_runtime().known_context_window(self.mode)
-        if window is not None:
-            profile["max_input_tokens"] = window
+        if window is not None:  # a reply needs one position at least; get_num_tokens_from_messages measures against this
+            profile["max_input_tokens"] = window - 1
         return profile
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -249,7 +249,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def _streaming_disabled(self, **kwargs: Any) -> bool:
         """LangChain's opt-outs of streaming, with the constructor's tools counted as a call's for
         `disable_streaming="tool_calling"` (LangChain looks only at a call's)."""
-        return super()._streaming_disabled(**{**kwargs, "tools": kwargs.get("tools") or self.tools})
+        return super()._streaming_disabled(**{**kwargs, "tools": self.tools if kwargs.get("tools") is None else kwargs["tools"]})
 
     # Every path that makes one message of a reply goes through these two: _generate, and LangChain
     # aggregating _stream's chunks itself (streaming=True, astream_events, a streaming callback), before
