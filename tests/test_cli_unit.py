@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.text import Text
 
-from wsd_llms.cli import _interactive, main, stats_line
+from wsd_llms.cli import _interactive, main, stats_line, stream_reply
 from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
 
 
@@ -55,11 +56,36 @@ class CtrlCOnce(Console):
         super().print(*objects, **kwargs)
 
 
-def test_ctrl_c_stops_the_reply_and_drops_the_turn() -> None:
+class Switching(Scripted):
+    """A reply the base takes over."""
+
+    def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
+        yield TextDelta("Paris", "draft")
+        yield TextDelta(" is the capital.", "base")
+        yield FinalEvent(WSDResult("Paris is the capital.", "stop", 1, "Paris", Usage(), Timings(total=1.0), "d", "b", "online"))
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_hand_over_marker_shows_on_a_terminal_only(terminal: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a terminal a ▸ marks where the base took over; in a pipe or a file stdout holds the reply's
+    text alone (Rich's FORCE_COLOR would call a pipe a terminal), and the facts go to stderr."""
+    console = Console(file=Tty() if terminal else io.StringIO(), force_terminal=True, width=200)
+    stream_reply(console, Switching(), [{"role": "user", "content": "?"}], {})  # type: ignore[arg-type]
+    shown = console.file.getvalue()
+    assert ("Paris ▸  is the capital." if terminal else "Paris is the capital.") in Text.from_ansi(shown).plain
+    assert "switch after 1 draft tokens" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_reply_and_drops_the_turn(capsys: pytest.CaptureFixture[str]) -> None:
     runtime, console = Scripted(), CtrlCOnce(["Tell me a story.", "Hi", ""])
     history: list[dict[str, str]] = []
     assert _interactive(console, runtime, history, {}) == 0  # type: ignore[arg-type]
-    assert runtime.closed == 2 and "stopped" in console.file.getvalue()
+    assert runtime.closed == 2 and "stopped" in capsys.readouterr().err  # on stderr: stdout holds replies
     assert runtime.calls[1] == [{"role": "user", "content": "Hi"}]  # the stopped turn is not in the history
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
 

@@ -226,3 +226,22 @@ def test_a_base_only_reply_after_a_forced_start_is_all_the_bases(shared_runtime)
     assert result.usage.reply_tokens > result.usage.base_tokens  # the forced start is in the reply
     record = make_record(Setting("base"), EvalPrompt("p", "facts", messages, 1), result, lambda text: 0)
     assert (record["draft_written_tokens"], record["base_written_tokens"]) == (0, result.usage.reply_tokens)
+
+
+def test_cli_a_load_that_fails_past_the_loader_is_an_error_line(tmp_path, capsys, monkeypatch):
+    """A failure past from_pretrained (out of memory moving the weights, say) is a ModelLoadError
+    from WSDRuntime.load, so eval says it in a line as chat does (it was a traceback)."""
+    from wsd_llms import WSDRuntime
+
+    def out_of_memory(self, source, revision):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(WSDRuntime, "_load", out_of_memory)
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "records.jsonl").write_text("earlier\n")
+    assert main(["eval", "--prompts", str(path), "--draft", str(tmp_path / "unique"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: the models could not load: RuntimeError: CUDA out of memory" in err and "Traceback" not in err
+    assert (out / "records.jsonl").read_text() == "earlier\n"

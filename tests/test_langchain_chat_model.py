@@ -52,6 +52,7 @@ from wsd_llms import (
 from wsd_llms.messages import ToolCall
 from wsd_llms.tools import InvalidToolCall
 from wsd_llms.integration import result_metadata, usage_counts
+from wsd_llms.runtime import measured_length
 
 QUESTION = "What is the capital of France?"
 # A low threshold and short window make this reply switch early: "The capital of France" | " is Paris."
@@ -168,7 +169,7 @@ def test_generation_info_and_prompt_token_count(replies):
     meta = message.response_metadata
     assert result.generations[0][0].generation_info == {"finish_reason": meta["finish_reason"], "model_name": meta["model_name"]}
     usage = message.usage_metadata
-    measured = max(usage["input_token_details"]["draft"], -(-usage["input_tokens"] // 4))
+    measured = max(usage["input_token_details"]["draft"], measured_length(usage["input_tokens"], 8192, 32768))
     assert model.get_num_tokens_from_messages([HumanMessage(QUESTION)]) == measured and model.profile["max_input_tokens"] == 8191
     assert WSDChatModel(mode="base").get_num_tokens_from_messages([HumanMessage(QUESTION)]) == usage["input_tokens"]
 

@@ -10,6 +10,7 @@ from tiny import make_tokenizer, tiny_gemma3, tiny_llama
 import wsd_llms.loading as loading
 from wsd_llms import InvalidParameterError, ModelLoadError, PromptTooLongError, WSDRuntime
 from wsd_llms.loading import load_model, resolve_device, resolve_dtype
+from wsd_llms.runtime import measured_length
 
 
 def _cpu(source):
@@ -201,7 +202,7 @@ def test_window_tokens_tell_which_prompts_fit(draft_tokenizer, draft_window, bas
                 fits.append(False)
                 continue
             fits.append(True)
-            scaled = [-(-(n + 1) * window // w) - 1 for n, w in ((usage.draft_prompt_tokens, draft_window), (usage.base_prompt_tokens, base_window))]
+            scaled = [measured_length(n, window, w) for n, w in ((usage.draft_prompt_tokens, draft_window), (usage.base_prompt_tokens, base_window))]
             assert measured == max(scaled) < window
         assert True in fits and False in fits
         short = [{"role": "user", "content": "Paris?"}]
@@ -209,6 +210,15 @@ def test_window_tokens_tell_which_prompts_fit(draft_tokenizer, draft_window, bas
         assert rt.window_tokens([]) == 0
     finally:
         rt.close()
+
+
+def test_a_measured_length_is_below_the_window_exactly_when_the_prompt_fits():
+    for window in range(1, 40):
+        for own in range(window, 4 * window + 3):
+            lengths = [measured_length(n, window, own) for n in range(2 * own + 2)]
+            assert [m < window for m in lengths] == [n < own for n in range(2 * own + 2)]
+            assert lengths == sorted(lengths) and min(lengths) >= 0
+            assert own != window or lengths == list(range(2 * own + 2))  # the binding model's own count
 
 
 def test_window_tokens_count_a_tail_a_strict_template_refuses(draft_tokenizer):
@@ -222,15 +232,18 @@ def test_window_tokens_count_a_tail_a_strict_template_refuses(draft_tokenizer):
     from wsd_llms.prompts import draft_prompt_tokens, plain_base_prompt
 
     strict = copy.deepcopy(draft_tokenizer)
-    strict.chat_template = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('a conversation starts with the user') }}{% endif %}" + strict.chat_template
+    refuse = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('a conversation starts with the user') }}{% endif %}"
+    strict.chat_template = refuse + "<|system|>You are a helpful assistant. The capital of France is Paris.</s>" + strict.chat_template
     question, answer = Message("user", "Which city is the capital of France?"), Message("assistant", "Paris.")
-    assert draft_prompt_tokens(strict, [answer, question]) == draft_prompt_tokens(draft_tokenizer, [question, answer])
+    lenient = copy.deepcopy(strict)
+    lenient.chat_template = strict.chat_template.removeprefix(refuse)
+    assert draft_prompt_tokens(strict, [answer, question]) == draft_prompt_tokens(lenient, [question, answer])
 
     def plain(messages: list[Message]) -> int:
         return len(encode_text(strict, plain_base_prompt(strict, messages)[0]))
 
-    around = max(0, draft_prompt_tokens(strict, [Message("user", "")]) - plain([Message("user", "")]))  # none here: the tiny template's markers are single tokens
-    assert draft_prompt_tokens(strict, [answer]) == plain([answer]) + around
+    around = draft_prompt_tokens(strict, [Message("user", "")]) - plain([Message("user", "")])  # the preamble, mostly
+    assert around > 0 and draft_prompt_tokens(strict, [answer]) == plain([answer]) + around >= draft_prompt_tokens(lenient, [answer])
 
 
 def test_device_and_dtype_resolution():
@@ -241,7 +254,7 @@ def test_device_and_dtype_resolution():
     with pytest.raises(InvalidParameterError, match="invalid device='tpu9': .*; use 'auto', 'cpu' or 'cuda:N'"):
         resolve_device("tpu9")
     if not torch.cuda.is_available():  # said before any weights load, not as an assertion after
-        with pytest.raises(ModelLoadError, match="device='cuda', but this torch sees no CUDA device"):
+        with pytest.raises(InvalidParameterError, match="device='cuda', but this torch sees no CUDA device"):
             resolve_device("cuda")
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .console import make_console
-from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError, RequestFailedError, WSDError
+from .errors import InvalidMessagesError, InvalidParameterError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
 from .params import parse_params
@@ -21,11 +21,18 @@ from .runtime import WSDRuntime, get_runtime
 STYLES = {"draft": "bold cyan", "base": "green"}
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that gives each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsd-llms", description="Weak-to-Strong Decoding in the terminal.")
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser(
-        "chat", help="ask a question (or chat interactively with no question)", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "chat", help="ask a question (or chat interactively with no question)", formatter_class=_Defaults,
         description="Stream a WSD reply: the reply on stdout, the legend and a line of facts on stderr.",
     )
     chat.add_argument("question", nargs="?", help="one question; leave out for an interactive chat")
@@ -96,7 +103,7 @@ def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str,
     with closing(runtime.stream(messages, **params)) as events:  # closing cancels the request (Ctrl-C)
         for event in events:
             if isinstance(event, TextDelta):
-                if last_source == "draft" and event.source == "base" and console.is_terminal:
+                if last_source == "draft" and event.source == "base" and console.file.isatty():  # not Rich's is_terminal, which FORCE_COLOR sets
                     console.print(Text(" ▸ ", style="bold magenta"), end="")
                 console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
                 last_source = event.source
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
-        _load(runtime)  # before the first request, so that its first-token time and tok/s are the reply's own
+        runtime.load()  # before the first request, so that its first-token time and tok/s are the reply's own
         if args.question is not None:
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
@@ -133,16 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         if runtime is not None and not runtime.loaded:
             _exit_now(130)
         return 130
-
-
-def _load(runtime: WSDRuntime) -> None:
-    """Load the models, any failure as a WSDError (the worker reports a load that fails in a request so)."""
-    try:
-        runtime.load()
-    except WSDError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"the models could not load: {type(exc).__name__}: {exc}") from exc
 
 
 def _exit_now(code: int) -> None:
@@ -171,7 +168,8 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         try:
             result = stream_reply(console, runtime, turn, params)
         except KeyboardInterrupt:
-            console.print(Text("\n(stopped; this turn is dropped)", style="dim"))
+            console.print()
+            make_console(stderr=True).print(Text("(stopped; this turn is dropped)", style="dim"))
             continue
         except (InvalidMessagesError, RequestFailedError) as exc:
             make_console(stderr=True).print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))

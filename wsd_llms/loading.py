@@ -63,9 +63,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise InvalidParameterError(f"invalid device={device!r}: {exc}; use 'auto', 'cpu' or 'cuda:N'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device={device!r}, but this torch sees no CUDA device (a CPU build, or no GPU); use 'cpu' or 'auto'")
+        raise InvalidParameterError(f"device={device!r}, but this torch sees no CUDA device (a CPU build, or no GPU); use 'cpu' or 'auto'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device={device!r}, but there are {torch.cuda.device_count()} CUDA devices")
+        raise InvalidParameterError(f"device={device!r}, but there are {torch.cuda.device_count()} CUDA devices")
     return resolved
 
 
@@ -413,6 +413,7 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        model.to(device)  # out of memory on the device, say
     except OSError as exc:
         hint = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)" if offline else ""
         raise ModelLoadError(
@@ -422,7 +423,6 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
         raise ModelLoadError(f"could not load model {source!r}: {exc}") from exc
     except Exception as exc:  # another library's word for it (huggingface_hub's check of a config's fields, say)
         raise ModelLoadError(f"could not load model {source!r}: {type(exc).__name__}: {exc}") from exc
-    model.to(device)
     model.eval()
     return LoadedModel(
         name=source,

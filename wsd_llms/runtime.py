@@ -79,6 +79,12 @@ def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
             raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
 
 
+def measured_length(n: int, window: int, own: int) -> int:
+    """A prompt of `n` tokens of a model whose window is `own`, measured against a window `window` <= `own`:
+    (n + 1) * window / own, rounded up, less one, which is below `window` exactly when n < own (it fits)."""
+    return -(-(n + 1) * window // own) - 1
+
+
 def _models_of(mode: str) -> tuple[str, ...]:
     """The models a request in `mode` runs, or InvalidParameterError naming the modes."""
     if mode not in MODELS:
@@ -220,21 +226,27 @@ class WSDRuntime:
         return joined.result()
 
     def load(self) -> Engine:
-        """Load both models now (normally done by the worker on the first request)."""
+        """Load both models now (normally done by the worker on the first request); any failure is
+        a WSDError (ModelLoadError naming the cause: out of memory on the device, say)."""
         with self._lock:
             if self.engine is None:
                 # One after the other: transformers' model loading is not thread-safe. A close()
                 # meanwhile ends the load at the next model, so that exit waits for one load at most.
-                self._check_open()
-                draft = self._load(self.draft_source, self._revisions[0])
-                require_chat_template(draft.tokenizer, draft.name)
-                self._check_open()
-                base = self._load(self.base_source, self._revisions[1])
-                self._check_open()
-                with self._step_lock:  # so that a configure() meanwhile is not lost
-                    engine = Engine(draft, base, **self.limits)
-                    with self._counts_lock:  # a snapshot sees no engine and the runtime's counts, or the engine's
-                        self.engine = engine
+                try:
+                    self._check_open()
+                    draft = self._load(self.draft_source, self._revisions[0])
+                    require_chat_template(draft.tokenizer, draft.name)
+                    self._check_open()
+                    base = self._load(self.base_source, self._revisions[1])
+                    self._check_open()
+                    with self._step_lock:  # so that a configure() meanwhile is not lost
+                        engine = Engine(draft, base, **self.limits)
+                        with self._counts_lock:  # a snapshot sees no engine and the runtime's counts, or the engine's
+                            self.engine = engine
+                except WSDError:
+                    raise
+                except Exception as exc:
+                    raise ModelLoadError(f"the models could not load: {type(exc).__name__}: {exc}") from exc
             return self.engine
 
     def configure(
@@ -368,8 +380,7 @@ class WSDRuntime:
         }
         windows = self._context_windows(models)
         window = min(windows.values())
-        # n fits a window w when n < w; (n + 1) * window / w - 1, rounded up, is below `window` exactly then
-        return max(-(-(counts[model]() + 1) * window // windows[model]) - 1 for model in models)
+        return max(measured_length(counts[model](), window, windows[model]) for model in models)
 
     def _read(self, model: str, auto: Any, at_once: bool = False) -> Any:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).

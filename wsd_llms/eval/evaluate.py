@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..runtime import WSDRuntime
 from .judge import Prefer, judge_pairs
@@ -32,20 +32,23 @@ def evaluate(
     judge: tuple[str, Prefer] | None = None,
 ) -> Report:
     """Everything the report needs. Each record is also appended to `records_path` (JSONL) as it
-    finishes, so an interrupted run keeps what it had."""
+    finishes, so an interrupted run keeps what it had; the file is replaced at the first record, so
+    a run that ends before one leaves the last run's as it was."""
     start = time.perf_counter()
-    sink = records_path.open("w", encoding="utf-8") if records_path is not None else None
+    sinks: list[TextIO] = []
 
     def keep(record: Record) -> None:
-        if sink is not None:
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+        if records_path is not None:
+            if not sinks:
+                sinks.append(records_path.open("w", encoding="utf-8"))
+            sinks[0].write(json.dumps(record, ensure_ascii=False) + "\n")
+            sinks[0].flush()
         on_record(record)
 
     try:
         records, walls = run_settings(runtime, prompts, settings, max_tokens=max_tokens, concurrency=concurrency, on_record=keep) if prompts else ([], {})
     finally:
-        if sink is not None:
+        for sink in sinks:
             sink.close()
     judged: dict[str, Any] | None = None
     if judge is not None and prompts:

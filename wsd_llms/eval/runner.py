@@ -36,7 +36,10 @@ class Setting:
     @property
     def name(self) -> str:
         if self.mode == "online":
-            return f"wsd τ={self.threshold:.10g} w={self.window}"  # two thresholds that differ get two names
+            shown = f"{self.threshold:g}"
+            if float(shown) != self.threshold:  # two thresholds that differ get two names
+                shown = repr(self.threshold)
+            return f"wsd τ={shown} w={self.window}"
         return f"{self.mode}-only"
 
     def params(self) -> dict[str, Any]:
