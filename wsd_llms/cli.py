@@ -15,7 +15,7 @@ from .console import make_console
 from .errors import InvalidMessagesError, InvalidParameterError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
-from .params import parse_params
+from .params import check_option, parse_params
 from .runtime import WSDRuntime, get_runtime
 
 STYLES = {"draft": "bold cyan", "base": "green"}
@@ -72,10 +72,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 def _check_options(args: argparse.Namespace) -> None:
     """Each option's value as the runtime takes it, the error naming the option (before any model loads)."""
     for name, flag in FLAGS.items():
-        try:
-            parse_params(**{name: getattr(args, name)})
-        except InvalidParameterError as exc:
-            raise InvalidParameterError(f"{flag}: {exc}") from None
+        check_option(flag, **{name: getattr(args, name)})
     parse_params(**_params(args))
 
 

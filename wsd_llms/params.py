@@ -228,3 +228,11 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     """"; did you mean 'x'?" with the known names closest to a mistyped one, or "" if none is close."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_option(option: str, **params: Any) -> None:
+    """Check request parameters given on a command line, the error naming the `option` they came from."""
+    try:
+        parse_params(**params)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"{option}: {exc}") from None

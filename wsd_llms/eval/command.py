@@ -20,7 +20,7 @@ from rich.text import Text
 from ..console import make_console
 from ..errors import InvalidMessagesError, InvalidParameterError, WSDError
 from ..loading import load_model
-from ..params import parse_params
+from ..params import check_option
 from ..prompts import require_chat_template
 from ..runtime import get_runtime
 from .evaluate import evaluate
@@ -50,10 +50,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.sweep:
         checks += [("--thresholds", {"switch_threshold": t}) for t in args.thresholds] + [("--windows", {"switch_window": w}) for w in args.windows]
     for flag, params in checks:
-        try:
-            parse_params(**params)
-        except InvalidParameterError as exc:
-            raise InvalidParameterError(f"{flag}: {exc}") from None
+        check_option(flag, **params)
     if args.concurrency < 1:
         raise InvalidParameterError(f"--concurrency: invalid concurrency={args.concurrency}: must be an integer >= 1")
 
