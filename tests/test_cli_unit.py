@@ -149,6 +149,8 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
     ("mode", "usage", "expected"),
     [
         ("online", Usage(draft_tokens=9, kept_draft_tokens=5, base_tokens=7, reply_tokens=12), "switch after 5 draft tokens | reply 12 tokens (draft 5, base 7)"),
+        ("whole", Usage(draft_tokens=9, kept_draft_tokens=9, base_tokens=7, reply_tokens=16), "no switch (the whole draft kept, then the base went on) | reply 16 tokens (draft 9, base 7)"),
+        ("whole", Usage(draft_tokens=9, kept_draft_tokens=9, reply_tokens=9), "no switch (the whole draft kept) | reply 9 tokens (draft 9, base 0)"),
         ("base", Usage(base_tokens=12, reply_tokens=12), "base model alone | reply 12 tokens |"),
         ("draft", Usage(draft_tokens=12, reply_tokens=12), "draft model alone | reply 12 tokens |"),
     ],
@@ -157,8 +159,8 @@ def test_the_stats_line_says_who_wrote_the_reply(mode: str, usage: Usage, expect
     """WSD's line gives the switch and each model's share; a model alone has neither (base mode
     had said "no switch (draft kept whole)", draft mode "draft 0, base 0")."""
     switch = 5 if mode == "online" else None
-    result = WSDResult("x", "stop", switch, "x", usage, Timings(ttft=0.1, total=2.0), "d", "b", mode)  # type: ignore[arg-type]
-    assert stats_line(result).startswith(expected) and stats_line(result).endswith("| 6.0 tok/s")
+    result = WSDResult("x", "stop", switch, "x", usage, Timings(ttft=0.1, total=2.0), "d", "b", "online" if mode == "whole" else mode)  # type: ignore[arg-type]
+    assert stats_line(result).startswith(expected) and stats_line(result).endswith(f"| {usage.reply_tokens / 2:.1f} tok/s")
 
 
 @pytest.mark.parametrize("question", ["", "  "])

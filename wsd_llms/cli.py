@@ -83,7 +83,9 @@ def stats_line(result: WSDResult) -> str:
     if result.mode in ("base", "draft"):
         where, parts = f"{result.mode} model alone", ""
     else:
-        where = f"switch after {result.switch_point} draft tokens" if result.switched else "no switch (draft kept whole)"
+        where = f"switch after {result.switch_point} draft tokens" if result.switched else "no switch (the whole draft kept"
+        if not result.switched:  # the base continues after a whole draft too (DESIGN 3.5-6), unless the draft ended the reply
+            where += ", then the base went on)" if u.base_tokens else ")"
         parts = f" (draft {u.kept_draft_tokens}, base {u.base_tokens})"
     rate = u.reply_tokens / t.total if t.total else 0.0
     ttft = f"{t.ttft:.2f}s" if t.ttft is not None else "-"
