@@ -289,10 +289,10 @@ def begun_calls(text: str) -> list[tuple[str, str] | None]:
             continue
         args = span.body[begin.end() :]
         try:
-            args = args[: decoder.raw_decode(args)[1]]
+            end = decoder.raw_decode(args)[1]
         except (ValueError, RecursionError):  # not yet whole: all of it is arguments so far
-            pass
-        found.append((json.loads(begin.group(1)), args))
+            end = len(args)
+        found.append((json.loads(begin.group(1)), args[:end]))
     return found
 
 

@@ -35,20 +35,21 @@ def evaluate(
     finishes, so an interrupted run keeps what it had; the file is replaced at the first record, so
     a run that ends before one leaves the last run's as it was."""
     start = time.perf_counter()
-    sinks: list[TextIO] = []
+    sink: TextIO | None = None  # opened at the first record
 
     def keep(record: Record) -> None:
+        nonlocal sink
         if records_path is not None:
-            if not sinks:
-                sinks.append(records_path.open("w", encoding="utf-8"))
-            sinks[0].write(json.dumps(record, ensure_ascii=False) + "\n")
-            sinks[0].flush()
+            if sink is None:
+                sink = records_path.open("w", encoding="utf-8")
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sink.flush()
         on_record(record)
 
     try:
         records, walls = run_settings(runtime, prompts, settings, max_tokens=max_tokens, concurrency=concurrency, on_record=keep) if prompts else ([], {})
     finally:
-        for sink in sinks:
+        if sink is not None:
             sink.close()
     judged: dict[str, Any] | None = None
     if judge is not None and prompts:
