@@ -1248,20 +1248,68 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
     results = _concurrently(rt, jobs)
     assert all(r.text for r in results)
     assert rt.stats().peaks["running"] < 4
-    with pytest.raises(RequestTooLargeError, match=r"\(prompts \+ max_tokens \+ max_draft_tokens\), more than the runtime's max_cached_tokens=700"):
-        rt.generate(_msgs(QUESTIONS[0]), max_tokens=600)
+    # The error gives each term with its value, so that the sum shows which budget to lower.
+    online = r"\(draft prompt (\d+) \+ max_draft_tokens=300 \+ base prompt (\d+) \+ max_tokens=400 \+ 1\), more than the runtime's max_cached_tokens=700; lower max_tokens or max_draft_tokens"
+    with pytest.raises(RequestTooLargeError, match=online) as error:
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=400, max_draft_tokens=300)
+    need, draft, base = map(int, re.search(r"may need (\d+) .*draft prompt (\d+) .*base prompt (\d+)", str(error.value)).groups())
+    assert need == draft + 300 + base + 400 + 1
     rt.configure(max_cached_tokens=200)
-    for mode in ("base", "draft"):  # each model alone: its budget is max_tokens only
-        with pytest.raises(RequestTooLargeError, match=r"\(prompt \+ max_tokens\), .*; lower max_tokens, or raise max_cached_tokens"):
-            rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode=mode)
+    with pytest.raises(RequestTooLargeError, match=r"\(base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_tokens, or raise max_cached_tokens"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode="base")
+    with pytest.raises(RequestTooLargeError, match=r"\(draft prompt \d+ \+ max_tokens=300\), .*; lower max_tokens, or raise max_cached_tokens"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode="draft")  # the draft model alone writes max_tokens
     # staged WSD holds one cache at a time: the error names each one over the limit, and what lowers it
-    with pytest.raises(RequestTooLargeError, match=r"\(the base prompt \+ max_tokens\), .*; lower max_tokens, or raise"):
+    with pytest.raises(RequestTooLargeError, match=r"\(base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_tokens, or raise"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=10, mode="staged")
-    with pytest.raises(RequestTooLargeError, match=r"\(the draft prompt \+ max_draft_tokens\), .*; lower max_draft_tokens, or raise"):
+    with pytest.raises(RequestTooLargeError, match=r"\(draft prompt \d+ \+ max_draft_tokens=300\), .*; lower max_draft_tokens, or raise"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=20, max_draft_tokens=300, mode="staged")
-    both = r"\(the draft prompt \+ max_draft_tokens, and the base prompt \+ max_tokens\), .*; lower max_draft_tokens and max_tokens, or raise"
+    both = r"\(draft prompt \d+ \+ max_draft_tokens=300, and base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_draft_tokens and max_tokens, or raise"
     with pytest.raises(RequestTooLargeError, match=both):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="staged")
+
+
+def test_lowering_the_cache_limit_fails_queued_requests_it_can_no_longer_admit(fresh):
+    """A request queued under a larger max_cached_tokens that the lowered limit could never admit
+    fails at the change, as it would have at the call; one that still fits waits and runs, and the
+    running request goes on."""
+    rt = fresh(max_running=1)
+    running = rt.stream(_msgs(QUESTIONS[0]), max_tokens=60, max_draft_tokens=60, mode="draft")
+    next(running)
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300)
+        small = pool.submit(rt.generate, _msgs(QUESTIONS[2]), max_tokens=5, max_draft_tokens=5)
+        _wait_for(lambda: rt.stats().queued == 2)
+        rt.configure(max_cached_tokens=200)
+        with pytest.raises(RequestTooLargeError, match=r"may need \d+ cached tokens .*max_cached_tokens=200"):
+            big.result(timeout=10)
+        assert rt.stats().queued == 1 and rt.stats().failed == 1
+        text = "".join(e.text for e in running if isinstance(e, TextDelta))  # the running request goes on to its end
+        assert small.result(timeout=30).usage.reply_tokens <= 5
+    assert text and rt.stats().finished == 2
+
+
+def test_a_stream_checks_its_parameters_at_the_call_and_its_timeout_counts_from_it(fresh):
+    """Bad parameters raise where stream()/astream() is called, not at the first event; the
+    request is sent at the first event, and its timeout counts from the call."""
+    rt = fresh()
+    with pytest.raises(InvalidParameterError, match="temperature"):
+        rt.stream(_msgs(QUESTIONS[0]), temperature=-1)
+    with pytest.raises(InvalidParameterError, match="temperature"):
+        rt.astream(_msgs(QUESTIONS[0]), temperature=-1)
+    assert rt.stats().failed == 0 and rt.stats().queued == 0  # nothing was sent
+    late = rt.stream(_msgs(QUESTIONS[0]), max_tokens=5, timeout=0.3)
+    time.sleep(0.5)
+    with pytest.raises(RequestTimeoutError, match="timeout=0.3s"):
+        next(late)
+
+    async def astream_late() -> None:
+        events = rt.astream(_msgs(QUESTIONS[0]), max_tokens=5, timeout=0.3)
+        await asyncio.sleep(0.5)
+        with pytest.raises(RequestTimeoutError, match="timeout=0.3s"):
+            await anext(events)
+
+    asyncio.run(astream_late())
 
 
 def test_a_closed_runtimes_successor_keeps_its_limits():

@@ -228,6 +228,9 @@ class Engine:
             self.lookup_tokens = value  # for requests that start from now on
         else:
             setattr(self.scheduler, name, value)
+            if name == "max_cached_tokens":  # a queued request it can no longer admit fails, as a new one would
+                for seq, error in self.scheduler.never_fitting():
+                    self._fail(seq, error)
 
     def forget_requests(self) -> None:
         """Drop every request and kept prefix without a word: a forked child's copies of the parent's

@@ -175,9 +175,14 @@ class WSDRuntime:
         return self.engine is not None
 
     def stream(self, messages: Messages, **params: Any) -> Iterator[Event]:
-        """Blocking iterator of events: TextDelta pieces, then one FinalEvent."""
+        """Blocking iterator of events: TextDelta pieces, then one FinalEvent. The messages and
+        parameters are checked here, so bad ones raise at the call; the request is sent at the first
+        `next()`, and its `timeout` counts from this call."""
+        return self._stream(*self._checked(messages, params))
+
+    def _stream(self, messages: list[Message], params: GenerationParams, called: float) -> Iterator[Event]:
         inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
-        sub = self._submit(messages, params, inbox.put)
+        sub = self._submit(messages, params, called, inbox.put)
         try:
             while True:
                 try:
@@ -191,15 +196,19 @@ class WSDRuntime:
         finally:
             sub.cancelled.set()
 
-    async def astream(self, messages: Messages, **params: Any) -> AsyncIterator[Event]:
-        """Async iterator of events; waiting never blocks the event loop."""
+    def astream(self, messages: Messages, **params: Any) -> AsyncIterator[Event]:
+        """Async iterator of events; waiting never blocks the event loop. Checked at the call, sent
+        at the first `__anext__()`, as `stream` is."""
+        return self._astream(*self._checked(messages, params))
+
+    async def _astream(self, messages: list[Message], params: GenerationParams, called: float) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
         def deliver(item: Event | BaseException) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        sub = self._submit(messages, params, deliver)
+        sub = self._submit(messages, params, called, deliver)
         try:
             while True:
                 try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
@@ -434,9 +443,16 @@ class WSDRuntime:
             source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code
         )
 
-    def _submit(self, messages: Messages, params: dict[str, Any], deliver: Callable[[Event | BaseException], None]) -> _Submission:
-        submitted = time.perf_counter()
-        normalized, parsed, cancelled = normalize_messages(messages), parse_params(**params), CallerLeft()
+    @staticmethod
+    def _checked(messages: Messages, params: dict[str, Any]) -> tuple[list[Message], GenerationParams, float]:
+        """The messages and parameters checked and normalized (bad ones raise), and when the caller asked."""
+        called = time.perf_counter()
+        return normalize_messages(messages), parse_params(**params), called
+
+    def _submit(
+        self, normalized: list[Message], parsed: GenerationParams, submitted: float, deliver: Callable[[Event | BaseException], None]
+    ) -> _Submission:
+        cancelled = CallerLeft()
 
         def guarded(item: Event | BaseException) -> None:
             try:

@@ -69,21 +69,19 @@ def token_budget(seq: Sequence) -> int:
     return max(held) if seq.params.mode in ONE_AT_A_TIME else sum(held)
 
 
-# For a program that holds one cache at a time: what each cache holds, and what lowers it (the
-# staged check holds at most what the base cache does: it is never the one too large alone).
-CACHE_TERMS = {"draft": ("the draft prompt + max_draft_tokens", "max_draft_tokens"), "base": ("the base prompt + max_tokens", "max_tokens")}
+# For a program that holds one cache at a time, the parameter that lowers each cache it may find too
+# large alone (the staged check holds at most what the base cache does: it is never the one).
+LOWERED_BY = {"draft": "max_draft_tokens", "base": "max_tokens"}
 
 
 def _need_terms(seq: Sequence, limit: int) -> tuple[str, str]:
-    """What token_budget counts for this request, and the parameters that lower it under `limit`."""
-    caches = CACHES[seq.params.mode]
+    """What token_budget counts for this request, with its values, and the parameters that lower it under `limit`."""
+    caches, terms = CACHES[seq.params.mode], seq.cache_terms()
     if seq.params.mode in ONE_AT_A_TIME:
         limits = seq.cache_limits()
-        over = [CACHE_TERMS[kind] for kind in caches if kind in CACHE_TERMS and limits[kind] > limit]
-        return ", and ".join(held for held, _ in over), " and ".join(budget for _, budget in over)
-    if caches == ("draft", "base"):
-        return "prompts + max_tokens + max_draft_tokens", "max_tokens or max_draft_tokens"
-    return "prompt + max_tokens", "max_tokens"
+        over = [kind for kind in caches if kind in LOWERED_BY and limits[kind] > limit]
+        return ", and ".join(terms[kind] for kind in over), " and ".join(LOWERED_BY[kind] for kind in over)
+    return " + ".join(terms[kind] for kind in caches), "max_tokens or max_draft_tokens" if len(caches) > 1 else "max_tokens"
 
 
 class Scheduler:
@@ -110,16 +108,28 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a request; one that could never fit fails now."""
-        need = token_budget(seq)
-        if need > self.max_cached_tokens:
-            held, budgets = _need_terms(seq, self.max_cached_tokens)
-            raise RequestTooLargeError(
-                f"this request may need {need} cached tokens ({held}), more than the runtime's "
-                f"max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
-            )
+        error = self.too_large(seq)
+        if error is not None:
+            raise error
         seq.queued = True
         with self.lock:
             self.waiting.append(seq)
+
+    def too_large(self, seq: Sequence) -> RequestTooLargeError | None:
+        """The error for a request whose reservation is over max_cached_tokens (it could never run), else None."""
+        need = token_budget(seq)
+        if need <= self.max_cached_tokens:
+            return None
+        held, budgets = _need_terms(seq, self.max_cached_tokens)
+        return RequestTooLargeError(
+            f"this request may need {need} cached tokens ({held}), more than the runtime's "
+            f"max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
+        )
+
+    def never_fitting(self) -> list[tuple[Sequence, RequestTooLargeError]]:
+        """The waiting requests that max_cached_tokens, lowered since they came, could never admit, with their errors."""
+        with self.lock:
+            return [(seq, error) for seq in self.waiting if (error := self.too_large(seq)) is not None]
 
     def schedule(self) -> list[Sequence]:
         """Admit from the head of the queue while the limits allow, then past a head too large for

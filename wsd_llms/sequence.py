@@ -140,6 +140,16 @@ class Sequence:
             "check": len(prompts.base_ids) + min(2 * p.max_draft_tokens, p.max_tokens),
         }
 
+    def cache_terms(self) -> dict[str, str]:
+        """What cache_limits counts for the draft and base caches, spelled with this request's values
+        (for an error that says why a request cannot fit)."""
+        p, prompts = self.params, self.prompts
+        budget = f"max_tokens={p.max_tokens}" if p.mode == "draft" else f"max_draft_tokens={p.max_draft_tokens}"
+        return {
+            "draft": f"draft prompt {len(prompts.draft_ids)} + {budget}",
+            "base": f"base prompt {len(prompts.base_ids)} + max_tokens={p.max_tokens} + 1",
+        }  # the staged check's cache is never the one too large (scheduler.LOWERED_BY)
+
     def new_cache(self, kind: str) -> KVCache:
         """An empty cache of `kind` (see cache_limits) that never reserves room beyond its limit."""
         return KVCache(self.cache_limits()[kind])
