@@ -423,6 +423,31 @@ def test_unknown_parameter_is_named(fake):
         WSDChatModel().invoke("x", extra_body={"top_k": 5})
 
 
+def test_stream_usage_is_taken_and_dropped(fake):
+    """ChatOpenAI's `stream_usage` (which code written for hosted models passes, to the constructor
+    or a call): usage always comes on the last chunk here, so it changes nothing."""
+    model = WSDChatModel(stream_usage=True, max_tokens=4)
+    chunks = list(model.stream("x", stream_usage=False))
+    assert chunks[-1].usage_metadata is not None and model.invoke("x", stream_usage=True).text == "Hi there"
+    assert all("stream_usage" not in params for _, params in fake.requests)
+    assert model._get_ls_params(stream_usage=True)["ls_max_tokens"] == 4
+
+
+def test_the_draft_model_alone_is_named_as_the_model(fake):
+    """With mode="draft" the draft model writes the whole reply: logs, tracing and cost accounting name it."""
+    fake.reply = replace(fake_result(), mode="draft")
+    chunks = list(WSDChatModel(mode="draft").stream("x"))
+    assert chunks[-1].response_metadata["model_name"] == "fake-draft"
+    assert WSDChatModel(mode="draft")._get_ls_params()["ls_model_name"] == "fake-draft"
+    assert WSDChatModel()._get_ls_params()["ls_model_name"] == "fake-base"
+
+
+def test_an_empty_stop_string_is_refused_when_the_model_is_built():
+    for empty in ("", ["\n", ""]):
+        with pytest.raises(ValidationError, match="stop strings must be non-empty"):
+            WSDChatModel(stop=empty)
+
+
 def test_per_call_model_must_be_the_base_model(fake):
     model = WSDChatModel()
     assert model.invoke("x", model="fake-base").text == "Hi there"
@@ -741,6 +766,7 @@ def test_bind_tools_accepts_every_tool_form(fake, tools, names):
         ({"type": "any"}, "required"),
         ({"type": "auto"}, "auto"),
         ({"type": "none"}, "none"),
+        (False, "auto"),  # sets none, as in ChatOpenAI: the model's default
     ],
 )
 def test_tool_choice_forms(fake, choice, expected):
@@ -757,7 +783,7 @@ def test_bind_tools_takes_strict(fake, strict):
     assert "strict" not in fake.requests[-1][1] and fake.requests[-1][1]["tools"][0]["function"]["name"] == "Add"
 
 
-@pytest.mark.parametrize("choice", ["unknown_tool", {"type": "function", "function": {"name": "nope"}}, {"type": "some"}, False])
+@pytest.mark.parametrize("choice", ["unknown_tool", {"type": "function", "function": {"name": "nope"}}, {"type": "some"}])
 def test_unknown_tool_choice_is_an_error(choice):
     with pytest.raises(InvalidParameterError, match=re.escape(f"tool_choice={choice!r} is neither") + ".*bound tools: Add, lookup"):
         WSDChatModel().bind_tools([Add, lookup], tool_choice=choice)

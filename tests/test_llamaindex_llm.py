@@ -87,6 +87,7 @@ def test_metadata_reads_config_without_loading() -> None:
     assert meta.is_chat_model
     assert meta.is_function_calling_model == all(importlib.util.find_spec(m) is not None for m in ("xgrammar", "jsonschema"))
     assert meta.model_name == base_dir
+    assert WSDLLM(base_model=base_dir, mode="draft").metadata.model_name == EMBEDDED_DRAFT  # the draft alone writes the reply
 
 
 @pytest.mark.embedded
@@ -104,6 +105,9 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
     llm = WSDLLM(stop="\n\n")
     assert llm.stop == ["\n\n"] and WSDLLM.from_dict(llm.to_dict()).stop == ["\n\n"]
     assert WSDLLM.model_validate(llm.model_dump()).stop == ["\n\n"]  # a dump carries LlamaIndex's class_name
+    for empty in ("", ["\n", ""]):  # refused when the model is built, as every call would refuse it
+        with pytest.raises(ValidationError, match="stop strings must be non-empty"):
+            WSDLLM(stop=empty)
 
 
 def test_a_prompt_formatter_the_chat_model_never_applies_is_refused() -> None:

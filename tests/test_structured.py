@@ -189,6 +189,8 @@ def test_missing_extra_names_it(monkeypatch, missing):
         ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
         ({"response_format": {"type": "regex"}}, 'needs a "pattern" string'),
         ({"response_format": {"type": "structural_tag", "format": "x"}}, 'needs a "format" object'),
+        ({"response_format": {"type": "json_schema"}}, 'a json_schema response_format needs a "json_schema" object'),  # OpenAI's, its body left out
+        ({"response_format": {"type": "json_schema", "json_schema": "x"}}, 'needs a "json_schema" object'),
     ],
 )
 def test_bad_structured_params(params, needle):

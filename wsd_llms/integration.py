@@ -99,7 +99,10 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, value: Any) -> Any:
-        return _stops(value) if isinstance(value, str) else value
+        value = _stops(value) if isinstance(value, str) else value
+        if isinstance(value, (list, tuple)) and "" in value:  # as a call's stop is checked (params._stop_nonempty)
+            raise ValueError("stop strings must be non-empty")
+        return value
 
     @field_validator("device", "dtype")
     @classmethod
@@ -363,11 +366,17 @@ def cut_short(metadata: Mapping[str, Any]) -> bool:
     return metadata.get("finish_reason") == "length" or metadata.get("stop_reason") is not None
 
 
+def model_name(mode: str, draft: str, base: str) -> str:
+    """The model a reply in `mode` is credited to (logs, tracing, cost accounting): the draft model
+    when it ran alone, else the base model, which checks every reply and writes its rest."""
+    return draft if mode == "draft" else base
+
+
 def result_metadata(result: WSDResult) -> dict[str, Any]:
     """Response metadata both adapters attach to the final chunk / response (`parse_error`: why a
     response_format reply does not fit its schema, when it does not)."""
     return {
-        "model_name": result.base_model,
+        "model_name": model_name(result.mode, result.draft_model, result.base_model),
         "model_provider": MODEL_PROVIDER,
         "finish_reason": result.finish_reason,
         **({"parse_error": result.parse_error} if result.parse_error is not None else {}),

@@ -93,7 +93,9 @@ class GenerationParams(BaseModel):
             return None  # OpenAI's explicit plain text (no JSON schema has type "text")
         if isinstance(value, dict) and value.get("type") == "json_object":
             return {"type": "object"}
-        if isinstance(value, dict) and value.get("type") == "json_schema" and isinstance(value.get("json_schema"), dict):
+        if isinstance(value, dict) and value.get("type") == "json_schema" and not isinstance(value.get("json_schema"), dict):
+            raise ValueError('a json_schema response_format needs a "json_schema" object, as OpenAI\'s: {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+        if isinstance(value, dict) and value.get("type") == "json_schema":
             inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
             return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
         if isinstance(value, dict) and (error := json_error(value)) is not None:

@@ -39,7 +39,19 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ToolCall
 from wsd_llms.params import tool_choice_value
-from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
+from wsd_llms.integration import (
+    CallDelta,
+    FinalCall,
+    ShownCalls,
+    ShownText,
+    WSDSettings,
+    can_constrain,
+    content_to_text,
+    cut_short,
+    model_name,
+    result_metadata,
+    usage_counts,
+)
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -62,7 +74,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     - each text chunk carries `response_metadata["wsd_source"] == ["draft"]` or `["base"]`: the model
       that wrote it (a one-item list, so aggregated messages hold one entry per text chunk, in order);
     - the last chunk (`chunk_position="last"`, no text) carries `usage_metadata` and the response
-      metadata: `model_name` (the base model), `model_provider="wsd"`, `finish_reason`, and `wsd`
+      metadata: `model_name` (the base model; the draft model with mode="draft"), `model_provider="wsd"`, `finish_reason`, and `wsd`
       (switch point, kept draft tokens, draft and base models, mode, timings).
 
     `usage_metadata` counts input, output and total tokens in the base tokenizer. Its details add the
@@ -87,7 +99,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 
     # LangChain's standard arguments for hosted models (its standard tests pass them): code written
     # for one runs unchanged, though a local model has no key and nothing to retry.
-    unused_arguments: ClassVar[tuple[str, ...]] = ("api_key", "max_retries")
+    # `stream_usage` (ChatOpenAI's and others'): usage always comes on the last chunk here.
+    unused_arguments: ClassVar[tuple[str, ...]] = ("api_key", "max_retries", "stream_usage")
 
     @property
     def _llm_type(self) -> str:
@@ -158,11 +171,10 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         # Called before the run's callbacks start: values are checked inside the run, so a bad one
         # reaches on_llm_error like any other failure.
         model = kwargs.pop("model", None)
-        kwargs.pop("stream", None)
-        params = self.wsd_params_unchecked(stop, **kwargs)
+        params = self.wsd_params_unchecked(stop, **_without_flags(kwargs))
         ls_params = LangSmithParams(
             ls_provider="wsd",
-            ls_model_name=model or self.wsd_runtime().base_source,
+            ls_model_name=model or model_name(params["mode"], self.wsd_runtime().draft_source, self.wsd_runtime().base_source),
             ls_model_type="chat",
             ls_temperature=params["temperature"],
             ls_max_tokens=params["max_tokens"],
@@ -176,10 +188,9 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any]]:
         """The runtime, its messages and the request parameters for one call.
 
-        LangChain's own `stream` flag is dropped; a per-call `model` must be the base model.
+        LangChain's own `stream` flag (and `stream_usage`) is dropped; a per-call `model` must be the base model.
         """
-        kwargs = dict(kwargs)
-        kwargs.pop("stream", None)
+        kwargs = _without_flags(kwargs)
         model = kwargs.pop("model", None)
         runtime = self.wsd_runtime()
         if model is not None and model != runtime.base_source:
@@ -307,12 +318,12 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """Bind tools (pydantic models, functions, `@tool` objects, dicts) for the runtime's tool calling.
 
         `tool_choice`: "auto", "any" / "required" / True (at least one call), "none", or a tool name
-        (also as `{"type": "function", "function": {"name": ...}}`); None keeps the model's default.
+        (also as `{"type": "function", "function": {"name": ...}}`); None or False keeps the model's default.
         Calls are always decoded under their tools' schemas, so `strict` (as OpenAI's) changes nothing.
         """
         formatted = [_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
-        if tool_choice is not None:
+        if tool_choice is not None and tool_choice is not False:  # False sets none, as in ChatOpenAI
             with langchain_errors():  # ModelInvalidRequestError, as a call's own bad tool_choice is
                 bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         if parallel_tool_calls is not None:
@@ -394,6 +405,15 @@ class _SchemaPydanticParser(PydanticOutputParser):
             if (failure := _runtime_failure(result, partial, cut_only=True)) is None:
                 raise
             raise failure from exc
+
+
+# A call's flags that are LangChain's, not request parameters: `stream` (BaseChatModel's), and
+# `stream_usage` (ChatOpenAI's and others': usage always comes on the last chunk here).
+CALL_FLAGS = ("stream", "stream_usage")
+
+
+def _without_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in kwargs.items() if name not in CALL_FLAGS}
 
 
 def _final_message(result: list[Generation], partial: bool) -> Any:
@@ -586,7 +606,7 @@ def final_chunk(result: WSDResult, calls: list[FinalCall]) -> ChatGenerationChun
             tool_call_chunks=pieces,
             chunk_position="last",
         ),
-        generation_info={"finish_reason": result.finish_reason, "model_name": result.base_model},
+        generation_info={"finish_reason": result.finish_reason, "model_name": metadata["model_name"]},
     )
 
 

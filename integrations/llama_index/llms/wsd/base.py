@@ -39,7 +39,18 @@ from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
+from wsd_llms.integration import (
+    FinalCall,
+    ShownCalls,
+    ShownText,
+    WSDSettings,
+    can_constrain,
+    content_to_text,
+    cut_short,
+    model_name,
+    result_metadata,
+    usage_counts,
+)
 from wsd_llms.messages import ToolCall
 from wsd_llms.structured import strict_json
 
@@ -241,7 +252,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=can_constrain(),
-            model_name=self.wsd_runtime().base_source,
+            model_name=model_name(self.mode, self.wsd_runtime().draft_source, self.wsd_runtime().base_source),
         )
 
     # ------------------------------------------------------------ decoding
