@@ -50,6 +50,7 @@ from wsd_llms import (
     WSDRuntime,
 )
 from wsd_llms.messages import ToolCall
+from wsd_llms.params import parse_params
 from wsd_llms.tools import InvalidToolCall
 from wsd_llms.integration import result_metadata, usage_counts
 from wsd_llms.runtime import measured_length
@@ -920,7 +921,7 @@ def test_shown_text_joins_to_the_content_whatever_the_pieces():
         if hide:
             assert parse_reply(text, [{"name": "f", "parameters": {"type": "object"}}])[0] == content
         for cut in range(1, 7):
-            shown = ShownText({"tools": [{"name": "f"}]} if hide else {})
+            shown = ShownText(parse_params(**({"tools": [{"name": "f"}]} if hide else {})))
             pieces = [(text[i : i + cut], "draft" if i < 6 else "base") for i in range(0, len(text), cut)]
             runs = [run for piece, source in pieces for run in shown.add(piece, source)] + shown.finish(content)
             assert "".join(t for t, _ in runs) == content, (text, cut)
@@ -934,7 +935,7 @@ def test_a_response_format_value_streams_whatever_its_strings_hold():
     from wsd_llms.integration import ShownText
 
     value, call = '{"note": "use <tool_call> here"}', '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    with_format = {"tools": [{"name": "f"}], "response_format": {"type": "object"}}
+    with_format = parse_params(tools=[{"name": "f"}], response_format={"type": "object"})
     shown = ShownText(with_format)
     seen = ["".join(t for t, _ in shown.add(value[i : i + 3], "base")) for i in range(0, len(value), 3)]
     assert "".join(seen) == value and all(seen)  # every piece shows as it comes
@@ -942,8 +943,9 @@ def test_a_response_format_value_streams_whatever_its_strings_hold():
     assert not "".join(t for i in range(0, len(call), 3) for t, _ in calls.add(call[i : i + 3], "base"))
 
 
-def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
-    """With tool_choice="none" no call markup is taken out, so nothing needs holding back."""
+@pytest.mark.parametrize("choice", ["none", {"type": "none"}])
+def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch, choice):
+    """With tool_choice="none" (in any form) no call markup is taken out, so nothing needs holding back."""
     sent: list[Any] = []
 
     def stream(messages: Any, **params: Any) -> Iterator[Any]:
@@ -952,9 +954,31 @@ def test_text_streams_as_it_comes_when_tool_choice_is_none(fake, monkeypatch):
             yield event
 
     monkeypatch.setattr(fake, "stream", stream)
-    chunks = WSDChatModel().bind_tools([Add], tool_choice="none").stream("x")
-    assert next(chunks).text == "Hi" and len(sent) == 1
-    assert [c.text for c in chunks] == [" there", ""]
+    fake.reply = fake_result("Hi <tool_call> is text here")  # what would be held back with tools on
+    chunks = WSDChatModel().bind_tools([Add]).stream("x", tool_choice=choice)  # a call's own, as given
+    assert [(c.text, len(sent)) for c in chunks] == [("Hi", 1), (" <tool_call> is text here", 2), ("", 3)]
+
+
+def test_a_plain_text_response_format_streams_calls_as_without_one(fake):
+    """OpenAI's {"type": "text"} is no response_format (the runtime drops it): beside tools, the text
+    streams up to the call and the call streams as a call, as with no format at all (the stream had
+    read the reply as a value and shown the call's markup as text)."""
+    fake.reply = fake_result(f"Let me add.\n{CALL_TEXT}", content="Let me add.", tool_calls=(CALL,))
+    model = WSDChatModel().bind_tools([Add])
+    for response_format in ({"type": "text"}, None):
+        chunks = list(model.stream("x", response_format=response_format))
+        assert "".join(c.text for c in chunks) == "Let me add." and all("<tool_call>" not in c.text for c in chunks)
+        assert [(c["name"], c["args"]) for c in _aggregate(chunks).tool_calls] == [("Add", {"a": 1, "b": 2})]
+
+
+@pytest.mark.parametrize("choice", ["auto", {"type": "auto"}])
+def test_a_call_left_to_the_model_keeps_the_constructor_s_stops(fake, choice):
+    """tool_choice auto, in any of its forms, forces no call, so the constructor's stop strings stay
+    (a dict form had counted as a forced call, whose grammar ends the reply, and dropped them)."""
+    WSDChatModel(stop=["\n\n"]).bind_tools([Add]).invoke("x", tool_choice=choice)  # a call's own, as given
+    assert fake.requests[-1][1]["stop"] == ["\n\n"]
+    WSDChatModel(stop=["\n\n"]).bind_tools([Add]).invoke("x", tool_choice={"type": "any"})
+    assert fake.requests[-1][1]["stop"] == []
 
 
 @pytest.mark.parametrize("strategy", ["provider", "default"])

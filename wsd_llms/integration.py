@@ -134,12 +134,17 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         takes none of the constructor's (the grammar ends the value: a ReAct agent's "Observation:" or a one-line stop
         would cut it short). Unknown names raise an error naming them.
         """
+        return self.wsd_request(stop, **overrides)[0]
+
+    def wsd_request(self, stop: Iterable[str] | None = None, **overrides: Any) -> tuple[dict[str, Any], GenerationParams]:
+        """`wsd_params`, and the same parameters checked, as the runtime will run them (whether a
+        reply's calls show is read from these: `{"type": "text"}` is no response_format, say)."""
         params = self.wsd_params_unchecked(stop, **overrides)
-        parse_params(**params)  # now, with the parameter's name in the error
-        if tool_choice_value(overrides.get("tool_choice")) == "required" and not params.get("tools"):
+        checked = parse_params(**params)  # now, with the parameter's name in the error
+        if tool_choice_value(overrides.get("tool_choice")) == "required" and not checked.tools:
             # as OpenAI's API refuses it; a constructor's "required" only applies when tools come
             raise InvalidParameterError(f"tool_choice={overrides['tool_choice']!r} asks for a tool call, but no tools are given")
-        return params
+        return params, checked
 
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
@@ -166,9 +171,10 @@ def _asks_for_json(response_format: Any) -> bool:
 
 
 def _forces_a_call(params: Mapping[str, Any]) -> bool:
-    """Whether a request must call a tool (tool_choice required, any or a name): its reply is a call,
-    whose JSON the grammar ends (LangChain's function_calling structured output)."""
-    return bool(params.get("tools")) and params.get("tool_choice") not in (None, "auto", "none")
+    """Whether a request must call a tool (tool_choice required, any or a name, in any of the forms
+    tool_choice_value reads): its reply is a call, whose JSON the grammar ends (LangChain's
+    function_calling structured output)."""
+    return bool(params.get("tools")) and tool_choice_value(params.get("tool_choice")) not in ("auto", "none")
 
 
 def _stops(value: str | Iterable[str] | None) -> list[str]:
@@ -181,16 +187,11 @@ def _stops(value: str | Iterable[str] | None) -> list[str]:
     return [value]  # type: ignore[list-item]
 
 
-def hides_calls(params: Mapping[str, Any]) -> bool:
-    """Whether a reply's text must wait for its end: the runtime takes tool-call markup out of the
-    content when tools are on (not with tool_choice="none", where text streams as it comes)."""
-    return bool(params.get("tools")) and params.get("tool_choice") != "none"
-
-
 class ShownText:
     """What a stream shows of a reply, in (text, source) runs that join to the reply's content.
 
-    While the request's tools are on (hides_calls), text shows up to the first `<tool_call>`; a
+    While the request's tools are on (`calls_tools`: the runtime takes call markup out of the
+    content; not with tool_choice="none", where text streams as it comes), text shows up to the first `<tool_call>`; a
     trailing partial tag, and the whitespace before it, wait until they are ruled out (the content
     drops both), so an answer streams as it is written and call markup never shows. Beside a
     response_format only a reply that starts as calls do (or may yet) is read as calls
@@ -198,8 +199,8 @@ class ShownText:
     as it comes.
     """
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        self.hide_calls, self.with_format = hides_calls(params), params.get("response_format") is not None
+    def __init__(self, params: GenerationParams) -> None:
+        self.hide_calls, self.with_format = params.calls_tools, params.response_format is not None
         self.pieces: list[tuple[str, str]] = []  # (text, source) as written
         self.raw = ""
         self.shown = ""
@@ -280,9 +281,8 @@ class ShownCalls:
     valid is known at the end (`finish`): a call cut short by max_tokens, or off its schema, streamed
     as far as it was written and is then reported invalid under the same id."""
 
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        self.on = hides_calls(params)
-        self.with_format = params.get("response_format") is not None
+    def __init__(self, params: GenerationParams) -> None:
+        self.on, self.with_format = params.calls_tools, params.response_format is not None
         self.calls: dict[int, tuple[str, str, str]] = {}  # index -> (id, name, arguments text shown)
 
     @property

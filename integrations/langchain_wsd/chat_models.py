@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing, closing
 from operator import itemgetter
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -38,7 +39,7 @@ from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ToolCall
-from wsd_llms.params import tool_choice_value
+from wsd_llms.params import GenerationParams, tool_choice_value
 from wsd_llms.integration import (
     CallDelta,
     FinalCall,
@@ -185,8 +186,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any]]:
-        """The runtime, its messages and the request parameters for one call.
+    ) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any], GenerationParams]:
+        """The runtime, its messages and the request parameters for one call, and the same checked.
 
         LangChain's own `stream` flag (and `stream_usage`) is dropped; a per-call `model` must be the base model.
         """
@@ -198,7 +199,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
                 f"model={model!r}: this WSDChatModel runs base model {runtime.base_source!r} and cannot switch "
                 "models per call; build a WSDChatModel(base_model=...) for that model"
             )
-        return runtime, to_runtime_messages(messages), self.wsd_params(stop=stop, **kwargs)
+        return runtime, to_runtime_messages(messages), *self.wsd_request(stop=stop, **kwargs)
 
     def _stream(
         self,
@@ -208,13 +209,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         with langchain_errors():
-            runtime, runtime_messages, params = self._request(messages, stop, kwargs)
-            chunks = _Chunks(params)
-            for event in runtime.stream(runtime_messages, **params):
-                for chunk in chunks.add(event):
-                    if run_manager:
-                        run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
-                    yield chunk
+            runtime, runtime_messages, params, checked = self._request(messages, stop, kwargs)
+            chunks = _Chunks(checked)
+            with closing(runtime.stream(runtime_messages, **params)) as events:  # a caller that stops early ends the request now
+                for event in events:
+                    for chunk in chunks.add(event):
+                        if run_manager:
+                            run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
+                        yield chunk
 
     async def _astream(
         self,
@@ -224,13 +226,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         with langchain_errors():
-            runtime, runtime_messages, params = self._request(messages, stop, kwargs)
-            chunks = _Chunks(params)
-            async for event in runtime.astream(runtime_messages, **params):
-                for chunk in chunks.add(event):
-                    if run_manager:
-                        await run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
-                    yield chunk
+            runtime, runtime_messages, params, checked = self._request(messages, stop, kwargs)
+            chunks = _Chunks(checked)
+            async with aclosing(runtime.astream(runtime_messages, **params)) as events:
+                async for event in events:
+                    for chunk in chunks.add(event):
+                        if run_manager:
+                            await run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
+                        yield chunk
 
     def _generate(
         self,
@@ -323,7 +326,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """
         formatted = [_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
-        if tool_choice is not None and tool_choice is not False:  # False sets none, as in ChatOpenAI
+        if tool_choice is not None and tool_choice is not False:  # False leaves it unset, as in ChatOpenAI
             with langchain_errors():  # ModelInvalidRequestError, as a call's own bad tool_choice is
                 bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         if parallel_tool_calls is not None:
@@ -555,7 +558,7 @@ class _Chunks:
     wrote it. While tools are on, text streams up to any call markup (integration.ShownText), which
     the runtime takes out of the content, and the calls stream as they are written (ShownCalls)."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: GenerationParams) -> None:
         self.shown = ShownText(params)
         self.calls = ShownCalls(params)
 

@@ -52,6 +52,7 @@ from wsd_llms.integration import (
     usage_counts,
 )
 from wsd_llms.messages import ToolCall
+from wsd_llms.params import GenerationParams
 from wsd_llms.structured import strict_json
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ class _Accumulator:
     and ShownCalls: with tools, text stops before `<tool_call>`, calls show as they are written, and
     the final response carries the reply's content and its calls, as the non-streaming methods do)."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: GenerationParams) -> None:
         self.shown = ShownText(params)
         self.calls = ShownCalls(params)
 
@@ -265,9 +266,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return [*system, {"role": "user", "content": self.completion_to_prompt(prompt)}]
 
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
-        params = self.wsd_params(**kwargs)
+        params, checked = self.wsd_request(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator(params)
+        accumulate = _Accumulator(checked)
 
         def gen() -> Iterator[ChatResponse]:
             with closing(runtime.stream(messages, **params)) as events:
@@ -278,9 +279,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return gen()
 
     def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
-        params = self.wsd_params(**kwargs)
+        params, checked = self.wsd_request(**kwargs)
         runtime = self.wsd_runtime()
-        accumulate = _Accumulator(params)
+        accumulate = _Accumulator(checked)
 
         async def gen() -> AsyncIterator[ChatResponse]:
             async with aclosing(runtime.astream(messages, **params)) as events:
@@ -291,14 +292,14 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return gen()
 
     def _generate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
-        params = self.wsd_params(**kwargs)
+        params, checked = self.wsd_request(**kwargs)
         result = self.wsd_runtime().generate(messages, **params)
-        return _final(result, None, ShownCalls(params).finish(result))
+        return _final(result, None, ShownCalls(checked).finish(result))
 
     async def _agenerate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
-        params = self.wsd_params(**kwargs)
+        params, checked = self.wsd_request(**kwargs)
         result = await self.wsd_runtime().agenerate(messages, **params)
-        return _final(result, None, ShownCalls(params).finish(result))
+        return _final(result, None, ShownCalls(checked).finish(result))
 
     # ------------------------------------------------------------ chat
 
