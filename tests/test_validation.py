@@ -71,7 +71,7 @@ def test_defaults_are_the_papers():
     [
         ([], "messages is empty"),
         ("hello", "messages must be a list"),
-        ([{"role": "robot", "content": "hi"}], "messages[0] has unknown role 'robot'; allowed: system, user, assistant"),
+        ([{"role": "robot", "content": "hi"}], "messages[0] has unknown role 'robot'; allowed: system, user, assistant, tool (or developer for system, human for user"),
         ([{"role": "user", "content": 42}], "messages[0] (user) content must be a str, got int"),
         ([{"role": "user"}], "messages[0] needs 'role' and 'content'"),
         ([{"role": "assistant", "content": "x"}], "only assistant turns"),
@@ -83,6 +83,22 @@ def test_bad_messages(messages, needle):
     with pytest.raises(InvalidMessagesError) as err:
         normalize_messages(messages)
     assert needle in str(err.value)
+
+
+def test_the_frameworks_names_for_roles_are_taken():
+    """OpenAI's developer, LangChain's human and ai, LlamaIndex's chatbot, model and function: each is the role it names."""
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "human", "content": "Add 1 and 2."},
+        {"role": "ai", "content": None, "tool_calls": [{"id": "c1", "name": "add", "arguments": {"a": 1, "b": 2}}]},
+        {"role": "function", "content": "3", "tool_call_id": "c1"},
+        {"role": "model", "content": "3."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "chatbot", "content": "You"},
+    ]
+    normalized = normalize_messages(messages)
+    assert [m.role for m in normalized] == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert normalized[2].content == "" and normalized[2].tool_calls[0].name == "add" and normalized[3].tool_call_id == "c1"
 
 
 def test_chat_template_errors_name_the_model_and_the_option(draft_tokenizer):

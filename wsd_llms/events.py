@@ -73,9 +73,17 @@ class WSDResult:
 
     @property
     def switched(self) -> bool:
+        """Whether the base model took over at a switch point."""
         return self.switch_point is not None
 
+    @property
+    def message_content(self) -> str:
+        """The reply as a chat message's content: `content`, or `text` in a result made without one
+        (the runtime always sets it; the adapters read this)."""
+        return self.text if self.content is None else self.content
+
     def as_dict(self) -> dict[str, Any]:
+        """Every field, nested ones as dicts (for JSON)."""
         return asdict(self)
 
 

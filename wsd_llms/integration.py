@@ -155,6 +155,11 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         params["stop"] = list(dict.fromkeys(_stops(stop)))
         return params
 
+    def wsd_model_name(self, mode: str | None = None) -> str:
+        """The model a reply in `mode` (by default this model's) is credited to (`model_name`)."""
+        runtime = self.wsd_runtime()
+        return model_name(mode or self.mode, runtime.draft_source, runtime.base_source)
+
     def wsd_identity(self) -> dict[str, Any]:
         """Every setting that can change a reply (the models as the runtime resolves them), e.g. for a cache key."""
         runtime = self.wsd_runtime()

@@ -10,6 +10,17 @@ from .errors import InvalidMessagesError
 from .structured import load_json
 
 ROLES = ("system", "user", "assistant", "tool")
+# Other names the frameworks give these roles: OpenAI's developer, LangChain's human and ai,
+# LlamaIndex's chatbot, model and function (a function's result).
+ROLE_ALIASES = {"developer": "system", "human": "user", "ai": "assistant", "chatbot": "assistant", "model": "assistant", "function": "tool"}
+ALLOWED_ROLES = ", ".join(ROLES) + " (or " + ", ".join(f"{alias} for {role}" for alias, role in ROLE_ALIASES.items()) + ")"
+
+
+def canonical_role(role: Any) -> str | None:
+    """One of ROLES for a role or one of its aliases (ROLE_ALIASES), else None."""
+    if not isinstance(role, str):
+        return None
+    return role if role in ROLES else ROLE_ALIASES.get(role)
 
 
 @dataclass(frozen=True)
@@ -79,12 +90,13 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
             raise InvalidMessagesError(f"messages[{i}] needs 'role' and 'content' keys, got {sorted(msg)}")
         role, content = msg["role"], msg.get("content")
         calls, call_id = msg.get("tool_calls") or (), msg.get("tool_call_id")
-        if role == "assistant" and content is None:
+        if canonical_role(role) == "assistant" and content is None:
             content = ""
     else:
         raise InvalidMessagesError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
-    if role not in ROLES:
-        raise InvalidMessagesError(f"messages[{i}] has unknown role {role!r}; allowed: {', '.join(ROLES)}")
+    if canonical_role(role) is None:
+        raise InvalidMessagesError(f"messages[{i}] has unknown role {role!r}; allowed: {ALLOWED_ROLES}")
+    role = canonical_role(role)
     if not isinstance(content, str):
         raise InvalidMessagesError(f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}")
     if (error := _unicode_error(content)) is not None:

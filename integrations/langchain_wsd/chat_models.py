@@ -38,7 +38,7 @@ from pydantic import Field
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
-from wsd_llms.messages import ToolCall
+from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
 from wsd_llms.params import GenerationParams, tool_choice_value
 from wsd_llms.integration import (
     CallDelta,
@@ -49,7 +49,6 @@ from wsd_llms.integration import (
     can_constrain,
     content_to_text,
     cut_short,
-    model_name,
     result_metadata,
     usage_counts,
 )
@@ -57,7 +56,6 @@ from wsd_llms.integration import (
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
 
-_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant", "ai": "assistant"}
 
 
 class WSDChatModel(WSDSettings, BaseChatModel):
@@ -175,7 +173,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         params = self.wsd_params_unchecked(stop, **_without_flags(kwargs))
         ls_params = LangSmithParams(
             ls_provider="wsd",
-            ls_model_name=model or model_name(params["mode"], self.wsd_runtime().draft_source, self.wsd_runtime().base_source),
+            ls_model_name=model or self.wsd_model_name(params["mode"]),
             ls_model_type="chat",
             ls_temperature=params["temperature"],
             ls_max_tokens=params["max_tokens"],
@@ -545,12 +543,10 @@ def _role(message: BaseMessage, where: str) -> str:
         return "user"
     if isinstance(message, AIMessage):
         return "assistant"
-    if isinstance(message, ChatMessage) and message.role in _CHAT_ROLES:
-        return _CHAT_ROLES[message.role]
+    if isinstance(message, ChatMessage) and (role := canonical_role(message.role)) is not None:
+        return role
     role = message.role if isinstance(message, ChatMessage) else message.type
-    raise InvalidMessagesError(
-        f"{where} has role {role!r}; supported roles: system, user (human), assistant (ai), tool (ToolMessage)"
-    )
+    raise InvalidMessagesError(f"{where} has role {role!r}; supported roles: {ALLOWED_ROLES}")
 
 
 class _Chunks:
@@ -569,7 +565,7 @@ class _Chunks:
                 chunks.append(_calls_chunk(deltas))
             return chunks
         result = event.result
-        rest = self.shown.finish(result.text if result.content is None else result.content)
+        rest = self.shown.finish(result.message_content)
         return [*(_text_chunk(text, source) for text, source in rest), final_chunk(result, self.calls.finish(result))]
 
 

@@ -47,11 +47,10 @@ from wsd_llms.integration import (
     can_constrain,
     content_to_text,
     cut_short,
-    model_name,
     result_metadata,
     usage_counts,
 )
-from wsd_llms.messages import ToolCall
+from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
 from wsd_llms.structured import strict_json
 
@@ -63,16 +62,6 @@ Messages = list[dict[str, Any]]
 Model = TypeVar("Model", bound=BaseModel)
 dispatcher = instrument.get_dispatcher(__name__)
 
-_ROLES = {
-    MessageRole.SYSTEM: "system",
-    MessageRole.DEVELOPER: "system",
-    MessageRole.USER: "user",
-    MessageRole.ASSISTANT: "assistant",
-    MessageRole.CHATBOT: "assistant",
-    MessageRole.MODEL: "assistant",
-    MessageRole.TOOL: "tool",
-    MessageRole.FUNCTION: "tool",
-}
 
 
 def _history_calls(msg: ChatMessage) -> list[dict[str, Any]]:
@@ -89,11 +78,11 @@ def _is_direct_record(messages: Sequence[ChatMessage]) -> bool:
     """Whether the last message is FunctionAgent's record of a `return_direct` tool's output: an
     assistant message carrying the `tool_call_id` of a tool result before it, with the same text."""
     last = messages[-1] if messages else None
-    if last is None or _ROLES.get(MessageRole(last.role)) != "assistant" or _history_calls(last):
+    if last is None or canonical_role(MessageRole(last.role).value) != "assistant" or _history_calls(last):
         return False
     call_id = last.additional_kwargs.get("tool_call_id")
     return call_id is not None and any(
-        _ROLES.get(MessageRole(m.role)) == "tool" and m.additional_kwargs.get("tool_call_id") == call_id and m.content == last.content
+        canonical_role(MessageRole(m.role).value) == "tool" and m.additional_kwargs.get("tool_call_id") == call_id and m.content == last.content
         for m in messages[:-1]
     )
 
@@ -110,7 +99,7 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
         messages = messages[:-1]
     out: Messages = []
     for i, msg in enumerate(messages):
-        role = _ROLES.get(MessageRole(msg.role))
+        role = canonical_role(MessageRole(msg.role).value)
         where = f"messages[{i}] ({MessageRole(msg.role).value})"
         if role is None:
             raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported")
@@ -163,7 +152,7 @@ def _final(result: WSDResult, delta: str | None, calls: list[FinalCall]) -> Chat
     calls in order, with the ids they streamed under (ShownCalls.finish).
     """
     usage = usage_counts(result)
-    content = result.text if result.content is None else result.content
+    content = result.message_content
     valid = [(c.call, c.written) for c in calls if isinstance(c.call, ToolCall)]
     blocks, message_kwargs = _call_fields(  # the arguments' text as written, which the streamed responses' text led up to
         [(c.id, c.name, c.arguments, written or json.dumps(c.arguments, ensure_ascii=False)) for c, written in valid]
@@ -253,7 +242,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=can_constrain(),
-            model_name=model_name(self.mode, self.wsd_runtime().draft_source, self.wsd_runtime().base_source),
+            model_name=self.wsd_model_name(),
         )
 
     # ------------------------------------------------------------ decoding
