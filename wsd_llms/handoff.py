@@ -109,7 +109,8 @@ class DraftTokens:
         self._window: tuple[int, int] = (-1, 0)  # (start, tokens) of the last exact text's window
 
     def exact(self, text: str, holdback: int = HOLDBACK_TOKENS) -> Handoff | None:
-        """`partial_handoff` of the draft so far, noted for later estimates."""
+        """The stable part of the draft's tokenization so far with the prompt, the last `holdback`
+        tokens held back (None while nothing is stable), noted for later estimates."""
         whole = _whole(text.rstrip())
         if not whole:
             return None

@@ -1,4 +1,5 @@
-"""Per-request parameters, validated once with pydantic and shared by both adapters."""
+"""Per-request parameters: one pydantic model (GenerationParams) that the runtime checks every request
+against, and whose fields and checks both adapters' settings reuse (integration.WSDSettings)."""
 
 from __future__ import annotations
 

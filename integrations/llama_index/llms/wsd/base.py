@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -363,11 +364,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """FunctionCallingLLM's, decoding as many calls as its own allow_parallel_tool_calls lets it
         run (one by default, whatever the constructor's parallel_tool_calls): its single-call branch
         raises 'Invalid' on more than one."""
-        return super().predict_and_call(tools, *args, **_calls_it_runs(args, kwargs))
+        return super().predict_and_call(tools, *args, **_calls_it_runs(super().predict_and_call, tools, args, kwargs))
 
     async def apredict_and_call(self, tools: Sequence[BaseTool], *args: Any, **kwargs: Any) -> Any:
         """apredict_and_call as predict_and_call is."""
-        return await super().apredict_and_call(tools, *args, **_calls_it_runs(args, kwargs))
+        return await super().apredict_and_call(tools, *args, **_calls_it_runs(super().apredict_and_call, tools, args, kwargs))
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
@@ -491,11 +492,12 @@ def _arguments(kwargs: dict[str, Any] | str) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def _calls_it_runs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """predict_and_call's keyword arguments, with the runtime's parallel_tool_calls set to its
-    allow_parallel_tool_calls (its fourth argument after the tools: user_msg, chat_history, verbose)."""
-    allow = args[3] if len(args) > 3 else kwargs.get("allow_parallel_tool_calls", False)
-    return {"parallel_tool_calls": allow, **kwargs}
+def _calls_it_runs(method: Callable[..., Any], tools: Sequence[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """(a)predict_and_call's keyword arguments, with the runtime's parallel_tool_calls set to its
+    allow_parallel_tool_calls, however it was passed (bound to `method`'s signature, its default if not)."""
+    bound = inspect.signature(method).bind(tools, *args, **kwargs)
+    bound.apply_defaults()
+    return {"parallel_tool_calls": bound.arguments.get("allow_parallel_tool_calls", False), **kwargs}
 
 
 def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
