@@ -40,18 +40,7 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
 from wsd_llms.params import GenerationParams, tool_choice_value
-from wsd_llms.integration import (
-    CallDelta,
-    FinalCall,
-    ShownCalls,
-    ShownText,
-    WSDSettings,
-    can_constrain,
-    content_to_text,
-    cut_short,
-    result_metadata,
-    usage_counts,
-)
+from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)

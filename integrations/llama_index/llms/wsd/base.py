@@ -40,17 +40,7 @@ from pydantic import BaseModel, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import (
-    FinalCall,
-    ShownCalls,
-    ShownText,
-    WSDSettings,
-    can_constrain,
-    content_to_text,
-    cut_short,
-    result_metadata,
-    usage_counts,
-)
+from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
 from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
 from wsd_llms.structured import strict_json
