@@ -431,7 +431,6 @@ def test_stream_usage_is_taken_and_dropped(fake):
     chunks = list(model.stream("x", stream_usage=False))
     assert chunks[-1].usage_metadata is not None and model.invoke("x", stream_usage=True).text == "Hi there"
     assert all("stream_usage" not in params for _, params in fake.requests)
-    assert model._get_ls_params(stream_usage=True)["ls_max_tokens"] == 4
 
 
 def test_the_draft_model_alone_is_named_as_the_model(fake):
@@ -441,6 +440,22 @@ def test_the_draft_model_alone_is_named_as_the_model(fake):
     assert chunks[-1].response_metadata["model_name"] == "fake-draft"
     assert WSDChatModel(mode="draft")._get_ls_params()["ls_model_name"] == "fake-draft"
     assert WSDChatModel()._get_ls_params()["ls_model_name"] == "fake-base"
+
+
+def test_the_model_a_reply_is_credited_to_may_be_named_per_call(fake):
+    """A per-call `model` may name the base model, or with mode="draft" the draft model that
+    `model_name` then reports; any other is refused."""
+    assert WSDChatModel(mode="draft").invoke("x", model="fake-draft").text == "Hi there"
+    with pytest.raises(InvalidParameterError, match="cannot switch models per call"):
+        WSDChatModel().invoke("x", model="fake-draft")
+
+
+def test_a_function_message_is_a_tool_turn():
+    """LangChain's FunctionMessage (OpenAI's older function results) is a tool turn that answers no call by id."""
+    from langchain_core.messages import FunctionMessage
+
+    messages = to_runtime_messages([HumanMessage("Add 1 and 2."), FunctionMessage(name="add", content="3")])
+    assert messages[1] == {"role": "tool", "content": "3"}
 
 
 def test_an_empty_stop_string_is_refused_when_the_model_is_built():
@@ -767,7 +782,7 @@ def test_bind_tools_accepts_every_tool_form(fake, tools, names):
         ({"type": "any"}, "required"),
         ({"type": "auto"}, "auto"),
         ({"type": "none"}, "none"),
-        (False, "auto"),  # sets none, as in ChatOpenAI: the model's default
+        (False, "auto"),  # leaves it unset, as in ChatOpenAI: the model's default
     ],
 )
 def test_tool_choice_forms(fake, choice, expected):

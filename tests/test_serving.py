@@ -1274,7 +1274,7 @@ def test_lowering_the_cache_limit_fails_queued_requests_it_can_no_longer_admit(f
     fails at the change, as it would have at the call; one that still fits waits and runs, and the
     running request goes on."""
     rt = fresh(max_running=1)
-    running = rt.stream(_msgs(QUESTIONS[0]), max_tokens=60, max_draft_tokens=60, mode="draft")
+    running = rt.stream(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="draft")  # long enough to hold the queue
     next(running)
     with ThreadPoolExecutor(2) as pool:
         big = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300)
@@ -1287,6 +1287,37 @@ def test_lowering_the_cache_limit_fails_queued_requests_it_can_no_longer_admit(f
         text = "".join(e.text for e in running if isinstance(e, TextDelta))  # the running request goes on to its end
         assert small.result(timeout=30).usage.reply_tokens <= 5
     assert text and rt.stats().finished == 2
+
+
+def test_a_budget_the_window_capped_is_named_with_what_was_asked(fresh):
+    """The error's terms are the budgets the request runs with; one the context window capped says
+    what the caller asked for."""
+    rt = fresh(max_cached_tokens=300)
+    with pytest.raises(RequestTooLargeError, match=r"base prompt \d+ \+ max_tokens=\d+ \(1000000 capped at the context window\) \+ 1\)"):
+        rt.generate(_msgs(QUESTIONS[0]), max_tokens=10**6, mode="base")
+
+
+def test_a_request_two_threads_end_at_once_is_ended_and_counted_once(fresh):
+    """A queued request that a configure() fails while a closing runtime's worker fails it too is
+    counted once and its caller told once."""
+    rt = fresh(max_running=1)
+    running = rt.stream(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="draft")  # long enough to hold the queue
+    next(running)
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=5)
+        _wait_for(lambda: len(rt.engine.scheduler.waiting) == 1)  # taken from the inbox into the engine's queue
+        with rt._step_lock:  # between steps, as configure() runs; a closing runtime's worker does not wait for it
+            seq = rt.engine.scheduler.waiting[0]
+            told = []
+            deliver = seq.deliver
+            seq.deliver = lambda item: (told.append(item), deliver(item))
+            rt.engine._fail(seq, RequestFailedError("first"))
+            rt.engine._fail(seq, RequestFailedError("second"))
+        with pytest.raises(RequestFailedError, match="first"):
+            queued.result(timeout=10)
+        assert [str(e) for e in told] == ["first"] and rt.stats().failed == 1
+        running.close()
+    _wait_for(lambda: rt.stats().running == 0 and rt.stats().queued == 0)
 
 
 def test_a_stream_checks_its_parameters_at_the_call_and_its_timeout_counts_from_it(fresh):

@@ -101,6 +101,18 @@ def test_the_frameworks_names_for_roles_are_taken():
     assert normalized[2].content == "" and normalized[2].tool_calls[0].name == "add" and normalized[3].tool_call_id == "c1"
 
 
+def test_a_role_given_as_a_str_enum_is_its_plain_value():
+    """A framework's role enum (a str subclass, as LlamaIndex's MessageRole is) reaches the chat
+    template as its value: Jinja would render the enum itself as "Role.USER"."""
+    import enum
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    role = normalize_messages([{"role": Role.USER, "content": "hi"}])[0].role
+    assert role == "user" and type(role) is str
+
+
 def test_chat_template_errors_name_the_model_and_the_option(draft_tokenizer):
     """A template's own refusal (here: roles must alternate) and a chat base template the base model
     lacks are errors about the messages and the option, not internal failures."""

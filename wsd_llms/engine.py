@@ -172,7 +172,7 @@ class Engine:
         """Build both prompts and check they fit; raises before any decoding starts."""
         tools = params.tools if params.calls_tools else ()
         prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools)
-        params = self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
+        asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
         else:
@@ -181,7 +181,8 @@ class Engine:
                 role_stops = tuple(stop for stop in role_stops if stop.startswith("\n"))
             calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # a call's arguments may hold a role marker
             reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops)
-        return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params))
+        asked = {name: getattr(asked_params, name) for name in ("max_tokens", "max_draft_tokens")}
+        return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params), asked=asked)
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
         """Check that the prompt fits the context window of each model the mode runs, and cap the
@@ -229,8 +230,10 @@ class Engine:
         else:
             setattr(self.scheduler, name, value)
             if name == "max_cached_tokens":  # a queued request it can no longer admit fails, as a new one would
+                now = time.perf_counter()
                 for seq, error in self.scheduler.never_fitting():
-                    self._fail(seq, error)
+                    if not self._end_if_over(seq, now):  # one whose caller left, or whose timeout passed, ends as that
+                        self._fail(seq, error)
 
     def forget_requests(self) -> None:
         """Drop every request and kept prefix without a word: a forked child's copies of the parent's
@@ -482,7 +485,8 @@ class Engine:
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         """Fail one request with a clear error; the others go on."""
-        self._drop(seq, "failed")
+        if not self._drop(seq, "failed"):
+            return
         if isinstance(exc, RequestFailedError):
             error = _detached(exc)
         else:
@@ -490,12 +494,14 @@ class Engine:
             error.__cause__ = _detached(exc)
         seq.deliver(error)
 
-    def _drop(self, seq: Sequence, outcome: str) -> None:
-        """Count a request's end as `outcome`, take it off the queues and free its caches. It sends
-        the caller nothing but a failing cleanup: _fail and _finish send their answer after it, and a
-        caller that has left (its stream closed, its timeout passed) waits for none."""
+    def _drop(self, seq: Sequence, outcome: str) -> bool:
+        """Count a request's end as `outcome`, take it off the queues and free its caches; False, and
+        nothing done, if it had ended already. It sends the caller nothing but a failing cleanup: _fail
+        and _finish send their answer after it, and a caller that has left (its stream closed, its
+        timeout passed) waits for none."""
         with self.scheduler.lock:  # a snapshot sees the request in a queue or counted, never neither
-            self.scheduler.remove(seq)
+            if not self.scheduler.remove(seq):
+                return False
             self.count(outcome)
             for key, value in seq.guesses.items():
                 self.guesses[key] += value
@@ -504,6 +510,7 @@ class Engine:
             seq.free()
         except Exception as exc:  # the program's cleanup failed: its caller hears of it, the others go on
             seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {type(exc).__name__}: {exc}"))
+        return True
 
     def _cut(self, seq: Sequence, finish_reason: str, stop_reason: str | None) -> Cut | None:
         """What cut a reply short, if anything did: a stop string of the caller's, or its budget
@@ -555,8 +562,8 @@ class Engine:
         )
         # A caller that gave up while this step finished the request (at its timeout, or closing its
         # stream) never reads the result: it is counted as what ended it for them.
-        self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled) if seq.cancelled.is_set() else "finished")
-        seq.deliver(FinalEvent(result))
+        if self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled) if seq.cancelled.is_set() else "finished"):
+            seq.deliver(FinalEvent(result))
 
 
 def _detached(exc: BaseException) -> BaseException:

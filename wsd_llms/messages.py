@@ -20,7 +20,7 @@ def canonical_role(role: Any) -> str | None:
     """One of ROLES for a role or one of its aliases (ROLE_ALIASES), else None."""
     if not isinstance(role, str):
         return None
-    return role if role in ROLES else ROLE_ALIASES.get(role)
+    return ROLES[ROLES.index(role)] if role in ROLES else ROLE_ALIASES.get(role)  # a str enum's value as a plain str
 
 
 @dataclass(frozen=True)

@@ -640,8 +640,8 @@ class WSDRuntime:
         engine = self.engine
         if engine is not None:
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                engine._drop(seq, _ended_by_runtime(seq.params, seq.created, seq.cancelled))
-                seq.deliver(error)
+                if engine._drop(seq, _ended_by_runtime(seq.params, seq.created, seq.cancelled)):
+                    seq.deliver(error)
         while True:
             try:
                 item = self._inbox.get_nowait()

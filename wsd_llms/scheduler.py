@@ -160,7 +160,9 @@ class Scheduler:
         self.reserved += token_budget(seq)
         self.running.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: Sequence) -> bool:
+        """Take a request off the queues; whether it was on one (a request two threads end, a closing
+        runtime's worker and a configure() say, is removed once)."""
         with self.lock:
             if seq in self.running:
                 self.running.remove(seq)
@@ -168,6 +170,9 @@ class Scheduler:
             elif seq in self.waiting:
                 self.waiting.remove(seq)
                 seq.queued = False
+            else:
+                return False
+            return True
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)

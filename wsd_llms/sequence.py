@@ -87,6 +87,7 @@ class Sequence:
     prompts: Prompts
     reply: ReplyText
     deliver: Callable[[Event | BaseException], None]
+    asked: dict[str, int] = field(default_factory=dict)  # budgets as the caller gave them, before the windows capped `params`
     request_id: int = field(default_factory=lambda: next(_ids))
     queued: bool = False  # in the scheduler's queue, not yet admitted: its phase reads WAITING
     _phase: Phase = Phase.WAITING  # what its program is doing (set by the program, and on finishing)
@@ -143,11 +144,16 @@ class Sequence:
     def cache_terms(self) -> dict[str, str]:
         """What cache_limits counts for the draft and base caches, spelled with this request's values
         (for an error that says why a request cannot fit)."""
-        p, prompts = self.params, self.prompts
-        budget = f"max_tokens={p.max_tokens}" if p.mode == "draft" else f"max_draft_tokens={p.max_draft_tokens}"
+        prompts = self.prompts
+
+        def budget(name: str) -> str:
+            value, asked = getattr(self.params, name), self.asked.get(name)
+            capped = f" ({asked} capped at the context window)" if asked is not None and asked != value else ""
+            return f"{name}={value}{capped}"
+
         return {
-            "draft": f"draft prompt {len(prompts.draft_ids)} + {budget}",
-            "base": f"base prompt {len(prompts.base_ids)} + max_tokens={p.max_tokens} + 1",
+            "draft": f"draft prompt {len(prompts.draft_ids)} + {budget('max_tokens' if self.params.mode == 'draft' else 'max_draft_tokens')}",
+            "base": f"base prompt {len(prompts.base_ids)} + {budget('max_tokens')} + 1",
         }  # the staged check's cache is never the one too large (scheduler.LOWERED_BY)
 
     def new_cache(self, kind: str) -> KVCache:

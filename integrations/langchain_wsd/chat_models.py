@@ -18,6 +18,7 @@ from langchain_core.messages import (
     AIMessageChunk,
     BaseMessage,
     ChatMessage,
+    FunctionMessage,
     HumanMessage,
     SystemMessage,
     ToolMessage,
@@ -181,7 +182,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         kwargs = _without_flags(kwargs)
         model = kwargs.pop("model", None)
         runtime = self.wsd_runtime()
-        if model is not None and model != runtime.base_source:
+        if model is not None and model not in (runtime.base_source, self.wsd_model_name(kwargs.get("mode"))):
             raise InvalidParameterError(
                 f"model={model!r}: this WSDChatModel runs base model {runtime.base_source!r} and cannot switch "
                 "models per call; build a WSDChatModel(base_model=...) for that model"
@@ -532,6 +533,8 @@ def _role(message: BaseMessage, where: str) -> str:
         return "user"
     if isinstance(message, AIMessage):
         return "assistant"
+    if isinstance(message, FunctionMessage):  # OpenAI's older function result: a tool turn that answers no call by id
+        return "tool"
     if isinstance(message, ChatMessage) and (role := canonical_role(message.role)) is not None:
         return role
     role = message.role if isinstance(message, ChatMessage) else message.type
