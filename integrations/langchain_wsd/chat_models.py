@@ -177,7 +177,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any], GenerationParams]:
         """The runtime, its messages and the request parameters for one call, and the same checked.
 
-        LangChain's own `stream` flag (and `stream_usage`) is dropped; a per-call `model` must be the base model.
+        LangChain's own `stream` flag (and `stream_usage`) is dropped; a per-call `model` must name the
+        base model, or with mode="draft" the draft model (what `model_name` reports).
         """
         kwargs = _without_flags(kwargs)
         model = kwargs.pop("model", None)
@@ -404,6 +405,7 @@ CALL_FLAGS = ("stream", "stream_usage")
 
 
 def _without_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's keyword arguments without CALL_FLAGS."""
     return {name: value for name, value in kwargs.items() if name not in CALL_FLAGS}
 
 
