@@ -90,13 +90,13 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
             raise InvalidMessagesError(f"messages[{i}] needs 'role' and 'content' keys, got {sorted(msg)}")
         role, content = msg["role"], msg.get("content")
         calls, call_id = msg.get("tool_calls") or (), msg.get("tool_call_id")
-        if canonical_role(role) == "assistant" and content is None:
-            content = ""
     else:
         raise InvalidMessagesError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
-    if canonical_role(role) is None:
+    if (canonical := canonical_role(role)) is None:
         raise InvalidMessagesError(f"messages[{i}] has unknown role {role!r}; allowed: {ALLOWED_ROLES}")
-    role = canonical_role(role)
+    role = canonical
+    if role == "assistant" and content is None and not isinstance(msg, Message):  # a dict's call-only turn
+        content = ""
     if not isinstance(content, str):
         raise InvalidMessagesError(f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}")
     if (error := _unicode_error(content)) is not None:
