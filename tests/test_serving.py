@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
@@ -782,8 +783,12 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
         with pytest.raises(RequestFailedError, match="injected fault"):
             rt.generate(_msgs("zqzqzq please"), max_tokens=30)
 
-    assert _texts_beside(rt, jobs, poisoned_request) == [e.text for e in expected]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert _texts_beside(rt, jobs, poisoned_request) == [e.text for e in expected]
     assert rt.stats().failed == 1
+    assert rt.stats().retried_passes >= 1  # its batch failed and ran a row at a time
+    assert not [w for w in said if "batched" in str(w.message)]  # a request failed, not batching: no warning
 
 
 def test_a_kept_error_does_not_keep_the_failed_request_s_caches(fresh, monkeypatch):
@@ -853,10 +858,12 @@ def test_a_batched_pass_that_fails_after_writing_its_states_is_retried_cleanly(f
         return real(self, rows, keeps, lazy)
 
     monkeypatch.setattr(ModelRunner, "_outputs", outputs)
-    results = _concurrently(rt, jobs)
+    with pytest.warns(RuntimeWarning, match=r"a batched \w+ pass of \d+ sequences raised MemoryError: injected.*each ran alone without error") as said:
+        results = _concurrently(rt, jobs)
     assert len(fired) == 3
     assert [r.text for r in results] == expected
     assert rt.stats().failed == 0
+    assert rt.stats().retried_passes == 3 == len([w for w in said if "each ran alone" in str(w.message)])
 
 
 def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monkeypatch):
@@ -1019,6 +1026,39 @@ def test_a_timeout_counts_as_failed_whoever_notices_it_first(fresh, monkeypatch)
             rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.3)
         _wait_for(lambda: rt.stats().running == 0 and rt.stats().queued == 0)
         assert (rt.stats().failed, rt.stats().cancelled) == (1 + slow, 0)
+
+
+def test_a_request_past_its_timeout_when_the_worker_takes_it_fails_without_starting(fresh, monkeypatch):
+    """Sent during a step longer than its timeout, with its caller not yet polling: the worker fails it
+    as it takes it in, without building its prompts, and it counts as failed."""
+    rt = fresh()
+    rt.generate(_msgs(QUESTIONS[0]), max_tokens=3)
+    engine, real_step, real_prepare, prepared = rt.engine, rt.engine.step, rt.engine.prepare, []
+
+    stepping = threading.Event()
+
+    def slow_step():
+        stepping.set()
+        time.sleep(1.5)
+        real_step()
+
+    def prepare(messages, params, deliver):
+        prepared.append(params.timeout)
+        return real_prepare(messages, params, deliver)
+
+    monkeypatch.setattr(runtime_module, "_POLL", 5.0)  # the caller would notice its timeout late
+    monkeypatch.setattr(engine, "prepare", prepare)
+    with closing(rt.stream(_msgs(QUESTIONS[1]), max_tokens=400, max_draft_tokens=400, mode="draft")) as long:
+        next(long)
+        monkeypatch.setattr(engine, "step", slow_step)
+        assert stepping.wait(10)  # the worker is in a step: the next request waits in the inbox
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeoutError, match=r"exceeded timeout=0.3s before it started"):
+            rt.generate(_msgs(QUESTIONS[2]), max_tokens=5, timeout=0.3)
+        assert time.monotonic() - t0 < 4
+    _wait_for(lambda: rt.stats().running == 0)
+    assert prepared == [None]  # the long request's only
+    assert (rt.stats().finished, rt.stats().failed, rt.stats().cancelled) == (1, 1, 1)
 
 
 def test_a_request_that_ends_as_its_caller_times_out_counts_as_failed(fresh, monkeypatch):

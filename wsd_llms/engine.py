@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -103,6 +104,9 @@ class RuntimeStats:
     prompt_lookup: dict[str, int]
     """Ids guessed by drafts and continuations (prompt lookup, `lookup_tokens`): "fed" (checked by a
     pass) and "accepted" (the model chose them, each a pass saved)."""
+    retried_passes: int
+    """Batched passes (and output projections) that raised and ran again one sequence at a time, so
+    that only a sequence that fails alone fails; a RuntimeWarning names the error when all passed alone."""
 
     @classmethod
     def empty(cls) -> RuntimeStats:
@@ -122,6 +126,7 @@ class RuntimeStats:
             pass_seconds={"draft": 0.0, "score": 0.0, "base": 0.0},
             prefix_cache={"hits": 0, "reused_tokens": 0, "cached_tokens": 0},
             prompt_lookup={"fed": 0, "accepted": 0},
+            retried_passes=0,
         )
 
 
@@ -161,6 +166,7 @@ class Engine:
         self.tokens, self.batch_sizes, self.peaks = dict(zero.tokens), dict(zero.batch_sizes), dict(zero.peaks)
         self.passes, self.pass_seconds = dict(zero.passes), dict(zero.pass_seconds)
         self.guesses = dict(zero.prompt_lookup)  # of the requests that ended (running ones add theirs in stats())
+        self.retried_passes = 0
         self.steps = 0
 
     def prepare(
@@ -276,6 +282,7 @@ class Engine:
                 "cached_tokens": sum(p.tokens() for p in self.prefixes.values()),
             },
             prompt_lookup={key: ended + sum(seq.guesses[key] for seq in running) for key, ended in self.guesses.items()},
+            retried_passes=self.retried_passes,
         )
 
     def step(self) -> None:
@@ -378,26 +385,37 @@ class Engine:
             outputs = self.runners[model].extend_batch(
                 [f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards], [f.lazy for f in forwards], [f.guesses > 0 for f in forwards]
             )
-        except Exception:
-            # Isolate the failure: run each sequence alone, so only the one that fails is failed.
-            for seq, forward in group:
-                self._run_one(seq, forward)
+        except Exception as exc:  # isolate the failure: run each sequence alone, so only the one that fails is failed
+            self._retried(f"{model} pass", exc, [self._run_one(seq, forward) for seq, forward in group])
             return
         elapsed = time.perf_counter() - t0
         self._note_pass(model, forwards, elapsed)
         for (seq, forward), output in zip(group, outputs):
             self._advance(seq, forward, output, elapsed)
 
-    def _run_one(self, seq: Sequence, forward: Forward) -> None:
+    def _run_one(self, seq: Sequence, forward: Forward) -> bool:
+        """Run one sequence's pass; whether it ran (if it raised, the sequence failed)."""
         t0 = time.perf_counter()
         try:
             output = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep, forward.lazy, forward.guesses > 0)
         except Exception as exc:
             self._fail(seq, exc)
-            return
+            return False
         elapsed = time.perf_counter() - t0
         self._note_pass(forward.model, [forward], elapsed)
         self._advance(seq, forward, output, elapsed)
+        return True
+
+    def _retried(self, what: str, exc: Exception, ran_alone: list[bool]) -> None:
+        """Count a batched pass that raised and ran again a sequence at a time. If every sequence then
+        ran alone, batching itself failed (no request did): warn, since the step lost its batching."""
+        self.retried_passes += 1
+        if all(ran_alone):
+            warnings.warn(
+                f"wsd-llms: a batched {what} of {len(ran_alone)} sequences raised {type(exc).__name__}: {exc}; each ran alone without error",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _project(self) -> None:
         """Hand every program waiting on logits (sequence.Project) its rows' logits: one call of each
@@ -409,7 +427,8 @@ class Engine:
             for seqs in by_head.values():
                 self._project_group(seqs)
 
-    def _project_group(self, seqs: list[Sequence]) -> None:
+    def _project_group(self, seqs: list[Sequence]) -> bool:
+        """Project the rows these sequences wait on, in one call; whether it ran (if not, the failing ones failed)."""
         requests: list[Project] = [seq.pending for seq in seqs]  # type: ignore[misc]
         t0 = time.perf_counter()
         try:
@@ -417,16 +436,17 @@ class Engine:
         except Exception as exc:
             if len(seqs) == 1:
                 self._fail(seqs[0], exc)
-                return
-            for seq in seqs:  # isolate the failure, as for a batched pass
-                self._project_group([seq])
-            return
+                return False
+            ran = [self._project_group([seq]) for seq in seqs]  # isolate the failure, as for a batched pass
+            self._retried("output projection", exc, ran)
+            return all(ran)
         elapsed, total = time.perf_counter() - t0, sum(len(r.rows) for r in requests)
         for seq, request, answer in zip(seqs, requests, answers):
             share = elapsed * len(request.rows) / total
             seq.seconds[request.phase] += share
             self.pass_seconds[request.phase] += share
             self._send(seq, answer)
+        return True
 
     @staticmethod
     def _answers(requests: list[Project]) -> list[torch.Tensor | list[int]]:

@@ -605,6 +605,9 @@ class WSDRuntime:
         if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
             self._end_unstarted(sub, given_up(sub.params, sub.submitted, time.perf_counter(), sub.cancelled))
             return
+        if sub.params.timed_out(sub.submitted, time.perf_counter()):  # its caller has not noticed yet: no prompt built for it
+            self._end_unstarted(sub, "failed", RequestTimeoutError(f"the request exceeded timeout={sub.params.timeout}s before it started"))
+            return
         if sub.compile_error is not None:
             self._end_unstarted(sub, "failed", _start_error(sub.compile_error))
             return
