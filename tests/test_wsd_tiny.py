@@ -232,6 +232,16 @@ def test_result_facts(shared_runtime):
     assert (r.draft_model, r.base_model) == ("tiny-draft", "tiny-base")
 
 
+@pytest.mark.parametrize("mode", ["online", "staged", "base", "draft"])
+def test_usage_counts_a_forced_start_with_the_reply(differ_runtime, mode):
+    """The reply's tokens are its writers' counts in every mode, a forced start (the last message the
+    assistant's) included: the kept draft and the base's in WSD, the one model's in a baseline."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is"}]
+    usage = differ_runtime.generate(messages, mode=mode, max_tokens=20).usage
+    written = usage.draft_tokens if mode == "draft" else usage.kept_draft_tokens + usage.base_tokens
+    assert usage.reply_tokens == written == 20
+
+
 def test_baseline_modes_run_each_model_alone(differ_runtime):
     base = differ_runtime.generate(QUESTIONS[0], mode="base", max_tokens=20)
     draft = differ_runtime.generate(QUESTIONS[0], mode="draft", max_tokens=20)
