@@ -217,13 +217,13 @@ def test_settings_that_differ_have_names_that_differ():
 
 def test_a_base_only_reply_after_a_forced_start_is_all_the_bases(shared_runtime):
     """A conversation that ends with the assistant's turn: base-only's share of draft tokens is 0
-    (the forced start had counted as the draft's)."""
+    (usage counts the forced start as the base's, the model that writes the reply)."""
     from wsd_llms.eval.prompts import EvalPrompt
     from wsd_llms.eval.runner import make_record
 
     messages = [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two"}]
     result = shared_runtime.generate(messages, mode="base", max_tokens=6)
-    assert result.usage.reply_tokens > result.usage.base_tokens  # the forced start is in the reply
+    assert result.usage.reply_tokens == result.usage.base_tokens  # the forced start is in both
     record = make_record(Setting("base"), EvalPrompt("p", "facts", messages, 1), result, lambda text: 0)
     assert (record["draft_written_tokens"], record["base_written_tokens"]) == (0, result.usage.reply_tokens)
 

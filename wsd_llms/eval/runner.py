@@ -67,9 +67,9 @@ def make_record(setting: Setting, prompt: EvalPrompt, result: WSDResult, count_b
         "finish_reason": result.finish_reason,
         "switch_point": result.switch_point,
         "reply_tokens": u.reply_tokens,
-        # a forced start (a conversation that ends with the assistant's turn) counts as the model's that continues it
-        "draft_written_tokens": 0 if setting.mode == "base" else u.reply_tokens - u.base_tokens,
-        "base_written_tokens": u.reply_tokens if setting.mode == "base" else u.base_tokens,
+        # usage counts a forced start (a conversation that ends with the assistant's turn) as the writing model's
+        "draft_written_tokens": u.reply_tokens - u.base_tokens,
+        "base_written_tokens": u.base_tokens,
         "ttft_s": t.ttft,
         "total_s": t.total,
         "repetition": signals.repetition_share(result.text),
