@@ -716,6 +716,15 @@ def test_message_conversion():
 def test_unsupported_role_gets_a_clear_error():
     with pytest.raises(InvalidMessagesError, match="role 'critic'"):
         to_runtime_messages([HumanMessage("hi"), ChatMessage(role="critic", content="x")])
+    # counting such messages fails as a call with them does: a ModelInvalidRequestError (it was a bare wsd-llms error)
+    with pytest.raises(ModelInvalidRequestError, match="role 'critic'"):
+        WSDChatModel().get_num_tokens_from_messages([HumanMessage("hi"), ChatMessage(role="critic", content="x")])
+
+
+def test_a_custom_token_counter_counts_as_in_every_langchain_model():
+    """custom_get_token_ids is a BaseLanguageModel field: get_token_ids and get_num_tokens use it (it was ignored)."""
+    model = WSDChatModel(custom_get_token_ids=lambda text: list(range(len(text.split()))))
+    assert model.get_token_ids("three plain words") == [0, 1, 2] and model.get_num_tokens("two words") == 2
 
 
 def test_tool_history_conversion():

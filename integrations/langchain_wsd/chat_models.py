@@ -133,8 +133,12 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's
         default would fetch GPT-2's from the hub), with text that spells a special token counted as
-        the text it is, as in a prompt; reads the tokenizer only, not the weights."""
-        return encode_text(self.wsd_runtime().tokenizer("base"), text)
+        the text it is, as in a prompt; reads the tokenizer only, not the weights. A
+        `custom_get_token_ids` given to the constructor counts instead, as in every LangChain model."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        with langchain_errors():  # a tokenizer that cannot load is a ModelNotFoundError, as in a call
+            return encode_text(self.wsd_runtime().tokenizer("base"), text)
 
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
@@ -146,7 +150,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         `usage_metadata["input_tokens"]` counts the base's). Reads the tokenizers only. (LangChain's
         default counts a plain transcript in GPT-2 tokens.)"""
         formatted = [_openai_tool(t) for t in tools or ()]  # as bind_tools sends them
-        return self.wsd_runtime().window_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
+        with langchain_errors():  # messages that make no prompt fail as they would in a call
+            return self.wsd_runtime().window_tokens(to_runtime_messages(messages), **self.wsd_params(tools=formatted or None))
 
     def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         """The call's parameters with the stop strings it runs with (LangChain puts the call's own
