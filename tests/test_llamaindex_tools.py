@@ -189,7 +189,8 @@ def test_a_streamed_call_found_invalid_at_the_end_leaves_the_calls(monkeypatch: 
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="1+2?"))
     streamed = llm.get_tool_calls_from_response(chunks[-2], error_on_no_tool_call=False)
     assert [(c.tool_name, c.tool_kwargs) for c in streamed] == [("add", {"a": 1})]  # the unfinished key left out
-    assert llm.get_tool_calls_from_response(chunks[-1], error_on_no_tool_call=False) == []
+    with pytest.warns(RuntimeWarning, match="no valid tool call: its 1 tool call"):
+        assert llm.get_tool_calls_from_response(chunks[-1], error_on_no_tool_call=False) == []
     assert chunks[-1].message.additional_kwargs["invalid_tool_calls"] == [{"raw": raw, "error": bad.error, "name": "add", "id": streamed[0].tool_id}]
 
 
@@ -229,9 +230,22 @@ def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch)
     assert response.message.additional_kwargs["invalid_tool_calls"] == [
         {"raw": bad.raw, "error": bad.error, "name": None, "id": "c9"}
     ]
-    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    # FunctionAgent asks without error_on_no_tool_call and takes the reply as its answer: a warning says why it is empty
+    with pytest.warns(RuntimeWarning, match="no valid tool call: its 1 tool call.* invalid.*not closed"):
+        assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
     with pytest.raises(ValueError, match="1 tool call.* invalid.*not closed"):
         llm.get_tool_calls_from_response(response)
+
+
+def test_something_that_is_not_a_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare function among the tools is a TypeError naming it and the wrapper (it was an AttributeError on .metadata)."""
+    llm, _ = scripted(monkeypatch, "7.")
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(TypeError, match=r"tools\[1\] is <function .*add.*not a LlamaIndex tool.*FunctionTool.from_defaults"):
+        llm.chat_with_tools([TOOLS[0], add], user_msg=ASK)
 
 
 def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.MonkeyPatch) -> None:

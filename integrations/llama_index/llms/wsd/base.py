@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -344,7 +345,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         tool_choice = kwargs.pop("tool_choice", None) or ("required" if tool_required else self.tool_choice)
         return {
             "messages": messages,
-            "tools": [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools] or None,
+            "tools": [_tool_spec(tool, i) for i, tool in enumerate(tools)] or None,
             "tool_choice": tool_choice if tools else None,
             "parallel_tool_calls": allow_parallel_tool_calls or self.parallel_tool_calls,
             **kwargs,
@@ -364,17 +365,21 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
         """The response's valid calls as ToolSelections; with error_on_no_tool_call, none is an error that
-        names the invalid calls, if the reply wrote any."""
+        names the invalid calls, if the reply wrote any. Without it (as FunctionAgent asks), invalid
+        calls and no valid one is a RuntimeWarning that names them: the agent takes the reply, whose
+        text leaves the call markup out, as its answer."""
         calls = [
             ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name, tool_kwargs=_arguments(block.tool_kwargs))
             for block in response.message.blocks
             if isinstance(block, ToolCallBlock)
         ]
-        if not calls and error_on_no_tool_call:
-            invalid = response.message.additional_kwargs.get("invalid_tool_calls") or []
+        invalid = response.message.additional_kwargs.get("invalid_tool_calls") or []
+        if not calls and (error_on_no_tool_call or invalid):
             detail = "; ".join(f"{c['raw']!r}: {c['error']}" for c in invalid)
             reason = f"its {len(invalid)} tool call(s) are invalid: {detail}" if invalid else "it made no tool call"
-            raise ValueError(f"Expected at least one tool call, but {reason}")
+            if error_on_no_tool_call:
+                raise ValueError(f"Expected at least one tool call, but {reason}")
+            warnings.warn(f"The reply has no valid tool call: {reason}", RuntimeWarning, stacklevel=2)
         return calls
 
     # ------------------------------------------------------------ structured output (constrained JSON)
@@ -468,6 +473,15 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                     yield partial(response)
 
         return gen()
+
+
+def _tool_spec(tool: BaseTool, i: int) -> dict[str, Any]:
+    """A tool as the OpenAI-style spec the runtime takes; anything else (a bare function, say) is a
+    TypeError that names it (it was an AttributeError on `.metadata`)."""
+    metadata = getattr(tool, "metadata", None)
+    if not callable(getattr(metadata, "to_openai_tool", None)):
+        raise TypeError(f"tools[{i}] is {tool!r}, not a LlamaIndex tool; wrap a function in FunctionTool.from_defaults(fn)")
+    return metadata.to_openai_tool(skip_length_check=True)
 
 
 def _arguments(kwargs: dict[str, Any] | str) -> dict[str, Any]:
