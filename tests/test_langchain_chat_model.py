@@ -824,6 +824,17 @@ def test_a_required_call_with_no_tools_is_an_error(fake, choice):
         WSDChatModel().invoke("x", tool_choice=choice)
     assert all(isinstance(e.value, ModelInvalidRequestError) for e in (bound, called))
     assert WSDChatModel(tool_choice="required").invoke("x").text == "Hi there" and len(fake.requests) == 1
+    assert fake.requests[0][1]["tool_choice"] == "auto"  # not sent on to the runtime, which refuses it with no tools
+
+
+def test_defaults_that_would_fail_every_call_fail_the_constructor():
+    """A response_format default that makes no grammar, or a tool_choice naming no constructor tool,
+    is a ValidationError naming it when the model is built (every call had failed instead)."""
+    with pytest.raises(ValidationError, match="invalid response_format: it cannot be compiled into a grammar: Regex parsing error"):
+        WSDChatModel(response_format={"type": "regex", "pattern": "("})
+    spec = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(ValidationError, match="tool_choice='sub' is neither .* \\(known tools: add\\)"):
+        WSDChatModel(tools=[spec], tool_choice="sub")
 
 
 def _aggregate(chunks: list[AIMessageChunk]) -> AIMessageChunk:

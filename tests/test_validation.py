@@ -39,6 +39,8 @@ from wsd_llms.params import GenerationParams, parse_params
             {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}]},
             'invalid tools: it cannot be compiled into a grammar: tools[0] (f) parameters: Unsupported type "strin"',
         ),
+        # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
+        ({"tool_choice": "any"}, "tool_choice='required' asks for a tool call, but no tools are given"),
     ],
 )
 def test_bad_params_name_parameter_value_and_rule(params, needle):

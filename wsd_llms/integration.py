@@ -114,6 +114,16 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _defaults_make_a_request(self) -> WSDSettings:
+        """Defaults checked together, as a call checks them, when the model is built: a response_format
+        that makes no grammar would otherwise fail every call, not the constructor."""
+        try:
+            parse_params(**self.wsd_params_unchecked())
+        except InvalidParameterError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     def wsd_runtime(self) -> WSDRuntime:
         """The shared runtime for these models (nothing loads until its first request)."""
         return get_runtime(
@@ -140,16 +150,14 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """`wsd_params`, and the same parameters checked, as the runtime will run them (whether a
         reply's calls show is read from these: `{"type": "text"}` is no response_format, say)."""
         params = self.wsd_params_unchecked(stop, **overrides)
-        checked = parse_params(**params)  # now, with the parameter's name in the error
-        if tool_choice_value(overrides.get("tool_choice")) == "required" and not checked.tools:
-            # as OpenAI's API refuses it; a constructor's "required" only applies when tools come
-            raise InvalidParameterError(f"tool_choice={overrides['tool_choice']!r} asks for a tool call, but no tools are given")
-        return params, checked
+        return params, parse_params(**params)  # now, with the parameter's name in the error
 
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
+        if not params.get("tools") and overrides.get("tool_choice") is None:
+            params["tool_choice"] = "auto"  # a constructor's tool_choice applies when tools come; a call's is checked
         if stop is None:
             stop = [] if _asks_for_json(params.get("response_format")) or _forces_a_call(params) else self.stop
         params["stop"] = list(dict.fromkeys(_stops(stop)))

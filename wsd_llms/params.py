@@ -131,6 +131,8 @@ class GenerationParams(BaseModel):
     @model_validator(mode="after")
     def _constraints(self) -> GenerationParams:
         names = [t["name"] for t in self.tools]
+        if self.tool_choice == "required" and not names:  # as OpenAI's API refuses it (the reply would be prose)
+            raise ValueError(f"tool_choice={self.tool_choice!r} asks for a tool call, but no tools are given")
         if self.tool_choice not in ("auto", "required", "none") and self.tool_choice not in names:
             known = ", ".join(names) or "none given"
             raise ValueError(
