@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import pytest
@@ -339,3 +341,35 @@ def test_a_build_and_a_load_take_their_locks_in_one_order(tmp_path):
     for thread in threads:
         thread.join(10)
     assert not any(thread.is_alive() for thread in threads)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"draft": 123}, "invalid draft=123: must be a Hugging Face repo id, a directory or a .gguf path"),
+        ({"base": "  "}, "invalid base='  ': must be a Hugging Face repo id"),  # it had been the embedded base
+        ({"trust_remote_code": "no"}, "invalid trust_remote_code='no': must be True or False"),  # truthy: remote code would run
+        ({"draft_revision": 3}, "invalid draft_revision=3: must be a branch, tag or commit as a str, or None"),
+    ],
+)
+def test_model_arguments_are_checked_when_the_runtime_is_made(kwargs, needle):
+    """Wrong types fail the constructor and get_runtime, naming the argument (they had been taken, to
+    fail at the first request, or, for trust_remote_code, to count as True)."""
+    from wsd_llms import get_runtime
+
+    for make in (WSDRuntime, get_runtime):
+        with pytest.raises(InvalidParameterError, match=re.escape(needle)):
+            make(device="cpu", **kwargs)
+
+
+def test_a_model_path_may_be_a_path(tmp_path):
+    assert WSDRuntime(tmp_path / "draft", device="cpu").draft_source == str(tmp_path / "draft")
+
+
+def test_a_cache_that_cannot_be_written_names_the_setting(tmp_path, monkeypatch):
+    """A WSD_LLMS_CACHE that is a file: the load error names the variable (it was a bare NotADirectoryError)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(taken))
+    with pytest.raises(ModelLoadError, match=f"the model cache {re.escape(str(taken))} cannot hold embedded/: Not a directory; set WSD_LLMS_CACHE to a writable directory"):
+        loading.embedded_model_dir(loading.EMBEDDED_DRAFT)

@@ -79,6 +79,29 @@ def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
             raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
 
 
+def _model_source(name: str, value: Any, default: str) -> str:
+    """A model named as the loader takes it (a repo id, a directory or a .gguf path, as a str or a
+    path; None is the embedded default), or InvalidParameterError naming the argument."""
+    if value is None:
+        return default
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidParameterError(
+            f"invalid {name}={value!r}: must be a Hugging Face repo id, a directory or a .gguf path (None: the embedded default)"
+        )
+    return value
+
+
+def _check_loading_options(draft_revision: Any, base_revision: Any, trust_remote_code: Any) -> None:
+    """InvalidParameterError for a revision that is not a str or None, or a trust_remote_code that is
+    not a bool (the string "no" is truthy: it would have let a repository's code run)."""
+    for name, value in (("draft_revision", draft_revision), ("base_revision", base_revision)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidParameterError(f"invalid {name}={value!r}: must be a branch, tag or commit as a str, or None")
+    if not isinstance(trust_remote_code, bool):
+        raise InvalidParameterError(f"invalid trust_remote_code={trust_remote_code!r}: must be True or False")
+
+
 def measured_length(n: int, window: int, own: int) -> int:
     """A prompt of `n` tokens of a model whose window is `own`, measured against a window `window` <= `own`:
     (n + 1) * window / own, rounded up, less one, which is below `window` exactly when n < own (it fits)."""
@@ -99,8 +122,8 @@ class WSDRuntime:
 
     def __init__(
         self,
-        draft: str | None = None,
-        base: str | None = None,
+        draft: str | os.PathLike[str] | None = None,
+        base: str | os.PathLike[str] | None = None,
         device: str = "auto",
         dtype: str = "auto",
         *,
@@ -113,8 +136,9 @@ class WSDRuntime:
         prefix_cache_tokens: int | None = None,
         lookup_tokens: int | None = None,
     ) -> None:
-        self.draft_source = draft or EMBEDDED_DRAFT
-        self.base_source = base or EMBEDDED_BASE
+        self.draft_source = _model_source("draft", draft, EMBEDDED_DRAFT)
+        self.base_source = _model_source("base", base, EMBEDDED_BASE)
+        _check_loading_options(draft_revision, base_revision, trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self._revisions = (draft_revision, base_revision)
@@ -734,8 +758,8 @@ _registry_lock = threading.Lock()
 
 
 def get_runtime(
-    draft: str | None = None,
-    base: str | None = None,
+    draft: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
     device: str = "auto",
     dtype: str = "auto",
     *,
@@ -755,9 +779,10 @@ def get_runtime(
     when given, set the runtime's limits.
     """
     dev = resolve_device(device)
+    _check_loading_options(draft_revision, base_revision, trust_remote_code)
     key = (
-        draft or EMBEDDED_DRAFT,
-        base or EMBEDDED_BASE,
+        _model_source("draft", draft, EMBEDDED_DRAFT),
+        _model_source("base", base, EMBEDDED_BASE),
         str(dev),
         str(resolve_dtype(dtype, dev)),
         draft_revision,
