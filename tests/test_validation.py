@@ -79,12 +79,21 @@ def test_defaults_are_the_papers():
         ([{"role": "assistant", "content": "x"}], "only assistant turns"),
         (["hi"], "messages[0] must be a dict, got str"),
         ([{"role": "user", "content": "ok"}, {"role": "assistant", "content": "a\ud800b"}], "messages[1] (assistant) content is not valid Unicode: unpaired surrogate '\\ud800' at index 1"),
+        # a misspelt key had been dropped: the tool result lost the id of the call it answers
+        ([{"role": "user", "content": "2+2?"}, {"role": "tool", "content": "4", "toolcall_id": "c1"}], "messages[1] has key 'toolcall_id'; did you mean 'tool_call_id'?"),
+        ([{"role": "user", "contents": "hi"}], "messages[0] has key 'contents'; did you mean 'content'?"),
     ],
 )
 def test_bad_messages(messages, needle):
     with pytest.raises(InvalidMessagesError) as err:
         normalize_messages(messages)
     assert needle in str(err.value)
+
+
+def test_keys_an_openai_message_carries_are_left_unread():
+    """name, refusal, annotations and the like (an OpenAI response's message dumped as a dict) are no misspelling."""
+    messages = [{"role": "user", "content": "hi", "name": "ann"}, {"role": "assistant", "content": "yo", "refusal": None, "annotations": [], "audio": None}]
+    assert [m.content for m in normalize_messages(messages + [{"role": "user", "content": "and?"}])] == ["hi", "yo", "and?"]
 
 
 def test_the_frameworks_names_for_roles_are_taken():

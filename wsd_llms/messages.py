@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from .errors import InvalidMessagesError
 from .structured import load_json
 
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")  # what a message dict's reader takes
 # Other names the frameworks give these roles: OpenAI's developer, LangChain's human and ai,
 # LlamaIndex's chatbot, model and function (a function's result).
 ROLE_ALIASES = {"developer": "system", "human": "user", "ai": "assistant", "chatbot": "assistant", "model": "assistant", "function": "tool"}
@@ -86,6 +88,7 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
     if isinstance(msg, Message):
         role, content, calls, call_id = msg.role, msg.content, msg.tool_calls, msg.tool_call_id
     elif isinstance(msg, Mapping):
+        _check_misspelt_keys(i, msg)
         if "role" not in msg or ("content" not in msg and not msg.get("tool_calls")):
             raise InvalidMessagesError(f"messages[{i}] needs 'role' and 'content' keys, got {sorted(msg)}")
         role, content = msg["role"], msg.get("content")
@@ -110,6 +113,17 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
     if role != "tool":
         call_id = None
     return Message(role, content, tuple(_tool_call(i, j, c) for j, c in enumerate(calls)), call_id)
+
+
+def _check_misspelt_keys(i: int, msg: Mapping[str, Any]) -> None:
+    """InvalidMessagesError for a key that is a misspelling of one the message lacks (`toolcall_id`
+    would have dropped the id a tool result answers). Other keys an OpenAI-style message carries
+    (name, refusal, annotations, ...) are left unread, as before."""
+    missing = [key for key in MESSAGE_KEYS if key not in msg]
+    for key in msg:
+        if isinstance(key, str) and key not in MESSAGE_KEYS:
+            if close := difflib.get_close_matches(key, missing, n=1, cutoff=0.8):
+                raise InvalidMessagesError(f"messages[{i}] has key {key!r}; did you mean {close[0]!r}? (a message's keys: {', '.join(MESSAGE_KEYS)})")
 
 
 def _unicode_error(text: str) -> str | None:
