@@ -207,6 +207,7 @@ def test_a_stop_string_is_one_stop_not_one_per_character():
     [
         ({"temprature": 0.9}, "unknown argument(s) 'temprature'"),
         ({"model": "Qwen/Qwen2.5-7B"}, "unknown argument(s) 'model'; name the models with draft_model and base_model"),
+        ({"model_kwargs": {"top_k": 5}}, "unknown argument(s) 'model_kwargs'; give each request parameter as an argument of its own"),
         ({"device": "gpu"}, "invalid device='gpu'"),
         ({"dtype": "fp16"}, "invalid dtype='fp16'; allowed: auto, float32, float16, bfloat16"),
         ({"temperature": float("nan")}, "temperature\n  Input should be a finite number"),

@@ -81,6 +81,9 @@ def test_metadata_reads_config_without_loading() -> None:
     assert not llm.wsd_runtime().loaded
     assert meta.context_window == 8192  # SmolLM2-135M's: a prompt must fit both models (Gemma-3-270M's is 32768)
     assert WSDLLM(base_model=base_dir, mode="base").metadata.context_window == 32768
+    # context_window, as LlamaIndex's LLMs take it, caps what LlamaIndex packs; never past the models' window
+    assert WSDLLM(base_model=base_dir, context_window=2048).metadata.context_window == 2048
+    assert WSDLLM(base_model=base_dir, context_window=100_000).metadata.context_window == 8192
     draft_tokens = llm.wsd_runtime().encoder("draft")("Hello there")  # for Settings.tokenizer (README)
     assert draft_tokens and not llm.wsd_runtime().loaded
     assert meta.num_output == 77
@@ -102,6 +105,10 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
 
     with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'model'; name the models with draft_model and base_model"):
         WSDLLM(model="llama3")
+    with pytest.raises(ValidationError, match="'additional_kwargs'; give each request parameter as an argument of its own"):
+        WSDLLM(additional_kwargs={"top_k": 3})
+    with pytest.raises(ValidationError, match="context_window\n  Input should be greater than 0"):
+        WSDLLM(context_window=0)
     llm = WSDLLM(stop="\n\n")
     assert llm.stop == ["\n\n"] and WSDLLM.from_dict(llm.to_dict()).stop == ["\n\n"]
     assert WSDLLM.model_validate(llm.model_dump()).stop == ["\n\n"]  # a dump carries LlamaIndex's class_name

@@ -86,6 +86,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             unknown = sorted(set(data) - known - set(cls.unused_arguments))
             if unknown:
                 hint = "; name the models with draft_model and base_model" if {"model", "model_name"} & set(unknown) else ""
+                if not hint and set(unknown) & {"additional_kwargs", "model_kwargs", "generate_kwargs", "generation_config"}:
+                    hint = "; give each request parameter as an argument of its own (temperature=..., top_k=..., stop=...)"
                 hint = hint or "".join(did_you_mean(name, known) for name in unknown)
                 raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint}")
             # None is "not given", as in a call (LangChain code passes max_tokens=None and the like)

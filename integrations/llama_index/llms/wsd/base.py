@@ -37,7 +37,7 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
 from llama_index.core.types import PydanticProgramMode
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
@@ -204,6 +204,10 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     pair (`wsd_llms.get_runtime`). Every field is a default that a call may override by keyword.
     """
 
+    context_window: int | None = Field(
+        None, gt=0, description="tokens LlamaIndex may fill (prompt packing, chat memory); at most, and by default, the models' window"
+    )
+
     unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
 
     @model_validator(mode="before")
@@ -229,8 +233,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
+        window = self.wsd_runtime().context_window(self.mode)
         return LLMMetadata(
-            context_window=self.wsd_runtime().context_window(self.mode),
+            context_window=min(window, self.context_window or window),
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=can_constrain(),
