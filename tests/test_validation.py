@@ -1,10 +1,15 @@
 """Bad parameters and messages raise clear errors before any decoding starts."""
 
 import pytest
+from pydantic import BaseModel
 
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import GenerationParams, parse_params
+
+
+class _Point(BaseModel):
+    x: int
 
 
 @pytest.mark.parametrize(
@@ -25,7 +30,8 @@ from wsd_llms.params import GenerationParams, parse_params
         ({"top_k": -1}, "invalid top_k=-1"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
         ({"stop": [""]}, "stop strings must be non-empty"),
-        ({"stop": 5}, "invalid stop=5"),
+        ({"stop": 5}, "invalid stop=5: must be a string or a list of strings"),  # said "a valid tuple"
+        ({"stop": ["a", 3]}, "invalid stop=['a', 3]: must be a string or a list of strings"),
         ({"max_tokenz": 5}, "unknown parameter 'max_tokenz'"),
         ({"stop": ["x" * 300, ""]}, "...: stop strings must be non-empty"),  # a long value is shortened before the rule
         ({"seed": 2**64}, "invalid seed=18446744073709551616: Input should be less than 18446744073709551616"),
@@ -39,6 +45,7 @@ from wsd_llms.params import GenerationParams, parse_params
             {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}]},
             'invalid tools: it cannot be compiled into a grammar: tools[0] (f) parameters: Unsupported type "strin"',
         ),
+        ({"response_format": _Point(x=1)}, "invalid response_format=_Point(x=1): an instance of _Point is no schema: pass the class _Point"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='required' asks for a tool call, but no tools are given"),
     ],
@@ -47,6 +54,13 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     with pytest.raises(InvalidParameterError) as err:
         parse_params(**params)
     assert needle in str(err.value)
+
+
+def test_the_frameworks_forms_of_unset_values_are_taken():
+    """tool_choice=False is unset, as ChatOpenAI reads it (it was refused as 'not a valid string' in the
+    runtime); stop as any iterable of strings."""
+    assert parse_params(tool_choice=False).tool_choice == "auto"
+    assert parse_params(stop=iter(["a", "b"])).stop == ("a", "b")
 
 
 def test_extreme_sampling_values_still_sample():

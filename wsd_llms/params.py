@@ -29,10 +29,11 @@ def json_error(schema: Any) -> str | None:
 
 def tool_choice_value(value: Any) -> Any:
     """A tool_choice in the runtime's terms ("auto", "required", "none" or a tool's name) from the
-    forms LangChain, OpenAI and Anthropic use: None (auto), True and "any" (required), a
+    forms LangChain, OpenAI and Anthropic use: None and False (auto: unset, as ChatOpenAI reads False),
+    True and "any" (required), a
     {"type": "function", "function": {"name"}} or {"type": "tool" | "function", "name"} dict (the
     name), {"type": "auto" | "any" | "none"}; anything else as given, for the error that names it."""
-    if value is None:
+    if value is None or value is False:
         return "auto"
     if value is True or value == "any":
         return "required"
@@ -90,6 +91,8 @@ class GenerationParams(BaseModel):
     def _response_format(cls, value: Any) -> Any:
         if isinstance(value, type) and hasattr(value, "model_json_schema"):
             return value.model_json_schema()
+        if isinstance(value, BaseModel):
+            raise ValueError(f"an instance of {type(value).__name__} is no schema: pass the class {type(value).__name__}, or a JSON schema dict")
         if isinstance(value, dict) and value == {"type": "text"}:
             return None  # OpenAI's explicit plain text (no JSON schema has type "text")
         if isinstance(value, dict) and value.get("type") == "json_object":
@@ -153,7 +156,10 @@ class GenerationParams(BaseModel):
             return ()
         if isinstance(value, str):
             return (value,)
-        return value
+        strings = tuple(value) if isinstance(value, Iterable) and not isinstance(value, (bytes, dict)) else None
+        if strings is None or not all(isinstance(s, str) for s in strings):
+            raise ValueError("must be a string or a list of strings")
+        return strings
 
     @field_validator("stop")
     @classmethod
