@@ -523,7 +523,7 @@ class Events(BaseCallbackHandler):
 
 
 @pytest.mark.parametrize("path", ["invoke", "stream"])
-@pytest.mark.parametrize("value, needle", [({"temperature": -1}, "invalid temperature=-1"), ({"stop": 5}, "invalid stop.0=5: Input should be a valid string")])
+@pytest.mark.parametrize("value, needle", [({"temperature": -1}, "invalid temperature=-1"), ({"stop": 5}, "invalid stop=[5]: must be a string or a list of strings")])
 def test_a_bad_call_value_reaches_on_llm_error(fake, path, value, needle):
     """Values are checked inside the run, so tracing sees the failed call like any other (a stop
     that is no list failed with a bare TypeError before the run began)."""

@@ -502,7 +502,7 @@ def _wait_for(condition, seconds=10.0):
 def test_a_queued_request_times_out_while_it_waits(fresh):
     """A timeout counts the queue: it fires while the request waits behind max_running, not when it is admitted."""
     rt = fresh(max_running=1)
-    long = rt.stream(_msgs(QUESTIONS[0]), max_tokens=400, max_draft_tokens=400, mode="draft")
+    long = rt.stream(_msgs(QUESTIONS[1]), max_tokens=400, max_draft_tokens=400, mode="draft")  # 300 tokens at least, greedy
     next(long)
     t0 = time.monotonic()
     with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.3s"):
@@ -1314,7 +1314,7 @@ def test_lowering_the_cache_limit_fails_queued_requests_it_can_no_longer_admit(f
     fails at the change, as it would have at the call; one that still fits waits and runs, and the
     running request goes on."""
     rt = fresh(max_running=1)
-    running = rt.stream(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="draft")  # long enough to hold the queue
+    running = rt.stream(_msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300, mode="draft")  # greedy, all 300 tokens: it holds the queue
     next(running)
     with ThreadPoolExecutor(2) as pool:
         big = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300)
@@ -1341,7 +1341,7 @@ def test_a_request_two_threads_end_at_once_is_ended_and_counted_once(fresh):
     """A queued request that a configure() fails while a closing runtime's worker fails it too is
     counted once and its caller told once."""
     rt = fresh(max_running=1)
-    running = rt.stream(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="draft")  # long enough to hold the queue
+    running = rt.stream(_msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300, mode="draft")  # greedy, all 300 tokens: it holds the queue (QUESTIONS[0] ends in 7)
     next(running)
     with ThreadPoolExecutor(1) as pool:
         queued = pool.submit(rt.generate, _msgs(QUESTIONS[1]), max_tokens=5)
