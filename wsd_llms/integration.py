@@ -194,7 +194,7 @@ def _forces_a_call(params: Mapping[str, Any]) -> bool:
 
 def _stops(value: str | Iterable[str] | None) -> list[str]:
     """Stop strings as a list: one string is one stop (not one stop per character); any other single
-    value is one stop too, for the check to name (`invalid stop.0=5: Input should be a valid string`)."""
+    value is one stop too, for the check to name (`invalid stop=[5]: must be a string or a list of strings`)."""
     if value is None:
         return []
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
