@@ -5,9 +5,9 @@ Single-threaded: only the runtime's worker thread calls into an Engine.
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -29,6 +29,8 @@ from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
 from .structured import Cut, constraint_spec, structured_fields
 from .tools import CALL_TAG, CLOSE_TAG
+
+log = logging.getLogger(__name__)
 
 # Under load, scoring passes start only every SCORING_STRIDE steps, so that the sequences due
 # for one score in the same batched pass; meanwhile they draft on (a delay of a few tokens,
@@ -408,14 +410,12 @@ class Engine:
 
     def _retried(self, what: str, exc: Exception, ran_alone: list[bool]) -> None:
         """Count a batched pass that raised and ran again a sequence at a time. If every sequence then
-        ran alone, batching itself failed (no request did): warn, since the step lost its batching."""
+        ran alone, batching itself failed (no request did): log a warning, since the step lost its
+        batching (logged, not warnings.warn: on the worker thread, a filter turning warnings into
+        errors would end the worker)."""
         self.retried_passes += 1
         if all(ran_alone):
-            warnings.warn(
-                f"wsd-llms: a batched {what} of {len(ran_alone)} sequences raised {type(exc).__name__}: {exc}; each ran alone without error",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            log.warning("a batched %s of %d sequences raised %s: %s; each ran alone without error", what, len(ran_alone), type(exc).__name__, exc)
 
     def _project(self) -> None:
         """Hand every program waiting on logits (sequence.Project) its rows' logits: one call of each

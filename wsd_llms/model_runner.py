@@ -8,6 +8,7 @@ extend_batch and crop, and gives lazy rows (output_head.HeadRows) a head that pr
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from typing import Any
 
@@ -21,6 +22,8 @@ from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer, append_states
 from .loading import LoadedModel
 from .output_head import HeadRows, OutputHead
 from .packed_linear import pack_linears
+
+log = logging.getLogger(__name__)
 
 Output = torch.Tensor | HeadRows
 
@@ -288,7 +291,7 @@ class ModelRunner:
         try:
             return self._run_slots(self.graphs, kvs, ids, keeps, lazy)
         except CannotCapture as error:
-            warnings.warn(f"{self.loaded.name}: passes run without CUDA graphs: {error}", RuntimeWarning, stacklevel=2)
+            log.warning("%s: passes run without CUDA graphs: %s", self.loaded.name, error)  # on the worker thread: logged (see Engine._retried)
             self.graphs = None
             return None
         except Exception as error:
