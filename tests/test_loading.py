@@ -373,3 +373,12 @@ def test_a_cache_that_cannot_be_written_names_the_setting(tmp_path, monkeypatch)
     monkeypatch.setenv("WSD_LLMS_CACHE", str(taken))
     with pytest.raises(ModelLoadError, match=f"the model cache {re.escape(str(taken))} cannot hold embedded/: Not a directory; set WSD_LLMS_CACHE to a writable directory"):
         loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
+
+
+def test_a_cache_whose_lock_file_cannot_be_made_names_the_setting(tmp_path, monkeypatch):
+    """A cache directory that exists but where the build's lock file cannot be made (here a directory
+    holds its name; read-only does the same): the same error (it was a bare IsADirectoryError)."""
+    (tmp_path / "embedded" / "smollm2-135m-instruct.lock").mkdir(parents=True)
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=f"the model cache {re.escape(str(tmp_path))} cannot hold embedded/: Is a directory; set WSD_LLMS_CACHE to a writable directory"):
+        loading.embedded_model_dir(loading.EMBEDDED_DRAFT)

@@ -248,18 +248,20 @@ def _building(target: Path) -> Iterator[bool]:
     starts several workers at once; two conversions in one place broke each other, and one
     rebuilding the embedded GGUF under another's memory map killed it); yields whether `target`
     still needs building, which another holder may have done meanwhile."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a cache path that is a file, or not writable: say which setting chose it
-        chosen = f" (now {os.environ['WSD_LLMS_CACHE']!r})" if os.environ.get("WSD_LLMS_CACHE") else ""
-        raise ModelLoadError(
-            f"the model cache {cache_dir()} cannot hold {target.parent.name}/: {exc.strerror or exc}; "
-            f"set WSD_LLMS_CACHE to a writable directory{chosen}"
-        ) from None
-    with _LOADING, open(target.with_name(target.name + ".lock"), "w") as lock:  # this process's lock first, as load_model takes it
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield not (target / "config.json").exists()  # the lock goes with the file's closing
+    with _LOADING:  # this process's lock first, as load_model takes it
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(target.with_name(target.name + ".lock"), "w")
+        except OSError as exc:  # a cache path that is a file, or not writable: say which setting chose it
+            chosen = f" (now {os.environ['WSD_LLMS_CACHE']!r})" if os.environ.get("WSD_LLMS_CACHE") else ""
+            raise ModelLoadError(
+                f"the model cache {cache_dir()} cannot hold {target.parent.name}/: {exc.strerror or exc}; "
+                f"set WSD_LLMS_CACHE to a writable directory{chosen}"
+            ) from None
+        with lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield not (target / "config.json").exists()  # the lock goes with the file's closing
 
 
 def _built(target: Path, build: bool, source: object, make: Callable[[], None]) -> Path:
