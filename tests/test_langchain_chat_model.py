@@ -202,6 +202,16 @@ def test_a_stop_string_is_one_stop_not_one_per_character():
     assert model.bind(stop="Paris").kwargs["stop"] == "Paris"  # reaches wsd_params as it is, and is taken whole
 
 
+def test_tool_choice_false_leaves_the_constructors_choice():
+    """tool_choice=False is "not given" both when binding tools and in a call, as in ChatOpenAI (a
+    call's False had overridden a constructor's "required" with "auto")."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    model = WSDChatModel(tool_choice="required")
+    assert model.bind_tools(tools, tool_choice=False).kwargs.get("tool_choice") is None
+    assert model.wsd_params(tools=tools, tool_choice=False)["tool_choice"] == "required"
+    assert model.wsd_params(tools=tools, tool_choice="auto")["tool_choice"] == "auto"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [

@@ -157,6 +157,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
+        if overrides.get("tool_choice") is False:  # unset, as bind_tools(tool_choice=False) leaves it (ChatOpenAI's way)
+            overrides = {k: v for k, v in overrides.items() if k != "tool_choice"}
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
         if not params.get("tools") and overrides.get("tool_choice") is None:
             params["tool_choice"] = "auto"  # a constructor's tool_choice applies when tools come; a call's is checked
