@@ -848,6 +848,16 @@ def test_defaults_that_would_fail_every_call_fail_the_constructor():
         WSDChatModel(tools=[spec], tool_choice="sub")
 
 
+def test_models_are_checked_when_the_model_is_built(tmp_path):
+    """draft_model/base_model: a path object is taken as its str (it was refused as 'not a valid
+    string'); a blank or non-string name is a ValidationError naming the field (it failed every call)."""
+    assert WSDChatModel(draft_model=tmp_path / "draft").draft_model == str(tmp_path / "draft")
+    with pytest.raises(ValidationError, match="invalid base_model=' ': must be a Hugging Face repo id, a directory or a .gguf path"):
+        WSDChatModel(base_model=" ")
+    with pytest.raises(ValidationError, match="invalid draft_model=7: must be"):
+        WSDChatModel(draft_model=7)
+
+
 def _aggregate(chunks: list[AIMessageChunk]) -> AIMessageChunk:
     full = chunks[0]
     for chunk in chunks[1:]:

@@ -84,6 +84,7 @@ def test_metadata_reads_config_without_loading() -> None:
     # context_window, as LlamaIndex's LLMs take it, caps what LlamaIndex packs; never past the models' window
     assert WSDLLM(base_model=base_dir, context_window=2048).metadata.context_window == 2048
     assert WSDLLM(base_model=base_dir, context_window=100_000).metadata.context_window == 8192
+    assert WSDLLM(base_model=local_source(EMBEDDED_BASE)).metadata.context_window == 8192  # a path object is taken
     draft_tokens = llm.wsd_runtime().encoder("draft")("Hello there")  # for Settings.tokenizer (README)
     assert draft_tokens and not llm.wsd_runtime().loaded
     assert meta.num_output == 77

@@ -21,7 +21,7 @@ from .events import WSDResult
 from .loading import resolve_device, resolve_dtype
 from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params, tool_choice_value
-from .runtime import WSDRuntime, get_runtime
+from .runtime import WSDRuntime, get_runtime, model_source
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, text_before_calls
 
 MODEL_PROVIDER = "wsd"
@@ -97,6 +97,16 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
                 if name not in cls.unused_arguments and not (value is None and name in GenerationParams.model_fields)
             }
         return data
+
+    @field_validator("draft_model", "base_model", mode="before")
+    @classmethod
+    def _model_name(cls, value: Any, info: ValidationInfo) -> Any:
+        """A model as the runtime takes it (a path object as its str), checked when the model is built:
+        a blank or non-string name failed only at the first call."""
+        try:
+            return value if value is None else model_source(info.field_name, value, "")
+        except InvalidParameterError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -79,7 +79,7 @@ def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
             raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
 
 
-def _model_source(name: str, value: Any, default: str) -> str:
+def model_source(name: str, value: Any, default: str) -> str:
     """A model named as the loader takes it (a repo id, a directory or a .gguf path, as a str or a
     path; None is the embedded default), or InvalidParameterError naming the argument."""
     if value is None:
@@ -136,8 +136,8 @@ class WSDRuntime:
         prefix_cache_tokens: int | None = None,
         lookup_tokens: int | None = None,
     ) -> None:
-        self.draft_source = _model_source("draft", draft, EMBEDDED_DRAFT)
-        self.base_source = _model_source("base", base, EMBEDDED_BASE)
+        self.draft_source = model_source("draft", draft, EMBEDDED_DRAFT)
+        self.base_source = model_source("base", base, EMBEDDED_BASE)
         _check_loading_options(draft_revision, base_revision, trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -781,8 +781,8 @@ def get_runtime(
     dev = resolve_device(device)
     _check_loading_options(draft_revision, base_revision, trust_remote_code)
     key = (
-        _model_source("draft", draft, EMBEDDED_DRAFT),
-        _model_source("base", base, EMBEDDED_BASE),
+        model_source("draft", draft, EMBEDDED_DRAFT),
+        model_source("base", base, EMBEDDED_BASE),
         str(dev),
         str(resolve_dtype(dtype, dev)),
         draft_revision,
