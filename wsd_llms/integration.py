@@ -62,7 +62,7 @@ TRANSPORT_ARGUMENTS = frozenset({"extra_headers", "extra_query"})
 
 
 class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
-    """Models, device and request defaults; every field can be overridden per call."""
+    """Models, device and request defaults; a call may override the request defaults, not the models or device."""
 
     draft_model: str | None = Field(None, description="aligned draft model (repo id, directory, .gguf); None = embedded")
     base_model: str | None = Field(None, description="base model (repo id, directory, .gguf); None = embedded")

@@ -201,7 +201,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     """Weak-to-Strong Decoding LLM: a small aligned draft model starts each reply, a base model continues.
 
     Construction loads nothing; the first call loads both models into the runtime shared per model
-    pair (`wsd_llms.get_runtime`). Every field is a default that a call may override by keyword.
+    pair (`wsd_llms.get_runtime`). Every request parameter is a default that a call may override by keyword.
     """
 
     context_window: int | None = Field(
