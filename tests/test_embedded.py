@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from wsd_llms import PromptTooLongError, TextDelta
+from machine import needs_bfloat16_kernels
 
 pytestmark = pytest.mark.embedded
 
@@ -120,6 +121,7 @@ def test_batched_equals_sequential(embedded, parity):
     assert all(runner.ragged for runner in embedded.load().runners.values())
 
 
+@needs_bfloat16_kernels
 def test_greedy_screen_changes_no_reply(embedded):
     """The base model's greedy steps take their ids from a bfloat16 screen of its 262k-word
     projection (output_head.OutputHead.greedy_ids): every reply, free or under a grammar, is the

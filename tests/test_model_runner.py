@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
+from machine import needs_bfloat16_kernels
 
 from wsd_llms.attention import attention_backends
 from wsd_llms.kv_cache import KVCache, KVStore
@@ -146,7 +147,7 @@ def test_a_probe_that_fails_leaves_one_gemm_per_layer():
     assert isinstance(model.a, PackedLinear) and isinstance(model.b, PackedLinear)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bfloat16_kernels)])
 def test_a_lone_row_gets_the_bits_it_gets_among_others(dtype):
     """oneDNN's one-row kernel sums long rows in another order (1536 inputs or more, on this
     machine), and its kernels for a few rows are slower, so PackedLinear feeds fewer than MIN_ROWS
@@ -267,7 +268,8 @@ def test_a_pass_that_fails_midway_leaves_every_cache_as_it_was(monkeypatch, ragg
 
 
 def test_only_cpu_float32_and_bfloat16_weights_are_packed():
-    assert can_pack(torch.empty(4, 4)) and can_pack(torch.empty(4, 4, dtype=torch.bfloat16))
+    """bfloat16 packs where the CPU has oneDNN kernels for it (an AVX2 CPU has none: no warning, nn.Linear)."""
+    assert can_pack(torch.empty(4, 4)) and can_pack(torch.empty(4, 4, dtype=torch.bfloat16)) == packed_linear._cpu_runs_bfloat16()
     assert not can_pack(torch.empty(4, 4, dtype=torch.float16)) and not can_pack(torch.empty(4, 4, device="meta"))
 
 

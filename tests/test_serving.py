@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+from machine import needs_bfloat16_kernels
 
 from wsd_llms import (
     FinalEvent,
@@ -157,6 +158,7 @@ def test_mixed_requests_batched_equal_their_lone_replies(pair, request):
     assert rt.stats().peaks["draft_batch"] > 1
 
 
+@needs_bfloat16_kernels
 @pytest.mark.parametrize("lookup_tokens", [0, 4])
 def test_greedy_screen_in_shared_batches_changes_no_reply(draft_tokenizer, monkeypatch, lookup_tokens):
     """A base whose head gets the bfloat16 greedy screen (output_head): the mixed requests, alone

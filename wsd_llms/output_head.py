@@ -113,6 +113,7 @@ class OutputHead:
         # an untied head packed for oneDNN drops its dense copy, so its bound skips outside words.
         self._words = inputs.weight if tied else (None if packed else head.weight)
         subset = torch.nn.Linear(weight.shape[1], BOUND_WORDS, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        subset.requires_grad_(False)  # a copy for inference (left unpacked, as bfloat16 is on an AVX2 CPU, it would track grads)
         with torch.no_grad():
             subset.weight.copy_(weight[:BOUND_WORDS])
             if bias is not None:
