@@ -15,27 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
+    """What the figures were measured on: CPU and its kernel level, cores, versions, device."""
     info = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 or AVX512: which kernels (and bfloat16 ones) the CPU runs
         "device": "cpu",
+        "transformers": transformers.__version__,
     }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
     return info
 
 
