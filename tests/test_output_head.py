@@ -70,7 +70,7 @@ def test_lazy_rows_project_to_the_eager_logits_bit_for_bit(kind):
 
 
 @pytest.mark.parametrize("slice_exact", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bfloat16_kernels)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["llama", "llama-tied", "gemma3"])
 def test_bounds_never_undercut_the_exact_probability(small_bound, kind, dtype, slice_exact):
     """On this CPU the slice's oneDNN kernel gives the whole projection's bits, so bounds allow
@@ -98,10 +98,11 @@ def test_bounds_never_undercut_the_exact_probability(small_bound, kind, dtype, s
         exact = logp.gather(-1, torch.tensor(targets)[:, None])[:, 0]
         for row, (t, b, e) in enumerate(zip(targets, bounds, exact.tolist())):
             assert b >= e
-            if t < 64 or kind.endswith("-tied"):  # the target's own logit over the slice's mass (and its own)
+            if t < 64 or runner.head._words is not None:  # the target's own logit over the slice's mass (and its own)
                 mass = torch.logsumexp(logits[row, :64], -1) if t < 64 else torch.logaddexp(torch.logsumexp(logits[row, :64], -1), logits[row, t])
                 assert b - e <= float(torch.logsumexp(logits[row], -1) - mass + slack[row]) + 1e-3
-            else:  # an untied packed head keeps no row for a word outside the slice: p <= 1
+            else:  # an untied packed head keeps no row for a word outside the slice: p <= 1 (unpacked, as
+                # bfloat16 on a CPU without its kernels, it keeps the head's rows)
                 assert b == pytest.approx(output_head.BOUND_FLOOR)
 
 
