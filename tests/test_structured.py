@@ -523,7 +523,7 @@ def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     _, calls, invalid = parse_reply('<tool_call>\n{"name": "label", "arguments": {"tags": ["x", "x"], "size": 1}}\n</tool_call>', [tool])
     assert not calls and "non-unique" in invalid[0].error
     remote = {"type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}
-    assert parse_json('{"x": 1}', remote) == ({"x": 1}, None)  # unresolvable: left unchecked, as the grammar leaves it
+    assert parse_json('{"x": 1}', remote) == ({"x": 1}, None)  # unresolvable: left unchecked (a request with it is refused)
     unicode_class = {"type": "object", "properties": {"x": {"type": "string", "pattern": "^\\p{L}+$"}}}
     assert _validation_error({"x": "abc"}, unicode_class) is None  # Python's re cannot read \p{L}: the grammar held it
     # formats, as far as jsonschema checks them: the grammar writes a date's digits, not its calendar

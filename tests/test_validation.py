@@ -45,6 +45,15 @@ class _Point(BaseModel):
             {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}}]},
             'invalid tools: it cannot be compiled into a grammar: tools[0] (f) parameters: Unsupported type "strin"',
         ),
+        # xgrammar left a value under a $ref to another document unconstrained (warning on stderr), and nothing checked it
+        (
+            {"response_format": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}},
+            "invalid response_format: the $ref 'https://example.com/a.json' at $.properties.a points outside the schema",
+        ),
+        (
+            {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"items": {"$ref": "a.json#/x"}}}}}]},
+            "invalid tools: tools[0] (f) parameters: the $ref 'a.json#/x' at $.properties.a.items points outside the schema",
+        ),
         ({"response_format": _Point(x=1)}, "invalid response_format=_Point(x=1): an instance of _Point is no schema: pass the class _Point"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='required' asks for a tool call, but no tools are given"),
@@ -54,6 +63,17 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     with pytest.raises(InvalidParameterError) as err:
         parse_params(**params)
     assert needle in str(err.value)
+
+
+def test_references_within_the_schema_and_refs_in_data_are_taken():
+    """Only a $ref that is a reference to another document is refused: the root, $defs, and a "$ref"
+    key in a const's value (data, not a schema) pass."""
+    schema = {
+        "$defs": {"leaf": {"type": "integer"}},
+        "type": "object",
+        "properties": {"self": {"$ref": "#"}, "leaf": {"$ref": "#/$defs/leaf"}, "data": {"const": {"$ref": "https://example.com"}}},
+    }
+    assert parse_params(response_format=schema).response_format == schema
 
 
 def test_the_frameworks_forms_of_unset_values_are_taken():

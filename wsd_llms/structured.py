@@ -20,6 +20,7 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +204,8 @@ def grammar_error(params: GenerationParams) -> str | None:
     schema of it is not a valid JSON schema, naming the tool whose schema fails, or None; checked
     before the request is queued, without a tokenizer."""
     xgr = require_xgrammar()
+    if (outside := _outside_reference_error(params)) is not None:
+        return outside
     try:
         xgr.Grammar.from_structural_tag(constraint_spec(params))
     except RuntimeError as exc:
@@ -215,13 +218,49 @@ def grammar_error(params: GenerationParams) -> str | None:
     return _schemas_error(params)
 
 
-def _schemas_error(params: GenerationParams) -> str | None:
-    """Why a JSON schema of the request is not a valid JSON schema (its meta-schema says), or None:
-    one the grammar compiled anyway (`{"minimum": "3"}`) would fail the check of the reply."""
+def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]]]:
+    """The request's JSON schemas, each with where it is for an error: its response_format's and
+    its tools' parameters."""
     schemas = [] if params.response_format is None or params.text_format else [("", params.response_format)]
     if params.calls_tools:
         schemas += [(f"tools[{i}] ({tool['name']}) parameters: ", tool["parameters"]) for i, tool in enumerate(params.tools)]
-    for where, schema in schemas:
+    return schemas
+
+
+# Keywords whose values are data, not schemas: a "$ref" key inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _outside_references(schema: Any, path: str = "$") -> Iterator[tuple[str, str]]:
+    """(path, reference) for each `$ref` that points outside the schema (anything but "#..."),
+    which xgrammar cannot follow (it would leave the value unconstrained) and nothing fetches."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            yield path, ref
+        for key, value in schema.items():
+            if key not in _DATA_KEYWORDS:
+                yield from _outside_references(value, f"{path}.{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            yield from _outside_references(value, f"{path}[{i}]")
+
+
+def _outside_reference_error(params: GenerationParams) -> str | None:
+    """Why a schema of the request cannot be followed (a `$ref` to another document), or None."""
+    for where, schema in _request_schemas(params):
+        for path, ref in _outside_references(schema):
+            return (
+                f"{where}the $ref {ref!r} at {path} points outside the schema; only references within it "
+                f"('#', '#/$defs/...') are followed, and nothing is fetched: put the referenced schema under $defs"
+            )
+    return None
+
+
+def _schemas_error(params: GenerationParams) -> str | None:
+    """Why a JSON schema of the request is not a valid JSON schema (its meta-schema says), or None:
+    one the grammar compiled anyway (`{"minimum": "3"}`) would fail the check of the reply."""
+    for where, schema in _request_schemas(params):
         error = _meta_schema_error(json.dumps(schema, sort_keys=True))
         if error is not None:
             return f"{where}not a valid JSON schema: {error}"
