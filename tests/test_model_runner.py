@@ -273,6 +273,53 @@ def test_only_cpu_float32_and_bfloat16_weights_are_packed():
     assert not can_pack(torch.empty(4, 4, dtype=torch.float16)) and not can_pack(torch.empty(4, 4, device="meta"))
 
 
+_WITHOUT_BFLOAT16_KERNELS = """
+import sys, warnings
+import torch
+sys.path.insert(0, sys.argv[1])
+from tiny import make_tokenizer, tiny_llama
+from wsd_llms import output_head, packed_linear
+from wsd_llms.model_runner import ModelRunner
+
+output_head.BOUND_WORDS, output_head.MIN_BOUND_VOCAB = 64, 128  # bounds for the tiny vocabulary (and a screen, given the kernels)
+
+warnings.simplefilter("error")  # a 'failed a self-check' warning, say, fails this
+assert not packed_linear._cpu_runs_bfloat16()
+assert packed_linear.can_pack(torch.empty(4, 4)) and not packed_linear.can_pack(torch.empty(4, 4, dtype=torch.bfloat16))
+tied = tiny_llama(make_tokenizer(300), 0)
+tied.model.get_output_embeddings().weight = tied.model.get_input_embeddings().weight
+float32 = ModelRunner(tied)
+assert float32.head._screen is None  # the greedy screen is a bfloat16 copy: none here
+ids = float32.head.greedy_ids(float32.extend(float32.new_cache(), [5, 6, 7], lazy=True).hidden[-1:], [None])
+plain = tiny_llama(make_tokenizer(300), 0)
+plain.model.get_output_embeddings().weight = plain.model.get_input_embeddings().weight
+with torch.inference_mode():
+    assert ids == [int(plain.model(input_ids=torch.tensor([[5, 6, 7]])).logits[0, -1].argmax())]
+bf16 = tiny_llama(make_tokenizer(300), 0)
+bf16.model.to(torch.bfloat16).requires_grad_(False)
+runner = ModelRunner(bf16)
+assert not any(isinstance(m, packed_linear.PackedLinear) for m in bf16.model.modules())
+assert torch.isfinite(runner.extend(runner.new_cache(), [5, 6, 7])).all()
+print("ok")
+"""
+
+
+def test_a_cpu_without_bfloat16_kernels_keeps_bfloat16_layers_plain_and_quiet():
+    """As on an AVX2 CPU, whatever this one has (oneDNN held to AVX2 in a process of its own): float32
+    layers still pack, bfloat16 ones stay on nn.Linear with no warning and run, and greedy ids come
+    from the full projection, with no screen."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_BFLOAT16_KERNELS, str(Path(__file__).parent)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_a_second_runner_on_a_packed_model_changes_nothing():
     loaded = tiny_llama(make_tokenizer(300), 0)
     first = ModelRunner(loaded)
