@@ -54,6 +54,10 @@ class _Point(BaseModel):
             {"tools": [{"name": "f", "description": "", "parameters": {"type": "object", "properties": {"a": {"items": {"$ref": "a.json#/x"}}}}}]},
             "invalid tools: tools[0] (f) parameters: the $ref 'a.json#/x' at $.properties.a.items points outside the schema",
         ),
+        (  # a property named like a keyword whose value is data
+            {"response_format": {"type": "object", "properties": {"default": {"$ref": "https://example.com/d.json"}}}},
+            "the $ref 'https://example.com/d.json' at $.properties.default points outside the schema",
+        ),
         ({"response_format": _Point(x=1)}, "invalid response_format=_Point(x=1): an instance of _Point is no schema: pass the class _Point"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='required' asks for a tool call, but no tools are given"),

@@ -229,6 +229,8 @@ def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]
 
 # Keywords whose values are data, not schemas: a "$ref" key inside them is not a reference.
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names to schemas: a name there ("default", say) is no keyword.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 def _outside_references(schema: Any, path: str = "$") -> Iterator[tuple[str, str]]:
@@ -239,7 +241,10 @@ def _outside_references(schema: Any, path: str = "$") -> Iterator[tuple[str, str
         if isinstance(ref, str) and not ref.startswith("#"):
             yield path, ref
         for key, value in schema.items():
-            if key not in _DATA_KEYWORDS:
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                for name, subschema in value.items():
+                    yield from _outside_references(subschema, f"{path}.{key}.{name}")
+            elif key not in _DATA_KEYWORDS:
                 yield from _outside_references(value, f"{path}.{key}")
     elif isinstance(schema, list):
         for i, value in enumerate(schema):
