@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import runpy
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,15 +48,32 @@ def embedded():
     return get_runtime()
 
 
+@pytest.fixture
+def run_example(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict]:
+    """Run `python examples/NAME ARGS` in this process, where the embedded models resolve to the
+    runtime the other tests load once (a process of its own costs ~13 s of imports and loading, ~30 s
+    on a slow machine): the script's globals. Print with capsys to read its output."""
+
+    def run(name: str, *argv: str, run_name: str = "__main__") -> dict:
+        path = Path(__file__).parents[1] / "examples" / name
+        monkeypatch.setattr(sys, "argv", [str(path), *argv])
+        return runpy.run_path(str(path), run_name=run_name)
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_threads():
-    """A test may leave behind only the workers of runtimes that are still open (and tqdm's monitor)."""
+    """A test may leave behind only the workers of runtimes that are still open, tqdm's monitor, and
+    the SQLite thread of a LlamaIndex chat engine's memory (its in-memory store, kept open by the
+    store's connection pool: the RAG example's chat engine makes one)."""
     before = set(threading.enumerate())
     yield
     open_workers = {rt.worker for rt in list(WSDRuntime.instances) if not rt._closed}
     leaked = [
         t
         for t in threading.enumerate()
-        if t not in before and t not in open_workers and t.name != "tqdm_monitor" and t.is_alive()
+        if t not in before and t not in open_workers and t.is_alive()
+        and t.name != "tqdm_monitor" and not t.name.endswith("(_connection_worker_thread)")
     ]
     assert not leaked, f"threads leaked: {leaked}"

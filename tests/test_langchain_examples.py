@@ -1,43 +1,25 @@
-"""The LangChain examples run on the embedded default models, as a user would run them."""
+"""The LangChain examples run on the embedded default models, as a user would run them (in this
+process: see the `run_example` fixture)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
+pytestmark = pytest.mark.embedded
 
 
-@pytest.mark.embedded
-def test_rag_example_streams_an_answer():
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "langchain_rag.py"), "How much is a monthly bus pass?", "--max-tokens", "32"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Sources: buses.md" in proc.stdout
-    answer = proc.stdout.split("Answer: ", 1)[1]
-    assert answer.strip(), proc.stdout
+def test_rag_example_streams_an_answer(run_example, capsys):
+    run_example("langchain_rag.py", "How much is a monthly bus pass?", "--max-tokens", "32")
+    out = capsys.readouterr().out
+    assert "Sources: buses.md" in out
+    answer = out.split("Answer: ", 1)[1]
+    assert answer.strip(), out
 
 
-@pytest.mark.embedded
-def test_agent_example_calls_both_tools():
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "langchain_agent.py"), "--max-tokens", "40"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "Tool call [lookup]" in proc.stdout and "Tool call [calculator]" in proc.stdout, proc.stdout
-    assert "Tool result [calculator]" in proc.stdout and "Tool result [lookup]" in proc.stdout, proc.stdout
-    answer = proc.stdout.split("Answer: ", 1)[1] if "Answer: " in proc.stdout else ""
-    assert answer.strip() and "<tool_call>" not in answer, proc.stdout
+def test_agent_example_calls_both_tools(run_example, capsys):
+    run_example("langchain_agent.py", "--max-tokens", "40")
+    out = capsys.readouterr().out
+    assert "Tool call [lookup]" in out and "Tool call [calculator]" in out, out
+    assert "Tool result [calculator]" in out and "Tool result [lookup]" in out, out
+    answer = out.split("Answer: ", 1)[1] if "Answer: " in out else ""
+    assert answer.strip() and "<tool_call>" not in answer, out

@@ -1,39 +1,39 @@
-"""The LlamaIndex examples run on the embedded default models, offline."""
+"""The LlamaIndex examples run on the embedded default models, offline (in this process: see the
+`run_example` fixture)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
+from llama_index.core import Settings
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.embedded
 
 
-@pytest.mark.embedded
-def test_rag_example_answers_from_its_documents() -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "llamaindex_rag.py")], capture_output=True, text=True, env=env, timeout=480
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    query_part, chat_part = proc.stdout.split("[condense_plus_context chat engine]")
+@pytest.fixture
+def settings_restored() -> Iterator[None]:
+    """The RAG example sets LlamaIndex's global `Settings`, as a script does; other tests see them as they were."""
+    llm, embed_model = Settings._llm, Settings._embed_model
+    yield
+    Settings._llm, Settings._embed_model = llm, embed_model
+
+
+def test_rag_example_answers_from_its_documents(run_example: Callable[..., dict], capsys: pytest.CaptureFixture[str], settings_restored: None) -> None:
+    run_example("llamaindex_rag.py")
+    out = capsys.readouterr().out
+    query_part, chat_part = out.split("[condense_plus_context chat engine]")
     assert "(retrieved: quillmere_festival.md)" in query_part
     # The mascot's name is made up and written only in examples/data/llamaindex_docs/quillmere_festival.md.
-    assert "Biscuit" in query_part.split("[streaming query engine]")[1], proc.stdout
-    assert "Biscuit" in chat_part, proc.stdout
+    assert "Biscuit" in query_part.split("[streaming query engine]")[1], out
+    assert "Biscuit" in chat_part, out
 
 
-@pytest.mark.embedded
-def test_agent_example_calls_its_tools() -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "llamaindex_agent.py")], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    function_part, react_part = proc.stdout.split("[ReActAgent] Q:")
+async def test_agent_example_calls_its_tools(run_example: Callable[..., dict], capsys: pytest.CaptureFixture[str]) -> None:
+    """Its `main` awaited on the tests' event loop (run as a script, it would start a loop of its own)."""
+    await run_example("llamaindex_agent.py", run_name="example")["main"]()
+    out = capsys.readouterr().out
+    function_part, react_part = out.split("[ReActAgent] Q:")
     for part in (function_part, react_part):
-        assert "[tool] add(" in part and "[tool] multiply(" in part, proc.stdout
-    assert "[ReActAgent] A:" in react_part, proc.stdout
+        assert "[tool] add(" in part and "[tool] multiply(" in part, out
+    assert "[ReActAgent] A:" in react_part, out
