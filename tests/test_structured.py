@@ -613,3 +613,49 @@ def test_compiled_grammars_are_kept_within_a_bound(monkeypatch):
         assert grammar is not None
     compiler = structured._cache[model.tokenizer].compiler
     assert 0 < compiler.get_cache_size_bytes() <= 2**20
+
+
+# A chat template that takes `tools`, as Qwen's, Llama 3.1's and Hermes' do: it renders the tool
+# list, an assistant turn's calls (OpenAI's shape) and a tool turn in its own way.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>Tools:{% for t in tools %} {{ t | tojson }}{% endfor %}</s>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% for c in m.get('tool_calls', []) %}<call>{{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}</call>{% endfor %}"
+    "{% if m['role'] == 'tool' %} (of {{ m['tool_call_id'] }}){% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CALLED = [
+    {"role": "user", "content": "Pick a number."},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "n", "arguments": {"n": 2}}]},
+    {"role": "tool", "content": "picked", "tool_call_id": "c1"},
+    {"role": "user", "content": "Again."},
+]
+
+
+def test_a_template_that_takes_tools_renders_them_and_the_calls_in_history():
+    """Such a draft is given the tools and the history's calls and results as its template expects
+    them, in place of the system message and call blocks a template without tools gets; a forced
+    call still parses, and online equals staged."""
+    from tiny import make_tokenizer, tiny_llama
+
+    from wsd_llms.prompts import build_prompts
+    from wsd_llms.runtime import WSDRuntime
+    from wsd_llms.tools import TOOLS_SYSTEM
+
+    tok = make_tokenizer(300)
+    tok.chat_template = TOOLS_TEMPLATE
+    prompts = build_prompts(tok, tok, normalize_messages(CALLED), tools=parse_params(tools=[SMALL]).tools)
+    draft = tok.decode(prompts.draft_ids, skip_special_tokens=False)
+    schema = '{"type": "function", "function": {"name": "n", "description": "", "parameters": {"type": "object", "properties": {"n": {"enum": [1, 2]}}'
+    assert draft.startswith("<s><|system|>Tools: " + schema) and TOOLS_SYSTEM.splitlines()[0] not in draft, draft
+    turns = '<|user|>Pick a number.</s><|assistant|><call>n {"n": 2}</call></s><|tool|>picked (of c1)</s><|user|>Again.</s><|assistant|>'
+    assert draft.endswith(turns), draft
+    assert "<tool_response>" in prompts.base_text  # the plain base prompt writes tool results its own way
+
+    runtime = WSDRuntime.from_models(tiny_llama(tok, 0, "tiny-draft", sharpen=3.0), tiny_llama(tok, 0, "tiny-base", sharpen=3.0))
+    try:
+        staged, online = _both(runtime, CALLED, tools=[SMALL], tool_choice="required", max_tokens=80, **SETTINGS[1])
+    finally:
+        runtime.close()
+    assert online.text == staged.text and online.switch_point == staged.switch_point
+    assert [c.name for c in online.tool_calls] == ["n"] and not online.invalid_tool_calls, online.text
