@@ -106,6 +106,11 @@ def test_defaults_are_the_papers():
     assert parse_params(stop="x").stop == ("x",)
 
 
+def _called(calls: object) -> list[dict]:
+    """A history whose assistant turn carries `calls` as its tool_calls."""
+    return [{"role": "user", "content": "Pick."}, {"role": "assistant", "content": "", "tool_calls": calls}]
+
+
 @pytest.mark.parametrize(
     "messages,needle",
     [
@@ -120,6 +125,14 @@ def test_defaults_are_the_papers():
         # a misspelt key had been dropped: the tool result lost the id of the call it answers
         ([{"role": "user", "content": "2+2?"}, {"role": "tool", "content": "4", "toolcall_id": "c1"}], "messages[1] has key 'toolcall_id'; did you mean 'tool_call_id'?"),
         ([{"role": "user", "contents": "hi"}], "messages[0] has key 'contents'; did you mean 'content'?"),
+        ([{"role": 3, "content": "hi"}], "messages[0] has unknown role 3; allowed: system, user"),
+        # the calls of an assistant turn in a history
+        (_called(["pick(2)"]), "messages[1].tool_calls[0] must be a dict, got str"),
+        (_called({"name": "pick"}), "messages[1].tool_calls must be a list, got dict"),
+        (_called([{"arguments": {}}]), "messages[1].tool_calls[0] needs a 'name' (or 'function': {'name': ...}), got {'arguments': {}}"),
+        (_called([{"name": "pick", "arguments": "[1, 2]"}]), "messages[1].tool_calls[0] arguments must be a dict or a JSON object string, got [1, 2]"),
+        (_called([{"name": "pick", "arguments": "{n: 1}"}]), "messages[1].tool_calls[0] arguments are not valid JSON: Expecting property name"),
+        ([{"role": "user", "content": "x", "tool_calls": [{"name": "pick"}]}], "messages[0] (user) has tool_calls; only assistant messages may carry them"),
     ],
 )
 def test_bad_messages(messages, needle):
