@@ -76,3 +76,10 @@ def test_one_model_alone(mode, monkeypatch, capsys):
     code, out, err = _chat(monkeypatch, capsys, "What is the capital of France?", "--max-tokens", "12", "--mode", mode)
     assert code == 0, err
     assert f"{mode} model alone | reply " in err and "(draft " not in err  # no switch or split to report
+
+
+def test_the_end_of_input_ends_an_interactive_chat(monkeypatch, capsys):
+    """Ctrl-D (or a piped script's end, with no empty line) ends the chat after the turns before it."""
+    code, out, err = _chat(monkeypatch, capsys, "--max-tokens", "4", stdin="Hello.\n")
+    assert code == 0, err
+    assert err.count("| reply ") == 1 and out.endswith("you> \n")  # the shell's prompt on a line of its own

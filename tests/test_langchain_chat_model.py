@@ -423,6 +423,11 @@ def test_batch_sends_every_input_at_once_up_to_max_running(fake, monkeypatch, ma
     assert replies == ["Hi there"] * 12 and peak[0] == expected
 
 
+def test_a_batch_of_nothing_is_nothing(fake):
+    """As LangChain's own batch gives (its executor would get a max_workers of 0)."""
+    assert WSDChatModel().batch([]) == [] and list(WSDChatModel().batch_as_completed([])) == []
+
+
 def test_unknown_parameter_is_named(fake):
     with pytest.raises(InvalidParameterError, match="unknown parameter 'temprature' \\(value 0.5\\); did you mean 'temperature'\\? \\(allowed: .*top_p"):
         WSDChatModel().invoke("x", temprature=0.5)
