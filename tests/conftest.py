@@ -52,7 +52,7 @@ def embedded():
 def run_example(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict]:
     """Run `python examples/NAME ARGS` in this process, where the embedded models resolve to the
     runtime the other tests load once (a process of its own costs ~13 s of imports and loading, ~30 s
-    on a slow machine): the script's globals. Print with capsys to read its output."""
+    on a slow machine). Returns the script's globals; capsys holds what it printed."""
 
     def run(name: str, *argv: str, run_name: str = "__main__") -> dict:
         path = Path(__file__).parents[1] / "examples" / name
