@@ -14,7 +14,7 @@ pytestmark = pytest.mark.embedded
 @pytest.fixture
 def settings_restored() -> Iterator[None]:
     """The RAG example sets LlamaIndex's global `Settings`, as a script does; other tests see them as they were."""
-    llm, embed_model = Settings._llm, Settings._embed_model
+    llm, embed_model = Settings._llm, Settings._embed_model  # the fields: the properties would resolve defaults (OpenAI's)
     yield
     Settings._llm, Settings._embed_model = llm, embed_model
 

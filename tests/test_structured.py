@@ -7,12 +7,15 @@ import re
 
 import pytest
 from pydantic import BaseModel
+from tiny import make_tokenizer, tiny_llama
 
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import parse_params
+from wsd_llms.prompts import build_prompts
+from wsd_llms.runtime import WSDRuntime
 from wsd_llms.structured import Cut, Guide, _validation_error, constraint_spec, parse_json
-from wsd_llms.tools import parse_reply, react_format
+from wsd_llms.tools import TOOLS_SYSTEM, parse_reply, react_format
 
 SCHEMA = {
     "type": "object",
@@ -636,12 +639,6 @@ def test_a_template_that_takes_tools_renders_them_and_the_calls_in_history():
     """Such a draft is given the tools and the history's calls and results as its template expects
     them, in place of the system message and call blocks a template without tools gets; a forced
     call still parses, and online equals staged."""
-    from tiny import make_tokenizer, tiny_llama
-
-    from wsd_llms.prompts import build_prompts
-    from wsd_llms.runtime import WSDRuntime
-    from wsd_llms.tools import TOOLS_SYSTEM
-
     tok = make_tokenizer(300)
     tok.chat_template = TOOLS_TEMPLATE
     prompts = build_prompts(tok, tok, normalize_messages(CALLED), tools=parse_params(tools=[SMALL]).tools)
