@@ -26,8 +26,11 @@ def test_missing_path():
         _cpu("./missing.gguf")
 
 
-def test_unsupported_gguf_architecture(tmp_path):
+def test_unsupported_gguf_architecture(tmp_path, monkeypatch):
+    """Refused before the model cache is touched: no lock file or directory is left there."""
     from gguf import GGUFWriter
+
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
 
     path = tmp_path / "weird.gguf"
     writer = GGUFWriter(str(path), "quantumnet")
@@ -38,6 +41,7 @@ def test_unsupported_gguf_architecture(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError, match="GGUF architecture 'quantumnet' .* is not supported by transformers"):
         _cpu(str(path))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_gguf_architecture_is_read_past_other_keys(tmp_path):

@@ -221,7 +221,6 @@ def _convert_gguf(path: Path, target: Path) -> Path:
 
     from .console import make_console
 
-    check_gguf_supported(path)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with Progress(transient=False, console=make_console(stderr=True)) as progress, _one_gguf_reader():  # not into a piped reply
@@ -278,6 +277,8 @@ def _built(target: Path, build: bool, source: object, make: Callable[[], None]) 
 def cached_gguf(path: Path, build: bool = True) -> Path:
     """Safetensors directory for a GGUF file, converting it on first use (unless `build` is False)."""
     target = cache_dir() / "converted" / _file_key(path)
+    if build and not (target / "config.json").exists():
+        check_gguf_supported(path)  # before the cache is touched: a file transformers cannot read leaves nothing there
     return _built(target, build, path, lambda: convert_gguf(path, target))
 
 
