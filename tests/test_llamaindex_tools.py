@@ -336,6 +336,29 @@ async def test_structured_predict_fires_llamaindex_events(monkeypatch: pytest.Mo
     llm.structured_predict(City, PROMPT, llm_kwargs={"stop": None}, place="Europe")
     llm.chat([ChatMessage(role="user", content="A city.")], response_format=City)
     assert script.params[-2]["stop"] == script.params[-1]["stop"] == []
+    # the tool path's arguments, which FunctionCallingProgram drops (code written for OpenAI passes them)
+    tool_path = {"tool_required": True, "tool_choice": "required", "allow_parallel_tool_calls": True}
+    assert llm.structured_predict(City, PROMPT, llm_kwargs=tool_path, place="Europe") == City(name="Oslo", country="Norway")
+    assert script.params[-1] == script.params[-3]
+
+
+async def test_a_streamed_object_cut_short_fails_the_object_not_the_chat(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """A structured stream whose JSON max_tokens cut short raises ReplyCutShortError at its end, as
+    structured_predict does; the chat under it still ends as a chat does (its end event with the
+    response and usage, for tracing and token counting), not with an exception event."""
+    from dataclasses import replace
+
+    from wsd_llms import ReplyCutShortError
+
+    text = '{"name": "Os'
+    llm, script = scripted(monkeypatch, text)
+    script.replies = [(text, replace(reply(text), finish_reason="length", parse_error="the reply used up max_tokens=4 before its JSON was complete"))]
+    with pytest.raises(ReplyCutShortError, match="^City: the reply used up max_tokens=4"):
+        list(llm.stream_structured_predict(City, PROMPT, place="Europe"))
+    with pytest.raises(ReplyCutShortError, match="^City: the reply used up max_tokens=4"):
+        [x async for x in await llm.astream_structured_predict(City, PROMPT, place="Europe")]
+    assert "ExceptionEvent" not in events and events.count("LLMChatEndEvent") == 2
+    assert events.index("LLMChatEndEvent") > events.index("LLMChatInProgressEvent")
 
 
 def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
@@ -348,6 +371,8 @@ def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     plain = WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, tool_required=True)
     assert (plain["tool_choice"], plain["parallel_tool_calls"]) == ("required", False)
     assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tool_choice"] == "auto"
+    # OpenAI's strict: calls are always decoded under their schemas
+    assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, strict=True) == WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)
 
 
 async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:

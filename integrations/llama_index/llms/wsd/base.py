@@ -197,6 +197,10 @@ class _Accumulator:
         return final
 
 
+# llm_kwargs that FunctionCallingProgram, the structured path of LlamaIndex's function-calling LLMs, drops.
+_TOOL_PATH_KWARGS = frozenset({"tool_required", "tool_choice", "allow_parallel_tool_calls"})
+
+
 class WSDLLM(WSDSettings, FunctionCallingLLM):
     """Weak-to-Strong Decoding LLM: a small aligned draft model starts each reply, a base model continues.
 
@@ -340,10 +344,12 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         verbose: bool = False,
         allow_parallel_tool_calls: bool = False,
         tool_required: bool = False,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """chat() arguments: messages, OpenAI-style tool specs, tool_choice (an explicit one wins, then
-        tool_required, then the constructor's) and parallel calls (allowed by the call or the constructor)."""
+        tool_required, then the constructor's) and parallel calls (allowed by the call or the constructor).
+        Calls are always decoded under their tools' schemas, so `strict` (as OpenAI's) changes nothing."""
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
@@ -393,9 +399,12 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         self, output_cls: type[BaseModel], prompt: BasePromptTemplate, llm_kwargs: dict[str, Any] | None, prompt_args: dict
     ) -> tuple[list[ChatMessage], dict[str, Any]]:
         """Messages and chat arguments of a structured call; fires LlamaIndex's start event, as LLM does.
-        (A request for JSON takes none of the constructor's stops: WSDSettings.wsd_params.)"""
+        (A request for JSON takes none of the constructor's stops: WSDSettings.wsd_params.) The
+        tool-calling path's arguments in `llm_kwargs` are dropped, as LlamaIndex's FunctionCallingProgram
+        drops them (code written for OpenAI passes them): the schema is the whole answer here."""
         dispatcher.event(LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args))
-        return self._get_messages(prompt, **prompt_args), {**(llm_kwargs or {}), "response_format": output_cls}
+        kwargs = {k: v for k, v in (llm_kwargs or {}).items() if k not in _TOOL_PATH_KWARGS}
+        return self._get_messages(prompt, **prompt_args), {**kwargs, "response_format": output_cls}
 
     def _constrains(self) -> bool:
         """Whether structured calls decode under the schema: in the default program mode, with the
@@ -454,7 +463,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             partial = _Partials(output_cls)
             with closing(self.stream_chat(messages, **kwargs)) as responses:
                 for response in responses:
-                    yield partial(response)
+                    if (obj := partial.add(response)) is not None:
+                        yield obj
+            yield partial.validated()
 
         return gen()
 
@@ -475,7 +486,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             partial = _Partials(output_cls)
             async with aclosing(await self.astream_chat(messages, **kwargs)) as responses:
                 async for response in responses:
-                    yield partial(response)
+                    if (obj := partial.add(response)) is not None:
+                        yield obj
+            yield partial.validated()
 
         return gen()
 
@@ -519,20 +532,29 @@ def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
 
 
 class _Partials:
-    """Stream chunks as partial objects (LlamaIndex's process_streaming_objects); the final chunk validated."""
+    """Stream chunks as partial objects (LlamaIndex's process_streaming_objects), then the final
+    response validated, once the chat has ended: a reply cut short fails the object, while the
+    chat's own events still end with its response and usage."""
 
     def __init__(self, output_cls: type[BaseModel]) -> None:
         self.output_cls = output_cls
         self.objects: list[Any] | None = None
+        self.final: ChatResponse | None = None
 
-    def __call__(self, response: ChatResponse) -> Any:
-        final = response.raw is not None  # the final response: the whole reply, validated
-        if final:
-            obj = _validated(self.output_cls, response)
-        else:
-            obj = process_streaming_objects(response, self.output_cls, cur_objects=self.objects, flexible_mode=True)
-            self.objects = [obj]
+    def add(self, response: ChatResponse) -> Any | None:
+        """A chunk's partial object; None for the final response (raw set), which is kept for `validated`."""
+        if response.raw is not None:
+            self.final = response
+            return None
+        obj = process_streaming_objects(response, self.output_cls, cur_objects=self.objects, flexible_mode=True)
+        self.objects = [obj]
         dispatcher.event(LLMStructuredPredictInProgressEvent(output=obj))
-        if final:
-            dispatcher.event(LLMStructuredPredictEndEvent(output=obj))
+        return obj
+
+    def validated(self) -> Any:
+        """The final response as output_cls (the stream has ended with it)."""
+        assert self.final is not None, "a chat stream ends with its final response"
+        obj = _validated(self.output_cls, self.final)
+        dispatcher.event(LLMStructuredPredictInProgressEvent(output=obj))
+        dispatcher.event(LLMStructuredPredictEndEvent(output=obj))
         return obj
