@@ -32,7 +32,7 @@ from tiny import tiny_llama
 from typing_extensions import TypedDict
 
 from langchain_wsd import WSDChatModel
-from langchain_wsd.chat_models import to_runtime_messages
+from langchain_wsd.chat_models import to_runtime_messages, to_usage_metadata
 from wsd_llms import (
     FinalEvent,
     InvalidMessagesError,
@@ -1294,6 +1294,35 @@ def test_a_json_reply_cut_by_max_tokens_fails_saying_so(fake, method, pydantic):
     fake.reply = fake_result('{"na', parsed=None, parse_error=fields["parse_error"], stop_reason="me")
     with pytest.raises(OutputParserException, match=r"^the stop string 'me' ended the reply before its JSON was complete .*; leave 'me' out of stop"):
         WSDChatModel().with_structured_output(schema, method=method).invoke("a city", stop=["me"])
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+async def test_a_structured_stream_that_fails_ends_the_model_run_first(fake, method):
+    """A structured stream fails at the model's last chunk; the model's run still ends as a finished
+    call, with its message and usage (for tracing and token counts), before the parse fails: it had
+    ended with GeneratorExit (astream) or not at all (stream)."""
+    from langchain_core.exceptions import OutputParserException
+
+    class Ends(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.ends: list[Any] = []
+
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            self.ends.append(response.generations[0][0].message.usage_metadata["output_tokens"])
+
+        def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            self.ends.append(error)
+
+    raw = '<tool_call>\n{"name": "Joke", "arg' if method == "function_calling" else '{"set'
+    invalid = (InvalidToolCall(raw, "the call is not closed", "Joke", "call_1"),) if method == "function_calling" else ()
+    fake.reply = replace(fake_result(raw, content="", invalid_tool_calls=invalid, parse_error=None if invalid else "cut"), finish_reason="length")
+    structured = WSDChatModel().with_structured_output(Joke, method=method)
+    handler = Ends()
+    with pytest.raises(OutputParserException):
+        list(structured.stream("joke", config={"callbacks": [handler]}))
+    with pytest.raises(OutputParserException):
+        [x async for x in structured.astream("joke", config={"callbacks": [handler]})]
+    assert handler.ends == [to_usage_metadata(fake.reply)["output_tokens"]] * 2
 
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])

@@ -378,7 +378,33 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         )
 
 
-class _SchemaJsonParser(JsonOutputParser):
+class _FailsAfterTheStream:
+    """A parser whose final parse can fail (with the runtime's reason). In a stream it fails at the
+    model's last chunk, while the model's stream waits there to end its run: the failure waits for
+    that end, so the run ends as a finished call (its message and usage to on_llm_end) rather than
+    with a GeneratorExit from a stream left open."""
+
+    def _transform(self, input: Iterator[Any]) -> Iterator[Any]:
+        chunks = iter(input)
+        try:
+            yield from super()._transform(chunks)  # type: ignore[misc]
+        except OutputParserException:
+            for _ in chunks:  # nothing comes after the last chunk: this ends the model's run
+                pass
+            raise
+
+    async def _atransform(self, input: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        chunks = aiter(input)
+        try:
+            async for value in super()._atransform(chunks):  # type: ignore[misc]
+                yield value
+        except OutputParserException:
+            async for _ in chunks:
+                pass
+            raise
+
+
+class _SchemaJsonParser(_FailsAfterTheStream, JsonOutputParser):
     """JSON output parsing that also fails where the runtime found the value off its schema
     (`response_metadata["parse_error"]`: a keyword the grammar does not enforce, such as
     uniqueItems; a TypedDict or JSON schema has no pydantic class to check it), or cut short by
@@ -390,7 +416,7 @@ class _SchemaJsonParser(JsonOutputParser):
         return super().parse_result(result, partial=partial)
 
 
-class _SchemaPydanticParser(PydanticOutputParser):
+class _SchemaPydanticParser(_FailsAfterTheStream, PydanticOutputParser):
     """PydanticOutputParser (which, as LangChain's JSON parsing does, closes a JSON that was cut
     short and validates what it has) whose failure for a reply max_tokens cut short gives the
     runtime's reason, which says to raise max_tokens, rather than only that the JSON is invalid."""
@@ -433,7 +459,7 @@ def _runtime_failure(result: list[Generation], partial: bool, cut_only: bool = F
     return OutputParserException(error if cut else f"the reply does not fit the schema: {error}", llm_output=message.content)
 
 
-class _NeedsACall:
+class _NeedsACall(_FailsAfterTheStream):
     """A tools parser whose final parse fails, naming the runtime's error, where the reply has no
     valid call (LangChain's gives None: a call cut short by max_tokens, or off its schema)."""
 
