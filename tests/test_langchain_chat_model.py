@@ -759,6 +759,45 @@ def test_tool_history_conversion():
     ]
 
 
+def test_another_providers_v1_history_replays_as_its_text():
+    """LangChain's v1 content of another provider's reply: its calls (valid ones travel as
+    tool_calls, invalid ones nowhere), tools the provider ran itself and its own data are not the
+    reply's text; a user's block of a kind the model cannot read is still an error."""
+    call = {"name": "add", "args": {"a": 1}, "id": "call-1", "type": "tool_call"}
+    content = [
+        {"type": "reasoning", "reasoning": "adding"},
+        {"type": "server_tool_call", "id": "ws-1", "name": "web_search", "args": {"query": "sum"}},
+        {"type": "server_tool_result", "tool_call_id": "ws-1", "status": "success", "output": "..."},
+        {"type": "text", "text": "let me add"},
+        {"type": "tool_call", "id": "call-1", "name": "add", "args": {"a": 1}},
+        {"type": "invalid_tool_call", "id": "call-2", "name": "add", "args": '{"a": ', "error": "cut short"},
+        {"type": "non_standard", "value": {"provider": "data"}},
+    ]
+    ai = AIMessage(content, tool_calls=[call], response_metadata={"output_version": "v1"})
+    assert to_runtime_messages([HumanMessage("1+2?"), ai])[1] == {
+        "role": "assistant", "content": "let me add", "tool_calls": [{"id": "call-1", "name": "add", "arguments": {"a": 1}}]
+    }
+    only_invalid = AIMessage([content[5]], response_metadata={"output_version": "v1"})
+    assert to_runtime_messages([HumanMessage("1+2?"), only_invalid, HumanMessage("again")])[1] == {"role": "assistant", "content": ""}
+    with pytest.raises(InvalidMessagesError, match="content block 0 has type 'non_standard'"):
+        to_runtime_messages([HumanMessage([content[6]])])
+
+
+def test_a_v1_reply_whose_streamed_call_turns_invalid_lists_only_valid_calls(fake):
+    """With output_version="v1", a call that streamed and then turned out invalid leaves the v1
+    content (which lists valid calls, as ChatOpenAI's) for invalid_tool_calls, and the reply goes
+    back into the history (its stale call block had been refused there)."""
+    fake.piece = 4
+    begun = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b'
+    fake.reply = replace(fake_result(begun, content="", invalid_tool_calls=(InvalidToolCall(begun, "the call is not closed", "Add", "call_1"),)), finish_reason="length")
+    model = WSDChatModel(output_version="v1")
+    reply = model.bind_tools([Add], tool_choice="required").invoke("1+2?")
+    assert reply.content == [] and reply.tool_calls == [] and [c["name"] for c in reply.invalid_tool_calls] == ["Add"]
+    fake.piece, fake.reply = 0, fake_result("Sorry.")
+    assert model.invoke([HumanMessage("1+2?"), reply, HumanMessage("Try again.")]).content == [{"type": "text", "text": "Sorry."}]
+    assert fake.requests[-1][0][1] == {"role": "assistant", "content": ""}
+
+
 # ---------------------------------------------------------------- tools and structured output
 
 

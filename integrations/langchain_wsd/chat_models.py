@@ -537,23 +537,33 @@ def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
     return value
 
 
+# An AI message's content blocks that are not its text: calls, whichever way a provider or
+# LangChain's v1 content writes them (valid ones travel as `tool_calls`), the results of tools a
+# provider ran itself, and a provider's own data (v1 "non_standard").
+_NOT_ASSISTANT_TEXT = frozenset(
+    {"tool_use", "tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk", "server_tool_result", "non_standard"}
+)
+
+
 def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped).
 
-    A ToolMessage becomes a "tool" turn with its `tool_call_id`; an AIMessage with tool calls keeps
-    them as `tool_calls` (its provider-specific call blocks, such as "tool_use", are left out of the text).
+    A ToolMessage becomes a "tool" turn with its `tool_call_id`; an AIMessage keeps its tool calls
+    as `tool_calls`, and its text without the blocks that are not text (_NOT_ASSISTANT_TEXT).
     """
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}] ({type(message).__name__})"
         if isinstance(message, ToolMessage):
             out.append({"role": "tool", "content": content_to_text(message.content, where), "tool_call_id": message.tool_call_id})
-        elif isinstance(message, AIMessage) and message.tool_calls:
+        elif isinstance(message, AIMessage):
             content = message.content
             if isinstance(content, list):
-                content = [b for b in content if not (isinstance(b, dict) and b.get("type") in ("tool_use", "tool_call"))]
-            calls = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
-            out.append({"role": "assistant", "content": content_to_text(content, where), "tool_calls": calls})
+                content = [b for b in content if not (isinstance(b, dict) and b.get("type") in _NOT_ASSISTANT_TEXT)]
+            entry: dict[str, Any] = {"role": "assistant", "content": content_to_text(content, where)}
+            if message.tool_calls:
+                entry["tool_calls"] = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
+            out.append(entry)
         else:
             out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
     return out
@@ -651,6 +661,8 @@ def _with_call_errors(result: ChatResult) -> ChatResult:
     if errors and isinstance(message, AIMessage):
         streamed = [c for c in message.tool_calls if c["id"] in errors]
         message.tool_calls = [c for c in message.tool_calls if c["id"] not in errors]
+        if isinstance(message.content, list):  # v1 content lists the valid calls (as ChatOpenAI's does)
+            message.content = [b for b in message.content if not (isinstance(b, dict) and b.get("type") == "tool_call" and b.get("id") in errors)]
         message.invalid_tool_calls = [
             *({**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls),
             *(
