@@ -825,9 +825,36 @@ def test_a_kept_error_does_not_keep_the_failed_request_s_caches(fresh, monkeypat
     assert any("raised in the wsd-llms worker" in note for note in failed.value.__cause__.__notes__)
 
 
+def test_an_error_of_a_request_that_could_not_start_holds_none_of_the_worker_s_frames(fresh):
+    """As a running request's error: one that failed as it started (its prompt too long, say) keeps
+    none of the frames it was raised in, which hold what the worker had in hand (the prompt's ids,
+    or a model loaded before the other failed) for as long as a caller keeps the error."""
+    from wsd_llms import ModelLoadError, PromptTooLongError
+
+    def frames(error: BaseException) -> list[str]:
+        names, tb = [], error.__traceback__
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        return names
+
+    rt = fresh()
+    with pytest.raises(PromptTooLongError) as too_long:
+        rt.generate(_msgs("word " * 3000), max_tokens=2)
+    unloadable = WSDRuntime("/no/such/draft", "/no/such/base")
+    try:
+        with pytest.raises(ModelLoadError) as failed_load:
+            unloadable.generate(_msgs("Hi"), max_tokens=2)
+    finally:
+        unloadable.close()
+    for error in (too_long.value, failed_load.value):
+        assert not {"_accept", "prepare", "load"} & set(frames(error)), frames(error)
+        assert any("raised in the wsd-llms worker" in note for note in error.__notes__)
+
+
 def test_an_error_s_whole_chain_is_detached_from_the_worker_s_frames():
     """Its cause and its context both (an error raised from one while another was handled)."""
-    from wsd_llms.engine import _detached
+    from wsd_llms.engine import detached
 
     try:
         raise ValueError("cause")
@@ -839,7 +866,7 @@ def test_an_error_s_whole_chain_is_detached_from_the_worker_s_frames():
         except KeyError:
             raise RuntimeError("failed") from cause
     except RuntimeError as exc:
-        error = _detached(exc)
+        error = detached(exc)
     chain = [error, error.__cause__, error.__context__]
     assert [type(e).__name__ for e in chain] == ["RuntimeError", "ValueError", "KeyError"]
     assert all(e.__traceback__ is None and "raised in the wsd-llms worker" in e.__notes__[0] for e in chain)

@@ -508,10 +508,10 @@ class Engine:
         if not self._drop(seq, "failed"):
             return
         if isinstance(exc, RequestFailedError):
-            error = _detached(exc)
+            error = detached(exc)
         else:
             error = RequestFailedError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = _detached(exc)
+            error.__cause__ = detached(exc)
         seq.deliver(error)
 
     def _drop(self, seq: Sequence, outcome: str) -> bool:
@@ -586,7 +586,7 @@ class Engine:
             seq.deliver(FinalEvent(result))
 
 
-def _detached(exc: BaseException) -> BaseException:
+def detached(exc: BaseException) -> BaseException:
     """The exception (and those it chains to) without tracebacks, which hold the worker's frames, and
     through them the request's caches, for as long as a caller keeps the error (batch with
     return_exceptions, a tracer); each trace stays readable as a note."""

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from .encoding import encode_text
-from .engine import MODELS, Engine, RuntimeStats, given_up
+from .engine import MODELS, Engine, RuntimeStats, detached, given_up
 from .errors import InvalidParameterError, ModelLoadError, RequestTimeoutError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
@@ -691,8 +691,14 @@ def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) 
 
 
 def _start_error(exc: BaseException) -> WSDError:
-    """What a caller gets for a request that could not start: our own errors as they are."""
-    return exc if isinstance(exc, WSDError) else WSDError(f"could not start the request: {type(exc).__name__}: {exc}")
+    """What a caller gets for a request that could not start: our own errors as they are, another
+    as the cause of one; detached from the worker's frames, which hold what the worker had in hand
+    (a prompt's ids, a model loaded before the other failed) for as long as a caller keeps the error."""
+    if isinstance(exc, WSDError):
+        return detached(exc)  # type: ignore[return-value]
+    error = WSDError(f"could not start the request: {type(exc).__name__}: {exc}")
+    error.__cause__ = detached(exc)
+    return error
 
 
 def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | None]) -> None:
