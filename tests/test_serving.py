@@ -1433,6 +1433,21 @@ def test_a_closed_runtimes_successor_keeps_its_limits():
         successor.close()
 
 
+def test_a_closed_runtime_from_get_runtime_is_freed_once_its_caller_drops_it():
+    """close() takes it out of get_runtime's registry, which had kept it, and its models, for the life
+    of the process (a service that switched models kept the old ones in memory)."""
+    import weakref
+
+    from wsd_llms import get_runtime
+
+    closed = get_runtime("no/such-draft", "no/such-base", "cpu", "float32")
+    closed.close()
+    ref = weakref.ref(closed)
+    del closed
+    gc.collect()
+    assert ref() is None
+
+
 def test_a_head_too_large_for_the_room_left_is_passed_a_bounded_number_of_times():
     """Short requests that fit run past a head whose reservation does not (they had all waited
     until a long request ended), at most max_running of them while it waits; then admission

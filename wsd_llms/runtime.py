@@ -450,11 +450,13 @@ class WSDRuntime:
             raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
 
     def close(self) -> None:
-        """Stop the worker; requests still waiting fail with RuntimeClosedError."""
+        """Stop the worker; requests still waiting fail with RuntimeClosedError. A runtime from
+        get_runtime leaves its registry, so that it is freed with its models once no caller holds it."""
         with self._worker_lock:
             self._closed = True
             self._inbox.put(None)
             threads = [self._thread, *self._compiles]
+        _unregister(self)
         deadline = time.monotonic() + 30
         for thread in threads:  # compiles too: a thread inside xgrammar at interpreter exit aborts it
             if thread is not None and thread is not threading.current_thread():
@@ -760,7 +762,18 @@ def _hub_cached(repo_id: str, revision: str | None) -> Path:
 
 
 _registry: dict[tuple, WSDRuntime] = {}
+_closed_limits: dict[tuple, dict[str, int | None]] = {}  # a closed runtime's, for its successor
 _registry_lock = threading.Lock()
+
+
+def _unregister(runtime: WSDRuntime) -> None:
+    """Take a closed runtime out of the registry (it held it, and its models, for the life of the
+    process), keeping the limits it was given for the runtime get_runtime makes next for its key."""
+    with _registry_lock:
+        for key, registered in list(_registry.items()):
+            if registered is runtime:
+                del _registry[key]
+                _closed_limits[key] = dict(runtime.limits)
 
 
 def get_runtime(
@@ -798,6 +811,7 @@ def get_runtime(
     with _registry_lock:
         runtime = _registry.get(key)
         if runtime is None or runtime._closed:  # a closed one's successor keeps the limits it was given
+            limits = runtime.limits if runtime is not None else _closed_limits.pop(key, {})
             runtime = _registry[key] = WSDRuntime(
                 draft,
                 base,
@@ -806,7 +820,7 @@ def get_runtime(
                 draft_revision=draft_revision,
                 base_revision=base_revision,
                 trust_remote_code=trust_remote_code,
-                **(runtime.limits if runtime is not None else {}),
+                **limits,
             )
     runtime.configure(
         max_running=max_running,
