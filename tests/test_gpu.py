@@ -26,6 +26,12 @@ def cuda_runtime():
     return get_runtime(device="cuda", dtype="auto")
 
 
+def test_one_runtime_for_the_current_cuda_device_however_named(cuda_runtime):
+    """"auto", "cuda" and "cuda:N" for the current device share one runtime (one copy of the weights)."""
+    current = f"cuda:{torch.cuda.current_device()}"
+    assert get_runtime(device="auto") is get_runtime(device=current) is cuda_runtime
+
+
 def test_models_are_on_cuda_in_bfloat16(cuda_runtime):
     engine = cuda_runtime.load()
     for loaded in (engine.draft, engine.base):

@@ -1433,6 +1433,24 @@ def test_a_closed_runtimes_successor_keeps_its_limits():
         successor.close()
 
 
+def test_get_runtime_knows_a_model_or_device_however_it_is_spelt(tmp_path, monkeypatch):
+    """The same files and the same device are one runtime (one copy of the weights, one set of
+    limits), whatever the spelling: a relative, ./ or absolute path, "cpu" or "cpu:0" (a service
+    that loaded "cuda:0" at start-up, with adapters left on "auto", had held two copies)."""
+    from wsd_llms import get_runtime
+
+    (tmp_path / "md").mkdir()
+    (tmp_path / "mb").mkdir()
+    monkeypatch.chdir(tmp_path)
+    runtime = get_runtime("md", "mb", "cpu", "float32")  # nothing loads until a request
+    try:
+        assert get_runtime("./md/", str(tmp_path / "mb"), "cpu:0", "float32") is runtime
+        assert get_runtime("md", "no/such-base", "cpu", "float32") is not runtime  # a repo id stays itself
+    finally:
+        runtime.close()
+        get_runtime("md", "no/such-base", "cpu", "float32").close()
+
+
 def test_a_closed_runtime_from_get_runtime_is_freed_once_its_caller_drops_it():
     """close() takes it out of get_runtime's registry, which had kept it, and its models, for the life
     of the process (a service that switched models kept the old ones in memory)."""

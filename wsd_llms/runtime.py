@@ -766,6 +766,23 @@ _closed_limits: dict[tuple, dict[str, int | None]] = {}  # a closed runtime's, f
 _registry_lock = threading.Lock()
 
 
+def _same_source(source: str) -> str:
+    """A model source as the registry knows it: a local path by where it resolves ("md", "./md/"
+    and its absolute path load the same files), anything else (a repo id) as it is."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _same_device(device: torch.device) -> str:
+    """A device as the registry knows it: "cpu" for any CPU index, and a CUDA device by its index,
+    the current one where none is given ("auto" and "cuda" are "cuda:0" unless another is set)."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_initialized() else 0}"
+    return str(device)
+
+
 def _unregister(runtime: WSDRuntime) -> None:
     """Take a closed runtime out of the registry (it held it, and its models, for the life of the
     process), keeping the limits it was given for the runtime get_runtime makes next for its key."""
@@ -800,9 +817,9 @@ def get_runtime(
     dev = resolve_device(device)
     _check_loading_options(draft_revision, base_revision, trust_remote_code)
     key = (
-        model_source("draft", draft, EMBEDDED_DRAFT),
-        model_source("base", base, EMBEDDED_BASE),
-        str(dev),
+        _same_source(model_source("draft", draft, EMBEDDED_DRAFT)),
+        _same_source(model_source("base", base, EMBEDDED_BASE)),
+        _same_device(dev),
         str(resolve_dtype(dtype, dev)),
         draft_revision,
         base_revision,
