@@ -69,6 +69,24 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     assert needle in str(err.value)
 
 
+def test_a_schema_s_grammar_is_built_once_for_its_checks(monkeypatch):
+    """The check at the call builds a schema's grammar once, however many requests send it: it runs
+    in the caller's thread (an event loop's, for astream), where a schema with long bounded strings
+    takes a tenth of a second and more to build. A schema that cannot be built fails each time alike."""
+    import xgrammar as xgr
+
+    builds, build = [], xgr.Grammar.from_structural_tag
+    monkeypatch.setattr(xgr.Grammar, "from_structural_tag", lambda spec, *a, **k: builds.append(spec) or build(spec, *a, **k))
+    schema = {"type": "object", "properties": {"review": {"type": "string", "maxLength": 1999}}, "required": ["review"]}
+    for _ in range(3):
+        parse_params(response_format=schema)
+    bad = {"type": "object", "properties": {"n": {"type": "numbr"}}}
+    for _ in range(2):
+        with pytest.raises(InvalidParameterError, match='cannot be compiled into a grammar: Unsupported type "numbr"'):
+            parse_params(response_format=bad)
+    assert len(builds) == 2
+
+
 def test_references_within_the_schema_and_refs_in_data_are_taken():
     """Only a $ref that is a reference to another document is refused: the root, $defs, and a "$ref"
     key in a const's value (data, not a schema) pass."""

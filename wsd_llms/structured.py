@@ -203,19 +203,29 @@ def grammar_error(params: GenerationParams) -> str | None:
     """Why the request's constraint cannot be compiled (a bad regex, an unsupported schema) or a
     schema of it is not a valid JSON schema, naming the tool whose schema fails, or None; checked
     before the request is queued, without a tokenizer."""
-    xgr = require_xgrammar()
+    require_xgrammar()
     if (outside := _outside_reference_error(params)) is not None:
         return outside
-    try:
-        xgr.Grammar.from_structural_tag(constraint_spec(params))
-    except RuntimeError as exc:
+    if (reason := _build_error(constraint_spec(params))) is not None:
         for i, tool in enumerate(params.tools if params.response_format is None else ()):
-            try:
-                xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": json_format(tool["parameters"])}))
-            except RuntimeError as own:
-                return f"it cannot be compiled into a grammar: tools[{i}] ({tool['name']}) parameters: {_xgrammar_reason(own)}"
-        return f"it cannot be compiled into a grammar: {_xgrammar_reason(exc)}"
+            own = _build_error(json.dumps({"type": "structural_tag", "format": json_format(tool["parameters"])}))
+            if own is not None:
+                return f"it cannot be compiled into a grammar: tools[{i}] ({tool['name']}) parameters: {own}"
+        return f"it cannot be compiled into a grammar: {reason}"
     return _schemas_error(params)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_error(spec: str) -> str | None:
+    """xgrammar's reason a structural tag (as JSON text) cannot be built into a grammar, or None.
+    Kept per spec: this check runs in the caller's thread (an event loop's, for astream), where a
+    schema with long bounded strings (`maxLength` 2000, say) takes 0.1 s and more to build, and a
+    service sends the same schema with every request."""
+    try:
+        require_xgrammar().Grammar.from_structural_tag(spec)
+    except RuntimeError as exc:
+        return _xgrammar_reason(exc)
+    return None
 
 
 def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]]]:
