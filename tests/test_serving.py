@@ -1370,10 +1370,12 @@ def test_a_budget_the_window_capped_is_named_with_what_was_asked(fresh):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=10**6, mode="base")
 
 
-def test_a_request_two_threads_end_at_once_is_ended_and_counted_once(fresh):
+def test_a_request_two_threads_end_at_once_is_ended_and_counted_once(fresh, monkeypatch):
     """A queued request that a configure() fails while a closing runtime's worker fails it too is
     counted once and its caller told once."""
     rt = fresh(max_running=1)
+    step = rt.engine.step
+    monkeypatch.setattr(rt.engine, "step", lambda: (time.sleep(0.01), step()))  # 300 steps outlast the test's waits on a busy machine
     running = rt.stream(_msgs(QUESTIONS[1]), max_tokens=300, max_draft_tokens=300, mode="draft")  # greedy, all 300 tokens: it holds the queue (QUESTIONS[0] ends in 7)
     next(running)
     with ThreadPoolExecutor(1) as pool:
