@@ -69,14 +69,49 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     assert needle in str(err.value)
 
 
+def _grammar_builds(monkeypatch) -> list[bool]:
+    """Records each grammar build of the checks at the call: whether it ran in the main thread."""
+    import threading
+
+    import xgrammar as xgr
+
+    builds, build = [], xgr.Grammar.from_structural_tag
+    monkeypatch.setattr(
+        xgr.Grammar, "from_structural_tag", lambda spec, *a, **k: builds.append(threading.current_thread() is threading.main_thread()) or build(spec, *a, **k)
+    )
+    return builds
+
+
+async def test_async_calls_build_a_schema_s_grammar_off_the_event_loop(monkeypatch, shared_runtime):
+    """Building a new schema's grammar takes from a tenth of a second (strings with maxLength 2000)
+    to seconds: the async calls (the runtime's agenerate, both adapters' async paths) build it in a
+    thread, not on the event loop, whose other requests would wait for it. Known schemas and
+    requests without one are checked as they were."""
+    from langchain_wsd import WSDChatModel
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.wsd import WSDLLM
+    from wsd_llms.params import aparse_params
+
+    builds = _grammar_builds(monkeypatch)
+
+    def schema(n: int) -> dict:  # a new schema each time: a known one is not built again
+        return {"type": "object", "properties": {"text": {"type": "string", "maxLength": n}}, "required": ["text"]}
+
+    await aparse_params(response_format=schema(1201))
+    await aparse_params(max_tokens=5)
+    await shared_runtime.agenerate([{"role": "user", "content": "Hi"}], max_tokens=3, response_format=schema(1202))
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: shared_runtime)
+    await WSDChatModel(max_tokens=3).with_structured_output(schema(1203) | {"title": "T"}, include_raw=True).ainvoke("Hi")
+    monkeypatch.setattr(WSDLLM, "wsd_runtime", lambda self: shared_runtime)
+    await WSDLLM(max_tokens=3).achat([ChatMessage(role="user", content="Hi")], response_format=schema(1204))
+    assert len(builds) == 4 and not any(builds)
+
+
 def test_a_schema_s_grammar_is_built_once_for_its_checks(monkeypatch):
     """The check at the call builds a schema's grammar once, however many requests send it: it runs
     in the caller's thread (an event loop's, for astream), where a schema with long bounded strings
     takes a tenth of a second and more to build. A schema that cannot be built fails each time alike."""
-    import xgrammar as xgr
-
-    builds, build = [], xgr.Grammar.from_structural_tag
-    monkeypatch.setattr(xgr.Grammar, "from_structural_tag", lambda spec, *a, **k: builds.append(spec) or build(spec, *a, **k))
+    builds = _grammar_builds(monkeypatch)
     schema = {"type": "object", "properties": {"review": {"type": "string", "maxLength": 1999}}, "required": ["review"]}
     for _ in range(3):
         parse_params(response_format=schema)

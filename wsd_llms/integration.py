@@ -20,7 +20,7 @@ from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
 from .loading import resolve_device, resolve_dtype
 from .messages import ToolCall
-from .params import TEXT_GRAMMARS, GenerationParams, did_you_mean, parse_params, tool_choice_value
+from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value
 from .runtime import WSDRuntime, get_runtime, model_source
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, text_before_calls
 
@@ -163,6 +163,11 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         reply's calls show is read from these: `{"type": "text"}` is no response_format, say)."""
         params = self.wsd_params_unchecked(stop, **overrides)
         return params, parse_params(**params)  # now, with the parameter's name in the error
+
+    async def awsd_request(self, stop: Iterable[str] | None = None, **overrides: Any) -> tuple[dict[str, Any], GenerationParams]:
+        """`wsd_request` for an async call: a schema's grammar is built off the event loop (aparse_params)."""
+        params = self.wsd_params_unchecked(stop, **overrides)
+        return params, await aparse_params(**params)
 
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""

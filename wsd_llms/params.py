@@ -3,6 +3,7 @@ against, and whose fields and checks both adapters' settings reuse (integration.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import json
 from collections.abc import Iterable
@@ -214,6 +215,15 @@ def parse_params(**params: Any) -> GenerationParams:
             name = "response_format" if parsed.response_format is not None else "tools"
             raise InvalidParameterError(f"invalid {name}: {error}")
     return parsed
+
+
+async def aparse_params(**params: Any) -> GenerationParams:
+    """parse_params for an async caller: a request with a response_format or tools is checked in a
+    thread, since the check builds its grammar, which the first time a schema is seen takes from a
+    tenth of a second (strings with maxLength 2000) to seconds, and would stall the event loop."""
+    if params.get("response_format") is not None or params.get("tools"):
+        return await asyncio.to_thread(parse_params, **params)
+    return parse_params(**params)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

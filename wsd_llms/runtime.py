@@ -38,7 +38,7 @@ from .loading import (
     resolve_dtype,
 )
 from .messages import Message, normalize_messages
-from .params import GenerationParams, parse_params
+from .params import GenerationParams, aparse_params, parse_params
 from .prompts import base_prompt_tokens, draft_prompt_tokens, require_chat_template
 from .sequence import CallerLeft
 from .structured import compiled_grammar, constraint_spec
@@ -253,6 +253,7 @@ class WSDRuntime:
 
     async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
         """The whole reply at once, awaited (built from the async stream)."""
+        await aparse_params(**params)  # a schema's grammar built off the event loop: astream's check finds it built
         joined = _Joined()
         async for event in self.astream(messages, **params):
             joined.add(event)

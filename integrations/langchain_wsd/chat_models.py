@@ -180,7 +180,19 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any], GenerationParams]:
-        """The runtime, its messages and the request parameters for one call, and the same checked.
+        """The runtime, its messages and the request parameters for one call, and the same checked."""
+        runtime, runtime_messages, kwargs = self._target(messages, kwargs)
+        return runtime, runtime_messages, *self.wsd_request(stop=stop, **kwargs)
+
+    async def _arequest(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any], GenerationParams]:
+        """`_request` for an async call: a schema's grammar is built off the event loop (awsd_request)."""
+        runtime, runtime_messages, kwargs = self._target(messages, kwargs)
+        return runtime, runtime_messages, *await self.awsd_request(stop=stop, **kwargs)
+
+    def _target(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> tuple[WSDRuntime, list[dict[str, str]], dict[str, Any]]:
+        """The runtime and its messages for one call, and the call's own request parameters.
 
         LangChain's own `stream` flag (and `stream_usage`) is dropped; a per-call `model` must name the
         base model, or with mode="draft" the draft model (what `model_name` reports).
@@ -193,7 +205,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
                 f"model={model!r}: this WSDChatModel runs base model {runtime.base_source!r} and cannot switch "
                 "models per call; build a WSDChatModel(base_model=...) for that model"
             )
-        return runtime, to_runtime_messages(messages), *self.wsd_request(stop=stop, **kwargs)
+        return runtime, to_runtime_messages(messages), kwargs
 
     def _stream(
         self,
@@ -220,7 +232,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         with langchain_errors():
-            runtime, runtime_messages, params, checked = self._request(messages, stop, kwargs)
+            runtime, runtime_messages, params, checked = await self._arequest(messages, stop, kwargs)
             chunks = _Chunks(checked)
             async with aclosing(runtime.astream(runtime_messages, **params)) as events:
                 async for event in events:

@@ -268,8 +268,8 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
         return gen()
 
-    def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
-        params, checked = self.wsd_request(**kwargs)
+    async def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
+        params, checked = await self.awsd_request(**kwargs)
         runtime = self.wsd_runtime()
         accumulate = _Accumulator(checked)
 
@@ -287,7 +287,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return _final(result, None, ShownCalls(checked).finish(result))
 
     async def _agenerate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
-        params, checked = self.wsd_request(**kwargs)
+        params, checked = await self.awsd_request(**kwargs)
         result = await self.wsd_runtime().agenerate(messages, **params)
         return _final(result, None, ShownCalls(checked).finish(result))
 
@@ -307,7 +307,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return self._astream(to_runtime_messages(messages), kwargs)  # type: ignore[return-value]
+        return await self._astream(to_runtime_messages(messages), kwargs)  # type: ignore[return-value]
 
     # ------------------------------------------------------------ completion (derived from chat)
 
@@ -326,7 +326,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        responses = self._astream(self._prompt_messages(prompt, formatted), kwargs)
+        responses = await self._astream(self._prompt_messages(prompt, formatted), kwargs)
 
         async def gen() -> CompletionResponseAsyncGen:
             async for response in responses:
