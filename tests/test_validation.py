@@ -107,6 +107,32 @@ async def test_async_calls_build_a_schema_s_grammar_off_the_event_loop(monkeypat
     assert len(builds) == 4 and not any(builds)
 
 
+async def test_a_known_schema_is_checked_at_once_and_a_new_one_built_once_at_a_time(monkeypatch, shared_runtime):
+    """An async call with a schema already built is checked on the loop at once, not behind other
+    builds in the thread pool (where its timeout did not run); requests that bring the same new
+    schema at once wait for one build (each pool thread had built it); and agenerate reports bad
+    messages before bad parameters, as generate does."""
+    import asyncio
+
+    from wsd_llms import InvalidMessagesError
+    from wsd_llms.params import aparse_params
+
+    builds = _grammar_builds(monkeypatch)
+    schema = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 1301}}, "required": ["text"]}
+    await asyncio.gather(*(aparse_params(response_format=schema) for _ in range(8)))
+    assert builds == [False]  # once, in a thread
+    hops = []
+    real_to_thread = asyncio.to_thread
+    monkeypatch.setattr(asyncio, "to_thread", lambda *a, **k: hops.append(a) or real_to_thread(*a, **k))
+    await aparse_params(response_format=schema)
+    assert hops == [] and builds == [False]
+    bad = [{"role": "robot", "content": "hi"}]
+    with pytest.raises(InvalidMessagesError):
+        shared_runtime.generate(bad, temperature=-1)
+    with pytest.raises(InvalidMessagesError):
+        await shared_runtime.agenerate(bad, temperature=-1)
+
+
 def test_a_schema_s_grammar_is_built_once_for_its_checks(monkeypatch):
     """The check at the call builds a schema's grammar once, however many requests send it: it runs
     in the caller's thread (an event loop's, for astream), where a schema with long bounded strings

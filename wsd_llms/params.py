@@ -203,10 +203,35 @@ class GenerationParams(BaseModel):
 
 def parse_params(**params: Any) -> GenerationParams:
     """Validate request parameters, raising an error that names the parameter, value and rule."""
+    parsed = _validated(params)
+    _check_grammar(parsed)
+    return parsed
+
+
+async def aparse_params(**params: Any) -> GenerationParams:
+    """parse_params for an async caller: a request whose grammar has not been built yet is checked
+    in a thread, since the first build of a schema's grammar takes from a tenth of a second (strings
+    with maxLength 2000) to seconds, and would stall the event loop; the rest are checked at once."""
+    parsed = _validated(params)
+    if parsed.constrained:
+        from .structured import grammar_known
+
+        if not grammar_known(parsed):
+            await asyncio.to_thread(_check_grammar, parsed)
+            return parsed
+    _check_grammar(parsed)
+    return parsed
+
+
+def _validated(params: dict[str, Any]) -> GenerationParams:
     try:
-        parsed = GenerationParams(**params)
+        return GenerationParams(**params)
     except ValidationError as exc:
         raise InvalidParameterError(describe_validation_error(exc)) from None
+
+
+def _check_grammar(parsed: GenerationParams) -> None:
+    """InvalidParameterError where the request's constraint cannot be compiled (structured.grammar_error)."""
     if parsed.constrained:
         from .structured import grammar_error
 
@@ -214,16 +239,6 @@ def parse_params(**params: Any) -> GenerationParams:
         if error is not None:
             name = "response_format" if parsed.response_format is not None else "tools"
             raise InvalidParameterError(f"invalid {name}: {error}")
-    return parsed
-
-
-async def aparse_params(**params: Any) -> GenerationParams:
-    """parse_params for an async caller: a request with a response_format or tools is checked in a
-    thread, since the check builds its grammar, which the first time a schema is seen takes from a
-    tenth of a second (strings with maxLength 2000) to seconds, and would stall the event loop."""
-    if params.get("response_format") is not None or params.get("tools"):
-        return await asyncio.to_thread(parse_params, **params)
-    return parse_params(**params)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -253,7 +253,8 @@ class WSDRuntime:
 
     async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
         """The whole reply at once, awaited (built from the async stream)."""
-        await aparse_params(**params)  # a schema's grammar built off the event loop: astream's check finds it built
+        normalize_messages(messages)  # bad messages first, as astream checks them
+        await aparse_params(**params)  # a new schema's grammar built off the event loop: astream's check finds it built
         joined = _Joined()
         async for event in self.astream(messages, **params):
             joined.add(event)

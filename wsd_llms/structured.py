@@ -20,7 +20,9 @@ import os
 import re
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,17 +217,56 @@ def grammar_error(params: GenerationParams) -> str | None:
     return _schemas_error(params)
 
 
-@functools.lru_cache(maxsize=256)
+# The checks' grammar builds, by structural-tag spec: xgrammar's reason a spec cannot be built, or
+# None, for the last BUILT_SPECS specs; and the builds under way, which a request with the same new
+# spec waits for rather than builds again.
+BUILT_SPECS = 256
+_built: OrderedDict[str, str | None] = OrderedDict()
+_building: dict[str, Future[str | None]] = {}
+_built_lock = threading.Lock()
+
+
 def _build_error(spec: str) -> str | None:
     """xgrammar's reason a structural tag (as JSON text) cannot be built into a grammar, or None.
-    Kept per spec: this check runs in the caller's thread (an event loop's, for astream), where a
-    schema with long bounded strings (`maxLength` 2000, say) takes 0.1 s and more to build, and a
-    service sends the same schema with every request."""
+    Built once per spec: this check runs at the call (on an event loop for astream), where a schema
+    with long bounded strings (`maxLength` 2000, say) takes 0.1 s and more to build, and a service
+    sends the same schema with every request."""
+    with _built_lock:
+        if spec in _built:
+            _built.move_to_end(spec)
+            return _built[spec]
+        pending = _building.get(spec)
+        if pending is None:
+            pending = _building[spec] = Future()
+            building = True
+        else:
+            building = False
+    if not building:
+        return pending.result()
     try:
-        require_xgrammar().Grammar.from_structural_tag(spec)
-    except RuntimeError as exc:
-        return _xgrammar_reason(exc)
-    return None
+        try:
+            require_xgrammar().Grammar.from_structural_tag(spec)
+            reason = None
+        except RuntimeError as exc:
+            reason = _xgrammar_reason(exc)
+    except BaseException as exc:  # not xgrammar's word on the spec: each waiting request hears it, and nothing is kept
+        with _built_lock:
+            del _building[spec]
+        pending.set_exception(exc)
+        raise
+    with _built_lock:
+        _built[spec] = reason
+        while len(_built) > BUILT_SPECS:
+            _built.popitem(last=False)
+        del _building[spec]
+    pending.set_result(reason)
+    return reason
+
+
+def grammar_known(params: GenerationParams) -> bool:
+    """Whether the check of this request's grammar needs no build (its spec was built already)."""
+    with _built_lock:
+        return constraint_spec(params) in _built
 
 
 def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]]]:
