@@ -738,6 +738,25 @@ def test_a_fork_while_another_thread_encodes_leaves_the_child_a_working_tokenize
         thread.join()
 
 
+def test_a_fork_while_another_thread_builds_a_grammar_leaves_the_child_able_to_check_it():
+    """A check's grammar build under way in another thread of the parent never finishes in a forked
+    child: a request there with the same schema had waited for it forever (and a fork that found the
+    build cache's lock held had left it held)."""
+    from concurrent.futures import Future
+
+    from wsd_llms import structured
+    from wsd_llms.params import GenerationParams, parse_params
+
+    schema = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 1401}}, "required": ["text"]}
+    spec = structured.constraint_spec(GenerationParams(response_format=schema))
+    with structured._built_lock:  # as a build in another thread leaves things, mid-way
+        structured._building[spec] = Future()
+        try:
+            assert _in_a_forked_child(lambda: parse_params(response_format=schema).response_format == schema, seconds=30)
+        finally:
+            del structured._building[spec]
+
+
 _POOL_RUNTIME = None
 
 

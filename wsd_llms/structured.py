@@ -367,10 +367,13 @@ _lock = threading.Lock()
 
 def _after_fork_in_child() -> None:
     """A forked child starts with free locks and fresh compilers (one may have been mid-compile in
-    another thread of the parent, its own locks held)."""
-    global _lock
+    another thread of the parent, its own locks held), and with no check's build under way (one in
+    another thread of the parent would never finish here: a request waiting for it would wait forever)."""
+    global _lock, _built_lock
     _lock = threading.Lock()
     _cache.clear()
+    _built_lock = threading.Lock()
+    _building.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
