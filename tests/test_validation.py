@@ -133,6 +133,25 @@ async def test_a_known_schema_is_checked_at_once_and_a_new_one_built_once_at_a_t
         await shared_runtime.agenerate(bad, temperature=-1)
 
 
+def test_a_grammar_build_that_fails_otherwise_than_by_its_spec_is_not_kept(monkeypatch):
+    """A build that fails for another reason than xgrammar's word on the spec (out of memory, say)
+    fails its request with that error, and the next request with the schema builds it again."""
+    import xgrammar as xgr
+
+    schema = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 1501}}, "required": ["text"]}
+    build = xgr.Grammar.from_structural_tag
+
+    def out_of_memory(spec, *args, **kwargs):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(xgr.Grammar, "from_structural_tag", out_of_memory)
+    with pytest.raises(MemoryError, match="injected"):
+        parse_params(response_format=schema)
+    monkeypatch.setattr(xgr.Grammar, "from_structural_tag", build)
+    builds = _grammar_builds(monkeypatch)
+    assert parse_params(response_format=schema).response_format == schema and len(builds) == 1
+
+
 def test_a_schema_s_grammar_is_built_once_for_its_checks(monkeypatch):
     """The check at the call builds a schema's grammar once, however many requests send it: it runs
     in the caller's thread (an event loop's, for astream), where a schema with long bounded strings

@@ -236,30 +236,28 @@ def _build_error(spec: str) -> str | None:
             _built.move_to_end(spec)
             return _built[spec]
         pending = _building.get(spec)
-        if pending is None:
-            pending = _building[spec] = Future()
-            building = True
-        else:
-            building = False
-    if not building:
+        if pending is None:  # this request builds it
+            _building[spec] = Future()
+    if pending is not None:
         return pending.result()
+    failure: BaseException | None = None
     try:
-        try:
-            require_xgrammar().Grammar.from_structural_tag(spec)
-            reason = None
-        except RuntimeError as exc:
-            reason = _xgrammar_reason(exc)
+        require_xgrammar().Grammar.from_structural_tag(spec)
+        reason = None
+    except RuntimeError as exc:
+        reason = _xgrammar_reason(exc)
     except BaseException as exc:  # not xgrammar's word on the spec: each waiting request hears it, and nothing is kept
-        with _built_lock:
-            del _building[spec]
-        pending.set_exception(exc)
-        raise
+        failure = exc
     with _built_lock:
-        _built[spec] = reason
-        while len(_built) > BUILT_SPECS:
-            _built.popitem(last=False)
-        del _building[spec]
-    pending.set_result(reason)
+        if failure is None:
+            _built[spec] = reason
+            while len(_built) > BUILT_SPECS:
+                _built.popitem(last=False)
+        built = _building.pop(spec)
+    if failure is not None:
+        built.set_exception(failure)
+        raise failure
+    built.set_result(reason)
     return reason
 
 
