@@ -1400,6 +1400,61 @@ def test_structured_output_include_raw(fake, method):
     assert out["parsed"] == Joke(**JOKE) and out["parsing_error"] is None
 
 
+def _merged(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    out: Any = None
+    for chunk in chunks:
+        out = chunk if out is None else out + chunk
+    return out
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+async def test_include_raw_streams_end_as_invoke_does(fake, method):
+    """With include_raw, a stream whose parse fails at its end gives the error as `parsing_error`,
+    as invoke does (it raised: LangChain's fallbacks catch only a failure before the first chunk);
+    the message streams as `raw`, then `parsed` and `parsing_error` come."""
+    raw = '<tool_call>\n{"name": "Joke", "arg' if method == "function_calling" else '{"set'
+    invalid = (InvalidToolCall(raw, "the call is not closed", "Joke", "call_1"),) if method == "function_calling" else ()
+    cut = replace(fake_result(raw, content="", invalid_tool_calls=invalid, parse_error=None if invalid else "cut short"), finish_reason="length")
+    whole = fake_result(json.dumps(JOKE), content="", tool_calls=(ToolCall("call_1", "Joke", JOKE),)) if method == "function_calling" else fake_result(json.dumps(JOKE))
+    structured = WSDChatModel().with_structured_output(Joke, method=method, include_raw=True)
+    for reply in (cut, whole):
+        fake.reply = reply
+        invoked = structured.invoke("joke")
+        for chunks in (list(structured.stream("joke")), [c async for c in structured.astream("joke")]):
+            assert all(set(c) == {"raw"} for c in chunks[:-1]) and set(chunks[-1]) == {"parsed", "parsing_error"}
+            streamed = _merged(chunks)
+            assert streamed["parsed"] == invoked["parsed"] and repr(streamed["parsing_error"]) == repr(invoked["parsing_error"])
+            assert streamed["raw"].text == invoked["raw"].text and streamed["raw"].usage_metadata == invoked["raw"].usage_metadata
+        assert (invoked["parsed"] is None) == (reply is cut) and (invoked["parsing_error"] is None) == (reply is whole)
+
+
+@pytest.mark.parametrize("off", [{"disable_streaming": True}, {"streaming": False}, {"disable_streaming": "tool_calling"}])
+async def test_a_reply_not_streamed_streams_as_one_last_chunk(fake, off):
+    """Where streaming is off, stream gives the invoked reply as one last chunk, its calls (and an
+    invalid call's error) kept: LangChain yields the AIMessage itself, which its stream parsers
+    rebuilt without calls (a tools parser then streamed nothing) and as not ended (a JSON that
+    max_tokens cut short streamed as a value where invoke fails)."""
+    from langchain_core.exceptions import OutputParserException
+    from langchain_core.output_parsers.openai_tools import PydanticToolsParser
+
+    bad = InvalidToolCall('<tool_call>\n{"name": "Joke", "arguments": {}}\n</tool_call>', "'setup' is a required property", "Joke", "call_2")
+    fake.reply = fake_result("", tool_calls=(ToolCall("call_1", "Joke", JOKE),), invalid_tool_calls=(bad,))
+    model = WSDChatModel(**off)
+    for chunks in (list(model.bind_tools([Joke]).stream("joke")), [c async for c in model.bind_tools([Joke]).astream("joke")]):
+        (chunk,) = chunks
+        assert isinstance(chunk, AIMessageChunk) and chunk.chunk_position == "last" and chunk.usage_metadata is not None
+        assert chunk.tool_calls == [{"name": "Joke", "args": JOKE, "id": "call_1", "type": "tool_call"}]
+        assert [(c["id"], c["error"]) for c in chunk.invalid_tool_calls] == [("call_2", bad.error)]
+    fake.reply = fake_result("", tool_calls=(ToolCall("call_1", "Joke", JOKE),))
+    assert list(model.with_structured_output(Joke, method="function_calling").stream("joke")) == [Joke(**JOKE)]
+    assert list((model.bind_tools([Joke], tool_choice="Joke") | PydanticToolsParser(tools=[Joke])).stream("joke")) == [[Joke(**JOKE)]]
+    fake.reply = replace(fake_result('{"set', parse_error="the reply used up max_tokens=3 before its JSON was complete"), finish_reason="length")
+    with pytest.raises(OutputParserException, match="used up max_tokens=3"):
+        model.with_structured_output(JokeDict).invoke("joke")
+    with pytest.raises(OutputParserException, match="used up max_tokens=3"):
+        list(model.with_structured_output(JokeDict).stream("joke"))
+
+
 @pytest.mark.parametrize("schema", [Joke, JokeDict])
 def test_function_calling_without_a_valid_call_is_a_parsing_error(fake, schema):
     """A call cut short by max_tokens fails the parse with the runtime's error (LangChain's parser gave None)."""

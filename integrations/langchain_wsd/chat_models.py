@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, closing
-from operator import itemgetter
 from typing import Any, ClassVar, Literal, TypeVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -28,8 +27,9 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGenerationChunk, ChatResult, Generation
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnableMap
 from langchain_core.runnables.config import get_config_list
+from langchain_core.runnables.utils import AddableDict
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -241,6 +241,20 @@ class WSDChatModel(WSDSettings, BaseChatModel):
                             await run_manager.on_llm_new_token(chunk.text, chunk=_with_run_id(chunk, run_manager))
                         yield chunk
 
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
+        """BaseChatModel.stream, whose reply, where streaming is off, is one last chunk (_as_last_chunk)."""
+        for chunk in super().stream(input, config, stop=stop, **kwargs):
+            yield _as_last_chunk(chunk)
+
+    async def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Async stream, as `stream`."""
+        async for chunk in super().astream(input, config, stop=stop, **kwargs):
+            yield _as_last_chunk(chunk)
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -384,10 +398,36 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             parser = _SchemaPydanticParser(pydantic_object=schema) if pydantic else _SchemaJsonParser()  # type: ignore[arg-type]
         if not include_raw:
             return llm | parser
-        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
-        return RunnableMap(raw=llm) | parsed.with_fallbacks(
-            [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
-        )
+        return RunnableMap(raw=llm) | _with_parsed(parser)
+
+
+def _with_parsed(parser: Runnable) -> Runnable:
+    """include_raw's last step: the model's message streams through as `raw`, then its parse comes
+    as `parsed` and `parsing_error` (the parse's exception, caught, or None). LangChain's own form
+    (`with_fallbacks(exception_key="parsing_error")`) catches a failure only before the first chunk,
+    so a stream whose parse failed at its end raised where invoke gave the error."""
+
+    def outcome(raw: BaseMessage, config: RunnableConfig) -> AddableDict:
+        try:
+            return AddableDict(parsed=parser.invoke(raw, config), parsing_error=None)
+        except Exception as exc:  # as LangChain's include_raw does: any failure of the parse is returned
+            return AddableDict(parsed=None, parsing_error=exc)
+
+    def parse(items: Iterator[dict[str, Any]], config: RunnableConfig) -> Iterator[AddableDict]:
+        raw = None
+        for item in items:
+            yield AddableDict(item)
+            raw = item["raw"] if raw is None else raw + item["raw"]
+        yield outcome(raw, config)
+
+    async def aparse(items: AsyncIterator[dict[str, Any]], config: RunnableConfig) -> AsyncIterator[AddableDict]:
+        raw = None
+        async for item in items:
+            yield AddableDict(item)
+            raw = item["raw"] if raw is None else raw + item["raw"]
+        yield outcome(raw, config)
+
+    return RunnableGenerator(parse, aparse, name="parse_with_raw")
 
 
 class _FailsAfterTheStream:
@@ -654,6 +694,16 @@ def final_chunk(result: WSDResult, calls: list[FinalCall]) -> ChatGenerationChun
         ),
         generation_info={"finish_reason": result.finish_reason, "model_name": metadata["model_name"]},
     )
+
+
+def _as_last_chunk(message: BaseMessage) -> AIMessageChunk:
+    """A reply as a stream's last chunk. Where streaming is off (disable_streaming, streaming=False),
+    LangChain's stream yields the invoked AIMessage, which its stream parsers rebuild as a plain
+    message chunk: a tools parser found no calls in it (a valid call streamed as nothing), and a
+    parser that fails at a stream's end never saw it end (a cut-short JSON streamed as a value)."""
+    if isinstance(message, AIMessageChunk) or not isinstance(message, AIMessage):
+        return message  # type: ignore[return-value]
+    return AIMessageChunk(**message.model_dump(exclude={"type"}), chunk_position="last")
 
 
 def _with_run_id(chunk: ChatGenerationChunk, run_manager: _RunManager) -> ChatGenerationChunk:
