@@ -362,17 +362,20 @@ class ShownCalls:
 REASONING_BLOCKS = ("reasoning", "thinking", "redacted_thinking")
 
 
-def content_to_text(content: Any, where: str) -> str:
+def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> str:
     """A message's content as text: a string, or a list of text blocks joined with newlines (as
     LlamaIndex's `ChatMessage.content`, Ollama and vLLM join them: a context block and a question
-    block must not run together). Another model's reasoning blocks are left out, a block of plain
-    data (a tool result, untyped or LangChain's {"type": "json", "json": ...}) is written as JSON, and
-    any other block (an image, say) gets a clear error."""
+    block must not run together). Another model's reasoning blocks are left out, and so are blocks
+    of the `skip` types (an adapter's own kinds of such blocks); a block of plain data (a tool
+    result, untyped or LangChain's {"type": "json", "json": ...}) is written as JSON, and any other
+    block (an image, say) gets a clear error that gives its place among all the blocks."""
     if isinstance(content, str):
         return content
     if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
         parts = []
         for i, block in enumerate(content):
+            if isinstance(block, skip):
+                continue
             if isinstance(block, str):
                 parts.append(block)
                 continue
