@@ -10,6 +10,7 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
@@ -211,7 +212,21 @@ def test_function_mode_streams_structured_objects(monkeypatch: pytest.MonkeyPatc
     assert list(llm.stream_structured_predict(City, PROMPT, place="Norway"))[-1] == City(**oslo)
 
 
-def test_without_the_structured_extra_structured_calls_parse_text(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def spans() -> Iterator[SimpleSpanHandler]:
+    """Records the instrumentation spans that end while a test runs."""
+    handler = SimpleSpanHandler()
+    instrument.get_dispatcher().add_span_handler(handler)
+    yield handler
+    instrument.get_dispatcher().span_handlers.remove(handler)
+
+
+def span_names(spans: SimpleSpanHandler, part: str) -> list[str]:
+    """The names ("WSDLLM.chat", ...) of the ended spans whose name holds `part`, in the order they ended."""
+    return [name for span in spans.completed_spans if part in (name := span.id_.split("-")[0])]
+
+
+def test_without_the_structured_extra_structured_calls_parse_text(monkeypatch: pytest.MonkeyPatch, spans: SimpleSpanHandler) -> None:
     """Without xgrammar (the structured extra), is_function_calling_model is False and structured
     calls run LlamaIndex's text-completion program, as for any LLM that cannot constrain its output."""
     from llama_index.llms.wsd import base
@@ -221,6 +236,7 @@ def test_without_the_structured_extra_structured_calls_parse_text(monkeypatch: p
     assert not llm.metadata.is_function_calling_model
     assert llm.structured_predict(City, PROMPT, place="Norway") == City(name="Oslo", country="Norway")
     assert script.params[-1].get("response_format") is None
+    assert span_names(spans, "structured_predict") == ["WSDLLM.structured_predict"]  # one span, not two nested
 
 
 def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -375,7 +391,7 @@ def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, strict=True) == WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)
 
 
-async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest.MonkeyPatch, spans: SimpleSpanHandler) -> None:
     """predict_and_call runs one call unless its own allow_parallel_tool_calls says more (its
     single-call branch raises 'Invalid' on two): the runtime decodes that many, whatever the
     constructor's parallel_tool_calls. A reply without a call gives its text."""
@@ -387,6 +403,11 @@ async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest
     assert llm.predict_and_call(TOOLS, user_msg="3+4?", allow_parallel_tool_calls=True).response == "7"
     assert llm.predict_and_call(TOOLS, "3+4?", None, False, True).response == "7"  # as positional arguments
     assert [params["parallel_tool_calls"] for params in script.params] == [False, False, True, True]
+    # each is one span (the override's), not one inside another of the same name
+    spans.completed_spans.clear()
+    llm.predict_and_call(TOOLS, user_msg="3+4?")
+    await llm.apredict_and_call(TOOLS, user_msg="3+4?")
+    assert span_names(spans, "predict_and_call") == ["WSDLLM.predict_and_call", "WSDLLM.apredict_and_call"]
     llm, _ = scripted(monkeypatch, "It is seven.")
     llm.parallel_tool_calls = True
     assert llm.predict_and_call(TOOLS, user_msg="3+4?", error_on_no_tool_call=False).response == "It is seven."

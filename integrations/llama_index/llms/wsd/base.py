@@ -366,11 +366,13 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """FunctionCallingLLM's, decoding as many calls as its own allow_parallel_tool_calls lets it
         run (one by default, whatever the constructor's parallel_tool_calls): its single-call branch
         raises 'Invalid' on more than one."""
-        return super().predict_and_call(tools, *args, **_calls_it_runs(super().predict_and_call, tools, args, kwargs))
+        inner = _unspanned(super().predict_and_call)
+        return inner(tools, *args, **_calls_it_runs(inner, tools, args, kwargs))
 
     async def apredict_and_call(self, tools: Sequence[BaseTool], *args: Any, **kwargs: Any) -> Any:
         """apredict_and_call as predict_and_call is."""
-        return await super().apredict_and_call(tools, *args, **_calls_it_runs(super().apredict_and_call, tools, args, kwargs))
+        inner = _unspanned(super().apredict_and_call)
+        return await inner(tools, *args, **_calls_it_runs(inner, tools, args, kwargs))
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
@@ -427,7 +429,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     ) -> Model:
         """The reply decoded under output_cls's JSON schema, validated into output_cls."""
         if not self._constrains():
-            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            return _unspanned(super().structured_predict)(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
         return self._structured_result(output_cls, self.chat(messages, **kwargs))
 
@@ -441,7 +443,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     ) -> Model:
         """Async structured_predict, on the runtime's async stream."""
         if not self._constrains():
-            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            return await _unspanned(super().astructured_predict)(output_cls, prompt, llm_kwargs, **prompt_args)
         messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
         return self._structured_result(output_cls, await self.achat(messages, **kwargs))
 
@@ -456,7 +458,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """Partial objects while the JSON streams, as LlamaIndex yields them, then the validated object.
         As LlamaIndex's, nothing starts (no request, no event) until the first object is asked for."""
         if not self._constrains():
-            return super().stream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            return _unspanned(super().stream_structured_predict)(output_cls, prompt, llm_kwargs, **prompt_args)
 
         def gen() -> Generator[Model | FlexibleModel, None, None]:
             messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
@@ -479,7 +481,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     ) -> AsyncGenerator[Model | FlexibleModel, None]:
         """Async stream_structured_predict, on the runtime's async stream."""
         if not self._constrains():
-            return await super().astream_structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+            return await _unspanned(super().astream_structured_predict)(output_cls, prompt, llm_kwargs, **prompt_args)
 
         async def gen() -> AsyncGenerator[Model | FlexibleModel, None]:
             messages, kwargs = self._structured_request(output_cls, prompt, llm_kwargs, prompt_args)
@@ -512,6 +514,12 @@ def _arguments(kwargs: dict[str, Any] | str) -> dict[str, Any]:
     except ValueError:  # json.JSONDecodeError is one
         return {}
     return parsed if isinstance(parsed, dict) else {}
+
+
+def _unspanned(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A LlamaIndex method without its instrumentation span, for an override (which LlamaIndex
+    spans itself) to call: the span of the override is the call's one span, not two nested."""
+    return getattr(method, "__wrapped__", method)
 
 
 def _calls_it_runs(method: Callable[..., Any], tools: Sequence[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
