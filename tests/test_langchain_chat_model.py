@@ -976,6 +976,32 @@ def test_a_streamed_call_found_invalid_at_the_end_is_reported_under_its_id(fake)
         assert invoked.tool_calls == [] and [(c["name"], c["args"], c["error"]) for c in invoked.invalid_tool_calls] == [("Add", '{"a": 1}', error)]
 
 
+def test_an_invalid_call_that_never_showed_reaches_content_block_streams(fake):
+    """A call found invalid before it showed (cut short before its name) comes in a chunk before the
+    last, which holds only usage and metadata: LangChain's content blocks of a last chunk leave out a
+    call that does not parse, so `stream_events(version="v3")`, and an invoke under a v2 streaming
+    handler (LangGraph's v2 message stream), lost the call: an agent saw an empty reply."""
+    from langchain_core.tracers._streaming import _V2StreamingCallbackHandler
+
+    class V2(BaseCallbackHandler, _V2StreamingCallbackHandler):
+        def on_stream_event(self, event: Any, **kwargs: Any) -> None:
+            pass
+
+    raw = '<tool_call>\n{"na'
+    error = "the call is not closed with </tool_call> (the reply used up max_tokens=5 first; raise max_tokens)"
+    fake.reply = replace(fake_result(raw, content="", invalid_tool_calls=(InvalidToolCall(raw, error, None, "call_9"),)), finish_reason="length")
+    model = WSDChatModel().bind_tools([Add], tool_choice="required")
+    chunks = list(model.stream("x"))
+    assert chunks[-1].chunk_position == "last" and not chunks[-1].tool_call_chunks and chunks[-1].usage_metadata is not None
+    assert [(c["id"], c["args"]) for c in chunks[-2].tool_call_chunks] == [("call_9", raw)]
+    assert [(c["id"], c["args"]) for c in model.stream_events("x", version="v3").output.invalid_tool_calls] == [("call_9", raw)]
+    for output_version in ("v0", "v1"):
+        invoked = WSDChatModel(output_version=output_version).bind_tools([Add], tool_choice="required").invoke("x", config={"callbacks": [V2()]})
+        assert invoked.tool_calls == [] and [(c["id"], c["args"], c["error"]) for c in invoked.invalid_tool_calls] == [("call_9", raw, error)]
+        if output_version == "v1":  # its content block has the runtime's error too
+            assert [(b["type"], b["error"]) for b in invoked.content] == [("invalid_tool_call", error)]
+
+
 def test_text_replays_with_its_sources_when_tools_are_bound(fake):
     chunks = list(WSDChatModel().bind_tools([Add], tool_choice="none").stream("x"))
     assert [c.text for c in chunks] == ["Hi", " there", ""]
@@ -1001,7 +1027,7 @@ def test_an_answer_streams_while_tools_are_bound(fake, monkeypatch):
     for chunk in WSDChatModel().bind_tools([Add]).stream("x"):
         seen.append((chunk.text, chunk.response_metadata.get("wsd_source"), len(sent)))
     assert seen[:4] == [("Let", ["draft"], 1), (" me", ["draft"], 2), (" add", ["base"], 3), (".", ["base"], 4)]
-    assert [s[0] for s in seen[4:]] == [""] and len(seen) == 5  # the last chunk: the call, no more text
+    assert [s[0] for s in seen[4:]] == ["", ""] and len(seen) == 6  # the call, then the last chunk: no more text
     assert "".join(s[0] for s in seen) == "Let me add."
 
 

@@ -653,7 +653,7 @@ class _Chunks:
             return chunks
         result = event.result
         rest = self.shown.finish(result.message_content)
-        return [*(_text_chunk(text, source) for text, source in rest), final_chunk(result, self.calls.finish(result))]
+        return [*(_text_chunk(text, source) for text, source in rest), *final_chunks(result, self.calls.finish(result))]
 
 
 def _text_chunk(text: str, source: str) -> ChatGenerationChunk:
@@ -667,10 +667,13 @@ def _calls_chunk(deltas: list[CallDelta]) -> ChatGenerationChunk:
     )
 
 
-def final_chunk(result: WSDResult, calls: list[FinalCall]) -> ChatGenerationChunk:
-    """The last chunk: usage, response metadata and what the reply's calls (in order) have yet to
-    show: the rest of a streamed call's arguments, and any call that never showed (its arguments
-    as JSON, or an invalid call's raw text)."""
+def final_chunks(result: WSDResult, calls: list[FinalCall]) -> list[ChatGenerationChunk]:
+    """What the reply's calls (in order) have yet to show, if anything: the rest of a streamed call's
+    arguments, and any call that never showed (its arguments as JSON, or an invalid call's raw
+    text); then the last chunk: usage and response metadata. The pieces come before the last chunk,
+    not in it: LangChain's content blocks of a last chunk leave out a call that does not parse, so a
+    stream read as content blocks (`stream_events(version="v3")`, LangGraph's v2 message stream)
+    lost an invalid call that never streamed."""
     pieces = []
     for final in calls:
         call = final.call
@@ -684,16 +687,11 @@ def final_chunk(result: WSDResult, calls: list[FinalCall]) -> ChatGenerationChun
     metadata = result_metadata(result)
     if errors := {final.call.id: final.call.error for final in calls if not isinstance(final.call, ToolCall)}:
         metadata["tool_call_errors"] = errors
-    return ChatGenerationChunk(
-        message=AIMessageChunk(
-            content="",
-            usage_metadata=to_usage_metadata(result),
-            response_metadata=metadata,
-            tool_call_chunks=pieces,
-            chunk_position="last",
-        ),
+    last = ChatGenerationChunk(
+        message=AIMessageChunk(content="", usage_metadata=to_usage_metadata(result), response_metadata=metadata, chunk_position="last"),
         generation_info={"finish_reason": result.finish_reason, "model_name": metadata["model_name"]},
     )
+    return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=pieces)), last] if pieces else [last]
 
 
 def _as_last_chunk(message: BaseMessage) -> AIMessageChunk:
@@ -723,8 +721,12 @@ def _with_call_errors(result: ChatResult) -> ChatResult:
     if errors and isinstance(message, AIMessage):
         streamed = [c for c in message.tool_calls if c["id"] in errors]
         message.tool_calls = [c for c in message.tool_calls if c["id"] not in errors]
-        if isinstance(message.content, list):  # v1 content lists the valid calls (as ChatOpenAI's does)
-            message.content = [b for b in message.content if not (isinstance(b, dict) and b.get("type") == "tool_call" and b.get("id") in errors)]
+        if isinstance(message.content, list):  # v1 content lists the valid calls (as ChatOpenAI's does), and the invalid ones with their errors
+            message.content = [
+                {**b, "error": errors[b["id"]]} if _call_block(b, errors) == "invalid_tool_call" else b
+                for b in message.content
+                if _call_block(b, errors) != "tool_call"
+            ]
         message.invalid_tool_calls = [
             *({**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls),
             *(
@@ -733,6 +735,13 @@ def _with_call_errors(result: ChatResult) -> ChatResult:
             ),
         ]
     return result
+
+
+def _call_block(block: Any, errors: dict[str, str]) -> str | None:
+    """A content block's type where it is a call (valid or not) of one of `errors`' ids, else None."""
+    if isinstance(block, dict) and block.get("type") in ("tool_call", "invalid_tool_call") and block.get("id") in errors:
+        return block["type"]
+    return None
 
 
 def to_usage_metadata(result: WSDResult) -> UsageMetadata:
