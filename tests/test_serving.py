@@ -211,6 +211,16 @@ async def test_32_async_streams_lose_nothing(differ_runtime):
         assert expected.setdefault(key, result.text) == result.text  # same request, same reply
 
 
+async def test_agenerate_reads_its_parameters_once(shared_runtime):
+    """agenerate checks its parameters once: a `stop` given as an iterator (which generate takes)
+    had been used up by the check, and the request then ran with no stop strings."""
+    whole = shared_runtime.generate(_msgs(QUESTIONS[0]), max_tokens=16)
+    stop = whole.text.strip()[3:6]
+    expected = shared_runtime.generate(_msgs(QUESTIONS[0]), max_tokens=16, stop=iter([stop]))
+    assert expected.stop_reason == stop and len(expected.text) < len(whole.text)
+    assert (await shared_runtime.agenerate(_msgs(QUESTIONS[0]), max_tokens=16, stop=iter([stop]))).text == expected.text
+
+
 async def test_cancelling_half_leaves_the_rest_unchanged(fresh):
     rt = fresh()
     reference = await rt.agenerate(_msgs(QUESTIONS[1]), max_tokens=40, switch_threshold=0.9)
@@ -443,8 +453,33 @@ def test_requests_waiting_when_the_worker_dies_fail_and_are_counted(fresh, monke
         for future in (running, *waiting):
             with pytest.raises(RuntimeClosedError, match="worker died"):
                 future.result(timeout=30)
+    # each its own error: one object raised in three callers' threads gathered all their frames
+    assert len({id(future.exception()) for future in (running, *waiting)}) == 3
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (1, 3, 0, 0, 0)
+
+
+def test_a_request_the_worker_dies_taking_in_fails_with_its_cause(fresh, monkeypatch):
+    """The worker dying while it takes a request in (building its prompt) fails that request with
+    the cause, counted: it was in neither the engine nor the inbox, so nothing told it, its caller
+    found out at its next poll without the cause (or never, once another call had started a fresh
+    worker), and stats() showed it queued for good."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    prepare = rt.engine.prepare
+
+    def dying_prepare(messages, params, deliver):
+        if messages[-1].content == "die":
+            raise WorkerKilled("killed while taking a request in")
+        return prepare(messages, params, deliver)
+
+    monkeypatch.setattr(rt.engine, "prepare", dying_prepare)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the death is expected
+    with pytest.raises(RuntimeClosedError, match="worker died: WorkerKilled: killed while taking a request in"):
+        rt.generate(_msgs("die"), max_tokens=5)
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=3).usage.reply_tokens <= 3  # a fresh worker serves
+    stats = rt.stats()
+    assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (2, 1, 0, 0, 0)
 
 
 def test_closing_a_sync_stream_frees_its_cache(fresh):
@@ -1659,6 +1694,35 @@ def test_requests_that_fail_as_the_models_fail_to_load_are_counted():
         rt.close()
 
 
+def test_requests_sent_before_a_load_failed_fail_with_it_without_trying_again(monkeypatch):
+    """A burst of requests that waited on one load that failed fails with its error (each a copy of
+    its own), without a load for each of them one after another; a request sent after the failure
+    tries again. One whose caller gave up before its turn loads nothing."""
+    attempts: list[float] = []
+
+    def failing_load(source, **kwargs):
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            _wait_for(lambda: rt.stats().queued == 5)  # every request of the burst sent
+        raise RuntimeError("out of memory (the test's)")
+
+    monkeypatch.setattr(runtime_module, "load_model", failing_load)
+    rt = WSDRuntime("/nonexistent/draft-model", "/nonexistent/base-model", device="cpu")
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(rt.generate, _msgs(q), max_tokens=5) for q in QUESTIONS[:5]]
+            errors = [future.exception(timeout=30) for future in futures]
+        assert all(isinstance(e, ModelLoadError) and "out of memory (the test's)" in str(e) for e in errors)
+        assert len(attempts) == 1 and len({id(e) for e in errors}) == 5
+        with pytest.raises(ModelLoadError, match="out of memory"):
+            rt.generate(_msgs("hi"), max_tokens=5)
+        assert len(attempts) == 2
+        s = rt.stats()
+        assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 0, 6, 0)
+    finally:
+        rt.close()
+
+
 def test_a_snapshot_taken_as_the_models_finish_loading_counts_the_first_request(draft_tokenizer, monkeypatch):
     """stats() that finds no engine holds the lock the engine is set under: the worker cannot set it
     and take the first request meanwhile, which the snapshot would then count nowhere."""
@@ -1951,10 +2015,10 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
             if ending == "compiles":
                 assert re.fullmatch("[0-9]+", outcome.result(timeout=60).text)
             if ending == "fails to compile":
-                with pytest.raises(WSDError, match="could not start the request: RuntimeError: no grammar today"):
+                with pytest.raises(RequestFailedError, match="could not start the request: RuntimeError: no grammar today"):
                     outcome.result(timeout=60)
             if ending == "dies compiling":
-                with pytest.raises(WSDError, match="could not start the request: WorkerKilled: killed mid-compile"):
+                with pytest.raises(RequestFailedError, match="could not start the request: WorkerKilled: killed mid-compile"):
                     outcome.result(timeout=60)
     finally:
         release.set()

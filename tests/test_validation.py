@@ -1,5 +1,7 @@
 """Bad parameters and messages raise clear errors before any decoding starts."""
 
+from datetime import date
+
 import pytest
 from pydantic import BaseModel
 
@@ -230,6 +232,8 @@ def _called(calls: object) -> list[dict]:
         (_called([{"arguments": {}}]), "messages[1].tool_calls[0] needs a 'name' (or 'function': {'name': ...}), got {'arguments': {}}"),
         (_called([{"name": "pick", "arguments": "[1, 2]"}]), "messages[1].tool_calls[0] arguments must be a dict or a JSON object string, got [1, 2]"),
         (_called([{"name": "pick", "arguments": "{n: 1}"}]), "messages[1].tool_calls[0] arguments are not valid JSON: Expecting property name"),
+        # at the call, not as the request starts (as a generic start failure)
+        (_called([{"name": "pick", "arguments": {"when": date(2024, 1, 2)}}]), "messages[1].tool_calls[0] arguments hold a value JSON cannot write: Object of type date is not JSON serializable"),
         ([{"role": "user", "content": "x", "tool_calls": [{"name": "pick"}]}], "messages[0] (user) has tool_calls; only assistant messages may carry them"),
     ],
 )

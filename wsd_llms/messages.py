@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,10 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
             raise InvalidMessagesError(f"{where} arguments are not valid JSON: {exc}") from None
     if not isinstance(arguments, Mapping):
         raise InvalidMessagesError(f"{where} arguments must be a dict or a JSON object string, got {arguments!r}")
+    try:  # the prompt writes them as JSON: a value JSON cannot write fails here, not as the request starts
+        json.dumps(arguments)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessagesError(f"{where} arguments hold a value JSON cannot write: {exc}") from None
     return ToolCall(str(raw.get("id") or f"call_{i}_{j}"), name, dict(arguments))
 
 

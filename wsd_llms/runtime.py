@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import functools
 import os
 import queue
@@ -25,7 +26,7 @@ import torch
 
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, detached, given_up
-from .errors import InvalidParameterError, ModelLoadError, RequestTimeoutError, RuntimeClosedError, WSDError
+from .errors import InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
@@ -174,6 +175,8 @@ class WSDRuntime:
         self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
         self._compiles: set[threading.Thread] = set()  # compiling beside the worker (under the worker lock)
         self._to_compile: deque[_Submission] = deque()  # waiting for one of them (under the worker lock)
+        self._in_hand: _Submission | None = None  # the submission the worker is taking in
+        self._load_failed: tuple[float, BaseException] | None = None  # when the last load failed, and why
 
     def _after_fork(self) -> None:
         """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
@@ -252,11 +255,14 @@ class WSDRuntime:
         return _collect(self.stream(messages, **params))
 
     async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
-        """The whole reply at once, awaited (built from the async stream)."""
-        normalize_messages(messages)  # bad messages first, as astream checks them
-        await aparse_params(**params)  # a new schema's grammar built off the event loop: astream's check finds it built
+        """The whole reply at once, awaited (built from the async stream). Its messages and parameters
+        are checked once (a `stop` given as an iterator is read once), a new schema's grammar built
+        off the event loop, and its `timeout` counts from this call."""
+        called = time.perf_counter()
+        normalized = normalize_messages(messages)  # bad messages first, as astream checks them
+        parsed = await aparse_params(**params)
         joined = _Joined()
-        async for event in self.astream(messages, **params):
+        async for event in self._astream(normalized, parsed, called):
             joined.add(event)
         return joined.result()
 
@@ -449,7 +455,9 @@ class WSDRuntime:
     def _check_open(self) -> None:
         """Refuse new work once closed."""
         if self._closed:
-            raise RuntimeClosedError("this runtime is closed; call wsd_llms.get_runtime() for a new one")
+            raise RuntimeClosedError(
+                "this runtime is closed; make a new one (wsd_llms.get_runtime(), or WSDRuntime.from_models for models you loaded)"
+            )
 
     def close(self) -> None:
         """Stop the worker; requests still waiting fail with RuntimeClosedError. A runtime from
@@ -581,7 +589,7 @@ class WSDRuntime:
             with self._worker_lock:  # a request submitted after this starts a fresh worker; one before it fails here
                 if self._thread is threading.current_thread():
                     self._thread = None
-                self._fail_all(RuntimeClosedError(f"the wsd-llms worker died: {type(exc).__name__}: {exc}"))
+                self._fail_all(f"the wsd-llms worker died: {type(exc).__name__}: {exc}")
             raise
 
     def _run(self, item: _Submission | None | Literal[False]) -> bool:
@@ -592,12 +600,14 @@ class WSDRuntime:
                 taken = 0
                 while item is not False:
                     if item is None:
-                        self._fail_all(RuntimeClosedError("the runtime was closed"))
+                        self._fail_all("the runtime was closed")
                         return False
                     if self._closed:  # sent before close(): it fails with the rest, without loading models or starting
                         self._refuse(item, RuntimeClosedError("the runtime was closed"))
-                    else:
+                    else:  # in hand until counted: if the worker dies while taking it in, it fails with the rest
+                        self._in_hand = item
                         self._accept(item)
+                        self._in_hand = None
                     taken += 1
                     item = False if taken >= ACCEPT_PER_STEP and self._streams_running() else self._next_submission()
                 if self.engine is None or not self.engine.has_work():
@@ -621,20 +631,18 @@ class WSDRuntime:
     def _accept(self, sub: _Submission) -> None:
         """Take a submission into the engine: queued, or (cancelled, or failing as it starts) counted.
         One with a grammar goes aside first, and comes back once the grammar is compiled."""
+        if self._given_up(sub):  # before the models load for it
+            return
         try:
-            engine = self.load()
-        except Exception as exc:  # no models: the request fails alone, and the next one tries again
+            engine = self._engine_for(sub)
+        except Exception as exc:  # no models: the request fails
             self._end_unstarted(sub, "failed", _start_error(exc))
             return
         if not sub.compiled and sub.params.constrained and not sub.cancelled.is_set():
             sub.compiled = True  # from here on it compiles once, beside the worker or on it
             if self._compile_beside(engine, sub):
                 return  # still in the inbox's count: it comes back once compiled
-        if sub.cancelled.is_set():  # cancelled (or given up on at its timeout) before it reached the worker
-            self._end_unstarted(sub, given_up(sub.params, sub.submitted, time.perf_counter(), sub.cancelled))
-            return
-        if sub.params.timed_out(sub.submitted, time.perf_counter()):  # its caller has not noticed yet: no prompt built for it
-            self._end_unstarted(sub, "failed", RequestTimeoutError(f"the request exceeded timeout={sub.params.timeout}s before it started"))
+        if self._given_up(sub):
             return
         if sub.compile_error is not None:
             self._end_unstarted(sub, "failed", _start_error(sub.compile_error))
@@ -654,6 +662,32 @@ class WSDRuntime:
                 engine.count("failed")
                 sub.deliver(_start_error(exc))
 
+    def _given_up(self, sub: _Submission) -> bool:
+        """Whether a submission ends here, counted, as cancelled (or given up on at its timeout) before
+        it reached the worker, or past its timeout, which its caller has not noticed yet."""
+        if sub.cancelled.is_set():
+            self._end_unstarted(sub, given_up(sub.params, sub.submitted, time.perf_counter(), sub.cancelled))
+            return True
+        if sub.params.timed_out(sub.submitted, time.perf_counter()):
+            self._end_unstarted(sub, "failed", RequestTimeoutError(f"the request exceeded timeout={sub.params.timeout}s before it started"))
+            return True
+        return False
+
+    def _engine_for(self, sub: _Submission) -> Engine:
+        """The engine, loaded if need be. A load that fails fails the requests sent before it failed,
+        each with a copy of its error, without another try each (a burst of requests that waited on
+        one failed load had retried it one after another); a request sent after it tries again."""
+        failed = self._load_failed
+        if self.engine is None and failed is not None and sub.submitted <= failed[0]:
+            again = copy.copy(failed[1])
+            again.__cause__ = failed[1].__cause__
+            raise again
+        try:
+            return self.load()
+        except Exception as exc:
+            self._load_failed = (time.perf_counter(), detached(exc))
+            raise
+
     def _end_unstarted(self, sub: _Submission, outcome: str, error: BaseException | None = None) -> None:
         """Count a request that ends before it runs (taken from the inbox and counted in one move, as
         stats() sees it; by the runtime while there is no engine), and tell its caller why, if anyone waits."""
@@ -667,19 +701,25 @@ class WSDRuntime:
         if error is not None:
             sub.deliver(error)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, reason: str) -> None:
+        """Fail every request the worker holds (running, waiting, in hand, in the inbox), each with an
+        error of its own (RuntimeClosedError(reason)): one object raised in many callers' threads
+        would gather all their frames in its traceback, and hold each caller's memory for the others."""
         engine = self.engine
         if engine is not None:
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
                 if engine._drop(seq, _ended_by_runtime(seq.params, seq.created, seq.cancelled)):
-                    seq.deliver(error)
+                    seq.deliver(RuntimeClosedError(reason))
+        in_hand, self._in_hand = self._in_hand, None
+        if in_hand is not None:
+            self._refuse(in_hand, RuntimeClosedError(reason))
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if item:
-                self._refuse(item, error)
+                self._refuse(item, RuntimeClosedError(reason))
 
     def _refuse(self, item: _Submission, error: BaseException) -> None:
         """Fail a request the engine never took (still in the inbox, or compiling its grammar, as the
@@ -696,11 +736,12 @@ def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) 
 
 def _start_error(exc: BaseException) -> WSDError:
     """What a caller gets for a request that could not start: our own errors as they are, another
-    as the cause of one; detached from the worker's frames, which hold what the worker had in hand
-    (a prompt's ids, a model loaded before the other failed) for as long as a caller keeps the error."""
+    as the cause of a RequestFailedError (that request failed; the runtime serves the rest); detached
+    from the worker's frames, which hold what the worker had in hand (a prompt's ids, a model loaded
+    before the other failed) for as long as a caller keeps the error."""
     if isinstance(exc, WSDError):
         return detached(exc)  # type: ignore[return-value]
-    error = WSDError(f"could not start the request: {type(exc).__name__}: {exc}")
+    error = RequestFailedError(f"could not start the request: {type(exc).__name__}: {exc}")
     error.__cause__ = detached(exc)
     return error
 
