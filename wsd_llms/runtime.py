@@ -46,6 +46,10 @@ from .structured import compiled_grammar, constraint_spec
 
 Messages = Seq[Mapping[str, Any] | Message]
 _POLL = 0.5  # seconds between checks that the worker is still alive while a caller waits
+# Seconds a waiting caller leaves the worker, past a request's timeout, to end the request itself
+# (it does so between steps) before the caller ends it: the worker cannot while it loads the models,
+# the request's grammar compiles, or a long step runs.
+TIMEOUT_GRACE = 0.05
 # Threads compiling grammars beside the worker at once, per runtime; requests past them wait for one
 # of them, in order (0: the worker compiles each grammar itself, as it does when no thread can start).
 MAX_COMPILES = 4
@@ -213,7 +217,7 @@ class WSDRuntime:
         try:
             while True:
                 try:
-                    item = inbox.get(timeout=_POLL)
+                    item = inbox.get(timeout=_wait(sub))
                 except queue.Empty:
                     self._check_waiting(sub)
                     continue
@@ -239,7 +243,7 @@ class WSDRuntime:
         try:
             while True:
                 try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
-                    async with asyncio.timeout(_POLL):
+                    async with asyncio.timeout(_wait(sub)):
                         item = await inbox.get()
                 except TimeoutError:
                     self._check_waiting(sub)
@@ -574,7 +578,7 @@ class WSDRuntime:
             sub.cancelled.told_closed = True
             stopped = "this runtime was closed" if self._closed else "the wsd-llms worker stopped"
             raise RuntimeClosedError(f"{stopped} while this request was waiting")
-        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=_POLL):
+        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=TIMEOUT_GRACE):
             sub.cancelled.set()
             raise RequestTimeoutError(
                 f"the request exceeded timeout={sub.params.timeout}s (the worker had not ended it: loading, compiling its grammar, or a long step)"
@@ -732,6 +736,15 @@ def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) 
     """How a request the runtime ended (closing, or its worker dying) counts: failed, or as its
     caller left it if it had already given up on it (engine.given_up)."""
     return given_up(params, since, time.perf_counter(), left) if left.is_set() else "failed"
+
+
+def _wait(sub: _Submission) -> float:
+    """How long a waiting caller waits for its next event before it checks on the worker (_POLL), or,
+    if sooner, until just past its timeout and TIMEOUT_GRACE (it had fired up to a poll late)."""
+    if sub.params.timeout is None:
+        return _POLL
+    left = sub.submitted + sub.params.timeout + TIMEOUT_GRACE - time.perf_counter()
+    return min(_POLL, max(left, 0.0) + 0.005)
 
 
 def _start_error(exc: BaseException) -> WSDError:
