@@ -1719,6 +1719,7 @@ def test_requests_sent_before_a_load_failed_fail_with_it_without_trying_again(mo
             errors = [future.exception(timeout=30) for future in futures]
         assert all(isinstance(e, ModelLoadError) and "out of memory (the test's)" in str(e) for e in errors)
         assert len(attempts) == 1 and len({id(e) for e in errors}) == 5
+        assert len({len(getattr(e, "__notes__", ())) for e in errors}) == 1  # each with its own trace notes, none gathered
         with pytest.raises(ModelLoadError, match="out of memory"):
             rt.generate(_msgs("hi"), max_tokens=5)
         assert len(attempts) == 2
