@@ -1485,6 +1485,8 @@ def test_a_closed_runtimes_successor_keeps_its_limits():
     closed = get_runtime("no/such-draft", "no/such-base", "cpu", "float32")  # nothing loads until a request
     closed.configure(max_running=3, prefill_chunk=64)
     closed.close()
+    with pytest.raises(RuntimeClosedError, match="this runtime is closed"):  # not taken and lost
+        closed.configure(max_running=5)
     successor = get_runtime("no/such-draft", "no/such-base", "cpu", "float32")
     try:
         assert successor is not closed and not successor._closed

@@ -315,6 +315,7 @@ class WSDRuntime:
         _check_limits(values, unset=values)
         if all(value is None for value in values.values()):
             return  # nothing to change (get_runtime() calls this for every adapter call): no wait for the step
+        self._check_open()  # a closed runtime's limits are lost with it (its successor keeps those it closed with)
         with self._step_lock:  # between two steps: a step sees one set of limits throughout
             for name, value in values.items():
                 if value is None:
