@@ -911,6 +911,26 @@ def test_an_error_of_a_request_that_could_not_start_holds_none_of_the_worker_s_f
         assert any("raised in the wsd-llms worker" in note for note in error.__notes__)
 
 
+def test_a_prompt_far_too_long_fails_before_it_is_encoded(fresh, monkeypatch):
+    """Megabytes of text that cannot fit a window fail without being encoded, by a floor its bytes
+    set under its tokens: the worker encodes prompts, and every stream waited for it (1.8 MB: 2 s).
+    A prompt nearer the window is encoded and measured exactly, as before."""
+    from wsd_llms import PromptTooLongError
+    from wsd_llms import engine as engine_module
+
+    rt = fresh()
+    built = []
+    build = engine_module.build_prompts
+    monkeypatch.setattr(engine_module, "build_prompts", lambda *args: (built.append(len(args[2][-1].content)), build(*args))[1])
+    with pytest.raises(PromptTooLongError, match=r"^the prompt is at least [0-9]+ draft tokens \(draft context window 512\): its text is 2000000 bytes"):
+        rt.generate(_msgs("word " * 400_000), max_tokens=2)
+    assert built == []
+    with pytest.raises(PromptTooLongError, match=r"^the prompt is [0-9]+ draft tokens \(draft context window 512\)"):
+        rt.generate(_msgs("word " * 700), max_tokens=2)
+    assert built == [3500]
+    assert rt.generate(_msgs("word " * 20), max_tokens=2).usage.reply_tokens <= 2
+
+
 def test_an_error_s_whole_chain_is_detached_from_the_worker_s_frames():
     """Its cause and its context both (an error raised from one while another was handled)."""
     from wsd_llms.engine import detached

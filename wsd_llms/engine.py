@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .baselines import run_base_only, run_draft_only
+from .encoding import least_tokens
 from .errors import PromptTooLongError, RequestFailedError, RequestTimeoutError
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 # which changes no output: each pass scores what was stable when it fell due, online.run_online,
 # so the switch rule sees the same probabilities to the bit).
 SCORING_STRIDE = 4
+# Bytes of message text a window position, from which a prompt's text is first checked against the
+# window without encoding it (Engine._refuse_far_too_long): text runs about 4 bytes a token.
+FAR_TOO_LONG = 8
 
 # Ids a decode pass guesses (lookup.NgramIndex; 0: none), of a continuation and of a draft. On a
 # 2-core CPU a base pass and its greedy projection cost about the same for 1 to 5 rows (50 against
@@ -178,6 +182,7 @@ class Engine:
         deliver: Callable[[Event | BaseException], None],
     ) -> Sequence:
         """Build both prompts and check they fit; raises before any decoding starts."""
+        self._refuse_far_too_long(messages, params)
         tools = params.tools if params.calls_tools else ()
         prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools)
         asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
@@ -191,6 +196,21 @@ class Engine:
             reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops)
         asked = {name: getattr(asked_params, name) for name in ("max_tokens", "max_draft_tokens")}
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params), asked=asked)
+
+    def _refuse_far_too_long(self, messages: list[Message], params: GenerationParams) -> None:
+        """Fail a prompt whose text alone cannot fit a window of the mode's models before it is
+        encoded: the worker encodes prompts, and megabytes of text held every stream up (1.8 MB:
+        2 s). Its bytes set a floor under its tokens (encoding.least_tokens), read only for text of
+        FAR_TOO_LONG bytes or more a window position, so that no ordinary prompt pays for it."""
+        size = sum(len(m.content.encode()) for m in messages)
+        for model in MODELS[params.mode]:
+            loaded = self.draft if model == "draft" else self.base
+            window = loaded.context_window
+            if size >= FAR_TOO_LONG * window and (least := least_tokens(loaded.tokenizer, size)) >= window:
+                raise PromptTooLongError(
+                    f"the prompt is at least {least} {model} tokens ({model} context window {window}): its text "
+                    f"is {size} bytes; shorten the messages"
+                )
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
         """Check that the prompt fits the context window of each model the mode runs, and cap the
