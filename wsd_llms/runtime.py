@@ -259,14 +259,13 @@ class WSDRuntime:
         return _collect(self.stream(messages, **params))
 
     async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
-        """The whole reply at once, awaited (built from the async stream). Its messages and parameters
-        are checked once (a `stop` given as an iterator is read once), a new schema's grammar built
-        off the event loop, and its `timeout` counts from this call."""
-        called = time.perf_counter()
-        normalized = normalize_messages(messages)  # bad messages first, as astream checks them
+        """The whole reply at once, awaited (built from the async stream). A new schema's grammar is
+        built off the event loop first; the stream then gets the values as checked, so that one
+        given as an iterator (a `stop`) is not read twice (the second read found it empty)."""
+        normalize_messages(messages)  # bad messages first, as astream checks them
         parsed = await aparse_params(**params)
         joined = _Joined()
-        async for event in self._astream(normalized, parsed, called):
+        async for event in self.astream(messages, **{name: getattr(parsed, name) for name in params}):
             joined.add(event)
         return joined.result()
 
