@@ -922,7 +922,7 @@ def test_a_prompt_far_too_long_fails_before_it_is_encoded(fresh, monkeypatch):
     built = []
     build = engine_module.build_prompts
     monkeypatch.setattr(engine_module, "build_prompts", lambda *args: (built.append(len(args[2][-1].content)), build(*args))[1])
-    with pytest.raises(PromptTooLongError, match=r"^the prompt is at least [0-9]+ draft tokens \(draft context window 512\): its text is 2000000 bytes"):
+    with pytest.raises(PromptTooLongError, match=r"^the prompt is at least [0-9]+ draft tokens \(draft context window 512\) and at least [0-9]+ base tokens \(base context window 512\): its text is 2000000 bytes"):
         rt.generate(_msgs("word " * 400_000), max_tokens=2)
     assert built == []
     with pytest.raises(PromptTooLongError, match=r"^the prompt is [0-9]+ draft tokens \(draft context window 512\)"):

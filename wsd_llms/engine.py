@@ -203,14 +203,14 @@ class Engine:
         2 s). Its bytes set a floor under its tokens (encoding.least_tokens), read only for text of
         FAR_TOO_LONG bytes or more a window position, so that no ordinary prompt pays for it."""
         size = sum(len(m.content.encode()) for m in messages)
+        over = []
         for model in MODELS[params.mode]:
             loaded = self.draft if model == "draft" else self.base
             window = loaded.context_window
             if size >= FAR_TOO_LONG * window and (least := least_tokens(loaded.tokenizer, size)) >= window:
-                raise PromptTooLongError(
-                    f"the prompt is at least {least} {model} tokens ({model} context window {window}): its text "
-                    f"is {size} bytes; shorten the messages"
-                )
+                over.append(f"at least {least} {model} tokens ({model} context window {window})")
+        if over:
+            raise PromptTooLongError(f"the prompt is {' and '.join(over)}: its text is {size} bytes; shorten the messages")
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
         """Check that the prompt fits the context window of each model the mode runs, and cap the
