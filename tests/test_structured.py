@@ -11,7 +11,7 @@ from tiny import make_tokenizer, tiny_llama
 
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.messages import normalize_messages
-from wsd_llms.params import parse_params
+from wsd_llms.params import GenerationParams, parse_params
 from wsd_llms.prompts import build_prompts
 from wsd_llms.runtime import WSDRuntime
 from wsd_llms.structured import Cut, Guide, _validation_error, constraint_spec, parse_json
@@ -616,6 +616,53 @@ def test_compiled_grammars_are_kept_within_a_bound(monkeypatch):
         assert grammar is not None
     compiler = structured._cache[model.tokenizer].compiler
     assert 0 < compiler.get_cache_size_bytes() <= 2**20
+
+
+def test_a_check_build_that_fails_gives_each_waiting_request_its_own_error(monkeypatch):
+    """Requests with one new schema wait for a single check build; when it fails with other than
+    xgrammar's word on the spec (out of memory), each hears the failure as an error of its own
+    (one object raised in every caller's thread gathered all their frames), and nothing is kept."""
+    import threading
+    import time
+
+    import xgrammar as xgr
+
+    import wsd_llms.structured as structured
+
+    release, calls = threading.Event(), []
+
+    def failing(spec):
+        calls.append(spec)
+        release.wait(10)
+        raise MemoryError("injected: no room for the grammar")
+
+    schema = {"type": "object", "properties": {"w": {"type": "string", "maxLength": 1409}}}
+    spec = constraint_spec(GenerationParams(response_format=schema))  # as checked, not yet built
+    monkeypatch.setattr(xgr.Grammar, "from_structural_tag", staticmethod(failing))
+    errors: list[BaseException] = []
+
+    def check():
+        try:
+            structured._build_error(spec)
+        except MemoryError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(3)]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.005)
+    for thread in threads[1:]:
+        thread.start()
+    while len(structured._building[spec]._condition._waiters) < 2:  # both wait on the build
+        time.sleep(0.005)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(calls) == 1 and len(errors) == 3
+    assert len({id(exc) for exc in errors}) == 3
+    assert all(str(exc) == "injected: no room for the grammar" for exc in errors)
+    monkeypatch.undo()
+    assert structured._build_error(spec) is None  # built again, now that it can be
 
 
 # A chat template that takes `tools`, as Qwen's, Llama 3.1's and Hermes' do: it renders the tool

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 
 class WSDError(Exception):
     """Base class for every error raised by wsd-llms."""
@@ -41,3 +43,13 @@ class RequestTimeoutError(RequestFailedError, TimeoutError):
 
 class RuntimeClosedError(WSDError, RuntimeError):
     """The runtime was closed, or its worker died, while a request was waiting."""
+
+
+def copy_of(exc: BaseException) -> BaseException:
+    """A new error like `exc` (its message, cause and notes, no traceback), for one more caller it
+    ends: one object raised in many callers' threads gathers all their frames in its traceback."""
+    again = copy.copy(exc)
+    again.__cause__ = exc.__cause__
+    if hasattr(exc, "__notes__"):
+        again.__notes__ = list(exc.__notes__)
+    return again

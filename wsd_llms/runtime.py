@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import copy
 import functools
 import os
 import queue
@@ -26,7 +25,7 @@ import torch
 
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, detached, given_up
-from .errors import InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError
+from .errors import InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
@@ -683,12 +682,12 @@ class WSDRuntime:
         one failed load had retried it one after another); a request sent after it tries again."""
         failed = self._load_failed
         if self.engine is None and failed is not None and sub.submitted <= failed[0]:
-            raise _copy_of(failed[1])
+            raise copy_of(failed[1])
         try:
             return self.load()
         except Exception as exc:  # kept as it is; each caller gets a copy, whose traceback holds only its own frames
             self._load_failed = (time.perf_counter(), detached(exc))
-            raise _copy_of(exc) from exc.__cause__
+            raise copy_of(exc) from exc.__cause__
 
     def _end_unstarted(self, sub: _Submission, outcome: str, error: BaseException | None = None) -> None:
         """Count a request that ends before it runs (taken from the inbox and counted in one move, as
@@ -734,15 +733,6 @@ def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) 
     """How a request the runtime ended (closing, or its worker dying) counts: failed, or as its
     caller left it if it had already given up on it (engine.given_up)."""
     return given_up(params, since, time.perf_counter(), left) if left.is_set() else "failed"
-
-
-def _copy_of(exc: BaseException) -> BaseException:
-    """A new error like `exc` (its message, cause and notes), for one more request that it ends."""
-    again = copy.copy(exc)
-    again.__cause__ = exc.__cause__
-    if hasattr(exc, "__notes__"):
-        again.__notes__ = list(exc.__notes__)
-    return again
 
 
 def _wait(sub: _Submission) -> float:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .errors import copy_of
 from .loading import LoadedModel
 from .params import GenerationParams
 
@@ -238,7 +239,9 @@ def _build_error(spec: str) -> str | None:
         pending = _building.get(spec)
         if pending is None:  # this request builds it
             _building[spec] = Future()
-    if pending is not None:
+    if pending is not None:  # the builder's failure, as an error of this caller's own
+        if (failure := pending.exception()) is not None:
+            raise copy_of(failure)
         return pending.result()
     failure: BaseException | None = None
     try:
@@ -246,7 +249,7 @@ def _build_error(spec: str) -> str | None:
         reason = None
     except RuntimeError as exc:
         reason = _xgrammar_reason(exc)
-    except BaseException as exc:  # not xgrammar's word on the spec: each waiting request hears it, and nothing is kept
+    except BaseException as exc:  # not xgrammar's word on the spec: each waiting request hears it (a copy), and nothing is kept
         failure = exc
     with _built_lock:
         if failure is None:
