@@ -74,6 +74,21 @@ def test_forced_tool_call_online_equals_staged(fixture, request):
         assert [c.name for c in named.tool_calls] == ["flag"] and isinstance(named.tool_calls[0].arguments["on"], bool)
 
 
+def test_a_forced_start_the_base_grammar_cannot_take_is_refused_in_every_mode_the_base_writes(differ_runtime):
+    """The tiny tokenizers write a space as "▁", which xgrammar reads as that character: the base's
+    tokens of a forced start with a space do not fit a JSON grammar that its text fits. Base mode
+    refused it, and WSD modes dropped it from the reply without a word; the draft alone reads it
+    as text and keeps it."""
+    messages = [{"role": "user", "content": "Pick."}, {"role": "assistant", "content": '{"color": "red", "ok":'}]
+    for mode in ("base", "online", "staged"):
+        with pytest.raises(InvalidParameterError, match="as the base model's tokenizer writes it: the grammar takes its text, but only"):
+            differ_runtime.generate(messages, mode=mode, max_tokens=30, response_format=SCHEMA)
+    assert differ_runtime.generate(messages, mode="draft", max_tokens=30, response_format=SCHEMA).text.startswith('{"color": "red", "ok":')
+    spaceless = [messages[0], {"role": "assistant", "content": '{"color":"red","ok":'}]
+    for mode in ("base", "online", "staged"):
+        assert differ_runtime.generate(spaceless, mode=mode, max_tokens=30, response_format=SCHEMA).text.startswith('{"color":"red","ok":')
+
+
 @pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
 def test_text_formats_hold_the_reply_and_online_equals_staged(fixture, request):
     runtime = request.getfixturevalue(fixture)

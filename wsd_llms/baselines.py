@@ -10,18 +10,15 @@ from .continuation import continue_base
 from .encoding import encode_text
 from .loading import LoadedModel
 from .sampling import make_generator
-from .errors import InvalidParameterError
 from .sequence import Forward, Phase, Program, Sequence
-from .structured import Guide, draft_guide, forced_prefix_error
+from .structured import checked_base_guide, draft_guide
 
 
 def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.phase = Phase.CONTINUING  # the base model writes the whole reply
     seq.base_kv = seq.new_cache("base")
     prefix = encode_text(base.tokenizer, seq.prompts.forced_prefix)
-    guide = Guide(base, seq.constraint)
-    if guide.sync(prefix) < len(prefix):
-        raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
+    guide = checked_base_guide(seq, base, prefix)
     prefix = prefix[: seq.params.max_tokens]  # the reply starts with it, as WSD's does, within its budget
     rows = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base", lazy=True)
     seq.emit(seq.reply.add(prefix, "base"))

@@ -74,12 +74,10 @@ def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, 
     return Handoff(ids[:prompt_len], ids[prompt_len:])
 
 
-def min_switch(tokenizer: Any, base_prompt: str, prompt_len: int, forced_prefix: str, spans: Sequence[Span] = ()) -> int:
-    """The first draft index the switch may fall on: the forced start's last base token (it is
-    forced, so it is kept whole). 0 without one."""
-    if not forced_prefix:
-        return 0
-    return max(0, len(final_handoff(tokenizer, base_prompt, prompt_len, forced_prefix, spans).draft_ids) - 1)
+def forced_ids(tokenizer: Any, base_prompt: str, prompt_len: int, forced_prefix: str, spans: Sequence[Span] = ()) -> list[int]:
+    """The base ids of the reply's forced start, as a draft of it alone hands it on ([] without
+    one). It is kept whole: the switch falls on its last token at the earliest."""
+    return final_handoff(tokenizer, base_prompt, prompt_len, forced_prefix, spans).draft_ids if forced_prefix else []
 
 
 def partial_handoff(

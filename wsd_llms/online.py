@@ -12,13 +12,13 @@ from collections import deque
 
 from .continuation import continue_base, keep_draft
 from .drafting import DraftPasses
-from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, common_prefix, draft_text, final_handoff, min_switch
+from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, common_prefix, draft_text, final_handoff, forced_ids
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
 from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
-from .structured import Guide, draft_guide
+from .structured import checked_base_guide, draft_guide
 from .switch import SwitchDetector
 
 # When to run the next scoring pass: after `scored` tokens, wait for scored clamped to
@@ -122,13 +122,13 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     draft_gen = make_generator(params.seed)
     base_gen = make_generator(params.seed, stream=1)
     prompt_len = len(prompts.base_ids)
-    first = min_switch(base.tokenizer, prompts.base_text, prompt_len, prompts.forced_prefix, prompts.base_spans)
-    detector = SwitchDetector(params.switch_window, params.switch_threshold, first)
+    forced = forced_ids(base.tokenizer, prompts.base_text, prompt_len, prompts.forced_prefix, prompts.base_spans)
+    detector = SwitchDetector(params.switch_window, params.switch_threshold, max(0, len(forced) - 1))
     free = min(detector.first + 1, params.max_tokens)  # always kept: no switch can come earlier
     scorer = _Scorer(seq, detector)
     score_at = detector.first + 1  # the first pass waits for the earliest point a window can pass
 
-    guide, base_guide = draft_guide(seq, draft), Guide(base, seq.constraint)
+    guide, base_guide = draft_guide(seq, draft), checked_base_guide(seq, base, forced)
 
     seq.phase = Phase.DRAFTING
     seq.draft_kv = seq.new_cache("draft")

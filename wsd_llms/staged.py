@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from .continuation import continue_base, keep_draft
 from .drafting import DraftPasses
-from .handoff import draft_text, final_handoff, min_switch
+from .handoff import draft_text, final_handoff, forced_ids
 from .loading import LoadedModel
 from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
-from .structured import Guide, draft_guide
+from .structured import checked_base_guide, draft_guide
 from .switch import find_switch
 
 
@@ -26,7 +26,8 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     # 1-2. Draft until EOS or max_draft_tokens.
     seq.phase = Phase.DRAFTING
     seq.draft_kv = seq.new_cache("draft")
-    guide = draft_guide(seq, draft)
+    forced = forced_ids(base.tokenizer, prompts.base_text, len(prompts.base_ids), prompts.forced_prefix, prompts.base_spans)
+    guide, base_guide = draft_guide(seq, draft), checked_base_guide(seq, base, forced)
     drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide)
     yield from drafter.start(prompts.draft_ids)
     generated: list[int] = []
@@ -54,11 +55,9 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
         seq.base_kv = None
         del rows  # the check cache is freed now, not when the request ends
-    first = min_switch(base.tokenizer, prompts.base_text, len(prompts.base_ids), prompts.forced_prefix, prompts.base_spans)
-    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, first)
+    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, max(0, len(forced) - 1))
     # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
     # then continue from a fresh prefill of prompt + kept draft.
-    base_guide = Guide(base, seq.constraint)
     kept = keep_draft(seq, handoff.draft_ids[: params.max_tokens if switch is None else switch + 1], base_guide)
     seq.switch_point = None if switch is None or seq.reply.stopped else len(kept)  # a stop in the draft: no switch
     if seq.reply.stopped or len(kept) >= params.max_tokens:

@@ -457,6 +457,23 @@ def forced_prefix_error(prefix: str) -> str:
     return f"the reply's forced start (the trailing assistant message) {prefix!r} does not fit the request's grammar"
 
 
+def checked_base_guide(seq: Any, base: LoadedModel, forced: list[int]) -> Guide:
+    """The base model's guide for a sequence, checked to take `forced`, its ids of the reply's
+    forced start: a tokenizer may write text the grammar takes in pieces it reads otherwise."""
+    from .errors import InvalidParameterError
+
+    guide = Guide(base, seq.constraint)
+    if (taken := guide.sync(forced)) < len(forced):
+        prefix = seq.prompts.forced_prefix
+        if Guide(base, seq.constraint).accept_text(prefix):  # the text fits: the tokenizer's pieces of it do not
+            raise InvalidParameterError(
+                f"{forced_prefix_error(prefix)} as the base model's tokenizer writes it: the grammar takes its text, but only "
+                f"{taken} of the {len(forced)} tokens it is written in"
+            )
+        raise InvalidParameterError(forced_prefix_error(prefix))
+    return guide
+
+
 def draft_guide(seq: Any, draft: LoadedModel) -> Guide:
     """The draft model's guide for a sequence, past the reply's forced start."""
     from .errors import InvalidParameterError
