@@ -14,7 +14,7 @@ from wsd_llms.messages import normalize_messages
 from wsd_llms.params import GenerationParams, parse_params
 from wsd_llms.prompts import build_prompts
 from wsd_llms.runtime import WSDRuntime
-from wsd_llms.structured import Cut, Guide, _validation_error, constraint_spec, parse_json
+from wsd_llms.structured import Cut, Guide, _validation_error, constraint_spec, parse_json, structured_fields
 from wsd_llms.tools import TOOLS_SYSTEM, parse_reply, react_format
 
 SCHEMA = {
@@ -345,7 +345,6 @@ def test_calls_parse_whatever_their_strings_hold():
     checked as the grammar writes it (it was re-spaced and refused)."""
     import xgrammar as xgr
 
-    from wsd_llms.structured import structured_fields
 
     echo = {"name": "echo", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}
     sized = {"type": "object", "properties": {"size": {"enum": [[1, 2], [3, 4]]}, "opts": {"const": {"mode": "fast"}}}, "required": ["size", "opts"]}
@@ -387,7 +386,6 @@ def test_tools_with_a_response_format_give_calls_or_the_value():
     relies on: the reply calls tools, or it is the response_format's value; nothing else."""
     import xgrammar as xgr
 
-    from wsd_llms.structured import structured_fields
 
     params = parse_params(tools=[TOOL], response_format=SCHEMA)
     grammar = xgr.Grammar.from_structural_tag(constraint_spec(params))
@@ -432,7 +430,6 @@ def test_calls_show_as_they_are_written_and_finish_in_order():
 def test_a_value_off_its_schema_is_not_parsed():
     """A value that breaks a keyword the grammar does not enforce (uniqueItems) gets a parse_error and
     no `parsed` (it had held the invalid value beside the error, for a caller that reads only it)."""
-    from wsd_llms.structured import structured_fields
 
     params = parse_params(response_format={"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}})
     fields = structured_fields('{"tags": ["a", "a"]}', params)
@@ -449,7 +446,6 @@ def test_a_json_reply_cut_short_says_what_ended_it(draft_tokenizer):
     from tiny import tiny_llama
 
     from wsd_llms import WSDRuntime
-    from wsd_llms.structured import structured_fields
 
     draft, base = (tiny_llama(draft_tokenizer, 0, name, sharpen=3.0) for name in ("tiny-draft", "tiny-base"))
     long_name = {"type": "object", "properties": {"name": {"type": "string", "minLength": 30}}, "required": ["name"]}
@@ -482,17 +478,43 @@ def test_a_json_reply_cut_short_says_what_ended_it(draft_tokenizer):
     assert structured_fields('{"color": "blue", "ok": false, "n": 3}', params, CUT)["parse_error"] is None
 
 
+SET_LR = {
+    "name": "set_lr",
+    "description": "",
+    "parameters": {"type": "object", "properties": {"lr": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["lr"]},
+}
+
+
 def test_numbers_are_checked_as_written():
     """A bounded number's grammar writes no exponents; the check must see 0.00001 as the model wrote
     it, not as Python re-spells it (1e-05), or a valid call is reported invalid."""
-    bounded = {"type": "object", "properties": {"lr": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["lr"]}
-    tool = {"name": "set_lr", "description": "", "parameters": bounded}
+    bounded, tool = SET_LR["parameters"], SET_LR
     for written, value in (("0.00001", 1e-05), ("0.5", 0.5), ("1", 1)):
         _, calls, invalid = parse_reply(f'<tool_call>\n{{"name": "set_lr", "arguments": {{"lr": {written}}}}}\n</tool_call>', [tool])
         assert not invalid and calls[0].arguments == {"lr": value}
         assert parse_json(f'{{"lr": {written}}}', bounded) == ({"lr": value}, None)
     _, calls, invalid = parse_reply('<tool_call>\n{"name": "set_lr", "arguments": {"lr": 1.5}}\n</tool_call>', [tool])
     assert not calls and "does not match" in invalid[0].error
+
+
+def test_a_number_that_may_not_be_whole_or_that_no_float_holds_is_not_parsed(shared_runtime):
+    """A reply of a number that max_tokens cut parsed as the digits written so far (9 of 94...), and
+    1e999 as inf, which JSON cannot write again (a call's arguments went on as "Infinity"); JSON's
+    missing NaN and Infinity are refused as well."""
+    messages = [{"role": "user", "content": "How many?"}]
+    shorter, longer = (shared_runtime.generate(messages, response_format={"type": "integer"}, max_tokens=n) for n in (1, 2))
+    assert longer.text.startswith(shorter.text) and len(longer.text) > len(shorter.text)  # it went on
+    assert shorter.parsed is None and shorter.parse_error == (
+        f"the reply used up max_tokens=1 right after the number {shorter.text}, which may not be whole; raise max_tokens"
+    )
+    integer = parse_params(response_format={"type": "integer"})
+    assert structured_fields("12", integer, CUT)["parse_error"].startswith("the reply used up max_tokens=12 right after the number 12")
+    assert structured_fields("12 ", integer, CUT)["parsed"] == structured_fields("12", integer)["parsed"] == 12  # ended by its own mark
+    assert structured_fields("true", parse_params(response_format={"type": "boolean"}), CUT)["parsed"] is True
+    for text, error in (("1e999", "the number 1e999 is beyond the range of a 64-bit float"), ("[1, NaN]", "NaN is not JSON")):
+        assert parse_json(text, {}) == (None, f"the reply is not valid JSON: {error}")
+    _, calls, invalid = parse_reply('<tool_call>\n{"name": "set_lr", "arguments": {"lr": -1e400}}\n</tool_call>', [SET_LR])
+    assert not calls and invalid[0].error == "the number -1e400 is beyond the range of a 64-bit float"
 
 
 def test_a_raw_control_character_the_grammar_lets_through_is_read():
@@ -608,7 +630,6 @@ def test_tools_render_into_both_prompts(differ_runtime):
 
 def test_tool_choice_none_reports_no_calls():
     from wsd_llms.params import parse_params
-    from wsd_llms.structured import structured_fields
 
     tool = {"name": "add", "description": "Add.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
     text = '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>'

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import re
 import threading
@@ -126,13 +127,26 @@ def as_written(value: Any) -> str:
 
 def load_json(text: str, **kwargs: Any) -> Any:
     """json.loads, where JSON nested too deeply for Python's parser is a ValueError, as other JSON
-    that does not parse is (json.loads raises RecursionError for it). Strings may hold raw control
-    characters: xgrammar's rule for a string with minLength/maxLength lets them through (a tab, say),
-    and the value they spell is plain; a value written out again (`as_written`) escapes them."""
+    that does not parse is (json.loads raises RecursionError for it), and so are a number beyond a
+    float's range (json.loads reads 1e999 as inf, which JSON cannot write again) and the NaN and
+    Infinity that JSON does not have. Strings may hold raw control characters: xgrammar's rule for
+    a string with minLength/maxLength lets them through (a tab, say), and the value they spell is
+    plain; a value written out again (`as_written`) escapes them."""
     try:
-        return json.loads(text, strict=False, **kwargs)
+        return json.loads(text, strict=False, **{"parse_float": _finite, "parse_constant": _no_constant, **kwargs})
     except RecursionError:
         raise ValueError("it is nested too deeply to parse") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text} is beyond the range of a 64-bit float")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def strict_json(text: str) -> str:
@@ -178,8 +192,16 @@ def structured_fields(text: str, params: GenerationParams, cut: Cut | None = Non
         parsed, error = parse_json(text, params.response_format)
         if cut is not None and parsed is None and error is not None:
             error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy}"
+        elif cut is not None and _number_at_end(text, parsed):  # "12" of 1234: whole as JSON, not as written
+            error = f"{cut.limit} right after the number {text.strip()}, which may not be whole; {cut.remedy}"
         return {"content": text, "parsed": parsed if error is None else None, "parse_error": error}  # never an invalid value as parsed
     return {"content": text}
+
+
+def _number_at_end(text: str, value: Any) -> bool:
+    """Whether the reply is a number it ends with, which a cut may have ended before its last digit
+    (a cut value of any other kind does not parse, or is whole: it ends with a closing mark)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and text == text.rstrip()
 
 
 def constraint_spec(params: GenerationParams) -> str | None:
