@@ -222,6 +222,8 @@ def test_tool_choice_false_leaves_the_constructors_choice():
         ({"dtype": "fp16"}, "invalid dtype='fp16'; allowed: auto, float32, float16, bfloat16"),
         ({"temperature": float("nan")}, "temperature\n  Input should be a finite number"),
         ({"max_tokens": True}, "max_tokens\n  Value error, a number is needed, not a bool"),
+        ({"trust_remote_code": "yes"}, "trust_remote_code\n  Input should be a valid boolean [type=bool_type, input_value='yes'"),
+        ({"trust_remote_code": 1}, "trust_remote_code\n  Input should be a valid boolean [type=bool_type, input_value=1,"),
     ],
 )
 def test_bad_constructor_arguments_are_named_at_construction(kwargs, needle):

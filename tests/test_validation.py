@@ -2,6 +2,7 @@
 
 from datetime import date
 
+import numpy as np
 import pytest
 from pydantic import BaseModel
 
@@ -28,6 +29,8 @@ class _Point(BaseModel):
         ({"timeout": float("inf")}, "invalid timeout=inf: Input should be a finite number"),
         ({"max_tokens": True}, "invalid max_tokens=True: a number is needed, not a bool"),  # pydantic took True as 1
         ({"seed": False}, "invalid seed=False: a number is needed, not a bool"),
+        ({"max_tokens": np.True_}, "invalid max_tokens=np.True_: a number is needed, not a bool"),  # numpy's too
+        ({"max_tokens": np.int64(0)}, "invalid max_tokens=0: Input should be greater than or equal to 1"),
         ({"top_p": 0}, "invalid top_p=0"),
         ({"top_k": -1}, "invalid top_k=-1"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
@@ -69,6 +72,13 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     with pytest.raises(InvalidParameterError) as err:
         parse_params(**params)
     assert needle in str(err.value)
+
+
+def test_numpy_integers_are_the_ints_they_hold():
+    """An app that draws its seeds or budgets with numpy: a 64-bit seed as uint64 was refused
+    ("Unable to parse input string as an integer"), though the same int is taken."""
+    params = parse_params(seed=np.uint64(2**64 - 1), max_tokens=np.int32(7), top_k=np.int16(3))
+    assert (params.seed, params.max_tokens, params.top_k) == (2**64 - 1, 7, 3) and type(params.seed) is int
 
 
 def _grammar_builds(monkeypatch) -> list[bool]:

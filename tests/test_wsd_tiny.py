@@ -253,6 +253,26 @@ def test_baseline_modes_run_each_model_alone(differ_runtime):
     assert wsd.draft_text.startswith(draft.text.strip()[:10])
 
 
+def test_usage_counts_the_prompts_of_the_models_that_ran(differ_runtime):
+    """A baseline's usage counts no prompt for the model it does not run, and the adapters' totals
+    (usage_counts) are the prompt and cache reads of the model that wrote the reply: with
+    mode="draft", the base's prompt, never run, had been given as the input and its cache reads,
+    none, as the cache's, where the draft had read most of its prompt from the prefix cache."""
+    from wsd_llms.integration import usage_counts
+
+    messages = [{"role": "system", "content": "The capital of France is Paris. " * 12}, *QUESTIONS[0]]
+    wsd = differ_runtime.generate(messages, max_tokens=8).usage
+    base = differ_runtime.generate(messages, mode="base", max_tokens=8).usage
+    differ_runtime.generate(messages, mode="draft", max_tokens=8)  # fills the draft's prefix cache
+    draft = differ_runtime.generate(messages, mode="draft", max_tokens=8)
+    assert (base.draft_prompt_tokens, base.base_prompt_tokens) == (0, wsd.base_prompt_tokens)
+    assert (draft.usage.draft_prompt_tokens, draft.usage.base_prompt_tokens) == (wsd.draft_prompt_tokens, 0)
+    counts = usage_counts(draft)
+    assert draft.usage.draft_cached_prompt_tokens > 0
+    assert (counts["input_tokens"], counts["cache_read_tokens"]) == (draft.usage.draft_prompt_tokens, draft.usage.draft_cached_prompt_tokens)
+    assert counts["total_tokens"] == draft.usage.draft_prompt_tokens + draft.usage.reply_tokens
+
+
 @pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
 def test_the_prompt_is_tokenized_with_the_draft_only_when_a_scoring_pass_may_fall_due(pair, request, monkeypatch):
     """Between scoring passes the online engine estimates the draft's stable base tokens instead of

@@ -577,8 +577,8 @@ class Engine:
             switch_point=seq.switch_point,
             draft_text=reply.text[: reply.draft_chars],
             usage=Usage(
-                draft_prompt_tokens=len(seq.prompts.draft_ids),
-                base_prompt_tokens=len(seq.prompts.base_ids),
+                draft_prompt_tokens=len(seq.prompts.draft_ids) if "draft" in MODELS[seq.params.mode] else 0,  # read by a model that ran
+                base_prompt_tokens=len(seq.prompts.base_ids) if "base" in MODELS[seq.params.mode] else 0,
                 draft_tokens=seq.draft_tokens,
                 kept_draft_tokens=seq.kept_draft,
                 base_tokens=seq.base_tokens,

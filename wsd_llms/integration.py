@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import ConfigDict, Field, StrictBool, ValidationInfo, create_model, field_validator, model_validator
 
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
@@ -70,7 +70,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     dtype: str = Field("auto", description="auto, float32, float16, bfloat16")
     draft_revision: str | None = None
     base_revision: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = Field(False, description="run a model repo's own code (a bool, not a string)")
     stop: list[str] | None = Field(None, description="strings that end the reply")
 
     unused_arguments: ClassVar[tuple[str, ...]] = ()
@@ -435,14 +435,16 @@ def result_metadata(result: WSDResult) -> dict[str, Any]:
 
 
 def usage_counts(result: WSDResult) -> dict[str, Any]:
-    """Input/output/total tokens counted in the base tokenizer, with the draft model's counts;
-    `cache_read_tokens`: the input tokens taken from the prefix cache (for the draft, in its own)."""
+    """Input/output/total tokens of the model that writes the reply (the base; the draft with
+    mode="draft"), in its tokenizer, with the draft model's counts; `cache_read_tokens`: the input
+    tokens taken from the prefix cache (for the draft, in its own)."""
     u = result.usage
+    prompt, cached = (u.draft_prompt_tokens, u.draft_cached_prompt_tokens) if result.mode == "draft" else (u.base_prompt_tokens, u.base_cached_prompt_tokens)
     return {
-        "input_tokens": u.base_prompt_tokens,
+        "input_tokens": prompt,
         "output_tokens": u.reply_tokens,
-        "total_tokens": u.base_prompt_tokens + u.reply_tokens,
-        "cache_read_tokens": u.base_cached_prompt_tokens,
+        "total_tokens": prompt + u.reply_tokens,
+        "cache_read_tokens": cached,
         "draft": {
             "input_tokens": u.draft_prompt_tokens,
             "cache_read_tokens": u.draft_cached_prompt_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import numbers
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -123,8 +124,10 @@ class GenerationParams(BaseModel):
     )
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # pydantic would take True as 1
+        if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # pydantic would take True as 1
             raise ValueError("a number is needed, not a bool")
+        if isinstance(value, numbers.Integral) and not isinstance(value, int):
+            return int(value)  # numpy's integers as the ints they hold (pydantic read a uint64 beyond int64's range as a string)
         return value
 
     @field_validator("tool_choice", mode="before")

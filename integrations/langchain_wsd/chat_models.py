@@ -745,7 +745,8 @@ def _call_block(block: Any, errors: dict[str, str]) -> str | None:
 
 
 def to_usage_metadata(result: WSDResult) -> UsageMetadata:
-    """LangChain usage: base-tokenizer totals, with the draft model's counts in the details."""
+    """LangChain usage: the totals of the model that writes the reply (the base; the draft with
+    mode="draft"), with the draft model's counts in the details."""
     counts = usage_counts(result)
     draft = counts["draft"]
     return UsageMetadata(
