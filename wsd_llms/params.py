@@ -57,7 +57,7 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    max_tokens: int = Field(256, ge=1, description="cap on the whole reply, in base tokens")
+    max_tokens: int = Field(256, ge=1, description="cap on the whole reply, in base tokens (the draft's with mode=\"draft\")")
     max_draft_tokens: int = Field(512, ge=1, description="cap on the draft, in draft tokens")
     switch_threshold: float = Field(0.8, gt=0.0, le=1.0, description="τ: geometric-mean probability that triggers the switch")
     switch_window: int = Field(6, ge=1, description="w: number of consecutive draft tokens in the window")
