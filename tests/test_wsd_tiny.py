@@ -338,3 +338,19 @@ def test_a_draft_of_byte_tokens_streams_only_text_it_keeps():
             assert "".join(e.text for e in events if isinstance(e, TextDelta)) == events[-1].result.text == online.text
     finally:
         runtime.close()
+
+
+def test_a_finished_draft_keeps_the_whole_characters_of_its_last_byte_run():
+    """max_draft_tokens may cut a draft inside a character written in byte tokens: the hand-off
+    drops that character alone. The byte-fallback decoder turned the whole run into U+FFFD, so
+    "é" before a cut emoji was dropped too (and a grammar then had the base write it again)."""
+    from tiny import byte_fallback_tokenizer
+
+    from wsd_llms.handoff import draft_text
+
+    tokenizer = byte_fallback_tokenizer()
+    written = [1, *(3 + b for b in "é".encode())]  # "Aé"
+    cut_emoji = written + [3 + "😀".encode()[0]]
+    assert draft_text(tokenizer, "", cut_emoji) == draft_text(tokenizer, "", written) == "Aé"
+    assert draft_text(tokenizer, "", [1, 3 + 0xFF, 3 + 0xFE]) == "A"  # bytes of no character: none kept
+    assert draft_text(tokenizer, "", cut_emoji, final=False) == "A"  # unfinished: the run is not final yet

@@ -45,13 +45,18 @@ def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int], final: 
     An unfinished draft's text stops before a run of byte tokens at its end: a byte-fallback decoder
     (Llama's, Gemma's: "<0xC3>") decodes a run of them together, and turns the whole run into U+FFFD
     while it ends in an incomplete or invalid character, which would take back characters the run
-    had shown (and that may have streamed). A run's text is final once another token ends it."""
+    had shown (and that may have streamed). A run's text is final once another token ends it; a
+    finished draft's run keeps its whole characters (max_draft_tokens may cut the last one)."""
+    byte_ids, end = _byte_ids(tokenizer), len(generated)
     if not final:
-        byte_ids, end = _byte_ids(tokenizer), len(generated)
         while end and generated[end - 1] in byte_ids:
             end -= 1
-        generated = generated[:end]
-    return (forced_prefix + decode(tokenizer, generated)).lstrip()
+        return (forced_prefix + decode(tokenizer, generated[:end])).lstrip()
+    text = decode(tokenizer, generated)
+    while text.endswith("\ufffd") and end and generated[end - 1] in byte_ids:  # an incomplete character: without its bytes
+        end -= 1
+        text = decode(tokenizer, generated[:end])
+    return (forced_prefix + text).lstrip()
 
 
 _BYTES: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
