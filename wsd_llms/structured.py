@@ -365,7 +365,8 @@ def _xgrammar_reason(exc: RuntimeError) -> str:
     return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip())
 
 
-# Compiled grammars kept per tokenizer, least recently used dropped first. A small schema costs about
+# Compiled grammars kept per tokenizer (as xgrammar counts their bytes: the process holds about twice
+# that), least recently used dropped first. A small schema costs about
 # 0.7 MB for the embedded pair (most of it the base's 262k-word masks), a set of 3 tools 2.5 MB; an
 # agent that builds its tools per call would otherwise grow without bound.
 GRAMMAR_CACHE_BYTES = 64 * 2**20
