@@ -965,7 +965,8 @@ def test_a_call_streams_as_it_is_written(fake):
 
 def test_a_streamed_call_found_invalid_at_the_end_is_reported_under_its_id(fake):
     """A call cut short by max_tokens streams as far as it was written; the last chunk names its
-    error under the id it streamed with, and an invoked message lists it as invalid."""
+    error under the id it streamed with, and an invoked message lists it as invalid, with the text
+    the model wrote (not `{"a": 1}`, the parse of it so far, which reads as whole arguments)."""
     raw = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b'
     error = "the call is not closed with </tool_call> (the reply used up max_tokens=20 first; raise max_tokens)"
     fake.reply = fake_result(raw, content="", invalid_tool_calls=(InvalidToolCall(raw, error, "Add", "call_9"),))
@@ -975,7 +976,7 @@ def test_a_streamed_call_found_invalid_at_the_end_is_reported_under_its_id(fake)
         streamed_id = chunks[0].tool_call_chunks[0]["id"]
         assert chunks[-1].response_metadata["tool_call_errors"] == {streamed_id: error}
         invoked = model.bind_tools([Add]).invoke("x")
-        assert invoked.tool_calls == [] and [(c["name"], c["args"], c["error"]) for c in invoked.invalid_tool_calls] == [("Add", '{"a": 1}', error)]
+        assert invoked.tool_calls == [] and [(c["name"], c["args"], c["error"]) for c in invoked.invalid_tool_calls] == [("Add", raw, error)]
 
 
 def test_an_invalid_call_that_never_showed_reaches_content_block_streams(fake):

@@ -685,11 +685,13 @@ def final_chunks(result: WSDResult, calls: list[FinalCall]) -> list[ChatGenerati
         else:
             pieces.append(tool_call_chunk(name=call.name, args=call.raw, id=call.id, index=final.index))
     metadata = result_metadata(result)
-    if errors := {final.call.id: final.call.error for final in calls if not isinstance(final.call, ToolCall)}:
-        metadata["tool_call_errors"] = errors
+    info = {"finish_reason": result.finish_reason, "model_name": metadata["model_name"]}
+    if invalid := [final.call for final in calls if not isinstance(final.call, ToolCall)]:
+        metadata["tool_call_errors"] = {call.id: call.error for call in invalid}
+        info[_RAW_CALLS] = {call.id: call.raw for call in invalid}
     last = ChatGenerationChunk(
         message=AIMessageChunk(content="", usage_metadata=to_usage_metadata(result), response_metadata=metadata, chunk_position="last"),
-        generation_info={"finish_reason": result.finish_reason, "model_name": metadata["model_name"]},
+        generation_info=info,
     )
     return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=pieces)), last] if pieces else [last]
 
@@ -712,12 +714,20 @@ def _with_run_id(chunk: ChatGenerationChunk, run_manager: _RunManager) -> ChatGe
     return chunk
 
 
+# generation_info's key for the invalid calls' raw text by id: an invoked message is made from the
+# streamed chunks without their tool_call_chunks, so a call that streamed has only its partial parse.
+_RAW_CALLS = "wsd_invalid_tool_calls_raw"
+
+
 def _with_call_errors(result: ChatResult) -> ChatResult:
     """Put the runtime's error of each invalid tool call on the invoked message: a call that streamed
     before the runtime found it invalid (its arguments parsed as far as they were written) moves to
-    `invalid_tool_calls`, with those arguments as JSON."""
-    message = result.generations[0].message
+    `invalid_tool_calls` with its raw text, as a call that never streamed has it (ChatOpenAI's
+    invalid call keeps the text the model wrote, not a parse of it)."""
+    generation = result.generations[0]
+    message = generation.message
     errors = message.response_metadata.get("tool_call_errors")
+    raw = (generation.generation_info or {}).pop(_RAW_CALLS, {})
     if errors and isinstance(message, AIMessage):
         streamed = [c for c in message.tool_calls if c["id"] in errors]
         message.tool_calls = [c for c in message.tool_calls if c["id"] not in errors]
@@ -730,7 +740,7 @@ def _with_call_errors(result: ChatResult) -> ChatResult:
         message.invalid_tool_calls = [
             *({**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls),
             *(
-                invalid_tool_call(name=c["name"], args=json.dumps(c["args"], ensure_ascii=False), id=c["id"], error=errors[c["id"]])
+                invalid_tool_call(name=c["name"], args=raw.get(c["id"], json.dumps(c["args"], ensure_ascii=False)), id=c["id"], error=errors[c["id"]])
                 for c in streamed
             ),
         ]
