@@ -1564,6 +1564,35 @@ def test_embedded_structured_output(embedded):
     assert isinstance(joke, Joke)
 
 
+@pytest.mark.filterwarnings("ignore:create_react_agent has been moved")  # still LangGraph's, and what agents built on it call
+def test_structured_output_reads_a_conversation_that_ends_with_an_answer(differ_runtime, monkeypatch):
+    """LangGraph's create_react_agent(..., response_format=...) asks for the structured response with
+    the whole history, which ends with the agent's answer (an AIMessage): with_structured_output
+    reads it as a finished turn and writes the value as the next one, in each method. As a forced
+    start of a JSON reply the answer did not fit the grammar, and the agent failed. A plain call
+    still continues a trailing AIMessage. Tiny models: the grammar holds the value."""
+    from langgraph.prebuilt import create_react_agent
+
+    class Verdict(BaseModel):
+        correct: bool
+
+    @tool
+    def check(claim: str) -> str:
+        """Check a claim."""
+        return "checked"
+
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: differ_runtime)
+    model = WSDChatModel(max_tokens=60)
+    history = [HumanMessage("Is 2+3 equal to 5?"), AIMessage("Yes, it is.")]
+    assert model.invoke(history).text.startswith("Yes, it is.")
+    for method in ("json_schema", "function_calling", "json_mode"):
+        schema = Verdict if method != "json_mode" else Verdict.model_json_schema()
+        value = model.with_structured_output(schema, method=method).invoke(history)
+        assert isinstance(value, Verdict) or set(value) == {"correct"}, (method, value)
+    out = create_react_agent(model, [check], response_format=Verdict).invoke({"messages": [history[0]]}, {"recursion_limit": 8})
+    assert isinstance(out["structured_response"], Verdict) and isinstance(out["messages"][-1], AIMessage)
+
+
 def test_summarization_middleware_shortens_a_summary_prompt_that_overflows(draft_tokenizer, monkeypatch):
     """An agent whose history has outgrown the draft model's window keeps going under LangChain's
     SummarizationMiddleware: the summary call raises ContextOverflowError, which the middleware

@@ -11,7 +11,7 @@ from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
-from llama_index.core.prompts import PromptTemplate
+from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
 
@@ -464,3 +464,25 @@ async def test_http_extras_in_a_call_are_dropped(monkeypatch: pytest.MonkeyPatch
     llm, script = scripted(monkeypatch, "Context.")
     response = await llm.achat([ChatMessage(role="user", content="Situate this chunk.")], max_tokens=16, extra_headers={"anthropic-beta": "x"})
     assert response.message.content == "Context." and script.params[-1]["max_tokens"] == 16 and "extra_headers" not in script.params[-1]
+
+
+def test_a_structured_chat_reads_a_conversation_that_ends_with_an_answer(differ_runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`as_structured_llm(...).chat` over a conversation that ends with the assistant's answer writes
+    the value as a new turn (continue_final_message=False), where the answer as a forced start of
+    the JSON reply did not fit the grammar and failed; `llm_kwargs` may still ask to continue it,
+    and a plain chat continues it. Tiny models: the grammar holds the value."""
+    from wsd_llms import InvalidParameterError
+    from wsd_llms.integration import WSDSettings
+
+    class Verdict(BaseModel):
+        correct: bool
+
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: differ_runtime)
+    llm = WSDLLM(max_tokens=60)
+    history = [ChatMessage(role="user", content="Is 2+3 equal to 5?"), ChatMessage(role="assistant", content="Yes, it is.")]
+    assert llm.chat(history).message.content.startswith("Yes, it is.")
+    assert isinstance(llm.as_structured_llm(Verdict).chat(history).raw, Verdict)
+    template = ChatPromptTemplate(message_templates=history)
+    assert isinstance(llm.structured_predict(Verdict, template), Verdict)
+    with pytest.raises(InvalidParameterError, match="does not fit the request's grammar"):
+        llm.structured_predict(Verdict, template, llm_kwargs={"continue_final_message": True})

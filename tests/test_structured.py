@@ -89,6 +89,26 @@ def test_a_forced_start_the_base_grammar_cannot_take_is_refused_in_every_mode_th
         assert differ_runtime.generate(spaceless, mode=mode, max_tokens=30, response_format=SCHEMA).text.startswith('{"color":"red","ok":')
 
 
+def test_a_finished_last_turn_is_history_with_continue_final_message_false(differ_runtime):
+    """continue_final_message=False reads a trailing assistant message as a turn of the conversation
+    (LangGraph's structured-response step sends the agent's last answer so): both prompts hold it
+    whole, and the reply is a new turn under the grammar, where the answer as a forced start does
+    not fit it and is refused. Greedy online equals staged."""
+    from wsd_llms.messages import normalize_messages
+    from wsd_llms.prompts import build_prompts
+
+    messages = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "The answer is 5."}]
+    engine = differ_runtime.load()
+    ended = build_prompts(engine.draft.tokenizer, engine.base.tokenizer, normalize_messages(messages), continue_final=False)
+    assert ended.forced_prefix == "" and ended.base_text.endswith("[User]\nWhat is 2+3?\n\n[Assistant]\nThe answer is 5.\n\n[Assistant]\n")
+    draft_prompt = engine.draft.tokenizer.decode(ended.draft_ids).replace(" ", "")
+    assert draft_prompt.endswith("<|assistant|>Theansweris5.</s><|assistant|>"), draft_prompt
+    with pytest.raises(InvalidParameterError, match="forced start .* does not fit the request's grammar"):
+        differ_runtime.generate(messages, response_format=SCHEMA, max_tokens=60)
+    staged, online = _both(differ_runtime, messages, response_format=SCHEMA, max_tokens=60, continue_final_message=False)
+    assert online.text == staged.text and not online.text.startswith("The answer") and online.text.startswith("{"), online.text
+
+
 @pytest.mark.parametrize("fixture", ["shared_runtime", "differ_runtime"])
 def test_text_formats_hold_the_reply_and_online_equals_staged(fixture, request):
     runtime = request.getfixturevalue(fixture)

@@ -184,7 +184,7 @@ class Engine:
         """Build both prompts and check they fit; raises before any decoding starts."""
         self._refuse_far_too_long(messages, params)
         tools = params.tools if params.calls_tools else ()
-        prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools)
+        prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools, params.continue_final_message)
         asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))

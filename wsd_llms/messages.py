@@ -155,8 +155,9 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message], request:
     return out
 
 
-def split_forced_prefix(messages: list[Message]) -> tuple[list[Message], str]:
-    """A trailing assistant message is a forced start of the reply (DESIGN 3.1): split it off."""
-    if messages[-1].role == "assistant" and not messages[-1].tool_calls:
+def split_forced_prefix(messages: list[Message], continue_final: bool = True) -> tuple[list[Message], str]:
+    """A trailing assistant message is a forced start of the reply (DESIGN 3.1): split it off
+    (unless `continue_final` is False: then it is a turn of the conversation, as one with calls is)."""
+    if continue_final and messages[-1].role == "assistant" and not messages[-1].tool_calls:
         return messages[:-1], messages[-1].content.strip()
     return messages, ""

@@ -87,6 +87,11 @@ class GenerationParams(BaseModel):
     )
     tool_choice: str = Field("auto", description='"auto", "required" (or "any"), "none", or the name of one tool')
     parallel_tool_calls: bool = Field(False, description="allow several tool calls in one reply")
+    continue_final_message: bool = Field(
+        True,
+        description="a trailing assistant message (without tool calls) is the reply's forced start; False: it is "
+        "a finished turn, and the reply is the next one (vLLM's continue_final_message)",
+    )
 
     @field_validator("response_format", mode="before")
     @classmethod

@@ -142,10 +142,16 @@ def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Ma
 
 
 def build_prompts(
-    draft_tok: Any, base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()
+    draft_tok: Any,
+    base_tok: Any,
+    messages: list[Message],
+    base_template: str = "plain",
+    tools: Sequence[Mapping[str, Any]] = (),
+    continue_final: bool = True,
 ) -> Prompts:
-    """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix."""
-    context, prefix = split_forced_prefix(messages)
+    """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix (unless
+    `continue_final` is False)."""
+    context, prefix = split_forced_prefix(messages, continue_final)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
     base_spans = base_prompt_spans(base_tok, base_text, context)

@@ -370,7 +370,9 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         Decoding is always constrained, so `strict` changes nothing, and the grammar ends the value:
         the model's own stops do not apply (a call's `stop` still does; see WSDSettings.wsd_params).
         `include_raw=True` gives
-        `{"raw", "parsed", "parsing_error"}`.
+        `{"raw", "parsed", "parsing_error"}`. A conversation that ends with an AIMessage is read as
+        it stands (`continue_final_message=False`): the value is a new turn, as LangGraph's
+        `create_react_agent(..., response_format=...)` asks for it after the agent's last answer.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
@@ -382,7 +384,9 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         parser: Runnable
         if method == "function_calling":  # as BaseChatModel does, but a reply without a valid call fails the parse (it gave None)
             assert schema is not None
-            llm = self.bind_tools([schema], tool_choice="any", ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+            llm = self.bind_tools(
+                [schema], tool_choice="any", continue_final_message=False, ls_structured_output_format={"kwargs": {"method": method}, "schema": schema}
+            )
             parser = (
                 _PydanticCall(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if pydantic
@@ -393,6 +397,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             traced = convert_to_json_schema(schema) if isinstance(schema, type) else json_schema  # as LangChain traces a class
             llm = self.bind(
                 response_format=json_schema if json_schema is not None else {"type": "json_object"},
+                continue_final_message=False,
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )
             parser = _SchemaPydanticParser(pydantic_object=schema) if pydantic else _SchemaJsonParser()  # type: ignore[arg-type]
