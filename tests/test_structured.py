@@ -265,6 +265,13 @@ def test_param_forms():
     assert parse_params(response_format=wrapped).response_format == SCHEMA
     # OpenAI's wrapper without a schema is any JSON object (its own keys were taken as the schema)
     assert parse_params(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).response_format == {"type": "object"}
+    # The schema in its other wrappers: OpenAI's inner object, and a json_object's (llama.cpp's
+    # server): the first was read as a schema of unknown keywords (any value), the second dropped.
+    assert parse_params(response_format={"name": "point", "schema": SCHEMA, "strict": True}).response_format == SCHEMA
+    assert parse_params(response_format={"type": "json_object", "schema": SCHEMA}).response_format == SCHEMA
+    for bad, said in (({"type": "json_object", "properties": {}}, "not 'properties'"), ({"type": "json_object", "schema": "x"}, "must be a JSON schema")):
+        with pytest.raises(InvalidParameterError, match=f"invalid response_format.*{said}"):
+            parse_params(response_format=bad)
     p = parse_params(tools=[OPENAI_TOOL], tool_choice={"type": "function", "function": {"name": "flag"}})
     assert p.tools[0]["name"] == "flag" and p.tool_choice == "flag"
     assert parse_params(tools=[TOOL], tool_choice="any").tool_choice == "required"

@@ -52,6 +52,19 @@ def tool_choice_value(value: Any) -> Any:
 TEXT_GRAMMARS = ("regex", "structural_tag")
 
 
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    """{"type": "json_object"}: any JSON object; with a "schema" (llama.cpp's server, Together's,
+    Fireworks'), that schema. Any other key is refused, not left unread."""
+    if extra := sorted(set(value) - {"type", "schema"}):
+        raise ValueError(f'a json_object response_format takes "type" and "schema" (a JSON schema), not {", ".join(map(repr, extra))}')
+    schema = value.get("schema")
+    if schema is None:
+        return {"type": "object"}
+    if not isinstance(schema, dict):
+        raise ValueError(f'a json_object response_format\'s "schema" must be a JSON schema (a dict), got {schema!r}')
+    return schema
+
+
 class GenerationParams(BaseModel):
     """Everything one request may set; the defaults are the paper's (τ=0.8, w=6, greedy)."""
 
@@ -103,7 +116,9 @@ class GenerationParams(BaseModel):
         if isinstance(value, dict) and value == {"type": "text"}:
             return None  # OpenAI's explicit plain text (no JSON schema has type "text")
         if isinstance(value, dict) and value.get("type") == "json_object":
-            return {"type": "object"}
+            return _json_object(value)
+        if isinstance(value, dict) and "type" not in value and "name" in value and isinstance(value.get("schema"), dict):
+            return value["schema"]  # OpenAI's json_schema object without its wrapper: {"name", "schema", "strict"}
         if isinstance(value, dict) and value.get("type") == "json_schema" and not isinstance(value.get("json_schema"), dict):
             raise ValueError('a json_schema response_format needs a "json_schema" object, as OpenAI\'s: {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
         if isinstance(value, dict) and value.get("type") == "json_schema":
