@@ -1416,7 +1416,7 @@ def test_a_value_off_its_schema_is_a_parsing_error(fake, method):
 def test_json_mode_without_a_schema_is_any_json_object(fake):
     fake.reply = fake_result(json.dumps(JOKE))
     assert WSDChatModel().with_structured_output(method="json_mode").invoke("joke") == JOKE
-    assert fake.requests[-1][1]["response_format"] == {"type": "json_object"}
+    assert fake.requests[-1][1]["response_format"] == {"type": "object"}
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
@@ -1562,6 +1562,26 @@ def test_embedded_forced_tool_call_stream_matches_invoke_and_history_runs(embedd
 def test_embedded_structured_output(embedded):
     joke = WSDChatModel(max_tokens=48).with_structured_output(Joke).invoke("Tell me a joke about cats.")
     assert isinstance(joke, Joke)
+
+
+def test_structured_output_is_the_whole_reply_whatever_the_constructor_says(fake):
+    """with_structured_output leaves out the constructor's tools (json_schema, json_mode) and
+    response_format (function_calling), and so does a call that forces a tool call: they made a
+    request the runtime refused (a response_format beside a forced call), or offered tools where
+    the value was asked for."""
+    weather = {"type": "function", "function": {"name": "weather", "description": "d", "parameters": {"type": "object", "properties": {}}}}
+    answers, calls = WSDChatModel(response_format={"type": "json_object"}), WSDChatModel(tools=[weather], tool_choice="required")
+    answers.with_structured_output(Add, method="function_calling", include_raw=True).invoke("x")
+    params = fake.requests[-1][1]
+    assert params["response_format"] is None and [t["function"]["name"] for t in params["tools"]] == ["Add"] and params["tool_choice"] == "required"
+    answers.bind_tools([weather], tool_choice="weather").invoke("x")
+    assert fake.requests[-1][1]["response_format"] is None
+    answers.bind_tools([weather]).invoke("x")  # tools on auto beside the value: the reply is a call or the value
+    assert fake.requests[-1][1]["response_format"] == {"type": "object"}
+    for method in ("json_schema", "json_mode"):
+        calls.with_structured_output(Add, method=method, include_raw=True).invoke("x")
+        params = fake.requests[-1][1]
+        assert params["tools"] == [] and params["tool_choice"] == "auto" and params["response_format"] == Add.model_json_schema()
 
 
 @pytest.mark.filterwarnings("ignore:create_react_agent has been moved")  # still LangGraph's, and what agents built on it call

@@ -486,3 +486,20 @@ def test_a_structured_chat_reads_a_conversation_that_ends_with_an_answer(differ_
     assert isinstance(llm.structured_predict(Verdict, template), Verdict)
     with pytest.raises(InvalidParameterError, match="does not fit the request's grammar"):
         llm.structured_predict(Verdict, template, llm_kwargs={"continue_final_message": True})
+
+
+def test_structured_calls_are_the_whole_reply_whatever_the_constructor_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A structured call leaves out the constructor's tools, and a call that must call a tool
+    (FunctionCallingProgram's) its response_format: the program's request was refused (a
+    response_format beside a forced call), and tools were offered where the value was asked for."""
+    from llama_index.core.program import FunctionCallingProgram
+
+    llm, script = scripted(monkeypatch, '{"name": "Paris", "country": "France"}')
+    llm.tools, llm.response_format = (TOOLS[0].metadata.to_openai_tool(),), None
+    assert llm.structured_predict(City, PROMPT, place="Europe") == City(name="Paris", country="France")
+    assert script.params[-1]["tools"] == () and script.params[-1]["response_format"] is City
+    llm, script = scripted(monkeypatch, "", content="", tool_calls=(ToolCall("c1", "City", {"name": "Paris", "country": "France"}),))
+    llm.response_format = {"type": "json_object"}
+    program = FunctionCallingProgram.from_defaults(output_cls=City, prompt=PROMPT, llm=llm)
+    assert program(place="Europe") == City(name="Paris", country="France")
+    assert script.params[-1]["response_format"] is None and script.params[-1]["tool_choice"] == "required"

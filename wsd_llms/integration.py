@@ -154,7 +154,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         A call's `stop` replaces the constructor's (`stop=[]`: none), as every other parameter does and
         as ChatOpenAI's and LlamaIndex's OpenAI do; a request for a JSON value or a forced tool call
         takes none of the constructor's (the grammar ends the value: a ReAct agent's "Observation:" or a one-line stop
-        would cut it short). Unknown names raise an error naming them.
+        would cut it short). A call that forces a tool call takes none of the constructor's
+        `response_format` either (its reply is the call, not a value). Unknown names raise an error naming them.
         """
         return self.wsd_request(stop, **overrides)[0]
 
@@ -177,6 +178,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
         if not params.get("tools") and overrides.get("tool_choice") is None:
             params["tool_choice"] = "auto"  # a constructor's tool_choice applies when tools come; a call's is checked
+        if overrides.get("response_format") is None and any(overrides.get(k) is not None for k in ("tools", "tool_choice")) and _forces_a_call(params):
+            params["response_format"] = None  # the call's forced tool call is its reply: not the constructor's value
         if stop is None:
             stop = [] if _asks_for_json(params.get("response_format")) or _forces_a_call(params) else self.stop
         params["stop"] = list(dict.fromkeys(_stops(stop)))

@@ -370,7 +370,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         Decoding is always constrained, so `strict` changes nothing, and the grammar ends the value:
         the model's own stops do not apply (a call's `stop` still does; see WSDSettings.wsd_params).
         `include_raw=True` gives
-        `{"raw", "parsed", "parsing_error"}`. A conversation that ends with an AIMessage is read as
+        `{"raw", "parsed", "parsing_error"}`. The value is the whole reply: the constructor's tools (with
+        `json_schema`, `json_mode`) and response_format (`function_calling`) are left out. A conversation that ends with an AIMessage is read as
         it stands (`continue_final_message=False`): the value is a new turn, as LangGraph's
         `create_react_agent(..., response_format=...)` asks for it after the agent's last answer.
         """
@@ -386,7 +387,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             assert schema is not None
             llm = self.bind_tools(
                 [schema], tool_choice="any", continue_final_message=False, ls_structured_output_format={"kwargs": {"method": method}, "schema": schema}
-            )
+            )  # (the call forces a call, so the constructor's response_format is left out: WSDSettings.wsd_params)
             parser = (
                 _PydanticCall(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
                 if pydantic
@@ -397,6 +398,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             traced = convert_to_json_schema(schema) if isinstance(schema, type) else json_schema  # as LangChain traces a class
             llm = self.bind(
                 response_format=json_schema if json_schema is not None else {"type": "json_object"},
+                tools=[],
                 continue_final_message=False,
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": traced},
             )

@@ -405,10 +405,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         tool-calling path's arguments in `llm_kwargs` are dropped, as LlamaIndex's FunctionCallingProgram
         drops them (code written for OpenAI passes them): the schema is the whole answer here. A
         conversation that ends with an assistant message (`as_structured_llm(...).chat`) is read as it
-        stands: the value is a new turn (continue_final_message=False), unless `llm_kwargs` says otherwise."""
+        stands: the value is a new turn (continue_final_message=False), unless `llm_kwargs` says
+        otherwise. The value is the whole reply: the constructor's tools are left out."""
         dispatcher.event(LLMStructuredPredictStartEvent(output_cls=output_cls, template=prompt, template_args=prompt_args))
         kwargs = {k: v for k, v in (llm_kwargs or {}).items() if k not in _TOOL_PATH_KWARGS}
-        return self._get_messages(prompt, **prompt_args), {"continue_final_message": False, **kwargs, "response_format": output_cls}
+        return self._get_messages(prompt, **prompt_args), {"continue_final_message": False, **kwargs, "response_format": output_cls, "tools": ()}
 
     def _constrains(self) -> bool:
         """Whether structured calls decode under the schema: in the default program mode, with the
