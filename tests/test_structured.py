@@ -277,6 +277,19 @@ def test_param_forms():
     assert parse_params(tools=[TOOL], tool_choice="any").tool_choice == "required"
 
 
+def test_a_schema_nested_too_deeply_is_refused_with_a_clear_error():
+    """A schema nested past what Python's recursion reaches (jsonschema's check at about 150 levels of
+    `items`, JSON's writer and repr at about 1000) is an InvalidParameterError, not a RecursionError."""
+    for depth, said in ((150, "it is nested too deeply to check"), (2000, "nested too deeply to write as JSON")):
+        schema: dict = {"type": "boolean"}
+        for _ in range(depth):
+            schema = {"type": "array", "items": schema}
+        with pytest.raises(InvalidParameterError, match=said):
+            parse_params(response_format=schema)
+        with pytest.raises(InvalidParameterError, match=said):
+            parse_params(tools=[{"name": "deep", "parameters": {"type": "object", "properties": {"x": schema}}}])
+
+
 def test_parse_reply_reports_invalid_calls():
     text = (
         'Sure.\n<tool_call>\n{"name": "pick", "arguments": {"color": "red", "ok": true, "n": 2}}\n</tool_call>\n'

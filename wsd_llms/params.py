@@ -26,6 +26,8 @@ def json_error(schema: Any) -> str | None:
         json.dumps(schema)
     except (TypeError, ValueError) as exc:
         return f"hold a value JSON cannot write: {exc}"
+    except RecursionError:
+        return "are nested too deeply to write as JSON"
     return None
 
 
@@ -277,7 +279,10 @@ def describe_validation_error(exc: ValidationError) -> str:
         elif not name:
             lines.append(f"invalid parameters: {msg}")
         else:
-            shown = repr(err["input"])
+            try:
+                shown = repr(err["input"])
+            except RecursionError:  # a value nested too deeply to show: its error says so
+                shown = "(nested too deeply to show)"
             shown = shown if len(shown) <= 120 else shown[:100] + "..."  # the rule matters more than a long value
             lines.append(f"invalid {name}={shown}: {msg}")
     return "; ".join(lines)

@@ -229,6 +229,13 @@ def grammar_error(params: GenerationParams) -> str | None:
     schema of it is not a valid JSON schema, naming the tool whose schema fails, or None; checked
     before the request is queued, without a tokenizer."""
     require_xgrammar()
+    try:
+        return _grammar_error(params)
+    except RecursionError:  # jsonschema's check of a schema recurses (Python's limit: about 150 levels of `items`)
+        return "it is nested too deeply to check; nest it less"
+
+
+def _grammar_error(params: GenerationParams) -> str | None:
     if (outside := _outside_reference_error(params)) is not None:
         return outside
     if (reason := _build_error(constraint_spec(params))) is not None:
