@@ -785,6 +785,35 @@ def test_another_providers_v1_history_replays_as_its_text():
         to_runtime_messages([HumanMessage([content[6]])])
 
 
+def test_another_providers_own_content_replays_as_its_text():
+    """Another provider's reply as LangChain keeps it (its own content blocks, read through
+    LangChain's translation, `content_blocks`) replays as its text, where each of these was refused:
+    OpenAI's Responses items (a call, a refusal, a web search), Anthropic's server tools, Google's
+    code execution. An image in a reply is still an error, naming its place among all the blocks."""
+    call = {"name": "get", "args": {"q": "x"}, "id": "call_1", "type": "tool_call"}
+    replies = [
+        (AIMessage([{"type": "text", "text": "Let me check.", "annotations": []}, {"type": "function_call", "name": "get", "arguments": '{"q": "x"}', "call_id": "call_1", "id": "fc_1"}], tool_calls=[call]), "Let me check."),
+        (AIMessage([{"type": "refusal", "refusal": "I can't help with that."}]), "I can't help with that."),
+        (AIMessage([{"type": "web_search_call", "id": "ws_1", "status": "completed"}, {"type": "text", "text": "Found it."}]), "Found it."),
+        (
+            AIMessage(
+                [
+                    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+                    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                    {"type": "text", "text": "Found it."},
+                ],
+                response_metadata={"model_provider": "anthropic"},
+            ),
+            "Found it.",
+        ),
+        (AIMessage([{"type": "executable_code", "executable_code": "print(1)", "language": "python"}, {"type": "code_execution_result", "code_execution_result": "1"}, "It is 1."]), "It is 1."),
+    ]
+    for ai, text in replies:
+        assert to_runtime_messages([HumanMessage("q"), ai])[1]["content"] == text, ai.content
+    with pytest.raises(InvalidMessagesError, match=r"messages\[1\] \(AIMessage\) content block 1 has type 'image'"):
+        to_runtime_messages([HumanMessage("q"), AIMessage([{"type": "reasoning", "reasoning": "r"}, {"type": "image", "url": "http://x/y.png"}])])
+
+
 def test_a_v1_reply_whose_streamed_call_turns_invalid_lists_only_valid_calls(fake):
     """With output_version="v1", a call that streamed and then turned out invalid leaves the v1
     content (which lists valid calls, as ChatOpenAI's) for invalid_tool_calls, and the reply goes

@@ -596,11 +596,12 @@ def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
     return value
 
 
-# An AI message's content blocks that are not its text: calls, whichever way a provider or
-# LangChain's v1 content writes them (valid ones travel as `tool_calls`), the results of tools a
-# provider ran itself, and a provider's own data (v1 "non_standard").
+# An AI message's standard content blocks (`content_blocks`, LangChain's translation of each
+# provider's own: OpenAI's Responses items, Anthropic's server tools, Google's code execution) that
+# are not its text: calls (valid ones travel as `tool_calls`), the results of tools a provider ran
+# itself, and a provider's own data (v1 "non_standard"), its reasoning among them.
 _NOT_ASSISTANT_TEXT = frozenset(
-    {"tool_use", "tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk", "server_tool_result", "non_standard"}
+    {"tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk", "server_tool_result", "non_standard", "reasoning"}
 )
 
 
@@ -608,7 +609,7 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped).
 
     A ToolMessage becomes a "tool" turn with its `tool_call_id`; an AIMessage keeps its tool calls
-    as `tool_calls`, and its text without the blocks that are not text (_NOT_ASSISTANT_TEXT).
+    as `tool_calls`, and its text (_assistant_text).
     """
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
@@ -616,16 +617,25 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
         if isinstance(message, ToolMessage):
             out.append({"role": "tool", "content": content_to_text(message.content, where), "tool_call_id": message.tool_call_id})
         elif isinstance(message, AIMessage):
-            content = message.content
-            if isinstance(content, list):
-                content = [b for b in content if not (isinstance(b, dict) and b.get("type") in _NOT_ASSISTANT_TEXT)]
-            entry: dict[str, Any] = {"role": "assistant", "content": content_to_text(content, where)}
+            entry: dict[str, Any] = {"role": "assistant", "content": _assistant_text(message, where)}
             if message.tool_calls:
                 entry["tool_calls"] = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
             out.append(entry)
         else:
             out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
     return out
+
+
+def _assistant_text(message: AIMessage, where: str) -> str:
+    """An AI message's text, in any provider's form: its standard blocks' text and a refusal's,
+    without the blocks that are not text (_NOT_ASSISTANT_TEXT); media is content_to_text's error."""
+    if isinstance(message.content, str):
+        return message.content
+    blocks = [
+        None if block["type"] in _NOT_ASSISTANT_TEXT else {"type": "text", "text": block.get("refusal", "")} if block["type"] == "refusal" else block
+        for block in message.content_blocks
+    ]
+    return content_to_text(blocks, where, skip=(type(None),))  # None: a block left out, so an error gives a block's place among all
 
 
 def _role(message: BaseMessage, where: str) -> str:
