@@ -7,7 +7,17 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from llama_index.core.base.llms.types import AudioBlock, CacheControl, CachePoint, ChatMessage, ImageBlock, MessageRole, TextBlock, ThinkingBlock
+from llama_index.core.base.llms.types import (
+    AudioBlock,
+    CacheControl,
+    CachePoint,
+    ChatMessage,
+    CitationBlock,
+    ImageBlock,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+)
 
 import wsd_llms
 from llama_index.llms.wsd import WSDLLM
@@ -219,13 +229,19 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
 
 def test_text_blocks_join_as_content_does_and_other_models_blocks_are_left_out(recorded: tuple[WSDLLM, Recorder]) -> None:
     """Text blocks reach the model joined with newlines, as ChatMessage.content joins them; another
-    model's thinking and Anthropic's cache points (a history from another provider) are not text."""
+    model's thinking, Anthropic's cache points and its citations (a history from another provider)
+    are not text; a citation was refused as a block the model cannot read."""
     llm, recorder = recorded
     history = [
         ChatMessage(role="system", blocks=[TextBlock(text="Be brief."), CachePoint(cache_control=CacheControl(type="ephemeral"))]),
         ChatMessage(role="user", blocks=[TextBlock(text="Context: Paris is in France."), TextBlock(text="Where is Paris?")]),
         ChatMessage(role="assistant", blocks=[ThinkingBlock(content="Easy."), TextBlock(text="In France.")]),
         ChatMessage(role="user", content="And Rome?"),
+        ChatMessage(
+            role="assistant",
+            blocks=[TextBlock(text="In Italy."), CitationBlock(cited_content="Rome is in Italy.", source="atlas", title="Atlas", additional_location_info={})],
+        ),
+        ChatMessage(role="user", content="Sure?"),
     ]
     llm.chat(history)
     assert recorder.calls[0][1] == [
@@ -233,6 +249,8 @@ def test_text_blocks_join_as_content_does_and_other_models_blocks_are_left_out(r
         {"role": "user", "content": history[1].content},
         {"role": "assistant", "content": "In France."},
         {"role": "user", "content": "And Rome?"},
+        {"role": "assistant", "content": "In Italy."},
+        {"role": "user", "content": "Sure?"},
     ]
     assert history[1].content == "Context: Paris is in France.\nWhere is Paris?"
 

@@ -19,6 +19,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     CachePoint,
+    CitationBlock,
     LLMMetadata,
     MessageRole,
     TextBlock,
@@ -104,9 +105,10 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
     return out
 
 
-# Blocks that are not conversation text: tool calls (taken apart), another model's reasoning, and
-# Anthropic's prompt-cache markers.
-_NOT_TEXT = (ToolCallBlock, ThinkingBlock, CachePoint)
+# Blocks that are not conversation text: tool calls (taken apart), another model's reasoning,
+# Anthropic's prompt-cache markers, and its citations of what a reply's text cites (as
+# ChatMessage.content leaves them out).
+_NOT_TEXT = (ToolCallBlock, ThinkingBlock, CachePoint, CitationBlock)
 
 
 def _text(msg: ChatMessage, where: str) -> str:
