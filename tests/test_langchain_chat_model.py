@@ -785,6 +785,25 @@ def test_another_providers_v1_history_replays_as_its_text():
         to_runtime_messages([HumanMessage([content[6]])])
 
 
+def test_invalid_calls_in_a_history_are_shown_as_written():
+    """An AI message's invalid calls reach the model as they were written, as ChatOpenAI sends them
+    back: LangChain's agents answer each with an error result, which answered a call the model
+    never saw (an empty assistant turn). This runtime's call is its whole text; another model's, its
+    raw arguments in the call format."""
+    ours = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b'
+    theirs = {"type": "invalid_tool_call", "name": "get_weather", "args": '{"city": "Par', "id": "call_9", "error": "cut short"}
+    history = [
+        HumanMessage("Weather in Paris?"),
+        AIMessage("Let me look.", invalid_tool_calls=[theirs]),
+        ToolMessage("Tool call get_weather with id call_9 could not be executed", tool_call_id="call_9", status="error"),
+        AIMessage("", invalid_tool_calls=[{**theirs, "name": "Add", "args": ours, "id": "call_1"}]),
+        HumanMessage("Try again."),
+    ]
+    sent = to_runtime_messages(history)
+    assert sent[1] == {"role": "assistant", "content": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par}\n</tool_call>'}
+    assert sent[3] == {"role": "assistant", "content": ours}
+
+
 def test_another_providers_own_content_replays_as_its_text():
     """Another provider's reply as LangChain keeps it (its own content blocks, read through
     LangChain's translation, `content_blocks`) replays as its text, where each of these was refused:
@@ -817,7 +836,7 @@ def test_another_providers_own_content_replays_as_its_text():
 def test_a_v1_reply_whose_streamed_call_turns_invalid_lists_only_valid_calls(fake):
     """With output_version="v1", a call that streamed and then turned out invalid leaves the v1
     content (which lists valid calls, as ChatOpenAI's) for invalid_tool_calls, and the reply goes
-    back into the history (its stale call block had been refused there)."""
+    back into the history (its stale call block had been refused there), the call as it was written."""
     fake.piece = 4
     begun = '<tool_call>\n{"name": "Add", "arguments": {"a": 1, "b'
     fake.reply = replace(fake_result(begun, content="", invalid_tool_calls=(InvalidToolCall(begun, "the call is not closed", "Add", "call_1"),)), finish_reason="length")
@@ -826,7 +845,7 @@ def test_a_v1_reply_whose_streamed_call_turns_invalid_lists_only_valid_calls(fak
     assert reply.content == [] and reply.tool_calls == [] and [c["name"] for c in reply.invalid_tool_calls] == ["Add"]
     fake.piece, fake.reply = 0, fake_result("Sorry.")
     assert model.invoke([HumanMessage("1+2?"), reply, HumanMessage("Try again.")]).content == [{"type": "text", "text": "Sorry."}]
-    assert fake.requests[-1][0][1] == {"role": "assistant", "content": ""}
+    assert fake.requests[-1][0][1] == {"role": "assistant", "content": begun}
 
 
 # ---------------------------------------------------------------- tools and structured output
@@ -1445,7 +1464,7 @@ def test_a_value_off_its_schema_is_a_parsing_error(fake, method):
 def test_json_mode_without_a_schema_is_any_json_object(fake):
     fake.reply = fake_result(json.dumps(JOKE))
     assert WSDChatModel().with_structured_output(method="json_mode").invoke("joke") == JOKE
-    assert fake.requests[-1][1]["response_format"] == {"type": "object"}
+    assert fake.requests[-1][1]["response_format"] == {"type": "json_object"}
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])

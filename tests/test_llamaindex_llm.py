@@ -290,3 +290,13 @@ async def test_token_counting_handler_counts_the_runtime_tokens(draft_tokenizer,
         assert usage["output_tokens"] > 0
     finally:
         runtime.close()
+
+
+def test_invalid_calls_in_a_history_are_shown_as_written(recorded: tuple[WSDLLM, Recorder]) -> None:
+    """A reply's invalid calls (kept in `additional_kwargs["invalid_tool_calls"]`) go back into the
+    history as written: the assistant turn had been empty."""
+    llm, recorder = recorded
+    raw = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b'
+    reply = ChatMessage(role="assistant", content="", additional_kwargs={"invalid_tool_calls": [{"raw": raw, "error": "cut", "name": "add", "id": "call_1"}]})
+    llm.chat([ChatMessage(role="user", content="1+2?"), reply, ChatMessage(role="user", content="Try again.")])
+    assert recorder.calls[0][1][1] == {"role": "assistant", "content": raw}

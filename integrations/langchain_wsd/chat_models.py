@@ -41,7 +41,7 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
 from wsd_llms.params import GenerationParams, tool_choice_value
-from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
+from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -609,7 +609,7 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped).
 
     A ToolMessage becomes a "tool" turn with its `tool_call_id`; an AIMessage keeps its tool calls
-    as `tool_calls`, and its text (_assistant_text).
+    as `tool_calls`, and its text (_assistant_text) with its invalid calls as written.
     """
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
@@ -617,7 +617,8 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
         if isinstance(message, ToolMessage):
             out.append({"role": "tool", "content": content_to_text(message.content, where), "tool_call_id": message.tool_call_id})
         elif isinstance(message, AIMessage):
-            entry: dict[str, Any] = {"role": "assistant", "content": _assistant_text(message, where)}
+            text = with_invalid_calls(_assistant_text(message, where), ((c.get("name"), c.get("args")) for c in message.invalid_tool_calls))
+            entry: dict[str, Any] = {"role": "assistant", "content": text}
             if message.tool_calls:
                 entry["tool_calls"] = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
             out.append(entry)

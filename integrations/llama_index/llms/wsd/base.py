@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts
+from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
 from wsd_llms.structured import strict_json
@@ -97,6 +97,8 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
         if role is None:
             raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported")
         entry: dict[str, Any] = {"role": role, "content": _text(msg, where)}
+        if role == "assistant" and (invalid := msg.additional_kwargs.get("invalid_tool_calls")):  # this adapter's replies keep them there
+            entry["content"] = with_invalid_calls(entry["content"], ((c.get("name"), c.get("raw")) for c in invalid if isinstance(c, dict)))
         if role == "tool" and (call_id := msg.additional_kwargs.get("tool_call_id")) is not None:
             entry["tool_call_id"] = call_id  # ReAct's observations (observation_role=TOOL) answer no call by id
         elif role == "assistant" and (calls := _history_calls(msg)):
