@@ -307,6 +307,36 @@ def test_chat_template_errors_name_the_model_and_the_option(draft_tokenizer):
         build_prompts(draft_tokenizer, plain, twice, base_template="chat")
 
 
+def test_tool_results_in_a_row_are_one_turn_for_a_template_whose_roles_alternate(draft_tokenizer):
+    """A template without tools reads tool results as a user turn: parallel calls' results, and a
+    question after them, are one turn, which a template whose roles must alternate (Gemma's,
+    Mistral's) takes; it refused each as a turn of its own."""
+    from tiny import make_tokenizer
+
+    from wsd_llms.prompts import build_prompts
+
+    strict = make_tokenizer(300)
+    strict.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    calls = [{"id": "c1", "name": "add", "arguments": {"a": 3, "b": 4}}, {"id": "c2", "name": "mul", "arguments": {"a": 5, "b": 6}}]
+    messages = normalize_messages(
+        [
+            {"role": "user", "content": "3+4 and 5*6?"},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": "7", "tool_call_id": "c1"},
+            {"role": "tool", "content": "30", "tool_call_id": "c2"},
+            {"role": "user", "content": "And 2+2?"},
+        ]
+    )
+    for end in (4, 5):
+        text = strict.decode(build_prompts(strict, draft_tokenizer, messages[:end]).draft_ids)
+        turn = text[text.rindex("<user>") :]
+        assert turn.startswith("<user><tool_response>\n7\n</tool_response>\n\n<tool_response>\n30\n</tool_response>"), text
+        assert turn.endswith("And 2+2?") == (end == 5)
+
+
 def test_runtime_raises_before_decoding(shared_runtime):
     with pytest.raises(InvalidParameterError, match="switch_window"):
         shared_runtime.generate([{"role": "user", "content": "hi"}], switch_window=0)

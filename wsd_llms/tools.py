@@ -157,14 +157,23 @@ def supports_tools(tokenizer: Any) -> bool:
 
 
 def template_messages(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> tuple[list[dict], dict]:
-    """Messages and extra keyword arguments for this tokenizer's chat template."""
+    """Messages and extra keyword arguments for this tokenizer's chat template. A template without
+    tools reads calls as the assistant's text and tool results as a user turn, one turn for the results
+    in a row and a user message after them: a template whose roles must alternate (Gemma's,
+    Mistral's) refused parallel calls' results, or a question after a result."""
     if supports_tools(tokenizer):
         extra = {"tools": [{"type": "function", "function": dict(t)} for t in tools]} if tools else {}
         return [m.as_dict() for m in messages], extra
-    out = [
-        m.as_dict() if m.role != "tool" and not m.tool_calls else {"role": "user" if m.role == "tool" else m.role, "content": message_text(m)}
-        for m in messages
-    ]
+    out: list[dict] = []
+    for m, before in zip(messages, [None, *messages]):
+        if m.role == "tool" or m.tool_calls:
+            entry = {"role": "user" if m.role == "tool" else m.role, "content": message_text(m)}
+        else:
+            entry = m.as_dict()
+        if before is not None and before.role == "tool" and m.role in ("tool", "user"):
+            out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n\n{entry['content']}"}
+        else:
+            out.append(entry)
     if tools:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
