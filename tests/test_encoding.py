@@ -11,6 +11,7 @@ from test_wsd_tiny import _assert_parity, _both
 from wsd_llms.encoding import encode, encode_text, special_ids, special_spans
 from wsd_llms.handoff import final_handoff, partial_handoff
 from wsd_llms.messages import normalize_messages
+from wsd_llms.params import parse_params
 from wsd_llms.prompts import build_prompts, message_spans
 
 # Each embedded tokenizer's turn markers and BOS, written into a user's message.
@@ -40,6 +41,24 @@ def test_special_token_text_in_a_message_is_text(tokenizers):
     assert INJECTION in draft.decode(attacked.draft_ids)
     assert INJECTION in base.decode(attacked.base_ids)
     assert base.decode(attacked.base_ids) == attacked.base_text
+
+
+def test_special_token_text_in_a_calls_arguments_or_a_tools_description_is_text(tokenizers):
+    """A history call's arguments and a tool's description are written into the prompts as text too
+    (the call as the assistant's text, the tools in a system message or the base's [Tools] block):
+    they reached both models as control tokens."""
+    draft, base = tokenizers
+
+    def conversation(text: str) -> dict:
+        call = {"id": "c1", "name": "echo", "arguments": {"text": text}}
+        messages = [{"role": "user", "content": "Echo it."}, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "done", "tool_call_id": "c1"}]
+        tools = parse_params(tools=[{"name": "echo", "description": f"Echo. {text}", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}]).tools
+        return {"messages": normalize_messages(messages), "tools": tools}
+
+    attacked, ordinary = build_prompts(draft, base, **conversation(INJECTION)), build_prompts(draft, base, **conversation(PLAIN))
+    assert _special_count(draft, attacked.draft_ids) == _special_count(draft, ordinary.draft_ids)
+    assert _special_count(base, attacked.base_ids) == _special_count(base, ordinary.base_ids) == 1
+    assert draft.decode(attacked.draft_ids).count(INJECTION.replace("\n", "\\n")) == 2  # in the call's JSON and the tools' JSON
 
 
 def test_ordinary_prompts_keep_their_ids(tokenizers):
@@ -112,10 +131,7 @@ def test_a_tokenizer_that_matches_special_tokens_after_normalizing_is_always_enc
 
 def test_message_spans_follow_the_messages_in_order():
     text = "[User]\nhello\n[Assistant]\nhello again\n[User]\nhello"
-    messages = normalize_messages(
-        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": " hello again "}, {"role": "user", "content": "hello"}]
-    )
-    assert message_spans(text, messages) == [(7, 12), (25, 36), (44, 49)]
+    assert message_spans(text, ["hello", " hello again ", "hello"]) == [(7, 12), (25, 36), (44, 49)]
 
 
 def test_token_counts_match_usage_for_such_text(embedded):

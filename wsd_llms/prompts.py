@@ -65,12 +65,14 @@ def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapp
     return text, [m["content"] for m in rendered if isinstance(m.get("content"), str)]
 
 
-def message_spans(text: str, messages: Sequence[Message]) -> list[Span]:
-    """Where each message's own text lies in a prompt rendered from them: each is looked for
-    after the one before (a template may have stripped it; one not found is left out)."""
+def message_spans(text: str, contents: Sequence[str]) -> list[Span]:
+    """Where each message's text lies in a prompt rendered from them (its `contents`, as
+    `_chat_template` and `plain_base_prompt` give them: a call written as text and the tools block
+    too): each is looked for after the one before (a template may have stripped it; one not found
+    is left out)."""
     spans, at = [], 0
-    for m in messages:
-        content = m.content.strip()
+    for content in contents:
+        content = content.strip()
         found = text.find(content, at) if content else -1
         if found >= 0:
             at = found + len(content)
@@ -108,7 +110,7 @@ def draft_prompt_ids(
     and where its messages start and it ends (Prompts.marks)."""
     text, contents = _chat_template(tokenizer, messages, tools)
     full = text + forced_prefix
-    texts = message_spans(text, messages) + ([(len(text), len(full))] if forced_prefix else [])
+    texts = message_spans(text, contents) + ([(len(text), len(full))] if forced_prefix else [])
     spans = special_spans(tokenizer, full, texts)
     ids, marks = encode_with_marks(tokenizer, full, contents, spans)
     bos = tokenizer.bos_token_id
@@ -154,7 +156,7 @@ def build_prompts(
     context, prefix = split_forced_prefix(messages, continue_final)
     draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
-    base_spans = base_prompt_spans(base_tok, base_text, context)
+    base_spans = base_prompt_spans(base_tok, base_text, contents)
     base_ids, base_marks = encode_with_marks(base_tok, base_text, contents, base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
@@ -172,10 +174,10 @@ def base_prompt(
     return text, ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ()), contents
 
 
-def base_prompt_spans(base_tok: Any, text: str, context: list[Message]) -> tuple[Span, ...]:
-    """Where the messages' text in the base prompt `text` spells special tokens (usually nowhere):
-    what its encoding takes as text (Prompts.base_spans)."""
-    return tuple(special_spans(base_tok, text, message_spans(text, context)))
+def base_prompt_spans(base_tok: Any, text: str, contents: Sequence[str]) -> tuple[Span, ...]:
+    """Where the messages' text (`contents`, base_prompt's) in the base prompt `text` spells special
+    tokens (usually nowhere): what its encoding takes as text (Prompts.base_spans)."""
+    return tuple(special_spans(base_tok, text, message_spans(text, contents)))
 
 
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
@@ -185,8 +187,8 @@ def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: st
     part that its chat template refuses counts as `template_tokens` says."""
 
     def count(order: list[Message]) -> int:
-        text, _, _ = base_prompt(base_tok, order, base_template, tools)
-        return len(encode(base_tok, text, base_prompt_spans(base_tok, text, order))[0])
+        text, _, contents = base_prompt(base_tok, order, base_template, tools)
+        return len(encode(base_tok, text, base_prompt_spans(base_tok, text, contents))[0])
 
     return template_tokens(count, base_tok, messages, tools)
 
