@@ -1023,6 +1023,8 @@ def test_a_streamed_call_found_invalid_at_the_end_is_reported_under_its_id(fake)
         chunks = list(model.bind_tools([Add]).stream("x"))
         streamed_id = chunks[0].tool_call_chunks[0]["id"]
         assert chunks[-1].response_metadata["tool_call_errors"] == {streamed_id: error}
+        assert chunks[-1].response_metadata["wsd"]["invalid_tool_call_text"] == {streamed_id: raw}
+        assert all(k in ("model_name", "model_provider", "finish_reason", "tool_call_errors", "wsd") for k in chunks[-1].response_metadata)
         invoked = model.bind_tools([Add]).invoke("x")
         assert invoked.tool_calls == [] and [(c["name"], c["args"], c["error"]) for c in invoked.invalid_tool_calls] == [("Add", raw, error)]
 

@@ -703,13 +703,12 @@ def final_chunks(result: WSDResult, calls: list[FinalCall]) -> list[ChatGenerati
         else:
             pieces.append(tool_call_chunk(name=call.name, args=call.raw, id=call.id, index=final.index))
     metadata = result_metadata(result)
-    info = {"finish_reason": result.finish_reason, "model_name": metadata["model_name"]}
     if invalid := [final.call for final in calls if not isinstance(final.call, ToolCall)]:
         metadata["tool_call_errors"] = {call.id: call.error for call in invalid}
-        info[_RAW_CALLS] = {call.id: call.raw for call in invalid}
+        metadata["wsd"]["invalid_tool_call_text"] = {call.id: call.raw for call in invalid}
     last = ChatGenerationChunk(
         message=AIMessageChunk(content="", usage_metadata=to_usage_metadata(result), response_metadata=metadata, chunk_position="last"),
-        generation_info=info,
+        generation_info={"finish_reason": result.finish_reason, "model_name": metadata["model_name"]},
     )
     return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=pieces)), last] if pieces else [last]
 
@@ -732,20 +731,16 @@ def _with_run_id(chunk: ChatGenerationChunk, run_manager: _RunManager) -> ChatGe
     return chunk
 
 
-# generation_info's key for the invalid calls' raw text by id: an invoked message is made from the
-# streamed chunks without their tool_call_chunks, so a call that streamed has only its partial parse.
-_RAW_CALLS = "wsd_invalid_tool_calls_raw"
-
-
 def _with_call_errors(result: ChatResult) -> ChatResult:
     """Put the runtime's error of each invalid tool call on the invoked message: a call that streamed
     before the runtime found it invalid (its arguments parsed as far as they were written) moves to
     `invalid_tool_calls` with its raw text, as a call that never streamed has it (ChatOpenAI's
-    invalid call keeps the text the model wrote, not a parse of it)."""
-    generation = result.generations[0]
-    message = generation.message
+    invalid call keeps the text the model wrote, not a parse of it): the last chunk's
+    `response_metadata["wsd"]["invalid_tool_call_text"]` holds it, since an invoked message is made
+    from the chunks without their tool_call_chunks."""
+    message = result.generations[0].message
     errors = message.response_metadata.get("tool_call_errors")
-    raw = (generation.generation_info or {}).pop(_RAW_CALLS, {})
+    raw = (message.response_metadata.get("wsd") or {}).get("invalid_tool_call_text") or {}
     if errors and isinstance(message, AIMessage):
         streamed = [c for c in message.tool_calls if c["id"] in errors]
         message.tool_calls = [c for c in message.tool_calls if c["id"] not in errors]
