@@ -1585,6 +1585,9 @@ def test_structured_output_bad_arguments():
         WSDChatModel().with_structured_output(Joke, method="xml")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unsupported arguments"):
         WSDChatModel().with_structured_output(Joke, colour="red")
+    # a text grammar's reply is text: it failed at the parse, as "Invalid json output"
+    with pytest.raises(ValueError, match=r"a regex format is a text grammar, not a JSON schema: .*model.bind\(response_format="):
+        WSDChatModel().with_structured_output({"type": "regex", "pattern": "a+b"})
 
 
 # ---------------------------------------------------------------- tools on the embedded models

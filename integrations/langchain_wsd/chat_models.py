@@ -40,7 +40,7 @@ from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
-from wsd_llms.params import GenerationParams, tool_choice_value
+from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, tool_choice_value
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
@@ -381,6 +381,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'")
         if schema is None and method != "json_mode":
             raise ValueError(f"method={method!r} needs a schema")
+        if isinstance(schema, dict) and schema.get("type") in TEXT_GRAMMARS:  # its reply is text: no JSON parses out of it
+            raise ValueError(
+                f"a {schema['type']} format is a text grammar, not a JSON schema: its reply is text, which "
+                f"with_structured_output cannot parse; use model.bind(response_format={{'type': {schema['type']!r}, ...}})"
+            )
         pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         parser: Runnable
         if method == "function_calling":  # as BaseChatModel does, but a reply without a valid call fails the parse (it gave None)
