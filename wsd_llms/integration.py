@@ -22,7 +22,7 @@ from .loading import resolve_device, resolve_dtype
 from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value
 from .runtime import WSDRuntime, get_runtime, model_source
-from .tools import CALL_CLOSE, CALL_OPEN, CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, text_before_calls
+from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, render_invalid_call, text_before_calls
 
 MODEL_PROVIDER = "wsd"
 
@@ -401,15 +401,9 @@ def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> st
 
 def with_invalid_calls(text: str, calls: Iterable[tuple[str | None, str | None]]) -> str:
     """An assistant turn's text with the invalid tool calls it made, (name, raw text) each, as they
-    were written: this runtime's (the whole call's text) as it stands, another model's (its raw
-    arguments) in the call format. A history answers them (LangChain's agents give each an error
-    result), so the model sees what it answers, as ChatOpenAI sends them back."""
-    parts = [text] if text.strip() else []
-    for name, raw in calls:
-        raw = (raw or "").strip()
-        written = raw if raw.startswith(CALL_TAG) else f'{CALL_OPEN}{{"name": {json.dumps(name or "", ensure_ascii=False)}, "arguments": {raw or "{}"}}}{CALL_CLOSE}'
-        parts.append(written)
-    return "\n".join(parts)
+    were written (tools.render_invalid_call). A history answers them (LangChain's agents give each
+    an error result), so the model sees what it answers, as ChatOpenAI sends them back."""
+    return "\n".join([*([text] if text.strip() else []), *(render_invalid_call(name, raw) for name, raw in calls)])
 
 
 def cut_short(metadata: Mapping[str, Any]) -> bool:

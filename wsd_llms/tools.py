@@ -139,6 +139,15 @@ def render_call(call: ToolCall) -> str:
     return f"{CALL_OPEN}{json.dumps({'name': call.name, 'arguments': call.arguments}, ensure_ascii=False)}{CALL_CLOSE}"
 
 
+def render_invalid_call(name: str | None, raw: str | None) -> str:
+    """An invalid call as it was written: this runtime's raw text (the whole call) as it stands,
+    another model's raw arguments (text that may not parse) in render_call's form."""
+    raw = (raw or "").strip()
+    if raw.startswith(CALL_TAG):
+        return raw
+    return f'{CALL_OPEN}{{"name": {json.dumps(name or "", ensure_ascii=False)}, "arguments": {raw or "{}"}}}{CALL_CLOSE}'
+
+
 def tools_text(tools: Sequence[Mapping[str, Any]]) -> str:
     """The documented description of the tools shown to a model without template support."""
     return "\n".join([TOOLS_SYSTEM, *(json.dumps(dict(t), ensure_ascii=False) for t in tools)])

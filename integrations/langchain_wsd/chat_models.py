@@ -604,9 +604,9 @@ def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
 # An AI message's standard content blocks (`content_blocks`, LangChain's translation of each
 # provider's own: OpenAI's Responses items, Anthropic's server tools, Google's code execution) that
 # are not its text: calls (valid ones travel as `tool_calls`), the results of tools a provider ran
-# itself, and a provider's own data (v1 "non_standard"), its reasoning among them.
+# itself, and a provider's own data (v1 "non_standard"). Reasoning is content_to_text's to leave out.
 _NOT_ASSISTANT_TEXT = frozenset(
-    {"tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk", "server_tool_result", "non_standard", "reasoning"}
+    {"tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk", "server_tool_result", "non_standard"}
 )
 
 
