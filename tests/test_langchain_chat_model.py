@@ -1293,6 +1293,44 @@ def test_structured_output_each_schema_and_method(fake, schema, method):
         assert params["tool_choice"] == "required" and len(params["tools"]) == 1
 
 
+class ShortJoke(Joke):
+    @pydantic.field_validator("punchline")
+    @classmethod
+    def _short(cls, value: str) -> str:
+        if len(value) > 5:
+            raise ValueError("too long")
+        return value
+
+
+@pytest.mark.parametrize("path", ["invoke", "bind", "stream", "ainvoke", "unstreamed"])
+async def test_a_pydantic_response_format_is_parsed_into_its_class(fake, path):
+    """As ChatOpenAI: a call whose response_format is a pydantic class has the value as that class
+    in additional_kwargs["parsed"] (None when it does not parse, or fails the class's own validators,
+    with the reason in parse_error); a schema as a dict gets no such key."""
+    fake.reply = fake_result(json.dumps(JOKE), parsed=JOKE)
+
+    async def reply(model: WSDChatModel, **kwargs: Any) -> AIMessage:
+        if path == "bind":
+            return model.bind(**kwargs).invoke("joke")
+        if path == "ainvoke":
+            return await model.ainvoke("joke", **kwargs)
+        if path in ("stream", "unstreamed"):
+            chunks = list((WSDChatModel(disable_streaming=True) if path == "unstreamed" else model).stream("joke", **kwargs))
+            return _aggregate(chunks)
+        return model.invoke("joke", **kwargs)
+
+    message = await reply(WSDChatModel(), response_format=Joke)
+    assert message.additional_kwargs["parsed"] == Joke(**JOKE) and type(message.additional_kwargs["parsed"]) is Joke
+    assert "parse_error" not in message.response_metadata
+    assert "parsed" not in (await reply(WSDChatModel(), response_format=Joke.model_json_schema())).additional_kwargs
+    message = await reply(WSDChatModel(), response_format=ShortJoke)
+    assert message.additional_kwargs["parsed"] is None
+    assert "does not fit ShortJoke" in message.response_metadata["parse_error"] and "too long" in message.response_metadata["parse_error"]
+    fake.reply = replace(fake_result('{"setup": "Wh', parse_error="cut short"), finish_reason="length")
+    message = await reply(WSDChatModel(), response_format=Joke)
+    assert message.additional_kwargs["parsed"] is None and message.response_metadata["parse_error"] == "cut short"
+
+
 UNTITLED = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}}, "required": ["setup", "punchline"]}
 
 

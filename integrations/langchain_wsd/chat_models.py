@@ -34,7 +34,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
-from pydantic import Field
+from pydantic import BaseModel, Field, ValidationError
 
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
@@ -216,7 +216,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         with langchain_errors():
             runtime, runtime_messages, params, checked = self._request(messages, stop, kwargs)
-            chunks = _Chunks(checked)
+            chunks = _Chunks(checked, kwargs.get("response_format"))
             with closing(runtime.stream(runtime_messages, **params)) as events:  # a caller that stops early ends the request now
                 for event in events:
                     for chunk in chunks.add(event):
@@ -233,7 +233,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         with langchain_errors():
             runtime, runtime_messages, params, checked = await self._arequest(messages, stop, kwargs)
-            chunks = _Chunks(checked)
+            chunks = _Chunks(checked, kwargs.get("response_format"))
             async with aclosing(runtime.astream(runtime_messages, **params)) as events:
                 async for event in events:
                     for chunk in chunks.add(event):
@@ -662,11 +662,13 @@ def _role(message: BaseMessage, where: str) -> str:
 class _Chunks:
     """Turns one request's runtime events into chunks, each text chunk tagged with the model that
     wrote it. While tools are on, text streams up to any call markup (integration.ShownText), which
-    the runtime takes out of the content, and the calls stream as they are written (ShownCalls)."""
+    the runtime takes out of the content, and the calls stream as they are written (ShownCalls).
+    A call's pydantic class as response_format is parsed into on the last chunk (_parsed_as)."""
 
-    def __init__(self, params: GenerationParams) -> None:
+    def __init__(self, params: GenerationParams, response_format: Any = None) -> None:
         self.shown = ShownText(params)
         self.calls = ShownCalls(params)
+        self.parse_as = response_format if is_basemodel_subclass(response_format) else None
 
     def add(self, event: TextDelta | FinalEvent) -> list[ChatGenerationChunk]:
         if isinstance(event, TextDelta):
@@ -676,7 +678,23 @@ class _Chunks:
             return chunks
         result = event.result
         rest = self.shown.finish(result.message_content)
-        return [*(_text_chunk(text, source) for text, source in rest), *final_chunks(result, self.calls.finish(result))]
+        last = final_chunks(result, self.calls.finish(result))
+        if self.parse_as is not None:
+            _parsed_as(self.parse_as, result, last[-1].message)
+        return [*(_text_chunk(text, source) for text, source in rest), *last]
+
+
+def _parsed_as(cls: type[BaseModel], result: WSDResult, last: BaseMessage) -> None:
+    """A reply to a call whose response_format is a pydantic class, as ChatOpenAI's: the value as
+    that class in the last chunk's `additional_kwargs["parsed"]`, or None (a reply that does not
+    parse or fit; `response_metadata["parse_error"]` says why, also for the class's own validators)."""
+    parsed = None
+    if result.parsed is not None:
+        try:
+            parsed = cls.model_validate(result.parsed)
+        except ValidationError as exc:  # a validator beyond the schema the grammar held the reply to
+            last.response_metadata["parse_error"] = f"the value does not fit {cls.__name__}: {exc}"
+    last.additional_kwargs["parsed"] = parsed
 
 
 def _text_chunk(text: str, source: str) -> ChatGenerationChunk:
@@ -725,7 +743,7 @@ def _as_last_chunk(message: BaseMessage) -> AIMessageChunk:
     parser that fails at a stream's end never saw it end (a cut-short JSON streamed as a value)."""
     if isinstance(message, AIMessageChunk) or not isinstance(message, AIMessage):
         return message  # type: ignore[return-value]
-    return AIMessageChunk(**message.model_dump(exclude={"type"}), chunk_position="last")
+    return AIMessageChunk(**{name: value for name, value in message if name != "type"}, chunk_position="last")  # as they are (a parsed value stays its class)
 
 
 def _with_run_id(chunk: ChatGenerationChunk, run_manager: _RunManager) -> ChatGenerationChunk:
