@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import math
 import re
 
 import pytest
@@ -364,17 +365,32 @@ def test_a_tool_named_in_any_script_is_called_as_the_prompt_shows_it():
     assert [(c.name, c.arguments) for c in parse_reply(call, params.tools)[1]] == [("天气", {"city": "北京"})]
 
 
+UNWRITABLE = {"type": "object", "properties": {"a": {"enum": {1, 2}}}}
+
+
+class Unbounded(BaseModel):
+    limit: float = math.inf
+
+
 @pytest.mark.parametrize(
     "params, needle",
     [
         ({"tools": [{"name": "none", "parameters": {}}]}, "tools[0] is named 'none', which tool_choice reads as a keyword"),
         ({"tools": [{"name": "t", "parameters": {"type": "object", "properties": {"a": {"enum": {1, 2}}}}}]}, "tools[0] (t) parameters hold a value JSON cannot write"),
         ({"response_format": {"type": "object", "properties": {"a": {"default": builtins.object()}}}}, "the schema's values hold a value JSON cannot write"),
+        # in OpenAI's and llama.cpp's wrappers too (they raised a bare TypeError)
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": UNWRITABLE}}}, "the schema's values hold a value JSON cannot write"),
+        ({"response_format": {"name": "x", "schema": UNWRITABLE}}, "the schema's values hold a value JSON cannot write"),
+        ({"response_format": {"type": "json_object", "schema": UNWRITABLE}}, "the schema's values hold a value JSON cannot write"),
+        # Infinity is no JSON: it failed in xgrammar, as a "syntax error near: Infinity"
+        ({"response_format": Unbounded}, "the schema's values hold a value JSON cannot write: Out of range float"),
+        ({"tools": [{"name": "t", "parameters": {"type": "object", "properties": {"a": {"default": math.nan}}}}]}, "tools[0] (t) parameters hold a value JSON cannot write: Out of range float"),
     ],
 )
 def test_tools_and_schemas_that_cannot_work_are_named(params, needle):
     """A tool named like a tool_choice keyword could not be chosen by name (choosing 'none' turned
-    tools off); a schema with a value JSON cannot write raised a bare TypeError."""
+    tools off); a schema with a value JSON cannot write raised a bare TypeError, or, for inf or nan,
+    xgrammar's parse error of the grammar's JSON."""
     with pytest.raises(InvalidParameterError, match=re.escape(needle)):
         parse_params(**params)
 

@@ -23,7 +23,7 @@ MAX_TEMPERATURE = 1e4
 def json_error(schema: Any) -> str | None:
     """Why a schema cannot be written as JSON (a date as a default, a set as an enum), or None."""
     try:
-        json.dumps(schema)
+        json.dumps(schema, allow_nan=False)  # Infinity and NaN are not JSON (a pydantic default of inf, say)
     except (TypeError, ValueError) as exc:
         return f"hold a value JSON cannot write: {exc}"
     except RecursionError:
@@ -65,6 +65,29 @@ def _json_object(value: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise ValueError(f'a json_object response_format\'s "schema" must be a JSON schema (a dict), got {schema!r}')
     return schema
+
+
+def _unwrapped_format(value: Any) -> Any:
+    """A response_format as the runtime reads it: a pydantic class as its JSON schema, OpenAI's and
+    llama.cpp's wrappers as the schema they hold, OpenAI's {"type": "text"} as None."""
+    if isinstance(value, type) and hasattr(value, "model_json_schema"):
+        return value.model_json_schema()
+    if isinstance(value, BaseModel):
+        raise ValueError(f"an instance of {type(value).__name__} is no schema: pass the class {type(value).__name__}, or a JSON schema dict")
+    if not isinstance(value, dict):
+        return value
+    if value == {"type": "text"}:
+        return None  # OpenAI's explicit plain text (no JSON schema has type "text")
+    if value.get("type") == "json_object":
+        return _json_object(value)
+    if "type" not in value and "name" in value and isinstance(value.get("schema"), dict):
+        return value["schema"]  # OpenAI's json_schema object without its wrapper: {"name", "schema", "strict"}
+    if value.get("type") == "json_schema" and not isinstance(value.get("json_schema"), dict):
+        raise ValueError('a json_schema response_format needs a "json_schema" object, as OpenAI\'s: {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+    if value.get("type") == "json_schema":
+        inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
+        return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
+    return value
 
 
 class GenerationParams(BaseModel):
@@ -111,21 +134,7 @@ class GenerationParams(BaseModel):
     @field_validator("response_format", mode="before")
     @classmethod
     def _response_format(cls, value: Any) -> Any:
-        if isinstance(value, type) and hasattr(value, "model_json_schema"):
-            return value.model_json_schema()
-        if isinstance(value, BaseModel):
-            raise ValueError(f"an instance of {type(value).__name__} is no schema: pass the class {type(value).__name__}, or a JSON schema dict")
-        if isinstance(value, dict) and value == {"type": "text"}:
-            return None  # OpenAI's explicit plain text (no JSON schema has type "text")
-        if isinstance(value, dict) and value.get("type") == "json_object":
-            return _json_object(value)
-        if isinstance(value, dict) and "type" not in value and "name" in value and isinstance(value.get("schema"), dict):
-            return value["schema"]  # OpenAI's json_schema object without its wrapper: {"name", "schema", "strict"}
-        if isinstance(value, dict) and value.get("type") == "json_schema" and not isinstance(value.get("json_schema"), dict):
-            raise ValueError('a json_schema response_format needs a "json_schema" object, as OpenAI\'s: {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
-        if isinstance(value, dict) and value.get("type") == "json_schema":
-            inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
-            return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
+        value = _unwrapped_format(value)
         if isinstance(value, dict) and (error := json_error(value)) is not None:
             raise ValueError(f"the schema's values {error}")
         if isinstance(value, dict) and value.get("type") == "regex" and not isinstance(value.get("pattern"), str):
