@@ -46,8 +46,9 @@ class WSDResult:
     text: str
     finish_reason: Literal["stop", "length"]
     switch_point: int | None
-    """Kept draft tokens (in base tokens) when a window passed; None when no switch happened, or
-    when the reply ended at a stop string in the draft, before the base model took over."""
+    """Kept draft tokens (in base tokens) when a window passed; None when none did: the draft was
+    kept as far as it went (whole, to a stop string, or as far as the base's grammar takes it;
+    `usage.kept_draft_tokens` says how far)."""
     draft_text: str
     """The part of `text` the draft model wrote."""
     usage: Usage
