@@ -128,6 +128,31 @@ def test_local_directories_load_and_serve(tmp_path):
         rt.close()
 
 
+def test_a_mixture_of_experts_base_loads_on_the_first_request(tmp_path):
+    """The worker loads the models on the first request, inside its inference mode: a Mixtral's
+    weights were inference tensors then, and its expert routing failed ("Inference tensors do not
+    track version counter"), while an explicit load() worked."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tok = make_tokenizer(300)
+    tiny_llama(tok, 0).model.save_pretrained(tmp_path / "draft")
+    torch.manual_seed(1)
+    config = MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "base")
+    for name in ("draft", "base"):
+        tok.save_pretrained(tmp_path / name)
+    rt = WSDRuntime(str(tmp_path / "draft"), str(tmp_path / "base"), device="cpu")
+    try:
+        result = rt.generate([{"role": "user", "content": "hi"}], max_tokens=5, mode="base")
+        assert rt.loaded and 1 <= result.usage.reply_tokens <= 5
+    finally:
+        rt.close()
+
+
 def test_local_directory_without_template_fails_the_request(tmp_path):
     tok = make_tokenizer(300, chat=False)
     m = tiny_llama(tok, 0)

@@ -270,8 +270,10 @@ class WSDRuntime:
 
     def load(self) -> Engine:
         """Load both models now (normally done by the worker on the first request); any failure is
-        a WSDError (ModelLoadError naming the cause: out of memory on the device, say)."""
-        with self._lock:
+        a WSDError (ModelLoadError naming the cause: out of memory on the device, say). Outside
+        inference mode, where the worker calls it from: weights made as inference tensors fail a
+        mixture-of-experts model's first forward pass (Mixtral's, Qwen-MoE's, DeepSeek-V3's)."""
+        with self._lock, torch.inference_mode(False):
             if self.engine is None:
                 # One after the other: transformers' model loading is not thread-safe. A close()
                 # meanwhile ends the load at the next model, so that exit waits for one load at most.
