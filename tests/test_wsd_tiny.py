@@ -113,6 +113,20 @@ def test_stop_inside_the_kept_draft(pair, request):
         assert online.text == "x of Paris list <|us" and online.finish_reason == "stop" and online.switch_point is None
 
 
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_a_stop_inside_the_forced_start_counts_its_tokens_to_the_stop_in_every_mode(pair, request):
+    """The base and draft baselines counted the whole forced start as written, past a stop inside
+    it, while the reply (and WSD's kept draft) ends at the stop."""
+    runtime = request.getfixturevalue(pair)
+    messages = [{"role": "user", "content": "of a list of x"}, {"role": "assistant", "content": "x of Paris list and more"}]
+    for mode in ("online", "staged", "base", "draft"):
+        result = runtime.generate(messages, max_tokens=32, stop=["is l"], mode=mode)
+        usage = result.usage
+        assert result.text == "x of Par" and result.finish_reason == "stop", mode
+        written = {"online": usage.kept_draft_tokens + usage.base_tokens, "staged": usage.kept_draft_tokens + usage.base_tokens, "base": usage.base_tokens, "draft": usage.draft_tokens}
+        assert written[mode] == usage.reply_tokens, (mode, usage)
+
+
 def test_stop_strings(differ_runtime):
     full = differ_runtime.generate(QUESTIONS[0], max_tokens=40, switch_threshold=0.9)
     stop = full.text[10:13]

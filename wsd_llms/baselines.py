@@ -22,7 +22,7 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
     prefix = prefix[: seq.params.max_tokens]  # the reply starts with it, as WSD's does, within its budget
     rows = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base", lazy=True)
     seq.emit(seq.reply.add(prefix, "base"))
-    seq.base_tokens = len(prefix)  # counted with the reply's other tokens, as WSD counts it in the kept draft
+    seq.base_tokens = len(seq.reply.ids)  # counted with the reply's other tokens, as WSD counts it in the kept draft (to a stop in it)
     return (yield from continue_base(seq, base, seq.base_kv, rows, make_generator(seq.params.seed), guide))
 
 
@@ -34,7 +34,7 @@ def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Prog
     rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)  # the forced prefix ends it
     prefix = encode_text(draft.tokenizer, seq.prompts.forced_prefix)[: seq.params.max_tokens]
     seq.emit(seq.reply.add(prefix, "draft"))  # the reply starts with it, as WSD's does
-    seq.base_tokens = len(prefix)  # counted with the reply's other tokens (draft tokens, after the swap below)
+    seq.base_tokens = len(seq.reply.ids)  # counted with the reply's other tokens (draft tokens, after the swap below; to a stop in it)
     reason = yield from continue_base(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft")
     seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
     return reason
