@@ -52,7 +52,8 @@ def test_interactive_keeps_history_and_a_failing_turn_is_reported(monkeypatch, c
     assert "error:" in err and "context window" in err and "this turn is dropped" in err
     assert err.count("| reply ") == 2
     first_reply = out.split("you> ")[1].strip()
-    assert [m["content"] for m in asked[2]] == ["My name is Ada.", first_reply, "What is my name?"]
+    assert [m["content"] for m in asked[-1]] == ["My name is Ada.", first_reply, "What is my name?"]
+    assert len(asked) == 4  # the long question with the history, then alone: it does not fit alone either
 
 
 def test_bad_model_settings_are_reported(monkeypatch, capsys):

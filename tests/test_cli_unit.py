@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from wsd_llms.cli import _interactive, main, stats_line, stream_reply
+from wsd_llms.errors import PromptTooLongError
 from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
 
 
@@ -177,3 +178,43 @@ def test_a_model_that_cannot_load_is_a_clean_error(tmp_path: Any, capsys: pytest
     (tmp_path / "config.json").write_text('{"model_type": "nosucharch", "architectures": ["NoSuch"]}')
     assert main(["chat", "--draft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu", "hi"]) == 1
     assert f"error: could not load model '{tmp_path}'" in capsys.readouterr().err
+
+
+class Window(Scripted):
+    """Refuses a conversation of more than `fits` messages, as a full context window does."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+
+    def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
+        if len(messages) > self.fits:
+            self.calls.append(messages)
+            raise PromptTooLongError(f"the prompt is {len(messages)} messages (window {self.fits})")
+        yield from super().stream(messages, **params)
+
+
+class Answers(Console):
+    def __init__(self, answers: list[str]) -> None:
+        super().__init__(file=io.StringIO(), force_terminal=False)
+        self.answers = iter(answers)
+
+    def input(self, *args: Any, **kwargs: Any) -> str:
+        return next(self.answers)
+
+
+def test_a_conversation_past_the_window_leaves_out_its_oldest_exchanges(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every turn after the window filled failed, and the chat could not go on: now the oldest
+    exchanges (not the system message) are left out until the turn fits. A question that does not
+    fit alone is reported, and the history stays."""
+    system = {"role": "system", "content": "Be brief."}
+    history = [system]
+    runtime = Window(fits=4)
+    assert _interactive(Answers(["a", "b", "c", "d", ""]), runtime, history, {}) == 0  # type: ignore[arg-type]
+    reply = {"role": "assistant", "content": "Once upon"}
+    assert history == [system, {"role": "user", "content": "c"}, reply, {"role": "user", "content": "d"}, reply]
+    assert capsys.readouterr().err.count("its oldest 1 exchange(s) were left out") == 2  # at "c" and at "d"
+    runtime.fits = 0  # nothing fits: the question alone is refused
+    kept = list(history)
+    assert _interactive(Answers(["e", ""]), runtime, history, {}) == 0  # type: ignore[arg-type]
+    assert history == kept and "error: the prompt is 2 messages (window 0) (this turn is dropped)" in capsys.readouterr().err

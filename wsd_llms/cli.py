@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .console import make_console
-from .errors import InvalidMessagesError, InvalidParameterError, RequestFailedError, WSDError
+from .errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
 from .params import check_option, parse_params
@@ -151,10 +151,13 @@ def _exit_now(code: int) -> None:
 
 
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
-    """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it; a turn that fails (a
-    conversation grown past the context window, say) is reported. Either way that turn is dropped
-    and the chat goes on."""
-    make_console(stderr=True).print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
+    """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it, and a turn that fails is
+    reported; either way that turn is dropped and the chat goes on. A conversation grown past the
+    context window drops its oldest exchanges (the system message stays) until the turn fits; a
+    question that does not fit alone is reported, and the history kept."""
+    notes = make_console(stderr=True)
+    notes.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
+    system = 1 if history and history[0]["role"] == "system" else 0  # the system message stays
     while True:
         try:
             question = console.input("[bold]you> [/bold]").strip()
@@ -163,17 +166,26 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
             return 0
         if not question:
             return 0
-        turn = [*history, {"role": "user", "content": question}]
-        try:
-            result = stream_reply(console, runtime, turn, params)
-        except KeyboardInterrupt:
-            console.print()
-            make_console(stderr=True).print(Text("(stopped; this turn is dropped)", style="dim"))
-            continue
-        except (InvalidMessagesError, RequestFailedError) as exc:
-            make_console(stderr=True).print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))
-            continue
-        history[:] = [*turn, {"role": "assistant", "content": result.text}]
+        kept = list(history)
+        while True:
+            turn = [*kept, {"role": "user", "content": question}]
+            try:
+                result = stream_reply(console, runtime, turn, params)
+            except KeyboardInterrupt:
+                console.print()
+                notes.print(Text("(stopped; this turn is dropped)", style="dim"))
+            except PromptTooLongError as exc:
+                if len(kept) - system >= 2:  # the oldest question and its reply go, and the turn is tried again
+                    kept[system : system + 2] = []
+                    continue
+                notes.print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))
+            except (InvalidMessagesError, RequestFailedError) as exc:
+                notes.print(Text(f"error: {exc} (this turn is dropped)", style="bold red"))
+            else:
+                if dropped := (len(history) - len(kept)) // 2:
+                    notes.print(Text(f"(the conversation outgrew the context window: its oldest {dropped} exchange(s) were left out)", style="dim"))
+                history[:] = [*turn, {"role": "assistant", "content": result.text}]
+            break
 
 
 if __name__ == "__main__":
