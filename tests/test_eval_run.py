@@ -87,7 +87,7 @@ def test_json_numbers_match_the_records(small_run):
     assert len(records) == 2 * 3 and all(r["error"] is None for r in records)
     streamed = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert sorted(map(json.dumps, streamed)) == sorted(map(json.dumps, records))  # nothing lost on the way
-    assert data["problems"] == ["line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    assert data["problems"] == ["line 2: not valid JSON (Expecting property name enclosed in double quotes, column 2)"]
     for summary in data["settings"]:
         mine = [r for r in records if r["setting"] == summary["setting"]]
         assert summary["prompts"] == len(mine) == 3

@@ -48,7 +48,7 @@ def _parse_line(raw: str, number: int) -> EvalPrompt:
     try:
         obj: Any = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise ValueError(f"not valid JSON ({exc.msg}, column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "context" not in obj:
@@ -91,5 +91,5 @@ def load_prompts(path: Path | str | None = None) -> tuple[list[EvalPrompt], list
         first_line[prompt.id] = number
         prompts.append(prompt)
     if not prompts and not problems:
-        problems.append(Problem(0, f"{path} is empty: no prompts to run"))
+        problems.append(Problem(0, "the file is empty: no prompts to run"))
     return prompts, problems
