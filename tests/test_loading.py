@@ -287,6 +287,15 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():  # said before any weights load, not as an assertion after
         with pytest.raises(InvalidParameterError, match="device='cuda', but this torch sees no CUDA device"):
             resolve_device("cuda")
+    # these passed, and failed at the first request: "Tensor.item() cannot be called on meta tensors", "not a floating-point dtype"
+    with pytest.raises(InvalidParameterError, match="invalid device='meta': a meta device holds no weights to run"):
+        resolve_device("meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(InvalidParameterError, match="device='mps', but this torch sees no MPS device"):
+            resolve_device("mps")
+    with pytest.raises(InvalidParameterError, match="invalid dtype=torch.int8: the models' weights need a floating-point dtype"):
+        resolve_dtype(torch.int8, resolve_device("cpu"))
+    assert resolve_dtype(torch.float16, resolve_device("cpu")) == torch.float16
 
 
 def test_one_build_of_a_cache_entry_at_a_time(tmp_path):

@@ -62,6 +62,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InvalidParameterError(f"invalid device={device!r}: {exc}; use 'auto', 'cpu' or 'cuda:N'") from None
+    if resolved.type == "meta":  # weights without data: nothing can run there
+        raise InvalidParameterError(f"invalid device={device!r}: a meta device holds no weights to run; use 'auto', 'cpu' or 'cuda:N'")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidParameterError(f"device={device!r}, but this torch sees no MPS device (Apple silicon); use 'cpu' or 'auto'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameterError(f"device={device!r}, but this torch sees no CUDA device (a CPU build, or no GPU); use 'cpu' or 'auto'")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -74,6 +78,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise InvalidParameterError(f"invalid dtype={dtype!r}: the models' weights need a floating-point dtype; allowed: auto, {', '.join(_DTYPES)}")
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
