@@ -348,6 +348,13 @@ def test_a_repo_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
     with pytest.raises(ModelLoadError, match="the Hugging Face hub cannot be reached from here, and the repo is not in its cache"):
         load_model("someorg/not-a-cached-model", device=torch.device("cpu"), dtype=torch.float32)
     assert time.monotonic() - start < 20
+    # so does reading its tokenizer alone, for a token count (LangChain's get_num_tokens): it retried on every call
+    runtime = WSDRuntime("someorg/not-a-cached-draft", "someorg/not-a-cached-base", device="cpu")
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="could not read draft model 'someorg/not-a-cached-draft' \\(the Hugging Face hub cannot be reached"):
+        runtime.tokenizer("draft")
+    assert time.monotonic() - start < 20
+    runtime.close()
 
 
 def test_a_build_and_a_load_take_their_locks_in_one_order(tmp_path):

@@ -31,6 +31,7 @@ from .loading import (
     EMBEDDED_BASE,
     EMBEDDED_DRAFT,
     LoadedModel,
+    _hub_reachable,
     context_window,
     load_model,
     local_source,
@@ -447,15 +448,21 @@ class WSDRuntime:
             local = local_source(source, build=not at_once)
             if local is None and at_once:
                 local = _hub_cached(source, revision)
-            return self._from_pretrained(model, source, auto, source if local is None else str(local), revision if local is None else None)
+            if local is not None:
+                return self._from_pretrained(model, source, auto, str(local), None)
+            return self._from_pretrained(model, source, auto, source, revision, offline=not _hub_reachable())
         finally:
             self._lock.release()
 
-    def _from_pretrained(self, model: str, source: str, auto: Any, where: str, revision: str | None) -> Any:
+    def _from_pretrained(self, model: str, source: str, auto: Any, where: str, revision: str | None, offline: bool = False) -> Any:
+        """A config or tokenizer; `offline`: from the hub's cache alone, at once, as a load reads it
+        where the hub cannot be reached (the hub client retries an unreachable host for most of a
+        minute, on every token count)."""
         try:
-            return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code)
+            return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code, **({"local_files_only": True} if offline else {}))
         except OSError as exc:
-            raise ModelLoadError(f"could not read {model} model {source!r}: {exc}") from exc
+            hint = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)" if offline else ""
+            raise ModelLoadError(f"could not read {model} model {source!r}{hint}: {exc}") from exc
 
     def _check_open(self) -> None:
         """Refuse new work once closed."""
