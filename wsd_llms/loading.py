@@ -78,9 +78,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 elsewhere."""
-    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
-        raise InvalidParameterError(f"invalid dtype={dtype!r}: the models' weights need a floating-point dtype; allowed: auto, {', '.join(_DTYPES)}")
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InvalidParameterError(f"invalid dtype={dtype!r}: the models' weights need a floating-point dtype; allowed: auto, {', '.join(_DTYPES)}")
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -390,6 +390,10 @@ def load_model(
         return _load_model(source, device, dtype, revision, trust_remote_code)
 
 
+# What a load or read of a repo id adds to its error when the hub was out of reach (only its cache was read).
+HUB_OUT_OF_REACH = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)"
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub may be reachable: not when offline mode is on, or its host's name
     does not resolve or its connection is refused; a proxy (as the hub client finds one), a slow
@@ -431,7 +435,7 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         model.to(device)  # out of memory on the device, say
     except OSError as exc:
-        hint = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)" if offline else ""
+        hint = HUB_OUT_OF_REACH if offline else ""
         raise ModelLoadError(
             f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id){hint}: {exc}"
         ) from exc

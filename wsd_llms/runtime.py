@@ -30,6 +30,7 @@ from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
     EMBEDDED_DRAFT,
+    HUB_OUT_OF_REACH,
     LoadedModel,
     _hub_reachable,
     context_window,
@@ -461,7 +462,7 @@ class WSDRuntime:
         try:
             return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code, **({"local_files_only": True} if offline else {}))
         except OSError as exc:
-            hint = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)" if offline else ""
+            hint = HUB_OUT_OF_REACH if offline else ""
             raise ModelLoadError(f"could not read {model} model {source!r}{hint}: {exc}") from exc
 
     def _check_open(self) -> None:
