@@ -65,7 +65,7 @@ class _Point(BaseModel):
         ),
         ({"response_format": _Point(x=1)}, "invalid response_format=_Point(x=1): an instance of _Point is no schema: pass the class _Point"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
-        ({"tool_choice": "any"}, "tool_choice='required' asks for a tool call, but no tools are given"),
+        ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),
     ],
 )
 def test_bad_params_name_parameter_value_and_rule(params, needle):
@@ -289,7 +289,8 @@ def test_a_role_given_as_a_str_enum_is_its_plain_value():
 
 def test_chat_template_errors_name_the_model_and_the_option(draft_tokenizer):
     """A template's own refusal (here: roles must alternate) and a chat base template the base model
-    lacks are errors about the messages and the option, not internal failures."""
+    lacks are errors about the messages and the option, not internal failures; they say which model,
+    and a tokenizer built in memory (no name_or_path) is not named as ''."""
     from tiny import make_tokenizer
 
     from wsd_llms.prompts import build_prompts
@@ -300,10 +301,13 @@ def test_chat_template_errors_name_the_model_and_the_option(draft_tokenizer):
         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
     )
     twice = normalize_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
-    with pytest.raises(InvalidMessagesError, match="refused these messages: roles must alternate"):
+    with pytest.raises(InvalidMessagesError, match="the chat template of the draft model refused these messages: roles must alternate"):
+        build_prompts(strict, draft_tokenizer, twice)
+    strict.name_or_path = "my/strict-draft"
+    with pytest.raises(InvalidMessagesError, match="the chat template of the draft model 'my/strict-draft' refused"):
         build_prompts(strict, draft_tokenizer, twice)
     plain = make_tokenizer(300, chat=False)
-    with pytest.raises(InvalidParameterError, match="base_template='chat', but the base model .* has no chat template; use 'plain'"):
+    with pytest.raises(InvalidParameterError, match="base_template='chat', but the base model has no chat template; use 'plain'"):
         build_prompts(draft_tokenizer, plain, twice, base_template="chat")
 
 

@@ -53,15 +53,22 @@ def require_chat_template(tokenizer: Any, name: str, role: str = "draft") -> Non
         )
 
 
-def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]]) -> tuple[str, list[str]]:
-    """The template's text, and the contents of the messages it rendered, in order."""
+def shown_name(tokenizer: Any, role: str) -> str:
+    """The `role` model ("draft", "base") as an error names it: its tokenizer's path or hub id, where
+    it has one (a tokenizer built in memory has none)."""
+    name = getattr(tokenizer, "name_or_path", "")
+    return f"the {role} model {name!r}" if name else f"the {role} model"
+
+
+def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]], role: str) -> tuple[str, list[str]]:
+    """The `role` model's template's text, and the contents of the messages it rendered, in order."""
     from jinja2 import TemplateError
 
     rendered, extra = template_messages(tokenizer, messages, tools)
     try:
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
     except TemplateError as exc:  # the template's own rule, e.g. no system role, or roles must alternate
-        raise InvalidMessagesError(f"the chat template of {tokenizer.name_or_path!r} refused these messages: {exc}") from None
+        raise InvalidMessagesError(f"the chat template of {shown_name(tokenizer, role)} refused these messages: {exc}") from None
     return text, [m["content"] for m in rendered if isinstance(m.get("content"), str)]
 
 
@@ -108,7 +115,7 @@ def draft_prompt_ids(
 ) -> tuple[list[int], tuple[int, ...]]:
     """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1);
     and where its messages start and it ends (Prompts.marks)."""
-    text, contents = _chat_template(tokenizer, messages, tools)
+    text, contents = _chat_template(tokenizer, messages, tools, "draft")
     full = text + forced_prefix
     texts = message_spans(text, contents) + ([(len(text), len(full))] if forced_prefix else [])
     spans = special_spans(tokenizer, full, texts)
@@ -134,9 +141,9 @@ def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Ma
     also the contents it rendered, in order."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameterError(
-            f"base_template='chat', but the base model {tokenizer.name_or_path!r} has no chat template; use 'plain'"
+            f"base_template='chat', but {shown_name(tokenizer, 'base')} has no chat template; use 'plain'"
         )
-    text, contents = _chat_template(tokenizer, messages, tools)
+    text, contents = _chat_template(tokenizer, messages, tools, "base")
     bos = tokenizer.bos_token
     if bos and not text.startswith(bos):
         text = bos + text
