@@ -928,8 +928,8 @@ def test_a_required_call_with_no_tools_is_an_error(fake, choice):
     OpenAI's API refuses it; a constructor's "required" applies only when tools come."""
     with pytest.raises(InvalidParameterError, match="asks for a tool call, but no tools are bound") as bound:
         WSDChatModel().bind_tools([], tool_choice=choice)
-    with pytest.raises(InvalidParameterError, match="asks for a tool call, but no tools are given") as called:
-        WSDChatModel().invoke("x", tool_choice=choice)
+    with pytest.raises(InvalidParameterError, match=re.escape(f"tool_choice={choice!r} asks for a tool call, but no tools are given")) as called:
+        WSDChatModel().invoke("x", tool_choice=choice)  # the value as given, not as read ('required')
     assert all(isinstance(e.value, ModelInvalidRequestError) for e in (bound, called))
     assert WSDChatModel(tool_choice="required").invoke("x").text == "Hi there" and len(fake.requests) == 1
     assert fake.requests[0][1]["tool_choice"] == "auto"  # not sent on to the runtime, which refuses it with no tools

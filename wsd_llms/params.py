@@ -166,11 +166,20 @@ class GenerationParams(BaseModel):
     def _tool_choice(cls, value: Any) -> Any:
         return tool_choice_value(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_needed(cls, data: Any) -> Any:
+        """A tool_choice that asks for a call needs tools, as OpenAI's API says (the reply would be
+        prose); checked before tool_choice is read, so the error names the value as given ("any", True)."""
+        if isinstance(data, dict) and not data.get("tools"):
+            choice = data.get("tool_choice")
+            if tool_choice_value(choice) == "required":
+                raise ValueError(f"tool_choice={choice!r} asks for a tool call, but no tools are given")
+        return data
+
     @model_validator(mode="after")
     def _constraints(self) -> GenerationParams:
         names = [t["name"] for t in self.tools]
-        if self.tool_choice == "required" and not names:  # as OpenAI's API refuses it (the reply would be prose)
-            raise ValueError(f"tool_choice={self.tool_choice!r} asks for a tool call, but no tools are given")
         if self.tool_choice not in ("auto", "required", "none") and self.tool_choice not in names:
             known = ", ".join(names) or "none given"
             raise ValueError(
