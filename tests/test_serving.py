@@ -410,7 +410,7 @@ def test_close_during_a_load_ends_it_before_the_next_model(draft_tokenizer):
     entered, release, loads = threading.Event(), threading.Event(), []
 
     class SlowLoad(WSDRuntime):
-        def _load(self, source: str, revision: str | None):
+        def _load(self, role: str, source: str, revision: str | None):
             loads.append(source)
             entered.set()
             assert release.wait(30)
@@ -1758,7 +1758,7 @@ def test_a_snapshot_taken_as_the_models_finish_loading_counts_the_first_request(
 
     models = {"draft": tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), "base": tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")}
     rt = WSDRuntime("tiny-draft", "tiny-gemma3", device="cpu", lookup_tokens=0)
-    monkeypatch.setattr(rt, "_load", lambda source, revision: models["draft" if source == "tiny-draft" else "base"])
+    monkeypatch.setattr(rt, "_load", lambda role, source, revision: models["draft" if source == "tiny-draft" else "base"])
     main, empty = threading.current_thread(), RuntimeStats.empty.__func__
 
     def empty_while_the_worker_loads(cls):

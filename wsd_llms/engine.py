@@ -15,7 +15,7 @@ import torch
 
 from .baselines import run_base_only, run_draft_only
 from .encoding import least_tokens
-from .errors import PromptTooLongError, RequestFailedError, RequestTimeoutError
+from .errors import ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
@@ -136,6 +136,16 @@ class RuntimeStats:
         )
 
 
+def _runner(loaded: LoadedModel, role: str, bound: bool) -> ModelRunner:
+    """A ModelRunner for the `role` model, whose failure to set up says which model it was."""
+    try:
+        return ModelRunner(loaded, bound)
+    except WSDError as exc:
+        raise ModelLoadError(f"the {role} model {loaded.name!r}: {exc}") from exc
+    except Exception as exc:  # a forward pass the runner's load-time checks cannot make (an unusual layer, out of memory)
+        raise ModelLoadError(f"the {role} model {loaded.name!r} ({type(loaded.model).__name__}) could not be set up: {type(exc).__name__}: {exc}") from exc
+
+
 class Engine:
     """Owns the two models' runners and the scheduler; `step()` advances every running sequence once.
 
@@ -158,7 +168,7 @@ class Engine:
         lookup_tokens: int | None = None,
     ) -> None:
         self.draft, self.base = draft, base
-        self.runners = {"draft": ModelRunner(draft, bound=False), "base": ModelRunner(base)}  # only the base scores
+        self.runners = {"draft": _runner(draft, "draft", bound=False), "base": _runner(base, "base", bound=True)}  # only the base scores
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])

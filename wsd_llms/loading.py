@@ -229,19 +229,23 @@ def _convert_gguf(path: Path, target: Path) -> Path:
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with Progress(transient=False, console=make_console(stderr=True)) as progress, _one_gguf_reader():  # not into a piped reply
-        task = progress.add_task(f"converting {path.name} (first start only)", total=3)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        progress.advance(task)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        progress.advance(task)
-        # The weights are already dequantized; clear the GGUF quantizer marker so saving is allowed.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        progress.advance(task)
+    try:
+        with Progress(transient=False, console=make_console(stderr=True)) as progress, _one_gguf_reader():  # not into a piped reply
+            task = progress.add_task(f"converting {path.name} (first start only)", total=3)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            progress.advance(task)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            progress.advance(task)
+            # The weights are already dequantized; clear the GGUF quantizer marker so saving is allowed.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            progress.advance(task)
+    except Exception as exc:  # a file cut short (its tensors end early), a tensor layout transformers cannot read
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelLoadError(f"could not convert the GGUF file {path}: {type(exc).__name__}: {exc}") from exc
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -384,10 +388,16 @@ def load_model(
     dtype: torch.dtype,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    role: str = "",
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id."""
+    """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id; an
+    error says which model failed by its `role` ("draft", "base", "judge"), where one is given."""
     with _LOADING:
-        return _load_model(source, device, dtype, revision, trust_remote_code)
+        try:
+            local = local_source(source)
+        except ModelLoadError as exc:  # a path that is not there, a GGUF file that cannot be read
+            raise ModelLoadError(f"the {role} model: {exc}" if role else str(exc)) from exc
+        return _load_model(source, local, device, dtype, revision, trust_remote_code, role)
 
 
 # What a load or read of a repo id adds to its error when the hub was out of reach (only its cache was read).
@@ -418,10 +428,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision: str | None, trust_remote_code: bool) -> LoadedModel:
+def _load_model(
+    source: str, local: Path | None, device: torch.device, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, role: str
+) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = local_source(source)
+    what = f"the {role} model {source!r}" if role else f"model {source!r}"
     where = str(local) if local is not None else source
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None and local is None:
@@ -437,12 +449,12 @@ def _load_model(source: str, device: torch.device, dtype: torch.dtype, revision:
     except OSError as exc:
         hint = HUB_OUT_OF_REACH if offline else ""
         raise ModelLoadError(
-            f"could not load model {source!r} (as a local directory, GGUF file or Hugging Face repo id){hint}: {exc}"
+            f"could not load {what} (as a local directory, GGUF file or Hugging Face repo id){hint}: {exc}"
         ) from exc
     except ValueError as exc:  # transformers' word for a config or tokenizer it cannot read
-        raise ModelLoadError(f"could not load model {source!r}: {exc}") from exc
+        raise ModelLoadError(f"could not load {what}: {exc}") from exc
     except Exception as exc:  # another library's word for it (huggingface_hub's check of a config's fields, say)
-        raise ModelLoadError(f"could not load model {source!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"could not load {what}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     return LoadedModel(
         name=source,

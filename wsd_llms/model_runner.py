@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from . import decode_graphs
 from .attention import WSD_SDPA, RaggedRows, attention_backends
 from .decode_graphs import CannotCapture, DecodeGraphs
+from .errors import ModelLoadError
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer, append_states
 from .loading import LoadedModel
 from .output_head import HeadRows, OutputHead
@@ -42,6 +43,11 @@ class ModelRunner:
         """`bound`: whether the head keeps what scoring's probability bounds need (a base model)."""
         self.loaded = loaded
         self.model: Any = loaded.model
+        if not getattr(self.model.config.get_text_config(), "num_attention_heads", None):  # Mamba's, RWKV's: a state, not a key-value cache
+            raise ModelLoadError(
+                f"{type(self.model).__name__} has no attention heads to cache keys and values for; the runtime runs "
+                "decoder-only transformers (Llama, Qwen, Gemma, SmolLM, Mistral, ...)"
+            )
         self.device = loaded.device
         self._probe_ids = torch.tensor([[1, 2, 3, 4]], device=self.device)  # the load-time checks' input
         self.head = OutputHead(self.model, bound)  # before packing: it copies a slice of the dense projection

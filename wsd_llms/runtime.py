@@ -281,10 +281,10 @@ class WSDRuntime:
                 # meanwhile ends the load at the next model, so that exit waits for one load at most.
                 try:
                     self._check_open()
-                    draft = self._load(self.draft_source, self._revisions[0])
+                    draft = self._load("draft", self.draft_source, self._revisions[0])
                     require_chat_template(draft.tokenizer, draft.name)
                     self._check_open()
-                    base = self._load(self.base_source, self._revisions[1])
+                    base = self._load("base", self.base_source, self._revisions[1])
                     self._check_open()
                     with self._step_lock:  # so that a configure() meanwhile is not lost
                         engine = Engine(draft, base, **self.limits)
@@ -487,9 +487,9 @@ class WSDRuntime:
 
     # ------------------------------------------------------------ worker
 
-    def _load(self, source: str, revision: str | None) -> LoadedModel:
+    def _load(self, role: str, source: str, revision: str | None) -> LoadedModel:
         return load_model(
-            source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code
+            source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code, role=role
         )
 
     @staticmethod

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         runtime.load()  # before records.jsonl is opened: a model that cannot load leaves --out as it was
         judge = None
         if args.judge:
-            model = load_model(args.judge, device=runtime.device, dtype=runtime.dtype)
+            model = load_model(args.judge, device=runtime.device, dtype=runtime.dtype, role="judge")
             require_chat_template(model.tokenizer, args.judge, "judge")  # it reads the replies as a chat: before the run, not after
             judge = (args.judge, logit_judge(model))
         with Progress(*columns, console=errors, transient=False) as progress:  # stdout: the table and the report's path
