@@ -1336,10 +1336,17 @@ UNTITLED = {"type": "object", "properties": {"setup": {"type": "string"}, "punch
 
 @pytest.mark.parametrize(
     "schema",
-    [UNTITLED, {"type": "json_schema", "json_schema": {"name": "joke", "schema": UNTITLED}}, {"name": "joke", "schema": UNTITLED}],
+    [
+        UNTITLED,
+        {"type": "json_schema", "json_schema": {"name": "joke", "schema": UNTITLED}},
+        {"name": "joke", "schema": UNTITLED},
+        {"name": "joke", "description": "A joke.", "parameters": UNTITLED},
+        {"name": "joke", "description": "A joke.", "input_schema": UNTITLED},  # Anthropic's tool form: it was sent as the schema, which held nothing
+    ],
 )
 def test_structured_output_takes_plain_and_openai_style_json_schemas(fake, schema):
-    """As ChatOllama and ChatOpenAI do: a JSON schema without a title, and OpenAI's response_format forms."""
+    """As ChatOllama and ChatOpenAI do: a JSON schema without a title, OpenAI's response_format and
+    function forms, and Anthropic's tool form, which LangChain's converters take."""
     fake.reply = fake_result(json.dumps(JOKE))
     assert WSDChatModel().with_structured_output(schema).invoke("joke") == JOKE
     assert fake.requests[-1][1]["response_format"] == UNTITLED

@@ -1,5 +1,6 @@
 """Bad parameters and messages raise clear errors before any decoding starts."""
 
+import sys
 from datetime import date
 
 import numpy as np
@@ -13,6 +14,31 @@ from wsd_llms.params import GenerationParams, parse_params
 
 class _Point(BaseModel):
     x: int
+
+
+def test_a_typeddict_response_format_is_its_json_schema():
+    """As ChatOpenAI takes one; it was refused as "Input should be a valid dictionary". Python's own
+    TypedDict, which pydantic reads only from Python 3.12, is refused saying so."""
+    import typing
+
+    import typing_extensions
+
+    class Point(typing_extensions.TypedDict):
+        """A point."""
+
+        x: int
+
+    schema = parse_params(response_format=Point).response_format
+    assert schema == {"title": "Point", "description": "A point.", "type": "object", "properties": {"x": {"title": "X", "type": "integer"}}, "required": ["x"]}
+
+    class StdPoint(typing.TypedDict):
+        x: int
+
+    if sys.version_info < (3, 12):
+        with pytest.raises(InvalidParameterError, match="StdPoint cannot be read as a schema: Please use `typing_extensions.TypedDict`"):
+            parse_params(response_format=StdPoint)
+    else:
+        assert parse_params(response_format=StdPoint).response_format["required"] == ["x"]
 
 
 @pytest.mark.parametrize(
@@ -64,6 +90,9 @@ class _Point(BaseModel):
             "the $ref 'https://example.com/d.json' at $.properties.default points outside the schema",
         ),
         ({"response_format": _Point(x=1)}, "invalid response_format=_Point(x=1): an instance of _Point is no schema: pass the class _Point"),
+        # a wrapper whose schema is under a key it does not know: it was read as a schema, which held nothing
+        ({"response_format": {"name": "p", "description": "d"}}, 'a response_format named \'p\' holds no schema: give its JSON schema as "schema", "parameters" or "input_schema"'),
+        ({"response_format": int}, "invalid response_format=<class 'int'>: must be a JSON schema (a dict), a pydantic class or a TypedDict, not type"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),
     ],

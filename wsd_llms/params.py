@@ -10,7 +10,8 @@ import numbers
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, TypeAdapter, ValidationError, field_validator, model_validator
+from typing_extensions import is_typeddict
 
 from .errors import InvalidParameterError
 
@@ -67,26 +68,47 @@ def _json_object(value: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _unwrapped_format(value: Any) -> Any:
-    """A response_format as the runtime reads it: a pydantic class as its JSON schema, OpenAI's and
-    llama.cpp's wrappers as the schema they hold, OpenAI's {"type": "text"} as None."""
+# Keys whose presence makes a dict a JSON schema of its own (not a wrapper around one).
+_SCHEMA_KEYS = ("type", "properties", "$ref", "anyOf", "oneOf", "allOf", "enum", "const", "items", "$defs", "not")
+
+
+def unwrapped_format(value: Any) -> Any:
+    """A response_format as the runtime reads it: a pydantic class or a TypedDict as its JSON schema;
+    OpenAI's, Anthropic's and llama.cpp's wrappers ({"type": "json_schema", "json_schema": {...}},
+    a function or tool {"name", "schema" | "parameters" | "input_schema"}) as the schema they hold;
+    OpenAI's {"type": "text"} as None."""
     if isinstance(value, type) and hasattr(value, "model_json_schema"):
         return value.model_json_schema()
+    if is_typeddict(value):
+        try:
+            return TypeAdapter(value).json_schema()
+        except PydanticUserError as exc:  # typing.TypedDict before Python 3.12
+            raise ValueError(f"{value.__name__} cannot be read as a schema: {exc.message}") from None
     if isinstance(value, BaseModel):
         raise ValueError(f"an instance of {type(value).__name__} is no schema: pass the class {type(value).__name__}, or a JSON schema dict")
+    if value is None:
+        return None
     if not isinstance(value, dict):
-        return value
+        raise ValueError(f"must be a JSON schema (a dict), a pydantic class or a TypedDict, not {type(value).__name__}")
     if value == {"type": "text"}:
         return None  # OpenAI's explicit plain text (no JSON schema has type "text")
     if value.get("type") == "json_object":
         return _json_object(value)
-    if "type" not in value and "name" in value and isinstance(value.get("schema"), dict):
-        return value["schema"]  # OpenAI's json_schema object without its wrapper: {"name", "schema", "strict"}
     if value.get("type") == "json_schema" and not isinstance(value.get("json_schema"), dict):
         raise ValueError('a json_schema response_format needs a "json_schema" object, as OpenAI\'s: {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
     if value.get("type") == "json_schema":
         inner = value["json_schema"]  # OpenAI's {"type": "json_schema", "json_schema": {"name", "schema"}}
         return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
+    if value.get("type") == "function" and isinstance(value.get("function"), dict):
+        value = value["function"]  # an OpenAI tool: {"type": "function", "function": {"name", "parameters"}}
+    if "name" in value and not any(key in value for key in _SCHEMA_KEYS):  # a named wrapper, not a schema
+        for wrapped in ("schema", "parameters", "input_schema"):  # OpenAI's json_schema object, its function, Anthropic's tool
+            if isinstance(value.get(wrapped), dict):
+                return value[wrapped]
+        raise ValueError(
+            f'a response_format named {value["name"]!r} holds no schema: give its JSON schema as "schema", '
+            '"parameters" or "input_schema", or give the JSON schema itself'
+        )
     return value
 
 
@@ -134,7 +156,7 @@ class GenerationParams(BaseModel):
     @field_validator("response_format", mode="before")
     @classmethod
     def _response_format(cls, value: Any) -> Any:
-        value = _unwrapped_format(value)
+        value = unwrapped_format(value)
         if isinstance(value, dict) and (error := json_error(value)) is not None:
             raise ValueError(f"the schema's values {error}")
         if isinstance(value, dict) and value.get("type") == "regex" and not isinstance(value.get("pattern"), str):

@@ -40,7 +40,7 @@ from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
-from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, tool_choice_value
+from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, tool_choice_value, unwrapped_format
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
@@ -555,21 +555,13 @@ class _KeyCall(_NeedsACall, JsonOutputKeyToolsParser):
 
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
-    """A structured-output schema as JSON schema: a dict is one already (OpenAI's response_format and
-    function forms unwrapped), a pydantic class gives its own (with `$defs`, so a recursive model
-    stays recursive), and a TypedDict is converted. (LangChain's converter keeps only an object's
-    properties, and writes a recursive reference as any value: either would leave the grammar loose.)"""
-    if isinstance(schema, dict):
-        if schema.get("type") == "json_schema" and isinstance(schema.get("json_schema"), dict):
-            schema = schema["json_schema"]  # {"type": "json_schema", "json_schema": {"name", "schema"}}
-        if schema.get("type") == "function" and isinstance(schema.get("function"), dict):
-            schema = schema["function"]  # {"type": "function", "function": {"name", "parameters"}}
-        for wrapped in ("schema", "parameters"):  # {"name", "schema"} and {"name", "description", "parameters"}
-            if "name" in schema and isinstance(schema.get(wrapped), dict):
-                return schema[wrapped]
-        return schema
-    if isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema"):  # not pydantic.v1's
-        return schema.model_json_schema()
+    """A structured-output schema as JSON schema: a dict is one already, or holds one in OpenAI's or
+    Anthropic's wrapper (params.unwrapped_format), a pydantic class gives its own (with `$defs`, so a
+    recursive model stays recursive), and a TypedDict is converted as LangChain converts it, with its
+    fields' descriptions. (LangChain's converter keeps only a pydantic class's properties, and writes
+    a recursive reference as any value: either would leave the grammar loose.)"""
+    if isinstance(schema, dict) or isinstance(schema, type) and is_basemodel_subclass(schema) and hasattr(schema, "model_json_schema"):  # not pydantic.v1's
+        return unwrapped_format(schema)
     return convert_to_json_schema(schema)
 
 
