@@ -4,7 +4,7 @@ import pytest
 from tiny import byte_fallback_tokenizer
 
 from wsd_llms.prompts import ROLE_STOPS
-from wsd_llms.reply import ReplyText, decode, expand_role_stops
+from wsd_llms.reply import ReplyText, decode, expand_role_stops, held_back
 
 
 def _ids(tok, text):
@@ -57,6 +57,23 @@ def test_stop_prefix_is_held_back_until_ruled_out(draft_tokenizer):
     more = reply.add(_ids(tok, "ar"), "base")  # "STar" is not a stop: release it
     assert "".join(d.text for d in first + more) == "one two STar"
     assert [d.source for d in more] == ["draft", "base"]  # "ST" was the draft's, "ar" the base's
+
+
+def test_held_back_is_the_longest_tail_that_begins_a_stop():
+    """The search that visits only the places a stop's first character is gives what trying every
+    tail length does, on small alphabets where tails overlap stops in every way."""
+    import random
+
+    def every_length(text: str, stops: tuple[str, ...]) -> int:
+        return max((k for stop in stops for k in range(1, min(len(stop) - 1, len(text)) + 1) if text.endswith(stop[:k])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        alphabet = rng.choice(["ab", "abc", "a\n"])
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        stops = tuple("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 11))) for _ in range(rng.randint(1, 3)))
+        assert held_back(text, stops) == every_length(text, stops), (text, stops)
+    assert held_back("one two ST", ("STOP", "two STO")) == 6 and held_back("x", ("x",)) == 0
 
 
 def test_stop_found_across_tokens(draft_tokenizer):

@@ -17,6 +17,8 @@ from .errors import InvalidParameterError
 
 # Temperatures below this decode greedily, as in vLLM: dividing logits by less overflows float32.
 GREEDY_BELOW = 1e-5
+# Stop strings one request may give (OpenAI's API takes 4): a reply looks for each at every token.
+MAX_STOPS = 64
 # Above this, sampling is uniform in all but name; far above it, logits divided in float32 become NaN.
 MAX_TEMPERATURE = 1e4
 
@@ -127,7 +129,7 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
-    stop: tuple[str, ...] = Field((), description="strings that end the reply (not included)")
+    stop: tuple[str, ...] = Field((), description=f"strings that end the reply (not included), {MAX_STOPS} at most")
     mode: Literal["online", "staged", "base", "draft"] = Field(
         "online",
         description="online engine, the paper's three stages, or one model alone (baselines for comparison)",
@@ -232,6 +234,8 @@ class GenerationParams(BaseModel):
     def _stop_nonempty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must be non-empty")
+        if len(value) > MAX_STOPS:  # each is looked for at every token, on the worker every stream shares
+            raise ValueError(f"{len(value)} stop strings are more than the {MAX_STOPS} allowed")
         return value
 
     @property

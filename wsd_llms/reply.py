@@ -30,13 +30,21 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might still be the start of one of `stops` (cut short before its end)."""
+    """How many trailing characters might still be the start of one of `stops` (cut short before its end).
+
+    Runs at every token of every reply on the worker, so it visits only the tail's places where a
+    stop's first character is, leftmost (longest) first, and compares a short probe before the whole
+    tail: trying each length in turn cost a request with many long stops a quarter second per token,
+    which every other stream waited for."""
     hold = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
+        first, probe = stop[0], stop[:8]
+        i = text.find(first, max(len(text) - len(stop) + 1, 0))
+        while i != -1 and len(text) - i > hold:
+            if text.startswith(probe[: len(text) - i], i) and stop.startswith(text[i:]):
+                hold = len(text) - i
                 break
+            i = text.find(first, i + 1)
     return hold
 
 
