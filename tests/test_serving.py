@@ -914,20 +914,35 @@ def test_an_error_of_a_request_that_could_not_start_holds_none_of_the_worker_s_f
 def test_a_prompt_far_too_long_fails_before_it_is_encoded(fresh, monkeypatch):
     """Megabytes of text that cannot fit a window fail without being encoded, by a floor its bytes
     set under its tokens: the worker encodes prompts, and every stream waited for it (1.8 MB: 2 s).
-    A prompt nearer the window is encoded and measured exactly, as before."""
+    So do megabytes in a tool's description or a call's arguments (6 s), which the prompt holds as
+    text, and more messages than the base window has positions, before they are even rendered (100,000:
+    4 s). A prompt nearer the window is encoded and measured exactly, as before."""
     from wsd_llms import PromptTooLongError
-    from wsd_llms import engine as engine_module
+    from wsd_llms import prompts as prompts_module
 
     rt = fresh()
-    built = []
-    build = engine_module.build_prompts
-    monkeypatch.setattr(engine_module, "build_prompts", lambda *args: (built.append(len(args[2][-1].content)), build(*args))[1])
-    with pytest.raises(PromptTooLongError, match=r"^the prompt is at least [0-9]+ draft tokens \(draft context window 512\) and at least [0-9]+ base tokens \(base context window 512\): its text is 2000000 bytes"):
+    encoded, rendered = [], []
+    encode, render = prompts_module.encode_with_marks, prompts_module._chat_template
+    monkeypatch.setattr(prompts_module, "encode_with_marks", lambda tok, text, *args: (encoded.append(len(text)), encode(tok, text, *args))[1])
+    monkeypatch.setattr(prompts_module, "_chat_template", lambda *args: (rendered.append(1), render(*args))[1])
+    both = r"^the prompt is at least [0-9]+ draft tokens \(draft context window 512\) and at least [0-9]+ base tokens \(base context window 512\): its text is "
+    with pytest.raises(PromptTooLongError, match=both + r"2[0-9]{6} bytes as the draft's and 2[0-9]{6} bytes as the base's"):
         rt.generate(_msgs("word " * 400_000), max_tokens=2)
-    assert built == []
+    tool = {"name": "f", "description": "x" * 2_000_000, "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(PromptTooLongError, match=r"at least [0-9]+ base tokens \(base context window 512\)"):
+        rt.generate(_msgs("Hi"), max_tokens=2, tools=[tool])
+    call = {"id": "c1", "name": "f", "arguments": {"text": "x" * 2_000_000}}
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "ok", "tool_call_id": "c1"}]
+    with pytest.raises(PromptTooLongError, match=r"at least [0-9]+ base tokens \(base context window 512\)"):
+        rt.generate(history, max_tokens=2)
+    assert encoded == []
+    many = [{"role": ("user", "assistant")[i % 2], "content": ""} for i in range(600)] + [{"role": "user", "content": "Hi"}]
+    with pytest.raises(PromptTooLongError, match=r"^the prompt is at least 600 base tokens \(base context window 512\): it has 601 messages"):
+        rt.generate(many, max_tokens=2)
+    assert len(rendered) == 3 and encoded == []  # the three before, rendered and refused; the many messages not rendered
     with pytest.raises(PromptTooLongError, match=r"^the prompt is [0-9]+ draft tokens \(draft context window 512\)"):
         rt.generate(_msgs("word " * 700), max_tokens=2)
-    assert built == [3500]
+    assert len(encoded) == 2 and min(encoded) >= 3500
     assert rt.generate(_msgs("word " * 20), max_tokens=2).usage.reply_tokens <= 2
 
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # which changes no output: each pass scores what was stable when it fell due, online.run_online,
 # so the switch rule sees the same probabilities to the bit).
 SCORING_STRIDE = 4
-# Bytes of message text a window position, from which a prompt's text is first checked against the
+# Bytes of prompt text a window position, from which a prompt's text is first checked against the
 # window without encoding it (Engine._refuse_far_too_long): text runs about 4 bytes a token.
 FAR_TOO_LONG = 8
 
@@ -192,9 +192,12 @@ class Engine:
         deliver: Callable[[Event | BaseException], None],
     ) -> Sequence:
         """Build both prompts and check they fit; raises before any decoding starts."""
-        self._refuse_far_too_long(messages, params)
+        self._refuse_too_many_messages(messages, params)
         tools = params.tools if params.calls_tools else ()
-        prompts = build_prompts(self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools, params.continue_final_message)
+        prompts = build_prompts(
+            self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools, params.continue_final_message,
+            check=lambda texts: self._refuse_far_too_long(texts, params),
+        )
         asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
             reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
@@ -207,20 +210,31 @@ class Engine:
         asked = {name: getattr(asked_params, name) for name in ("max_tokens", "max_draft_tokens")}
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params), asked=asked)
 
-    def _refuse_far_too_long(self, messages: list[Message], params: GenerationParams) -> None:
+    def _refuse_too_many_messages(self, messages: list[Message], params: GenerationParams) -> None:
+        """Fail a conversation of more messages than the base window has positions before its
+        prompts are rendered (100,000 took 4 s on the worker): the plain base prompt gives each
+        message before the reply a header of a token at least."""
+        if "base" in MODELS[params.mode] and params.base_template == "plain" and len(messages) - 1 >= self.base.context_window:
+            raise PromptTooLongError(
+                f"the prompt is at least {len(messages) - 1} base tokens (base context window {self.base.context_window}): "
+                f"it has {len(messages)} messages; shorten the conversation"
+            )
+
+    def _refuse_far_too_long(self, texts: dict[str, str], params: GenerationParams) -> None:
         """Fail a prompt whose text alone cannot fit a window of the mode's models before it is
         encoded: the worker encodes prompts, and megabytes of text held every stream up (1.8 MB:
-        2 s). Its bytes set a floor under its tokens (encoding.least_tokens), read only for text of
-        FAR_TOO_LONG bytes or more a window position, so that no ordinary prompt pays for it."""
-        size = sum(len(m.content.encode()) for m in messages)
-        over = []
+        2 s), in a message, a tool's description or a call's arguments. Its bytes set a floor under
+        its tokens (encoding.least_tokens), read only for text of FAR_TOO_LONG bytes or more a
+        window position, so that no ordinary prompt pays for it."""
+        over, sizes = [], []
         for model in MODELS[params.mode]:
             loaded = self.draft if model == "draft" else self.base
-            window = loaded.context_window
+            window, size = loaded.context_window, len(texts[model].encode())
             if size >= FAR_TOO_LONG * window and (least := least_tokens(loaded.tokenizer, size)) >= window:
                 over.append(f"at least {least} {model} tokens ({model} context window {window})")
+                sizes.append(f"{size} bytes as the {model}'s")
         if over:
-            raise PromptTooLongError(f"the prompt is {' and '.join(over)}: its text is {size} bytes; shorten the messages")
+            raise PromptTooLongError(f"the prompt is {' and '.join(over)}: its text is {' and '.join(sizes)}; shorten the messages")
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
         """Check that the prompt fits the context window of each model the mode runs, and cap the

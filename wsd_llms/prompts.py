@@ -115,9 +115,20 @@ def draft_prompt_ids(
 ) -> tuple[list[int], tuple[int, ...]]:
     """Chat template with a generation prompt, the forced prefix appended, BOS ensured (DESIGN 3.1);
     and where its messages start and it ends (Prompts.marks)."""
+    return _draft_ids(tokenizer, *_draft_text(tokenizer, messages, forced_prefix, tools))
+
+
+def _draft_text(
+    tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]]
+) -> tuple[str, list[str], list[Span]]:
+    """The draft prompt's text, the contents it rendered, and where message text lies in it."""
     text, contents = _chat_template(tokenizer, messages, tools, "draft")
     full = text + forced_prefix
-    texts = message_spans(text, contents) + ([(len(text), len(full))] if forced_prefix else [])
+    return full, contents, message_spans(text, contents) + ([(len(text), len(full))] if forced_prefix else [])
+
+
+def _draft_ids(tokenizer: Any, full: str, contents: list[str], texts: list[Span]) -> tuple[list[int], tuple[int, ...]]:
+    """The draft prompt's text encoded, BOS ensured, with its marks."""
     spans = special_spans(tokenizer, full, texts)
     ids, marks = encode_with_marks(tokenizer, full, contents, spans)
     bos = tokenizer.bos_token_id
@@ -157,12 +168,17 @@ def build_prompts(
     base_template: str = "plain",
     tools: Sequence[Mapping[str, Any]] = (),
     continue_final: bool = True,
+    check: Callable[[dict[str, str]], None] | None = None,
 ) -> Prompts:
     """Both prompts for a conversation; a trailing assistant turn becomes the forced prefix (unless
-    `continue_final` is False)."""
+    `continue_final` is False). `check` sees both prompts' text ({"draft": ..., "base": ...}) before
+    either is encoded, which costs far more than rendering it, and may refuse them by raising."""
     context, prefix = split_forced_prefix(messages, continue_final)
-    draft_ids, draft_marks = draft_prompt_ids(draft_tok, context, prefix, tools)
+    draft_text = _draft_text(draft_tok, context, prefix, tools)
     base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
+    if check is not None:
+        check({"draft": draft_text[0], "base": base_text})
+    draft_ids, draft_marks = _draft_ids(draft_tok, *draft_text)
     base_spans = base_prompt_spans(base_tok, base_text, contents)
     base_ids, base_marks = encode_with_marks(base_tok, base_text, contents, base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
