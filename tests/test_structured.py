@@ -365,6 +365,31 @@ def test_a_tool_named_in_any_script_is_called_as_the_prompt_shows_it():
     assert [(c.name, c.arguments) for c in parse_reply(call, params.tools)[1]] == [("天气", {"city": "北京"})]
 
 
+@pytest.mark.parametrize("mode", ["online", "base", "draft"])
+def test_a_grammar_the_tokenizer_cannot_write_is_the_request_s_error(shared_runtime, draft_tokenizer, mode):
+    """A schema's value or a tool's name in characters the tokenizer has no token for (and no byte
+    fallback) leaves the grammar no token to take: an InvalidParameterError naming the model, not
+    "RuntimeError: the grammar rejected token 0" as a request failure that a retry would meet again.
+    Requests beside it are answered as alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsd_llms import WSDError
+
+    assert draft_tokenizer.encode("é", add_special_tokens=False) == [0]  # no token of its own: the unknown one
+    accented = {"type": "object", "properties": {"c": {"enum": ["é"]}}, "required": ["c"]}
+    tool = {"name": "get_ü", "parameters": {"type": "object", "properties": {}}}
+    question = [{"role": "user", "content": "Name a colour."}]
+    alone = shared_runtime.generate(question, max_tokens=20, mode=mode).text
+    with ThreadPoolExecutor(3) as pool:
+        beside = pool.submit(shared_runtime.generate, question, max_tokens=20, mode=mode)
+        bad = [pool.submit(shared_runtime.generate, question, max_tokens=40, mode=mode, **p) for p in ({"response_format": accented}, {"tools": [tool], "tool_choice": "get_ü"})]
+        for future in bad:
+            with pytest.raises(InvalidParameterError, match=r"ask for text that the tokenizer of 'tiny-(draft|base)' cannot write \(a character it has no token for") as err:
+                future.result(timeout=60)
+            assert isinstance(err.value, WSDError)
+        assert beside.result(timeout=60).text == alone
+
+
 UNWRITABLE = {"type": "object", "properties": {"a": {"enum": {1, 2}}}}
 
 

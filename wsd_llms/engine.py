@@ -548,10 +548,12 @@ class Engine:
             self._fail(seq, exc)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        """Fail one request with a clear error; the others go on."""
+        """Fail one request with a clear error; the others go on. A WSDError (the request's own
+        fault found as it ran, say) reaches the caller as itself; anything else as the cause of a
+        RequestFailedError."""
         if not self._drop(seq, "failed"):
             return
-        if isinstance(exc, RequestFailedError):
+        if isinstance(exc, WSDError):
             error = detached(exc)
         else:
             error = RequestFailedError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")

@@ -430,6 +430,7 @@ class Guide:
     def __init__(self, model: LoadedModel, spec: str | None) -> None:
         self.ids: list[int] = []  # tokens the matcher has accepted, in order
         self.matcher: Any = None
+        self._model = model.name
         if spec is not None:
             xgr = require_xgrammar()
             grammar, vocab_size = compiled_grammar(model, spec)
@@ -442,10 +443,21 @@ class Guide:
         return self.matcher is not None
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of `logits` [V] with every token the grammar forbids next set to -inf."""
+        """A copy of `logits` [V] with every token the grammar forbids next set to -inf. Where it
+        forbids every token, the request asks for text the model's tokenizer cannot write (a
+        character it has no token for, in a schema's enum or a tool's name): that is the
+        request's error, not a choice among -inf logits."""
         if self.matcher is None:
             return logits
         self.matcher.fill_next_token_bitmask(self.bitmask)
+        if not bool(self.bitmask.any()):
+            from .errors import InvalidParameterError
+
+            raise InvalidParameterError(
+                f"the response_format or tools ask for text that the tokenizer of {self._model!r} cannot write "
+                f"(a character it has no token for, after {len(self.ids)} tokens of the reply's structured part); "
+                "use characters it has, or a model whose tokenizer falls back to bytes"
+            )
         masked = logits.float().cpu().clone()[None]
         self._xgr.apply_token_bitmask_inplace(masked, self.bitmask)
         return masked[0].to(logits.device)
