@@ -945,6 +945,24 @@ def test_defaults_that_would_fail_every_call_fail_the_constructor():
         WSDChatModel(tools=[spec], tool_choice="sub")
 
 
+def test_constructor_tools_take_what_bind_tools_takes(fake):
+    """`@tool` objects, pydantic classes and functions in the constructor, sent as bind_tools sends
+    them; they were refused as "tools[0] must be a dict, got StructuredTool"."""
+
+    def halve(x: float) -> float:
+        """Halve a number."""
+        return x / 2
+
+    WSDChatModel(tools=[lookup, Add, halve], tool_choice="lookup").invoke("x")
+    constructed = fake.requests[-1][1]
+    WSDChatModel().bind_tools([lookup, Add, halve], tool_choice="lookup").invoke("x")
+    from wsd_llms.tools import normalize_tools
+
+    assert normalize_tools(constructed["tools"]) == normalize_tools(fake.requests[-1][1]["tools"])
+    assert [t["name"] for t in normalize_tools(constructed["tools"])] == ["lookup", "Add", "halve"]
+    assert constructed["tool_choice"] == "lookup"
+
+
 def test_models_are_checked_when_the_model_is_built(tmp_path):
     """draft_model/base_model: a path object is taken as its str (it was refused as 'not a valid
     string'); a blank or non-string name is a ValidationError naming the field (it failed every call)."""

@@ -391,6 +391,23 @@ def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, strict=True) == WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)
 
 
+def test_constructor_tools_are_llamaindex_tools() -> None:
+    """Tools given to the constructor are LlamaIndex tools, as chat_with_tools takes them (a
+    FunctionTool was refused as "tools[0] must be a dict"); anything else is a ValidationError naming it."""
+    from pydantic import ValidationError
+
+    from wsd_llms.tools import normalize_tools
+
+    llm = WSDLLM(tools=TOOLS, tool_choice=TOOLS[0].metadata.name)
+    assert llm.tools == normalize_tools(llm._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tools"])
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(ValidationError, match=r"tools\[1\] is <function .*add.*not a LlamaIndex tool.*FunctionTool.from_defaults"):
+        WSDLLM(tools=[TOOLS[0], add])
+
+
 async def test_predict_and_call_decodes_the_calls_it_can_run(monkeypatch: pytest.MonkeyPatch, spans: SimpleSpanHandler) -> None:
     """predict_and_call runs one call unless its own allow_parallel_tool_calls says more (its
     single-call branch raises 'Invalid' on two): the runtime decodes that many, whatever the

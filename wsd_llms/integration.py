@@ -108,6 +108,23 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         except InvalidParameterError as exc:
             raise ValueError(str(exc)) from None
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _framework_tools(cls, value: Any) -> Any:
+        """Constructor tools in the framework's own forms, as its calls take them (framework_tool)."""
+        if isinstance(value, (list, tuple)):
+            try:
+                return [tool if isinstance(tool, dict) else cls.framework_tool(tool, i) for i, tool in enumerate(value)]
+            except TypeError as exc:  # a ValidationError naming the field, as pydantic makes of a ValueError
+                raise ValueError(str(exc)) from None
+        return value
+
+    @classmethod
+    def framework_tool(cls, tool: Any, index: int) -> Any:
+        """One of the framework's tools (not a dict) as the runtime's dict form; here as given, which
+        the runtime's check then names as no tool."""
+        return tool
+
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, value: Any) -> Any:

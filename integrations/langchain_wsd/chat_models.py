@@ -91,6 +91,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     # `stream_usage` (ChatOpenAI's and others'): usage always comes on the last chunk here.
     unused_arguments: ClassVar[tuple[str, ...]] = ("api_key", "max_retries", "stream_usage")
 
+    @classmethod
+    def framework_tool(cls, tool: Any, index: int) -> dict[str, Any]:
+        """A constructor tool in any form bind_tools takes (`@tool` objects, functions, pydantic classes), as it converts them."""
+        return _openai_tool(tool)
+
     @property
     def _llm_type(self) -> str:
         return "wsd-chat"

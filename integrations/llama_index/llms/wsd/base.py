@@ -218,6 +218,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
 
+    @classmethod
+    def framework_tool(cls, tool: Any, index: int) -> dict[str, Any]:
+        """A constructor tool as a LlamaIndex tool (FunctionTool, QueryEngineTool, ...), as chat_with_tools converts it."""
+        return _tool_spec(tool, index)
+
     @model_validator(mode="before")
     @classmethod
     def _no_prompt_formatters(cls, data: Any) -> Any:
