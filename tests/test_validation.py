@@ -62,6 +62,10 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"stop": 5}, "invalid stop=5: must be a string or a list of strings"),  # said "a valid tuple"
+        # pydantic read a number or a bool written as text ("10", "yes"): a caller's slip, passed unnoticed
+        ({"max_tokens": "10"}, "invalid max_tokens='10': a number is needed, not a str"),
+        ({"parallel_tool_calls": "yes"}, "invalid parallel_tool_calls='yes': Input should be a valid boolean"),
+        ({"continue_final_message": 0}, "invalid continue_final_message=0: Input should be a valid boolean"),
         # each is looked for at every token on the worker: a thousand long ones slowed every stream twentyfold
         ({"stop": [f"s{i}" for i in range(65)]}, "stop strings are more than the 64 allowed"),
         ({"stop": ["a", 3]}, "invalid stop=['a', 3]: must be a string or a list of strings"),

@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, StrictBool, TypeAdapter, ValidationError, field_validator, model_validator
 from typing_extensions import is_typeddict
 
 from .errors import InvalidParameterError
@@ -148,8 +148,8 @@ class GenerationParams(BaseModel):
         (), description="tool schemas: {name, description, parameters}, or OpenAI-style {type: function, function: {...}}"
     )
     tool_choice: str = Field("auto", description='"auto", "required" (or "any"), "none", or the name of one tool')
-    parallel_tool_calls: bool = Field(False, description="allow several tool calls in one reply")
-    continue_final_message: bool = Field(
+    parallel_tool_calls: StrictBool = Field(False, description="allow several tool calls in one reply")
+    continue_final_message: StrictBool = Field(
         True,
         description="a trailing assistant message (without tool calls) is the reply's forced start; False: it is "
         "a finished turn, and the reply is the next one (vLLM's continue_final_message)",
@@ -181,6 +181,8 @@ class GenerationParams(BaseModel):
     def _no_bool(cls, value: Any) -> Any:
         if isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # pydantic would take True as 1
             raise ValueError("a number is needed, not a bool")
+        if isinstance(value, (str, bytes)):  # pydantic would read "10" as 10: a number written as text is a caller's slip
+            raise ValueError(f"a number is needed, not a {type(value).__name__}")
         if isinstance(value, numbers.Integral) and not isinstance(value, int):
             return int(value)  # numpy's integers as the ints they hold (pydantic read a uint64 beyond int64's range as a string)
         return value
