@@ -483,6 +483,8 @@ def test_an_empty_stop_string_is_refused_when_the_model_is_built():
     for empty in ("", ["\n", ""]):
         with pytest.raises(ValidationError, match="stop strings must be non-empty"):
             WSDChatModel(stop=empty)
+    with pytest.raises(ValidationError, match="65 stop strings are more than the 64 allowed"):  # every call would refuse them
+        WSDChatModel(stop=[f"s{i}" for i in range(65)])
 
 
 def test_per_call_model_must_be_the_base_model(fake):

@@ -129,8 +129,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     @classmethod
     def _one_stop(cls, value: Any) -> Any:
         value = _stops(value) if isinstance(value, str) else value
-        if isinstance(value, (list, tuple)) and "" in value:  # as a call's stop is checked (params._stop_nonempty)
-            raise ValueError("stop strings must be non-empty")
+        if isinstance(value, (list, tuple)):  # as a call's stop is checked (params._stop_nonempty)
+            GenerationParams._stop_nonempty(tuple(value))
         return value
 
     @field_validator("device", "dtype")
