@@ -99,7 +99,7 @@ def test_an_interactive_chat_loads_the_models_before_its_first_question(monkeypa
     order: list[str] = []
     runtime = Scripted()
     runtime.load = lambda: order.append("load")  # type: ignore[attr-defined]
-    monkeypatch.setattr(cli, "get_runtime", lambda *args: runtime)
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: runtime)
     monkeypatch.setattr(Console, "input", lambda self, *args, **kwargs: order.append("input") or "")
     assert main(["chat"]) == 0 and order == ["load", "input"]
 
@@ -218,3 +218,23 @@ def test_a_conversation_past_the_window_leaves_out_its_oldest_exchanges(capsys: 
     kept = list(history)
     assert _interactive(Answers(["e", ""]), runtime, history, {}) == 0  # type: ignore[arg-type]
     assert history == kept and "error: the prompt is 2 messages (window 0) (this turn is dropped)" in capsys.readouterr().err
+
+
+def test_help_and_option_errors_come_without_loading_torch() -> None:
+    """`wsd-llms --help` took 7 s, all of it importing torch and transformers, which the parser never
+    needs; the package's other names still import on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from wsd_llms import cli, WSDError\n"
+        "cli._parser().format_help()\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:3]\n"
+        "import wsd_llms\n"
+        "assert 'WSDRuntime' in dir(wsd_llms) and wsd_llms.WSDRuntime.__module__ == 'wsd_llms.runtime'\n"
+        "from wsd_llms import *\n"
+        "assert get_runtime is wsd_llms.runtime.get_runtime and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

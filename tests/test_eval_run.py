@@ -166,7 +166,7 @@ def test_cli_a_model_that_cannot_load_leaves_the_last_run_and_says_why(tmp_path,
 
 def test_cli_a_report_it_cannot_write_is_an_error_line(tmp_path, capsys, shared_runtime, monkeypatch):
     """The replies are in records.jsonl; the report's own files failing to write is said, not a traceback."""
-    monkeypatch.setattr("wsd_llms.eval.command.get_runtime", lambda *args: shared_runtime)
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: shared_runtime)
     path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
     (tmp_path / "o" / "report.json").mkdir(parents=True)  # a directory where the report's file goes
     assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--window", "2", "--out", str(tmp_path / "o")]) == 1

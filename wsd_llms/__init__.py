@@ -1,5 +1,13 @@
 """wsd-llms: Weak-to-Strong Decoding. A small aligned draft model starts each reply, a large base
-model checks it and, where it confidently agrees, takes over and writes the rest."""
+model checks it and, where it confidently agrees, takes over and writes the rest.
+
+The errors are imported at once; the rest on first use (`from wsd_llms import WSDRuntime` works as
+ever), so that `wsd-llms --help` and code that only catches these errors do not wait for torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     InvalidMessagesError,
@@ -13,13 +21,41 @@ from .errors import (
     RuntimeClosedError,
     WSDError,
 )
-from .engine import RuntimeStats
-from .events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
-from .messages import Message
-from .params import GenerationParams
-from .runtime import WSDRuntime, get_runtime
-from .switch import SwitchDetector, find_switch
-from .tools import react_format
+
+if TYPE_CHECKING:
+    from .engine import RuntimeStats
+    from .events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
+    from .messages import Message
+    from .params import GenerationParams
+    from .runtime import WSDRuntime, get_runtime
+    from .switch import SwitchDetector, find_switch
+    from .tools import react_format
+
+# The module each name that is imported on first use comes from.
+_LAZY = {
+    "RuntimeStats": ".engine",
+    **dict.fromkeys(("Event", "FinalEvent", "TextDelta", "Timings", "Usage", "WSDResult"), ".events"),
+    "Message": ".messages",
+    "GenerationParams": ".params",
+    "WSDRuntime": ".runtime",
+    "get_runtime": ".runtime",
+    "SwitchDetector": ".switch",
+    "find_switch": ".switch",
+    "react_format": ".tools",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # once: later lookups find it as a module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Event",

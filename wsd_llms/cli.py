@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
@@ -16,7 +16,9 @@ from .errors import InvalidMessagesError, InvalidParameterError, PromptTooLongEr
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
 from .params import check_option, parse_params
-from .runtime import WSDRuntime, get_runtime
+
+if TYPE_CHECKING:
+    from .runtime import WSDRuntime
 
 STYLES = {"draft": "bold cyan", "base": "green"}
 
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_options(args)  # a bad option fails before any model loads
         if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
             raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
+        from .runtime import get_runtime  # here, not at the top: `wsd-llms --help` need not wait for torch (seconds)
+
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
         runtime.load()  # before the first request, so that its first-token time and tok/s are the reply's own

@@ -25,13 +25,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import copy_of
-from .loading import LoadedModel
 from .params import GenerationParams
+
+if TYPE_CHECKING:  # for annotations only: parsing replies and checking schemas need neither torch nor the models
+    import torch
+
+    from .loading import LoadedModel
 
 EXTRA_HINT = "pip install 'wsd-llms[structured]'"
 # Whitespace allowed between JSON elements: one, so a small model cannot loop on blank space.

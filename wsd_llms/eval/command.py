@@ -19,12 +19,8 @@ from rich.text import Text
 
 from ..console import make_console
 from ..errors import InvalidMessagesError, InvalidParameterError, WSDError
-from ..loading import load_model
 from ..params import check_option
 from ..prompts import require_chat_template
-from ..runtime import get_runtime
-from .evaluate import evaluate
-from .judge import logit_judge
 from .prompts import DEFAULT_PROMPTS, load_prompts
 from .report import headers, headline_rows, write_all
 from .runner import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, Record, Setting, settings_for
@@ -93,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     written: list[Record] = []
     try:
+        from ..loading import load_model  # here, not at the top: `wsd-llms --help` need not wait for torch (seconds)
+        from ..runtime import get_runtime
+        from .evaluate import evaluate
+        from .judge import logit_judge
+
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         try:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,17 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ..runtime import WSDRuntime
 from .judge import Prefer, judge_pairs
 from .prompts import EvalPrompt, Problem
 from .report import Report
 from .runner import Record, Setting, run_settings
 from .signals import DEFINITIONS
 from .summary import summarize_all
+
+if TYPE_CHECKING:
+    from ..runtime import WSDRuntime
 
 
 def evaluate(

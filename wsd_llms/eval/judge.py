@@ -8,12 +8,12 @@ judge's next-token choice between "A" and "B" (compared logits), so it always gi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..loading import LoadedModel
 from .runner import Record
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
 
 CAVEAT = (
     "A small local judge is weak: models of a few hundred million parameters pick A or B barely better than "
@@ -32,6 +32,8 @@ Prefer = Callable[[list[dict[str, str]], str, str], str]
 
 def logit_judge(model: LoadedModel) -> Prefer:
     """A `prefer(messages, a, b) -> "A" | "B"` backed by one forward pass of a chat model."""
+    import torch  # here: the eval command's front loads without it
+
     tok = model.tokenizer
     choice = {letter: tok.encode(letter, add_special_tokens=False)[0] for letter in "AB"}
 

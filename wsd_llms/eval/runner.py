@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WSDError
 from ..events import WSDResult
-from ..runtime import WSDRuntime
 from . import signals
 from .prompts import EvalPrompt
+
+if TYPE_CHECKING:
+    from ..runtime import WSDRuntime
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_WINDOWS = (4, 6, 8)
