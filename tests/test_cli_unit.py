@@ -238,3 +238,18 @@ def test_help_and_option_errors_come_without_loading_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_reply_that_cannot_be_written_is_an_error_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """stdout on a full disk was a traceback ending in OSError; it is an error line and exit 1."""
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    runtime = Scripted()
+    runtime.load = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: runtime)
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["chat", "hi"]) == 1
+    assert "error: cannot write the reply: No space left on device" in capsys.readouterr().err

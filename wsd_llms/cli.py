@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except WSDError as exc:
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 2 if isinstance(exc, (InvalidParameterError, InvalidMessagesError)) else 1  # usage, or a failure
+    except OSError as exc:  # stdout on a full disk, say (a broken pipe rich ends itself, quietly)
+        errors.print(Text(f"error: cannot write the reply: {exc.strerror or exc}", style="bold red"))
+        return 1
     except KeyboardInterrupt:
         console.print()
         if runtime is not None and not runtime.loaded:
