@@ -101,7 +101,7 @@ def test_empty_file_is_a_problem(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
     prompts, problems = load_prompts(path)
-    assert prompts == [] and len(problems) == 1 and "is empty" in str(problems[0])
+    assert prompts == [] and [str(p) for p in problems] == ["the file is empty: no prompts to run"]
 
 
 def test_duplicate_ids_and_non_utf8_files_are_problems(tmp_path):
@@ -115,4 +115,16 @@ def test_duplicate_ids_and_non_utf8_files_are_problems(tmp_path):
     latin = tmp_path / "latin1.jsonl"
     latin.write_bytes('{"context": [{"role": "user", "content": "café"}]}'.encode("latin-1"))
     prompts, problems = load_prompts(latin)
-    assert prompts == [] and "not UTF-8 text" in str(problems[0])
+    assert prompts == [] and [str(p) for p in problems] == ["line 1: not UTF-8 text (byte 46 of the line: invalid continuation byte)"]
+
+
+def test_lines_are_read_one_by_one(tmp_path):
+    """A line with a byte that is not UTF-8 costs that line (it cost the whole file); a JSON string
+    may hold U+2028, which splitting at every line break cut in two; a null id or category is as
+    absent (it became "None"); a BOM and CRLF line ends are read as a text editor writes them."""
+    ask = lambda q, **more: json.dumps({"context": [{"role": "user", "content": q}], **more}, ensure_ascii=False).encode()  # noqa: E731
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([ask("Say hi."), ask("caf\xe9").replace("é".encode(), b"\xe9"), ask("a\u2028b", id=None, category=None), b""]))
+    prompts, problems = load_prompts(path)
+    assert [(p.id, p.category, p.messages[0]["content"]) for p in prompts] == [("line-1", "uncategorized", "Say hi."), ("line-3", "uncategorized", "a\u2028b")]
+    assert [str(p) for p in problems] == ["line 2: not UTF-8 text (byte 46 of the line: invalid continuation byte)"]

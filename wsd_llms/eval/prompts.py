@@ -57,9 +57,10 @@ def _parse_line(raw: str, number: int) -> EvalPrompt:
         messages = [m.as_dict() for m in normalize_messages(obj["context"])]
     except InvalidMessagesError as exc:
         raise ValueError(f"bad 'context': {exc}") from None
+    given_id, category = obj.get("id"), obj.get("category")  # null as absent (it became "None")
     return EvalPrompt(
-        id=str(obj.get("id", f"line-{number}")),
-        category=str(obj.get("category", "uncategorized")),
+        id=f"line-{number}" if given_id is None else str(given_id),
+        category="uncategorized" if category is None else str(category),
         messages=messages,
         line=number,
     )
@@ -69,15 +70,20 @@ def load_prompts(path: Path | str | None = None) -> tuple[list[EvalPrompt], list
     """Read a JSONL prompt file (the bundled set when `path` is None); blank lines are skipped."""
     path = Path(path) if path is not None else DEFAULT_PROMPTS
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         return [], [Problem(0, f"cannot read {path}: {exc.strerror or exc}")]
-    except UnicodeDecodeError as exc:
-        return [], [Problem(0, f"cannot read {path}: not UTF-8 text (byte {exc.start}: {exc.reason})")]
     prompts: list[EvalPrompt] = []
     problems: list[Problem] = []
     first_line: dict[str, int] = {}  # each id's line: ids pair replies across settings and the judge
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" alone (str.splitlines also splits at U+2028, which JSON strings may
+    # hold), and each is decoded on its own: one bad byte costs its line, not the file.
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            raw = line.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(number, f"not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason})"))
+            continue
         if not raw.strip():
             continue
         try:
