@@ -197,6 +197,10 @@ def test_cli_rejects_bad_threshold(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--thresholds", "a,b"])
     assert exit_.value.code == 2 and "argument --thresholds: 'a,b' is not a comma-separated list of numbers" in capsys.readouterr().err
+    for option, kind in (("--thresholds", "numbers"), ("--windows", "integers")):  # an empty list swept nothing, silently
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", "--sweep", option, " , "])
+        assert exit_.value.code == 2 and f"argument {option}: ' , ' is not a comma-separated list of {kind}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -28,16 +28,22 @@ from .runner import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, Record, Setting, settin
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        values = []
+    if not values:  # an empty list would sweep nothing, silently
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+    return values
 
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        values = []
+    if not values:  # an empty list would sweep nothing, silently
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    return values
 
 
 def _check_options(args: argparse.Namespace) -> None:
