@@ -196,6 +196,24 @@ def test_a_missing_model_path_says_which_model(tmp_path):
         rt.close()
 
 
+def test_a_relative_model_path_loads_what_it_named_when_the_runtime_was_made(tmp_path, monkeypatch):
+    """A server's start-up may change directory after making its model: "draft" then named another
+    directory, or none ("model path 'draft' does not exist"). The name shown stays as written."""
+    tok = make_tokenizer(300)
+    tiny_llama(tok, 0).model.save_pretrained(tmp_path / "made" / "draft")
+    tok.save_pretrained(tmp_path / "made" / "draft")
+    monkeypatch.chdir(tmp_path / "made")
+    rt = WSDRuntime("draft", "draft", device="cpu")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    try:
+        assert rt.tokenizer("base").name_or_path == str(tmp_path / "made" / "draft")
+        assert rt.generate([{"role": "user", "content": "hi"}], max_tokens=3, mode="base").usage.reply_tokens <= 3
+        assert (rt.draft_source, rt.base_source) == ("draft", "draft")
+    finally:
+        rt.close()
+
+
 def test_local_directory_without_template_fails_the_request(tmp_path):
     tok = make_tokenizer(300, chat=False)
     m = tiny_llama(tok, 0)

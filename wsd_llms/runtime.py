@@ -144,6 +144,9 @@ class WSDRuntime:
     ) -> None:
         self.draft_source = model_source("draft", draft, EMBEDDED_DRAFT)
         self.base_source = model_source("base", base, EMBEDDED_BASE)
+        # Where each loads from: a local path as it resolves now, so that a later os.chdir() does not
+        # load another directory's model (the sources keep the caller's spelling, for display).
+        self._from = {"draft": _same_source(self.draft_source), "base": _same_source(self.base_source)}
         _check_loading_options(draft_revision, base_revision, trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -281,10 +284,10 @@ class WSDRuntime:
                 # meanwhile ends the load at the next model, so that exit waits for one load at most.
                 try:
                     self._check_open()
-                    draft = self._load("draft", self.draft_source, self._revisions[0])
+                    draft = self._load("draft", self._from["draft"], self._revisions[0])
                     require_chat_template(draft.tokenizer, draft.name)
                     self._check_open()
-                    base = self._load("base", self.base_source, self._revisions[1])
+                    base = self._load("base", self._from["base"], self._revisions[1])
                     self._check_open()
                     with self._step_lock:  # so that a configure() meanwhile is not lost
                         engine = Engine(draft, base, **self.limits)
@@ -436,7 +439,7 @@ class WSDRuntime:
         the models load (a token count on an event loop must not wait for the weights); the rest
         waits for a load in progress and may be downloaded or converted; with `at_once`, only the
         hub's cache is read, and not while the models load, else ModelLoadError."""
-        source, revision = (self.draft_source, self._revisions[0]) if model == "draft" else (self.base_source, self._revisions[1])
+        source, revision = self._from[model], self._revisions[0 if model == "draft" else 1]
         try:
             ready = local_source(source, build=False)
         except ModelLoadError:  # not converted yet
