@@ -359,6 +359,33 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype(torch.float16, resolve_device("cpu")) == torch.float16
 
 
+def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
+    """A GGUF file replaced at the same path (a newer quantization downloaded over it) is converted
+    again into its one cache entry: each version had its own, and every stale float32 copy stayed
+    on disk. An unchanged file is not converted again."""
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "check_gguf_supported", lambda path: "llama")
+    made = []
+
+    def convert(path, target):  # the conversion's effect on the cache, without a model
+        made.append(path.read_bytes())
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(loading, "convert_gguf", convert)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"first")
+    first = loading.cached_gguf(model)
+    assert loading.cached_gguf(model) == first and made == [b"first"]
+    model.write_bytes(b"second version")
+    assert loading.cached_gguf(model) == first and made == [b"first", b"second version"]
+    assert [p.name for p in (tmp_path / "cache" / "converted").iterdir() if p.is_dir()] == [first.name]
+    with pytest.raises(ModelLoadError, match="has not been converted yet"):  # a token count does not convert
+        model.write_bytes(b"third")
+        loading.cached_gguf(model, build=False)
+
+
 def test_one_build_of_a_cache_entry_at_a_time(tmp_path):
     """Builders of one cache entry take turns (across processes too: an flock), and one that waited
     finds the entry built: two conversions in one place broke each other, or killed a process."""

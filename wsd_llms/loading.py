@@ -176,9 +176,20 @@ def check_gguf_supported(path: Path) -> str:
 
 
 def _file_key(path: Path) -> str:
+    """A GGUF file's entry in the cache: one per file, by where it resolves; a file changed since
+    (_file_stamp) is converted again in the same place, not beside the stale copy, which stayed on
+    disk for good (a float32 copy of the model)."""
+    return f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+
+
+def _file_stamp(path: Path) -> str:
+    """Which version of a file a conversion was made from: its size and modification time."""
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return f"{path.stem}-{digest}"
+    return f"{stat.st_size} {stat.st_mtime_ns}\n"
+
+
+# The file in a cache entry that says which version of its source it was made from (_file_stamp).
+STAMP = "wsd-source"
 
 
 # transformers' model loading is not thread-safe (two at once can leave weights on the meta
@@ -251,12 +262,24 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     return target
 
 
+def _fresh(target: Path, stamp: str | None) -> bool:
+    """Whether `target` is a whole cache entry, made from the version of its source that `stamp` names (if given)."""
+    if not (target / "config.json").exists():
+        return False
+    if stamp is None:
+        return True
+    try:
+        return (target / STAMP).read_text() == stamp
+    except OSError:  # none yet: made before stamps, or a builder is about to write it
+        return False
+
+
 @contextmanager
-def _building(target: Path) -> Iterator[bool]:
+def _building(target: Path, stamp: str | None = None) -> Iterator[bool]:
     """Hold the lock for building `target` in the cache, across threads and processes (a server
     starts several workers at once; two conversions in one place broke each other, and one
     rebuilding the embedded GGUF under another's memory map killed it); yields whether `target`
-    still needs building, which another holder may have done meanwhile."""
+    still needs building (_fresh), which another holder may have done meanwhile."""
     with _LOADING:  # this process's lock first, as load_model takes it
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -270,26 +293,30 @@ def _building(target: Path) -> Iterator[bool]:
         with lock:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            yield not (target / "config.json").exists()  # the lock goes with the file's closing
+            yield not _fresh(target, stamp)  # the lock goes with the file's closing
 
 
-def _built(target: Path, build: bool, source: object, make: Callable[[], None]) -> Path:
-    """`target` in the cache, made by `make` on first use, one builder at a time (_building); with
-    `build` False, a ModelLoadError naming `source` instead."""
-    if not (target / "config.json").exists():
+def _built(target: Path, build: bool, source: object, make: Callable[[], None], stamp: str | None = None) -> Path:
+    """`target` in the cache, made by `make` on first use (or when made from another version of its
+    source than `stamp` names), one builder at a time (_building); with `build` False, a
+    ModelLoadError naming `source` instead."""
+    if not _fresh(target, stamp):
         _require_build(build, source)
-        with _building(target) as needed:
+        with _building(target, stamp) as needed:
             if needed:
                 make()
+                if stamp is not None:
+                    (target / STAMP).write_text(stamp)
     return target
 
 
 def cached_gguf(path: Path, build: bool = True) -> Path:
-    """Safetensors directory for a GGUF file, converting it on first use (unless `build` is False)."""
-    target = cache_dir() / "converted" / _file_key(path)
-    if build and not (target / "config.json").exists():
+    """Safetensors directory for a GGUF file, converting it on first use, or again once the file
+    changed (unless `build` is False)."""
+    target, stamp = cache_dir() / "converted" / _file_key(path), _file_stamp(path)
+    if build and not _fresh(target, stamp):
         check_gguf_supported(path)  # before the cache is touched: a file transformers cannot read leaves nothing there
-    return _built(target, build, path, lambda: convert_gguf(path, target))
+    return _built(target, build, path, lambda: convert_gguf(path, target), stamp)
 
 
 # ---------------------------------------------------------------- embedded default pair
