@@ -390,6 +390,22 @@ def test_a_grammar_the_tokenizer_cannot_write_is_the_request_s_error(shared_runt
         assert beside.result(timeout=60).text == alone
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"], "additionalProperties": True},  # zz may be written
+        {"type": "object", "properties": {"required": {"type": "object", "properties": {"x": {}}, "required": ["x"]}}, "required": ["required"]},
+        {"type": "object", "properties": {"a": {"enum": [{"required": ["nothing"], "pattern": "(?!x)"}]}}},  # data, not schemas
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+\\d?$"}}, "$defs": {"n": {"type": "integer"}}, "required": ["a"]},
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}, "b": {"$ref": "#"}}, "$defs": {"n": {"type": "integer"}}},
+    ],
+)
+def test_schemas_the_grammar_holds_are_taken(schema):
+    """The refusals of anchors, lookaheads and required names that are no property leave alone what
+    xgrammar holds: names a later property may take, data that looks like a schema, plain patterns."""
+    assert parse_params(response_format=schema).response_format == schema
+
+
 UNWRITABLE = {"type": "object", "properties": {"a": {"enum": {1, 2}}}}
 
 

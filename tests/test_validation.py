@@ -95,6 +95,20 @@ def test_a_typeddict_response_format_is_its_json_schema():
             {"response_format": {"type": "object", "properties": {"default": {"$ref": "https://example.com/d.json"}}}},
             "the $ref 'https://example.com/d.json' at $.properties.default points outside the schema",
         ),
+        # xgrammar ignored these without a word: an anchor's $ref and a lookahead left the value
+        # unconstrained; a required name that is no property was never written, so every reply failed the check
+        (
+            {"response_format": {"type": "object", "properties": {"a": {"$ref": "#foo"}}, "$defs": {"f": {"$anchor": "foo", "type": "integer"}}}},
+            "invalid response_format: the $ref '#foo' at $.properties.a points to an anchor; only references within it ('#', '#/$defs/...') are followed",
+        ),
+        (
+            {"tools": [{"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?!x).*"}}}}]},
+            "invalid tools: tools[0] (f) parameters: the pattern '^(?!x).*' at $.properties.a cannot be held to: Regex parsing error at position 4: Lookahead is not supported yet.",
+        ),
+        (
+            {"response_format": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"]}},
+            "invalid response_format: the required names 'zz' at $ are not among its properties, and no other property may be written, so no value could be valid",
+        ),
         ({"response_format": _Point(x=1)}, "invalid response_format=_Point(x=1): an instance of _Point is no schema: pass the class _Point"),
         # a wrapper whose schema is under a key it does not know: it was read as a schema, which held nothing
         ({"response_format": {"name": "p", "description": "d"}}, 'a response_format named \'p\' holds no schema: give its JSON schema as "schema", "parameters" or "input_schema"'),

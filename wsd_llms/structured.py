@@ -238,7 +238,7 @@ def grammar_error(params: GenerationParams) -> str | None:
 
 
 def _grammar_error(params: GenerationParams) -> str | None:
-    if (outside := _outside_reference_error(params)) is not None:
+    if (outside := _unfollowed_error(params)) is not None:
         return outside
     if (reason := _build_error(constraint_spec(params))) is not None:
         for i, tool in enumerate(params.tools if params.response_format is None else ()):
@@ -310,38 +310,70 @@ def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]
     return schemas
 
 
-# Keywords whose values are data, not schemas: a "$ref" key inside them is not a reference.
-_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "dependentRequired"})
 # Keywords whose values map names to schemas: a name there ("default", say) is no keyword.
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
-def _outside_references(schema: Any, path: str = "$") -> Iterator[tuple[str, str]]:
-    """(path, reference) for each `$ref` that points outside the schema (anything but "#..."),
-    which xgrammar cannot follow (it would leave the value unconstrained) and nothing fetches."""
+def _subschemas(schema: Any, path: str = "$") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, subschema) for the schema and every schema inside it, data (an enum's values) left out."""
     if isinstance(schema, dict):
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and not ref.startswith("#"):
-            yield path, ref
+        yield path, schema
         for key, value in schema.items():
             if key in _SCHEMA_MAPS and isinstance(value, dict):
                 for name, subschema in value.items():
-                    yield from _outside_references(subschema, f"{path}.{key}.{name}")
+                    yield from _subschemas(subschema, f"{path}.{key}.{name}")
             elif key not in _DATA_KEYWORDS:
-                yield from _outside_references(value, f"{path}.{key}")
+                yield from _subschemas(value, f"{path}.{key}")
     elif isinstance(schema, list):
         for i, value in enumerate(schema):
-            yield from _outside_references(value, f"{path}[{i}]")
+            yield from _subschemas(value, f"{path}[{i}]")
 
 
-def _outside_reference_error(params: GenerationParams) -> str | None:
-    """Why a schema of the request cannot be followed (a `$ref` to another document), or None."""
-    for where, schema in _request_schemas(params):
-        for path, ref in _outside_references(schema):
+def _unfollowed(schema: dict[str, Any], path: str) -> str | None:
+    """Why xgrammar would not hold a value to this subschema, where it would say nothing and leave
+    the value unconstrained (or allow none that validates), or None:
+    - a `$ref` that is no JSON pointer within the schema: to another document (nothing is
+      fetched) or to an anchor ("#name");
+    - a `pattern` in a syntax its regex reader refuses (a lookahead: ignored inside a schema);
+    - a `required` name that is no property, where no other property may be written (the grammar
+      writes only the listed ones, so every reply fails the check)."""
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
+        return (
+            f"the $ref {ref!r} at {path} points {'to an anchor' if ref.startswith('#') else 'outside the schema'}; only "
+            "references within it ('#', '#/$defs/...') are followed, and nothing is fetched: put the referenced schema under $defs"
+        )
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and (reason := _regex_error(pattern)) is not None:
+        return f"the pattern {pattern!r} at {path} cannot be held to: {reason}"
+    required, properties = schema.get("required"), schema.get("properties")
+    if isinstance(required, list) and isinstance(properties, dict) and schema.get("additionalProperties", False) is False and "patternProperties" not in schema:
+        if missing := [name for name in required if isinstance(name, str) and name not in properties]:
             return (
-                f"{where}the $ref {ref!r} at {path} points outside the schema; only references within it "
-                f"('#', '#/$defs/...') are followed, and nothing is fetched: put the referenced schema under $defs"
+                f"the required names {', '.join(map(repr, missing))} at {path} are not among its properties, and no other property may be "
+                "written, so no value could be valid: add them to properties, or take them out of required"
             )
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _regex_error(pattern: str) -> str | None:
+    """xgrammar's reason it cannot read a regex (a lookahead, a backreference), or None."""
+    try:
+        require_xgrammar().Grammar.from_regex(pattern)
+    except RuntimeError as exc:
+        return _xgrammar_reason(exc)
+    return None
+
+
+def _unfollowed_error(params: GenerationParams) -> str | None:
+    """Why a schema of the request cannot be held to as written (_unfollowed), or None."""
+    for where, schema in _request_schemas(params):
+        for path, subschema in _subschemas(schema):
+            if (reason := _unfollowed(subschema, path)) is not None:
+                return f"{where}{reason}"
     return None
 
 
