@@ -303,6 +303,9 @@ def test_parse_reply_reports_invalid_calls():
     assert [i.name for i in invalid] == ["pick", "nope", "pick"]  # a cut-off call still names its tool
     assert "does not match" in invalid[0].error and "unknown tool 'nope'" in invalid[1].error
     assert invalid[2].raw.endswith('"argu')
+    # a cut-off call to a tool whose name holds an escape names it too (its name was None), decoded
+    escaped = {**TOOL, "name": 'say "hi"'}
+    assert [i.name for i in parse_reply('<tool_call>\n{"name": "say \\"hi\\"", "arguments": {"co', [escaped])[2]] == ['say "hi"']
 
 
 def test_json_nested_too_deeply_to_parse_is_reported_like_other_bad_json():

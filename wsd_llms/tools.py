@@ -43,8 +43,17 @@ TOOLS_SYSTEM = (
     "The tools, as JSON schemas:"
 )
 _CLOSE_RE = re.compile(r"\s*" + re.escape(CLOSE_TAG))
-_NAME_RE = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"\\]+)"')
+_NAME_RE = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")')  # a JSON string: a name may hold an escape
 _BEGIN_RE = re.compile(r'\s*\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')  # _call_begin's text, any name
+
+
+def _json_string(text: str) -> str | None:
+    """A JSON string literal's value, or None where it is not one (a bad escape)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -253,7 +262,7 @@ def parse_reply(
     for span in spans:
         raw, call_id = text[span.start : span.end], f"call_{uuid.uuid4().hex[:24]}"
         named = _NAME_RE.search(span.body)  # what a call that does not parse still says it calls
-        name: str | None = named.group(1) if named else None
+        name: str | None = _json_string(named.group(1)) if named else None
         try:
             if not span.closed:
                 ended = f"{cut.limit} first; {cut.remedy}" if cut is not None else "the reply ended first"
