@@ -367,9 +367,10 @@ def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "check_gguf_supported", lambda path: "llama")
     made = []
 
-    def convert(path, target):  # the conversion's effect on the cache, without a model
+    def convert(path, target, stamp):  # the conversion's effect on the cache, without a model
         made.append(path.read_bytes())
         target.mkdir(parents=True, exist_ok=True)
+        (target / loading.STAMP).write_text(stamp)
         (target / "config.json").write_text("{}")
         return target
 
@@ -384,6 +385,15 @@ def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="has not been converted yet"):  # a token count does not convert
         model.write_bytes(b"third")
         loading.cached_gguf(model, build=False)
+    # a conversion of this version under the key used before entries were kept per path is moved in, not made again
+    import hashlib
+
+    stat = model.stat()
+    earlier = first.with_name(f"model-{hashlib.sha256(f'{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode()).hexdigest()[:12]}")
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"earlier": true}')
+    assert loading.cached_gguf(model) == first and len(made) == 2 and not earlier.exists()
+    assert (first / "config.json").read_text() == '{"earlier": true}' and loading.cached_gguf(model, build=False) == first
 
 
 def test_one_build_of_a_cache_entry_at_a_time(tmp_path):

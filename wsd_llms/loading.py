@@ -206,10 +206,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def convert_gguf(path: Path, target: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors directory at `target` (with a progress bar)."""
+def convert_gguf(path: Path, target: Path, stamp: str | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory at `target` (with a progress bar),
+    which records `stamp` (the file's version, _file_stamp) from the moment it appears."""
     with _LOADING:
-        return _convert_gguf(path, target)
+        return _convert_gguf(path, target, stamp)
 
 
 @contextmanager
@@ -232,7 +233,7 @@ def _one_gguf_reader() -> Iterator[None]:
         gguf.GGUFReader = original  # type: ignore[misc]
 
 
-def _convert_gguf(path: Path, target: Path) -> Path:
+def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,6 +258,8 @@ def _convert_gguf(path: Path, target: Path) -> Path:
     except Exception as exc:  # a file cut short (its tensors end early), a tensor layout transformers cannot read
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelLoadError(f"could not convert the GGUF file {path}: {type(exc).__name__}: {exc}") from exc
+    if stamp is not None:
+        (tmp / STAMP).write_text(stamp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -305,8 +308,6 @@ def _built(target: Path, build: bool, source: object, make: Callable[[], None], 
         with _building(target, stamp) as needed:
             if needed:
                 make()
-                if stamp is not None:
-                    (target / STAMP).write_text(stamp)
     return target
 
 
@@ -316,7 +317,21 @@ def cached_gguf(path: Path, build: bool = True) -> Path:
     target, stamp = cache_dir() / "converted" / _file_key(path), _file_stamp(path)
     if build and not _fresh(target, stamp):
         check_gguf_supported(path)  # before the cache is touched: a file transformers cannot read leaves nothing there
-    return _built(target, build, path, lambda: convert_gguf(path, target), stamp)
+    return _built(target, build, path, lambda: _adopt_or_convert(path, target, stamp), stamp)
+
+
+def _adopt_or_convert(path: Path, target: Path, stamp: str) -> None:
+    """Convert the file into `target`, unless a conversion of this very version is in the cache
+    under the key wsd-llms used before entries were kept per path: that one is moved in, not left
+    on disk beside a second copy (under the build lock of `target`)."""
+    stat = path.stat()
+    earlier = target.with_name(f"{path.stem}-{hashlib.sha256(f'{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode()).hexdigest()[:12]}")
+    if (earlier / "config.json").exists():
+        (earlier / STAMP).write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        earlier.rename(target)
+        return
+    convert_gguf(path, target, stamp)
 
 
 # ---------------------------------------------------------------- embedded default pair
