@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -207,9 +208,20 @@ def test_a_relative_model_path_loads_what_it_named_when_the_runtime_was_made(tmp
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     try:
-        assert rt.tokenizer("base").name_or_path == str(tmp_path / "made" / "draft")
-        assert rt.generate([{"role": "user", "content": "hi"}], max_tokens=3, mode="base").usage.reply_tokens <= 3
-        assert (rt.draft_source, rt.base_source) == ("draft", "draft")
+        assert Path(rt.tokenizer("base").name_or_path).resolve() == (tmp_path / "made" / "draft").resolve()
+        result = rt.generate([{"role": "user", "content": "hi"}], max_tokens=3, mode="base")
+        assert result.usage.reply_tokens <= 3
+        assert (rt.draft_source, rt.base_source, result.draft_model, result.base_model) == ("draft",) * 4  # as the caller wrote them
+    finally:
+        rt.close()
+    # a symlink stays one: a hub snapshot's model.gguf links to a blob with no .gguf suffix, which is no GGUF path
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "5f3e").write_bytes(b"GGUF")
+    (tmp_path / "model.gguf").symlink_to(tmp_path / "blobs" / "5f3e")
+    rt = WSDRuntime(tmp_path / "model.gguf", "some/base", device="cpu")
+    try:
+        with pytest.raises(ModelLoadError, match="has not been converted yet"):  # not "is not a .gguf file"
+            loading.local_source(rt._from["draft"], build=False)
     finally:
         rt.close()
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -431,15 +431,18 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     role: str = "",
+    name: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id; an
-    error says which model failed by its `role` ("draft", "base", "judge"), where one is given."""
+    error says which model failed by its `role` ("draft", "base", "judge"), where one is given.
+    `name`: what the model is called in results (the source as a caller wrote it), if not `source`."""
     with _LOADING:
         try:
             local = local_source(source)
         except ModelLoadError as exc:  # a path that is not there, a GGUF file that cannot be read
             raise ModelLoadError(f"the {role} model: {exc}" if role else str(exc)) from exc
-        return _load_model(source, local, device, dtype, revision, trust_remote_code, role)
+        loaded = _load_model(source, local, device, dtype, revision, trust_remote_code, role)
+    return loaded if name is None else replace(loaded, name=name)
 
 
 # What a load or read of a repo id adds to its error when the hub was out of reach (only its cache was read).

@@ -146,7 +146,7 @@ class WSDRuntime:
         self.base_source = model_source("base", base, EMBEDDED_BASE)
         # Where each loads from: a local path as it resolves now, so that a later os.chdir() does not
         # load another directory's model (the sources keep the caller's spelling, for display).
-        self._from = {"draft": _same_source(self.draft_source), "base": _same_source(self.base_source)}
+        self._from = {"draft": _pinned(self.draft_source), "base": _pinned(self.base_source)}
         _check_loading_options(draft_revision, base_revision, trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -491,8 +491,9 @@ class WSDRuntime:
     # ------------------------------------------------------------ worker
 
     def _load(self, role: str, source: str, revision: str | None) -> LoadedModel:
+        shown = self.draft_source if role == "draft" else self.base_source  # the caller's spelling, in results
         return load_model(
-            source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code, role=role
+            source, device=self.device, dtype=self.dtype, revision=revision, trust_remote_code=self._trust_remote_code, role=role, name=shown
         )
 
     @staticmethod
@@ -830,6 +831,13 @@ def _hub_cached(repo_id: str, revision: str | None) -> Path:
 _registry: dict[tuple, WSDRuntime] = {}
 _closed_limits: dict[tuple, dict[str, int | None]] = {}  # a closed runtime's, for its successor
 _registry_lock = threading.Lock()
+
+
+def _pinned(source: str) -> str:
+    """A local path as an absolute one, as it stands now (symlinks kept: a hub snapshot's model.gguf
+    links to a blob with no .gguf suffix); anything else (a repo id) as it is."""
+    path = Path(source).expanduser()
+    return os.path.abspath(path) if path.exists() else source
 
 
 def _same_source(source: str) -> str:
