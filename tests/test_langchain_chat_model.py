@@ -1362,6 +1362,8 @@ UNTITLED = {"type": "object", "properties": {"setup": {"type": "string"}, "punch
         {"name": "joke", "schema": UNTITLED},
         {"name": "joke", "description": "A joke.", "parameters": UNTITLED},
         {"name": "joke", "description": "A joke.", "input_schema": UNTITLED},  # Anthropic's tool form: it was sent as the schema, which held nothing
+        {"type": "function", "name": "joke", "parameters": UNTITLED},  # OpenAI's Responses API's flat tool
+        {"type": "custom", "name": "joke", "input_schema": UNTITLED},  # Anthropic's custom tool
     ],
 )
 def test_structured_output_takes_plain_and_openai_style_json_schemas(fake, schema):

@@ -71,7 +71,13 @@ def _json_object(value: dict[str, Any]) -> dict[str, Any]:
 
 
 # Keys whose presence makes a dict a JSON schema of its own (not a wrapper around one).
-_SCHEMA_KEYS = ("type", "properties", "$ref", "anyOf", "oneOf", "allOf", "enum", "const", "items", "$defs", "not")
+_SCHEMA_KEYS = frozenset({
+    "type", "properties", "required", "additionalProperties", "patternProperties", "$ref", "$defs", "definitions", "$schema",
+    "anyOf", "oneOf", "allOf", "not", "if", "enum", "const", "items", "prefixItems", "format", "pattern", "minLength", "maxLength",
+})
+# Where a tool's or a named format's wrapper holds its JSON schema: OpenAI's json_schema object
+# ("schema"), its functions and tools ("parameters"), Anthropic's tools ("input_schema").
+_WRAPPED = ("schema", "parameters", "input_schema")
 
 
 def unwrapped_format(value: Any) -> Any:
@@ -103,8 +109,10 @@ def unwrapped_format(value: Any) -> Any:
         return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
     if value.get("type") == "function" and isinstance(value.get("function"), dict):
         value = value["function"]  # an OpenAI tool: {"type": "function", "function": {"name", "parameters"}}
-    if "name" in value and not any(key in value for key in _SCHEMA_KEYS):  # a named wrapper, not a schema
-        for wrapped in ("schema", "parameters", "input_schema"):  # OpenAI's json_schema object, its function, Anthropic's tool
+    if value.get("type") in ("function", "custom") and "name" in value:  # flat: OpenAI's Responses tools, Anthropic's custom ones
+        value = {key: item for key, item in value.items() if key != "type"}
+    if "name" in value and not _SCHEMA_KEYS & value.keys():  # a named wrapper, not a schema
+        for wrapped in _WRAPPED:
             if isinstance(value.get(wrapped), dict):
                 return value[wrapped]
         raise ValueError(
