@@ -234,7 +234,9 @@ class Engine:
                 over.append(f"at least {least} {model} tokens ({model} context window {window})")
                 sizes.append(f"{size} bytes as the {model}'s")
         if over:
-            raise PromptTooLongError(f"the prompt is {' and '.join(over)}: its text is {' and '.join(sizes)}; shorten the messages")
+            raise PromptTooLongError(
+                f"the prompt is {' and '.join(over)}: its text is {' and '.join(sizes)}; shorten the messages (and tool schemas or calls' arguments)"
+            )
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
         """Check that the prompt fits the context window of each model the mode runs, and cap the

@@ -484,7 +484,7 @@ class Guide:
         if self.matcher is None:
             return logits
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        if not bool(self.bitmask.any()):
+        if not bool(self.bitmask.any()) and not self.matcher.is_terminated():  # (a finished grammar allows the stop tokens alone)
             from .errors import InvalidParameterError
 
             raise InvalidParameterError(
