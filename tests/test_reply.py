@@ -23,7 +23,8 @@ def test_role_marker_cut_drops_preceding_newlines(draft_tokenizer):
 def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer, argument):
     """A call's arguments may hold a role marker (a message to send, a transcript, even of calls):
     with the call's tags quoted the reply goes on to the call's end, where the call's JSON closes;
-    outside a call the marker still ends it, and a stop the caller chose counts anywhere."""
+    outside a call the marker still ends it. So does a stop the caller chose: inside a call's markup,
+    which the caller never sees, a stop such as "\n" cut every call short at `<tool_call>\n`."""
     from wsd_llms.tools import CALL_TAG, CLOSE_TAG
 
     tok = draft_tokenizer
@@ -43,10 +44,14 @@ def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer, a
     assert unquoted.text.endswith('"text": "') or unquoted.text.endswith("...</tool_call> then ")
     chosen = ReplyText(tok, ("asked",), (CALL_TAG, CLOSE_TAG), roles)
     chosen.add(_ids(tok, text), "base")
-    assert chosen.stopped and chosen.text.endswith("[User] ")
+    assert chosen.stopped and chosen.text == f"Sending.\n{call}" and chosen.stop_found == "\n\n[User]"
     marker = ReplyText(tok, ("[User]",), (CALL_TAG, CLOSE_TAG), roles)  # the caller's, though a role marker too
-    marker.add(_ids(tok, text), "base")
-    assert marker.stopped and marker.stop_found == "[User]" and marker.text == text[: text.index("[User]")]
+    marker.add(_ids(tok, text[len("Sending.\n"):].replace("\n\n[User]", " [User]")), "base")
+    assert marker.stopped and marker.stop_found == "[User]" and marker.text == f"{call} "
+    newline = ReplyText(tok, ("\n",), (CALL_TAG, CLOSE_TAG), roles)
+    newline.add(_ids(tok, f"{call}\n{call}"), "base")
+    assert newline.stopped and newline.stop_found == "\n" and newline.text == call  # the newline between two calls ends it
+    assert ReplyText(tok, ("\n",), None, roles).add(_ids(tok, call), "base")[0].text == "<tool_call>"  # no calls asked for: anywhere
 
 
 def test_stop_prefix_is_held_back_until_ruled_out(draft_tokenizer):
@@ -278,9 +283,9 @@ def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_pl
     from wsd_llms.reply import _first_stop
 
     tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
-    assert _first_stop("Paris.\n[User] more", ("\n", *roles), 0, None, roles) == (6, "\n")
+    assert _first_stop("Paris.\n[User] more", ("\n", *roles), 0, None, roles, caller=("\n",)) == (6, "\n")
     call = '<tool_call>\n{"name": "send", "arguments": {"text": "a [User] b"}}'
-    assert _first_stop(call, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), roles) == (call.index("[User]"), "[")
+    assert _first_stop(call, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), roles, caller=("[",)) == (call.index("[User]"), "[")
     plain = ReplyText(tok, (), None, roles)
     plain.add(_ids(tok, "Paris.\n\n[User] more"), "base")
     assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason

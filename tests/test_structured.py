@@ -75,6 +75,19 @@ def test_forced_tool_call_online_equals_staged(fixture, request):
         assert [c.name for c in named.tool_calls] == ["flag"] and isinstance(named.tool_calls[0].arguments["on"], bool)
 
 
+@pytest.mark.parametrize("mode", ["online", "staged", "base", "draft"])
+def test_a_stop_string_does_not_cut_a_call_s_markup(shared_runtime, mode):
+    """A call is written `<tool_call>\n{...}\n</tool_call>`, markup the caller never sees: a stop
+    of "\n" (or one of the call's own characters) cut every call there, leaving it invalid. Inside
+    a call no stop counts; the same call comes as without the stop."""
+    asked = dict(tools=[OPENAI_TOOL], tool_choice="flag", max_tokens=120, mode=mode)
+    alone = shared_runtime.generate(QUESTIONS[0], **asked)
+    for stop in (["\n"], ["}"], ['"on"']):
+        stopped = shared_runtime.generate(QUESTIONS[0], stop=stop, **asked)
+        assert [(c.name, c.arguments) for c in stopped.tool_calls] == [(c.name, c.arguments) for c in alone.tool_calls] != []
+        assert not stopped.invalid_tool_calls and stopped.text.startswith(alone.text)
+
+
 def test_a_forced_start_the_base_grammar_cannot_take_is_refused_in_every_mode_the_base_writes(differ_runtime):
     """The tiny tokenizers write a space as "▁", which xgrammar reads as that character: the base's
     tokens of a forced start with a space do not fit a JSON grammar that its text fits. Base mode

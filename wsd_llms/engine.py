@@ -199,13 +199,13 @@ class Engine:
             check=lambda texts: self._refuse_far_too_long(texts, params),
         )
         asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
+        calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # no stop counts inside a call's markup
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
-            reply = ReplyText(self.draft.tokenizer, tuple(params.stop))
+            reply = ReplyText(self.draft.tokenizer, tuple(params.stop), calls)
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
             if params.text_format:  # a marker inside a line is the format's text (a JSON string, say); one on a new line starts a turn
                 role_stops = tuple(stop for stop in role_stops if stop.startswith("\n"))
-            calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # a call's arguments may hold a role marker
             reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops)
         asked = {name: getattr(asked_params, name) for name in ("max_tokens", "max_draft_tokens")}
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params), asked=asked)

@@ -69,13 +69,14 @@ def close_outside_strings(text: str, close: str, start: int, end: int | None = N
     return -1
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = ()) -> tuple[int, str] | None:
+def _first_stop(
+    text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = (), caller: tuple[str, ...] = ()
+) -> tuple[int, str] | None:
     """Where the first stop string starts at or after `start`, and which it is, or None. One of
     `quoted_stops` does not count inside a `quoted` span: from an opening mark to its closing mark
     outside a JSON string, or to the end while it is open (so a stop's fate depends only on the text
-    before it). Where several start at one place, a stop not of `quoted_stops` (the caller's) is the
-    one named before a role marker, and a longer before a shorter ("\n" before "\n[User]" if "\n" is
-    the caller's)."""
+    before it). Where several start at one place, one of `caller`'s is the one named before a role
+    marker, and a longer before a shorter ("\n" before "\n[User]" if "\n" is the caller's)."""
 
     hits = []
     for stop in stops:
@@ -83,7 +84,7 @@ def _first_stop(text: str, stops: tuple[str, ...], start: int, quoted: tuple[str
         while i >= 0 and stop in quoted_stops and _inside(text, i, quoted):
             i = text.find(stop, i + 1)
         if i >= 0:
-            hits.append((i, stop in quoted_stops, -len(stop), stop))
+            hits.append((i, stop not in caller, -len(stop), stop))
     if not hits:
         return None
     first = min(hits)
@@ -140,15 +141,15 @@ class ReplyText:
     def __init__(
         self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None, role_stops: tuple[str, ...] = ()
     ) -> None:
-        """`stops`: the caller's stop strings, which count anywhere. `role_stops`: the prompt
-        template's role markers, which end the reply too but are no text of it. Those that are not
-        also the caller's do not count between `quoted`'s opening and closing marks (a tool call's
-        tags, whose arguments may hold a role marker), and a reply that ends (max_tokens) in the
-        start of one drops that start."""
+        """`stops`: the caller's stop strings. `role_stops`: the prompt template's role markers,
+        which end the reply too but are no text of it; a reply that ends (max_tokens) in the start
+        of one drops that start. Neither counts between `quoted`'s opening and closing marks (a tool
+        call's tags: its arguments may hold a role marker, and its markup, which the caller never
+        sees, holds a newline after the tag), so a stop such as "\n" does not cut every call short."""
         self._tok = tokenizer
         self.stops = tuple(dict.fromkeys(stops + role_stops))
-        self.quoted, self._role_stops = quoted, tuple(role_stops)
-        self._quoted_stops = tuple(stop for stop in role_stops if stop not in stops)
+        self.quoted, self._role_stops, self._caller = quoted, tuple(role_stops), tuple(stops)
+        self._quoted_stops = self.stops if quoted is not None else ()
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -194,7 +195,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            found = _first_stop(self.text, self.stops, start, self.quoted, self._quoted_stops) if self.stops else None
+            found = _first_stop(self.text, self.stops, start, self.quoted, self._quoted_stops, self._caller) if self.stops else None
             if found is not None:
                 cut, self.stop_found = found
                 if cut < self._emitted:
