@@ -373,7 +373,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         of the schema as a tool; `json_mode` constrains the reply to a JSON object, held to `schema`
         too when one is given (a local decoder can, so the parse cannot fail on a missing key).
         Decoding is always constrained, so `strict` changes nothing, and the grammar ends the value:
-        the model's own stops do not apply (a call's `stop` still does; see WSDSettings.wsd_params).
+        the model's own stops do not apply (a call's `stop` still cuts a JSON value, though not the
+        markup of `function_calling`'s call; see WSDSettings.wsd_params).
         `include_raw=True` gives
         `{"raw", "parsed", "parsing_error"}`. The value is the whole reply: the constructor's tools (with
         `json_schema`, `json_mode`) and response_format (`function_calling`) are left out. A conversation that ends with an AIMessage is read as
