@@ -81,6 +81,24 @@ def test_held_back_is_the_longest_tail_that_begins_a_stop():
     assert held_back("one two ST", ("STOP", "two STO")) == 6 and held_back("x", ("x",)) == 0
 
 
+@pytest.mark.parametrize("stops", [("/",), ("/", "a much longer stop string"), ("l>\nb",)])
+def test_a_stop_in_a_call_s_closing_tag_is_inside_the_call_however_the_ids_come(draft_tokenizer, stops):
+    """A stop at the closing tag's "/" was inside the call while the tag was incomplete and outside
+    once it was whole: streamed one id at a time the reply then ended inside text already streamed
+    (a RuntimeError, the request failed), all at once it cut the call at "\n<"."""
+    from wsd_llms.tools import CALL_TAG, CLOSE_TAG
+
+    tok = draft_tokenizer
+    call = '<tool_call>\n{"name": "flag", "arguments": {"on": true}}\n</tool_call>'
+    ids = _ids(tok, f"{call}\nb/c")
+    texts = []
+    for pieces in ([ids], [[i] for i in ids]):
+        reply = ReplyText(tok, stops, (CALL_TAG, CLOSE_TAG))
+        out = [d for piece in pieces if not reply.stopped for d in reply.add(piece, "base")] + reply.finish()
+        texts.append(("".join(d.text for d in out), reply.text, reply.stop_found))
+    assert texts[0] == texts[1] and texts[0][1].startswith(call) and texts[0][0] == texts[0][1]
+
+
 def test_stop_found_across_tokens(draft_tokenizer):
     tok = draft_tokenizer
     reply = ReplyText(tok, ("END",))

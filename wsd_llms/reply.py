@@ -92,14 +92,15 @@ def _first_stop(
 
 
 def _inside(text: str, i: int, quoted: tuple[str, str] | None) -> bool:
-    """Whether position i of text is inside a `quoted` span (the spans from the start, in turn: an
-    opening mark in a JSON string opens none)."""
+    """Whether position i of text is inside a `quoted` span, its closing mark included (the spans
+    from the start, in turn: an opening mark in a JSON string opens none). A position in a closing
+    mark is inside both before the mark is whole and after, so its answer never changes as text comes."""
     if quoted is None:
         return False
     pos = 0
     while (opened := text.find(quoted[0], pos, i)) != -1:
         closed = close_outside_strings(text, quoted[1], opened + len(quoted[0]), i)
-        if closed == -1:
+        if closed == -1 or closed + len(quoted[1]) > i:
             return True
         pos = closed + len(quoted[1])
     return False
