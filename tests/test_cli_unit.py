@@ -230,9 +230,11 @@ def test_help_and_option_errors_come_without_loading_torch() -> None:
         "import sys\n"
         "from wsd_llms import cli, WSDError\n"
         "cli._parser().format_help()\n"
+        "assert cli.main(['chat', '--temperature', '-1', 'hi']) == 2 and cli.main(['chat', '  ']) == 2  # option errors too\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:3]\n"
         "import wsd_llms\n"
         "assert 'WSDRuntime' in dir(wsd_llms) and wsd_llms.WSDRuntime.__module__ == 'wsd_llms.runtime'\n"
+        "assert wsd_llms.reply.__name__ == 'wsd_llms.reply' and not hasattr(wsd_llms, 'runtime.x') and not hasattr(wsd_llms, 'nope')\n"
         "from wsd_llms import *\n"
         "assert get_runtime is wsd_llms.runtime.get_runtime and 'torch' in sys.modules\n"
     )

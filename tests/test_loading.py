@@ -214,6 +214,14 @@ def test_a_relative_model_path_loads_what_it_named_when_the_runtime_was_made(tmp
         assert (rt.draft_source, rt.base_source, result.draft_model, result.base_model) == ("draft",) * 4  # as the caller wrote them
     finally:
         rt.close()
+    # "link/../m" is where the system finds it (link's target's parent), not "./m"
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "m").mkdir()
+    (tmp_path / "made" / "link").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path / "made")
+    pinned = WSDRuntime("link/../m", "some/base", device="cpu")
+    assert Path(pinned._from["draft"]).resolve() == (tmp_path / "real" / "m").resolve()
+    pinned.close()
     # a symlink stays one: a hub snapshot's model.gguf links to a blob with no .gguf suffix, which is no GGUF path
     (tmp_path / "blobs").mkdir()
     (tmp_path / "blobs" / "5f3e").write_bytes(b"GGUF")

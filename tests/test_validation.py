@@ -114,6 +114,7 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"response_format": {"name": "p", "description": "d"}}, 'a response_format named \'p\' holds no schema: give its JSON schema as "schema", "parameters" or "input_schema"'),
         # a schema with a "name" among its keywords is a schema, not a wrapper
         ({"response_format": {"name": "P", "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}}, "the required names 'b' at $ are not among its properties"),
+        ({"response_format": {"type": "custom", "name": "g", "format": {"type": "grammar"}}}, "a response_format named 'g' holds no schema"),  # a free-form tool
         ({"response_format": int}, "invalid response_format=<class 'int'>: must be a JSON schema (a dict), a pydantic class or a TypedDict, not type"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),

@@ -49,7 +49,7 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, as `wsd_llms.runtime` found it when all were imported
+    elif name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, as `wsd_llms.runtime` found it when all were imported
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -123,13 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     runtime = None
     try:
+        _check_options(args)  # a bad option fails before any model loads, and before torch imports
+        if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
+            raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
+    except WSDError as exc:
+        errors.print(Text(f"error: {exc}", style="bold red"))
+        return 2
+    try:
         from .runtime import get_runtime  # here, not at the top: `wsd-llms --help` need not wait for torch (seconds)
     except KeyboardInterrupt:  # while torch imports: an interrupted exit, not a traceback
         return 130
     try:
-        _check_options(args)  # a bad option fails before any model loads
-        if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
-            raise InvalidMessagesError("the question is empty; leave it out for an interactive chat")
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
         runtime.load()  # before the first request, so that its first-token time and tok/s are the reply's own

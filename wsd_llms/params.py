@@ -109,9 +109,8 @@ def unwrapped_format(value: Any) -> Any:
         return inner["schema"] if isinstance(inner.get("schema"), dict) else {"type": "object"}  # no schema: a JSON object
     if value.get("type") == "function" and isinstance(value.get("function"), dict):
         value = value["function"]  # an OpenAI tool: {"type": "function", "function": {"name", "parameters"}}
-    if value.get("type") in ("function", "custom") and "name" in value:  # flat: OpenAI's Responses tools, Anthropic's custom ones
-        value = {key: item for key, item in value.items() if key != "type"}
-    if "name" in value and not _SCHEMA_KEYS & value.keys():  # a named wrapper, not a schema
+    flat_tool = value.get("type") in ("function", "custom") and "name" in value  # OpenAI's Responses tools, Anthropic's custom ones
+    if flat_tool or "name" in value and not _SCHEMA_KEYS & value.keys():  # a named wrapper, not a schema
         for wrapped in _WRAPPED:
             if isinstance(value.get(wrapped), dict):
                 return value[wrapped]

@@ -837,7 +837,9 @@ def _pinned(source: str) -> str:
     """A local path as an absolute one, as it stands now (symlinks kept: a hub snapshot's model.gguf
     links to a blob with no .gguf suffix); anything else (a repo id) as it is."""
     path = Path(source).expanduser()
-    return os.path.abspath(path) if path.exists() else source
+    if not path.exists():
+        return source
+    return str(path if path.is_absolute() else Path.cwd() / path)  # not os.path.abspath: "link/../m" is not "m"
 
 
 def _same_source(source: str) -> str:
