@@ -414,6 +414,8 @@ def test_a_grammar_the_tokenizer_cannot_write_is_the_request_s_error(shared_runt
         {"type": "object", "properties": {"a": {"enum": [{"required": ["nothing"], "pattern": "(?!x)"}]}}},  # data, not schemas
         {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+\\d?$"}}, "$defs": {"n": {"type": "integer"}}, "required": ["a"]},
         {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}, "b": {"$ref": "#"}}, "$defs": {"n": {"type": "integer"}}},
+        # a definition nothing uses is never compiled: its pattern was refused
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "$defs": {"unused": {"type": "string", "pattern": "^(?!x).*"}}},
     ],
 )
 def test_schemas_the_grammar_holds_are_taken(schema):

@@ -101,6 +101,10 @@ def test_a_typeddict_response_format_is_its_json_schema():
             {"response_format": {"type": "object", "properties": {"a": {"$ref": "#foo"}}, "$defs": {"f": {"$anchor": "foo", "type": "integer"}}}},
             "invalid response_format: the $ref '#foo' at $.properties.a points to an anchor; only references within it ('#', '#/$defs/...') are followed",
         ),
+        (  # one a used definition holds, reached through $refs
+            {"response_format": {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {"n": {"type": "object", "properties": {"b": {"$ref": "#/$defs/m"}}}, "m": {"type": "string", "pattern": "(?<=a)b"}}}},
+            "invalid response_format: the pattern '(?<=a)b' at $.$defs.m cannot be held to: Regex parsing error",
+        ),
         (
             {"tools": [{"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?!x).*"}}}}]},
             "invalid tools: tools[0] (f) parameters: the pattern '^(?!x).*' at $.properties.a cannot be held to: Regex parsing error at position 4: Lookahead is not supported yet.",

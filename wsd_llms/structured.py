@@ -316,11 +316,18 @@ _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", 
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
+# Keywords that hold definitions: schemas that count only where a $ref names them.
+_DEFINITIONS = frozenset({"$defs", "definitions"})
+
+
 def _subschemas(schema: Any, path: str = "$") -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, subschema) for the schema and every schema inside it, data (an enum's values) left out."""
+    """(path, subschema) for the schema and every schema inside it, data (an enum's values) and
+    definitions left out (see _used_subschemas)."""
     if isinstance(schema, dict):
         yield path, schema
         for key, value in schema.items():
+            if key in _DEFINITIONS:
+                continue
             if key in _SCHEMA_MAPS and isinstance(value, dict):
                 for name, subschema in value.items():
                     yield from _subschemas(subschema, f"{path}.{key}.{name}")
@@ -329,6 +336,34 @@ def _subschemas(schema: Any, path: str = "$") -> Iterator[tuple[str, dict[str, A
     elif isinstance(schema, list):
         for i, value in enumerate(schema):
             yield from _subschemas(value, f"{path}[{i}]")
+
+
+def _used_subschemas(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, subschema) for every schema a value may be held to: the schema's own, and the
+    definitions its $refs reach (each once); a definition nothing uses is never compiled."""
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [("$", schema)]
+    while todo:
+        path, root = todo.pop()
+        for sub_path, subschema in _subschemas(root, path):
+            yield sub_path, subschema
+            ref = subschema.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/") and (target := _pointed(schema, ref)) is not None and id(target) not in seen:
+                seen.add(id(target))
+                todo.append(("$" + ref[1:].replace("/", "."), target))
+
+
+def _pointed(schema: Any, ref: str) -> Any:
+    """What a "#/a/b" JSON pointer names in the schema, or None where it names nothing."""
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(schema, dict) and part in schema:
+            schema = schema[part]
+        elif isinstance(schema, list) and part.isdigit() and int(part) < len(schema):
+            schema = schema[int(part)]
+        else:
+            return None
+    return schema
 
 
 def _unfollowed(schema: dict[str, Any], path: str) -> str | None:
@@ -371,7 +406,7 @@ def _regex_error(pattern: str) -> str | None:
 def _unfollowed_error(params: GenerationParams) -> str | None:
     """Why a schema of the request cannot be held to as written (_unfollowed), or None."""
     for where, schema in _request_schemas(params):
-        for path, subschema in _subschemas(schema):
+        for path, subschema in _used_subschemas(schema):
             if (reason := _unfollowed(subschema, path)) is not None:
                 return f"{where}{reason}"
     return None
