@@ -301,9 +301,11 @@ def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_pl
     from wsd_llms.reply import _first_stop
 
     tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
-    assert _first_stop("Paris.\n[User] more", ("\n", *roles), 0, None, roles, caller=("\n",)) == (6, "\n")
+    assert _first_stop("Paris.\n[User] more", ("\n", *roles), 0, None, caller=("\n",)) == (6, "\n")
     call = '<tool_call>\n{"name": "send", "arguments": {"text": "a [User] b"}}'
-    assert _first_stop(call, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), roles, caller=("[",)) == (call.index("[User]"), "[")
+    assert _first_stop(call, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), caller=("[",)) is None  # neither counts inside the call
+    after = f"{call}\n</tool_call> see [x"
+    assert _first_stop(after, ("[", *roles), 0, (CALL_TAG, CLOSE_TAG), caller=("[",)) == (after.index("[x"), "[")
     plain = ReplyText(tok, (), None, roles)
     plain.add(_ids(tok, "Paris.\n\n[User] more"), "base")
     assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason

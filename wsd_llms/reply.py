@@ -70,18 +70,18 @@ def close_outside_strings(text: str, close: str, start: int, end: int | None = N
 
 
 def _first_stop(
-    text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, quoted_stops: tuple[str, ...] = (), caller: tuple[str, ...] = ()
+    text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, caller: tuple[str, ...] = ()
 ) -> tuple[int, str] | None:
-    """Where the first stop string starts at or after `start`, and which it is, or None. One of
-    `quoted_stops` does not count inside a `quoted` span: from an opening mark to its closing mark
-    outside a JSON string, or to the end while it is open (so a stop's fate depends only on the text
-    before it). Where several start at one place, one of `caller`'s is the one named before a role
-    marker, and a longer before a shorter ("\n" before "\n[User]" if "\n" is the caller's)."""
+    """Where the first stop string starts at or after `start`, and which it is, or None. No stop
+    counts inside a `quoted` span: from an opening mark to its closing mark outside a JSON string,
+    or to the end while it is open (so a stop's fate depends only on the text before it). Where
+    several start at one place, one of `caller`'s is the one named before a role marker, and a
+    longer before a shorter ("\n" before "\n[User]" if "\n" is the caller's)."""
 
     hits = []
     for stop in stops:
         i = text.find(stop, start)
-        while i >= 0 and stop in quoted_stops and _inside(text, i, quoted):
+        while i >= 0 and _inside(text, i, quoted):
             i = text.find(stop, i + 1)
         if i >= 0:
             hits.append((i, stop not in caller, -len(stop), stop))
@@ -150,7 +150,6 @@ class ReplyText:
         self._tok = tokenizer
         self.stops = tuple(dict.fromkeys(stops + role_stops))
         self.quoted, self._role_stops, self._caller = quoted, tuple(role_stops), tuple(stops)
-        self._quoted_stops = self.stops if quoted is not None else ()
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -196,7 +195,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            found = _first_stop(self.text, self.stops, start, self.quoted, self._quoted_stops, self._caller) if self.stops else None
+            found = _first_stop(self.text, self.stops, start, self.quoted, self._caller) if self.stops else None
             if found is not None:
                 cut, self.stop_found = found
                 if cut < self._emitted:

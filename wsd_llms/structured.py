@@ -313,10 +313,8 @@ def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]
 # Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "dependentRequired"})
 # Keywords whose values map names to schemas: a name there ("default", say) is no keyword.
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-
-
-# Keywords that hold definitions: schemas that count only where a $ref names them.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas"})
+# Keywords that hold definitions: schemas that count only where a $ref names them (_used_subschemas).
 _DEFINITIONS = frozenset({"$defs", "definitions"})
 
 
