@@ -16,6 +16,9 @@ class _Point(BaseModel):
     x: int
 
 
+_TOOL = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+
+
 def test_a_typeddict_response_format_is_its_json_schema():
     """As ChatOpenAI takes one; it was refused as "Input should be a valid dictionary". Python's own
     TypedDict, which pydantic reads only from Python 3.12, is refused saying so."""
@@ -122,12 +125,27 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"response_format": int}, "invalid response_format=<class 'int'>: must be a JSON schema (a dict), a pydantic class or a TypedDict, not type"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),
+        # a forced call starts the reply with its tag: a stop in it ended every reply before its call
+        # (with "<", an empty reply with no call and no error)
+        ({"tools": [_TOOL], "tool_choice": "required", "stop": ["<"]}, "stop='<' would end the reply inside the opening '<tool_call>' of the call that tool_choice='required' makes it start with"),
+        ({"tools": [_TOOL], "tool_choice": "f", "stop": ["x", 'call>\n{"na']}, "stop='call>\\n{\"na'"),
+        ({"tools": [_TOOL], "tool_choice": "any", "stop": ['>\n{"name": "f", "arguments": {"a": 1']}, "would end the reply inside the opening"),
     ],
 )
 def test_bad_params_name_parameter_value_and_rule(params, needle):
     with pytest.raises(InvalidParameterError) as err:
         parse_params(**params)
     assert needle in str(err.value)
+
+
+def test_stops_a_forced_call_s_opening_tag_does_not_reach_are_taken():
+    """Only a stop that can match from inside the opening tag is refused: one later in the call
+    counts for nothing there (ReplyText), one between calls ends the reply after a call, and under
+    'auto' a stop that cuts a call's tag reports the call as cut (parse_reply)."""
+    call = {"tools": [_TOOL], "tool_choice": "required"}
+    for stop in ["\n", "}", '"name"', "</tool_call>", '>\n{"name": "g"', "\n<tool_call>"]:
+        assert parse_params(**call, stop=[stop]).stop == (stop,)
+    assert parse_params(tools=[_TOOL], tool_choice="auto", stop=["<"]).stop == ("<",)
 
 
 def test_numpy_integers_are_the_ints_they_hold():

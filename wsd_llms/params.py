@@ -224,6 +224,15 @@ class GenerationParams(BaseModel):
                 f"response_format with tools needs tool_choice 'auto' (the reply is then tool calls or the "
                 f"response_format's value) or 'none', not {self.tool_choice!r}"
             )
+        if self.calls_tools and self.tool_choice != "auto":
+            from .tools import CALL_TAG, stop_in_forced_call
+
+            forced = names if self.tool_choice == "required" else [self.tool_choice]
+            if (stop := stop_in_forced_call(self.stop, forced)) is not None:
+                raise ValueError(
+                    f"stop={stop!r} would end the reply inside the opening {CALL_TAG!r} of the call that "
+                    f"tool_choice={self.tool_choice!r} makes it start with; leave {stop!r} out of stop"
+                )
         return self
 
     @field_validator("stop", mode="before")

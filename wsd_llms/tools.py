@@ -115,6 +115,20 @@ def _call_begin(name: str) -> str:
     return f'{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
 
 
+def stop_in_forced_call(stops: Sequence[str], names: Sequence[str]) -> str | None:
+    """The first stop string that would cut a forced call in its opening tag, or None. A forced call
+    starts the reply with its tag, the tool's name and its arguments (tool_call_format); a stop that
+    starts inside the tag and matches what follows ended every reply before its call (an empty reply,
+    with no call and no error, where the stop was "<"). A stop later in the call does not count
+    (ReplyText: no stop counts inside a call's markup)."""
+    begins = [CALL_OPEN + _call_begin(name) for name in names]
+    for stop in stops:
+        for begin in begins:
+            if any(begin[i:].startswith(stop) or stop.startswith(begin[i:]) for i in range(len(CALL_TAG))):
+                return stop
+    return None
+
+
 def tool_call_format(params: Any) -> dict[str, Any]:
     """The structural-tag format of the reply for these tools and this tool_choice."""
     chosen = [t for t in params.tools if params.tool_choice in ("auto", "required", t["name"])]
