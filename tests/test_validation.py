@@ -125,6 +125,19 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"response_format": int}, "invalid response_format=<class 'int'>: must be a JSON schema (a dict), a pydantic class or a TypedDict, not type"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),
+        # xgrammar's refusals name no place: the deepest subschema it refuses alone for the same reason is named
+        (
+            {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},
+            "invalid response_format: it cannot be compiled into a grammar: Value must be a number (at $.properties.a)",
+        ),
+        (
+            {"response_format": {"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/r"}]}}, "$defs": {"r": {"type": "integer", "minimum": 5, "maximum": 1}}}},
+            "minimum greater than maximum (at $.$defs.r)",  # the definition, not the $ref that leads to it
+        ),
+        (
+            {"tools": [_TOOL, {"name": "g", "parameters": {"type": "object", "properties": {"b": {"type": "array", "items": {"type": "string", "minLength": 3, "maxLength": 1}}}}}]},
+            "tools[1] (g) parameters: minLength 3 is greater than maxLength 1 (at $.properties.b.items)",
+        ),
         # a forced call starts the reply with its tag: a stop in it ended every reply before its call
         # (with "<", an empty reply with no call and no error)
         ({"tools": [_TOOL], "tool_choice": "required", "stop": ["<"]}, "stop='<' would end the reply inside the opening '<tool_call>' of the call that tool_choice='required' makes it start with"),
@@ -247,10 +260,12 @@ def test_a_schema_s_grammar_is_built_once_for_its_checks(monkeypatch):
     for _ in range(3):
         parse_params(response_format=schema)
     bad = {"type": "object", "properties": {"n": {"type": "numbr"}}}
+    counts = []
     for _ in range(2):
-        with pytest.raises(InvalidParameterError, match='cannot be compiled into a grammar: Unsupported type "numbr"'):
+        with pytest.raises(InvalidParameterError, match=r'cannot be compiled into a grammar: Unsupported type "numbr" \(at \$.properties.n\)'):
             parse_params(response_format=bad)
-    assert len(builds) == 2
+        counts.append(len(builds))
+    assert counts == [3, 3]  # the schema's, then its property's alone, for the place in the error
 
 
 def test_references_within_the_schema_and_refs_in_data_are_taken():

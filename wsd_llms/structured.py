@@ -20,6 +20,7 @@ import math
 import os
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -242,11 +243,42 @@ def _grammar_error(params: GenerationParams) -> str | None:
         return outside
     if (reason := _build_error(constraint_spec(params))) is not None:
         for i, tool in enumerate(params.tools if params.response_format is None else ()):
-            own = _build_error(json.dumps({"type": "structural_tag", "format": json_format(tool["parameters"])}))
+            own = _build_error(_schema_spec(tool["parameters"]))
             if own is not None:
-                return f"it cannot be compiled into a grammar: tools[{i}] ({tool['name']}) parameters: {own}"
-        return f"it cannot be compiled into a grammar: {reason}"
+                return f"it cannot be compiled into a grammar: tools[{i}] ({tool['name']}) parameters: {own}{_where(json.dumps(tool['parameters']), own)}"
+        schema = params.response_format if params.response_format is not None and not params.text_format else None
+        return f"it cannot be compiled into a grammar: {reason}{_where(json.dumps(schema), reason) if schema is not None else ''}"
     return _schemas_error(params)
+
+
+def _schema_spec(schema: dict[str, Any]) -> str:
+    """A structural tag (as JSON text) of one JSON value of `schema`."""
+    return json.dumps({"type": "structural_tag", "format": json_format(schema)})
+
+
+# How long _where builds a schema's subschemas on their own, at most: most take a millisecond, one
+# with long bounded strings a tenth of a second.
+WHERE_SECONDS = 1.0
+
+
+@functools.lru_cache(maxsize=256)
+def _where(schema: str, reason: str) -> str:
+    """" (at $.path)" for the deepest subschema of a schema (as JSON text: a service sends the same
+    one with every request) that xgrammar refuses on its own for the same `reason` (its messages
+    name no place: "Value must be a number"), or "" where none does. Each is built alone, so one
+    whose $ref leads to the fault fails otherwise, and the definition is named."""
+    found, until = "", time.monotonic() + WHERE_SECONDS
+    for path, subschema in _used_subschemas(json.loads(schema)):
+        if time.monotonic() > until:
+            break
+        if path.count(".") + path.count("[") <= found.count(".") + found.count("["):  # the root, or no deeper
+            continue
+        try:
+            require_xgrammar().Grammar.from_structural_tag(_schema_spec(subschema))
+        except RuntimeError as exc:
+            if _xgrammar_reason(exc) == reason:
+                found = path
+    return f" (at {found})" if found else ""
 
 
 # The checks' grammar builds, by structural-tag spec: xgrammar's reason a spec cannot be built, or
