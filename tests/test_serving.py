@@ -568,6 +568,27 @@ def test_a_timeout_fires_while_the_worker_cannot_step(fresh, monkeypatch, call):
     assert time.monotonic() - t0 < 0.9
 
 
+def test_an_async_reply_that_came_in_time_is_taken_though_the_loop_was_held_past_the_timeout(fresh):
+    """An event loop held up (a handler's blocking call) past a request's timeout while its reply
+    arrived in time: the timer fired before the queue's get took the reply, and the caller got
+    RequestTimeoutError for a request that stats() counted as finished."""
+    rt = fresh()
+    rt.generate(_msgs(QUESTIONS[0]), max_tokens=3)  # loaded: the reply comes in a fraction of a second
+
+    async def main():
+        async def consume():
+            return [event async for event in rt.astream(_msgs(QUESTIONS[0]), max_tokens=3, timeout=0.5)]
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0)  # the request is sent
+        _wait_for(lambda: rt.stats().finished == 2)  # the loop held (and the reply in) past the timeout
+        time.sleep(0.6)
+        return await task
+
+    events = asyncio.run(main())
+    assert isinstance(events[-1], FinalEvent) and (rt.stats().finished, rt.stats().failed) == (2, 0)
+
+
 def test_a_request_that_fails_as_it_starts_fails_alone(fresh):
     """A request whose program fails before its first pass (here a forced reply start that its grammar
     rejects) gets that error; the requests running beside it finish as they would alone."""

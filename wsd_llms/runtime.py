@@ -249,8 +249,9 @@ class WSDRuntime:
                 try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
                     async with asyncio.timeout(_wait(sub)):
                         item = await inbox.get()
-                except TimeoutError:
-                    self._check_waiting(sub)
+                except TimeoutError:  # an event that came meanwhile is taken first, as a SimpleQueue's get does
+                    if inbox.empty():  # (the loop, held up past the timeout, fired it before the get took one)
+                        self._check_waiting(sub)
                     continue
                 yield _unwrap(item)
                 if isinstance(item, FinalEvent):
