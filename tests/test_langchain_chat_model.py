@@ -545,10 +545,18 @@ class Events(BaseCallbackHandler):
 
 
 @pytest.mark.parametrize("path", ["invoke", "stream"])
-@pytest.mark.parametrize("value, needle", [({"temperature": -1}, "invalid temperature=-1"), ({"stop": 5}, "invalid stop=[5]: must be a string or a list of strings")])
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ({"temperature": -1}, "invalid temperature=-1"),
+        ({"stop": 5}, "invalid stop=[5]: must be a string or a list of strings"),
+        ({"stop": [["\n"]]}, "invalid stop=[['\\n']]: must be a string or a list of strings"),
+        ({"stop": {"a": 1}}, "invalid stop=[{'a': 1}]: must be a string or a list of strings"),
+    ],
+)
 def test_a_bad_call_value_reaches_on_llm_error(fake, path, value, needle):
     """Values are checked inside the run, so tracing sees the failed call like any other (a stop
-    that is no list failed with a bare TypeError before the run began)."""
+    that is no list, or a list of lists, failed with a bare TypeError before the run began)."""
     handler = Events()
     with pytest.raises(InvalidParameterError, match=re.escape(needle)):
         call = getattr(WSDChatModel(), path)("x", **value, config={"callbacks": [handler]})

@@ -199,7 +199,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
             params["response_format"] = None  # the call's forced tool call is its reply: not the constructor's value
         if stop is None:
             stop = [] if _asks_for_json(params.get("response_format")) or _forces_a_call(params) else self.stop
-        params["stop"] = list(dict.fromkeys(_stops(stop)))
+        stops = _stops(stop)  # each once; any other value as it is, for the check inside the run to name
+        params["stop"] = list(dict.fromkeys(stops)) if all(isinstance(s, str) for s in stops) else stops
         return params
 
     def wsd_model_name(self, mode: str | None = None) -> str:
