@@ -438,6 +438,11 @@ def test_unknown_parameter_is_named(fake):
         WSDChatModel().invoke("x", temprature=0.5)
     with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'max_new_tokens'; did you mean 'max_tokens'\\?"):
         WSDChatModel(max_new_tokens=5)
+    # ChatOpenAI's own name for max_tokens: by spelling alone it was taken for max_draft_tokens
+    with pytest.raises(ValidationError, match="'max_completion_tokens'; did you mean 'max_tokens'\\? \\(other APIs' name for it\\)"):
+        WSDChatModel(max_completion_tokens=5)
+    with pytest.raises(InvalidParameterError, match="'presence_penalty' \\(value 0.5\\) \\(not offered: sampling takes temperature, top_p, top_k and seed\\)"):
+        WSDChatModel().invoke("x", presence_penalty=0.5)
     # a hosted model's HTTP extras, which framework code passes whatever the model, mean nothing here
     assert WSDChatModel().invoke("x", extra_headers={"x-a": "1"}, extra_query={"q": "1"}, max_tokens=4).text == "Hi there"
     assert fake.requests[-1][1]["max_tokens"] == 4 and not {"extra_headers", "extra_query"} & set(fake.requests[-1][1])

@@ -350,9 +350,37 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+# Other APIs' names for our parameters (OpenAI, Anthropic, transformers, Ollama, Gemini): spelling
+# alone pointed max_completion_tokens at max_draft_tokens.
+OTHER_NAMES = {
+    "max_completion_tokens": "max_tokens",
+    "max_new_tokens": "max_tokens",
+    "num_predict": "max_tokens",
+    "max_output_tokens": "max_tokens",
+    "stop_sequences": "stop",
+    "random_seed": "seed",
+    "request_timeout": "timeout",
+}
+# Other APIs' sampling options this runtime does not have, and what it offers instead.
+NOT_OFFERED = {
+    "n": "one reply per request: send several (batch) for more",
+    **dict.fromkeys(
+        ("frequency_penalty", "presence_penalty", "repetition_penalty", "repeat_penalty", "min_p", "logit_bias", "typical_p"),
+        "sampling takes temperature, top_p, top_k and seed",
+    ),
+    **dict.fromkeys(("logprobs", "top_logprobs"), "replies carry no log probabilities"),
+}
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """"; did you mean 'x'?" with the known names closest to a mistyped one, or "" if none is close."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    """"; did you mean 'x'?" with the known name another API's name stands for, or the known name
+    closest to a mistyped one; what an option we do not offer means here; or "" if none applies."""
+    known = list(known)
+    if OTHER_NAMES.get(name) in known:
+        return f"; did you mean {OTHER_NAMES[name]!r}? (other APIs' name for it)"
+    if name in NOT_OFFERED and "temperature" in known:  # a request's parameters, not a tool's keys
+        return f" (not offered: {NOT_OFFERED[name]})"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
