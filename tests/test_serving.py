@@ -538,12 +538,13 @@ def _wait_for(condition, seconds=10.0):
 
 
 def test_a_queued_request_times_out_while_it_waits(fresh):
-    """A timeout counts the queue: it fires while the request waits behind max_running, not when it is admitted."""
+    """A timeout counts the queue: it fires while the request waits behind max_running, not when it
+    is admitted, and the error says it was waiting, and for which limits."""
     rt = fresh(max_running=1)
     long = rt.stream(_msgs(QUESTIONS[1]), max_tokens=400, max_draft_tokens=400, mode="draft")  # 300 tokens at least, greedy
     next(long)
     t0 = time.monotonic()
-    with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.3s"):
+    with pytest.raises(RequestTimeoutError, match=r"exceeded timeout=0.3s waiting for admission \(1 running of max_running=1, max_cached_tokens="):
         rt.generate(_msgs(QUESTIONS[1]), max_tokens=5, timeout=0.3)
     assert time.monotonic() - t0 < 1.5
     assert rt.stats().running == 1  # the long request is still going
