@@ -391,6 +391,16 @@ def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     assert WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, strict=True) == WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK)
 
 
+@pytest.mark.parametrize("flag", ["allow_parallel_tool_calls", "tool_required"])
+def test_the_tool_flags_must_be_bools(flag):
+    """As the runtime's own flags: "yes" was read as True (tool_required forced a call), or named
+    as parallel_tool_calls, a parameter the caller never passed."""
+    import wsd_llms
+
+    with pytest.raises(wsd_llms.InvalidParameterError, match=f"invalid {flag}='yes': must be a bool"):
+        WSDLLM()._prepare_chat_with_tools(TOOLS, user_msg=ASK, **{flag: "yes"})
+
+
 def test_constructor_tools_are_llamaindex_tools() -> None:
     """Tools given to the constructor are LlamaIndex tools, as chat_with_tools takes them (a
     FunctionTool was refused as "tools[0] must be a dict"); anything else is a ValidationError naming it."""

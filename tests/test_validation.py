@@ -125,6 +125,9 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"response_format": int}, "invalid response_format=<class 'int'>: must be a JSON schema (a dict), a pydantic class or a TypedDict, not type"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),
+        # a value of another type, or a dict that names no tool, was "Input should be a valid string"
+        ({"tools": [_TOOL], "tool_choice": 5}, "invalid tool_choice=5: must be 'auto', 'required' (or 'any'), 'none', a tool's name, or a dict naming a tool"),
+        ({"tools": [_TOOL], "tool_choice": {"type": "function"}}, "invalid tool_choice={'type': 'function'}: must be 'auto'"),
         # xgrammar's refusals name no place: the deepest subschema it refuses alone for the same reason is named
         (
             {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},

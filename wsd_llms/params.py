@@ -197,7 +197,13 @@ class GenerationParams(BaseModel):
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _tool_choice(cls, value: Any) -> Any:
-        return tool_choice_value(value)
+        choice = tool_choice_value(value)
+        if not isinstance(choice, str):  # pydantic's "Input should be a valid string" said nothing of the forms
+            raise ValueError(
+                "must be 'auto', 'required' (or 'any'), 'none', a tool's name, or a dict naming a tool "
+                "({'type': 'function', 'function': {'name': ...}} or {'type': 'tool', 'name': ...})"
+            )
+        return choice
 
     @model_validator(mode="before")
     @classmethod

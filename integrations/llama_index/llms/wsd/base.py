@@ -40,7 +40,7 @@ from llama_index.core.program.utils import FlexibleModel, process_streaming_obje
 from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, Field, model_validator
 
-from wsd_llms.errors import InvalidMessagesError, ReplyCutShortError
+from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
@@ -359,6 +359,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """chat() arguments: messages, OpenAI-style tool specs, tool_choice (an explicit one wins, then
         tool_required, then the constructor's) and parallel calls (allowed by the call or the constructor).
         Calls are always decoded under their tools' schemas, so `strict` (as OpenAI's) changes nothing."""
+        for name, flag in (("allow_parallel_tool_calls", allow_parallel_tool_calls), ("tool_required", tool_required)):
+            if not isinstance(flag, bool):  # "yes" was read as True, or named as parallel_tool_calls
+                raise InvalidParameterError(f"invalid {name}={flag!r}: must be a bool (True or False)")
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
