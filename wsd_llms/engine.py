@@ -112,7 +112,7 @@ class RuntimeStats:
     pass) and "accepted" (the model chose them, each a pass saved)."""
     retried_passes: int
     """Batched passes (and output projections) that raised and ran again one sequence at a time, so
-    that only a sequence that fails alone fails; a RuntimeWarning names the error when all passed alone."""
+    that only a sequence that fails alone fails; a logged warning names the error when all passed alone."""
 
     @classmethod
     def empty(cls) -> RuntimeStats:
