@@ -5,6 +5,8 @@ With tools, both prompts describe them and render tool calls and results (see `t
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,23 +62,54 @@ def shown_name(tokenizer: Any, role: str) -> str:
     return f"the {role} model {name!r}" if name else f"the {role} model"
 
 
-def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]], role: str) -> tuple[str, list[str]]:
-    """The `role` model's template's text, and the contents of the messages it rendered, in order."""
+def _chat_template(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]], role: str) -> tuple[str, list[Span]]:
+    """The `role` model's template's text, and where the messages' text lies in it, in order."""
+    rendered, extra = template_messages(tokenizer, messages, tools)
+    text = _render(tokenizer, rendered, extra, role)
+    return text, _template_spans(tokenizer, rendered, extra, text, role)
+
+
+def _render(tokenizer: Any, rendered: list[dict], extra: dict, role: str) -> str:
     from jinja2 import TemplateError
 
-    rendered, extra = template_messages(tokenizer, messages, tools)
     try:
-        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
+        return tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **extra)
     except TemplateError as exc:  # the template's own rule, e.g. no system role, or roles must alternate
         raise InvalidMessagesError(f"the chat template of {shown_name(tokenizer, role)} refused these messages: {exc}") from None
-    return text, [m["content"] for m in rendered if isinstance(m.get("content"), str)]
+
+
+def _template_spans(tokenizer: Any, rendered: list[dict], extra: dict, text: str, role: str) -> list[Span]:
+    """Where each message's text lies in `text`, its template's rendering, told apart from the
+    template's own text by a second rendering with a marker in each message's place: a message
+    that spells a marker the template writes before it ("<bos>", "<|im_end|>", the end of the turn
+    before) was found at that marker, which was then encoded as text and the message's as the
+    control token. Each message is taken as written or stripped; where the template writes one
+    otherwise, every message is looked for after the one before (message_spans)."""
+    contents = [m["content"] for m in rendered if isinstance(m.get("content"), str)]
+    nonce = uuid.uuid4().hex
+    marked, n = [], 0
+    for m in rendered:
+        if isinstance(m.get("content"), str):
+            m, n = {**m, "content": f"\ue000{nonce}:{n}\ue001"}, n + 1
+        marked.append(m)
+    pieces = re.split(f"\ue000{nonce}:([0-9]+)\ue001", _render(tokenizer, marked, extra, role))
+    spans, at = [], len(pieces[0])
+    if not text.startswith(pieces[0]):
+        return message_spans(text, contents)
+    for index, after in zip(pieces[1::2], pieces[2::2]):
+        content = contents[int(index)]
+        shown = next((c for c in (content, content.strip()) if text.startswith(c + after, at)), None)
+        if shown is None:
+            return message_spans(text, contents)
+        spans.append((at, at + len(shown)))
+        at += len(shown) + len(after)
+    return spans if at == len(text) else message_spans(text, contents)
 
 
 def message_spans(text: str, contents: Sequence[str]) -> list[Span]:
-    """Where each message's text lies in a prompt rendered from them (its `contents`, as
-    `_chat_template` and `plain_base_prompt` give them: a call written as text and the tools block
-    too): each is looked for after the one before (a template may have stripped it; one not found
-    is left out)."""
+    """Where each message's text lies in a prompt rendered from them, found by looking for each
+    after the one before (a template may have stripped it; one not found is left out): for a
+    template that writes messages otherwise than as given (_template_spans)."""
     spans, at = [], 0
     for content in contents:
         content = content.strip()
@@ -87,24 +120,19 @@ def message_spans(text: str, contents: Sequence[str]) -> list[Span]:
     return spans
 
 
-def encode_with_marks(tokenizer: Any, text: str, contents: Sequence[str], spans: Sequence[Span] = ()) -> tuple[list[int], tuple[int, ...]]:
+def encode_with_marks(tokenizer: Any, text: str, starts: Sequence[int], spans: Sequence[Span] = ()) -> tuple[list[int], tuple[int, ...]]:
     """`text`'s ids, with `spans` (message text that spells special tokens) encoded as text
-    (encoding.encode); and where each of `contents` starts in them, then the end (Prompts.marks):
-    each is looked for in `text` after the last one found, and marks the position of the token
-    that starts where it starts (none if no token starts there; only the end for a tokenizer
-    without character offsets)."""
+    (encoding.encode); and where the messages starting at `starts` start in them, then the end
+    (Prompts.marks): the position of the token that starts where each starts (none if no token
+    starts there; only the end for a tokenizer without character offsets)."""
     ids, offsets = encode(tokenizer, text, spans, offsets=True)
-    starts: dict[int, int] = {}
+    first: dict[int, int] = {}
     for i, (start, _) in enumerate(offsets):
-        starts.setdefault(start, i)
-    marks, at = [], 0
-    for content in contents if offsets else ():
-        found = text.find(content, at) if content else -1
-        if found < 0:
-            continue
-        at = found + len(content)
-        if found in starts and (not marks or starts[found] > marks[-1]):
-            marks.append(starts[found])
+        first.setdefault(start, i)
+    marks: list[int] = []
+    for start in starts if offsets else ():
+        if start in first and (not marks or first[start] > marks[-1]):
+            marks.append(first[start])
     if ids and (not marks or marks[-1] < len(ids)):
         marks.append(len(ids))
     return ids, tuple(marks)
@@ -120,45 +148,50 @@ def draft_prompt_ids(
 
 def _draft_text(
     tokenizer: Any, messages: list[Message], forced_prefix: str, tools: Sequence[Mapping[str, Any]]
-) -> tuple[str, list[str], list[Span]]:
-    """The draft prompt's text, the contents it rendered, and where message text lies in it."""
-    text, contents = _chat_template(tokenizer, messages, tools, "draft")
+) -> tuple[str, list[Span], list[Span]]:
+    """The draft prompt's text, where its messages' text lies, and where text the caller wrote does
+    (the messages', then the forced prefix's)."""
+    text, spans = _chat_template(tokenizer, messages, tools, "draft")
     full = text + forced_prefix
-    return full, contents, message_spans(text, contents) + ([(len(text), len(full))] if forced_prefix else [])
+    return full, spans, spans + ([(len(text), len(full))] if forced_prefix else [])
 
 
-def _draft_ids(tokenizer: Any, full: str, contents: list[str], texts: list[Span]) -> tuple[list[int], tuple[int, ...]]:
+def _draft_ids(tokenizer: Any, full: str, spans: list[Span], texts: list[Span]) -> tuple[list[int], tuple[int, ...]]:
     """The draft prompt's text encoded, BOS ensured, with its marks."""
-    spans = special_spans(tokenizer, full, texts)
-    ids, marks = encode_with_marks(tokenizer, full, contents, spans)
+    ids, marks = encode_with_marks(tokenizer, full, [lo for lo, _ in spans], special_spans(tokenizer, full, texts))
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):
         ids, marks = [bos, *ids], tuple(m + 1 for m in marks)
     return ids, marks
 
 
-def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> tuple[str, list[str]]:
+def plain_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> tuple[str, list[Span]]:
     """BOS + "\n\n[Role]\ncontent" per message + "\n\n[Assistant]\n" (DESIGN 3.3); tools in a [Tools] block first.
-    Also the contents it wrote, in order (the tools block, then each message's)."""
+    Also where the contents it wrote lie, in order (the tools block, then each message's)."""
     contents = ([tools_text(tools)] if tools else []) + [message_text(m) for m in messages]
     headers = ([TOOLS_HEADER] if tools else []) + [ROLE_HEADERS[m.role] for m in messages]
-    parts = [tokenizer.bos_token or "", *(f"\n\n{header}\n{content}" for header, content in zip(headers, contents))]
+    parts, spans = [tokenizer.bos_token or ""], []
+    at = len(parts[0])
+    for header, content in zip(headers, contents):
+        parts.append(f"\n\n{header}\n{content}")
+        at += len(parts[-1])
+        spans.append((at - len(content), at))
     parts.append(f"\n\n{ROLE_HEADERS['assistant']}\n")
-    return "".join(parts), contents
+    return "".join(parts), spans
 
 
-def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> tuple[str, list[str]]:
+def chat_base_prompt(tokenizer: Any, messages: list[Message], tools: Sequence[Mapping[str, Any]] = ()) -> tuple[str, list[Span]]:
     """The base model's own chat template, for base models that have one (an explicit option);
-    also the contents it rendered, in order."""
+    also where the messages' text lies in it, in order."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameterError(
             f"base_template='chat', but {shown_name(tokenizer, 'base')} has no chat template; use 'plain'"
         )
-    text, contents = _chat_template(tokenizer, messages, tools, "base")
+    text, spans = _chat_template(tokenizer, messages, tools, "base")
     bos = tokenizer.bos_token
     if bos and not text.startswith(bos):
-        text = bos + text
-    return text, contents
+        text, spans = bos + text, [(lo + len(bos), hi + len(bos)) for lo, hi in spans]
+    return text, spans
 
 
 def build_prompts(
@@ -175,32 +208,26 @@ def build_prompts(
     either is encoded, which costs far more than rendering it, and may refuse them by raising."""
     context, prefix = split_forced_prefix(messages, continue_final)
     draft_text = _draft_text(draft_tok, context, prefix, tools)
-    base_text, role_stops, contents = base_prompt(base_tok, context, base_template, tools)
+    base_text, role_stops, spans = base_prompt(base_tok, context, base_template, tools)
     if check is not None:
         check({"draft": draft_text[0], "base": base_text})
     draft_ids, draft_marks = _draft_ids(draft_tok, *draft_text)
-    base_spans = base_prompt_spans(base_tok, base_text, contents)
-    base_ids, base_marks = encode_with_marks(base_tok, base_text, contents, base_spans)
+    base_spans = tuple(special_spans(base_tok, base_text, spans))
+    base_ids, base_marks = encode_with_marks(base_tok, base_text, [lo for lo, _ in spans], base_spans)
     return Prompts(draft_ids, base_text, base_ids, prefix, role_stops, {"draft": draft_marks, "base": base_marks}, base_spans)
 
 
 def base_prompt(
     base_tok: Any, context: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()
-) -> tuple[str, tuple[str, ...], list[str]]:
+) -> tuple[str, tuple[str, ...], list[Span]]:
     """The base model's prompt for the messages before the reply, the role markers that end its
-    reply, and the contents the prompt holds, in order (where Prompts.marks fall)."""
+    reply, and where the messages' text lies in it, in order (where Prompts.marks fall)."""
     if base_template == "chat":
-        text, contents = chat_base_prompt(base_tok, context, tools)
-        return text, (), contents
+        text, spans = chat_base_prompt(base_tok, context, tools)
+        return text, (), spans
     uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in context)
-    text, contents = plain_base_prompt(base_tok, context, tools)
-    return text, ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ()), contents
-
-
-def base_prompt_spans(base_tok: Any, text: str, contents: Sequence[str]) -> tuple[Span, ...]:
-    """Where the messages' text (`contents`, base_prompt's) in the base prompt `text` spells special
-    tokens (usually nowhere): what its encoding takes as text (Prompts.base_spans)."""
-    return tuple(special_spans(base_tok, text, message_spans(text, contents)))
+    text, spans = plain_base_prompt(base_tok, context, tools)
+    return text, ROLE_STOPS + ((ROLE_HEADERS["tool"],) if uses_tools else ()), spans
 
 
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
@@ -210,8 +237,8 @@ def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: st
     part that its chat template refuses counts as `template_tokens` says."""
 
     def count(order: list[Message]) -> int:
-        text, _, contents = base_prompt(base_tok, order, base_template, tools)
-        return len(encode(base_tok, text, base_prompt_spans(base_tok, text, contents))[0])
+        text, _, spans = base_prompt(base_tok, order, base_template, tools)
+        return len(encode(base_tok, text, special_spans(base_tok, text, spans))[0])
 
     return template_tokens(count, base_tok, messages, tools)
 
