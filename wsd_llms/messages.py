@@ -83,9 +83,11 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
     if not isinstance(arguments, Mapping):
         raise InvalidMessagesError(f"{where} arguments must be a dict or a JSON object string, got {arguments!r}")
     try:  # the prompt writes them as JSON: a value JSON cannot write fails here, not as the request starts
-        json.dumps(arguments)
+        written = json.dumps(arguments, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidMessagesError(f"{where} arguments hold a value JSON cannot write: {exc}") from None
+    if (error := unicode_error(name + written)) is not None:  # ("\\ud83d" in JSON text is one too)
+        raise InvalidMessagesError(f"{where} ({name!r}) is not valid Unicode: {error} of its name and arguments as JSON")
     return ToolCall(str(raw.get("id") or f"call_{i}_{j}"), name, dict(arguments))
 
 
@@ -107,7 +109,7 @@ def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
         content = ""
     if not isinstance(content, str):
         raise InvalidMessagesError(f"messages[{i}] ({role}) content must be a str, got {type(content).__name__}")
-    if (error := _unicode_error(content)) is not None:
+    if (error := unicode_error(content)) is not None:
         raise InvalidMessagesError(f"messages[{i}] ({role}) content is not valid Unicode: {error}")
     if calls and role != "assistant":
         raise InvalidMessagesError(f"messages[{i}] ({role}) has tool_calls; only assistant messages may carry them")
@@ -131,7 +133,7 @@ def _check_misspelt_keys(i: int, msg: Mapping[str, Any]) -> None:
                 raise InvalidMessagesError(f"messages[{i}] has key {key!r}; did you mean {close[0]!r}? (a message's keys: {', '.join(MESSAGE_KEYS)})")
 
 
-def _unicode_error(text: str) -> str | None:
+def unicode_error(text: str) -> str | None:
     """Why UTF-8 cannot encode the text (an unpaired surrogate, e.g. from a bad decode), or None."""
     try:
         text.encode("utf-8")

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .messages import Message, ToolCall
+from .messages import Message, ToolCall, unicode_error
 from .reply import close_outside_strings, held_back
 from .params import did_you_mean, json_error
 from .structured import Cut, Written, as_written, json_format, load_json, schema_error
@@ -103,6 +103,8 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
             raise ValueError(f"tools[{i}] is named {body['name']!r}, which tool_choice reads as a keyword ({', '.join(KEYWORD_CHOICES)}); rename it")
         if (error := json_error(params)) is not None:
             raise ValueError(f"tools[{i}] ({body['name']}) parameters {error}")
+        if (error := unicode_error(json.dumps([body["name"], body.get("description"), params], ensure_ascii=False, default=str))) is not None:
+            raise ValueError(f"tools[{i}] ({body['name']!r}) is not valid Unicode: {error} of its name, description and parameters as JSON")
         out.append({"name": body["name"], "description": str(body.get("description") or ""), "parameters": dict(params)})
     names = [t["name"] for t in out]
     if len(set(names)) != len(names):
