@@ -848,6 +848,14 @@ def test_another_providers_own_content_replays_as_its_text():
         to_runtime_messages([HumanMessage("q"), AIMessage([{"type": "reasoning", "reasoning": "r"}, {"type": "image", "url": "http://x/y.png"}])])
 
 
+def test_a_text_block_without_text_is_no_text():
+    """A text block whose text is None (a provider's empty block) was written as the word "None";
+    text of another type is refused, naming the block."""
+    assert to_runtime_messages([HumanMessage([{"type": "text", "text": None}, {"type": "text", "text": "hi"}])])[0]["content"] == "hi"
+    with pytest.raises(InvalidMessagesError, match=r"messages\[0\] \(HumanMessage\) content block 1 is a text block whose text is a int, not a str"):
+        to_runtime_messages([HumanMessage([{"type": "text", "text": "a"}, {"type": "text", "text": 5}])])
+
+
 def test_a_v1_reply_whose_streamed_call_turns_invalid_lists_only_valid_calls(fake):
     """With output_version="v1", a call that streamed and then turned out invalid leaves the v1
     content (which lists valid calls, as ChatOpenAI's) for invalid_tool_calls, and the reply goes

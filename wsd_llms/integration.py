@@ -402,7 +402,12 @@ def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> st
                 continue
             kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
             if kind == "text" and isinstance(block, Mapping):
-                parts.append(str(block.get("text", "")))
+                text = block.get("text")
+                if text is None:  # a provider's empty block: no text, not the word "None"
+                    continue
+                if not isinstance(text, str):
+                    raise InvalidMessagesError(f"{where} content block {i} is a text block whose text is a {type(text).__name__}, not a str")
+                parts.append(text)
             elif kind in REASONING_BLOCKS:
                 continue
             elif kind is None and isinstance(block, Mapping):
