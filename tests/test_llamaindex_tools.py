@@ -281,6 +281,19 @@ def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.
     assert script.messages[-1][3]["tool_calls"] == [{"id": "c2", "function": {"name": "add", "arguments": "{}"}}]
 
 
+def test_one_call_not_in_a_list_is_refused_as_such() -> None:
+    """additional_kwargs["tool_calls"] holding one call as a dict was taken for its keys, and
+    refused as "tool_calls[0] must be a dict, got str" though a dict was given."""
+    import wsd_llms
+    from llama_index.llms.wsd.base import to_runtime_messages
+    from wsd_llms.messages import normalize_messages
+
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    history = [ChatMessage(role="user", content=ASK), ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": call})]
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=r"messages\[1\].tool_calls must be a list, got dict"):
+        normalize_messages(to_runtime_messages(history))
+
+
 async def test_function_agent_after_a_failing_return_direct_tool_writes_a_new_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     """FunctionAgent leaves an assistant copy of a failed return_direct tool's output last; that is
     a finished turn (a chat API's model writes the next one), not a start for the reply to continue."""

@@ -57,14 +57,16 @@ dispatcher = instrument.get_dispatcher(__name__)
 
 
 
-def _history_calls(msg: ChatMessage) -> list[dict[str, Any]]:
-    """An assistant message's tool calls: its ToolCallBlocks, else OpenAI/ollama-style additional_kwargs["tool_calls"]."""
+def _history_calls(msg: ChatMessage) -> Any:
+    """An assistant message's tool calls: its ToolCallBlocks, else OpenAI/ollama-style
+    additional_kwargs["tool_calls"] as given, for the runtime's check to name (one call given as
+    a dict, not in a list, was taken for its keys, and refused as "a str")."""
     calls = [
         {"id": b.tool_call_id, "name": b.tool_name, "arguments": b.tool_kwargs}
         for b in msg.blocks
         if isinstance(b, ToolCallBlock)
     ]
-    return calls or list(msg.additional_kwargs.get("tool_calls") or [])
+    return calls or msg.additional_kwargs.get("tool_calls") or []
 
 
 def _is_direct_record(messages: Sequence[ChatMessage]) -> bool:
