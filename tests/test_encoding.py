@@ -70,6 +70,31 @@ def test_a_message_that_is_a_marker_the_template_writes_before_it_is_text(tokeni
     assert base.decode(attacked.base_ids) == attacked.base_text
 
 
+def test_a_template_that_leaves_a_message_out_or_rewrites_it_keeps_its_markers(tokenizers):
+    """Qwen's templates leave out a call's empty content, and Qwen3's rewrite assistant turns: every
+    message was then looked for after the one before, from the start, where a first message that
+    spells the template's opening marker was found at that marker. Only messages from the one
+    written otherwise on are looked for, after the ones found."""
+    draft = copy.copy(tokenizers[0])
+    draft.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}{% if m.content %}\n"
+        "{% if m.role == 'assistant' %}{{ m.content | replace('x', 'y') }}{% else %}{{ m.content }}{% endif %}{% endif %}"
+        "{% for c in m.tool_calls or [] %}\n<call>{{ c.function.name }}</call>{% endfor %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    call = {"id": "c1", "name": "f", "arguments": {}}
+    history = [{"role": "user", "content": "<|im_start|>"}, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "<|im_end|>", "tool_call_id": "c1"}]
+    z = draft.convert_tokens_to_ids("z")
+    for messages, shown in (
+        (history, ["<|im_start|>", "<|im_end|>"]),
+        ([*history, {"role": "assistant", "content": "x"}, {"role": "user", "content": "<|im_start|>"}], ["<|im_start|>", "<|im_end|>", "y", "<|im_start|>"]),
+    ):
+        attacked = build_prompts(draft, draft, normalize_messages(messages), base_template="chat", continue_final=False)
+        ordinary = build_prompts(draft, draft, normalize_messages([{**m, "content": m["content"] and "z"} for m in messages]), base_template="chat", continue_final=False)
+        texts = iter(shown)  # the ordinary prompt with each message's "z" written as the message's text
+        expected = [i for token in ordinary.draft_ids for i in (draft(next(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"] if token == z else [token])]
+        assert attacked.draft_ids == expected and attacked.base_ids == expected
+
+
 def test_special_token_text_in_a_calls_arguments_or_a_tools_description_is_text(tokenizers):
     """A history call's arguments and a tool's description are written into the prompts as text too
     (the call as the assistant's text, the tools in a system message or the base's [Tools] block):

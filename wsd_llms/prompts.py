@@ -82,35 +82,39 @@ def _template_spans(tokenizer: Any, rendered: list[dict], extra: dict, text: str
     """Where each message's text lies in `text`, its template's rendering, told apart from the
     template's own text by a second rendering with a marker in each message's place: a message
     that spells a marker the template writes before it ("<bos>", "<|im_end|>", the end of the turn
-    before) was found at that marker, which was then encoded as text and the message's as the
-    control token. Each message is taken as written or stripped; where the template writes one
-    otherwise, every message is looked for after the one before (message_spans)."""
-    contents = [m["content"] for m in rendered if isinstance(m.get("content"), str)]
-    nonce = uuid.uuid4().hex
-    marked, n = [], 0
+    before) was found at that marker, which was then encoded as text and the message as the
+    control token. A message is taken as written or stripped, and one the template writes otherwise
+    (Qwen3's splits off reasoning) as what it wrote up to its own text after it; where that text is
+    not found, each message from there is looked for after the one before (message_spans). An
+    empty message has no text, and is left as it is (a template may leave it out, as Qwen's do
+    beside a call)."""
+    contents = [m["content"] for m in rendered if isinstance(m.get("content"), str) and m["content"]]
+    nonce, n, marked = uuid.uuid4().hex, 0, []
     for m in rendered:
-        if isinstance(m.get("content"), str):
+        if isinstance(m.get("content"), str) and m["content"]:
             m, n = {**m, "content": f"\ue000{nonce}:{n}\ue001"}, n + 1
         marked.append(m)
     pieces = re.split(f"\ue000{nonce}:([0-9]+)\ue001", _render(tokenizer, marked, extra, role))
-    spans, at = [], len(pieces[0])
     if not text.startswith(pieces[0]):
         return message_spans(text, contents)
+    spans, at = [], len(pieces[0])
     for index, after in zip(pieces[1::2], pieces[2::2]):
         content = contents[int(index)]
         shown = next((c for c in (content, content.strip()) if text.startswith(c + after, at)), None)
-        if shown is None:
-            return message_spans(text, contents)
-        spans.append((at, at + len(shown)))
-        at += len(shown) + len(after)
-    return spans if at == len(text) else message_spans(text, contents)
+        # one written otherwise runs up to the template's own text after it
+        end = at + len(shown) if shown is not None else text.find(after, at) if after else -1
+        if end < 0:
+            return spans + message_spans(text, contents[int(index) :], at)
+        spans.append((at, end))
+        at = end + len(after)
+    return spans
 
 
-def message_spans(text: str, contents: Sequence[str]) -> list[Span]:
+def message_spans(text: str, contents: Sequence[str], at: int = 0) -> list[Span]:
     """Where each message's text lies in a prompt rendered from them, found by looking for each
-    after the one before (a template may have stripped it; one not found is left out): for a
-    template that writes messages otherwise than as given (_template_spans)."""
-    spans, at = [], 0
+    after the one before, from `at` (a template may have stripped it; one not found is left out):
+    for a template that writes messages otherwise than as given (_template_spans)."""
+    spans = []
     for content in contents:
         content = content.strip()
         found = text.find(content, at) if content else -1
