@@ -125,7 +125,7 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"response_format": int}, "invalid response_format=<class 'int'>: must be a JSON schema (a dict), a pydantic class or a TypedDict, not type"),
         # as OpenAI's API refuses it: a required call with nothing to call had run as a plain reply
         ({"tool_choice": "any"}, "tool_choice='any' asks for a tool call, but no tools are given"),
-        ({"tools": [{"name": "f", "description": "d\ud800", "parameters": {"type": "object"}}]}, "tools[0] ('f') is not valid Unicode: unpaired surrogate '\\ud800'"),
+        ({"tools": [{"name": "f", "description": "d\ud800", "parameters": {"type": "object"}}]}, "tools[0] description is not valid Unicode: unpaired surrogate '\\ud800' at index 1"),
         # a value of another type, or a dict that names no tool, was "Input should be a valid string"
         ({"tools": [_TOOL], "tool_choice": 5}, "invalid tool_choice=5: must be 'auto', 'required' (or 'any'), 'none', a tool's name, or a dict naming a tool"),
         ({"tools": [_TOOL], "tool_choice": {"type": "function"}}, "invalid tool_choice={'type': 'function'}: must be 'auto'"),
@@ -338,8 +338,8 @@ def _called(calls: object) -> list[dict]:
         # at the call, not as the request starts (as a generic start failure)
         (_called([{"name": "pick", "arguments": {"when": date(2024, 1, 2)}}]), "messages[1].tool_calls[0] arguments hold a value JSON cannot write: Object of type date is not JSON serializable"),
         # a prompt writes them as UTF-8: a lone surrogate failed the request as it started, naming no message
-        (_called([{"name": "pick", "arguments": {"a": "x\ud800"}}]), "messages[1].tool_calls[0] ('pick') is not valid Unicode: unpaired surrogate '\\ud800'"),
-        (_called([{"name": "pick", "arguments": '{"a": "\\ud83d"}'}]), "messages[1].tool_calls[0] ('pick') is not valid Unicode: unpaired surrogate '\\ud83d'"),
+        (_called([{"name": "pick", "arguments": {"a": "x\ud800"}}]), "messages[1].tool_calls[0] ('pick') arguments are not valid Unicode: unpaired surrogate '\\ud800' at index 8 of their JSON text"),
+        (_called([{"name": "pick", "arguments": '{"a": "\\ud83d"}'}]), "messages[1].tool_calls[0] ('pick') arguments are not valid Unicode: unpaired surrogate '\\ud83d'"),
         ([{"role": "user", "content": "x", "tool_calls": [{"name": "pick"}]}], "messages[0] (user) has tool_calls; only assistant messages may carry them"),
     ],
 )

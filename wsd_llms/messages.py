@@ -86,8 +86,10 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
         written = json.dumps(arguments, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidMessagesError(f"{where} arguments hold a value JSON cannot write: {exc}") from None
-    if (error := unicode_error(name + written)) is not None:  # ("\\ud83d" in JSON text is one too)
-        raise InvalidMessagesError(f"{where} ({name!r}) is not valid Unicode: {error} of its name and arguments as JSON")
+    if (error := unicode_error(name)) is not None:
+        raise InvalidMessagesError(f"{where} name is not valid Unicode: {error}")
+    if (error := unicode_error(written)) is not None:  # ("\\ud83d" in JSON text is one too)
+        raise InvalidMessagesError(f"{where} ({name!r}) arguments are not valid Unicode: {error} of their JSON text")
     return ToolCall(str(raw.get("id") or f"call_{i}_{j}"), name, dict(arguments))
 
 

@@ -103,8 +103,9 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
             raise ValueError(f"tools[{i}] is named {body['name']!r}, which tool_choice reads as a keyword ({', '.join(KEYWORD_CHOICES)}); rename it")
         if (error := json_error(params)) is not None:
             raise ValueError(f"tools[{i}] ({body['name']}) parameters {error}")
-        if (error := unicode_error(json.dumps([body["name"], body.get("description"), params], ensure_ascii=False, default=str))) is not None:
-            raise ValueError(f"tools[{i}] ({body['name']!r}) is not valid Unicode: {error} of its name, description and parameters as JSON")
+        for part, text in (("name", body["name"]), ("description", str(body.get("description") or "")), ("parameters", json.dumps(params, ensure_ascii=False, default=str))):
+            if (error := unicode_error(text)) is not None:
+                raise ValueError(f"tools[{i}] {part} is not valid Unicode: {error}{' of its JSON text' if part == 'parameters' else ''}")
         out.append({"name": body["name"], "description": str(body.get("description") or ""), "parameters": dict(params)})
     names = [t["name"] for t in out]
     if len(set(names)) != len(names):
