@@ -19,6 +19,20 @@ def test_role_marker_cut_drops_preceding_newlines(draft_tokenizer):
     assert "".join(d.text for d in deltas) == "Paris is the capital."
 
 
+def test_a_role_marker_in_the_forced_start_is_its_text(draft_tokenizer):
+    """A forced start is the caller's text: a role marker in it was cut in every mode but the
+    draft's (which has no role markers). One the model writes after it still ends the reply, and a
+    caller's stop counts in the forced start, as it always has."""
+    forced = "Here:\n\n[User]\nhello"
+    roles = expand_role_stops(ROLE_STOPS)
+    reply = ReplyText(draft_tokenizer, (), None, roles, len(forced))
+    reply.add(_ids(draft_tokenizer, forced + " there.\n\n[User]\nmore"), "draft")
+    assert reply.stopped and reply.text == forced + " there." and reply.stop_found == "\n\n[User]"
+    caller = ReplyText(draft_tokenizer, ("hel",), None, roles, len(forced))
+    caller.add(_ids(draft_tokenizer, forced), "draft")
+    assert caller.stopped and caller.text == "Here:\n\n[User]\n"
+
+
 @pytest.mark.parametrize("argument", ["[User] asked", "see <tool_call>...</tool_call> then [User] asked"])
 def test_role_markers_inside_a_tool_call_do_not_end_the_reply(draft_tokenizer, argument):
     """A call's arguments may hold a role marker (a message to send, a transcript, even of calls):

@@ -114,6 +114,18 @@ def test_stop_inside_the_kept_draft(pair, request):
 
 
 @pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_a_role_marker_in_the_forced_start_is_kept_in_every_mode(pair, request):
+    """The caller's forced start holding the plain template's role marker was cut there in online,
+    staged and base modes, and kept in draft mode, which has no role markers."""
+    runtime = request.getfixturevalue(pair)
+    messages = [{"role": "user", "content": "of a list of x"}, {"role": "assistant", "content": "x of\n\n[User]\nParis"}]
+    staged, online = _both(runtime, messages, max_tokens=24)
+    _assert_parity(staged, online)
+    for mode in ("online", "staged", "base", "draft"):
+        assert runtime.generate(messages, max_tokens=24, mode=mode).text.startswith("x of\n\n[User]\nParis"), mode
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
 def test_a_stop_inside_the_forced_start_counts_its_tokens_to_the_stop_in_every_mode(pair, request):
     """The base and draft baselines counted the whole forced start as written, past a stop inside
     it, while the reply (and WSD's kept draft) ends at the stop."""

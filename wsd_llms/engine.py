@@ -206,7 +206,7 @@ class Engine:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
             if params.text_format:  # a marker inside a line is the format's text (a JSON string, say); one on a new line starts a turn
                 role_stops = tuple(stop for stop in role_stops if stop.startswith("\n"))
-            reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops)
+            reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops, len(prompts.forced_prefix))
         asked = {name: getattr(asked_params, name) for name in ("max_tokens", "max_draft_tokens")}
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params), asked=asked)
 

@@ -70,18 +70,20 @@ def close_outside_strings(text: str, close: str, start: int, end: int | None = N
 
 
 def _first_stop(
-    text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, caller: tuple[str, ...] = ()
+    text: str, stops: tuple[str, ...], start: int, quoted: tuple[str, str] | None = None, caller: tuple[str, ...] = (), forced: int = 0
 ) -> tuple[int, str] | None:
     """Where the first stop string starts at or after `start`, and which it is, or None. No stop
     counts inside a `quoted` span: from an opening mark to its closing mark outside a JSON string,
-    or to the end while it is open (so a stop's fate depends only on the text before it). Where
-    several start at one place, one of `caller`'s is the one named before a role marker, and a
-    longer before a shorter ("\n" before "\n[User]" if "\n" is the caller's)."""
+    or to the end while it is open (so a stop's fate depends only on the text before it); nor does
+    a role marker (a stop not among `caller`'s) that ends within the reply's first `forced`
+    characters, the caller's own forced start. Where several start at one place, one of
+    `caller`'s is the one named before a role marker, and a longer before a shorter ("\n" before
+    "\n[User]" if "\n" is the caller's)."""
 
     hits = []
     for stop in stops:
         i = text.find(stop, start)
-        while i >= 0 and _inside(text, i, quoted):
+        while i >= 0 and (_inside(text, i, quoted) or i + len(stop) <= forced and stop not in caller):
             i = text.find(stop, i + 1)
         if i >= 0:
             hits.append((i, stop not in caller, -len(stop), stop))
@@ -140,16 +142,22 @@ class ReplyText:
     """Accumulates reply ids (draft part first, then base) and yields final text as it appears."""
 
     def __init__(
-        self, tokenizer: Any, stops: tuple[str, ...], quoted: tuple[str, str] | None = None, role_stops: tuple[str, ...] = ()
+        self,
+        tokenizer: Any,
+        stops: tuple[str, ...],
+        quoted: tuple[str, str] | None = None,
+        role_stops: tuple[str, ...] = (),
+        forced: int = 0,
     ) -> None:
         """`stops`: the caller's stop strings. `role_stops`: the prompt template's role markers,
-        which end the reply too but are no text of it; a reply that ends (max_tokens) in the start
-        of one drops that start. Neither counts between `quoted`'s opening and closing marks (a tool
+        which end the reply too but are no text of it (not within the reply's first `forced`
+        characters, a forced start's, which the caller wrote: they cut it in every mode but the
+        draft's, which has none); a reply that ends (max_tokens) in the start of one drops that start. Neither counts between `quoted`'s opening and closing marks (a tool
         call's tags: its arguments may hold a role marker, and its markup, which the caller never
         sees, holds a newline after the tag), so a stop such as "\n" does not cut every call short."""
         self._tok = tokenizer
         self.stops = tuple(dict.fromkeys(stops + role_stops))
-        self.quoted, self._role_stops, self._caller = quoted, tuple(role_stops), tuple(stops)
+        self.quoted, self._role_stops, self._caller, self._forced = quoted, tuple(role_stops), tuple(stops), forced
         self._decoded = IncrementalText(tokenizer)
         self.text = ""
         self.stopped = False
@@ -195,7 +203,7 @@ class ReplyText:
                 behind = len(self.text) < self._emitted
             if source == "draft":
                 self._draft_chars = len(self.text)
-            found = _first_stop(self.text, self.stops, start, self.quoted, self._caller) if self.stops else None
+            found = _first_stop(self.text, self.stops, start, self.quoted, self._caller, self._forced) if self.stops else None
             if found is not None:
                 cut, self.stop_found = found
                 if cut < self._emitted:
