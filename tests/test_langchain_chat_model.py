@@ -443,6 +443,9 @@ def test_unknown_parameter_is_named(fake):
         WSDChatModel(max_completion_tokens=5)
     with pytest.raises(InvalidParameterError, match="'presence_penalty' \\(value 0.5\\) \\(not offered: sampling takes temperature, top_p, top_k and seed\\)"):
         WSDChatModel().invoke("x", presence_penalty=0.5)
+    # several: each name with its own hint (they were run together after the names)
+    with pytest.raises(ValidationError, match="unknown arguments 'n' \\(not offered: one reply per request.*\\); 'temprature': did you mean 'temperature'\\?"):
+        WSDChatModel(temprature=1, n=2)
     # a hosted model's HTTP extras, which framework code passes whatever the model, mean nothing here
     assert WSDChatModel().invoke("x", extra_headers={"x-a": "1"}, extra_query={"q": "1"}, max_tokens=4).text == "Hi there"
     assert fake.requests[-1][1]["max_tokens"] == 4 and not {"extra_headers", "extra_query"} & set(fake.requests[-1][1])
