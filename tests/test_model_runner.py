@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
+from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama, tiny_phi3_longrope
 from machine import needs_bfloat16_kernels
 
 from wsd_llms.attention import attention_backends
@@ -227,6 +227,39 @@ def test_a_sliding_window_layer_reads_only_its_window_in_a_ragged_pass():
                 buffer[sliding, :, :, :unseen] = float("nan")
         expected, got = runner.extend_batch([clean, poisoned], [new, new], [count, count])
         assert torch.isfinite(got).all() and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "plain"])
+def test_a_longrope_row_gets_its_own_frequencies_whatever_runs_beside_it(ragged):
+    """Phi-3's longrope picks short or long RoPE frequencies for a whole pass by its longest
+    position: a short row batched with one past the bound took the long ones, so its reply
+    depended on what ran beside it. Rows on either side run in passes of their own; a failing
+    pass still leaves every cache as it was."""
+    runner = ModelRunner(tiny_phi3_longrope(make_tokenizer(300), 0))
+    runner.ragged = runner.ragged and ragged
+    vocab = runner.model.config.vocab_size
+    short, long, step = _ids(0, 20, vocab), _ids(1, 100, vocab), [5]
+    alone = runner.new_cache()
+    expected = [runner.extend(alone, short), runner.extend(alone, step)]
+    caches = [runner.new_cache() for _ in range(3)]
+    got = runner.extend_batch(caches, [short, long, short[:10]], [0, 0, 0])
+    assert torch.equal(got[0], expected[0]) and not torch.equal(got[1], got[0])
+    assert torch.equal(runner.extend_batch(caches[:2], [step, step], [0, 0])[0], expected[1])
+    logits, calls = runner.head.logits, []
+
+    def second_pass_fails(*args, **kwargs):  # the first side's pass has stored its states
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("no room")
+        return logits(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(runner.head, "logits", second_pass_fails)
+        before = [list(kv.ids) for kv in caches]
+        with pytest.raises(MemoryError):
+            runner.extend_batch(caches, [step] * 3, [0] * 3)
+        assert [kv.ids for kv in caches] == before and len(calls) == 2
+        assert all(layer.length == len(kv) for kv in caches for layer in kv.cache.layers)
 
 
 @pytest.mark.parametrize("where", ["layer", "projection"])

@@ -15,6 +15,8 @@ from transformers import (
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -95,6 +97,21 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-
         num_key_value_heads=2,
     )
     return _finish(LlamaForCausalLM(cfg), tokenizer, name, sharpen)
+
+
+def tiny_phi3_longrope(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-phi3") -> LoadedModel:
+    """Phi-3's 128k layout: longrope, whose RoPE frequencies a pass picks by its longest position
+    (short up to 64 positions here, long beyond)."""
+    torch.manual_seed(seed)
+    cfg = Phi3Config(
+        **_shared(tokenizer),
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        original_max_position_embeddings=64,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0, 3.0, 4.0, 5.0]},
+    )
+    return _finish(Phi3ForCausalLM(cfg), tokenizer, name, 0.5)
 
 
 def tiny_gemma3(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-gemma3", sharpen: float = 0.5) -> LoadedModel:

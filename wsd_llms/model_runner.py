@@ -60,6 +60,7 @@ class ModelRunner:
         called = self.model.base_model if self.head.projects else self.model
         self._cache_kw = "cache" if "cache" in inspect.signature(called.forward).parameters else "past_key_values"
         self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)  # a 4D mask transformers passes on unread
+        self._rope_bounds = _longrope_bounds(self.model.config.get_text_config())
         self.graphs: DecodeGraphs | None = None
         self.ragged = False  # plain passes while the probe takes its reference
         self.ragged = self._ragged_matches()
@@ -236,6 +237,9 @@ class ModelRunner:
             return [self.extend(kvs[0], ids[0], keeps[0], lazy[0], stepwise[0])]
         if any(not row for row in ids):
             raise ValueError("extend_batch() needs at least one id per row")
+        sides = [tuple(len(kv) + len(row) > bound for bound in self._rope_bounds) for kv, row in zip(kvs, ids)]
+        if len(set(sides)) > 1:
+            return self._extend_by_side(kvs, ids, keeps, lazy, stepwise, sides)
         if self.ragged:
             return self._extend_ragged(kvs, ids, keeps, lazy, stepwise)
         slots = self._extend_slots(kvs, ids, keeps, lazy)
@@ -286,6 +290,26 @@ class ModelRunner:
         end = span + width  # each row's new tokens are the last of its batch row
         append_states(kvs, ids, [(batch_keys[:, row, :, end - len(new) : end], batch_values[:, row, :, end - len(new) : end]) for row, new in enumerate(ids)], self.num_layers)
         return outputs
+
+    def _extend_by_side(
+        self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool], stepwise: list[bool], sides: list[tuple[bool, ...]]
+    ) -> list[Output]:
+        """extend_batch for rows on both sides of a longrope model's bound, one pass per side: its
+        RoPE frequencies follow the longest position in a pass, so a short row batched with a long
+        one took the long frequencies, and its reply depended on what ran beside it. A failing
+        pass leaves every cache as it was, as extend_batch's does."""
+        lengths, outputs = [len(kv) for kv in kvs], [None] * len(kvs)
+        try:
+            for side in dict.fromkeys(sides):
+                rows = [i for i, s in enumerate(sides) if s == side]
+                done = self.extend_batch(*([values[i] for i in rows] for values in (kvs, ids, keeps, lazy, stepwise)))
+                for i, output in zip(rows, done):
+                    outputs[i] = output
+        except BaseException:
+            for kv, length in zip(kvs, lengths):
+                self.crop(kv, length)
+            raise
+        return outputs  # type: ignore[return-value]
 
     def _extend_slots(self, kvs: list[KVCache], ids: list[list[int]], keeps: list[int], lazy: list[bool]) -> list[Output] | None:
         """A decode step or short scoring pass from a replayed graph (decode_graphs); None where the
@@ -358,3 +382,12 @@ class ModelRunner:
             kv.cache.crop(-drop)
             del kv.ids[length:]
             kv.crop_pieces(length)
+
+
+def _longrope_bounds(config: Any) -> tuple[int, ...]:
+    """Where a longrope model's RoPE frequencies change (Phi-3's 128k models, Phi-3.5, Phi-4-mini):
+    transformers picks the short or long ones for a whole pass by its longest position, against
+    each `original_max_position_embeddings` (one per layer type where there are several)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    groups = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    return tuple(sorted({p["original_max_position_embeddings"] for p in groups if p.get("rope_type") == "longrope" and "original_max_position_embeddings" in p}))
