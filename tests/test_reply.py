@@ -28,6 +28,10 @@ def test_a_role_marker_in_the_forced_start_is_its_text(draft_tokenizer):
     reply = ReplyText(draft_tokenizer, (), None, roles, len(forced))
     reply.add(_ids(draft_tokenizer, forced + " there.\n\n[User]\nmore"), "draft")
     assert reply.stopped and reply.text == forced + " there." and reply.stop_found == "\n\n[User]"
+    budget = ReplyText(draft_tokenizer, (), None, roles, len(forced + "\n\n["))
+    released = budget.add(_ids(draft_tokenizer, forced + "\n\n["), "draft")
+    released += budget.finish(cut=True)  # ending where the budget did, as written
+    assert "".join(d.text for d in released) == budget.text == forced + "\n\n["
     caller = ReplyText(draft_tokenizer, ("hel",), None, roles, len(forced))
     caller.add(_ids(draft_tokenizer, forced), "draft")
     assert caller.stopped and caller.text == "Here:\n\n[User]\n"

@@ -152,9 +152,10 @@ class ReplyText:
         """`stops`: the caller's stop strings. `role_stops`: the prompt template's role markers,
         which end the reply too but are no text of it (not within the reply's first `forced`
         characters, a forced start's, which the caller wrote: they cut it in every mode but the
-        draft's, which has none); a reply that ends (max_tokens) in the start of one drops that start. Neither counts between `quoted`'s opening and closing marks (a tool
-        call's tags: its arguments may hold a role marker, and its markup, which the caller never
-        sees, holds a newline after the tag), so a stop such as "\n" does not cut every call short."""
+        draft's, which has none); a reply that ends (max_tokens) in the start of one drops that
+        start. Neither counts between `quoted`'s opening and closing marks (a tool call's tags: its
+        arguments may hold a role marker, and its markup, which the caller never sees, holds a
+        newline after the tag), so a stop such as "\n" does not cut every call short."""
         self._tok = tokenizer
         self.stops = tuple(dict.fromkeys(stops + role_stops))
         self.quoted, self._role_stops, self._caller, self._forced = quoted, tuple(role_stops), tuple(stops), forced
@@ -236,11 +237,11 @@ class ReplyText:
         """No more ids will come: release whatever was held back (an incomplete last character is
         dropped). A reply `cut` at its budget that ends in the start of a role marker on a new line
         (outside a tool call: "...\n\n[Assis") drops it: text the template would have written, held
-        back as a possible stop and never streamed."""
+        back as a possible stop and never streamed (not the forced start's own text)."""
         if len(self.text) < self._emitted:
             raise RuntimeError(f"the reply ended as {self.text!r}, inside text already streamed {self._streamed!r}")
         if cut and not self.stopped and self._role_stops:
-            end = max(len(self.text) - held_back(self.text, self._role_stops), self._emitted)
+            end = max(len(self.text) - held_back(self.text, self._role_stops), self._emitted, min(self._forced, len(self.text)))
             if self.text[end:].startswith("\n") and self.text[end:].strip() and not _inside(self.text, end, self.quoted):
                 self.text = self.text[:end]
         return self._release(len(self.text))
