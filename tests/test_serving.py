@@ -537,6 +537,27 @@ def _wait_for(condition, seconds=10.0):
     assert condition()
 
 
+def test_a_sync_stream_closed_from_another_thread_ends_at_once(fresh):
+    """A stop button's thread closes a stream whose next() waits in the queue behind max_running:
+    a generator refused that ("generator already executing"), and the request kept its place until
+    it was admitted and ran. The waiting next() ends the iteration, the request counts as
+    cancelled, and the running one is unaffected."""
+    rt = fresh(max_running=1)
+    long = rt.stream(_msgs(QUESTIONS[1]), max_tokens=400, max_draft_tokens=400, mode="draft")
+    next(long)
+    queued = rt.stream(_msgs(QUESTIONS[0]), max_tokens=5)
+    with ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(lambda: list(queued))
+        _wait_for(lambda: rt.stats().queued == 1)
+        pool.submit(queued.close).result(timeout=5)
+        assert waiting.result(timeout=5) == []
+    _wait_for(lambda: rt.stats().queued == 0 and rt.stats().cancelled == 1)
+    assert rt.stats().running == 1
+    long.close()
+    _wait_for(lambda: rt.stats().running == 0)
+    assert list(queued) == [] and rt.stats().cancelled == 2
+
+
 def test_a_queued_request_times_out_while_it_waits(fresh):
     """A timeout counts the queue: it fires while the request waits behind max_running, not when it
     is admitted, and the error says it was waiting, and for which limits."""

@@ -209,27 +209,12 @@ class WSDRuntime:
     def loaded(self) -> bool:
         return self.engine is not None
 
-    def stream(self, messages: Messages, **params: Any) -> Iterator[Event]:
+    def stream(self, messages: Messages, **params: Any) -> SyncStream:
         """Blocking iterator of events: TextDelta pieces, then one FinalEvent. The messages and
         parameters are checked here, so bad ones raise at the call; the request is sent at the first
-        `next()`, and its `timeout` counts from this call."""
-        return self._stream(*self._checked(messages, params))
-
-    def _stream(self, messages: list[Message], params: GenerationParams, called: float) -> Iterator[Event]:
-        inbox: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
-        sub = self._submit(messages, params, called, inbox.put)
-        try:
-            while True:
-                try:
-                    item = inbox.get(timeout=_wait(sub))
-                except queue.Empty:
-                    self._check_waiting(sub)
-                    continue
-                yield _unwrap(item)
-                if isinstance(item, FinalEvent):
-                    return
-        finally:
-            sub.cancelled.set()
+        `next()`, and its `timeout` counts from this call. `close()` ends the request, from any
+        thread (a stop button's), and a `next()` waiting meanwhile ends the iteration."""
+        return SyncStream(self, *self._checked(messages, params))
 
     def astream(self, messages: Messages, **params: Any) -> AsyncIterator[Event]:
         """Async iterator of events; waiting never blocks the event loop. Checked at the call, sent
@@ -780,6 +765,57 @@ def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | N
         if runtime is None or not runtime._guarded_run(item):
             return
         del runtime
+
+
+_CLOSED = object()  # put in a sync stream's inbox by close(), to wake a next() that waits
+
+
+class SyncStream(Iterator[Event]):
+    """A request's events for a blocking caller (WSDRuntime.stream): a generator's iteration and
+    close(), but close() may come from another thread too. A generator refused that ("generator
+    already executing") while its next() waited, so a request queued behind others could not be
+    given up until it was admitted; here close() ends the request and wakes that next()."""
+
+    def __init__(self, runtime: WSDRuntime, messages: list[Message], params: GenerationParams, called: float) -> None:
+        self._runtime, self._request = runtime, (messages, params, called)
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sub: _Submission | None = None
+        self._ended = False
+
+    def __iter__(self) -> SyncStream:
+        return self
+
+    def __next__(self) -> Event:
+        if self._ended:
+            raise StopIteration
+        try:
+            if self._sub is None:  # sent at the first next(), as a generator's body starts there
+                self._sub = self._runtime._submit(*self._request, self._inbox.put)
+            while True:
+                try:
+                    item = self._inbox.get(timeout=_wait(self._sub))
+                except queue.Empty:
+                    self._runtime._check_waiting(self._sub)
+                    continue
+                if item is _CLOSED or self._ended:
+                    raise StopIteration
+                if isinstance(item, FinalEvent):
+                    self.close()
+                return _unwrap(item)
+        except BaseException:  # an error it was sent, a timeout, Ctrl-C: the request ends with it
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the request (from any thread); iteration ends."""
+        self._ended = True
+        if self._sub is not None:
+            self._sub.cancelled.set()
+        self._inbox.put(_CLOSED)
+
+    def __del__(self) -> None:  # dropped unfinished, as a generator is closed when collected
+        if not self._ended:
+            self.close()
 
 
 def _unwrap(item: Event | BaseException) -> Event:
