@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import aclosing, closing
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -38,7 +39,7 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
 from llama_index.core.types import PydanticProgramMode
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
@@ -67,6 +68,16 @@ def _history_calls(msg: ChatMessage) -> Any:
         if isinstance(b, ToolCallBlock)
     ]
     return calls or msg.additional_kwargs.get("tool_calls") or []
+
+
+class _LastWarned:
+    """The response last warned of, held weakly; copied and pickled as none (a weak reference cannot be)."""
+
+    def __init__(self) -> None:
+        self.of: Callable[[], Any] = lambda: None
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_LastWarned, ())
 
 
 def _is_direct_record(messages: Sequence[ChatMessage]) -> bool:
@@ -219,6 +230,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     )
 
     unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
+    _warned: _LastWarned = PrivateAttr(default_factory=_LastWarned)  # get_tool_calls_from_response's
 
     @classmethod
     def framework_tool(cls, tool: Any, index: int) -> dict[str, Any]:
@@ -406,7 +418,9 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             reason = f"its {len(invalid)} tool call(s) are invalid: {detail}" if invalid else "it made no tool call"
             if error_on_no_tool_call:
                 raise ValueError(f"Expected at least one tool call, but {reason}")
-            warnings.warn(f"The reply has no valid tool call: {reason}", RuntimeWarning, stacklevel=2)
+            if self._warned.of() is not response:  # FunctionAgent asks twice of its last reply
+                self._warned.of = weakref.ref(response)
+                warnings.warn(f"The reply has no valid tool call: {reason}", RuntimeWarning, stacklevel=2)
         return calls
 
     # ------------------------------------------------------------ structured output (constrained JSON)
