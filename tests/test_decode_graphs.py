@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama
+from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama, tiny_phi3_longrope
 
 from wsd_llms.attention import WSD_SDPA, SlotLayout
 from wsd_llms import decode_graphs
@@ -255,6 +255,26 @@ def test_no_position_fed_passes_the_context_window():
     assert slots.graphs.passes
     for slot_pass in slots.graphs.passes.values():
         assert int(slot_pass.inputs[1].max()) < 200
+
+
+def test_a_longrope_row_on_slots_gets_its_own_frequencies_whatever_pads_it():
+    """A decode row 60 positions in (a tiny Phi-3's bound is 64) batched with a 9-id scoring row:
+    padded to the bucket of 32, its slot reached position 91, and the whole pass took the long
+    frequencies. Padding stays below the bound, so that pass runs plain, and the row gets what
+    it gets alone."""
+    loaded = tiny_phi3_longrope(make_tokenizer(300), 0)
+    plain, slots = ModelRunner(loaded), slot_runner(loaded)
+    plain.ragged = False
+    vocab = loaded.model.config.vocab_size
+
+    def decode_step(runner, beside):
+        kvs = [runner.new_cache(), runner.new_cache()]
+        runner.extend_batch(kvs, [_ids(0, 60, vocab), _ids(1, 10, vocab)], [0, 0])
+        return runner.extend_batch(kvs[: 1 + bool(beside)], [[5], beside][: 1 + bool(beside)], [1, len(beside)][: 1 + bool(beside)])[0]
+
+    alone = decode_step(plain, [])
+    assert torch.allclose(decode_step(slots, _ids(2, 9, vocab)), alone, atol=1e-5)
+    assert torch.allclose(decode_step(slots, [7]), alone, atol=1e-5) and slots.graphs.passes  # unpadded: on slots
 
 
 def test_passes_over_old_slots_are_freed_with_them():

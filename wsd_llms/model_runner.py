@@ -129,8 +129,11 @@ class ModelRunner:
 
     def _new_graphs(self, capture: bool) -> DecodeGraphs:
         """Slot passes for this model: a model that keeps its own head (whose forward returns logits
-        for every position fed) takes them for decode steps only."""
-        return DecodeGraphs(self._slot_forward, capture, decode_graphs.MAX_WIDTH if self.head.projects else 1, self.loaded.context_window)
+        for every position fed) takes them for decode steps only. A longrope model's padding stays
+        below its bound, which a padded row's positions would otherwise cross (and take the whole
+        pass's frequencies with them)."""
+        limit = min([self.loaded.context_window, *self._rope_bounds])
+        return DecodeGraphs(self._slot_forward, capture, decode_graphs.MAX_WIDTH if self.head.projects else 1, limit)
 
     @torch.inference_mode()
     def _slots_match(self) -> bool:
