@@ -553,9 +553,21 @@ def test_a_sync_stream_closed_from_another_thread_ends_at_once(fresh):
         assert waiting.result(timeout=5) == []
     _wait_for(lambda: rt.stats().queued == 0 and rt.stats().cancelled == 1)
     assert rt.stats().running == 1
+    with ThreadPoolExecutor(2) as pool:  # two readers at once: one is refused, as a generator's would be
+        started = threading.Event()
+        second = rt.stream(_msgs(QUESTIONS[0]), max_tokens=5)
+        reading = pool.submit(lambda: (started.set(), next(second)))
+        started.wait()
+        _wait_for(lambda: rt.stats().queued == 1)
+        with pytest.raises(ValueError, match="being read in another thread"):
+            next(second)
+        second.close()
+        with pytest.raises(StopIteration):
+            reading.result(timeout=5)
+    _wait_for(lambda: rt.stats().queued == 0 and rt.stats().cancelled == 2)
     long.close()
     _wait_for(lambda: rt.stats().running == 0)
-    assert list(queued) == [] and rt.stats().cancelled == 2
+    assert list(queued) == [] and rt.stats().cancelled == 3
 
 
 def test_a_queued_request_times_out_while_it_waits(fresh):
@@ -728,6 +740,8 @@ def test_a_runtime_dropped_without_close_is_freed_and_its_worker_ends(draft_toke
     directly, never closed) is collected with its models, and its worker thread ends."""
     rt = WSDRuntime.from_models(tiny_llama(draft_tokenizer, 0, "d", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "b"))
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=8).text
+    with closing(rt.stream(_msgs(QUESTIONS[1]), max_tokens=4)) as kept:  # an ended stream left in a variable holds nothing
+        list(kept)
     worker, gone = rt.worker, weakref.ref(rt)
     del rt
     _wait_for(lambda: gc.collect() >= 0 and gone() is None)  # once the worker has ended the step that finished it

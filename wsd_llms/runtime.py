@@ -774,47 +774,78 @@ class SyncStream(Iterator[Event]):
     """A request's events for a blocking caller (WSDRuntime.stream): a generator's iteration and
     close(), but close() may come from another thread too. A generator refused that ("generator
     already executing") while its next() waited, so a request queued behind others could not be
-    given up until it was admitted; here close() ends the request and wakes that next()."""
+    given up until it was admitted; here close() ends the request and wakes that next(). Once it
+    ends it holds neither the runtime nor the request, as a finished generator's frame did not."""
 
     def __init__(self, runtime: WSDRuntime, messages: list[Message], params: GenerationParams, called: float) -> None:
-        self._runtime, self._request = runtime, (messages, params, called)
+        self._runtime: WSDRuntime | None = runtime
+        self._request: tuple[list[Message], GenerationParams, float] | None = (messages, params, called)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sub: _Submission | None = None
+        self._cancelled: CallerLeft | None = None  # the request's, once it is sent
         self._ended = False
+        self._reading = threading.Lock()  # held by a next(); two at once would send the request twice
 
     def __iter__(self) -> SyncStream:
         return self
 
     def __next__(self) -> Event:
+        if not self._reading.acquire(blocking=False):
+            raise ValueError("this stream is being read in another thread")  # as a generator's "already executing"
+        try:
+            return self._next()
+        finally:
+            self._reading.release()
+
+    def _next(self) -> Event:
         if self._ended:
+            self._let_go()
             raise StopIteration
         try:
+            runtime = self._runtime
+            assert runtime is not None and self._request is not None
             if self._sub is None:  # sent at the first next(), as a generator's body starts there
-                self._sub = self._runtime._submit(*self._request, self._inbox.put)
+                self._sub = runtime._submit(*self._request, self._inbox.put)
+                self._cancelled = self._sub.cancelled
             while True:
                 try:
                     item = self._inbox.get(timeout=_wait(self._sub))
                 except queue.Empty:
-                    self._runtime._check_waiting(self._sub)
+                    runtime._check_waiting(self._sub)
                     continue
                 if item is _CLOSED or self._ended:
                     raise StopIteration
                 if isinstance(item, FinalEvent):
-                    self.close()
+                    self._end()
+                    self._let_go()
                 return _unwrap(item)
-        except BaseException:  # an error it was sent, a timeout, Ctrl-C: the request ends with it
-            self.close()
+        except BaseException:  # an error it was sent, a timeout, Ctrl-C, a close(): the request ends with it
+            self._end()
+            self._let_go()
             raise
 
     def close(self) -> None:
         """End the request (from any thread); iteration ends."""
+        self._end()
+        if self._reading.acquire(blocking=False):  # no next() is reading: nothing more is needed
+            try:
+                self._let_go()
+            finally:
+                self._reading.release()
+
+    def _end(self) -> None:
         self._ended = True
-        if self._sub is not None:
-            self._sub.cancelled.set()
-        self._inbox.put(_CLOSED)
+        if self._cancelled is not None:
+            self._cancelled.set()
+        self._inbox.put(_CLOSED)  # wakes a next() that waits
+
+    def _let_go(self) -> None:
+        """Drop the runtime and the request (under `_reading`): an ended stream kept in a variable
+        held the runtime, and its models, alive."""
+        self._runtime = self._request = self._sub = None
 
     def __del__(self) -> None:  # dropped unfinished, as a generator is closed when collected
-        if not self._ended:
+        if not getattr(self, "_ended", True):
             self.close()
 
 
