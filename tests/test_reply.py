@@ -32,6 +32,9 @@ def test_a_role_marker_in_the_forced_start_is_its_text(draft_tokenizer):
     released = budget.add(_ids(draft_tokenizer, forced + "\n\n["), "draft")
     released += budget.finish(cut=True)  # ending where the budget did, as written
     assert "".join(d.text for d in released) == budget.text == forced + "\n\n["
+    begun = ReplyText(draft_tokenizer, (), None, roles, len(forced + "\n\n["))  # the model goes on with the marker it began
+    released = begun.add(_ids(draft_tokenizer, forced + "\n\n[Assis"), "draft") + begun.finish(cut=True)
+    assert "".join(d.text for d in released) == begun.text == forced + "\n\n["
     caller = ReplyText(draft_tokenizer, ("hel",), None, roles, len(forced))
     caller.add(_ids(draft_tokenizer, forced), "draft")
     assert caller.stopped and caller.text == "Here:\n\n[User]\n"
