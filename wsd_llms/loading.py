@@ -327,12 +327,21 @@ def _adopt_or_convert(path: Path, target: Path, stamp: str) -> None:
     on disk beside a second copy (under the build lock of `target`)."""
     stat = path.stat()
     earlier = target.with_name(f"{path.stem}-{hashlib.sha256(f'{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode()).hexdigest()[:12]}")
-    if (earlier / "config.json").exists():
+    if not _adopt(earlier, target, stamp):
+        convert_gguf(path, target, stamp)
+
+
+def _adopt(earlier: Path, target: Path, stamp: str | None = None) -> bool:
+    """Move a whole cache entry that an earlier layout of the cache kept at `earlier` into `target`
+    (under `target`'s build lock, over anything a cut-short build left there), recording `stamp`
+    (_file_stamp) before it appears; whether there was one."""
+    if not (earlier / "config.json").exists():
+        return False
+    if stamp is not None:
         (earlier / STAMP).write_text(stamp)
-        shutil.rmtree(target, ignore_errors=True)
-        earlier.rename(target)
-        return
-    convert_gguf(path, target, stamp)
+    shutil.rmtree(target, ignore_errors=True)
+    earlier.rename(target)
+    return True
 
 
 # ---------------------------------------------------------------- embedded default pair
@@ -398,14 +407,12 @@ def _embedded_built(target: Path, distribution: str, build: bool, which: str, ma
     entries were per version (the name without its version) was made from this very version
     (_UNVERSIONED_FROM), that one moved in, not converted again beside it (with `build` False too:
     a rename builds nothing)."""
-    earlier = target.with_name(target.name.rpartition("-")[0])
-    adoptable = _UNVERSIONED_FROM.get(distribution) == _version(distribution) and (earlier / "config.json").exists()
+    name, _, version = target.name.rpartition("-")
+    earlier = target.with_name(name)
+    adoptable = _UNVERSIONED_FROM.get(distribution) == version and (earlier / "config.json").exists()
 
     def adopt_or_make() -> None:
-        if adoptable and (earlier / "config.json").exists():
-            shutil.rmtree(target, ignore_errors=True)  # a conversion cut short, say
-            earlier.rename(target)
-        else:
+        if not (adoptable and _adopt(earlier, target)):
             _require_build(build, which)
             make()
 
