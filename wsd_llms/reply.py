@@ -241,8 +241,7 @@ class ReplyText:
         if len(self.text) < self._emitted:
             raise RuntimeError(f"the reply ended as {self.text!r}, inside text already streamed {self._streamed!r}")
         if cut and not self.stopped and self._role_stops:
-            tail = len(self.text) - held_back(self.text, self._role_stops)
-            end = max(tail, self._emitted)
+            end = max(len(self.text) - held_back(self.text, self._role_stops), self._emitted)
             if self.text[end:].startswith("\n") and self.text[end:].strip() and not _inside(self.text, end, self.quoted):
                 # the forced start's own part of it stays; what the model went on to write of it goes
                 self.text = self.text[: max(end, min(self._forced, len(self.text)))]

@@ -9,6 +9,7 @@ to run (nothing is written then: a report already in --out stays as it was).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +27,22 @@ from .report import headers, headline_rows, write_all
 from .runner import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, Record, Setting, settings_for
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values:  # an empty list would sweep nothing, silently
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
-    return values
+def _listed(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    """An argparse type for a comma-separated list of `kind` values (at least one)."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not values:  # an empty list would sweep nothing, silently
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
+        return values
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values:  # an empty list would sweep nothing, silently
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
-    return values
+_floats, _ints = _listed(float, "numbers"), _listed(int, "integers")
 
 
 def _check_options(args: argparse.Namespace) -> None:
