@@ -89,8 +89,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
                 if not hint and set(unknown) & {"additional_kwargs", "model_kwargs", "generate_kwargs", "generation_config"}:
                     hint = "; give each request parameter as an argument of its own (temperature=..., top_k=..., stop=...)"
                 if hint or len(unknown) == 1:
-                    raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint or did_you_mean(unknown[0], known)}")
-                hints = (f"{name!r}{did_you_mean(name, known).replace('; ', ': ', 1)}" for name in unknown)  # each name with its own
+                    raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint or did_you_mean(unknown[0], known, parameters=True)}")
+                hints = (f"{name!r}{did_you_mean(name, known, parameters=True).replace('; ', ': ', 1)}" for name in unknown)  # each name with its own
                 raise ValueError(f"unknown arguments {'; '.join(hints)}")
             # None is "not given", as in a call (LangChain code passes max_tokens=None and the like)
             data = {

@@ -343,7 +343,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             known = sorted(GenerationParams.model_fields)
-            lines.append(f"unknown parameter {name!r} (value {err['input']!r}){did_you_mean(name, known)} (allowed: {', '.join(known)})")
+            lines.append(f"unknown parameter {name!r} (value {err['input']!r}){did_you_mean(name, known, parameters=True)} (allowed: {', '.join(known)})")
         elif not name:
             lines.append(f"invalid parameters: {msg}")
         else:
@@ -378,13 +378,14 @@ NOT_OFFERED = {
 }
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
+def did_you_mean(name: str, known: Iterable[str], parameters: bool = False) -> str:
     """"; did you mean 'x'?" with the known name another API's name stands for, or the known name
-    closest to a mistyped one; what an option we do not offer means here; or "" if none applies."""
+    closest to a mistyped one; among request `parameters` (not a tool's keys, say), what an option
+    we do not offer means here; or "" if none applies."""
     known = list(known)
     if OTHER_NAMES.get(name) in known:
         return f"; did you mean {OTHER_NAMES[name]!r}? (other APIs' name for it)"
-    if name in NOT_OFFERED and "temperature" in known:  # a request's parameters, not a tool's keys
+    if parameters and name in NOT_OFFERED:
         return f" (not offered: {NOT_OFFERED[name]})"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
