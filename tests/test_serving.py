@@ -1104,6 +1104,36 @@ def test_a_failure_keeping_a_prompt_piece_fails_that_request_alone(fresh, monkey
     assert rt.worker is worker and worker.is_alive() and rt.stats().failed == 1
 
 
+def test_a_failure_joining_a_prompts_piece_rows_fails_that_request_alone(fresh, monkeypatch):
+    """A scoring pass cut into pieces joins the rows each piece gave after the pass, outside its
+    retry; running out of memory there fails that request with the error, and the worker and the
+    other requests go on."""
+    from wsd_llms.engine import Engine
+    from wsd_llms.output_head import HeadRows
+
+    rt = fresh()  # the long prompt is cut at its end, where the scoring pass keeps the last row
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    worker, then, joined = rt.worker, HeadRows.then, []
+
+    def failing_then(self, other):
+        caller = sys._getframe(1)
+        if caller.f_code is Engine._advance.__code__:  # the engine's join, not a program's own
+            joined.append(caller.f_locals["seq"])
+            if "Which item is 5?" in caller.f_locals["seq"].prompts.base_text:  # the long prompt below
+                raise MemoryError("injected while joining piece rows")
+        return then(self, other)
+
+    monkeypatch.setattr(HeadRows, "then", failing_then)
+
+    def failing_request():
+        with pytest.raises(RequestFailedError, match="MemoryError: injected while joining piece rows"):
+            rt.generate(_msgs(LONG), max_tokens=10, switch_threshold=1.0)
+
+    assert _texts_beside(rt, jobs, failing_request) == expected
+    assert joined and rt.worker is worker and worker.is_alive() and rt.stats().failed == 1
+
+
 def test_a_failing_cleanup_as_a_request_ends_fails_that_request_alone(fresh, monkeypatch):
     """Ending a request closes its program, which runs the program's cleanup; an error there (one
     request's `finally`, here injected) reaches that request's caller, and the worker and the

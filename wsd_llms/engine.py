@@ -532,20 +532,20 @@ class Engine:
         """Count a pass to `seq`; hand its output to the program, or, after a piece, keep the rest pending."""
         seq.seconds[forward.phase] += seconds
         self.tokens[forward.phase] += len(forward.ids)
-        if len(forward.ids) > 1 + forward.guesses:  # a whole piece is kept for requests that start the same
-            try:
-                self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
-            except Exception as exc:  # out of memory copying the piece, say: this request fails, the others go on
-                self._fail(seq, exc)
-                return
         pending = seq.pending
-        if forward is pending:
-            if seq.piece_rows is not None:  # rows its earlier pieces gave (a piece cut among the rows kept)
+        try:  # out of memory copying a piece or joining its rows, say: this request fails, the others go on
+            if len(forward.ids) > 1 + forward.guesses:  # a whole piece is kept for requests that start the same
+                self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
+            if forward is pending and seq.piece_rows is not None:  # rows its earlier pieces gave (a piece cut among the rows kept)
                 output, seq.piece_rows = seq.piece_rows.then(output), None  # type: ignore[arg-type]
+            elif forward is not pending and pending is not None and forward.keep:
+                seq.piece_rows = output if seq.piece_rows is None else seq.piece_rows.then(output)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._fail(seq, exc)
+            return
+        if forward is pending:
             self._send(seq, output)
         elif pending is not None:
-            if forward.keep:
-                seq.piece_rows = output if seq.piece_rows is None else seq.piece_rows.then(output)  # type: ignore[arg-type]
             seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :], keep=pending.keep - forward.keep)
 
     def _send(self, seq: Sequence, output: Output) -> None:
