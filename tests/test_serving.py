@@ -1077,6 +1077,42 @@ def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monke
     assert (rt.stats().failed, rt.stats().running, rt.stats().cached_tokens) == (1, 0, 0)
 
 
+class _Unprintable(Exception):
+    def __str__(self):
+        raise ValueError("no message")
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(_Unprintable(), r"failed: _Unprintable: <its message failed: ValueError>$"), (MemoryError(), r"failed: MemoryError$")],
+    ids=["unprintable", "no-message"],
+)
+def test_a_request_failing_with_an_odd_error_fails_alone_with_its_type_named(fresh, monkeypatch, error, said):
+    """The failed request's message names the error's type, with its text where it has one; an
+    error whose text cannot be made (a broken __str__) used to fail the message's building too,
+    killing the worker, and one with no text left a dangling ': '."""
+    from wsd_llms import engine
+
+    rt = fresh()
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    worker, real = rt.worker, engine.structured_fields
+
+    def fields(text, params, cut=False):
+        if "zqzq" in params.stop:
+            raise error
+        return real(text, params, cut)
+
+    monkeypatch.setattr(engine, "structured_fields", fields)
+
+    def failing_request():
+        with pytest.raises(RequestFailedError, match=said):
+            rt.generate(_msgs(QUESTIONS[2]), max_tokens=30, stop=["zqzq"])
+
+    assert _texts_beside(rt, jobs, failing_request) == expected
+    assert rt.worker is worker and worker.is_alive() and rt.stats().failed == 1
+
+
 def test_a_failure_keeping_a_prompt_piece_fails_that_request_alone(fresh, monkeypatch):
     """Keeping a prefilled piece for later requests (the prefix cache copies its states) happens
     after the pass, outside its retry; running out of memory there fails that request with the

@@ -15,7 +15,7 @@ import torch
 
 from .baselines import run_base_only, run_draft_only
 from .encoding import least_tokens
-from .errors import ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError
+from .errors import ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
@@ -143,7 +143,7 @@ def _runner(loaded: LoadedModel, role: str, bound: bool) -> ModelRunner:
     except WSDError as exc:
         raise ModelLoadError(f"the {role} model {loaded.name!r}: {exc}") from exc
     except Exception as exc:  # a forward pass the runner's load-time checks cannot make (an unusual layer, out of memory)
-        raise ModelLoadError(f"the {role} model {loaded.name!r} ({type(loaded.model).__name__}) could not be set up: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"the {role} model {loaded.name!r} ({type(loaded.model).__name__}) could not be set up: {described(exc)}") from exc
 
 
 class Engine:
@@ -569,7 +569,7 @@ class Engine:
         if isinstance(exc, WSDError):
             error = detached(exc)
         else:
-            error = RequestFailedError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")
+            error = RequestFailedError(f"request {seq.request_id} failed: {described(exc)}")
             error.__cause__ = detached(exc)
         seq.deliver(error)
 
@@ -588,7 +588,7 @@ class Engine:
         try:
             seq.free()
         except Exception as exc:  # the program's cleanup failed: its caller hears of it, the others go on
-            seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {type(exc).__name__}: {exc}"))
+            seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {described(exc)}"))
         return True
 
     def _cut(self, seq: Sequence, finish_reason: str, stop_reason: str | None) -> Cut | None:

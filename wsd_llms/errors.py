@@ -53,3 +53,14 @@ def copy_of(exc: BaseException) -> BaseException:
     if hasattr(exc, "__notes__"):
         again.__notes__ = list(exc.__notes__)
     return again
+
+
+def described(exc: BaseException) -> str:
+    """`exc` in a line for an error message: its type, then its message where it has one. An
+    error whose message cannot be made (a broken __str__) is still named by its type, so the
+    message built around it reaches its caller."""
+    try:
+        text = str(exc)
+    except Exception as broken:  # the error message is ours to send: it must not fail too
+        text = f"<its message failed: {type(broken).__name__}>"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

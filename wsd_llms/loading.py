@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from gguf import GGUFReader, GGUFValueType
 
-from .errors import InvalidParameterError, ModelLoadError
+from .errors import InvalidParameterError, ModelLoadError, described
 
 try:
     import fcntl  # POSIX: the cache's build lock across processes
@@ -258,7 +258,7 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
             progress.advance(task)
     except Exception as exc:  # a file cut short (its tensors end early), a tensor layout transformers cannot read
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelLoadError(f"could not convert the GGUF file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"could not convert the GGUF file {path}: {described(exc)}") from exc
     if stamp is not None:
         (tmp / STAMP).write_text(stamp)
     shutil.rmtree(target, ignore_errors=True)
@@ -545,7 +545,7 @@ def _load_model(
     except ValueError as exc:  # transformers' word for a config or tokenizer it cannot read
         raise ModelLoadError(f"could not load {what}: {exc}") from exc
     except Exception as exc:  # another library's word for it (huggingface_hub's check of a config's fields, say)
-        raise ModelLoadError(f"could not load {what}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"could not load {what}: {described(exc)}") from exc
     model.eval()
     return LoadedModel(
         name=source,

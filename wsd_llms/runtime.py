@@ -25,7 +25,7 @@ import torch
 
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, detached, given_up
-from .errors import InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of
+from .errors import InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
@@ -282,7 +282,7 @@ class WSDRuntime:
                 except WSDError:
                     raise
                 except Exception as exc:
-                    raise ModelLoadError(f"the models could not load: {type(exc).__name__}: {exc}") from exc
+                    raise ModelLoadError(f"the models could not load: {described(exc)}") from exc
             return self.engine
 
     def configure(
@@ -592,7 +592,7 @@ class WSDRuntime:
             with self._worker_lock:  # a request submitted after this starts a fresh worker; one before it fails here
                 if self._thread is threading.current_thread():
                     self._thread = None
-                self._fail_all(f"the wsd-llms worker died: {type(exc).__name__}: {exc}")
+                self._fail_all(f"the wsd-llms worker died: {described(exc)}")
             raise
 
     def _run(self, item: _Submission | None | Literal[False]) -> bool:
@@ -751,7 +751,7 @@ def _start_error(exc: BaseException) -> WSDError:
     before the other failed) for as long as a caller keeps the error."""
     if isinstance(exc, WSDError):
         return detached(exc)  # type: ignore[return-value]
-    error = RequestFailedError(f"could not start the request: {type(exc).__name__}: {exc}")
+    error = RequestFailedError(f"could not start the request: {described(exc)}")
     error.__cause__ = detached(exc)
     return error
 
