@@ -68,7 +68,7 @@ class Timed:
 
         handoff.DraftTokens.exact = timed("exact", self.exact)  # type: ignore[method-assign]
         # Every step: no estimate, so each drafting step tokenizes the prompt with the draft (the code before).
-        handoff.DraftTokens.estimate = (lambda tokens, text, holdback=0: None) if every_step else timed("estimate", self.estimate)  # type: ignore[method-assign]
+        handoff.DraftTokens.estimate = (lambda tokens, text, hold=True: None) if every_step else timed("estimate", self.estimate)  # type: ignore[method-assign]
 
     def take(self) -> tuple[dict[str, float], dict[str, int]]:
         seconds, calls = dict(self.seconds), dict(self.calls)

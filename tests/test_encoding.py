@@ -131,7 +131,7 @@ def test_handoff_keeps_the_prompt_ids_and_encodes_the_draft_as_text(tokenizers):
     final = final_handoff(base, prompts.base_text, n, "Sure <bos> and <start_of_turn>user", prompts.base_spans)
     assert final.prompt_ids == prompts.base_ids
     assert _special_count(base, final.draft_ids) == 0 and base.decode(final.draft_ids) == "Sure <bos> and <start_of_turn>user"
-    partial = partial_handoff(base, prompts.base_text, n, "Sure <bos> and <start_of_turn>user", 0, prompts.base_spans)
+    partial = partial_handoff(base, prompts.base_text, n, "Sure <bos> and <start_of_turn>user", False, prompts.base_spans)
     assert partial is not None and partial.prompt_ids == prompts.base_ids and partial.draft_ids == final.draft_ids
 
 

@@ -186,7 +186,7 @@ def test_handoff_drops_an_incomplete_last_character(draft_tokenizer):
     n = len(tok.encode(prompt, add_special_tokens=False))
     final = final_handoff(tok, prompt, n, "Paris is \ufffd\ufffd")
     assert tok.decode(final.draft_ids) == tok.decode(final_handoff(tok, prompt, n, "Paris is").draft_ids)
-    partial = partial_handoff(tok, prompt, n, "Paris is \ufffd", holdback=0)
+    partial = partial_handoff(tok, prompt, n, "Paris is \ufffd", hold=False)
     assert partial is not None and partial.draft_ids == final.draft_ids
 
 

@@ -175,7 +175,7 @@ def test_no_holdback_constrained_parity(differ_runtime, monkeypatch):
     checked directly by the next test.)"""
     import wsd_llms.online
 
-    monkeypatch.setattr(wsd_llms.online, "HOLDBACK_TOKENS", 0)
+    monkeypatch.setattr(wsd_llms.online, "HOLD_BACK", False)
     monkeypatch.setattr(wsd_llms.online, "MAX_SCORE_INTERVAL", 1)
     monkeypatch.setattr(wsd_llms.online, "MIN_SCORE_INTERVAL", 1)
     text_schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}

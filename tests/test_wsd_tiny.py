@@ -148,11 +148,46 @@ def test_stop_strings(differ_runtime):
     assert online.finish_reason == "stop"
 
 
+RE_SPLIT = [  # scripted drafts whose later text re-tokenizes base tokens before it ("x some" is [x, ▁some], "x somen" [x, ▁, s, o, m, en])
+    *[(["x", "▁some", "n"], None, {"max_tokens": n}) for n in (4, 5, 6, 8)],  # the first words stream before any scoring
+    (["x", "▁some", "n"], None, {"max_tokens": 30, "switch_window": 4, "switch_threshold": 1e-9}),
+    (["x", "▁some", "n"], None, {"max_tokens": 30, "stop": ["om"]}),
+    (["x", "▁some", "n", "▁the"], None, {"max_tokens": 8, "max_draft_tokens": 4, "switch_window": 4, "switch_threshold": 1e-9, "stop": ["som"]}),
+    (["x", "▁", "y", "o", "u", "▁the"], None, {"max_tokens": 12, "switch_window": 2, "switch_threshold": 1e-9}),  # "x yo" is [x, ▁, y, o]; "x you" [x, ▁you]
+    (["n", "▁the"], "x some", {"max_tokens": 20, "switch_window": 1, "switch_threshold": 1e-9}),  # a forced start the draft's "n" re-splits
+]
+
+
+@pytest.mark.parametrize(("pieces", "forced", "settings"), RE_SPLIT)
+def test_online_equals_staged_where_later_draft_text_re_splits_earlier_tokens(draft_tokenizer, pieces, forced, settings):
+    """A BPE merge a new character undoes can reach back past the last two tokens, to the first
+    words streamed before any scoring, or to a token a switch would land on: the held-back tail
+    is the draft's last word, so the online engine streams, scores and switches on the tokens the
+    staged check sees. A forced start that the draft's next text re-splits is never cut."""
+    from tiny import scripted_draft, tiny_llama
+
+    from wsd_llms.runtime import WSDRuntime
+
+    messages = [{"role": "user", "content": "Hello"}] + ([{"role": "assistant", "content": forced}] if forced else [])
+    rt = WSDRuntime.from_models(
+        scripted_draft(draft_tokenizer, pieces, start="▁some" if forced else "<|assistant|>"), tiny_llama(draft_tokenizer, 1, "tiny-base", sharpen=0.5)
+    )
+    try:
+        staged, online = _both(rt, messages, **settings)
+        _assert_parity(staged, online)
+        assert (online.usage.kept_draft_tokens, online.rollbacks) == (staged.usage.kept_draft_tokens, 0)
+        events = list(rt.stream(messages, **settings))
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == staged.text
+        assert staged.text.startswith(forced or "x")
+    finally:
+        rt.close()
+
+
 def test_rollback_after_retokenization_equals_staged(differ_runtime, monkeypatch):
     """With no hold-back, appending draft text re-tokenizes scored base tokens: roll back, stay equal."""
     import wsd_llms.online
 
-    monkeypatch.setattr(wsd_llms.online, "HOLDBACK_TOKENS", 0)
+    monkeypatch.setattr(wsd_llms.online, "HOLD_BACK", False)
     monkeypatch.setattr(wsd_llms.online, "MAX_SCORE_INTERVAL", 1)
     monkeypatch.setattr(wsd_llms.online, "MIN_SCORE_INTERVAL", 1)
     rollbacks = 0
@@ -317,14 +352,14 @@ def test_the_prompt_is_tokenized_with_the_draft_only_when_a_scoring_pass_may_fal
             scored.append(len(due.draft_ids))
             return (yield from score(self, due))
 
-        def exactly(self, text, holdback=handoff.HOLDBACK_TOKENS, take=take, exact=exact):
+        def exactly(self, text, hold=True, take=take, exact=exact):
             exact.append(text)
-            return take(self, text, holdback)
+            return take(self, text, hold)
 
         monkeypatch.setattr(online._Scorer, "score", scoring)
         monkeypatch.setattr(handoff.DraftTokens, "exact", exactly)
         if way == "every step":
-            monkeypatch.setattr(handoff.DraftTokens, "estimate", lambda self, text, holdback=0: None)
+            monkeypatch.setattr(handoff.DraftTokens, "estimate", lambda self, text, hold=True: None)
         replies = []
         for messages in QUESTIONS:
             for settings in SETTINGS:

@@ -99,6 +99,28 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-
     return _finish(LlamaForCausalLM(cfg), tokenizer, name, sharpen)
 
 
+def scripted_draft(tokenizer: PreTrainedTokenizerFast, pieces: list[str], start: str = "<|assistant|>") -> LoadedModel:
+    """A draft that writes `pieces` (vocabulary entries, each once) after `start`, then EOS: each
+    token's embedding is one-hot and the head maps it to the next, so a test can aim at a chosen
+    tokenization of the draft's text."""
+    loaded = tiny_llama(tokenizer, 0, "scripted-draft")
+    model = loaded.model
+    chain = [tokenizer.convert_tokens_to_ids(p) for p in [start, *pieces]] + [tokenizer.eos_token_id]
+    assert tokenizer.unk_token_id not in chain and len(set(chain[:-1])) == len(chain) - 1, pieces
+    with torch.no_grad():
+        for layer in model.model.layers:  # no attention or MLP output: each position sees its own token
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embeddings.mul_(0.01)
+        head.zero_()
+        for k, (token, following) in enumerate(zip(chain[:-1], chain[1:])):
+            embeddings[token] = 0
+            embeddings[token, k] = 1.0
+            head[following, k] = 50.0
+    return loaded
+
+
 def tiny_phi3_longrope(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-phi3") -> LoadedModel:
     """Phi-3's 128k layout: longrope, whose RoPE frequencies a pass picks by its longest position
     (short up to 64 positions here, long beyond)."""

@@ -18,25 +18,34 @@ from typing import Any
 from .encoding import Span, encode, encode_text, spells_special
 from .reply import decode
 
-# Base tokens at the tail of an unfinished draft that are held back: later text may still
-# re-tokenize them. A change further back is caught and rolled back by the online engine.
+# The tail of an unfinished draft that is held back, as later text may still re-tokenize it: its
+# last word with the whitespace before it (a BPE merge a new character makes or undoes reaches
+# back within the word: "x yo" is [x, ▁, y, o] and "x you" [x, ▁you]), and in a run with no
+# whitespace (CJK text, a long URL) its last WORD_CHARS characters. Where a tokenizer gives no
+# offsets (a slow one), its last HOLDBACK_TOKENS tokens. A change further back is caught and
+# rolled back by the online engine.
+WORD_CHARS = 32
 HOLDBACK_TOKENS = 2
+_LAST_WORD = re.compile(r"\s+\S*\Z")
 
 # Characters before the point where two drafts' texts part that `DraftTokens.estimate` re-encodes
-# with them: BPE's merges that a new character can undo reach back a few characters, not 64.
+# with them: BPE's merges that a new character can undo reach back a few characters, not 64
+# (and past the held-back tail: WORD_CHARS).
 CONTEXT_CHARS = 64
 
 
 @dataclass(frozen=True)
 class Handoff:
-    """The base tokenization of (prompt + draft so far): prompt ids, then stable draft ids."""
+    """The base tokenization of (prompt + draft so far): prompt ids, then stable draft ids, with
+    where each draft id ends in the draft's text (None from a tokenizer with no offsets)."""
 
     prompt_ids: list[int]
     draft_ids: list[int]
+    draft_ends: list[int] | None = None
 
-    def held_back(self, tokens: int) -> Handoff:
-        """This hand-off less its last `tokens` draft tokens (which later text may re-tokenize)."""
-        return Handoff(self.prompt_ids, self.draft_ids[: max(0, len(self.draft_ids) - tokens)])
+    def __getitem__(self, n: slice) -> Handoff:
+        """This hand-off with only the draft ids in `n` (a slice from 0)."""
+        return Handoff(self.prompt_ids, self.draft_ids[n], None if self.draft_ends is None else self.draft_ends[n])
 
 
 def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int], final: bool = True) -> str:
@@ -75,8 +84,8 @@ def final_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, 
     """The paper's check-stage tokenization of a finished draft. A character the draft left
     incomplete (max_draft_tokens cut it) is dropped rather than handed on as U+FFFD, which the
     base model would go on to imitate."""
-    ids, _ = _encode(tokenizer, base_prompt, prompt_len, (base_prompt + _whole(text.strip())).rstrip(), spans)
-    return Handoff(ids[:prompt_len], ids[prompt_len:])
+    ids, where, _ = _encode(tokenizer, base_prompt, prompt_len, (base_prompt + _whole(text.strip())).rstrip(), spans)
+    return _handoff(ids, where, prompt_len, len(ids), len(base_prompt))
 
 
 def forced_ids(tokenizer: Any, base_prompt: str, prompt_len: int, forced_prefix: str, spans: Sequence[Span] = ()) -> list[int]:
@@ -85,11 +94,23 @@ def forced_ids(tokenizer: Any, base_prompt: str, prompt_len: int, forced_prefix:
     return final_handoff(tokenizer, base_prompt, prompt_len, forced_prefix, spans).draft_ids if forced_prefix else []
 
 
-def partial_handoff(
-    tokenizer: Any, base_prompt: str, prompt_len: int, text: str, holdback: int = HOLDBACK_TOKENS, spans: Sequence[Span] = ()
-) -> Handoff | None:
-    """The stable part of an unfinished draft's tokenization, or None while nothing is stable."""
-    return DraftTokens(tokenizer, base_prompt, prompt_len, spans).exact(text, holdback)
+def switch_floor(handoff: Handoff, forced: list[int], chars: int) -> int:
+    """The first index the switch may fall on, for a forced start of `chars` characters (`forced`
+    its ids alone; 0 without one): its last token's in this tokenization, where the draft's text
+    after it may re-split it ("x some" alone is [x, ▁some], and [x, ▁, s, o, m, en] before "n"),
+    or, while no stable id reaches its end, past every stable id. A tokenizer with no offsets
+    counts its ids alone."""
+    if not chars:
+        return 0
+    if handoff.draft_ends is None:
+        return max(0, len(forced) - 1)
+    return next((i for i, end in enumerate(handoff.draft_ends) if end >= chars), len(handoff.draft_ids))
+
+
+def partial_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, hold: bool = True, spans: Sequence[Span] = ()) -> Handoff | None:
+    """The stable part of an unfinished draft's tokenization (all of it, without `hold`), or None
+    before the draft has any text."""
+    return DraftTokens(tokenizer, base_prompt, prompt_len, spans).exact(text, hold)
 
 
 class DraftTokens:
@@ -111,30 +132,46 @@ class DraftTokens:
         self._count = 0  # its draft tokens, none held back
         self._window: tuple[int, int] = (-1, 0)  # (start, tokens) of the last exact text's window
 
-    def exact(self, text: str, holdback: int = HOLDBACK_TOKENS) -> Handoff | None:
-        """The stable part of the draft's tokenization so far with the prompt, the last `holdback`
-        tokens held back (None while nothing is stable), noted for later estimates."""
+    def exact(self, text: str, hold: bool = True) -> Handoff | None:
+        """The stable part of the draft's tokenization so far with the prompt, its tail held back
+        unless not `hold` (None before the draft has any text), noted for later estimates."""
         whole = _whole(text.rstrip())
         if not whole:
             return None
-        ids, self._apart = _encode(self.tokenizer, self.base_prompt, self.prompt_len, self.base_prompt + whole, self.spans)
+        full = self.base_prompt + whole
+        ids, where, self._apart = _encode(self.tokenizer, self.base_prompt, self.prompt_len, full, self.spans)
         self._text, self._count, self._window = whole, len(ids) - self.prompt_len, (-1, 0)
-        return Handoff(ids[: self.prompt_len], ids[self.prompt_len :]).held_back(holdback)
+        return _handoff(ids, where, self.prompt_len, _stable(where, full, len(ids)) if hold else len(ids), len(self.base_prompt))
 
-    def estimate(self, text: str, holdback: int = HOLDBACK_TOKENS) -> int | None:
+    def estimate(self, text: str, hold: bool = True) -> int | None:
         """The stable draft tokens `exact(text)` would give, estimated; None before any exact one, and
         where a draft spells a special token's text (which `exact` encodes apart from the prompt)."""
         if self._text is None or self._apart:
             return None
         whole = _whole(text.rstrip())
+        full = self.base_prompt + whole
         parted = len(self.base_prompt) + common_prefix(self._text, whole)
         start = max(0, parted - CONTEXT_CHARS)
         if spells_special(self.tokenizer, encode(self.tokenizer, whole[max(0, start - len(self.base_prompt)) :])[0]):
             return None
         if self._window[0] != start:
             self._window = (start, len(encode_text(self.tokenizer, (self.base_prompt + self._text)[start:])))
-        new = len(encode_text(self.tokenizer, (self.base_prompt + whole)[start:]))
-        return max(0, self._count + new - self._window[1] - holdback)
+        with_offsets = encode(self.tokenizer, full[start:], offsets=True)
+        new = len(with_offsets[0])
+        held = new - _stable(with_offsets[1], full[start:], new) if hold else 0
+        return max(0, self._count + new - self._window[1] - held)
+
+
+def _stable(where: list[Span], full: str, count: int) -> int:
+    """How many leading ids of `full`'s tokenization (their offsets `where`) later text cannot
+    change: those that end before the held-back tail starts (see WORD_CHARS); where there are no
+    offsets, all but the last HOLDBACK_TOKENS."""
+    if not where:
+        return max(0, count - HOLDBACK_TOKENS)
+    tail = full[-WORD_CHARS:]
+    found = _LAST_WORD.search(tail)
+    cut = len(full) - len(tail) + (found.start() if found else 0)
+    return next((i for i, (_, end) in enumerate(where) if end > cut), len(where))
 
 
 def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
@@ -145,13 +182,20 @@ def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
-def _encode(tokenizer: Any, base_prompt: str, prompt_len: int, full: str, spans: Sequence[Span]) -> tuple[list[int], bool]:
-    """The ids of the prompt followed by the draft, the messages' and the draft's text as text; and
-    whether the draft spelled a special token's text, which encodes it apart from the prompt."""
-    ids = encode(tokenizer, full, spans)[0]
+def _encode(tokenizer: Any, base_prompt: str, prompt_len: int, full: str, spans: Sequence[Span]) -> tuple[list[int], list[Span], bool]:
+    """The ids of the prompt followed by the draft, the messages' and the draft's text as text, with
+    their offsets (none from a slow tokenizer); and whether the draft spelled a special token's
+    text, which encodes it apart from the prompt."""
+    ids, where = encode(tokenizer, full, spans, offsets=True)
     if spells_special(tokenizer, ids[prompt_len:]):  # the draft wrote a special token's text
-        return encode(tokenizer, full, [*spans, (len(base_prompt), len(full))])[0], True
-    return ids, False
+        return (*encode(tokenizer, full, [*spans, (len(base_prompt), len(full))], offsets=True), True)
+    return ids, where, False
+
+
+def _handoff(ids: list[int], where: list[Span], prompt_len: int, stable: int, prompt_chars: int) -> Handoff:
+    """The hand-off of the first `stable` of these ids, the draft's ends counted from its start."""
+    ends = [end - prompt_chars for _, end in where[prompt_len:stable]] if where else None
+    return Handoff(ids[:prompt_len], ids[prompt_len:stable], ends)
 
 
 def _whole(text: str) -> str:

@@ -12,7 +12,7 @@ from collections import deque
 
 from .continuation import continue_base, keep_draft
 from .drafting import DraftPasses
-from .handoff import HOLDBACK_TOKENS, DraftTokens, Handoff, common_prefix, draft_text, final_handoff, forced_ids
+from .handoff import DraftTokens, Handoff, common_prefix, draft_text, final_handoff, forced_ids, switch_floor
 from .loading import LoadedModel
 from .model_runner import ModelRunner
 from .output_head import HeadRows
@@ -29,12 +29,9 @@ MIN_SCORE_INTERVAL = 8
 MAX_SCORE_INTERVAL = 32
 
 
-# The first draft tokens are always kept (no switch can come before the window is full, and no
-# reply ends before max_tokens), so their text streams before the base model sees them, from the
-# tokenization with no hold-back. A margin of two tokens below the smaller of the two keeps that
-# text inside what the final tokenization keeps, when later text re-splits a word already streamed
-# into more tokens (reply.ReplyText.set_draft).
-EARLY_MARGIN = 2
+# Whether an unfinished draft's tail is held back from scoring (handoff.WORD_CHARS); tests turn it
+# off to make the engine roll back re-tokenized tokens.
+HOLD_BACK = True
 
 
 def next_score_at(scored: int) -> int:
@@ -123,10 +120,9 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     base_gen = make_generator(params.seed, stream=1)
     prompt_len = len(prompts.base_ids)
     forced = forced_ids(base.tokenizer, prompts.base_text, prompt_len, prompts.forced_prefix, prompts.base_spans)
-    detector = SwitchDetector(params.switch_window, params.switch_threshold, max(0, len(forced) - 1))
-    free = min(detector.first + 1, params.max_tokens)  # always kept: no switch can come earlier
+    detector = SwitchDetector(params.switch_window, params.switch_threshold)  # a forced start's end raises its floor once known
     scorer = _Scorer(seq, detector)
-    score_at = detector.first + 1  # the first pass waits for the earliest point a window can pass
+    score_at = max(detector.first, len(forced) - 1) + 1  # the first pass waits for the earliest point a window can pass
 
     guide, base_guide = draft_guide(seq, draft), checked_base_guide(seq, base, forced)
 
@@ -149,22 +145,16 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         seq.draft_tokens = len(generated)
 
         text = draft_text(draft.tokenizer, prompts.forced_prefix, generated, final=done)
-        whole = None  # the tokenization with nothing held back
+        free = min(detector.first + 1, params.max_tokens)  # always kept: no switch can come earlier
         if done:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
         else:  # tokenized with the prompt while the first words stream from it, or when a scoring pass may fall due
-            guess = None if len(seq.reply.ids) < free else tokens.estimate(text, HOLDBACK_TOKENS)
-            whole = tokens.exact(text, 0) if guess is None or guess >= min(score_at, params.max_tokens) else None
-            handoff = None if whole is None else whole.held_back(HOLDBACK_TOKENS)
-        early = min(params.switch_window, params.max_tokens) - EARLY_MARGIN
-        if whole is not None and len(seq.reply.ids) < early:  # stream the first words at once (early < free: tokenized)
-            if len(whole.draft_ids) > len(seq.reply.ids):
-                keep_draft(seq, whole.draft_ids[:early], base_guide)
-                if seq.reply.stopped:
-                    return "stop"
+            guess = None if len(seq.reply.ids) < free else tokens.estimate(text, HOLD_BACK)
+            handoff = tokens.exact(text, HOLD_BACK) if guess is None or guess >= min(score_at, params.max_tokens) else None
         if handoff is not None:
-            stable = handoff.draft_ids[: params.max_tokens]
-            handoff = Handoff(handoff.prompt_ids, stable)
+            handoff = handoff[: params.max_tokens]
+            detector.raise_floor(switch_floor(handoff, forced, len(prompts.forced_prefix)))
+            free, stable = min(detector.first + 1, params.max_tokens), handoff.draft_ids
             if len(seq.reply.ids) < free and len(stable) > len(seq.reply.ids):
                 keep_draft(seq, stable[: min(free, len(stable))], base_guide)
                 if seq.reply.stopped:

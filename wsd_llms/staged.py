@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .continuation import continue_base, keep_draft
 from .drafting import DraftPasses
-from .handoff import draft_text, final_handoff, forced_ids
+from .handoff import draft_text, final_handoff, forced_ids, switch_floor
 from .loading import LoadedModel
 from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
@@ -55,7 +55,8 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
         seq.base_kv = None
         del rows  # the check cache is freed now, not when the request ends
-    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, max(0, len(forced) - 1))
+    floor = switch_floor(handoff, forced, len(prompts.forced_prefix))
+    switch = find_switch(probs[: params.max_tokens], params.switch_window, params.switch_threshold, floor)
     # 6-7. Keep the draft up to the switch (and up to the first id the base grammar rejects),
     # then continue from a fresh prefill of prompt + kept draft.
     kept = keep_draft(seq, handoff.draft_ids[: params.max_tokens if switch is None else switch + 1], base_guide)

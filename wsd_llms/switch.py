@@ -31,6 +31,10 @@ class SwitchDetector:
         self._log_threshold = math.log(threshold)
         self._logs: list[float] = []
 
+    def raise_floor(self, min_switch: int) -> None:
+        """No window may end before `min_switch` (a forced start's end, as its tokenization became known)."""
+        self.first = max(self.first, min_switch)
+
     def __len__(self) -> int:
         return len(self._logs)
 
