@@ -1346,14 +1346,18 @@ class ShortJoke(Joke):
         return value
 
 
-@pytest.mark.parametrize("path", ["invoke", "bind", "stream", "ainvoke", "unstreamed"])
+@pytest.mark.parametrize("path", ["invoke", "bind", "stream", "ainvoke", "unstreamed", "constructor", "constructor-stream"])
 async def test_a_pydantic_response_format_is_parsed_into_its_class(fake, path):
     """As ChatOpenAI: a call whose response_format is a pydantic class has the value as that class
     in additional_kwargs["parsed"] (None when it does not parse, or fails the class's own validators,
-    with the reason in parse_error); a schema as a dict gets no such key."""
+    with the reason in parse_error); a schema as a dict gets no such key. The constructor's
+    response_format is parsed into as a call's is."""
     fake.reply = fake_result(json.dumps(JOKE), parsed=JOKE)
 
     async def reply(model: WSDChatModel, **kwargs: Any) -> AIMessage:
+        if path.startswith("constructor"):
+            model = WSDChatModel(**kwargs)
+            return _aggregate(list(model.stream("joke"))) if path == "constructor-stream" else model.invoke("joke")
         if path == "bind":
             return model.bind(**kwargs).invoke("joke")
         if path == "ainvoke":
