@@ -401,6 +401,27 @@ def test_a_draft_of_byte_tokens_streams_only_text_it_keeps():
         runtime.close()
 
 
+def test_a_forced_start_ending_in_a_character_of_byte_tokens_is_kept_whole():
+    """The base writes the forced start's last character ("😀") in byte tokens, which share its
+    offsets: the earliest switch falls on the last of them, not the first, so the reply keeps the
+    whole character in both modes."""
+    from tiny import CHAT_TEMPLATE, byte_fallback_tokenizer, make_tokenizer, tiny_llama
+
+    from wsd_llms.runtime import WSDRuntime
+
+    base_tokenizer = byte_fallback_tokenizer()
+    base_tokenizer.chat_template = CHAT_TEMPLATE
+    base_tokenizer.add_special_tokens({"eos_token": "</s>"})
+    runtime = WSDRuntime.from_models(tiny_llama(make_tokenizer(300), 0, "tiny-draft", sharpen=3.0), tiny_llama(base_tokenizer, 1, "tiny-bytes"))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "AA\U0001f600"}]
+    try:
+        staged, online = _both(runtime, messages, max_tokens=8, switch_window=1, switch_threshold=1e-9)
+        _assert_parity(staged, online)
+        assert staged.text.startswith("AA\U0001f600") and staged.switch_point == 6  # A, A and the emoji's 4 bytes
+    finally:
+        runtime.close()
+
+
 def test_a_finished_draft_keeps_the_whole_characters_of_its_last_byte_run():
     """max_draft_tokens may cut a draft inside a character written in byte tokens: the hand-off
     drops that character alone. The byte-fallback decoder turned the whole run into U+FFFD, so

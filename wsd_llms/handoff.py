@@ -43,9 +43,9 @@ class Handoff:
     draft_ids: list[int]
     draft_ends: list[int] | None = None
 
-    def __getitem__(self, n: slice) -> Handoff:
-        """This hand-off with only the draft ids in `n` (a slice from 0)."""
-        return Handoff(self.prompt_ids, self.draft_ids[n], None if self.draft_ends is None else self.draft_ends[n])
+    def first(self, n: int) -> Handoff:
+        """This hand-off with only its first `n` draft ids."""
+        return Handoff(self.prompt_ids, self.draft_ids[:n], None if self.draft_ends is None else self.draft_ends[:n])
 
 
 def draft_text(tokenizer: Any, forced_prefix: str, generated: list[int], final: bool = True) -> str:
@@ -98,13 +98,18 @@ def switch_floor(handoff: Handoff, forced: list[int], chars: int) -> int:
     """The first index the switch may fall on, for a forced start of `chars` characters (`forced`
     its ids alone; 0 without one): its last token's in this tokenization, where the draft's text
     after it may re-split it ("x some" alone is [x, ▁some], and [x, ▁, s, o, m, en] before "n"),
-    or, while no stable id reaches its end, past every stable id. A tokenizer with no offsets
+    or, while no stable id reaches its end, past every stable id. The byte tokens of one character
+    ("<0xF0>" ...) share its end: the last of them is its last token. A tokenizer with no offsets
     counts its ids alone."""
     if not chars:
         return 0
-    if handoff.draft_ends is None:
+    ends = handoff.draft_ends
+    if ends is None:
         return max(0, len(forced) - 1)
-    return next((i for i, end in enumerate(handoff.draft_ends) if end >= chars), len(handoff.draft_ids))
+    at = next((i for i, end in enumerate(ends) if end >= chars), len(ends))
+    while at + 1 < len(ends) and ends[at + 1] == ends[at]:
+        at += 1
+    return at
 
 
 def partial_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, hold: bool = True, spans: Sequence[Span] = ()) -> Handoff | None:

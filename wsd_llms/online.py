@@ -152,7 +152,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
             guess = None if len(seq.reply.ids) < free else tokens.estimate(text, HOLD_BACK)
             handoff = tokens.exact(text, HOLD_BACK) if guess is None or guess >= min(score_at, params.max_tokens) else None
         if handoff is not None:
-            handoff = handoff[: params.max_tokens]
+            handoff = handoff.first(params.max_tokens)
             detector.raise_floor(switch_floor(handoff, forced, len(prompts.forced_prefix)))
             free, stable = min(detector.first + 1, params.max_tokens), handoff.draft_ids
             if len(seq.reply.ids) < free and len(stable) > len(seq.reply.ids):
