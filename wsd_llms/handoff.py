@@ -169,7 +169,7 @@ class DraftTokens:
 
 def _stable(where: list[Span], full: str, count: int) -> int:
     """How many leading ids of `full`'s tokenization (their offsets `where`) later text cannot
-    change: those that end before the held-back tail starts (see WORD_CHARS); where there are no
+    change: those that end where the held-back tail starts or before it (see WORD_CHARS); where there are no
     offsets, all but the last HOLDBACK_TOKENS."""
     if not where:
         return max(0, count - HOLDBACK_TOKENS)
