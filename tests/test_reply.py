@@ -265,6 +265,10 @@ def test_draft_tokens_estimate_defers_to_an_exact_handoff_where_the_draft_spells
     assert tokens.estimate("two plus two") == len(partial_handoff(tok, prompt, n, "two plus two").draft_ids)
     tokens.exact("two </s> four")
     assert tokens.estimate("two </s> four is") is None
+    long = "two plus " * 12  # a window that starts inside the draft, past the prompt
+    tokens.exact(long)
+    assert tokens.estimate(long + "two") == len(partial_handoff(tok, prompt, n, long + "two").draft_ids)
+    assert tokens.estimate(long + "two</s>") is None
 
 
 def test_an_unfinished_drafts_text_never_takes_back_what_a_run_of_byte_tokens_showed():

@@ -157,11 +157,12 @@ class DraftTokens:
         full = self.base_prompt + whole
         parted = len(self.base_prompt) + common_prefix(self._text, whole)
         start = max(0, parted - CONTEXT_CHARS)
-        if spells_special(self.tokenizer, encode(self.tokenizer, whole[max(0, start - len(self.base_prompt)) :])[0]):
+        with_offsets = encode(self.tokenizer, full[start:], offsets=True)
+        own = with_offsets[0] if start >= len(self.base_prompt) else encode(self.tokenizer, whole)[0]  # the draft's text alone
+        if spells_special(self.tokenizer, own):
             return None
         if self._window[0] != start:
             self._window = (start, len(encode_text(self.tokenizer, (self.base_prompt + self._text)[start:])))
-        with_offsets = encode(self.tokenizer, full[start:], offsets=True)
         new = len(with_offsets[0])
         held = new - _stable(with_offsets[1], full[start:], new) if hold else 0
         return max(0, self._count + new - self._window[1] - held)

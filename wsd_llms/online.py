@@ -133,6 +133,11 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     generated: list[int] = []
     due: deque[Handoff] = deque()  # scoring passes due and not yet run: each ends where the request's own progress put it
     tokens = DraftTokens(base.tokenizer, prompts.base_text, prompt_len, prompts.base_spans)
+
+    def free() -> int:
+        """How many reply tokens are kept whatever the check finds: no switch can come earlier."""
+        return min(detector.first + 1, params.max_tokens)
+
     done = False
     while True:
         token = yield from drafter.choose()
@@ -145,18 +150,17 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         seq.draft_tokens = len(generated)
 
         text = draft_text(draft.tokenizer, prompts.forced_prefix, generated, final=done)
-        free = min(detector.first + 1, params.max_tokens)  # always kept: no switch can come earlier
         if done:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
         else:  # tokenized with the prompt while the first words stream from it, or when a scoring pass may fall due
-            guess = None if len(seq.reply.ids) < free else tokens.estimate(text, HOLD_BACK)
+            guess = None if len(seq.reply.ids) < free() else tokens.estimate(text, HOLD_BACK)
             handoff = tokens.exact(text, HOLD_BACK) if guess is None or guess >= min(score_at, params.max_tokens) else None
         if handoff is not None:
             handoff = handoff.first(params.max_tokens)
             detector.raise_floor(switch_floor(handoff, forced, len(prompts.forced_prefix)))
-            free, stable = min(detector.first + 1, params.max_tokens), handoff.draft_ids
-            if len(seq.reply.ids) < free and len(stable) > len(seq.reply.ids):
-                keep_draft(seq, stable[: min(free, len(stable))], base_guide)
+            stable = handoff.draft_ids
+            if len(seq.reply.ids) < free() and len(stable) > len(seq.reply.ids):
+                keep_draft(seq, stable[: min(free(), len(stable))], base_guide)
                 if seq.reply.stopped:
                     return "stop"
             if not done and len(stable) >= min(score_at, params.max_tokens):
