@@ -20,4 +20,4 @@ for event in runtime.stream([{"role": "user", "content": question}], max_tokens=
     else:
         r = event.result
         print(f"\n\nswitch point: {r.switch_point}  draft tokens kept: {r.usage.kept_draft_tokens}  "
-              f"base tokens: {r.usage.base_tokens}  first token: {r.timings.ttft:.2f}s  total: {r.timings.total:.2f}s")
+              f"base tokens: {r.usage.base_tokens}  first token: {'-' if r.timings.ttft is None else f'{r.timings.ttft:.2f}s'}  total: {r.timings.total:.2f}s")
