@@ -224,6 +224,21 @@ def test_missing_extra_names_it(monkeypatch, missing):
     parse_params(tools=[TOOL], tool_choice="none")  # no grammar, no xgrammar needed
 
 
+def test_an_xgrammar_too_old_is_named_at_the_call(monkeypatch):
+    """Another package's older pin can leave an xgrammar without what decoding calls: the call says
+    so, instead of each reply failing after it is decoded."""
+    import importlib.metadata
+
+    from wsd_llms import structured
+
+    versions = {"xgrammar": "0.2.0"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    with pytest.raises(ImportError, match=r"need xgrammar>=0\.2\.5, and this environment has xgrammar 0\.2\.0: pip install -U"):
+        parse_params(response_format={"type": "json_object"})
+    versions["xgrammar"] = "0.2.5.post1"
+    structured.require_xgrammar()
+
+
 @pytest.mark.parametrize(
     "params,needle",
     [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -37,6 +38,8 @@ if TYPE_CHECKING:  # for annotations only: parsing replies and checking schemas 
     from .loading import LoadedModel
 
 EXTRA_HINT = "pip install 'wsd-llms[structured]'"
+# The first xgrammar with what this module calls: from_json_schema's any_order, structural tags as one JSON spec.
+XGRAMMAR_MIN = (0, 2, 5)
 # Whitespace allowed between JSON elements: one, so a small model cannot loop on blank space.
 MAX_JSON_WHITESPACE = 1
 
@@ -52,7 +55,25 @@ def require_xgrammar() -> Any:
             f"tools and response_format need grammar-constrained decoding, which needs xgrammar and jsonschema "
             f"({exc.name} is missing): {EXTRA_HINT}"
         ) from exc
+    try:
+        version = importlib.metadata.version("xgrammar")
+    except importlib.metadata.PackageNotFoundError:  # a build without package metadata: no version to check
+        return xgrammar
+    _check_version(version)
     return xgrammar
+
+
+@functools.cache
+def _check_version(version: str) -> None:
+    """Refuse an xgrammar older than XGRAMMAR_MIN (one that satisfies another package's older pin):
+    it would fail each request only once its reply is decoded, with a TypeError that names nothing."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+    if release < XGRAMMAR_MIN:
+        wanted = ".".join(map(str, XGRAMMAR_MIN))
+        raise ImportError(
+            f"tools and response_format need xgrammar>={wanted}, and this environment has xgrammar {version}: "
+            f"pip install -U 'xgrammar>={wanted}' (or {EXTRA_HINT})"
+        )
 
 
 def json_format(schema: dict[str, Any]) -> dict[str, Any]:
