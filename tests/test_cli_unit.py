@@ -17,18 +17,26 @@ from rich.console import Console
 from rich.text import Text
 
 from wsd_llms.cli import _interactive, main, stats_line, stream_reply
-from wsd_llms.errors import PromptTooLongError
+from wsd_llms.errors import PromptTooLongError, RequestFailedError
 from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
 
 
 class Scripted:
-    """Streams one piece, then the result; counts the streams closed."""
+    """Streams one piece, then the result; counts the streams closed. Each message counts 10 tokens
+    of a 1000-token window."""
 
     loaded = True
 
     def __init__(self) -> None:
         self.calls: list[list[dict[str, str]]] = []
         self.closed = 0
+        self.window = 1000
+
+    def context_window(self, mode: str = "online") -> int:
+        return self.window
+
+    def window_tokens(self, messages: list[dict[str, str]], **params: Any) -> int:
+        return 10 * len(messages)
 
     def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
         self.calls.append(messages)
@@ -40,21 +48,24 @@ class Scripted:
 
 
 class CtrlCOnce(Console):
-    """A console where Ctrl-C arrives while the first reply's text is printed (the stream is
+    """A console where Ctrl-C arrives while the first reply's text is written (the stream is
     paused at that point, so only closing it cancels the request)."""
 
+    class File(io.StringIO):
+        fired = False
+
+        def write(self, text: str) -> int:
+            if not self.fired and "Once upon" in text:
+                self.fired = True
+                raise KeyboardInterrupt
+            return super().write(text)
+
     def __init__(self, answers: list[str]) -> None:
-        super().__init__(file=io.StringIO(), force_terminal=False)
-        self.answers, self.fired = iter(answers), False
+        super().__init__(file=self.File(), force_terminal=False)
+        self.answers = iter(answers)
 
     def input(self, *args: Any, **kwargs: Any) -> str:
         return next(self.answers)
-
-    def print(self, *objects: Any, **kwargs: Any) -> None:
-        if not self.fired and any("Once upon" in str(o) for o in objects):
-            self.fired = True
-            raise KeyboardInterrupt
-        super().print(*objects, **kwargs)
 
 
 class Switching(Scripted):
@@ -64,6 +75,9 @@ class Switching(Scripted):
         yield TextDelta("Paris", "draft")
         yield TextDelta(" is the capital.", "base")
         yield FinalEvent(WSDResult("Paris is the capital.", "stop", 1, "Paris", Usage(), Timings(total=1.0), "d", "b", "online"))
+
+
+PARAMS = {"max_tokens": 100, "mode": "online"}
 
 
 class Tty(io.StringIO):
@@ -78,14 +92,53 @@ def test_the_hand_over_marker_shows_on_a_terminal_only(terminal: bool, capsys: p
     console = Console(file=Tty() if terminal else io.StringIO(), force_terminal=True, width=200)
     stream_reply(console, Switching(), [{"role": "user", "content": "?"}], {})  # type: ignore[arg-type]
     shown = console.file.getvalue()
-    assert ("Paris ▸  is the capital." if terminal else "Paris is the capital.") in Text.from_ansi(shown).plain
+    if terminal:
+        assert "Paris ▸  is the capital." in Text.from_ansi(shown).plain
+    else:
+        assert shown == "Paris is the capital.\n"
     assert "switch after 1 draft tokens" in capsys.readouterr().err
+
+
+class Written(Scripted):
+    """A reply with a tab, a carriage return, a bell, a form feed and text that looks like markup."""
+
+    TEXT = "all:\n\tcc -o x x.c\r\nbell\x07 ff\x0c [bold]x[/bold] 🙂"
+
+    def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
+        yield TextDelta(self.TEXT[:9], "draft")
+        yield TextDelta(self.TEXT[9:], "base")
+        yield FinalEvent(WSDResult(self.TEXT, "stop", 1, self.TEXT[:9], Usage(), Timings(total=1.0), "d", "b", "online"))
+
+
+def test_a_piped_reply_is_its_text_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wsd-llms chat "write a Makefile" > Makefile`: Rich had turned the tab into spaces, dropped
+    the carriage return and other control characters, and under FORCE_COLOR coloured the file."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    console = Console(file=io.StringIO(), highlight=False)
+    stream_reply(console, Written(), [{"role": "user", "content": "?"}], {})  # type: ignore[arg-type]
+    assert console.file.getvalue() == Written.TEXT + "\n"
+
+
+class FailsMidway(Scripted):
+    def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
+        yield TextDelta("Partial answer", "draft")
+        raise RequestFailedError("request timed out after 5 s")
+
+
+def test_a_turn_that_fails_after_some_text_ends_its_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """The error note had followed the reply's text on the same line; the prompt, on stderr, is not
+    in the replies either."""
+    console = Answers(["Hi", ""])
+    assert _interactive(console, FailsMidway(), [], PARAMS) == 0  # type: ignore[arg-type]
+    assert console.file.getvalue() == "Partial answer\n"
+    err = capsys.readouterr().err
+    assert "you> " in err and "error: request timed out after 5 s (this turn is dropped)" in err
 
 
 def test_ctrl_c_stops_the_reply_and_drops_the_turn(capsys: pytest.CaptureFixture[str]) -> None:
     runtime, console = Scripted(), CtrlCOnce(["Tell me a story.", "Hi", ""])
     history: list[dict[str, str]] = []
-    assert _interactive(console, runtime, history, {}) == 0  # type: ignore[arg-type]
+    assert _interactive(console, runtime, history, PARAMS) == 0  # type: ignore[arg-type]
     assert runtime.closed == 2 and "stopped" in capsys.readouterr().err  # on stderr: stdout holds replies
     assert runtime.calls[1] == [{"role": "user", "content": "Hi"}]  # the stopped turn is not in the history
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
@@ -210,14 +263,27 @@ def test_a_conversation_past_the_window_leaves_out_its_oldest_exchanges(capsys: 
     system = {"role": "system", "content": "Be brief."}
     history = [system]
     runtime = Window(fits=4)
-    assert _interactive(Answers(["a", "b", "c", "d", ""]), runtime, history, {}) == 0  # type: ignore[arg-type]
+    assert _interactive(Answers(["a", "b", "c", "d", ""]), runtime, history, PARAMS) == 0  # type: ignore[arg-type]
     reply = {"role": "assistant", "content": "Once upon"}
     assert history == [system, {"role": "user", "content": "c"}, reply, {"role": "user", "content": "d"}, reply]
     assert capsys.readouterr().err.count("its oldest 1 exchange(s) were left out") == 2  # at "c" and at "d"
     runtime.fits = 0  # nothing fits: the question alone is refused
     kept = list(history)
-    assert _interactive(Answers(["e", ""]), runtime, history, {}) == 0  # type: ignore[arg-type]
+    assert _interactive(Answers(["e", ""]), runtime, history, PARAMS) == 0  # type: ignore[arg-type]
     assert history == kept and "error: the prompt is 2 messages (window 0) (this turn is dropped)" in capsys.readouterr().err
+
+
+def test_old_exchanges_give_way_to_room_for_the_whole_reply(capsys: pytest.CaptureFixture[str]) -> None:
+    """A prompt that still fitted the window, with little room left, had got a reply of a few
+    tokens (finish length) while old exchanges could have gone: they go until max_tokens fits too."""
+    system = {"role": "system", "content": "Be brief."}
+    history = [system]
+    runtime = Scripted()
+    runtime.window = 50 + PARAMS["max_tokens"]  # 5 messages and a whole reply
+    assert _interactive(Answers(["a", "b", "c", ""]), runtime, history, PARAMS) == 0  # type: ignore[arg-type]
+    assert [len(call) for call in runtime.calls] == [2, 4, 4]  # at "c": the system, "b" and its reply, "c"
+    assert history[:3] == [system, {"role": "user", "content": "b"}, {"role": "assistant", "content": "Once upon"}]
+    assert "its oldest 1 exchange(s) were left out" in capsys.readouterr().err
 
 
 def test_help_and_option_errors_come_without_loading_torch() -> None:
@@ -255,3 +321,36 @@ def test_a_reply_that_cannot_be_written_is_an_error_line(monkeypatch: pytest.Mon
     monkeypatch.setattr(sys, "stdout", Full())
     assert main(["chat", "hi"]) == 1
     assert "error: cannot write the reply: No space left on device" in capsys.readouterr().err
+
+
+def test_a_reply_stdout_cannot_encode_is_an_error_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Windows pipe in cp1252 had ended a reply holding an emoji with a traceback."""
+    runtime = Written()
+    runtime.load = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: runtime)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="cp1252", write_through=True))
+    assert main(["chat", "hi"]) == 1
+    assert "error: cannot write the reply: stdout's encoding (cp1252) cannot hold its text; set PYTHONIOENCODING=utf-8" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_reply_quietly(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsd-llms chat ... | head -1`: exit 1 with no error line, as Rich ends a broken pipe."""
+
+    class Gone(io.StringIO):
+        def __init__(self, fd: int) -> None:
+            super().__init__()
+            self.fd = fd
+
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            return self.fd
+
+    runtime = Scripted()
+    runtime.load = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: runtime)
+    with open(tmp_path / "out", "w") as out:
+        monkeypatch.setattr(sys, "stdout", Gone(out.fileno()))
+        assert main(["chat", "hi"]) == 1
+    assert "error" not in capsys.readouterr().err

@@ -98,20 +98,31 @@ def stats_line(result: WSDResult) -> str:
 
 
 def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str, str]], params: dict[str, Any]) -> WSDResult:
-    """Print the reply as it streams: draft text and base text in two styles, a marker at the hand-over
-    (on a terminal: in a pipe or a file, the reply's text alone), then its facts on stderr."""
+    """Print the reply as it streams: on a terminal, draft text and base text in two styles with a
+    marker at the hand-over; in a pipe or a file, the reply's text exactly as written. Then its facts
+    on stderr. A reply that fails after some text ends its line, so the error starts a line of its own."""
+    terminal = console.file.isatty()  # not Rich's is_terminal, which FORCE_COLOR sets
     last_source = None
     with closing(runtime.stream(messages, **params)) as events:  # closing cancels the request (Ctrl-C)
-        for event in events:
-            if isinstance(event, TextDelta):
-                if last_source == "draft" and event.source == "base" and console.file.isatty():  # not Rich's is_terminal, which FORCE_COLOR sets
-                    console.print(Text(" ▸ ", style="bold magenta"), end="")
-                console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
-                last_source = event.source
-            elif isinstance(event, FinalEvent):
+        try:
+            for event in events:
+                if isinstance(event, TextDelta):
+                    if not terminal:  # Rich would expand tabs, drop control characters such as \r, and colour it under FORCE_COLOR
+                        console.file.write(event.text)
+                        console.file.flush()
+                    else:
+                        if last_source == "draft" and event.source == "base":
+                            console.print(Text(" ▸ ", style="bold magenta"), end="")
+                        console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
+                    last_source = event.source
+                elif isinstance(event, FinalEvent):
+                    console.print()
+                    make_console(stderr=True).print(Text(stats_line(event.result), style="dim"))
+                    return event.result
+        except WSDError:
+            if last_source is not None:
                 console.print()
-                make_console(stderr=True).print(Text(stats_line(event.result), style="dim"))
-                return event.result
+            raise
     raise WSDError("the stream ended without a result")
 
 
@@ -144,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except WSDError as exc:
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 2 if isinstance(exc, (InvalidParameterError, InvalidMessagesError)) else 1  # usage, or a failure
-    except OSError as exc:  # stdout on a full disk, say (a broken pipe rich ends itself, quietly)
-        errors.print(Text(f"error: cannot write the reply: {exc.strerror or exc}", style="bold red"))
+    except BrokenPipeError:  # `wsd-llms chat ... | head`: the reader has gone, so end quietly, as Rich does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and the interpreter's flush at exit fails no more
+        return 1
+    except (OSError, UnicodeEncodeError) as exc:  # stdout on a full disk, or in an encoding without the reply's characters
+        if isinstance(exc, UnicodeEncodeError):
+            why = f"stdout's encoding ({getattr(sys.stdout, 'encoding', None) or exc.encoding}) cannot hold its text; set PYTHONIOENCODING=utf-8"
+        else:
+            why = exc.strerror or str(exc)
+        errors.print(Text(f"error: cannot write the reply: {why}", style="bold red"))
         return 1
     except KeyboardInterrupt:
         console.print()
@@ -166,16 +184,18 @@ def _exit_now(code: int) -> None:
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it, and a turn that fails is
     reported; either way that turn is dropped and the chat goes on. A conversation grown past the
-    context window drops its oldest exchanges (the system message stays) until the turn fits; a
-    question that does not fit alone is reported, and the history kept."""
+    context window drops its oldest exchanges (the system message stays) until the turn fits with
+    room for a whole reply (max_tokens); a question that does not fit alone is reported, and the
+    history kept."""
     notes = make_console(stderr=True)
     notes.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     system = 1 if history and history[0]["role"] == "system" else 0  # the system message stays
     while True:
         try:
-            question = console.input("[bold]you> [/bold]").strip()
+            notes.print(Text("you> ", style="bold"), end="")  # on stderr: stdout holds the replies alone
+            question = console.input().strip()
         except EOFError:  # Ctrl-D: the shell's prompt on a line of its own
-            console.print()
+            notes.print()
             return 0
         if not question:
             return 0
@@ -183,6 +203,9 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         while True:
             turn = [*kept, {"role": "user", "content": question}]
             try:
+                if len(kept) - system >= 2 and runtime.window_tokens(turn, **params) + params["max_tokens"] > runtime.context_window(params["mode"]):
+                    kept[system : system + 2] = []  # the oldest question and its reply go, so the reply is not cut short
+                    continue
                 result = stream_reply(console, runtime, turn, params)
             except KeyboardInterrupt:
                 console.print()
