@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -10,6 +11,7 @@ import pytest
 from wsd_llms.cli import main
 from wsd_llms.eval import Setting, evaluate, load_prompts
 from wsd_llms.eval.report import write_all
+from wsd_llms.eval.runner import run_settings
 
 VOID = {"meta", "br", "hr", "img", "input", "link"}
 
@@ -249,3 +251,50 @@ def test_cli_a_load_that_fails_past_the_loader_is_an_error_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert "error: the models could not load: RuntimeError: CUDA out of memory" in err and "Traceback" not in err
     assert (out / "records.jsonl").read_text() == "earlier\n"
+
+
+def test_an_interrupted_run_ends_the_requests_in_flight(tmp_path, shared_runtime, monkeypatch):
+    """Ctrl-C, or a records file that cannot be written, had dropped only the requests not yet
+    started: the process printed its error, then waited for those in flight to write their whole
+    replies. They are ended too. One short reply is the first record; three long ones are in flight."""
+    path = _write(tmp_path / "p.jsonl", [_prompt("short"), _prompt("long one"), _prompt("long two"), _prompt("long three")])
+    prompts, _ = load_prompts(path)
+    stream = shared_runtime.stream
+
+    def budgets(messages, **params):
+        return stream(messages, **{**params, "max_tokens": 2 if messages[0]["content"] == "short" else 400})
+
+    monkeypatch.setattr(shared_runtime, "stream", budgets)
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+
+    before = shared_runtime.stats()
+    with pytest.raises(OSError):
+        run_settings(shared_runtime, prompts, [Setting("base")], max_tokens=400, concurrency=4, on_record=full_disk)
+    deadline = time.monotonic() + 20
+    while shared_runtime.stats().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = shared_runtime.stats()
+    assert after.running == 0 and after.cancelled - before.cancelled == 3
+    assert after.finished - before.finished == 1
+
+
+def test_cli_a_records_file_it_cannot_write_is_an_error_line(tmp_path, capsys, shared_runtime, monkeypatch):
+    """It was a traceback (IsADirectoryError, PermissionError, a full disk) after the models loaded."""
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: shared_runtime)
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    (tmp_path / "o" / "records.jsonl").mkdir(parents=True)
+    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--window", "2", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write the replies to {tmp_path / 'o' / 'records.jsonl'}: Is a directory" in err and "Traceback" not in err
+
+
+def test_cli_a_sweep_grid_given_is_a_sweep(tmp_path, capsys):
+    """--thresholds or --windows without --sweep had been ignored, unchecked: --thresholds 1.5 reached
+    the model load, and a valid grid ran no sweep. Either one now asks for the sweep."""
+    assert main(["eval", "--thresholds", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --thresholds: invalid switch_threshold=1.5" in capsys.readouterr().err
+    assert main(["eval", "--windows", "4,0", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --windows: invalid switch_window=0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

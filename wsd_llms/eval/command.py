@@ -48,8 +48,7 @@ _floats, _ints = _listed(float, "numbers"), _listed(int, "integers")
 def _check_options(args: argparse.Namespace) -> None:
     """Each option's value as the runtime takes it, the error naming the option (before any model loads)."""
     checks = [("--threshold", {"switch_threshold": args.threshold}), ("--window", {"switch_window": args.window}), ("--max-tokens", {"max_tokens": args.max_tokens})]
-    if args.sweep:
-        checks += [("--thresholds", {"switch_threshold": t}) for t in args.thresholds] + [("--windows", {"switch_window": w}) for w in args.windows]
+    checks += [("--thresholds", {"switch_threshold": t}) for t in args.thresholds or ()] + [("--windows", {"switch_window": w}) for w in args.windows or ()]
     for flag, params in checks:
         check_option(flag, **params)
     if args.concurrency < 1:
@@ -63,8 +62,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threshold", type=float, default=0.8, help="τ of the main WSD setting (default 0.8)")
     p.add_argument("--window", type=int, default=6, help="w of the main WSD setting (default 6)")
     p.add_argument("--sweep", action="store_true", help="also run WSD over the grid of --thresholds × --windows")
-    p.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="sweep thresholds, comma-separated (default 0.5,0.6,0.7,0.8,0.9)")
-    p.add_argument("--windows", type=_ints, default=list(DEFAULT_WINDOWS), help="sweep windows, comma-separated (default 4,6,8)")
+    p.add_argument("--thresholds", type=_floats, help="sweep thresholds, comma-separated (default 0.5,0.6,0.7,0.8,0.9); implies --sweep")
+    p.add_argument("--windows", type=_ints, help="sweep windows, comma-separated (default 4,6,8); implies --sweep")
     p.add_argument("--max-tokens", type=int, default=128, help="reply budget in base tokens (default 128)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once, batched by the runtime (default 8)")
     p.add_argument("--judge", help="a local chat model (HF repo id, directory, .gguf or embedded:...) to judge WSD vs base-only")
@@ -79,7 +78,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     console, errors = make_console(), make_console(stderr=True)
     main = Setting("online", args.threshold, args.window)
-    settings = settings_for(args.threshold, args.window, args.sweep, args.thresholds, args.windows)
+    sweep = args.sweep or args.thresholds is not None or args.windows is not None  # a grid given is a grid to run
+    settings = settings_for(args.threshold, args.window, sweep, args.thresholds or DEFAULT_THRESHOLDS, args.windows or DEFAULT_WINDOWS)
     try:
         _check_options(args)
     except WSDError as exc:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ..errors import WSDError
 from .judge import Prefer, judge_pairs
 from .prompts import EvalPrompt, Problem
 from .report import Report
@@ -42,10 +43,13 @@ def evaluate(
     def keep(record: Record) -> None:
         nonlocal sink
         if records_path is not None:
-            if sink is None:
-                sink = records_path.open("w", encoding="utf-8")
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+            try:
+                if sink is None:
+                    sink = records_path.open("w", encoding="utf-8")
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+            except OSError as exc:  # --out read-only, say, or a full disk: the run ends, with the requests in flight
+                raise WSDError(f"cannot write the replies to {records_path}: {exc.strerror or exc}") from exc
         on_record(record)
 
     try:

@@ -2,19 +2,21 @@
 
 A setting's prompts are submitted together from a thread pool, so the runtime batches them; settings
 run one after another, so each setting's wall time (and tokens/s) is its own. A request that fails
-becomes a record with an `error` and the run goes on.
+becomes a record with an `error` and the run goes on. An interrupt (Ctrl-C, a records file that
+cannot be written) ends the requests in flight too, so the process does not wait for their replies.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import WSDError
-from ..events import WSDResult
+from ..errors import RuntimeClosedError, WSDError
+from ..events import FinalEvent, WSDResult
 from . import signals
 from .prompts import EvalPrompt
 
@@ -117,11 +119,12 @@ def run_settings(
 
     records: list[Record] = []
     walls: dict[str, float] = {}
+    live = _Live()
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="wsd-eval")
     try:
         for setting in settings:
             start = time.perf_counter()
-            futures = {pool.submit(runtime.generate, p.messages, max_tokens=max_tokens, **setting.params()): i for i, p in enumerate(prompts)}
+            futures = {pool.submit(live.ask, runtime, p.messages, max_tokens=max_tokens, **setting.params()): i for i, p in enumerate(prompts)}
             done: dict[int, Record] = {}
             for future in as_completed(futures):
                 prompt = prompts[futures[future]]
@@ -133,8 +136,43 @@ def run_settings(
                 on_record(record)
             walls[setting.name] = time.perf_counter() - start
             records += [done[i] for i in range(len(prompts))]
-    except BaseException:  # interrupted (Ctrl-C): requests not yet started are dropped, not run to the end
+    except BaseException:  # interrupted: requests not yet started are dropped, and those in flight ended
         pool.shutdown(wait=False, cancel_futures=True)
+        live.end_all()
         raise
     pool.shutdown()
     return records, walls
+
+
+class _Live:
+    """The requests in flight, each a stream that an interrupt can end from the main thread."""
+
+    def __init__(self) -> None:
+        self.streams: set[Any] = set()
+        self.lock = threading.Lock()
+        self.ended = False
+
+    def ask(self, runtime: WSDRuntime, messages: Any, **params: Any) -> WSDResult:
+        """One reply, as runtime.generate gives it, from a stream kept here while it runs."""
+        stream = runtime.stream(messages, **params)
+        with self.lock:
+            if self.ended:
+                stream.close()
+            self.streams.add(stream)
+        try:
+            for event in stream:
+                if isinstance(event, FinalEvent):
+                    return event.result
+            raise RuntimeClosedError("the request was ended before its reply")
+        finally:
+            with self.lock:
+                self.streams.discard(stream)
+            stream.close()
+
+    def end_all(self) -> None:
+        """Close every stream in flight, and any that starts later, so the runtime stops decoding them."""
+        with self.lock:
+            self.ended = True
+            streams = list(self.streams)
+        for stream in streams:
+            stream.close()
