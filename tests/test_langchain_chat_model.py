@@ -1244,8 +1244,8 @@ def test_create_agent_with_provider_strategy_and_tools(fake, monkeypatch, strate
 
 def test_profile_says_what_the_models_take_and_give(monkeypatch, tmp_path):
     """LangChain's model profile: text in and out, tools and native structured output. The context
-    window is there when it costs nothing to read; before the first load has converted the embedded
-    models it is left out, and building the model converts nothing."""
+    window is there when it costs nothing to read: before the first load has converted the embedded
+    models it comes from their GGUF headers, and neither that nor building the model converts anything."""
     profile = WSDChatModel(mode="base").profile
     assert profile["structured_output"] and profile["tool_calling"] and profile["tool_choice"] and profile["text_inputs"]
     assert not profile["image_inputs"] and not profile["reasoning_output"]
@@ -1254,7 +1254,7 @@ def test_profile_says_what_the_models_take_and_give(monkeypatch, tmp_path):
     monkeypatch.setattr(wsd_llms.runtime, "_registry", {})  # a runtime of its own, that has read nothing yet
     monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "empty"))
     fresh = WSDChatModel()
-    assert "max_input_tokens" not in fresh.profile and fresh.profile["structured_output"]
+    assert fresh.profile["max_input_tokens"] == 8191 and fresh.profile["structured_output"]  # SmolLM2's 8192 bounds online WSD
     assert not (tmp_path / "empty").exists()
 
 

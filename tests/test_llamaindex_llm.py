@@ -104,6 +104,38 @@ def test_metadata_reads_config_without_loading() -> None:
     assert WSDLLM(base_model=base_dir, mode="draft").metadata.model_name == EMBEDDED_DRAFT  # the draft alone writes the reply
 
 
+def test_metadata_before_the_first_load_converts_nothing_and_waits_for_no_load(monkeypatch, tmp_path) -> None:
+    """LlamaIndex reads metadata on every call (to_payload), on the event loop for achat: before the
+    first load it had converted the embedded models there (half a minute), and for a hub model it
+    waited for a load in progress. The window now comes from the GGUF headers, and from the hub's
+    cache while the models load."""
+    import threading
+
+    import huggingface_hub.constants
+
+    import wsd_llms.runtime
+    from tests.tiny import make_tokenizer, tiny_llama
+
+    monkeypatch.setattr(wsd_llms.runtime, "_registry", {})  # runtimes of their own, that have read nothing yet
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "empty"))
+    assert WSDLLM().to_payload()["context_window"] == 8192 and WSDLLM(mode="base").metadata.context_window == 32768
+    assert not (tmp_path / "empty").exists()
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    tiny_llama(make_tokenizer(300), 0).model.config.save_pretrained(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    llm = WSDLLM(base_model="someone/tiny", mode="base")
+    windows: list[int] = []
+    with llm.wsd_runtime()._lock:  # as a load in progress holds it
+        reader = threading.Thread(target=lambda: windows.append(llm.metadata.context_window), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+    assert windows == [512]
+
+
 @pytest.mark.embedded
 def test_metadata_matches_loaded_model(embedded: wsd_llms.WSDRuntime) -> None:
     engine = embedded.load()

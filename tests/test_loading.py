@@ -69,6 +69,53 @@ def test_gguf_architecture_is_read_past_other_keys(tmp_path):
             loading.gguf_architecture(path)
 
 
+def test_a_gguf_context_window_is_read_from_its_header(tmp_path):
+    """`{arch}.context_length`, after the architecture and other keys, is the window its conversion
+    will have; an architecture whose length transformers puts elsewhere, or a header without one, tells none."""
+    import struct
+
+    def string(text):
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    def header(arch, *keys):
+        keys = [string("general.architecture") + struct.pack("<I", 8) + string(arch), *keys]
+        return struct.pack("<4sIQQ", b"GGUF", 3, 0, len(keys)) + b"".join(keys)
+
+    tokens = string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("bc")
+    path = tmp_path / "model.gguf"
+    for arch, keys, window in (
+        ("llama", [tokens, string("llama.block_count") + struct.pack("<II", 4, 2), string("llama.context_length") + struct.pack("<II", 4, 4096)], 4096),
+        ("gemma3", [string("gemma3.context_length") + struct.pack("<IQ", 10, 32768)], 32768),
+        ("qwen2", [string("llama.context_length") + struct.pack("<II", 4, 4096)], None),  # another architecture's key
+        ("bloom", [string("bloom.context_length") + struct.pack("<II", 4, 2048)], None),  # transformers keeps it nowhere we read
+        ("llama", [tokens], None),
+    ):
+        path.write_bytes(header(arch, *keys))
+        assert loading.gguf_context_window(path) == window, arch
+    path.write_bytes(header("llama", string("llama.context_length") + struct.pack("<II", 4, 4096))[:-2])
+    with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
+        loading.gguf_context_window(path)
+
+
+def test_the_embedded_windows_are_told_without_converting(tmp_path, monkeypatch):
+    """Their GGUF headers give the windows their conversions have (the base's from the first of its
+    chunks, not assembled), with nothing written to the cache."""
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
+    windows = {source: loading.gguf_context_window(loading.gguf_header(source)) for source in (loading.EMBEDDED_DRAFT, loading.EMBEDDED_BASE)}
+    assert windows == {loading.EMBEDDED_DRAFT: 8192, loading.EMBEDDED_BASE: 32768}
+    assert not (tmp_path / "cache").exists()
+    assert loading.gguf_header("someone/repo") is None and loading.gguf_header(str(tmp_path)) is None
+
+
+@pytest.mark.embedded
+def test_the_embedded_header_windows_are_their_converted_windows():
+    for source in (loading.EMBEDDED_DRAFT, loading.EMBEDDED_BASE):
+        from transformers import AutoConfig
+
+        converted = loading.context_window(AutoConfig.from_pretrained(loading.local_source(source)))
+        assert loading.gguf_context_window(loading.gguf_header(source)) == converted
+
+
 @pytest.mark.embedded
 def test_a_conversion_parses_each_gguf_once(tmp_path, monkeypatch):
     """transformers reads a GGUF's metadata for the config, the tokenizer and the weights; during a

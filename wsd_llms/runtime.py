@@ -34,6 +34,8 @@ from .loading import (
     LoadedModel,
     _hub_reachable,
     context_window,
+    gguf_context_window,
+    gguf_header,
     load_model,
     local_source,
     resolve_device,
@@ -357,8 +359,9 @@ class WSDRuntime:
         return min(self._context_windows(_models_of(mode)).values())
 
     def known_context_window(self, mode: str = "online") -> int | None:
-        """`context_window(mode)` if it can be told at once, else None: nothing is downloaded or
-        converted (a GGUF or embedded model before its first load), and no load in progress is waited for."""
+        """`context_window(mode)` if it can be told at once, else None (a hub model not in the hub's
+        cache): nothing is downloaded or converted (a GGUF or embedded model's window before its
+        first load is read from its header), and no load in progress is waited for."""
         try:
             return min(self._context_windows(_models_of(mode), at_once=True).values())
         except ModelLoadError:
@@ -372,8 +375,20 @@ class WSDRuntime:
 
         for model in models:
             if model not in self._context_windows_read:
-                self._context_windows_read[model] = context_window(self._read(model, AutoConfig, at_once))
+                try:
+                    self._context_windows_read[model] = context_window(self._read(model, AutoConfig, at_once))
+                except ModelLoadError:
+                    if not at_once or (window := self._gguf_window(model)) is None:
+                        raise
+                    self._context_windows_read[model] = window
         return {model: self._context_windows_read[model] for model in models}
+
+    def _gguf_window(self, model: str) -> int | None:
+        """The window a GGUF model (an embedded one too) not converted yet will have, from its header:
+        an event loop asking for it (LlamaIndex's metadata, on every call) must not wait the half
+        minute a conversion takes."""
+        header = gguf_header(self._from[model])
+        return None if header is None else gguf_context_window(header)
 
     def tokenizer(self, model: str = "base") -> Any:
         """A model's tokenizer ("base": usage is counted in it; "draft"), from the loaded model or
@@ -423,26 +438,24 @@ class WSDRuntime:
         """One model's config or tokenizer without its weights (`auto`: AutoConfig or AutoTokenizer).
         A local model (a directory, a converted GGUF or embedded model) is read at once, even while
         the models load (a token count on an event loop must not wait for the weights); the rest
-        waits for a load in progress and may be downloaded or converted; with `at_once`, only the
-        hub's cache is read, and not while the models load, else ModelLoadError."""
+        waits for a load in progress and may be downloaded or converted; with `at_once` (a config),
+        only the hub's cache is read, at once, else ModelLoadError."""
         source, revision = self._from[model], self._revisions[0 if model == "draft" else 1]
         try:
             ready = local_source(source, build=False)
         except ModelLoadError:  # not converted yet
+            if at_once:
+                raise
             ready = None
         if ready is not None:  # whole: a conversion writes aside and renames (a hub snapshot fills file by file)
             return self._from_pretrained(model, source, auto, str(ready), None)
-        if not self._lock.acquire(blocking=not at_once):
-            raise ModelLoadError(f"the {model} model is loading")
-        try:
-            local = local_source(source, build=not at_once)
-            if local is None and at_once:
-                local = _hub_cached(source, revision)
+        if at_once:  # a repo id: its config in the hub's cache, which a download puts in place whole
+            return self._from_pretrained(model, source, auto, str(_hub_cached(source, revision)), None)
+        with self._lock:
+            local = local_source(source)
             if local is not None:
                 return self._from_pretrained(model, source, auto, str(local), None)
             return self._from_pretrained(model, source, auto, source, revision, offline=not _hub_reachable())
-        finally:
-            self._lock.release()
 
     def _from_pretrained(self, model: str, source: str, auto: Any, where: str, revision: str | None, offline: bool = False) -> Any:
         """A config or tokenizer; `offline`: from the hub's cache alone, at once, as a load reads it

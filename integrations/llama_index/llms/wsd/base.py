@@ -260,7 +260,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        window = self.wsd_runtime().context_window(self.mode)
+        """LlamaIndex reads this on every call (its instrumentation's payload), on the event loop for
+        achat: the window is told at once where it can be (a GGUF or embedded model's from its
+        header before its first load, which converts it), else read from the model's config."""
+        runtime = self.wsd_runtime()
+        window = runtime.known_context_window(self.mode) or runtime.context_window(self.mode)
         return LLMMetadata(
             context_window=min(window, self.context_window or window),
             num_output=self.max_tokens,
