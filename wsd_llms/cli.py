@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--draft", help="aligned draft model: HF repo id, directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
     models.add_argument("--base", help="base model: HF repo id, directory or .gguf (default: embedded Gemma-3-270M)")
     models.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    models.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, float16 or bfloat16")
+    models.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, float16, bfloat16 or float64")
     wsd = chat.add_argument_group("switch and sampling")
     wsd.add_argument("--threshold", type=float, default=0.8, dest="switch_threshold", metavar="TAU", help="the base takes over where its tokens' probabilities reach this")
     wsd.add_argument("--window", type=int, default=6, dest="switch_window", metavar="W", help="over this many draft tokens in a row")

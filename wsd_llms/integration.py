@@ -14,14 +14,15 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+import torch
 from pydantic import ConfigDict, Field, StrictBool, ValidationInfo, create_model, field_validator, model_validator
 
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
-from .loading import resolve_device, resolve_dtype
+from .loading import check_source, resolve_device, resolve_dtype
 from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value
-from .runtime import WSDRuntime, get_runtime, model_source
+from .runtime import WSDRuntime, get_runtime, model_source, pinned
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, render_invalid_call, text_before_calls
 
 MODEL_PROVIDER = "wsd"
@@ -66,8 +67,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
 
     draft_model: str | None = Field(None, description="aligned draft model (repo id, directory, .gguf); None = embedded")
     base_model: str | None = Field(None, description="base model (repo id, directory, .gguf); None = embedded")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    dtype: str = Field("auto", description="auto, float32, float16, bfloat16")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ... (or a torch.device)")
+    dtype: str = Field("auto", description="auto, float32, float16, bfloat16, float64 (or a torch.dtype)")
     draft_revision: str | None = None
     base_revision: str | None = None
     trust_remote_code: StrictBool = Field(False, description="run a model repo's own code (a bool, not a string)")
@@ -103,12 +104,18 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     @field_validator("draft_model", "base_model", mode="before")
     @classmethod
     def _model_name(cls, value: Any, info: ValidationInfo) -> Any:
-        """A model as the runtime takes it (a path object as its str), checked when the model is built:
-        a blank or non-string name failed only at the first call."""
+        """A model as the runtime takes it, checked when the model is built as far as that costs nothing
+        (a blank name, a path with no model there, a GGUF file transformers cannot read failed only at
+        the first call), and a local path as it resolves now (an absolute path): every call finds its
+        runtime by this name, and a relative one named another directory, or none, after os.chdir()."""
+        if value is None:
+            return None
         try:
-            return value if value is None else model_source(info.field_name, value, "")
-        except InvalidParameterError as exc:
+            source = model_source(info.field_name, value, "")
+            check_source(source)
+        except (InvalidParameterError, ModelLoadError) as exc:
             raise ValueError(str(exc)) from None
+        return pinned(source)
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -134,6 +141,17 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         if isinstance(value, (list, tuple)):  # as a call's stop is checked (params._stop_nonempty)
             GenerationParams._stop_nonempty(tuple(value))
         return value
+
+    @field_validator("device", "dtype", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        """A torch.device or torch.dtype by its name, as the runtime takes them (they were refused as
+        'not a valid string', though HF code passes torch_dtype=torch.bfloat16); None is auto."""
+        if value is None:
+            return "auto"
+        if isinstance(value, torch.dtype):
+            return str(value).removeprefix("torch.")
+        return str(value) if isinstance(value, torch.device) else value
 
     @field_validator("device", "dtype")
     @classmethod

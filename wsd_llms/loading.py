@@ -52,7 +52,9 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("WSD_LLMS_CACHE") or Path.home() / ".cache" / "wsd-llms")
+    """$WSD_LLMS_CACHE, a leading ~ expanded as HF_HOME's is (a quoted "~/models" in a .env or a
+    Dockerfile was a directory named "~" in the working directory), else ~/.cache/wsd-llms."""
+    return Path(os.environ.get("WSD_LLMS_CACHE") or Path.home() / ".cache" / "wsd-llms").expanduser()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,14 +76,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise InvalidParameterError(f"invalid dtype={dtype!r}: the models' weights need a floating-point dtype; allowed: auto, {', '.join(_DTYPES)}")
+        if dtype not in _DTYPES.values():  # float8 and the like passed, and failed at the load ("couldn't find storage object")
+            raise InvalidParameterError(f"invalid dtype={dtype!r}: the models compute in one of {', '.join(_DTYPES)}; allowed: auto, {', '.join(_DTYPES)}")
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -435,13 +437,11 @@ def gguf_header(source: str) -> Path | None:
         return _embedded_draft_gguf()
     if source == EMBEDDED_BASE:
         return _embedded_base_header()
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        return ggufs[0] if len(ggufs) == 1 else None
-    return None
+    try:
+        path = local_path(source)
+    except ModelLoadError:  # no model there: its load says why
+        return None
+    return path if path is not None and path.is_file() else None
 
 
 # The versions of the embedded models' packages current while wsd-llms kept one cache entry for all
@@ -508,26 +508,47 @@ def _require_build(build: bool, what: object) -> None:
         raise ModelLoadError(f"{what} has not been converted yet (the first load converts it)")
 
 
-def local_source(source: str, build: bool = True) -> Path | None:
-    """The safetensors/HF directory for a local source, or None for a hub repo id. A GGUF source
-    (the embedded pair too) is converted on first use; with `build=False` it raises ModelLoadError instead."""
-    if source.startswith("embedded:"):
-        return embedded_model_dir(source, build)
+def local_path(source: str) -> Path | None:
+    """The model directory or GGUF file a local source names, checked as far as that costs nothing
+    (it exists; a file is a .gguf; a directory holds a config.json or exactly one .gguf), or None
+    for a hub repo id (the embedded pair: see local_source)."""
     path = Path(source).expanduser()
     if path.exists():
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ModelLoadError(f"model file {path} is not a .gguf file; give a GGUF file or a model directory")
-            return cached_gguf(path, build)
+            return path
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
-                return cached_gguf(ggufs[0], build)
+                return ggufs[0]
             raise ModelLoadError(f"model directory {path} has no config.json (and not exactly one .gguf file)")
         return path
     if _looks_like_path(source):
         raise ModelLoadError(f"model path {str(path)!r} does not exist")
     return None
+
+
+def check_source(source: str) -> None:
+    """ModelLoadError for a model source that cannot load, where telling costs nothing (no download,
+    no conversion): an unknown embedded name, a local path that holds no model, a GGUF file whose
+    architecture transformers does not read."""
+    if source.startswith("embedded:"):
+        if source not in (EMBEDDED_DRAFT, EMBEDDED_BASE):
+            raise ModelLoadError(f"unknown embedded model {source!r}; allowed: {EMBEDDED_DRAFT}, {EMBEDDED_BASE}")
+        return
+    path = local_path(source)
+    if path is not None and path.is_file():
+        check_gguf_supported(path)
+
+
+def local_source(source: str, build: bool = True) -> Path | None:
+    """The safetensors/HF directory for a local source, or None for a hub repo id. A GGUF source
+    (the embedded pair too) is converted on first use; with `build=False` it raises ModelLoadError instead."""
+    if source.startswith("embedded:"):
+        return embedded_model_dir(source, build)
+    path = local_path(source)
+    return cached_gguf(path, build) if path is not None and path.is_file() else path
 
 
 def load_model(

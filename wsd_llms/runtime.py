@@ -148,7 +148,7 @@ class WSDRuntime:
         self.base_source = model_source("base", base, EMBEDDED_BASE)
         # Where each loads from: a local path as it resolves now, so that a later os.chdir() does not
         # load another directory's model (the sources keep the caller's spelling, for display).
-        self._from = {"draft": _pinned(self.draft_source), "base": _pinned(self.base_source)}
+        self._from = {"draft": pinned(self.draft_source), "base": pinned(self.base_source)}
         _check_loading_options(draft_revision, base_revision, trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -914,7 +914,7 @@ _closed_limits: dict[tuple, dict[str, int | None]] = {}  # a closed runtime's, f
 _registry_lock = threading.Lock()
 
 
-def _pinned(source: str) -> str:
+def pinned(source: str) -> str:
     """A local path as an absolute one, as it stands now (symlinks kept: a hub snapshot's model.gguf
     links to a blob with no .gguf suffix); anything else (a repo id) as it is."""
     path = Path(source).expanduser()

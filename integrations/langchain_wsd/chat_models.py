@@ -310,9 +310,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         `disable_streaming="tool_calling"` (LangChain looks only at a call's)."""
         return super()._streaming_disabled(**{**kwargs, "tools": self.tools if kwargs.get("tools") is None else kwargs["tools"]})
 
-    # Every path that makes one message of a reply goes through these two: _generate, and LangChain
-    # aggregating _stream's chunks itself (streaming=True, astream_events, a streaming callback), before
-    # on_llm_end sees the result.
+    # Every path on which LangChain makes one message of a reply goes through these two: _generate, and
+    # its aggregating _stream's chunks for an invoke (streaming=True, a model invoked under
+    # astream_events or a streaming callback), before on_llm_end sees the result. Chunks a caller of
+    # llm.stream/astream/astream_events sums do not: there a call cut short stays in tool_calls with its
+    # arguments parsed as far as they go (as ChatOpenAI's), and the last chunk's tool_call_errors names it.
     def _generate_with_cache(self, *args: Any, **kwargs: Any) -> ChatResult:
         return _with_call_errors(super()._generate_with_cache(*args, **kwargs))
 
