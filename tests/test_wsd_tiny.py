@@ -422,6 +422,28 @@ def test_a_forced_start_ending_in_a_character_of_byte_tokens_is_kept_whole():
         runtime.close()
 
 
+def test_a_tokenizer_with_ids_past_its_model_s_embeddings_fails_the_request_saying_so():
+    """A tokenizer not the model's (or tokens added without resizing the embeddings) failed each
+    request in a pass, "IndexError: index out of range in self". The request fails before any pass,
+    naming the model, the id and the embedding size; a prompt of ids it can embed is served."""
+    from tiny import make_tokenizer, tiny_llama
+
+    from wsd_llms import ModelLoadError
+    from wsd_llms.runtime import WSDRuntime
+
+    big = make_tokenizer(300)
+    draft = tiny_llama(make_tokenizer(120), 0, "tiny-draft", sharpen=3.0)
+    draft.tokenizer = big
+    runtime = WSDRuntime.from_models(draft, tiny_llama(big, 1, "tiny-base", sharpen=3.0))
+    try:
+        with pytest.raises(ModelLoadError, match=r"draft model 'tiny-draft' has embeddings for token ids below 120, but its tokenizer gave 2\d\d .*resize_token_embeddings"):
+            runtime.generate([{"role": "user", "content": "The capital of France is Paris."}], max_tokens=4)
+        assert runtime.generate([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0).finish_reason in ("stop", "length")
+        assert (runtime.stats().failed, runtime.stats().finished) == (1, 1)
+    finally:
+        runtime.close()
+
+
 def test_a_finished_draft_keeps_the_whole_characters_of_its_last_byte_run():
     """max_draft_tokens may cut a draft inside a character written in byte tokens: the hand-off
     drops that character alone. The byte-fallback decoder turned the whole run into U+FFFD, so

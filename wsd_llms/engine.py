@@ -198,6 +198,7 @@ class Engine:
             self.draft.tokenizer, self.base.tokenizer, messages, params.base_template, tools, params.continue_final_message,
             check=lambda texts: self._refuse_far_too_long(texts, params),
         )
+        self._refuse_unembeddable({"draft": prompts.draft_ids, "base": prompts.base_ids}, params)
         asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # no stop counts inside a call's markup
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
@@ -237,6 +238,19 @@ class Engine:
             raise PromptTooLongError(
                 f"the prompt is {' and '.join(over)}: its text is {' and '.join(sizes)}; shorten the messages (and tool schemas or calls' arguments)"
             )
+
+    def _refuse_unembeddable(self, ids: dict[str, list[int]], params: GenerationParams) -> None:
+        """Fail a prompt with a token its model has no embedding for (a tokenizer that is not the
+        model's, or tokens added without resizing the embeddings), before a pass fails on it with
+        an IndexError naming nothing."""
+        for model in MODELS[params.mode]:
+            rows, loaded = self.runners[model].rows, self.draft if model == "draft" else self.base
+            if ids[model] and (top := max(ids[model])) >= rows:
+                raise ModelLoadError(
+                    f"the {model} model {loaded.name!r} has embeddings for token ids below {rows}, but its tokenizer gave "
+                    f"{top} ({loaded.tokenizer.convert_ids_to_tokens(top)!r}) for this prompt, of {len(loaded.tokenizer)} tokens: "
+                    "the tokenizer is not this model's, or tokens were added to it without model.resize_token_embeddings(len(tokenizer))"
+                )
 
     def _fit_windows(self, params: GenerationParams, n_draft: int, n_base: int) -> GenerationParams:
         """Check that the prompt fits the context window of each model the mode runs, and cap the

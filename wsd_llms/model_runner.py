@@ -50,6 +50,7 @@ class ModelRunner:
             )
         self.device = loaded.device
         self._probe_ids = torch.tensor([[1, 2, 3, 4]], device=self.device)  # the load-time checks' input
+        self.rows: int = self.model.get_input_embeddings().num_embeddings  # ids it can embed: below this
         self.head = OutputHead(self.model, bound)  # before packing: it copies a slice of the dense projection
         pack_linears(self.model, probe=self._own_logits)
         self.num_layers: int = self.model.config.get_text_config().num_hidden_layers
