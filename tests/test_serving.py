@@ -429,6 +429,16 @@ def test_close_during_a_load_ends_it_before_the_next_model(draft_tokenizer):
     assert loads == ["some/draft"] and rt.engine is None
 
 
+def test_load_on_a_closed_runtime_is_refused_though_its_models_are_loaded(fresh):
+    """load() on a closed runtime handed out its engine, whose models a caller could then run
+    beside the closed runtime's contract; it raises RuntimeClosedError as every other call does."""
+    rt = fresh()
+    assert rt.load() is rt.engine
+    rt.close()
+    with pytest.raises(RuntimeClosedError, match="this runtime is closed"):
+        rt.load()
+
+
 def test_requests_waiting_when_the_worker_dies_fail_and_are_counted(fresh, monkeypatch):
     """Requests still in the inbox when the worker dies fail at once with it, and stats() counts
     them as failed with the request that was running."""

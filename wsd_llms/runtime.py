@@ -267,11 +267,11 @@ class WSDRuntime:
         inference mode, where the worker calls it from: weights made as inference tensors fail a
         mixture-of-experts model's first forward pass (Mixtral's, Qwen-MoE's, DeepSeek-V3's)."""
         with self._lock, torch.inference_mode(False):
+            self._check_open()  # a closed runtime's engine is not handed out for more work
             if self.engine is None:
                 # One after the other: transformers' model loading is not thread-safe. A close()
                 # meanwhile ends the load at the next model, so that exit waits for one load at most.
                 try:
-                    self._check_open()
                     draft = self._load("draft", self._from["draft"], self._revisions[0])
                     require_chat_template(draft.tokenizer, draft.name)
                     self._check_open()
