@@ -150,6 +150,10 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
         WSDLLM(model="llama3")
     with pytest.raises(ValidationError, match="'additional_kwargs'; give each request parameter as an argument of its own"):
         WSDLLM(additional_kwargs={"top_k": 3})
+    with pytest.raises(ValidationError, match="'json_mode'; did you mean response_format=\\{'type': 'json_object'\\}\\?"):
+        WSDLLM(json_mode=True)  # OpenAILike's; a loose match had named base_model
+    with pytest.raises(ValidationError, match="'max_retries' \\(not offered: a local model has no key and no network call to retry\\)"):
+        WSDLLM(max_retries=3)  # had been "did you mean 'max_tokens'?"
     with pytest.raises(ValidationError, match="context_window\n  Input should be greater than 0"):
         WSDLLM(context_window=0)
     llm = WSDLLM(stop="\n\n")

@@ -73,6 +73,10 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"stop": [f"s{i}" for i in range(65)]}, "stop strings are more than the 64 allowed"),
         ({"stop": ["a", 3]}, "invalid stop=['a', 3]: must be a string or a list of strings"),
         ({"max_tokenz": 5}, "unknown parameter 'max_tokenz'"),
+        # other APIs' JSON switches name response_format; a loose match named a parameter meaning something else
+        ({"json_mode": True}, "unknown parameter 'json_mode' (value True); did you mean response_format={'type': 'json_object'}?"),
+        ({"format": "json"}, "unknown parameter 'format' (value 'json'); did you mean response_format={'type': 'json_object'}?"),
+        ({"max_retries": 3}, "unknown parameter 'max_retries' (value 3) (not offered: a local model has no key and no network call to retry)"),
         ({"stop": ["x" * 300, ""]}, "...: stop strings must be non-empty"),  # a long value is shortened before the rule
         ({"seed": 2**64}, "invalid seed=18446744073709551616: Input should be less than 18446744073709551616"),
         ({"response_format": {"type": "regex", "pattern": "("}}, "invalid response_format: it cannot be compiled into a grammar: Regex parsing error"),

@@ -367,8 +367,11 @@ OTHER_NAMES = {
     "random_seed": "seed",
     "request_timeout": "timeout",
 }
-# Other APIs' sampling options this runtime does not have, and what it offers instead.
+# Other APIs' switches for JSON output (OpenAI-compatible servers' json_mode, Ollama's format): here a response_format.
+JSON_SWITCHES = ("json_mode", "format")
+# Other APIs' options this runtime does not have, and what it offers instead.
 NOT_OFFERED = {
+    **dict.fromkeys(("api_key", "max_retries"), "a local model has no key and no network call to retry"),
     "n": "one reply per request: send several (batch) for more",
     **dict.fromkeys(
         ("frequency_penalty", "presence_penalty", "repetition_penalty", "repeat_penalty", "min_p", "logit_bias", "typical_p"),
@@ -385,9 +388,12 @@ def did_you_mean(name: str, known: Iterable[str], parameters: bool = False) -> s
     known = list(known)
     if OTHER_NAMES.get(name) in known:
         return f"; did you mean {OTHER_NAMES[name]!r}? (other APIs' name for it)"
+    if parameters and name in JSON_SWITCHES and "response_format" in known:
+        return "; did you mean response_format={'type': 'json_object'}? (or a JSON schema: {'type': 'json_schema', 'json_schema': {'schema': ...}})"
     if parameters and name in NOT_OFFERED:
         return f" (not offered: {NOT_OFFERED[name]})"
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    # A typo is close to its name; a looser match suggests a parameter that means something else (json_mode: base_model).
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
