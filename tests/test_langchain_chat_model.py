@@ -987,6 +987,8 @@ def test_constructor_tools_take_what_bind_tools_takes(fake):
     assert normalize_tools(constructed["tools"]) == normalize_tools(fake.requests[-1][1]["tools"])
     assert [t["name"] for t in normalize_tools(constructed["tools"])] == ["lookup", "Add", "halve"]
     assert constructed["tool_choice"] == "lookup"
+    WSDChatModel().invoke("x", tools=[lookup, Add, halve], tool_choice="lookup")  # a call's own, as a call to the runtime takes them
+    assert normalize_tools(fake.requests[-1][1]["tools"]) == normalize_tools(constructed["tools"])
 
 
 def test_models_are_checked_when_the_model_is_built(tmp_path, monkeypatch):

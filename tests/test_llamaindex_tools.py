@@ -16,6 +16,7 @@ from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
 
 from llama_index.llms.wsd import WSDLLM
+from wsd_llms.errors import InvalidParameterError
 from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
 from wsd_llms.loading import EMBEDDED_BASE, EMBEDDED_DRAFT, local_source
 from wsd_llms.messages import ToolCall
@@ -264,6 +265,25 @@ def test_something_that_is_not_a_tool_is_named(monkeypatch: pytest.MonkeyPatch) 
 
     with pytest.raises(TypeError, match=r"tools\[1\] is <function .*add.*not a LlamaIndex tool.*FunctionTool.from_defaults"):
         llm.chat_with_tools([TOOLS[0], add], user_msg=ASK)
+
+
+async def test_a_call_s_tools_may_be_llamaindex_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """chat(tools=[FunctionTool]) was refused ("tools[0] must be a dict, got FunctionTool") though the
+    constructor and chat_with_tools take them: a call's tools are converted as theirs are, in every
+    chat and completion method; anything else is still refused by the check, naming it."""
+    from wsd_llms.tools import normalize_tools
+
+    llm, script = scripted(monkeypatch, "7.")
+    specs = llm._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tools"]
+    llm.chat([ChatMessage(role="user", content=ASK)], tools=TOOLS)
+    await llm.acomplete(ASK, tools=TOOLS[:1])
+    assert [normalize_tools(params["tools"]) for params in script.params] == [normalize_tools(specs), normalize_tools(specs[:1])]
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(InvalidParameterError, match=r"tools\[1\] must be a dict, got function"):
+        llm.chat([ChatMessage(role="user", content=ASK)], tools=[TOOLS[0], add])
 
 
 def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,18 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         return value
 
     @classmethod
+    def _call_tools(cls, tools: list[Any] | tuple[Any, ...]) -> list[Any]:
+        """A call's tools in the framework's forms as dicts, as the constructor's are; one that is no
+        such tool stays as given, for the call's check to refuse (this runs for tracing too, which must not raise)."""
+        converted = []
+        for i, tool in enumerate(tools):
+            try:
+                converted.append(tool if isinstance(tool, dict) else cls.framework_tool(tool, i))
+            except (TypeError, ValueError):  # e.g. a bare function given to LlamaIndex: "tools[i] must be a dict, got function"
+                converted.append(tool)
+        return converted
+
+    @classmethod
     def framework_tool(cls, tool: Any, index: int) -> Any:
         """One of the framework's tools (not a dict) as the runtime's dict form; here as given, which
         the runtime's check then names as no tool."""
@@ -212,6 +224,8 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         if overrides.get("tool_choice") is False:  # unset, as bind_tools(tool_choice=False) leaves it (ChatOpenAI's way)
             overrides = {k: v for k, v in overrides.items() if k != "tool_choice"}
+        if isinstance(overrides.get("tools"), (list, tuple)):
+            overrides = {**overrides, "tools": self._call_tools(overrides["tools"])}
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
         if not params.get("tools") and overrides.get("tool_choice") is None:
             params["tool_choice"] = "auto"  # a constructor's tool_choice applies when tools come; a call's is checked
