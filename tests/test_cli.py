@@ -57,9 +57,14 @@ def test_interactive_keeps_history_and_a_failing_turn_is_reported(monkeypatch, c
     assert len(asked) == 3  # the long question is asked alone (the history gives way first), and does not fit alone either
 
 
-def test_bad_model_settings_are_reported(monkeypatch, capsys):
-    code, out, err = _chat(monkeypatch, capsys, "hi", "--dtype", "int8")
-    assert code == 2 and "error:" in err and "error:" not in out  # stdout: replies only
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [(("--dtype", "int8"), "error: --dtype: invalid dtype='int8'; allowed: auto"), (("--device", "meta"), "error: --device: invalid device='meta'")],
+)
+def test_bad_model_settings_are_reported(monkeypatch, capsys, option, named):
+    """Named by the option (the runtime's error names its argument, dtype=), before any model loads."""
+    code, out, err = _chat(monkeypatch, capsys, "hi", *option)
+    assert code == 2 and named in err.replace("\n", "") and "error:" not in out  # stdout: replies only
 
 
 def test_bad_option_is_reported(monkeypatch, capsys):

@@ -15,7 +15,7 @@ from .console import make_console
 from .errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
 from .eval import command as eval_command
-from .params import check_option, parse_params
+from .params import check_option, check_placement, parse_params
 
 if TYPE_CHECKING:
     from .runtime import WSDRuntime
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while torch imports: an interrupted exit, not a traceback
         return 130
     try:
+        check_placement(args.device, args.dtype)
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
         runtime.load()  # before the first request, so that its first-token time and tok/s are the reply's own

@@ -397,6 +397,18 @@ def did_you_mean(name: str, known: Iterable[str], parameters: bool = False) -> s
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def check_placement(device: str, dtype: str) -> None:
+    """A command line's --device and --dtype as the runtime resolves them, the error naming the
+    option (the runtime's names its argument, device=). Imports torch."""
+    from .loading import resolve_device, resolve_dtype
+
+    for option, resolve in (("--device", lambda: resolve_device(device)), ("--dtype", lambda: resolve_dtype(dtype, resolve_device(device)))):
+        try:
+            resolve()
+        except InvalidParameterError as exc:
+            raise InvalidParameterError(f"{option}: {exc}") from None
+
+
 def check_option(option: str, **params: Any) -> None:
     """Check request parameters given on a command line, the error naming the `option` they came from."""
     try:

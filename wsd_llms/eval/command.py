@@ -20,7 +20,7 @@ from rich.text import Text
 
 from ..console import make_console
 from ..errors import InvalidMessagesError, InvalidParameterError, WSDError
-from ..params import check_option
+from ..params import check_option, check_placement
 from ..prompts import require_chat_template
 from .prompts import DEFAULT_PROMPTS, load_prompts
 from .report import headers, headline_rows, write_all
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         from .evaluate import evaluate
         from .judge import logit_judge
 
+        check_placement(args.device, args.dtype)
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
         try:
             args.out.mkdir(parents=True, exist_ok=True)
