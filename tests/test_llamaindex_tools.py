@@ -139,6 +139,7 @@ def test_parallel_calls_become_tool_selections(monkeypatch: pytest.MonkeyPatch) 
     ]
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="3+4 and 5*6?", allow_parallel_tool_calls=True))
     assert [c.message.content for c in chunks] == [""] and calls(llm, chunks[-1]) == calls(llm, response)
+    assert response.raw["finish_reason"] == chunks[-1].raw["finish_reason"] == "tool_calls"  # as OpenAI's
 
 
 def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -476,11 +476,13 @@ def model_name(mode: str, draft: str, base: str) -> str:
 
 def result_metadata(result: WSDResult) -> dict[str, Any]:
     """Response metadata both adapters attach to the final chunk / response (`parse_error`: why a
-    response_format reply does not fit its schema, when it does not)."""
+    response_format reply does not fit its schema, when it does not). A reply that ended with its
+    calls finishes with "tool_calls", as OpenAI's (and vLLM's) do; one cut short stays "length"."""
+    calls = result.finish_reason == "stop" and bool(result.tool_calls or result.invalid_tool_calls)
     return {
         "model_name": model_name(result.mode, result.draft_model, result.base_model),
         "model_provider": MODEL_PROVIDER,
-        "finish_reason": result.finish_reason,
+        "finish_reason": "tool_calls" if calls else result.finish_reason,
         **({"parse_error": result.parse_error} if result.parse_error is not None else {}),
         **({"stop_reason": result.stop_reason} if result.stop_reason is not None else {}),
         "wsd": {
