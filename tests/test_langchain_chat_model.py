@@ -1112,6 +1112,8 @@ def test_a_call_streams_as_it_is_written(fake):
     assert full.text == "Sure." and _without_ids(full.tool_calls) == [{"name": "Add", "args": CALL.arguments, "type": "tool_call"}]
     assert full.tool_calls[0]["id"] == pieces[0]["id"]
     assert full.response_metadata["finish_reason"] == "tool_calls"  # as OpenAI's: the reply ended with its calls
+    generation = WSDChatModel(tools=[Add]).generate([[HumanMessage("x")]]).generations[0][0]
+    assert generation.generation_info["finish_reason"] == generation.message.response_metadata["finish_reason"] == "tool_calls"
 
 
 def test_a_streamed_call_found_invalid_at_the_end_is_reported_under_its_id(fake):

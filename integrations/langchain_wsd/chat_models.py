@@ -751,7 +751,7 @@ def final_chunks(result: WSDResult, calls: list[FinalCall]) -> list[ChatGenerati
         metadata["wsd"]["invalid_tool_call_text"] = {call.id: call.raw for call in invalid}
     last = ChatGenerationChunk(
         message=AIMessageChunk(content="", usage_metadata=to_usage_metadata(result), response_metadata=metadata, chunk_position="last"),
-        generation_info={"finish_reason": result.finish_reason, "model_name": metadata["model_name"]},
+        generation_info={"finish_reason": metadata["finish_reason"], "model_name": metadata["model_name"]},
     )
     return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=pieces)), last] if pieces else [last]
 
