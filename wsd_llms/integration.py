@@ -224,7 +224,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         params = {name: getattr(self, name) for name in GenerationParams.model_fields if name != "stop"}
         if overrides.get("tool_choice") is False:  # unset, as bind_tools(tool_choice=False) leaves it (ChatOpenAI's way)
             overrides = {k: v for k, v in overrides.items() if k != "tool_choice"}
-        if isinstance(overrides.get("tools"), (list, tuple)):
+        if isinstance(overrides.get("tools"), (list, tuple)) and not all(isinstance(tool, dict) for tool in overrides["tools"]):
             overrides = {**overrides, "tools": self._call_tools(overrides["tools"])}
         params.update({k: v for k, v in overrides.items() if v is not None and k not in TRANSPORT_ARGUMENTS})
         if not params.get("tools") and overrides.get("tool_choice") is None:
