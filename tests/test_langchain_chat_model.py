@@ -195,6 +195,21 @@ def test_stop_in_constructor(embedded):
     assert WSDChatModel(**SETTINGS).invoke(QUESTION, stop="Paris").text == reply.text  # a string is one stop
 
 
+@pytest.mark.embedded
+def test_a_trailing_ai_message_is_a_finished_turn_unless_asked(embedded):
+    """A history that ends with an AIMessage (an agent's answer before a handoff or a review step) is
+    a finished turn, as ChatOpenAI's and ChatHuggingFace's models read it: the reply is the next turn.
+    It was the reply's forced start, so the "new" message began with a copy of the last one. With
+    continue_final_message=True (a call's or the constructor's) it is the start, as in the runtime."""
+    history = [HumanMessage("Explain gravity in one line."), AIMessage("Gravity is a force.")]
+    runtime_history = [{"role": "user", "content": history[0].content}, {"role": "assistant", "content": history[1].content}]
+    reply = WSDChatModel(**SETTINGS).invoke(history)
+    assert reply.text == embedded.generate(runtime_history, **SETTINGS, continue_final_message=False).text
+    started = WSDChatModel(**SETTINGS, continue_final_message=True).invoke(history)
+    assert started.text.startswith("Gravity is a force.") and started.text == embedded.generate(runtime_history, **SETTINGS).text
+    assert WSDChatModel(**SETTINGS).invoke(history, continue_final_message=True).text == started.text
+
+
 def test_a_stop_string_is_one_stop_not_one_per_character():
     model = WSDChatModel(stop="\n\n")
     assert model.stop == ["\n\n"]
@@ -1799,7 +1814,8 @@ def test_structured_output_reads_a_conversation_that_ends_with_an_answer(differ_
     the whole history, which ends with the agent's answer (an AIMessage): with_structured_output
     reads it as a finished turn and writes the value as the next one, in each method. As a forced
     start of a JSON reply the answer did not fit the grammar, and the agent failed. A plain call
-    still continues a trailing AIMessage. Tiny models: the grammar holds the value."""
+    with continue_final_message=True (not the default) still continues a trailing AIMessage, and
+    the structured calls write a new turn all the same. Tiny models: the grammar holds the value."""
     from langgraph.prebuilt import create_react_agent
 
     class Verdict(BaseModel):
@@ -1811,7 +1827,7 @@ def test_structured_output_reads_a_conversation_that_ends_with_an_answer(differ_
         return "checked"
 
     monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: differ_runtime)
-    model = WSDChatModel(max_tokens=60)
+    model = WSDChatModel(max_tokens=60, continue_final_message=True)
     history = [HumanMessage("Is 2+3 equal to 5?"), AIMessage("Yes, it is.")]
     assert model.invoke(history).text.startswith("Yes, it is.")
     for method in ("json_schema", "function_calling", "json_mode"):

@@ -341,6 +341,18 @@ async def test_function_agent_after_a_failing_return_direct_tool_writes_a_new_tu
     assert script.messages[-1][-1] == {"role": "assistant", "content": "Hello"}
 
 
+def test_a_trailing_assistant_message_is_a_finished_turn_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As LlamaIndex's OpenAI and HuggingFaceLLM read it, a chat that ends with an assistant message
+    asks for the next turn; continue_final_message=True (a call's or the constructor's) makes it the reply's start."""
+    llm, script = scripted(monkeypatch, "More.")
+    history = [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello")]
+    llm.chat(history)
+    llm.chat(history, continue_final_message=True)
+    llm.continue_final_message = True
+    llm.complete("Hi")
+    assert [params["continue_final_message"] for params in script.params] == [False, True, True]
+
+
 class _Collect(BaseEventHandler):
     """Records LlamaIndex instrumentation events by class name."""
 
@@ -533,7 +545,7 @@ def test_a_structured_chat_reads_a_conversation_that_ends_with_an_answer(differ_
     """`as_structured_llm(...).chat` over a conversation that ends with the assistant's answer writes
     the value as a new turn (continue_final_message=False), where the answer as a forced start of
     the JSON reply did not fit the grammar and failed; `llm_kwargs` may still ask to continue it,
-    and a plain chat continues it. Tiny models: the grammar holds the value."""
+    and a plain chat continues it when asked to. Tiny models: the grammar holds the value."""
     from wsd_llms import InvalidParameterError
     from wsd_llms.integration import WSDSettings
 
@@ -543,8 +555,9 @@ def test_a_structured_chat_reads_a_conversation_that_ends_with_an_answer(differ_
     monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: differ_runtime)
     llm = WSDLLM(max_tokens=60)
     history = [ChatMessage(role="user", content="Is 2+3 equal to 5?"), ChatMessage(role="assistant", content="Yes, it is.")]
-    assert llm.chat(history).message.content.startswith("Yes, it is.")
+    assert llm.chat(history, continue_final_message=True).message.content.startswith("Yes, it is.")
     assert isinstance(llm.as_structured_llm(Verdict).chat(history).raw, Verdict)
+    llm.continue_final_message = True  # the structured calls ask for a new turn whatever the default
     template = ChatPromptTemplate(message_templates=history)
     assert isinstance(llm.structured_predict(Verdict, template), Verdict)
     with pytest.raises(InvalidParameterError, match="does not fit the request's grammar"):

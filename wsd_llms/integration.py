@@ -39,6 +39,21 @@ def _reused(decorator: Any) -> Any:
     return field_validator(*decorator.info.fields, mode=decorator.info.mode)(classmethod(lambda cls, value: check(value)))
 
 
+# Where the adapters' defaults differ from a runtime call's. A trailing assistant message in framework
+# code is a finished turn (an agent's answer before a handoff or a review step), as OpenAI's models and
+# the local peers (ChatHuggingFace, HuggingFaceLLM) read it: the reply is the next turn. A forced start
+# (the runtime's default, DESIGN 3.1) is opt-in, continue_final_message=True, by call or constructor.
+ADAPTER_DEFAULTS = {"continue_final_message": False}
+
+
+def _adapter_field(name: str, info: Any) -> Any:
+    """A GenerationParams field as an adapter's default: a copy, with the adapters' own default where they differ."""
+    field = copy.copy(info)
+    if name in ADAPTER_DEFAULTS:
+        field.default = ADAPTER_DEFAULTS[name]
+    return field
+
+
 _GenerationDefaults = create_model(  # type: ignore[call-overload]
     "_GenerationDefaults",
     __config__=ConfigDict(protected_namespaces=(), allow_inf_nan=GenerationParams.model_config["allow_inf_nan"]),
@@ -49,7 +64,7 @@ _GenerationDefaults = create_model(  # type: ignore[call-overload]
         if "stop" not in decorator.info.fields
     },
     **{
-        name: (info.annotation, copy.copy(info))
+        name: (info.annotation, _adapter_field(name, info))
         for name, info in GenerationParams.model_fields.items()
         if name != "stop"
     },

@@ -170,7 +170,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> int:
         """The messages' length against `profile["max_input_tokens"]`, so that `trim_messages(token_counter=llm)`
         keeps a prompt that fits: the real prompts, templates and the tools' block included (a
-        trailing AIMessage, the reply's forced start, counts too), in the tokens of the model whose
+        trailing AIMessage counts too, as a whole turn), in the tokens of the model whose
         window they fill most (`WSDRuntime.window_tokens`; the draft's on the embedded pair, where
         `usage_metadata["input_tokens"]` counts the base's). Reads the tokenizers only. (LangChain's
         default counts a plain transcript in GPT-2 tokens.)"""

@@ -96,10 +96,10 @@ def _is_direct_record(messages: Sequence[ChatMessage]) -> bool:
 def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
     """LlamaIndex ChatMessages as runtime message dicts: text blocks, tool calls and tool results.
 
-    A trailing assistant message is the forced start of the reply, except FunctionAgent's copy of a
-    `return_direct` tool's output (left last when that tool failed): it is a finished turn that
-    repeats the tool result before it, so it is left out and the model writes the next turn, as
-    a chat API's model would.
+    FunctionAgent's copy of a `return_direct` tool's output (left last when that tool failed) is
+    left out: it repeats the tool result before it, and the model writes the next turn, as a chat
+    API's model would (with continue_final_message=True, another trailing assistant message is the
+    reply's forced start).
     """
     if _is_direct_record(messages):
         messages = messages[:-1]
