@@ -336,3 +336,33 @@ def test_invalid_calls_in_a_history_are_shown_as_written(recorded: tuple[WSDLLM,
     reply = ChatMessage(role="assistant", content="", additional_kwargs={"invalid_tool_calls": [{"raw": raw, "error": "cut", "name": "add", "id": "call_1"}]})
     llm.chat([ChatMessage(role="user", content="1+2?"), reply, ChatMessage(role="user", content="Try again.")])
     assert recorder.calls[0][1][1] == {"role": "assistant", "content": raw}
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_prompt_too_long_says_how_llamaindex_packed_it(draft_tokenizer, monkeypatch, method):
+    """LlamaIndex packs prompts to the window by tiktoken's count unless Settings.tokenizer is set,
+    and tiktoken counts fewer tokens than a small model's tokenizer: a packed prompt overflowed with
+    no word of why. PromptTooLongError now names the fix, in all eight methods, unless
+    Settings.tokenizer is the runtime's encoder already."""
+    import llama_index.core
+    from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+
+    from wsd_llms.integration import WSDSettings
+
+    runtime = wsd_llms.WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")
+    )
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: runtime)
+    long = "word " * (runtime.context_window() + 10)
+    try:
+        for tokenizer, hinted in ((None, True), (runtime.encoder("draft"), False)):
+            monkeypatch.setattr(llama_index.core, "global_tokenizer", tokenizer)
+            with pytest.raises(wsd_llms.PromptTooLongError) as caught:
+                out = getattr(WSDLLM(max_tokens=4), method)([ChatMessage(role="user", content=long)] if "chat" in method else long)
+                out = await out if method.startswith("a") else out
+                if "stream" in method:
+                    _ = [c async for c in out] if method.startswith("a") else list(out)
+            assert "context window" in str(caught.value)
+            assert ("set Settings.tokenizer = llm.wsd_runtime().encoder('draft')" in str(caught.value)) is hinted
+    finally:
+        runtime.close()

@@ -7,7 +7,7 @@ import json
 import warnings
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
-from contextlib import aclosing, closing
+from contextlib import aclosing, closing, contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
@@ -41,7 +41,8 @@ from llama_index.core.program.utils import FlexibleModel, process_streaming_obje
 from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
-from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, ReplyCutShortError
+from wsd_llms.encoding import encode_text
+from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
@@ -282,13 +283,32 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*system, {"role": "user", "content": self.completion_to_prompt(prompt)}]
 
+    @contextmanager
+    def _packing_hint(self) -> Iterator[None]:
+        """A prompt too long for a window says how LlamaIndex came to pack it so, unless
+        Settings.tokenizer counts in a model's tokens already: it packs by tiktoken's count unless
+        told otherwise, which counts fewer tokens than a small model's tokenizer (1.1x for English
+        on the embedded draft), so a prompt packed to the window overflows it."""
+        try:
+            yield
+        except PromptTooLongError as exc:
+            import llama_index.core
+
+            if getattr(llama_index.core.global_tokenizer, "func", None) is not encode_text:
+                model = "base" if self.mode == "base" else "draft"
+                exc.args = (
+                    f"{exc}; LlamaIndex packs prompts to the window by counting in Settings.tokenizer (tiktoken unless set), "
+                    f"which can count fewer tokens than the model does: set Settings.tokenizer = llm.wsd_runtime().encoder({model!r})",
+                )
+            raise
+
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
         params, checked = self.wsd_request(**kwargs)
         runtime = self.wsd_runtime()
         accumulate = _Accumulator(checked)
 
         def gen() -> Iterator[ChatResponse]:
-            with closing(runtime.stream(messages, **params)) as events:
+            with self._packing_hint(), closing(runtime.stream(messages, **params)) as events:
                 for event in events:
                     if (response := accumulate(event)) is not None:
                         yield response
@@ -301,21 +321,24 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         accumulate = _Accumulator(checked)
 
         async def gen() -> AsyncIterator[ChatResponse]:
-            async with aclosing(runtime.astream(messages, **params)) as events:
-                async for event in events:
-                    if (response := accumulate(event)) is not None:
-                        yield response
+            with self._packing_hint():
+                async with aclosing(runtime.astream(messages, **params)) as events:
+                    async for event in events:
+                        if (response := accumulate(event)) is not None:
+                            yield response
 
         return gen()
 
     def _generate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
         params, checked = self.wsd_request(**kwargs)
-        result = self.wsd_runtime().generate(messages, **params)
+        with self._packing_hint():
+            result = self.wsd_runtime().generate(messages, **params)
         return _final(result, None, ShownCalls(checked).finish(result))
 
     async def _agenerate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
         params, checked = await self.awsd_request(**kwargs)
-        result = await self.wsd_runtime().agenerate(messages, **params)
+        with self._packing_hint():
+            result = await self.wsd_runtime().agenerate(messages, **params)
         return _final(result, None, ShownCalls(checked).finish(result))
 
     # ------------------------------------------------------------ chat
