@@ -244,7 +244,7 @@ class Engine:
         model's, or tokens added without resizing the embeddings), before a pass fails on it with
         an IndexError naming nothing."""
         for model in MODELS[params.mode]:
-            rows, loaded = self.runners[model].rows, self.draft if model == "draft" else self.base
+            rows, loaded = self.runners[model].rows, self.runners[model].loaded
             if ids[model] and (top := max(ids[model])) >= rows:
                 raise ModelLoadError(
                     f"the {model} model {loaded.name!r} has embeddings for token ids below {rows}, but its tokenizer gave "

@@ -402,11 +402,14 @@ def check_placement(device: str, dtype: str) -> None:
     option (the runtime's names its argument, device=). Imports torch."""
     from .loading import resolve_device, resolve_dtype
 
-    for option, resolve in (("--device", lambda: resolve_device(device)), ("--dtype", lambda: resolve_dtype(dtype, resolve_device(device)))):
-        try:
-            resolve()
-        except InvalidParameterError as exc:
-            raise InvalidParameterError(f"{option}: {exc}") from None
+    try:
+        resolved = resolve_device(device)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--device: {exc}") from None
+    try:
+        resolve_dtype(dtype, resolved)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--dtype: {exc}") from None
 
 
 def check_option(option: str, **params: Any) -> None:

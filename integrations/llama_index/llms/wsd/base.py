@@ -27,6 +27,7 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
+import llama_index.core
 import llama_index.core.instrumentation as instrument
 from llama_index.core.instrumentation.events.llm import (
     LLMStructuredPredictEndEvent,
@@ -292,8 +293,6 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         try:
             yield
         except PromptTooLongError as exc:
-            import llama_index.core
-
             if getattr(llama_index.core.global_tokenizer, "func", None) is not encode_text:
                 model = "base" if self.mode == "base" else "draft"
                 exc.args = (
