@@ -411,20 +411,22 @@ def _slotted(rt: WSDRuntime) -> WSDRuntime:
     return rt
 
 
+@pytest.mark.parametrize("lookup", [0, 4])
 @pytest.mark.parametrize("base", ["same-weights", "gemma3"])
-def test_the_engine_on_slot_passes(draft_tokenizer, base):
+def test_the_engine_on_slot_passes(draft_tokenizer, base, lookup):
     """The whole engine on slot passes: 8 concurrent greedy requests reply as they do one at a time,
     online as staged, and as on the CPU's own passes; decode steps and scoring passes took slots
     (with the same-weights base, which agrees with the draft, replies switch and the base's decode
-    steps take slots too)."""
+    steps take slots too). With prompt lookup (engine.LOOKUP_TOKENS) a decode step that feeds
+    guessed ids takes a pass 8 ids wide."""
     draft = lambda: tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0)  # noqa: E731
     bases = {
         "same-weights": lambda: tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0),
         "gemma3": lambda: tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3", sharpen=3.0),
     }
-    # No guessed ids (lookup_tokens=0), as on CUDA (engine.LOOKUP_TOKENS): base decode steps of one id.
-    slotted = _slotted(WSDRuntime.from_models(draft(), bases[base](), lookup_tokens=0))
-    plain = WSDRuntime.from_models(draft(), bases[base](), lookup_tokens=0)
+    slotted = _slotted(WSDRuntime.from_models(draft(), bases[base](), lookup_tokens=lookup))
+    plain = WSDRuntime.from_models(draft(), bases[base](), lookup_tokens=lookup)
+    step = 1 if lookup == 0 else 8  # a decode step's width: one id, or one and its guesses
     try:
         jobs = [[{"role": "user", "content": f"Tell me about topic {i}. " * (1 + i % 3)}] for i in range(8)]
         alone = [slotted.generate(m, max_tokens=32) for m in jobs]
@@ -435,9 +437,10 @@ def test_the_engine_on_slot_passes(draft_tokenizer, base):
         assert [r.text for r in alone] == [plain.generate(m, max_tokens=32).text for m in jobs]
         assert slotted.stats().peaks["draft_batch"] > 1
         widths = {name: {shape[1] for shape in runner.graphs.passes} for name, runner in slotted.engine.runners.items() if runner.graphs is not None}
-        assert 1 in widths["draft"] and max(widths["base"]) > 1  # decode steps, and the base's scoring passes
+        assert step in widths["draft"] and max(widths["base"]) > 1  # decode steps, and the base's scoring passes
+        assert (slotted.stats().prompt_lookup["fed"] > 0) == (lookup > 0)
         if base == "same-weights":
-            assert any(r.switch_point is not None for r in alone) and 1 in widths["base"]
+            assert any(r.switch_point is not None for r in alone) and step in widths["base"]
     finally:
         slotted.close()
         plain.close()

@@ -45,10 +45,12 @@ FAR_TOO_LONG = 8
 # Ids a decode pass guesses (lookup.NgramIndex; 0: none), of a continuation and of a draft. On a
 # 2-core CPU a base pass and its greedy projection cost about the same for 1 to 5 rows (50 against
 # 51 ms on the embedded base over a 300-position cache, the guessed rows attending one query at a
-# time), 59 ms for 7, and a draft pass with 4 guesses 39.3 against 38.5 ms; so 4. On a GPU a
-# graphed step that feeds one row several ids pads every row of the pass to that width: none
-# there until measured.
-LOOKUP_TOKENS = {"cpu": 4, "cuda": 0}
+# time), 59 ms for 7, and a draft pass with 4 guesses 39.3 against 38.5 ms; so 4. On an H200 a
+# graphed pass costs 3.6-4.5 ms for 1 to 16 rows and 1 to 32 ids (benchmarks/results/passes_cuda.md:
+# bound by its ~1500 kernels, not by rows or ids), and online WSD with 4 served 1.08x (1 stream) and 1.16x (16) the tokens/s
+# without once its graphs were captured (benchmarks/results/lookup_cuda.md; the base model alone:
+# 1.44x and 0.91x); so 4 there too.
+LOOKUP_TOKENS = 4
 
 # Ids one pass of a model feeds at most once guesses join it (scheduler.guess_shares). Up to 16
 # rows a pass's linear layers on the 2-core CPU cost little more than for 8 (benchmarks/bench_gemm.py),
@@ -172,7 +174,7 @@ class Engine:
         self.pass_overhead = PASS_OVERHEAD.get(base.device.type, PASS_OVERHEAD["cuda"])
         self.position_cost = POSITION_COST.get(base.device.type, POSITION_COST["cuda"])
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(base.device.type, PREFILL_CHUNK["cuda"])
-        self.lookup_tokens = LOOKUP_TOKENS.get(base.device.type, LOOKUP_TOKENS["cuda"]) if lookup_tokens is None else lookup_tokens
+        self.lookup_tokens = LOOKUP_TOKENS if lookup_tokens is None else lookup_tokens
         self.scheduler = Scheduler(max_running, max_cached_tokens)
         if prefix_cache_tokens is None:
             prefix_cache_tokens = PREFIX_CACHE_BYTES // sum(runner.position_bytes for runner in self.runners.values())
