@@ -75,7 +75,8 @@ def test_passes_replay_cuda_graphs(kind, check, monkeypatch):
 def test_batched_equals_sequential_on_cuda_in_float32():
     """Exact in float32. In bfloat16 a batched pass rounds differently from a lone one (the GPU's
     matrix kernels depend on the shapes), so greedy replies part at near-ties: on an H200, 4 and
-    5 of 8 replies differed from the sequential ones in two runs (benchmarks/results/parity_cuda.md)."""
+    5 of 8 replies differed from the sequential ones in two runs, and 4 of 8 in a third
+    (benchmarks/results/parity_cuda.md)."""
     runtime = get_runtime(device="cuda", dtype="float32")
     jobs = [[{"role": "user", "content": p}] for p in PROMPTS * 2]
     sequential = [runtime.generate(m, max_tokens=48) for m in jobs]
