@@ -112,6 +112,10 @@ def _texts_beside(rt, jobs, odd):
         return list(pool.map(job, range(len(jobs) + 1)))[:-1]
 
 
+class _Panic(BaseException):
+    """As pyo3's PanicException, which a panic in a Rust tokenizer raises: a BaseException, not an Exception."""
+
+
 @pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
 def test_batched_equals_sequential(pair, request):
     rt = request.getfixturevalue(pair)
@@ -883,7 +887,8 @@ def test_a_fork_pool_started_while_requests_run_gets_the_same_replies(fresh):
     in_flight.close()
 
 
-def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
+@pytest.mark.parametrize("fault", [RuntimeError, _Panic], ids=["error", "base-exception"])
+def test_injected_forward_failure_fails_one_request(fresh, monkeypatch, fault):
     rt = fresh()
     jobs = list(zip(QUESTIONS, SETTINGS))
     expected = [rt.generate(_msgs(q), **s) for q, s in jobs]
@@ -897,12 +902,12 @@ def test_injected_forward_failure_fails_one_request(fresh, monkeypatch):
 
     def extend(self, kv, ids, *args):
         if poisoned(kv):
-            raise RuntimeError("injected fault")
+            raise fault("injected fault")
         return real_extend(self, kv, ids, *args)
 
     def extend_batch(self, kvs, ids, keeps, *args):
         if any(poisoned(kv) for kv in kvs):
-            raise RuntimeError("injected fault")
+            raise fault("injected fault")
         return real_batch(self, kvs, ids, keeps, *args)
 
     monkeypatch.setattr(ModelRunner, "extend", extend)
@@ -1071,8 +1076,9 @@ class _Unprintable(Exception):
         (RecursionError("injected while finishing"), r"failed: RecursionError: injected while finishing$"),
         (_Unprintable(), r"failed: _Unprintable: <its message failed: ValueError>$"),
         (MemoryError(), r"failed: MemoryError$"),
+        (_Panic("injected while finishing"), r"failed: _Panic: injected while finishing$"),
     ],
-    ids=["error", "unprintable", "no-message"],
+    ids=["error", "unprintable", "no-message", "base-exception"],
 )
 def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monkeypatch, error, said):
     """An exception while a request's result is built, after its program ended (here injected into
@@ -1098,6 +1104,33 @@ def test_an_error_while_a_request_finishes_fails_that_request_alone(fresh, monke
     def failing_request():
         with pytest.raises(RequestFailedError, match=said):
             rt.generate(_msgs(QUESTIONS[2]), max_tokens=30, stop=["zqzq"])
+
+    assert _texts_beside(rt, jobs, failing_request) == expected
+    assert rt.worker is worker and worker.is_alive()
+    assert (rt.stats().failed, rt.stats().running, rt.stats().cached_tokens) == (1, 0, 0)
+
+
+def test_a_tokenizer_panic_encoding_a_prompt_fails_that_request_alone(fresh, monkeypatch):
+    """A tokenizer that panics while a request's prompt is encoded (pyo3's PanicException: a
+    BaseException) fails that request, and the worker serves the others as before. Only an
+    Exception used to fail a request alone: a panic ended the worker and failed every request."""
+    from wsd_llms import prompts
+
+    rt = fresh()
+    jobs = list(zip(QUESTIONS, SETTINGS))
+    expected = [rt.generate(_msgs(q), **s).text for q, s in jobs]
+    worker, real = rt.worker, prompts.encode
+
+    def encode(tokenizer, text, *args, **kwargs):
+        if "zqzq" in text:
+            raise _Panic("injected panic")
+        return real(tokenizer, text, *args, **kwargs)
+
+    monkeypatch.setattr(prompts, "encode", encode)
+
+    def failing_request():
+        with pytest.raises(RequestFailedError, match=r"could not start the request: _Panic: injected panic$"):
+            rt.generate(_msgs("zqzq " + QUESTIONS[2]), max_tokens=30)
 
     assert _texts_beside(rt, jobs, failing_request) == expected
     assert rt.worker is worker and worker.is_alive()
@@ -1193,8 +1226,9 @@ def test_a_failing_cleanup_as_a_request_ends_fails_that_request_alone(fresh, mon
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
 
 
-class WorkerKilled(BaseException):
-    pass
+class WorkerKilled(SystemExit):
+    """What ends the worker wherever it is raised: a SystemExit (errors.EXITS), where any other
+    exception raised while a request is served fails that request alone."""
 
 
 def test_dead_worker_fails_waiting_callers_fast_and_restarts(fresh, monkeypatch):

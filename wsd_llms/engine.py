@@ -15,7 +15,7 @@ import torch
 
 from .baselines import run_base_only, run_draft_only
 from .encoding import least_tokens
-from .errors import ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described
+from .errors import EXITS, ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
@@ -442,7 +442,9 @@ class Engine:
             held = self.prefixes[forward.model].restore(
                 forward.kv, forward.ids, forward.keep, self.prefill_chunk, self.runners[forward.model].num_layers, self._marks(seq, forward.model)
             )
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, EXITS):
+                raise
             self._fail(seq, exc)
             return False
         seq.note_restored(forward.model, forward.kv, held)
@@ -460,7 +462,9 @@ class Engine:
             outputs = self.runners[model].extend_batch(
                 [f.kv for f in forwards], [f.ids for f in forwards], [f.keep for f in forwards], [f.lazy for f in forwards], [f.guesses > 0 for f in forwards]
             )
-        except Exception as exc:  # isolate the failure: run each sequence alone, so only the one that fails is failed
+        except BaseException as exc:  # isolate the failure: run each sequence alone, so only the one that fails is failed
+            if isinstance(exc, EXITS):
+                raise
             self._retried(f"{model} pass", exc, [self._run_one(seq, forward) for seq, forward in group])
             return
         elapsed = time.perf_counter() - t0
@@ -473,7 +477,9 @@ class Engine:
         t0 = time.perf_counter()
         try:
             output = self.runners[forward.model].extend(forward.kv, forward.ids, forward.keep, forward.lazy, forward.guesses > 0)
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, EXITS):
+                raise
             self._fail(seq, exc)
             return False
         elapsed = time.perf_counter() - t0
@@ -481,7 +487,7 @@ class Engine:
         self._advance(seq, forward, output, elapsed)
         return True
 
-    def _retried(self, what: str, exc: Exception, ran_alone: list[bool]) -> None:
+    def _retried(self, what: str, exc: BaseException, ran_alone: list[bool]) -> None:
         """Count a batched pass that raised and ran again a sequence at a time. If every sequence then
         ran alone, batching itself failed (no request did): log a warning, since the step lost its
         batching (logged, not warnings.warn: on the worker thread, a filter turning warnings into
@@ -506,7 +512,9 @@ class Engine:
         t0 = time.perf_counter()
         try:
             answers = self._answers(requests)
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, EXITS):
+                raise
             if len(seqs) == 1:
                 self._fail(seqs[0], exc)
                 return False
@@ -556,7 +564,9 @@ class Engine:
                 output, seq.piece_rows = seq.piece_rows.then(output), None  # type: ignore[arg-type]
             elif forward is not pending and pending is not None and forward.keep:
                 seq.piece_rows = output if seq.piece_rows is None else seq.piece_rows.then(output)  # type: ignore[arg-type]
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, EXITS):
+                raise
             self._fail(seq, exc)
             return
         if forward is pending:
@@ -573,7 +583,9 @@ class Engine:
                 seq.pending = seq.program.send(output)
             except StopIteration as stop:
                 self._finish(seq, stop.value)
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, EXITS):
+                raise
             self._fail(seq, exc)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
@@ -603,7 +615,9 @@ class Engine:
         seq.phase = Phase.FINISHED
         try:
             seq.free()
-        except Exception as exc:  # the program's cleanup failed: its caller hears of it, the others go on
+        except BaseException as exc:  # the program's cleanup failed: its caller hears of it, the others go on
+            if isinstance(exc, EXITS):
+                raise
             seq.deliver(RequestFailedError(f"request {seq.request_id} failed as it ended: {described(exc)}"))
         return True
 

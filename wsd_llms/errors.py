@@ -45,6 +45,12 @@ class RuntimeClosedError(WSDError, RuntimeError):
     """The runtime was closed, or its worker died, while a request was waiting."""
 
 
+# What ends the program, not one request: raised while the worker serves a request, these end the
+# worker (which fails every request with them). Anything else fails that request alone, a
+# BaseException too: a panic in a Rust tokenizer reaches Python as pyo3's PanicException, one.
+EXITS = (KeyboardInterrupt, SystemExit)
+
+
 def copy_of(exc: BaseException) -> BaseException:
     """A new error like `exc` (its message, cause and notes, no traceback), for one more caller it
     ends: one object raised in many callers' threads gathers all their frames in its traceback."""

@@ -25,7 +25,7 @@ import torch
 
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, detached, given_up
-from .errors import InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described
+from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
@@ -667,14 +667,18 @@ class WSDRuntime:
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
             seq.cancelled, seq.created = sub.cancelled, sub.submitted
             engine.start(seq)
-        except Exception as exc:  # a bad request must not kill the worker; it fails alone
+        except BaseException as exc:  # a bad request must not kill the worker; it fails alone
+            if isinstance(exc, EXITS):
+                raise
             self._end_unstarted(sub, "failed", _start_error(exc))
             return
         with engine.scheduler.lock:  # taken and queued in one move, as stats() sees it
             self._taken += 1
             try:
                 engine.scheduler.add(seq)
-            except Exception as exc:  # one that could never fit
+            except BaseException as exc:  # one that could never fit
+                if isinstance(exc, EXITS):
+                    raise
                 engine.count("failed")
                 sub.deliver(_start_error(exc))
 
