@@ -1004,6 +1004,8 @@ def test_constructor_tools_take_what_bind_tools_takes(fake):
     assert constructed["tool_choice"] == "lookup"
     WSDChatModel().invoke("x", tools=[lookup, Add, halve], tool_choice="lookup")  # a call's own, as a call to the runtime takes them
     assert normalize_tools(fake.requests[-1][1]["tools"]) == normalize_tools(constructed["tools"])
+    with pytest.raises(InvalidParameterError, match=r"^tools\[1\]: Unsupported function\s+42\s+Functions must be passed in as Dict"):
+        WSDChatModel().invoke("x", tools=[lookup, 42])  # LangChain's reason, as bind_tools gives it, with the tool's place
 
 
 def test_models_are_checked_when_the_model_is_built(tmp_path, monkeypatch):

@@ -271,7 +271,8 @@ def test_something_that_is_not_a_tool_is_named(monkeypatch: pytest.MonkeyPatch) 
 async def test_a_call_s_tools_may_be_llamaindex_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     """chat(tools=[FunctionTool]) was refused ("tools[0] must be a dict, got FunctionTool") though the
     constructor and chat_with_tools take them: a call's tools are converted as theirs are, in every
-    chat and completion method; anything else is still refused by the check, naming it."""
+    chat and completion method; anything else is refused with LlamaIndex's reason, as the
+    constructor's is (it was the runtime's "tools[1] must be a dict, got function")."""
     from wsd_llms.tools import normalize_tools
 
     llm, script = scripted(monkeypatch, "7.")
@@ -283,8 +284,10 @@ async def test_a_call_s_tools_may_be_llamaindex_tools(monkeypatch: pytest.Monkey
     def add(a: int, b: int) -> int:
         return a + b
 
-    with pytest.raises(InvalidParameterError, match=r"tools\[1\] must be a dict, got function"):
+    with pytest.raises(InvalidParameterError, match=r"^tools\[1\] is <function .*add.*not a LlamaIndex tool.*FunctionTool.from_defaults"):
         llm.chat([ChatMessage(role="user", content=ASK)], tools=[TOOLS[0], add])
+    with pytest.raises(InvalidParameterError, match=r"^tools\[1\] is <function .*add.*not a LlamaIndex tool"):
+        await llm.achat([ChatMessage(role="user", content=ASK)], tools=[TOOLS[0], add])
 
 
 def test_history_with_calls_and_results_reaches_the_runtime(monkeypatch: pytest.MonkeyPatch) -> None:

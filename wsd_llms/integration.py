@@ -227,12 +227,27 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """`wsd_params`, and the same parameters checked, as the runtime will run them (whether a
         reply's calls show is read from these: `{"type": "text"}` is no response_format, say)."""
         params = self.wsd_params_unchecked(stop, **overrides)
+        self._refuse_unconverted_tools(params)
         return params, parse_params(**params)  # now, with the parameter's name in the error
 
     async def awsd_request(self, stop: Iterable[str] | None = None, **overrides: Any) -> tuple[dict[str, Any], GenerationParams]:
         """`wsd_request` for an async call: a schema's grammar is built off the event loop (aparse_params)."""
         params = self.wsd_params_unchecked(stop, **overrides)
+        self._refuse_unconverted_tools(params)
         return params, await aparse_params(**params)
+
+    def _refuse_unconverted_tools(self, params: dict[str, Any]) -> None:
+        """A call's tool that the framework could not convert (`_call_tools` leaves it as given, for
+        tracing) is refused with the framework's reason, as a constructor's is: LlamaIndex's says to
+        wrap a function in FunctionTool.from_defaults, where the runtime's check says only "must be a dict"."""
+        tools = params.get("tools")
+        for i, tool in enumerate(tools if isinstance(tools, (list, tuple)) else ()):
+            if not isinstance(tool, dict):
+                try:
+                    self.framework_tool(tool, i)
+                except (TypeError, ValueError) as exc:
+                    reason = str(exc)
+                    raise InvalidParameterError(reason if f"tools[{i}]" in reason else f"tools[{i}]: {reason}") from None
 
     def wsd_params_unchecked(self, stop: Iterable[str] | None = None, **overrides: Any) -> dict[str, Any]:
         """`wsd_params` with the values taken as they are (for tracing, before a run checks them)."""
