@@ -187,6 +187,10 @@ class Engine:
         self.retried_passes = 0
         self.steps = 0
 
+    def model(self, name: str) -> LoadedModel:
+        """The "draft" or "base" model."""
+        return self.runners[name].loaded
+
     def prepare(
         self,
         messages: list[Message],
@@ -231,7 +235,7 @@ class Engine:
         window position, so that no ordinary prompt pays for it."""
         over, sizes = [], []
         for model in MODELS[params.mode]:
-            loaded = self.draft if model == "draft" else self.base
+            loaded = self.model(model)
             window, size = loaded.context_window, len(texts[model].encode())
             if size >= FAR_TOO_LONG * window and (least := least_tokens(loaded.tokenizer, size)) >= window:
                 over.append(f"at least {least} {model} tokens ({model} context window {window})")
@@ -629,7 +633,7 @@ class Engine:
         if finish_reason != "length":
             return None
         model = MODELS[seq.params.mode][-1]  # the reply is in the last model's tokens
-        window = (self.draft if model == "draft" else self.base).context_window
+        window = self.model(model).context_window
         prompt = len(seq.prompts.draft_ids if model == "draft" else seq.prompts.base_ids)
         if prompt + len(seq.reply.ids) >= window:
             return Cut(f"the reply reached the {model} model's context window ({window} tokens with the prompt's {prompt})", "shorten the messages")

@@ -370,7 +370,7 @@ class WSDRuntime:
     def _context_windows(self, models: Seq[str], at_once: bool = False) -> dict[str, int]:
         """The windows of `models` (a mode's), reading no other model's config."""
         if self.engine is not None:
-            return {model: (self.engine.draft if model == "draft" else self.engine.base).context_window for model in models}
+            return {model: self.engine.model(model).context_window for model in models}
         from transformers import AutoConfig
 
         for model in models:
@@ -397,7 +397,7 @@ class WSDRuntime:
         if model not in ("base", "draft"):
             raise InvalidParameterError(f"invalid model={model!r}: must be 'base' or 'draft'")
         if self.engine is not None:
-            return (self.engine.draft if model == "draft" else self.engine.base).tokenizer
+            return self.engine.model(model).tokenizer
         if model not in self._tokenizers:
             from transformers import AutoTokenizer
 
@@ -542,7 +542,7 @@ class WSDRuntime:
                 try:
                     spec = constraint_spec(sub.params)
                     for model in MODELS[sub.params.mode]:
-                        compiled_grammar(engine.draft if model == "draft" else engine.base, spec)
+                        compiled_grammar(engine.model(model), spec)
                 except BaseException as exc:  # whatever it is, it goes back to the request
                     sub.compile_error = exc
             with self._worker_lock:
