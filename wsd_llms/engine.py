@@ -46,10 +46,10 @@ FAR_TOO_LONG = 8
 # 2-core CPU a base pass and its greedy projection cost about the same for 1 to 5 rows (50 against
 # 51 ms on the embedded base over a 300-position cache, the guessed rows attending one query at a
 # time), 59 ms for 7, and a draft pass with 4 guesses 39.3 against 38.5 ms; so 4. On an H200 a
-# graphed pass costs 3.6-4.5 ms for 1 to 16 rows and 1 to 32 ids (benchmarks/results/passes_cuda.md:
-# bound by its ~1500 kernels, not by rows or ids), and online WSD with 4 served 1.08x (1 stream) and 1.16x (16) the tokens/s
-# without once its graphs were captured (benchmarks/results/lookup_cuda.md; the base model alone:
-# 1.44x and 0.91x); so 4 there too.
+# graphed pass costs 3.6-4.5 ms for 1 to 16 rows and 1 to 32 ids (results/passes_cuda.md: bound
+# by its ~1500 kernels, not by rows or ids), and online WSD with 4 served 1.08x (1 stream) and
+# 1.16x (16) the tokens/s without, once its graphs were captured (benchmarks/results/lookup_cuda.md;
+# the base model alone: 1.44x and 0.91x); so 4 there too.
 LOOKUP_TOKENS = 4
 
 # Ids one pass of a model feeds at most once guesses join it (scheduler.guess_shares). Up to 16
