@@ -263,6 +263,25 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
     assert recorder.calls == []
 
 
+@pytest.mark.parametrize("method", ["stream_chat", "astream_chat", "stream_complete", "astream_complete"])
+async def test_streams_refuse_bad_messages_at_the_call(method: str) -> None:
+    """A streaming method raises a bad message at the call (the await, for the async ones), as it
+    raises a bad parameter, not at the first response: a server that returns the responses as a
+    stream had begun its reply by then. Nothing loads, and nothing is sent."""
+    llm = WSDLLM(draft_model=str(local_source(EMBEDDED_DRAFT)), base_model=str(local_source(EMBEDDED_BASE)))
+    bad = "bad \ud800 text"
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=r"^messages\[0\] \(user\) content is not valid Unicode: unpaired surrogate"):
+        out = getattr(llm, method)([ChatMessage(role="user", content=bad)] if "chat" in method else bad)
+        if method.startswith("a"):
+            await out
+    if "chat" in method:
+        with pytest.raises(wsd_llms.InvalidMessagesError, match="messages is empty"):
+            out = getattr(llm, method)([])
+            if method.startswith("a"):
+                await out
+    assert llm.wsd_runtime().engine is None and llm.wsd_runtime().stats().finished == 0
+
+
 def test_text_blocks_join_as_content_does_and_other_models_blocks_are_left_out(recorded: tuple[WSDLLM, Recorder]) -> None:
     """Text blocks reach the model joined with newlines, as ChatMessage.content joins them; another
     model's thinking, Anthropic's cache points and its citations (a history from another provider)

@@ -302,12 +302,16 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
             raise
 
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
+        """The responses as the reply streams. The messages are checked here, with the parameters,
+        so bad ones raise at the call, before a server has begun its response; the request is sent
+        at the first `next()`, as the runtime's stream sends it."""
         params, checked = self.wsd_request(**kwargs)
-        runtime = self.wsd_runtime()
         accumulate = _Accumulator(checked)
+        with self._packing_hint():
+            stream = self.wsd_runtime().stream(messages, **params)
 
         def gen() -> Iterator[ChatResponse]:
-            with self._packing_hint(), closing(runtime.stream(messages, **params)) as events:
+            with self._packing_hint(), closing(stream) as events:
                 for event in events:
                     if (response := accumulate(event)) is not None:
                         yield response
@@ -315,13 +319,15 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return gen()
 
     async def _astream(self, messages: Messages, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
+        """`_stream` for async callers: checked at the await, sent at the first `__anext__()`."""
         params, checked = await self.awsd_request(**kwargs)
-        runtime = self.wsd_runtime()
         accumulate = _Accumulator(checked)
+        with self._packing_hint():
+            stream = self.wsd_runtime().astream(messages, **params)
 
         async def gen() -> AsyncIterator[ChatResponse]:
             with self._packing_hint():
-                async with aclosing(runtime.astream(messages, **params)) as events:
+                async with aclosing(stream) as events:
                     async for event in events:
                         if (response := accumulate(event)) is not None:
                             yield response
