@@ -515,6 +515,27 @@ def test_timeout_fails_only_that_request(fresh):
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
 
 
+def test_a_timeout_the_caller_finds_in_a_long_step_says_where_the_request_was(fresh, monkeypatch):
+    """A caller whose timeout passes while the worker is in a long step ends the request itself,
+    and says where it was, as the worker would: here generating, and how far it got. Its message
+    had said only that the worker had not ended it."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine, step = rt.engine, rt.engine.step
+
+    def slow_once_generating():  # a long step, once the request has written a token
+        step()
+        if any(seq.reply.ids for seq in engine.scheduler.running):
+            time.sleep(1.0)
+
+    monkeypatch.setattr(engine, "step", slow_once_generating)
+    with pytest.raises(RequestTimeoutError, match=r"^the request exceeded timeout=0.3s while generating \([1-9]\d* reply tokens so far\)$"):
+        rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.3)
+    monkeypatch.setattr(engine, "step", step)
+    _wait_for(lambda: rt.stats().running == 0)
+    assert rt.stats().failed == 1 and rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
+
+
 def _held_steps(rt, monkeypatch):
     """Load `rt`, then hold every step of its worker until `release` is set; `entered` is set as a
     step is held. Returns (entered, release)."""

@@ -395,14 +395,14 @@ class Engine:
         """Fail a request past its timeout, or drop a cancelled one (queued or running); whether it
         ended. The timeout comes first: a caller that gave up at it, in a long step, also cancelled."""
         if seq.params.timed_out(seq.created, now):
-            self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={seq.params.timeout}s{self._timed_out_where(seq)}"))
+            self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={seq.params.timeout}s{self.timed_out_where(seq)}"))
         elif seq.cancelled.is_set():
             self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled))
         else:
             return False
         return True
 
-    def _timed_out_where(self, seq: Sequence) -> str:
+    def timed_out_where(self, seq: Sequence) -> str:
         """Where a request that timed out was: still queued for admission (the limits, and what may
         be raised), or generating (how far it got)."""
         sched = self.scheduler

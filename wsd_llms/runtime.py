@@ -44,7 +44,7 @@ from .loading import (
 from .messages import Message, normalize_messages
 from .params import GenerationParams, aparse_params, parse_params
 from .prompts import base_prompt_tokens, draft_prompt_tokens, require_chat_template
-from .sequence import CallerLeft
+from .sequence import CallerLeft, Sequence
 from .structured import compiled_grammar, constraint_spec
 
 Messages = Seq[Mapping[str, Any] | Message]
@@ -71,6 +71,7 @@ class _Submission:
     submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
     compiled: bool = False  # its grammar was sent to compile (beside the worker, or on it); False without one
     compile_error: BaseException | None = None
+    seq: weakref.ref[Sequence] | None = None  # once the engine takes it in: where a caller's timeout finds it
 
 
 AUTO_LIMITS = ("prefill_chunk", "lookup_tokens", "prefix_cache_tokens")  # None at construction: chosen for the device and models
@@ -592,9 +593,13 @@ class WSDRuntime:
             raise RuntimeClosedError(f"{stopped} while this request was waiting")
         if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=TIMEOUT_GRACE):
             sub.cancelled.set()
-            raise RequestTimeoutError(
-                f"the request exceeded timeout={sub.params.timeout}s (the worker had not ended it: loading, compiling its grammar, or a long step)"
+            seq, engine = sub.seq() if sub.seq is not None else None, self.engine
+            where = (
+                engine.timed_out_where(seq)  # as the worker says it, in a step that outlasted the timeout
+                if seq is not None and engine is not None
+                else " before the worker took it in (loading the models, compiling its grammar, or a long step)"
             )
+            raise RequestTimeoutError(f"the request exceeded timeout={sub.params.timeout}s{where}")
 
     def _guarded_run(self, item: _Submission | None) -> bool:
         """Serve from `item` until idle (True) or closed (False); if the step loop dies, fail every
@@ -665,7 +670,7 @@ class WSDRuntime:
             return
         try:  # outside the scheduler's lock, which stats() waits for: prompts built, a grammar compiled on the worker
             seq = engine.prepare(sub.messages, sub.params, sub.deliver)
-            seq.cancelled, seq.created = sub.cancelled, sub.submitted
+            seq.cancelled, seq.created, sub.seq = sub.cancelled, sub.submitted, weakref.ref(seq)
             engine.start(seq)
         except BaseException as exc:  # a bad request must not kill the worker; it fails alone
             if isinstance(exc, EXITS):
