@@ -113,11 +113,22 @@ def serve(runtime: Any, prompts: list[str], concurrent: int, **params: Any) -> t
     return results, wall, before, runtime.stats()
 
 
-def alternate(rounds: int, ways: dict[str, Callable[[], None]], cases: list, run: Callable[[Any], dict], say: Callable[[dict], str]) -> dict[str, dict[Any, list[dict]]]:
+def alternate(
+    rounds: int, ways: dict[str, Callable[[], None]], cases: list, run: Callable[[Any], dict], say: Callable[[dict], str], warm_up: bool = False
+) -> dict[str, dict[Any, list[dict]]]:
     """Run every case each way, the ways taking turns `rounds` times over, so that the shared
     machine's drift falls on all of them alike; `ways` maps a name to what sets it up. Returns
-    runs[way][case], a list of `run(case)` results, and prints each with `say`."""
+    runs[way][case], a list of `run(case)` results, and prints each with `say`. With `warm_up`,
+    every case runs once each way first, untimed: on CUDA the graphs for the shapes a way meets
+    are captured there, not in its first round (as bench_serving warms up)."""
     runs: dict[str, dict[Any, list[dict]]] = {way: {case: [] for case in cases} for way in ways}
+    if warm_up:
+        t0 = time.perf_counter()
+        for setup in ways.values():
+            setup()
+            for case in cases:
+                run(case)
+        print(f"warm-up, every case once each way: {time.perf_counter() - t0:.1f} s", flush=True)
     for r in range(rounds):
         for way, setup in ways.items():
             setup()
