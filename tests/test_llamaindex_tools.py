@@ -258,13 +258,14 @@ def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_something_that_is_not_a_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bare function among the tools is a TypeError naming it and the wrapper (it was an AttributeError on .metadata)."""
+    """A bare function among the tools is an InvalidParameterError naming it and the wrapper (it was an
+    AttributeError on .metadata, then a TypeError while chat(tools=...) gave InvalidParameterError)."""
     llm, _ = scripted(monkeypatch, "7.")
 
     def add(a: int, b: int) -> int:
         return a + b
 
-    with pytest.raises(TypeError, match=r"tools\[1\] is <function .*add.*not a LlamaIndex tool.*FunctionTool.from_defaults"):
+    with pytest.raises(InvalidParameterError, match=r"^tools\[1\] is <function .*add.*not a LlamaIndex tool.*FunctionTool.from_defaults"):
         llm.chat_with_tools([TOOLS[0], add], user_msg=ASK)
 
 

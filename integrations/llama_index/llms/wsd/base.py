@@ -411,6 +411,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
+        self._refuse_unconverted_tools({"tools": list(tools)})  # InvalidParameterError, as chat(tools=...)'s refusal
         tool_choice = kwargs.pop("tool_choice", None) or ("required" if tool_required else self.tool_choice)
         return {
             "messages": messages,
