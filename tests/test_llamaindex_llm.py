@@ -385,3 +385,28 @@ async def test_a_prompt_too_long_says_how_llamaindex_packed_it(draft_tokenizer, 
             assert ("set Settings.tokenizer = llm.wsd_runtime().encoder('draft')" in str(caught.value)) is hinted
     finally:
         runtime.close()
+
+
+@pytest.mark.parametrize("mode", ["compact", "refine", "tree_summarize"])
+async def test_a_query_whose_packed_prompt_is_too_long_raises(draft_tokenizer, monkeypatch, mode):
+    """LlamaIndex's refine takes a ValueError for a reply it could not parse: it logged the
+    PromptTooLongError of a prompt packed by tiktoken's count and answered "Empty Response". The
+    error is not a ValueError (as a provider's context-length error is not), so the query raises it."""
+    from llama_index.core.response_synthesizers import get_response_synthesizer
+    from tiny import tiny_llama
+
+    from wsd_llms.integration import WSDSettings
+
+    runtime = wsd_llms.WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0, window=2048), tiny_llama(draft_tokenizer, 0, "tiny-base", sharpen=3.0, window=2048)
+    )
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: runtime)
+    text = "Quizzical jackdaws vex my big sphinx. " * 200  # words the tiny tokenizer never saw: about 4x tiktoken's count
+    try:
+        synthesizer = get_response_synthesizer(llm=WSDLLM(max_tokens=4), response_mode=mode)
+        with pytest.raises(wsd_llms.PromptTooLongError, match="context window"):
+            synthesizer.get_response("What vexes the sphinx?", [text])
+        with pytest.raises(wsd_llms.PromptTooLongError, match="context window"):
+            await synthesizer.aget_response("What vexes the sphinx?", [text])
+    finally:
+        runtime.close()

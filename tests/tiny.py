@@ -75,24 +75,24 @@ def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, name: st
     )
 
 
-def _shared(tokenizer: PreTrainedTokenizerFast) -> dict:
+def _shared(tokenizer: PreTrainedTokenizerFast, window: int = 512) -> dict:
     """The config fields every tiny model shares: vocabulary, widths, heads, context, untied head, special ids."""
     return {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_attention_heads": 4,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": window,
         "tie_word_embeddings": False,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
 
 
-def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-llama", sharpen: float = 0.5) -> LoadedModel:
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, name: str = "tiny-llama", sharpen: float = 0.5, window: int = 512) -> LoadedModel:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        **_shared(tokenizer),
+        **_shared(tokenizer, window),
         num_hidden_layers=2,
         num_key_value_heads=2,
     )

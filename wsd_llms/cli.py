@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return _interactive(console, runtime, history, _params(args))
     except WSDError as exc:
         errors.print(Text(f"error: {exc}", style="bold red"))
-        return 2 if isinstance(exc, (InvalidParameterError, InvalidMessagesError)) else 1  # usage, or a failure
+        return 2 if isinstance(exc, (InvalidParameterError, InvalidMessagesError, PromptTooLongError)) else 1  # usage, or a failure
     except BrokenPipeError:  # `wsd-llms chat ... | head`: the reader has gone, so end quietly, as Rich does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and the interpreter's flush at exit fails no more
         return 1

@@ -17,8 +17,10 @@ class InvalidMessagesError(WSDError, ValueError):
     """The messages of a request cannot be turned into a prompt."""
 
 
-class PromptTooLongError(InvalidMessagesError):
-    """The prompt does not fit one of the two models' context windows."""
+class PromptTooLongError(WSDError):
+    """The prompt does not fit one of the two models' context windows. Not a ValueError, as a
+    provider's context-length error is not (LangChain's ContextOverflowError, OpenAI's BadRequestError):
+    LlamaIndex's refine takes a ValueError for a reply it could not parse, logs it and answers "Empty Response"."""
 
 
 class ReplyCutShortError(WSDError, ValueError):
