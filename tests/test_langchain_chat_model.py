@@ -7,6 +7,7 @@ that records what reaches it, so they cost nothing.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 import threading
@@ -1424,15 +1425,21 @@ class ShortJoke(Joke):
         return value
 
 
-@pytest.mark.parametrize("path", ["invoke", "bind", "stream", "ainvoke", "unstreamed", "constructor", "constructor-stream"])
+@pytest.mark.parametrize("path", ["invoke", "bind", "stream", "ainvoke", "unstreamed", "constructor", "constructor-stream", "configurable"])
 async def test_a_pydantic_response_format_is_parsed_into_its_class(fake, path):
     """As ChatOpenAI: a call whose response_format is a pydantic class has the value as that class
     in additional_kwargs["parsed"] (None when it does not parse, or fails the class's own validators,
     with the reason in parse_error); a schema as a dict gets no such key. The constructor's
-    response_format is parsed into as a call's is."""
+    response_format is parsed into as a call's is, and so is a model's that LangChain's
+    configurable_fields rebuilds from its fields (the class was kept aside, and was lost)."""
+    from langchain_core.runnables import ConfigurableField
+
     fake.reply = fake_result(json.dumps(JOKE), parsed=JOKE)
 
     async def reply(model: WSDChatModel, **kwargs: Any) -> AIMessage:
+        if path == "configurable":
+            configurable = WSDChatModel(**kwargs).configurable_fields(temperature=ConfigurableField(id="temperature"))
+            return configurable.invoke("joke", config={"configurable": {"temperature": 0.5}})
         if path.startswith("constructor"):
             model = WSDChatModel(**kwargs)
             return _aggregate(list(model.stream("joke"))) if path == "constructor-stream" else model.invoke("joke")
@@ -1455,6 +1462,16 @@ async def test_a_pydantic_response_format_is_parsed_into_its_class(fake, path):
     fake.reply = replace(fake_result('{"setup": "Wh', parse_error="cut short"), finish_reason="length")
     message = await reply(WSDChatModel(), response_format=Joke)
     assert message.additional_kwargs["parsed"] is None and message.response_metadata["parse_error"] == "cut short"
+
+
+def test_a_constructor_s_pydantic_class_is_kept_and_dumped_as_its_schema(fake):
+    """The field holds the class as given (what configurable_fields rebuilds from), while a dump,
+    a copy's rebuild from it and the cache key (_identifying_params) hold its JSON schema."""
+    model = WSDChatModel(response_format=Joke)
+    assert model.response_format is Joke and copy.deepcopy(model).response_format is Joke
+    assert model.model_dump()["response_format"] == Joke.model_json_schema() == model._identifying_params["response_format"]
+    assert json.loads(model.model_dump_json())["response_format"] == Joke.model_json_schema()
+    assert WSDChatModel.model_validate(model.model_dump()).response_format == Joke.model_json_schema()
 
 
 UNTITLED = {"type": "object", "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}}, "required": ["setup", "punchline"]}

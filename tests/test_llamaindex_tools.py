@@ -524,8 +524,9 @@ def test_structured_reply_cut_by_max_tokens_says_so() -> None:
 
 
 def test_constructor_takes_what_a_call_takes() -> None:
-    """Defaults go through the request parameters' own conversions: a pydantic class as
-    response_format, tool_choice=None (auto), OpenAI-style tools."""
+    """Defaults go through the request parameters' own conversions: tool_choice=None (auto),
+    OpenAI-style tools; a pydantic class as response_format is checked as its schema, kept as
+    given, and written as its schema (to_dict)."""
     from pydantic import BaseModel
 
     class City(BaseModel):
@@ -533,7 +534,7 @@ def test_constructor_takes_what_a_call_takes() -> None:
 
     schema = {"name": "add", "description": "Add two numbers.", "parameters": {"type": "object", "properties": {}}}
     llm = WSDLLM(response_format=City, tool_choice=None, tools=[{"type": "function", "function": schema}])
-    assert llm.response_format == City.model_json_schema() and llm.tool_choice == "auto"
+    assert llm.response_format is City and llm.to_dict()["response_format"] == City.model_json_schema() and llm.tool_choice == "auto"
     assert llm.tools == (schema,)
 
 

@@ -15,13 +15,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ConfigDict, Field, StrictBool, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, create_model, field_serializer, field_validator, model_validator
 
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
 from .loading import check_source, resolve_device, resolve_dtype
 from .messages import ToolCall
-from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value
+from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value, unwrapped_format
 from .runtime import WSDRuntime, get_runtime, model_source, pinned
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, render_invalid_call, text_before_calls
 
@@ -88,6 +88,9 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
     base_revision: str | None = None
     trust_remote_code: StrictBool = Field(False, description="run a model repo's own code (a bool, not a string)")
     stop: list[str] | None = Field(None, description="strings that end the reply")
+    response_format: dict[str, Any] | type[BaseModel] | None = Field(
+        None, description=f"{GenerationParams.model_fields['response_format'].description}; a pydantic class is kept as given"
+    )
 
     unused_arguments: ClassVar[tuple[str, ...]] = ()
     """Arguments a framework's models conventionally take that mean nothing here: accepted and dropped."""
@@ -131,6 +134,19 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         except (InvalidParameterError, ModelLoadError) as exc:
             raise ValueError(str(exc)) from None
         return pinned(source)
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        """A response_format checked as a call's is; a pydantic class stays itself, not its schema:
+        LangChain parses a reply into it, and rebuilds a model from its fields (configurable_fields)."""
+        checked = GenerationParams.__pydantic_decorators__.field_validators["_response_format"].func(value)
+        return value if isinstance(value, type) and issubclass(value, BaseModel) else checked
+
+    @field_serializer("response_format")
+    def _written_as_schema(self, value: Any) -> Any:
+        """A pydantic class written as its JSON schema: what a dump (LlamaIndex's to_dict, a cache key) can hold."""
+        return unwrapped_format(value) if isinstance(value, type) else value
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -276,6 +292,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         """Every setting that can change a reply (the models as the runtime resolves them), e.g. for a cache key."""
         runtime = self.wsd_runtime()
         settings = {name: getattr(self, name) for name in WSDSettings.model_fields}
+        settings["response_format"] = self._written_as_schema(self.response_format)
         return {**settings, "draft_model": runtime.draft_source, "base_model": runtime.base_source}
 
 

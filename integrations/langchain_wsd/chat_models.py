@@ -34,7 +34,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
@@ -100,25 +100,13 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def _llm_type(self) -> str:
         return "wsd-chat"
 
-    _response_class: type[BaseModel] | None = PrivateAttr(default=None)  # the constructor's pydantic response_format
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_response_class(cls, data: Any, handler: Any) -> Any:
-        """Keep a pydantic class given as the constructor's response_format: the field holds its JSON
-        schema (as a call's is read), and a reply is parsed into the class, as a call's is."""
-        model = handler(data)
-        given = data.get("response_format") if isinstance(data, dict) else None
-        if isinstance(given, type) and is_basemodel_subclass(given):
-            model._response_class = given
-        return model
-
     def _parse_class(self, kwargs: dict[str, Any], params: dict[str, Any]) -> Any:
         """The pydantic class a reply is parsed into, if any: the call's response_format, else the
         constructor's where it applies (not to a call that forces a tool call, say)."""
         if kwargs.get("response_format") is not None:
             return kwargs["response_format"]
-        return self._response_class if params.get("response_format") is not None else None
+        kept = self.response_format  # a pydantic class stays one (WSDSettings)
+        return kept if isinstance(kept, type) and params.get("response_format") is not None else None
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
