@@ -1778,6 +1778,13 @@ def test_structured_output_bad_arguments():
     # a text grammar's reply is text: it failed at the parse, as "Invalid json output"
     with pytest.raises(ValueError, match=r"a regex format is a text grammar, not a JSON schema: .*model.bind\(response_format="):
         WSDChatModel().with_structured_output({"type": "regex", "pattern": "a+b"})
+    # LangChain's converters said "no signature found for builtin type" and "Unsupported function"
+    for method in ("json_schema", "function_calling"):
+        for schema in (int, list[int], "Joke"):
+            with pytest.raises(ValueError, match=r"is not a schema: with_structured_output takes a pydantic class, a TypedDict, a JSON schema dict"):
+                WSDChatModel().with_structured_output(schema, method=method)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"^schema is an instance of Joke, not a schema: pass the class Joke$"):
+            WSDChatModel().with_structured_output(Joke(**JOKE), method=method)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- tools on the embedded models

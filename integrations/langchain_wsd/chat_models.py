@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, closing
@@ -35,6 +36,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import BaseModel, Field, ValidationError
+from typing_extensions import is_typeddict
 
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
@@ -397,6 +399,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'")
         if schema is None and method != "json_mode":
             raise ValueError(f"method={method!r} needs a schema")
+        _check_schema(schema)
         if isinstance(schema, dict) and schema.get("type") in TEXT_GRAMMARS:  # its reply is text: no JSON parses out of it
             raise ValueError(
                 f"a {schema['type']} format is a text grammar, not a JSON schema: its reply is text, which "
@@ -568,6 +571,27 @@ class _PydanticCall(_NeedsACall, PydanticToolsParser):
 
 class _KeyCall(_NeedsACall, JsonOutputKeyToolsParser):
     """JsonOutputKeyToolsParser that fails on a reply without a valid call (_NeedsACall)."""
+
+
+def _check_schema(schema: Any) -> None:
+    """A with_structured_output schema of a form LangChain converts, or a ValueError that says which
+    forms it takes: its own converters said "no signature found for builtin type" for `int`, or
+    "Unsupported function" for a pydantic instance."""
+    if isinstance(schema, BaseModel) and not isinstance(schema, BaseTool):
+        name = type(schema).__name__
+        raise ValueError(f"schema is an instance of {name}, not a schema: pass the class {name}")
+    if (
+        schema is None
+        or isinstance(schema, (dict, BaseTool))
+        or is_typeddict(schema)
+        or isinstance(schema, type) and is_basemodel_subclass(schema)
+        or inspect.isfunction(schema)
+    ):
+        return
+    raise ValueError(
+        f"schema={schema!r} is not a schema: with_structured_output takes a pydantic class, a TypedDict, "
+        "a JSON schema dict, a tool or a function (for a list or a number, make it a field of a pydantic class)"
+    )
 
 
 def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
