@@ -2242,20 +2242,50 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
 
 def test_a_request_whose_caller_was_told_the_runtime_closed_counts_failed(fresh, monkeypatch):
     """A running request's caller that learns of close() before the worker ends the request (the
-    step in flight is long) leaves with RuntimeClosedError; the request counts as failed, as the
-    runtime ended it, not as cancelled."""
+    step in flight is long) leaves with RuntimeClosedError, which says where the request was (it
+    said "waiting" of a request streaming its reply); the request counts as failed, as the runtime
+    ended it, not as cancelled."""
     rt = fresh()
     entered, release = _held_steps(rt, monkeypatch)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=30)
         assert entered.wait(10)
         closing = pool.submit(rt.close)
-        with pytest.raises(RuntimeClosedError, match="this runtime was closed while this request was waiting"):
-            running.result(timeout=10)  # the caller polled and left before the step ended
+        with pytest.raises(RuntimeClosedError, match=r"^this runtime was closed while this request was queued for admission$"):
+            running.result(timeout=10)  # the caller polled and left before the step (which admits it) ended
         release.set()
         closing.result(timeout=30)
     stats = rt.stats()
     assert (stats.finished, stats.failed, stats.cancelled, stats.running, stats.queued) == (1, 1, 0, 0, 0)
+
+
+def test_closing_mid_stream_says_the_request_was_generating(fresh, monkeypatch):
+    """A caller reading a stream when close() comes, in a long step, is told the request was
+    generating and how far it got (it was told the request was "waiting")."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    engine, hold, entered, release = rt.engine, threading.Event(), threading.Event(), threading.Event()
+    step = engine.step
+
+    def held_step():
+        if hold.is_set():
+            entered.set()
+            release.wait(20)
+        step()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=200)
+    next(stream)
+    hold.set()
+    assert entered.wait(10)
+    with ThreadPoolExecutor(1) as pool:
+        closing = pool.submit(rt.close)
+        with pytest.raises(RuntimeClosedError, match=r"^this runtime was closed while this request was generating \(\d+ reply tokens so far\)$"):
+            for _ in stream:
+                pass
+        release.set()
+        closing.result(timeout=30)
+    assert (rt.stats().failed, rt.stats().running) == (1, 0)
 
 
 @pytest.mark.parametrize("beside", ["none allowed", "no thread"])

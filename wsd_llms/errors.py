@@ -44,7 +44,7 @@ class RequestTimeoutError(RequestFailedError, TimeoutError):
 
 
 class RuntimeClosedError(WSDError, RuntimeError):
-    """The runtime was closed, or its worker died, while a request was waiting."""
+    """The runtime was closed, or its worker died, before a request finished."""
 
 
 # What ends the program, not one request: raised while the worker serves a request, these end the

@@ -587,13 +587,16 @@ class WSDRuntime:
         """While a caller waits: fail at once if the worker stopped, or if the request's timeout passed
         and the worker, busy without stepping (loading the models), has not failed it itself."""
         thread = self._thread
+        seq, engine = sub.seq() if sub.seq is not None else None, self.engine
         if self._closed or thread is None or not thread.is_alive():
             sub.cancelled.told_closed = True
             stopped = "this runtime was closed" if self._closed else "the wsd-llms worker stopped"
-            raise RuntimeClosedError(f"{stopped} while this request was waiting")
+            if seq is None or engine is None:
+                raise RuntimeClosedError(f"{stopped} before the worker took this request in")
+            where = "was queued for admission" if seq.queued else f"was generating ({len(seq.reply.ids)} reply tokens so far)"
+            raise RuntimeClosedError(f"{stopped} while this request {where}")
         if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=TIMEOUT_GRACE):
             sub.cancelled.set()
-            seq, engine = sub.seq() if sub.seq is not None else None, self.engine
             where = (
                 engine.timed_out_where(seq)  # as the worker says it, in a step that outlasted the timeout
                 if seq is not None and engine is not None
