@@ -591,7 +591,7 @@ class WSDRuntime:
         if self._closed or thread is None or not thread.is_alive():
             sub.cancelled.told_closed = True
             stopped = "this runtime was closed" if self._closed else "the wsd-llms worker stopped"
-            if seq is None or engine is None:
+            if seq is None:
                 raise RuntimeClosedError(f"{stopped} before the worker took this request in")
             where = "was queued for admission" if seq.queued else f"was generating ({len(seq.reply.ids)} reply tokens so far)"
             raise RuntimeClosedError(f"{stopped} while this request {where}")
