@@ -793,6 +793,46 @@ def test_interpreter_exit_with_requests_in_flight_is_clean(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+EXIT_DURING_A_SLOW_LOAD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+import wsd_llms.runtime
+from tiny import make_tokenizer, tiny_llama
+from wsd_llms import RequestTimeoutError, WSDRuntime
+
+wsd_llms.runtime.CLOSE_WAIT_S = 0.2  # far less than the load takes, as 30 s is for a large model
+
+
+class SlowLoad(WSDRuntime):
+    def _load(self, role, source, revision):
+        x, start = torch.randn(256, 256), time.monotonic()
+        while time.monotonic() - start < 3:  # inside torch, as a real load's conversion is
+            x = torch.tanh(x @ x)
+        return tiny_llama(make_tokenizer(300), 0, role)
+
+
+rt = SlowLoad("some/draft", "some/base")
+try:
+    rt.generate([{{"role": "user", "content": "Hi"}}], max_tokens=4, timeout=0.3)
+except RequestTimeoutError:
+    print("gave up during the load", flush=True)
+"""
+
+
+def test_interpreter_exit_during_a_slow_load_waits_for_the_model_in_progress(tmp_path):
+    """Exit's wait for the worker has a deadline, but a load cannot be interrupted: a worker still
+    inside torch when exit tears it down aborts the process (SIGABRT, seen for a 72 s load of the
+    embedded pair), so exit waits for the model being loaded, and the load stops there."""
+    script = tmp_path / "exit_during_load.py"
+    script.write_text(EXIT_DURING_A_SLOW_LOAD.format(tests=str(Path(__file__).parent)))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "gave up during the load"  # (training the tiny tokenizer prints blank lines)
+    assert 3 <= time.monotonic() - start < 30  # the draft's load, not the base's too
+
+
 def _in_a_forked_child(work, seconds=60.0):
     """What `work()` returns (as JSON) when run in a child forked from this process; fails the test
     if the child hangs (the child exits at once, running none of the parent's clean-up)."""

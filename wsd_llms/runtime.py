@@ -60,6 +60,10 @@ MAX_COMPILES = 4
 # a burst of 300 had held running streams for seconds (taking in one costs 2-26 ms with its prompt's
 # length); the rest wait in the inbox, counted as queued, in order.
 ACCEPT_PER_STEP = 16
+# Seconds close() (and interpreter exit) waits for a worker ending its step, and for compiles; a
+# model's load cannot be interrupted, so a load in progress is waited for to its end whatever this
+# says (a worker thread still inside torch when exit tears it down aborts the process).
+CLOSE_WAIT_S = 30.0
 
 
 @dataclass
@@ -188,6 +192,7 @@ class WSDRuntime:
         self._to_compile: deque[_Submission] = deque()  # waiting for one of them (under the worker lock)
         self._in_hand: _Submission | None = None  # the submission the worker is taking in
         self._load_failed: tuple[float, BaseException] | None = None  # when the last load failed, and why
+        self._loading = False  # a model is loading (under self._lock): close() waits for it to end
 
     def _after_fork(self) -> None:
         """In a forked child (multiprocessing's default on Linux, prefork servers and task queues): the
@@ -273,6 +278,7 @@ class WSDRuntime:
                 # One after the other: transformers' model loading is not thread-safe. A close()
                 # meanwhile ends the load at the next model, so that exit waits for one load at most.
                 try:
+                    self._loading = True
                     draft = self._load("draft", self._from["draft"], self._revisions[0])
                     require_chat_template(draft.tokenizer, draft.name)
                     self._check_open()
@@ -286,6 +292,8 @@ class WSDRuntime:
                     raise
                 except Exception as exc:
                     raise ModelLoadError(f"the models could not load: {described(exc)}") from exc
+                finally:
+                    self._loading = False
             return self.engine
 
     def configure(
@@ -483,10 +491,12 @@ class WSDRuntime:
             self._inbox.put(None)
             threads = [self._thread, *self._compiles]
         _unregister(self)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + CLOSE_WAIT_S
         for thread in threads:  # compiles too: a thread inside xgrammar at interpreter exit aborts it
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=max(deadline - time.monotonic(), 0))
+                while thread.is_alive() and self._loading:  # it stops once the model in progress is in
+                    thread.join(timeout=_POLL)
 
     # ------------------------------------------------------------ worker
 
@@ -1039,4 +1049,4 @@ def _close_all() -> None:
     for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
         runtime.close()
     for thread in list(_workers):  # those of runtimes collected just now are ending
-        thread.join(timeout=30)
+        thread.join(timeout=CLOSE_WAIT_S)
