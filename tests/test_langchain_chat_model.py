@@ -7,6 +7,7 @@ that records what reaches it, so they cost nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import re
@@ -817,6 +818,25 @@ def test_another_providers_v1_history_replays_as_its_text():
     assert to_runtime_messages([HumanMessage("1+2?"), only_invalid, HumanMessage("again")])[1] == {"role": "assistant", "content": ""}
     with pytest.raises(InvalidMessagesError, match="content block 0 has type 'non_standard'"):
         to_runtime_messages([HumanMessage([content[6]])])
+
+
+def test_plain_text_document_blocks_are_read_as_their_text():
+    """LangChain 1.x's plain-text document block ("text-plain", create_plaintext_block) is text: it
+    was refused as 'this model reads text only'. Its text comes as `text` or base64; one that only
+    points at its text says so, since a local model fetches nothing."""
+    from langchain_core.messages.content import create_plaintext_block
+
+    document = create_plaintext_block(text="Zebras sleep standing up.")
+    encoded = {"type": "text-plain", "mime_type": "text/plain", "base64": base64.b64encode("Übung: 猫".encode()).decode()}
+    question = {"type": "text", "text": "What does the note say?"}
+    assert to_runtime_messages([HumanMessage([document, encoded, question])]) == [
+        {"role": "user", "content": "Zebras sleep standing up.\nÜbung: 猫\nWhat does the note say?"}
+    ]
+    with pytest.raises(InvalidMessagesError, match=r"content block 0 is a 'text-plain' block with no text \(it has url\)"):
+        to_runtime_messages([HumanMessage([{"type": "text-plain", "mime_type": "text/plain", "url": "https://example.com/a.txt"}])])
+    latin1 = {"type": "text-plain", "mime_type": "text/plain", "base64": base64.b64encode("Übung".encode("latin-1")).decode()}
+    with pytest.raises(InvalidMessagesError, match="content block 1 is a 'text-plain' block whose base64 is not UTF-8"):
+        to_runtime_messages([HumanMessage([question, latin1])])
 
 
 def test_invalid_calls_in_a_history_are_shown_as_written():

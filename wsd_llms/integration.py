@@ -6,6 +6,8 @@ the default of every request parameter (the fields of GenerationParams, reused, 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import dataclasses
 import importlib.util
@@ -465,7 +467,8 @@ REASONING_BLOCKS = ("reasoning", "thinking", "redacted_thinking")
 
 
 def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> str:
-    """A message's content as text: a string, or a list of text blocks joined with newlines (as
+    """A message's content as text: a string, or a list of text blocks (LangChain's plain-text
+    documents, "text-plain", among them) joined with newlines (as
     LlamaIndex's `ChatMessage.content`, Ollama and vLLM join them: a context block and a question
     block must not run together). Another model's reasoning blocks are left out, and so are blocks
     of the `skip` types (an adapter's own kinds of such blocks); a block of plain data (a tool
@@ -489,6 +492,8 @@ def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> st
                 if not isinstance(text, str):
                     raise InvalidMessagesError(f"{where} content block {i} is a text block whose text is a {type(text).__name__}, not a str")
                 parts.append(text)
+            elif kind == "text-plain" and isinstance(block, Mapping):  # LangChain's plain-text document
+                parts.append(_plain_text(block, f"{where} content block {i}"))
             elif kind in REASONING_BLOCKS:
                 continue
             elif kind is None and isinstance(block, Mapping):
@@ -497,10 +502,29 @@ def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> st
                 parts.append(json.dumps(block["json"], ensure_ascii=False, default=str))
             else:
                 raise InvalidMessagesError(
-                    f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text')"
+                    f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text' or 'text-plain')"
                 )
         return "\n".join(parts)
     raise InvalidMessagesError(f"{where} content must be text, got {type(content).__name__}")
+
+
+def _plain_text(block: Mapping[str, Any], where: str) -> str:
+    """A plain-text document block's text, given as `text` or as base64 (UTF-8); one that only
+    points at its text (a url or file_id) cannot be read by a local model that fetches nothing."""
+    text = block.get("text")
+    if isinstance(text, str):
+        return text
+    data = block.get("base64")
+    if isinstance(data, str):
+        try:
+            return base64.b64decode(data, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise InvalidMessagesError(f"{where} is a 'text-plain' block whose base64 is not UTF-8 text in base64: {exc}") from exc
+    given = sorted(key for key in ("url", "file_id") if key in block)
+    raise InvalidMessagesError(
+        f"{where} is a 'text-plain' block with no text (it has {', '.join(given) or 'none'}); give its text as 'text' or "
+        "'base64': this model fetches nothing"
+    )
 
 
 def with_invalid_calls(text: str, calls: Iterable[tuple[str | None, str | None]]) -> str:
