@@ -64,6 +64,8 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"top_k": -1}, "invalid top_k=-1"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
         ({"stop": [""]}, "stop strings must be non-empty"),
+        # half of an emoji's UTF-16 pair (a bad decode): it was taken, and could never match
+        ({"stop": ["END", "x\ud83d"]}, "stop[1] has an unpaired surrogate '\\ud83d' at index 1, which no reply can contain"),
         ({"stop": 5}, "invalid stop=5: must be a string or a list of strings"),  # said "a valid tuple"
         # pydantic read a number or a bool written as text ("10", "yes"): a caller's slip, passed unnoticed
         ({"max_tokens": "10"}, "invalid max_tokens='10': a number is needed, not a str"),

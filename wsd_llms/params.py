@@ -258,6 +258,11 @@ class GenerationParams(BaseModel):
     def _stop_nonempty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must be non-empty")
+        for i, stop in enumerate(value):  # a reply is UTF-8 text: such a stop could never match
+            try:
+                stop.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"stop[{i}] has an unpaired surrogate {stop[exc.start]!r} at index {exc.start}, which no reply can contain") from None
         if len(value) > MAX_STOPS:  # each is looked for at every token, on the worker every stream shares
             raise ValueError(f"{len(value)} stop strings are more than the {MAX_STOPS} allowed")
         return value
