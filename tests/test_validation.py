@@ -79,6 +79,9 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"json_mode": True}, "unknown parameter 'json_mode' (value True); did you mean response_format={'type': 'json_object'}?"),
         ({"format": "json"}, "unknown parameter 'format' (value 'json'); did you mean response_format={'type': 'json_object'}?"),
         ({"max_retries": 3}, "unknown parameter 'max_retries' (value 3) (not offered: a local model has no key and no network call to retry)"),
+        # the runtime's settings read as typos; they say where they are set
+        ({"device": "cuda"}, "unknown parameter 'device' (value 'cuda') (not a request's: the models and where they run are chosen once, when they load"),
+        ({"max_running": 4}, "unknown parameter 'max_running' (value 4) (not a request's: a limit of the runtime every request shares: runtime.configure(...)"),
         ({"stop": ["x" * 300, ""]}, "...: stop strings must be non-empty"),  # a long value is shortened before the rule
         ({"seed": 2**64}, "invalid seed=18446744073709551616: Input should be less than 18446744073709551616"),
         ({"response_format": {"type": "regex", "pattern": "("}}, "invalid response_format: it cannot be compiled into a grammar: Regex parsing error"),

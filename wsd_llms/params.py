@@ -384,12 +384,25 @@ NOT_OFFERED = {
     ),
     **dict.fromkeys(("logprobs", "top_logprobs"), "replies carry no log probabilities"),
 }
+# The runtime's settings, which no request can change, and where each is set: a call's device or
+# max_running had read as a typo ("unknown parameter").
+RUNTIME_SETTINGS = {
+    **dict.fromkeys(
+        ("draft", "base", "draft_model", "base_model", "device", "dtype", "draft_revision", "base_revision", "trust_remote_code"),
+        "the models and where they run are chosen once, when they load: WSDChatModel(...)/WSDLLM(...) take draft_model, "
+        "base_model, device, dtype, ..., and get_runtime(...) draft, base, device, dtype, ...",
+    ),
+    **dict.fromkeys(
+        ("max_running", "max_cached_tokens", "prefill_chunk", "prefix_cache_tokens", "lookup_tokens"),
+        "a limit of the runtime every request shares: runtime.configure(...), or an adapter's wsd_runtime().configure(...)",
+    ),
+}
 
 
 def did_you_mean(name: str, known: Iterable[str], parameters: bool = False) -> str:
     """"; did you mean 'x'?" with the known name another API's name stands for, or the known name
     closest to a mistyped one; among request `parameters` (not a tool's keys, say), what an option
-    we do not offer means here; or "" if none applies."""
+    we do not offer means here, or where a runtime setting is set; or "" if none applies."""
     known = list(known)
     if OTHER_NAMES.get(name) in known:
         return f"; did you mean {OTHER_NAMES[name]!r}? (other APIs' name for it)"
@@ -397,6 +410,8 @@ def did_you_mean(name: str, known: Iterable[str], parameters: bool = False) -> s
         return "; did you mean response_format={'type': 'json_object'}? (or a JSON schema: {'type': 'json_schema', 'json_schema': {'schema': ...}})"
     if parameters and name in NOT_OFFERED:
         return f" (not offered: {NOT_OFFERED[name]})"
+    if parameters and name in RUNTIME_SETTINGS:
+        return f" (not a request's: {RUNTIME_SETTINGS[name]})"
     # A typo is close to its name; a looser match suggests a parameter that means something else (json_mode: base_model).
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     return f"; did you mean {close[0]!r}?" if close else ""
