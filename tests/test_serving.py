@@ -433,6 +433,43 @@ def test_close_during_a_load_ends_it_before_the_next_model(draft_tokenizer):
     assert loads == ["some/draft"] and rt.engine is None
 
 
+def test_requests_left_during_a_load_count_as_left_not_queued(draft_tokenizer):
+    """A request whose caller leaves while the models load (its timeout passed, its task cancelled)
+    stays in the inbox until the worker is free to end it; stats() counted it as queued all the while
+    (for a minute, on a slow load), and counts it now as the worker will: once, and as it left."""
+    models = {"draft": tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), "base": tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")}
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowLoad(WSDRuntime):
+        def _load(self, role: str, source: str, revision: str | None):
+            entered.set()
+            assert release.wait(30)
+            return models[role]
+
+    async def cancelled_in_time() -> None:
+        with pytest.raises(asyncio.TimeoutError):  # the task is cancelled, well before the request's own timeout
+            await asyncio.wait_for(rt.agenerate(_msgs(QUESTIONS[1]), max_tokens=4, timeout=0.6), 0.2)
+
+    rt = SlowLoad("tiny-draft", "tiny-gemma3", device="cpu", lookup_tokens=0)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(rt.generate, _msgs(QUESTIONS[0]), max_tokens=4)
+            assert entered.wait(10)
+            with pytest.raises(RequestTimeoutError):
+                rt.generate(_msgs(QUESTIONS[2]), max_tokens=4, timeout=0.2)
+            asyncio.run(cancelled_in_time())
+            time.sleep(0.6)  # past the cancelled request's timeout: it still left before it
+            s = rt.stats()
+            assert (s.queued, s.failed, s.cancelled, rt.loaded) == (1, 1, 1, False)
+            release.set()
+            assert waiting.result(timeout=30).text
+        s = rt.stats()
+        assert (s.queued, s.running, s.finished, s.failed, s.cancelled) == (0, 0, 1, 1, 1)
+    finally:
+        release.set()
+        rt.close()
+
+
 def test_load_on_a_closed_runtime_is_refused_though_its_models_are_loaded(fresh):
     """load() on a closed runtime handed out its engine, whose models a caller could then run
     beside the closed runtime's contract; it raises RuntimeClosedError as every other call does."""
@@ -2211,9 +2248,10 @@ def test_requests_given_up_in_the_inbox_count_as_their_callers_left_them(fresh, 
 
 @pytest.mark.parametrize("ending", ["compiles", "fails to compile", "dies compiling", "times out", "is cancelled", "runtime closes"])
 def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monkeypatch, ending):
-    """While its grammar compiles beside the worker a request counts as queued; then it runs, or
-    fails with the compile's error (whatever it is), or ends at its timeout, its cancellation or
-    close(), which waits for the compile to end; it is counted once as finished, failed or cancelled."""
+    """While its grammar compiles beside the worker a request counts as queued (or, once its caller
+    has left, as it will end); then it runs, or fails with the compile's error (whatever it is), or
+    ends at its timeout, its cancellation or close(), which waits for the compile to end; it is
+    counted once as finished, failed or cancelled."""
     rt = fresh()
     rt.generate(_msgs("Hi"), max_tokens=2)
     entered, release = threading.Event(), threading.Event()
@@ -2249,10 +2287,13 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
             else:
                 outcome = pool.submit(rt.generate, _msgs("Pick a number."), **digits)
                 assert entered.wait(10)
-            assert rt.stats().queued == 1
+            s = rt.stats()  # one whose caller left counts as it will end, though it still compiles
+            assert (s.queued, s.cancelled) == ((0, 1) if ending == "is cancelled" else (1, 0))
             if ending == "times out":
                 with pytest.raises(RequestTimeoutError):
                     outcome.result(timeout=10)
+                s = rt.stats()
+                assert (s.queued, s.failed) == (0, 1)
             if ending == "runtime closes":
                 closing = threading.Thread(target=rt.close)
                 closing.start()

@@ -73,8 +73,9 @@ MODELS = {"online": ("draft", "base"), "staged": ("draft", "base"), "base": ("ba
 def given_up(params: GenerationParams, since: float, now: float, left: CallerLeft) -> str:
     """How stats() counts a request its caller gave up on: "failed" past its timeout (a timeout is a
     failure, whoever notices it) or when the caller left on being told the runtime stopped (it
-    ended the request), else "cancelled"."""
-    return "failed" if left.told_closed or params.timed_out(since, now) else "cancelled"
+    ended the request), else "cancelled"; by when the caller left, if it has, so that a request
+    cancelled in time counts as cancelled however late the worker ends it."""
+    return "failed" if left.told_closed or params.timed_out(since, left.at if left.at is not None else now) else "cancelled"
 
 
 @dataclass(frozen=True)

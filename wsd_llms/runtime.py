@@ -66,7 +66,7 @@ ACCEPT_PER_STEP = 16
 CLOSE_WAIT_S = 30.0
 
 
-@dataclass
+@dataclass(eq=False)  # each is itself (kept in a set while untaken)
 class _Submission:
     messages: list[Message]
     params: GenerationParams
@@ -186,6 +186,7 @@ class WSDRuntime:
         # Submissions put in the inbox, and those the worker has taken from it (queued in the engine,
         # or counted as ended): the difference is queued too in stats(), while models load or a step runs.
         self._sent = self._taken = 0
+        self._untaken: set[_Submission] = set()  # those sent and not yet taken (so counted as queued)
         self._counts_lock = threading.Lock()  # stats() against the worker counting a request before there is an engine
         self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
         self._compiles: set[threading.Thread] = set()  # compiling beside the worker (under the worker lock)
@@ -338,13 +339,17 @@ class WSDRuntime:
 
     def _with_runtime_counts(self, stats: RuntimeStats) -> RuntimeStats:
         """The engine's snapshot (or an empty one) with what the runtime counts itself: requests in the
-        inbox, those that ended before there was an engine, and the peak of queued requests."""
+        inbox, those that ended before there was an engine, and the peak of queued requests. One in
+        the inbox whose caller has left counts as it will once the worker takes it (cancelled, or
+        failed at its timeout), not as queued: a load of a minute had shown them queued throughout."""
+        now = time.perf_counter()
+        left = Counter(given_up(sub.params, sub.submitted, now, sub.cancelled) for sub in list(self._untaken) if sub.cancelled.is_set())
         return replace(
             stats,
-            queued=stats.queued + self._sent - self._taken,
+            queued=stats.queued + self._sent - self._taken - left.total(),
             finished=stats.finished + self._unstarted["finished"],
-            failed=stats.failed + self._unstarted["failed"],
-            cancelled=stats.cancelled + self._unstarted["cancelled"],
+            failed=stats.failed + self._unstarted["failed"] + left["failed"],
+            cancelled=stats.cancelled + self._unstarted["cancelled"] + left["cancelled"],
             peaks={**stats.peaks, "queued": max(stats.peaks["queued"], self._peak_queued)},
         )
 
@@ -528,6 +533,7 @@ class WSDRuntime:
             sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
             self._start_worker()  # if no thread can start, the request was never sent
             self._sent += 1  # before the worker can take it
+            self._untaken.add(sub)
             self._inbox.put(sub)
             self._note_queued()
         return sub
@@ -692,6 +698,7 @@ class WSDRuntime:
             return
         with engine.scheduler.lock:  # taken and queued in one move, as stats() sees it
             self._taken += 1
+            self._untaken.discard(sub)
             try:
                 engine.scheduler.add(seq)
             except BaseException as exc:  # one that could never fit
@@ -730,6 +737,7 @@ class WSDRuntime:
         engine = self.engine
         with self._counts_lock if engine is None else engine.scheduler.lock:
             self._taken += 1
+            self._untaken.discard(sub)
             if engine is None:
                 self._unstarted[outcome] += 1
             else:

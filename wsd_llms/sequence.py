@@ -23,9 +23,16 @@ from .reply import Delta, ReplyText
 
 class CallerLeft(threading.Event):
     """Set when a request's caller has left it (its stream closed, its task cancelled, its timeout
-    passed); `told_closed` when it left because it was told the runtime stopped."""
+    passed); `told_closed` when it left because it was told the runtime stopped, and `at` when it
+    first left (time.perf_counter()), which says whether it left before its timeout or at it."""
 
     told_closed = False
+    at: float | None = None
+
+    def set(self) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()
+        super().set()
 
 
 class Phase(str, Enum):
