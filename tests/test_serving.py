@@ -547,7 +547,7 @@ def test_closing_a_sync_stream_frees_its_cache(fresh):
 
 def test_timeout_fails_only_that_request(fresh):
     rt = fresh()
-    with pytest.raises(RequestTimeoutError, match="exceeded timeout=0.01s"):
+    with pytest.raises(RequestTimeoutError, match="^the request exceeded timeout=0.01s"):
         rt.generate(_msgs(QUESTIONS[1]), max_tokens=300, switch_threshold=1.0, timeout=0.01)
     assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=5).usage.reply_tokens <= 5
 
@@ -649,7 +649,7 @@ def test_a_queued_request_times_out_while_it_waits(fresh):
     long = rt.stream(_msgs(QUESTIONS[1]), max_tokens=400, max_draft_tokens=400, mode="draft")  # 300 tokens at least, greedy
     next(long)
     t0 = time.monotonic()
-    with pytest.raises(RequestTimeoutError, match=r"exceeded timeout=0.3s waiting for admission \(1 running of max_running=1, max_cached_tokens="):
+    with pytest.raises(RequestTimeoutError, match=r"^the request exceeded timeout=0.3s waiting for admission \(1 running of max_running=1, max_cached_tokens="):
         rt.generate(_msgs(QUESTIONS[1]), max_tokens=5, timeout=0.3)
     assert time.monotonic() - t0 < 1.5
     assert rt.stats().running == 1  # the long request is still going

@@ -396,7 +396,7 @@ class Engine:
         """Fail a request past its timeout, or drop a cancelled one (queued or running); whether it
         ended. The timeout comes first: a caller that gave up at it, in a long step, also cancelled."""
         if seq.params.timed_out(seq.created, now):
-            self._fail(seq, RequestTimeoutError(f"request {seq.request_id} exceeded timeout={seq.params.timeout}s{self.timed_out_where(seq)}"))
+            self._fail(seq, RequestTimeoutError(f"the request exceeded timeout={seq.params.timeout}s{self.timed_out_where(seq)}"))
         elif seq.cancelled.is_set():
             self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled))
         else:
