@@ -88,8 +88,8 @@ class Scheduler:
     """FIFO admission bounded by concurrent sequences and reserved cache tokens.
 
     A request at the head of the queue whose reservation does not fit beside the running ones (one
-    with max_tokens=10**6 reserves up to both context windows: about 33k positions on the embedded
-    pair) may be passed by later requests that fit now, at most `max_running` of them while it
+    with max_tokens=10**6 reserves the base's whole context window and the draft's prompt and
+    max_draft_tokens: 33,312 positions for "Hi" on the embedded pair) may be passed by later requests that fit now, at most `max_running` of them while it
     waits, so that short requests do not wait for a long one to end; after that admission waits for
     it, so it still starts once enough running requests end.
     """
