@@ -450,65 +450,6 @@ def test_a_batch_of_nothing_is_nothing(fake, monkeypatch):
     assert model.batch([]) == [] and list(model.batch_as_completed([])) == []
 
 
-INTERRUPTED_BATCH = """
-import json, sys, threading, time
-from langchain_wsd import WSDChatModel
-
-llm = WSDChatModel(max_tokens=1000)
-runtime = llm.wsd_runtime()
-runtime.load()
-
-def all_running() -> None:
-    while runtime.stats().running < 4:
-        time.sleep(0.01)
-    print("running", flush=True)
-
-threading.Thread(target=all_running, daemon=True).start()
-questions = [f"Write a long story about a dragon named {name}." for name in ("Ash", "Brim", "Cinder", "Drake")]
-try:
-    if sys.argv[1] == "batch":
-        llm.batch(questions)
-    else:
-        list(llm.batch_as_completed(questions))
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-    while runtime.stats().running:
-        time.sleep(0.01)
-    stats = runtime.stats()
-    print(json.dumps({"cancelled": stats.cancelled, "finished": stats.finished, "cached_tokens": stats.cached_tokens}), flush=True)
-    sys.exit(130)
-"""
-
-
-@pytest.mark.parametrize("method", ["batch", "batch_as_completed"])
-def test_ctrl_c_during_a_batch_ends_its_requests_at_once(method):
-    """LangChain runs a batch's invokes in a thread pool and the KeyboardInterrupt reaches only the
-    main thread, whose executor then waited for every reply to its last token (12 s for 4 replies of
-    400 tokens on this machine); now the Ctrl-C cancels them and reaches the caller at once."""
-    import signal
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_BATCH, method],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal (see test_cli_unit)
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "running\n"
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        assert proc.stdout.readline() == "interrupted\n"
-        assert time.monotonic() - sent < 5  # the replies have up to 1000 tokens each to go: a minute or more
-        assert json.loads(proc.stdout.readline()) == {"cancelled": 4, "finished": 0, "cached_tokens": 0}
-        assert proc.wait(timeout=30) == 130
-    finally:
-        proc.kill()
-        proc.communicate()
-
-
 def test_unknown_parameter_is_named(fake):
     with pytest.raises(InvalidParameterError, match="unknown parameter 'temprature' \\(value 0.5\\); did you mean 'temperature'\\? \\(allowed: .*top_p"):
         WSDChatModel().invoke("x", temprature=0.5)

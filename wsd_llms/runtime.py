@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import interrupts
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, detached, given_up
 from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described
@@ -847,6 +848,7 @@ class SyncStream(Iterator[Event]):
         try:
             runtime = self._runtime
             assert runtime is not None and self._request is not None
+            interrupts.check()  # a Ctrl-C in the main thread: a request not yet sent is never sent
             if self._sub is None:  # sent at the first next(), as a generator's body starts there
                 self._sub = runtime._submit(*self._request, self._inbox.put)
                 self._cancelled = self._sub.cancelled
@@ -854,6 +856,7 @@ class SyncStream(Iterator[Event]):
                 try:
                     item = self._inbox.get(timeout=_wait(self._sub))
                 except queue.Empty:
+                    interrupts.check()
                     runtime._check_waiting(self._sub)
                     continue
                 if item is _CLOSED or self._ended:
@@ -862,7 +865,7 @@ class SyncStream(Iterator[Event]):
                     self._end()
                     self._let_go()
                 return _unwrap(item)
-        except BaseException:  # an error it was sent, a timeout, Ctrl-C, a close(): the request ends with it
+        except BaseException:  # an error it was sent, a timeout, Ctrl-C (in this thread or the main one), a close(): the request ends with it
             self._end()
             self._let_go()
             raise

@@ -39,7 +39,6 @@ from pydantic import BaseModel, Field, ValidationError
 from typing_extensions import is_typeddict
 
 from langchain_wsd.errors import langchain_errors
-from langchain_wsd.interrupts import interruptible, watched
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
@@ -233,7 +232,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         with langchain_errors():
             runtime, runtime_messages, params, checked = self._request(messages, stop, kwargs)
             chunks = _Chunks(checked, self._parse_class(kwargs, params))
-            with closing(runtime.stream(runtime_messages, **params)) as events, watched(events):  # a caller that stops early ends the request now
+            with closing(runtime.stream(runtime_messages, **params)) as events:  # a caller that stops early ends the request now
                 for event in events:
                     for chunk in chunks.add(event):
                         if run_manager:
@@ -325,8 +324,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         (6 on a 2-core machine). A `max_concurrency` in the config still sets the number."""
         if not inputs:
             return []
-        with interruptible():  # a Ctrl-C ends the requests in flight: LangChain's executor waits for each
-            return super().batch(inputs, self._all_at_once(config, len(inputs)), return_exceptions=return_exceptions, **kwargs)  # type: ignore[return-value]
+        return super().batch(inputs, self._all_at_once(config, len(inputs)), return_exceptions=return_exceptions, **kwargs)  # type: ignore[return-value]
 
     def batch_as_completed(  # type: ignore[override]
         self,
@@ -340,7 +338,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         if not inputs:
             return iter(())
         configs = self._all_at_once(config, len(inputs))  # type: ignore[arg-type]
-        return _interruptible(super().batch_as_completed(inputs, configs, return_exceptions=return_exceptions, **kwargs))  # type: ignore[arg-type]
+        return super().batch_as_completed(inputs, configs, return_exceptions=return_exceptions, **kwargs)  # type: ignore[return-value]
 
     def _all_at_once(self, config: RunnableConfig | list[RunnableConfig] | None, count: int) -> list[RunnableConfig]:
         """The call's configs, with `max_concurrency` set to as many as the runtime runs at once where it is not set."""
@@ -432,12 +430,6 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         if not include_raw:
             return llm | parser
         return RunnableMap(raw=llm) | _with_parsed(parser)
-
-
-def _interruptible(results: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
-    """`results`, read under `interruptible()`: LangChain's batch_as_completed sends its requests at the first read."""
-    with interruptible():
-        yield from results
 
 
 def _with_parsed(parser: Runnable) -> Runnable:

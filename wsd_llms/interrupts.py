@@ -1,0 +1,24 @@
+"""Ctrl-C for requests that other threads wait on. The KeyboardInterrupt reaches only the main
+thread; a thread pool's threads (LangChain's batch and RunnableParallel, a LangGraph step's
+parallel nodes, a pool of the caller's own) went on reading their replies to the last token while
+the pool's executor, in the main thread, waited for them to end. A thread waiting on a sync stream
+now sees the main thread handle the KeyboardInterrupt and takes it too (no signal handler is
+installed: asyncio.run installs its own only over Python's)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt in a thread other than the main one while the main thread handles one
+    (an executor's shutdown waits for its threads inside the `with` that the interrupt left)."""
+    main = threading.main_thread()
+    if threading.current_thread() is main:
+        return  # its own wait gets the KeyboardInterrupt
+    handled = sys._current_exceptions().get(main.ident)
+    if isinstance(handled, tuple):  # Python 3.11 gives sys.exc_info()'s triple, later ones the exception
+        handled = handled[1]
+    if isinstance(handled, KeyboardInterrupt):
+        raise KeyboardInterrupt
