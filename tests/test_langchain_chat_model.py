@@ -574,9 +574,9 @@ class Events(BaseCallbackHandler):
     "value, needle",
     [
         ({"temperature": -1}, "invalid temperature=-1"),
-        ({"stop": 5}, "invalid stop=[5]: must be a string or a list of strings"),
+        ({"stop": 5}, "invalid stop=5: must be a string or a list of strings"),  # said stop=[5]
         ({"stop": [["\n"]]}, "invalid stop=[['\\n']]: must be a string or a list of strings"),
-        ({"stop": {"a": 1}}, "invalid stop=[{'a': 1}]: must be a string or a list of strings"),
+        ({"stop": {"a": 1}}, "invalid stop={'a': 1}: must be a string or a list of strings"),
     ],
 )
 def test_a_bad_call_value_reaches_on_llm_error(fake, path, value, needle):

@@ -282,7 +282,7 @@ class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
         if stop is None:
             stop = [] if _asks_for_json(params.get("response_format")) or _forces_a_call(params) else self.stop
         stops = _stops(stop)  # each once; any other value as it is, for the check inside the run to name
-        params["stop"] = list(dict.fromkeys(stops)) if all(isinstance(s, str) for s in stops) else stops
+        params["stop"] = list(dict.fromkeys(stops)) if isinstance(stops, list) and all(isinstance(s, str) for s in stops) else stops
         return params
 
     def wsd_model_name(self, mode: str | None = None) -> str:
@@ -313,14 +313,16 @@ def _forces_a_call(params: Mapping[str, Any]) -> bool:
     return bool(params.get("tools")) and tool_choice_value(params.get("tool_choice")) not in ("auto", "none")
 
 
-def _stops(value: str | Iterable[str] | None) -> list[str]:
-    """Stop strings as a list: one string is one stop (not one stop per character); any other single
-    value is one stop too, for the check to name (`invalid stop=[5]: must be a string or a list of strings`)."""
+def _stops(value: Any) -> Any:
+    """Stop strings as a list: one string is one stop (not one stop per character); a value that is
+    neither comes back as given, for the check to name (`invalid stop=5: must be a string or a list of strings`)."""
     if value is None:
         return []
-    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
         return list(value)
-    return [value]  # type: ignore[list-item]
+    return value
 
 
 class ShownText:
