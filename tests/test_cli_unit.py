@@ -16,6 +16,7 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
+from terminal import python_child
 from wsd_llms.cli import _interactive, main, stats_line, stream_reply
 from wsd_llms.errors import PromptTooLongError, RequestFailedError
 from wsd_llms.events import Event, FinalEvent, TextDelta, Timings, Usage, WSDResult
@@ -174,16 +175,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
     """One question, or an interactive chat's first: a normal exit would wait for the load (atexit
     joins the worker, up to a minute)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_LOAD, *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # as from a terminal: a run started in the background of a shell without job control (nohup
-        # make test &) ignores SIGINT, and a child would inherit that and never see the Ctrl-C
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = python_child(SLOW_LOAD, *args)
     try:
         assert proc.stdin is not None
         proc.stdin.write("hi\n")  # the interactive chat's first question (kept open: no end of input)

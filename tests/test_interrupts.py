@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
+
+from terminal import python_child
 
 CHILD = """
 import json, threading, time
@@ -79,15 +79,7 @@ WAYS = [("a pool of runtime.generate", 4), ("batch, 2 at a time", 2), ("batch_as
 def test_ctrl_c_ends_the_requests_other_threads_wait_on() -> None:
     """Each way's requests are cancelled within a step (their replies have up to 1000 tokens to go,
     a minute or more), and a batch's inputs still waiting in LangChain's executor send nothing."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # as from a terminal: a run started in the background of a shell without job control (nohup
-        # make test &) ignores SIGINT, and a child would inherit that and never see the Ctrl-C
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = python_child(CHILD)
     try:
         assert proc.stdout is not None
         for way, running in WAYS:
