@@ -739,6 +739,30 @@ def test_tool_messages():
             normalize_messages(bad)
 
 
+@pytest.mark.parametrize(
+    ("offered", "with_calls", "ends"),
+    [
+        ({}, True, True),  # the history's calls, and none offered: the model can only copy them
+        ({"tools": [TOOL], "tool_choice": "none"}, True, True),
+        ({"tools": [TOOL]}, True, False),  # a call is the model's to make, and is parsed
+        ({}, False, False),  # no call in the history: the tag is text like any other
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}}, True, False),  # JSON may hold it
+    ],
+)
+def test_the_call_tag_ends_a_reply_that_offers_no_tools_after_calls(offered, with_calls, ends):
+    from wsd_llms.engine import _uncallable
+    from wsd_llms.reply import expand_role_stops
+
+    history = [{"role": "user", "content": "hi"}]
+    if with_calls:
+        history += [
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "pick", "arguments": {"color": "red"}}]},
+            {"role": "tool", "content": "done", "tool_call_id": "c1"},
+        ]
+    stops = _uncallable(normalize_messages(history), parse_params(**offered))
+    assert stops == (expand_role_stops(("<tool_call>",)) if ends else ())
+
+
 def test_tools_render_into_both_prompts(differ_runtime):
     from wsd_llms.prompts import build_prompts
 

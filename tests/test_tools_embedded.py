@@ -6,7 +6,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 
+import pytest
 from pydantic import BaseModel, Field
+
+from wsd_llms import TextDelta
 
 WEATHER = {
     "name": "get_weather",
@@ -118,3 +121,28 @@ def test_two_step_tool_loop(embedded):
     ]
     final = embedded.generate(messages, tools=[WEATHER], tool_choice="none", max_tokens=32)
     assert final.text and not final.tool_calls
+
+
+MULTIPLY = {
+    "name": "multiply",
+    "description": "Multiply two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]},
+}
+CALLED = [
+    {"role": "user", "content": "What is 6 times 7?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "multiply", "arguments": {"a": 6, "b": 7}}]},
+    {"role": "tool", "content": "42", "tool_call_id": "c1"},
+]
+
+
+@pytest.mark.parametrize("offered", [{}, {"tools": [MULTIPLY], "tool_choice": "none"}], ids=["no tools", "tool_choice none"])
+def test_a_reply_offered_no_tools_ends_where_it_would_begin_a_call(embedded, offered):
+    """After a tool result the draft copies the history's call: '42\n<tool_call>\n{"name": "multiply",
+    ...' had been the content of a request that offered no tools (a summary or answer turn that
+    reuses an agent's history). The call tag now ends such a reply, as a role marker does."""
+    for mode in ("online", "staged"):
+        result = embedded.generate(CALLED, max_tokens=40, mode=mode, **offered)
+        assert (result.text, result.content, result.finish_reason, result.tool_calls) == ("42", "42", "stop", ()), mode
+    streamed = [event.text for event in embedded.stream(CALLED, max_tokens=40, **offered) if isinstance(event, TextDelta)]
+    assert "".join(streamed) == "42"
+

@@ -209,11 +209,12 @@ class Engine:
         asked_params, params = params, self._fit_windows(params, len(prompts.draft_ids), len(prompts.base_ids))
         calls = (CALL_TAG, CLOSE_TAG) if params.calls_tools else None  # no stop counts inside a call's markup
         if params.mode == "draft":  # the draft model alone: its own tokenizer, its own end of turn
-            reply = ReplyText(self.draft.tokenizer, tuple(params.stop), calls)
+            reply = ReplyText(self.draft.tokenizer, tuple(params.stop), calls, _uncallable(messages, params), len(prompts.forced_prefix))
         else:
             role_stops = expand_role_stops(prompts.role_stops) if params.free_text else ()  # a grammar ends JSON
             if params.text_format:  # a marker inside a line is the format's text (a JSON string, say); one on a new line starts a turn
                 role_stops = tuple(stop for stop in role_stops if stop.startswith("\n"))
+            role_stops += _uncallable(messages, params)
             reply = ReplyText(self.base.tokenizer, tuple(params.stop), calls, role_stops, len(prompts.forced_prefix))
         asked = {name: getattr(asked_params, name) for name in ("max_tokens", "max_draft_tokens")}
         return Sequence(params=params, prompts=prompts, reply=reply, deliver=deliver, constraint=constraint_spec(params), asked=asked)
@@ -696,3 +697,14 @@ def detached(exc: BaseException) -> BaseException:
             link.__traceback__ = None
         links += [link.__cause__, link.__context__]
     return exc
+
+
+def _uncallable(messages: list[Message], params: GenerationParams) -> tuple[str, ...]:
+    """The call tag as a role marker (it ends the reply, the whitespace before it dropped) where the
+    history holds calls but this request offers none (no tools, or tool_choice="none"): a model that
+    copies the history's calls ("42\n<tool_call>...") had put call markup in a plain reply's content,
+    which no provider asked for no tools writes. Free text only: a grammar's JSON may hold the tag."""
+    if params.calls_tools or not params.free_text or params.text_format or not any(m.tool_calls for m in messages):
+        return ()
+    return expand_role_stops((CALL_TAG,))
+
