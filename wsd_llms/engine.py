@@ -703,8 +703,7 @@ def _uncallable(messages: list[Message], params: GenerationParams) -> tuple[str,
     """The call tag as a role marker (it ends the reply, the whitespace before it dropped) where the
     history holds calls but this request offers none (no tools, or tool_choice="none"): a model that
     copies the history's calls ("42\n<tool_call>...") had put call markup in a plain reply's content,
-    which no provider asked for no tools writes. Free text only: a grammar's JSON may hold the tag."""
+    where a provider offered no tools writes none. Free text only: a grammar's JSON may hold the tag."""
     if params.calls_tools or not params.free_text or params.text_format or not any(m.tool_calls for m in messages):
         return ()
     return expand_role_stops((CALL_TAG,))
-

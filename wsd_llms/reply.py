@@ -152,8 +152,8 @@ class ReplyText:
         """`stops`: the caller's stop strings. `role_stops`: the prompt template's role markers,
         which end the reply too but are no text of it (not within the reply's first `forced`
         characters, a forced start's, which the caller wrote: the draft's mode has none but the call
-        tag of a request that offers no tools, engine._uncallable); a reply that ends (max_tokens) in the start of one drops that
-        start. Neither counts between `quoted`'s opening and closing marks (a tool call's tags: its
+        tag of a request that offers no tools, engine._uncallable); a reply that ends (max_tokens) in
+        the start of one drops that start. Neither counts between `quoted`'s opening and closing marks (a tool call's tags: its
         arguments may hold a role marker, and its markup, which the caller never sees, holds a
         newline after the tag), so a stop such as "\n" does not cut every call short."""
         self._tok = tokenizer

@@ -89,9 +89,10 @@ class Scheduler:
 
     A request at the head of the queue whose reservation does not fit beside the running ones (one
     with max_tokens=10**6 reserves the base's whole context window and the draft's prompt and
-    max_draft_tokens: 33,312 positions for "Hi" on the embedded pair) may be passed by later requests that fit now, at most `max_running` of them while it
-    waits, so that short requests do not wait for a long one to end; after that admission waits for
-    it, so it still starts once enough running requests end.
+    max_draft_tokens: 33,312 positions for "Hi" on the embedded pair) may be passed by later
+    requests that fit now, at most `max_running` of them while it waits, so that short requests do
+    not wait for a long one to end; after that admission waits for it, so it still starts once
+    enough running requests end.
     """
 
     def __init__(self, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
