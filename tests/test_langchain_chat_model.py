@@ -984,6 +984,20 @@ def test_unknown_tool_choice_is_an_error(choice):
         WSDChatModel().bind_tools([Add, lookup], tool_choice=choice)
 
 
+@pytest.mark.parametrize("choice", [None, "auto", "any", "bash"])
+@pytest.mark.parametrize(
+    ("tools", "kind"),
+    [([lookup, {"type": "web_search_preview"}], "web_search_preview"), ([{"type": "bash_20250124", "name": "bash"}], "bash_20250124")],
+)
+def test_a_providers_own_tool_is_refused_at_bind_time(fake, tools, kind, choice):
+    """A tool its provider runs (OpenAI's web search, Anthropic's bash), which code written for
+    those models binds: a model error naming it, whatever the tool_choice. It had been a KeyError
+    with a tool_choice, and Anthropic's, which has a name, a function of no arguments."""
+    with pytest.raises(ModelInvalidRequestError, match=re.escape(f"has type {kind!r}, which is not a function tool (a tool its provider runs itself")):
+        WSDChatModel().bind_tools(tools, tool_choice=choice)
+    assert fake.requests == []
+
+
 @pytest.mark.parametrize("choice", ["any", "required", True, {"type": "any"}])
 def test_a_required_call_with_no_tools_is_an_error(fake, choice):
     """At bind time, or in a call (which had run as a plain reply), as a LangChain model error, as

@@ -321,6 +321,12 @@ async def aparse_params(**params: Any) -> GenerationParams:
     return parsed
 
 
+def checked_tools(tools: Any) -> tuple[dict[str, Any], ...]:
+    """`tools` as a request takes them ({name, description, parameters}), or the error it would
+    raise: for an adapter that binds tools before any call (no grammar is built here)."""
+    return _validated({"tools": tools}).tools
+
+
 def _validated(params: dict[str, Any]) -> GenerationParams:
     try:
         return GenerationParams(**params)

@@ -71,6 +71,14 @@ class InvalidToolCall:
 TOOL_KEYS = ("name", "description", "parameters", "strict", "input_schema", "cache_control")
 
 
+def is_function_tool(tool: Mapping[str, Any]) -> bool:
+    """Whether a tool dict is one the model calls (a function, OpenAI's or Anthropic's form, whose
+    "custom" needs an input_schema), not a provider's own tool (web search, bash) that it runs itself.
+    OpenAI's Responses API's function tools are flat: their "type" sits beside the name."""
+    kind = tool.get("type", "function")
+    return kind == "function" or kind == "custom" and "input_schema" in tool
+
+
 def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
     """Tools as {name, description, parameters}; OpenAI's {"type": "function", "function": {...}}
     and Anthropic's {name, description, input_schema} accepted. An unknown key is an error, so a
@@ -81,9 +89,9 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
     for i, tool in enumerate(tools):
         if not isinstance(tool, Mapping):
             raise ValueError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
-        kind = tool.get("type", "function")  # Anthropic's may say "custom"; OpenAI's Responses API's are flat
-        if kind not in ("function", "custom") or (kind == "custom" and "input_schema" not in tool):
-            raise ValueError(f"tools[{i}] has type {kind!r}, which is not a function tool (a 'custom' tool needs an 'input_schema')")
+        if not is_function_tool(tool):
+            why = "a 'custom' tool needs an 'input_schema'" if tool["type"] == "custom" else "a tool its provider runs itself; this model calls functions only"
+            raise ValueError(f"tools[{i}] has type {tool['type']!r}, which is not a function tool ({why})")
         body = tool.get("function", tool)
         if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
             raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")

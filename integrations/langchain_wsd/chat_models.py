@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -42,7 +42,8 @@ from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
-from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, tool_choice_value, unwrapped_format
+from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_value, unwrapped_format
+from wsd_llms.tools import is_function_tool
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
@@ -363,8 +364,10 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         """
         formatted = [_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
-        if tool_choice is not None and tool_choice is not False:  # False leaves it unset, as in ChatOpenAI
-            with langchain_errors():  # ModelInvalidRequestError, as a call's own bad tool_choice is
+        with langchain_errors():  # ModelInvalidRequestError, as a call's own bad tools or tool_choice are
+            if not all(map(is_function_tool, formatted)):  # a provider's own tool: refused with the call's error, here
+                checked_tools(formatted)
+            if tool_choice is not None and tool_choice is not False:  # False leaves it unset, as in ChatOpenAI
                 bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
@@ -610,6 +613,8 @@ def _openai_tool(tool: dict[str, Any] | type | Callable | BaseTool) -> dict[str,
     references (`$defs`) keeps its own JSON schema as the parameters: LangChain's converter inlines
     references and writes a recursive one as any value, which would let a call through the grammar
     that the tool's own model then refuses."""
+    if isinstance(tool, Mapping) and tool.get("type", "object") != "object" and not is_function_tool(tool):  # a JSON schema's type is "object"
+        return dict(tool)  # a provider's own tool, for the runtime to refuse by its type: LangChain's converter makes a function of any dict with a name
     formatted = convert_to_openai_tool(tool)
     model = tool.tool_call_schema if isinstance(tool, BaseTool) else tool
     if isinstance(model, type) and is_basemodel_subclass(model) and hasattr(model, "model_json_schema"):  # not pydantic.v1's
