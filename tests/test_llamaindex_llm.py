@@ -256,7 +256,8 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
         llm.chat([message])
     # its place among all the message's blocks, those left out too (it had counted only the rest)
     thought = ChatMessage(role="user", blocks=[ThinkingBlock(content="Hm."), TextBlock(text="What is this?"), block])
-    with pytest.raises(wsd_llms.InvalidMessagesError, match=rf"content block 2 has type '{type(block).__name__}'"):
+    # named in LlamaIndex's words (it had offered LangChain's 'text' or 'text-plain' blocks)
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=rf"content block 2 has type '{type(block).__name__}'; this model reads text only \(TextBlock\)$"):
         llm.chat([thought])
     with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
         await llm.astream_chat([message])

@@ -468,14 +468,15 @@ class ShownCalls:
 REASONING_BLOCKS = ("reasoning", "thinking", "redacted_thinking")
 
 
-def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> str:
+def content_to_text(content: Any, where: str, skip: tuple[type, ...] = (), readable: str = "blocks of type 'text' or 'text-plain'") -> str:
     """A message's content as text: a string, or a list of text blocks (LangChain's plain-text
     documents, "text-plain", among them) joined with newlines (as
     LlamaIndex's `ChatMessage.content`, Ollama and vLLM join them: a context block and a question
     block must not run together). Another model's reasoning blocks are left out, and so are blocks
     of the `skip` types (an adapter's own kinds of such blocks); a block of plain data (a tool
     result, untyped or LangChain's {"type": "json", "json": ...}) is written as JSON, and any other
-    block (an image, say) gets a clear error that gives its place among all the blocks."""
+    block (an image, say) gets a clear error that gives its place among all the blocks and names
+    the blocks it could have been (`readable`, in the adapter's framework's words)."""
     if isinstance(content, str):
         return content
     if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
@@ -504,7 +505,7 @@ def content_to_text(content: Any, where: str, skip: tuple[type, ...] = ()) -> st
                 parts.append(json.dumps(block["json"], ensure_ascii=False, default=str))
             else:
                 raise InvalidMessagesError(
-                    f"{where} content block {i} has type {kind!r}; this model reads text only (blocks of type 'text' or 'text-plain')"
+                    f"{where} content block {i} has type {kind!r}; this model reads text only ({readable})"
                 )
         return "\n".join(parts)
     raise InvalidMessagesError(f"{where} content must be text, got {type(content).__name__}")

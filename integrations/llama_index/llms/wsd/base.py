@@ -131,7 +131,7 @@ _NOT_TEXT = (ToolCallBlock, ThinkingBlock, CachePoint, CitationBlock)
 def _text(msg: ChatMessage, where: str) -> str:
     """A message's text blocks joined with newlines, as `ChatMessage.content` joins them; any other
     content block (an image, say) gets integration.content_to_text's clear error."""
-    return content_to_text([block.text if isinstance(block, TextBlock) else block for block in msg.blocks], where, skip=_NOT_TEXT)
+    return content_to_text([block.text if isinstance(block, TextBlock) else block for block in msg.blocks], where, skip=_NOT_TEXT, readable="TextBlock")
 
 
 def _chunk(text: str, delta: str, source: str, calls: list[tuple[str, str, str]]) -> ChatResponse:
