@@ -20,6 +20,7 @@ from llama_index.core.base.llms.types import (
 )
 
 import wsd_llms
+from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.llms.wsd import WSDLLM
 from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
 from wsd_llms.loading import EMBEDDED_BASE, EMBEDDED_DRAFT, local_source
@@ -102,6 +103,27 @@ def test_metadata_reads_config_without_loading() -> None:
     assert meta.is_function_calling_model == all(importlib.util.find_spec(m) is not None for m in ("xgrammar", "jsonschema"))
     assert meta.model_name == base_dir
     assert WSDLLM(base_model=base_dir, mode="draft").metadata.model_name == EMBEDDED_DRAFT  # the draft alone writes the reply
+
+
+@pytest.mark.parametrize(
+    ("settings", "room"),
+    [
+        ({"max_tokens": 77}, 77),
+        ({"max_tokens": 300, "max_draft_tokens": 100}, 100),  # the draft writes at most 100 in its window
+        ({"max_tokens": 9000}, 512),  # the base writes the rest in its 32768
+        ({"max_tokens": 30000}, 30000 - (32768 - 8192)),  # more than the base's window holds past the draft's
+        ({"max_tokens": 9000, "mode": "base"}, 9000),
+        ({"max_tokens": 300, "max_draft_tokens": 100, "mode": "draft"}, 300),
+    ],
+)
+def test_num_output_is_the_room_the_reply_needs_in_the_reported_window(settings: dict[str, Any], room: int) -> None:
+    """LlamaIndex packs prompts into `context_window - num_output`. WSD's draft, whose window is the
+    one reported, writes at most max_draft_tokens; the base writes the reply in its own larger window.
+    With num_output = max_tokens, a max_tokens of 8192 or more failed every query engine's packing."""
+    llm = WSDLLM(base_model=str(local_source(EMBEDDED_BASE)), **settings)
+    meta = llm.metadata
+    assert meta.num_output == room and not llm.wsd_runtime().loaded
+    assert PromptHelper.from_llm_metadata(meta)._get_available_context_size(100) == meta.context_window - 100 - room
 
 
 def test_metadata_before_the_first_load_converts_nothing_and_waits_for_no_load(monkeypatch, tmp_path) -> None:

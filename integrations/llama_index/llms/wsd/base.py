@@ -269,11 +269,23 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         window = runtime.known_context_window(self.mode) or runtime.context_window(self.mode)
         return LLMMetadata(
             context_window=min(window, self.context_window or window),
-            num_output=self.max_tokens,
+            num_output=self._output_room(window),
             is_chat_model=True,
             is_function_calling_model=can_constrain(),
             model_name=self.wsd_model_name(),
         )
+
+    def _output_room(self, window: int) -> int:
+        """The room LlamaIndex's prompt packing leaves for the reply (`num_output`, which it takes from
+        the reported window): max_tokens where one model writes the reply. In WSD the draft writes at
+        most max_draft_tokens in its window, the smaller, and the base writes the reply in its own, so
+        the draft's window need hold only that much of a longer max_tokens: with max_tokens at or above
+        it, every query engine had failed ("Calculated available context size -N")."""
+        if self.mode in ("base", "draft"):
+            return self.max_tokens
+        runtime = self.wsd_runtime()
+        base = runtime.known_context_window("base") or runtime.context_window("base")
+        return max(min(self.max_tokens, self.max_draft_tokens), self.max_tokens - (base - window))
 
     # ------------------------------------------------------------ decoding
 
