@@ -984,6 +984,16 @@ def test_unknown_tool_choice_is_an_error(choice):
         WSDChatModel().bind_tools([Add, lookup], tool_choice=choice)
 
 
+def test_a_flat_function_tool_takes_a_tool_choice(fake):
+    """OpenAI's Responses API writes a function tool flat ({"type": "function", "name": ...}), which
+    LangChain's converter passes on as it is: naming it in tool_choice had been a KeyError."""
+    flat = {"type": "function", "name": "scale", "description": "Scale.", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}
+    WSDChatModel().bind_tools([flat, lookup], tool_choice="scale").invoke("x")
+    assert fake.requests[-1][1]["tool_choice"] == "scale" and fake.requests[-1][1]["tools"][0] == flat
+    with pytest.raises(ModelInvalidRequestError, match=re.escape("tools[0] needs a 'name'")):
+        WSDChatModel().bind_tools([{"type": "function", "parameters": {"type": "object"}}], tool_choice="any")
+
+
 @pytest.mark.parametrize("choice", [None, "auto", "any", "bash"])
 @pytest.mark.parametrize(
     ("tools", "kind"),

@@ -79,6 +79,13 @@ def is_function_tool(tool: Mapping[str, Any]) -> bool:
     return kind == "function" or kind == "custom" and "input_schema" in tool
 
 
+def tool_name(tool: Mapping[str, Any]) -> str | None:
+    """A tool dict's name in any form normalize_tools takes (OpenAI's wrapped or flat, Anthropic's), or None."""
+    body = tool.get("function", tool)
+    name = body.get("name") if isinstance(body, Mapping) else None
+    return name if isinstance(name, str) and name else None
+
+
 def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
     """Tools as {name, description, parameters}; OpenAI's {"type": "function", "function": {...}}
     and Anthropic's {name, description, input_schema} accepted. An unknown key is an error, so a
@@ -93,7 +100,7 @@ def normalize_tools(tools: Any) -> tuple[dict[str, Any], ...]:
             why = "a 'custom' tool needs an 'input_schema'" if tool["type"] == "custom" else "a tool its provider runs itself; this model calls functions only"
             raise ValueError(f"tools[{i}] has type {tool['type']!r}, which is not a function tool ({why})")
         body = tool.get("function", tool)
-        if not isinstance(body, Mapping) or not isinstance(body.get("name"), str) or not body["name"]:
+        if tool_name(tool) is None:
             raise ValueError(f"tools[{i}] needs a 'name' (or 'function': {{'name': ...}}), got {dict(tool)!r}")
         flat = body is tool  # its "type" sits beside the function's keys
         wrapper = [] if flat else [key for key in tool if key not in ("type", "function")]

@@ -43,7 +43,7 @@ from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, Te
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_value, unwrapped_format
-from wsd_llms.tools import is_function_tool
+from wsd_llms.tools import is_function_tool, tool_name
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
@@ -365,10 +365,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         formatted = [_openai_tool(t) for t in tools]
         bound: dict[str, Any] = {"tools": formatted, **kwargs}
         with langchain_errors():  # ModelInvalidRequestError, as a call's own bad tools or tool_choice are
-            if not all(map(is_function_tool, formatted)):  # a provider's own tool: refused with the call's error, here
-                checked_tools(formatted)
+            names = [name for name in map(tool_name, formatted) if name is not None]  # OpenAI's Responses API's tools are flat
+            if len(names) < len(formatted) or not all(map(is_function_tool, formatted)):  # a nameless tool, or a provider's own:
+                checked_tools(formatted)  # refused with the call's error, here
             if tool_choice is not None and tool_choice is not False:  # False leaves it unset, as in ChatOpenAI
-                bound["tool_choice"] = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+                bound["tool_choice"] = _tool_choice(tool_choice, names)
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(**bound)
