@@ -1435,7 +1435,10 @@ class JokeDict(TypedDict):
 JOKE = {"setup": "Why?", "punchline": "Because."}
 
 
-@pytest.mark.parametrize("schema", [Joke, JokeDict, Joke.model_json_schema()])
+FLAT_JOKE = {"type": "function", "name": "Joke", "description": "A joke.", "parameters": Joke.model_json_schema()}  # OpenAI's Responses API's tool
+
+
+@pytest.mark.parametrize("schema", [Joke, JokeDict, Joke.model_json_schema(), FLAT_JOKE])
 @pytest.mark.parametrize("method", ["json_schema", "json_mode", "function_calling"])
 def test_structured_output_each_schema_and_method(fake, schema, method):
     if method == "function_calling":

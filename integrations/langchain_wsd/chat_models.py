@@ -416,11 +416,9 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             llm = self.bind_tools(
                 [schema], tool_choice="any", continue_final_message=False, ls_structured_output_format={"kwargs": {"method": method}, "schema": schema}
             )  # (the call forces a call, so the constructor's response_format is left out: WSDSettings.wsd_params)
-            parser = (
-                _PydanticCall(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
-                if pydantic
-                else _KeyCall(key_name=convert_to_openai_tool(schema)["function"]["name"], first_tool_only=True)
-            )
+            name = tool_name(_openai_tool(schema))  # a flat OpenAI function too; bind_tools refused a nameless one
+            assert name is not None
+            parser = _PydanticCall(tools=[schema], first_tool_only=True) if pydantic else _KeyCall(key_name=name, first_tool_only=True)  # type: ignore[list-item]
         else:
             json_schema = _json_schema(schema) if schema is not None else None
             traced = convert_to_json_schema(schema) if isinstance(schema, type) else json_schema  # as LangChain traces a class
