@@ -265,8 +265,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """LlamaIndex reads this on every call (its instrumentation's payload), on the event loop for
         achat: the window is told at once where it can be (a GGUF or embedded model's from its
         header before its first load, which converts it), else read from the model's config."""
-        runtime = self.wsd_runtime()
-        window = runtime.known_context_window(self.mode) or runtime.context_window(self.mode)
+        window = self._window(self.mode)
         return LLMMetadata(
             context_window=min(window, self.context_window or window),
             num_output=self._output_room(window),
@@ -283,9 +282,12 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         it, every query engine had failed ("Calculated available context size -N")."""
         if self.mode in ("base", "draft"):
             return self.max_tokens
+        return max(min(self.max_tokens, self.max_draft_tokens), self.max_tokens - (self._window("base") - window))
+
+    def _window(self, mode: str) -> int:
+        """The context window of `mode`, told at once where it can be (see metadata)."""
         runtime = self.wsd_runtime()
-        base = runtime.known_context_window("base") or runtime.context_window("base")
-        return max(min(self.max_tokens, self.max_draft_tokens), self.max_tokens - (base - window))
+        return runtime.known_context_window(mode) or runtime.context_window(mode)
 
     # ------------------------------------------------------------ decoding
 
