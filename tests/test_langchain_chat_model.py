@@ -332,6 +332,29 @@ def test_bind_and_call_kwargs_override_the_constructor(fake):
     assert fake.requests[-1][1]["stop"] == ["a"]
 
 
+async def test_generate_fills_llm_output_as_chatopenai_does(fake):
+    """A call's llm_output holds its token usage in OpenAI's keys and its model, for callback handlers
+    that read usage there; `generate` over several prompts sums their usage."""
+
+    class Outputs(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.outputs: list[Any] = []
+
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            self.outputs.append(response.llm_output)
+
+    usage = to_usage_metadata(fake.reply)
+    one = {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"], "total_tokens": usage["total_tokens"]}
+    expected = {"token_usage": one, "model_name": "fake-base", "model_provider": "wsd"}
+    handler, model = Outputs(), WSDChatModel()
+    result = model.generate([[HumanMessage("a")], [HumanMessage("b")]], callbacks=[handler])
+    aresult = await model.agenerate([[HumanMessage("a")], [HumanMessage("b")]], callbacks=[handler])
+    assert handler.outputs == [expected] * 4
+    both = {**expected, "token_usage": {key: 2 * value for key, value in one.items()}}
+    assert result.llm_output == aresult.llm_output == both
+    assert model.generate([[HumanMessage("a")]]).llm_output == expected
+
+
 @pytest.mark.parametrize("model", [WSDChatModel(), WSDChatModel(streaming=True), WSDChatModel(disable_streaming=True)])
 @pytest.mark.parametrize("stream", [True, False])
 def test_langchain_stream_flags_are_not_request_parameters(fake, model, stream):

@@ -278,7 +278,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, self._tokens_to(run_manager, kwargs), **kwargs))
+        return _with_llm_output(generate_from_stream(self._stream(messages, stop, self._tokens_to(run_manager, kwargs), **kwargs)))
 
     async def _agenerate(
         self,
@@ -288,7 +288,16 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks = [chunk async for chunk in self._astream(messages, stop, self._tokens_to(run_manager, kwargs), **kwargs)]
-        return generate_from_stream(iter(chunks))
+        return _with_llm_output(generate_from_stream(iter(chunks)))
+
+    def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None], /) -> dict[str, Any]:
+        """`generate`'s llm_output for several prompts: their token usage summed (as ChatOpenAI's),
+        with the model of the first."""
+        outputs = [output for output in llm_outputs if output]
+        if not outputs:
+            return {}
+        usage = {key: sum(output["token_usage"][key] for output in outputs) for key in outputs[0]["token_usage"]}
+        return {**outputs[0], "token_usage": usage}
 
     def _tokens_to(self, run_manager: _RunManager | None, kwargs: dict[str, Any]) -> _RunManager | None:
         """Who hears each token of a call LangChain did not stream: its callbacks (as ChatOllama's),
@@ -770,6 +779,19 @@ def final_chunks(result: WSDResult, calls: list[FinalCall]) -> list[ChatGenerati
         generation_info={"finish_reason": metadata["finish_reason"], "model_name": metadata["model_name"]},
     )
     return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=pieces)), last] if pieces else [last]
+
+
+def _with_llm_output(result: ChatResult) -> ChatResult:
+    """The result with `llm_output` as ChatOpenAI's invoke fills it (token_usage in OpenAI's keys, and
+    the model), for callback handlers that read usage there rather than from usage_metadata. A
+    streamed call has none, as with every LangChain chat model: its usage is on the last chunk."""
+    message = result.generations[0].message
+    usage = message.usage_metadata if isinstance(message, AIMessage) else None
+    if usage is not None:
+        token_usage = {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"], "total_tokens": usage["total_tokens"]}
+        metadata = message.response_metadata
+        result.llm_output = {"token_usage": token_usage, "model_name": metadata["model_name"], "model_provider": metadata["model_provider"]}
+    return result
 
 
 def _as_last_chunk(message: BaseMessage) -> AIMessageChunk:
