@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
 from wsd_llms.prompts import build_prompts
-from wsd_llms.sequence import Phase
+from wsd_llms.sequence import Phase, Sequence
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -1808,6 +1809,59 @@ def test_a_closed_runtime_from_get_runtime_is_freed_once_its_caller_drops_it():
     del closed
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("path", ["stream", "generate", "astream", "agenerate"])
+def test_kept_errors_hold_neither_a_closed_runtimes_engine_nor_their_requests(draft_tokenizer, monkeypatch, path):
+    """A caller may keep a request's error (a retry wrapper's last one, a tracer). The frames its
+    traceback left had held the runtime, so that close() freed none of its models, and a timed-out
+    request's sequence. Here: one request timed out by its caller in a long step, one ended by close()."""
+    rt = WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3"), lookup_tokens=0
+    )
+    errors: list[WSDError] = []
+    sequences = sum(type(o) is Sequence for o in gc.get_objects())
+
+    def call(**params: Any) -> None:
+        messages = _msgs(QUESTIONS[1])
+        params = {"max_tokens": 300, "switch_threshold": 1.0, **params}
+
+        async def drained() -> None:
+            async for _ in rt.astream(messages, **params):
+                pass
+
+        try:
+            if path == "stream":
+                list(rt.stream(messages, **params))
+            elif path == "generate":
+                rt.generate(messages, **params)
+            else:
+                asyncio.run(drained() if path == "astream" else rt.agenerate(messages, **params))
+        except WSDError as error:
+            errors.append(error)
+
+    engine, step, window = rt.engine, rt.engine.step, rt.context_window()
+
+    def slow_once_generating() -> None:  # a long step, once the request has written a token
+        step()
+        if any(seq.reply.ids for seq in engine.scheduler.running):
+            time.sleep(0.6)
+
+    monkeypatch.setattr(engine, "step", slow_once_generating)
+    call(timeout=0.3)
+    monkeypatch.setattr(engine, "step", lambda: (step(), time.sleep(0.05)))  # slow enough for close() to come mid-reply
+    threading.Timer(0.3, rt.close).start()
+    call()
+    assert [type(error) for error in errors] == [RequestTimeoutError, RuntimeClosedError], errors
+    assert "timeout=0.3s while generating" in str(errors[0])
+    _wait_for(lambda: rt.engine is None)
+    gone = weakref.ref(engine)
+    assert rt.stats().failed == 2 and rt.stats().cached_tokens == 0 and rt.context_window() == window  # kept after the engine went
+    del engine, step
+    monkeypatch.undo()
+    gc.collect()
+    assert gone() is None
+    assert sum(type(o) is Sequence for o in gc.get_objects()) == sequences
 
 
 def test_a_head_too_large_for_the_room_left_is_passed_a_bounded_number_of_times():

@@ -15,7 +15,7 @@ import torch
 
 from .baselines import run_base_only, run_draft_only
 from .encoding import least_tokens
-from .errors import EXITS, ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described
+from .errors import EXITS, ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described, linked
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
@@ -685,17 +685,10 @@ def detached(exc: BaseException) -> BaseException:
     """The exception (and those it chains to) without tracebacks, which hold the worker's frames, and
     through them the request's caches, for as long as a caller keeps the error (batch with
     return_exceptions, a tracer); each trace stays readable as a note."""
-    seen: set[int] = set()
-    links: list[BaseException | None] = [exc]
-    while links:
-        link = links.pop()
-        if link is None or id(link) in seen:
-            continue
-        seen.add(id(link))
+    for link in linked(exc):
         if link.__traceback__ is not None:
             link.add_note("raised in the wsd-llms worker:\n" + "".join(traceback.format_tb(link.__traceback__)).rstrip())
             link.__traceback__ = None
-        links += [link.__cause__, link.__context__]
     return exc
 
 

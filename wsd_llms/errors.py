@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import traceback
+from collections.abc import Iterator
 
 
 class WSDError(Exception):
@@ -72,3 +74,25 @@ def described(exc: BaseException) -> str:
     except Exception as broken:  # the error message is ours to send: it must not fail too
         text = f"<its message failed: {type(broken).__name__}>"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def linked(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every error it chains to (causes and contexts), each once."""
+    seen: set[int] = set()
+    links: list[BaseException | None] = [exc]
+    while links:
+        link = links.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        links += [link.__cause__, link.__context__]
+
+
+def released(exc: BaseException) -> BaseException:
+    """`exc`, the frames it has left (and those of the errors it chains to) cleared of their locals:
+    a caller that keeps the error (a retry wrapper's last one, a tracer) kept what they held, such as
+    a finished request's sequence. The frame that catches it, still running, keeps its own."""
+    for link in linked(exc):
+        traceback.clear_frames(link.__traceback__)
+    return exc

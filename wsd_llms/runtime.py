@@ -26,7 +26,7 @@ import torch
 from . import interrupts
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, detached, given_up
-from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described
+from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described, released
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
@@ -172,6 +172,7 @@ class WSDRuntime:
         self._start_clean()
         self._closed = False
         self.engine: Engine | None = None
+        self._retired: RuntimeStats | None = None  # the engine's last counts, once closing let go of it
         self._context_windows_read: dict[str, int] = {}
         self._tokenizers: dict[str, Any] = {}  # read without the weights, before a load
         WSDRuntime.instances.add(self)
@@ -251,6 +252,9 @@ class WSDRuntime:
                 yield _unwrap(item)
                 if isinstance(item, FinalEvent):
                     return
+        except WSDError as error:
+            released(error)  # a caller may keep it
+            raise
         finally:
             sub.cancelled.set()
 
@@ -334,7 +338,7 @@ class WSDRuntime:
         with self._counts_lock:  # the engine is set under it: none now means none until this snapshot is taken
             engine = self.engine
             if engine is None:
-                return self._with_runtime_counts(RuntimeStats.empty())
+                return self._with_runtime_counts(self._retired or RuntimeStats.empty())
         with engine.scheduler.lock:  # under which the worker takes a submission and queues (or counts) it
             return self._with_runtime_counts(engine.stats())
 
@@ -490,8 +494,9 @@ class WSDRuntime:
             )
 
     def close(self) -> None:
-        """Stop the worker; requests still waiting fail with RuntimeClosedError. A runtime from
-        get_runtime leaves its registry, so that it is freed with its models once no caller holds it."""
+        """Stop the worker; requests still waiting fail with RuntimeClosedError. The runtime lets go
+        of its models and caches once no worker runs (what holds it, a variable or a kept error's
+        traceback, holds them no longer); a runtime from get_runtime also leaves its registry."""
         with self._worker_lock:
             self._closed = True
             self._inbox.put(None)
@@ -503,6 +508,20 @@ class WSDRuntime:
                 thread.join(timeout=max(deadline - time.monotonic(), 0))
                 while thread.is_alive() and self._loading:  # it stops once the model in progress is in
                     thread.join(timeout=_POLL)
+        if not any(thread is not None and thread.is_alive() for thread in threads):  # else the worker lets go as it ends
+            self._let_go_of_models()
+
+    def _let_go_of_models(self) -> None:
+        """Drop the engine of a closed runtime, with its models, caches and prefix cache, once nothing
+        runs on it; stats() keeps its last counts and context_window() the windows."""
+        engine = self.engine
+        if engine is None:
+            return
+        with engine.scheduler.lock:
+            final = engine.stats()
+        self._context_windows_read.update(self._context_windows(MODELS["online"]))
+        with self._counts_lock:
+            self._retired, self.engine = final, None
 
     # ------------------------------------------------------------ worker
 
@@ -642,6 +661,7 @@ class WSDRuntime:
                 while item is not False:
                     if item is None:
                         self._fail_all("the runtime was closed")
+                        self._let_go_of_models()
                         return False
                     if self._closed:  # sent before close(): it fails with the rest, without loading models or starting
                         self._refuse(item, RuntimeClosedError("the runtime was closed"))
@@ -838,6 +858,9 @@ class SyncStream(Iterator[Event]):
             raise ValueError("this stream is being read in another thread")  # as a generator's "already executing"
         try:
             return self._next()
+        except WSDError as error:
+            released(error)  # a caller may keep it: the frames it left held the request (_check_waiting's)
+            raise
         finally:
             self._reading.release()
 
