@@ -158,6 +158,31 @@ def test_an_interactive_chat_loads_the_models_before_its_first_question(monkeypa
     assert main(["chat"]) == 0 and order == ["load", "input"]
 
 
+@pytest.mark.parametrize("at", ["prompt", "first text", "mid-reply"])
+def test_ctrl_c_leaves_stdout_the_reply_alone(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], at: str) -> None:
+    """Ctrl-C at the `you> ` prompt, or before a reply's first text, ends the ^C's line on stderr:
+    stdout, piped or in a file, holds replies alone (it had got a lone newline). One that stops a
+    reply ends the reply's line there."""
+
+    class Stopped(Scripted):
+        def stream(self, messages: list[dict[str, str]], **params: Any) -> Iterator[Event]:
+            if at == "mid-reply":
+                yield TextDelta("Once", "draft")
+            raise KeyboardInterrupt
+
+    runtime = Stopped()
+    runtime.load = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: runtime)
+    if at == "prompt":
+        monkeypatch.setattr(Console, "input", lambda self, *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["chat"] if at == "prompt" else ["chat", "hi"]) == 130
+    out, err = capfd.readouterr()
+    assert out == ("Once\n" if at == "mid-reply" else "")
+    legend = "draft model  ▸ switch  base model\n"
+    ends = {"prompt": "you> \n", "first text": legend + "\n", "mid-reply": legend}
+    assert err.endswith(ends[at])
+
+
 SLOW_LOAD = """
 import sys, time
 from wsd_llms import cli, runtime
@@ -186,6 +211,7 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
         started = time.monotonic()
         assert proc.wait(timeout=20) == 130
         assert time.monotonic() - started < 10
+        assert proc.communicate()[0] == ""  # stdout holds a reply alone: there is none (a lone newline had ended the ^C's line)
     finally:
         proc.kill()
         proc.communicate()

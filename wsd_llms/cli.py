@@ -119,9 +119,11 @@ def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str,
                     console.print()
                     make_console(stderr=True).print(Text(stats_line(event.result), style="dim"))
                     return event.result
-        except WSDError:
-            if last_source is not None:
+        except (WSDError, KeyboardInterrupt) as exc:
+            if last_source is not None:  # the reply's line ends, so what follows starts a line of its own
                 console.print()
+            elif isinstance(exc, KeyboardInterrupt):  # the ^C's line ends on stderr: stdout holds replies alone
+                make_console(stderr=True).print()
             raise
     raise WSDError("the stream ended without a result")
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return eval_command.run(args)
     console, errors = make_console(), make_console(stderr=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    runtime = None
+    runtime, asked = None, False
     try:
         _check_options(args)  # a bad option fails before any model loads, and before torch imports
         if args.question is not None and not args.question.strip():  # `chat "$Q"` with Q unset, say
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
         runtime.load()  # before the first request, so that its first-token time and tok/s are the reply's own
         if args.question is not None:
+            asked = True
             stream_reply(console, runtime, history + [{"role": "user", "content": args.question}], _params(args))
             return 0
         return _interactive(console, runtime, history, _params(args))
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(Text(f"error: cannot write the reply: {why}", style="bold red"))
         return 1
     except KeyboardInterrupt:
-        console.print()
+        if not asked:  # the ^C's line ends on stderr (stream_reply ends a reply's): stdout holds the reply alone
+            errors.print()
         if runtime is not None and not runtime.loaded:
             _exit_now(130)
         return 130
@@ -208,8 +212,7 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
                     kept[system : system + 2] = []  # the oldest question and its reply go, so the reply is not cut short
                     continue
                 result = stream_reply(console, runtime, turn, params)
-            except KeyboardInterrupt:
-                console.print()
+            except KeyboardInterrupt:  # stream_reply has ended the line
                 notes.print(Text("(stopped; this turn is dropped)", style="dim"))
             except PromptTooLongError as exc:
                 if len(kept) - system >= 2:  # the oldest question and its reply go, and the turn is tried again
