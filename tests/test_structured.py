@@ -164,8 +164,10 @@ def test_react_format_accepts_exactly_one_step(answer):
     assert not accepts('Thought: x\nAction: pick\nAction Input: {}')  # not a given tool
     assert not accepts('Thought: x\nAction: n\nAction Input: {"n": 1}\nObservation: 1')
     assert accepts("Thought: I know it.\nAnswer: Paris.") is answer
-    with pytest.raises(ValueError, match="at least one tool"):
+    with pytest.raises(InvalidParameterError, match="^react_format needs at least one tool, or answer=True$"):
         react_format([], answer=False)
+    with pytest.raises(InvalidParameterError, match="^invalid react_format tools: tools must be a list of tool schemas, got str$"):
+        react_format("n", answer=answer)  # as a request's tools are refused (it had been a plain ValueError)
 
 
 def test_no_holdback_constrained_parity(differ_runtime, monkeypatch):

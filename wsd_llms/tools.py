@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .errors import InvalidParameterError
 from .messages import Message, ToolCall, unicode_error
 from .reply import close_outside_strings, held_back
 from .params import did_you_mean, json_error
@@ -392,17 +393,21 @@ def react_format(tools: Any, answer: bool = True) -> dict[str, Any]:
 
     Small models seldom keep to the format unaided; held to it, every step parses.
     """
+    try:
+        normalized = normalize_tools(tools)
+    except ValueError as exc:  # as a request's tools are refused
+        raise InvalidParameterError(f"invalid react_format tools: {exc}") from None
     line = {"type": "regex", "pattern": r"[^\n]+"}
     steps = [
         {
             "type": "sequence",
             "elements": [{"type": "const_string", "value": f"\nAction: {t['name']}\nAction Input: "}, json_format(t["parameters"])],
         }
-        for t in normalize_tools(tools)
+        for t in normalized
     ]
     if answer:
         steps.append({"type": "sequence", "elements": [{"type": "const_string", "value": "\nAnswer: "}, line]})
     if not steps:
-        raise ValueError("react_format needs at least one tool, or answer=True")
+        raise InvalidParameterError("react_format needs at least one tool, or answer=True")
     fmt = {"type": "sequence", "elements": [{"type": "const_string", "value": "Thought: "}, line, {"type": "or", "elements": steps}]}
     return {"type": "structural_tag", "format": fmt}
