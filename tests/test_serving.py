@@ -1857,6 +1857,7 @@ def test_kept_errors_hold_neither_a_closed_runtimes_engine_nor_their_requests(dr
     _wait_for(lambda: rt.engine is None)
     gone = weakref.ref(engine)
     assert rt.stats().failed == 2 and rt.stats().cached_tokens == 0 and rt.context_window() == window  # kept after the engine went
+    assert not rt.loaded
     del engine, step
     monkeypatch.undo()
     gc.collect()

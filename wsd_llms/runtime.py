@@ -172,7 +172,7 @@ class WSDRuntime:
         self._start_clean()
         self._closed = False
         self.engine: Engine | None = None
-        self._retired: RuntimeStats | None = None  # the engine's last counts, once closing let go of it
+        self._final_stats: RuntimeStats | None = None  # the engine's last counts, once closing let go of it (stats() reads them)
         self._context_windows_read: dict[str, int] = {}
         self._tokenizers: dict[str, Any] = {}  # read without the weights, before a load
         WSDRuntime.instances.add(self)
@@ -338,7 +338,7 @@ class WSDRuntime:
         with self._counts_lock:  # the engine is set under it: none now means none until this snapshot is taken
             engine = self.engine
             if engine is None:
-                return self._with_runtime_counts(self._retired or RuntimeStats.empty())
+                return self._with_runtime_counts(self._final_stats or RuntimeStats.empty())
         with engine.scheduler.lock:  # under which the worker takes a submission and queues (or counts) it
             return self._with_runtime_counts(engine.stats())
 
@@ -521,7 +521,7 @@ class WSDRuntime:
             final = engine.stats()
         self._context_windows_read.update(self._context_windows(MODELS["online"]))
         with self._counts_lock:
-            self._retired, self.engine = final, None
+            self._final_stats, self.engine = final, None
 
     # ------------------------------------------------------------ worker
 
