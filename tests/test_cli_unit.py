@@ -304,6 +304,17 @@ def test_old_exchanges_give_way_to_room_for_the_whole_reply(capsys: pytest.Captu
     assert "its oldest 1 exchange(s) were left out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [["chat", "--bogus", "hi"], ["eval", "--bogus"]])
+def test_an_unknown_option_is_reported_with_its_subcommands_usage(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsd-llms chat --bogus` printed the top level's usage, `wsd-llms [-h] {chat,eval} ...`, which
+    names none of the options the user was reaching for."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith(f"usage: wsd-llms {args[0]} [-h]") and f"wsd-llms {args[0]}: error: unrecognized arguments: --bogus" in err
+
+
 def test_help_and_option_errors_come_without_loading_torch() -> None:
     """`wsd-llms --help` took 7 s, all of it importing torch and transformers, which the parser never
     needs; the package's other names still import on first use."""

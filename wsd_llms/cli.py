@@ -128,8 +128,19 @@ def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str,
     raise WSDError("the stream ended without a result")
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; an unknown option is reported with its subcommand's usage (argparse's
+    parse_args reports it with the top level's, which lists no option of `chat` or `eval`)."""
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subcommands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "eval":
         return eval_command.run(args)
     console, errors = make_console(), make_console(stderr=True)
