@@ -106,6 +106,22 @@ def test_prompt_too_long_names_both_windows(embedded):
         embedded.generate([{"role": "user", "content": "word " * 9000}])
 
 
+def test_errors_name_the_embedded_models_as_the_user_does(embedded):
+    """The base model's tokenizer is read from the cache its GGUF was converted into, and an error
+    named the model by that directory ('/root/.cache/wsd-llms/embedded/gemma-3-270m-1.0.0'), read
+    alone or loaded."""
+    from wsd_llms import InvalidParameterError, WSDRuntime
+
+    with pytest.raises(InvalidParameterError, match="but the base model 'embedded:gemma-3-270m' has no chat template"):
+        embedded.generate([{"role": "user", "content": "Hi"}], base_template="chat", max_tokens=2)
+    assert embedded.loaded and embedded.tokenizer("draft").name_or_path == "embedded:smollm2-135m-instruct"
+    unloaded = WSDRuntime()
+    try:
+        assert unloaded.tokenizer("base").name_or_path == "embedded:gemma-3-270m"  # read alone, without the weights
+    finally:
+        unloaded.close()
+
+
 def test_batched_equals_sequential(embedded, parity):
     """8 concurrent greedy requests give exactly their one-at-a-time replies (the parity runs above)."""
     from concurrent.futures import ThreadPoolExecutor

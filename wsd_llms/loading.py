@@ -570,7 +570,20 @@ def load_model(
         except ModelLoadError as exc:  # a path that is not there, a GGUF file that cannot be read
             raise ModelLoadError(f"the {role} model: {exc}" if role else str(exc)) from exc
         loaded = _load_model(source, local, device, dtype, revision, trust_remote_code, role)
-    return loaded if name is None else replace(loaded, name=name)
+    loaded = loaded if name is None else replace(loaded, name=name)
+    if local is not None:
+        named_by(loaded.tokenizer, local, loaded.name)
+    return loaded
+
+
+def named_by(read: Any, where: str | Path, source: str) -> Any:
+    """A tokenizer or config read from a converted copy in the cache (an embedded model's, a GGUF
+    file's) named by the source its user gave ("embedded:gemma-3-270m", "m.gguf"), as its repr and
+    our errors show it: not by the cache directory; one read from the user's own directory keeps
+    that directory's path."""
+    if Path(where).resolve().is_relative_to(cache_dir().resolve()):
+        read.name_or_path = source
+    return read
 
 
 # What a load or read of a repo id adds to its error when the hub was out of reach (only its cache was read).

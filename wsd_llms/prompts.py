@@ -56,8 +56,8 @@ def require_chat_template(tokenizer: Any, name: str, role: str = "draft") -> Non
 
 
 def shown_name(tokenizer: Any, role: str) -> str:
-    """The `role` model ("draft", "base") as an error names it: its tokenizer's path or hub id, where
-    it has one (a tokenizer built in memory has none)."""
+    """The `role` model ("draft", "base") as an error names it: the source its tokenizer was loaded
+    from as the user gave it (loading.named_by), where it has one (a tokenizer built in memory has none)."""
     name = getattr(tokenizer, "name_or_path", "")
     return f"the {role} model {name!r}" if name else f"the {role} model"
 

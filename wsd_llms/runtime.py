@@ -39,6 +39,7 @@ from .loading import (
     gguf_header,
     load_model,
     local_source,
+    named_by,
     resolve_device,
     resolve_dtype,
 )
@@ -481,10 +482,11 @@ class WSDRuntime:
         where the hub cannot be reached (the hub client retries an unreachable host for most of a
         minute, on every token count)."""
         try:
-            return auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code, **({"local_files_only": True} if offline else {}))
+            read = auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code, **({"local_files_only": True} if offline else {}))
         except OSError as exc:
             hint = HUB_OUT_OF_REACH if offline else ""
             raise ModelLoadError(f"could not read {model} model {source!r}{hint}: {exc}") from exc
+        return named_by(read, where, self.draft_source if model == "draft" else self.base_source)  # as the loaded model's is
 
     def _check_open(self) -> None:
         """Refuse new work once closed."""
