@@ -80,13 +80,15 @@ def main() -> None:
 
     agent = create_agent(WSDChatModel(max_tokens=args.max_tokens), tools=[calculator, lookup], middleware=[one_call_per_tool])
     print(f"Question: {args.question}")
-    answering = False
+    answering, turn = False, None
     for message, _ in agent.stream({"messages": [("user", args.question)]}, stream_mode="messages"):
         if isinstance(message, ToolMessage):
+            for call in turn.tool_calls if turn is not None else []:  # the turn's calls, whole, before their results
+                print(f"Tool call [{call['name']}]: {call['args']}")
+            turn = None
             print(f"Tool result [{message.name}]: {message.content}")
         elif isinstance(message, AIMessageChunk):
-            for call in message.tool_calls:
-                print(f"Tool call [{call['name']}]: {call['args']}")
+            turn = message if turn is None else turn + message  # a call streams: its name, then its arguments' JSON in pieces
             if message.text:
                 if not answering:
                     print("Answer: ", end="")

@@ -3,6 +3,8 @@ process: see the `run_example` fixture)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytestmark = pytest.mark.embedded
@@ -20,6 +22,7 @@ def test_agent_example_calls_both_tools(run_example, capsys):
     run_example("langchain_agent.py", "--max-tokens", "40")
     out = capsys.readouterr().out
     assert "Tool call [lookup]" in out and "Tool call [calculator]" in out, out
+    assert re.search(r"Tool call \[lookup\]: \{'topic': '[^']+'\}", out) and re.search(r"Tool call \[calculator\]: \{'expression': '[^']+'\}", out), out  # its arguments, whole
     assert "Tool result [calculator]" in out and "Tool result [lookup]" in out, out
     answer = out.split("Answer: ", 1)[1] if "Answer: " in out else ""
     assert answer.strip() and "<tool_call>" not in answer, out
