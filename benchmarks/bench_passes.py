@@ -67,13 +67,13 @@ def step_costs(runner: ModelRunner) -> dict:
 
     def step(batch: list[KVCache]) -> None:
         for kv in batch:
-            ModelRunner.crop(kv, 40)
+            kv.crop(40)
         runner.extend_batch(batch, [[7]] * len(batch), [0] * len(batch))
 
     decode = {b: timed(lambda b=b: step(caches[:b])) for b in [1, 4, 8, 16]}
 
     def scoring(m: int) -> None:
-        ModelRunner.crop(caches[0], 40)
+        caches[0].crop(40)
         runner.extend(caches[0], list(range(200, 200 + m)), keep=m)
 
     scored = {m: timed(lambda m=m: scoring(m)) for m in [1, 8, 32, 128, 512]}
@@ -82,7 +82,7 @@ def step_costs(runner: ModelRunner) -> dict:
 
     def long_step() -> None:
         for kv in long:
-            ModelRunner.crop(kv, 2000)
+            kv.crop(2000)
         runner.extend_batch(long, [[7]] * 4, [0] * 4)
 
     ragged, runner.ragged = runner.ragged, False

@@ -226,7 +226,7 @@ def stay_and_compare(plain: ModelRunner, slots: ModelRunner) -> None:
         assert slots.graphs._holds(taken[i], caches["slots"][i])
     # A crop only shortens a cache: its slot still holds it. A plain pass (a prompt piece of 40 ids) writes to it.
     for name, runner in (("plain", plain), ("slots", slots)):
-        runner.crop(caches[name][0], 18)
+        caches[name][0].crop(18)
         runner.extend(caches[name][1], _ids(5, 40))
     assert slots.graphs._holds(taken[0], caches["slots"][0]) and not slots.graphs._holds(taken[1], caches["slots"][1])
     _pass(plain, slots, caches, [0, 1], [[13], [14]])

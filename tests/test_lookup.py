@@ -1,4 +1,4 @@
-"""Prompt lookup (lookup.py; continuation.continue_base, drafting.DraftPasses): guessed ids change no
+"""Prompt lookup (lookup.py; continuation.continue_reply, drafting.DraftPasses): guessed ids change no
 reply, only how many passes write it."""
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def test_only_pieces_that_follow_whole_pieces_are_stored_or_taken():
     assert store.restore(stepped, ids[16:], keep=0, chunk=8, num_layers=runner.num_layers) == 0
     whole = runner.new_cache()
     assert store.restore(whole, ids, keep=0, chunk=8, num_layers=runner.num_layers) == 24 and whole.pieces == 24
-    ModelRunner.crop(whole, 12)
+    whole.crop(12)
     assert whole.pieces == 8  # the piece cropped into is no longer whole
     runner.extend(whole, ids[12:16])
     assert store.restore(whole, ids[16:], keep=0, chunk=8, num_layers=runner.num_layers) == 0  # 16 is not where whole pieces end

@@ -1119,7 +1119,7 @@ def test_a_prompt_far_too_long_fails_before_it_is_encoded(fresh, monkeypatch):
 
 def test_an_error_s_whole_chain_is_detached_from_the_worker_s_frames():
     """Its cause and its context both (an error raised from one while another was handled)."""
-    from wsd_llms.engine import detached
+    from wsd_llms.errors import detached
 
     try:
         raise ValueError("cause")

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .continuation import continue_base
+from .continuation import continue_reply
 from .encoding import encode_text
 from .loading import LoadedModel
 from .sampling import make_generator
@@ -23,7 +23,7 @@ def run_base_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Progr
     rows = yield Forward("base", seq.base_kv, seq.prompts.base_ids + prefix, phase="base", lazy=True)
     seq.emit(seq.reply.add(prefix, "base"))
     seq.base_tokens = len(seq.reply.ids)  # counted with the reply's other tokens, as WSD counts it in the kept draft (to a stop in it)
-    return (yield from continue_base(seq, base, seq.base_kv, rows, make_generator(seq.params.seed), guide))
+    return (yield from continue_reply(seq, base, seq.base_kv, rows, make_generator(seq.params.seed), guide))
 
 
 def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
@@ -34,7 +34,5 @@ def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Prog
     rows = yield Forward("draft", seq.draft_kv, seq.prompts.draft_ids, lazy=True)  # the forced prefix ends it
     prefix = encode_text(draft.tokenizer, seq.prompts.forced_prefix)[: seq.params.max_tokens]
     seq.emit(seq.reply.add(prefix, "draft"))  # the reply starts with it, as WSD's does
-    seq.base_tokens = len(seq.reply.ids)  # counted with the reply's other tokens (draft tokens, after the swap below; to a stop in it)
-    reason = yield from continue_base(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft")
-    seq.draft_tokens, seq.base_tokens = seq.base_tokens, 0
-    return reason
+    seq.draft_tokens = len(seq.reply.ids)  # counted with the reply's other tokens (to a stop in it)
+    return (yield from continue_reply(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft"))

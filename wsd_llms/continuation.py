@@ -1,4 +1,5 @@
-"""The base model's phase (DESIGN 3.6): sample, stop on EOS / stop strings / the budget, extend the cache."""
+"""Continuing a reply with one model: the base model's phase (DESIGN 3.6), or the draft model's whole
+reply in mode="draft": sample, stop on EOS / stop strings / the budget, extend the cache."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import torch
 
 from .loading import LoadedModel
 from .lookup import NgramIndex
-from .model_runner import ModelRunner
 from .kv_cache import KVCache
 from .sampling import sample
 from .output_head import HeadRows
@@ -14,9 +14,9 @@ from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import Guide
 
 
-def continue_base(
+def continue_reply(
     seq: Sequence,
-    base: LoadedModel,
+    loaded: LoadedModel,
     kv: KVCache,
     rows: HeadRows,
     generator: torch.Generator,
@@ -24,7 +24,8 @@ def continue_base(
     model: str = "base",
 ) -> Program:
     """Continue the reply from `rows` (whose last row gives the model's next-token logits) under
-    `guide`; returns the finish reason. A reply whose budget is spent never projects them.
+    `guide` with `loaded`, the `model` ("base", or "draft" writing the whole reply), whose token
+    count it adds to; returns the finish reason. A reply whose budget is spent never projects them.
 
     Each pass feeds the latest token and up to `seq.lookup_tokens` guessed ones (lookup), and the
     rows it returns are read in order for as long as the token chosen from a row is the guess fed
@@ -41,10 +42,13 @@ def continue_base(
         choose = yield from chooser(seq, rows, generator, guide, model)
         for j in range(len(rows)):
             token = choose(j)
-            if token in base.eos_ids:
+            if token in loaded.eos_ids:
                 return "stop"
             guide.accept(token)
-            seq.base_tokens += 1
+            if model == "base":
+                seq.base_tokens += 1
+            else:
+                seq.draft_tokens += 1
             seq.emit(reply.add([token], model))
             if lookup is not None:
                 lookup.extend([token])
@@ -56,7 +60,7 @@ def continue_base(
                 return "length"
             if not hit:
                 break
-        ModelRunner.crop(kv, len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
+        kv.crop(len(kv) - len(guesses) + j)  # drop the guesses after the first one missed
         rows, guesses = yield from guessed_pass(seq, model, kv, token, lookup, budget - len(reply.ids))
 
 

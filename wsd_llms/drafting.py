@@ -9,7 +9,6 @@ import torch
 from .continuation import chooser, guessed_pass
 from .kv_cache import KVCache
 from .lookup import NgramIndex
-from .model_runner import ModelRunner
 from .output_head import HeadRows
 from .sequence import Forward, Program, Sequence
 from .structured import Guide
@@ -56,6 +55,6 @@ class DraftPasses:
             self.seq.guesses["accepted"] += 1
             self.row, self.rows, self.guesses = self.rows[:1], self.rows[1:], self.guesses[1:]
             return
-        ModelRunner.crop(self.kv, len(self.kv) - len(self.guesses))  # drop the guesses the draft did not take
+        self.kv.crop(len(self.kv) - len(self.guesses))  # drop the guesses the draft did not take
         rows, self.guesses = yield from guessed_pass(self.seq, "draft", self.kv, token, self.lookup, self.room - written)
         self.row, self.rows = rows[:1], rows[1:]

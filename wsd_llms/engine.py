@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -15,7 +14,7 @@ import torch
 
 from .baselines import run_base_only, run_draft_only
 from .encoding import least_tokens
-from .errors import EXITS, ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described, linked
+from .errors import EXITS, ModelLoadError, PromptTooLongError, RequestFailedError, RequestTimeoutError, WSDError, described, detached
 from .events import Event, FinalEvent, Timings, Usage, WSDResult
 from .loading import LoadedModel
 from .messages import Message
@@ -679,17 +678,6 @@ class Engine:
         # stream) never reads the result: it is counted as what ended it for them.
         if self._drop(seq, given_up(seq.params, seq.created, now, seq.cancelled) if seq.cancelled.is_set() else "finished"):
             seq.deliver(FinalEvent(result))
-
-
-def detached(exc: BaseException) -> BaseException:
-    """The exception (and those it chains to) without tracebacks, which hold the worker's frames, and
-    through them the request's caches, for as long as a caller keeps the error (batch with
-    return_exceptions, a tracer); each trace stays readable as a note."""
-    for link in linked(exc):
-        if link.__traceback__ is not None:
-            link.add_note("raised in the wsd-llms worker:\n" + "".join(traceback.format_tb(link.__traceback__)).rstrip())
-            link.__traceback__ = None
-    return exc
 
 
 def _uncallable(messages: list[Message], params: GenerationParams) -> tuple[str, ...]:

@@ -89,6 +89,17 @@ def linked(exc: BaseException) -> Iterator[BaseException]:
         links += [link.__cause__, link.__context__]
 
 
+def detached(exc: BaseException) -> BaseException:
+    """The exception (and those it chains to) without tracebacks, which hold the worker's frames, and
+    through them the request's caches, for as long as a caller keeps the error (batch with
+    return_exceptions, a tracer); each trace stays readable as a note."""
+    for link in linked(exc):
+        if link.__traceback__ is not None:
+            link.add_note("raised in the wsd-llms worker:\n" + "".join(traceback.format_tb(link.__traceback__)).rstrip())
+            link.__traceback__ = None
+    return exc
+
+
 def released(exc: BaseException) -> BaseException:
     """`exc`, the frames it has left (and those of the errors it chains to) cleared of their locals:
     a caller that keeps the error (a retry wrapper's last one, a tracer) kept what they held, such as

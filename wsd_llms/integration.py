@@ -577,6 +577,12 @@ def result_metadata(result: WSDResult) -> dict[str, Any]:
     }
 
 
+def openai_usage(usage: Mapping[str, Any]) -> dict[str, int]:
+    """Token counts (usage_counts', or LangChain's usage_metadata) in OpenAI's keys, where callback
+    handlers written for OpenAI read them: LangChain's llm_output, LlamaIndex's additional_kwargs."""
+    return {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"], "total_tokens": usage["total_tokens"]}
+
+
 def usage_counts(result: WSDResult) -> dict[str, Any]:
     """Input/output/total tokens of the model that writes the reply (the base; the draft with
     mode="draft"), in its tokenizer, with the draft model's counts; `cache_read_tokens`: the input

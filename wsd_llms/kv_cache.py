@@ -174,10 +174,14 @@ class KVCache:
         """Whether the first `start` positions are whole pieces cut with `chunk` (a piece may follow them)."""
         return start == self.pieces and (start == 0 or self.piece_size == chunk)
 
-    def crop_pieces(self, length: int) -> None:
-        """Forget the pieces that end past `length` (the cache was cropped there)."""
-        while self.cuts and self.cuts[-1] > length:
-            self.cuts.pop()
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` positions, and forget the pieces that end past them."""
+        drop = len(self.ids) - length
+        if drop > 0:
+            self.cache.crop(-drop)
+            del self.ids[length:]
+            while self.cuts and self.cuts[-1] > length:
+                self.cuts.pop()
 
     def fill_layers(self, count: int) -> list[GrowingLayer]:
         """All `count` layers, making those transformers has not asked for yet (the store learns the count)."""

@@ -1,6 +1,6 @@
 """Prompt lookup: guess a reply's or a draft's next tokens from what followed the same few tokens
 earlier in its prompt or in the text itself, so that one pass can check several
-(continuation.continue_base, drafting.DraftPasses).
+(continuation.continue_reply, drafting.DraftPasses).
 
 A guess costs almost nothing on a CPU, where a pass costs about the same for one row or five
 (it streams the model's weights), and a wrong one changes no output: a guessed id counts only

@@ -1,8 +1,10 @@
 """Forward passes of one causal LM over per-sequence KV caches: plain tensors, no decoding logic.
 
 This is the seam between the WSD algorithm and the thing that runs models (DESIGN 5): another
-backend (a distributed serving engine) implements the same methods: new_cache, extend,
-extend_batch and crop, and gives lazy rows (output_head.HeadRows) a head that projects them.
+backend (a distributed serving engine) implements the same passes, extend and extend_batch, over
+the same per-sequence caches (kv_cache.KVCache, which a sequence makes and crops itself), tells
+the engine what it reads (rows, ragged, num_layers, position_bytes, loaded), and gives lazy rows
+(output_head.HeadRows) a head that projects them.
 """
 
 from __future__ import annotations
@@ -311,7 +313,7 @@ class ModelRunner:
                     outputs[i] = output
         except BaseException:
             for kv, length in zip(kvs, lengths):
-                self.crop(kv, length)
+                kv.crop(length)
             raise
         return outputs  # type: ignore[return-value]
 
@@ -364,7 +366,7 @@ class ModelRunner:
                 torch.tensor(index, device=self.device),
                 input_ids=torch.tensor([[i for row in ids for i in row]], device=self.device),
                 position_ids=torch.tensor([[p for h, n in zip(held, counts) for p in range(h, h + n)]], device=self.device),
-                attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device),  # unused: no mask to build
+                attention_mask=self._no_mask,  # unused: no mask to build
                 use_cache=True,
                 **{self._cache_kw: cache},
             )[0]
@@ -377,16 +379,6 @@ class ModelRunner:
         for kv, new in zip(kvs, ids):
             kv.ids.extend(new)
         return outputs
-
-    @staticmethod
-    def crop(kv: KVCache, length: int) -> None:
-        """Keep only the first `length` positions of the cache."""
-        drop = len(kv.ids) - length
-        if drop > 0:
-            kv.cache.crop(-drop)
-            del kv.ids[length:]
-            kv.crop_pieces(length)
-
 
 def _longrope_bounds(config: Any) -> tuple[int, ...]:
     """Where a longrope model's RoPE frequencies change (Phi-3's 128k models, Phi-3.5, Phi-4-mini):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from .continuation import continue_base, keep_draft
+from .continuation import continue_reply, keep_draft
 from .drafting import DraftPasses
 from .handoff import DraftTokens, Handoff, common_prefix, draft_text, final_handoff, forced_ids, switch_floor
 from .loading import LoadedModel
-from .model_runner import ModelRunner
 from .output_head import HeadRows
 from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
@@ -69,7 +68,7 @@ class _Scorer:
         common = common_prefix(self.kv.ids, target)
         if common < len(self.kv):
             self.seq.rollbacks += 1
-            ModelRunner.crop(self.kv, max(common - 1, 0))
+            self.kv.crop(max(common - 1, 0))
             self.detector.truncate(max(0, common - self.prompt_len))
             self.last = None
         start = len(self.kv)
@@ -107,10 +106,10 @@ class _Scorer:
         end = self.prompt_len + kept
         row = end - 1 - self.rows_start
         if self.rows is not None and 0 <= row < len(self.rows):
-            ModelRunner.crop(self.kv, end)
+            self.kv.crop(end)
             return self.rows[row : row + 1]
         last = self.kv.ids[end - 1]
-        ModelRunner.crop(self.kv, end - 1)
+        self.kv.crop(end - 1)
         return (yield Forward("base", self.kv, [last], phase="score", lazy=True))
 
 
@@ -191,12 +190,10 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
                 rows = yield from scorer.cut(len(kept))
                 ended = True
                 break
-        if ended:
-            break
-        if done:
+        if ended:  # always, once the draft is done: its last pass is the final hand-off's
             break
         yield from drafter.feed(token, len(generated))
 
     seq.draft_kv = None
     del drafter  # and its cache: freed now, not when the request ends
-    return (yield from continue_base(seq, base, scorer.kv, rows, base_gen, base_guide))
+    return (yield from continue_reply(seq, base, scorer.kv, rows, base_gen, base_guide))

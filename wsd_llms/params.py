@@ -274,7 +274,7 @@ class GenerationParams(BaseModel):
     @property
     def constrained(self) -> bool:
         """Whether a grammar constrains the reply (response_format, or tools not turned off)."""
-        return self.response_format is not None or (bool(self.tools) and self.tool_choice != "none")
+        return self.response_format is not None or self.calls_tools
 
     @property
     def text_format(self) -> bool:

@@ -25,8 +25,8 @@ import torch
 
 from . import interrupts
 from .encoding import encode_text
-from .engine import MODELS, Engine, RuntimeStats, detached, given_up
-from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described, released
+from .engine import MODELS, Engine, RuntimeStats, given_up
+from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described, detached, released
 from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,

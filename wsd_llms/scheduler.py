@@ -1,6 +1,8 @@
 """Decides which sequences run in the next step: bounded admission from a FIFO queue (a head too
 large for the cache budget may be passed a bounded number of times), then every running sequence
-advances once per step (so no request starves and long replies do not hold back short ones)."""
+advances once per step (so no request starves and long replies do not hold back short ones).
+Also how a step runs: its forwards grouped into passes by cost (plan_passes, guess_shares), and
+long prompts cut into prefill pieces (prefill_pieces, piece_end)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .continuation import continue_base, keep_draft
+from .continuation import continue_reply, keep_draft
 from .drafting import DraftPasses
 from .handoff import draft_text, final_handoff, forced_ids, switch_floor
 from .loading import LoadedModel
@@ -65,4 +65,4 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         return "stop" if seq.reply.stopped else "length"
     seq.base_kv = seq.new_cache("base")
     rows = yield Forward("base", seq.base_kv, handoff.prompt_ids + kept, phase="base", lazy=True)
-    return (yield from continue_base(seq, base, seq.base_kv, rows, base_gen, base_guide))
+    return (yield from continue_reply(seq, base, seq.base_kv, rows, base_gen, base_guide))

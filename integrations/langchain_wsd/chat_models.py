@@ -44,7 +44,7 @@ from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
-from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -59,7 +59,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     on the first call, once per process for each model pair (instances with the same models share
     one runtime). Every request parameter (max_tokens, sampling, switch settings, mode, ...) set in
     the constructor can be overridden per call (`invoke(..., x=...)` or `.bind(x=...)`); a call's
-    `stop` replaces the constructor's (`stop=[]` clears it). A per-call `model` must name the base model.
+    `stop` replaces the constructor's (`stop=[]` clears it). A per-call `model` must name the base model (the draft model with mode="draft").
 
     Streamed chunks:
 
@@ -690,12 +690,11 @@ def _assistant_text(message: AIMessage, where: str) -> str:
 
 
 def _role(message: BaseMessage, where: str) -> str:
+    """The role of a message that is neither a ToolMessage nor an AIMessage (to_runtime_messages turns those itself)."""
     if isinstance(message, SystemMessage):
         return "system"
     if isinstance(message, HumanMessage):
         return "user"
-    if isinstance(message, AIMessage):
-        return "assistant"
     if isinstance(message, FunctionMessage):  # OpenAI's older function result: a tool turn that answers no call by id
         return "tool"
     if isinstance(message, ChatMessage) and (role := canonical_role(message.role)) is not None:
@@ -788,9 +787,8 @@ def _with_llm_output(result: ChatResult) -> ChatResult:
     message = result.generations[0].message
     usage = message.usage_metadata if isinstance(message, AIMessage) else None
     if usage is not None:
-        token_usage = {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"], "total_tokens": usage["total_tokens"]}
         metadata = message.response_metadata
-        result.llm_output = {"token_usage": token_usage, "model_name": metadata["model_name"], "model_provider": metadata["model_provider"]}
+        result.llm_output = {"token_usage": openai_usage(usage), "model_name": metadata["model_name"], "model_provider": metadata["model_provider"]}
     return result
 
 

@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 from wsd_llms.encoding import encode_text
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, ReplyCutShortError
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
 from wsd_llms.structured import strict_json
@@ -177,11 +177,7 @@ def _final(result: WSDResult, delta: str | None, calls: list[FinalCall]) -> Chat
         ),
         delta=delta,
         raw=raw,
-        additional_kwargs={
-            "prompt_tokens": usage["input_tokens"],
-            "completion_tokens": usage["output_tokens"],
-            "total_tokens": usage["total_tokens"],
-        },
+        additional_kwargs=openai_usage(usage),
     )
 
 
@@ -228,7 +224,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     """
 
     context_window: int | None = Field(
-        None, gt=0, description="tokens LlamaIndex may fill (prompt packing, chat memory); at most, and by default, the models' window"
+        default=None, gt=0, description="tokens LlamaIndex may fill (prompt packing, chat memory); at most, and by default, the models' window"
     )
 
     unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
