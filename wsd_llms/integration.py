@@ -12,9 +12,10 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import os
 import uuid
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, create_model, field_serializer, field_validator, model_validator
@@ -56,21 +57,24 @@ def _adapter_field(name: str, info: Any) -> Any:
     return field
 
 
-_GenerationDefaults = create_model(  # type: ignore[call-overload]
-    "_GenerationDefaults",
-    __config__=ConfigDict(protected_namespaces=(), allow_inf_nan=GenerationParams.model_config["allow_inf_nan"]),
-    # So that a default takes what a call takes: a pydantic class as response_format, tool_choice=None, ...
-    __validators__={
-        name: _reused(decorator)
-        for name, decorator in GenerationParams.__pydantic_decorators__.field_validators.items()
-        if "stop" not in decorator.info.fields
-    },
-    **{
-        name: (info.annotation, _adapter_field(name, info))
-        for name, info in GenerationParams.model_fields.items()
-        if name != "stop"
-    },
-)
+if TYPE_CHECKING:  # what type checkers see: the same fields, each with a default (create_model's class is opaque to them)
+    _GenerationDefaults = GenerationParams
+else:
+    _GenerationDefaults = create_model(
+        "_GenerationDefaults",
+        __config__=ConfigDict(protected_namespaces=(), allow_inf_nan=GenerationParams.model_config["allow_inf_nan"]),
+        # So that a default takes what a call takes: a pydantic class as response_format, tool_choice=None, ...
+        __validators__={
+            name: _reused(decorator)
+            for name, decorator in GenerationParams.__pydantic_decorators__.field_validators.items()
+            if "stop" not in decorator.info.fields
+        },
+        **{
+            name: (info.annotation, _adapter_field(name, info))
+            for name, info in GenerationParams.model_fields.items()
+            if name != "stop"
+        },
+    )
 
 
 # Per-call arguments that only shape a hosted model's HTTP request, which framework code passes whatever
@@ -79,19 +83,28 @@ _GenerationDefaults = create_model(  # type: ignore[call-overload]
 TRANSPORT_ARGUMENTS = frozenset({"extra_headers", "extra_query"})
 
 
-class WSDSettings(_GenerationDefaults):  # type: ignore[misc, valid-type]
+class WSDSettings(_GenerationDefaults):
     """Models, device and request defaults; a call may override the request defaults, not the models or device."""
 
-    draft_model: str | None = Field(None, description="aligned draft model (repo id, directory, .gguf); None = embedded")
-    base_model: str | None = Field(None, description="base model (repo id, directory, .gguf); None = embedded")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ... (or a torch.device)")
-    dtype: str = Field("auto", description="auto, float32, float16, bfloat16, float64 (or a torch.dtype)")
+    if TYPE_CHECKING:  # what the constructor takes, as type checkers see it; the validators below store each as the runtime takes it
+        draft_model: str | os.PathLike[str] | None = None
+        base_model: str | os.PathLike[str] | None = None
+        device: str | torch.device = "auto"
+        dtype: str | torch.dtype = "auto"
+        stop: str | Sequence[str] | None = None
+        tools: Sequence[Any] = ()  # the framework's own tools too (framework_tool)
+        tool_choice: str | dict[str, Any] | bool | None = "auto"  # OpenAI's and Anthropic's dicts too, as a call's
+    else:
+        draft_model: str | None = Field(default=None, description="aligned draft model (repo id, directory, .gguf); None = embedded")
+        base_model: str | None = Field(default=None, description="base model (repo id, directory, .gguf); None = embedded")
+        device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ... (or a torch.device)")
+        dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16, float64 (or a torch.dtype)")
+        stop: list[str] | None = Field(default=None, description="strings that end the reply")
     draft_revision: str | None = None
     base_revision: str | None = None
-    trust_remote_code: StrictBool = Field(False, description="run a model repo's own code (a bool, not a string)")
-    stop: list[str] | None = Field(None, description="strings that end the reply")
+    trust_remote_code: StrictBool = Field(default=False, description="run a model repo's own code (a bool, not a string)")
     response_format: dict[str, Any] | type[BaseModel] | None = Field(
-        None, description=f"{GenerationParams.model_fields['response_format'].description}; a pydantic class is kept as given"
+        default=None, description=f"{GenerationParams.model_fields['response_format'].description}; a pydantic class is kept as given"
     )
 
     unused_arguments: ClassVar[tuple[str, ...]] = ()

@@ -126,38 +126,38 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    max_tokens: int = Field(256, ge=1, description="cap on the whole reply, in base tokens (the draft's with mode=\"draft\")")
-    max_draft_tokens: int = Field(512, ge=1, description="cap on the draft, in draft tokens")
-    switch_threshold: float = Field(0.8, gt=0.0, le=1.0, description="τ: geometric-mean probability that triggers the switch")
-    switch_window: int = Field(6, ge=1, description="w: number of consecutive draft tokens in the window")
+    max_tokens: int = Field(default=256, ge=1, description="cap on the whole reply, in base tokens (the draft's with mode=\"draft\")")
+    max_draft_tokens: int = Field(default=512, ge=1, description="cap on the draft, in draft tokens")
+    switch_threshold: float = Field(default=0.8, gt=0.0, le=1.0, description="τ: geometric-mean probability that triggers the switch")
+    switch_window: int = Field(default=6, ge=1, description="w: number of consecutive draft tokens in the window")
     temperature: float = Field(
-        0.0, ge=0.0, le=MAX_TEMPERATURE, description=f"0 (or anything below {GREEDY_BELOW}) means greedy"
+        default=0.0, ge=0.0, le=MAX_TEMPERATURE, description=f"0 (or anything below {GREEDY_BELOW}) means greedy"
     )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
-    stop: tuple[str, ...] = Field((), description=f"strings that end the reply (not included), {MAX_STOPS} at most")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    top_k: int = Field(default=0, ge=0, description="keep the k most likely tokens; 0 keeps all")
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
+    stop: tuple[str, ...] = Field(default=(), description=f"strings that end the reply (not included), {MAX_STOPS} at most")
     mode: Literal["online", "staged", "base", "draft"] = Field(
-        "online",
+        default="online",
         description="online engine, the paper's three stages, or one model alone (baselines for comparison)",
     )
-    timeout: float | None = Field(None, gt=0.0, description="seconds before the request fails (queueing included)")
+    timeout: float | None = Field(default=None, gt=0.0, description="seconds before the request fails (queueing included)")
     base_template: Literal["plain", "chat"] = Field(
-        "plain", description="base prompt: the paper's plain [User]/[Assistant] template, or the base model's chat template"
+        default="plain", description="base prompt: the paper's plain [User]/[Assistant] template, or the base model's chat template"
     )
     response_format: dict[str, Any] | None = Field(
-        None,
+        default=None,
         description='a JSON schema, a pydantic model (or its schema), or {"type": "json_object"}: the reply is one such '
         'JSON value; or a text format: {"type": "regex", "pattern": ...} or an xgrammar structural tag '
         '{"type": "structural_tag", "format": {...}}',
     )
     tools: tuple[dict[str, Any], ...] = Field(
-        (), description="tool schemas: {name, description, parameters}, or OpenAI-style {type: function, function: {...}}"
+        default=(), description="tool schemas: {name, description, parameters}, or OpenAI-style {type: function, function: {...}}"
     )
-    tool_choice: str = Field("auto", description='"auto", "required" (or "any"), "none", or the name of one tool')
-    parallel_tool_calls: StrictBool = Field(False, description="allow several tool calls in one reply")
+    tool_choice: str = Field(default="auto", description='"auto", "required" (or "any"), "none", or the name of one tool')
+    parallel_tool_calls: StrictBool = Field(default=False, description="allow several tool calls in one reply")
     continue_final_message: StrictBool = Field(
-        True,
+        default=True,
         description="a trailing assistant message (without tool calls) is the reply's forced start; False: it is "
         "a finished turn, and the reply is the next one (vLLM's continue_final_message)",
     )

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -139,8 +139,8 @@ class WSDRuntime:
         self,
         draft: str | os.PathLike[str] | None = None,
         base: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
         *,
         draft_revision: str | None = None,
         base_revision: str | None = None,
@@ -228,12 +228,12 @@ class WSDRuntime:
         thread (a stop button's), and a `next()` waiting meanwhile ends the iteration."""
         return SyncStream(self, *self._checked(messages, params))
 
-    def astream(self, messages: Messages, **params: Any) -> AsyncIterator[Event]:
+    def astream(self, messages: Messages, **params: Any) -> AsyncGenerator[Event, None]:
         """Async iterator of events; waiting never blocks the event loop. Checked at the call, sent
         at the first `__anext__()`, as `stream` is."""
         return self._astream(*self._checked(messages, params))
 
-    async def _astream(self, messages: list[Message], params: GenerationParams, called: float) -> AsyncIterator[Event]:
+    async def _astream(self, messages: list[Message], params: GenerationParams, called: float) -> AsyncGenerator[Event, None]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Event | BaseException] = asyncio.Queue()
 
@@ -1011,8 +1011,8 @@ def _unregister(runtime: WSDRuntime) -> None:
 def get_runtime(
     draft: str | os.PathLike[str] | None = None,
     base: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     *,
     draft_revision: str | None = None,
     base_revision: str | None = None,

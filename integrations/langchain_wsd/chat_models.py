@@ -6,7 +6,7 @@ import inspect
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
@@ -87,12 +87,16 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     `batch` sends its inputs to the runtime at once, up to its `max_running`.
     """
 
-    streaming: bool = Field(False, description="stream by default when invoked (LangChain convention)")
+    streaming: bool = Field(default=False, description="stream by default when invoked (LangChain convention)")
 
     # LangChain's standard arguments for hosted models (its standard tests pass them): code written
     # for one runs unchanged, though a local model has no key and nothing to retry.
     # `stream_usage` (ChatOpenAI's and others'): usage always comes on the last chunk here.
     unused_arguments: ClassVar[tuple[str, ...]] = ("api_key", "max_retries", "stream_usage")
+    if TYPE_CHECKING:  # taken and dropped, as type checkers see them
+        api_key: Any = None
+        max_retries: Any = None
+        stream_usage: Any = None
 
     @classmethod
     def framework_tool(cls, tool: Any, index: int) -> dict[str, Any]:
