@@ -24,7 +24,7 @@ from .params import GenerationParams
 from .prefix_cache import PrefixCache
 from .prompts import build_prompts
 from .reply import ReplyText, expand_role_stops
-from .scheduler import PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, guess_shares, piece_rows, plan_passes, prefill_pieces
+from .scheduler import MAX_CACHED_TOKENS, MAX_RUNNING, PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, guess_shares, piece_rows, plan_passes, prefill_pieces
 from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
 from .structured import Cut, constraint_spec, structured_fields
@@ -163,8 +163,8 @@ class Engine:
         self,
         draft: LoadedModel,
         base: LoadedModel,
-        max_running: int = 16,
-        max_cached_tokens: int = 65536,
+        max_running: int = MAX_RUNNING,
+        max_cached_tokens: int = MAX_CACHED_TOKENS,
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int | None = None,
         lookup_tokens: int | None = None,

@@ -46,6 +46,7 @@ from .loading import (
 from .messages import Message, normalize_messages
 from .params import GenerationParams, aparse_params, parse_params
 from .prompts import base_prompt_tokens, draft_prompt_tokens, require_chat_template
+from .scheduler import MAX_CACHED_TOKENS, MAX_RUNNING
 from .sequence import CallerLeft, Sequence
 from .structured import compiled_grammar, constraint_spec
 
@@ -145,8 +146,8 @@ class WSDRuntime:
         draft_revision: str | None = None,
         base_revision: str | None = None,
         trust_remote_code: bool = False,
-        max_running: int = 16,
-        max_cached_tokens: int = 65536,
+        max_running: int = MAX_RUNNING,
+        max_cached_tokens: int = MAX_CACHED_TOKENS,
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int | None = None,
         lookup_tokens: int | None = None,

@@ -86,6 +86,12 @@ def _need_terms(seq: Sequence, limit: int) -> tuple[str, str]:
     return " + ".join(terms[kind] for kind in caches), "max_tokens or max_draft_tokens" if len(caches) > 1 else "max_tokens"
 
 
+# The runtime's default limits (WSDRuntime, Engine, Scheduler): sequences running at once, and the
+# positions their caches may hold together.
+MAX_RUNNING = 16
+MAX_CACHED_TOKENS = 65536
+
+
 class Scheduler:
     """FIFO admission bounded by concurrent sequences and reserved cache tokens.
 
@@ -97,7 +103,7 @@ class Scheduler:
     enough running requests end.
     """
 
-    def __init__(self, max_running: int = 16, max_cached_tokens: int = 65536) -> None:
+    def __init__(self, max_running: int = MAX_RUNNING, max_cached_tokens: int = MAX_CACHED_TOKENS) -> None:
         self.max_running = max_running
         self.max_cached_tokens = max_cached_tokens
         self.waiting: deque[Sequence] = deque()
