@@ -498,17 +498,17 @@ def test_a_repo_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
 
     import torch
 
-    from wsd_llms.loading import _hub_reachable, load_model
+    from wsd_llms.loading import hub_reachable, load_model
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    assert not _hub_reachable()  # sockets are off in tests
+    assert not hub_reachable()  # sockets are off in tests
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy decides, not a direct connection
-    assert _hub_reachable()
+    assert hub_reachable()
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not _hub_reachable()
+    assert not hub_reachable()
     monkeypatch.delenv("HF_HUB_OFFLINE")
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match="the Hugging Face hub cannot be reached from here, and the repo is not in its cache"):

@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, c
 
 from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
-from .loading import check_source, resolve_device, resolve_dtype
+from .loading import check_source, model_source, pinned, resolve_device, resolve_dtype
 from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value, unwrapped_format
-from .runtime import WSDRuntime, get_runtime, model_source, pinned
+from .runtime import WSDRuntime, get_runtime
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, render_invalid_call, text_before_calls
 
 MODEL_PROVIDER = "wsd"

@@ -542,6 +542,39 @@ def check_source(source: str) -> None:
         check_gguf_supported(path)
 
 
+def model_source(name: str, value: Any, default: str) -> str:
+    """A model named as the loader takes it (a repo id, a directory or a .gguf path, as a str or a
+    path; None is the embedded default), or InvalidParameterError naming the argument."""
+    if value is None:
+        return default
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidParameterError(
+            f"invalid {name}={value!r}: must be a Hugging Face repo id, a directory or a .gguf path (None: the embedded default)"
+        )
+    return value
+
+
+def pinned(source: str) -> str:
+    """A local path as an absolute one, as it stands now (symlinks kept: a hub snapshot's model.gguf
+    links to a blob with no .gguf suffix); anything else (a repo id) as it is."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    return str(path if path.is_absolute() else Path.cwd() / path)  # not os.path.abspath: "link/../m" is not "m"
+
+
+def hub_cached(repo_id: str, revision: str | None) -> Path:
+    """The hub cache's snapshot of a repo that holds its config, found without the network
+    (hf_hub_download, even with local_files_only, may reach out to build its headers)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(found, str):
+        raise ModelLoadError(f"{repo_id!r} is not in the hub's cache yet")
+    return Path(found).parent
+
+
 def local_source(source: str, build: bool = True) -> Path | None:
     """The safetensors/HF directory for a local source, or None for a hub repo id. A GGUF source
     (the embedded pair too) is converted on first use; with `build=False` it raises ModelLoadError instead."""
@@ -590,7 +623,7 @@ def named_by(read: Any, where: str | Path, source: str) -> Any:
 HUB_OUT_OF_REACH = " (the Hugging Face hub cannot be reached from here, and the repo is not in its cache)"
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub may be reachable: not when offline mode is on, or its host's name
     does not resolve or its connection is refused; a proxy (as the hub client finds one), a slow
     answer or an odd endpoint count as reachable, and the hub client decides."""
@@ -624,7 +657,7 @@ def _load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None and local is None:
         kwargs["revision"] = revision
-    offline = local is None and not _hub_reachable()
+    offline = local is None and not hub_reachable()
     if offline:  # the hub's cache alone, at once: the hub client retries an unreachable host for most of a minute
         kwargs["local_files_only"] = True
     try:

@@ -33,13 +33,16 @@ from .loading import (
     EMBEDDED_DRAFT,
     HUB_OUT_OF_REACH,
     LoadedModel,
-    _hub_reachable,
     context_window,
     gguf_context_window,
     gguf_header,
+    hub_cached,
+    hub_reachable,
     load_model,
     local_source,
+    model_source,
     named_by,
+    pinned,
     resolve_device,
     resolve_dtype,
 )
@@ -93,19 +96,6 @@ def _check_limits(values: dict[str, int | None], unset: Iterable[str]) -> None:
         least = 0 if name in ("prefix_cache_tokens", "lookup_tokens") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise InvalidParameterError(f"invalid {name}={value!r}: must be an integer >= {least}")
-
-
-def model_source(name: str, value: Any, default: str) -> str:
-    """A model named as the loader takes it (a repo id, a directory or a .gguf path, as a str or a
-    path; None is the embedded default), or InvalidParameterError naming the argument."""
-    if value is None:
-        return default
-    value = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidParameterError(
-            f"invalid {name}={value!r}: must be a Hugging Face repo id, a directory or a .gguf path (None: the embedded default)"
-        )
-    return value
 
 
 def _check_loading_options(draft_revision: Any, base_revision: Any, trust_remote_code: Any) -> None:
@@ -471,12 +461,12 @@ class WSDRuntime:
         if ready is not None:  # whole: a conversion writes aside and renames (a hub snapshot fills file by file)
             return self._from_pretrained(model, source, auto, str(ready), None)
         if at_once:  # a repo id: its config in the hub's cache, which a download puts in place whole
-            return self._from_pretrained(model, source, auto, str(_hub_cached(source, revision)), None)
+            return self._from_pretrained(model, source, auto, str(hub_cached(source, revision)), None)
         with self._lock:
             local = local_source(source)
             if local is not None:
                 return self._from_pretrained(model, source, auto, str(local), None)
-            return self._from_pretrained(model, source, auto, source, revision, offline=not _hub_reachable())
+            return self._from_pretrained(model, source, auto, source, revision, offline=not hub_reachable())
 
     def _from_pretrained(self, model: str, source: str, auto: Any, where: str, revision: str | None, offline: bool = False) -> Any:
         """A config or tokenizer; `offline`: from the hub's cache alone, at once, as a load reads it
@@ -957,29 +947,9 @@ def _collect(events: Iterator[Event]) -> WSDResult:
     return joined.result()
 
 
-def _hub_cached(repo_id: str, revision: str | None) -> Path:
-    """The hub cache's snapshot of a repo that holds its config, found without the network
-    (hf_hub_download, even with local_files_only, may reach out to build its headers)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    if not isinstance(found, str):
-        raise ModelLoadError(f"{repo_id!r} is not in the hub's cache yet")
-    return Path(found).parent
-
-
 _registry: dict[tuple, WSDRuntime] = {}
 _closed_limits: dict[tuple, dict[str, int | None]] = {}  # a closed runtime's, for its successor
 _registry_lock = threading.Lock()
-
-
-def pinned(source: str) -> str:
-    """A local path as an absolute one, as it stands now (symlinks kept: a hub snapshot's model.gguf
-    links to a blob with no .gguf suffix); anything else (a repo id) as it is."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        return source
-    return str(path if path.is_absolute() else Path.cwd() / path)  # not os.path.abspath: "link/../m" is not "m"
 
 
 def _same_source(source: str) -> str:
