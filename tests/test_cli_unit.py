@@ -145,6 +145,21 @@ def test_ctrl_c_stops_the_reply_and_drops_the_turn(capsys: pytest.CaptureFixture
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
 
 
+def test_ctrl_c_while_the_turn_is_measured_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C in window_tokens, before the turn's stream starts, had left "(stopped; ...)" on the
+    line of the terminal's ^C; the chat goes on, the history as it was."""
+
+    class CtrlCMeasuring(Scripted):
+        def window_tokens(self, messages: list[dict[str, str]], **params: Any) -> int:
+            raise KeyboardInterrupt
+
+    runtime = CtrlCMeasuring()
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert _interactive(CtrlCOnce(["Tell me a story.", ""]), runtime, history, PARAMS) == 0  # type: ignore[arg-type]
+    assert "you> \n(stopped; this turn is dropped)" in capsys.readouterr().err
+    assert runtime.calls == [] and len(history) == 2
+
+
 def test_an_interactive_chat_loads_the_models_before_its_first_question(monkeypatch: pytest.MonkeyPatch) -> None:
     """As for one question: the first turn's time to first token and tok/s are the reply's own, not
     the load's (they had read 28.8 s and 0.4 tok/s)."""

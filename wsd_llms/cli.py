@@ -218,12 +218,16 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         kept = list(history)
         while True:
             turn = [*kept, {"role": "user", "content": question}]
+            replying = False
             try:
                 if len(kept) - system >= 2 and runtime.window_tokens(turn, **params) + params["max_tokens"] > runtime.context_window(params["mode"]):
                     kept[system : system + 2] = []  # the oldest question and its reply go, so the reply is not cut short
                     continue
+                replying = True
                 result = stream_reply(console, runtime, turn, params)
-            except KeyboardInterrupt:  # stream_reply has ended the line
+            except KeyboardInterrupt:
+                if not replying:  # the ^C's line ends here (stream_reply ends its own)
+                    notes.print()
                 notes.print(Text("(stopped; this turn is dropped)", style="dim"))
             except PromptTooLongError as exc:
                 if len(kept) - system >= 2:  # the oldest question and its reply go, and the turn is tried again
