@@ -57,8 +57,8 @@ def _adapter_field(name: str, info: Any) -> Any:
     return field
 
 
-if TYPE_CHECKING:  # what type checkers see: the same fields, each with a default (create_model's class is opaque to them)
-    _GenerationDefaults = GenerationParams
+if TYPE_CHECKING:  # what type checkers see: the same fields, each with a default (create_model's class is opaque to them);
+    _GenerationDefaults = GenerationParams  # its properties (greedy, calls_tools, ...) too, which the adapters lack
 else:
     _GenerationDefaults = create_model(
         "_GenerationDefaults",
@@ -91,7 +91,6 @@ class WSDSettings(_GenerationDefaults):
         base_model: str | os.PathLike[str] | None = None
         device: str | torch.device = "auto"
         dtype: str | torch.dtype = "auto"
-        stop: str | Sequence[str] | None = None
         tools: Sequence[Any] = ()  # the framework's own tools too (framework_tool)
         tool_choice: str | dict[str, Any] | bool | None = "auto"  # OpenAI's and Anthropic's dicts too, as a call's
     else:
@@ -99,10 +98,13 @@ class WSDSettings(_GenerationDefaults):
         base_model: str | None = Field(default=None, description="base model (repo id, directory, .gguf); None = embedded")
         device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, ... (or a torch.device)")
         dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16, float64 (or a torch.dtype)")
-        stop: list[str] | None = Field(default=None, description="strings that end the reply")
     draft_revision: str | None = None
     base_revision: str | None = None
     trust_remote_code: StrictBool = Field(default=False, description="run a model repo's own code (a bool, not a string)")
+    if TYPE_CHECKING:
+        stop: str | Sequence[str] | None = None
+    else:  # after trust_remote_code, as it always was: the fields' order is the constructor's signature and a dump's keys
+        stop: list[str] | None = Field(default=None, description="strings that end the reply")
     response_format: dict[str, Any] | type[BaseModel] | None = Field(
         default=None, description=f"{GenerationParams.model_fields['response_format'].description}; a pydantic class is kept as given"
     )
