@@ -278,6 +278,7 @@ async def test_a_call_s_tools_may_be_llamaindex_tools(monkeypatch: pytest.Monkey
 
     llm, script = scripted(monkeypatch, "7.")
     specs = llm._prepare_chat_with_tools(TOOLS, user_msg=ASK)["tools"]
+    assert llm._prepare_chat_with_tools(specs, user_msg=ASK)["tools"] == specs  # OpenAI-style dicts, as chat(tools=...) takes them
     llm.chat([ChatMessage(role="user", content=ASK)], tools=TOOLS)
     await llm.acomplete(ASK, tools=TOOLS[:1])
     assert [normalize_tools(params["tools"]) for params in script.params] == [normalize_tools(specs), normalize_tools(specs[:1])]

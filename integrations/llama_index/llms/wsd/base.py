@@ -421,11 +421,12 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
-        self._refuse_unconverted_tools({"tools": list(tools)})  # InvalidParameterError, as chat(tools=...)'s refusal
+        specs = self._call_tools(list(tools))  # each converted once; an OpenAI-style dict as chat(tools=...) takes it
+        self._refuse_unconverted_tools({"tools": specs})  # InvalidParameterError, as chat(tools=...)'s refusal
         tool_choice = kwargs.pop("tool_choice", None) or ("required" if tool_required else self.tool_choice)
         return {
             "messages": messages,
-            "tools": [_tool_spec(tool, i) for i, tool in enumerate(tools)] or None,
+            "tools": specs or None,
             "tool_choice": tool_choice if tools else None,
             "parallel_tool_calls": allow_parallel_tool_calls or self.parallel_tool_calls,
             **kwargs,
