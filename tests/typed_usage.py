@@ -74,7 +74,8 @@ def langchain_usage() -> None:
     answer: str = (prompt | llm.bind(stop=["\n\n"]) | StrOutputParser()).invoke({"question": "What is a black hole?"})
     for call in llm.bind_tools([multiply, Joke], tool_choice="any").invoke([HumanMessage("3 * 4?")]).tool_calls:
         print(call["name"], call["args"])
-    print(llm.with_structured_output(Joke).invoke("A joke about cats."))
+    joke: Joke = llm.with_structured_output(Joke).invoke("A joke about cats.")  # an instance of the class
+    print(joke.punchline, llm.with_structured_output(Joke, include_raw=True).invoke("Another.")["parsed"])
     count: int = llm.get_num_tokens("hello")
     llm.wsd_runtime().configure(max_running=32)
 
