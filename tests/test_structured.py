@@ -245,7 +245,7 @@ def test_an_xgrammar_too_old_is_named_at_the_call(monkeypatch):
     "params,needle",
     [
         ({"tools": [TOOL], "tool_choice": "nope"}, "tool_choice='nope'"),
-        ({"tools": [TOOL], "tool_choice": "nope"}, "known tools: pick"),
+        ({"tools": [TOOL], "tool_choice": "nope"}, "tools given: pick"),
         ({"tools": [{"description": "x"}]}, "tools[0] needs a 'name'"),
         ({"tools": [TOOL, TOOL]}, "tool names must be unique"),
         ({"tools": "pick"}, "tools must be a list"),

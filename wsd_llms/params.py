@@ -7,7 +7,7 @@ import asyncio
 import difflib
 import json
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PydanticUserError, StrictBool, TypeAdapter, ValidationError, field_validator, model_validator
@@ -51,6 +51,20 @@ def tool_choice_value(value: Any) -> Any:
             return tool_choice_value(value["type"])
         return name if isinstance(name, str) else value
     return value
+
+
+def tool_choice_problem(choice: Any, names: Sequence[str], tools: str = "given") -> str | None:
+    """What is wrong with a tool_choice for the tools named `names` (one that asks for a call needs
+    tools; a name must be one of them), or None; `tools` says how they came: "given" or "bound"."""
+    value = tool_choice_value(choice)
+    if value == "required" and not names:
+        return f"tool_choice={choice!r} asks for a tool call, but no tools are {tools}"
+    if value not in ("auto", "required", "none", *names):
+        return (
+            f"tool_choice={choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
+            f"(tools {tools}: {', '.join(names) or 'none'})"
+        )
+    return None
 
 
 # response_format types that constrain text rather than ask for a JSON value.
@@ -213,18 +227,14 @@ class GenerationParams(BaseModel):
         if isinstance(data, dict) and not data.get("tools"):
             choice = data.get("tool_choice")
             if tool_choice_value(choice) == "required":
-                raise ValueError(f"tool_choice={choice!r} asks for a tool call, but no tools are given")
+                raise ValueError(tool_choice_problem(choice, ()))
         return data
 
     @model_validator(mode="after")
     def _constraints(self) -> GenerationParams:
         names = [t["name"] for t in self.tools]
-        if self.tool_choice not in ("auto", "required", "none") and self.tool_choice not in names:
-            known = ", ".join(names) or "none given"
-            raise ValueError(
-                f"tool_choice={self.tool_choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
-                f"(known tools: {known})"
-            )
+        if (problem := tool_choice_problem(self.tool_choice, names)) is not None:
+            raise ValueError(problem)
         if self.response_format is not None and self.tools and self.tool_choice not in ("auto", "none"):
             raise ValueError(
                 f"response_format with tools needs tool_choice 'auto' (the reply is then tool calls or the "

@@ -42,7 +42,7 @@ from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
-from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_value, unwrapped_format
+from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_problem, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 
@@ -383,7 +383,9 @@ class WSDChatModel(WSDSettings, BaseChatModel):
             if len(names) < len(formatted) or not all(map(is_function_tool, formatted)):  # a nameless tool, or a provider's own:
                 checked_tools(formatted)  # refused with the call's error, here
             if tool_choice is not None and tool_choice is not False:  # False leaves it unset, as in ChatOpenAI
-                bound["tool_choice"] = _tool_choice(tool_choice, names)
+                if (problem := tool_choice_problem(tool_choice, names, "bound")) is not None:
+                    raise InvalidParameterError(problem)
+                bound["tool_choice"] = tool_choice_value(tool_choice)
         if parallel_tool_calls is not None:
             bound["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(**bound)
@@ -657,20 +659,6 @@ def _openai_tool(tool: dict[str, Any] | type | Callable | BaseTool) -> dict[str,
         if "$defs" in own:
             formatted["function"]["parameters"] = own
     return formatted
-
-
-def _tool_choice(choice: str | bool | dict[str, Any], names: list[str]) -> str:
-    """LangChain's (and OpenAI's and Anthropic's) tool_choice forms as the runtime's: auto, required,
-    none or a bound tool's name; one that asks for a call of no bound tool is an error."""
-    value = tool_choice_value(choice)
-    if value not in ("auto", "required", "none", *names):
-        raise InvalidParameterError(
-            f"tool_choice={choice!r} is neither 'auto', 'any', 'required', 'none' nor a bound tool "
-            f"(bound tools: {', '.join(names) or 'none'})"
-        )
-    if value == "required" and not names:
-        raise InvalidParameterError(f"tool_choice={choice!r} asks for a tool call, but no tools are bound")
-    return value
 
 
 # An AI message's standard content blocks (`content_blocks`, LangChain's translation of each
