@@ -339,7 +339,7 @@ def test_help_and_option_errors_come_without_loading_torch() -> None:
     code = (
         "import sys\n"
         "from wsd_llms import cli, WSDError\n"
-        "cli._parser().format_help()\n"
+        "cli._parser()[0].format_help()\n"
         "assert cli.main(['chat', '--temperature', '-1', 'hi']) == 2 and cli.main(['chat', '  ']) == 2  # option errors too\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))[:3]\n"
         "import wsd_llms\n"

@@ -10,7 +10,7 @@ import pytest
 from test_wsd_tiny import _assert_parity, _both
 
 from wsd_llms.encoding import encode, encode_text, special_ids, special_spans
-from wsd_llms.handoff import final_handoff, partial_handoff
+from wsd_llms.handoff import DraftTokens, final_handoff
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import parse_params
 from wsd_llms.prompts import build_prompts, message_spans
@@ -131,7 +131,7 @@ def test_handoff_keeps_the_prompt_ids_and_encodes_the_draft_as_text(tokenizers):
     final = final_handoff(base, prompts.base_text, n, "Sure <bos> and <start_of_turn>user", prompts.base_spans)
     assert final.prompt_ids == prompts.base_ids
     assert _special_count(base, final.draft_ids) == 0 and base.decode(final.draft_ids) == "Sure <bos> and <start_of_turn>user"
-    partial = partial_handoff(base, prompts.base_text, n, "Sure <bos> and <start_of_turn>user", False, prompts.base_spans)
+    partial = DraftTokens(base, prompts.base_text, n, prompts.base_spans).exact("Sure <bos> and <start_of_turn>user", False)
     assert partial is not None and partial.prompt_ids == prompts.base_ids and partial.draft_ids == final.draft_ids
 
 

@@ -180,13 +180,13 @@ def test_stop_after_byte_characters():
 def test_handoff_drops_an_incomplete_last_character(draft_tokenizer):
     """A draft cut by max_draft_tokens inside a character decodes to a trailing U+FFFD: the base
     model is handed the text without it (it would imitate it), finished or not."""
-    from wsd_llms.handoff import final_handoff, partial_handoff
+    from wsd_llms.handoff import DraftTokens, final_handoff
 
     tok, prompt = draft_tokenizer, "\n\n[User]\nHi\n\n[Assistant]\n"
     n = len(tok.encode(prompt, add_special_tokens=False))
     final = final_handoff(tok, prompt, n, "Paris is \ufffd\ufffd")
     assert tok.decode(final.draft_ids) == tok.decode(final_handoff(tok, prompt, n, "Paris is").draft_ids)
-    partial = partial_handoff(tok, prompt, n, "Paris is \ufffd", hold=False)
+    partial = DraftTokens(tok, prompt, n).exact("Paris is \ufffd", hold=False)
     assert partial is not None and partial.draft_ids == final.draft_ids
 
 
@@ -226,7 +226,7 @@ def test_draft_tokens_estimate_matches_an_exact_handoff_as_the_draft_grows(vocab
     the last characters), and with exact hand-offs taken now and then, as scoring passes take them."""
     from tiny import CORPUS, make_tokenizer
 
-    from wsd_llms.handoff import DraftTokens, partial_handoff
+    from wsd_llms.handoff import DraftTokens
 
     tok = make_tokenizer(vocab)
     prompt = "\n\n[User]\n" + " ".join(CORPUS[:8]) + "\n\n[Assistant]\n"
@@ -239,7 +239,7 @@ def test_draft_tokens_estimate_matches_an_exact_handoff_as_the_draft_grows(vocab
     for i in range(2, len(words) + 1):
         text = " ".join(words[:i])
         for draft in (text, text[:-1] + "\ufffd", text + " "):  # grown, a changed tail, a trailing space
-            exact = partial_handoff(tok, prompt, n, draft)
+            exact = DraftTokens(tok, prompt, n).exact(draft)
             assert tokens.estimate(draft) == (0 if exact is None else len(exact.draft_ids)), draft
             checked += 1
         if i % 7 == 0:
@@ -253,7 +253,7 @@ def test_draft_tokens_estimate_defers_to_an_exact_handoff_where_the_draft_spells
     to an exact hand-off there, and so long as the last exact one was such a draft."""
     from tiny import make_tokenizer
 
-    from wsd_llms.handoff import DraftTokens, partial_handoff
+    from wsd_llms.handoff import DraftTokens
 
     tok = make_tokenizer(300)
     prompt = "\n\n[User]\nHi\n\n[Assistant]\n "  # ends in a space: it merges with the draft's first word
@@ -262,12 +262,12 @@ def test_draft_tokens_estimate_defers_to_an_exact_handoff_where_the_draft_spells
     tokens.exact("two")
     for text in ("two</s>", "two </s> four", "two \u4e2d"):
         assert tokens.estimate(text) is None, text
-    assert tokens.estimate("two plus two") == len(partial_handoff(tok, prompt, n, "two plus two").draft_ids)
+    assert tokens.estimate("two plus two") == len(DraftTokens(tok, prompt, n).exact("two plus two").draft_ids)
     tokens.exact("two </s> four")
     assert tokens.estimate("two </s> four is") is None
     long = "two plus " * 12  # a window that starts inside the draft, past the prompt
     tokens.exact(long)
-    assert tokens.estimate(long + "two") == len(partial_handoff(tok, prompt, n, long + "two").draft_ids)
+    assert tokens.estimate(long + "two") == len(DraftTokens(tok, prompt, n).exact(long + "two").draft_ids)
     assert tokens.estimate(long + "two</s>") is None
 
 

@@ -30,7 +30,8 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line's parser, and its subcommands' by name."""
     parser = argparse.ArgumentParser(prog="wsd-llms", description="Weak-to-Strong Decoding in the terminal.")
     sub = parser.add_subparsers(dest="command", required=True)
     chat = sub.add_parser(
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         help="online or staged WSD (the same reply), or one model alone: base or draft",
     )
     eval_command.add_parser(sub)
-    return parser
+    return parser, sub.choices
 
 
 FLAGS = {
@@ -131,11 +132,10 @@ def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str,
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line; an unknown option is reported with its subcommand's usage (argparse's
     parse_args reports it with the top level's, which lists no option of `chat` or `eval`)."""
-    parser = _parser()
+    parser, commands = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        subcommands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 

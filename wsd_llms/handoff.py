@@ -112,12 +112,6 @@ def switch_floor(handoff: Handoff, forced: list[int], chars: int) -> int:
     return at
 
 
-def partial_handoff(tokenizer: Any, base_prompt: str, prompt_len: int, text: str, hold: bool = True, spans: Sequence[Span] = ()) -> Handoff | None:
-    """The stable part of an unfinished draft's tokenization (all of it, without `hold`), or None
-    before the draft has any text."""
-    return DraftTokens(tokenizer, base_prompt, prompt_len, spans).exact(text, hold)
-
-
 class DraftTokens:
     """How many base tokens an unfinished draft's hand-off would hold, estimated between exact ones.
 
