@@ -13,17 +13,20 @@ def test_each_package_says_it_is_typed(package: str) -> None:
     assert (files(package) / "py.typed").is_file()
 
 
-def test_the_readmes_code_type_checks(tmp_path: Path) -> None:
+def test_the_package_and_the_readmes_code_type_check(tmp_path: Path) -> None:
     """With py.typed, users' type checkers read our hints: the adapters' constructors had come out
     of a create_model class that checkers cannot read (pyright refused every argument, mypy took any)
     and with Field defaults given positionally (mypy: 'Missing named argument "streaming"' for every
-    WSDChatModel(...)); torch.device, a Path and a framework's tools were refused where they are taken."""
+    WSDChatModel(...)); torch.device, a Path and a framework's tools were refused where they are taken.
+    The packages' own code is checked too (one run: checking the usage reads all of it anyway)."""
+    import os
     import subprocess
     import sys
 
     usage = Path(__file__).with_name("typed_usage.py")
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "--no-error-summary", str(usage)],
-        capture_output=True, text=True, timeout=300,
+    packages = [arg for package in ("wsd_llms", "langchain_wsd", "llama_index.llms.wsd") for arg in ("-p", package)]
+    done = subprocess.run(  # mypy takes files or modules, not both: the usage file as a module on MYPYPATH
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path), "--no-error-summary", "-m", usage.stem, *packages],
+        capture_output=True, text=True, timeout=300, cwd=usage.parent.parent, env={**os.environ, "MYPYPATH": str(usage.parent)},
     )
     assert done.returncode == 0, done.stdout + done.stderr

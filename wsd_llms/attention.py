@@ -123,8 +123,7 @@ def wsd_sdpa(
 
     In a slot pass (decode_graphs), each row's queries attend over its fixed-size slot under a mask
     made from their positions: shapes that do not change from one pass to the next."""
-    slot_pass = isinstance(key, SlotStates) and isinstance(value, SlotStates)
-    if not slot_pass and not (isinstance(key, RaggedStates) and isinstance(value, RaggedStates)):
+    if isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None:  # Gemma 2's attention logit soft-capping: SDPA has none
         raise ValueError("attention logit soft-capping is not supported by SDPA attention")
@@ -136,8 +135,8 @@ def wsd_sdpa(
         # The query heads that share a key/value head go in as that head's queries, one after another,
         # so grouped-query attention needs no enable_gqa, which CUDA's memory-efficient kernel cannot
         # take with a mask (it would fall back to the math kernel and copy the keys to every head).
-        grouped = query.reshape(rows, kv_heads, groups * width, dim)
-        out = F.scaled_dot_product_attention(grouped, key.states, value.states, attn_mask=key.layout.mask(window, groups), scale=scaling)
+        by_kv_head = query.reshape(rows, kv_heads, groups * width, dim)
+        out = F.scaled_dot_product_attention(by_kv_head, key.states, value.states, attn_mask=key.layout.mask(window, groups), scale=scaling)
         return out.reshape(rows, heads, width, dim).transpose(1, 2).contiguous(), None
     assert isinstance(key, RaggedStates) and isinstance(value, RaggedStates)
     grouped = query.shape[1] != key.rows[0].shape[1]  # grouped-query attention: fewer key/value heads

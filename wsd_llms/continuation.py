@@ -3,6 +3,8 @@ reply in mode="draft": sample, stop on EOS / stop strings / the budget, extend t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .loading import LoadedModel
@@ -10,7 +12,7 @@ from .lookup import NgramIndex
 from .kv_cache import KVCache
 from .sampling import sample
 from .output_head import HeadRows
-from .sequence import Forward, Phase, Program, Project, Sequence
+from .sequence import Forward, Phase, Project, Sequence, Steps
 from .structured import Guide
 
 
@@ -22,7 +24,7 @@ def continue_reply(
     generator: torch.Generator,
     guide: Guide,
     model: str = "base",
-) -> Program:
+) -> Steps[str]:
     """Continue the reply from `rows` (whose last row gives the model's next-token logits) under
     `guide` with `loaded`, the `model` ("base", or "draft" writing the whole reply), whose token
     count it adds to; returns the finish reason. A reply whose budget is spent never projects them.
@@ -32,7 +34,8 @@ def continue_reply(
     after it: the same choices, and the same draws of `generator`, as one token a pass."""
     seq.phase = Phase.CONTINUING if model == "base" else Phase.DRAFTING  # the draft model alone drafts the whole reply
     reply, budget = seq.reply, seq.params.max_tokens
-    rows, guesses = rows[-1:], []  # guesses: the ids fed after the one rows[0] follows
+    rows = rows[-1:]
+    guesses: list[int] = []  # guesses: the ids fed after the one rows[0] follows
     lookup = NgramIndex(kv.ids) if seq.lookup_tokens else None  # the prompt and the reply so far
     while True:
         if reply.stopped:
@@ -64,18 +67,18 @@ def continue_reply(
         rows, guesses = yield from guessed_pass(seq, model, kv, token, lookup, budget - len(reply.ids))
 
 
-def guessed_pass(seq: Sequence, model: str, kv: KVCache, token: int, lookup: NgramIndex | None, room: int) -> Program:
+def guessed_pass(seq: Sequence, model: str, kv: KVCache, token: int, lookup: NgramIndex | None, room: int) -> Steps[tuple[HeadRows, list[int]]]:
     """Feed `token` into `kv` of `model`, with up to `seq.lookup_tokens` ids guessed by `lookup`
     (at most `room`); returns the pass's lazy rows and the guesses it fed, which a busy pass may
     have cut short (engine.GUESS_ROWS): rows[k + 1] follows guesses[k]."""
     guesses, matched = ([], 0) if lookup is None else lookup.guess(min(seq.lookup_tokens, room))
-    rows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses), matched=matched)
+    rows: HeadRows = yield Forward(model, kv, [token, *guesses], keep=1 + len(guesses), phase=model, lazy=True, guesses=len(guesses), matched=matched)
     guesses = guesses[: len(rows) - 1]
     seq.guesses["fed"] += len(guesses)
     return rows, guesses
 
 
-def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Program:
+def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Steps[Callable[[int], int]]:
     """Project `rows` (one call) and return choose(j): the token row j gives, under the guide's mask
     as it stands when asked. Greedy and unmasked (or a lone row), it asks only for each row's
     largest logit's id (sequence.Project.greedy), which a head with a screen finds without the full
@@ -83,9 +86,9 @@ def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Gu
     params = seq.params
     if params.greedy and (len(rows) == 1 or not guide.active):
         mask = guide.mask if guide.active else None
-        ids = yield Project(rows, phase=model, greedy=True, mask=mask)
+        ids: list[int] = yield Project(rows, phase=model, greedy=True, mask=mask)
         return lambda j: ids[j]
-    logits = yield Project(rows, phase=model)
+    logits: torch.Tensor = yield Project(rows, phase=model)
     return lambda j: sample(guide.mask(logits[j]), params, generator)
 
 

@@ -270,9 +270,9 @@ class DecodeGraphs:
         # which keeps it there, or else from position 0.
         top = capacity if self.max_positions is None else min(capacity, self.max_positions)
         for slot in set(range(batch)) - set(slots):
-            kv = self._occupant(slot)
-            if kv is not None and len(kv) + width <= top:
-                positions[slot] = list(range(len(kv), len(kv) + width))
+            occupant = self._occupant(slot)
+            if occupant is not None and len(occupant) + width <= top:
+                positions[slot] = list(range(len(occupant), len(occupant) + width))
             else:
                 self.resident[slot] = None
         slot_pass.inputs.copy_(torch.tensor([fed_ids, positions, own]))

@@ -10,7 +10,7 @@ from .continuation import chooser, guessed_pass
 from .kv_cache import KVCache
 from .lookup import NgramIndex
 from .output_head import HeadRows
-from .sequence import Forward, Program, Sequence
+from .sequence import Forward, Sequence, Steps
 from .structured import Guide
 
 
@@ -33,19 +33,19 @@ class DraftPasses:
         self.guesses: list[int] = []  # fed after the latest token, not yet picked by the draft
         self.rows: HeadRows | None = None  # rows[i]: after guesses[i]
 
-    def start(self, prompt_ids: list[int]) -> Program:
+    def start(self, prompt_ids: list[int]) -> Steps[None]:
         """Feed the prompt."""
         self.row = yield Forward("draft", self.kv, prompt_ids, lazy=True)
         if self.seq.lookup_tokens:
             self.lookup = NgramIndex(prompt_ids)
 
-    def choose(self) -> Program:
+    def choose(self) -> Steps[int]:
         """The next token (greedy, or a draw of the generator, under the guide's mask)."""
         assert self.row is not None
         choose = yield from chooser(self.seq, self.row, self.generator, self.guide, "draft")
         return choose(0)
 
-    def feed(self, token: int, written: int) -> Program:
+    def feed(self, token: int, written: int) -> Steps[None]:
         """Follow the cache with `token`, the draft's `written`-th: take the row after it from a
         guess the draft picked, else from a pass that feeds it and the next guesses."""
         if self.lookup is not None:

@@ -423,7 +423,7 @@ class Engine:
         a sequence whose piece does not fit this step's prefill budget sits the step out. A prompt
         starts from the pieces an earlier request stored, where its ids begin the same."""
         seqs = [seq for seq in seqs if self._restore(seq)]
-        pending = [seq.pending for seq in seqs if seq.pending is not None]  # all of them: they were batched by it
+        pending = [seq.pending for seq in seqs if isinstance(seq.pending, Forward)]  # all of them: they were batched by it
         sizes = prefill_pieces(pending, self.prefill_chunk, [self._marks(seq, forward.model) for seq, forward in zip(seqs, pending)])
         return [
             (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=piece_rows(forward, n), lazy=True))
@@ -441,7 +441,7 @@ class Engine:
         """Take the stored pieces that continue a forward fed in more than one piece (prefix_cache);
         False if that failed the request."""
         forward = seq.pending
-        if forward is None or len(forward.ids) == 1:
+        if not isinstance(forward, Forward) or len(forward.ids) == 1:
             return True
         try:
             held = self.prefixes[forward.model].restore(
@@ -566,9 +566,9 @@ class Engine:
             if len(forward.ids) > 1 + forward.guesses:  # a whole piece is kept for requests that start the same
                 self.prefixes[forward.model].store(forward.kv, len(forward.kv) - len(forward.ids), self.prefill_chunk, self._marks(seq, forward.model))
             if forward is pending and seq.piece_rows is not None:  # rows its earlier pieces gave (a piece cut among the rows kept)
-                output, seq.piece_rows = seq.piece_rows.then(output), None  # type: ignore[arg-type]
+                output, seq.piece_rows = seq.piece_rows.then(output), None  # type: ignore[arg-type]  # pieces are lazy
             elif forward is not pending and pending is not None and forward.keep:
-                seq.piece_rows = output if seq.piece_rows is None else seq.piece_rows.then(output)  # type: ignore[arg-type]
+                seq.piece_rows = output if seq.piece_rows is None else seq.piece_rows.then(output)  # type: ignore[arg-type, assignment]
         except BaseException as exc:
             if isinstance(exc, EXITS):
                 raise
@@ -576,10 +576,10 @@ class Engine:
             return
         if forward is pending:
             self._send(seq, output)
-        elif pending is not None:
+        elif isinstance(pending, Forward):
             seq.pending = replace(pending, ids=pending.ids[len(forward.ids) :], keep=pending.keep - forward.keep)
 
-    def _send(self, seq: Sequence, output: Output) -> None:
+    def _send(self, seq: Sequence, output: Output | list[int]) -> None:
         """Hand the program its output; it asks for the next pass, or ends and the request finishes.
         An exception in either (the program's, or in building the result) fails this request alone."""
         assert seq.program is not None

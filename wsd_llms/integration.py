@@ -86,13 +86,15 @@ TRANSPORT_ARGUMENTS = frozenset({"extra_headers", "extra_query"})
 class WSDSettings(_GenerationDefaults):
     """Models, device and request defaults; a call may override the request defaults, not the models or device."""
 
-    if TYPE_CHECKING:  # what the constructor takes, as type checkers see it; the validators below store each as the runtime takes it
+    # What the constructor takes, as type checkers see it (wider than GenerationParams' stored types: the
+    # ignores below); the validators store each as the runtime takes it.
+    if TYPE_CHECKING:
         draft_model: str | os.PathLike[str] | None = None
         base_model: str | os.PathLike[str] | None = None
         device: str | torch.device = "auto"
         dtype: str | torch.dtype = "auto"
-        tools: Sequence[Any] = ()  # the framework's own tools too (framework_tool)
-        tool_choice: str | dict[str, Any] | bool | None = "auto"  # OpenAI's and Anthropic's dicts too, as a call's
+        tools: Sequence[Any] = ()  # type: ignore[assignment]  # the framework's own tools too (framework_tool)
+        tool_choice: str | dict[str, Any] | bool | None = "auto"  # type: ignore[assignment]  # OpenAI's and Anthropic's dicts too, as a call's
     else:
         draft_model: str | None = Field(default=None, description="aligned draft model (repo id, directory, .gguf); None = embedded")
         base_model: str | None = Field(default=None, description="base model (repo id, directory, .gguf); None = embedded")
@@ -102,10 +104,10 @@ class WSDSettings(_GenerationDefaults):
     base_revision: str | None = None
     trust_remote_code: StrictBool = Field(default=False, description="run a model repo's own code (a bool, not a string)")
     if TYPE_CHECKING:
-        stop: str | Sequence[str] | None = None
+        stop: str | Sequence[str] | None = None  # type: ignore[assignment]
     else:  # after trust_remote_code, as it always was: the fields' order is the constructor's signature and a dump's keys
         stop: list[str] | None = Field(default=None, description="strings that end the reply")
-    response_format: dict[str, Any] | type[BaseModel] | None = Field(
+    response_format: dict[str, Any] | type[BaseModel] | None = Field(  # type: ignore[assignment]
         default=None, description=f"{GenerationParams.model_fields['response_format'].description}; a pydantic class is kept as given"
     )
 
@@ -146,7 +148,7 @@ class WSDSettings(_GenerationDefaults):
         if value is None:
             return None
         try:
-            source = model_source(info.field_name, value, "")
+            source = model_source(info.field_name or "model", value, "")
             check_source(source)
         except (InvalidParameterError, ModelLoadError) as exc:
             raise ValueError(str(exc)) from None

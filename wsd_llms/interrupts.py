@@ -17,7 +17,7 @@ def check() -> None:
     main = threading.main_thread()
     if threading.current_thread() is main:
         return  # its own wait gets the KeyboardInterrupt
-    handled = sys._current_exceptions().get(main.ident)
+    handled: object = sys._current_exceptions().get(main.ident or 0)
     if isinstance(handled, tuple):  # Python 3.11 gives sys.exc_info()'s triple, later ones the exception
         handled = handled[1]
     if isinstance(handled, KeyboardInterrupt):

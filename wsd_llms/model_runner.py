@@ -113,7 +113,10 @@ class ModelRunner:
             got = self._extend_ragged(ragged, [row[1] for row in rows], [row[2] for row in rows], [False] * len(rows), [row[3] for row in rows])
         except Exception:  # noqa: BLE001 - any failure means this model cannot take ragged passes
             got = []
-        if len(got) == len(rows) and all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(expected, got)):
+        if len(got) == len(rows) and all(
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+            for a, b in zip(expected, got)
+        ):
             return True
         self.model.set_attn_implementation("sdpa")
         return False
@@ -304,11 +307,12 @@ class ModelRunner:
         RoPE frequencies follow the longest position in a pass, so a short row batched with a long
         one took the long frequencies, and its reply depended on what ran beside it. A failing
         pass leaves every cache as it was, as extend_batch's does."""
-        lengths, outputs = [len(kv) for kv in kvs], [None] * len(kvs)
+        lengths = [len(kv) for kv in kvs]
+        outputs: list[Output | None] = [None] * len(kvs)
         try:
             for side in dict.fromkeys(sides):
                 rows = [i for i, s in enumerate(sides) if s == side]
-                done = self.extend_batch(*([values[i] for i in rows] for values in (kvs, ids, keeps, lazy, stepwise)))
+                done = self.extend_batch([kvs[i] for i in rows], [ids[i] for i in rows], [keeps[i] for i in rows], [lazy[i] for i in rows], [stepwise[i] for i in rows])
                 for i, output in zip(rows, done):
                     outputs[i] = output
         except BaseException:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
+
+import torch
 
 from .continuation import continue_reply, keep_draft
 from .drafting import DraftPasses
@@ -16,7 +19,7 @@ from .handoff import DraftTokens, Handoff, common_prefix, draft_text, final_hand
 from .loading import LoadedModel
 from .output_head import HeadRows
 from .sampling import make_generator, token_probs
-from .sequence import Forward, Phase, Program, Project, Sequence
+from .sequence import Forward, Phase, Program, Project, Sequence, Steps
 from .structured import checked_base_guide, draft_guide
 from .switch import SwitchDetector
 
@@ -56,7 +59,7 @@ class _Scorer:
     def scored(self) -> int:
         return max(0, len(self.kv) - self.prompt_len)
 
-    def score(self, handoff: Handoff) -> Program:
+    def score(self, handoff: Handoff) -> Steps[list[float]]:
         """Bring the cache to prompt + draft ids and return the probabilities of the newly fed draft
         tokens (upper bounds where the exact value cannot decide a switch).
 
@@ -77,7 +80,7 @@ class _Scorer:
             return []
         # Rows only from the last prompt position on: the prompt's own rows are never needed.
         keep = min(len(new), len(target) - self.prompt_len + 1)
-        rows = yield Forward("base", self.kv, new, keep=keep, phase="score", lazy=True)
+        rows: HeadRows = yield Forward("base", self.kv, new, keep=keep, phase="score", lazy=True)
         start = len(target) - keep  # position of rows[0]
         self.rows, self.rows_start = rows, start
         if self.last is None:  # rows[k] predicts target[start + k + 1]
@@ -91,26 +94,31 @@ class _Scorer:
         prev, ids = prev[first - offset :], target[first:]
         bounds = prev.logprob_bounds(ids)
         if bounds is None:
-            return token_probs((yield Project(prev)), ids)
+            logits: torch.Tensor = yield Project(prev)
+            return token_probs(logits, ids)
         need = self.detector.needs_exact(bounds)
         wanted = [j for j, n in enumerate(need) if n]
-        exact = iter(token_probs((yield Project(prev[wanted])), [ids[j] for j in wanted]) if wanted else [])
+        exact: Iterator[float] = iter([])
+        if wanted:
+            logits = yield Project(prev[wanted])
+            exact = iter(token_probs(logits, [ids[j] for j in wanted]))
         return [next(exact) if n else math.exp(b) for n, b in zip(need, bounds)]
 
-    def cut(self, kept: int) -> Program:
+    def cut(self, kept: int) -> Steps[HeadRows]:
         """Crop the cache after `kept` draft tokens; returns the row there (its logits predict the next token).
 
         It comes from the latest pass, or, when the cut lies before it (the base grammar
         rejected an earlier id), from feeding the last kept position again.
         """
         end = self.prompt_len + kept
-        row = end - 1 - self.rows_start
-        if self.rows is not None and 0 <= row < len(self.rows):
+        at = end - 1 - self.rows_start
+        if self.rows is not None and 0 <= at < len(self.rows):
             self.kv.crop(end)
-            return self.rows[row : row + 1]
+            return self.rows[at : at + 1]
         last = self.kv.ids[end - 1]
         self.kv.crop(end - 1)
-        return (yield Forward("base", self.kv, [last], phase="score", lazy=True))
+        row: HeadRows = yield Forward("base", self.kv, [last], phase="score", lazy=True)
+        return row
 
 
 def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
@@ -149,6 +157,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         seq.draft_tokens = len(generated)
 
         text = draft_text(draft.tokenizer, prompts.forced_prefix, generated, final=done)
+        handoff: Handoff | None
         if done:
             handoff = final_handoff(base.tokenizer, prompts.base_text, prompt_len, text, prompts.base_spans)
         else:  # tokenized with the prompt while the first words stream from it, or when a scoring pass may fall due
@@ -169,6 +178,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
         # bit, are the same alone (a scoring pass may start every step) and under load (every
         # SCORING_STRIDE steps, so that passes batch); at the draft's end every due pass runs.
         if done:
+            assert handoff is not None  # the final one
             passes, due = [*due, handoff], deque()
         else:
             passes = [due.popleft()] if due and seq.scoring_open else []

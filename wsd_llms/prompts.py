@@ -97,7 +97,8 @@ def _template_spans(tokenizer: Any, rendered: list[dict], extra: dict, text: str
     pieces = re.split(f"\ue000{nonce}:([0-9]+)\ue001", _render(tokenizer, marked, extra, role))
     if not text.startswith(pieces[0]):
         return message_spans(text, contents)
-    spans, at = [], len(pieces[0])
+    spans: list[Span] = []
+    at = len(pieces[0])
     for index, after in zip(pieces[1::2], pieces[2::2]):
         content = contents[int(index)]
         shown = next((c for c in (content, content.strip()) if text.startswith(c + after, at)), None)

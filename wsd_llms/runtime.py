@@ -152,7 +152,7 @@ class WSDRuntime:
         self.dtype = resolve_dtype(dtype, self.device)
         self._revisions = (draft_revision, base_revision)
         self._trust_remote_code = trust_remote_code
-        self.limits: dict[str, int | None] = {
+        self.limits: dict[str, Any] = {  # int, or None for a limit the engine sets itself (AUTO_LIMITS)
             "max_running": max_running,
             "max_cached_tokens": max_cached_tokens,
             "prefill_chunk": prefill_chunk,
@@ -199,10 +199,30 @@ class WSDRuntime:
             self.engine.forget_requests()
 
     @classmethod
-    def from_models(cls, draft: LoadedModel, base: LoadedModel, **limits: int | None) -> WSDRuntime:
-        """A runtime over models you already loaded (not shared through get_runtime)."""
+    def from_models(
+        cls,
+        draft: LoadedModel,
+        base: LoadedModel,
+        *,
+        max_running: int = MAX_RUNNING,
+        max_cached_tokens: int = MAX_CACHED_TOKENS,
+        prefill_chunk: int | None = None,
+        prefix_cache_tokens: int | None = None,
+        lookup_tokens: int | None = None,
+    ) -> WSDRuntime:
+        """A runtime over models you already loaded (not shared through get_runtime), with the limits WSDRuntime takes."""
         require_chat_template(draft.tokenizer, draft.name)
-        runtime = cls(draft.name, base.name, str(base.device), base.dtype, **limits)
+        runtime = cls(
+            draft.name,
+            base.name,
+            str(base.device),
+            base.dtype,
+            max_running=max_running,
+            max_cached_tokens=max_cached_tokens,
+            prefill_chunk=prefill_chunk,
+            prefix_cache_tokens=prefix_cache_tokens,
+            lookup_tokens=lookup_tokens,
+        )
         runtime.engine = Engine(draft, base, **runtime.limits)
         return runtime
 
@@ -571,6 +591,7 @@ class WSDRuntime:
             if not sub.cancelled.is_set():
                 try:
                     spec = constraint_spec(sub.params)
+                    assert spec is not None  # only a constrained request compiles aside
                     for model in MODELS[sub.params.mode]:
                         compiled_grammar(engine.model(model), spec)
                 except BaseException as exc:  # whatever it is, it goes back to the request
@@ -948,7 +969,7 @@ def _collect(events: Iterator[Event]) -> WSDResult:
 
 
 _registry: dict[tuple, WSDRuntime] = {}
-_closed_limits: dict[tuple, dict[str, int | None]] = {}  # a closed runtime's, for its successor
+_closed_limits: dict[tuple, dict[str, Any]] = {}  # a closed runtime's, for its successor
 _registry_lock = threading.Lock()
 
 

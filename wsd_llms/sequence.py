@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -79,9 +79,13 @@ class Project:
     mask: Mask | None = None
 
 
-# A decoding program: yields the passes and projections it needs, receives their logits (or
-# rows), returns its result.
-Program = Generator[Forward | Project, torch.Tensor | HeadRows | list[int], Any]
+T = TypeVar("T")
+
+# A decoding program, or a part of one: yields the passes and projections it needs and is sent
+# their answers (a lazy Forward's HeadRows, a Project's logits, a greedy Project's ids: each yield
+# annotates what it takes), returns T.
+Steps = Generator[Forward | Project, Any, T]
+Program = Steps[str]  # a request's whole program returns its finish reason
 
 _ids = itertools.count(1)
 
@@ -117,7 +121,7 @@ class Sequence:
     """Prompt positions each model took from the prefix cache, in its first cache (note_restored)."""
     prompt_caches: dict[str, weakref.ref[KVCache]] = field(default_factory=dict)
     program: Program | None = None
-    pending: Forward | None = None
+    pending: Forward | Project | None = None  # what its program asked for last
     piece_rows: HeadRows | None = None  # rows the pending forward's pieces gave so far (scheduler.prefill_pieces)
 
     @property

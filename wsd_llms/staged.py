@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from .continuation import continue_reply, keep_draft
 from .drafting import DraftPasses
 from .handoff import draft_text, final_handoff, forced_ids, switch_floor
 from .loading import LoadedModel
+from .output_head import HeadRows
 from .sampling import make_generator, token_probs
 from .sequence import Forward, Phase, Program, Project, Sequence
 from .structured import checked_base_guide, draft_guide
@@ -49,9 +52,9 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     probs: list[float] = []
     if handoff.draft_ids:  # only the first max_tokens draft tokens can be kept: only they are checked
         seq.base_kv, draft_ids = seq.new_cache("check"), handoff.draft_ids[: params.max_tokens]  # counted as the base's
-        rows = yield Forward("base", seq.base_kv, handoff.prompt_ids + draft_ids, keep=len(draft_ids) + 1, phase="score", lazy=True)
+        rows: HeadRows = yield Forward("base", seq.base_kv, handoff.prompt_ids + draft_ids, keep=len(draft_ids) + 1, phase="score", lazy=True)
         for start in range(0, len(draft_ids), CHECK_ROWS):  # rows[j] predicts draft_ids[j]
-            logits = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])
+            logits: torch.Tensor = yield Project(rows[start : min(start + CHECK_ROWS, len(draft_ids))])
             probs += token_probs(logits, draft_ids[start : start + CHECK_ROWS])
         seq.base_kv = None
         del rows  # the check cache is freed now, not when the request ends

@@ -48,7 +48,7 @@ def require_xgrammar() -> Any:
     """The xgrammar module, or an ImportError that names the extra to install (which also brings
     jsonschema, that checks a reply's JSON after decoding: needed from the call on, not after it)."""
     try:
-        import jsonschema  # noqa: F401
+        import jsonschema  # type: ignore[import-untyped]  # noqa: F401
         import xgrammar
     except ImportError as exc:
         raise ImportError(
@@ -262,7 +262,9 @@ def grammar_error(params: GenerationParams) -> str | None:
 def _grammar_error(params: GenerationParams) -> str | None:
     if (outside := _unfollowed_error(params)) is not None:
         return outside
-    if (reason := _build_error(constraint_spec(params))) is not None:
+    if (spec := constraint_spec(params)) is None:
+        return None
+    if (reason := _build_error(spec)) is not None:
         for i, tool in enumerate(params.tools if params.response_format is None else ()):
             own = _build_error(_schema_spec(tool["parameters"]))
             if own is not None:
@@ -327,7 +329,7 @@ def _build_error(spec: str) -> str | None:
         if (failure := pending.exception()) is not None:
             raise copy_of(failure)
         return pending.result()
-    failure: BaseException | None = None
+    failure = None
     try:
         require_xgrammar().Grammar.from_structural_tag(spec)
         reason = None

@@ -341,7 +341,8 @@ def begun_calls(text: str) -> list[tuple[str, str] | None]:
     one's name and its arguments' JSON text as written so far, once the call's text has the
     grammar's form up to its arguments (tool_call_format), else None. The arguments' text only
     grows while the reply does, and ends where their JSON ends."""
-    decoder, found = json.JSONDecoder(strict=False), []
+    decoder = json.JSONDecoder(strict=False)
+    found: list[tuple[str, str] | None] = []
     for span in _call_spans(text):
         begin = _BEGIN_RE.match(span.body)
         if begin is None:
@@ -360,7 +361,8 @@ def calls_in_order(text: str, calls: Sequence[ToolCall], invalid: Sequence[Inval
     """The valid and invalid calls parse_reply found in `text`, in the order the reply wrote them
     (an invalid call is known by its raw text, which decides its fate); any `text` does not hold
     come last."""
-    valid, bad, ordered = list(calls), list(invalid), []
+    valid, bad = list(calls), list(invalid)
+    ordered: list[ToolCall | InvalidToolCall] = []
     for span in _call_spans(text):
         if bad and bad[0].raw == text[span.start : span.end]:
             ordered.append(bad.pop(0))

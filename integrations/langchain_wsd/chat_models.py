@@ -353,7 +353,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         if not inputs:
             return iter(())
         configs = self._all_at_once(config, len(inputs))  # type: ignore[arg-type]
-        return super().batch_as_completed(inputs, configs, return_exceptions=return_exceptions, **kwargs)  # type: ignore[return-value]
+        return super().batch_as_completed(inputs, configs, return_exceptions=return_exceptions, **kwargs)  # type: ignore[call-overload]
 
     def _all_at_once(self, config: RunnableConfig | list[RunnableConfig] | None, count: int) -> list[RunnableConfig]:
         """The call's configs, with `max_concurrency` set to as many as the runtime runs at once where it is not set."""
@@ -485,20 +485,20 @@ def _with_parsed(parser: Runnable) -> Runnable:
             return AddableDict(parsed=None, parsing_error=exc)
 
     def parse(items: Iterator[dict[str, Any]], config: RunnableConfig) -> Iterator[AddableDict]:
-        raw = None
+        raw: Any = None
         for item in items:
             yield AddableDict(item)
             raw = item["raw"] if raw is None else raw + item["raw"]
         yield outcome(raw, config)
 
     async def aparse(items: AsyncIterator[dict[str, Any]], config: RunnableConfig) -> AsyncIterator[AddableDict]:
-        raw = None
+        raw: Any = None
         async for item in items:
             yield AddableDict(item)
             raw = item["raw"] if raw is None else raw + item["raw"]
         yield outcome(raw, config)
 
-    return RunnableGenerator(parse, aparse, name="parse_with_raw")
+    return RunnableGenerator(parse, aparse, name="parse_with_raw")  # type: ignore[arg-type]  # it passes the config to functions that take one
 
 
 class _FailsAfterTheStream:
@@ -840,12 +840,12 @@ def _with_call_errors(result: ChatResult) -> ChatResult:
         message.tool_calls = [c for c in message.tool_calls if c["id"] not in errors]
         if isinstance(message.content, list):  # v1 content lists the valid calls (as ChatOpenAI's does), and the invalid ones with their errors
             message.content = [
-                {**b, "error": errors[b["id"]]} if _call_block(b, errors) == "invalid_tool_call" else b
+                {**b, "error": errors[b["id"]]} if isinstance(b, dict) and _call_block(b, errors) == "invalid_tool_call" else b
                 for b in message.content
                 if _call_block(b, errors) != "tool_call"
             ]
         message.invalid_tool_calls = [
-            *({**c, "error": errors.get(c["id"])} for c in message.invalid_tool_calls),
+            *(c | {"error": errors.get(c["id"])} for c in message.invalid_tool_calls),
             *(
                 invalid_tool_call(name=c["name"], args=raw.get(c["id"], json.dumps(c["args"], ensure_ascii=False)), id=c["id"], error=errors[c["id"]])
                 for c in streamed

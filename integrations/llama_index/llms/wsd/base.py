@@ -36,7 +36,7 @@ from llama_index.core.instrumentation.events.llm import (
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
-from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 from llama_index.core.llms.utils import parse_partial_json
 from llama_index.core.program.utils import FlexibleModel, process_streaming_objects
 from llama_index.core.types import PydanticProgramMode
@@ -292,7 +292,8 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         if formatted:
             return [{"role": "user", "content": prompt}]
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*system, {"role": "user", "content": self.completion_to_prompt(prompt)}]
+        to_prompt = self.completion_to_prompt or default_completion_to_prompt  # None reads as LLM reads it
+        return [*system, {"role": "user", "content": to_prompt(prompt)}]
 
     @contextmanager
     def _packing_hint(self) -> Iterator[None]:
@@ -573,10 +574,10 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 def _tool_spec(tool: BaseTool, i: int) -> dict[str, Any]:
     """A tool as the OpenAI-style spec the runtime takes; anything else (a bare function, say) is a
     TypeError that names it (it was an AttributeError on `.metadata`)."""
-    metadata = getattr(tool, "metadata", None)
-    if not callable(getattr(metadata, "to_openai_tool", None)):
+    to_openai_tool = getattr(getattr(tool, "metadata", None), "to_openai_tool", None)
+    if not callable(to_openai_tool):
         raise TypeError(f"tools[{i}] is {tool!r}, not a LlamaIndex tool; wrap a function in FunctionTool.from_defaults(fn)")
-    return metadata.to_openai_tool(skip_length_check=True)
+    return to_openai_tool(skip_length_check=True)
 
 
 def _arguments(kwargs: dict[str, Any] | str) -> dict[str, Any]:
