@@ -30,3 +30,28 @@ def test_the_package_and_the_readmes_code_type_check(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300, cwd=usage.parent.parent, env={**os.environ, "MYPYPATH": str(usage.parent)},
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("adapter", "framework", "extra"),
+    [("langchain_wsd", "langchain_core", "langchain"), ("llama_index.llms.wsd", "llama_index.core", "llama-index")],
+)
+def test_an_adapter_without_its_framework_names_the_extra(adapter: str, framework: str, extra: str) -> None:
+    """Imported where its framework is not installed, an adapter says which extra brings it (it
+    said only "No module named 'langchain_core'"); the framework is hidden as a missing one fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Missing(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name == {framework!r} or name.startswith({framework + '.'!r}):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        f"import {adapter}\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"ModuleNotFoundError: No module named {framework!r}; install it with: pip install 'wsd-llms[{extra}]'", done.stderr

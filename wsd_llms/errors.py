@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import traceback
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class WSDError(Exception):
@@ -107,3 +108,15 @@ def released(exc: BaseException) -> BaseException:
     for link in linked(exc):
         traceback.clear_frames(link.__traceback__)
     return exc
+
+
+@contextmanager
+def needs_extra(module: str, extra: str) -> Iterator[None]:
+    """A missing `module` (or a module in it) as an error that names the extra installing it: an
+    adapter imported without its framework said only "No module named 'langchain_core'"."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name is None or (exc.name != module and not exc.name.startswith(f"{module}.")):
+            raise
+        raise ModuleNotFoundError(f"{exc.msg}; install it with: pip install 'wsd-llms[{extra}]'", name=exc.name) from exc
