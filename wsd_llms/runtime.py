@@ -19,7 +19,7 @@ from collections import Counter, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 
@@ -121,6 +121,16 @@ def _models_of(mode: str) -> tuple[str, ...]:
     return MODELS[mode]
 
 
+class Limits(TypedDict, total=False):
+    """The limits WSDRuntime takes (see its arguments), for from_models."""
+
+    max_running: int
+    max_cached_tokens: int
+    prefill_chunk: int | None
+    prefix_cache_tokens: int | None
+    lookup_tokens: int | None
+
+
 class WSDRuntime:
     """Owns the two models and the worker thread that runs the step loop."""
 
@@ -199,30 +209,10 @@ class WSDRuntime:
             self.engine.forget_requests()
 
     @classmethod
-    def from_models(
-        cls,
-        draft: LoadedModel,
-        base: LoadedModel,
-        *,
-        max_running: int = MAX_RUNNING,
-        max_cached_tokens: int = MAX_CACHED_TOKENS,
-        prefill_chunk: int | None = None,
-        prefix_cache_tokens: int | None = None,
-        lookup_tokens: int | None = None,
-    ) -> WSDRuntime:
+    def from_models(cls, draft: LoadedModel, base: LoadedModel, **limits: Unpack[Limits]) -> WSDRuntime:
         """A runtime over models you already loaded (not shared through get_runtime), with the limits WSDRuntime takes."""
         require_chat_template(draft.tokenizer, draft.name)
-        runtime = cls(
-            draft.name,
-            base.name,
-            str(base.device),
-            base.dtype,
-            max_running=max_running,
-            max_cached_tokens=max_cached_tokens,
-            prefill_chunk=prefill_chunk,
-            prefix_cache_tokens=prefix_cache_tokens,
-            lookup_tokens=lookup_tokens,
-        )
+        runtime = cls(draft.name, base.name, str(base.device), base.dtype, **limits)
         runtime.engine = Engine(draft, base, **runtime.limits)
         return runtime
 
