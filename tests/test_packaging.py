@@ -18,7 +18,8 @@ def test_the_package_and_the_readmes_code_type_check(tmp_path: Path) -> None:
     of a create_model class that checkers cannot read (pyright refused every argument, mypy took any)
     and with Field defaults given positionally (mypy: 'Missing named argument "streaming"' for every
     WSDChatModel(...)); torch.device, a Path and a framework's tools were refused where they are taken.
-    The packages' own code is checked too (one run: checking the usage reads all of it anyway)."""
+    The packages' own code is checked too, every function typed (pyproject's [tool.mypy]; one run:
+    checking the usage reads all of it anyway)."""
     import os
     import subprocess
     import sys

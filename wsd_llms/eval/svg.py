@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from html import escape
 
 W, H = 520, 260
@@ -23,7 +24,7 @@ def _frame(title: str, xlabel: str, ylabel: str, body: list[str]) -> str:
     )
 
 
-def _y_ticks(top: float, to_y) -> list[str]:
+def _y_ticks(top: float, to_y: Callable[[float], float]) -> list[str]:
     out = []
     for i in range(5):
         v = top * i / 4
