@@ -78,7 +78,7 @@ class Switching(Scripted):
         yield FinalEvent(WSDResult("Paris is the capital.", "stop", 1, "Paris", Usage(), Timings(total=1.0), "d", "b", "online"))
 
 
-PARAMS = {"max_tokens": 100, "mode": "online"}
+PARAMS = {"max_tokens": 100, "max_draft_tokens": 512, "mode": "online"}
 
 
 class Tty(io.StringIO):
@@ -398,3 +398,28 @@ def test_a_reader_that_goes_away_ends_the_reply_quietly(tmp_path: Any, monkeypat
         monkeypatch.setattr(sys, "stdout", Gone(out.fileno()))
         assert main(["chat", "hi"]) == 1
     assert "error" not in capsys.readouterr().err
+
+
+class TwoWindows(Scripted):
+    """WSD's windows: the draft's 1000 (the request's), the base's 4000."""
+
+    def context_window(self, mode: str = "online") -> int:
+        return 4000 if mode == "base" else 1000
+
+
+def test_a_max_tokens_past_the_drafts_window_keeps_the_conversation(capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsd-llms chat --max-tokens 9000` on the embedded pair (draft window 8192) left out every earlier
+    exchange at every turn: it kept room for all 9000 tokens in the draft's window, where the draft
+    writes at most max_draft_tokens and the base writes the rest in its own window."""
+    runtime = TwoWindows()
+    params = {**PARAMS, "max_tokens": 2000}
+    history: list[dict[str, str]] = []
+    assert _interactive(Answers(["a", "b", "c", ""]), runtime, history, params) == 0  # type: ignore[arg-type]
+    assert [len(call) for call in runtime.calls] == [1, 3, 5]
+    assert "left out" not in capsys.readouterr().err
+    one_model = TwoWindows()  # the base alone writes 2000 in its 4000: room for both exchanges
+    assert _interactive(Answers(["a", "b", "c", ""]), one_model, [], {**params, "mode": "base"}) == 0  # type: ignore[arg-type]
+    assert [len(call) for call in one_model.calls] == [1, 3, 5]
+    draft_alone = TwoWindows()  # the draft writes the whole reply in its 1000: capped at three quarters, 750 (25 messages' worth of room left)
+    assert _interactive(Answers(["a", "b", "c", ""]), draft_alone, [], {**params, "mode": "draft"}) == 0  # type: ignore[arg-type]
+    assert [len(call) for call in draft_alone.calls] == [1, 3, 5]

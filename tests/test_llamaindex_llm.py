@@ -114,6 +114,12 @@ def test_metadata_reads_config_without_loading() -> None:
         ({"max_tokens": 30000}, 30000 - (32768 - 8192)),  # more than the base's window holds past the draft's
         ({"max_tokens": 9000, "mode": "base"}, 9000),
         ({"max_tokens": 300, "max_draft_tokens": 100, "mode": "draft"}, 300),
+        # A reply that could fill the window leaves the prompt a quarter of it (the runtime caps max_tokens at the window's end)
+        ({"max_tokens": 100_000}, 6144),
+        ({"max_tokens": 32768}, 6144),
+        ({"max_tokens": 9000, "mode": "draft"}, 6144),
+        ({"max_tokens": 10**6, "mode": "base"}, 24576),
+        ({"max_tokens": 30000, "context_window": 4096}, 3072),  # of the window LlamaIndex is told to fill
     ],
 )
 def test_num_output_is_the_room_the_reply_needs_in_the_reported_window(settings: dict[str, Any], room: int) -> None:
@@ -123,7 +129,7 @@ def test_num_output_is_the_room_the_reply_needs_in_the_reported_window(settings:
     llm = WSDLLM(base_model=str(local_source(EMBEDDED_BASE)), **settings)
     meta = llm.metadata
     assert meta.num_output == room and not llm.wsd_runtime().loaded
-    assert PromptHelper.from_llm_metadata(meta)._get_available_context_size(100) == meta.context_window - 100 - room
+    assert PromptHelper.from_llm_metadata(meta)._get_available_context_size(100) == meta.context_window - 100 - room > 0
 
 
 def test_metadata_before_the_first_load_converts_nothing_and_waits_for_no_load(monkeypatch, tmp_path) -> None:
@@ -406,6 +412,31 @@ async def test_a_prompt_too_long_says_how_llamaindex_packed_it(draft_tokenizer, 
                     _ = [c async for c in out] if method.startswith("a") else list(out)
             assert "context window" in str(caught.value)
             assert ("set Settings.tokenizer = llm.wsd_runtime().encoder('draft')" in str(caught.value)) is hinted
+            assert "chat memory" not in str(caught.value)  # one question: no memory chose it
+    finally:
+        runtime.close()
+
+
+async def test_a_conversation_too_long_says_how_a_chat_memory_counts(draft_tokenizer, monkeypatch):
+    """A chat memory (ChatMemoryBuffer, Memory) counts its messages' text alone against its token_limit,
+    not the chat template around each: a long chat of short turns overflowed the window, and the
+    error's only advice, Settings.tokenizer, could not help once it was set."""
+    import llama_index.core
+    from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+
+    from wsd_llms.integration import WSDSettings
+
+    runtime = wsd_llms.WSDRuntime.from_models(
+        tiny_llama(draft_tokenizer, 0, "tiny-draft", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")
+    )
+    monkeypatch.setattr(WSDSettings, "wsd_runtime", lambda self: runtime)
+    monkeypatch.setattr(llama_index.core, "global_tokenizer", runtime.encoder("draft"))
+    turns = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content="word " * 20) for i in range(2 * runtime.context_window() // 20 + 1)]
+    try:
+        with pytest.raises(wsd_llms.PromptTooLongError) as caught:
+            WSDLLM(max_tokens=4).chat(turns)
+        assert "a chat memory counts its messages' text alone against its token_limit" in str(caught.value)
+        assert "Settings.tokenizer" not in str(caught.value)  # it counts in the draft's tokens already
     finally:
         runtime.close()
 

@@ -197,12 +197,24 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _outgrows(runtime: WSDRuntime, turn: list[dict[str, str]], params: dict[str, Any]) -> bool:
+    """Whether `turn` leaves the context window too little room for a whole reply (runtime.reply_room:
+    in WSD the base writes past the draft's window, so --max-tokens above it needs no more room there)."""
+    from .runtime import reply_room
+
+    mode = params["mode"]
+    window = runtime.context_window(mode)
+    base_window = runtime.context_window("base") if mode in ("online", "staged") else None
+    room = reply_room(params["max_tokens"], params["max_draft_tokens"], window, base_window)
+    return runtime.window_tokens(turn, **params) + room > window
+
+
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it, and a turn that fails is
     reported; either way that turn is dropped and the chat goes on. A conversation grown past the
     context window drops its oldest exchanges (the system message stays) until the turn fits with
-    room for a whole reply (max_tokens); a question that does not fit alone is reported, and the
-    history kept."""
+    room for a whole reply (runtime.reply_room); a question that does not fit alone is reported, and
+    the history kept."""
     notes = make_console(stderr=True)
     notes.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     system = 1 if history and history[0]["role"] == "system" else 0  # the system message stays
@@ -220,7 +232,7 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
             turn = [*kept, {"role": "user", "content": question}]
             replying = False
             try:
-                if len(kept) - system >= 2 and runtime.window_tokens(turn, **params) + params["max_tokens"] > runtime.context_window(params["mode"]):
+                if len(kept) - system >= 2 and _outgrows(runtime, turn, params):
                     kept[system : system + 2] = []  # the oldest question and its reply go, so the reply is not cut short
                     continue
                 replying = True

@@ -48,6 +48,7 @@ from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
+from wsd_llms.runtime import reply_room
 from wsd_llms.structured import strict_json
 
 if TYPE_CHECKING:
@@ -262,23 +263,14 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         achat: the window is told at once where it can be (a GGUF or embedded model's from its
         header before its first load, which converts it), else read from the model's config."""
         window = self._window(self.mode)
+        base_window = self._window("base") if self.mode in ("online", "staged") else None
         return LLMMetadata(
             context_window=min(window, self.context_window or window),
-            num_output=self._output_room(window),
+            num_output=reply_room(self.max_tokens, self.max_draft_tokens, window, base_window, self.context_window),
             is_chat_model=True,
             is_function_calling_model=can_constrain(),
             model_name=self.wsd_model_name(),
         )
-
-    def _output_room(self, window: int) -> int:
-        """The room LlamaIndex's prompt packing leaves for the reply (`num_output`, which it takes from
-        the reported window): max_tokens where one model writes the reply. In WSD the draft writes at
-        most max_draft_tokens in its window, the smaller, and the base writes the reply in its own, so
-        the draft's window need hold only that much of a longer max_tokens: with max_tokens at or above
-        it, every query engine had failed ("Calculated available context size -N")."""
-        if self.mode in ("base", "draft"):
-            return self.max_tokens
-        return max(min(self.max_tokens, self.max_draft_tokens), self.max_tokens - (self._window("base") - window))
 
     def _window(self, mode: str) -> int:
         """The context window of `mode`, told at once where it can be (see metadata)."""
@@ -296,20 +288,29 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         return [*system, {"role": "user", "content": to_prompt(prompt)}]
 
     @contextmanager
-    def _packing_hint(self) -> Iterator[None]:
-        """A prompt too long for a window says how LlamaIndex came to pack it so, unless
-        Settings.tokenizer counts in a model's tokens already: it packs by tiktoken's count unless
-        told otherwise, which counts fewer tokens than a small model's tokenizer (1.1x for English
-        on the embedded draft), so a prompt packed to the window overflows it."""
+    def _packing_hint(self, messages: Messages) -> Iterator[None]:
+        """A prompt too long for a window says how LlamaIndex came to pack it so: by Settings.tokenizer's
+        count (unless it counts in a model's tokens already), tiktoken's unless set, which counts fewer
+        tokens than a small model's tokenizer (1.1x for English on the embedded draft); and, for a
+        conversation, by a chat memory's count of its messages' text alone, without the chat template
+        around each (about 5.5 draft tokens a message on the embedded draft)."""
         try:
             yield
         except PromptTooLongError as exc:
+            hints = []
             if getattr(llama_index.core.global_tokenizer, "func", None) is not encode_text:
                 model = "base" if self.mode == "base" else "draft"
-                exc.args = (
-                    f"{exc}; LlamaIndex packs prompts to the window by counting in Settings.tokenizer (tiktoken unless set), "
-                    f"which can count fewer tokens than the model does: set Settings.tokenizer = llm.wsd_runtime().encoder({model!r})",
+                hints.append(
+                    "LlamaIndex packs prompts to the window by counting in Settings.tokenizer (tiktoken unless set), "
+                    f"which can count fewer tokens than the model does: set Settings.tokenizer = llm.wsd_runtime().encoder({model!r})"
                 )
+            if sum(m["role"] != "system" for m in messages) > 1:
+                hints.append(
+                    "a chat memory counts its messages' text alone against its token_limit, not the chat template around "
+                    "each message: give it a token_limit below llm.metadata.context_window with room for those and the reply"
+                )
+            if hints:
+                exc.args = ("; ".join([str(exc), *hints]),)
             raise
 
     def _stream(self, messages: Messages, kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
@@ -318,11 +319,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         at the first `next()`, as the runtime's stream sends it."""
         params, checked = self.wsd_request(**kwargs)
         accumulate = _Accumulator(checked)
-        with self._packing_hint():
+        with self._packing_hint(messages):
             stream = self.wsd_runtime().stream(messages, **params)
 
         def gen() -> Iterator[ChatResponse]:
-            with self._packing_hint(), closing(stream) as events:
+            with self._packing_hint(messages), closing(stream) as events:
                 for event in events:
                     if (response := accumulate(event)) is not None:
                         yield response
@@ -333,11 +334,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """`_stream` for async callers: checked at the await, sent at the first `__anext__()`."""
         params, checked = await self.awsd_request(**kwargs)
         accumulate = _Accumulator(checked)
-        with self._packing_hint():
+        with self._packing_hint(messages):
             stream = self.wsd_runtime().astream(messages, **params)
 
         async def gen() -> AsyncIterator[ChatResponse]:
-            with self._packing_hint():
+            with self._packing_hint(messages):
                 async with aclosing(stream) as events:
                     async for event in events:
                         if (response := accumulate(event)) is not None:
@@ -347,13 +348,13 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     def _generate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
         params, checked = self.wsd_request(**kwargs)
-        with self._packing_hint():
+        with self._packing_hint(messages):
             result = self.wsd_runtime().generate(messages, **params)
         return _final(result, None, ShownCalls(checked).finish(result))
 
     async def _agenerate(self, messages: Messages, kwargs: dict[str, Any]) -> ChatResponse:
         params, checked = await self.awsd_request(**kwargs)
-        with self._packing_hint():
+        with self._packing_hint(messages):
             result = await self.wsd_runtime().agenerate(messages, **params)
         return _final(result, None, ShownCalls(checked).finish(result))
 
