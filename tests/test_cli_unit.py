@@ -420,6 +420,6 @@ def test_a_max_tokens_past_the_drafts_window_keeps_the_conversation(capsys: pyte
     one_model = TwoWindows()  # the base alone writes 2000 in its 4000: room for both exchanges
     assert _interactive(Answers(["a", "b", "c", ""]), one_model, [], {**params, "mode": "base"}) == 0  # type: ignore[arg-type]
     assert [len(call) for call in one_model.calls] == [1, 3, 5]
-    draft_alone = TwoWindows()  # the draft writes the whole reply in its 1000: capped at three quarters, 750 (25 messages' worth of room left)
+    draft_alone = TwoWindows()  # the draft writes the whole reply in its 1000: room capped at 750, a quarter left for the prompt
     assert _interactive(Answers(["a", "b", "c", ""]), draft_alone, [], {**params, "mode": "draft"}) == 0  # type: ignore[arg-type]
     assert [len(call) for call in draft_alone.calls] == [1, 3, 5]

@@ -114,12 +114,16 @@ def test_metadata_reads_config_without_loading() -> None:
         ({"max_tokens": 30000}, 30000 - (32768 - 8192)),  # more than the base's window holds past the draft's
         ({"max_tokens": 9000, "mode": "base"}, 9000),
         ({"max_tokens": 300, "max_draft_tokens": 100, "mode": "draft"}, 300),
-        # A reply that could fill the window leaves the prompt a quarter of it (the runtime caps max_tokens at the window's end)
-        ({"max_tokens": 100_000}, 6144),
-        ({"max_tokens": 32768}, 6144),
-        ({"max_tokens": 9000, "mode": "draft"}, 6144),
-        ({"max_tokens": 10**6, "mode": "base"}, 24576),
-        ({"max_tokens": 30000, "context_window": 4096}, 3072),  # of the window LlamaIndex is told to fill
+        ({"max_tokens": 7000, "mode": "draft"}, 7000),
+        ({"max_tokens": 30000, "mode": "base"}, 30000),
+        # A reply that could fill the window leaves the prompt 1024 tokens, or a quarter of a smaller
+        # window (the runtime caps max_tokens at the window's end)
+        ({"max_tokens": 100_000}, 8192 - 1024),
+        ({"max_tokens": 32768}, 8192 - 1024),
+        ({"max_tokens": 9000, "mode": "draft"}, 8192 - 1024),
+        ({"max_tokens": 10**6, "mode": "base"}, 32768 - 1024),
+        ({"max_tokens": 30000, "context_window": 4096}, 4096 - 1024),  # of the window LlamaIndex is told to fill
+        ({"max_tokens": 30000, "context_window": 2048}, 2048 - 512),
     ],
 )
 def test_num_output_is_the_room_the_reply_needs_in_the_reported_window(settings: dict[str, Any], room: int) -> None:
@@ -437,6 +441,10 @@ async def test_a_conversation_too_long_says_how_a_chat_memory_counts(draft_token
             WSDLLM(max_tokens=4).chat(turns)
         assert "a chat memory counts its messages' text alone against its token_limit" in str(caught.value)
         assert "Settings.tokenizer" not in str(caught.value)  # it counts in the draft's tokens already
+        agent_turn = [ChatMessage(role="user", content="Look it up."), ChatMessage(role="assistant", content="Calling."), ChatMessage(role="tool", content=turns[0].content * 30)]
+        with pytest.raises(wsd_llms.PromptTooLongError) as caught:
+            WSDLLM(max_tokens=4).chat(agent_turn)  # one agent turn whose tool result is too long: no memory chose it
+        assert "chat memory" not in str(caught.value)
     finally:
         runtime.close()
 

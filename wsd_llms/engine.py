@@ -422,12 +422,11 @@ class Engine:
         """What each sequence feeds this step: its pending forward, or the next piece of a long one;
         a sequence whose piece does not fit this step's prefill budget sits the step out. A prompt
         starts from the pieces an earlier request stored, where its ids begin the same."""
-        seqs = [seq for seq in seqs if self._restore(seq)]
-        pending = [seq.pending for seq in seqs if isinstance(seq.pending, Forward)]  # all of them: they were batched by it
-        sizes = prefill_pieces(pending, self.prefill_chunk, [self._marks(seq, forward.model) for seq, forward in zip(seqs, pending)])
+        pairs = [(seq, seq.pending) for seq in seqs if self._restore(seq) and isinstance(seq.pending, Forward)]  # all forwards: they were batched by them
+        sizes = prefill_pieces([forward for _, forward in pairs], self.prefill_chunk, [self._marks(seq, forward.model) for seq, forward in pairs])
         return [
             (seq, forward if n == len(forward.ids) else replace(forward, ids=forward.ids[:n], keep=piece_rows(forward, n), lazy=True))
-            for seq, forward, n in zip(seqs, pending, sizes)
+            for (seq, forward), n in zip(pairs, sizes)
             if n is not None
         ]
 

@@ -114,20 +114,24 @@ def measured_length(n: int, window: int, own: int) -> int:
     return -(-(n + 1) * window // own) - 1
 
 
+MIN_PROMPT_ROOM = 1024  # the least room reply_room leaves a prompt, in a window of 4096 or more
+
+
 def reply_room(max_tokens: int, max_draft_tokens: int, window: int, base_window: int | None = None, fitted: int | None = None) -> int:
     """How much of a window to leave for a reply, for a caller that fits a prompt to it (LlamaIndex's
     num_output, the CLI's history). `window`: the request's (context_window(mode)); `base_window`:
     the base's, where WSD writes the reply (None where one model writes it all: then max_tokens).
     In WSD the draft writes at most max_draft_tokens in `window`, the smaller, and the base the rest
-    in its own, so `window` need hold only that much of a longer max_tokens. At most three quarters
-    of the window prompts are fitted to (`fitted`, else `window`), so a prompt keeps a quarter: a
-    longer reply is cut at the window's end anyway (max_tokens is capped to what is left)."""
+    in its own, so `window` need hold only that much of a longer max_tokens. A prompt keeps at least
+    a quarter of the window prompts are fitted to (`fitted`, else `window`) or MIN_PROMPT_ROOM tokens,
+    the fewer: a reply longer than the rest is cut at the window's end anyway (max_tokens is capped
+    to what is left), and a packer left no room had failed."""
     if base_window is None:
         room = max_tokens
     else:
         room = max(min(max_tokens, max_draft_tokens), max_tokens - (base_window - window))
     fitted = window if fitted is None else min(fitted, window)
-    return min(room, fitted - fitted // 4)
+    return min(room, fitted - min(fitted // 4, MIN_PROMPT_ROOM))
 
 
 def _models_of(mode: str) -> tuple[str, ...]:

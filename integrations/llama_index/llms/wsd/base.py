@@ -292,7 +292,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """A prompt too long for a window says how LlamaIndex came to pack it so: by Settings.tokenizer's
         count (unless it counts in a model's tokens already), tiktoken's unless set, which counts fewer
         tokens than a small model's tokenizer (1.1x for English on the embedded draft); and, for a
-        conversation, by a chat memory's count of its messages' text alone, without the chat template
+        conversation (more than one user turn), by a chat memory's count of its messages' text alone, without the chat template
         around each (about 5.5 draft tokens a message on the embedded draft)."""
         try:
             yield
@@ -304,10 +304,10 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                     "LlamaIndex packs prompts to the window by counting in Settings.tokenizer (tiktoken unless set), "
                     f"which can count fewer tokens than the model does: set Settings.tokenizer = llm.wsd_runtime().encoder({model!r})"
                 )
-            if sum(m["role"] != "system" for m in messages) > 1:
+            if sum(m["role"] == "user" for m in messages) > 1:  # a conversation (one agent turn's tool results are not)
                 hints.append(
                     "a chat memory counts its messages' text alone against its token_limit, not the chat template around "
-                    "each message: give it a token_limit below llm.metadata.context_window with room for those and the reply"
+                    "each message: give it a token_limit well below llm.metadata.context_window (half of it, say)"
                 )
             if hints:
                 exc.args = ("; ".join([str(exc), *hints]),)
