@@ -1,6 +1,7 @@
 """Each quality signal of `wsd-llms eval` on hand-made texts, and the prompt loader on bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -128,3 +129,29 @@ def test_lines_are_read_one_by_one(tmp_path):
     prompts, problems = load_prompts(path)
     assert [(p.id, p.category, p.messages[0]["content"]) for p in prompts] == [("line-1", "uncategorized", "Say hi."), ("line-3", "uncategorized", "a\u2028b")]
     assert [str(p) for p in problems] == ["line 2: not UTF-8 text (byte 46 of the line: invalid continuation byte)"]
+
+
+@pytest.mark.parametrize(("top", "labels"), [(1, ["0", "1"]), (3, ["0", "1", "2", "3"]), (5, ["0", "2", "4"]), (40, ["0", "10", "20", "30", "40"])])
+def test_a_histograms_gridlines_are_labelled_with_their_counts(top, labels):
+    """Gridlines at quarters of the largest count, labels rounded, had read 0, 1, 2, 2, 3 for a
+    count of 3: each gridline now sits at the whole count its label names."""
+    from wsd_llms.eval import svg
+
+    plot = svg.histogram([("a", top), ("b", 0)], "t", "x")
+    lines = re.findall(r'<line x1="[^"]*" y1="([^"]*)"[^>]*stroke="#ddd"/><text x="[^"]*" y="([^"]*)" text-anchor="end">([^<]*)<', plot)
+    assert [label for *_, label in lines] == labels
+    bottom, full = float(lines[0][0]), float(re.search(r'<rect x="[^"]*" y="([^"]*)"', plot).group(1))  # the 0 line, the top bar's top
+    for y, _, label in lines:
+        assert float(y) == pytest.approx(bottom + (full - bottom) * int(label) / top, abs=0.06)
+
+
+def test_the_quality_plot_takes_the_swept_window():
+    """`--thresholds 0.5,0.9 --windows 4` beside the main w=6: the τ-vs-quality plot had drawn the
+    main setting's one point; it now draws the window with the most thresholds."""
+    from wsd_llms.eval.report import sweep_plots
+
+    signals = {"draft_token_share": 0.5, "repetition": 0.1, "degenerate": 0.0, "leak": 0.0, "truncated": 0.0, "empty": 0.0, "declined": 0.0}
+    settings = [{"mode": "online", "threshold": t, "window": w, "switch_rate": 0.5, **signals} for t, w in ((0.8, 6), (0.5, 4), (0.9, 4))]
+    quality = sweep_plots({"settings": settings, "meta": {"window": 6}})[1]
+    assert "(w=4)" in quality and quality.count("<polyline") == len(signals)
+    assert all(points.count(",") == 2 for points in re.findall(r'<polyline points="([^"]*)"', quality))  # τ=0.5 and 0.9

@@ -70,18 +70,21 @@ def switch_histogram(summary: dict[str, Any]) -> str:
 
 
 def sweep_plots(report: Report) -> list[str]:
-    """Threshold against switch rate (one line per window) and against quality signals (main window)."""
+    """Threshold against switch rate (one line per window) and against quality signals (at the window
+    with the most thresholds, the main one among equals: a sweep of `--windows 4` beside the main w=6
+    had plotted the main setting's one point)."""
     wsd = [s for s in report["settings"] if s["mode"] == "online"]
     windows = sorted({s["window"] for s in wsd})
     rate = {f"w={w}": [(s["threshold"], s["switch_rate"]) for s in wsd if s["window"] == w and s["switch_rate"] is not None] for w in windows}
     main_w = report["meta"]["window"]
-    at_w = [s for s in wsd if s["window"] == main_w]
+    quality_w = max(windows, key=lambda w: (sum(s["window"] == w for s in wsd), w == main_w), default=main_w)
+    at_w = [s for s in wsd if s["window"] == quality_w]
     quality_keys = (("draft_token_share", "draft tokens"), ("repetition", "repetition"), ("degenerate", "degenerate"),
                     ("leak", "role leak"), ("truncated", "truncated"), ("empty", "empty"), ("declined", "declined"))
     quality = {label: [(s["threshold"], s[key]) for s in at_w if s[key] is not None] for key, label in quality_keys}
     return [
         svg.line_chart(rate, "Threshold τ vs switch rate", "threshold τ", "share of replies that switched"),
-        svg.line_chart({k: v for k, v in quality.items() if v}, f"Threshold τ vs quality signals (w={main_w})", "threshold τ", "share / mean"),
+        svg.line_chart({k: v for k, v in quality.items() if v}, f"Threshold τ vs quality signals (w={quality_w})", "threshold τ", "share / mean"),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from html import escape
 
@@ -24,12 +25,19 @@ def _frame(title: str, xlabel: str, ylabel: str, body: list[str]) -> str:
     )
 
 
-def _y_ticks(top: float, to_y: Callable[[float], float]) -> list[str]:
+def _y_ticks(top: float, to_y: Callable[[float], float], whole: bool = False) -> list[str]:
+    """Gridlines, each labelled with its value: for `whole` counts at whole numbers (a step of a
+    quarter of `top`, rounded up), else at quarters of `top` (rounded labels had put 0, 1, 2, 2, 3
+    on the gridlines of counts up to 3)."""
+    if whole:
+        step = max(1, math.ceil(top / 4))
+        values: list[float] = list(range(0, int(top) + 1, step))
+    else:
+        values = [top * i / 4 for i in range(5)]
     out = []
-    for i in range(5):
-        v = top * i / 4
+    for v in values:
         y = to_y(v)
-        label = f"{v:.2f}" if top <= 1 else f"{v:.0f}"
+        label = f"{v:.0f}" if whole else f"{v:.2f}" if top <= 1 else f"{v:.4g}"
         out.append(f'<line x1="{LEFT - 3}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" stroke="#ddd"/>')
         out.append(f'<text x="{LEFT - 5}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
     return out
@@ -44,7 +52,7 @@ def histogram(counts: list[tuple[str, int]], title: str, xlabel: str) -> str:
     def to_y(v: float) -> float:
         return H - BOTTOM - inner_h * v / top
 
-    body = _y_ticks(top, to_y)
+    body = _y_ticks(top, to_y, whole=True)
     step = max(1, len(counts) // 10)
     for i, (label, count) in enumerate(counts):
         x = LEFT + i * bar
