@@ -808,6 +808,33 @@ time.sleep(0.5)
 """
 
 
+CTRL_C_WHILE_CLOSING_AT_EXIT = """
+import os, signal, sys, threading
+sys.path.insert(0, {tests!r})
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+from wsd_llms import WSDRuntime
+rt = WSDRuntime.from_models(tiny_llama(make_tokenizer(300), 0, "d", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "b"))
+close = rt.close
+def interrupted_close():  # a Ctrl-C (a second one, say) as exit closes the runtime
+    os.kill(os.getpid(), signal.SIGINT)
+    close()
+rt.close = interrupted_close
+stream = rt.stream([{{"role": "user", "content": "Hello there"}}], max_tokens=400, max_draft_tokens=400, mode="draft")
+next(stream)  # the worker is serving it as the script ends
+"""
+
+
+def test_a_ctrl_c_while_exit_closes_the_runtime_ends_the_process_as_interrupted(tmp_path):
+    """`wsd-llms eval`, Ctrl-C twice within a moment: the second one came as exit closed the runtime,
+    raised a KeyboardInterrupt in the atexit callback that left the worker alive, and the process
+    aborted ("terminate called without an active exception", SIGABRT). It now ends at once, 130."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_WHILE_CLOSING_AT_EXIT.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
 def test_a_runtime_dropped_without_close_is_freed_and_its_worker_ends(draft_tokenizer):
     """The worker holds its runtime only while it serves: a runtime nobody uses any more (made
     directly, never closed) is collected with its models, and its worker thread ends."""

@@ -12,6 +12,7 @@ import atexit
 import functools
 import os
 import queue
+import signal
 import threading
 import time
 import weakref
@@ -1080,10 +1081,20 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every worker and compile started, while it runs
 
 
+def _exit_interrupted(signum: int, frame: Any) -> None:
+    """End the process at once with an interrupted exit's status; nothing is left half-written (a
+    model's cache entry is written aside and renamed)."""
+    os._exit(128 + signum)
+
+
 @atexit.register
 def _close_all() -> None:
     """At interpreter exit, stop every worker, and let every compile end, before torch's threads are
-    torn down (a worker thread alive then aborts the process, and one inside xgrammar too)."""
+    torn down (a worker thread alive then aborts the process, and one inside xgrammar too). A Ctrl-C
+    meanwhile ends the process at once, as interrupted (130): raised in here, it left the workers
+    alive, and the process aborted (SIGABRT) on a second Ctrl-C just after the first."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_interrupted)
     for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
         runtime.close()
     for thread in list(_workers):  # those of runtimes collected just now are ending
