@@ -184,6 +184,19 @@ def test_cli_refuses_a_judge_without_a_chat_template_before_the_run(tmp_path, ca
     assert "the judge model 'embedded:gemma-3-270m' has no chat template" in err and not (tmp_path / "o" / "records.jsonl").exists()
 
 
+@pytest.mark.parametrize("judge", ["embedded:nope", "/nonexistent/judge"])
+def test_cli_a_judge_that_cannot_exist_fails_before_the_models_load(tmp_path, capsys, monkeypatch, judge):
+    """An unknown embedded name or a missing path was found only after the draft and base had
+    loaded (12-16 s); it is told at once, as a bad --draft is."""
+    from wsd_llms.runtime import WSDRuntime
+
+    monkeypatch.setattr(WSDRuntime, "load", lambda self: pytest.fail("the models loaded"))
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    assert main(["eval", "--prompts", str(path), "--judge", judge, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "error: --judge: " in err and repr(judge) in err and "Traceback" not in err
+
+
 def test_cli_prints_problems_as_text_not_markup(tmp_path, capsys):
     """A prompt file's text in a problem (a duplicate id) is printed as it is, not read as Rich markup."""
     path = _write(tmp_path / "p.jsonl", [_prompt("2 + 2?", id="[/x]"), _prompt("3 + 3?", id="[/x]")])

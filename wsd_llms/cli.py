@@ -48,7 +48,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     wsd = chat.add_argument_group("switch and sampling")
     wsd.add_argument("--threshold", type=float, default=0.8, dest="switch_threshold", metavar="TAU", help="the base takes over where its tokens' probabilities reach this")
     wsd.add_argument("--window", type=int, default=6, dest="switch_window", metavar="W", help="over this many draft tokens in a row")
-    wsd.add_argument("--max-tokens", type=int, default=256, metavar="N", help="reply budget, in base tokens")
+    wsd.add_argument("--max-tokens", type=int, default=256, metavar="N", help="reply budget, in base tokens (draft tokens with --mode draft)")
     wsd.add_argument("--max-draft-tokens", type=int, default=512, metavar="N", help="how far the draft may write before the base takes over")
     wsd.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
     wsd.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")

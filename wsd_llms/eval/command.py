@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..console import make_console
-from ..errors import InvalidMessagesError, InvalidParameterError, WSDError
+from ..errors import InvalidMessagesError, InvalidParameterError, ModelLoadError, WSDError
 from ..params import check_option, check_placement
 from ..prompts import require_chat_template
 from .prompts import DEFAULT_PROMPTS, load_prompts
@@ -64,7 +64,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sweep", action="store_true", help="also run WSD over the grid of --thresholds × --windows")
     p.add_argument("--thresholds", type=_floats, help="sweep thresholds, comma-separated (default 0.5,0.6,0.7,0.8,0.9); implies --sweep")
     p.add_argument("--windows", type=_ints, help="sweep windows, comma-separated (default 4,6,8); implies --sweep")
-    p.add_argument("--max-tokens", type=int, default=128, help="reply budget in base tokens (default 128)")
+    p.add_argument("--max-tokens", type=int, default=128, help="reply budget in base tokens, in draft tokens for draft-only replies (default 128)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once, batched by the runtime (default 8)")
     p.add_argument("--judge", help="a local chat model (HF repo id, directory, .gguf or embedded:...) to judge WSD vs base-only")
     p.add_argument("--out", type=Path, default=Path("wsd-eval"), help="output directory (default ./wsd-eval)")
@@ -94,13 +94,18 @@ def run(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     written: list[Record] = []
     try:
-        from ..loading import load_model  # here, not at the top: `wsd-llms --help` need not wait for torch (seconds)
+        from ..loading import check_source, load_model  # here, not at the top: `wsd-llms --help` need not wait for torch (seconds)
         from ..runtime import get_runtime
         from .evaluate import evaluate
         from .judge import logit_judge
 
         check_placement(args.device, args.dtype)
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
+        if args.judge:  # an unknown embedded name or a missing path fails before the pair loads
+            try:
+                check_source(args.judge)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"--judge: {exc}") from None
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
