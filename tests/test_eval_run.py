@@ -123,6 +123,15 @@ def test_a_failing_request_becomes_a_record(tmp_path, shared_runtime):
     assert report["settings"][0]["errors"] == 1
 
 
+def test_cli_says_which_requests_failed(tmp_path, capsys, shared_runtime, monkeypatch):
+    """Exit status 1 for failed requests came with nothing on stderr to say which or why."""
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: shared_runtime)
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is two plus two?", id="short"), _prompt("Hello there! " * 400, id="long")])
+    assert main(["eval", "--prompts", str(path), "--max-tokens", "4", "--window", "2", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "error: 3 request(s) failed; the first: " in err and "on prompt long: " in err and "context window" in err
+
+
 @pytest.mark.embedded
 def test_cli_with_judge_on_the_embedded_pair(tmp_path, embedded):
     path = _write(tmp_path / "p.jsonl", [_prompt("What is the capital of France?"), _prompt("Name three colours.", "lists")])

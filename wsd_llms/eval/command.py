@@ -147,7 +147,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _print_table(console, report)
     console.print(Text(f"report: {paths['html']}  (also {paths['json'].name}, {paths['md'].name}, records.jsonl)"))
-    failed = any(s["errors"] for s in report["settings"])
+    failed = [r for r in report["records"] if r["error"] is not None]
+    if failed:  # the exit status says a request failed: stderr says which and why (the report lists them all)
+        first = failed[0]
+        errors.print(Text(
+            f"error: {len(failed)} request(s) failed; the first: {first['setting']} on prompt {first['prompt_id']}: {first['error']}",
+            style="bold red",
+        ))
     return 1 if problems or failed else 0
 
 
