@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
-import torch
-
 from .events import Event, TextDelta
 from .kv_cache import KVCache
 from .output_head import HeadRows, Mask
