@@ -163,7 +163,6 @@ def test_ctrl_c_while_the_turn_is_measured_ends_the_line(capsys: pytest.CaptureF
 def test_an_interactive_chat_loads_the_models_before_its_first_question(monkeypatch: pytest.MonkeyPatch) -> None:
     """As for one question: the first turn's time to first token and tok/s are the reply's own, not
     the load's (they had read 28.8 s and 0.4 tok/s)."""
-    from wsd_llms import cli
 
     order: list[str] = []
     runtime = Scripted()
@@ -333,7 +332,6 @@ def test_an_unknown_option_is_reported_with_its_subcommands_usage(args: list[str
 def test_help_and_option_errors_come_without_loading_torch() -> None:
     """`wsd-llms --help` took 7 s, all of it importing torch and transformers, which the parser never
     needs; the package's other names still import on first use."""
-    import subprocess
     import sys
 
     code = (

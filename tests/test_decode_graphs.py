@@ -13,7 +13,7 @@ from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_llama, tiny_ph
 
 from wsd_llms.attention import WSD_SDPA, SlotLayout
 from wsd_llms import decode_graphs
-from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MAX_WIDTH, MIN_CAPACITY, DecodeGraphs, bucket
+from wsd_llms.decode_graphs import MAX_SLOT_BYTES, MAX_WIDTH, MIN_CAPACITY, bucket
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.output_head import HeadRows
 from wsd_llms.runtime import WSDRuntime
