@@ -638,3 +638,11 @@ def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path,
     installed("0.2.0")
     upgraded = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)
     assert upgraded.name == "smollm2-135m-instruct-0.2.0" and converted[-1] == upgraded.name and (first / "config.json").exists()
+
+
+def test_a_directory_without_a_tokenizer_says_so(tmp_path):
+    """A directory of weights and config but no tokenizer files was refused with transformers' advice to
+    install sentencepiece or tiktoken, which would not help."""
+    tiny_llama(make_tokenizer(300), 0, "tiny").model.save_pretrained(tmp_path / "weights")
+    with pytest.raises(ModelLoadError, match=re.escape(f"{tmp_path / 'weights'} holds no tokenizer (tokenizer.json, tokenizer_config.json, ...)")):
+        _cpu(str(tmp_path / "weights"))

@@ -648,6 +648,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+# Files one of which a model directory's tokenizer is read from (fast, sentencepiece, BPE and WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def _load_model(
     source: str, local: Path | None, device: torch.device, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, role: str
 ) -> LoadedModel:
@@ -658,6 +662,11 @@ def _load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None and local is None:
         kwargs["revision"] = revision
+    if local is not None and local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(  # transformers' own word was to install sentencepiece or tiktoken
+            f"could not load {what}: {local} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+            "put the model's tokenizer files beside its weights"
+        )
     offline = local is None and not hub_reachable()
     if offline:  # the hub's cache alone, at once: the hub client retries an unreachable host for most of a minute
         kwargs["local_files_only"] = True
