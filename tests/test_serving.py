@@ -1818,9 +1818,13 @@ def test_get_runtime_knows_a_model_or_device_however_it_is_spelt(tmp_path, monke
     try:
         assert get_runtime("./md/", str(tmp_path / "mb"), "cpu:0", "float32") is runtime
         assert get_runtime("md", "no/such-base", "cpu", "float32") is not runtime  # a repo id stays itself
+        (tmp_path / "g").mkdir()
+        (tmp_path / "g" / "m.gguf").touch()
+        assert get_runtime("g", "mb", "cpu", "float32") is get_runtime("g/m.gguf", "mb", "cpu", "float32")  # the directory names its one .gguf
     finally:
         runtime.close()
         get_runtime("md", "no/such-base", "cpu", "float32").close()
+        get_runtime("g", "mb", "cpu", "float32").close()
 
 
 def test_a_closed_runtime_from_get_runtime_is_freed_once_its_caller_drops_it():

@@ -40,6 +40,7 @@ from .loading import (
     hub_cached,
     hub_reachable,
     load_model,
+    local_path,
     local_source,
     model_source,
     named_by,
@@ -985,10 +986,17 @@ _registry_lock = threading.Lock()
 
 
 def _same_source(source: str) -> str:
-    """A model source as the registry knows it: a local path by where it resolves ("md", "./md/"
-    and its absolute path load the same files), anything else (a repo id) as it is."""
+    """A model source as the registry knows it: a local path by the files it resolves to ("md", "./md/"
+    and its absolute path load the same files, and so do a directory holding one .gguf and that
+    file), anything else (a repo id) as it is."""
     path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
+    if not path.exists():
+        return source
+    try:
+        named = local_path(source)
+    except ModelLoadError:  # its load says what is wrong with it; the path as given names it here
+        named = None
+    return str((named or path).resolve())
 
 
 def _same_device(device: torch.device) -> str:
