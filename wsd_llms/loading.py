@@ -662,19 +662,24 @@ def _load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None and local is None:
         kwargs["revision"] = revision
-    if local is not None and local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
-        raise ModelLoadError(  # transformers' own word was to install sentencepiece or tiktoken
-            f"could not load {what}: {local} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); "
-            "put the model's tokenizer files beside its weights"
-        )
     offline = local is None and not hub_reachable()
     if offline:  # the hub's cache alone, at once: the hub client retries an unreachable host for most of a minute
         kwargs["local_files_only"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        except (OSError, ValueError) as exc:
+            if local is not None and local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+                raise ModelLoadError(  # transformers' own word was to install sentencepiece or tiktoken
+                    f"could not load {what}: {local} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+                    "put the model's tokenizer files beside its weights"
+                ) from exc
+            raise
         with _quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         model.to(device)  # type: ignore[arg-type]  # out of memory on the device, say; transformers types `to` by its decorator
+    except ModelLoadError:
+        raise
     except OSError as exc:
         hint = HUB_OUT_OF_REACH if offline else ""
         raise ModelLoadError(
