@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.text import Text
 
+from . import interrupts
 from .console import make_console
 from .errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
@@ -183,18 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if not asked:  # the ^C's line ends on stderr (stream_reply ends a reply's): stdout holds the reply alone
             errors.print()
-        if runtime is not None and not runtime.loaded:
-            _exit_now(130)
+        if runtime is not None and not runtime.loaded:  # a model load cannot be interrupted, and a normal exit
+            interrupts.exit_now(130)  # would wait for it (atexit closes the runtime and joins its worker, up to a minute)
         return 130
-
-
-def _exit_now(code: int) -> None:
-    """Exit at once: a model load cannot be interrupted, and a normal exit would wait for it
-    (atexit closes the runtime and joins its worker, up to a minute). Nothing is left half-written:
-    a model's cache entry is written aside and renamed, and its file lock ends with the process."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _outgrows(runtime: WSDRuntime, turn: list[dict[str, str]], params: dict[str, Any]) -> bool:
@@ -202,11 +194,8 @@ def _outgrows(runtime: WSDRuntime, turn: list[dict[str, str]], params: dict[str,
     in WSD the base writes past the draft's window, so --max-tokens above it needs no more room there)."""
     from .runtime import reply_room
 
-    mode = params["mode"]
-    window = runtime.context_window(mode)
-    base_window = runtime.context_window("base") if mode in ("online", "staged") else None
-    room = reply_room(params["max_tokens"], params["max_draft_tokens"], window, base_window)
-    return runtime.window_tokens(turn, **params) + room > window
+    room = reply_room(params["mode"], params["max_tokens"], params["max_draft_tokens"], runtime.context_window)
+    return runtime.window_tokens(turn, **params) + room > runtime.context_window(params["mode"])
 
 
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:

@@ -7,6 +7,7 @@ installed: asyncio.run installs its own only over Python's)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -22,3 +23,14 @@ def check() -> None:
         handled = handled[1]
     if isinstance(handled, KeyboardInterrupt):
         raise KeyboardInterrupt
+
+
+def exit_now(code: int) -> None:
+    """End the process at once with `code`, its output flushed: no atexit callback runs and no thread
+    is joined. Nothing is left half-written: a model's cache entry is written aside and renamed, and
+    its file lock ends with the process."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:  # a reader gone (BrokenPipeError) still exits
+        os._exit(code)

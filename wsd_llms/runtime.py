@@ -119,19 +119,20 @@ def measured_length(n: int, window: int, own: int) -> int:
 MIN_PROMPT_ROOM = 1024  # the least room reply_room leaves a prompt, in a window of 4096 or more
 
 
-def reply_room(max_tokens: int, max_draft_tokens: int, window: int, base_window: int | None = None, fitted: int | None = None) -> int:
-    """How much of a window to leave for a reply, for a caller that fits a prompt to it (LlamaIndex's
-    num_output, the CLI's history). `window`: the request's (context_window(mode)); `base_window`:
-    the base's, where WSD writes the reply (None where one model writes it all: then max_tokens).
-    In WSD the draft writes at most max_draft_tokens in `window`, the smaller, and the base the rest
-    in its own, so `window` need hold only that much of a longer max_tokens. A prompt keeps at least
-    a quarter of the window prompts are fitted to (`fitted`, else `window`) or MIN_PROMPT_ROOM tokens,
-    the fewer: a reply longer than the rest is cut at the window's end anyway (max_tokens is capped
-    to what is left), and a packer left no room had failed."""
-    if base_window is None:
+def reply_room(mode: str, max_tokens: int, max_draft_tokens: int, window_of: Callable[[str], int], fitted: int | None = None) -> int:
+    """How much of a request's window (`window_of(mode)`: WSDRuntime.context_window, or a reading
+    that never waits) to leave for a reply, for a caller that fits a prompt to it (LlamaIndex's
+    num_output, the CLI's history): max_tokens where one model writes the reply. In WSD the draft
+    writes at most max_draft_tokens in that window, the smaller, and the base the rest in its own,
+    so the window need hold only that much of a longer max_tokens. A prompt keeps at least a
+    quarter of the window prompts are fitted to (`fitted`, else the request's) or MIN_PROMPT_ROOM
+    tokens, the fewer: a reply longer than the rest is cut at the window's end anyway (max_tokens is
+    capped to what is left), and a packer left no room had failed."""
+    window = window_of(mode)
+    if len(_models_of(mode)) == 1:
         room = max_tokens
     else:
-        room = max(min(max_tokens, max_draft_tokens), max_tokens - (base_window - window))
+        room = max(min(max_tokens, max_draft_tokens), max_tokens - (window_of("base") - window))
     fitted = window if fitted is None else min(fitted, window)
     return min(room, fitted - min(fitted // 4, MIN_PROMPT_ROOM))
 
@@ -1089,12 +1090,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every worker and compile started, while it runs
 
 
-def _exit_interrupted(signum: int, frame: Any) -> None:
-    """End the process at once with an interrupted exit's status; nothing is left half-written (a
-    model's cache entry is written aside and renamed)."""
-    os._exit(128 + signum)
-
-
 @atexit.register
 def _close_all() -> None:
     """At interpreter exit, stop every worker, and let every compile end, before torch's threads are
@@ -1102,7 +1097,7 @@ def _close_all() -> None:
     meanwhile ends the process at once, as interrupted (130): raised in here, it left the workers
     alive, and the process aborted (SIGABRT) on a second Ctrl-C just after the first."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _exit_interrupted)
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupts.exit_now(128 + signum))
     for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
         runtime.close()
     for thread in list(_workers):  # those of runtimes collected just now are ending

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import warnings
@@ -262,11 +263,11 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """LlamaIndex reads this on every call (its instrumentation's payload), on the event loop for
         achat: the window is told at once where it can be (a GGUF or embedded model's from its
         header before its first load, which converts it), else read from the model's config."""
-        window = self._window(self.mode)
-        base_window = self._window("base") if self.mode in ("online", "staged") else None
+        window_of = functools.cache(self._window)  # each mode's read once here
+        window = window_of(self.mode)
         return LLMMetadata(
             context_window=min(window, self.context_window or window),
-            num_output=reply_room(self.max_tokens, self.max_draft_tokens, window, base_window, self.context_window),
+            num_output=reply_room(self.mode, self.max_tokens, self.max_draft_tokens, window_of, self.context_window),
             is_chat_model=True,
             is_function_calling_model=can_constrain(),
             model_name=self.wsd_model_name(),
@@ -292,8 +293,8 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         """A prompt too long for a window says how LlamaIndex came to pack it so: by Settings.tokenizer's
         count (unless it counts in a model's tokens already), tiktoken's unless set, which counts fewer
         tokens than a small model's tokenizer (1.1x for English on the embedded draft); and, for a
-        conversation (more than one user turn), by a chat memory's count of its messages' text alone, without the chat template
-        around each (about 5.5 draft tokens a message on the embedded draft)."""
+        conversation (more than one user turn), by a chat memory's count of its messages' text alone,
+        without the chat template around each (about 5.5 draft tokens a message on the embedded draft)."""
         try:
             yield
         except PromptTooLongError as exc:
