@@ -275,6 +275,22 @@ def test_cli_a_load_that_fails_past_the_loader_is_an_error_line(tmp_path, capsys
     assert (out / "records.jsonl").read_text() == "earlier\n"
 
 
+def test_cli_a_load_that_fails_leaves_no_out_directory_it_made(tmp_path, capsys, monkeypatch):
+    """--out is made before the models load (an unwritable one fails at once); a run that then
+    fails to load took it back only if it was there before: it left empty directories behind."""
+    from wsd_llms import WSDRuntime
+
+    def out_of_memory(self, role, source, revision):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(WSDRuntime, "_load", out_of_memory)
+    path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
+    (tmp_path / "kept").mkdir()
+    assert main(["eval", "--prompts", str(path), "--draft", str(tmp_path / "unique"), "--out", str(tmp_path / "kept" / "a" / "b")]) == 1
+    assert "error: the models could not load" in capsys.readouterr().err
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 def test_an_interrupted_run_ends_the_requests_in_flight(tmp_path, shared_runtime, monkeypatch):
     """Ctrl-C, or a records file that cannot be written, had dropped only the requests not yet
     started: the process printed its error, then waited for those in flight to write their whole

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     written: list[Record] = []
+    made: list[Path] = []
     try:
         from ..loading import check_source, load_model  # here, not at the top: `wsd-llms --help` need not wait for torch (seconds)
         from ..runtime import get_runtime
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             except ModelLoadError as exc:
                 raise ModelLoadError(f"--judge: {exc}") from None
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
+            made = _make_out(args.out)
         except OSError as exc:
             raise InvalidParameterError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from exc
         errors.print(Text("loading the models ...", style="dim"))
@@ -131,12 +132,15 @@ def run(args: argparse.Namespace) -> int:
                 records_path=args.out / "records.jsonl", on_record=advance, judge=judge,
             )
     except (InvalidParameterError, InvalidMessagesError) as exc:
+        _unmake_out(made)
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 2
     except WSDError as exc:
+        _unmake_out(made)
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 1
     except KeyboardInterrupt:
+        _unmake_out(made)
         said = f"the replies so far ({len(written)}) are in {args.out / 'records.jsonl'}" if written else "before any reply was written"
         errors.print(Text(f"interrupted: {said}"))
         return 130
@@ -155,6 +159,23 @@ def run(args: argparse.Namespace) -> int:
             style="bold red",
         ))
     return 1 if problems or failed else 0
+
+
+def _make_out(out: Path) -> list[Path]:
+    """Create --out before the models load, so that one that cannot be written fails at once;
+    return the directories this made, deepest first, for `_unmake_out`."""
+    missing = [path for path in (out, *out.parents) if not path.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _unmake_out(made: list[Path]) -> None:
+    """Take back the directories `_make_out` made where the run wrote nothing into them, so a model
+    that cannot load leaves no empty --out behind."""
+    for path in made:
+        if any(path.iterdir()):
+            return
+        path.rmdir()
 
 
 def _print_table(console: Console, report: dict[str, Any]) -> None:
