@@ -523,6 +523,30 @@ def test_a_repo_id_that_cannot_be_fetched_fails_at_once(monkeypatch):
     runtime.close()
 
 
+def test_a_repo_id_that_reads_like_a_mistyped_path_says_so(tmp_path, monkeypatch):
+    """"models/typo" beside a directory models/ is a valid repo id, so it is looked for on the hub;
+    the error said only that the hub could not be reached, with no word of the local directory."""
+    import torch
+
+    from wsd_llms.loading import load_model
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    told = "(there is a local directory 'models' but no 'models/typo'; a local path that does not exist is read as a repo id)"
+    with pytest.raises(ModelLoadError) as error:
+        load_model("models/typo", device=torch.device("cpu"), dtype=torch.float32)
+    assert told in str(error.value)
+    runtime = WSDRuntime("models/typo", "models/typo2", device="cpu")
+    with pytest.raises(ModelLoadError) as error:
+        runtime.tokenizer("draft")
+    assert told in str(error.value)
+    runtime.close()
+    with pytest.raises(ModelLoadError) as error:  # a plain repo id gets no such word
+        load_model("someorg/typo", device=torch.device("cpu"), dtype=torch.float32)
+    assert "there is a local directory" not in str(error.value)
+
+
 def test_a_build_and_a_load_take_their_locks_in_one_order(tmp_path):
     """load_model holds the process's loading lock and then builds (the file lock); a build started
     elsewhere (a tokenizer read before its runtime loads) converts under both too. Taken in

@@ -504,6 +504,17 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def repo_id_hint(repo_id: str, offline: bool) -> str:
+    """What an error for a repo id that could not be read adds: that the hub was out of reach, and
+    where the id reads like a mistyped local path ("models/typo" beside a directory models/), that
+    it was taken for a repo id, as a local path that does not exist is."""
+    hint = HUB_OUT_OF_REACH if offline else ""
+    parent = Path(repo_id).parent
+    if parent != Path(".") and parent.is_dir():
+        hint += f" (there is a local directory {str(parent)!r} but no {repo_id!r}; a local path that does not exist is read as a repo id)"
+    return hint
+
+
 def _require_build(build: bool, what: object) -> None:
     if not build:
         raise ModelLoadError(f"{what} has not been converted yet (the first load converts it)")
@@ -681,7 +692,7 @@ def _load_model(
     except ModelLoadError:
         raise
     except OSError as exc:
-        hint = HUB_OUT_OF_REACH if offline else ""
+        hint = repo_id_hint(source, offline) if local is None else ""
         raise ModelLoadError(
             f"could not load {what} (as a local directory, GGUF file or Hugging Face repo id){hint}: {exc}"
         ) from exc

@@ -32,7 +32,6 @@ from .events import Event, FinalEvent, TextDelta, WSDResult
 from .loading import (
     EMBEDDED_BASE,
     EMBEDDED_DRAFT,
-    HUB_OUT_OF_REACH,
     LoadedModel,
     context_window,
     gguf_context_window,
@@ -45,6 +44,7 @@ from .loading import (
     model_source,
     named_by,
     pinned,
+    repo_id_hint,
     resolve_device,
     resolve_dtype,
 )
@@ -499,16 +499,18 @@ class WSDRuntime:
             local = local_source(source)
             if local is not None:
                 return self._from_pretrained(model, source, auto, str(local), None)
-            return self._from_pretrained(model, source, auto, source, revision, offline=not hub_reachable())
+            return self._from_pretrained(model, source, auto, source, revision, repo_id=True, offline=not hub_reachable())
 
-    def _from_pretrained(self, model: str, source: str, auto: Any, where: str, revision: str | None, offline: bool = False) -> Any:
-        """A config or tokenizer; `offline`: from the hub's cache alone, at once, as a load reads it
-        where the hub cannot be reached (the hub client retries an unreachable host for most of a
-        minute, on every token count)."""
+    def _from_pretrained(
+        self, model: str, source: str, auto: Any, where: str, revision: str | None, repo_id: bool = False, offline: bool = False
+    ) -> Any:
+        """A config or tokenizer; `repo_id`: read from the hub (or its cache); `offline`: from the
+        hub's cache alone, at once, as a load reads it where the hub cannot be reached (the hub client
+        retries an unreachable host for most of a minute, on every token count)."""
         try:
             read = auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code, **({"local_files_only": True} if offline else {}))
         except OSError as exc:
-            hint = HUB_OUT_OF_REACH if offline else ""
+            hint = repo_id_hint(source, offline) if repo_id else ""
             raise ModelLoadError(f"could not read {model} model {source!r}{hint}: {exc}") from exc
         return named_by(read, where, self.draft_source if model == "draft" else self.base_source)  # as the loaded model's is
 
