@@ -231,6 +231,42 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
         proc.communicate()
 
 
+SLOW_IMPORT = """
+import sys, time
+
+class SlowCli:  # the CLI's modules take a fraction of a second to import; this one takes long
+    def find_spec(self, name, path=None, target=None):
+        if name == "wsd_llms.cli":
+            print("importing", file=sys.stderr, flush=True)
+            time.sleep(600)
+
+sys.meta_path.insert(0, SlowCli())
+from wsd_llms.__main__ import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_the_command_imports_exits_130_without_a_traceback() -> None:
+    """A Ctrl-C in the first fraction of a second of `wsd-llms` printed Python's traceback."""
+    proc = python_child(SLOW_IMPORT, "chat", "hi")
+    try:
+        assert proc.stderr is not None and proc.stderr.readline() == "importing\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        assert proc.communicate() == ("", "")
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_the_command_is_the_guarded_entry_point() -> None:
+    """The installed `wsd-llms` script runs wsd_llms.__main__:main, which holds the guard above."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="wsd-llms")
+    assert script.value == "wsd_llms.__main__:main"
+
+
 @pytest.mark.parametrize(
     ("mode", "usage", "expected"),
     [
