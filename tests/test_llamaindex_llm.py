@@ -278,6 +278,20 @@ def test_unformatted_prompt_gets_completion_to_prompt_and_system_prompt(recorded
     assert recorder.calls == [("stream", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: y"}])]
 
 
+async def test_a_prompt_that_is_not_a_str_is_named_as_the_prompt(recorded: tuple[WSDLLM, Recorder]) -> None:
+    """complete(["a"]) was told "messages[0] (user) content must be a str": a shape the caller never wrote."""
+    llm, recorder = recorded
+    for method in ["complete", "stream_complete", "acomplete", "astream_complete"]:
+        for formatted in (False, True):
+            with pytest.raises(wsd_llms.InvalidMessagesError, match=r"^prompt must be a str, got list$"):
+                out = getattr(llm, method)(["a"], formatted=formatted)
+                await out if method.startswith("a") else out
+    llm.completion_to_prompt = lambda p: [p]
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=r"^completion_to_prompt must return a str, returned list$"):
+        llm.complete("y")
+    assert recorder.calls == []
+
+
 @pytest.mark.parametrize(
     "block", [ImageBlock(url="http://example.invalid/cat.png"), AudioBlock(url="http://example.invalid/a.wav")]
 )

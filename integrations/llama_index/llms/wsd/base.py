@@ -282,11 +282,16 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> Messages:
         """A completion prompt as messages: as-is when formatted, else with completion_to_prompt and system_prompt."""
+        if not isinstance(prompt, str):  # else told as messages[0]'s content, which the caller never wrote
+            raise InvalidMessagesError(f"prompt must be a str, got {type(prompt).__name__}")
         if formatted:
             return [{"role": "user", "content": prompt}]
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         to_prompt = self.completion_to_prompt or default_completion_to_prompt  # None reads as LLM reads it
-        return [*system, {"role": "user", "content": to_prompt(prompt)}]
+        text = to_prompt(prompt)
+        if not isinstance(text, str):
+            raise InvalidMessagesError(f"completion_to_prompt must return a str, returned {type(text).__name__}")
+        return [*system, {"role": "user", "content": text}]
 
     @contextmanager
     def _packing_hint(self, messages: Messages) -> Iterator[None]:
