@@ -421,6 +421,29 @@ async def test_an_invokes_tokens_carry_the_runs_message_id(fake):
         assert handler.ids and set(handler.ids) == {result.id} and result.id.startswith("lc_run-")
 
 
+async def test_closing_an_astream_ends_the_run_and_the_request_before_aclose_returns(fake, monkeypatch):
+    """`aclose()` (or `async with aclosing(...)`) returned with the run still open and the request
+    still running: the inner stream was left to asyncio's finalizer, a loop turn or more later."""
+    ended: list[str] = []
+
+    async def astream(messages: list[dict[str, str]], **params: Any) -> AsyncIterator[TextDelta | FinalEvent]:
+        try:
+            for piece in "one two three".split():
+                yield TextDelta(piece, "draft")
+        finally:
+            ended.append("request")
+
+    class Errors(BaseCallbackHandler):
+        def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+            ended.append(type(error).__name__)
+
+    monkeypatch.setattr(fake, "astream", astream)
+    stream = WSDChatModel().astream("x", config={"callbacks": [Errors()]})
+    assert (await anext(stream)).text == "one"
+    await stream.aclose()
+    assert ended == ["request", "GeneratorExit"]
+
+
 async def test_async_paths_never_use_the_sync_stream(fake, monkeypatch):
     def no_sync(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the async path called the sync stream")

@@ -265,16 +265,20 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     def stream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
-        """BaseChatModel.stream, whose reply, where streaming is off, is one last chunk (_as_last_chunk)."""
-        for chunk in super().stream(input, config, stop=stop, **kwargs):
-            yield _as_last_chunk(chunk)
+        """BaseChatModel.stream, whose reply, where streaming is off, is one last chunk (_as_last_chunk).
+        Closing this closes it at once: the run ends (on_llm_error) and so does the request."""
+        with closing(super().stream(input, config, stop=stop, **kwargs)) as chunks:
+            for chunk in chunks:
+                yield _as_last_chunk(chunk)
 
     async def astream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
     ) -> AsyncIterator[AIMessageChunk]:
-        """Async stream, as `stream`."""
-        async for chunk in super().astream(input, config, stop=stop, **kwargs):
-            yield _as_last_chunk(chunk)
+        """Async stream, as `stream`; `aclose()` returns once the run and the request have ended (the
+        inner stream was left to asyncio's finalizer, a loop turn or more later)."""
+        async with aclosing(super().astream(input, config, stop=stop, **kwargs)) as chunks:
+            async for chunk in chunks:
+                yield _as_last_chunk(chunk)
 
     def _generate(
         self,
