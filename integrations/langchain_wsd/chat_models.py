@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import aclosing, closing
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, cast, overload
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
@@ -267,7 +267,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> Iterator[AIMessageChunk]:
         """BaseChatModel.stream, whose reply, where streaming is off, is one last chunk (_as_last_chunk).
         Closing this closes it at once: the run ends (on_llm_error) and so does the request."""
-        with closing(super().stream(input, config, stop=stop, **kwargs)) as chunks:
+        inner = cast(Generator[AIMessageChunk, None, None], super().stream(input, config, stop=stop, **kwargs))  # typed Iterator, written as a generator
+        with closing(inner) as chunks:
             for chunk in chunks:
                 yield _as_last_chunk(chunk)
 
@@ -276,7 +277,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
     ) -> AsyncIterator[AIMessageChunk]:
         """Async stream, as `stream`; `aclose()` returns once the run and the request have ended (the
         inner stream was left to asyncio's finalizer, a loop turn or more later)."""
-        async with aclosing(super().astream(input, config, stop=stop, **kwargs)) as chunks:
+        inner = cast(AsyncGenerator[AIMessageChunk, None], super().astream(input, config, stop=stop, **kwargs))  # as in stream
+        async with aclosing(inner) as chunks:
             async for chunk in chunks:
                 yield _as_last_chunk(chunk)
 
