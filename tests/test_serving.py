@@ -42,6 +42,7 @@ from wsd_llms import (
 )
 from wsd_llms import encoding, output_head, structured
 from wsd_llms import runtime as runtime_module
+from wsd_llms import submission
 from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.params import parse_params
@@ -1447,7 +1448,7 @@ def test_a_request_past_its_timeout_when_the_worker_takes_it_fails_without_start
         prepared.append(params.timeout)
         return real_prepare(messages, params, deliver)
 
-    monkeypatch.setattr(runtime_module, "TIMEOUT_GRACE", 5.0)  # the caller would notice its timeout late
+    monkeypatch.setattr(submission, "TIMEOUT_GRACE", 5.0)  # the caller would notice its timeout late
     monkeypatch.setattr(engine, "prepare", prepare)
     with closing(rt.stream(_msgs(QUESTIONS[1]), max_tokens=400, max_draft_tokens=400, mode="draft")) as long:
         next(long)

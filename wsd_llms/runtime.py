@@ -17,18 +17,31 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence as Seq
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 import torch
 
-from . import interrupts
+from . import interrupts, submission
 from .encoding import encode_text
 from .engine import MODELS, Engine, RuntimeStats, given_up
-from .errors import EXITS, InvalidParameterError, ModelLoadError, RequestFailedError, RequestTimeoutError, RuntimeClosedError, WSDError, copy_of, described, detached, released
-from .events import Event, FinalEvent, TextDelta, WSDResult
+from .errors import (
+    EXITS,
+    InvalidParameterError,
+    ModelLoadError,
+    RequestFailedError,
+    RequestTimeoutError,
+    RuntimeClosedError,
+    WSDError,
+    copy_of,
+    described,
+    detached,
+    released,
+)
+from .events import Event, FinalEvent, WSDResult
 from .loading import (
     EMBEDDED_BASE,
     EMBEDDED_DRAFT,
@@ -52,15 +65,19 @@ from .messages import Message, normalize_messages
 from .params import GenerationParams, aparse_params, parse_params
 from .prompts import base_prompt_tokens, draft_prompt_tokens, require_chat_template
 from .scheduler import MAX_CACHED_TOKENS, MAX_RUNNING
-from .sequence import CallerLeft, Sequence
+from .sequence import CallerLeft
 from .structured import compiled_grammar, constraint_spec
+from .submission import (
+    POLL_S,
+    Joined,
+    Submission,
+    SyncStream,
+    collect,
+    unwrap,
+    wait_time,
+)
 
 Messages = Seq[Mapping[str, Any] | Message]
-_POLL = 0.5  # seconds between checks that the worker is still alive while a caller waits
-# Seconds a waiting caller leaves the worker, past a request's timeout, to end the request itself
-# (it does so between steps) before the caller ends it: the worker cannot while it loads the models,
-# the request's grammar compiles, or a long step runs.
-TIMEOUT_GRACE = 0.05
 # Threads compiling grammars beside the worker at once, per runtime; requests past them wait for one
 # of them, in order (0: the worker compiles each grammar itself, as it does when no thread can start).
 MAX_COMPILES = 4
@@ -72,18 +89,6 @@ ACCEPT_PER_STEP = 16
 # model's load cannot be interrupted, so a load in progress is waited for to its end whatever this
 # says (a worker thread still inside torch when exit tears it down aborts the process).
 CLOSE_WAIT_S = 30.0
-
-
-@dataclass(eq=False)  # each is itself (kept in a set while untaken)
-class _Submission:
-    messages: list[Message]
-    params: GenerationParams
-    deliver: Callable[[Event | BaseException], None]
-    cancelled: CallerLeft  # its sequence's too, once the engine takes it
-    submitted: float  # time.perf_counter() when the caller asked: a timeout counts from here
-    compiled: bool = False  # its grammar was sent to compile (beside the worker, or on it); False without one
-    compile_error: BaseException | None = None
-    seq: weakref.ref[Sequence] | None = None  # once the engine takes it in: where a caller's timeout finds it
 
 
 AUTO_LIMITS = ("prefill_chunk", "lookup_tokens", "prefix_cache_tokens")  # None at construction: chosen for the device and models
@@ -204,7 +209,7 @@ class WSDRuntime:
 
     def _start_clean(self) -> None:
         """No worker, no submissions, every lock free: at creation, and in a forked child."""
-        self._inbox: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
         weakref.finalize(self, self._inbox.put, None).atexit = False  # collected: its idle worker wakes and ends
         self._lock = threading.Lock()  # loading, and reading a model's config or tokenizer alone
         self._worker_lock = threading.Lock()  # starting the worker and closing, so that no request slips between
@@ -213,12 +218,12 @@ class WSDRuntime:
         # Submissions put in the inbox, and those the worker has taken from it (queued in the engine,
         # or counted as ended): the difference is queued too in stats(), while models load or a step runs.
         self._sent = self._taken = 0
-        self._untaken: set[_Submission] = set()  # those sent and not yet taken (so counted as queued)
+        self._untaken: set[Submission] = set()  # those sent and not yet taken (so counted as queued)
         self._counts_lock = threading.Lock()  # stats() against the worker counting a request before there is an engine
         self._peak_queued = 0  # the most queued at once, counting the inbox (the engine sees only its own queue)
         self._compiles: set[threading.Thread] = set()  # compiling beside the worker (under the worker lock)
-        self._to_compile: deque[_Submission] = deque()  # waiting for one of them (under the worker lock)
-        self._in_hand: _Submission | None = None  # the submission the worker is taking in
+        self._to_compile: deque[Submission] = deque()  # waiting for one of them (under the worker lock)
+        self._in_hand: Submission | None = None  # the submission the worker is taking in
         self._load_failed: tuple[float, BaseException] | None = None  # when the last load failed, and why
         self._loading = False  # a model is loading (under self._lock): close() waits for it to end
 
@@ -268,13 +273,13 @@ class WSDRuntime:
         try:
             while True:
                 try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
-                    async with asyncio.timeout(_wait(sub)):
+                    async with asyncio.timeout(wait_time(sub)):
                         item = await inbox.get()
                 except TimeoutError:  # an event that came meanwhile is taken first, as a SimpleQueue's get does
                     if inbox.empty():  # (the loop, held up past the timeout, fired it before the get took one)
                         self._check_waiting(sub)
                     continue
-                yield _unwrap(item)
+                yield unwrap(item)
                 if isinstance(item, FinalEvent):
                     return
         except WSDError as error:
@@ -285,7 +290,7 @@ class WSDRuntime:
 
     def generate(self, messages: Messages, **params: Any) -> WSDResult:
         """The whole reply at once (built from the same stream)."""
-        return _collect(self.stream(messages, **params))
+        return collect(self.stream(messages, **params))
 
     async def agenerate(self, messages: Messages, **params: Any) -> WSDResult:
         """The whole reply at once, awaited (built from the async stream). A new schema's grammar is
@@ -293,7 +298,7 @@ class WSDRuntime:
         given as an iterator (a `stop`) is not read twice (the second read found it empty)."""
         normalize_messages(messages)  # bad messages first, as astream checks them
         parsed = await aparse_params(**params)
-        joined = _Joined()
+        joined = Joined()
         async for event in self.astream(messages, **{name: getattr(parsed, name) for name in params}):
             joined.add(event)
         return joined.result()
@@ -535,7 +540,7 @@ class WSDRuntime:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout=max(deadline - time.monotonic(), 0))
                 while thread.is_alive() and self._loading:  # it stops once the model in progress is in
-                    thread.join(timeout=_POLL)
+                    thread.join(timeout=POLL_S)
         if not any(thread is not None and thread.is_alive() for thread in threads):  # else the worker lets go as it ends
             self._let_go_of_models()
 
@@ -567,7 +572,7 @@ class WSDRuntime:
 
     def _submit(
         self, normalized: list[Message], parsed: GenerationParams, submitted: float, deliver: Callable[[Event | BaseException], None]
-    ) -> _Submission:
+    ) -> Submission:
         cancelled = CallerLeft()
 
         def guarded(item: Event | BaseException) -> None:
@@ -578,7 +583,7 @@ class WSDRuntime:
 
         with self._worker_lock:  # against close(): a request either reaches a live worker or is refused
             self._check_open()
-            sub = _Submission(normalized, parsed, guarded, cancelled, submitted)
+            sub = Submission(normalized, parsed, guarded, cancelled, submitted)
             self._start_worker()  # if no thread can start, the request was never sent
             self._sent += 1  # before the worker can take it
             self._untaken.add(sub)
@@ -594,7 +599,7 @@ class WSDRuntime:
             self._thread = thread
             _workers.add(thread)
 
-    def _compile_aside(self, engine: Engine, sub: _Submission | None) -> None:
+    def _compile_aside(self, engine: Engine, sub: Submission | None) -> None:
         """Compile a request's grammar for the models its mode runs (thread "wsd-llms-compile"), then
         send it back to the worker, which finds the grammar cached; then the next request waiting
         for a compile thread, if any. The first grammar for a tokenizer builds xgrammar's table of
@@ -628,7 +633,7 @@ class WSDRuntime:
                 if sub is None:  # ended under the lock: a request queued after this starts a thread of its own
                     self._compiles.discard(threading.current_thread())
 
-    def _compile_beside(self, engine: Engine, sub: _Submission) -> bool:
+    def _compile_beside(self, engine: Engine, sub: Submission) -> bool:
         """Have a request's grammar compiled beside the worker (`_compile_aside`): by a new thread,
         or, when MAX_COMPILES are compiling, by the first of them to finish. False when none can be
         (MAX_COMPILES is 0, no thread can start, or the runtime is closing: close() has listed the
@@ -648,7 +653,7 @@ class WSDRuntime:
             _workers.add(thread)
         return True
 
-    def _check_waiting(self, sub: _Submission) -> None:
+    def _check_waiting(self, sub: Submission) -> None:
         """While a caller waits: fail at once if the worker stopped, or if the request's timeout passed
         and the worker, busy without stepping (loading the models), has not failed it itself."""
         thread = self._thread
@@ -660,7 +665,7 @@ class WSDRuntime:
                 raise RuntimeClosedError(f"{stopped} before the worker took this request in")
             where = "was queued for admission" if seq.queued else f"was generating ({len(seq.reply.ids)} reply tokens so far)"
             raise RuntimeClosedError(f"{stopped} while this request {where}")
-        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=TIMEOUT_GRACE):
+        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=submission.TIMEOUT_GRACE):
             sub.cancelled.set()
             where = (
                 engine.timed_out_where(seq)  # as the worker says it, in a step that outlasted the timeout
@@ -669,7 +674,7 @@ class WSDRuntime:
             )
             raise RequestTimeoutError(f"the request exceeded timeout={sub.params.timeout}s{where}")
 
-    def _guarded_run(self, item: _Submission | None) -> bool:
+    def _guarded_run(self, item: Submission | None) -> bool:
         """Serve from `item` until idle (True) or closed (False); if the step loop dies, fail every
         request at once (the next call starts a new worker)."""
         try:
@@ -681,7 +686,7 @@ class WSDRuntime:
                 self._fail_all(f"the wsd-llms worker died: {described(exc)}")
             raise
 
-    def _run(self, item: _Submission | None | Literal[False]) -> bool:
+    def _run(self, item: Submission | None | Literal[False]) -> bool:
         with torch.inference_mode():
             while True:
                 # What was submitted since the last step joins the next one (their prefills batch), up
@@ -711,14 +716,14 @@ class WSDRuntime:
         on the submissions taken in before it. Closing refuses all that were sent before it at once."""
         return not self._closed and self.engine is not None and bool(self.engine.scheduler.running)
 
-    def _next_submission(self) -> _Submission | None | Literal[False]:
+    def _next_submission(self) -> Submission | None | Literal[False]:
         """The next submission, None when closing, False when there is none."""
         try:
             return self._inbox.get_nowait()
         except queue.Empty:
             return False
 
-    def _accept(self, sub: _Submission) -> None:
+    def _accept(self, sub: Submission) -> None:
         """Take a submission into the engine: queued, or (cancelled, or failing as it starts) counted.
         One with a grammar goes aside first, and comes back once the grammar is compiled."""
         if self._given_up(sub):  # before the models load for it
@@ -757,7 +762,7 @@ class WSDRuntime:
                 engine.count("failed")
                 sub.deliver(_start_error(exc))
 
-    def _given_up(self, sub: _Submission) -> bool:
+    def _given_up(self, sub: Submission) -> bool:
         """Whether a submission ends here, counted, as cancelled (or given up on at its timeout) before
         it reached the worker, or past its timeout, which its caller has not noticed yet."""
         if sub.cancelled.is_set():
@@ -768,7 +773,7 @@ class WSDRuntime:
             return True
         return False
 
-    def _engine_for(self, sub: _Submission) -> Engine:
+    def _engine_for(self, sub: Submission) -> Engine:
         """The engine, loaded if need be. A load that fails fails the requests sent before it failed,
         each with a copy of its error, without another try each (a burst of requests that waited on
         one failed load had retried it one after another); a request sent after it tries again."""
@@ -781,7 +786,7 @@ class WSDRuntime:
             self._load_failed = (time.perf_counter(), detached(exc))
             raise copy_of(exc) from exc.__cause__
 
-    def _end_unstarted(self, sub: _Submission, outcome: str, error: BaseException | None = None) -> None:
+    def _end_unstarted(self, sub: Submission, outcome: str, error: BaseException | None = None) -> None:
         """Count a request that ends before it runs (taken from the inbox and counted in one move, as
         stats() sees it; by the runtime while there is no engine), and tell its caller why, if anyone waits."""
         engine = self.engine
@@ -815,7 +820,7 @@ class WSDRuntime:
             if item:
                 self._refuse(item, RuntimeClosedError(reason))
 
-    def _refuse(self, item: _Submission, error: BaseException) -> None:
+    def _refuse(self, item: Submission, error: BaseException) -> None:
         """Fail a request the engine never took (still in the inbox, or compiling its grammar, as the
         runtime closed or its worker died), counted as failed like the requests that were running,
         or as its caller left it if it had already given up on it (as `_accept` counts it)."""
@@ -826,15 +831,6 @@ def _ended_by_runtime(params: GenerationParams, since: float, left: CallerLeft) 
     """How a request the runtime ended (closing, or its worker dying) counts: failed, or as its
     caller left it if it had already given up on it (engine.given_up)."""
     return given_up(params, since, time.perf_counter(), left) if left.is_set() else "failed"
-
-
-def _wait(sub: _Submission) -> float:
-    """How long a waiting caller waits for its next event before it checks on the worker (_POLL), or,
-    if sooner, until just past its timeout and TIMEOUT_GRACE (it had fired up to a poll late)."""
-    if sub.params.timeout is None:
-        return _POLL
-    left = sub.submitted + sub.params.timeout + TIMEOUT_GRACE - time.perf_counter()
-    return min(_POLL, max(left, 0.0) + 0.005)
 
 
 def _start_error(exc: BaseException) -> WSDError:
@@ -849,7 +845,7 @@ def _start_error(exc: BaseException) -> WSDError:
     return error
 
 
-def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | None]) -> None:
+def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[Submission | None]) -> None:
     """The worker thread. It holds its runtime only while serving, so a runtime dropped without
     close() (nobody can be waiting on it then) is freed with its models, and its worker ends."""
     while True:
@@ -858,129 +854,6 @@ def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[_Submission | N
         if runtime is None or not runtime._guarded_run(item):
             return
         del runtime
-
-
-_CLOSED = object()  # put in a sync stream's inbox by close(), to wake a next() that waits
-
-
-class SyncStream(Iterator[Event]):
-    """A request's events for a blocking caller (WSDRuntime.stream): a generator's iteration and
-    close(), but close() may come from another thread too. A generator refused that ("generator
-    already executing") while its next() waited, so a request queued behind others could not be
-    given up until it was admitted; here close() ends the request and wakes that next(). Once it
-    ends it holds neither the runtime nor the request, as a finished generator's frame did not."""
-
-    def __init__(self, runtime: WSDRuntime, messages: list[Message], params: GenerationParams, called: float) -> None:
-        self._runtime: WSDRuntime | None = runtime
-        self._request: tuple[list[Message], GenerationParams, float] | None = (messages, params, called)
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._sub: _Submission | None = None
-        self._cancelled: CallerLeft | None = None  # the request's, once it is sent
-        self._ended = False
-        self._reading = threading.Lock()  # held by a next(); two at once would send the request twice
-
-    def __iter__(self) -> SyncStream:
-        return self
-
-    def __next__(self) -> Event:
-        if not self._reading.acquire(blocking=False):
-            raise ValueError("this stream is being read in another thread")  # as a generator's "already executing"
-        try:
-            return self._next()
-        except WSDError as error:
-            released(error)  # a caller may keep it: the frames it left held the request (_check_waiting's)
-            raise
-        finally:
-            self._reading.release()
-
-    def _next(self) -> Event:
-        if self._ended:
-            self._let_go()
-            raise StopIteration
-        try:
-            runtime = self._runtime
-            assert runtime is not None and self._request is not None
-            interrupts.check()  # a Ctrl-C in the main thread: a request not yet sent is never sent
-            if self._sub is None:  # sent at the first next(), as a generator's body starts there
-                self._sub = runtime._submit(*self._request, self._inbox.put)
-                self._cancelled = self._sub.cancelled
-            while True:
-                try:
-                    item = self._inbox.get(timeout=_wait(self._sub))
-                except queue.Empty:
-                    interrupts.check()
-                    runtime._check_waiting(self._sub)
-                    continue
-                if item is _CLOSED or self._ended:
-                    raise StopIteration
-                if isinstance(item, FinalEvent):
-                    self._end()
-                    self._let_go()
-                return _unwrap(item)
-        except BaseException:  # an error it was sent, a timeout, Ctrl-C (in this thread or the main one), a close(): the request ends with it
-            self._end()
-            self._let_go()
-            raise
-
-    def close(self) -> None:
-        """End the request (from any thread); iteration ends."""
-        self._end()
-        if self._reading.acquire(blocking=False):  # no next() is reading: nothing more is needed
-            try:
-                self._let_go()
-            finally:
-                self._reading.release()
-
-    def _end(self) -> None:
-        self._ended = True
-        if self._cancelled is not None:
-            self._cancelled.set()
-        self._inbox.put(_CLOSED)  # wakes a next() that waits
-
-    def _let_go(self) -> None:
-        """Drop the runtime and the request (under `_reading`): an ended stream kept in a variable
-        held the runtime, and its models, alive."""
-        self._runtime = self._request = self._sub = None
-
-    def __del__(self) -> None:  # dropped unfinished, as a generator is closed when collected
-        if not getattr(self, "_ended", True):
-            self.close()
-
-
-def _unwrap(item: Event | BaseException) -> Event:
-    """An event from the worker, or the error it sent instead."""
-    if isinstance(item, BaseException):
-        raise item
-    return item
-
-
-class _Joined:
-    """Joins a stream's deltas and checks them against its final result."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.final: WSDResult | None = None
-
-    def add(self, event: Event) -> None:
-        if isinstance(event, TextDelta):
-            self.parts.append(event.text)
-        else:
-            self.final = event.result
-
-    def result(self) -> WSDResult:
-        if self.final is None:
-            raise RuntimeClosedError("stream ended without a final event")
-        joined = "".join(self.parts)
-        if joined != self.final.text:
-            raise WSDError(f"internal error: streamed text {joined!r} differs from the final text {self.final.text!r}")
-        return self.final
-
-
-def _collect(events: Iterator[Event]) -> WSDResult:
-    joined = _Joined()
-    for event in events:
-        joined.add(event)
-    return joined.result()
 
 
 _registry: dict[tuple, WSDRuntime] = {}
