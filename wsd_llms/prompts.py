@@ -37,7 +37,10 @@ class Prompts:
     ascending, where its prefill may be cut so that a later prompt with the same messages first
     reuses the pieces (scheduler.piece_end). The next turn of a conversation or an agent loop
     starts with this whole prompt and has these marks there, and its own reply's start where
-    this prompt ends, so it is cut alike up to this prompt's end (marks where messages end
+    this prompt ends, so it is cut alike up to this prompt's end where this prompt's last piece
+    is MIN_PIECE ids or more (a shorter one, a short question, is passed over there, so the next
+    turn feeds it again with the reply; cutting there would feed a long history of short turns
+    in as many passes, one a step), and up to its last cut otherwise (marks where messages end
     would not do: this prompt's last message would end at a mark only in the next one, which
     would be cut differently from the start of that message on); so does another question under
     the same system prompt, up to its question's start."""
