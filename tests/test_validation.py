@@ -138,6 +138,9 @@ def test_a_typeddict_response_format_is_its_json_schema():
         # a value of another type, or a dict that names no tool, was "Input should be a valid string"
         ({"tools": [_TOOL], "tool_choice": 5}, "invalid tool_choice=5: must be 'auto', 'required' (or 'any'), 'none', a tool's name, or a dict naming a tool"),
         ({"tools": [_TOOL], "tool_choice": {"type": "function"}}, "invalid tool_choice={'type': 'function'}: must be 'auto'"),
+        # a near miss of a keyword or of a tool's name is named (LlamaIndex's constructor cannot check a name before tools come)
+        ({"tools": [_TOOL], "tool_choice": "requird"}, "tool_choice='requird' is neither 'auto', 'required', 'any', 'none' nor a tool name (tools given: f); did you mean 'required'?"),
+        ({"tools": [{**_TOOL, "name": "multiply"}], "tool_choice": "mutliply"}, "(tools given: multiply); did you mean 'multiply'?"),
         # xgrammar's refusals name no place: the deepest subschema it refuses alone for the same reason is named
         (
             {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},

@@ -60,9 +60,10 @@ def tool_choice_problem(choice: Any, names: Sequence[str], tools: str = "given")
     if value == "required" and not names:
         return f"tool_choice={choice!r} asks for a tool call, but no tools are {tools}"
     if value not in ("auto", "required", "none", *names):
+        close = difflib.get_close_matches(value, ("auto", "required", "any", "none", *names), n=1, cutoff=0.75) if isinstance(value, str) else []
         return (
             f"tool_choice={choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
-            f"(tools {tools}: {', '.join(names) or 'none'})"
+            f"(tools {tools}: {', '.join(names) or 'none'})" + (f"; did you mean {close[0]!r}?" if close else "")
         )
     return None
 
