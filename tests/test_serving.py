@@ -728,6 +728,34 @@ def test_a_caller_whose_event_loop_closed_harms_no_other_request(fresh):
     del orphan
 
 
+# Collecting a task left pending in a closed loop raises inside asyncio ("Event loop is closed"), as for any coroutine.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_queued_request_whose_event_loop_closed_never_runs(fresh):
+    """A request still queued when its caller's loop closed was found out only at its first event:
+    admitted, prefilled and drafting ahead of live requests. It ends now where it waits."""
+    rt = fresh(max_running=1)
+    rt.generate(_msgs(QUESTIONS[1]), max_tokens=2)
+    blocker = dict(max_tokens=60, max_draft_tokens=60, mode="draft")
+    before = dict(rt.stats().tokens)
+    alone = rt.generate(_msgs(QUESTIONS[0]), **blocker)
+    fed_alone = {k: v - before[k] for k, v in rt.stats().tokens.items()}
+    before = dict(rt.stats().tokens)
+    with closing(rt.stream(_msgs(QUESTIONS[0]), **blocker)) as running:
+        first = next(running)  # it holds the one running slot
+        loop = asyncio.new_event_loop()
+        orphans = [rt.astream(_msgs(question), max_tokens=40, mode="draft") for question in QUESTIONS[2:5]]
+        tasks = [loop.create_task(orphan.__anext__()) for orphan in orphans]
+        loop.run_until_complete(asyncio.sleep(0.05))  # sent: queued behind the running one
+        assert rt.stats().queued == 3
+        loop.close()  # with the tasks pending: nobody will read them again
+        assert first.text + "".join(event.text for event in running if isinstance(event, TextDelta)) == alone.text
+    _wait_for(lambda: rt.stats().cancelled == 3 and rt.stats().queued == 0)
+    assert {k: v - before[k] for k, v in rt.stats().tokens.items()} == fed_alone  # the orphans fed nothing
+    assert rt.stats().failed == 0 and rt.stats().cached_tokens == 0
+    del tasks, orphans
+    gc.collect()  # here, under this test's filter
+
+
 def test_configure_waits_for_the_step_in_progress(fresh):
     """Limits change between steps: a step never sees two prefill_chunk values (its pieces, and the
     prefix store they go to, are cut at one), and the store is not changed under the worker."""

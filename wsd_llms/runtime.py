@@ -269,7 +269,7 @@ class WSDRuntime:
         def deliver(item: Event | BaseException) -> None:
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        sub = self._submit(messages, params, called, deliver)
+        sub = self._submit(messages, params, called, deliver, loop)
         try:
             while True:
                 try:  # not asyncio.wait_for: in Python 3.11 it drops a cancellation that comes as an item arrives
@@ -571,9 +571,15 @@ class WSDRuntime:
         return normalize_messages(messages), parse_params(**params), called
 
     def _submit(
-        self, normalized: list[Message], parsed: GenerationParams, submitted: float, deliver: Callable[[Event | BaseException], None]
+        self,
+        normalized: list[Message],
+        parsed: GenerationParams,
+        submitted: float,
+        deliver: Callable[[Event | BaseException], None],
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Submission:
-        cancelled = CallerLeft()
+        """Send a request to the worker; `loop`: an async caller's event loop, whose closing ends the request."""
+        cancelled = CallerLeft(loop)
 
         def guarded(item: Event | BaseException) -> None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -21,16 +22,28 @@ from .reply import Delta, ReplyText
 
 class CallerLeft(threading.Event):
     """Set when a request's caller has left it (its stream closed, its task cancelled, its timeout
-    passed); `told_closed` when it left because it was told the runtime stopped, and `at` when it
-    first left (time.perf_counter()), which says whether it left before its timeout or at it."""
+    passed, its event loop closed); `told_closed` when it left because it was told the runtime
+    stopped, and `at` when it first left (time.perf_counter()), which says whether it left before
+    its timeout or at it."""
 
     told_closed = False
     at: float | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__()
+        self.loop = loop  # an async caller's: once it has closed, nobody can read the request's events
 
     def set(self) -> None:
         if self.at is None:
             self.at = time.perf_counter()
         super().set()
+
+    def is_set(self) -> bool:
+        """Whether the caller has left, a closed loop read as leaving: a request still queued when
+        its loop closed was found out only by its first event, after its admission and prefill."""
+        if self.loop is not None and self.loop.is_closed() and not super().is_set():
+            self.set()
+        return super().is_set()
 
 
 class Phase(str, Enum):
