@@ -266,7 +266,8 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
         """BaseChatModel.stream, whose reply, where streaming is off, is one last chunk (_as_last_chunk).
-        Closing this closes it at once: the run ends (on_llm_error) and so does the request."""
+        Closing this (in the thread that reads it: a generator refuses a close() while a next() runs)
+        closes it at once: the run ends (on_llm_error) and so does the request."""
         inner = cast(Generator[AIMessageChunk, None, None], super().stream(input, config, stop=stop, **kwargs))  # typed Iterator, written as a generator
         with closing(inner) as chunks:
             for chunk in chunks:
