@@ -260,11 +260,12 @@ def test_ctrl_c_while_the_command_imports_exits_130_without_a_traceback() -> Non
 
 
 def test_the_command_is_the_guarded_entry_point() -> None:
-    """The installed `wsd-llms` script runs wsd_llms.__main__:main, which holds the guard above."""
-    from importlib.metadata import entry_points
+    """The `wsd-llms` script pyproject declares runs wsd_llms.__main__:main, which holds the guard above."""
+    import tomllib
+    from pathlib import Path
 
-    (script,) = entry_points(group="console_scripts", name="wsd-llms")
-    assert script.value == "wsd_llms.__main__:main"
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["scripts"] == {"wsd-llms": "wsd_llms.__main__:main"}
 
 
 @pytest.mark.parametrize(

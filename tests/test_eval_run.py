@@ -286,8 +286,13 @@ def test_cli_a_load_that_fails_leaves_no_out_directory_it_made(tmp_path, capsys,
     monkeypatch.setattr(WSDRuntime, "_load", out_of_memory)
     path = _write(tmp_path / "p.jsonl", [_prompt("What is 2 + 2?")])
     (tmp_path / "kept").mkdir()
-    assert main(["eval", "--prompts", str(path), "--draft", str(tmp_path / "unique"), "--out", str(tmp_path / "kept" / "a" / "b")]) == 1
-    assert "error: the models could not load" in capsys.readouterr().err
+    for out in ("a/b", "x/../a/b"):  # mkdir makes x too
+        assert main(["eval", "--prompts", str(path), "--draft", str(tmp_path / "unique"), "--out", str(tmp_path / "kept" / out)]) == 1
+        assert "error: the models could not load" in capsys.readouterr().err
+        assert list((tmp_path / "kept").iterdir()) == []
+    # one that cannot be made is said at once, and what was made on the way is taken back
+    assert main(["eval", "--prompts", str(path), "--out", str(tmp_path / "kept" / "new" / ("x" * 300))]) == 2
+    assert "cannot write the report to --out" in capsys.readouterr().err
     assert list((tmp_path / "kept").iterdir()) == []
 
 

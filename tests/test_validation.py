@@ -141,6 +141,7 @@ def test_a_typeddict_response_format_is_its_json_schema():
         # a near miss of a keyword or of a tool's name is named (LlamaIndex's constructor cannot check a name before tools come)
         ({"tools": [_TOOL], "tool_choice": "requird"}, "tool_choice='requird' is neither 'auto', 'required', 'any', 'none' nor a tool name (tools given: f); did you mean 'required'?"),
         ({"tools": [{**_TOOL, "name": "multiply"}], "tool_choice": "mutliply"}, "(tools given: multiply); did you mean 'multiply'?"),
+        ({"tools": [_TOOL], "tool_choice": "AUTO"}, "(tools given: f); did you mean 'auto'?"),
         # xgrammar's refusals name no place: the deepest subschema it refuses alone for the same reason is named
         (
             {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},
@@ -165,6 +166,13 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     with pytest.raises(InvalidParameterError) as err:
         parse_params(**params)
     assert needle in str(err.value)
+
+
+def test_a_near_miss_with_no_tools_is_offered_no_call():
+    """'required' would fail too with no tools to call: the error offers no such mend."""
+    with pytest.raises(InvalidParameterError) as err:
+        parse_params(tool_choice="requird")
+    assert str(err.value).endswith("nor a tool name (tools given: none)")
 
 
 def test_stops_a_forced_call_s_opening_tag_does_not_reach_are_taken():

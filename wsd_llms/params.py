@@ -60,12 +60,23 @@ def tool_choice_problem(choice: Any, names: Sequence[str], tools: str = "given")
     if value == "required" and not names:
         return f"tool_choice={choice!r} asks for a tool call, but no tools are {tools}"
     if value not in ("auto", "required", "none", *names):
-        close = difflib.get_close_matches(value, ("auto", "required", "any", "none", *names), n=1, cutoff=0.75) if isinstance(value, str) else []
+        close = _close_choice(value, names)
         return (
             f"tool_choice={choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
             f"(tools {tools}: {', '.join(names) or 'none'})" + (f"; did you mean {close[0]!r}?" if close else "")
         )
     return None
+
+
+def _close_choice(value: Any, names: Sequence[str]) -> list[str]:
+    """The tool_choice a near miss may mean: a keyword (in any case; 'required' and 'any' only where
+    there are tools to call) or a tool's name."""
+    if not isinstance(value, str):
+        return []
+    keywords = ("auto", "required", "any", "none") if names else ("auto", "none")
+    if value.lower() in keywords:
+        return [value.lower()]
+    return difflib.get_close_matches(value.lower(), keywords, n=1, cutoff=0.75) or difflib.get_close_matches(value, names, n=1, cutoff=0.75)
 
 
 # response_format types that constrain text rather than ask for a JSON value.

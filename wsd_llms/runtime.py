@@ -504,18 +504,18 @@ class WSDRuntime:
             local = local_source(source)
             if local is not None:
                 return self._from_pretrained(model, source, auto, str(local), None)
-            return self._from_pretrained(model, source, auto, source, revision, repo_id=True, offline=not hub_reachable())
+            return self._from_pretrained(model, source, auto, source, revision, is_repo_id=True, offline=not hub_reachable())
 
     def _from_pretrained(
-        self, model: str, source: str, auto: Any, where: str, revision: str | None, repo_id: bool = False, offline: bool = False
+        self, model: str, source: str, auto: Any, where: str, revision: str | None, is_repo_id: bool = False, offline: bool = False
     ) -> Any:
-        """A config or tokenizer; `repo_id`: read from the hub (or its cache); `offline`: from the
+        """A config or tokenizer; `is_repo_id`: read from the hub (or its cache); `offline`: from the
         hub's cache alone, at once, as a load reads it where the hub cannot be reached (the hub client
         retries an unreachable host for most of a minute, on every token count)."""
         try:
             read = auto.from_pretrained(where, revision=revision, trust_remote_code=self._trust_remote_code, **({"local_files_only": True} if offline else {}))
         except OSError as exc:
-            hint = repo_id_hint(source, offline) if repo_id else ""
+            hint = repo_id_hint(source, offline) if is_repo_id else ""
             raise ModelLoadError(f"could not read {model} model {source!r}{hint}: {exc}") from exc
         return named_by(read, where, self.draft_source if model == "draft" else self.base_source)  # as the loaded model's is
 
@@ -671,7 +671,7 @@ class WSDRuntime:
                 raise RuntimeClosedError(f"{stopped} before the worker took this request in")
             where = "was queued for admission" if seq.queued else f"was generating ({len(seq.reply.ids)} reply tokens so far)"
             raise RuntimeClosedError(f"{stopped} while this request {where}")
-        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=submission.TIMEOUT_GRACE):
+        if sub.params.timed_out(sub.submitted, time.perf_counter(), grace=submission.TIMEOUT_GRACE):  # read from its module: a test sets it there
             sub.cancelled.set()
             where = (
                 engine.timed_out_where(seq)  # as the worker says it, in a step that outlasted the timeout

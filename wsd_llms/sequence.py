@@ -40,7 +40,9 @@ class CallerLeft(threading.Event):
 
     def is_set(self) -> bool:
         """Whether the caller has left, a closed loop read as leaving: a request still queued when
-        its loop closed was found out only by its first event, after its admission and prefill."""
+        its loop closed was found out only by its first event, after its admission and prefill.
+        Reading a closed loop sets this (`at` is when it was read, not when the loop closed, so one
+        read past the request's timeout counts as timed out); `wait()` does not read the loop."""
         if self.loop is not None and self.loop.is_closed() and not super().is_set():
             self.set()
         return super().is_set()

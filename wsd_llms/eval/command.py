@@ -9,6 +9,8 @@ to run (nothing is written then: a report already in --out stays as it was).
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,8 +109,11 @@ def run(args: argparse.Namespace) -> int:
                 check_source(args.judge)
             except ModelLoadError as exc:
                 raise ModelLoadError(f"--judge: {exc}") from None
+        made = _missing_dirs(args.out)  # before the models load, so that an --out that cannot be written fails at once
         try:
-            made = _make_out(args.out)
+            args.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(args.out, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
         except OSError as exc:
             raise InvalidParameterError(f"cannot write the report to --out {args.out}: {exc.strerror or exc}") from exc
         errors.print(Text("loading the models ...", style="dim"))
@@ -132,18 +137,17 @@ def run(args: argparse.Namespace) -> int:
                 records_path=args.out / "records.jsonl", on_record=advance, judge=judge,
             )
     except (InvalidParameterError, InvalidMessagesError) as exc:
-        _unmake_out(made)
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 2
     except WSDError as exc:
-        _unmake_out(made)
         errors.print(Text(f"error: {exc}", style="bold red"))
         return 1
     except KeyboardInterrupt:
-        _unmake_out(made)
         said = f"the replies so far ({len(written)}) are in {args.out / 'records.jsonl'}" if written else "before any reply was written"
         errors.print(Text(f"interrupted: {said}"))
         return 130
+    finally:
+        _unmake_out(made)  # a run that wrote nothing leaves no --out it made (a model that could not load, say)
     try:
         paths = write_all(report, args.out)
     except OSError as exc:
@@ -161,21 +165,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems or failed else 0
 
 
-def _make_out(out: Path) -> list[Path]:
-    """Create --out before the models load, so that one that cannot be written fails at once;
-    return the directories this made, deepest first, for `_unmake_out`."""
-    missing = [path for path in (out, *out.parents) if not path.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    return missing
+def _missing_dirs(out: Path) -> list[Path]:
+    """The directories that creating `out` makes, deepest first (as mkdir walks it: `x/../y` makes x too)."""
+    return [path for path in (out, *out.parents) if not path.exists()]
 
 
 def _unmake_out(made: list[Path]) -> None:
-    """Take back the directories `_make_out` made where the run wrote nothing into them, so a model
-    that cannot load leaves no empty --out behind."""
+    """Take back those of the directories this run made that it wrote nothing into, deepest first."""
     for path in made:
-        if any(path.iterdir()):
-            return
-        path.rmdir()
+        try:
+            path.rmdir()  # an empty directory only
+        except OSError:  # it holds the run's files, or is the `..` of another one made: it stays
+            continue
 
 
 def _print_table(console: Console, report: dict[str, Any]) -> None:
