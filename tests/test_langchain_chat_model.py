@@ -1621,6 +1621,34 @@ def test_structured_output_sends_the_whole_schema(fake, schema, sent):
         assert sent["$defs"]["Node"]["properties"]["children"]["items"] == {"$ref": "#/$defs/Node"}
 
 
+NODE_REF = {"title": "Node", "$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"]}}}
+
+
+@pytest.mark.parametrize(
+    ("schema", "parameters"),
+    [
+        (NODE_REF, {key: NODE_REF[key] for key in ("$ref", "$defs")}),  # a root $ref
+        ({"name": "Thing", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, "strict": True}, {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+        ({"title": "U", "anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}]}, {"anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}]}),
+    ],
+)
+def test_a_dict_schema_the_converter_drops_is_the_calls_parameters(fake, schema, parameters):
+    """function_calling with a dict schema whose root is a $ref or an anyOf, or in OpenAI's
+    {"name", "schema"} wrapper: LangChain's converter made a function with no parameters, so the call
+    took any arguments and `{}` came back as a valid value."""
+    fake.reply = fake_result("", tool_calls=(ToolCall("call_1", "x", {}),))
+    WSDChatModel().with_structured_output(schema, method="function_calling").invoke("x")
+    assert fake.requests[-1][1]["tools"][0]["function"]["parameters"] == parameters
+    WSDChatModel().bind_tools([schema]).invoke("x")
+    assert fake.requests[-1][1]["tools"][0]["function"]["parameters"] == parameters
+
+
+def test_an_array_schema_as_a_tool_is_told_it_must_be_an_object():
+    """It was refused as "not a function tool (a tool its provider runs itself)"."""
+    with pytest.raises(InvalidParameterError, match="parameters must be a JSON schema of type 'object'"):
+        WSDChatModel().with_structured_output({"title": "Arr", "type": "array", "items": {"type": "integer"}}, method="function_calling").invoke("x")
+
+
 def test_a_recursive_tool_schema_stays_recursive(fake):
     """bind_tools (and function_calling) sends a pydantic schema with references as its own JSON
     schema, as a tool or as a @tool's argument: LangChain's converter wrote the recursion as any

@@ -653,11 +653,11 @@ def _json_schema(schema: dict[str, Any] | type) -> dict[str, Any]:
 
 
 def _openai_tool(tool: dict[str, Any] | type | Callable | BaseTool) -> dict[str, Any]:
-    """A tool in OpenAI's form as LangChain converts it, except that a pydantic schema with
-    references (`$defs`) keeps its own JSON schema as the parameters: LangChain's converter inlines
-    references and writes a recursive one as any value, which would let a call through the grammar
-    that the tool's own model then refuses."""
-    if isinstance(tool, Mapping) and tool.get("type", "object") != "object" and not is_function_tool(tool):  # a JSON schema's type is "object"
+    """A tool in OpenAI's form as LangChain converts it, except that a schema keeps its own JSON
+    schema as the parameters where the converter would lose it: a pydantic schema with references
+    (`$defs`), which it inlines and writes, if recursive, as any value (a call through the grammar
+    that the tool's own model then refuses), and a dict (_dict_schema)."""
+    if isinstance(tool, Mapping) and tool.get("type", "object") not in JSON_TYPES and not is_function_tool(tool):
         return dict(tool)  # a provider's own tool, for the runtime to refuse by its type: LangChain's converter makes a function of any dict with a name
     formatted = convert_to_openai_tool(tool)
     model = tool.tool_call_schema if isinstance(tool, BaseTool) else tool
@@ -665,7 +665,28 @@ def _openai_tool(tool: dict[str, Any] | type | Callable | BaseTool) -> dict[str,
         own = model.model_json_schema()
         if "$defs" in own:
             formatted["function"]["parameters"] = own
+    elif isinstance(tool, Mapping) and isinstance(function := formatted.get("function"), dict) and "parameters" not in function:
+        if schema := _dict_schema(tool):  # (a flat function tool, OpenAI's Responses form, is passed on as it is)
+            function["parameters"] = schema
     return formatted
+
+
+# A JSON schema's types: a dict tool of one of them is a schema to call with, not a provider's own tool.
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+def _dict_schema(tool: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a dict holds where LangChain's converter finds none, so that a call is held to
+    it (the converter dropped it, and the call's grammar took any arguments: `{}` came back as a
+    valid value): OpenAI's response_format wrapper's "schema" ({"name", "schema"}), or a titled
+    schema without "properties" at its root (a "$ref" into "$defs", an "anyOf", an array)."""
+    if "function" in tool:
+        return None
+    if "name" in tool:
+        schema = tool.get("schema")
+        return dict(schema) if isinstance(schema, Mapping) and "parameters" not in tool else None
+    rest = {key: value for key, value in tool.items() if key not in ("title", "description", "strict")}
+    return rest or None
 
 
 # An AI message's standard content blocks (`content_blocks`, LangChain's translation of each
