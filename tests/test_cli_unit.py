@@ -145,6 +145,34 @@ def test_ctrl_c_stops_the_reply_and_drops_the_turn(capsys: pytest.CaptureFixture
     assert history == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
 
 
+def test_a_reply_stopped_as_it_is_written_does_not_show_again_in_the_next() -> None:
+    """On a terminal, a Ctrl-C inside Rich's write left the text in its buffer, which it clears only
+    after writing: the next turn's reply began with the stopped one's text."""
+
+    class TtyCtrlCOnce(CtrlCOnce):
+        class File(CtrlCOnce.File):
+            def isatty(self) -> bool:
+                return True
+
+        def __init__(self, answers: list[str]) -> None:
+            Console.__init__(self, file=self.File(), force_terminal=True, width=200)
+            self.answers = iter(answers)
+
+    console = TtyCtrlCOnce(["Tell me a story.", "Hi", ""])
+    assert _interactive(console, Scripted(), [], PARAMS) == 0  # type: ignore[arg-type]
+    assert Text.from_ansi(console.file.getvalue()).plain == "Once upon\n"
+
+
+def test_a_line_that_is_not_utf8_drops_its_turn(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A strict reader (PYTHONIOENCODING=utf-8, a UTF-8 locale) had raised UnicodeDecodeError: a
+    traceback ended the chat. The line is reported and the chat goes on."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff?\nHi\n\n"), encoding="utf-8"))
+    runtime = Scripted()
+    assert _interactive(Console(file=io.StringIO()), runtime, [], PARAMS) == 0  # type: ignore[arg-type]
+    assert "error: this line is not valid UTF-8 (this turn is dropped)" in capsys.readouterr().err
+    assert runtime.calls == [[{"role": "user", "content": "Hi"}]]
+
+
 def test_ctrl_c_while_the_turn_is_measured_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
     """A Ctrl-C in window_tokens, before the turn's stream starts, had left "(stopped; ...)" on the
     line of the terminal's ^C; the chat goes on, the history as it was."""

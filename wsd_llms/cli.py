@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from contextlib import closing
@@ -112,10 +113,13 @@ def stream_reply(console: Console, runtime: WSDRuntime, messages: list[dict[str,
                     if not terminal:  # Rich would expand tabs, drop control characters such as \r, and colour it under FORCE_COLOR
                         console.file.write(event.text)
                         console.file.flush()
-                    else:
-                        if last_source == "draft" and event.source == "base":
-                            console.print(Text(" ▸ ", style="bold magenta"), end="")
-                        console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
+                    else:  # rendered by Rich, written here: Rich clears what it wrote after writing, so a Ctrl-C in the write left it to show again in the next turn's reply
+                        with console.capture() as shown:
+                            if last_source == "draft" and event.source == "base":
+                                console.print(Text(" ▸ ", style="bold magenta"), end="")
+                            console.print(Text(event.text, style=STYLES[event.source]), end="", soft_wrap=True)
+                        console.file.write(shown.get())
+                        console.file.flush()
                     last_source = event.source
                 elif isinstance(event, FinalEvent):
                     console.print()
@@ -198,6 +202,15 @@ def _outgrows(runtime: WSDRuntime, turn: list[dict[str, str]], params: dict[str,
     return runtime.window_tokens(turn, **params) + room > runtime.context_window(params["mode"])
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether a line read with surrogateescape was UTF-8 (it holds no escaped byte)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it, and a turn that fails is
     reported; either way that turn is dropped and the chat goes on. A conversation grown past the
@@ -205,6 +218,8 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
     room for a whole reply (runtime.reply_room); a question that does not fit alone is reported, and
     the history kept."""
     notes = make_console(stderr=True)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 read as escapes, for the check below (a strict reader raised)
+        sys.stdin.reconfigure(errors="surrogateescape")
     notes.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     system = 1 if history and history[0]["role"] == "system" else 0  # the system message stays
     while True:
@@ -216,6 +231,9 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
             return 0
         if not question:
             return 0
+        if not question.isascii() and not _is_utf8(question):
+            notes.print(Text("error: this line is not valid UTF-8 (this turn is dropped)", style="bold red"))
+            continue
         kept = list(history)
         while True:
             turn = [*kept, {"role": "user", "content": question}]
