@@ -34,6 +34,9 @@ def json_error(schema: Any) -> str | None:
     return None
 
 
+KEYWORD_CHOICES = ("auto", "any", "required", "none")  # tool_choice values that name no tool
+
+
 def tool_choice_value(value: Any) -> Any:
     """A tool_choice in the runtime's terms ("auto", "required", "none" or a tool's name) from the
     forms LangChain, OpenAI and Anthropic use: None and False (auto: unset, as ChatOpenAI reads False),
@@ -60,23 +63,20 @@ def tool_choice_problem(choice: Any, names: Sequence[str], tools: str = "given")
     if value == "required" and not names:
         return f"tool_choice={choice!r} asks for a tool call, but no tools are {tools}"
     if value not in ("auto", "required", "none", *names):
-        close = _close_choice(value, names)
         return (
             f"tool_choice={choice!r} is neither 'auto', 'required', 'any', 'none' nor a tool name "
-            f"(tools {tools}: {', '.join(names) or 'none'})" + (f"; did you mean {close[0]!r}?" if close else "")
+            f"(tools {tools}: {', '.join(names) or 'none'})" + _close_choice(value, names)
         )
     return None
 
 
-def _close_choice(value: Any, names: Sequence[str]) -> list[str]:
-    """The tool_choice a near miss may mean: a keyword (in any case; 'required' and 'any' only where
-    there are tools to call) or a tool's name."""
+def _close_choice(value: Any, names: Sequence[str]) -> str:
+    """did_you_mean for a tool_choice: a keyword in any case ('required' and 'any' only where there
+    are tools to call), else a tool's name."""
     if not isinstance(value, str):
-        return []
-    keywords = ("auto", "required", "any", "none") if names else ("auto", "none")
-    if value.lower() in keywords:
-        return [value.lower()]
-    return difflib.get_close_matches(value.lower(), keywords, n=1, cutoff=0.75) or difflib.get_close_matches(value, names, n=1, cutoff=0.75)
+        return ""
+    keywords = KEYWORD_CHOICES if names else ("auto", "none")
+    return did_you_mean(value.lower(), keywords) or did_you_mean(value, names)
 
 
 # response_format types that constrain text rather than ask for a JSON value.

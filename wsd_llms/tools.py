@@ -32,11 +32,10 @@ from typing import Any, NamedTuple
 from .errors import InvalidParameterError
 from .messages import Message, ToolCall, unicode_error
 from .reply import close_outside_strings, held_back
-from .params import did_you_mean, json_error
+from .params import KEYWORD_CHOICES, did_you_mean, json_error
 from .structured import Cut, Written, as_written, json_format, load_json, schema_error
 
 CALL_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
-KEYWORD_CHOICES = ("auto", "any", "required", "none")  # tool_choice values that name no tool
 CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", f"\n{CLOSE_TAG}", "\n"
 TOOLS_SYSTEM = (
     "You can call tools. To call one, reply with exactly\n"

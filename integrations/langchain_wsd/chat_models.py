@@ -682,9 +682,9 @@ def _dict_schema(tool: Mapping[str, Any]) -> dict[str, Any] | None:
     schema without "properties" at its root (a "$ref" into "$defs", an "anyOf", an array)."""
     if "function" in tool:
         return None
-    if "name" in tool:
+    if "name" in tool:  # (one with "parameters" keeps them: this is not asked then)
         schema = tool.get("schema")
-        return dict(schema) if isinstance(schema, Mapping) and "parameters" not in tool else None
+        return dict(schema) if isinstance(schema, Mapping) else None
     rest = {key: value for key, value in tool.items() if key not in ("title", "description", "strict")}
     return rest or None
 
