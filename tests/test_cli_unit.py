@@ -163,6 +163,17 @@ def test_a_reply_stopped_as_it_is_written_does_not_show_again_in_the_next() -> N
     assert Text.from_ansi(console.file.getvalue()).plain == "Once upon\n"
 
 
+def test_a_piped_chat_shows_each_question_after_its_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsd-llms chat < questions.txt`: no terminal shows the lines read, so they are shown here; the
+    facts and the next prompt had followed "you> " on its line, and the quitting empty line left the
+    last prompt unended. stdout still holds the replies alone."""
+    console = Answers(["Hi", "And you?", ""])
+    assert _interactive(console, Scripted(), [], PARAMS) == 0  # type: ignore[arg-type]
+    assert console.file.getvalue() == "Once upon\nOnce upon\n"
+    prompts = [line for line in capsys.readouterr().err.splitlines() if line.startswith("you>")]
+    assert prompts == ["you> Hi", "you> And you?", "you> "]
+
+
 def test_a_line_that_is_not_utf8_drops_its_turn(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A strict reader (PYTHONIOENCODING=utf-8, a UTF-8 locale) had raised UnicodeDecodeError: a
     traceback ended the chat. The line is reported and the chat goes on."""
@@ -173,9 +184,10 @@ def test_a_line_that_is_not_utf8_drops_its_turn(monkeypatch: pytest.MonkeyPatch,
     assert runtime.calls == [[{"role": "user", "content": "Hi"}]]
 
 
-def test_ctrl_c_while_the_turn_is_measured_ends_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_ctrl_c_while_the_turn_is_measured_ends_the_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A Ctrl-C in window_tokens, before the turn's stream starts, had left "(stopped; ...)" on the
     line of the terminal's ^C; the chat goes on, the history as it was."""
+    monkeypatch.setattr(sys, "stdin", Tty())  # typed: the terminal shows the question
 
     class CtrlCMeasuring(Scripted):
         def window_tokens(self, messages: list[dict[str, str]], **params: Any) -> int:
@@ -220,9 +232,24 @@ def test_ctrl_c_leaves_stdout_the_reply_alone(monkeypatch: pytest.MonkeyPatch, c
     assert main(["chat"] if at == "prompt" else ["chat", "hi"]) == 130
     out, err = capfd.readouterr()
     assert out == ("Once\n" if at == "mid-reply" else "")
-    legend = "draft model  ▸ switch  base model\n"
-    ends = {"prompt": "you> \n", "first text": legend + "\n", "mid-reply": legend}
-    assert err.endswith(ends[at])
+    if at == "prompt":
+        assert err.endswith("you> \n")
+    else:  # no legend: stdout is not a terminal
+        assert err == ("\n" if at == "first text" else "")
+
+
+@pytest.mark.parametrize(("stdout", "mode", "legend"), [("terminal", "online", True), ("terminal", "base", False), ("pipe", "online", False)])
+def test_the_legend_shows_where_the_reply_is_styled(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stdout: str, mode: str, legend: bool
+) -> None:
+    """The legend (on stderr) explains the draft's and the base's styles and the hand-over marker: a
+    reply piped to a file, or written by one model alone, has none of them."""
+    runtime = Scripted()
+    runtime.load = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr("wsd_llms.runtime.get_runtime", lambda *args: runtime)
+    monkeypatch.setattr(sys, "stdout", Tty() if stdout == "terminal" else io.StringIO())
+    assert main(["chat", "hi", "--mode", mode]) == 0
+    assert ("draft model  ▸ switch  base model" in capsys.readouterr().err) == legend
 
 
 SLOW_LOAD = """
@@ -247,8 +274,7 @@ def test_ctrl_c_while_the_models_load_exits_at_once(args: list[str]) -> None:
         assert proc.stdin is not None
         proc.stdin.write("hi\n")  # the interactive chat's first question (kept open: no end of input)
         proc.stdin.flush()
-        assert proc.stderr is not None and proc.stderr.readline() == "draft model  ▸ switch  base model\n"  # the legend, on stderr
-        assert proc.stderr.readline() == "loading\n"
+        assert proc.stderr is not None and proc.stderr.readline() == "loading\n"
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         assert proc.wait(timeout=20) == 130

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_placement(args.device, args.dtype)
         runtime = get_runtime(args.draft, args.base, args.device, args.dtype)
-        errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
+        if args.mode in ("online", "staged") and console.file.isatty():  # the styles it explains are a terminal's, and WSD's
+            errors.print(Text.assemble(("draft model", STYLES["draft"]), "  ▸ switch  ", ("base model", STYLES["base"])))
         runtime.load()  # before the first request, so that its first-token time and tok/s are the reply's own
         if args.question is not None:
             asked = True
@@ -222,6 +223,7 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         sys.stdin.reconfigure(errors="surrogateescape")
     notes.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     system = 1 if history and history[0]["role"] == "system" else 0  # the system message stays
+    typed = sys.stdin.isatty()
     while True:
         try:
             notes.print(Text("you> ", style="bold"), end="")  # on stderr: stdout holds the replies alone
@@ -229,6 +231,8 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         except EOFError:  # Ctrl-D: the shell's prompt on a line of its own
             notes.print()
             return 0
+        if not typed:  # a terminal shows what is typed; a piped line is shown here, so stderr reads as the chat
+            notes.print(Text(question.encode("utf-8", "replace").decode()))
         if not question:
             return 0
         if not question.isascii() and not _is_utf8(question):
