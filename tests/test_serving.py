@@ -837,6 +837,44 @@ time.sleep(0.5)
 """
 
 
+REQUEST_AFTER_EXIT_CLOSED_THE_RUNTIMES = """
+import atexit, sys
+sys.path.insert(0, {tests!r})
+
+def last_words():  # registered before wsd_llms.runtime is imported, so it runs after the runtime's own exit callback
+    from wsd_llms import WSDError
+    for name, runtime in (("used", used), ("new", made())):
+        try:
+            runtime.generate([{{"role": "user", "content": "Bye"}}], max_tokens=4)
+        except WSDError as exc:
+            print(name, type(exc).__name__, exc)
+
+atexit.register(last_words)
+from tiny import make_tokenizer, tiny_gemma3, tiny_llama
+from wsd_llms import WSDRuntime
+
+def made():
+    return WSDRuntime.from_models(tiny_llama(make_tokenizer(300), 0, "d", sharpen=3.0), tiny_gemma3(make_tokenizer(420), 1, "b"))
+
+used = made()
+used.generate([{{"role": "user", "content": "Hi"}}], max_tokens=4)
+"""
+
+
+def test_a_request_after_exit_closed_the_runtimes_is_refused_as_such(tmp_path):
+    """An atexit callback registered before wsd_llms.runtime was imported runs after it has closed
+    every runtime. A request made there is refused as exiting: the closed runtime's error had said to
+    make a new one, and a new runtime's (get_runtime's embedded models) had failed as a model that
+    cannot load ("cannot schedule new futures after interpreter shutdown")."""
+    script = tmp_path / "last_words.py"
+    script.write_text(REQUEST_AFTER_EXIT_CLOSED_THE_RUNTIMES.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    refused = "RuntimeClosedError the interpreter is exiting: wsd-llms closed its runtimes, and no new request can run"
+    said = [line for line in proc.stdout.splitlines() if line]  # the tiny tokenizers' trainer writes empty lines
+    assert said == [f"used {refused}", f"new {refused}"], proc.stderr[-2000:]
+
+
 CTRL_C_WHILE_CLOSING_AT_EXIT = """
 import os, signal, sys, threading
 sys.path.insert(0, {tests!r})

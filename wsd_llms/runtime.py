@@ -520,7 +520,9 @@ class WSDRuntime:
         return named_by(read, where, self.draft_source if model == "draft" else self.base_source)  # as the loaded model's is
 
     def _check_open(self) -> None:
-        """Refuse new work once closed."""
+        """Refuse new work once closed, or once interpreter exit has closed every runtime."""
+        if _exiting:  # a request from an atexit callback that runs after _close_all: no model may load now
+            raise RuntimeClosedError("the interpreter is exiting: wsd-llms closed its runtimes, and no new request can run")
         if self._closed:
             raise RuntimeClosedError(
                 "this runtime is closed; make a new one (wsd_llms.get_runtime(), or WSDRuntime.from_models for models you loaded)"
@@ -969,6 +971,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _workers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every worker and compile started, while it runs
+_exiting = False  # set by _close_all at interpreter exit
 
 
 @atexit.register
@@ -976,7 +979,10 @@ def _close_all() -> None:
     """At interpreter exit, stop every worker, and let every compile end, before torch's threads are
     torn down (a worker thread alive then aborts the process, and one inside xgrammar too). A Ctrl-C
     meanwhile ends the process at once, as interrupted (130): raised in here, it left the workers
-    alive, and the process aborted (SIGABRT) on a second Ctrl-C just after the first."""
+    alive, and the process aborted (SIGABRT) on a second Ctrl-C just after the first. A request made
+    after it (an atexit callback registered before the first get_runtime runs later) is refused."""
+    global _exiting
+    _exiting = True
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, lambda signum, frame: interrupts.exit_now(128 + signum))
     for runtime in list(WSDRuntime.instances):  # those made directly too, not only get_runtime's
