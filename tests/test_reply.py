@@ -317,6 +317,27 @@ def test_a_reply_cut_in_the_start_of_a_role_marker_drops_it(draft_tokenizer):
     assert finished(call, quoted=(CALL_TAG, CLOSE_TAG)) == call
 
 
+def test_a_callers_stop_in_the_start_of_a_role_marker_drops_that_start(draft_tokenizer):
+    """A caller's stop "[" or "\n[" completes at "...\n\n[" before the template's "\n\n[User]" can:
+    the reply had kept the marker's newlines ("sea.\n\n" where no stop gave "sea."). As for a reply
+    cut at its budget, that start goes; the stop named is still the caller's, and text that only
+    may start a marker on its line stays."""
+    tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
+
+    def stopped(text, stops):
+        reply = ReplyText(tok, stops, None, roles)
+        deltas = reply.add(_ids(tok, text), "base")
+        assert reply.stopped and "".join(d.text for d in deltas + reply.finish()) == reply.text  # the stream is the text
+        return reply.text, reply.stop_found
+
+    assert stopped("Paris.\n\n[User] more", ("[",)) == ("Paris.", "[")
+    assert stopped("Paris.\n\n[User] more", ("\n[",)) == ("Paris.", "\n[")
+    assert stopped("Paris.\n\n[User] more", ("ser",)) == ("Paris.", "ser")
+    assert stopped("x = [1]\n", ("[",)) == ("x = ", "[")
+    assert stopped("Paris.\nMore", ("\n",)) == ("Paris.", "\n")
+    assert stopped("Paris.\n\n[1] More", ("[",)) == ("Paris.", "[")  # the reply ends here either way: its trailing newlines go
+
+
 def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_place(draft_tokenizer):
     """`stop_found` (WSDResult.stop_reason where it is the caller's): where a caller's "\n" and the
     template's "\n[User]" start at one cut (a token holding the whole marker), the caller's is the

@@ -209,6 +209,8 @@ class ReplyText:
                 cut, self.stop_found = found
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
+                if self.stop_found in self._caller:  # "\n\n[" for a stop "[": the start of a role marker goes too
+                    cut = min(cut, self._role_start(self.text[: cut + len(self.stop_found)]))
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
         return self._release(len(self.text) - held_back(self.text, self.stops))
@@ -235,17 +237,23 @@ class ReplyText:
 
     def finish(self, cut: bool = False) -> list[Delta]:
         """No more ids will come: release whatever was held back (an incomplete last character is
-        dropped). A reply `cut` at its budget that ends in the start of a role marker on a new line
-        (outside a tool call: "...\n\n[Assis") drops it: text the template would have written, held
-        back as a possible stop and never streamed (not the forced start's own text)."""
+        dropped). A reply `cut` at its budget that ends in the start of a role marker drops it
+        (_role_start), as one a caller's stop ends does."""
         if len(self.text) < self._emitted:
             raise RuntimeError(f"the reply ended as {self.text!r}, inside text already streamed {self._streamed!r}")
-        if cut and not self.stopped and self._role_stops:
-            end = max(len(self.text) - held_back(self.text, self._role_stops), self._emitted)
-            if self.text[end:].startswith("\n") and self.text[end:].strip() and not _inside(self.text, end, self.quoted):
-                # the forced start's own part of it stays; what the model went on to write of it goes
-                self.text = self.text[: max(end, min(self._forced, len(self.text)))]
+        if cut and not self.stopped:
+            self.text = self.text[: self._role_start(self.text)]
         return self._release(len(self.text))
+
+    def _role_start(self, text: str) -> int:
+        """Where `text` ends in the start of a role marker on a new line, outside a tool call
+        ("...\n\n[Assis"; not "x = [" nor a newline alone), else its length: text the template would
+        have written, held back as a possible stop and never streamed. The forced start's own part
+        of it stays."""
+        end = max(len(text) - held_back(text, self._role_stops), self._emitted) if self._role_stops else len(text)
+        if text[end:].startswith("\n") and text[end:].strip() and not _inside(text, end, self.quoted):
+            return max(end, min(self._forced, len(text)))
+        return len(text)
 
     def _agrees(self, text: str) -> bool:
         """Whether `text` and the text streamed so far are equal as far as both go."""
