@@ -79,6 +79,9 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"json_mode": True}, "unknown parameter 'json_mode' (value True); did you mean response_format={'type': 'json_object'}?"),
         ({"format": "json"}, "unknown parameter 'format' (value 'json'); did you mean response_format={'type': 'json_object'}?"),
         ({"max_retries": 3}, "unknown parameter 'max_retries' (value 3) (not offered: a local model has no key and no network call to retry)"),
+        # a call's bundle of parameters (LangChain's model_kwargs, LlamaIndex's additional_kwargs) as a constructor's is told
+        ({"model_kwargs": {"top_k": 5}}, "unknown parameter 'model_kwargs' (value {'top_k': 5}); give each request parameter as an argument of its own"),
+        ({"additional_kwargs": {}}, "unknown parameter 'additional_kwargs' (value {}); give each request parameter as an argument of its own"),
         # the runtime's settings read as typos; they say where they are set
         ({"device": "cuda"}, "unknown parameter 'device' (value 'cuda') (not a request's: the models and where they run are chosen once, when they load"),
         ({"max_running": 4}, "unknown parameter 'max_running' (value 4) (not a request's: a limit of the runtime every request shares: runtime.configure(...)"),

@@ -124,8 +124,6 @@ class WSDSettings(_GenerationDefaults):
             unknown = sorted(set(data) - known - set(cls.unused_arguments))
             if unknown:
                 hint = "; name the models with draft_model and base_model" if {"model", "model_name"} & set(unknown) else ""
-                if not hint and set(unknown) & {"additional_kwargs", "model_kwargs", "generate_kwargs", "generation_config"}:
-                    hint = "; give each request parameter as an argument of its own (temperature=..., top_k=..., stop=...)"
                 if hint or len(unknown) == 1:
                     raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint or did_you_mean(unknown[0], known, parameters=True)}")
                 hints = (f"{name!r}{did_you_mean(name, known, parameters=True).replace('; ', ': ', 1)}" for name in unknown)  # each name with its own

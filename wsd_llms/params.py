@@ -412,6 +412,8 @@ NOT_OFFERED = {
     ),
     **dict.fromkeys(("logprobs", "top_logprobs"), "replies carry no log probabilities"),
 }
+# Other APIs' bundles of request parameters: here each is an argument of its own.
+BUNDLES = ("additional_kwargs", "model_kwargs", "generate_kwargs", "generation_config")
 # The runtime's settings, which no request can change, and where each is set: a call's device or
 # max_running had read as a typo ("unknown parameter").
 RUNTIME_SETTINGS = {
@@ -436,6 +438,8 @@ def did_you_mean(name: str, known: Iterable[str], parameters: bool = False) -> s
         return f"; did you mean {OTHER_NAMES[name]!r}? (other APIs' name for it)"
     if parameters and name in JSON_SWITCHES and "response_format" in known:
         return "; did you mean response_format={'type': 'json_object'}? (or a JSON schema: {'type': 'json_schema', 'json_schema': {'schema': ...}})"
+    if parameters and name in BUNDLES:
+        return "; give each request parameter as an argument of its own (temperature=..., top_k=..., stop=...)"
     if parameters and name in NOT_OFFERED:
         return f" (not offered: {NOT_OFFERED[name]})"
     if parameters and name in RUNTIME_SETTINGS:
