@@ -550,6 +550,30 @@ def test_a_function_message_is_a_tool_turn():
     assert messages[1] == {"role": "tool", "content": "3"}
 
 
+def test_calls_langchain_leaves_unparsed_reach_the_model():
+    """convert_to_messages of an Anthropic-format assistant dict keeps its tool_use blocks in the
+    content (tool_calls empty), and of OpenAI's older format a function_call in additional_kwargs:
+    both calls had been dropped, so the tool result after each answered nothing the model saw."""
+    from langchain_core.messages import convert_to_messages
+
+    from wsd_llms.messages import normalize_messages
+
+    anthropic = convert_to_messages([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "tool", "content": "18C", "tool_call_id": "toolu_1"},
+    ])
+    legacy = convert_to_messages([
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "", "function_call": {"name": "add", "arguments": '{"a": 2, "b": 3}'}},
+        {"role": "function", "name": "add", "content": "5"},
+    ])
+    for history, text, call in [(anthropic, "Checking.", ("toolu_1", "get_weather", {"city": "Paris"})), (legacy, "", ("call_1_0", "add", {"a": 2, "b": 3}))]:
+        assert isinstance(history[1], AIMessage) and not history[1].tool_calls  # as LangChain leaves them
+        turn = normalize_messages(to_runtime_messages(history))[1]
+        assert turn.content == text and [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [call]
+
+
 def test_an_empty_stop_string_is_refused_when_the_model_is_built():
     for empty in ("", ["\n", ""]):
         with pytest.raises(ValidationError, match="stop strings must be non-empty"):

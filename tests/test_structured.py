@@ -742,6 +742,34 @@ def test_tool_messages():
 
 
 @pytest.mark.parametrize(
+    "call",
+    [
+        {"type": "tool_use", "id": "c1", "name": "pick", "input": {"n": 1}},  # Anthropic's (LlamaIndex's Anthropic histories keep these)
+        {"type": "tool_call", "id": "c1", "name": "pick", "args": {"n": 1}},  # LangChain's
+        {"toolUseId": "c1", "name": "pick", "input": {"n": 1}},  # Bedrock Converse's
+        {"id": "c1", "name": "pick", "parameters": {"n": 1}},  # Cohere's
+        {"type": "function_call", "id": "fc_9", "call_id": "c1", "name": "pick", "arguments": '{"n": 1}'},  # OpenAI Responses API's
+    ],
+)
+def test_history_calls_in_other_providers_shapes_keep_their_arguments(call):
+    """Their arguments had been read from "arguments" only: the model saw each call made with {}."""
+    msgs = normalize_messages([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}])
+    assert msgs[1].tool_calls[0].as_dict() == {"id": "c1", "name": "pick", "arguments": {"n": 1}}
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        ({"name": "pick", "argumnets": {"n": 1}}, "tool_calls[0] ('pick') has key 'argumnets'; did you mean 'arguments'?"),
+        ({"name": "pick", "input": {"n": 1}, "arguments": "{}"}, "tool_calls[0] ('pick') gives its arguments under 'arguments' and 'input'; give them once"),
+    ],
+)
+def test_a_history_call_whose_arguments_are_unclear_is_refused(call, needle):
+    with pytest.raises(InvalidMessagesError, match=re.escape(needle)):
+        normalize_messages([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}])
+
+
+@pytest.mark.parametrize(
     ("offered", "with_calls", "ends"),
     [
         ({}, True, True),  # the history's calls, and none offered: the model can only copy them

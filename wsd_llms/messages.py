@@ -16,6 +16,10 @@ MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id")  # what a messa
 # Other names the frameworks give these roles: OpenAI's developer, LangChain's human and ai,
 # LlamaIndex's chatbot, model and function (a function's result).
 ROLE_ALIASES = {"developer": "system", "human": "user", "ai": "assistant", "chatbot": "assistant", "model": "assistant", "function": "tool"}
+# Where other formats keep a history call's arguments: OpenAI's and ours, Anthropic's tool_use blocks
+# (and LlamaIndex's Anthropic and Bedrock histories), LangChain's tool calls, Cohere's.
+ARGUMENT_KEYS = ("arguments", "input", "args", "parameters")
+ID_KEYS = ("call_id", "id", "toolUseId")  # OpenAI Responses API items (whose id is the item's), ours, Bedrock's
 ALLOWED_ROLES = ", ".join(ROLES) + " (or " + ", ".join(f"{alias} for {role}" for alias, role in ROLE_ALIASES.items()) + ")"
 
 
@@ -63,7 +67,9 @@ class Message:
 
 def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
     """A history tool call, flat ({id, name, arguments}) or OpenAI-style ({id, function: {name, arguments}}),
-    as a dict or as a pydantic object of that shape."""
+    as a dict or as a pydantic object of that shape; the arguments under any of ARGUMENT_KEYS and the
+    id under any of ID_KEYS, as other providers' histories keep them (an Anthropic tool_use block's
+    input had been dropped: the model saw the call made with no arguments)."""
     where = f"messages[{i}].tool_calls[{j}]"
     if isinstance(raw, ToolCall):
         return raw
@@ -72,9 +78,16 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
     if not isinstance(raw, Mapping):
         raise InvalidMessagesError(f"{where} must be a dict, got {type(raw).__name__}")
     body = raw.get("function", raw)
-    name, arguments = body.get("name") if isinstance(body, Mapping) else None, (body or {}).get("arguments", {})
+    name = body.get("name") if isinstance(body, Mapping) else None
     if not isinstance(name, str) or not name:
         raise InvalidMessagesError(f"{where} needs a 'name' (or 'function': {{'name': ...}}), got {dict(raw)!r}")
+    given = [key for key in ARGUMENT_KEYS if key in body]
+    if len(given) > 1:
+        raise InvalidMessagesError(f"{where} ({name!r}) gives its arguments under {' and '.join(map(repr, given))}; give them once")
+    for key in body if not given else ():  # a misspelt "arguments" would make a call with none
+        if isinstance(key, str) and (close := difflib.get_close_matches(key, ARGUMENT_KEYS, n=1, cutoff=0.8)):
+            raise InvalidMessagesError(f"{where} ({name!r}) has key {key!r}; did you mean {close[0]!r}? (a call's arguments: {', '.join(ARGUMENT_KEYS)})")
+    arguments = body[given[0]] if given else {}
     if isinstance(arguments, str):
         try:
             arguments = load_json(arguments) if arguments.strip() else {}
@@ -90,7 +103,8 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
         raise InvalidMessagesError(f"{where} name is not valid Unicode: {error}")
     if (error := unicode_error(written)) is not None:  # ("\\ud83d" in JSON text is one too)
         raise InvalidMessagesError(f"{where} ({name!r}) arguments are not valid Unicode: {error} of their JSON text")
-    return ToolCall(str(raw.get("id") or f"call_{i}_{j}"), name, dict(arguments))
+    call_id = next((raw[key] for key in ID_KEYS if raw.get(key)), f"call_{i}_{j}")
+    return ToolCall(str(call_id), name, dict(arguments))
 
 
 def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:

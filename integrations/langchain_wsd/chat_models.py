@@ -693,6 +693,7 @@ def _dict_schema(tool: Mapping[str, Any]) -> dict[str, Any] | None:
 # provider's own: OpenAI's Responses items, Anthropic's server tools, Google's code execution) that
 # are not its text: calls (valid ones travel as `tool_calls`), the results of tools a provider ran
 # itself, and a provider's own data (v1 "non_standard"). Reasoning is content_to_text's to leave out.
+CALL_BLOCKS = ("tool_use", "tool_call", "function_call")  # Anthropic's, LangChain's, OpenAI Responses API's
 _NOT_ASSISTANT_TEXT = frozenset(
     {"tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call", "server_tool_call_chunk", "server_tool_result", "non_standard"}
 )
@@ -712,12 +713,23 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
         elif isinstance(message, AIMessage):
             text = with_invalid_calls(_assistant_text(message, where), ((c.get("name"), c.get("args")) for c in message.invalid_tool_calls))
             entry: dict[str, Any] = {"role": "assistant", "content": text}
-            if message.tool_calls:
-                entry["tool_calls"] = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
+            if calls := [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls] or _unparsed_calls(message):
+                entry["tool_calls"] = calls
             out.append(entry)
         else:
             out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
     return out
+
+
+def _unparsed_calls(message: AIMessage) -> list[Any]:
+    """Calls an AI message holds where LangChain left them unparsed (its tool_calls empty): call
+    blocks in its content (convert_to_messages of an Anthropic-format dict keeps its tool_use
+    blocks there) and OpenAI's older `function_call`. The runtime reads each one's shape; they had
+    been dropped, so the tool results after them answered no call the model could see."""
+    blocks = message.content if isinstance(message.content, list) else []
+    calls = [block for block in blocks if isinstance(block, dict) and block.get("type") in CALL_BLOCKS]
+    legacy = message.additional_kwargs.get("function_call")
+    return calls or ([legacy] if legacy else [])
 
 
 def _assistant_text(message: AIMessage, where: str) -> str:
