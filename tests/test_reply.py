@@ -336,6 +336,20 @@ def test_a_callers_stop_in_the_start_of_a_role_marker_drops_that_start(draft_tok
     assert stopped("x = [1]\n", ("[",)) == ("x = ", "[")
     assert stopped("Paris.\nMore", ("\n",)) == ("Paris.", "\n")
     assert stopped("Paris.\n\n[1] More", ("[",)) == ("Paris.", "[")  # the reply ends here either way: its trailing newlines go
+    # a stop of the caller's inside a role marker that completes first is still the one named (stop_reason)
+    assert stopped("Paris.\n\n[User] more", ("[User]",)) == ("Paris.", "[User]")
+    assert stopped("Paris.\n\n[User] more", ("\n[User]",)) == ("Paris.", "\n[User]")
+
+
+def test_a_role_marker_never_cuts_into_the_forced_start(draft_tokenizer):
+    """A forced start ending in a newline, then the model's "\n[User]": the marker "\n\n[User]"
+    began inside the caller's text, and the cut took its newline; a caller's stop or the budget
+    ending there kept it."""
+    tok, roles, forced = draft_tokenizer, expand_role_stops(ROLE_STOPS), "Here is the list:\n"
+    for stops in ((), ("[",)):
+        reply = ReplyText(tok, stops, None, roles, len(forced))
+        released = reply.add(_ids(tok, forced + "\n[User] hi"), "draft") + reply.finish()
+        assert reply.stopped and "".join(d.text for d in released) == reply.text == forced
 
 
 def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_place(draft_tokenizer):

@@ -152,8 +152,8 @@ class ReplyText:
         """`stops`: the caller's stop strings. `role_stops`: the prompt template's role markers,
         which end the reply too but are no text of it (not within the reply's first `forced`
         characters, a forced start's, which the caller wrote: the draft's mode has none but the call
-        tag of a request that offers no tools, engine._uncallable); a reply that ends (max_tokens) in
-        the start of one drops that start. Neither counts between `quoted`'s opening and closing marks (a tool call's tags: its
+        tag of a request that offers no tools, engine._uncallable); a reply that ends (max_tokens, or
+        a caller's stop) in the start of one drops that start (_role_start). Neither counts between `quoted`'s opening and closing marks (a tool call's tags: its
         arguments may hold a role marker, and its markup, which the caller never sees, holds a
         newline after the tag), so a stop such as "\n" does not cut every call short."""
         self._tok = tokenizer
@@ -187,8 +187,9 @@ class ReplyText:
     def add(self, ids: list[int], source: str) -> list[Delta]:
         """Append ids written by `source`; returns newly final text.
 
-        On a stop string the reply ends: `stopped` is set, the text is cut before the stop, and ids
-        after the one that completed the stop are not taken, however the ids were grouped.
+        On a stop string the reply ends: `stopped` is set, the text is cut before the stop (and
+        before a role marker's start it ends in, _role_start), and ids after the one that completed
+        the stop are not taken, however the ids were grouped.
         """
         if self.stopped:
             raise RuntimeError("reply already ended at a stop string")
@@ -209,8 +210,12 @@ class ReplyText:
                 cut, self.stop_found = found
                 if cut < self._emitted:
                     raise RuntimeError(f"the reply ends at a stop string inside text already streamed {self._streamed!r}")
+                end = cut + len(self.stop_found)
                 if self.stop_found in self._caller:  # "\n\n[" for a stop "[": the start of a role marker goes too
-                    cut = min(cut, self._role_start(self.text[: cut + len(self.stop_found)]))
+                    cut = min(cut, self._role_start(self.text[:end]))
+                else:  # a role marker: a stop of the caller's in it is the one named; the forced start's part of it is the caller's text
+                    self.stop_found = next((s for s in self._caller if self.text.find(s, cut, end) != -1), self.stop_found)
+                    cut = max(cut, min(self._forced, end))
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)
         return self._release(len(self.text) - held_back(self.text, self.stops))
