@@ -163,15 +163,22 @@ def test_a_reply_stopped_as_it_is_written_does_not_show_again_in_the_next() -> N
     assert Text.from_ansi(console.file.getvalue()).plain == "Once upon\n"
 
 
-def test_a_piped_chat_shows_each_question_after_its_prompt(capsys: pytest.CaptureFixture[str]) -> None:
-    """`wsd-llms chat < questions.txt`: no terminal shows the lines read, so they are shown here; the
-    facts and the next prompt had followed "you> " on its line, and the quitting empty line left the
-    last prompt unended. stdout still holds the replies alone."""
-    console = Answers(["Hi", "And you?", ""])
+def test_a_piped_chat_shows_each_question_after_its_prompt(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`wsd-llms chat < questions.txt`: no terminal shows the lines read, so they are shown here, as
+    read (a tab stays a tab); the facts and the next prompt had followed "you> " on its line, and the
+    quitting empty line left the last prompt unended. stdout still holds the replies alone."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # a pipe (under `pytest -s` at a terminal too)
+    console = Answers(["Hi", "And\tyou?", ""])
     assert _interactive(console, Scripted(), [], PARAMS) == 0  # type: ignore[arg-type]
     assert console.file.getvalue() == "Once upon\nOnce upon\n"
     prompts = [line for line in capsys.readouterr().err.splitlines() if line.startswith("you>")]
-    assert prompts == ["you> Hi", "you> And you?", "you> "]
+    assert prompts == ["you> Hi", "you> And\tyou?", "you> "]
+
+
+def test_a_chat_with_stdin_closed_ends_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wsd-llms chat <&-`: no question can come (it raised AttributeError, a traceback)."""
+    monkeypatch.setattr(sys, "stdin", None)
+    assert _interactive(Answers([]), Scripted(), [], PARAMS) == 0  # type: ignore[arg-type]
 
 
 def test_a_line_that_is_not_utf8_drops_its_turn(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

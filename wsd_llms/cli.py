@@ -223,6 +223,8 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         sys.stdin.reconfigure(errors="surrogateescape")
     notes.print(Text("interactive chat: empty line or Ctrl-D to quit, Ctrl-C to stop a reply", style="dim"))
     system = 1 if history and history[0]["role"] == "system" else 0  # the system message stays
+    if sys.stdin is None:  # closed (`<&-`): no question can come
+        return 0
     typed = sys.stdin.isatty()
     while True:
         try:
@@ -231,8 +233,9 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
         except EOFError:  # Ctrl-D: the shell's prompt on a line of its own
             notes.print()
             return 0
-        if not typed:  # a terminal shows what is typed; a piped line is shown here, so stderr reads as the chat
-            notes.print(Text(question.encode("utf-8", "replace").decode()))
+        if not typed:  # a terminal shows what is typed; a piped line is shown here, as read, so stderr reads as the chat
+            notes.file.write(question.encode("utf-8", "replace").decode() + "\n")
+            notes.file.flush()
         if not question:
             return 0
         if not question.isascii() and not _is_utf8(question):

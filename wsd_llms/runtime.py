@@ -980,7 +980,8 @@ def _close_all() -> None:
     torn down (a worker thread alive then aborts the process, and one inside xgrammar too). A Ctrl-C
     meanwhile ends the process at once, as interrupted (130): raised in here, it left the workers
     alive, and the process aborted (SIGABRT) on a second Ctrl-C just after the first. A request made
-    after it (an atexit callback registered before the first get_runtime runs later) is refused."""
+    after it (from an atexit callback registered before this module was imported, which runs later)
+    is refused: a worker started then aborts the process."""
     global _exiting
     _exiting = True
     if threading.current_thread() is threading.main_thread():
