@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -292,6 +293,27 @@ async def test_a_prompt_that_is_not_a_str_is_named_as_the_prompt(recorded: tuple
     assert recorder.calls == []
 
 
+def test_a_plain_text_document_is_read_as_the_langchain_adapter_reads_one(tmp_path: Any) -> None:
+    """A text/* DocumentBlock, given as data or as a local file, is its text (it was refused, where
+    LangChain's 'text-plain' block was read); one given by url only, one that is not UTF-8 and a
+    document of another kind (a PDF) are refused, named by their place."""
+    from llama_index.core.base.llms.types import DocumentBlock
+
+    from llama_index.llms.wsd.base import to_runtime_messages
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("café notes", encoding="utf-8")
+    blocks = [DocumentBlock(data=b"hello doc", document_mimetype="text/plain"), DocumentBlock(path=notes, document_mimetype="text/markdown"), TextBlock(text="q")]
+    assert to_runtime_messages([ChatMessage(role="user", blocks=blocks)]) == [{"role": "user", "content": "hello doc\ncafé notes\nq"}]
+    for bad, needle in [
+        (DocumentBlock(url="http://example.invalid/a.txt", document_mimetype="text/plain"), "block 1 is a text/plain DocumentBlock given by url only"),
+        (DocumentBlock(data=b"\xff\xfe", document_mimetype="text/plain"), "block 1 is a text/plain DocumentBlock whose text cannot be read: 'utf-8' codec"),
+        (DocumentBlock(data=b"%PDF-1.4", document_mimetype="application/pdf"), "block 1 has type 'DocumentBlock'; this model reads text only"),
+    ]:
+        with pytest.raises(wsd_llms.InvalidMessagesError, match=re.escape(needle)):
+            to_runtime_messages([ChatMessage(role="user", blocks=[TextBlock(text="q"), bad])])
+
+
 @pytest.mark.parametrize(
     "block", [ImageBlock(url="http://example.invalid/cat.png"), AudioBlock(url="http://example.invalid/a.wav")]
 )
@@ -303,7 +325,8 @@ async def test_media_blocks_get_a_clear_error(recorded: tuple[WSDLLM, Recorder],
     # its place among all the message's blocks, those left out too (it had counted only the rest)
     thought = ChatMessage(role="user", blocks=[ThinkingBlock(content="Hm."), TextBlock(text="What is this?"), block])
     # named in LlamaIndex's words (it had offered LangChain's 'text' or 'text-plain' blocks)
-    with pytest.raises(wsd_llms.InvalidMessagesError, match=rf"content block 2 has type '{type(block).__name__}'; this model reads text only \(TextBlock\)$"):
+    readable = r"TextBlock, or a DocumentBlock whose document_mimetype is text/\*"
+    with pytest.raises(wsd_llms.InvalidMessagesError, match=rf"content block 2 has type '{type(block).__name__}'; this model reads text only \({readable}\)$"):
         llm.chat([thought])
     with pytest.raises(wsd_llms.InvalidMessagesError, match=type(block).__name__):
         await llm.astream_chat([message])

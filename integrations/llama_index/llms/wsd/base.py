@@ -18,6 +18,7 @@ from llama_index.core.base.llms.types import (
     ChatResponseAsyncGen,
     ChatResponseGen,
     CompletionResponse,
+    DocumentBlock,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     CachePoint,
@@ -131,9 +132,28 @@ _NOT_TEXT = (ToolCallBlock, ThinkingBlock, CachePoint, CitationBlock)
 
 
 def _text(msg: ChatMessage, where: str) -> str:
-    """A message's text blocks joined with newlines, as `ChatMessage.content` joins them; any other
-    content block (an image, say) gets integration.content_to_text's clear error."""
-    return content_to_text([block.text if isinstance(block, TextBlock) else block for block in msg.blocks], where, skip=_NOT_TEXT, readable="TextBlock")
+    """A message's text blocks (and plain-text documents) joined with newlines, as
+    `ChatMessage.content` joins them; any other content block (an image, say) gets
+    integration.content_to_text's clear error."""
+    blocks = [
+        block.text if isinstance(block, TextBlock) else _document_text(block, f"{where} content block {i}") if isinstance(block, DocumentBlock) else block
+        for i, block in enumerate(msg.blocks)
+    ]
+    return content_to_text(blocks, where, skip=_NOT_TEXT, readable="TextBlock, or a DocumentBlock whose document_mimetype is text/*")
+
+
+def _document_text(block: DocumentBlock, where: str) -> str | DocumentBlock:
+    """A plain-text document's text (a text/* document_mimetype: its data, or a local file's), as
+    the LangChain adapter reads a 'text-plain' block; any other document stays a block the model
+    cannot read. One given only by url is refused: this model fetches nothing."""
+    if not (block.document_mimetype or "").startswith("text/"):
+        return block
+    if block.data is None and block.path is None:
+        raise InvalidMessagesError(f"{where} is a {block.document_mimetype} DocumentBlock given by url only; give its data or a path: this model fetches nothing")
+    try:
+        return block.resolve_document().read().decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessagesError(f"{where} is a {block.document_mimetype} DocumentBlock whose text cannot be read: {exc}") from exc
 
 
 def _chunk(text: str, delta: str, source: str, calls: list[tuple[str, str, str]]) -> ChatResponse:
