@@ -845,6 +845,15 @@ def test_unsupported_role_gets_a_clear_error():
     # counting such messages fails as a call with them does: a ModelInvalidRequestError (it was a bare wsd-llms error)
     with pytest.raises(ModelInvalidRequestError, match="role 'critic'"):
         WSDChatModel().get_num_tokens_from_messages([HumanMessage("hi"), ChatMessage(role="critic", content="x")])
+    # LangGraph's instruction, not a message: it had read as an unknown role 'remove'
+    from langchain_core.messages import RemoveMessage
+
+    with pytest.raises(InvalidMessagesError, match=re.escape("messages[1] (RemoveMessage) is an instruction to remove a message (LangGraph's add_messages applies it)")):
+        to_runtime_messages([HumanMessage("hi"), RemoveMessage(id="m1")])
+    # Anthropic's tool result in a user message names the message a result is
+    tool_result = HumanMessage([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"}])
+    with pytest.raises(InvalidMessagesError, match=re.escape("has type 'tool_result'; this model reads text only (blocks of type 'text' or 'text-plain'); a tool's result is a tool message of its own")):
+        to_runtime_messages([tool_result])
 
 
 def test_a_custom_token_counter_counts_as_in_every_langchain_model():

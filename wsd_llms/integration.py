@@ -519,8 +519,9 @@ def content_to_text(content: Any, where: str, skip: tuple[type, ...] = (), reada
             elif kind == "json" and isinstance(block, Mapping) and "json" in block:  # LangChain's tool-result data block
                 parts.append(json.dumps(block["json"], ensure_ascii=False, default=str))
             else:
+                hint = "; a tool's result is a tool message of its own, answering its call's id" if kind == "tool_result" else ""  # Anthropic's form
                 raise InvalidMessagesError(
-                    f"{where} content block {i} has type {kind!r}; this model reads text only ({readable})"
+                    f"{where} content block {i} has type {kind!r}; this model reads text only ({readable}){hint}"
                 )
         return "\n".join(parts)
     raise InvalidMessagesError(f"{where} content must be text, got {type(content).__name__}")

@@ -755,6 +755,8 @@ def _role(message: BaseMessage, where: str) -> str:
     if isinstance(message, ChatMessage) and (role := canonical_role(message.role)) is not None:
         return role
     role = message.role if isinstance(message, ChatMessage) else message.type
+    if role == "remove":  # LangGraph's add_messages applies it to a state's list, which then reaches the model without it
+        raise InvalidMessagesError(f"{where} is an instruction to remove a message (LangGraph's add_messages applies it), not a message for the model")
     raise InvalidMessagesError(f"{where} has role {role!r}; supported roles: {ALLOWED_ROLES}")
 
 
