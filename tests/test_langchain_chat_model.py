@@ -572,6 +572,16 @@ def test_calls_langchain_leaves_unparsed_reach_the_model():
         assert isinstance(history[1], AIMessage) and not history[1].tool_calls  # as LangChain leaves them
         turn = normalize_messages(to_runtime_messages(history))[1]
         assert turn.content == text and [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [call]
+    # one it cannot read is shown as written, as an invalid call is (it had refused the history), and
+    # one LangChain lists as invalid is not taken again from its block (it showed twice)
+    broken = AIMessage("", additional_kwargs={"function_call": {"name": "add", "arguments": '{"a": 2,'}})
+    listed = AIMessage(
+        [{"type": "tool_use", "id": "t1", "name": "w", "input": {}, "partial_json": '{"city": "Par'}],
+        invalid_tool_calls=[{"type": "invalid_tool_call", "id": "t1", "name": "w", "args": '{"city": "Par', "error": None}],
+    )
+    for message, written in [(broken, '{"name": "add", "arguments": {"a": 2,}'), (listed, '{"name": "w", "arguments": {"city": "Par}')]:
+        turn = normalize_messages(to_runtime_messages([HumanMessage("q"), message]))[1]
+        assert turn.tool_calls == () and turn.content == f"<tool_call>\n{written}\n</tool_call>"
 
 
 def test_an_empty_stop_string_is_refused_when_the_model_is_built():

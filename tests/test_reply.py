@@ -339,17 +339,22 @@ def test_a_callers_stop_in_the_start_of_a_role_marker_drops_that_start(draft_tok
     # a stop of the caller's inside a role marker that completes first is still the one named (stop_reason)
     assert stopped("Paris.\n\n[User] more", ("[User]",)) == ("Paris.", "[User]")
     assert stopped("Paris.\n\n[User] more", ("\n[User]",)) == ("Paris.", "\n[User]")
+    assert stopped("Paris.\n\n[User] more", ("User]", "[User]")) == ("Paris.", "[User]")  # the first, whatever the list's order
 
 
 def test_a_role_marker_never_cuts_into_the_forced_start(draft_tokenizer):
     """A forced start ending in a newline, then the model's "\n[User]": the marker "\n\n[User]"
     began inside the caller's text, and the cut took its newline; a caller's stop or the budget
     ending there kept it."""
-    tok, roles, forced = draft_tokenizer, expand_role_stops(ROLE_STOPS), "Here is the list:\n"
-    for stops in ((), ("[",)):
-        reply = ReplyText(tok, stops, None, roles, len(forced))
-        released = reply.add(_ids(tok, forced + "\n[User] hi"), "draft") + reply.finish()
-        assert reply.stopped and "".join(d.text for d in released) == reply.text == forced
+    tok, roles = draft_tokenizer, expand_role_stops(ROLE_STOPS)
+    for forced, model, stopses in [
+        ("Here is the list:\n", "\n[User] hi", ((), ("[",))),
+        ("Notes:\n\n[Us", "er] hi", ((),)),  # ends inside the marker (a caller's "[" there would cut the forced start: it counts there)
+    ]:
+        for stops in stopses:
+            reply = ReplyText(tok, stops, None, roles, len(forced))
+            released = reply.add(_ids(tok, forced + model), "draft") + reply.finish()
+            assert reply.stopped and "".join(d.text for d in released) == reply.text == forced
 
 
 def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_place(draft_tokenizer):

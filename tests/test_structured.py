@@ -749,12 +749,13 @@ def test_tool_messages():
         {"toolUseId": "c1", "name": "pick", "input": {"n": 1}},  # Bedrock Converse's
         {"id": "c1", "name": "pick", "parameters": {"n": 1}},  # Cohere's
         {"type": "function_call", "id": "fc_9", "call_id": "c1", "name": "pick", "arguments": '{"n": 1}'},  # OpenAI Responses API's
+        {"id": "c1", "name": "pick", "args": None},  # a model_dump of a call with no arguments (Gemini's shape)
     ],
 )
 def test_history_calls_in_other_providers_shapes_keep_their_arguments(call):
     """Their arguments had been read from "arguments" only: the model saw each call made with {}."""
     msgs = normalize_messages([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}])
-    assert msgs[1].tool_calls[0].as_dict() == {"id": "c1", "name": "pick", "arguments": {"n": 1}}
+    assert msgs[1].tool_calls[0].as_dict() == {"id": "c1", "name": "pick", "arguments": {"n": 1} if call.get("args", 0) is not None else {}}
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,7 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
     for key in body if not given else ():  # a misspelt "arguments" would make a call with none
         if isinstance(key, str) and (close := difflib.get_close_matches(key, ARGUMENT_KEYS, n=1, cutoff=0.8)):
             raise InvalidMessagesError(f"{where} ({name!r}) has key {key!r}; did you mean {close[0]!r}? (a call's arguments: {', '.join(ARGUMENT_KEYS)})")
-    arguments = body[given[0]] if given else {}
+    arguments = body[given[0]] if given and body[given[0]] is not None else {}  # None: a call with no arguments (a model_dump of one)
     if isinstance(arguments, str):
         try:
             arguments = load_json(arguments) if arguments.strip() else {}
@@ -105,6 +105,12 @@ def _tool_call(i: int, j: int, raw: Any) -> ToolCall:
         raise InvalidMessagesError(f"{where} ({name!r}) arguments are not valid Unicode: {error} of their JSON text")
     call_id = next((raw[key] for key in ID_KEYS if raw.get(key)), f"call_{i}_{j}")
     return ToolCall(str(call_id), name, dict(arguments))
+
+
+def read_tool_call(raw: Any) -> ToolCall:
+    """A call in any shape a history's may take (_tool_call), or InvalidMessagesError: for an
+    adapter that finds calls outside a message's own list and shows one it cannot read as written."""
+    return _tool_call(0, 0, raw)
 
 
 def _message(i: int, msg: Mapping[str, Any] | Message) -> Message:

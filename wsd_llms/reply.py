@@ -214,7 +214,8 @@ class ReplyText:
                 if self.stop_found in self._caller:  # "\n\n[" for a stop "[": the start of a role marker goes too
                     cut = min(cut, self._role_start(self.text[:end]))
                 else:  # a role marker: a stop of the caller's in it is the one named; the forced start's part of it is the caller's text
-                    self.stop_found = next((s for s in self._caller if self.text.find(s, cut, end) != -1), self.stop_found)
+                    inside = [(i, -len(s), s) for s in self._caller if (i := self.text.find(s, cut, end)) != -1]
+                    self.stop_found = min(inside)[2] if inside else self.stop_found  # the first, the longer at one place, as _first_stop names
                     cut = max(cut, min(self._forced, end))
                 self.text, self.stopped = self.text[:cut], True
                 return self._release(cut)

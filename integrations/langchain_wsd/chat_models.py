@@ -41,7 +41,7 @@ from typing_extensions import is_typeddict
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
-from wsd_llms.messages import ALLOWED_ROLES, ToolCall, canonical_role
+from wsd_llms.messages import ALLOWED_ROLES, ARGUMENT_KEYS, ToolCall, canonical_role, read_tool_call
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_problem, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
@@ -711,9 +711,13 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
         if isinstance(message, ToolMessage):
             out.append({"role": "tool", "content": content_to_text(message.content, where), "tool_call_id": message.tool_call_id})
         elif isinstance(message, AIMessage):
-            text = with_invalid_calls(_assistant_text(message, where), ((c.get("name"), c.get("args")) for c in message.invalid_tool_calls))
-            entry: dict[str, Any] = {"role": "assistant", "content": text}
-            if calls := [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls] or _unparsed_calls(message):
+            calls = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
+            unreadable: list[tuple[str | None, str | None]] = []
+            if not calls:
+                calls, unreadable = _unparsed_calls(message)
+            invalid = [*((c.get("name"), c.get("args")) for c in message.invalid_tool_calls), *unreadable]
+            entry: dict[str, Any] = {"role": "assistant", "content": with_invalid_calls(_assistant_text(message, where), invalid)}
+            if calls:
                 entry["tool_calls"] = calls
             out.append(entry)
         else:
@@ -721,15 +725,30 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _unparsed_calls(message: AIMessage) -> list[Any]:
+def _unparsed_calls(message: AIMessage) -> tuple[list[dict[str, Any]], list[tuple[str | None, str | None]]]:
     """Calls an AI message holds where LangChain left them unparsed (its tool_calls empty): call
     blocks in its content (convert_to_messages of an Anthropic-format dict keeps its tool_use
-    blocks there) and OpenAI's older `function_call`. The runtime reads each one's shape; they had
-    been dropped, so the tool results after them answered no call the model could see."""
+    blocks there) and OpenAI's older `function_call`; they had been dropped, so the tool results
+    after them answered no call the model could see. Those the runtime reads (read_tool_call), and
+    those it cannot, (name, arguments' text) each, to show as written as an invalid call is; a
+    block of a call LangChain already lists as invalid is not taken again."""
+    invalid = {c.get("id") for c in message.invalid_tool_calls} - {None}
     blocks = message.content if isinstance(message.content, list) else []
-    calls = [block for block in blocks if isinstance(block, dict) and block.get("type") in CALL_BLOCKS]
+    found = [
+        block
+        for block in blocks
+        if isinstance(block, dict) and block.get("type") in CALL_BLOCKS and not {block.get("id"), block.get("call_id")} & invalid
+    ]
     legacy = message.additional_kwargs.get("function_call")
-    return calls or ([legacy] if legacy else [])
+    calls, unreadable = [], []
+    for raw in found or ([legacy] if isinstance(legacy, dict) else []):
+        try:
+            read_tool_call(raw)  # readable: the runtime reads it again with the message's place
+            calls.append(raw)
+        except InvalidMessagesError:
+            arguments = next((raw[key] for key in ARGUMENT_KEYS if key in raw), None)
+            unreadable.append((raw.get("name"), arguments if isinstance(arguments, str) or arguments is None else json.dumps(arguments, default=str)))
+    return calls, unreadable
 
 
 def _assistant_text(message: AIMessage, where: str) -> str:
