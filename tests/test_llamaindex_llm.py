@@ -305,6 +305,10 @@ def test_a_plain_text_document_is_read_as_the_langchain_adapter_reads_one(tmp_pa
     notes.write_text("café notes", encoding="utf-8")
     blocks = [DocumentBlock(data=b"hello doc", document_mimetype="text/plain"), DocumentBlock(path=notes, document_mimetype="text/markdown"), TextBlock(text="q")]
     assert to_runtime_messages([ChatMessage(role="user", blocks=blocks)]) == [{"role": "user", "content": "hello doc\ncafé notes\nq"}]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    spelled = [DocumentBlock(path=latin, document_mimetype="Text/Plain; charset=latin-1"), DocumentBlock(path=notes)]  # its charset; a path's type
+    assert to_runtime_messages([ChatMessage(role="user", blocks=spelled)]) == [{"role": "user", "content": "café\ncafé notes"}]
     for bad, needle in [
         (DocumentBlock(url="http://example.invalid/a.txt", document_mimetype="text/plain"), "block 1 is a text/plain DocumentBlock given by url only"),
         (DocumentBlock(data=b"\xff\xfe", document_mimetype="text/plain"), "block 1 is a text/plain DocumentBlock whose text cannot be read: 'utf-8' codec"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import mimetypes
 import warnings
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
@@ -143,17 +144,21 @@ def _text(msg: ChatMessage, where: str) -> str:
 
 
 def _document_text(block: DocumentBlock, where: str) -> str | DocumentBlock:
-    """A plain-text document's text (a text/* document_mimetype: its data, or a local file's), as
-    the LangChain adapter reads a 'text-plain' block; any other document stays a block the model
-    cannot read. One given only by url is refused: this model fetches nothing."""
-    if not (block.document_mimetype or "").startswith("text/"):
+    """A plain-text document's text (a text/* document_mimetype, or a path that names one: its
+    data, or the local file's, in its charset, else UTF-8), as the LangChain adapter reads a
+    'text-plain' block; any other document stays a block the model cannot read. One given only by
+    url is refused: this model fetches nothing."""
+    given = block.document_mimetype or (mimetypes.guess_type(str(block.path))[0] if block.path is not None else None) or ""
+    kind, _, options = given.lower().partition(";")
+    if not kind.strip().startswith("text/"):
         return block
     if block.data is None and block.path is None:
-        raise InvalidMessagesError(f"{where} is a {block.document_mimetype} DocumentBlock given by url only; give its data or a path: this model fetches nothing")
+        raise InvalidMessagesError(f"{where} is a {given} DocumentBlock given by url only; give its data or a path: this model fetches nothing")
+    charset = next((value.strip().strip('"') for key, _, value in (o.partition("=") for o in options.split(";")) if key.strip() == "charset"), "utf-8")
     try:
-        return block.resolve_document().read().decode("utf-8")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidMessagesError(f"{where} is a {block.document_mimetype} DocumentBlock whose text cannot be read: {exc}") from exc
+        return block.resolve_document().read().decode(charset)
+    except (OSError, LookupError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessagesError(f"{where} is a {given} DocumentBlock whose text cannot be read: {exc}") from exc
 
 
 def _chunk(text: str, delta: str, source: str, calls: list[tuple[str, str, str]]) -> ChatResponse:
