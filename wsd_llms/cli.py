@@ -16,6 +16,7 @@ from . import interrupts
 from .console import make_console
 from .errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, RequestFailedError, WSDError
 from .events import FinalEvent, TextDelta, WSDResult
+from .messages import unicode_error
 from .eval import command as eval_command
 from .params import check_option, check_placement, parse_params
 
@@ -203,15 +204,6 @@ def _outgrows(runtime: WSDRuntime, turn: list[dict[str, str]], params: dict[str,
     return runtime.window_tokens(turn, **params) + room > runtime.context_window(params["mode"])
 
 
-def _is_utf8(text: str) -> bool:
-    """Whether a line read with surrogateescape was UTF-8 (it holds no escaped byte)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, str]], params: dict[str, Any]) -> int:
     """Chat until an empty line or Ctrl-D. Ctrl-C during a reply stops it, and a turn that fails is
     reported; either way that turn is dropped and the chat goes on. A conversation grown past the
@@ -238,7 +230,7 @@ def _interactive(console: Console, runtime: WSDRuntime, history: list[dict[str, 
             notes.file.flush()
         if not question:
             return 0
-        if not question.isascii() and not _is_utf8(question):
+        if not question.isascii() and unicode_error(question) is not None:  # read with surrogateescape: a byte that was not UTF-8
             notes.print(Text("error: this line is not valid UTF-8 (this turn is dropped)", style="bold red"))
             continue
         kept = list(history)

@@ -41,7 +41,7 @@ from typing_extensions import is_typeddict
 from langchain_wsd.errors import langchain_errors
 from wsd_llms import FinalEvent, InvalidMessagesError, InvalidParameterError, TextDelta, WSDResult, WSDRuntime
 from wsd_llms.encoding import encode_text
-from wsd_llms.messages import ALLOWED_ROLES, ARGUMENT_KEYS, ToolCall, canonical_role, read_tool_call
+from wsd_llms.messages import ALLOWED_ROLES, ARGUMENT_KEYS, ID_KEYS, ToolCall, canonical_role, read_tool_call
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_problem, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
 from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
@@ -737,7 +737,7 @@ def _unparsed_calls(message: AIMessage) -> tuple[list[dict[str, Any]], list[tupl
     found = [
         block
         for block in blocks
-        if isinstance(block, dict) and block.get("type") in CALL_BLOCKS and not {block.get("id"), block.get("call_id")} & invalid
+        if isinstance(block, dict) and block.get("type") in CALL_BLOCKS and not {block.get(key) for key in ID_KEYS} & invalid
     ]
     legacy = message.additional_kwargs.get("function_call")
     calls, unreadable = [], []
