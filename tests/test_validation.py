@@ -460,6 +460,27 @@ def test_tool_results_in_a_row_are_one_turn_for_a_template_whose_roles_alternate
         assert turn.endswith("And 2+2?") == (end == 5)
 
 
+def test_tool_results_take_their_calls_order_by_id(draft_tokenizer):
+    """The prompts pair results with calls by place, so results that came back in another order
+    (appended as they finished) are put in the order of the calls they name; where one names no
+    call of that turn, or two name one call, they stay as given."""
+    from wsd_llms.prompts import build_prompts
+
+    calls = [{"id": "c1", "name": "weather", "arguments": {"city": "Paris"}}, {"id": "c2", "name": "weather", "arguments": {"city": "Oslo"}}]
+
+    def results(*pairs: tuple[str, str]) -> list[dict]:
+        history = [{"role": "user", "content": "Paris and Oslo?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+        return history + [{"role": "tool", "content": text, "tool_call_id": id_} for id_, text in pairs] + [{"role": "user", "content": "Warmer?"}]
+
+    ordered = normalize_messages(results(("c2", "-3C"), ("c1", "12C")))
+    assert [(m.tool_call_id, m.content) for m in ordered[2:4]] == [("c1", "12C"), ("c2", "-3C")]
+    assert ordered[4].content == "Warmer?"
+    base = build_prompts(draft_tokenizer, draft_tokenizer, ordered).base_text
+    assert base.index("12C") < base.index("-3C")
+    for pairs in ((("c2", "-3C"), ("c9", "12C")), (("c2", "-3C"), ("c2", "12C"))):
+        assert [m.content for m in normalize_messages(results(*pairs))[2:4]] == ["-3C", "12C"]
+
+
 def test_runtime_raises_before_decoding(shared_runtime):
     with pytest.raises(InvalidParameterError, match="switch_window"):
         shared_runtime.generate([{"role": "user", "content": "hi"}], switch_window=0)

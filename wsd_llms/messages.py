@@ -174,9 +174,25 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message], request:
         )
     if not messages and request:
         raise InvalidMessagesError("messages is empty: give at least one message")
-    out = [_message(i, msg) for i, msg in enumerate(messages)]
+    out = _results_in_call_order([_message(i, msg) for i, msg in enumerate(messages)])
     if request and all(m.role == "assistant" for m in out):
         raise InvalidMessagesError("messages holds only assistant turns: give a user or system message")
+    return out
+
+
+def _results_in_call_order(messages: list[Message]) -> list[Message]:
+    """The results after a turn of calls, put in the order of its calls where each names a call of
+    its own by `tool_call_id`. The prompts pair a result with a call by place (no template shows
+    ids), so results appended as they finished (asyncio.as_completed) read as the wrong calls'."""
+    out = list(messages)
+    for i, m in enumerate(messages):
+        end = i + 1
+        while end < len(out) and out[end].role == "tool":
+            end += 1
+        order = {c.id: k for k, c in enumerate(m.tool_calls)}
+        ids = [r.tool_call_id for r in out[i + 1 : end]]
+        if end > i + 1 and len(set(ids)) == len(ids) and all(id_ in order for id_ in ids):
+            out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: order[str(r.tool_call_id)])
     return out
 
 
