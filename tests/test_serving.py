@@ -472,6 +472,18 @@ def test_requests_left_during_a_load_count_as_left_not_queued(draft_tokenizer):
         rt.close()
 
 
+def test_a_runtime_shows_its_models_device_and_state(fresh):
+    """What a notebook cell or a log shows of a runtime: not <WSDRuntime at 0x...>."""
+    rt = fresh()
+    shown = "WSDRuntime(draft='tiny-draft', base='tiny-gemma3', device='cpu', dtype='float32', {})"
+    assert repr(rt) == shown.format("loaded")
+    rt.close()
+    assert repr(rt) == shown.format("closed")
+    unloaded = WSDRuntime("my/draft", "my/base", device="cpu")
+    assert repr(unloaded) == "WSDRuntime(draft='my/draft', base='my/base', device='cpu', dtype='float32', not loaded)"
+    unloaded.close()
+
+
 def test_load_on_a_closed_runtime_is_refused_though_its_models_are_loaded(fresh):
     """load() on a closed runtime handed out its engine, whose models a caller could then run
     beside the closed runtime's contract; it raises RuntimeClosedError as every other call does."""

@@ -207,6 +207,12 @@ class WSDRuntime:
         self._tokenizers: dict[str, Any] = {}  # read without the weights, before a load
         WSDRuntime.instances.add(self)
 
+    def __repr__(self) -> str:
+        """Which models, where, and whether they are loaded: what a notebook cell or a log shows of a runtime."""
+        state = "closed" if self._closed else "loaded" if self.engine is not None else "not loaded"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"WSDRuntime(draft={self.draft_source!r}, base={self.base_source!r}, device={str(self.device)!r}, dtype={dtype!r}, {state})"
+
     def _start_clean(self) -> None:
         """No worker, no submissions, every lock free: at creation, and in a forked child."""
         self._inbox: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
