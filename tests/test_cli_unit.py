@@ -5,6 +5,7 @@ models load exits at once."""
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def test_a_reply_stopped_as_it_is_written_does_not_show_again_in_the_next() -> N
 
     console = TtyCtrlCOnce(["Tell me a story.", "Hi", ""])
     assert _interactive(console, Scripted(), [], PARAMS) == 0  # type: ignore[arg-type]
-    assert Text.from_ansi(console.file.getvalue()).plain == "Once upon\n"
+    assert re.sub(r"\x1b\[[0-9;]*m", "", console.file.getvalue()) == "Once upon\n"  # (Rich 14's from_ansi drops the newline)
 
 
 def test_a_piped_chat_shows_each_question_after_its_prompt(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,7 +151,7 @@ def test_metadata_before_the_first_load_converts_nothing_and_waits_for_no_load(m
 
     monkeypatch.setattr(wsd_llms.runtime, "_registry", {})  # runtimes of their own, that have read nothing yet
     monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "empty"))
-    assert WSDLLM().to_payload()["context_window"] == 8192 and WSDLLM(mode="base").metadata.context_window == 32768
+    assert WSDLLM().metadata.context_window == 8192 and WSDLLM(mode="base").metadata.context_window == 32768
     assert not (tmp_path / "empty").exists()
 
     snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"

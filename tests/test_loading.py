@@ -16,6 +16,9 @@ from wsd_llms.loading import load_model, resolve_device, resolve_dtype
 from wsd_llms.runtime import measured_length
 
 
+CONVERTED = '{"transformers_version": "5.18.0"}'  # a cache entry's config, as a conversion writes it
+
+
 def _cpu(source):
     return load_model(source, device=resolve_device("cpu"), dtype=resolve_dtype("auto", resolve_device("cpu")))
 
@@ -471,7 +474,7 @@ def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
         made.append(path.read_bytes())
         target.mkdir(parents=True, exist_ok=True)
         (target / loading.STAMP).write_text(stamp)
-        (target / "config.json").write_text("{}")
+        (target / "config.json").write_text(CONVERTED)
         return target
 
     monkeypatch.setattr(loading, "convert_gguf", convert)
@@ -491,9 +494,55 @@ def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
     stat = model.stat()
     earlier = first.with_name(f"model-{hashlib.sha256(f'{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode()).hexdigest()[:12]}")
     earlier.mkdir()
-    (earlier / "config.json").write_text('{"earlier": true}')
+    (earlier / "config.json").write_text('{"earlier": true, "transformers_version": "5.18.0"}')
     assert loading.cached_gguf(model) == first and len(made) == 2 and not earlier.exists()
-    assert (first / "config.json").read_text() == '{"earlier": true}' and loading.cached_gguf(model, build=False) == first
+    assert (first / "config.json").read_text() == '{"earlier": true, "transformers_version": "5.18.0"}' and loading.cached_gguf(model, build=False) == first
+
+
+def test_a_cache_entry_converted_by_an_older_transformers_is_converted_again(tmp_path, monkeypatch):
+    """transformers 5.17 and earlier converted the embedded base model's tokenizer wrong (its replies
+    were gibberish), and an entry it made stayed in the cache after an upgrade: an entry converted
+    before TRANSFORMERS_SINCE is converted anew, and an entry of the cache's earlier layout made so
+    is not moved in."""
+    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "check_gguf_supported", lambda path: "llama")
+    made = []
+
+    def convert(path, target, stamp):
+        made.append(target.name)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / loading.STAMP).write_text(stamp)
+        (target / "config.json").write_text(CONVERTED)
+        return target
+
+    monkeypatch.setattr(loading, "convert_gguf", convert)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"weights")
+    entry = loading.cached_gguf(model)
+    for old in ('{"transformers_version": "5.17.0"}', '{"transformers_version": "4.57.6"}', "{}", "{cut"):
+        (entry / "config.json").write_text(old)
+        assert loading.cached_gguf(model) == entry and (entry / "config.json").read_text() == CONVERTED
+    assert len(made) == 5
+    import hashlib
+
+    stat = model.stat()
+    earlier = entry.with_name(f"model-{hashlib.sha256(f'{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}'.encode()).hexdigest()[:12]}")
+    earlier.mkdir()
+    (earlier / "config.json").write_text('{"transformers_version": "5.17.0"}')
+    (entry / "config.json").unlink()
+    assert loading.cached_gguf(model) == entry and len(made) == 6 and earlier.exists()
+
+
+def test_an_older_transformers_is_refused_at_load(monkeypatch):
+    """An environment that drifted below the requirement (transformers installed over ours) loads
+    and converts the models wrong without a word; the load says what to install."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ModelLoadError, match=re.escape("wsd-llms needs transformers>=5.18, found 5.17.0: older releases convert and run these models wrong; pip install 'transformers>=5.18'")):
+        _cpu("some/model")
+    monkeypatch.setattr(transformers, "__version__", "5.18.0.dev0")
+    loading.require_transformers()
 
 
 def test_one_build_of_a_cache_entry_at_a_time(tmp_path):
@@ -512,7 +561,7 @@ def test_one_build_of_a_cache_entry_at_a_time(tmp_path):
             if needed:
                 time.sleep(0.3)
                 target.mkdir()
-                (target / "config.json").write_text("{}")
+                (target / "config.json").write_text(CONVERTED)
             order.append((name, "out", needed))
 
     first = threading.Thread(target=build, args=("first",))
@@ -672,7 +721,7 @@ def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path,
     def convert(path, target, stamp=None):
         converted.append(target.name)
         target.mkdir(parents=True)
-        (target / "config.json").write_text("{}")
+        (target / "config.json").write_text(CONVERTED)
         return target
 
     def installed(version):
@@ -681,7 +730,7 @@ def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path,
     monkeypatch.setattr(loading, "convert_gguf", convert)
     earlier = tmp_path / "embedded" / "smollm2-135m-instruct"
     earlier.mkdir(parents=True)
-    (earlier / "config.json").write_text('{"made": "before versions"}')
+    (earlier / "config.json").write_text('{"made": "before versions", "transformers_version": "5.18.0"}')
     installed("0.1.1")  # not the version of that time: its own entry
     with pytest.raises(ModelLoadError, match="has not been converted yet"):
         loading.embedded_model_dir(loading.EMBEDDED_DRAFT, build=False)
@@ -689,7 +738,7 @@ def test_an_embedded_model_s_cache_entry_is_per_version_of_its_package(tmp_path,
     installed("0.1.2")
     first = loading.embedded_model_dir(loading.EMBEDDED_DRAFT, build=False)
     assert first == tmp_path / "embedded" / "smollm2-135m-instruct-0.1.2" and not earlier.exists()
-    assert (first / "config.json").read_text() == '{"made": "before versions"}' and len(converted) == 1
+    assert (first / "config.json").read_text() == '{"made": "before versions", "transformers_version": "5.18.0"}' and len(converted) == 1
     assert loading.embedded_model_dir(loading.EMBEDDED_DRAFT) == first and len(converted) == 1
     installed("0.2.0")
     upgraded = loading.embedded_model_dir(loading.EMBEDDED_DRAFT)

@@ -56,3 +56,26 @@ def test_an_adapter_without_its_framework_names_the_extra(adapter: str, framewor
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last == f"ModuleNotFoundError: No module named {framework!r}; install it with: pip install 'wsd-llms[{extra}]'", done.stderr
+
+
+def test_the_lowest_versions_pinned_are_the_floors_pyproject_declares() -> None:
+    """`make test-lowest` runs the suite on constraints-lowest.txt; it proves the floors only while
+    its pins are the floors. The floors had drifted far below what worked (transformers>=4.56, when
+    5.17 still converted the models wrong)."""
+    import re
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = [*project["dependencies"], *(r for extra in ("langchain", "llama-index", "structured") for r in extras[extra])]
+    floors = dict(re.fullmatch(r"([\w-]+)>=([\w.]+)", r).groups() for r in declared)  # type: ignore[union-attr]
+    pins = dict(line.split("==") for line in (root / "constraints-lowest.txt").read_text().splitlines() if line and not line.startswith("#"))
+
+    def release(version: str) -> tuple[int, ...]:
+        parts = tuple(int(p) for p in version.split("."))
+        return parts + (0,) * (3 - len(parts))
+
+    assert set(pins) == set(floors)
+    assert {name: release(pins[name]) for name in floors if name != "torch"} == {name: release(v) for name, v in floors.items() if name != "torch"}
+    assert release(pins["torch"]) >= release(floors["torch"])

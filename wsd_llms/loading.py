@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -227,6 +229,9 @@ def _file_stamp(path: Path) -> str:
 
 # The file in a cache entry that says which version of its source it was made from (_file_stamp).
 STAMP = "wsd-source"
+# The first transformers release that runs these models right and converts their GGUF files right
+# (the lowest pyproject.toml allows; 5.17 and earlier failed the suite: README, "Requirements").
+TRANSFORMERS_SINCE = (5, 18)
 
 
 # transformers' model loading is not thread-safe (two at once can leave weights on the meta
@@ -311,9 +316,40 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
     return target
 
 
+def _transformers_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a transformers version string ("5.18.0", "5.19.0.dev0"); (0, 0) if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def _converted_right(entry: Path) -> bool:
+    """Whether a cache entry was converted by a transformers release that converts GGUF files
+    right (TRANSFORMERS_SINCE): one converted before is made again, not loaded as it is (5.17
+    wrote Gemma 3's tokenizer as Unigram, and the base model's replies were gibberish)."""
+    try:
+        written = json.loads((entry / "config.json").read_text()).get("transformers_version")
+    except (OSError, ValueError):  # none, or cut short: not a whole entry
+        return False
+    return isinstance(written, str) and _transformers_release(written) >= TRANSFORMERS_SINCE
+
+
+def require_transformers() -> None:
+    """ModelLoadError where the installed transformers is older than TRANSFORMERS_SINCE (an
+    environment pip let drift below the requirement): it loads and converts models wrong silently."""
+    import transformers
+
+    if _transformers_release(transformers.__version__) < TRANSFORMERS_SINCE:
+        need = ".".join(map(str, TRANSFORMERS_SINCE))
+        raise ModelLoadError(
+            f"wsd-llms needs transformers>={need}, found {transformers.__version__}: older releases convert "
+            f"and run these models wrong; pip install 'transformers>={need}'"
+        )
+
+
 def _fresh(target: Path, stamp: str | None) -> bool:
-    """Whether `target` is a whole cache entry, made from the version of its source that `stamp` names (if given)."""
-    if not (target / "config.json").exists():
+    """Whether `target` is a whole cache entry, made from the version of its source that `stamp`
+    names (if given), by a transformers that converts right (_converted_right)."""
+    if not (target / "config.json").exists() or not _converted_right(target):
         return False
     if stamp is None:
         return True
@@ -380,7 +416,7 @@ def _adopt(earlier: Path, target: Path, stamp: str | None = None) -> bool:
     """Move a whole cache entry that an earlier layout of the cache kept at `earlier` into `target`
     (under `target`'s build lock, over anything a cut-short build left there), recording `stamp`
     (_file_stamp) before it appears; whether there was one."""
-    if not (earlier / "config.json").exists():
+    if not _converted_right(earlier):  # none there, or one converted wrong: convert anew
         return False
     if stamp is not None:
         (earlier / STAMP).write_text(stamp)
@@ -480,7 +516,7 @@ def _embedded_built(target: Path, distribution: str, build: bool, which: str, ma
     a rename builds nothing)."""
     name, _, version = target.name.rpartition("-")
     earlier = target.with_name(name)
-    adoptable = _UNVERSIONED_FROM.get(distribution) == version and (earlier / "config.json").exists()
+    adoptable = _UNVERSIONED_FROM.get(distribution) == version and _converted_right(earlier)
 
     def adopt_or_make() -> None:
         if not (adoptable and _adopt(earlier, target)):
@@ -618,6 +654,7 @@ def load_model(
     """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id; an
     error says which model failed by its `role` ("draft", "base", "judge"), where one is given.
     `name`: what the model is called in results (the source as a caller wrote it), if not `source`."""
+    require_transformers()
     with _LOADING:
         try:
             local = local_source(source)
