@@ -462,15 +462,14 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype(torch.float16, resolve_device("cpu")) == torch.float16 and resolve_dtype("float64", resolve_device("cpu")) == torch.float64
 
 
-def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
-    """A GGUF file replaced at the same path (a newer quantization downloaded over it) is converted
-    again into its one cache entry: each version had its own, and every stale float32 copy stayed
-    on disk. An unchanged file is not converted again."""
+def _fake_conversions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """A cache under tmp_path whose GGUF conversions write an entry without a model; the list of
+    the files converted, by their bytes, as they are converted."""
     monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(loading, "check_gguf_supported", lambda path: "llama")
-    made = []
+    made: list[bytes] = []
 
-    def convert(path, target, stamp):  # the conversion's effect on the cache, without a model
+    def convert(path, target, stamp):
         made.append(path.read_bytes())
         target.mkdir(parents=True, exist_ok=True)
         (target / loading.STAMP).write_text(stamp)
@@ -478,6 +477,14 @@ def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
         return target
 
     monkeypatch.setattr(loading, "convert_gguf", convert)
+    return made
+
+
+def test_a_changed_gguf_file_is_converted_again_in_place(tmp_path, monkeypatch):
+    """A GGUF file replaced at the same path (a newer quantization downloaded over it) is converted
+    again into its one cache entry: each version had its own, and every stale float32 copy stayed
+    on disk. An unchanged file is not converted again."""
+    made = _fake_conversions(tmp_path, monkeypatch)
     model = tmp_path / "model.gguf"
     model.write_bytes(b"first")
     first = loading.cached_gguf(model)
@@ -504,18 +511,7 @@ def test_a_cache_entry_converted_by_an_older_transformers_is_converted_again(tmp
     were gibberish), and an entry it made stayed in the cache after an upgrade: an entry converted
     before TRANSFORMERS_SINCE is converted anew, and an entry of the cache's earlier layout made so
     is not moved in."""
-    monkeypatch.setenv("WSD_LLMS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "check_gguf_supported", lambda path: "llama")
-    made = []
-
-    def convert(path, target, stamp):
-        made.append(target.name)
-        target.mkdir(parents=True, exist_ok=True)
-        (target / loading.STAMP).write_text(stamp)
-        (target / "config.json").write_text(CONVERTED)
-        return target
-
-    monkeypatch.setattr(loading, "convert_gguf", convert)
+    made = _fake_conversions(tmp_path, monkeypatch)
     model = tmp_path / "model.gguf"
     model.write_bytes(b"weights")
     entry = loading.cached_gguf(model)
