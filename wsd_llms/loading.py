@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
 import socket
 import struct
@@ -231,7 +230,7 @@ def _file_stamp(path: Path) -> str:
 STAMP = "wsd-source"
 # The first transformers release that runs these models right and converts their GGUF files right
 # (the lowest pyproject.toml allows; 5.17 and earlier failed the suite: README, "Requirements").
-TRANSFORMERS_SINCE = (5, 18)
+TRANSFORMERS_SINCE = "5.18"
 
 
 # transformers' model loading is not thread-safe (two at once can leave weights on the meta
@@ -283,15 +282,17 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
 
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    # A bar on a terminal only (stderr: not into a piped reply); elsewhere a log or a notebook gets
-    # a line. The bar leaves sys.stdout and sys.stderr alone: Rich's default swaps in proxies for
-    # the whole process from this worker, and in Jupyter, whose stderr prints through Rich again,
-    # the first transformers progress write recursed until the conversion failed.
+    # A bar on a terminal only (stderr: not into a piped reply), which prints transformers' own bars
+    # above it; elsewhere a log or a notebook gets a line, and sys.stdout and sys.stderr are left
+    # alone: Rich swaps in proxies for the whole process from this worker, and in Jupyter, whose
+    # stderr prints through Rich again, the first transformers progress write recursed until the
+    # conversion failed.
     console = make_console(stderr=True)
     note = f"converting {path.name} (first start only)"
-    if not console.is_terminal:
+    terminal = console.is_terminal and not console.is_jupyter  # (Rich 13 takes FORCE_COLOR in a notebook for a terminal)
+    if not terminal:
         print(f"wsd-llms: {note}", file=sys.stderr, flush=True)
-    bar = Progress(transient=False, console=console, redirect_stdout=False, redirect_stderr=False, disable=not console.is_terminal)
+    bar = Progress(transient=False, console=console, redirect_stdout=terminal, redirect_stderr=terminal, disable=not terminal)
     try:
         with bar as progress, _one_gguf_reader():
             task = progress.add_task(note, total=3)
@@ -316,10 +317,15 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
     return target
 
 
-def _transformers_release(version: str) -> tuple[int, int]:
-    """(major, minor) of a transformers version string ("5.18.0", "5.19.0.dev0"); (0, 0) if unreadable."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return (int(found[1]), int(found[2])) if found else (0, 0)
+def _transformers_at_least(version: str) -> bool:
+    """Whether a transformers version is TRANSFORMERS_SINCE or later, as pip reads `>=` (a 5.18
+    pre-release or dev build is earlier); an unreadable one is not."""
+    from packaging.version import InvalidVersion, Version  # transformers' own dependency, as it checks versions
+
+    try:
+        return Version(version) >= Version(TRANSFORMERS_SINCE)
+    except InvalidVersion:
+        return False
 
 
 def _converted_right(entry: Path) -> bool:
@@ -330,7 +336,7 @@ def _converted_right(entry: Path) -> bool:
         written = json.loads((entry / "config.json").read_text()).get("transformers_version")
     except (OSError, ValueError):  # none, or cut short: not a whole entry
         return False
-    return isinstance(written, str) and _transformers_release(written) >= TRANSFORMERS_SINCE
+    return isinstance(written, str) and _transformers_at_least(written)
 
 
 def require_transformers() -> None:
@@ -338,11 +344,10 @@ def require_transformers() -> None:
     environment pip let drift below the requirement): it loads and converts models wrong silently."""
     import transformers
 
-    if _transformers_release(transformers.__version__) < TRANSFORMERS_SINCE:
-        need = ".".join(map(str, TRANSFORMERS_SINCE))
+    if not _transformers_at_least(transformers.__version__):
         raise ModelLoadError(
-            f"wsd-llms needs transformers>={need}, found {transformers.__version__}: older releases convert "
-            f"and run these models wrong; pip install 'transformers>={need}'"
+            f"wsd-llms needs transformers>={TRANSFORMERS_SINCE}, found {transformers.__version__}: older releases "
+            f"convert and run these models wrong; pip install 'transformers>={TRANSFORMERS_SINCE}'"
         )
 
 
@@ -416,7 +421,8 @@ def _adopt(earlier: Path, target: Path, stamp: str | None = None) -> bool:
     """Move a whole cache entry that an earlier layout of the cache kept at `earlier` into `target`
     (under `target`'s build lock, over anything a cut-short build left there), recording `stamp`
     (_file_stamp) before it appears; whether there was one."""
-    if not _converted_right(earlier):  # none there, or one converted wrong: convert anew
+    if not _converted_right(earlier):  # none there, or one converted wrong: convert anew, and drop it
+        shutil.rmtree(earlier, ignore_errors=True)
         return False
     if stamp is not None:
         (earlier / STAMP).write_text(stamp)
@@ -635,6 +641,7 @@ def hub_cached(repo_id: str, revision: str | None) -> Path:
 def local_source(source: str, build: bool = True) -> Path | None:
     """The safetensors/HF directory for a local source, or None for a hub repo id. A GGUF source
     (the embedded pair too) is converted on first use; with `build=False` it raises ModelLoadError instead."""
+    require_transformers()  # a token count reads and converts models too, not only a load
     if source.startswith("embedded:"):
         return embedded_model_dir(source, build)
     path = local_path(source)

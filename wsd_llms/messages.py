@@ -189,10 +189,10 @@ def _results_in_call_order(messages: list[Message]) -> list[Message]:
         end = i + 1
         while end < len(out) and out[end].role == "tool":
             end += 1
-        order = {c.id: k for k, c in enumerate(m.tool_calls)}
+        order: dict[str | None, int] = {c.id: k for k, c in enumerate(m.tool_calls)}
         ids = [r.tool_call_id for r in out[i + 1 : end]]
         if end > i + 1 and len(set(ids)) == len(ids) and all(id_ in order for id_ in ids):
-            out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: order[str(r.tool_call_id)])
+            out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: order[r.tool_call_id])
     return out
 
 

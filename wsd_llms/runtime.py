@@ -209,7 +209,7 @@ class WSDRuntime:
 
     def __repr__(self) -> str:
         """Which models, where, and whether they are loaded: what a notebook cell or a log shows of a runtime."""
-        state = "closed" if self._closed else "loaded" if self.engine is not None else "not loaded"
+        state = "closed" if getattr(self, "_closed", False) else "loaded" if getattr(self, "engine", None) else "not loaded"  # (half made too)
         dtype = str(self.dtype).removeprefix("torch.")
         return f"WSDRuntime(draft={self.draft_source!r}, base={self.base_source!r}, device={str(self.device)!r}, dtype={dtype!r}, {state})"
 
