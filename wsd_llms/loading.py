@@ -354,7 +354,7 @@ def require_transformers() -> None:
 def _fresh(target: Path, stamp: str | None) -> bool:
     """Whether `target` is a whole cache entry, made from the version of its source that `stamp`
     names (if given), by a transformers that converts right (_converted_right)."""
-    if not (target / "config.json").exists() or not _converted_right(target):
+    if not _converted_right(target):  # (no config.json: no whole entry)
         return False
     if stamp is None:
         return True
@@ -641,7 +641,7 @@ def hub_cached(repo_id: str, revision: str | None) -> Path:
 def local_source(source: str, build: bool = True) -> Path | None:
     """The safetensors/HF directory for a local source, or None for a hub repo id. A GGUF source
     (the embedded pair too) is converted on first use; with `build=False` it raises ModelLoadError instead."""
-    require_transformers()  # a token count reads and converts models too, not only a load
+    require_transformers()  # here, not in load_model alone: a token count reads and converts models too
     if source.startswith("embedded:"):
         return embedded_model_dir(source, build)
     path = local_path(source)
@@ -661,10 +661,9 @@ def load_model(
     """Load a causal LM and its tokenizer from an embedded name, a local path or a hub repo id; an
     error says which model failed by its `role` ("draft", "base", "judge"), where one is given.
     `name`: what the model is called in results (the source as a caller wrote it), if not `source`."""
-    require_transformers()
     with _LOADING:
         try:
-            local = local_source(source)
+            local = local_source(source)  # (which refuses an older transformers, require_transformers)
         except ModelLoadError as exc:  # a path that is not there, a GGUF file that cannot be read
             raise ModelLoadError(f"the {role} model: {exc}" if role else str(exc)) from exc
         loaded = _load_model(source, local, device, dtype, revision, trust_remote_code, role)

@@ -186,12 +186,14 @@ def _results_in_call_order(messages: list[Message]) -> list[Message]:
     ids), so results appended as they finished (asyncio.as_completed) read as the wrong calls'."""
     out = list(messages)
     for i, m in enumerate(messages):
+        if not m.tool_calls:
+            continue
         end = i + 1
         while end < len(out) and out[end].role == "tool":
             end += 1
         order: dict[str | None, int] = {c.id: k for k, c in enumerate(m.tool_calls)}
         ids = [r.tool_call_id for r in out[i + 1 : end]]
-        if end > i + 1 and len(set(ids)) == len(ids) and all(id_ in order for id_ in ids):
+        if len(set(ids)) == len(ids) and all(id_ in order for id_ in ids):
             out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: order[r.tool_call_id])
     return out
 
