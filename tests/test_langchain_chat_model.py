@@ -232,9 +232,14 @@ def test_tool_choice_false_leaves_the_constructors_choice():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"temprature": 0.9}, "unknown argument(s) 'temprature'"),
-        ({"model": "Qwen/Qwen2.5-7B"}, "unknown argument(s) 'model'; name the models with draft_model and base_model"),
-        ({"model_kwargs": {"top_k": 5}}, "unknown argument(s) 'model_kwargs'; give each request parameter as an argument of its own"),
+        ({"temprature": 0.9}, "unknown argument 'temprature' (value 0.9); did you mean 'temperature'? (allowed: base_model, base_revision,"),
+        ({"model": "Qwen/Qwen2.5-7B"}, "unknown argument 'model' (value 'Qwen/Qwen2.5-7B'); name the models with draft_model and base_model"),
+        ({"model_kwargs": {"top_k": 5}}, "unknown argument 'model_kwargs' (value {'top_k': 5}); give each request parameter as an argument of its own"),
+        # ChatOllama's: what each means here
+        ({"num_ctx": 2048}, "unknown argument 'num_ctx' (value 2048) (not offered: the context window is the models' own"),
+        ({"keep_alive": "5m"}, "unknown argument 'keep_alive' (value '5m') (not offered: the models run in this process, with no server to reach"),
+        ({"num_predict": 5, "base_url": "http://x"}, "unknown arguments 'base_url' (value 'http://x') (not offered: the models run in this process, "
+         "with no server to reach; they stay loaded until the runtime closes); 'num_predict' (value 5): did you mean 'max_tokens'?"),
         ({"device": "gpu"}, "invalid device='gpu'"),
         ({"dtype": "fp16"}, "invalid dtype='fp16'; allowed: auto, float32, float16, bfloat16"),
         ({"temperature": float("nan")}, "temperature\n  Input should be a finite number"),
@@ -499,15 +504,15 @@ def test_a_batch_of_nothing_is_nothing(fake, monkeypatch):
 def test_unknown_parameter_is_named(fake):
     with pytest.raises(InvalidParameterError, match="unknown parameter 'temprature' \\(value 0.5\\); did you mean 'temperature'\\? \\(allowed: .*top_p"):
         WSDChatModel().invoke("x", temprature=0.5)
-    with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'max_new_tokens'; did you mean 'max_tokens'\\?"):
+    with pytest.raises(ValidationError, match="unknown argument 'max_new_tokens' \\(value 5\\); did you mean 'max_tokens'\\?"):
         WSDChatModel(max_new_tokens=5)
     # ChatOpenAI's own name for max_tokens: by spelling alone it was taken for max_draft_tokens
-    with pytest.raises(ValidationError, match="'max_completion_tokens'; did you mean 'max_tokens'\\? \\(other APIs' name for it\\)"):
+    with pytest.raises(ValidationError, match="'max_completion_tokens' \\(value 5\\); did you mean 'max_tokens'\\? \\(other APIs' name for it\\)"):
         WSDChatModel(max_completion_tokens=5)
     with pytest.raises(InvalidParameterError, match="'presence_penalty' \\(value 0.5\\) \\(not offered: sampling takes temperature, top_p, top_k and seed\\)"):
         WSDChatModel().invoke("x", presence_penalty=0.5)
     # several: each name with its own hint (they were run together after the names)
-    with pytest.raises(ValidationError, match="unknown arguments 'n' \\(not offered: one reply per request.*\\); 'temprature': did you mean 'temperature'\\?"):
+    with pytest.raises(ValidationError, match="unknown arguments 'n' \\(value 2\\) \\(not offered: one reply per request.*\\); 'temprature' \\(value 1\\): did you mean 'temperature'\\?"):
         WSDChatModel(temprature=1, n=2)
     # a hosted model's HTTP extras, which framework code passes whatever the model, mean nothing here
     assert WSDChatModel().invoke("x", extra_headers={"x-a": "1"}, extra_query={"q": "1"}, max_tokens=4).text == "Hi there"

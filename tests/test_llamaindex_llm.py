@@ -179,13 +179,15 @@ def test_metadata_matches_loaded_model(embedded: wsd_llms.WSDRuntime) -> None:
 def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="unknown argument\\(s\\) 'model'; name the models with draft_model and base_model"):
+    with pytest.raises(ValidationError, match="unknown argument 'model' \\(value 'llama3'\\); name the models with draft_model and base_model"):
         WSDLLM(model="llama3")
-    with pytest.raises(ValidationError, match="'additional_kwargs'; give each request parameter as an argument of its own"):
+    with pytest.raises(ValidationError, match="unknown argument 'num_ctx' \\(value 2048\\); did you mean 'context_window'\\? \\(other APIs' name"):
+        WSDLLM(num_ctx=2048)  # Ollama's
+    with pytest.raises(ValidationError, match="'additional_kwargs' \\(value \\{'top_k': 3\\}\\); give each request parameter as an argument of its own"):
         WSDLLM(additional_kwargs={"top_k": 3})
-    with pytest.raises(ValidationError, match="'json_mode'; did you mean response_format=\\{'type': 'json_object'\\}\\?"):
+    with pytest.raises(ValidationError, match="'json_mode' \\(value True\\); did you mean response_format=\\{'type': 'json_object'\\}\\?"):
         WSDLLM(json_mode=True)  # OpenAILike's; a loose match had named base_model
-    with pytest.raises(ValidationError, match="'max_retries' \\(not offered: a local model has no key and no network call to retry\\)"):
+    with pytest.raises(ValidationError, match="'max_retries' \\(value 3\\) \\(not offered: a local model has no key and no network call to retry\\)"):
         WSDLLM(max_retries=3)  # had been "did you mean 'max_tokens'?"
     with pytest.raises(ValidationError, match="context_window\n  Input should be greater than 0"):
         WSDLLM(context_window=0)
@@ -195,6 +197,19 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
     for empty in ("", ["\n", ""]):  # refused when the model is built, as every call would refuse it
         with pytest.raises(ValidationError, match="stop strings must be non-empty"):
             WSDLLM(stop=empty)
+
+
+def test_is_chat_model_and_is_function_calling_model_are_taken_where_they_say_what_metadata_says() -> None:
+    """HuggingFaceLLM's and Ollama's flags: true ones (routine in their users' code) are taken and
+    change nothing; a false one asks for what this LLM is not, and is refused naming it."""
+    from pydantic import ValidationError
+
+    llm = WSDLLM(is_chat_model=True, is_function_calling_model=True, max_tokens=7)
+    assert (llm.metadata.is_chat_model, llm.metadata.is_function_calling_model, llm.max_tokens) == (True, True, 7)
+    with pytest.raises(ValidationError, match="is_chat_model=False: WSDLLM is a chat model \\(metadata.is_chat_model is True\\); leave is_chat_model out"):
+        WSDLLM(is_chat_model=False)
+    with pytest.raises(ValidationError, match="is_function_calling_model=0: WSDLLM calls functions \\(metadata.is_function_calling_model is True\\)"):
+        WSDLLM(is_function_calling_model=0)
 
 
 def test_a_prompt_formatter_the_chat_model_never_applies_is_refused() -> None:

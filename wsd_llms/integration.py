@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,7 +25,7 @@ from .errors import InvalidMessagesError, InvalidParameterError, ModelLoadError
 from .events import WSDResult
 from .loading import check_source, model_source, pinned, resolve_device, resolve_dtype
 from .messages import ToolCall
-from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, tool_choice_value, unwrapped_format
+from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, shown_value, tool_choice_value, unwrapped_format
 from .runtime import WSDRuntime, get_runtime
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, render_invalid_call, text_before_calls
 
@@ -77,6 +78,10 @@ else:
     )
 
 
+# Other integrations' arguments that name a model (ChatOllama's model, HuggingFaceLLM's model_name and tokenizer_name).
+MODEL_ARGUMENTS = frozenset({"model", "model_name", "model_id", "tokenizer_name"})
+
+
 # Per-call arguments that only shape a hosted model's HTTP request, which framework code passes whatever
 # the model (LlamaIndex's DocumentContextExtractor sends extra_headers): no request here has them, so
 # they are dropped. (extra_body is not: it carries generation parameters, which must not pass unread.)
@@ -123,11 +128,14 @@ class WSDSettings(_GenerationDefaults):
             known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
             unknown = sorted(set(data) - known - set(cls.unused_arguments))
             if unknown:
-                hint = "; name the models with draft_model and base_model" if {"model", "model_name"} & set(unknown) else ""
-                if hint or len(unknown) == 1:
-                    raise ValueError(f"unknown argument(s) {', '.join(map(repr, unknown))}{hint or did_you_mean(unknown[0], known, parameters=True)}")
-                hints = (f"{name!r}{did_you_mean(name, known, parameters=True).replace('; ', ': ', 1)}" for name in unknown)  # each name with its own
-                raise ValueError(f"unknown arguments {'; '.join(hints)}")
+                def hint(name: str) -> str:
+                    return "; name the models with draft_model and base_model" if name in MODEL_ARGUMENTS else did_you_mean(name, known, parameters=True)
+
+                allowed = f" (allowed: {', '.join(sorted(cls.model_fields))})"
+                if len(unknown) == 1:
+                    raise ValueError(f"unknown argument {unknown[0]!r} (value {shown_value(data[unknown[0]])}){hint(unknown[0])}{allowed}")
+                hints = (f"{name!r} (value {shown_value(data[name])}){re.sub('^; ', ': ', hint(name))}" for name in unknown)  # each its own
+                raise ValueError(f"unknown arguments {'; '.join(hints)}{allowed}")
             # None is "not given", as in a call (LangChain code passes max_tokens=None and the like)
             data = {
                 name: value

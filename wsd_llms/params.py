@@ -380,13 +380,17 @@ def describe_validation_error(exc: ValidationError) -> str:
         elif not name:
             lines.append(f"invalid parameters: {msg}")
         else:
-            try:
-                shown = repr(err["input"])
-            except RecursionError:  # a value nested too deeply to show: its error says so
-                shown = "(nested too deeply to show)"
-            shown = shown if len(shown) <= 120 else shown[:100] + "..."  # the rule matters more than a long value
-            lines.append(f"invalid {name}={shown}: {msg}")
+            lines.append(f"invalid {name}={shown_value(err['input'])}: {msg}")
     return "; ".join(lines)
+
+
+def shown_value(value: Any) -> str:
+    """A value as an error shows it: its repr, shortened where long (the rule matters more than a long value)."""
+    try:
+        shown = repr(value)
+    except RecursionError:  # a value nested too deeply to show: its error says so
+        return "(nested too deeply to show)"
+    return shown if len(shown) <= 120 else shown[:100] + "..."
 
 
 # Other APIs' names for our parameters (OpenAI, Anthropic, transformers, Ollama, Gemini): spelling
@@ -399,6 +403,9 @@ OTHER_NAMES = {
     "stop_sequences": "stop",
     "random_seed": "seed",
     "request_timeout": "timeout",
+    "num_output": "max_tokens",
+    "num_ctx": "context_window",
+    "stopping_ids": "stop",
 }
 # Other APIs' switches for JSON output (OpenAI-compatible servers' json_mode, Ollama's format): here a response_format.
 JSON_SWITCHES = ("json_mode", "format")
@@ -411,6 +418,10 @@ NOT_OFFERED = {
         "sampling takes temperature, top_p, top_k and seed",
     ),
     **dict.fromkeys(("logprobs", "top_logprobs"), "replies carry no log probabilities"),
+    **dict.fromkeys(
+        ("base_url", "api_base", "host", "keep_alive"), "the models run in this process, with no server to reach; they stay loaded until the runtime closes"
+    ),
+    "num_ctx": "the context window is the models' own; a prompt too long for it is refused, naming its length",
 }
 # Other APIs' bundles of request parameters: here each is an argument of its own.
 BUNDLES = ("additional_kwargs", "model_kwargs", "generate_kwargs", "generation_config")

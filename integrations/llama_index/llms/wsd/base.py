@@ -279,6 +279,25 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                 )
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _metadata_flags(cls, data: Any) -> Any:
+        """HuggingFaceLLM's and Ollama's is_chat_model and is_function_calling_model, taken where they
+        say what `metadata` says (and dropped: metadata tells it), refused where they ask for what
+        this LLM is not."""
+        if isinstance(data, dict):
+            calls = can_constrain()
+            actual = {"is_chat_model": True, "is_function_calling_model": calls}
+            what = {
+                "is_chat_model": "is a chat model",
+                "is_function_calling_model": "calls functions" if calls else "calls functions only with the structured extra (pip install 'wsd-llms[structured]')",
+            }
+            for name in sorted(set(actual) & set(data)):
+                if data[name] is not actual[name]:
+                    raise ValueError(f"{name}={data[name]!r}: WSDLLM {what[name]} (metadata.{name} is {actual[name]}); leave {name} out")
+            data = {name: value for name, value in data.items() if name not in actual}
+        return data
+
     @classmethod
     def class_name(cls) -> str:
         return "WSDLLM"
