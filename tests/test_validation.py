@@ -160,9 +160,10 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ),
         # a forced call starts the reply with its tag: a stop in it ended every reply before its call
         # (with "<", an empty reply with no call and no error)
-        ({"tools": [_TOOL], "tool_choice": "required", "stop": ["<"]}, "stop='<' would end the reply inside the opening '<tool_call>' of the call that tool_choice='required' makes it start with"),
-        ({"tools": [_TOOL], "tool_choice": "f", "stop": ["x", 'call>\n{"na']}, "stop='call>\\n{\"na'"),
-        ({"tools": [_TOOL], "tool_choice": "any", "stop": ['>\n{"name": "f", "arguments": {"a": 1']}, "would end the reply inside the opening"),
+        ({"tools": [_TOOL], "tool_choice": "required", "stop": ["<"]}, "stop='<' would end the reply inside the opening '<tool_call>' of the call it must start with (tool_choice asks for a call)"),
+        ({"tools": [_TOOL], "tool_choice": "f", "stop": ["x", 'call>\n{"na']}, "stop='call>\\n{\"na' would end the reply inside the opening '<tool_call>' of the call it must start with (tool_choice asks for a call of 'f')"),
+        # "any" had been quoted as tool_choice='required', a value the caller never wrote
+        ({"tools": [_TOOL], "tool_choice": "any", "stop": ['>\n{"name": "f", "arguments": {"a": 1']}, "of the call it must start with (tool_choice asks for a call)"),
     ],
 )
 def test_bad_params_name_parameter_value_and_rule(params, needle):

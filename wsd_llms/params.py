@@ -257,9 +257,10 @@ class GenerationParams(BaseModel):
 
             forced = names if self.tool_choice == "required" else [self.tool_choice]
             if (stop := stop_in_forced_call(self.stop, forced)) is not None:
+                asked = "a call" if self.tool_choice == "required" else f"a call of {self.tool_choice!r}"  # "any", True or a dict as given may stand for it
                 raise ValueError(
-                    f"stop={stop!r} would end the reply inside the opening {CALL_TAG!r} of the call that "
-                    f"tool_choice={self.tool_choice!r} makes it start with; leave {stop!r} out of stop"
+                    f"stop={stop!r} would end the reply inside the opening {CALL_TAG!r} of the call it must start with "
+                    f"(tool_choice asks for {asked}); leave {stop!r} out of stop"
                 )
         return self
 
