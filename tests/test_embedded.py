@@ -188,3 +188,25 @@ def test_a_draft_token_that_re_splits_streamed_text_keeps_the_stream_whole(embed
         replies[mode] = events[-1].result.text
         assert "".join(e.text for e in events if isinstance(e, TextDelta)) == replies[mode]
     assert replies["online"] == replies["staged"] == "applebanana bananai and cherries."
+
+
+def test_a_repetition_penalty_changes_the_reply_alike_in_every_mode_and_adapter(embedded):
+    """A prompt whose greedy reply repeats itself on the embedded pair: with repetition_penalty the
+    reply changes and repeats no more, online equals staged, and both adapters, given it as a
+    setting, write that same reply."""
+    from langchain_wsd import WSDChatModel
+    from llama_index.core.llms import ChatMessage
+    from llama_index.llms.wsd import WSDLLM
+
+    from wsd_llms.eval.signals import repetition_share
+
+    question = "Suggest three slogans for a bakery that only sells bread made with local flour."
+    messages = [{"role": "user", "content": question}]
+    params = dict(max_tokens=64, max_draft_tokens=128)
+    plain = embedded.generate(messages, **params)
+    penalized = embedded.generate(messages, repetition_penalty=1.2, **params)
+    assert penalized.text != plain.text and repetition_share(penalized.text) <= repetition_share(plain.text)
+    assert embedded.generate(messages, repetition_penalty=1.2, mode="staged", **params).text == penalized.text
+    assert WSDChatModel(repetition_penalty=1.2, **params).invoke(question).content == penalized.text
+    reply = WSDLLM(repetition_penalty=1.2, **params).chat([ChatMessage(role="user", content=question)])
+    assert reply.message.content == penalized.text

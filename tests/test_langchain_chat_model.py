@@ -509,8 +509,13 @@ def test_unknown_parameter_is_named(fake):
     # ChatOpenAI's own name for max_tokens: by spelling alone it was taken for max_draft_tokens
     with pytest.raises(ValidationError, match="'max_completion_tokens' \\(value 5\\); did you mean 'max_tokens'\\? \\(other APIs' name for it\\)"):
         WSDChatModel(max_completion_tokens=5)
-    with pytest.raises(InvalidParameterError, match="'presence_penalty' \\(value 0.5\\) \\(not offered: sampling takes temperature, top_p, top_k and seed\\)"):
+    with pytest.raises(
+        InvalidParameterError, match="'presence_penalty' \\(value 0.5\\) \\(not offered: sampling takes temperature, top_p, top_k, repetition_penalty and seed\\)"
+    ):
         WSDChatModel().invoke("x", presence_penalty=0.5)
+    # Ollama's name for transformers' repetition penalty
+    with pytest.raises(InvalidParameterError, match="'repeat_penalty' \\(value 1.1\\); did you mean 'repetition_penalty'\\? \\(other APIs' name for it\\)"):
+        WSDChatModel().invoke("x", repeat_penalty=1.1)
     # several: each name with its own hint (they were run together after the names)
     with pytest.raises(ValidationError, match="unknown arguments 'n' \\(value 2\\) \\(not offered: one reply per request.*\\); 'temprature' \\(value 1\\): did you mean 'temperature'\\?"):
         WSDChatModel(temprature=1, n=2)

@@ -71,14 +71,15 @@ def _replies(rt, lookup_tokens: int, requests: list[dict]) -> tuple[list, dict, 
 
 @pytest.mark.parametrize("mode", ["online", "staged", "base", "draft"])
 def test_replies_with_guesses_equal_replies_without(runtime, mode):
-    """Greedy, seeded sampling, stop strings and budgets (of the reply and of the draft) that end
-    inside a run of guesses: the same text, finish reason and token counts, in fewer passes of each
-    model that writes (the draft's guesses in online and staged drafting, the continuation's)."""
+    """Greedy, seeded sampling, stop strings, a repetition penalty and budgets (of the reply and of
+    the draft) that end inside a run of guesses: the same text, finish reason and token counts, in
+    fewer passes of each model that writes (the draft's guesses in online and staged drafting, the
+    continuation's)."""
     requests = [
         {"messages": m, "mode": mode, "max_tokens": max_tokens, "max_draft_tokens": max_draft, **params}
         for m in QUESTIONS
         for max_tokens, max_draft in ((7, 48), (60, 48), (60, 9))
-        for params in ({}, {"temperature": 0.9, "seed": 3}, {"stop": ["e "]})
+        for params in ({}, {"temperature": 0.9, "seed": 3}, {"stop": ["e "]}, {"repetition_penalty": 1.3})
     ]
     plain, plain_passes, none = _replies(runtime, 0, requests)
     guessed, passes, guesses = _replies(runtime, 4, requests)

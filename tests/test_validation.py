@@ -62,6 +62,8 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"max_tokens": np.int64(0)}, "invalid max_tokens=0: Input should be greater than or equal to 1"),
         ({"top_p": 0}, "invalid top_p=0"),
         ({"top_k": -1}, "invalid top_k=-1"),
+        ({"repetition_penalty": 0}, "invalid repetition_penalty=0: Input should be greater than 0"),
+        ({"repetition_penalty": True}, "invalid repetition_penalty=True: a number is needed, not a bool"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
         ({"stop": [""]}, "stop strings must be non-empty"),
         # half of an emoji's UTF-16 pair (a bad decode): it was taken, and could never match

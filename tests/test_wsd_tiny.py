@@ -258,6 +258,55 @@ def test_seeded_sampling_is_reproducible(differ_runtime):
     assert differ_runtime.generate(QUESTIONS[0], seed=7 + 2**32, **params).text != a.text  # every bit of a 64-bit seed counts
 
 
+def test_the_repetition_penalty_is_transformers_own_over_the_reply(differ_runtime, draft_tokenizer):
+    """`penalize` is transformers' RepetitionPenaltyLogitsProcessor, and the base model alone,
+    greedy, writes what a greedy loop over transformers' forward and that processor writes, with
+    the penalty over the ids of the reply so far (not the prompt's, as transformers' generate
+    would: the replies then ran to max_tokens, unable to end their turn)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from tiny import make_tokenizer, tiny_gemma3
+    from wsd_llms.messages import normalize_messages
+    from wsd_llms.prompts import build_prompts
+    from wsd_llms.reply import decode
+    from wsd_llms.sampling import penalize
+
+    logits, written = torch.randn(50) * 4, [3, 7, 7, 0, 49, 12]
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([written]), logits[None].clone())[0]
+    assert torch.equal(penalize(logits, written, 1.7), expected) and torch.equal(penalize(logits, written, 1.0), logits)
+    reference = tiny_gemma3(make_tokenizer(420), 1, "tiny-gemma3")  # the base of differ_runtime, as it was before packing
+    prompt = build_prompts(draft_tokenizer, reference.tokenizer, normalize_messages(QUESTIONS[1])).base_ids
+    texts = set()
+    for penalty in (1.0, 1.5):
+        reply: list[int] = []
+        with torch.inference_mode():
+            for _ in range(30):
+                row = reference.model(torch.tensor([prompt + reply])).logits[0, -1:]
+                row = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([reply]), row) if reply else row
+                reply.append(int(torch.argmax(row)))
+        ours = differ_runtime.generate(QUESTIONS[1], mode="base", max_tokens=30, repetition_penalty=penalty)
+        assert ours.finish_reason == "length" and ours.text == decode(reference.tokenizer, reply)
+        texts.add(ours.text)
+    assert len(texts) == 2
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_online_equals_staged_with_a_repetition_penalty(pair, request):
+    """The penalty changes what each model writes (the draft over its prompt and draft, the base over
+    its prompt and the reply), never the check, and the online engine still equals the staged one."""
+    runtime = request.getfixturevalue(pair)
+    changed = 0
+    for messages in QUESTIONS:
+        for settings in SETTINGS[:2]:
+            plain = runtime.generate(messages, max_tokens=40, **settings)
+            staged, online = _both(runtime, messages, max_tokens=40, repetition_penalty=1.4, **settings)
+            _assert_parity(staged, online)
+            changed += online.text != plain.text
+            sampled = _both(runtime, messages, max_tokens=40, repetition_penalty=1.4, temperature=0.8, seed=5, **settings)
+            _assert_parity(*sampled)
+    assert changed >= len(QUESTIONS)
+
+
 def test_every_bit_of_a_seed_counts_and_streams_do_not_overlap():
     """torch's CPU generator keeps a seed's low 32 bits: stream_seed mixes the high bits in, keeps
     seeds below 2**32 apart, and keeps the base streams of seeds below 2**31 off their draft streams."""

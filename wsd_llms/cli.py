@@ -56,6 +56,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     wsd.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy")
     wsd.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
     wsd.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps every token")
+    wsd.add_argument(
+        "--repetition-penalty", type=float, default=1.0, metavar="R", help="above 1, tokens already in the prompt or reply are less likely (1 is off)"
+    )
     wsd.add_argument("--seed", type=int, help="the same seed gives the same sampled reply")
     wsd.add_argument(
         "--mode", choices=["online", "staged", "base", "draft"], default="online",
@@ -67,7 +70,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 FLAGS = {
     "switch_threshold": "--threshold", "switch_window": "--window", "max_tokens": "--max-tokens", "max_draft_tokens": "--max-draft-tokens",
-    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed", "mode": "--mode",
+    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+    "repetition_penalty": "--repetition-penalty", "seed": "--seed", "mode": "--mode",
 }
 
 

@@ -42,7 +42,7 @@ def continue_reply(
             return "stop"
         if len(reply.ids) >= budget:
             return "length"
-        choose = yield from chooser(seq, rows, generator, guide, model)
+        choose = yield from chooser(seq, rows, generator, guide, model, lambda: reply.ids)  # each row follows the reply so far
         for j in range(len(rows)):
             token = choose(j)
             if token in loaded.eos_ids:
@@ -78,18 +78,21 @@ def guessed_pass(seq: Sequence, model: str, kv: KVCache, token: int, lookup: Ngr
     return rows, guesses
 
 
-def chooser(seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str) -> Steps[Callable[[int], int]]:
+def chooser(
+    seq: Sequence, rows: HeadRows, generator: torch.Generator, guide: Guide, model: str, written: Callable[[], list[int]]
+) -> Steps[Callable[[int], int]]:
     """Project `rows` (one call) and return choose(j): the token row j gives, under the guide's mask
-    as it stands when asked. Greedy and unmasked (or a lone row), it asks only for each row's
-    largest logit's id (sequence.Project.greedy), which a head with a screen finds without the full
-    projection (output_head.OutputHead.greedy_ids)."""
+    and the repetition penalty over written(), the model's reply so far, as they stand when asked
+    (row j is asked for once the tokens before it are written). Greedy, unpenalized and unmasked
+    (or a lone row), it asks only for each row's largest logit's id (sequence.Project.greedy),
+    which a head with a screen finds without the full projection (output_head.OutputHead.greedy_ids)."""
     params = seq.params
-    if params.greedy and (len(rows) == 1 or not guide.active):
+    if params.greedy and params.repetition_penalty == 1.0 and (len(rows) == 1 or not guide.active):
         mask = guide.mask if guide.active else None
         ids: list[int] = yield Project(rows, phase=model, greedy=True, mask=mask)
         return lambda j: ids[j]
     logits: torch.Tensor = yield Project(rows, phase=model)
-    return lambda j: sample(guide.mask(logits[j]), params, generator)
+    return lambda j: sample(guide.mask(logits[j]), params, generator, written())
 
 
 def keep_draft(seq: Sequence, ids: list[int], guide: Guide) -> list[int]:

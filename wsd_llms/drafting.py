@@ -32,6 +32,7 @@ class DraftPasses:
         self.row: HeadRows | None = None  # predicts the next token
         self.guesses: list[int] = []  # fed after the latest token, not yet picked by the draft
         self.rows: HeadRows | None = None  # rows[i]: after guesses[i]
+        self.drafted: list[int] = []  # the tokens fed after the prompt: the draft so far
 
     def start(self, prompt_ids: list[int]) -> Steps[None]:
         """Feed the prompt."""
@@ -42,12 +43,13 @@ class DraftPasses:
     def choose(self) -> Steps[int]:
         """The next token (greedy, or a draw of the generator, under the guide's mask)."""
         assert self.row is not None
-        choose = yield from chooser(self.seq, self.row, self.generator, self.guide, "draft")
+        choose = yield from chooser(self.seq, self.row, self.generator, self.guide, "draft", lambda: self.drafted)
         return choose(0)
 
     def feed(self, token: int, written: int) -> Steps[None]:
         """Follow the cache with `token`, the draft's `written`-th: take the row after it from a
         guess the draft picked, else from a pass that feeds it and the next guesses."""
+        self.drafted.append(token)
         if self.lookup is not None:
             self.lookup.extend([token])
         if self.guesses and token == self.guesses[0]:

@@ -161,6 +161,9 @@ class GenerationParams(BaseModel):
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(default=0, ge=0, description="keep the k most likely tokens; 0 keeps all")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, description="transformers' repetition penalty: above 1, ids in the prompt or the reply so far become less likely; 1 is off"
+    )
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
     stop: tuple[str, ...] = Field(default=(), description=f"strings that end the reply (not included), {MAX_STOPS} at most")
     mode: Literal["online", "staged", "base", "draft"] = Field(
@@ -208,7 +211,7 @@ class GenerationParams(BaseModel):
         return () if value is None else normalize_tools(value)
 
     @field_validator(
-        "max_tokens", "max_draft_tokens", "switch_threshold", "switch_window", "temperature", "top_p", "top_k", "seed", "timeout", mode="before"
+        "max_tokens", "max_draft_tokens", "switch_threshold", "switch_window", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "timeout", mode="before"
     )
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
@@ -404,6 +407,7 @@ OTHER_NAMES = {
     "stop_sequences": "stop",
     "random_seed": "seed",
     "request_timeout": "timeout",
+    "repeat_penalty": "repetition_penalty",
     "num_output": "max_tokens",
     "num_ctx": "context_window",
     "stopping_ids": "stop",
@@ -415,8 +419,8 @@ NOT_OFFERED = {
     **dict.fromkeys(("api_key", "max_retries"), "a local model has no key and no network call to retry"),
     "n": "one reply per request: send several (batch) for more",
     **dict.fromkeys(
-        ("frequency_penalty", "presence_penalty", "repetition_penalty", "repeat_penalty", "min_p", "logit_bias", "typical_p"),
-        "sampling takes temperature, top_p, top_k and seed",
+        ("frequency_penalty", "presence_penalty", "min_p", "logit_bias", "typical_p"),
+        "sampling takes temperature, top_p, top_k, repetition_penalty and seed",
     ),
     **dict.fromkeys(("logprobs", "top_logprobs"), "replies carry no log probabilities"),
     **dict.fromkeys(

@@ -1,6 +1,9 @@
-"""Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seeded generator."""
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p with a seeded generator,
+after the request's repetition penalty."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -38,8 +41,24 @@ def _fmix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
-def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> int:
-    """One token id from a [vocab] row of logits."""
+def penalize(logits: torch.Tensor, written: Sequence[int], penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty (RepetitionPenaltyLogitsProcessor, CTRL's): the logit of
+    each id in `written` is divided by `penalty` where positive, multiplied where negative, in float32."""
+    scores = logits.float()
+    if penalty == 1.0 or not written:
+        return scores
+    ids = torch.tensor(sorted(set(written)), device=scores.device)
+    picked = scores.gather(0, ids)
+    return scores.scatter(0, ids, torch.where(picked < 0, picked * penalty, picked / penalty))
+
+
+def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator, written: Sequence[int] = ()) -> int:
+    """One token id from a [vocab] row of logits; `written`: the model's reply so far, whose ids the
+    request's repetition penalty makes less likely. Unlike transformers' generate, the prompt's ids
+    are not penalized: a reply over retrieved passages must be free to use their words, and the
+    prompt's turn ends (an end-of-turn token, a template's role marker) free to end the reply."""
+    if params.repetition_penalty != 1.0:
+        logits = penalize(logits, written, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.float().cpu() / params.temperature
