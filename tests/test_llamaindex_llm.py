@@ -183,6 +183,8 @@ def test_constructor_names_unknown_arguments_and_takes_one_stop_string() -> None
         WSDLLM(model="llama3")
     with pytest.raises(ValidationError, match="unknown argument 'num_ctx' \\(value 2048\\); did you mean 'context_window'\\? \\(other APIs' name"):
         WSDLLM(num_ctx=2048)  # Ollama's
+    with pytest.raises(ValidationError, match="'stopping_ids' \\(value \\[1\\]\\) \\(not offered: a reply ends at the model's end-of-turn ids and at stop strings"):
+        WSDLLM(stopping_ids=[1])  # HuggingFaceLLM's: ids, which stop (strings) does not take
     with pytest.raises(ValidationError, match="'additional_kwargs' \\(value \\{'top_k': 3\\}\\); give each request parameter as an argument of its own"):
         WSDLLM(additional_kwargs={"top_k": 3})
     with pytest.raises(ValidationError, match="'json_mode' \\(value True\\); did you mean response_format=\\{'type': 'json_object'\\}\\?"):
@@ -206,6 +208,7 @@ def test_is_chat_model_and_is_function_calling_model_are_taken_where_they_say_wh
 
     llm = WSDLLM(is_chat_model=True, is_function_calling_model=True, max_tokens=7)
     assert (llm.metadata.is_chat_model, llm.metadata.is_function_calling_model, llm.max_tokens) == (True, True, 7)
+    assert WSDLLM(is_chat_model=None).metadata.is_chat_model  # None is "not given"
     with pytest.raises(ValidationError, match="is_chat_model=False: WSDLLM is a chat model \\(metadata.is_chat_model is True\\); leave is_chat_model out"):
         WSDLLM(is_chat_model=False)
     with pytest.raises(ValidationError, match="is_function_calling_model=0: WSDLLM calls functions \\(metadata.is_function_calling_model is True\\)"):

@@ -174,6 +174,21 @@ def test_bad_params_name_parameter_value_and_rule(params, needle):
     assert needle in str(err.value)
 
 
+def test_an_unknown_parameter_s_value_is_shown_short_and_whatever_its_repr_does():
+    """A long value had been shown whole (a 100,000-item list: a 689,166-character error), and a
+    value whose repr raised had raised that instead of the error."""
+
+    class Unshowable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no")
+
+    with pytest.raises(InvalidParameterError) as err:
+        parse_params(foo=list(range(100_000)))
+    assert "unknown parameter 'foo' (value [0, 1, 2," in str(err.value) and len(str(err.value)) < 1000
+    with pytest.raises(InvalidParameterError, match="unknown parameter 'foo' \\(value \\(a Unshowable whose repr raised RuntimeError\\)\\)"):
+        parse_params(foo=Unshowable())
+
+
 def test_a_near_miss_with_no_tools_is_offered_no_call():
     """'required' would fail too with no tools to call: the error offers no such mend."""
     with pytest.raises(InvalidParameterError) as err:

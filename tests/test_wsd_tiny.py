@@ -292,8 +292,8 @@ def test_the_repetition_penalty_is_transformers_own_over_the_reply(differ_runtim
 
 @pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
 def test_online_equals_staged_with_a_repetition_penalty(pair, request):
-    """The penalty changes what each model writes (the draft over its prompt and draft, the base over
-    its prompt and the reply), never the check, and the online engine still equals the staged one."""
+    """The penalty changes what each model writes (the draft over the reply it drafts, the base over
+    the reply it continues), never the check, and the online engine still equals the staged one."""
     runtime = request.getfixturevalue(pair)
     changed = 0
     for messages in QUESTIONS:
@@ -305,6 +305,21 @@ def test_online_equals_staged_with_a_repetition_penalty(pair, request):
             sampled = _both(runtime, messages, max_tokens=40, repetition_penalty=1.4, temperature=0.8, seed=5, **settings)
             _assert_parity(*sampled)
     assert changed >= len(QUESTIONS)
+
+
+@pytest.mark.parametrize("pair", ["shared_runtime", "differ_runtime"])
+def test_a_forced_start_counts_as_the_reply_for_the_draft_s_penalty_too(pair, request):
+    """The draft model alone penalizes the forced start, the start of its reply; so does WSD's draft,
+    whose prompt ends with it (it had penalized only the tokens it drafted after it): where no window
+    can pass (one longer than the reply), WSD's reply is the draft model's alone."""
+    runtime = request.getfixturevalue(pair)
+    for start in ("Sure, here", "def f(x): return x"):
+        messages = [{"role": "user", "content": "Write a list."}, {"role": "assistant", "content": start}]
+        params = dict(max_tokens=20, max_draft_tokens=20, repetition_penalty=3.0)
+        alone = runtime.generate(messages, mode="draft", **params)
+        for mode in ("online", "staged"):
+            wsd = runtime.generate(messages, mode=mode, switch_window=21, **params)
+            assert wsd.switch_point is None and wsd.text == alone.text
 
 
 def test_every_bit_of_a_seed_counts_and_streams_do_not_overlap():

@@ -57,7 +57,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     wsd.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling")
     wsd.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps every token")
     wsd.add_argument(
-        "--repetition-penalty", type=float, default=1.0, metavar="R", help="above 1, tokens already in the prompt or reply are less likely (1 is off)"
+        "--repetition-penalty", type=float, default=1.0, metavar="R", help="above 1, tokens already in the reply are less likely (1 is off)"
     )
     wsd.add_argument("--seed", type=int, help="the same seed gives the same sampled reply")
     wsd.add_argument(

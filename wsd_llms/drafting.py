@@ -4,9 +4,12 @@ before costs one pass instead of one each."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .continuation import chooser, guessed_pass
+from .encoding import encode_text
 from .kv_cache import KVCache
 from .lookup import NgramIndex
 from .output_head import HeadRows
@@ -25,14 +28,16 @@ class DraftPasses:
     time: attention.RaggedRows), so the draft, and its draws of `generator`, are the same with
     guesses or without."""
 
-    def __init__(self, seq: Sequence, kv: KVCache, room: int, generator: torch.Generator, guide: Guide) -> None:
-        """The draft writes at most `room` tokens into `kv`, under `guide`."""
+    def __init__(self, seq: Sequence, kv: KVCache, room: int, generator: torch.Generator, guide: Guide, tokenizer: Any) -> None:
+        """The draft writes at most `room` tokens into `kv`, under `guide`, with the draft's `tokenizer`."""
         self.seq, self.kv, self.room, self.generator, self.guide = seq, kv, room, generator, guide
         self.lookup: NgramIndex | None = None  # the prompt and the draft so far, once the prompt is in
         self.row: HeadRows | None = None  # predicts the next token
         self.guesses: list[int] = []  # fed after the latest token, not yet picked by the draft
         self.rows: HeadRows | None = None  # rows[i]: after guesses[i]
-        self.drafted: list[int] = []  # the tokens fed after the prompt: the draft so far
+        # The reply so far in draft ids, as the repetition penalty reads it: the forced start (which
+        # the prompt ends with), as the draft model alone starts its reply, then the tokens drafted.
+        self.drafted = encode_text(tokenizer, seq.prompts.forced_prefix)
 
     def start(self, prompt_ids: list[int]) -> Steps[None]:
         """Feed the prompt."""

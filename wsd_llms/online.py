@@ -135,7 +135,7 @@ def run_online(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
 
     seq.phase = Phase.DRAFTING
     seq.draft_kv = seq.new_cache("draft")
-    drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide)
+    drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide, draft.tokenizer)
     yield from drafter.start(prompts.draft_ids)
     generated: list[int] = []
     due: deque[Handoff] = deque()  # scoring passes due and not yet run: each ends where the request's own progress put it

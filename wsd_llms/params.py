@@ -162,7 +162,7 @@ class GenerationParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(default=0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     repetition_penalty: float = Field(
-        default=1.0, gt=0.0, description="transformers' repetition penalty: above 1, ids in the prompt or the reply so far become less likely; 1 is off"
+        default=1.0, gt=0.0, description="transformers' repetition penalty over the reply: above 1, ids already in the reply become less likely; 1 is off"
     )
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
     stop: tuple[str, ...] = Field(default=(), description=f"strings that end the reply (not included), {MAX_STOPS} at most")
@@ -380,7 +380,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             known = sorted(GenerationParams.model_fields)
-            lines.append(f"unknown parameter {name!r} (value {err['input']!r}){did_you_mean(name, known, parameters=True)} (allowed: {', '.join(known)})")
+            lines.append(f"unknown parameter {name!r} (value {shown_value(err['input'])}){did_you_mean(name, known, parameters=True)} (allowed: {', '.join(known)})")
         elif not name:
             lines.append(f"invalid parameters: {msg}")
         else:
@@ -394,6 +394,8 @@ def shown_value(value: Any) -> str:
         shown = repr(value)
     except RecursionError:  # a value nested too deeply to show: its error says so
         return "(nested too deeply to show)"
+    except Exception as exc:  # a caller's object whose repr fails: the error is about the parameter, not its repr
+        return f"(a {type(value).__name__} whose repr raised {type(exc).__name__})"
     return shown if len(shown) <= 120 else shown[:100] + "..."
 
 
@@ -410,7 +412,6 @@ OTHER_NAMES = {
     "repeat_penalty": "repetition_penalty",
     "num_output": "max_tokens",
     "num_ctx": "context_window",
-    "stopping_ids": "stop",
 }
 # Other APIs' switches for JSON output (OpenAI-compatible servers' json_mode, Ollama's format): here a response_format.
 JSON_SWITCHES = ("json_mode", "format")
@@ -427,6 +428,7 @@ NOT_OFFERED = {
         ("base_url", "api_base", "host", "keep_alive"), "the models run in this process, with no server to reach; they stay loaded until the runtime closes"
     ),
     "num_ctx": "the context window is the models' own; a prompt too long for it is refused, naming its length",
+    "stopping_ids": "a reply ends at the model's end-of-turn ids and at stop strings (stop=[...])",
 }
 # Other APIs' bundles of request parameters: here each is an argument of its own.
 BUNDLES = ("additional_kwargs", "model_kwargs", "generate_kwargs", "generation_config")

@@ -31,7 +31,7 @@ def run_staged(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Program:
     seq.draft_kv = seq.new_cache("draft")
     forced = forced_ids(base.tokenizer, prompts.base_text, len(prompts.base_ids), prompts.forced_prefix, prompts.base_spans)
     guide, base_guide = draft_guide(seq, draft), checked_base_guide(seq, base, forced)
-    drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide)
+    drafter = DraftPasses(seq, seq.draft_kv, params.max_draft_tokens, draft_gen, guide, draft.tokenizer)
     yield from drafter.start(prompts.draft_ids)
     generated: list[int] = []
     while len(generated) < params.max_draft_tokens:

@@ -293,7 +293,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                 "is_function_calling_model": "calls functions" if calls else "calls functions only with the structured extra (pip install 'wsd-llms[structured]')",
             }
             for name in sorted(set(actual) & set(data)):
-                if data[name] is not actual[name]:
+                if data[name] is not actual[name] and data[name] is not None:  # None is "not given", as elsewhere
                     raise ValueError(f"{name}={data[name]!r}: WSDLLM {what[name]} (metadata.{name} is {actual[name]}); leave {name} out")
             data = {name: value for name, value in data.items() if name not in actual}
         return data
