@@ -228,6 +228,10 @@ def test_a_prompt_formatter_the_chat_model_never_applies_is_refused() -> None:
     llm = WSDLLM(completion_to_prompt=lambda prompt: f"Q: {prompt}", system_prompt="Be brief.")
     assert WSDLLM(**dict(llm)).system_prompt == "Be brief."  # an LLM's fields carry LlamaIndex's default formatter: no choice
     assert llm._prompt_messages("hi", formatted=False) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: hi"}]
+    with pytest.raises(ValidationError) as err:  # an unknown argument's list of those allowed leaves the refused two out
+        WSDLLM(messages_to_promt=lambda messages: "x")
+    allowed = str(err.value).split("(allowed: ")[1].split(")")[0].split(", ")
+    assert "completion_to_prompt" in allowed and "messages_to_prompt" not in allowed and "query_wrapper_prompt" not in allowed
 
 
 def test_the_runtime_s_encoder_counts_message_text_as_text() -> None:

@@ -118,6 +118,8 @@ class WSDSettings(_GenerationDefaults):
 
     unused_arguments: ClassVar[tuple[str, ...]] = ()
     """Arguments a framework's models conventionally take that mean nothing here: accepted and dropped."""
+    refused_arguments: ClassVar[tuple[str, ...]] = ()
+    """Fields the framework's base class has that this model refuses a value for: not offered as allowed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -131,7 +133,7 @@ class WSDSettings(_GenerationDefaults):
                 def hint(name: str) -> str:
                     return "; name the models with draft_model and base_model" if name in MODEL_ARGUMENTS else did_you_mean(name, known, parameters=True)
 
-                allowed = f" (allowed: {', '.join(sorted(cls.model_fields))})"
+                allowed = f" (allowed: {', '.join(sorted(set(cls.model_fields) - set(cls.refused_arguments)))})"
                 if len(unknown) == 1:
                     raise ValueError(f"unknown argument {unknown[0]!r} (value {shown_value(data[unknown[0]])}){hint(unknown[0])}{allowed}")
                 hints = (f"{name!r} (value {shown_value(data[name])}){re.sub('^; ', ': ', hint(name))}" for name in unknown)  # each its own

@@ -255,6 +255,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
     )
 
     unused_arguments: ClassVar[tuple[str, ...]] = ("class_name",)  # LlamaIndex adds it to every dump
+    refused_arguments: ClassVar[tuple[str, ...]] = ("messages_to_prompt", "query_wrapper_prompt")  # _no_prompt_formatters
     _warned: _LastWarned = PrivateAttr(default_factory=_LastWarned)  # get_tool_calls_from_response's
 
     @classmethod
@@ -270,7 +271,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
         a formatter given here would change nothing but LlamaIndex's token counts of the prompt."""
         if isinstance(data, dict):  # LlamaIndex's own default formatter, as a dump of an LLM carries it, is no choice
             given = [
-                name for name in ("messages_to_prompt", "query_wrapper_prompt") if data.get(name) not in (None, generic_messages_to_prompt)
+                name for name in cls.refused_arguments if data.get(name) not in (None, generic_messages_to_prompt)
             ]
             if given:
                 raise ValueError(
