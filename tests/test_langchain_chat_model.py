@@ -51,7 +51,7 @@ from wsd_llms import (
     WSDResult,
     WSDRuntime,
 )
-from wsd_llms.messages import ToolCall
+from wsd_llms.messages import ToolCall, normalize_messages, results_naming_no_call
 from wsd_llms.params import parse_params
 from wsd_llms.tools import InvalidToolCall
 from wsd_llms.integration import result_metadata, usage_counts
@@ -582,6 +582,7 @@ def test_calls_langchain_leaves_unparsed_reach_the_model():
         assert isinstance(history[1], AIMessage) and not history[1].tool_calls  # as LangChain leaves them
         turn = normalize_messages(to_runtime_messages(history))[1]
         assert turn.content == text and [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [call]
+    assert to_runtime_messages(anthropic)[2]["tool_call_id"] == "toolu_1"  # the result names the call it answers
     # one it cannot read is shown as written, as an invalid call is (it had refused the history), and
     # one LangChain lists as invalid is not taken again from its block (it showed twice)
     broken = AIMessage("", additional_kwargs={"function_call": {"name": "add", "arguments": '{"a": 2,'}})
@@ -592,6 +593,8 @@ def test_calls_langchain_leaves_unparsed_reach_the_model():
     for message, written in [(broken, '{"name": "add", "arguments": {"a": 2,}'), (listed, '{"name": "w", "arguments": {"city": "Par}')]:
         turn = normalize_messages(to_runtime_messages([HumanMessage("q"), message]))[1]
         assert turn.tool_calls == () and turn.content == f"<tool_call>\n{written}\n</tool_call>"
+    answered = to_runtime_messages([HumanMessage("q"), listed, ToolMessage("Error: cut short", tool_call_id="t1")])
+    assert answered[2] == {"role": "tool", "content": "Error: cut short"}  # the result of a call shown as text answers it by place
 
 
 def test_an_empty_stop_string_is_refused_when_the_model_is_built():
@@ -954,6 +957,8 @@ def test_invalid_calls_in_a_history_are_shown_as_written():
     ]
     sent = to_runtime_messages(history)
     assert sent[1] == {"role": "assistant", "content": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par}\n</tool_call>'}
+    assert sent[2] == {"role": "tool", "content": "Tool call get_weather with id call_9 could not be executed"}  # answers the text by place
+    assert results_naming_no_call(normalize_messages(sent)) == []  # so no warning that it names no call
     assert sent[3] == {"role": "assistant", "content": ours}
 
 

@@ -255,6 +255,14 @@ def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch)
         assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
     with pytest.raises(ValueError, match="1 tool call.* invalid.*not closed"):
         llm.get_tool_calls_from_response(response)
+    # a result for it answers the call's text by place (it names no call the runtime is given: no warning)
+    from llama_index.llms.wsd.base import to_runtime_messages
+    from wsd_llms.messages import normalize_messages, results_naming_no_call
+
+    result = ChatMessage(role="tool", content="Error: the call is not closed", additional_kwargs={"tool_call_id": "c9"})
+    sent = to_runtime_messages([ChatMessage(role="user", content=ASK), response.message, result])
+    assert sent[1]["content"] == bad.raw and sent[2] == {"role": "tool", "content": "Error: the call is not closed"}
+    assert results_naming_no_call(normalize_messages(sent)) == []
 
 
 def test_something_that_is_not_a_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

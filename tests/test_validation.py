@@ -499,6 +499,32 @@ def test_tool_results_take_their_calls_order_by_id(draft_tokenizer):
         assert [m.content for m in normalize_messages(results(*pairs))[2:4]] == ["-3C", "12C"]
 
 
+def test_a_result_naming_no_call_of_the_turn_before_it_is_said(shared_runtime):
+    """OpenAI's and Anthropic's APIs refuse a tool result whose id names no call of the turn before
+    it; the prompts here show no ids, so the runtime decodes it but warns: the model reads it as the
+    answer to the call in its place. A result with no id (a ReAct observation) names nothing."""
+    from wsd_llms.messages import results_naming_no_call
+
+    calls = [{"id": "c1", "name": "weather", "arguments": {"city": "Paris"}}, {"id": "c2", "name": "weather", "arguments": {"city": "Oslo"}}]
+    turn = [{"role": "user", "content": "Paris and Oslo?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+
+    def found(*results: dict) -> list[str]:
+        return results_naming_no_call(normalize_messages([*turn, *results]))
+
+    assert found({"role": "tool", "content": "12C", "tool_call_id": "c1"}, {"role": "tool", "content": "-3C", "tool_call_id": "c2"}) == []
+    assert found({"role": "tool", "content": "12C"}) == []
+    assert found({"role": "tool", "content": "12C", "tool_call_id": "c1"}, {"role": "tool", "content": "-3C", "tool_call_id": "c3"}) == [
+        "messages[3] (tool) answers tool_call_id 'c3', which names no call of the turn it follows (messages[1], whose calls are 'c1', 'c2')"
+    ]
+    trimmed = [{"role": "user", "content": "Paris?"}, {"role": "tool", "content": "12C", "tool_call_id": "c1"}]  # its call trimmed off
+    assert results_naming_no_call(normalize_messages(trimmed)) == [
+        "messages[1] (tool) answers tool_call_id 'c1', which names no call of the turn it follows (a turn with no calls)"
+    ]
+    with pytest.warns(UserWarning, match="messages\\[1\\] \\(tool\\) answers tool_call_id 'c1', .*; the prompt pairs results with calls by place"):
+        reply = shared_runtime.generate(trimmed, max_tokens=3)
+    assert reply.finish_reason == "length"  # decoded all the same
+
+
 def test_runtime_raises_before_decoding(shared_runtime):
     with pytest.raises(InvalidParameterError, match="switch_window"):
         shared_runtime.generate([{"role": "user", "content": "hi"}], switch_window=0)

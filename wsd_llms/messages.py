@@ -198,6 +198,24 @@ def _results_in_call_order(messages: list[Message]) -> list[Message]:
     return out
 
 
+def results_naming_no_call(messages: Sequence[Message]) -> list[str]:
+    """Where a tool result names (by `tool_call_id`) no call of the turn it follows: a mismatch in
+    the caller's history (a trimmed-off call, a result kept from another turn) that OpenAI's and
+    Anthropic's APIs refuse. Not refused here, since the prompts pair results with calls by place
+    and show no ids, but said: the model reads the result as the answer to the call in its place."""
+    found: list[str] = []
+    turn = -1  # the latest turn that is not a result
+    for i, m in enumerate(messages):
+        if m.role != "tool":
+            turn = i
+            continue
+        calls = [c.id for c in messages[turn].tool_calls] if turn >= 0 else []
+        if m.tool_call_id is not None and m.tool_call_id not in calls:
+            after = f"messages[{turn}], whose calls are {', '.join(map(repr, calls))}" if calls else "a turn with no calls"
+            found.append(f"messages[{i}] (tool) answers tool_call_id {m.tool_call_id!r}, which names no call of the turn it follows ({after})")
+    return found
+
+
 def split_forced_prefix(messages: list[Message], continue_final: bool = True) -> tuple[list[Message], str]:
     """A trailing assistant message is a forced start of the reply (DESIGN 3.1): split it off
     (unless `continue_final` is False: then it is a turn of the conversation, as one with calls is)."""

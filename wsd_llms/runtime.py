@@ -15,6 +15,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 import weakref
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
@@ -61,7 +62,7 @@ from .loading import (
     resolve_device,
     resolve_dtype,
 )
-from .messages import Message, normalize_messages
+from .messages import Message, normalize_messages, results_naming_no_call
 from .params import GenerationParams, aparse_params, parse_params
 from .prompts import base_prompt_tokens, draft_prompt_tokens, require_chat_template
 from .scheduler import MAX_CACHED_TOKENS, MAX_RUNNING
@@ -576,7 +577,10 @@ class WSDRuntime:
     def _checked(messages: Messages, params: dict[str, Any]) -> tuple[list[Message], GenerationParams, float]:
         """The messages and parameters checked and normalized (bad ones raise), and when the caller asked."""
         called = time.perf_counter()
-        return normalize_messages(messages), parse_params(**params), called
+        normalized, parsed = normalize_messages(messages), parse_params(**params)
+        for mismatch in results_naming_no_call(normalized):
+            warnings.warn(f"{mismatch}; the prompt pairs results with calls by place", UserWarning, stacklevel=3)
+        return normalized, parsed, called
 
     def _submit(
         self,

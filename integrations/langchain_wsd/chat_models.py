@@ -706,16 +706,22 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     as `tool_calls`, and its text (_assistant_text) with its invalid calls as written.
     """
     out: list[dict[str, Any]] = []
+    written: set[Any] = set()  # the ids of the calls the latest AI message shows as text
     for i, message in enumerate(messages):
         where = f"messages[{i}] ({type(message).__name__})"
         if isinstance(message, ToolMessage):
-            out.append({"role": "tool", "content": content_to_text(message.content, where), "tool_call_id": message.tool_call_id})
+            out.append({"role": "tool", "content": content_to_text(message.content, where)})
+            if message.tool_call_id not in written:  # a result of a call shown as text answers it by place
+                out[-1]["tool_call_id"] = message.tool_call_id
         elif isinstance(message, AIMessage):
             calls = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
             unreadable: list[tuple[str | None, str | None]] = []
             if not calls:
                 calls, unreadable = _unparsed_calls(message)
             invalid = [*((c.get("name"), c.get("args")) for c in message.invalid_tool_calls), *unreadable]
+            blocks = [b for b in (message.content if isinstance(message.content, list) else []) if isinstance(b, dict) and b.get("type") in CALL_BLOCKS]
+            mentioned = {c.get("id") for c in message.invalid_tool_calls} | {b.get(key) for b in blocks for key in ID_KEYS}
+            written = mentioned - {c.get(key) for c in calls for key in ID_KEYS} - {None}
             entry: dict[str, Any] = {"role": "assistant", "content": with_invalid_calls(_assistant_text(message, where), invalid)}
             if calls:
                 entry["tool_calls"] = calls

@@ -110,16 +110,20 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
     if _is_direct_record(messages):
         messages = messages[:-1]
     out: Messages = []
+    written: set[Any] = set()  # the ids of the calls the latest assistant message shows as text
     for i, msg in enumerate(messages):
         role = canonical_role(MessageRole(msg.role).value)
         where = f"messages[{i}] ({MessageRole(msg.role).value})"
         if role is None:
             raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported")
         entry: dict[str, Any] = {"role": role, "content": _text(msg, where)}
-        if role == "assistant" and (invalid := msg.additional_kwargs.get("invalid_tool_calls")):  # this adapter's replies keep them there
-            entry["content"] = with_invalid_calls(entry["content"], ((c.get("name"), c.get("raw")) for c in invalid if isinstance(c, dict)))
-        if role == "tool" and (call_id := msg.additional_kwargs.get("tool_call_id")) is not None:
-            entry["tool_call_id"] = call_id  # ReAct's observations (observation_role=TOOL) answer no call by id
+        if role == "assistant":
+            invalid = [c for c in msg.additional_kwargs.get("invalid_tool_calls") or () if isinstance(c, dict)]  # this adapter's replies keep them there
+            if invalid:
+                entry["content"] = with_invalid_calls(entry["content"], ((c.get("name"), c.get("raw")) for c in invalid))
+            written = {c.get("id") for c in invalid} - {None}
+        if role == "tool" and (call_id := msg.additional_kwargs.get("tool_call_id")) is not None and call_id not in written:
+            entry["tool_call_id"] = call_id  # ReAct's observations (observation_role=TOOL), and results of calls shown as text, answer by place
         elif role == "assistant" and (calls := _history_calls(msg)):
             entry["tool_calls"] = calls
         out.append(entry)
