@@ -137,7 +137,7 @@ def test_batched_equals_sequential(pair, request):
 
 PICK = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"enum": [1, 2, 3]}}, "required": ["color", "n"]}
 # One of each kind of request a service mixes: every mode, constrained output, a tool call,
-# seeded sampling and stop strings, so grammar masks and samplers run inside shared batches.
+# seeded sampling, stop strings and repetition penalties, so grammar masks and samplers run inside shared batches.
 MIXED = [
     {"max_tokens": 30, "switch_threshold": 0.5, "switch_window": 2},
     {"max_tokens": 30, "mode": "staged", "switch_threshold": 0.5, "switch_window": 2, "max_draft_tokens": 40},
@@ -147,6 +147,8 @@ MIXED = [
     {"max_tokens": 80, "tools": [{"name": "pick", "parameters": PICK}], "tool_choice": "required"},
     {"max_tokens": 30, "temperature": 0.9, "top_p": 0.9, "top_k": 20, "seed": 7},
     {"max_tokens": 40, "stop": ["e", "\n"], "switch_threshold": 1.0},
+    {"max_tokens": 30, "repetition_penalty": 1.5, "switch_threshold": 0.5, "switch_window": 2},  # greedy, projected in full
+    {"max_tokens": 30, "repetition_penalty": 1.3, "temperature": 0.8, "seed": 3, "switch_threshold": 0.5, "switch_window": 2},
 ]
 
 
