@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -560,6 +561,31 @@ def test_a_function_message_is_a_tool_turn():
     assert messages[1] == {"role": "tool", "content": "3"}
 
 
+async def test_a_result_whose_call_was_trimmed_off_is_warned_of_at_the_caller_s_line(shared_runtime, monkeypatch):
+    """trim_messages(strategy="last") can keep a ToolMessage without the AIMessage that made its
+    call (OpenAI's API refuses such a history): the reply is decoded, with a ToolResultWarning that
+    points at the line that asked, not into LangChain or this package."""
+    from langchain_core.messages import trim_messages
+
+    from wsd_llms import ToolResultWarning
+
+    monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: shared_runtime)
+    call = {"name": "weather", "args": {"city": "Paris"}, "id": "c1", "type": "tool_call"}
+    history = [HumanMessage("Weather in Paris?"), AIMessage("", tool_calls=[call]), ToolMessage("12C", tool_call_id="c1"), HumanMessage("Warm?")]
+    kept = trim_messages(history, max_tokens=2, token_counter=len, strategy="last")
+    assert [type(m).__name__ for m in kept] == ["ToolMessage", "HumanMessage"]
+    model = WSDChatModel(max_tokens=3)
+    with pytest.warns(ToolResultWarning, match="messages\\[0\\] \\(tool\\) answers tool_call_id 'c1', which names no call") as seen:
+        model.invoke(kept)
+        "".join(chunk.text for chunk in model.stream(kept))
+    assert [w.filename for w in seen] == [__file__] * 2
+    with pytest.warns(ToolResultWarning, match="messages\\[0\\]"):  # in a task of LangChain's: at whatever runs the loop
+        await model.ainvoke(kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ToolResultWarning)
+        model.invoke(history)  # the whole history: no warning
+
+
 def test_calls_langchain_leaves_unparsed_reach_the_model():
     """convert_to_messages of an Anthropic-format assistant dict keeps its tool_use blocks in the
     content (tool_calls empty), and of OpenAI's older format a function_call in additional_kwargs:
@@ -959,6 +985,11 @@ def test_invalid_calls_in_a_history_are_shown_as_written():
     assert sent[1] == {"role": "assistant", "content": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par}\n</tool_call>'}
     assert sent[2] == {"role": "tool", "content": "Tool call get_weather with id call_9 could not be executed"}  # answers the text by place
     assert results_naming_no_call(normalize_messages(sent)) == []  # so no warning that it names no call
+    later = to_runtime_messages([*history[:3], HumanMessage("And now?"), ToolMessage("late", tool_call_id="call_9")])
+    assert later[4]["tool_call_id"] == "call_9"  # after a user turn it answers no call shown before: warned of
+    assert results_naming_no_call(normalize_messages(later)) == [
+        "messages[4] (tool) answers tool_call_id 'call_9', which names no call of the turn before it (messages[3] makes none)"
+    ]
     assert sent[3] == {"role": "assistant", "content": ours}
 
 

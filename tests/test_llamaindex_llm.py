@@ -232,6 +232,7 @@ def test_a_prompt_formatter_the_chat_model_never_applies_is_refused() -> None:
         WSDLLM(messages_to_promt=lambda messages: "x")
     allowed = str(err.value).split("(allowed: ")[1].split(")")[0].split(", ")
     assert "completion_to_prompt" in allowed and "messages_to_prompt" not in allowed and "query_wrapper_prompt" not in allowed
+    assert "unknown argument 'messages_to_promt' (value <function" in str(err.value) and "did you mean" not in str(err.value)  # nor suggested
 
 
 def test_the_runtime_s_encoder_counts_message_text_as_text() -> None:

@@ -263,6 +263,8 @@ def test_invalid_calls_are_reported_not_dropped(monkeypatch: pytest.MonkeyPatch)
     sent = to_runtime_messages([ChatMessage(role="user", content=ASK), response.message, result])
     assert sent[1]["content"] == bad.raw and sent[2] == {"role": "tool", "content": "Error: the call is not closed"}
     assert results_naming_no_call(normalize_messages(sent)) == []
+    later = to_runtime_messages([ChatMessage(role="user", content=ASK), response.message, ChatMessage(role="user", content="And now?"), result])
+    assert later[3]["tool_call_id"] == "c9"  # after a user turn it answers no call shown before: warned of
 
 
 def test_something_that_is_not_a_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

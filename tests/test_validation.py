@@ -1,5 +1,6 @@
 """Bad parameters and messages raise clear errors before any decoding starts."""
 
+import asyncio
 import sys
 from datetime import date
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from wsd_llms import InvalidMessagesError, InvalidParameterError
+from wsd_llms import InvalidMessagesError, InvalidParameterError, ToolResultWarning
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import GenerationParams, parse_params
 
@@ -497,6 +498,10 @@ def test_tool_results_take_their_calls_order_by_id(draft_tokenizer):
     assert base.index("12C") < base.index("-3C")
     for pairs in ((("c2", "-3C"), ("c9", "12C")), (("c2", "-3C"), ("c2", "12C"))):
         assert [m.content for m in normalize_messages(results(*pairs))[2:4]] == ["-3C", "12C"]
+    # a result with no id (an adapter's, of a call its turn's text shows before the calls) goes first
+    mixed = results(("c2", "-3C"), ("c1", "12C"))
+    mixed.insert(3, {"role": "tool", "content": "Error: cut short"})
+    assert [(m.tool_call_id, m.content) for m in normalize_messages(mixed)[2:5]] == [(None, "Error: cut short"), ("c1", "12C"), ("c2", "-3C")]
 
 
 def test_a_result_naming_no_call_of_the_turn_before_it_is_said(shared_runtime):
@@ -514,15 +519,20 @@ def test_a_result_naming_no_call_of_the_turn_before_it_is_said(shared_runtime):
     assert found({"role": "tool", "content": "12C", "tool_call_id": "c1"}, {"role": "tool", "content": "-3C", "tool_call_id": "c2"}) == []
     assert found({"role": "tool", "content": "12C"}) == []
     assert found({"role": "tool", "content": "12C", "tool_call_id": "c1"}, {"role": "tool", "content": "-3C", "tool_call_id": "c3"}) == [
-        "messages[3] (tool) answers tool_call_id 'c3', which names no call of the turn it follows (messages[1], whose calls are 'c1', 'c2')"
+        "messages[3] (tool) answers tool_call_id 'c3', which names no call of the turn before it (messages[1], whose calls are 'c1', 'c2')"
     ]
     trimmed = [{"role": "user", "content": "Paris?"}, {"role": "tool", "content": "12C", "tool_call_id": "c1"}]  # its call trimmed off
     assert results_naming_no_call(normalize_messages(trimmed)) == [
-        "messages[1] (tool) answers tool_call_id 'c1', which names no call of the turn it follows (a turn with no calls)"
+        "messages[1] (tool) answers tool_call_id 'c1', which names no call of the turn before it (messages[0] makes none)"
     ]
-    with pytest.warns(UserWarning, match="messages\\[1\\] \\(tool\\) answers tool_call_id 'c1', .*; the prompt pairs results with calls by place"):
-        reply = shared_runtime.generate(trimmed, max_tokens=3)
-    assert reply.finish_reason == "length"  # decoded all the same
+    assert results_naming_no_call(normalize_messages(trimmed[1:] + trimmed[:1])) == [
+        "messages[0] (tool) answers tool_call_id 'c1', which names no call of the turn before it (none comes before it)"
+    ]
+    # the warning is the caller's: it names this file and line, whichever call made the request
+    for call in (shared_runtime.generate, lambda m, **p: list(shared_runtime.stream(m, **p)), lambda m, **p: asyncio.run(shared_runtime.agenerate(m, **p))):
+        with pytest.warns(ToolResultWarning, match="messages\\[1\\] \\(tool\\) answers tool_call_id 'c1', .*; the prompt pairs results with calls by place") as seen:
+            call(trimmed, max_tokens=3)  # and decodes all the same
+        assert [w.filename for w in seen] == [__file__]
 
 
 def test_runtime_raises_before_decoding(shared_runtime):

@@ -20,6 +20,7 @@ from .errors import (
     RequestTimeoutError,
     RequestTooLargeError,
     RuntimeClosedError,
+    ToolResultWarning,
     WSDError,
 )
 
@@ -78,6 +79,7 @@ __all__ = [
     "RuntimeClosedError",
     "SwitchDetector",
     "TextDelta",
+    "ToolResultWarning",
     "Timings",
     "Usage",
     "WSDError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,24 @@ class RequestTimeoutError(RequestFailedError, TimeoutError):
 
 class RuntimeClosedError(WSDError, RuntimeError):
     """The runtime was closed, or its worker died, before a request finished."""
+
+
+class ToolResultWarning(UserWarning):
+    """A tool result in a request's history that names no call of the turn before it (by id)."""
+
+
+# Where a warning is the caller's: the first frame outside these packages (ours and the frameworks
+# that call us), so that the warning points at the line that made the request, however deep.
+LIBRARY_PACKAGES = ("wsd_llms", "langchain_wsd", "llama_index", "langchain_core", "langchain", "langgraph", "workflows", "asyncio", "concurrent")
+
+
+def user_stacklevel() -> int:
+    """The stacklevel for warnings.warn, called where this is called, that names the first frame
+    outside LIBRARY_PACKAGES (Python 3.11 has no skip_file_prefixes); the outermost frame if none is."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in LIBRARY_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # What ends the program, not one request: raised while the worker serves a request, these end the

@@ -130,8 +130,10 @@ class WSDSettings(_GenerationDefaults):
             known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
             unknown = sorted(set(data) - known - set(cls.unused_arguments))
             if unknown:
+                offered = known - set(cls.refused_arguments)  # a near miss of a refused one is not offered
+
                 def hint(name: str) -> str:
-                    return "; name the models with draft_model and base_model" if name in MODEL_ARGUMENTS else did_you_mean(name, known, parameters=True)
+                    return "; name the models with draft_model and base_model" if name in MODEL_ARGUMENTS else did_you_mean(name, offered, parameters=True)
 
                 allowed = f" (allowed: {', '.join(sorted(set(cls.model_fields) - set(cls.refused_arguments)))})"
                 if len(unknown) == 1:

@@ -181,9 +181,11 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message], request:
 
 
 def _results_in_call_order(messages: list[Message]) -> list[Message]:
-    """The results after a turn of calls, put in the order of its calls where each names a call of
-    its own by `tool_call_id`. The prompts pair a result with a call by place (no template shows
-    ids), so results appended as they finished (asyncio.as_completed) read as the wrong calls'."""
+    """The results after a turn of calls, put in the order of its calls where those with a
+    `tool_call_id` each name a call of their own. The prompts pair a result with a call by place (no
+    template shows ids), so results appended as they finished (asyncio.as_completed) read as the
+    wrong calls'. Results with no id (an adapter's results of calls shown as text, which the turn's
+    text holds before its calls) go first, as they came."""
     out = list(messages)
     for i, m in enumerate(messages):
         if not m.tool_calls:
@@ -192,9 +194,9 @@ def _results_in_call_order(messages: list[Message]) -> list[Message]:
         while end < len(out) and out[end].role == "tool":
             end += 1
         order: dict[str | None, int] = {c.id: k for k, c in enumerate(m.tool_calls)}
-        ids = [r.tool_call_id for r in out[i + 1 : end]]
+        ids = [r.tool_call_id for r in out[i + 1 : end] if r.tool_call_id is not None]
         if len(set(ids)) == len(ids) and all(id_ in order for id_ in ids):
-            out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: order[r.tool_call_id])
+            out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: -1 if r.tool_call_id is None else order[r.tool_call_id])
     return out
 
 
@@ -211,8 +213,8 @@ def results_naming_no_call(messages: Sequence[Message]) -> list[str]:
             continue
         calls = [c.id for c in messages[turn].tool_calls] if turn >= 0 else []
         if m.tool_call_id is not None and m.tool_call_id not in calls:
-            after = f"messages[{turn}], whose calls are {', '.join(map(repr, calls))}" if calls else "a turn with no calls"
-            found.append(f"messages[{i}] (tool) answers tool_call_id {m.tool_call_id!r}, which names no call of the turn it follows ({after})")
+            after = f"messages[{turn}], whose calls are {', '.join(map(repr, calls))}" if calls else f"messages[{turn}] makes none" if turn >= 0 else "none comes before it"
+            found.append(f"messages[{i}] (tool) answers tool_call_id {m.tool_call_id!r}, which names no call of the turn before it ({after})")
     return found
 
 

@@ -36,11 +36,13 @@ from .errors import (
     RequestFailedError,
     RequestTimeoutError,
     RuntimeClosedError,
+    ToolResultWarning,
     WSDError,
     copy_of,
     described,
     detached,
     released,
+    user_stacklevel,
 )
 from .events import Event, FinalEvent, WSDResult
 from .loading import (
@@ -579,7 +581,7 @@ class WSDRuntime:
         called = time.perf_counter()
         normalized, parsed = normalize_messages(messages), parse_params(**params)
         for mismatch in results_naming_no_call(normalized):
-            warnings.warn(f"{mismatch}; the prompt pairs results with calls by place", UserWarning, stacklevel=3)
+            warnings.warn(f"{mismatch}; the prompt pairs results with calls by place", ToolResultWarning, stacklevel=user_stacklevel())
         return normalized, parsed, called
 
     def _submit(

@@ -702,8 +702,9 @@ _NOT_ASSISTANT_TEXT = frozenset(
 def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped).
 
-    A ToolMessage becomes a "tool" turn with its `tool_call_id`; an AIMessage keeps its tool calls
-    as `tool_calls`, and its text (_assistant_text) with its invalid calls as written.
+    A ToolMessage becomes a "tool" turn with its `tool_call_id` (none for a result of a call shown
+    as text, which answers it by place); an AIMessage keeps its tool calls as `tool_calls`, and its
+    text (_assistant_text) with its invalid calls as written.
     """
     out: list[dict[str, Any]] = []
     written: set[Any] = set()  # the ids of the calls the latest AI message shows as text
@@ -728,6 +729,7 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
             out.append(entry)
         else:
             out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
+            written = set()  # a result after this turn answers no call before it
     return out
 
 

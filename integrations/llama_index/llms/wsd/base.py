@@ -122,6 +122,8 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
             if invalid:
                 entry["content"] = with_invalid_calls(entry["content"], ((c.get("name"), c.get("raw")) for c in invalid))
             written = {c.get("id") for c in invalid} - {None}
+        elif role != "tool":
+            written = set()  # a result after this turn answers no call before it
         if role == "tool" and (call_id := msg.additional_kwargs.get("tool_call_id")) is not None and call_id not in written:
             entry["tool_call_id"] = call_id  # ReAct's observations (observation_role=TOOL), and results of calls shown as text, answer by place
         elif role == "assistant" and (calls := _history_calls(msg)):
