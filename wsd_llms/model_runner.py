@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from . import decode_graphs
 from .attention import WSD_SDPA, RaggedRows, attention_backends
 from .decode_graphs import CannotCapture, DecodeGraphs
-from .errors import ModelLoadError
+from .errors import ModelLoadError, user_stacklevel
 from .kv_cache import KVCache, KVStore, LayerFactory, RaggedLayer, append_states
 from .loading import LoadedModel
 from .output_head import HeadRows, OutputHead
@@ -129,7 +129,7 @@ class ModelRunner:
             return None
         self.model.set_attn_implementation(WSD_SDPA)  # plain SDPA for every other pass
         if not self._slots_match():
-            warnings.warn(f"{self.loaded.name}: passes run without CUDA graphs: a pass over slots does not give a plain pass's logits", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.loaded.name}: passes run without CUDA graphs: a pass over slots does not give a plain pass's logits", RuntimeWarning, stacklevel=user_stacklevel())
             return None
         return self._new_graphs(capture=True)
 

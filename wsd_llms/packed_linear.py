@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .errors import user_stacklevel
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -51,7 +53,7 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
         with torch.inference_mode():
             packed, plain = PackedLinear(linear)(x), linear(x)
     except RuntimeError as exc:
-        warnings.warn(f"oneDNN linear layers failed a self-check ({exc}); CPU linear layers stay on nn.Linear", stacklevel=2)
+        warnings.warn(f"oneDNN linear layers failed a self-check ({exc}); CPU linear layers stay on nn.Linear", RuntimeWarning, stacklevel=user_stacklevel())
         return False
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     return torch.allclose(packed.float(), plain.float(), atol=tolerance, rtol=tolerance)

@@ -46,7 +46,7 @@ from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from wsd_llms.encoding import encode_text
-from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, ReplyCutShortError
+from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, ReplyCutShortError, user_stacklevel
 from wsd_llms.events import Event, TextDelta, WSDResult
 from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
@@ -523,7 +523,7 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
                 raise ValueError(f"Expected at least one tool call, but {reason}")
             if self._warned.of() is not response:  # FunctionAgent asks twice of its last reply
                 self._warned.of = weakref.ref(response)
-                warnings.warn(f"The reply has no valid tool call: {reason}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"The reply has no valid tool call: {reason}", RuntimeWarning, stacklevel=user_stacklevel())
         return calls
 
     # ------------------------------------------------------------ structured output (constrained JSON)
