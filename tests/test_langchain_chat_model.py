@@ -985,6 +985,13 @@ def test_invalid_calls_in_a_history_are_shown_as_written():
     assert sent[1] == {"role": "assistant", "content": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par}\n</tool_call>'}
     assert sent[2] == {"role": "tool", "content": "Tool call get_weather with id call_9 could not be executed"}  # answers the text by place
     assert results_naming_no_call(normalize_messages(sent)) == []  # so no warning that it names no call
+    # beside valid calls, its result goes first (the turn's text shows it before the calls) and the rest take their calls' order
+    calls = [{"name": "get_weather", "args": {"city": c}, "id": f"w_{c}", "type": "tool_call"} for c in ("Oslo", "Rome")]
+    mixed = [HumanMessage("Weather?"), AIMessage("", tool_calls=calls, invalid_tool_calls=[theirs])]
+    mixed += [ToolMessage("Rome: 20C", tool_call_id="w_Rome"), ToolMessage("could not be executed", tool_call_id="call_9"), ToolMessage("Oslo: 2C", tool_call_id="w_Oslo")]
+    assert [(m.tool_call_id, m.content) for m in normalize_messages(to_runtime_messages(mixed))[2:]] == [
+        (None, "could not be executed"), ("w_Oslo", "Oslo: 2C"), ("w_Rome", "Rome: 20C")
+    ]
     later = to_runtime_messages([*history[:3], HumanMessage("And now?"), ToolMessage("late", tool_call_id="call_9")])
     assert later[4]["tool_call_id"] == "call_9"  # after a user turn it answers no call shown before: warned of
     assert results_naming_no_call(normalize_messages(later)) == [

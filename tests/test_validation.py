@@ -2,6 +2,7 @@
 
 import asyncio
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
 import numpy as np
@@ -498,10 +499,13 @@ def test_tool_results_take_their_calls_order_by_id(draft_tokenizer):
     assert base.index("12C") < base.index("-3C")
     for pairs in ((("c2", "-3C"), ("c9", "12C")), (("c2", "-3C"), ("c2", "12C"))):
         assert [m.content for m in normalize_messages(results(*pairs))[2:4]] == ["-3C", "12C"]
-    # a result with no id (an adapter's, of a call its turn's text shows before the calls) goes first
+    # a result with no id keeps its place (an adapter's of a call shown as text comes first); the rest take their calls' order
     mixed = results(("c2", "-3C"), ("c1", "12C"))
     mixed.insert(3, {"role": "tool", "content": "Error: cut short"})
-    assert [(m.tool_call_id, m.content) for m in normalize_messages(mixed)[2:5]] == [(None, "Error: cut short"), ("c1", "12C"), ("c2", "-3C")]
+    assert [(m.tool_call_id, m.content) for m in normalize_messages(mixed)[2:5]] == [("c1", "12C"), (None, "Error: cut short"), ("c2", "-3C")]
+    by_place = results(("c1", "12C"))
+    by_place.insert(3, {"role": "tool", "content": "-3C"})  # meant by place for c2
+    assert [(m.tool_call_id, m.content) for m in normalize_messages(by_place)[2:4]] == [("c1", "12C"), (None, "-3C")]
 
 
 def test_a_result_naming_no_call_of_the_turn_before_it_is_said(shared_runtime):
@@ -533,6 +537,9 @@ def test_a_result_naming_no_call_of_the_turn_before_it_is_said(shared_runtime):
         with pytest.warns(ToolResultWarning, match="messages\\[1\\] \\(tool\\) answers tool_call_id 'c1', .*; the prompt pairs results with calls by place") as seen:
             call(trimmed, max_tokens=3)  # and decodes all the same
         assert [w.filename for w in seen] == [__file__]
+    with pytest.warns(ToolResultWarning) as seen, ThreadPoolExecutor(1) as pool:  # no line of the caller's on a pool's stack
+        pool.submit(shared_runtime.generate, trimmed, max_tokens=3).result()
+    assert [w.filename for w in seen] == [sys.modules["wsd_llms.runtime"].__file__]  # the library's, as a plain warning's (not threading.py)
 
 
 def test_runtime_raises_before_decoding(shared_runtime):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import traceback
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -62,11 +63,19 @@ LIBRARY_PACKAGES = ("wsd_llms", "langchain_wsd", "llama_index", "langchain_core"
 
 def user_stacklevel() -> int:
     """The stacklevel for warnings.warn, called where this is called, that names the first frame
-    outside LIBRARY_PACKAGES (Python 3.11 has no skip_file_prefixes); the outermost frame if none is."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in LIBRARY_PACKAGES:
+    outside LIBRARY_PACKAGES (Python 3.11 has no skip_file_prefixes); where no frame of the
+    caller's is on the stack (a worker thread, a thread pool's), 2: the library's line that
+    called, as a plain warning names it (so a filter by module still reaches it)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        package = str(frame.f_globals.get("__name__") or "").split(".")[0]
+        if package == "threading":
+            break
+        if package not in LIBRARY_PACKAGES:
+            return level
         frame, level = frame.f_back, level + 1
-    return level
+    return 2
 
 
 # What ends the program, not one request: raised while the worker serves a request, these end the

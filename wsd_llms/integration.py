@@ -558,6 +558,31 @@ def _plain_text(block: Mapping[str, Any], where: str) -> str:
     )
 
 
+class HistoryResults:
+    """The tool results of a history as an adapter sends them: with the id of the call each answers,
+    except a result of a call its turn shows as text (an invalid call), which goes without its id,
+    before the results with one, since the turn's text shows those calls before its calls: each
+    answers its call by place, and none is taken for a result that names no call."""
+
+    def __init__(self) -> None:
+        self.written: set[Any] = set()  # the ids of the calls the latest turn shows as text
+        self.start = 0  # where the results after that turn begin
+
+    def turn(self, out: list[dict[str, Any]], written: Iterable[Any] = ()) -> None:
+        """A turn that is not a result was just sent; `written`: the ids of the calls it shows as text."""
+        self.written, self.start = set(written) - {None}, len(out)
+
+    def add(self, out: list[dict[str, Any]], content: str, call_id: Any) -> None:
+        """Send a result, of the call named `call_id` (None: of none by id, a ReAct observation)."""
+        if call_id is not None and call_id in self.written:
+            at = self.start
+            while at < len(out) and "tool_call_id" not in out[at]:
+                at += 1
+            out.insert(at, {"role": "tool", "content": content})
+        else:
+            out.append({"role": "tool", "content": content} | ({} if call_id is None else {"tool_call_id": call_id}))
+
+
 def with_invalid_calls(text: str, calls: Iterable[tuple[str | None, str | None]]) -> str:
     """An assistant turn's text with the invalid tool calls it made, (name, raw text) each, as they
     were written (tools.render_invalid_call). A history answers them (LangChain's agents give each

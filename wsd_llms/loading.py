@@ -542,13 +542,15 @@ def _no_progress_bars() -> Iterator[None]:
     which disable_progress_bar does not reach): off a terminal, each is lines of carriage returns in a log."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    bars = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(bars, disable=True)
+    bars = getattr(gguf_utils, "tqdm", None)  # (a later transformers may have none there)
+    if bars is not None:
+        gguf_utils.tqdm = functools.partial(bars, disable=True)
     try:
         with _quiet_progress():
             yield
     finally:
-        gguf_utils.tqdm = bars
+        if bars is not None:
+            gguf_utils.tqdm = bars
 
 
 @contextmanager

@@ -181,11 +181,10 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message], request:
 
 
 def _results_in_call_order(messages: list[Message]) -> list[Message]:
-    """The results after a turn of calls, put in the order of its calls where those with a
-    `tool_call_id` each name a call of their own. The prompts pair a result with a call by place (no
-    template shows ids), so results appended as they finished (asyncio.as_completed) read as the
-    wrong calls'. Results with no id (an adapter's results of calls shown as text, which the turn's
-    text holds before its calls) go first, as they came."""
+    """The results after a turn of calls, those with a `tool_call_id` put in the order of their
+    calls where each names a call of its own (in the places they hold; a result with no id keeps
+    its place). The prompts pair a result with a call by place (no template shows ids), so results
+    appended as they finished (asyncio.as_completed) read as the wrong calls'."""
     out = list(messages)
     for i, m in enumerate(messages):
         if not m.tool_calls:
@@ -194,9 +193,11 @@ def _results_in_call_order(messages: list[Message]) -> list[Message]:
         while end < len(out) and out[end].role == "tool":
             end += 1
         order: dict[str | None, int] = {c.id: k for k, c in enumerate(m.tool_calls)}
-        ids = [r.tool_call_id for r in out[i + 1 : end] if r.tool_call_id is not None]
+        places = [k for k in range(i + 1, end) if out[k].tool_call_id is not None]
+        ids = [out[k].tool_call_id for k in places]
         if len(set(ids)) == len(ids) and all(id_ in order for id_ in ids):
-            out[i + 1 : end] = sorted(out[i + 1 : end], key=lambda r: -1 if r.tool_call_id is None else order[r.tool_call_id])
+            for k, result in zip(places, sorted((out[k] for k in places), key=lambda r: order[r.tool_call_id])):
+                out[k] = result
     return out
 
 

@@ -44,7 +44,7 @@ from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ARGUMENT_KEYS, ID_KEYS, ToolCall, canonical_role, read_tool_call
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_problem, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
-from wsd_llms.integration import CallDelta, FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import CallDelta, FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -702,18 +702,16 @@ _NOT_ASSISTANT_TEXT = frozenset(
 def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as the runtime's `{"role", "content"}` dicts (names are dropped).
 
-    A ToolMessage becomes a "tool" turn with its `tool_call_id` (none for a result of a call shown
-    as text, which answers it by place); an AIMessage keeps its tool calls as `tool_calls`, and its
-    text (_assistant_text) with its invalid calls as written.
+    A ToolMessage becomes a "tool" turn with its `tool_call_id` (HistoryResults: a result of a call
+    shown as text goes first, without it); an AIMessage keeps its tool calls as `tool_calls`, and
+    its text (_assistant_text) with its invalid calls as written.
     """
     out: list[dict[str, Any]] = []
-    written: set[Any] = set()  # the ids of the calls the latest AI message shows as text
+    results = HistoryResults()
     for i, message in enumerate(messages):
         where = f"messages[{i}] ({type(message).__name__})"
         if isinstance(message, ToolMessage):
-            out.append({"role": "tool", "content": content_to_text(message.content, where)})
-            if message.tool_call_id not in written:  # a result of a call shown as text answers it by place
-                out[-1]["tool_call_id"] = message.tool_call_id
+            results.add(out, content_to_text(message.content, where), message.tool_call_id)
         elif isinstance(message, AIMessage):
             calls = [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in message.tool_calls]
             unreadable: list[tuple[str | None, str | None]] = []
@@ -722,14 +720,14 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
             invalid = [*((c.get("name"), c.get("args")) for c in message.invalid_tool_calls), *unreadable]
             blocks = [b for b in (message.content if isinstance(message.content, list) else []) if isinstance(b, dict) and b.get("type") in CALL_BLOCKS]
             mentioned = {c.get("id") for c in message.invalid_tool_calls} | {b.get(key) for b in blocks for key in ID_KEYS}
-            written = mentioned - {c.get(key) for c in calls for key in ID_KEYS} - {None}
             entry: dict[str, Any] = {"role": "assistant", "content": with_invalid_calls(_assistant_text(message, where), invalid)}
             if calls:
                 entry["tool_calls"] = calls
             out.append(entry)
+            results.turn(out, mentioned - {c.get(key) for c in calls for key in ID_KEYS})
         else:
             out.append({"role": _role(message, where), "content": content_to_text(message.content, where)})
-            written = set()  # a result after this turn answers no call before it
+            results.turn(out)
     return out
 
 

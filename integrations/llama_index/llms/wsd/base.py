@@ -48,7 +48,7 @@ from pydantic import BaseModel, Field, PrivateAttr, model_validator
 from wsd_llms.encoding import encode_text
 from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, ReplyCutShortError, user_stacklevel
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import FinalCall, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
 from wsd_llms.runtime import reply_room
@@ -110,25 +110,23 @@ def to_runtime_messages(messages: Sequence[ChatMessage]) -> Messages:
     if _is_direct_record(messages):
         messages = messages[:-1]
     out: Messages = []
-    written: set[Any] = set()  # the ids of the calls the latest assistant message shows as text
+    results = HistoryResults()
     for i, msg in enumerate(messages):
         role = canonical_role(MessageRole(msg.role).value)
         where = f"messages[{i}] ({MessageRole(msg.role).value})"
         if role is None:
             raise InvalidMessagesError(f"{where}: role {msg.role.value!r} is not supported")
+        if role == "tool":  # ReAct's observations (observation_role=TOOL) answer no call by id
+            results.add(out, _text(msg, where), msg.additional_kwargs.get("tool_call_id"))
+            continue
         entry: dict[str, Any] = {"role": role, "content": _text(msg, where)}
-        if role == "assistant":
-            invalid = [c for c in msg.additional_kwargs.get("invalid_tool_calls") or () if isinstance(c, dict)]  # this adapter's replies keep them there
-            if invalid:
-                entry["content"] = with_invalid_calls(entry["content"], ((c.get("name"), c.get("raw")) for c in invalid))
-            written = {c.get("id") for c in invalid} - {None}
-        elif role != "tool":
-            written = set()  # a result after this turn answers no call before it
-        if role == "tool" and (call_id := msg.additional_kwargs.get("tool_call_id")) is not None and call_id not in written:
-            entry["tool_call_id"] = call_id  # ReAct's observations (observation_role=TOOL), and results of calls shown as text, answer by place
-        elif role == "assistant" and (calls := _history_calls(msg)):
+        invalid = [c for c in msg.additional_kwargs.get("invalid_tool_calls") or () if isinstance(c, dict)] if role == "assistant" else []
+        if invalid:  # this adapter's replies keep them there
+            entry["content"] = with_invalid_calls(entry["content"], ((c.get("name"), c.get("raw")) for c in invalid))
+        if role == "assistant" and (calls := _history_calls(msg)):
             entry["tool_calls"] = calls
         out.append(entry)
+        results.turn(out, (c.get("id") for c in invalid))
     return out
 
 
