@@ -718,8 +718,7 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
             if not calls:
                 calls, unreadable = _unparsed_calls(message)
             invalid = [*((c.get("name"), c.get("args")) for c in message.invalid_tool_calls), *unreadable]
-            blocks = [b for b in (message.content if isinstance(message.content, list) else []) if isinstance(b, dict) and b.get("type") in CALL_BLOCKS]
-            mentioned = {c.get("id") for c in message.invalid_tool_calls} | {b.get(key) for b in blocks for key in ID_KEYS}
+            mentioned = {c.get("id") for c in message.invalid_tool_calls} | {b.get(key) for b in _call_blocks(message) for key in ID_KEYS}
             entry: dict[str, Any] = {"role": "assistant", "content": with_invalid_calls(_assistant_text(message, where), invalid)}
             if calls:
                 entry["tool_calls"] = calls
@@ -731,6 +730,12 @@ def to_runtime_messages(messages: list[BaseMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _call_blocks(message: AIMessage) -> list[dict[str, Any]]:
+    """The call blocks in an AI message's content (CALL_BLOCKS), as other providers' histories keep them."""
+    blocks = message.content if isinstance(message.content, list) else []
+    return [block for block in blocks if isinstance(block, dict) and block.get("type") in CALL_BLOCKS]
+
+
 def _unparsed_calls(message: AIMessage) -> tuple[list[dict[str, Any]], list[tuple[str | None, str | None]]]:
     """Calls an AI message holds where LangChain left them unparsed (its tool_calls empty): call
     blocks in its content (convert_to_messages of an Anthropic-format dict keeps its tool_use
@@ -739,12 +744,7 @@ def _unparsed_calls(message: AIMessage) -> tuple[list[dict[str, Any]], list[tupl
     those it cannot, (name, arguments' text) each, to show as written as an invalid call is; a
     block of a call LangChain already lists as invalid is not taken again."""
     invalid = {c.get("id") for c in message.invalid_tool_calls} - {None}
-    blocks = message.content if isinstance(message.content, list) else []
-    found = [
-        block
-        for block in blocks
-        if isinstance(block, dict) and block.get("type") in CALL_BLOCKS and not {block.get(key) for key in ID_KEYS} & invalid
-    ]
+    found = [block for block in _call_blocks(message) if not {block.get(key) for key in ID_KEYS} & invalid]
     legacy = message.additional_kwargs.get("function_call")
     calls, unreadable = [], []
     for raw in found or ([legacy] if isinstance(legacy, dict) else []):
