@@ -35,9 +35,11 @@ class DraftPasses:
         self.row: HeadRows | None = None  # predicts the next token
         self.guesses: list[int] = []  # fed after the latest token, not yet picked by the draft
         self.rows: HeadRows | None = None  # rows[i]: after guesses[i]
-        # The reply so far in draft ids, as the repetition penalty reads it: the forced start (which
-        # the prompt ends with), as the draft model alone starts its reply, then the tokens drafted.
-        self.drafted = encode_text(tokenizer, seq.prompts.forced_prefix)
+        # The reply so far in draft ids, as the repetition penalty (its only reader) reads it: the
+        # forced start (which the prompt ends with), as the draft model alone starts its reply, then
+        # the tokens drafted. Without a penalty the start is not encoded: nothing reads it.
+        penalized = seq.params.repetition_penalty != 1.0
+        self.drafted = encode_text(tokenizer, seq.prompts.forced_prefix) if penalized else []
 
     def start(self, prompt_ids: list[int]) -> Steps[None]:
         """Feed the prompt."""
