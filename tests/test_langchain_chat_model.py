@@ -785,18 +785,20 @@ def test_model_retry_middleware_retries_a_failed_request_but_not_a_prompt_too_lo
 
 @pytest.mark.embedded
 def test_token_counts_read_the_tokenizers_without_loading_weights(embedded, monkeypatch):
-    """get_num_tokens counts in the base tokenizer (as usage_metadata does) and trim_messages in the
-    draft's, whose window binds on the embedded pair; both read on their own: no weights load, and
-    nothing is fetched from the hub."""
+    """get_num_tokens counts in the base tokenizer (as usage_metadata does; the draft's with
+    mode="draft", as usage_metadata then does) and trim_messages in the draft's, whose window binds
+    on the embedded pair; both read on their own: no weights load, and nothing is fetched from the hub."""
     from langchain_core.messages import trim_messages
 
-    base_tokenizer = embedded.load().base.tokenizer
+    base_tokenizer, draft_tokenizer = embedded.load().base.tokenizer, embedded.load().draft.tokenizer
     unloaded = WSDRuntime()
     monkeypatch.setattr(WSDRuntime, "load", lambda self: pytest.fail("counting tokens loaded the models"))
     monkeypatch.setattr(WSDChatModel, "wsd_runtime", lambda self: unloaded)
     model = WSDChatModel()
     text = "Weak-to-strong decoding, in one sentence."
     assert model.get_token_ids(text) == base_tokenizer.encode(text, add_special_tokens=False)
+    drafted = WSDChatModel(mode="draft").get_token_ids(text)
+    assert drafted == draft_tokenizer.encode(text, add_special_tokens=False) != model.get_token_ids(text)
     history = [HumanMessage("a " * 40), AIMessage("b " * 40), HumanMessage("Which letter came first?")]
     tail = model.get_num_tokens_from_messages(history[1:])
     assert tail < model.get_num_tokens_from_messages(history)

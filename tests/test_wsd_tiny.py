@@ -136,7 +136,7 @@ def test_a_stop_inside_the_forced_start_counts_its_tokens_to_the_stop_in_every_m
         usage = result.usage
         assert result.text == "x of Par" and result.finish_reason == "stop", mode
         written = {"online": usage.kept_draft_tokens + usage.base_tokens, "staged": usage.kept_draft_tokens + usage.base_tokens, "base": usage.base_tokens, "draft": usage.draft_tokens}
-        assert written[mode] == usage.reply_tokens, (mode, usage)
+        assert written[mode] == usage.reply_tokens == usage.kept_draft_tokens + usage.base_tokens, (mode, usage)
 
 
 def test_stop_strings(differ_runtime):
@@ -360,11 +360,12 @@ def test_result_facts(shared_runtime):
 @pytest.mark.parametrize("mode", ["online", "staged", "base", "draft"])
 def test_usage_counts_a_forced_start_with_the_reply(differ_runtime, mode):
     """The reply's tokens are its writers' counts in every mode, a forced start (the last message the
-    assistant's) included: the kept draft and the base's in WSD, the one model's in a baseline."""
+    assistant's) included: the kept draft and the base's in WSD, the one model's in a baseline, where
+    the draft model's whole reply is its kept draft (it had been 0, so the parts did not add up)."""
     messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "The capital of France is"}]
     usage = differ_runtime.generate(messages, mode=mode, max_tokens=20).usage
     written = usage.draft_tokens if mode == "draft" else usage.kept_draft_tokens + usage.base_tokens
-    assert usage.reply_tokens == written == 20
+    assert usage.reply_tokens == written == usage.kept_draft_tokens + usage.base_tokens == 20
 
 
 def test_baseline_modes_run_each_model_alone(differ_runtime):

@@ -36,4 +36,6 @@ def run_draft_only(seq: Sequence, draft: LoadedModel, base: LoadedModel) -> Prog
     prefix = encode_text(draft.tokenizer, seq.prompts.forced_prefix)[: seq.params.max_tokens]
     seq.emit(seq.reply.add(prefix, "draft"))  # the reply starts with it, as WSD's does
     seq.draft_tokens = len(seq.reply.ids)  # counted with the reply's other tokens (to a stop in it)
-    return (yield from continue_reply(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft"))
+    reason = yield from continue_reply(seq, draft, seq.draft_kv, rows, make_generator(seq.params.seed), guide, "draft")
+    seq.kept_draft = len(seq.reply.ids)  # all of it the draft's: kept draft + base is the reply, as in every mode
+    return reason

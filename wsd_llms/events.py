@@ -25,7 +25,8 @@ class Timings:
 @dataclass(frozen=True)
 class Usage:
     """Token counts. Reply tokens are base tokens (kept draft + continuation; the draft's with
-    mode="draft"). A model the mode does not run read no prompt tokens."""
+    mode="draft", where the whole reply is the kept draft). A model the mode does not run read no
+    prompt tokens."""
 
     draft_prompt_tokens: int = 0
     base_prompt_tokens: int = 0

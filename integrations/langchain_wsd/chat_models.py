@@ -70,10 +70,11 @@ class WSDChatModel(WSDSettings, BaseChatModel):
       metadata: `model_name` (the base model; the draft model with mode="draft"), `model_provider="wsd"`, `finish_reason`, and `wsd`
       (switch point, kept draft tokens, draft and base models, mode, timings).
 
-    `usage_metadata` counts input, output and total tokens in the base tokenizer. Its details add the
-    draft model's side: `input_token_details["draft"]` (draft prompt, draft tokenizer),
-    `output_token_details["draft"]` (tokens the draft model wrote, draft tokenizer),
-    `["kept_draft"]` and `["base"]` (the reply's draft-written and base-written parts, base tokens).
+    `usage_metadata` counts input, output and total tokens in the base tokenizer (the draft's with
+    mode="draft"). Its details add the draft model's side: `input_token_details["draft"]` (draft
+    prompt, draft tokenizer), `output_token_details["draft"]` (tokens the draft model wrote, draft
+    tokenizer), `["kept_draft"]` and `["base"]` (the reply's draft-written and base-written parts,
+    in the reply's tokens: they add up to `output_tokens`).
 
     Tools (`bind_tools`) and structured output (`with_structured_output`) use the runtime's constrained
     decoding. While tools are bound, text streams up to any call markup (which never reaches the
@@ -152,14 +153,14 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         return profile
 
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids in the base model's tokenizer, the one `usage_metadata` counts in (LangChain's
-        default would fetch GPT-2's from the hub), with text that spells a special token counted as
+        """Token ids in the tokenizer `usage_metadata` counts in: the base model's, the draft's with
+        mode="draft" (LangChain's default would fetch GPT-2's from the hub), with text that spells a special token counted as
         the text it is, as in a prompt; reads the tokenizer only, not the weights. A
         `custom_get_token_ids` given to the constructor counts instead, as in every LangChain model."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
         with langchain_errors():  # a tokenizer that cannot load is a ModelNotFoundError, as in a call
-            return encode_text(self.wsd_runtime().tokenizer("base"), text)
+            return encode_text(self.wsd_runtime().tokenizer("draft" if self.mode == "draft" else "base"), text)
 
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
