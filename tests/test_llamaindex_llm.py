@@ -536,3 +536,22 @@ async def test_a_query_whose_packed_prompt_is_too_long_raises(draft_tokenizer, m
             await synthesizer.aget_response("What vexes the sphinx?", [text])
     finally:
         runtime.close()
+
+
+@pytest.mark.embedded
+def test_a_rag_reply_ends_where_the_base_model_makes_up_the_next_turn(embedded: wsd_llms.WSDRuntime) -> None:
+    """Under LlamaIndex's context chat prompt, the base model often ended its answer with a made-up
+    turn in a variant of the template's marker ("[User 0", "[User 1</strong>") and ran on to
+    max_tokens: a variant at a line's start now ends the reply, streamed or not."""
+    from llama_index.core.chat_engine.condense_plus_context import DEFAULT_CONTEXT_PROMPT_TEMPLATE
+
+    documents = "Paris is the capital of France.\n\nMadrid is the capital of Spain. It has the Prado museum."
+    system = ChatMessage(role="system", content=DEFAULT_CONTEXT_PROMPT_TEMPLATE.format(context_str=documents))
+    llm = WSDLLM(max_tokens=64)
+    for question in ("What is the capital of France?", "What is the capital of Spain?", "Name a museum in Madrid."):
+        messages = [system, ChatMessage(role="user", content=question)]
+        reply = llm.chat(messages)
+        text = reply.message.content or ""
+        assert not re.search(r"(?m)^\[(User|Assistant|System)\b", text), text
+        assert reply.raw["finish_reason"] == "stop" and text.strip(), text
+        assert "".join(chunk.delta or "" for chunk in llm.stream_chat(messages)) == text

@@ -3,7 +3,7 @@
 import pytest
 from tiny import byte_fallback_tokenizer
 
-from wsd_llms.prompts import ROLE_STOPS
+from wsd_llms.prompts import ROLE_STOPS, variant_stops
 from wsd_llms.reply import ReplyText, decode, expand_role_stops, held_back
 
 
@@ -374,3 +374,25 @@ def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_pl
     plain = ReplyText(tok, (), None, roles)
     plain.add(_ids(tok, "Paris.\n\n[User] more"), "base")
     assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason
+
+
+@pytest.mark.parametrize("tail", ["\n\n[User 1]\nmore", "\n[User 0\nThe answer", "\n\n[User 1</strong>\n<strong>", "\n\n[Assistant 2]: yes"])
+def test_a_made_up_turn_in_a_variant_of_a_role_marker_ends_the_reply(draft_tokenizer, tail):
+    """After its answer the base model often numbers or names the turn it makes up ("[User 1"):
+    a variant at a line's start ends the reply as the marker does, streamed token by token too."""
+    roles = expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "[User]\nWhat is the capital of France?"))
+    reply = ReplyText(draft_tokenizer, (), None, roles)
+    released = [d for token in _ids(draft_tokenizer, "Paris is the capital." + tail) if not reply.stopped for d in reply.add([token], "base")]
+    assert reply.stopped and reply.text == "".join(d.text for d in released) == "Paris is the capital."
+
+
+def test_a_variant_inside_a_line_or_one_the_prompt_writes_is_the_reply_s_text(draft_tokenizer):
+    """Only at a line's start, and not a form the conversation uses itself (a chat log's "[User 2]:"),
+    which a reply may quote."""
+    inline = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "")))
+    inline.add(_ids(draft_tokenizer, "See [User 2] above."), "base")
+    assert not inline.stopped and inline.text == "See [User 2] above."
+    assert variant_stops(ROLE_STOPS, "\n\n[User]\n[User 2]: hi\n[User 1]: ok") == ("\n[System ", "\n[Assistant ")
+    quoting = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "[User 2]: hi")))
+    quoting.add(_ids(draft_tokenizer, "They said:\n[User 2]: hi\n\n[User]\nmore"), "base")
+    assert quoting.stopped and quoting.text == "They said:\n[User 2]: hi"

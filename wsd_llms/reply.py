@@ -20,8 +20,9 @@ class Delta:
 
 
 def expand_role_stops(markers: tuple[str, ...]) -> tuple[str, ...]:
-    """Each role marker with two, one or no newlines before it, so the cut drops those newlines."""
-    return tuple(s for m in markers for s in (f"\n\n{m}", f"\n{m}", m))
+    """Each role marker with two, one or no newlines before it, so the cut drops those newlines; one
+    that starts with a newline (prompts.variant_stops) counts at a line's start only."""
+    return tuple(s for m in markers for s in ((f"\n{m}", m) if m.startswith("\n") else (f"\n\n{m}", f"\n{m}", m)))
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
