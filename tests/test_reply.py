@@ -387,12 +387,14 @@ def test_a_made_up_turn_in_a_variant_of_a_role_marker_ends_the_reply(draft_token
 
 
 def test_a_variant_inside_a_line_or_one_the_prompt_writes_is_the_reply_s_text(draft_tokenizer):
-    """Only at a line's start, and not a form the conversation uses itself (a chat log's "[User 2]:"),
-    which a reply may quote."""
-    inline = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "")))
-    inline.add(_ids(draft_tokenizer, "See [User 2] above."), "base")
-    assert not inline.stopped and inline.text == "See [User 2] above."
-    assert variant_stops(ROLE_STOPS, "\n\n[User]\n[User 2]: hi\n[User 1]: ok") == ("\n[System ", "\n[Assistant ")
+    """Only a numbered one at a line's start ("[User Guide](...)" is a markdown link), and not one of
+    a marker whose numbered form the conversation uses itself (a chat log's "[User 2]:"), which a
+    reply may quote."""
+    plain = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "")))
+    plain.add(_ids(draft_tokenizer, "See [User 2] above.\n[User Guide](https://example.com)"), "base")
+    assert not plain.stopped and plain.text == "See [User 2] above.\n[User Guide](https://example.com)"
+    kept = {stop.split(" ")[0] for stop in variant_stops(ROLE_STOPS, "\n\n[User]\n[User 2]: hi\n[User 1]: ok")}
+    assert kept == {"\n[System", "\n[Assistant"}
     quoting = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "[User 2]: hi")))
     quoting.add(_ids(draft_tokenizer, "They said:\n[User 2]: hi\n\n[User]\nmore"), "base")
     assert quoting.stopped and quoting.text == "They said:\n[User 2]: hi"

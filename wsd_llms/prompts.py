@@ -240,13 +240,15 @@ def base_prompt(
 
 
 def variant_stops(markers: tuple[str, ...], prompt: str) -> tuple[str, ...]:
-    """The markers' numbered or named variants at a line's start ("\n[User "), which end the reply
-    too: after its answer the base model often makes up a turn as "[User 0", "[User 1]:" or
-    "[User 1</strong>" (14 of 32 replies to LlamaIndex's RAG prompts on the embedded pair ran on so),
-    which no exact marker stops. Not a variant the prompt writes itself (a chat log's "[User 2]: hi"),
-    which a reply may well quote at a line's start."""
-    variants = (f"{m[:-1]} " for m in markers)
-    return tuple(f"\n{v}" for v in variants if v not in prompt)
+    """The markers' numbered variants at a line's start ("\n[User 1"), which end the reply too: after
+    its answer the base model often makes up a turn as "[User 0", "[User 1]:" or "[User 1</strong>"
+    (14 of 32 replies to LlamaIndex's RAG prompts on the embedded pair ran on so), which no exact
+    marker stops. A number, not any word, so that a line such as "[User Guide](...)" stays text; and
+    not a marker's variants that the prompt writes itself (a chat log's "[User 2]: hi"), which a
+    reply may well quote at a line's start."""
+    return tuple(
+        f"\n{m[:-1]} {digit}" for m in markers if not re.search(re.escape(m[:-1]) + r" \d", prompt) for digit in "0123456789"
+    )
 
 
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
