@@ -44,7 +44,7 @@ from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ARGUMENT_KEYS, ID_KEYS, ToolCall, canonical_role, read_tool_call
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_problem, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
-from wsd_llms.integration import CallDelta, FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import CallDelta, FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, model_name, openai_usage, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -160,7 +160,7 @@ class WSDChatModel(WSDSettings, BaseChatModel):
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
         with langchain_errors():  # a tokenizer that cannot load is a ModelNotFoundError, as in a call
-            return encode_text(self.wsd_runtime().tokenizer("draft" if self.mode == "draft" else "base"), text)
+            return encode_text(self.wsd_runtime().tokenizer(model_name(self.mode, "draft", "base")), text)  # the credited model's
 
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None
