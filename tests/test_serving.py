@@ -2488,6 +2488,56 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
     assert (stats.finished, stats.failed, stats.cancelled, stats.running) == (*expected[ending], 0)
 
 
+def test_a_request_refused_as_close_lets_go_of_the_engine_is_counted(fresh, monkeypatch):
+    """A request whose grammar compiled beside the worker while the runtime closed is refused by the
+    compile's thread. Had it read the engine just before the worker let go of it, it counted itself
+    into that engine after its last snapshot, and stats() lost it (failed + finished one short)."""
+    rt = fresh()
+    rt.generate(_msgs("Hi"), max_tokens=2)
+    entered, release, at_lock = threading.Event(), threading.Event(), threading.Event()
+    real_compile, lock = structured.compiled_grammar, rt.engine.scheduler.lock
+
+    def held(model, spec):
+        entered.set()
+        assert release.wait(20), "the held compile was never released"
+        return real_compile(model, spec)
+
+    class LateLock:  # the compile's thread reaches the engine's lock only once the engine is let go of
+        def __enter__(self):
+            if threading.current_thread().name == "wsd-llms-compile":
+                at_lock.set()
+                _wait_for(lambda: rt.engine is None)
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    real_let_go = rt._let_go_of_models
+
+    def let_go_once_the_compile_holds_the_engine():
+        at_lock.wait(10)
+        real_let_go()
+
+    monkeypatch.setattr(runtime_module, "compiled_grammar", held)
+    monkeypatch.setattr(rt.engine.scheduler, "lock", LateLock())
+    monkeypatch.setattr(rt, "_let_go_of_models", let_go_once_the_compile_holds_the_engine)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            refused = pool.submit(rt.generate, _msgs("Pick a number."), max_tokens=5, response_format={"type": "regex", "pattern": "[0-9]+"})
+            assert entered.wait(10)
+            closing = pool.submit(rt.close)
+            _wait_for(lambda: rt._closed)
+            release.set()
+            with pytest.raises(RuntimeClosedError):
+                refused.result(timeout=20)
+            closing.result(timeout=20)
+    finally:
+        release.set()
+    assert rt.engine is None and at_lock.is_set()
+    stats = rt.stats()
+    assert (stats.queued, stats.running, stats.finished, stats.failed, stats.cancelled) == (0, 0, 1, 1, 0)
+
+
 def test_a_request_whose_caller_was_told_the_runtime_closed_counts_failed(fresh, monkeypatch):
     """A running request's caller that learns of close() before the worker ends the request (the
     step in flight is long) leaves with RuntimeClosedError, which says where the request was (it

@@ -561,11 +561,11 @@ class WSDRuntime:
         engine = self.engine
         if engine is None:
             return
-        with engine.scheduler.lock:
-            final = engine.stats()
         self._context_windows_read.update(self._context_windows(MODELS["online"]))
-        with self._counts_lock:
-            self._final_stats, self.engine = final, None
+        with engine.scheduler.lock:  # a request counted into the engine is in the snapshot, or sees it gone (_end_unstarted)
+            final = engine.stats()
+            with self._counts_lock:
+                self._final_stats, self.engine = final, None
 
     # ------------------------------------------------------------ worker
 
@@ -809,14 +809,18 @@ class WSDRuntime:
     def _end_unstarted(self, sub: Submission, outcome: str, error: BaseException | None = None) -> None:
         """Count a request that ends before it runs (taken from the inbox and counted in one move, as
         stats() sees it; by the runtime while there is no engine), and tell its caller why, if anyone waits."""
-        engine = self.engine
-        with self._counts_lock if engine is None else engine.scheduler.lock:
-            self._taken += 1
-            self._untaken.discard(sub)
-            if engine is None:
-                self._unstarted[outcome] += 1
-            else:
-                engine.count(outcome)
+        while True:
+            engine = self.engine
+            with self._counts_lock if engine is None else engine.scheduler.lock:
+                if engine is not self.engine:  # let go of as this waited for its lock (a close): counted by the runtime
+                    continue
+                self._taken += 1
+                self._untaken.discard(sub)
+                if engine is None:
+                    self._unstarted[outcome] += 1
+                else:
+                    engine.count(outcome)
+            break
         if error is not None:
             sub.deliver(error)
 
