@@ -1886,6 +1886,29 @@ def test_a_closed_runtimes_successor_keeps_its_limits():
         successor.close()
 
 
+def test_get_runtime_as_another_thread_closes_the_runtime_gives_its_successor(monkeypatch):
+    """get_runtime(max_running=...) configures the registry's runtime after it leaves the registry's
+    lock; closed by another thread in between, it raised RuntimeClosedError, where a get_runtime
+    after close() gives the successor."""
+    from wsd_llms import get_runtime
+
+    first = get_runtime("no/such-draft", "no/such-base", "cpu", "float32")  # nothing loads until a request
+    real = WSDRuntime.configure
+
+    def closed_meanwhile(self, **limits):
+        if self is first:
+            first.close()
+        return real(self, **limits)
+
+    monkeypatch.setattr(WSDRuntime, "configure", closed_meanwhile)
+    successor = get_runtime("no/such-draft", "no/such-base", "cpu", "float32", max_running=3)
+    try:
+        assert successor is not first and first._closed and not successor._closed
+        assert successor.limits["max_running"] == 3
+    finally:
+        successor.close()
+
+
 def test_get_runtime_knows_a_model_or_device_however_it_is_spelt(tmp_path, monkeypatch):
     """The same files and the same device are one runtime (one copy of the weights, one set of
     limits), whatever the spelling: a relative, ./ or absolute path, "cpu" or "cpu:0" (a service

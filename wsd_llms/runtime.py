@@ -951,28 +951,32 @@ def get_runtime(
         base_revision,
         trust_remote_code,
     )
-    with _registry_lock:
-        runtime = _registry.get(key)
-        if runtime is None or runtime._closed:  # a closed one's successor keeps the limits it was given
-            limits = runtime.limits if runtime is not None else _closed_limits.pop(key, {})
-            runtime = _registry[key] = WSDRuntime(
-                draft,
-                base,
-                device,
-                dtype,
-                draft_revision=draft_revision,
-                base_revision=base_revision,
-                trust_remote_code=trust_remote_code,
-                **limits,
+    while True:
+        with _registry_lock:
+            runtime = _registry.get(key)
+            if runtime is None or runtime._closed:  # a closed one's successor keeps the limits it was given
+                limits = runtime.limits if runtime is not None else _closed_limits.pop(key, {})
+                runtime = _registry[key] = WSDRuntime(
+                    draft,
+                    base,
+                    device,
+                    dtype,
+                    draft_revision=draft_revision,
+                    base_revision=base_revision,
+                    trust_remote_code=trust_remote_code,
+                    **limits,
+                )
+        try:
+            runtime.configure(
+                max_running=max_running,
+                max_cached_tokens=max_cached_tokens,
+                prefill_chunk=prefill_chunk,
+                prefix_cache_tokens=prefix_cache_tokens,
+                lookup_tokens=lookup_tokens,
             )
-    runtime.configure(
-        max_running=max_running,
-        max_cached_tokens=max_cached_tokens,
-        prefill_chunk=prefill_chunk,
-        prefix_cache_tokens=prefix_cache_tokens,
-        lookup_tokens=lookup_tokens,
-    )
-    return runtime
+        except RuntimeClosedError:  # closed by another thread since: its successor, as after a close()
+            continue
+        return runtime
 
 
 def _after_fork_in_child() -> None:
