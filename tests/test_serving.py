@@ -658,6 +658,54 @@ def test_a_sync_stream_closed_from_another_thread_ends_at_once(fresh):
     assert list(queued) == [] and rt.stats().cancelled == 3
 
 
+def test_reading_a_stream_while_another_thread_closes_it_ends_the_iteration(fresh):
+    """A stop button's close() lets go of the stream under the reader's lock; a next() that came in
+    that moment raised "being read in another thread", where the iteration has simply ended."""
+    rt = fresh()
+    stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=30, mode="draft")
+    next(stream)
+    letting_go, done = threading.Event(), threading.Event()
+    real = stream._let_go
+
+    def slow_let_go():
+        letting_go.set()
+        done.wait(10)
+        real()
+
+    stream._let_go = slow_let_go
+    closing = threading.Thread(target=stream.close)
+    closing.start()
+    try:
+        assert letting_go.wait(10)
+        with pytest.raises(StopIteration):
+            next(stream)
+    finally:
+        done.set()
+        closing.join(10)
+    _wait_for(lambda: rt.stats().running == 0)
+    assert rt.stats().cancelled == 1
+
+
+def test_an_idle_worker_holds_no_request(fresh):
+    """The worker, idle between requests, kept the last submission that woke it: its messages,
+    and an async caller's event loop and queue, until the next request came."""
+    rt = fresh()
+    marker = "A request nobody holds any more."
+
+    async def ask():
+        return await rt.agenerate(_msgs(marker), max_tokens=2)
+
+    asyncio.run(ask())
+    _wait_for(lambda: rt.stats().running == 0)
+
+    def held() -> list[submission.Submission]:
+        gc.collect()
+        return [o for o in gc.get_objects() if type(o) is submission.Submission and any(m.content == marker for m in o.messages)]
+
+    _wait_for(lambda: not held())
+    assert rt._thread is not None and rt._thread.is_alive()  # idle, not ended
+
+
 def test_a_queued_request_times_out_while_it_waits(fresh):
     """A timeout counts the queue: it fires while the request waits behind max_running, not when it
     is admitted, and the error says it was waiting, and for which limits."""

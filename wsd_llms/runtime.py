@@ -877,7 +877,7 @@ def _work(ref: weakref.ref[WSDRuntime], inbox: queue.SimpleQueue[Submission | No
         runtime = ref()
         if runtime is None or not runtime._guarded_run(item):
             return
-        del runtime
+        del runtime, item  # an idle worker holds neither: the request's messages, or its caller's event loop
 
 
 _registry: dict[tuple, WSDRuntime] = {}

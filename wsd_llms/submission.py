@@ -76,6 +76,8 @@ class SyncStream(Iterator[Event]):
 
     def __next__(self) -> Event:
         if not self._reading.acquire(blocking=False):
+            if self._ended:  # a close() from another thread is letting go: iteration has ended
+                raise StopIteration
             raise ValueError("this stream is being read in another thread")  # as a generator's "already executing"
         try:
             return self._next()
