@@ -593,16 +593,21 @@ def _held_steps(rt, monkeypatch):
     """Load `rt`, then hold every step of its worker until `release` is set; `entered` is set as a
     step is held. Returns (entered, release)."""
     rt.generate(_msgs("Hi"), max_tokens=2)
-    engine = rt.engine
-    entered, release = threading.Event(), threading.Event()
-    step = engine.step
+    return _hold(rt.engine, "step", monkeypatch)
 
-    def held_step():
+
+def _hold(owner, name, monkeypatch):
+    """Hold every call of `owner.name` until `release` is set; `entered` is set as a call is held.
+    Returns (entered, release)."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(owner, name)
+
+    def held(*args, **kwargs):
         entered.set()
         release.wait(20)
-        step()
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "step", held_step)
+    monkeypatch.setattr(owner, name, held)
     return entered, release
 
 
@@ -658,21 +663,13 @@ def test_a_sync_stream_closed_from_another_thread_ends_at_once(fresh):
     assert list(queued) == [] and rt.stats().cancelled == 3
 
 
-def test_reading_a_stream_while_another_thread_closes_it_ends_the_iteration(fresh):
+def test_reading_a_stream_while_another_thread_closes_it_ends_the_iteration(fresh, monkeypatch):
     """A stop button's close() lets go of the stream under the reader's lock; a next() that came in
     that moment raised "being read in another thread", where the iteration has simply ended."""
     rt = fresh()
     stream = rt.stream(_msgs(QUESTIONS[0]), max_tokens=30, mode="draft")
     next(stream)
-    letting_go, done = threading.Event(), threading.Event()
-    real = stream._let_go
-
-    def slow_let_go():
-        letting_go.set()
-        done.wait(10)
-        real()
-
-    stream._let_go = slow_let_go
+    letting_go, done = _hold(stream, "_let_go", monkeypatch)
     closing = threading.Thread(target=stream.close)
     closing.start()
     try:
