@@ -1815,25 +1815,36 @@ def test_cache_token_limit_queues_and_rejects_what_never_fits(fresh):
     results = _concurrently(rt, jobs)
     assert all(r.text for r in results)
     assert rt.stats().peaks["running"] < 4
-    # The error gives each term with its value, so that the sum shows which budget to lower.
-    online = r"\(draft prompt (\d+) \+ max_draft_tokens=300 \+ base prompt (\d+) \+ max_tokens=400 \+ 1\), more than the runtime's max_cached_tokens=700; lower max_tokens or max_draft_tokens"
+    # The error gives each term with its value, so that the sum shows which budget to lower, and how far.
+    online = r"\(draft prompt (\d+) \+ max_draft_tokens=300 \+ base prompt (\d+) \+ max_tokens=400 \+ 1\), more than the runtime's max_cached_tokens=700; lower max_draft_tokens or max_tokens \(to fit, max_draft_tokens \+ max_tokens <= (\d+)\), or raise max_cached_tokens"
     with pytest.raises(RequestTooLargeError, match=online) as error:
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=400, max_draft_tokens=300)
-    need, draft, base = map(int, re.search(r"may need (\d+) .*draft prompt (\d+) .*base prompt (\d+)", str(error.value)).groups())
-    assert need == draft + 300 + base + 400 + 1
+    draft, base, room = map(int, re.search(online, str(error.value)).groups())
+    need = int(re.search(r"may need (\d+) ", str(error.value)).group(1))
+    assert need == draft + 300 + base + 400 + 1 and room == 700 - draft - base - 1
+    assert rt.generate(_msgs(QUESTIONS[0]), max_tokens=room - 300, max_draft_tokens=300).text  # as much as fits runs
     rt.configure(max_cached_tokens=200)
-    with pytest.raises(RequestTooLargeError, match=r"\(base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_tokens, or raise max_cached_tokens"):
+    with pytest.raises(RequestTooLargeError, match=r"\(base prompt (\d+) \+ max_tokens=300 \+ 1\), .*; lower max_tokens \(to fit, max_tokens <= \d+\), or raise max_cached_tokens"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode="base")
-    with pytest.raises(RequestTooLargeError, match=r"\(draft prompt \d+ \+ max_tokens=300\), .*; lower max_tokens, or raise max_cached_tokens"):
+    with pytest.raises(RequestTooLargeError, match=r"\(draft prompt \d+ \+ max_tokens=300\), .*; lower max_tokens \(to fit, max_tokens <= \d+\), or raise max_cached_tokens"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, mode="draft")  # the draft model alone writes max_tokens
     # staged WSD holds one cache at a time: the error names each one over the limit, and what lowers it
-    with pytest.raises(RequestTooLargeError, match=r"\(base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_tokens, or raise"):
+    with pytest.raises(RequestTooLargeError, match=r"\(base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_tokens \(to fit, max_tokens <= \d+\), or raise"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=10, mode="staged")
-    with pytest.raises(RequestTooLargeError, match=r"\(draft prompt \d+ \+ max_draft_tokens=300\), .*; lower max_draft_tokens, or raise"):
+    with pytest.raises(RequestTooLargeError, match=r"\(draft prompt \d+ \+ max_draft_tokens=300\), .*; lower max_draft_tokens \(to fit, max_draft_tokens <= \d+\), or raise"):
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=20, max_draft_tokens=300, mode="staged")
-    both = r"\(draft prompt \d+ \+ max_draft_tokens=300, and base prompt \d+ \+ max_tokens=300 \+ 1\), .*; lower max_draft_tokens and max_tokens, or raise"
-    with pytest.raises(RequestTooLargeError, match=both):
+    both = (
+        r"\(the larger of: draft prompt (\d+) \+ max_draft_tokens=300, or base prompt (\d+) \+ max_tokens=300 \+ 1\), .*; "
+        r"lower max_draft_tokens and max_tokens \(to fit, max_draft_tokens <= (\d+) and max_tokens <= (\d+)\), or raise"
+    )
+    with pytest.raises(RequestTooLargeError, match=both) as error:
         rt.generate(_msgs(QUESTIONS[0]), max_tokens=300, max_draft_tokens=300, mode="staged")
+    draft, base, draft_room, base_room = map(int, re.search(both, str(error.value)).groups())
+    assert (draft_room, base_room) == (200 - draft, 200 - base - 1)
+    # Where the prompts alone leave no room for a token of each budget, no budget can help.
+    for mode in ("online", "staged", "base", "draft"):
+        with pytest.raises(RequestTooLargeError, match=r"; its prompts leave no room for a reply: shorten the messages, or raise max_cached_tokens"):
+            rt.generate(_msgs("word " * 120), max_tokens=1, max_draft_tokens=1, mode=mode)
 
 
 def test_lowering_the_cache_limit_fails_queued_requests_it_can_no_longer_admit(fresh):

@@ -76,14 +76,25 @@ def token_budget(seq: Sequence) -> int:
 LOWERED_BY = {"draft": "max_draft_tokens", "base": "max_tokens"}
 
 
-def _need_terms(seq: Sequence, limit: int) -> tuple[str, str]:
-    """What token_budget counts for this request, with its values, and the parameters that lower it under `limit`."""
-    caches, terms = CACHES[seq.params.mode], seq.cache_terms()
-    if seq.params.mode in ONE_AT_A_TIME:
-        limits = seq.cache_limits()
-        over = [kind for kind in caches if kind in LOWERED_BY and limits[kind] > limit]
-        return ", and ".join(terms[kind] for kind in over), " and ".join(LOWERED_BY[kind] for kind in over)
-    return " + ".join(terms[kind] for kind in caches), "max_tokens or max_draft_tokens" if len(caches) > 1 else "max_tokens"
+def _too_large_reason(seq: Sequence, limit: int) -> tuple[str, str]:
+    """What token_budget counts for this request, each term with its value, and what would bring it
+    under `limit`: the budgets that fit, or shorter messages where the prompts alone leave no room
+    for one token of each budget."""
+    mode, terms, limits = seq.params.mode, seq.cache_terms(), seq.cache_limits()
+    fixed = {"draft": len(seq.prompts.draft_ids), "base": len(seq.prompts.base_ids) + 1}  # each cache's positions before its budget
+    budget = {"draft": "max_tokens" if mode == "draft" else LOWERED_BY["draft"], "base": LOWERED_BY["base"]}
+    if mode in ONE_AT_A_TIME:  # its largest cache counts; the staged check's is never the one too large
+        caches = [kind for kind in CACHES[mode] if kind in LOWERED_BY and limits[kind] > limit]
+        held = f"the larger of: {', or '.join(terms[kind] for kind in caches)}" if len(caches) > 1 else terms[caches[0]]
+        rooms = {budget[kind]: limit - fixed[kind] for kind in caches}
+    else:
+        caches = list(CACHES[mode])
+        held = " + ".join(terms[kind] for kind in caches)
+        rooms = {" + ".join(budget[kind] for kind in caches): limit - sum(fixed[kind] for kind in caches)}
+    if min(rooms.values()) < (1 if mode in ONE_AT_A_TIME else len(caches)):  # room for one token of each budget
+        return held, "its prompts leave no room for a reply: shorten the messages"
+    lowered = f" {'and' if mode in ONE_AT_A_TIME else 'or'} ".join(budget[kind] for kind in caches)
+    return held, f"lower {lowered} (to fit, {' and '.join(f'{name} <= {room}' for name, room in rooms.items())})"
 
 
 # The runtime's default limits (WSDRuntime, Engine, Scheduler): sequences running at once, and the
@@ -129,10 +140,10 @@ class Scheduler:
         need = token_budget(seq)
         if need <= self.max_cached_tokens:
             return None
-        held, budgets = _need_terms(seq, self.max_cached_tokens)
+        held, advice = _too_large_reason(seq, self.max_cached_tokens)
         return RequestTooLargeError(
             f"this request may need {need} cached tokens ({held}), more than the runtime's "
-            f"max_cached_tokens={self.max_cached_tokens}; lower {budgets}, or raise max_cached_tokens"
+            f"max_cached_tokens={self.max_cached_tokens}; {advice}, or raise max_cached_tokens"
         )
 
     def never_fitting(self) -> list[tuple[Sequence, RequestTooLargeError]]:
