@@ -2085,6 +2085,36 @@ def test_a_head_too_large_for_the_room_left_is_passed_a_bounded_number_of_times(
     assert [seq.name for seq in scheduler.waiting] == ["s5"] and scheduler.reserved == 80
 
 
+def test_a_request_behind_a_head_too_large_is_passed_a_bounded_number_of_times_too():
+    """A second large request, waiting behind a large head, is passed by the short ones that pass the
+    head; once the head runs, the count goes on, rather than starting again at max_running."""
+    from types import SimpleNamespace
+
+    from wsd_llms.scheduler import Scheduler
+
+    def request(positions: int, name: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, params=SimpleNamespace(mode="base"), cache_limits=lambda: {"base": positions}, queued=False)
+
+    scheduler = Scheduler(max_running=3, max_cached_tokens=100)
+    big, head, second, *short = [request(60, "big"), request(60, "head"), request(60, "second"), *(request(10, f"s{i}") for i in range(1, 7))]
+    for seq in (big, head, second, *short):
+        scheduler.add(seq)  # type: ignore[arg-type]
+
+    def running() -> list[str]:
+        return [seq.name for seq in scheduler.schedule()]
+
+    assert running() == ["big", "s1", "s2"]  # both large ones passed twice
+    scheduler.remove(short[0])  # type: ignore[arg-type]
+    assert running() == ["big", "s2", "s3"]  # three times: no more
+    scheduler.remove(big)  # type: ignore[arg-type]
+    assert running() == ["s2", "s3", "head"]
+    scheduler.remove(short[1])  # type: ignore[arg-type]
+    assert running() == ["s3", "head"]  # s4 fits, but waits for the second, already passed three times
+    scheduler.remove(head)  # type: ignore[arg-type]
+    assert running() == ["s3", "second", "s4"]
+    assert scheduler._passed == {}  # nothing kept for requests that left the queue
+
+
 def test_close_ends_in_flight_work(fresh):
     rt = fresh()
     params = dict(max_tokens=300, switch_threshold=1.0, mode="draft")

@@ -109,9 +109,9 @@ class Scheduler:
     A request at the head of the queue whose reservation does not fit beside the running ones (one
     with max_tokens=10**6 reserves the base's whole context window and the draft's prompt and
     max_draft_tokens: 33,312 positions for "Hi" on the embedded pair) may be passed by later
-    requests that fit now, at most `max_running` of them while it waits, so that short requests do
-    not wait for a long one to end; after that admission waits for it, so it still starts once
-    enough running requests end.
+    requests that fit now, so that short requests do not wait for a long one to end; each waiting
+    request is passed by at most `max_running` of them (counted while it waits behind another too),
+    then admission waits for it, so it still starts once enough running requests end.
     """
 
     def __init__(self, max_running: int = MAX_RUNNING, max_cached_tokens: int = MAX_CACHED_TOKENS) -> None:
@@ -120,8 +120,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.reserved = 0
-        self._head: Sequence | None = None  # the head that later requests passed, and how many did
-        self._passed = 0
+        self._passed: dict[int, int] = {}  # id of a waiting request -> how many later ones were admitted before it
         # Held by each change of the queues and by readers of a snapshot (Engine.stats, from other
         # threads), so a reader never sees a request in neither queue or its reservation left behind.
         self.lock = threading.RLock()
@@ -157,18 +156,17 @@ class Scheduler:
         with self.lock:
             while self.waiting and len(self.running) < self.max_running and self._fits(self.waiting[0]):
                 self._admit(self.waiting.popleft())
-            head = self.waiting[0] if self.waiting else None
-            if head is not self._head:
-                self._head, self._passed = head, 0
-            if head is None or len(self.running) >= self.max_running or self._passed >= self.max_running:
-                return list(self.running)
-            for seq in list(self.waiting)[1:]:  # past the head, which does not fit
-                if len(self.running) >= self.max_running or self._passed >= self.max_running:
+            ahead: list[Sequence] = []  # the waiting requests that the one looked at would pass
+            for seq in list(self.waiting):  # from the head, which does not fit (or no room is left)
+                if len(self.running) >= self.max_running or any(self._passed.get(id(s), 0) >= self.max_running for s in ahead):
                     break
-                if self._fits(seq):
+                if ahead and self._fits(seq):
                     self.waiting.remove(seq)
                     self._admit(seq)
-                    self._passed += 1
+                    for passed in ahead:
+                        self._passed[id(passed)] = self._passed.get(id(passed), 0) + 1
+                else:
+                    ahead.append(seq)
             return list(self.running)
 
     def _fits(self, seq: Sequence) -> bool:
@@ -177,6 +175,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         seq.queued = False
+        self._passed.pop(id(seq), None)
         self.reserved += token_budget(seq)
         self.running.append(seq)
 
@@ -189,6 +188,7 @@ class Scheduler:
                 self.reserved -= token_budget(seq)
             elif seq in self.waiting:
                 self.waiting.remove(seq)
+                self._passed.pop(id(seq), None)
                 seq.queued = False
             else:
                 return False
