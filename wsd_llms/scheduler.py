@@ -158,15 +158,19 @@ class Scheduler:
                 self._admit(self.waiting.popleft())
             ahead: list[Sequence] = []  # the waiting requests that the one looked at would pass
             for seq in list(self.waiting):  # from the head, which does not fit (or no room is left)
-                if len(self.running) >= self.max_running or any(self._passed.get(id(s), 0) >= self.max_running for s in ahead):
+                if len(self.running) >= self.max_running:
                     break
-                if ahead and self._fits(seq):
-                    self.waiting.remove(seq)
-                    self._admit(seq)
-                    for passed in ahead:
-                        self._passed[id(passed)] = self._passed.get(id(passed), 0) + 1
-                else:
+                if not ahead or not self._fits(seq):
                     ahead.append(seq)
+                    if self._passed.get(id(seq), 0) >= self.max_running:  # passed enough: the rest wait for it
+                        break
+                    continue
+                self.waiting.remove(seq)
+                self._admit(seq)
+                for passed in ahead:
+                    self._passed[id(passed)] = self._passed.get(id(passed), 0) + 1
+                if any(self._passed[id(passed)] >= self.max_running for passed in ahead):
+                    break
             return list(self.running)
 
     def _fits(self, seq: Sequence) -> bool:
