@@ -358,7 +358,7 @@ def test_an_empty_question_is_an_error_not_an_interactive_chat(question: str, ca
 
 def test_the_repetition_penalty_is_an_option_checked_before_any_model_loads(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["chat", "--repetition-penalty", "0", "hi"]) == 2
-    assert "--repetition-penalty: invalid repetition_penalty=0.0: Input should be greater than 0" in capsys.readouterr().err
+    assert "--repetition-penalty: invalid repetition_penalty=0.0: Input should be greater than or equal to 0.0001" in capsys.readouterr().err
 
 
 def test_a_model_that_cannot_load_is_a_clean_error(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,7 +64,10 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"max_tokens": np.int64(0)}, "invalid max_tokens=0: Input should be greater than or equal to 1"),
         ({"top_p": 0}, "invalid top_p=0"),
         ({"top_k": -1}, "invalid top_k=-1"),
-        ({"repetition_penalty": 0}, "invalid repetition_penalty=0: Input should be greater than 0"),
+        ({"repetition_penalty": 0}, "invalid repetition_penalty=0: Input should be greater than or equal to 0.0001"),
+        # beyond float32's reach once applied: a sampled reply's probabilities had become NaN, a grammar's allowed id -inf
+        ({"repetition_penalty": 1e-39}, "invalid repetition_penalty=1e-39: Input should be greater than or equal to 0.0001"),
+        ({"repetition_penalty": 1e39}, "invalid repetition_penalty=1e+39: Input should be less than or equal to 10000"),
         ({"repetition_penalty": True}, "invalid repetition_penalty=True: a number is needed, not a bool"),
         ({"mode": "fast"}, "invalid mode='fast': Input should be 'online', 'staged', 'base' or 'draft'"),
         ({"stop": [""]}, "stop strings must be non-empty"),

@@ -21,6 +21,10 @@ GREEDY_BELOW = 1e-5
 MAX_STOPS = 64
 # Above this, sampling is uniform in all but name; far above it, logits divided in float32 become NaN.
 MAX_TEMPERATURE = 1e4
+# Beyond these, a penalized logit (divided or multiplied by the penalty, then by the temperature) may
+# leave float32's range: a sampled reply's probabilities became NaN, and a grammar's one allowed id
+# -inf. Within them a penalty has long since decided: 1e4 makes any id already written all but impossible.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
 
 
 def json_error(schema: Any) -> str | None:
@@ -162,7 +166,10 @@ class GenerationParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(default=0, ge=0, description="keep the k most likely tokens; 0 keeps all")
     repetition_penalty: float = Field(
-        default=1.0, gt=0.0, description="transformers' repetition penalty over the reply: above 1, ids already in the reply become less likely; 1 is off"
+        default=1.0,
+        ge=MIN_REPETITION_PENALTY,
+        le=MAX_REPETITION_PENALTY,
+        description="transformers' repetition penalty over the reply: above 1, ids already in the reply become less likely; 1 is off",
     )
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64, description="seed for sampling; same seed, same reply")
     stop: tuple[str, ...] = Field(default=(), description=f"strings that end the reply (not included), {MAX_STOPS} at most")
