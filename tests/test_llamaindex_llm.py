@@ -555,3 +555,25 @@ def test_a_rag_reply_ends_where_the_base_model_makes_up_the_next_turn(embedded: 
         assert not re.search(r"(?m)^\[(User|Assistant|System)\b", text), text
         assert reply.raw["finish_reason"] == "stop" and text.strip(), text
         assert "".join(chunk.delta or "" for chunk in llm.stream_chat(messages)) == text
+
+
+@pytest.mark.embedded
+def test_a_condensed_question_ends_where_the_base_model_makes_up_the_next_turn(embedded: wsd_llms.WSDRuntime) -> None:
+    """LlamaIndex's condense prompt calls the two sides Human and Assistant; after the standalone
+    question the base model made up the next turn as "\\n\\n[Human]\\n" and went on, and all of it
+    became the question sent to the retriever. "[Human]" at a line's start now ends the reply."""
+    from llama_index.core.base.llms.generic_utils import messages_to_history_str
+    from llama_index.core.chat_engine.condense_question import DEFAULT_PROMPT
+
+    llm = WSDLLM(max_tokens=64)
+    for question, answer, follow_up in (
+        ("What is the capital of France?", "Paris.", "What is it known for?"),
+        ("What is the capital of Germany?", "Berlin.", "What landmark does it have?"),
+        ("Is Berlin in France?", "No, in Germany.", "What is France's capital?"),
+    ):
+        history = messages_to_history_str([ChatMessage(role="user", content=question), ChatMessage(role="assistant", content=answer)])
+        messages = DEFAULT_PROMPT.format_messages(chat_history=history, question=follow_up)
+        reply = llm.chat(messages)
+        text = reply.message.content or ""
+        assert "[Human]" not in text and reply.raw["finish_reason"] == "stop" and text.strip(), text
+        assert llm.predict(DEFAULT_PROMPT, chat_history=history, question=follow_up) == text  # as the chat engine asks

@@ -376,7 +376,9 @@ def test_the_stop_found_is_the_callers_where_a_role_marker_starts_at_the_same_pl
     assert plain.stop_found == "\n\n[User]"  # a role marker: not the caller's, so no stop_reason
 
 
-@pytest.mark.parametrize("tail", ["\n\n[User 1]\nmore", "\n[User 0\nThe answer", "\n\n[User 1</strong>\n<strong>", "\n\n[Assistant 2]: yes"])
+@pytest.mark.parametrize(
+    "tail", ["\n\n[User 1]\nmore", "\n[User 0\nThe answer", "\n\n[User 1</strong>\n<strong>", "\n\n[Assistant 2]: yes", "\n[User: 10:00:00 AM]", "\n\n[Human]\nBerlin."]
+)
 def test_a_made_up_turn_in_a_variant_of_a_role_marker_ends_the_reply(draft_tokenizer, tail):
     """After its answer the base model often numbers or names the turn it makes up ("[User 1"):
     a variant at a line's start ends the reply as the marker does, streamed token by token too."""
@@ -387,14 +389,18 @@ def test_a_made_up_turn_in_a_variant_of_a_role_marker_ends_the_reply(draft_token
 
 
 def test_a_variant_inside_a_line_or_one_the_prompt_writes_is_the_reply_s_text(draft_tokenizer):
-    """Only a numbered one at a line's start ("[User Guide](...)" is a markdown link), and not one of
-    a marker whose numbered form the conversation uses itself (a chat log's "[User 2]:"), which a
-    reply may quote."""
+    """Only a numbered or colon one at a line's start ("[User Guide](...)" is a markdown link), and not
+    one of a marker whose form the conversation uses itself (a chat log's "[User 2]:", "[User: Ann]"),
+    which a reply may quote."""
     plain = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "")))
-    plain.add(_ids(draft_tokenizer, "See [User 2] above.\n[User Guide](https://example.com)"), "base")
-    assert not plain.stopped and plain.text == "See [User 2] above.\n[User Guide](https://example.com)"
+    plain.add(_ids(draft_tokenizer, "See [User 2] above, [User: me].\n[User Guide](https://example.com)"), "base")
+    assert not plain.stopped and plain.text == "See [User 2] above, [User: me].\n[User Guide](https://example.com)"
     kept = {stop.split(" ")[0] for stop in variant_stops(ROLE_STOPS, "\n\n[User]\n[User 2]: hi\n[User 1]: ok")}
-    assert kept == {"\n[System", "\n[Assistant"}
+    assert kept == {"\n[System", "\n[Assistant", "\n[User:", "\n[System:", "\n[Assistant:", "\n[Human]", "\n[AI]"}
+    assert "\n[User:" not in variant_stops(ROLE_STOPS, "[User: Ann] hi") and "\n[User 1" in variant_stops(ROLE_STOPS, "[User: Ann] hi")
+    assert "\n[Human]" not in variant_stops(ROLE_STOPS, "[Human] hi\n[AI] hello") and "\n[AI]" not in variant_stops(ROLE_STOPS, "[AI] hello")
+    plain.add(_ids(draft_tokenizer, " A [Human] tag."), "base")
+    assert not plain.stopped
     quoting = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "[User 2]: hi")))
     quoting.add(_ids(draft_tokenizer, "They said:\n[User 2]: hi\n\n[User]\nmore"), "base")
     assert quoting.stopped and quoting.text == "They said:\n[User 2]: hi"

@@ -20,6 +20,11 @@ from .tools import message_text, template_messages, tools_text
 ROLE_HEADERS = {"system": "[System]", "user": "[User]", "assistant": "[Assistant]", "tool": "[Tool]"}
 ROLE_STOPS = ("[System]", "[User]", "[Assistant]")
 TOOLS_HEADER = "[Tools]"
+# Chat logs' other names for the two sides (LangChain's get_buffer_string, LlamaIndex's condense
+# prompt: "a conversation between Human and Assistant") in the template's bracket form: after its
+# answer the base model makes up the next turn as "\n\n[Human]\n" too (11 of 16 replies to
+# LlamaIndex's condense prompt on the embedded pair, benchmarks/bench_rag_turns.py).
+SPEAKER_STOPS = ("\n[Human]", "\n[AI]")
 
 
 @dataclass(frozen=True)
@@ -240,15 +245,22 @@ def base_prompt(
 
 
 def variant_stops(markers: tuple[str, ...], prompt: str) -> tuple[str, ...]:
-    """The markers' numbered variants at a line's start ("\n[User 1"), which end the reply too: after
-    its answer the base model often makes up a turn as "[User 0", "[User 1]:" or "[User 1</strong>"
-    (14 of 32 replies to LlamaIndex's RAG prompts on the embedded pair ran on so), which no exact
-    marker stops. A number, not any word, so that a line such as "[User Guide](...)" stays text; and
-    not a marker's variants that the prompt writes itself (a chat log's "[User 2]: hi"), which a
-    reply may well quote at a line's start."""
-    return tuple(
-        f"\n{m[:-1]} {digit}" for m in markers if not re.search(re.escape(m[:-1]) + r" \d", prompt) for digit in "0123456789"
-    )
+    """The markers' numbered and colon variants at a line's start ("\n[User 1", "\n[User:"), which end
+    the reply too: after its answer the base model often makes up a turn as "[User 0", "[User 1]:",
+    "[User 1</strong>" (14 of 32 replies to LlamaIndex's RAG prompts on the embedded pair ran on so)
+    or "[User: 10:00 AM]" (LlamaIndex's condense prompt), which no exact marker stops. A number or a
+    colon, not any word, so that a line such as "[User Guide](...)" stays text; and not a variant
+    that the prompt writes itself (a chat log's "[User 2]: hi"), which a reply may well quote at a
+    line's start. Also the other names chat logs give the two sides (SPEAKER_STOPS), unless the
+    prompt writes them so."""
+    stops: list[str] = []
+    for marker in markers:
+        name = marker[:-1]  # "[User"
+        if not re.search(re.escape(name) + r" \d", prompt):
+            stops += [f"\n{name} {digit}" for digit in "0123456789"]
+        if name + ":" not in prompt:
+            stops.append(f"\n{name}:")
+    return (*stops, *(stop for stop in SPEAKER_STOPS if stop[1:] not in prompt))
 
 
 def base_prompt_tokens(base_tok: Any, messages: list[Message], base_template: str = "plain", tools: Sequence[Mapping[str, Any]] = ()) -> int:
