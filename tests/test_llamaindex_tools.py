@@ -20,6 +20,7 @@ from wsd_llms.errors import InvalidParameterError
 from wsd_llms.events import FinalEvent, TextDelta, Timings, Usage, WSDResult
 from wsd_llms.loading import EMBEDDED_BASE, EMBEDDED_DRAFT, local_source
 from wsd_llms.messages import ToolCall
+from wsd_llms.params import parse_params
 from wsd_llms.tools import InvalidToolCall
 
 
@@ -140,6 +141,20 @@ def test_parallel_calls_become_tool_selections(monkeypatch: pytest.MonkeyPatch) 
     chunks = list(llm.stream_chat_with_tools(TOOLS, user_msg="3+4 and 5*6?", allow_parallel_tool_calls=True))
     assert [c.message.content for c in chunks] == [""] and calls(llm, chunks[-1]) == calls(llm, response)
     assert response.raw["finish_reason"] == chunks[-1].raw["finish_reason"] == "tool_calls"  # as OpenAI's
+
+
+def test_a_tool_keeps_its_own_name_in_any_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LlamaIndex's OpenAI spec renames "add.v2" to "add_v2"; the runtime takes any name, so the
+    model calls the tool as it is named, predict_and_call finds it (a KeyError, 'add_v2', before),
+    and tool_choice may name it."""
+    renamed = [FunctionTool.from_defaults(add, name="add.v2"), FunctionTool.from_defaults(multiply, name="mal nehmen")]
+    text = '<tool_call>\n{"name": "add.v2", ...}\n</tool_call>'
+    llm, script = scripted(monkeypatch, text, content="", tool_calls=(ToolCall("c1", "add.v2", {"a": 3, "b": 4}),))
+    assert llm.predict_and_call(renamed, user_msg="3+4?").response == "7"
+    llm.chat_with_tools(renamed, user_msg="3+4?", tool_choice="add.v2")
+    assert [t["function"]["name"] for t in script.params[-1]["tools"]] == ["add.v2", "mal nehmen"]
+    assert script.params[-1]["tool_choice"] == "add.v2"
+    parse_params(tools=script.params[-1]["tools"], tool_choice=script.params[-1]["tool_choice"])  # the runtime's check takes them
 
 
 def test_text_before_a_call_streams_without_markup(monkeypatch: pytest.MonkeyPatch) -> None:

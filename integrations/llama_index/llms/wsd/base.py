@@ -628,12 +628,18 @@ class WSDLLM(WSDSettings, FunctionCallingLLM):
 
 
 def _tool_spec(tool: BaseTool, i: int) -> dict[str, Any]:
-    """A tool as the OpenAI-style spec the runtime takes; anything else (a bare function, say) is a
+    """A tool as the OpenAI-style spec the runtime takes, under the tool's own name: LlamaIndex's
+    spec writes "add.v2" as "add_v2" (OpenAI's rule, not the runtime's), and a call of "add_v2"
+    found no tool to run (predict_and_call's KeyError). Anything else (a bare function, say) is a
     TypeError that names it (it was an AttributeError on `.metadata`)."""
     to_openai_tool = getattr(getattr(tool, "metadata", None), "to_openai_tool", None)
     if not callable(to_openai_tool):
         raise TypeError(f"tools[{i}] is {tool!r}, not a LlamaIndex tool; wrap a function in FunctionTool.from_defaults(fn)")
-    return to_openai_tool(skip_length_check=True)
+    spec = to_openai_tool(skip_length_check=True)
+    name = tool.metadata.name
+    if isinstance(name, str) and name:
+        spec["function"]["name"] = name
+    return spec
 
 
 def _arguments(kwargs: dict[str, Any] | str) -> dict[str, Any]:
