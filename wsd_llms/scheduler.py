@@ -71,20 +71,14 @@ def token_budget(seq: Sequence) -> int:
     return max(held) if seq.params.mode in ONE_AT_A_TIME else sum(held)
 
 
-# For a program that holds one cache at a time, the parameter that lowers each cache it may find too
-# large alone (the staged check holds at most what the base cache does: it is never the one).
-LOWERED_BY = {"draft": "max_draft_tokens", "base": "max_tokens"}
-
-
 def _too_large_reason(seq: Sequence, limit: int) -> tuple[str, str]:
     """What token_budget counts for this request, each term with its value, and what would bring it
     under `limit`: the budgets that fit, or shorter messages where the prompts alone leave no room
     for one token of each budget."""
-    mode, terms, limits = seq.params.mode, seq.cache_terms(), seq.cache_limits()
-    fixed = {"draft": len(seq.prompts.draft_ids), "base": len(seq.prompts.base_ids) + 1}  # each cache's positions before its budget
-    budget = {"draft": "max_tokens" if mode == "draft" else LOWERED_BY["draft"], "base": LOWERED_BY["base"]}
-    if mode in ONE_AT_A_TIME:  # its largest cache counts; the staged check's is never the one too large
-        caches = [kind for kind in CACHES[mode] if kind in LOWERED_BY and limits[kind] > limit]
+    mode, terms, limits, budget = seq.params.mode, seq.cache_terms(), seq.cache_limits(), seq.cache_budgets()
+    fixed = {kind: limits[kind] - getattr(seq.params, name) for kind, name in budget.items()}  # each cache's positions before its budget
+    if mode in ONE_AT_A_TIME:  # its largest cache counts (never the staged check's: Sequence.cache_budgets)
+        caches = [kind for kind in CACHES[mode] if kind in budget and limits[kind] > limit]
         held = f"the larger of: {', or '.join(terms[kind] for kind in caches)}" if len(caches) > 1 else terms[caches[0]]
         rooms = {budget[kind]: limit - fixed[kind] for kind in caches}
     else:

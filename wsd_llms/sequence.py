@@ -165,10 +165,15 @@ class Sequence:
             "check": len(prompts.base_ids) + min(2 * p.max_draft_tokens, p.max_tokens),
         }
 
+    def cache_budgets(self) -> dict[str, str]:
+        """The parameter that grows the draft and the base cache past its prompt (and lowers it): the
+        staged check's cache holds at most what the base cache does, so it is never the one too large."""
+        return {"draft": "max_tokens" if self.params.mode == "draft" else "max_draft_tokens", "base": "max_tokens"}
+
     def cache_terms(self) -> dict[str, str]:
         """What cache_limits counts for the draft and base caches, spelled with this request's values
         (for an error that says why a request cannot fit)."""
-        prompts = self.prompts
+        prompts, budgets = self.prompts, self.cache_budgets()
 
         def budget(name: str) -> str:
             value, asked = getattr(self.params, name), self.asked.get(name)
@@ -176,9 +181,9 @@ class Sequence:
             return f"{name}={value}{capped}"
 
         return {
-            "draft": f"draft prompt {len(prompts.draft_ids)} + {budget('max_tokens' if self.params.mode == 'draft' else 'max_draft_tokens')}",
-            "base": f"base prompt {len(prompts.base_ids)} + {budget('max_tokens')} + 1",
-        }  # the staged check's cache is never the one too large (scheduler.LOWERED_BY)
+            "draft": f"draft prompt {len(prompts.draft_ids)} + {budget(budgets['draft'])}",
+            "base": f"base prompt {len(prompts.base_ids)} + {budget(budgets['base'])} + 1",
+        }
 
     def new_cache(self, kind: str) -> KVCache:
         """An empty cache of `kind` (see cache_limits) that never reserves room beyond its limit."""
