@@ -13,7 +13,7 @@ import torch
 from tiny import make_tokenizer, tiny_deepseek, tiny_gemma3, tiny_granite, tiny_llama
 from machine import needs_bfloat16_kernels
 
-from wsd_llms import output_head
+from wsd_llms import output_head, packed_linear
 from wsd_llms.messages import normalize_messages
 from wsd_llms.model_runner import ModelRunner
 from wsd_llms.output_head import HeadRows, OutputHead
@@ -174,6 +174,20 @@ def test_no_screen_where_its_bounds_do_not_hold(small_bound):
     loaded.model.get_output_embeddings().weight = loaded.model.get_input_embeddings().weight
     loaded.model.to(torch.bfloat16)
     assert ModelRunner(loaded).head._screen is None
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_making_a_runner_draws_nothing_from_torchs_global_generator(small_bound, kind, monkeypatch):
+    """Loading leaves a caller's torch.manual_seed where it was: the probes' layers and the
+    bound's copy of the head's first rows are made from given tensors, not drawn."""
+    loaded = MODELS[kind]()
+    monkeypatch.setattr(packed_linear, "_STACKING_EXACT", {})  # so that every load-time check runs here
+    packed_linear._onednn_linear_works.cache_clear()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    runner = ModelRunner(loaded)
+    assert runner.head._subset is not None  # the bound's copy was made
+    assert torch.equal(torch.get_rng_state(), state)
+
 
 def test_no_bound_for_a_small_vocabulary_or_a_head_the_model_scales():
     assert ModelRunner(MODELS["llama"]()).head.logprob_bounds(torch.zeros(1, 32), [5]) is None  # 300 words

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .packed_linear import PackedLinear, can_pack
+from .packed_linear import PackedLinear, can_pack, linear_of
 
 # Vocabulary ids [0, BOUND_WORDS) the bound projects: 1/32 of the embedded base's output projection.
 BOUND_WORDS = 8192
@@ -112,12 +112,8 @@ class OutputHead:
         # The rows stay at hand where they cost nothing: a tied head's are the input embeddings;
         # an untied head packed for oneDNN drops its dense copy, so its bound skips outside words.
         self._words = inputs.weight if tied else (None if packed else head.weight)
-        subset = torch.nn.Linear(weight.shape[1], BOUND_WORDS, bias=bias is not None, dtype=weight.dtype, device=weight.device)
-        subset.requires_grad_(False)  # a copy for inference (left unpacked, as bfloat16 is on an AVX2 CPU, it would track grads)
-        with torch.no_grad():
-            subset.weight.copy_(weight[:BOUND_WORDS])
-            if bias is not None:
-                subset.bias.copy_(bias[:BOUND_WORDS])
+        # A copy of the first rows (made from them, not drawn: loading takes nothing from torch's global generator).
+        subset = linear_of(weight[:BOUND_WORDS].clone(), None if bias is None else bias[:BOUND_WORDS].clone())
         self._subset = PackedLinear(subset) if packed else subset
         # The greedy screen, for a float32 projection with its rows at hand (to compute candidates
         # again) and nothing after the product (a bias or soft-capping would need their own bounds).

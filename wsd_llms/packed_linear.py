@@ -47,7 +47,7 @@ def _onednn_linear_works(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16 and not _cpu_runs_bfloat16():
         return False  # no warning: a CPU without bfloat16 instructions is expected, not a failure
     generator = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(64, 48, dtype=dtype)
+    linear = linear_of(torch.randn(48, 64, generator=generator).div(8).to(dtype), torch.randn(48, generator=generator).to(dtype))
     x = torch.randn(5, 64, generator=generator).to(dtype)
     try:
         with torch.inference_mode():
@@ -91,7 +91,7 @@ class PackedLinear(torch.nn.Module):
     @classmethod
     def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
         """A packed layer computing `x @ weight.T + bias` (the weight is copied into oneDNN's layout)."""
-        return cls(_linear_of(weight, bias))
+        return cls(linear_of(weight, bias))
 
     @classmethod
     def stacked(cls, linears: list[torch.nn.Linear]) -> PackedLinear:
@@ -115,7 +115,7 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
     """An `nn.Linear` around these tensors (made on the meta device: no weights drawn and thrown away)."""
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
     linear.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -258,7 +258,7 @@ def _stacking_exact(group: list[Sibling]) -> bool:
     if key not in _STACKING_EXACT:
         generator = torch.Generator().manual_seed(0)  # not the global one: loading a model draws no user randomness
         layers = [
-            _linear_of(
+            linear_of(
                 torch.randn(n, key[0], generator=generator).div(key[0] ** 0.5).to(dtype),
                 torch.randn(n, generator=generator).to(dtype) if bias else None,
             )
