@@ -431,6 +431,7 @@ def test_a_grammar_the_tokenizer_cannot_write_is_the_request_s_error(shared_runt
         {"type": "object", "properties": {"a": {"enum": [{"required": ["nothing"], "pattern": "(?!x)"}]}}},  # data, not schemas
         {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+\\d?$"}}, "$defs": {"n": {"type": "integer"}}, "required": ["a"]},
         {"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}, "b": {"$ref": "#"}}, "$defs": {"n": {"type": "integer"}}},
+        {"type": "object", "properties": {"a": {"allOf": [{"$ref": "#/$defs/n"}]}}, "$defs": {"n": {"type": "integer"}}},  # one schema: held
         # a definition nothing uses is never compiled: its pattern was refused
         {"type": "object", "properties": {"a": {"type": "integer"}}, "$defs": {"unused": {"type": "string", "pattern": "^(?!x).*"}}},
     ],
@@ -708,6 +709,19 @@ def test_keywords_the_grammar_does_not_enforce_are_still_checked():
     assert "is not a 'date'" in parse_json('{"on": "2023-02-29"}', day)[1] and parse_json('{"on": "2024-02-29"}', day)[1] is None
     at = {"type": "string", "format": "date-time"}
     assert "is not a 'date-time'" in _validation_error("2023-02-30T10:00:00Z", at) and _validation_error("2024-02-29T10:00:00Z", at) is None
+
+
+def test_a_key_written_twice_is_not_passed_as_one_value():
+    """A map's grammar (additionalProperties) lets a model write a key again; a parser keeps only
+    the last value, so the reply is not passed as valid: the value as written is not the one parsed."""
+    counts = {"type": "object", "additionalProperties": {"type": "integer"}}
+    assert parse_json('{"a": 1, "b": 2}', counts) == ({"a": 1, "b": 2}, None)
+    value, error = parse_json('{"a": 1, "b": 2, "a": 3}', counts)
+    assert value == {"a": 3, "b": 2} and error == "the key 'a' is written more than once in one object, and JSON keeps only its last value"
+    assert "'x'" in parse_json('[{"x": {"y": 1}}, {"x": 1, "x": 1}]', {})[1]  # at any depth
+    tool = {"name": "tally", "description": "", "parameters": counts}
+    _, calls, invalid = parse_reply('<tool_call>\n{"name": "tally", "arguments": {"n": 1, "n": 2}}\n</tool_call>', [tool])
+    assert not calls and invalid[0].error.startswith("the key 'n' is written more than once") and invalid[0].name == "tally"
 
 
 def test_tool_messages():

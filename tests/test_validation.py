@@ -131,6 +131,10 @@ def test_a_typeddict_response_format_is_its_json_schema():
             {"tools": [{"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(?!x).*"}}}}]},
             "invalid tools: tools[0] (f) parameters: the pattern '^(?!x).*' at $.properties.a cannot be held to: Regex parsing error at position 4: Lookahead is not supported yet.",
         ),
+        (  # xgrammar 0.2 warned on stderr and took any JSON value: 1.1 for an object with a and b
+            {"response_format": {"type": "object", "properties": {"p": {"allOf": [{"type": "object", "required": ["a"]}, {"required": ["b"]}]}}}},
+            "invalid response_format: the allOf at $.properties.p combines 2 schemas, which the grammar cannot hold together (it would leave the value unconstrained): merge them into one schema",
+        ),
         (
             {"response_format": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "zz"]}},
             "invalid response_format: the required names 'zz' at $ are not among its properties, and no other property may be written, so no value could be valid",

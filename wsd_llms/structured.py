@@ -189,7 +189,23 @@ def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         value = load_json(text)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return None, f"the reply is not valid JSON: {exc}"
-    return value, schema_error(text, value, schema)
+    return value, repeated_key_error(text) or schema_error(text, value, schema)
+
+
+def repeated_key_error(text: str) -> str | None:
+    """Why the JSON `text` does not say one value: an object that writes a key twice, of which a
+    parser keeps the last value and drops the others without a word; or None. A grammar for a map
+    (additionalProperties, patternProperties) lets a model write a key again."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> None:
+        keys = [key for key, _ in items]
+        repeated.extend(key for i, key in enumerate(keys) if key in keys[:i])
+
+    load_json(text, object_pairs_hook=pairs)
+    if not repeated:
+        return None
+    return f"the key {repeated[0]!r} is written more than once in one object, and JSON keeps only its last value"
 
 
 @dataclass(frozen=True)
@@ -426,7 +442,8 @@ def _unfollowed(schema: dict[str, Any], path: str) -> str | None:
       fetched) or to an anchor ("#name");
     - a `pattern` in a syntax its regex reader refuses (a lookahead: ignored inside a schema);
     - a `required` name that is no property, where no other property may be written (the grammar
-      writes only the listed ones, so every reply fails the check)."""
+      writes only the listed ones, so every reply fails the check);
+    - an `allOf` of several schemas, where xgrammar cannot combine them (_all_of_held)."""
     ref = schema.get("$ref")
     if isinstance(ref, str) and not (ref == "#" or ref.startswith("#/")):
         return (
@@ -443,7 +460,22 @@ def _unfollowed(schema: dict[str, Any], path: str) -> str | None:
                 f"the required names {', '.join(map(repr, missing))} at {path} are not among its properties, and no other property may be "
                 "written, so no value could be valid: add them to properties, or take them out of required"
             )
+    all_of = schema.get("allOf")
+    if isinstance(all_of, list) and len(all_of) > 1 and not _all_of_held():
+        return (
+            f"the allOf at {path} combines {len(all_of)} schemas, which the grammar cannot hold together (it would leave the value "
+            "unconstrained): merge them into one schema"
+        )
     return None
+
+
+@functools.cache
+def _all_of_held() -> bool:
+    """Whether xgrammar holds a value to every schema of an allOf: 0.2.x warns on stderr that it
+    does not yet, and its grammar then takes any JSON value."""
+    xgr = require_xgrammar()
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, {"required": ["a"]}]}
+    return not xgr.testing._is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(both)), "1")
 
 
 @functools.lru_cache(maxsize=256)
