@@ -186,26 +186,30 @@ def strict_json(text: str) -> str:
 def parse_json(text: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
     """The reply as a JSON value and why it does not validate against `schema` (None if it does)."""
     try:
-        value = load_json(text)
+        value, repeated = load_reply_json(text)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         return None, f"the reply is not valid JSON: {exc}"
-    return value, repeated_key_error(text) or schema_error(text, value, schema)
+    return value, repeated or schema_error(text, value, schema)
 
 
-def repeated_key_error(text: str) -> str | None:
-    """Why the JSON `text` does not say one value: an object that writes a key twice, of which a
-    parser keeps the last value and drops the others without a word; or None. A grammar for a map
-    (additionalProperties, patternProperties) lets a model write a key again."""
+def load_reply_json(text: str) -> tuple[Any, str | None]:
+    """A model's JSON `text` parsed (load_json), and why it does not say one value, or None: an
+    object that writes a key twice, of which the value keeps only the last, dropping the others
+    without a word. A grammar for a map (additionalProperties, patternProperties) lets a model
+    write a key again."""
     repeated: list[str] = []
 
-    def pairs(items: list[tuple[str, Any]]) -> None:
-        keys = [key for key, _ in items]
-        repeated.extend(key for i, key in enumerate(keys) if key in keys[:i])
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = dict(items)
+        if len(value) < len(items):
+            keys = [key for key, _ in items]
+            repeated.extend(key for i, key in enumerate(keys) if key in keys[:i])
+        return value
 
-    load_json(text, object_pairs_hook=pairs)
+    value = load_json(text, object_pairs_hook=pairs)
     if not repeated:
-        return None
-    return f"the key {repeated[0]!r} is written more than once in one object, and JSON keeps only its last value"
+        return value, None
+    return value, f"the key {repeated[0]!r} is written more than once in one object, and JSON keeps only its last value"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .errors import InvalidParameterError
 from .messages import Message, ToolCall, unicode_error
 from .reply import close_outside_strings, held_back
 from .params import KEYWORD_CHOICES, did_you_mean, json_error
-from .structured import Cut, Written, as_written, json_format, load_json, repeated_key_error, schema_error
+from .structured import Cut, Written, as_written, json_format, load_json, load_reply_json, schema_error
 
 CALL_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
 CALL_OPEN, CALL_CLOSE, CALL_SEPARATOR = f"{CALL_TAG}\n", f"\n{CLOSE_TAG}", "\n"
@@ -299,8 +299,8 @@ def parse_reply(
             if not span.closed:
                 ended = f"{cut.limit} first; {cut.remedy}" if cut is not None else "the reply ended first"
                 raise ValueError(f"the call is not closed with </tool_call> ({ended})")
-            body = load_json(span.body)
-            if (repeated := repeated_key_error(span.body)) is not None:
+            body, repeated = load_reply_json(span.body)
+            if repeated is not None:
                 raise ValueError(repeated)
             if not isinstance(body, dict) or not isinstance(body.get("name"), str):
                 raise ValueError('a call must be {"name": ..., "arguments": {...}}')
