@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import math
 import re
 
@@ -722,6 +723,33 @@ def test_a_key_written_twice_is_not_passed_as_one_value():
     tool = {"name": "tally", "description": "", "parameters": counts}
     _, calls, invalid = parse_reply('<tool_call>\n{"name": "tally", "arguments": {"n": 1, "n": 2}}\n</tool_call>', [tool])
     assert not calls and invalid[0].error.startswith("the key 'n' is written more than once") and invalid[0].name == "tally"
+
+
+OPEN_MEMBERS = [
+    ({"type": "array", "maxItems": 3}, '["a", 1]'),
+    ({"type": "array", "minItems": 2, "uniqueItems": True}, "[1, 2]"),
+    ({"type": "array", "contains": {"type": "integer"}, "minContains": 2}, '[1, "a", 2]'),
+    ({"type": ["array", "null"], "maxItems": 2, "description": "or none"}, "[true]"),
+    ({"type": "object", "maxProperties": 2}, '{"a": 1, "b": [2]}'),
+    ({"type": "object", "properties": {"t": {"type": "array", "nullable": True}}, "required": ["t"]}, '{"t": [1]}'),
+]
+
+
+@pytest.mark.parametrize("schema, text", OPEN_MEMBERS)
+def test_an_array_or_object_that_gives_no_members_takes_any(schema, text):
+    """JSON Schema reads an array without items, or an object without properties, as taking any;
+    xgrammar's strict mode held it to [] (or {}) once it had another keyword, and refused minItems.
+    Such a schema is now taken, and a value with members passes the replay of its grammar."""
+    assert parse_params(response_format=schema).response_format == schema
+    assert parse_json(text, schema) == (json.loads(text), None)
+
+
+def test_listed_members_stay_the_only_ones():
+    """What a schema lists is still all that may be written (OpenAI's strict mode): properties
+    without additionalProperties, prefixItems without items."""
+    assert "does not match" in parse_json('{"a": 1}', {"type": "object", "properties": {}})[1]
+    assert "does not match" in parse_json("[1, 2]", {"type": "array", "prefixItems": [{"type": "integer"}]})[1]
+    assert "does not match" in parse_json('{"t": [1, 2, 3]}', {"type": "object", "properties": {"t": {"type": "array", "maxItems": 2}}})[1]
 
 
 def test_tool_messages():

@@ -90,6 +90,14 @@ def test_structured_output_validates(embedded):
         Report.model_validate_json(r.text)
 
 
+def test_an_array_without_items_gets_members(embedded):
+    """An array schema that gives no items takes any (xgrammar's strict mode wrote only [] for it
+    once it had maxItems): the list asked for comes with members."""
+    r = _ask(embedded, "Name three primary colors as a JSON list.", response_format={"type": "array", "maxItems": 5}, max_tokens=60)
+    assert r.finish_reason == "stop" and r.parse_error is None, r.text
+    assert 1 <= len(r.parsed) <= 5, r.text
+
+
 def test_auto_greeting_gets_text(embedded):
     r = _ask(embedded, "Hello! How are you today?", tools=[WEATHER], tool_choice="auto", max_tokens=16)
     assert not r.tool_calls and not r.invalid_tool_calls and "<tool_call>" not in r.text and r.text

@@ -78,7 +78,38 @@ def _check_version(version: str) -> None:
 
 def json_format(schema: dict[str, Any]) -> dict[str, Any]:
     """A structural-tag format that matches one JSON value of `schema`."""
-    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+    return {"type": "json_schema", "json_schema": _opened(schema), "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+
+
+# What an array or an object gives of its members: one that gives none of them takes any (_opened).
+_ITEMS = ("items", "prefixItems", "unevaluatedItems")
+_MEMBERS = ("properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames")
+
+
+def _opened(schema: Any) -> Any:
+    """`schema` as the grammar is built from it: an array that gives no items takes items of any
+    kind, and an object that names no properties takes any, as JSON Schema says and as xgrammar
+    does for a bare {"type": "array"}. Its strict mode otherwise allows no member at all once the
+    array or object has another keyword: `"maxItems": 3` wrote only [], `"minItems": 1` did not
+    compile, `"required": ["a"]` without properties wrote only {}."""
+    if isinstance(schema, list):
+        return [_opened(value) for value in schema]
+    if not isinstance(schema, dict):
+        return schema
+    opened: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DATA_KEYWORDS:
+            opened[key] = value
+        elif key in _SCHEMA_MAPS | _DEFINITIONS and isinstance(value, dict):
+            opened[key] = {name: _opened(subschema) for name, subschema in value.items()}
+        else:
+            opened[key] = _opened(value)
+    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    if "array" in types and not any(key in schema for key in _ITEMS):
+        opened["items"] = {}
+    if "object" in types and not any(key in schema for key in _MEMBERS):
+        opened["additionalProperties"] = {}
+    return opened
 
 
 def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
@@ -90,7 +121,7 @@ def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
     does not enforce (uniqueItems, multipleOf, not, if/then, oneOf's exclusivity, ...).
     """
     xgr = require_xgrammar()
-    grammar = xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True, any_order=True)
+    grammar = xgr.Grammar.from_json_schema(json.dumps(_opened(schema)), strict_mode=True, any_order=True)
     if not xgr.testing._is_grammar_accept_string(grammar, text.strip()):
         return f"{text.strip()} does not match the JSON schema"
     return _validation_error(value, schema)
