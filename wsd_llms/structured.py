@@ -104,7 +104,8 @@ def _opened(schema: Any) -> Any:
             opened[key] = {name: _opened(subschema) for name, subschema in value.items()}
         else:
             opened[key] = _opened(value)
-    types = schema.get("type") if isinstance(schema.get("type"), list) else [schema.get("type")]
+    named = schema.get("type")
+    types: list[Any] = named if isinstance(named, list) else [named]
     if "array" in types and not any(key in schema for key in _ITEMS):
         opened["items"] = {}
     if "object" in types and not any(key in schema for key in _MEMBERS):
