@@ -1872,6 +1872,32 @@ def test_a_value_off_its_schema_is_a_parsing_error(fake, method):
     assert list(WSDChatModel().with_structured_output(schema, method=method).stream("tags"))[-1] == {"tags": ["a", "b"]}
 
 
+class Tally(BaseModel):
+    counts: dict[str, int]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_a_key_written_twice_fails_a_pydantic_class_too(fake, method):
+    """pydantic keeps a repeated key's last value without a word, so for a pydantic class the
+    runtime's parse_error for it fails the parse, as it does for a JSON schema; a reply with
+    another parse_error is still pydantic's to judge."""
+    from langchain_core.exceptions import OutputParserException
+
+    from wsd_llms.structured import parse_json
+
+    text = '{"counts": {"a": 1, "b": 2, "a": 3}}'
+    fake.reply = fake_result(text, parsed=None, parse_error=parse_json(text, Tally.model_json_schema())[1])
+    structured = WSDChatModel().with_structured_output(Tally, method=method)
+    with pytest.raises(OutputParserException, match="the key 'a' is written more than once"):
+        structured.invoke("tally")
+    with pytest.raises(OutputParserException, match="the key 'a' is written more than once"):
+        list(structured.stream("tally"))
+    out = WSDChatModel().with_structured_output(Tally, method=method, include_raw=True).invoke("tally")
+    assert out["parsed"] is None and "written more than once" in str(out["parsing_error"])
+    fake.reply = fake_result('{"counts": {"a": 1}}', parsed=None, parse_error="a keyword pydantic judges")
+    assert structured.invoke("tally") == Tally(counts={"a": 1})
+
+
 def test_json_mode_without_a_schema_is_any_json_object(fake):
     fake.reply = fake_result(json.dumps(JOKE))
     assert WSDChatModel().with_structured_output(method="json_mode").invoke("joke") == JOKE

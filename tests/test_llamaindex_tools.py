@@ -457,6 +457,30 @@ async def test_a_streamed_object_cut_short_fails_the_object_not_the_chat(monkeyp
     assert events.index("LLMChatEndEvent") > events.index("LLMChatInProgressEvent")
 
 
+async def test_a_key_written_twice_fails_the_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic keeps a repeated key's last value without a word: the runtime's parse_error for it
+    fails structured_predict and a structured stream (at its end) with InvalidReplyError, a ValueError."""
+    from wsd_llms import InvalidReplyError
+    from wsd_llms.structured import parse_json
+
+    class Tally(BaseModel):
+        counts: dict[str, int]
+
+    text = '{"counts": {"a": 1, "b": 2, "a": 3}}'
+    llm, _ = scripted(monkeypatch, text, parse_error=parse_json(text, Tally.model_json_schema())[1])
+    needle = "^Tally: the key 'a' is written more than once in one object"
+    with pytest.raises(InvalidReplyError, match=needle):
+        llm.structured_predict(Tally, PROMPT, place="Europe")
+    with pytest.raises(InvalidReplyError, match=needle):
+        await llm.astructured_predict(Tally, PROMPT, place="Europe")
+    with pytest.raises(InvalidReplyError, match=needle):
+        list(llm.stream_structured_predict(Tally, PROMPT, place="Europe"))
+    assert issubclass(InvalidReplyError, ValueError)
+    once = '{"counts": {"a": 1}}'
+    llm, _ = scripted(monkeypatch, once, parse_error="a keyword pydantic judges")
+    assert llm.structured_predict(Tally, PROMPT, place="Europe") == Tally(counts={"a": 1})
+
+
 def test_constructor_tool_choice_and_parallel_calls_are_the_defaults():
     """An agent cannot pass tool_choice per call: the constructor's setting holds unless the call
     gives one (or tool_required)."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     InvalidMessagesError,
     InvalidParameterError,
+    InvalidReplyError,
     ModelLoadError,
     PromptTooLongError,
     ReplyCutShortError,
@@ -68,6 +69,7 @@ __all__ = [
     "GenerationParams",
     "InvalidMessagesError",
     "InvalidParameterError",
+    "InvalidReplyError",
     "Message",
     "ModelLoadError",
     "PromptTooLongError",

@@ -32,6 +32,11 @@ class ReplyCutShortError(WSDError, ValueError):
     """max_tokens, the context window or a stop string ended a reply before its structured value was whole."""
 
 
+class InvalidReplyError(WSDError, ValueError):
+    """A structured reply that says no one value, where a pydantic class's validation would pass
+    it: it writes a key twice, of which JSON (and pydantic) keep only the last value."""
+
+
 class ModelLoadError(WSDError, RuntimeError):
     """A model could not be located, converted or loaded."""
 

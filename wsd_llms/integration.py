@@ -27,6 +27,7 @@ from .loading import check_source, model_source, pinned, resolve_device, resolve
 from .messages import ToolCall
 from .params import TEXT_GRAMMARS, GenerationParams, aparse_params, did_you_mean, parse_params, shown_value, tool_choice_value, unwrapped_format
 from .runtime import WSDRuntime, get_runtime
+from .structured import load_reply_json
 from .tools import CALL_TAG, InvalidToolCall, begun_calls, calls_in_order, reads_as_calls, render_invalid_call, text_before_calls
 
 MODEL_PROVIDER = "wsd"
@@ -593,6 +594,18 @@ def with_invalid_calls(text: str, calls: Iterable[tuple[str | None, str | None]]
 def cut_short(metadata: Mapping[str, Any]) -> bool:
     """Whether a reply's metadata (`result_metadata`) says its budget or a stop string ended it."""
     return metadata.get("finish_reason") == "length" or metadata.get("stop_reason") is not None
+
+
+def repeated_key_error(metadata: Mapping[str, Any], content: str) -> str | None:
+    """Why a reply with a parse_error (`result_metadata`) writes a key twice, or None: a pydantic
+    class's validation, which decides for it in both adapters, keeps the key's last value and
+    drops the others without a word."""
+    if not metadata.get("parse_error"):
+        return None
+    try:
+        return load_reply_json(content)[1]
+    except ValueError:  # not JSON: pydantic's validation says so
+        return None
 
 
 def model_name(mode: str, draft: str, base: str) -> str:

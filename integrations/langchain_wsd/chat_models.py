@@ -44,7 +44,7 @@ from wsd_llms.encoding import encode_text
 from wsd_llms.messages import ALLOWED_ROLES, ARGUMENT_KEYS, ID_KEYS, ToolCall, canonical_role, read_tool_call
 from wsd_llms.params import TEXT_GRAMMARS, GenerationParams, checked_tools, tool_choice_problem, tool_choice_value, unwrapped_format
 from wsd_llms.tools import is_function_tool, tool_name
-from wsd_llms.integration import CallDelta, FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, model_name, openai_usage, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import CallDelta, FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, model_name, openai_usage, repeated_key_error, result_metadata, usage_counts, with_invalid_calls
 
 # A call's run manager, sync or async (`_tokens_to` hands back the one it is given).
 _RunManager = TypeVar("_RunManager", CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
@@ -554,11 +554,15 @@ class _SchemaPydanticParser(_FailsAfterTheStream, PydanticOutputParser):
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
         try:  # a stream's last chunk as invoke's message (a partial parse gives None where it fails)
-            return super().parse_result(result, partial=partial and _final_message(result, partial) is None)
+            parsed = super().parse_result(result, partial=partial and _final_message(result, partial) is None)
         except OutputParserException as exc:
             if (failure := _runtime_failure(result, partial, cut_only=True)) is None:
                 raise
             raise failure from exc
+        message = _final_message(result, partial)
+        if message is not None and (repeated := repeated_key_error(message.response_metadata, message.content)) is not None:
+            raise OutputParserException(f"the reply does not fit the schema: {repeated}", llm_output=message.content)
+        return parsed
 
 
 # A call's flags that are LangChain's, not request parameters: `stream` (BaseChatModel's), and

@@ -46,9 +46,9 @@ from llama_index.core.types import PydanticProgramMode
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from wsd_llms.encoding import encode_text
-from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, PromptTooLongError, ReplyCutShortError, user_stacklevel
+from wsd_llms.errors import InvalidMessagesError, InvalidParameterError, InvalidReplyError, PromptTooLongError, ReplyCutShortError, user_stacklevel
 from wsd_llms.events import Event, TextDelta, WSDResult
-from wsd_llms.integration import FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, result_metadata, usage_counts, with_invalid_calls
+from wsd_llms.integration import FinalCall, HistoryResults, ShownCalls, ShownText, WSDSettings, can_constrain, content_to_text, cut_short, openai_usage, repeated_key_error, result_metadata, usage_counts, with_invalid_calls
 from wsd_llms.messages import ToolCall, canonical_role
 from wsd_llms.params import GenerationParams
 from wsd_llms.runtime import reply_room
@@ -670,11 +670,15 @@ def _calls_it_runs(method: Callable[..., Any], tools: Sequence[Any], args: tuple
 
 def _validated(output_cls: type[Model], response: ChatResponse) -> Model:
     """The reply validated into output_cls; a reply that max_tokens or a stop string cut short raises
-    ReplyCutShortError with the runtime's parse_error, which names the limit and how to lift it."""
-    raw = response.raw or {}
+    ReplyCutShortError with the runtime's parse_error, which names the limit and how to lift it,
+    and one that writes a key twice InvalidReplyError (pydantic would keep its last value)."""
+    raw, content = response.raw or {}, response.message.content or ""
     if cut_short(raw) and raw.get("parse_error"):
         raise ReplyCutShortError(f"{output_cls.__name__}: {raw['parse_error']}")
-    return output_cls.model_validate_json(strict_json(response.message.content or ""))
+    value = output_cls.model_validate_json(strict_json(content))
+    if (repeated := repeated_key_error(raw, content)) is not None:
+        raise InvalidReplyError(f"{output_cls.__name__}: {repeated}")
+    return value
 
 
 class _Partials:
