@@ -744,6 +744,32 @@ def test_an_array_or_object_that_gives_no_members_takes_any(schema, text):
     assert parse_json(text, schema) == (json.loads(text), None)
 
 
+DRAFT_7, DRAFT_4 = "http://json-schema.org/draft-07/schema#", "http://json-schema.org/draft-04/schema#"
+
+
+@pytest.mark.parametrize(
+    "schema, valid, invalid",
+    [
+        ({"$schema": DRAFT_7, "type": "array", "items": [{"type": "integer"}, {"type": "string"}]}, ['[1, "a"]', "[1]"], ['["a", 1]', '[1, "a", 2]']),
+        ({"$schema": DRAFT_7, "type": "array", "items": [{"type": "integer"}], "additionalItems": {"type": "string"}}, ['[1, "a", "b"]'], ["[1, 2]"]),
+        (
+            {"$schema": DRAFT_4, "type": "object", "properties": {"n": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10, "exclusiveMaximum": False}}, "required": ["n"]},
+            ['{"n": 0.5}', '{"n": 10}'],
+            ['{"n": 0}', '{"n": 11}'],
+        ),
+    ],
+)
+def test_an_older_draft_s_forms_are_held(schema, valid, invalid):
+    """A tuple's items list (drafts 4 to 7) and draft 4's boolean exclusiveMinimum, which xgrammar
+    refused ('items must be a boolean or an object', 'Value must be a number'), are held as the
+    2020-12 forms they mean; a tuple writes no more items than it lists unless it gives them."""
+    assert parse_params(response_format=schema).response_format == schema
+    for text in valid:
+        assert parse_json(text, schema) == (json.loads(text), None), text
+    for text in invalid:
+        assert parse_json(text, schema)[1] == f"{text} does not match the JSON schema"
+
+
 def test_listed_members_stay_the_only_ones():
     """What a schema lists is still all that may be written (OpenAI's strict mode): properties
     without additionalProperties, prefixItems without items."""

@@ -91,7 +91,9 @@ def _opened(schema: Any) -> Any:
     kind, and an object that names no properties takes any, as JSON Schema says and as xgrammar
     does for a bare {"type": "array"}. Its strict mode otherwise allows no member at all once the
     array or object has another keyword: `"maxItems": 3` wrote only [], `"minItems": 1` did not
-    compile, `"required": ["a"]` without properties wrote only {}."""
+    compile, `"required": ["a"]` without properties wrote only {}. The older drafts' forms that
+    xgrammar refuses (a tuple's `items` list, draft 4's boolean `exclusiveMinimum`) are written in
+    2020-12's; jsonschema checks the value by the schema's own draft."""
     if isinstance(schema, list):
         return [_opened(value) for value in schema]
     if not isinstance(schema, dict):
@@ -104,6 +106,13 @@ def _opened(schema: Any) -> Any:
             opened[key] = {name: _opened(subschema) for name, subschema in value.items()}
         else:
             opened[key] = _opened(value)
+    if isinstance(schema.get("items"), list):  # drafts 4 to 7's tuple: 2020-12's prefixItems, with its additionalItems as items
+        opened["prefixItems"] = opened.pop("items")
+        if "additionalItems" in opened:
+            opened["items"] = opened.pop("additionalItems")
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(schema.get(exclusive), bool) and opened.pop(exclusive) and bound in opened:  # draft 4's flag on the bound
+            opened[exclusive] = opened.pop(bound)
     named = schema.get("type")
     types: list[Any] = named if isinstance(named, list) else [named]
     if "array" in types and not any(key in schema for key in _ITEMS):
