@@ -770,6 +770,39 @@ def test_an_older_draft_s_forms_are_held(schema, valid, invalid):
         assert parse_json(text, schema)[1] == f"{text} does not match the JSON schema"
 
 
+@pytest.mark.parametrize(
+    "schema, valid, invalid",
+    [
+        # a pattern anchored at one end is free at the other (xgrammar matched the whole string: only "https://")
+        ({"type": "string", "pattern": "^https?://"}, ['"https://example.com/a"'], ['"ftp://x"']),
+        ({"type": "string", "pattern": "\\.pdf$"}, ['"notes.pdf"'], ['"notes.pdfx"']),
+        ({"type": "string", "pattern": "^a\\$"}, ['"a$"', '"a$b"'], ['"ba$"']),  # an escaped $ is no anchor
+        ({"type": "object", "patternProperties": {"^S_": {"type": "string"}}}, ['{"S_name": "b"}'], ['{"x": "b"}']),
+        ({"type": "object", "propertyNames": {"pattern": "^a"}, "additionalProperties": {"type": "integer"}}, ['{"abc": 1}'], ['{"b": 1}']),
+        # anchored at neither end, at both, or split by a top-level |: matched whole, as documented
+        ({"type": "string", "pattern": "[0-9]{3}"}, ['"123"'], ['"a123"']),
+        ({"type": "string", "pattern": "^a|b$"}, ['"a"', '"b"'], ['"ab"']),
+        # xgrammar 0.2.9's uri-reference took no absolute URI
+        ({"type": "string", "format": "uri-reference"}, ['"https://example.com/x"', '"/x"'], []),
+        # a false schema where leaving it out changes nothing (xgrammar refused it, naming no place)
+        ({"type": "object", "properties": {"a": {"type": "string"}, "legacy": False}}, ['{"a": "x"}'], ['{"legacy": 1}']),
+        ({"anyOf": [{"type": "string"}, False]}, ['"x"'], ["1"]),
+        # an integer's bounds: fractional ones refused ("must be a whole number"), uint64's beyond xgrammar's 64 bits
+        ({"type": "integer", "minimum": 1.5, "exclusiveMaximum": 4.5}, ["2", "4"], ["1", "5"]),
+        ({"type": ["integer", "null"], "minimum": 0, "exclusiveMinimum": 0.5}, ["1", "null"], ["0"]),
+        ({"type": "integer", "minimum": 0, "maximum": 18446744073709551615}, ["2", "18446744073709551615"], ["-1"]),
+    ],
+)
+def test_forms_xgrammar_reads_otherwise_are_held_as_json_schema_means(schema, valid, invalid):
+    """Valid schemas that xgrammar refused, or held to less than they allow, are taken and held as
+    JSON Schema reads them; a value outside them still fails (in the grammar or the check)."""
+    assert parse_params(response_format=schema).response_format == schema
+    for text in valid:
+        assert parse_json(text, schema) == (json.loads(text), None), text
+    for text in invalid:
+        assert parse_json(text, schema)[1] is not None, text
+
+
 def test_listed_members_stay_the_only_ones():
     """What a schema lists is still all that may be written (OpenAI's strict mode): properties
     without additionalProperties, prefixItems without items."""

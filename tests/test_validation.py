@@ -158,8 +158,13 @@ def test_a_typeddict_response_format_is_its_json_schema():
         ({"tools": [_TOOL], "tool_choice": "AUTO"}, "(tools given: f); did you mean 'auto'?"),
         # xgrammar's refusals name no place: the deepest subschema it refuses alone for the same reason is named
         (
-            {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},
+            {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": "0"}}}},
             "invalid response_format: it cannot be compiled into a grammar: Value must be a number (at $.properties.a)",
+        ),
+        # draft 4's boolean exclusiveMinimum, in a schema that declares no draft: 2020-12's meta-schema names it
+        (
+            {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},
+            "invalid response_format: not a valid JSON schema: True is not of type 'number' (at $.properties.a.exclusiveMinimum)",
         ),
         (
             {"response_format": {"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"$ref": "#/$defs/r"}]}}, "$defs": {"r": {"type": "integer", "minimum": 5, "maximum": 1}}}},

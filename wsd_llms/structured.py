@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import copy_of
+from .grammar_schema import DATA_KEYWORDS, DEFINITIONS, SCHEMA_MAPS, for_grammar
 from .params import GenerationParams
 
 if TYPE_CHECKING:  # for annotations only: parsing replies and checking schemas need neither torch nor the models
@@ -78,48 +79,7 @@ def _check_version(version: str) -> None:
 
 def json_format(schema: dict[str, Any]) -> dict[str, Any]:
     """A structural-tag format that matches one JSON value of `schema`."""
-    return {"type": "json_schema", "json_schema": _opened(schema), "max_whitespace_cnt": MAX_JSON_WHITESPACE}
-
-
-# What an array or an object gives of its members: one that gives none of them takes any (_opened).
-_ITEMS = ("items", "prefixItems", "unevaluatedItems")
-_MEMBERS = ("properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames")
-
-
-def _opened(schema: Any) -> Any:
-    """`schema` as the grammar is built from it: an array that gives no items takes items of any
-    kind, and an object that names no properties takes any, as JSON Schema says and as xgrammar
-    does for a bare {"type": "array"}. Its strict mode otherwise allows no member at all once the
-    array or object has another keyword: `"maxItems": 3` wrote only [], `"minItems": 1` did not
-    compile, `"required": ["a"]` without properties wrote only {}. The older drafts' forms that
-    xgrammar refuses (a tuple's `items` list, draft 4's boolean `exclusiveMinimum`) are written in
-    2020-12's; jsonschema checks the value by the schema's own draft."""
-    if isinstance(schema, list):
-        return [_opened(value) for value in schema]
-    if not isinstance(schema, dict):
-        return schema
-    opened: dict[str, Any] = {}
-    for key, value in schema.items():
-        if key in _DATA_KEYWORDS:
-            opened[key] = value
-        elif key in _SCHEMA_MAPS | _DEFINITIONS and isinstance(value, dict):
-            opened[key] = {name: _opened(subschema) for name, subschema in value.items()}
-        else:
-            opened[key] = _opened(value)
-    if isinstance(schema.get("items"), list):  # drafts 4 to 7's tuple: 2020-12's prefixItems, with its additionalItems as items
-        opened["prefixItems"] = opened.pop("items")
-        if "additionalItems" in opened:
-            opened["items"] = opened.pop("additionalItems")
-    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
-        if isinstance(schema.get(exclusive), bool) and opened.pop(exclusive) and bound in opened:  # draft 4's flag on the bound
-            opened[exclusive] = opened.pop(bound)
-    named = schema.get("type")
-    types: list[Any] = named if isinstance(named, list) else [named]
-    if "array" in types and not any(key in schema for key in _ITEMS):
-        opened["items"] = {}
-    if "object" in types and not any(key in schema for key in _MEMBERS):
-        opened["additionalProperties"] = {}
-    return opened
+    return {"type": "json_schema", "json_schema": for_grammar(schema), "max_whitespace_cnt": MAX_JSON_WHITESPACE}
 
 
 def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
@@ -131,7 +91,7 @@ def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
     does not enforce (uniqueItems, multipleOf, not, if/then, oneOf's exclusivity, ...).
     """
     xgr = require_xgrammar()
-    grammar = xgr.Grammar.from_json_schema(json.dumps(_opened(schema)), strict_mode=True, any_order=True)
+    grammar = xgr.Grammar.from_json_schema(json.dumps(for_grammar(schema)), strict_mode=True, any_order=True)
     if not xgr.testing._is_grammar_accept_string(grammar, text.strip()):
         return f"{text.strip()} does not match the JSON schema"
     return _validation_error(value, schema)
@@ -426,26 +386,18 @@ def _request_schemas(params: GenerationParams) -> list[tuple[str, dict[str, Any]
     return schemas
 
 
-# Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
-_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "dependentRequired"})
-# Keywords whose values map names to schemas: a name there ("default", say) is no keyword.
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas"})
-# Keywords that hold definitions: schemas that count only where a $ref names them (_used_subschemas).
-_DEFINITIONS = frozenset({"$defs", "definitions"})
-
-
 def _subschemas(schema: Any, path: str = "$") -> Iterator[tuple[str, dict[str, Any]]]:
     """(path, subschema) for the schema and every schema inside it, data (an enum's values) and
     definitions left out (see _used_subschemas)."""
     if isinstance(schema, dict):
         yield path, schema
         for key, value in schema.items():
-            if key in _DEFINITIONS:
+            if key in DEFINITIONS:
                 continue
-            if key in _SCHEMA_MAPS and isinstance(value, dict):
+            if key in SCHEMA_MAPS and isinstance(value, dict):
                 for name, subschema in value.items():
                     yield from _subschemas(subschema, f"{path}.{key}.{name}")
-            elif key not in _DATA_KEYWORDS:
+            elif key not in DATA_KEYWORDS:
                 yield from _subschemas(value, f"{path}.{key}")
     elif isinstance(schema, list):
         for i, value in enumerate(schema):

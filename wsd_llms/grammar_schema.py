@@ -1,0 +1,161 @@
+"""A JSON schema in the form xgrammar holds as JSON Schema means it.
+
+xgrammar's strict mode reads some valid schemas otherwise than JSON Schema does, or refuses them;
+`for_grammar` rewrites those forms before a grammar is built (for decoding and for the check's
+replay of it). jsonschema's check after decoding always reads the schema as the caller wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any
+
+# Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "dependentRequired"})
+# Keywords whose values map names to schemas: a name there ("default", say) is no keyword.
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "dependentSchemas"})
+# Keywords that hold definitions: schemas that count only where a $ref names them.
+DEFINITIONS = frozenset({"$defs", "definitions"})
+
+# What an array or an object gives of its members: one that gives none of them takes any.
+_ITEMS = ("items", "prefixItems", "unevaluatedItems")
+_MEMBERS = ("properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames")
+# xgrammar's integers are 64-bit: a bound beyond them is left to the check after decoding.
+_INT64_MAX = 2**63 - 1
+
+
+def for_grammar(schema: Any) -> Any:
+    """`schema` (or any part of it) rewritten where xgrammar would read it otherwise than JSON
+    Schema does; a copy, the caller's schema untouched."""
+    if isinstance(schema, list):
+        return [for_grammar(value) for value in schema]
+    if not isinstance(schema, dict):
+        return schema
+    held: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in DATA_KEYWORDS:
+            held[key] = value
+        elif key in SCHEMA_MAPS | DEFINITIONS and isinstance(value, dict):
+            held[key] = {_free_end(name) if key == "patternProperties" else name: for_grammar(sub) for name, sub in value.items()}
+        else:
+            held[key] = for_grammar(value)
+    named = schema.get("type")
+    types: list[Any] = named if isinstance(named, list) else [named]
+    _no_false(schema, held)
+    _older_forms(schema, held)
+    _open_members(schema, held, types)
+    _whole_bounds(held, types)
+    if isinstance(held.get("pattern"), str):
+        held["pattern"] = _free_end(held["pattern"])
+    if held.get("format") == "uri-reference" and not _uri_reference_takes_a_uri():
+        held["format"] = "iri-reference"
+    return held
+
+
+def _no_false(schema: dict[str, Any], held: dict[str, Any]) -> None:
+    """A `false` schema left out where leaving it out changes no value: a property that is not
+    required (one the grammar does not list is not written) and an anyOf or oneOf branch beside
+    others. xgrammar refused any `false` but a whole `items` or `additionalProperties` ("Schema
+    'false' cannot accept any value", naming no place)."""
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    if isinstance(held.get("properties"), dict):
+        held["properties"] = {name: sub for name, sub in held["properties"].items() if sub is not False or name in required}
+    for key in ("anyOf", "oneOf"):
+        branches = held.get(key)
+        if isinstance(branches, list) and any(branch is not False for branch in branches):
+            held[key] = [branch for branch in branches if branch is not False]
+
+
+def _older_forms(schema: dict[str, Any], held: dict[str, Any]) -> None:
+    """The older drafts' forms xgrammar refuses, in 2020-12's: a tuple's `items` list (drafts 4 to
+    7) as prefixItems, with its additionalItems as items; draft 4's boolean exclusiveMinimum and
+    exclusiveMaximum as the exclusive bound itself."""
+    if isinstance(schema.get("items"), list):
+        held["prefixItems"] = held.pop("items")
+        if "additionalItems" in held:
+            held["items"] = held.pop("additionalItems")
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(schema.get(exclusive), bool) and held.pop(exclusive) and bound in held:
+            held[exclusive] = held.pop(bound)
+
+
+def _open_members(schema: dict[str, Any], held: dict[str, Any], types: list[Any]) -> None:
+    """An array that gives no items takes items of any kind, and an object that names no properties
+    takes any, as JSON Schema says and as xgrammar does for a bare {"type": "array"}: its strict
+    mode otherwise allows no member once the array or object has another keyword (`"maxItems": 3`
+    wrote only [], `"minItems": 1` did not compile, `"required": ["a"]` wrote only {})."""
+    if "array" in types and not any(key in schema for key in _ITEMS):
+        held["items"] = {}
+    if "object" in types and not any(key in schema for key in _MEMBERS):
+        held["additionalProperties"] = {}
+
+
+def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
+    """An integer's bounds as whole numbers, which xgrammar requires ("Integer constraint must be a
+    whole number" for `"minimum": 1.5`): the nearest within the range, the exclusive ones as
+    inclusive. A bound beyond 64 bits (an OpenAPI uint64's maximum) is left out of the grammar."""
+    if "integer" not in types or "number" in types:
+        return
+    for key, lower in (("minimum", True), ("exclusiveMinimum", True), ("maximum", False), ("exclusiveMaximum", False)):
+        value = held.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if abs(value) > _INT64_MAX:
+            del held[key]
+        elif not float(value).is_integer():
+            del held[key]
+            bound, whole = ("minimum", math.ceil(value)) if lower else ("maximum", math.floor(value))
+            held[bound] = (max if lower else min)(whole, held.get(bound, whole))
+
+
+def _free_end(pattern: str) -> str:
+    """A pattern anchored at one end only, free at the other, as JSON Schema's search reads it:
+    xgrammar matches a pattern against the whole string, so "^https?://" allowed only "http://"
+    and "https://". A pattern anchored at neither end (or at both, or with a top-level `|`) is left
+    whole, as the README says."""
+    if _has_top_level_bar(pattern):
+        return pattern
+    starts, ends = pattern.startswith("^"), _ends_with_anchor(pattern)
+    if starts and not ends:
+        return pattern + ".*"
+    if ends and not starts:
+        return ".*" + pattern
+    return pattern
+
+
+def _ends_with_anchor(pattern: str) -> bool:
+    """Whether the pattern ends with a `$` that is not escaped."""
+    return pattern.endswith("$") and (len(pattern) - 1 - len(pattern[:-1].rstrip("\\"))) % 2 == 0
+
+
+def _has_top_level_bar(pattern: str) -> bool:
+    """Whether a `|` outside every group and class splits the pattern into alternatives."""
+    depth, in_class, escaped = 0, False, False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            return True
+    return False
+
+
+@functools.cache
+def _uri_reference_takes_a_uri() -> bool:
+    """Whether xgrammar's `uri-reference` takes an absolute URI: 0.2.9's takes only relative ones
+    (any URI is a URI reference), where its `iri-reference` takes both."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(json.dumps({"type": "string", "format": "uri-reference"}))
+    return bool(xgr.testing._is_grammar_accept_string(grammar, '"https://example.com/a"'))
