@@ -782,6 +782,10 @@ def test_an_older_draft_s_forms_are_held(schema, valid, invalid):
         # anchored at neither end, at both, or split by a top-level |: matched whole, as documented
         ({"type": "string", "pattern": "[0-9]{3}"}, ['"123"'], ['"a123"']),
         ({"type": "string", "pattern": "^a|b$"}, ['"a"', '"b"'], ['"ab"']),
+        # lengths beside a pattern of one repeated character become its count (xgrammar held no length there)
+        ({"type": "string", "pattern": "^[a-z0-9-]+$", "maxLength": 5}, ['"ab-1"', '"a"'], ['"abcdef"', '""']),
+        ({"type": "string", "pattern": "\\d*", "minLength": 2, "maxLength": 3}, ['"12"', '"123"'], ['"1"', '"1234"']),
+        ({"type": "string", "pattern": "^[a-z]+[0-9]$", "maxLength": 3}, ['"ab1"'], ['"abcd1"']),  # checked after decoding
         # xgrammar 0.2.9's uri-reference took no absolute URI
         ({"type": "string", "format": "uri-reference"}, ['"https://example.com/x"', '"/x"'], []),
         # a false schema where leaving it out changes nothing (xgrammar refused it, naming no place)
@@ -801,6 +805,18 @@ def test_forms_xgrammar_reads_otherwise_are_held_as_json_schema_means(schema, va
         assert parse_json(text, schema) == (json.loads(text), None), text
     for text in invalid:
         assert parse_json(text, schema)[1] is not None, text
+
+
+def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writing():
+    """xgrammar holds no minLength/maxLength beside a pattern: a string of one repeated character
+    takes them as its count, so decoding cannot write past them (the grammar refuses, not only the
+    check after); another pattern's lengths are still checked after decoding."""
+    slug = {"type": "string", "pattern": "^[a-z0-9-]+$", "maxLength": 5}
+    assert parse_json('"abcdef"', slug)[1] == '"abcdef" does not match the JSON schema'
+    other = {"type": "string", "pattern": "^[a-z]+[0-9]$", "maxLength": 3}
+    assert parse_json('"abcd1"', other)[1] == "'abcd1' is too long (at $, keyword 'maxLength')"
+    with pytest.raises(InvalidParameterError, match="minLength 4 is greater than maxLength 2"):  # as without a pattern
+        parse_params(response_format={"type": "string", "pattern": "^[a-z]+$", "minLength": 4, "maxLength": 2})
 
 
 def test_listed_members_stay_the_only_ones():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from typing import Any
 
 # Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
@@ -48,7 +49,7 @@ def for_grammar(schema: Any) -> Any:
     _open_members(schema, held, types)
     _whole_bounds(held, types)
     if isinstance(held.get("pattern"), str):
-        held["pattern"] = _free_end(held["pattern"])
+        held["pattern"] = _free_end(_lengths_in_pattern(held["pattern"], held.get("minLength"), held.get("maxLength")))
     if held.get("format") == "uri-reference" and not _uri_reference_takes_a_uri():
         held["format"] = "iri-reference"
     return held
@@ -59,7 +60,8 @@ def _no_false(schema: dict[str, Any], held: dict[str, Any]) -> None:
     required (one the grammar does not list is not written) and an anyOf or oneOf branch beside
     others. xgrammar refused any `false` but a whole `items` or `additionalProperties` ("Schema
     'false' cannot accept any value", naming no place)."""
-    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    listed = schema.get("required")
+    required: list[Any] = listed if isinstance(listed, list) else []
     if isinstance(held.get("properties"), dict):
         held["properties"] = {name: sub for name, sub in held["properties"].items() if sub is not False or name in required}
     for key in ("anyOf", "oneOf"):
@@ -108,6 +110,24 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
             del held[key]
             bound, whole = ("minimum", math.ceil(value)) if lower else ("maximum", math.floor(value))
             held[bound] = (max if lower else min)(whole, held.get(bound, whole))
+
+
+# A pattern that is one repeated character: a class, a class escape or any character, starred or plussed,
+# anchored at both ends or at neither (xgrammar matches it whole).
+_ONE_REPEATED = re.compile(r"(?P<start>\^?)(?P<atom>\[(?:\\.|[^\]\\])+\]|\\[dDwWsS]|\.)(?P<times>[*+])(?P<end>\$?)")
+
+
+def _lengths_in_pattern(pattern: str, min_length: Any, max_length: Any) -> str:
+    """A pattern of one repeated character (`^[a-z0-9-]+$`) with the string's minLength and maxLength
+    as its count (`^[a-z0-9-]{1,63}$`): beside a pattern, xgrammar holds no length, so a slug with
+    `max_length=63` could run on until max_tokens. Other patterns are left as they are."""
+    lengths = [n if isinstance(n, int) and not isinstance(n, bool) else None for n in (min_length, max_length)]
+    match = _ONE_REPEATED.fullmatch(pattern)
+    if match is None or lengths == [None, None] or bool(match["start"]) != bool(match["end"]):
+        return pattern
+    low = max(lengths[0] or 0, 1 if match["times"] == "+" else 0)
+    high = "" if lengths[1] is None else lengths[1]
+    return f"{match['start']}{match['atom']}{{{low},{high}}}{match['end']}"
 
 
 def _free_end(pattern: str) -> str:
