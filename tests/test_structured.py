@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from tiny import make_tokenizer, tiny_llama
 
 from wsd_llms import InvalidMessagesError, InvalidParameterError
+from wsd_llms.grammar_schema import for_grammar
 from wsd_llms.messages import normalize_messages
 from wsd_llms.params import GenerationParams, parse_params
 from wsd_llms.prompts import build_prompts
@@ -782,12 +783,15 @@ def test_an_older_draft_s_forms_are_held(schema, valid, invalid):
         # anchored at neither end, at both, or split by a top-level |: matched whole, as documented
         ({"type": "string", "pattern": "[0-9]{3}"}, ['"123"'], ['"a123"']),
         ({"type": "string", "pattern": "^a|b$"}, ['"a"', '"b"'], ['"ab"']),
+        ({"type": "string", "pattern": "^(abc$)"}, ['"abc"'], ['"abcd"']),  # an anchor inside, which xgrammar ignores
+        ({"type": "string", "pattern": "(^abc)$"}, ['"abc"'], ['"xabc"']),
         # lengths beside a pattern of one repeated character become its count (xgrammar held no length there)
         ({"type": "string", "pattern": "^[a-z0-9-]+$", "maxLength": 5}, ['"ab-1"', '"a"'], ['"abcdef"', '""']),
         ({"type": "string", "pattern": "\\d*", "minLength": 2, "maxLength": 3}, ['"12"', '"123"'], ['"1"', '"1234"']),
         ({"type": "string", "pattern": "^[a-z]+[0-9]$", "maxLength": 3}, ['"ab1"'], ['"abcd1"']),  # checked after decoding
         # xgrammar 0.2.9's uri-reference took no absolute URI
-        ({"type": "string", "format": "uri-reference"}, ['"https://example.com/x"', '"/x"'], []),
+        ({"type": "string", "format": "uri-reference"}, ['"https://example.com/x"', '"/x"', '"#top"'], ['"a b"']),
+        ({"type": "string", "maxLength": 3.0}, ['"abc"'], ['"abcd"']),  # a count as a whole float: xgrammar refused it at the check
         # a false schema where leaving it out changes nothing (xgrammar refused it, naming no place)
         ({"type": "object", "properties": {"a": {"type": "string"}, "legacy": False}}, ['{"a": "x"}'], ['{"legacy": 1}']),
         ({"anyOf": [{"type": "string"}, False]}, ['"x"'], ["1"]),
@@ -817,6 +821,18 @@ def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writi
     assert parse_json('"abcd1"', other)[1] == "'abcd1' is too long (at $, keyword 'maxLength')"
     with pytest.raises(InvalidParameterError, match="minLength 4 is greater than maxLength 2"):  # as without a pattern
         parse_params(response_format={"type": "string", "pattern": "^[a-z]+$", "minLength": 4, "maxLength": 2})
+    empty = {"type": "string", "pattern": "^[a]+$", "maxLength": 0}  # no string has both: left to the check
+    assert parse_params(response_format=empty).response_format == empty and "expected to be empty" in parse_json('"a"', empty)[1]
+    # a large count is not folded: xgrammar takes seconds to build {1,4000} and minutes for {1,40000}
+    assert for_grammar({"type": "string", "pattern": "^[a-z]+$", "maxLength": 40000})["pattern"] == "^[a-z]+$"
+    assert for_grammar({"type": "string", "pattern": "^[a-z]+$", "maxLength": 1000})["pattern"] == "^[a-z]{1,1000}$"
+
+
+def test_a_false_property_another_keyword_would_admit_is_kept():
+    """A false property is left out of the grammar only where no other keyword admits its name: with
+    additionalProperties the grammar would let it be written, so the schema is refused as before."""
+    with pytest.raises(InvalidParameterError, match="Schema 'false' cannot accept any value"):
+        parse_params(response_format={"type": "object", "properties": {"a": False, "b": {"type": "integer"}}, "additionalProperties": {}})
 
 
 def test_listed_members_stay_the_only_ones():
