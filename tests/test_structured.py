@@ -828,6 +828,13 @@ def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writi
     assert for_grammar({"type": "string", "pattern": "^[a-z]+$", "maxLength": 1000})["pattern"] == "^[a-z]{1,1000}$"
 
 
+@pytest.mark.parametrize("pattern, text", [("^(abc$)", '"abcd"'), ("(^abc)$", '"xabc"'), ("^(a$|b)", '"az"')])
+def test_a_pattern_with_an_anchor_inside_is_held_whole(pattern, text):
+    """xgrammar ignores an anchor inside a pattern: freeing such a pattern at one end let decoding
+    write what it forbids (the check after caught it); it is matched whole, so the grammar refuses."""
+    assert parse_json(text, {"type": "string", "pattern": pattern})[1] == f"{text} does not match the JSON schema"
+
+
 def test_a_false_property_another_keyword_would_admit_is_kept():
     """A false property is left out of the grammar only where no other keyword admits its name: with
     additionalProperties the grammar would let it be written, so the schema is refused as before."""
