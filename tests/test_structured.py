@@ -835,6 +835,16 @@ def test_a_pattern_with_an_anchor_inside_is_held_whole(pattern, text):
     assert parse_json(text, {"type": "string", "pattern": pattern})[1] == f"{text} does not match the JSON schema"
 
 
+def test_lengths_beside_a_pattern_are_checked_without_xgrammar_s_warning(capfd):
+    """xgrammar ignores lengths beside a pattern and printed a warning on stderr at each build (at
+    the call, and at each reply's check): they are left out of its schema, and checked after."""
+    schema = {"type": "string", "pattern": "^[A-Z]+[0-9]$", "minLength": 2, "maxLength": 4, "title": "warning-free"}
+    parse_params(response_format=schema)
+    assert parse_json('"AB1"', schema) == ("AB1", None)
+    assert "is too long" in parse_json('"ABCDE1"', schema)[1]
+    assert "not supported" not in capfd.readouterr().err
+
+
 def test_a_false_property_another_keyword_would_admit_is_kept():
     """A false property is left out of the grammar only where no other keyword admits its name: with
     additionalProperties the grammar would let it be written, so the schema is refused as before."""

@@ -161,6 +161,8 @@ def test_a_typeddict_response_format_is_its_json_schema():
             {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": "0"}}}},
             "invalid response_format: it cannot be compiled into a grammar: Value must be a number (at $.properties.a)",
         ),
+        # a length of the wrong type beside a pattern reaches the meta-schema's check, not a TypeError of the grammar's rewrite
+        ({"response_format": {"type": "string", "pattern": "^a+$", "minLength": "3"}}, "not a valid JSON schema: '3' is not of type 'integer' (at $.minLength)"),
         # draft 4's boolean exclusiveMinimum, in a schema that declares no draft: 2020-12's meta-schema names it
         (
             {"response_format": {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}},

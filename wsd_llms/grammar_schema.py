@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 # Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "dependentRequired"})
@@ -52,6 +52,10 @@ def for_grammar(schema: Any) -> Any:
     _whole_counts(held)
     if isinstance(held.get("pattern"), str):
         held["pattern"] = _free_end(_lengths_in_pattern(held["pattern"], held.get("minLength"), held.get("maxLength")))
+        low, high = held.get("minLength"), held.get("maxLength")
+        if not (_is_number(low) and _is_number(high) and low > high):  # such a range xgrammar refuses, naming both
+            held.pop("minLength", None)  # else it holds none beside a pattern, and says so on stderr at each build
+            held.pop("maxLength", None)
     if held.get("format") == "uri-reference" and not _uri_reference_takes_a_uri():
         held = {"anyOf": [{**held, "format": "uri"}, held]}
     return held
@@ -75,6 +79,11 @@ def _no_false(schema: dict[str, Any], held: dict[str, Any]) -> None:
 
 # The keywords that count: a whole number written as a float (3.0) is one, which xgrammar refuses.
 _COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains")
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    """Whether a JSON value is a number (not a bool, which Python counts as one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _whole_counts(held: dict[str, Any]) -> None:
@@ -118,7 +127,7 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
         return
     for key, lower in (("minimum", True), ("exclusiveMinimum", True), ("maximum", False), ("exclusiveMaximum", False)):
         value = held.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _is_number(value) or not math.isfinite(value):
             continue
         if abs(value) > _INT64_MAX:
             del held[key]

@@ -91,10 +91,16 @@ def schema_error(text: str, value: Any, schema: dict[str, Any]) -> str | None:
     does not enforce (uniqueItems, multipleOf, not, if/then, oneOf's exclusivity, ...).
     """
     xgr = require_xgrammar()
-    grammar = xgr.Grammar.from_json_schema(json.dumps(for_grammar(schema)), strict_mode=True, any_order=True)
-    if not xgr.testing._is_grammar_accept_string(grammar, text.strip()):
+    if not xgr.testing._is_grammar_accept_string(_replay_grammar(json.dumps(schema)), text.strip()):
         return f"{text.strip()} does not match the JSON schema"
     return _validation_error(value, schema)
+
+
+@functools.lru_cache(maxsize=256)
+def _replay_grammar(schema: str) -> Any:
+    """xgrammar's grammar for a schema (as JSON text), built once for the checks of every reply to
+    it: a string pattern with a count of 1000 takes 0.08 s to build."""
+    return require_xgrammar().Grammar.from_json_schema(json.dumps(for_grammar(json.loads(schema))), strict_mode=True, any_order=True)
 
 
 def _validation_error(value: Any, schema: dict[str, Any]) -> str | None:
