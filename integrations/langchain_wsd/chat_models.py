@@ -553,13 +553,13 @@ class _SchemaPydanticParser(_FailsAfterTheStream, PydanticOutputParser):
     runtime's reason, which says to raise max_tokens, rather than only that the JSON is invalid."""
 
     def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        message = _final_message(result, partial)
         try:  # a stream's last chunk as invoke's message (a partial parse gives None where it fails)
-            parsed = super().parse_result(result, partial=partial and _final_message(result, partial) is None)
+            parsed = super().parse_result(result, partial=partial and message is None)
         except OutputParserException as exc:
             if (failure := _runtime_failure(result, partial, cut_only=True)) is None:
                 raise
             raise failure from exc
-        message = _final_message(result, partial)
         if message is not None and (repeated := repeated_key_error(message.response_metadata, message.content)) is not None:
             raise OutputParserException(f"the reply does not fit the schema: {repeated}", llm_output=message.content)
         return parsed
