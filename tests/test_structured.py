@@ -852,6 +852,13 @@ def test_a_false_property_another_keyword_would_admit_is_kept():
         parse_params(response_format={"type": "object", "properties": {"a": False, "b": {"type": "integer"}}, "additionalProperties": {}})
 
 
+def test_a_name_in_draft_7_dependencies_is_no_keyword():
+    """dependencies maps property names (to schemas or lists of names): a property named "items" there
+    is not a tuple's items list to rewrite."""
+    schema = {"$schema": DRAFT_7, "type": "object", "properties": {"items": {"type": "integer"}}, "dependencies": {"items": ["a"]}}
+    assert for_grammar(schema) == schema
+
+
 def test_listed_members_stay_the_only_ones():
     """What a schema lists is still all that may be written (OpenAI's strict mode): properties
     without additionalProperties, prefixItems without items."""
