@@ -845,6 +845,24 @@ def test_lengths_beside_a_pattern_are_checked_without_xgrammar_s_warning(capfd):
     assert "not supported" not in capfd.readouterr().err
 
 
+def test_lengths_beside_a_format_xgrammar_knows_are_checked_without_its_warning(capfd):
+    """xgrammar ignores lengths beside a format it knows (email, date, ...) and printed a warning on
+    stderr at each build: they are left out of its schema and checked after decoding. A format it
+    does not know (pydantic's SecretStr writes "password") leaves it a plain string, whose lengths
+    it holds: those stay in the grammar."""
+    email = {"type": "string", "format": "email", "maxLength": 12, "title": "format-warning-free"}
+    parse_params(response_format=email)
+    assert parse_json('"a@b.co"', email) == ("a@b.co", None)
+    assert "is too long" in parse_json('"someone@example.com"', email)[1]
+    assert "not supported" not in capfd.readouterr().err
+    assert for_grammar(email) == {"type": "string", "format": "email", "title": "format-warning-free"}
+    password = {"type": "string", "format": "password", "minLength": 8, "writeOnly": True}
+    assert for_grammar(password) == password
+    assert parse_json('"short"', password)[1] == '"short" does not match the JSON schema'  # the grammar refuses
+    with pytest.raises(InvalidParameterError, match="minLength 4 is greater than maxLength 2"):
+        parse_params(response_format={"type": "string", "format": "email", "minLength": 4, "maxLength": 2})
+
+
 def test_a_false_property_another_keyword_would_admit_is_kept():
     """A false property is left out of the grammar only where no other keyword admits its name: with
     additionalProperties the grammar would let it be written, so the schema is refused as before."""

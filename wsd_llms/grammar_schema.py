@@ -52,6 +52,8 @@ def for_grammar(schema: Any) -> Any:
     _whole_counts(held)
     if isinstance(held.get("pattern"), str):
         _held_pattern(held)
+    elif {"minLength", "maxLength"} & held.keys() and isinstance(held.get("format"), str) and _xgrammar_holds_format(held["format"]):
+        _lengths_left_to_check(held)
     if held.get("format") == "uri-reference" and not _uri_reference_takes_a_uri():
         held = {"anyOf": [{**held, "format": "uri"}, held]}
     return held
@@ -135,10 +137,15 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
 
 def _held_pattern(held: dict[str, Any]) -> None:
     """A string's pattern as xgrammar should hold it (`_lengths_in_pattern`, `_free_end`), and its
-    lengths left out of xgrammar's schema: it holds none beside a pattern, and said so on stderr at
-    each build (they are checked after decoding). A range no string has stays, for xgrammar to
-    refuse by name."""
+    lengths left to the check (`_lengths_left_to_check`)."""
     held["pattern"] = _free_end(_lengths_in_pattern(held["pattern"], held.get("minLength"), held.get("maxLength")))
+    _lengths_left_to_check(held)
+
+
+def _lengths_left_to_check(held: dict[str, Any]) -> None:
+    """A string's lengths left out of xgrammar's schema where it holds none (beside a pattern or a
+    format it knows), and said so on stderr at each build: they are checked after decoding. A range
+    no string has stays, for xgrammar to refuse by name."""
     low, high = held.get("minLength"), held.get("maxLength")
     if not (_is_number(low) and _is_number(high) and low > high):
         held.pop("minLength", None)
@@ -211,6 +218,20 @@ def _uri_reference_takes_a_uri() -> bool:
     """Whether xgrammar's `uri-reference` takes an absolute URI: 0.2.9's takes only relative ones
     (any URI is a URI reference), so a `uri-reference` is held as either a `uri` or one of those."""
     return xgrammar_takes({"type": "string", "format": "uri-reference"}, '"https://example.com/a"')
+
+
+@functools.cache
+def _xgrammar_holds_format(name: str) -> bool:
+    """Whether xgrammar holds the string format `name` (`email`, `date`, ...): its grammar differs
+    from that of a format no one knows, which xgrammar writes as any string, and holds lengths for."""
+    return _string_grammar(name) != _string_grammar("x-wsd-llms-unknown")
+
+
+def _string_grammar(format_name: str) -> str:
+    """xgrammar's grammar, as text, for a string of the format `format_name`."""
+    import xgrammar as xgr
+
+    return str(xgr.Grammar.from_json_schema(json.dumps({"type": "string", "format": format_name})))
 
 
 def xgrammar_takes(schema: dict[str, Any], text: str) -> bool:
