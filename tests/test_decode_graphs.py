@@ -429,12 +429,13 @@ def test_the_engine_on_slot_passes(draft_tokenizer, base, lookup):
     step = 1 if lookup == 0 else 8  # a decode step's width: one id, or one and its guesses
     try:
         jobs = [[{"role": "user", "content": f"Tell me about topic {i}. " * (1 + i % 3)}] for i in range(8)]
-        alone = [slotted.generate(m, max_tokens=32) for m in jobs]
+        budget = {"max_tokens": 32, "max_draft_tokens": 48}  # staged drafts past the budget, not to 512
+        alone = [slotted.generate(m, **budget) for m in jobs]
         with ThreadPoolExecutor(len(jobs)) as pool:
-            together = list(pool.map(lambda m: slotted.generate(m, max_tokens=32), jobs))
+            together = list(pool.map(lambda m: slotted.generate(m, **budget), jobs))
         assert [r.text for r in together] == [r.text for r in alone]
-        assert [r.text for r in alone] == [slotted.generate(m, max_tokens=32, mode="staged").text for m in jobs]
-        assert [r.text for r in alone] == [plain.generate(m, max_tokens=32).text for m in jobs]
+        assert [r.text for r in alone] == [slotted.generate(m, **budget, mode="staged").text for m in jobs]
+        assert [r.text for r in alone] == [plain.generate(m, **budget).text for m in jobs]
         assert slotted.stats().peaks["draft_batch"] > 1
         widths = {name: {shape[1] for shape in runner.graphs.passes} for name, runner in slotted.engine.runners.items() if runner.graphs is not None}
         assert step in widths["draft"] and max(widths["base"]) > 1  # decode steps, and the base's scoring passes

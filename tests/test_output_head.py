@@ -267,8 +267,8 @@ def test_online_with_bounds_equals_staged(small_bound, monkeypatch, pair):
         for question in QUESTIONS:
             for settings in SETTINGS:
                 messages = [{"role": "user", "content": question}]
-                staged = rt.generate(messages, mode="staged", max_tokens=40, **settings)
-                online = rt.generate(messages, mode="online", max_tokens=40, **settings)
+                staged = rt.generate(messages, mode="staged", max_tokens=40, max_draft_tokens=64, **settings)
+                online = rt.generate(messages, mode="online", max_tokens=40, max_draft_tokens=64, **settings)
                 assert (online.text, online.switch_point, online.finish_reason) == (staged.text, staged.switch_point, staged.finish_reason)
                 switches.add(online.switch_point is not None)
     finally:

@@ -193,7 +193,7 @@ def test_rollback_after_retokenization_equals_staged(differ_runtime, monkeypatch
     rollbacks = 0
     for messages in QUESTIONS:
         for settings in SETTINGS[:2] + SETTINGS[3:]:
-            staged, online = _both(differ_runtime, messages, max_tokens=40, **settings)
+            staged, online = _both(differ_runtime, messages, max_tokens=40, max_draft_tokens=64, **settings)
             _assert_parity(staged, online)
             rollbacks += online.rollbacks
     assert rollbacks > 0
@@ -298,11 +298,12 @@ def test_online_equals_staged_with_a_repetition_penalty(pair, request):
     changed = 0
     for messages in QUESTIONS:
         for settings in SETTINGS[:2]:
-            plain = runtime.generate(messages, max_tokens=40, **settings)
-            staged, online = _both(runtime, messages, max_tokens=40, repetition_penalty=1.4, **settings)
+            settings = {**settings, "max_tokens": 40, "max_draft_tokens": 64}  # drafts past the budget, not to 512
+            plain = runtime.generate(messages, **settings)
+            staged, online = _both(runtime, messages, repetition_penalty=1.4, **settings)
             _assert_parity(staged, online)
             changed += online.text != plain.text
-            sampled = _both(runtime, messages, max_tokens=40, repetition_penalty=1.4, temperature=0.8, seed=5, **settings)
+            sampled = _both(runtime, messages, repetition_penalty=1.4, temperature=0.8, seed=5, **settings)
             _assert_parity(*sampled)
     assert changed >= len(QUESTIONS)
 
