@@ -75,6 +75,25 @@ async def test_forced_calls_parse_and_stream_agrees(llm: WSDLLM, how: dict) -> N
 
 
 @pytest.mark.embedded
+async def test_an_agent_s_structured_answer_ends_its_integers(embedded: wsd_llms.WSDRuntime) -> None:
+    """FunctionAgent(output_cls=...) asks for its answer over the conversation, in XML: the embedded
+    pair wrote the int field as "1000000..." until max_tokens ran out, and the agent's answer was None
+    (with a warning). An integer is held to 64 bits, so the number ends and the answer parses."""
+    from llama_index.core.agent.utils import generate_structured_response
+
+    class Weather(BaseModel):
+        city: str
+        temperature_c: int
+
+    conversation = [
+        ChatMessage(role="user", content="What's the weather in Paris?"),
+        ChatMessage(role="assistant", content="The weather in Paris is quite unique, with a mix of sunny and rainy days."),
+    ]
+    answer = await generate_structured_response(conversation, WSDLLM(max_tokens=200), Weather)
+    assert Weather.model_validate(answer).city == "Paris" and abs(answer["temperature_c"]) < 2**63
+
+
+@pytest.mark.embedded
 async def test_tool_result_history_runs(llm: WSDLLM) -> None:
     first = llm.chat_with_tools(TOOLS, user_msg=ASK, tool_required=True)
     call = llm.get_tool_calls_from_response(first)[0]

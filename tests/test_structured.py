@@ -811,6 +811,18 @@ def test_forms_xgrammar_reads_otherwise_are_held_as_json_schema_means(schema, va
         assert parse_json(text, schema)[1] is not None, text
 
 
+def test_an_open_integer_is_held_to_64_bits():
+    """An integer with no bound on a side is held there at 64 bits, as llama.cpp caps a number's
+    digits: a small model asked for an int wrote "10000000..." until max_tokens ran out. A bound the
+    schema gives beyond 64 bits is still left to the check; an enum or const stays as it is."""
+    assert for_grammar({"type": "integer"}) == {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+    assert parse_json("-9223372036854775808", {"type": "integer"}) == (-(2**63), None)
+    assert parse_json("10000000000000000000", {"type": "integer"})[1] == "10000000000000000000 does not match the JSON schema"
+    assert for_grammar({"type": ["integer", "null"], "exclusiveMinimum": 0}) == {"type": ["integer", "null"], "exclusiveMinimum": 0, "maximum": 2**63 - 1}
+    assert for_grammar({"type": "integer", "enum": [1, 2]}) == {"type": "integer", "enum": [1, 2]}
+    assert for_grammar({"type": "number"}) == {"type": "number"}  # bounds would hold it to 6 decimals
+
+
 def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writing():
     """xgrammar holds no minLength/maxLength beside a pattern: a string of one repeated character
     takes them as its count, so decoding cannot write past them (the grammar refuses, not only the
@@ -873,7 +885,7 @@ def test_a_false_property_another_keyword_would_admit_is_kept():
 def test_a_name_in_draft_7_dependencies_is_no_keyword():
     """dependencies maps property names (to schemas or lists of names): a property named "items" there
     is not a tuple's items list to rewrite."""
-    schema = {"$schema": DRAFT_7, "type": "object", "properties": {"items": {"type": "integer"}}, "dependencies": {"items": ["a"]}}
+    schema = {"$schema": DRAFT_7, "type": "object", "properties": {"items": {"type": "string"}}, "dependencies": {"items": ["a"]}}
     assert for_grammar(schema) == schema
 
 

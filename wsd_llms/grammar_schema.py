@@ -120,14 +120,20 @@ def _open_members(schema: dict[str, Any], held: dict[str, Any], types: list[Any]
 def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
     """An integer's bounds as whole numbers, which xgrammar requires ("Integer constraint must be a
     whole number" for `"minimum": 1.5`): the nearest within the range, the exclusive ones as
-    inclusive. A bound beyond 64 bits (an OpenAPI uint64's maximum) is left out of the grammar."""
+    inclusive. A bound beyond 64 bits (an OpenAPI uint64's maximum) is left out of the grammar.
+    A side the schema leaves open is held at 64 bits, as llama.cpp caps a number's digits: a
+    small model asked for an `int` wrote "10000000..." until max_tokens ran out."""
     if "integer" not in types or "number" in types:
         return
+    if not {"enum", "const"} & held.keys():
+        for bound, sides in (("minimum", ("minimum", "exclusiveMinimum")), ("maximum", ("maximum", "exclusiveMaximum"))):
+            if not any(_is_number(held.get(side)) for side in sides):
+                held[bound] = -_INT64_MAX - 1 if bound == "minimum" else _INT64_MAX
     for key, lower in (("minimum", True), ("exclusiveMinimum", True), ("maximum", False), ("exclusiveMaximum", False)):
         value = held.get(key)
         if not _is_number(value) or not math.isfinite(value):
             continue
-        if abs(value) > _INT64_MAX:
+        if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             del held[key]
         elif not float(value).is_integer():
             del held[key]
