@@ -4,7 +4,7 @@ import pytest
 from tiny import byte_fallback_tokenizer
 
 from wsd_llms.prompts import ROLE_STOPS, variant_stops
-from wsd_llms.reply import ReplyText, decode, expand_role_stops, held_back
+from wsd_llms.reply import ReplyText, decode, expand_role_stops, held_back, repeated_end
 
 
 def _ids(tok, text):
@@ -404,3 +404,15 @@ def test_a_variant_inside_a_line_or_one_the_prompt_writes_is_the_reply_s_text(dr
     quoting = ReplyText(draft_tokenizer, (), None, expand_role_stops(ROLE_STOPS + variant_stops(ROLE_STOPS, "[User 2]: hi")))
     quoting.add(_ids(draft_tokenizer, "They said:\n[User 2]: hi\n\n[User]\nmore"), "base")
     assert quoting.stopped and quoting.text == "They said:\n[User 2]: hi"
+
+
+def test_a_loop_at_a_reply_s_end_is_found():
+    """The shortest unit a reply's end repeats over its last 40 characters (three units, if longer);
+    an end that only repeats a little, or a unit longer than 40 characters, is no loop."""
+    assert repeated_end('{"n": 1' + "0" * 40) == "0"
+    assert repeated_end('{"city": "' + "Paris, " * 6) == "Paris, "
+    sentence = "The weather in Paris is mild today. "
+    assert repeated_end("Sure. " + sentence * 3) == sentence
+    assert repeated_end("Sure. " + sentence * 2) is None
+    assert repeated_end("x" * 39) is None and repeated_end("ab" * 19 + "ba") is None
+    assert repeated_end("a long sentence of forty-one characters. " * 5) is None

@@ -811,6 +811,18 @@ def test_forms_xgrammar_reads_otherwise_are_held_as_json_schema_means(schema, va
         assert parse_json(text, schema)[1] is not None, text
 
 
+def test_a_json_reply_cut_inside_a_loop_says_more_tokens_would_not_end_it(shared_runtime):
+    """A JSON reply cut at max_tokens had the same advice whatever its end: "raise max_tokens". One
+    whose end repeats a unit over and over (a tiny random model's string) names the loop instead,
+    and what may end it; one cut elsewhere still says raise max_tokens."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    looped = shared_runtime.generate([{"role": "user", "content": "Count: one two three"}], response_format=schema, max_tokens=60)
+    assert looped.finish_reason == "length" and looped.parsed is None
+    assert "its end repeats 'es.m' over and over, which more tokens would not end: a repetition_penalty" in looped.parse_error
+    cut = shared_runtime.generate([{"role": "user", "content": "What is the capital of France?"}], response_format=schema, max_tokens=60)
+    assert cut.parse_error.endswith("; raise max_tokens")
+
+
 def test_an_open_integer_is_held_to_64_bits():
     """An integer with no bound on a side is held there at 64 bits, as llama.cpp caps a number's
     digits: a small model asked for an int wrote "10000000..." until max_tokens ran out. A bound the

@@ -23,7 +23,7 @@ from .online import run_online
 from .params import GenerationParams
 from .prefix_cache import PrefixCache
 from .prompts import build_prompts
-from .reply import ReplyText, expand_role_stops
+from .reply import ReplyText, expand_role_stops, repeated_end
 from .scheduler import MAX_CACHED_TOKENS, MAX_RUNNING, PASS_OVERHEAD, POSITION_COST, PREFILL_CHUNK, Scheduler, guess_shares, piece_rows, plan_passes, prefill_pieces
 from .sequence import CallerLeft, Forward, Phase, Project, Sequence
 from .staged import run_staged
@@ -635,9 +635,11 @@ class Engine:
         model = MODELS[seq.params.mode][-1]  # the reply is in the last model's tokens
         window = self.model(model).context_window
         prompt = len(seq.prompts.draft_ids if model == "draft" else seq.prompts.base_ids)
+        loop = repeated_end(seq.reply.text)  # more room would only repeat it longer
+        remedy = None if loop is None else f"its end repeats {loop!r} over and over, which more tokens would not end: a repetition_penalty (1.1-1.3), other wording or a larger model may"
         if prompt + len(seq.reply.ids) >= window:
-            return Cut(f"the reply reached the {model} model's context window ({window} tokens with the prompt's {prompt})", "shorten the messages")
-        return Cut(f"the reply used up max_tokens={seq.params.max_tokens}", "raise max_tokens")
+            return Cut(f"the reply reached the {model} model's context window ({window} tokens with the prompt's {prompt})", remedy or "shorten the messages")
+        return Cut(f"the reply used up max_tokens={seq.params.max_tokens}", remedy or "raise max_tokens")
 
     def _finish(self, seq: Sequence, finish_reason: str) -> None:
         seq.emit(seq.reply.finish(cut=finish_reason == "length"))

@@ -49,6 +49,21 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
+# A reply's end that repeats a unit of up to LOOP_UNIT_MAX characters over its last LOOP_CHARS (or three
+# units, if longer) is a loop: "0000...", "Paris, Paris, ...", a sentence said again and again.
+LOOP_UNIT_MAX, LOOP_CHARS = 40, 40
+
+
+def repeated_end(text: str) -> str | None:
+    """The unit a reply's end repeats over and over (the shortest), or None: a reply cut at its
+    budget there would only have repeated it longer."""
+    for unit in range(1, LOOP_UNIT_MAX + 1):
+        span = max(LOOP_CHARS, 3 * unit)
+        if len(text) >= span and all(text[-i] == text[-i - unit] for i in range(1, span - unit + 1)):
+            return text[-unit:]
+    return None
+
+
 def close_outside_strings(text: str, close: str, start: int, end: int | None = None) -> int:
     """Where `close` first appears in text[start:end] outside a JSON string (a call's arguments may
     hold the mark in a string), or -1."""
