@@ -407,12 +407,13 @@ def test_a_variant_inside_a_line_or_one_the_prompt_writes_is_the_reply_s_text(dr
 
 
 def test_a_loop_at_a_reply_s_end_is_found():
-    """The shortest unit a reply's end repeats over its last 40 characters (three units, if longer);
-    an end that only repeats a little, or a unit longer than 40 characters, is no loop."""
+    """The shortest unit a reply's end repeats over its last 40 characters (three units, if longer),
+    read from a word's start where the loop has one; an end that repeats only a little, or a unit
+    longer than 80 characters, is no loop."""
     assert repeated_end('{"n": 1' + "0" * 40) == "0"
-    assert repeated_end('{"city": "' + "Paris, " * 6) == "Paris, "
-    sentence = "The weather in Paris is mild today. "
-    assert repeated_end("Sure. " + sentence * 3) == sentence
-    assert repeated_end("Sure. " + sentence * 2) is None
+    assert repeated_end("The answer: " + "Paris, " * 10 + "Par") == "Paris, "  # not "is, Par" nor " Paris,"
+    sentence = "A repeated sentence of some fifty-three characters. "
+    assert repeated_end("Hi. " + sentence * 3) == sentence
+    assert repeated_end("Hi. " + sentence * 2) is None
     assert repeated_end("x" * 39) is None and repeated_end("ab" * 19 + "ba") is None
-    assert repeated_end("a long sentence of forty-one characters. " * 5) is None
+    assert repeated_end("A sentence of eighty-one characters, which is longer than any loop's unit can be. " * 4) is None

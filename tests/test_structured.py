@@ -814,25 +814,34 @@ def test_forms_xgrammar_reads_otherwise_are_held_as_json_schema_means(schema, va
 def test_a_json_reply_cut_inside_a_loop_says_more_tokens_would_not_end_it(shared_runtime):
     """A JSON reply cut at max_tokens had the same advice whatever its end: "raise max_tokens". One
     whose end repeats a unit over and over (a tiny random model's string) names the loop instead,
-    and what may end it; one cut elsewhere still says raise max_tokens."""
+    and what may end it (a stronger penalty than the request's); one cut elsewhere still says raise
+    max_tokens."""
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
     looped = shared_runtime.generate([{"role": "user", "content": "Count: one two three"}], response_format=schema, max_tokens=60)
     assert looped.finish_reason == "length" and looped.parsed is None
-    assert "its end repeats 'es.m' over and over, which more tokens would not end: a repetition_penalty" in looped.parse_error
+    assert "its end repeats 'mes.' over and over, which more tokens would not end: a repetition_penalty" in looped.parse_error
+    again = shared_runtime.generate([{"role": "user", "content": "Count: one two three"}], response_format=schema, max_tokens=60, repetition_penalty=1.02)
+    assert "which more tokens would not end: a repetition_penalty above 1.02," in again.parse_error
     cut = shared_runtime.generate([{"role": "user", "content": "What is the capital of France?"}], response_format=schema, max_tokens=60)
     assert cut.parse_error.endswith("; raise max_tokens")
 
 
 def test_an_open_integer_is_held_to_64_bits():
     """An integer with no bound on a side is held there at 64 bits, as llama.cpp caps a number's
-    digits: a small model asked for an int wrote "10000000..." until max_tokens ran out. A bound the
-    schema gives beyond 64 bits is still left to the check; an enum or const stays as it is."""
+    digits: a small model asked for an int wrote "10000000..." until max_tokens ran out. Bounds are
+    given to xgrammar as inclusive whole numbers within 64 bits; one beyond them is left to the check,
+    and then no side is filled, nor beside a multipleOf (which xgrammar drops beside a range), an enum
+    or a const."""
     assert for_grammar({"type": "integer"}) == {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
     assert parse_json("-9223372036854775808", {"type": "integer"}) == (-(2**63), None)
     assert parse_json("10000000000000000000", {"type": "integer"})[1] == "10000000000000000000 does not match the JSON schema"
-    assert for_grammar({"type": ["integer", "null"], "exclusiveMinimum": 0}) == {"type": ["integer", "null"], "exclusiveMinimum": 0, "maximum": 2**63 - 1}
-    assert for_grammar({"type": "integer", "enum": [1, 2]}) == {"type": "integer", "enum": [1, 2]}
-    assert for_grammar({"type": "number"}) == {"type": "number"}  # bounds would hold it to 6 decimals
+    assert for_grammar({"type": ["integer", "null"], "exclusiveMinimum": 0}) == {"type": ["integer", "null"], "minimum": 1, "maximum": 2**63 - 1}
+    for schema in ({"type": "integer", "enum": [1, 2]}, {"type": "number"}):  # a number's bounds would hold it to 6 decimals
+        assert for_grammar(schema) == schema
+    assert parse_json("6", {"type": "integer", "multipleOf": 5})[1] == "6 does not match the JSON schema"  # still in the grammar
+    assert parse_json(str(2**64), {"type": "integer", "minimum": 2**64}) == (2**64, None)  # not held to 64 bits: writable
+    assert parse_params(response_format={"type": "integer", "minimum": -9.223372036854775808e18})  # xgrammar: "precision loss"
+    assert "is greater than or equal to the maximum" in parse_json("1", {"type": "integer", "exclusiveMaximum": -(2**63)})[1]  # "underflow"
 
 
 def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writing():

@@ -636,7 +636,8 @@ class Engine:
         window = self.model(model).context_window
         prompt = len(seq.prompts.draft_ids if model == "draft" else seq.prompts.base_ids)
         loop = repeated_end(seq.reply.text)  # more room would only repeat it longer
-        remedy = None if loop is None else f"its end repeats {loop!r} over and over, which more tokens would not end: a repetition_penalty (1.1-1.3), other wording or a larger model may"
+        penalty = "a repetition_penalty (1.1-1.3)" if seq.params.repetition_penalty <= 1 else f"a repetition_penalty above {seq.params.repetition_penalty}"
+        remedy = None if loop is None else f"its end repeats {loop!r} over and over, which more tokens would not end: {penalty}, other wording or a larger model may"
         if prompt + len(seq.reply.ids) >= window:
             return Cut(f"the reply reached the {model} model's context window ({window} tokens with the prompt's {prompt})", remedy or "shorten the messages")
         return Cut(f"the reply used up max_tokens={seq.params.max_tokens}", remedy or "raise max_tokens")

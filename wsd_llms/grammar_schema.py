@@ -25,7 +25,7 @@ DEFINITIONS = frozenset({"$defs", "definitions"})
 _ITEMS = ("items", "prefixItems", "unevaluatedItems")
 _MEMBERS = ("properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames")
 # xgrammar's integers are 64-bit: a bound beyond them is left to the check after decoding.
-_INT64_MAX = 2**63 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def for_grammar(schema: Any) -> Any:
@@ -118,27 +118,35 @@ def _open_members(schema: dict[str, Any], held: dict[str, Any], types: list[Any]
 
 
 def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
-    """An integer's bounds as whole numbers, which xgrammar requires ("Integer constraint must be a
-    whole number" for `"minimum": 1.5`): the nearest within the range, the exclusive ones as
-    inclusive. A bound beyond 64 bits (an OpenAPI uint64's maximum) is left out of the grammar.
-    A side the schema leaves open is held at 64 bits, as llama.cpp caps a number's digits: a
-    small model asked for an `int` wrote "10000000..." until max_tokens ran out."""
+    """An integer's bounds as xgrammar takes them: inclusive whole numbers within 64 bits (it refused
+    `"minimum": 1.5` "Integer constraint must be a whole number", a float bound near 2**63 "due to
+    precision loss", an exclusive one at the edge "would cause integer underflow"). A side the
+    schema leaves open is held at 64 bits, as llama.cpp caps a number's digits: a small model asked
+    for an `int` wrote "10000000..." until max_tokens ran out. A bound beyond 64 bits (an OpenAPI
+    uint64's maximum) is left to the check, and then no side is filled, nor beside an enum, a const
+    or a multipleOf (which xgrammar drops beside a range)."""
     if "integer" not in types or "number" in types:
         return
-    if not {"enum", "const"} & held.keys():
-        for bound, sides in (("minimum", ("minimum", "exclusiveMinimum")), ("maximum", ("maximum", "exclusiveMaximum"))):
-            if not any(_is_number(held.get(side)) for side in sides):
-                held[bound] = -_INT64_MAX - 1 if bound == "minimum" else _INT64_MAX
-    for key, lower in (("minimum", True), ("exclusiveMinimum", True), ("maximum", False), ("exclusiveMaximum", False)):
+    lows: list[int] = []
+    highs: list[int] = []
+    beyond = False
+    for key, whole in (("minimum", math.ceil), ("exclusiveMinimum", lambda v: math.floor(v) + 1), ("maximum", math.floor), ("exclusiveMaximum", lambda v: math.ceil(v) - 1)):
         value = held.get(key)
         if not _is_number(value) or not math.isfinite(value):
             continue
-        if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
-            del held[key]
-        elif not float(value).is_integer():
-            del held[key]
-            bound, whole = ("minimum", math.ceil(value)) if lower else ("maximum", math.floor(value))
-            held[bound] = (max if lower else min)(whole, held.get(bound, whole))
+        del held[key]
+        bound = int(whole(value))
+        if not _INT64_MIN <= bound <= _INT64_MAX:
+            beyond = True
+        else:
+            (lows if "inimum" in key else highs).append(bound)
+    if lows:
+        held["minimum"] = max(lows)
+    if highs:
+        held["maximum"] = min(highs)
+    if not beyond and not {"enum", "const", "multipleOf"} & held.keys():
+        held.setdefault("minimum", _INT64_MIN)
+        held.setdefault("maximum", _INT64_MAX)
 
 
 def _held_pattern(held: dict[str, Any]) -> None:
@@ -226,11 +234,15 @@ def _uri_reference_takes_a_uri() -> bool:
     return xgrammar_takes({"type": "string", "format": "uri-reference"}, '"https://example.com/a"')
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)
 def _xgrammar_holds_format(name: str) -> bool:
     """Whether xgrammar holds the string format `name` (`email`, `date`, ...): its grammar differs
-    from that of a format no one knows, which xgrammar writes as any string, and holds lengths for."""
-    return _string_grammar(name) != _string_grammar("x-wsd-llms-unknown")
+    from that of a format no one knows, which xgrammar writes as any string, and holds lengths for.
+    A name xgrammar cannot read (a lone surrogate) is left for the schema's compile to refuse by name."""
+    try:
+        return _string_grammar(name) != _string_grammar("x-wsd-llms-unknown")
+    except RuntimeError:
+        return False
 
 
 def _string_grammar(format_name: str) -> str:

@@ -51,16 +51,21 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
 
 # A reply's end that repeats a unit of up to LOOP_UNIT_MAX characters over its last LOOP_CHARS (or three
 # units, if longer) is a loop: "0000...", "Paris, Paris, ...", a sentence said again and again.
-LOOP_UNIT_MAX, LOOP_CHARS = 40, 40
+LOOP_UNIT_MAX, LOOP_CHARS = 80, 40
 
 
 def repeated_end(text: str) -> str | None:
-    """The unit a reply's end repeats over and over (the shortest), or None: a reply cut at its
-    budget there would only have repeated it longer."""
+    """The unit a reply's end repeats over and over (the shortest, as it first appears), or None: a
+    reply cut at its budget there would only have repeated it longer."""
     for unit in range(1, LOOP_UNIT_MAX + 1):
         span = max(LOOP_CHARS, 3 * unit)
         if len(text) >= span and all(text[-i] == text[-i - unit] for i in range(1, span - unit + 1)):
-            return text[-unit:]
+            start = len(text) - span
+            while start > 0 and text[start - 1] == text[start - 1 + unit]:  # back to where the loop begins
+                start -= 1
+            words = (i for i in range(start, start + unit) if i > 0 and not text[i - 1].isalnum() and text[i].isalnum())
+            first = next(words, start)  # as it reads: from a word's start ("Paris, ", not " Paris,")
+            return text[first : first + unit]
     return None
 
 
