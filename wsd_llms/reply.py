@@ -60,8 +60,10 @@ def repeated_end(text: str) -> str | None:
     for unit in range(1, LOOP_UNIT_MAX + 1):
         span = max(LOOP_CHARS, 3 * unit)
         if len(text) >= span and all(text[-i] == text[-i - unit] for i in range(1, span - unit + 1)):
-            start = len(text) - span
-            while start > 0 and text[start - 1] == text[start - 1 + unit]:  # back to where the loop begins
+            start, block = len(text) - span, 64 * unit  # back to where the loop begins: by blocks, then by characters
+            while start >= block and text[start - block : start] == text[start - block + unit : start + unit]:
+                start -= block
+            while start > 0 and text[start - 1] == text[start - 1 + unit]:
                 start -= 1
             words = (i for i in range(start, start + unit) if i > 0 and not text[i - 1].isalnum() and text[i].isalnum())
             first = next(words, start)  # as it reads: from a word's start ("Paris, ", not " Paris,")
