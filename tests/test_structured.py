@@ -14,6 +14,7 @@ from tiny import make_tokenizer, tiny_llama
 from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.grammar_schema import for_grammar
 from wsd_llms.messages import normalize_messages
+from wsd_llms.number_digits import digits_capped
 from wsd_llms.params import GenerationParams, parse_params
 from wsd_llms.prompts import build_prompts
 from wsd_llms.runtime import WSDRuntime
@@ -842,6 +843,89 @@ def test_an_open_integer_is_held_to_64_bits():
     assert parse_json(str(2**64), {"type": "integer", "minimum": 2**64}) == (2**64, None)  # not held to 64 bits: writable
     assert parse_params(response_format={"type": "integer", "minimum": -9.223372036854775808e18})  # xgrammar: "precision loss"
     assert "is greater than or equal to the maximum" in parse_json("1", {"type": "integer", "exclusiveMaximum": -(2**63)})[1]  # "underflow"
+
+
+def _decoding_takes(text: str, **params) -> bool:
+    """Whether the grammar decoding compiles for these request parameters takes `text`."""
+    import xgrammar as xgr
+
+    spec = digits_capped(constraint_spec(parse_params(**params)))
+    return bool(xgr.testing._is_grammar_accept_string(xgr.Grammar.from_structural_tag(spec), text))
+
+
+def test_an_open_number_s_digits_are_capped_while_decoding():
+    """xgrammar writes an unbounded number's digits without end, and a small model asked for a float
+    wrote "10.000000..." until max_tokens ran out: decoding holds the digits before the point, after
+    it and in the exponent to 16 each (llama.cpp's cap; the exponent keeps any magnitude writable),
+    in a response_format's values and a tool's arguments alike. The check after decoding still takes
+    more (it replays xgrammar's own grammar)."""
+    number, sixteen = {"type": "number"}, "1" * 16
+    assert _decoding_takes(sixteen, response_format=number) and not _decoding_takes(sixteen + "1", response_format=number)
+    assert _decoding_takes(f"-0.{sixteen}", response_format=number) and not _decoding_takes(f"-0.{sixteen}1", response_format=number)
+    assert _decoding_takes(f"2.5E-{sixteen}", response_format=number) and not _decoding_takes(f"2.5E-{sixteen}1", response_format=number)
+    assert not _decoding_takes(f"[{sixteen}1]", response_format={"type": "array", "items": {}})  # any value's numbers
+    assert parse_json(sixteen + "1", number) == (int(sixteen + "1"), None)
+    tool = {"name": "scale", "parameters": {"type": "object", "properties": {"k": {"type": "number"}}, "required": ["k"]}}
+    call = '<tool_call>\n{{"name": "scale", "arguments": {{"k": {}}}}}\n</tool_call>'
+    assert _decoding_takes(call.format(sixteen), tools=[tool]) and not _decoding_takes(call.format(sixteen + "1"), tools=[tool])
+
+
+def test_a_json_value_s_grammar_is_xgrammar_s_own_but_for_its_numbers(monkeypatch):
+    """Capping writes each JSON value of a structural tag out as the grammar xgrammar builds from its
+    schema: with the caps left out, the spec compiles to the very grammar the schema would."""
+    import xgrammar as xgr
+
+    import wsd_llms.number_digits
+
+    monkeypatch.setattr(wsd_llms.number_digits, "capped_rules", lambda text: text)
+    digits_capped.cache_clear()
+    schema = {"type": "object", "properties": {"n": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}}}, "required": ["n"]}
+    params = parse_params(response_format=schema, tools=[SMALL, OPENAI_TOOL], tool_choice="auto")
+    try:
+        spec = constraint_spec(params)
+        assert '"json_schema"' in spec and '"json_schema"' not in digits_capped(spec)
+        assert str(xgr.Grammar.from_structural_tag(digits_capped(spec))) == str(xgr.Grammar.from_structural_tag(spec))
+    finally:
+        digits_capped.cache_clear()
+
+
+def test_a_grammar_xgrammar_cannot_read_back_leaves_the_value_its_schema(monkeypatch):
+    """Were xgrammar to print a grammar it cannot parse, the value keeps its schema (its numbers
+    open, as before) rather than fail the request at compile."""
+    import wsd_llms.number_digits
+
+    monkeypatch.setattr(wsd_llms.number_digits, "capped_rules", lambda text: text.replace("root ::=", "root ::= ((", 1))
+    digits_capped.cache_clear()
+    try:
+        spec = constraint_spec(parse_params(response_format={"type": "number"}))
+        assert digits_capped(spec) == spec
+    finally:
+        digits_capped.cache_clear()
+
+
+def test_a_number_bounded_on_one_side_is_held_within_10_to_the_16_on_the_other():
+    """A bounded number's whole part is any count of digits in xgrammar's grammar (its decimals are
+    held to 6), so its open side is held at 10^16, the reach of an unbounded number's 16 digits; not
+    beside a multipleOf, an enum or a const, nor where the bound lies beyond that reach."""
+    assert for_grammar({"type": "number", "minimum": 0}) == {"type": "number", "minimum": 0, "maximum": 10**16}
+    assert for_grammar({"type": ["number", "null"], "exclusiveMaximum": -3}) == {"type": ["number", "null"], "exclusiveMaximum": -3, "minimum": -(10**16)}
+    for schema in ({"type": "number", "minimum": 1e17}, {"type": "number", "minimum": 0, "multipleOf": 0.5}, {"type": "number", "maximum": 0, "enum": [-1]}, {"type": "number", "minimum": 0, "maximum": 1e20}):
+        assert for_grammar(schema) == schema
+    assert _decoding_takes(str(10**16), response_format={"type": "number", "minimum": 0})
+    assert not _decoding_takes(str(10**16 + 1), response_format={"type": "number", "minimum": 0})
+
+
+def test_a_float_ends_its_digits_on_the_embedded_pair(embedded):
+    """Asked for the weather in Tokyo as a float, the embedded pair wrote "10.000..." until max_tokens
+    ran out (the reply a parse error); its decimals now end at 16 and the reply is the value."""
+
+    class Weather(BaseModel):
+        city: str
+        temperature_c: float
+
+    result = embedded.generate([{"role": "user", "content": "Give the weather for Tokyo."}], response_format=Weather, max_tokens=120)
+    assert result.text == '{\n"city": "Tokyo",\n"temperature_c": 10.0000000000000000\n}' and result.finish_reason == "stop"
+    assert result.parsed == {"city": "Tokyo", "temperature_c": 10.0}
 
 
 def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writing():

@@ -26,6 +26,9 @@ _ITEMS = ("items", "prefixItems", "unevaluatedItems")
 _MEMBERS = ("properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames")
 # xgrammar's integers are 64-bit: a bound beyond them is left to the check after decoding.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# The open side of a number bounded on one side: the 16 digits before the point that number_digits
+# holds an unbounded number to (xgrammar writes a bounded one without an exponent).
+_NUMBER_REACH = 10**16
 
 
 def for_grammar(schema: Any) -> Any:
@@ -49,6 +52,7 @@ def for_grammar(schema: Any) -> Any:
     _older_forms(schema, held)
     _open_members(schema, held, types)
     _whole_bounds(held, types)
+    _number_bounds(held, types)
     _whole_counts(held)
     if isinstance(held.get("pattern"), str):
         _held_pattern(held)
@@ -147,6 +151,21 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
     if not beyond and not {"enum", "const", "multipleOf"} & held.keys():
         held.setdefault("minimum", _INT64_MIN)
         held.setdefault("maximum", _INT64_MAX)
+
+
+def _number_bounds(held: dict[str, Any], types: list[Any]) -> None:
+    """A number bounded on one side held within ±10^16 on the other: xgrammar writes its whole part
+    as any count of digits (with 6 decimals at most), which a small model may run on with as it did
+    with an open integer. Not beside an enum, a const or a multipleOf, nor where the bound lies
+    beyond that reach (the fill would leave no value to write)."""
+    if "number" not in types or {"enum", "const", "multipleOf"} & held.keys():
+        return
+    lows = [held[key] for key in ("minimum", "exclusiveMinimum") if _is_number(held.get(key)) and math.isfinite(held[key])]
+    highs = [held[key] for key in ("maximum", "exclusiveMaximum") if _is_number(held.get(key)) and math.isfinite(held[key])]
+    if lows and not highs and max(lows) < _NUMBER_REACH:
+        held["maximum"] = _NUMBER_REACH
+    elif highs and not lows and min(highs) > -_NUMBER_REACH:
+        held["minimum"] = -_NUMBER_REACH
 
 
 def _held_pattern(held: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import copy_of
 from .grammar_schema import DATA_KEYWORDS, DEFINITIONS, SCHEMA_MAPS, for_grammar, xgrammar_takes
+from .number_digits import digits_capped
 from .params import GenerationParams
 
 if TYPE_CHECKING:  # for annotations only: parsing replies and checking schemas need neither torch nor the models
@@ -567,7 +568,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
-    """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width.
+    """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width;
+    its open numbers' digits capped (number_digits).
 
     The lock covers only making a tokenizer's compiler: xgrammar's compiler takes calls from many
     threads at once, so a thread compiling a new schema (runtime's "wsd-llms-compile") never holds
@@ -577,7 +579,7 @@ def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
         entry = _cache.get(model.tokenizer)
         if entry is None:
             entry = _cache[model.tokenizer] = _Compiled(model)
-    return entry.compiler.compile_structural_tag(spec), entry.vocab_size
+    return entry.compiler.compile_structural_tag(digits_capped(spec)), entry.vocab_size
 
 
 class Guide:

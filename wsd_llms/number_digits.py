@@ -1,0 +1,73 @@
+"""A JSON value's open numbers held to so many digits, as llama.cpp's grammars hold them.
+
+xgrammar writes a number the schema leaves unbounded as any count of digits, and a small model
+asked for a float wrote "10.000000…" until max_tokens ran out (the embedded pair, asked for a
+`temperature_c: float`, in two prompts of five). `digits_capped` rewrites a structural tag
+before it is compiled for decoding: each JSON value in it becomes xgrammar's own grammar for its
+schema, as text, with the digits of its built-in number rule capped. The spec as sent stays
+the key of the checks and the caches, and the check after decoding replays xgrammar's grammar as
+it builds it, which takes all the capped one does and more.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+# Digits before a number's point, after it, and in its exponent (llama.cpp's 16: a float64 holds 15
+# to 17 significant digits). With the exponent any magnitude stays writable. An integer's rule is
+# left open: for_grammar holds an open integer to 64 bits, and leaves it open only where a bound lies
+# beyond them, where a value needs more digits.
+NUMBER_DIGITS = 16
+# xgrammar's rules for a number, as it prints them (0.2.6 to 0.2.9): its digits, unbounded and capped.
+_OPEN_DIGITS = (("[0-9]*", f"[0-9]{{0, {NUMBER_DIGITS - 1}}}"), ("basic_number_digits{1, -1}", f"basic_number_digits{{1, {NUMBER_DIGITS}}}"))
+
+
+@functools.lru_cache(maxsize=256)
+def digits_capped(spec: str) -> str:
+    """`spec` (a structural tag, as JSON text) with each plain JSON value's schema written as its
+    grammar, open numbers' digits capped (built once per spec: a schema's grammar takes a
+    millisecond to a tenth of a second)."""
+    return json.dumps(_capped(json.loads(spec)))
+
+
+def _capped(fmt: Any) -> Any:
+    if isinstance(fmt, list):
+        return [_capped(part) for part in fmt]
+    if not isinstance(fmt, dict):
+        return fmt
+    if fmt.get("type") == "json_schema" and fmt.get("style", "json") == "json" and not fmt.get("excludes"):
+        return _json_grammar(fmt)
+    return {key: _capped(value) for key, value in fmt.items()}
+
+
+def _json_grammar(fmt: dict[str, Any]) -> dict[str, Any]:
+    """A json_schema format as the grammar format xgrammar would build from it, digits capped;
+    the format as it was where xgrammar cannot read that grammar back (it printed what it cannot
+    parse), so that decoding goes on as before rather than fails."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(
+        json.dumps(fmt["json_schema"]),
+        strict_mode=True,
+        max_whitespace_cnt=fmt.get("max_whitespace_cnt"),
+        any_order=fmt.get("any_order", False),
+    )
+    text = capped_rules(str(grammar))
+    try:
+        xgr.Grammar.from_ebnf(text)
+    except RuntimeError:
+        return fmt
+    return {"type": "grammar", "grammar": text}
+
+
+def capped_rules(ebnf: str) -> str:
+    """xgrammar's grammar text with the digits of its built-in number rules capped."""
+    lines = []
+    for line in ebnf.splitlines():
+        if line.startswith("basic_number"):
+            for unbounded, capped in _OPEN_DIGITS:
+                line = line.replace(unbounded, capped)
+        lines.append(line)
+    return "\n".join(lines)
