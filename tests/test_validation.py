@@ -347,6 +347,17 @@ def test_the_frameworks_forms_of_unset_values_are_taken():
     assert parse_params(stop=iter(["a", "b"])).stop == ("a", "b")
 
 
+def test_none_is_a_parameter_s_default_as_in_the_adapters(shared_runtime):
+    """None given for a parameter with a default means that default, as the adapters read it (the
+    runtime refused temperature=None as "Input should be a valid number")."""
+    unset = {name: None for name in ("max_tokens", "max_draft_tokens", "switch_threshold", "switch_window", "temperature", "top_p", "top_k", "repetition_penalty", "mode", "base_template", "tool_choice", "parallel_tool_calls", "continue_final_message")}
+    assert parse_params(**unset) == GenerationParams()
+    messages = [{"role": "user", "content": "Say hi."}]
+    assert shared_runtime.generate(messages, max_tokens=8, temperature=None, top_k=None).text == shared_runtime.generate(messages, max_tokens=8).text
+    with pytest.raises(InvalidParameterError, match="invalid temperature='hot'"):
+        parse_params(temperature="hot")
+
+
 def test_extreme_sampling_values_still_sample():
     """A temperature too small to divide by decodes greedily (as in vLLM); a top_p that rounds to 0
     keeps the most likely token rather than none."""

@@ -243,6 +243,17 @@ class GenerationParams(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _none_is_the_default(cls, data: Any) -> Any:
+        """None for a parameter that has a value by default means that value, as in both adapters and
+        OpenAI's API (a caller spreads an optional setting: `temperature=cfg.get("temperature")`);
+        it had been refused as "Input should be a valid number"."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].default is None}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _tool_needed(cls, data: Any) -> Any:
         """A tool_choice that asks for a call needs tools, as OpenAI's API says (the reply would be
         prose); checked before tool_choice is read, so the error names the value as given ("any", True)."""
