@@ -799,7 +799,7 @@ def test_an_older_draft_s_forms_are_held(schema, valid, invalid):
         # an integer's bounds: fractional ones refused ("must be a whole number"), uint64's beyond xgrammar's 64 bits
         ({"type": "integer", "minimum": 1.5, "exclusiveMaximum": 4.5}, ["2", "4"], ["1", "5"]),
         ({"type": ["integer", "null"], "minimum": 0, "exclusiveMinimum": 0.5}, ["1", "null"], ["0"]),
-        ({"type": "integer", "minimum": 0, "maximum": 18446744073709551615}, ["2", "18446744073709551615"], ["-1"]),
+        ({"type": "integer", "minimum": 0, "maximum": 18446744073709551615}, ["2", "9223372036854775807"], ["-1"]),
     ],
 )
 def test_forms_xgrammar_reads_otherwise_are_held_as_json_schema_means(schema, valid, invalid):
@@ -828,11 +828,11 @@ def test_a_json_reply_cut_inside_a_loop_says_more_tokens_would_not_end_it(shared
 
 
 def test_an_open_integer_is_held_to_64_bits():
-    """An integer with no bound on a side is held there at 64 bits, as llama.cpp caps a number's
-    digits: a small model asked for an int wrote "10000000..." until max_tokens ran out. Bounds are
-    given to xgrammar as inclusive whole numbers within 64 bits; one beyond them is left to the check,
-    and then no side is filled, nor beside a multipleOf (which xgrammar drops beside a range), an enum
-    or a const."""
+    """An integer with no bound on a side, or a bound beyond 64 bits, is held there at 64 bits, as
+    llama.cpp caps a number's digits: a small model asked for an int wrote "10000000..." until
+    max_tokens ran out. Bounds are given to xgrammar as inclusive whole numbers within 64 bits; where
+    no 64-bit value fits, they are left to the check and no side is held, nor beside a multipleOf
+    (which xgrammar drops beside a range), an enum or a const."""
     assert for_grammar({"type": "integer"}) == {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
     assert parse_json("-9223372036854775808", {"type": "integer"}) == (-(2**63), None)
     assert parse_json("10000000000000000000", {"type": "integer"})[1] == "10000000000000000000 does not match the JSON schema"
@@ -841,6 +841,10 @@ def test_an_open_integer_is_held_to_64_bits():
         assert for_grammar(schema) == schema
     assert parse_json("6", {"type": "integer", "multipleOf": 5})[1] == "6 does not match the JSON schema"  # still in the grammar
     assert parse_json(str(2**64), {"type": "integer", "minimum": 2**64}) == (2**64, None)  # not held to 64 bits: writable
+    uint64 = {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}  # OpenAPI's uint64: held within 64 bits, its digits end
+    assert for_grammar(uint64) == {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    assert parse_json(str(2**63 - 1), uint64) == (2**63 - 1, None) and parse_json("9" * 20, uint64)[1] == f"{'9' * 20} does not match the JSON schema"
+    assert for_grammar({"type": "integer", "multipleOf": 2, "maximum": 2**64}) == {"type": "integer", "multipleOf": 2}  # left to the check
     assert parse_params(response_format={"type": "integer", "minimum": -9.223372036854775808e18})  # xgrammar: "precision loss"
     assert "is greater than or equal to the maximum" in parse_json("1", {"type": "integer", "exclusiveMaximum": -(2**63)})[1]  # "underflow"
 

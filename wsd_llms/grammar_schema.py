@@ -125,32 +125,30 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
     """An integer's bounds as xgrammar takes them: inclusive whole numbers within 64 bits (it refused
     `"minimum": 1.5` "Integer constraint must be a whole number", a float bound near 2**63 "due to
     precision loss", an exclusive one at the edge "would cause integer underflow"). A side the
-    schema leaves open is held at 64 bits, as llama.cpp caps a number's digits: a small model asked
-    for an `int` wrote "10000000..." until max_tokens ran out. A bound beyond 64 bits (an OpenAPI
-    uint64's maximum) is left to the check, and then no side is filled, nor beside an enum, a const
-    or a multipleOf (which xgrammar drops beside a range)."""
+    schema leaves open, or bounds beyond 64 bits (an OpenAPI uint64's maximum), is held at 64 bits,
+    as llama.cpp caps a number's digits: a small model asked for an `int` wrote "10000000..." until
+    max_tokens ran out. Beside an enum, a const or a multipleOf (which xgrammar drops beside a range)
+    no side is held and a bound beyond 64 bits is left to the check; so are the bounds where no 64-bit
+    value fits (`"minimum": 2**64`)."""
     if "integer" not in types or "number" in types:
         return
     lows: list[int] = []
     highs: list[int] = []
-    beyond = False
     for key, whole in (("minimum", math.ceil), ("exclusiveMinimum", lambda v: math.floor(v) + 1), ("maximum", math.floor), ("exclusiveMaximum", lambda v: math.ceil(v) - 1)):
         value = held.get(key)
-        if not _is_number(value) or not math.isfinite(value):
-            continue
-        del held[key]
-        bound = int(whole(value))
-        if not _INT64_MIN <= bound <= _INT64_MAX:
-            beyond = True
-        else:
-            (lows if "inimum" in key else highs).append(bound)
-    if lows:
-        held["minimum"] = max(lows)
-    if highs:
-        held["maximum"] = min(highs)
-    if not beyond and not {"enum", "const", "multipleOf"} & held.keys():
-        held.setdefault("minimum", _INT64_MIN)
-        held.setdefault("maximum", _INT64_MAX)
+        if _is_number(value) and math.isfinite(value):
+            del held[key]
+            (lows if "inimum" in key else highs).append(int(whole(value)))
+    low, high = max(lows, default=_INT64_MIN), min(highs, default=_INT64_MAX)
+    if low > _INT64_MAX or high < _INT64_MIN:
+        return
+    if not {"enum", "const", "multipleOf"} & held.keys():
+        held["minimum"], held["maximum"] = max(low, _INT64_MIN), min(high, _INT64_MAX)
+        return
+    if lows and low >= _INT64_MIN:
+        held["minimum"] = low
+    if highs and high <= _INT64_MAX:
+        held["maximum"] = high
 
 
 def _number_bounds(held: dict[str, Any], types: list[Any]) -> None:
