@@ -874,6 +874,32 @@ def test_an_open_number_s_digits_are_capped_while_decoding():
     assert _decoding_takes(call.format(sixteen), tools=[tool]) and not _decoding_takes(call.format(sixteen + "1"), tools=[tool])
 
 
+def test_only_xgrammar_s_own_number_rule_is_capped():
+    """The cap matches xgrammar's number rule line by line: a rule of the schema's own whose name starts
+    alike (a `$ref` to "#/basic_numbers" is named after it) keeps its digits; an element left as it is
+    (arguments in another style, or with `excludes`) is not searched for values to rewrite; and
+    `["integer", "number"]` is the number it means, whose digits are capped (the integer branch's were not)."""
+    digits = {"type": "string", "pattern": "^[0-9]*$"}
+    schema = {"type": "object", "properties": {"a": {"$ref": "#/basic_numbers"}}, "required": ["a"], "basic_numbers": digits}
+    assert _decoding_takes('{"a": "' + "1" * 20 + '"}', response_format=schema)
+    lookalike = {"type": "json_schema", "json_schema": {"type": "number"}}
+    left = {"type": "json_schema", "excludes": ["zz"], "json_schema": {"type": "object", "properties": {"a": {"const": lookalike}}, "required": ["a"]}}
+    spec = constraint_spec(parse_params(response_format={"type": "structural_tag", "format": left}))
+    assert json.loads(digits_capped(spec)) == json.loads(spec)
+    either = {"type": ["integer", "number", "null"]}
+    assert for_grammar(either) == {"type": ["number", "null"]}
+    assert _decoding_takes("1" * 16, response_format=either) and not _decoding_takes("1" * 17, response_format=either)
+
+
+def test_a_forced_start_with_a_longer_number_than_decoding_writes_is_told_so(shared_runtime):
+    """A forced start is held to the grammar decoding uses: a number part of more than 16 digits in it
+    is refused, and the error says why, since its schema may well take it."""
+    messages = [{"role": "user", "content": "An id?"}, {"role": "assistant", "content": '{"id": 12345678901234567'}]
+    schema = {"type": "object", "properties": {"id": {"type": "number"}}, "required": ["id"]}
+    with pytest.raises(InvalidParameterError, match="holds each part of a number to 16 digits: write a longer one with an exponent"):
+        shared_runtime.generate(messages, response_format=schema, max_tokens=4)
+
+
 def test_a_json_value_s_grammar_is_xgrammar_s_own_but_for_its_numbers(monkeypatch):
     """Capping writes each JSON value of a structural tag out as the grammar xgrammar builds from its
     schema: with the caps left out, the spec compiles to the very grammar the schema would."""
@@ -917,6 +943,14 @@ def test_a_number_bounded_on_one_side_is_held_within_10_to_the_16_on_the_other()
         assert for_grammar(schema) == schema
     assert _decoding_takes(str(10**16), response_format={"type": "number", "minimum": 0})
     assert not _decoding_takes(str(10**16 + 1), response_format={"type": "number", "minimum": 0})
+    # xgrammar reads a bound as a float: 9999999999999999 is 1e16, and a fill there left no value to write
+    assert for_grammar({"type": "number", "exclusiveMinimum": 9999999999999999}) == {"type": "number", "exclusiveMinimum": 9999999999999999}
+    assert parse_params(response_format={"type": "number", "exclusiveMaximum": -9999999999999999})
+    # a bound beyond a float's range is left to the check (math.isfinite overflowed, and xgrammar refused it without a word)
+    assert for_grammar({"type": "number", "minimum": 10**400}) == {"type": "number"}
+    assert for_grammar({"type": "integer", "maximum": -(10**400)}) == {"type": "integer"}
+    with pytest.raises(InvalidParameterError, match=r"xgrammar gave no reason \(a number in the schema beyond 64 bits is one\)$"):
+        parse_params(response_format={"type": "array", "maxItems": 10**400})
 
 
 def test_a_float_ends_its_digits_on_the_embedded_pair(embedded):

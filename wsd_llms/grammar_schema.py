@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any, TypeGuard
 
@@ -51,6 +52,7 @@ def for_grammar(schema: Any) -> Any:
     _no_false(schema, held)
     _older_forms(schema, held)
     _open_members(schema, held, types)
+    _no_integer_beside_number(held, types)
     _whole_bounds(held, types)
     _number_bounds(held, types)
     _whole_counts(held)
@@ -121,6 +123,18 @@ def _open_members(schema: dict[str, Any], held: dict[str, Any], types: list[Any]
         held["additionalProperties"] = {}
 
 
+def _finite(value: Any) -> TypeGuard[int | float]:
+    """Whether a JSON value is a finite number (an int of any size: math.isfinite overflows on 10**400)."""
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
+
+
+def _no_integer_beside_number(held: dict[str, Any], types: list[Any]) -> None:
+    """`"type": ["integer", "number"]` as the number it means (every integer is one): xgrammar wrote
+    the integer branch with any count of digits, which neither cap reached."""
+    if "integer" in types and "number" in types and isinstance(held.get("type"), list):
+        held["type"] = [name for name in held["type"] if name != "integer"]
+
+
 def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
     """An integer's bounds as xgrammar takes them: inclusive whole numbers within 64 bits (it refused
     `"minimum": 1.5` "Integer constraint must be a whole number", a float bound near 2**63 "due to
@@ -136,7 +150,7 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
     highs: list[int] = []
     for key, whole in (("minimum", math.ceil), ("exclusiveMinimum", lambda v: math.floor(v) + 1), ("maximum", math.floor), ("exclusiveMaximum", lambda v: math.ceil(v) - 1)):
         value = held.get(key)
-        if _is_number(value) and math.isfinite(value):
+        if _finite(value):
             del held[key]
             (lows if "inimum" in key else highs).append(int(whole(value)))
     low, high = max(lows, default=_INT64_MIN), min(highs, default=_INT64_MAX)
@@ -154,15 +168,21 @@ def _whole_bounds(held: dict[str, Any], types: list[Any]) -> None:
 def _number_bounds(held: dict[str, Any], types: list[Any]) -> None:
     """A number bounded on one side held within ±10^16 on the other: xgrammar writes its whole part
     as any count of digits (with 6 decimals at most), which a small model may run on with as it did
-    with an open integer. Not beside an enum, a const or a multipleOf, nor where the bound lies
-    beyond that reach (the fill would leave no value to write)."""
-    if "number" not in types or {"enum", "const", "multipleOf"} & held.keys():
+    with an open integer. Not beside an enum, a const or a multipleOf, nor where the bound lies past
+    half that reach (xgrammar reads bounds as floats: 9999999999999999 is 1e16, and an exclusive
+    bound there would leave no value). A bound beyond a float's range is left to the check."""
+    if "number" not in types:
         return
-    lows = [held[key] for key in ("minimum", "exclusiveMinimum") if _is_number(held.get(key)) and math.isfinite(held[key])]
-    highs = [held[key] for key in ("maximum", "exclusiveMaximum") if _is_number(held.get(key)) and math.isfinite(held[key])]
-    if lows and not highs and max(lows) < _NUMBER_REACH:
+    for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        if isinstance(held.get(key), int) and abs(held[key]) > sys.float_info.max:  # xgrammar reads a float: refused without a word
+            del held[key]  # left to the check; a value past it is written with an exponent
+    if {"enum", "const", "multipleOf"} & held.keys():
+        return
+    lows = [held[key] for key in ("minimum", "exclusiveMinimum") if _finite(held.get(key))]
+    highs = [held[key] for key in ("maximum", "exclusiveMaximum") if _finite(held.get(key))]
+    if lows and not highs and max(lows) <= _NUMBER_REACH / 2:
         held["maximum"] = _NUMBER_REACH
-    elif highs and not lows and min(highs) > -_NUMBER_REACH:
+    elif highs and not lows and min(highs) >= -_NUMBER_REACH / 2:
         held["minimum"] = -_NUMBER_REACH
 
 

@@ -20,7 +20,7 @@ from typing import Any
 # left open: for_grammar holds an open integer to 64 bits, and leaves it open only where a bound lies
 # beyond them, where a value needs more digits.
 NUMBER_DIGITS = 16
-# xgrammar's rules for a number, as it prints them (0.2.6 to 0.2.9): its digits, unbounded and capped.
+# xgrammar's number rule's digits, unbounded and capped, as it prints them (0.2.6 to 0.2.9).
 _OPEN_DIGITS = (("[0-9]*", f"[0-9]{{0, {NUMBER_DIGITS - 1}}}"), ("basic_number_digits{1, -1}", f"basic_number_digits{{1, {NUMBER_DIGITS}}}"))
 
 
@@ -37,8 +37,8 @@ def _capped(fmt: Any) -> Any:
         return [_capped(part) for part in fmt]
     if not isinstance(fmt, dict):
         return fmt
-    if fmt.get("type") == "json_schema" and fmt.get("style", "json") == "json" and not fmt.get("excludes"):
-        return _json_grammar(fmt)
+    if fmt.get("type") == "json_schema":  # one JSON value (or other-styled arguments: left as they are, schema and all)
+        return _json_grammar(fmt) if fmt.get("style", "json") == "json" and not fmt.get("excludes") else fmt
     return {key: _capped(value) for key, value in fmt.items()}
 
 
@@ -63,11 +63,24 @@ def _json_grammar(fmt: dict[str, Any]) -> dict[str, Any]:
 
 
 def capped_rules(ebnf: str) -> str:
-    """xgrammar's grammar text with the digits of its built-in number rules capped."""
-    lines = []
-    for line in ebnf.splitlines():
+    """xgrammar's grammar text with the lines of its built-in number rule capped (matched whole:
+    a rule of the schema's own may share a name's start, `"$ref": "#/basic_numbers"`)."""
+    capped = _capped_number_lines()
+    return "\n".join(capped.get(line, line) for line in ebnf.splitlines())
+
+
+@functools.cache
+def _capped_number_lines() -> dict[str, str]:
+    """xgrammar's lines for its number rule, as it prints them for any schema, each with its capped
+    form (those that write digits unbounded)."""
+    import xgrammar as xgr
+
+    capped = {}
+    for line in str(xgr.Grammar.from_json_schema('{"type": "number"}')).splitlines():
         if line.startswith("basic_number"):
-            for unbounded, capped in _OPEN_DIGITS:
-                line = line.replace(unbounded, capped)
-        lines.append(line)
-    return "\n".join(lines)
+            new = line
+            for unbounded, held in _OPEN_DIGITS:
+                new = new.replace(unbounded, held)
+            if new != line:
+                capped[line] = new
+    return capped

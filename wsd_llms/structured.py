@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import copy_of
 from .grammar_schema import DATA_KEYWORDS, DEFINITIONS, SCHEMA_MAPS, for_grammar, xgrammar_takes
-from .number_digits import digits_capped
+from .number_digits import NUMBER_DIGITS, digits_capped
 from .params import GenerationParams
 
 if TYPE_CHECKING:  # for annotations only: parsing replies and checking schemas need neither torch nor the models
@@ -525,8 +525,8 @@ def _meta_schema_error(schema: str) -> str | None:
 
 
 def _xgrammar_reason(exc: RuntimeError) -> str:
-    """xgrammar's message without the time and source position it starts with."""
-    return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip())
+    """xgrammar's message without the time and source position it starts with (or that it gave none)."""
+    return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip()) or "xgrammar gave no reason (a number in the schema beyond 64 bits is one)"
 
 
 # Compiled grammars kept per tokenizer (as xgrammar counts their bytes: the process holds about twice
@@ -654,7 +654,12 @@ class Guide:
 
 
 def forced_prefix_error(prefix: str) -> str:
-    return f"the reply's forced start (the trailing assistant message) {prefix!r} does not fit the request's grammar"
+    """Why a forced start is refused; where it writes more digits in a row than decoding writes in
+    a number's part (number_digits), that too, since its schema may well take it."""
+    reason = f"the reply's forced start (the trailing assistant message) {prefix!r} does not fit the request's grammar"
+    if re.search(rf"\d{{{NUMBER_DIGITS + 1}}}", prefix):
+        reason += f" (which holds each part of a number to {NUMBER_DIGITS} digits: write a longer one with an exponent)"
+    return reason
 
 
 def checked_base_guide(seq: Any, base: LoadedModel, forced: list[int]) -> Guide:
