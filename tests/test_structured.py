@@ -869,6 +869,10 @@ def test_an_open_number_s_digits_are_capped_while_decoding():
     assert _decoding_takes(f"2.5E-{sixteen}", response_format=number) and not _decoding_takes(f"2.5E-{sixteen}1", response_format=number)
     assert not _decoding_takes(f"[{sixteen}1]", response_format={"type": "array", "items": {}})  # any value's numbers
     assert parse_json(sixteen + "1", number) == (int(sixteen + "1"), None)
+    # the copies xgrammar writes under a subschema's own name: beside a keyword it does not hold, or a definition
+    for copied in ({"type": "number", "format": "double"}, {"type": "number", "x-unit": "C"}, {"$ref": "#/$defs/Temp"}):
+        schema = {"type": "object", "properties": {"t": copied}, "required": ["t"], "$defs": {"Temp": {"type": "number"}}}
+        assert _decoding_takes(f'{{"t": {sixteen}}}', response_format=schema) and not _decoding_takes(f'{{"t": {sixteen}1}}', response_format=schema)
     tool = {"name": "scale", "parameters": {"type": "object", "properties": {"k": {"type": "number"}}, "required": ["k"]}}
     call = '<tool_call>\n{{"name": "scale", "arguments": {{"k": {}}}}}\n</tool_call>'
     assert _decoding_takes(call.format(sixteen), tools=[tool]) and not _decoding_takes(call.format(sixteen + "1"), tools=[tool])
@@ -893,11 +897,18 @@ def test_only_xgrammar_s_own_number_rule_is_capped():
 
 def test_a_forced_start_with_a_longer_number_than_decoding_writes_is_told_so(shared_runtime):
     """A forced start is held to the grammar decoding uses: a number part of more than 16 digits in it
-    is refused, and the error says why, since its schema may well take it."""
+    is refused, and the error says why, since its schema takes it; a refusal for another reason says
+    nothing of digits (the first hint came for any 17 digits in a row, in a string too)."""
     messages = [{"role": "user", "content": "An id?"}, {"role": "assistant", "content": '{"id": 12345678901234567'}]
     schema = {"type": "object", "properties": {"id": {"type": "number"}}, "required": ["id"]}
-    with pytest.raises(InvalidParameterError, match="holds each part of a number to 16 digits: write a longer one with an exponent"):
+    with pytest.raises(InvalidParameterError, match="decoding holds each part of a number to 16 digits: write a longer one with an exponent"):
         shared_runtime.generate(messages, response_format=schema, max_tokens=4)
+    # refused for another reason than the digits: no word of them (a string too long; a bound's reach)
+    for other, start in (({"type": "string", "maxLength": 10}, '{"id": "12345678901234567'), ({"type": "number", "minimum": 0}, '{"id": 20000000000000000')):
+        messages[-1]["content"] = start
+        with pytest.raises(InvalidParameterError, match="does not fit the request's grammar") as refused:
+            shared_runtime.generate(messages, response_format={**schema, "properties": {"id": other}}, max_tokens=4)
+        assert "digits" not in str(refused.value)
 
 
 def test_a_json_value_s_grammar_is_xgrammar_s_own_but_for_its_numbers(monkeypatch):
@@ -949,7 +960,7 @@ def test_a_number_bounded_on_one_side_is_held_within_10_to_the_16_on_the_other()
     # a bound beyond a float's range is left to the check (math.isfinite overflowed, and xgrammar refused it without a word)
     assert for_grammar({"type": "number", "minimum": 10**400}) == {"type": "number"}
     assert for_grammar({"type": "integer", "maximum": -(10**400)}) == {"type": "integer"}
-    with pytest.raises(InvalidParameterError, match=r"xgrammar gave no reason \(a number in the schema beyond 64 bits is one\)$"):
+    with pytest.raises(InvalidParameterError, match=r"xgrammar gave no reason \(a number in the schema beyond a float's range is one\)$"):
         parse_params(response_format={"type": "array", "maxItems": 10**400})
 
 

@@ -4,9 +4,10 @@ xgrammar writes a number the schema leaves unbounded as any count of digits, and
 asked for a float wrote "10.000000…" until max_tokens ran out (the embedded pair, asked for a
 `temperature_c: float`, in two prompts of five). `digits_capped` rewrites a structural tag
 before it is compiled for decoding: each JSON value in it becomes xgrammar's own grammar for its
-schema, as text, with the digits of its built-in number rule capped. The spec as sent stays
-the key of the checks and the caches, and the check after decoding replays xgrammar's grammar as
-it builds it, which takes all the capped one does and more.
+schema, as text, with the digits of its number rules capped (its built-in one and the copies it
+writes under a subschema's name). The spec as sent stays the key of the checks and the caches,
+and the check after decoding replays xgrammar's grammar as it builds it, which takes all the
+capped one does and more.
 """
 
 from __future__ import annotations
@@ -63,24 +64,44 @@ def _json_grammar(fmt: dict[str, Any]) -> dict[str, Any]:
 
 
 def capped_rules(ebnf: str) -> str:
-    """xgrammar's grammar text with the lines of its built-in number rule capped (matched whole:
-    a rule of the schema's own may share a name's start, `"$ref": "#/basic_numbers"`)."""
-    capped = _capped_number_lines()
-    return "\n".join(capped.get(line, line) for line in ebnf.splitlines())
+    """xgrammar's grammar text with the digits of each number rule capped: its built-in one, and the
+    copies it writes under a subschema's own name (a `$defs` entry, a number with a `format` such as
+    "double"). A rule is capped where its whole family of lines is the built-in one's, renamed: a
+    rule of the schema's own whose name starts alike (`"$ref": "#/basic_numbers"`) is not touched."""
+    lines = ebnf.splitlines()
+    where = {line.split(" ::= ", 1)[0]: i for i, line in enumerate(lines)}
+    family = _number_family()
+    head = next(line for line, _ in family if line.startswith(_BUILT_IN + " ::= "))
+    for name, i in list(where.items()):
+        if lines[i] != head.replace(_BUILT_IN, name):
+            continue
+        renamed = [(line.replace(_BUILT_IN, name), capped.replace(_BUILT_IN, name)) for line, capped in family]
+        if all(_rule(line) in where and lines[where[_rule(line)]] == line for line, _ in renamed):
+            for line, capped in renamed:
+                lines[where[_rule(line)]] = capped
+    return "\n".join(lines)
+
+
+def _rule(line: str) -> str:
+    """The name a grammar line defines."""
+    return line.split(" ::= ", 1)[0]
+
+
+# The name of xgrammar's number rule, which names its family of lines (`basic_number_2`, `basic_number_digits`).
+_BUILT_IN = "basic_number"
 
 
 @functools.cache
-def _capped_number_lines() -> dict[str, str]:
+def _number_family() -> tuple[tuple[str, str], ...]:
     """xgrammar's lines for its number rule, as it prints them for any schema, each with its capped
-    form (those that write digits unbounded)."""
+    form (the same where it writes no digits unbounded)."""
     import xgrammar as xgr
 
-    capped = {}
+    family = []
     for line in str(xgr.Grammar.from_json_schema('{"type": "number"}')).splitlines():
-        if line.startswith("basic_number"):
-            new = line
+        if _rule(line) == _BUILT_IN or line.startswith(_BUILT_IN + "_"):
+            capped = line
             for unbounded, held in _OPEN_DIGITS:
-                new = new.replace(unbounded, held)
-            if new != line:
-                capped[line] = new
-    return capped
+                capped = capped.replace(unbounded, held)
+            family.append((line, capped))
+    return tuple(family)

@@ -526,7 +526,7 @@ def _meta_schema_error(schema: str) -> str | None:
 
 def _xgrammar_reason(exc: RuntimeError) -> str:
     """xgrammar's message without the time and source position it starts with (or that it gave none)."""
-    return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip()) or "xgrammar gave no reason (a number in the schema beyond 64 bits is one)"
+    return re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip()) or "xgrammar gave no reason (a number in the schema beyond a float's range is one)"
 
 
 # Compiled grammars kept per tokenizer (as xgrammar counts their bytes: the process holds about twice
@@ -567,9 +567,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
+def compiled_grammar(model: LoadedModel, spec: str, capped: bool = True) -> tuple[Any, int]:
     """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width;
-    its open numbers' digits capped (number_digits).
+    its open numbers' digits capped (number_digits) unless `capped` is False.
 
     The lock covers only making a tokenizer's compiler: xgrammar's compiler takes calls from many
     threads at once, so a thread compiling a new schema (runtime's "wsd-llms-compile") never holds
@@ -579,19 +579,19 @@ def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
         entry = _cache.get(model.tokenizer)
         if entry is None:
             entry = _cache[model.tokenizer] = _Compiled(model)
-    return entry.compiler.compile_structural_tag(digits_capped(spec)), entry.vocab_size
+    return entry.compiler.compile_structural_tag(digits_capped(spec) if capped else spec), entry.vocab_size
 
 
 class Guide:
     """One model's grammar state for one request; with no spec it lets every token through."""
 
-    def __init__(self, model: LoadedModel, spec: str | None) -> None:
+    def __init__(self, model: LoadedModel, spec: str | None, capped: bool = True) -> None:
         self.ids: list[int] = []  # tokens the matcher has accepted, in order
         self.matcher: Any = None
         self._model = model.name
         if spec is not None:
             xgr = require_xgrammar()
-            grammar, vocab_size = compiled_grammar(model, spec)
+            grammar, vocab_size = compiled_grammar(model, spec, capped)
             self._xgr = xgr
             self.matcher = xgr.GrammarMatcher(grammar)
             self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
@@ -653,12 +653,13 @@ class Guide:
         return len(self.ids)
 
 
-def forced_prefix_error(prefix: str) -> str:
-    """Why a forced start is refused; where it writes more digits in a row than decoding writes in
-    a number's part (number_digits), that too, since its schema may well take it."""
+def forced_prefix_error(seq: Any, model: LoadedModel | None = None) -> str:
+    """Why a sequence's forced start is refused; where `model`'s grammar refuses its text only for the
+    digits decoding holds a number to (number_digits), that too, since its schema takes it."""
+    prefix = seq.prompts.forced_prefix
     reason = f"the reply's forced start (the trailing assistant message) {prefix!r} does not fit the request's grammar"
-    if re.search(rf"\d{{{NUMBER_DIGITS + 1}}}", prefix):
-        reason += f" (which holds each part of a number to {NUMBER_DIGITS} digits: write a longer one with an exponent)"
+    if model is not None and Guide(model, seq.constraint, capped=False).accept_text(prefix):
+        reason += f" (decoding holds each part of a number to {NUMBER_DIGITS} digits: write a longer one with an exponent)"
     return reason
 
 
@@ -669,13 +670,12 @@ def checked_base_guide(seq: Any, base: LoadedModel, forced: list[int]) -> Guide:
 
     guide = Guide(base, seq.constraint)
     if (taken := guide.sync(forced)) < len(forced):
-        prefix = seq.prompts.forced_prefix
-        if Guide(base, seq.constraint).accept_text(prefix):  # the text fits: the tokenizer's pieces of it do not
+        if Guide(base, seq.constraint).accept_text(seq.prompts.forced_prefix):  # the text fits: the tokenizer's pieces of it do not
             raise InvalidParameterError(
-                f"{forced_prefix_error(prefix)} as the base model's tokenizer writes it: the grammar takes its text, but only "
+                f"{forced_prefix_error(seq)} as the base model's tokenizer writes it: the grammar takes its text, but only "
                 f"{taken} of the {len(forced)} tokens it is written in"
             )
-        raise InvalidParameterError(forced_prefix_error(prefix))
+        raise InvalidParameterError(forced_prefix_error(seq, base))
     return guide
 
 
@@ -685,5 +685,5 @@ def draft_guide(seq: Any, draft: LoadedModel) -> Guide:
 
     guide = Guide(draft, seq.constraint)
     if not guide.accept_text(seq.prompts.forced_prefix):
-        raise InvalidParameterError(forced_prefix_error(seq.prompts.forced_prefix))
+        raise InvalidParameterError(forced_prefix_error(seq, draft))
     return guide
