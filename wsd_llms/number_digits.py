@@ -18,8 +18,8 @@ from typing import Any
 
 # Digits before a number's point, after it, and in its exponent (llama.cpp's 16: a float64 holds 15
 # to 17 significant digits). With the exponent any magnitude stays writable. An integer's rule is
-# left open: for_grammar holds an open integer to 64 bits, and leaves it open only where a bound lies
-# beyond them, where a value needs more digits.
+# left open: for_grammar holds an integer to 64 bits, and leaves it open only where no 64-bit value
+# fits its bounds (a value needs more digits) or beside an enum, a const or a multipleOf.
 NUMBER_DIGITS = 16
 # xgrammar's number rule's digits, unbounded and capped, as it prints them (0.2.6 to 0.2.9).
 _OPEN_DIGITS = (("[0-9]*", f"[0-9]{{0, {NUMBER_DIGITS - 1}}}"), ("basic_number_digits{1, -1}", f"basic_number_digits{{1, {NUMBER_DIGITS}}}"))
@@ -69,7 +69,7 @@ def capped_rules(ebnf: str) -> str:
     "double"). A rule is capped where its whole family of lines is the built-in one's, renamed: a
     rule of the schema's own whose name starts alike (`"$ref": "#/basic_numbers"`) is not touched."""
     lines = ebnf.splitlines()
-    where = {line.split(" ::= ", 1)[0]: i for i, line in enumerate(lines)}
+    where = {_rule(line): i for i, line in enumerate(lines)}
     family = _number_family()
     head = next(line for line, _ in family if line.startswith(_BUILT_IN + " ::= "))
     for name, i in list(where.items()):

@@ -567,31 +567,43 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def compiled_grammar(model: LoadedModel, spec: str, capped: bool = True) -> tuple[Any, int]:
+def compiled_grammar(model: LoadedModel, spec: str) -> tuple[Any, int]:
     """The grammar for `spec` compiled for this model's tokenizer (cached), and the logits width;
-    its open numbers' digits capped (number_digits) unless `capped` is False.
+    its open numbers' digits capped (number_digits).
 
     The lock covers only making a tokenizer's compiler: xgrammar's compiler takes calls from many
     threads at once, so a thread compiling a new schema (runtime's "wsd-llms-compile") never holds
     up one whose grammar is cached (the worker's, as a request starts).
     """
+    entry = _compiler(model)
+    return entry.compiler.compile_structural_tag(digits_capped(spec)), entry.vocab_size
+
+
+def _compiler(model: LoadedModel) -> _Compiled:
+    """The model's tokenizer's compiler, made at its first use."""
     with _lock:
         entry = _cache.get(model.tokenizer)
         if entry is None:
             entry = _cache[model.tokenizer] = _Compiled(model)
-    return entry.compiler.compile_structural_tag(digits_capped(spec) if capped else spec), entry.vocab_size
+    return entry
+
+
+def _open_digits_take(model: LoadedModel, spec: str, text: str) -> bool:
+    """Whether `spec`'s grammar as xgrammar builds it, its numbers' digits open, takes `text` as a start."""
+    matcher = require_xgrammar().GrammarMatcher(_compiler(model).compiler.compile_structural_tag(spec))
+    return bool(matcher.accept_string(text))
 
 
 class Guide:
     """One model's grammar state for one request; with no spec it lets every token through."""
 
-    def __init__(self, model: LoadedModel, spec: str | None, capped: bool = True) -> None:
+    def __init__(self, model: LoadedModel, spec: str | None) -> None:
         self.ids: list[int] = []  # tokens the matcher has accepted, in order
         self.matcher: Any = None
         self._model = model.name
         if spec is not None:
             xgr = require_xgrammar()
-            grammar, vocab_size = compiled_grammar(model, spec, capped)
+            grammar, vocab_size = compiled_grammar(model, spec)
             self._xgr = xgr
             self.matcher = xgr.GrammarMatcher(grammar)
             self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
@@ -658,7 +670,7 @@ def forced_prefix_error(seq: Any, model: LoadedModel | None = None) -> str:
     digits decoding holds a number to (number_digits), that too, since its schema takes it."""
     prefix = seq.prompts.forced_prefix
     reason = f"the reply's forced start (the trailing assistant message) {prefix!r} does not fit the request's grammar"
-    if model is not None and Guide(model, seq.constraint, capped=False).accept_text(prefix):
+    if model is not None and _open_digits_take(model, seq.constraint, prefix):
         reason += f" (decoding holds each part of a number to {NUMBER_DIGITS} digits: write a longer one with an exponent)"
     return reason
 
