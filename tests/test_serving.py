@@ -2550,6 +2550,7 @@ def test_a_request_compiling_its_grammar_is_counted_however_it_ends(fresh, monke
     async def cancelled_while_compiling():
         task = asyncio.create_task(rt.agenerate(_msgs("Pick a number."), **digits))
         while not entered.is_set():
+            assert not task.done(), task.exception()  # failed before its compile: say so rather than wait for the suite's timeout
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -2805,6 +2806,7 @@ def test_sending_a_request_does_not_wait_for_a_grammar_compiling_on_the_worker(f
     async def both():
         constrained = asyncio.create_task(rt.agenerate(_msgs("Pick a number."), **digits))
         while not entered.is_set():
+            assert not constrained.done(), constrained.exception()  # failed before its compile: say so rather than wait for the suite's timeout
             await asyncio.sleep(0.01)
         plain = asyncio.create_task(rt.agenerate(_msgs(QUESTIONS[0]), max_tokens=5))
         t0 = time.monotonic()
