@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TypeGuard
 
+from .number_digits import NUMBER_DIGITS
+
 # Keywords whose values are data, or lists of names, not schemas: a "$ref" key inside them is not a reference.
 DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples", "required", "dependentRequired"})
 # Keywords whose values map names to schemas: a name there ("default", say) is no keyword.
@@ -27,9 +29,9 @@ _ITEMS = ("items", "prefixItems", "unevaluatedItems")
 _MEMBERS = ("properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "propertyNames")
 # xgrammar's integers are 64-bit: a bound beyond them is left to the check after decoding.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-# The open side of a number bounded on one side: the 16 digits before the point that number_digits
+# The open side of a number bounded on one side: the digits before the point that number_digits
 # holds an unbounded number to (xgrammar writes a bounded one without an exponent).
-_NUMBER_REACH = 10**16
+_NUMBER_REACH = 10**NUMBER_DIGITS
 
 
 def for_grammar(schema: Any) -> Any:
