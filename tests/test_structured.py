@@ -15,6 +15,7 @@ from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.grammar_schema import for_grammar
 from wsd_llms.messages import normalize_messages
 from wsd_llms.number_digits import digits_capped
+from wsd_llms.open_json import OpenEnd, open_at_end
 from wsd_llms.params import GenerationParams, parse_params
 from wsd_llms.prompts import build_prompts
 from wsd_llms.runtime import WSDRuntime
@@ -827,6 +828,45 @@ def test_a_json_reply_cut_inside_a_loop_says_more_tokens_would_not_end_it(shared
     assert cut.parse_error.endswith("; raise max_tokens")
 
 
+def test_where_a_cut_json_text_ends_inside():
+    """open_at_end follows a cut JSON text's arrays, objects and strings: brackets, quotes and
+    commas inside strings count for nothing, a key names its value's path as jsonschema writes it,
+    and an array counts the values begun in it."""
+    assert open_at_end('{\n"primes": [2, 3, 5, 7, 11') == OpenEnd(("$.primes", 5), None)
+    assert open_at_end('{"a b": ["x]", "y\\" [, {') == OpenEnd(('$["a b"]', 2), ('$["a b"][1]', 8))
+    assert open_at_end('[{"k": 1}, {"k": [[1], [2, 3], [') == OpenEnd(("$[1].k[2]", 0), None)
+    assert open_at_end('{"k": "x, [y') == OpenEnd(None, ("$.k", 5))
+    assert open_at_end('{"k": [1, 2]') == open_at_end('{"ke') == open_at_end("") == OpenEnd(None, None)  # in no array, in a key
+    assert open_at_end('{"k": [1, ') == OpenEnd(("$.k", 1), None)  # the comma begins no value
+
+
+def test_a_json_reply_cut_inside_a_long_array_or_string_names_what_would_close_it():
+    """A reply cut at its budget inside an array that counts on ([1, 2, 3, ... 31, the embedded
+    pair's "Count from one to five.") would only have run longer with more tokens: its error names
+    the array and a maxItems (a string, a maxLength), which the grammar holds. A short array or
+    string is not named (the budget was short), nor is anything where a stop string cut the reply;
+    in a tool call the path is within the tool's parameters."""
+    params = parse_params(response_format={"type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}}}})
+    counting = '{"n": [' + ", ".join(map(str, range(1, 10)))
+    error = structured_fields(counting, params, CUT)["parse_error"]
+    assert error.endswith(
+        "; raise max_tokens, or hold the array at $.n (9 items so far) to a maxItems in the schema"
+        " (pydantic: Field(max_length=...)), which makes the model close it"
+    )
+    assert structured_fields('{"n": [1, 2, 3', params, CUT)["parse_error"].endswith("; raise max_tokens")
+    stopped = Cut("the stop string ']' ended the reply", "leave ']' out of stop", by_budget=False)
+    assert structured_fields(counting, params, stopped)["parse_error"].endswith("; leave ']' out of stop")
+    text = structured_fields('{"s": "' + "ab " * 90, parse_params(response_format={"type": "object"}), CUT)["parse_error"]
+    assert text.endswith("raise max_tokens, or hold the string at $.s (270 characters so far) to a maxLength in the schema (pydantic: Field(max_length=...)), which makes the model close it")
+    tool = {"name": "sum", "description": "", "parameters": {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}}}}}
+    call = '<tool_call>\n{"name": "sum", "arguments": {"xs": [' + ", ".join(map(str, range(12)))
+    (invalid,) = parse_reply(call, [tool], CUT)[2]
+    assert invalid.error == (
+        "the call is not closed with </tool_call> (the reply used up max_tokens=12 first; raise max_tokens, or hold the array at $.xs"
+        " (12 items so far) to a maxItems in sum's parameters (pydantic: Field(max_length=...)), which makes the model close it)"
+    )
+
+
 def test_an_open_integer_is_held_to_64_bits():
     """An integer with no bound on a side, or a bound beyond 64 bits, is held there at 64 bits, as
     llama.cpp caps a number's digits: a small model asked for an int wrote "10000000..." until
@@ -975,6 +1015,21 @@ def test_a_float_ends_its_digits_on_the_embedded_pair(embedded):
     result = embedded.generate([{"role": "user", "content": "Give the weather for Tokyo."}], response_format=Weather, max_tokens=120)
     assert result.text == '{\n"city": "Tokyo",\n"temperature_c": 10.0000000000000000\n}' and result.finish_reason == "stop"
     assert result.parsed == {"city": "Tokyo", "temperature_c": 10.0}
+
+
+def test_a_counting_array_is_closed_by_the_max_items_its_error_names(embedded):
+    """Asked to count from one to five into an array, the embedded pair counts on until max_tokens
+    runs out; the error names the array and a maxItems, and with one the reply is the value."""
+    schema = {"type": "object", "properties": {"numbers": {"type": "array", "items": {"type": "integer"}}}, "required": ["numbers"]}
+    messages = [{"role": "user", "content": "Count from one to five."}]
+    cut = embedded.generate(messages, response_format=schema, max_tokens=120)
+    assert cut.finish_reason == "length" and cut.parsed is None
+    assert "raise max_tokens, or hold the array at $.numbers (31 items so far) to a maxItems in the schema" in cut.parse_error
+    stopped = embedded.generate(messages, response_format=schema, max_tokens=120, stop=[", 9,"])  # not the budget: nothing to hold
+    assert stopped.stop_reason == ", 9," and stopped.parse_error.endswith("; leave ', 9,' out of stop")
+    schema["properties"]["numbers"]["maxItems"] = 5
+    held = embedded.generate(messages, response_format=schema, max_tokens=120)
+    assert held.finish_reason == "stop" and held.parsed == {"numbers": [1, 2, 3, 4, 5]}
 
 
 def test_a_length_beside_a_pattern_of_one_repeated_character_is_held_while_writing():

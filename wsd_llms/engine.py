@@ -629,7 +629,7 @@ class Engine:
         """What cut a reply short, if anything did: a stop string of the caller's, or its budget
         (the model's context window where it capped max_tokens, _fit_windows, else max_tokens)."""
         if stop_reason is not None:
-            return Cut(f"the stop string {stop_reason!r} ended the reply", f"leave {stop_reason!r} out of stop")
+            return Cut(f"the stop string {stop_reason!r} ended the reply", f"leave {stop_reason!r} out of stop", by_budget=False)
         if finish_reason != "length":
             return None
         model = MODELS[seq.params.mode][-1]  # the reply is in the last model's tokens

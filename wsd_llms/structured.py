@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import copy_of
 from .grammar_schema import DATA_KEYWORDS, DEFINITIONS, SCHEMA_MAPS, for_grammar, xgrammar_takes
 from .number_digits import NUMBER_DIGITS, digits_capped
+from .open_json import holding_hint
 from .params import GenerationParams
 
 if TYPE_CHECKING:  # for annotations only: parsing replies and checking schemas need neither torch nor the models
@@ -227,6 +228,12 @@ class Cut:
 
     limit: str  # "the reply used up max_tokens=80"
     remedy: str  # "raise max_tokens"
+    by_budget: bool = True  # max_tokens or the context window; False: a stop string
+
+    def remedy_for(self, json_text: str, root: str = "$", owner: str = "the schema") -> str:
+        """The remedy for a JSON text this cut ended, with what would have closed its long array or
+        string where the budget cut it (more tokens would only have run them on)."""
+        return self.remedy + (holding_hint(json_text, root, owner) if self.by_budget else "")
 
 
 def structured_fields(text: str, params: GenerationParams, cut: Cut | None = None) -> dict[str, Any]:
@@ -243,7 +250,7 @@ def structured_fields(text: str, params: GenerationParams, cut: Cut | None = Non
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
         if cut is not None and parsed is None and error is not None:
-            error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy}"
+            error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy_for(text)}"
         elif cut is not None and _number_at_end(text, parsed):  # "12" of 1234: whole as JSON, not as written
             error = f"{cut.limit} right after the number {text.strip()}, which may not be whole; {cut.remedy}"
         return {"content": text, "parsed": parsed if error is None else None, "parse_error": error}  # never an invalid value as parsed

@@ -297,7 +297,8 @@ def parse_reply(
         name: str | None = _json_string(named.group(1)) if named else None
         try:
             if not span.closed:
-                ended = f"{cut.limit} first; {cut.remedy}" if cut is not None else "the reply ended first"
+                owner = f"{name}'s parameters" if name else "the tool's parameters"
+                ended = f"{cut.limit} first; {cut.remedy_for(span.body, '$.arguments', owner)}" if cut is not None else "the reply ended first"
                 raise ValueError(f"the call is not closed with </tool_call> ({ended})")
             body, repeated = load_reply_json(span.body)
             if repeated is not None:
