@@ -11,6 +11,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from .reply import string_end
+
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # An array of fewer items or a string of fewer characters at the cut is named in no hint: the
@@ -60,29 +62,26 @@ def open_at_end(text: str) -> OpenEnd:
     """Scan `text` as JSON (the reply's own, so well-formed up to its end) and report what its end
     lies inside."""
     frames: list[_Frame] = []
-    in_string = escaped = is_key = False
-    start, string_path = 0, "$"
-    for i, c in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-                if is_key:
-                    frames[-1].key = _key(text[start : i + 1])
-            continue
-        if c.isspace():
-            continue
+    i = 0
+    while i < len(text):
+        c = text[i]
         top = frames[-1] if frames else None
+        if c.isspace():
+            i += 1
+            continue
         if top is not None and top.kind == "array" and not top.begun and c not in ",]":
             top.items, top.begun = top.items + 1, True
         if c == '"':
-            in_string, start = True, i
             is_key = top is not None and top.kind == "object" and top.expect_key
-            string_path = "" if is_key else _child(top)
-        elif c in "[{":
+            end = string_end(text, i)
+            if end == -1:
+                string = None if is_key else (_child(top), len(text) - i - 1)
+                return OpenEnd(_innermost_array(frames), string)
+            if is_key and top is not None:
+                top.key = _key(text[i:end])
+            i = end
+            continue
+        if c in "[{":
             frames.append(_Frame("array" if c == "[" else "object", _child(top)))
         elif c in "]}":
             if frames:
@@ -91,9 +90,12 @@ def open_at_end(text: str) -> OpenEnd:
             top.expect_key, top.key, top.begun = top.kind == "object", None, False
         elif c == ":" and top is not None:
             top.expect_key = False
-    array = next(((f.path, f.items) for f in reversed(frames) if f.kind == "array"), None)
-    string = (string_path, len(text) - start - 1) if in_string and not is_key else None
-    return OpenEnd(array, string)
+        i += 1
+    return OpenEnd(_innermost_array(frames), None)
+
+
+def _innermost_array(frames: list[_Frame]) -> tuple[str, int] | None:
+    return next(((f.path, f.items) for f in reversed(frames) if f.kind == "array"), None)
 
 
 def holding_hint(text: str, root: str = "$", owner: str = "the schema") -> str:

@@ -7,6 +7,7 @@ incomplete UTF-8 character, is held back until it is ruled out.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,24 +72,31 @@ def repeated_end(text: str) -> str | None:
     return None
 
 
+# A JSON string from its opening quote to its closing one (a model may write a raw newline in it).
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\[\s\S])*+"')
+
+
+def string_end(text: str, start: int, end: int | None = None) -> int:
+    """Where the JSON string opening at text[start] (a quote) ends, just past its closing quote,
+    or -1 where it is still open at `end`."""
+    found = _JSON_STRING.match(text, start, len(text) if end is None else end)
+    return -1 if found is None else found.end()
+
+
 def close_outside_strings(text: str, close: str, start: int, end: int | None = None) -> int:
     """Where `close` first appears in text[start:end] outside a JSON string (a call's arguments may
     hold the mark in a string), or -1."""
     end = len(text) if end is None else end
-    in_string = escaped = False
-    for i in range(start, end):
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
+    i = start
+    while i < end:
+        if text[i] == '"':
+            i = string_end(text, i, end)
+            if i == -1:
+                return -1
         elif text.startswith(close, i):
             return i
+        else:
+            i += 1
     return -1
 
 
