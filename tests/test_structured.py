@@ -15,7 +15,7 @@ from wsd_llms import InvalidMessagesError, InvalidParameterError
 from wsd_llms.grammar_schema import for_grammar
 from wsd_llms.messages import normalize_messages
 from wsd_llms.number_digits import digits_capped
-from wsd_llms.open_json import OpenEnd, open_at_end
+from wsd_llms.open_json import json_path, open_at_end
 from wsd_llms.params import GenerationParams, parse_params
 from wsd_llms.prompts import build_prompts
 from wsd_llms.runtime import WSDRuntime
@@ -830,39 +830,70 @@ def test_a_json_reply_cut_inside_a_loop_says_more_tokens_would_not_end_it(shared
 
 def test_where_a_cut_json_text_ends_inside():
     """open_at_end follows a cut JSON text's arrays, objects and strings: brackets, quotes and
-    commas inside strings count for nothing, a key names its value's path as jsonschema writes it,
-    and an array counts the values begun in it."""
-    assert open_at_end('{\n"primes": [2, 3, 5, 7, 11') == OpenEnd(("$.primes", 5), None)
-    assert open_at_end('{"a b": ["x]", "y\\" [, {') == OpenEnd(('$["a b"]', 2), ('$["a b"][1]', 8))
-    assert open_at_end('[{"k": 1}, {"k": [[1], [2, 3], [') == OpenEnd(("$[1].k[2]", 0), None)
-    assert open_at_end('{"k": "x, [y') == OpenEnd(None, ("$.k", 5))
-    assert open_at_end('{"k": [1, 2]') == open_at_end('{"ke') == open_at_end("") == OpenEnd(None, None)  # in no array, in a key
-    assert open_at_end('{"k": [1, ') == OpenEnd(("$.k", 1), None)  # the comma begins no value
+    commas inside strings count for nothing, an array counts the values begun in it, a string its
+    characters decoded (as maxLength counts them), and json_path writes a place as jsonschema's
+    errors do."""
+    def where(text):
+        end = open_at_end(text)
+        return [(f.path(), f.items) for f in reversed(end.frames) if f.kind == "array"], end.string
+
+    assert where('{\n"primes": [2, 3, 5, 7, 11') == ([(("primes",), 5)], None)
+    assert where('{"a b": ["x]", "y\\" [, {') == ([(("a b",), 2)], (("a b", 1), 7))
+    assert where('[{"k": 1}, {"k": [[1], [2, 3], [') == ([((1, "k", 2), 0), ((1, "k"), 3), ((), 2)], None)
+    assert where('{"k": "x, [y') == ([], (("k",), 5))
+    assert where('{"k": "\\u00e9\\u00e9\\u00') == ([], (("k",), 2))  # a cut escape not counted
+    assert where('{"k": [1, 2]') == where('{"ke') == where("") == ([], None)  # in no array, in a key
+    assert where('{"k": [1, ') == ([(("k",), 1)], None)  # the comma begins no value
+    assert open_at_end("[" * 100_000).frames[-1].path() == (0,) * 99_999  # deep nesting: a frame keeps only its own place
+    assert [json_path(p) for p in [(), ("a",), ("a b", 0), ("_id",), ("é",), ("it's",)]] == ["$", "$.a", "$['a b'][0]", "$['_id']", "$['é']", "$['it\\'s']"]
 
 
 def test_a_json_reply_cut_inside_a_long_array_or_string_names_what_would_close_it():
     """A reply cut at its budget inside an array that counts on ([1, 2, 3, ... 31, the embedded
-    pair's "Count from one to five.") would only have run longer with more tokens: its error names
-    the array and a maxItems (a string, a maxLength), which the grammar holds. A short array or
-    string is not named (the budget was short), nor is anything where a stop string cut the reply;
-    in a tool call the path is within the tool's parameters."""
-    params = parse_params(response_format={"type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}}}})
+    pair's "Count from one to five.") may only run longer with more tokens: its error names the
+    array and a maxItems (a string, a maxLength), which the grammar holds. Not named: a short array
+    or string (the budget was short), anything a stop string cut, a place the schema does not say
+    plainly, a string beside a pattern or a format (whose maxLength may not be held), an array that
+    must reach more items; a maxItems the schema has already is to be lowered. In a tool call the
+    path is within the tool's parameters."""
+    item = {"type": "array", "items": {"type": "integer"}}
+    schema = {"type": "object", "properties": {"n": item}}
     counting = '{"n": [' + ", ".join(map(str, range(1, 10)))
-    error = structured_fields(counting, params, CUT)["parse_error"]
-    assert error.endswith(
-        "; raise max_tokens, or hold the array at $.n (9 items so far) to a maxItems in the schema"
+
+    def error(text, schema=schema, cut=CUT):
+        return structured_fields(text, parse_params(response_format=schema), cut)["parse_error"]
+
+    assert error(counting).endswith(
+        "; raise max_tokens; or hold the array at $.n (9 items so far) to a maxItems in the schema"
         " (pydantic: Field(max_length=...)), which makes the model close it"
     )
-    assert structured_fields('{"n": [1, 2, 3', params, CUT)["parse_error"].endswith("; raise max_tokens")
+    assert error('{"n": [1, 2, 3').endswith("; raise max_tokens")
     stopped = Cut("the stop string ']' ended the reply", "leave ']' out of stop", by_budget=False)
-    assert structured_fields(counting, params, stopped)["parse_error"].endswith("; leave ']' out of stop")
-    text = structured_fields('{"s": "' + "ab " * 90, parse_params(response_format={"type": "object"}), CUT)["parse_error"]
-    assert text.endswith("raise max_tokens, or hold the string at $.s (270 characters so far) to a maxLength in the schema (pydantic: Field(max_length=...)), which makes the model close it")
-    tool = {"name": "sum", "description": "", "parameters": {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}}}}}
+    assert error(counting, cut=stopped).endswith("; leave ']' out of stop")
+    assert error(counting, {"type": "object"}).endswith("; raise max_tokens")  # json_object: no schema says what $.n is
+    assert error(counting, {"type": "object", "properties": {"n": {**item, "minItems": 20}}}).endswith("; raise max_tokens")
+    assert "to a maxItems below its 100 in the schema" in error(counting, {"type": "object", "properties": {"n": {**item, "maxItems": 100}}})
+    optional = {"$defs": {"N": item}, "type": "object", "properties": {"n": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}}
+    assert "hold the array at $.n (9 items so far)" in error(counting, optional)  # pydantic's Optional[list[...]]
+    long_text = '{"s": "' + "ab " * 90
+    plain = {"type": "object", "properties": {"s": {"type": "string"}}}
+    assert error(long_text, plain).endswith(
+        "raise max_tokens; or hold the string at $.s (270 characters so far) to a maxLength in the schema"
+        " (pydantic: Field(max_length=...)), which makes the model close it"
+    )
+    for beside in ({"pattern": "^[a-z ]+$"}, {"format": "uri"}):
+        assert error(long_text, {"type": "object", "properties": {"s": {"type": "string", **beside}}}).endswith("; raise max_tokens")
+    rows = {"type": "object", "properties": {"rows": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}}}}
+    both = '{"rows": [' + '["a"], ' * 8 + '["' + "x" * 300
+    assert error(both, rows).endswith(
+        "or hold the string at $.rows[8][0] (300 characters so far) to a maxLength and the array at $.rows (9 items so far)"
+        " to a maxItems in the schema (pydantic: Field(max_length=...)), which makes the model close them"
+    )  # the outer array: the inner one, open at the cut, has one item
+    tool = {"name": "sum", "description": "", "parameters": {"type": "object", "properties": {"xs": item}}}
     call = '<tool_call>\n{"name": "sum", "arguments": {"xs": [' + ", ".join(map(str, range(12)))
     (invalid,) = parse_reply(call, [tool], CUT)[2]
     assert invalid.error == (
-        "the call is not closed with </tool_call> (the reply used up max_tokens=12 first; raise max_tokens, or hold the array at $.xs"
+        "the call is not closed with </tool_call> (the reply used up max_tokens=12 first; raise max_tokens; or hold the array at $.xs"
         " (12 items so far) to a maxItems in sum's parameters (pydantic: Field(max_length=...)), which makes the model close it)"
     )
 
@@ -1024,7 +1055,7 @@ def test_a_counting_array_is_closed_by_the_max_items_its_error_names(embedded):
     messages = [{"role": "user", "content": "Count from one to five."}]
     cut = embedded.generate(messages, response_format=schema, max_tokens=120)
     assert cut.finish_reason == "length" and cut.parsed is None
-    assert "raise max_tokens, or hold the array at $.numbers (31 items so far) to a maxItems in the schema" in cut.parse_error
+    assert "raise max_tokens; or hold the array at $.numbers (31 items so far) to a maxItems in the schema" in cut.parse_error
     stopped = embedded.generate(messages, response_format=schema, max_tokens=120, stop=[", 9,"])  # not the budget: nothing to hold
     assert stopped.stop_reason == ", 9," and stopped.parse_error.endswith("; leave ', 9,' out of stop")
     schema["properties"]["numbers"]["maxItems"] = 5

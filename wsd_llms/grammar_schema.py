@@ -297,3 +297,19 @@ def xgrammar_takes(schema: dict[str, Any], text: str) -> bool:
     import xgrammar as xgr
 
     return bool(xgr.testing._is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(schema)), text))
+
+
+def pointed(schema: Any, ref: str) -> Any:
+    """What a local reference ("#/$defs/Item", or "#" for the whole) names in `schema`, or None
+    where it names nothing there."""
+    if not ref.startswith("#"):
+        return None
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(schema, dict) and part in schema:
+            schema = schema[part]
+        elif isinstance(schema, list) and part.isdigit() and int(part) < len(schema):
+            schema = schema[int(part)]
+        else:
+            return None
+    return schema

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import copy_of
-from .grammar_schema import DATA_KEYWORDS, DEFINITIONS, SCHEMA_MAPS, for_grammar, xgrammar_takes
+from .grammar_schema import DATA_KEYWORDS, DEFINITIONS, SCHEMA_MAPS, for_grammar, pointed, xgrammar_takes
 from .number_digits import NUMBER_DIGITS, digits_capped
 from .open_json import holding_hint
 from .params import GenerationParams
@@ -230,10 +230,10 @@ class Cut:
     remedy: str  # "raise max_tokens"
     by_budget: bool = True  # max_tokens or the context window; False: a stop string
 
-    def remedy_for(self, json_text: str, root: str = "$", owner: str = "the schema") -> str:
-        """The remedy for a JSON text this cut ended, with what would have closed its long array or
-        string where the budget cut it (more tokens would only have run them on)."""
-        return self.remedy + (holding_hint(json_text, root, owner) if self.by_budget else "")
+    def remedy_for(self, json_text: str, schema: Any, root: tuple[str, ...] = (), owner: str = "the schema") -> str:
+        """The remedy for a JSON text this cut ended, with what in its schema would have closed its
+        long array or string where the budget cut it (more tokens may only have run them on)."""
+        return self.remedy + (holding_hint(json_text, schema, root, owner) if self.by_budget else "")
 
 
 def structured_fields(text: str, params: GenerationParams, cut: Cut | None = None) -> dict[str, Any]:
@@ -250,7 +250,7 @@ def structured_fields(text: str, params: GenerationParams, cut: Cut | None = Non
     if params.response_format is not None:
         parsed, error = parse_json(text, params.response_format)
         if cut is not None and parsed is None and error is not None:
-            error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy_for(text)}"
+            error = f"{cut.limit} before its JSON was complete ({error}); {cut.remedy_for(text, params.response_format)}"
         elif cut is not None and _number_at_end(text, parsed):  # "12" of 1234: whole as JSON, not as written
             error = f"{cut.limit} right after the number {text.strip()}, which may not be whole; {cut.remedy}"
         return {"content": text, "parsed": parsed if error is None else None, "parse_error": error}  # never an invalid value as parsed
@@ -428,22 +428,9 @@ def _used_subschemas(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, An
         for sub_path, subschema in _subschemas(root, path):
             yield sub_path, subschema
             ref = subschema.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/") and (target := _pointed(schema, ref)) is not None and id(target) not in seen:
+            if isinstance(ref, str) and ref.startswith("#/") and (target := pointed(schema, ref)) is not None and id(target) not in seen:
                 seen.add(id(target))
                 todo.append(("$" + ref[1:].replace("/", "."), target))
-
-
-def _pointed(schema: Any, ref: str) -> Any:
-    """What a "#/a/b" JSON pointer names in the schema, or None where it names nothing."""
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(schema, dict) and part in schema:
-            schema = schema[part]
-        elif isinstance(schema, list) and part.isdigit() and int(part) < len(schema):
-            schema = schema[int(part)]
-        else:
-            return None
-    return schema
 
 
 def _unfollowed(schema: dict[str, Any], path: str) -> str | None:

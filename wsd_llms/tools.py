@@ -298,7 +298,8 @@ def parse_reply(
         try:
             if not span.closed:
                 owner = f"{name}'s parameters" if name else "the tool's parameters"
-                ended = f"{cut.limit} first; {cut.remedy_for(span.body, '$.arguments', owner)}" if cut is not None else "the reply ended first"
+                parameters = by_name[name]["parameters"] if name in by_name else None
+                ended = f"{cut.limit} first; {cut.remedy_for(span.body, parameters, ('arguments',), owner)}" if cut is not None else "the reply ended first"
                 raise ValueError(f"the call is not closed with </tool_call> ({ended})")
             body, repeated = load_reply_json(span.body)
             if repeated is not None:
