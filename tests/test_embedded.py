@@ -139,26 +139,29 @@ def test_batched_equals_sequential(embedded, parity):
 
 @needs_bfloat16_kernels
 def test_greedy_screen_changes_no_reply(embedded):
-    """The base model's greedy steps take their ids from a bfloat16 screen of its 262k-word
-    projection (output_head.OutputHead.greedy_ids): every reply, free or under a grammar, is the
-    one the full float32 projection gives."""
+    """Both models' greedy steps take their ids from a bfloat16 screen of their projections (the
+    base's 262k words, the draft's 49k; output_head.OutputHead.greedy_ids): every reply, free or
+    under a grammar, is the one the full float32 projections give."""
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "people": {"type": "integer"}}, "required": ["city", "people"]}
     requests = [
         (CASES["long answer"], {"mode": "base"}),
         (CASES["list"], {}),
         ([{"role": "user", "content": "Which city is the largest in Japan, and how many people live there?"}], {"mode": "base", "response_format": schema}),
+        ([{"role": "user", "content": "Which city is the largest in Japan, and how many people live there?"}], {"mode": "draft", "response_format": schema}),
     ]
-    head = embedded.load().runners["base"].head
-    screened = head.screened_rows
+    heads = [runner.head for runner in embedded.load().runners.values()]
+    screened = [head.screened_rows for head in heads]
     replies = {}
     try:
         for on in (True, False):
-            head.use_screen = on
+            for head in heads:
+                head.use_screen = on
             replies[on] = [embedded.generate(messages, max_tokens=48, **params).text for messages, params in requests]
     finally:
-        head.use_screen = True
+        for head in heads:
+            head.use_screen = True
     assert replies[True] == replies[False]
-    assert head.screened_rows - screened >= 60  # the screen decided most greedy base steps
+    assert all(head.screened_rows - before >= 30 for head, before in zip(heads, screened))  # the screen decided greedy steps of each (39 and 93)
 
 
 def test_a_draft_token_that_re_splits_streamed_text_keeps_the_stream_whole(embedded, monkeypatch):

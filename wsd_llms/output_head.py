@@ -8,12 +8,12 @@ most of the probability mass: on the embedded pair 8192 of the base's 262144 wor
 16-20% of the serving benchmark's draft tokens below any passing window (benchmarks/bench_scoring.py),
 and the full projection runs only for those.
 
-Greedy decoding needs only the largest logit's id. A bfloat16 copy of the projection (half the
-bytes to stream) screens the words: with a rigorous bound on its rounding, only words within that
-bound of the top can be the float32 projection's argmax (2 of 262144 at the median on the embedded
-base), and their logits are computed again in float32 (`OutputHead.greedy_ids`). The id is the one
-the full projection's argmax gives, ties included; where the bound cannot decide, the row is
-projected in full.
+Greedy decoding needs only the largest logit's id, in either model. A bfloat16 copy of the
+projection (half the bytes to stream) screens the words: with a rigorous bound on its rounding,
+only words within that bound of the top can be the float32 projection's argmax (2 of 262144 at the
+median on the embedded base), and their logits are computed again in float32
+(`OutputHead.greedy_ids`). The id is the one the full projection's argmax gives, ties included;
+where the bound cannot decide, the row is projected in full.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class OutputHead:
     """A causal LM's output projection and final soft-capping, applied to its final hidden states.
 
     Build it before the model's linear layers are packed: it copies the bound's slice of the dense
-    projection (unless `bound` is off). `identity()` stands in where the model's own head cannot be reproduced (its
+    projection (unless `bound` is off: a model that is never scored) and the greedy screen's. `identity()` stands in where the model's own head cannot be reproduced (its
     forward returns logits already): the rows are logits, and every probability is exact.
     """
 
@@ -101,8 +101,8 @@ class OutputHead:
             return
         head = model.get_output_embeddings()
         self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-        if not bound or not isinstance(head, torch.nn.Linear) or head.out_features < MIN_BOUND_VOCAB:
-            return  # no bounds: not asked for (a model that is never scored), or no slice to take, or cheap
+        if not isinstance(head, torch.nn.Linear) or head.out_features < MIN_BOUND_VOCAB:
+            return  # no slice to take or screen to build, or the whole projection is cheap
         self.dtype = head.weight.dtype
         weight, bias = head.weight.detach(), head.bias
         self._bias = None if bias is None else bias.detach()
@@ -112,9 +112,9 @@ class OutputHead:
         # The rows stay at hand where they cost nothing: a tied head's are the input embeddings;
         # an untied head packed for oneDNN drops its dense copy, so its bound skips outside words.
         self._words = inputs.weight if tied else (None if packed else head.weight)
-        # A copy of the first rows (made from them, not drawn: loading takes nothing from torch's global generator).
-        subset = linear_of(weight[:BOUND_WORDS].clone(), None if bias is None else bias[:BOUND_WORDS].clone())
-        self._subset = PackedLinear(subset) if packed else subset
+        if bound:  # a model that is scored: a copy of the first rows (made from them, not drawn: loading takes nothing from torch's global generator)
+            subset = linear_of(weight[:BOUND_WORDS].clone(), None if bias is None else bias[:BOUND_WORDS].clone())
+            self._subset = PackedLinear(subset) if packed else subset
         # The greedy screen, for a float32 projection with its rows at hand (to compute candidates
         # again) and nothing after the product (a bias or soft-capping would need their own bounds).
         if packed and self.dtype == torch.float32 and self._words is not None and bias is None and self.softcap is None:
