@@ -39,6 +39,7 @@ class _Frame:
     begun: bool = False  # an array whose current value has begun
 
     def path(self) -> Path:
+        """Its keys and indices from the top, gathered only when asked for (each frame keeps its own)."""
         elements, frame = deque[str | int](), self
         while frame.parent is not None:
             elements.appendleft(frame.element)  # type: ignore[arg-type]

@@ -79,8 +79,9 @@ class OutputHead:
     """A causal LM's output projection and final soft-capping, applied to its final hidden states.
 
     Build it before the model's linear layers are packed: it copies the bound's slice of the dense
-    projection (unless `bound` is off: a model that is never scored) and the greedy screen's. `identity()` stands in where the model's own head cannot be reproduced (its
-    forward returns logits already): the rows are logits, and every probability is exact.
+    projection (unless `bound` is off: a model that is never scored) and the greedy screen's.
+    `identity()` stands in where the model's own head cannot be reproduced (its forward returns
+    logits already): the rows are logits, and every probability is exact.
     """
 
     def __init__(self, model: Any = None, bound: bool = True) -> None:
