@@ -8,7 +8,7 @@ concurrent, alternating the full projection and the screen for one model's head 
 reports aggregate tokens/s, seconds in that model's passes (its decoding, for the draft with its
 prefill; projections included), how many greedy rows the screen decided, and whether the replies agree.
 
-    python benchmarks/bench_greedy_head.py [--model base] [--rounds 2] [--levels 1 8] [--modes online base] [--max-tokens 64]
+    python benchmarks/bench_greedy_head.py [--model base] [--rounds 2] [--levels 1 8] [--modes online <model>] [--max-tokens 64]
 
 Results go to results/greedy_head.* (results/greedy_head_draft.* for --model draft, and _t<N> for
 another --max-tokens).
@@ -23,9 +23,9 @@ from common import alternate, device_suffix, drop_texts, mean_of, same_texts, se
 def main() -> None:
     parser = side_by_side_parser(modes=True)
     parser.add_argument("--model", choices=["base", "draft"], default="base", help="whose head the screen is toggled for")
+    parser.set_defaults(modes=None)  # online WSD and --model's model alone
     args = parser.parse_args()
-    if args.model == "draft" and args.modes == ["online", "base"]:
-        args.modes = ["online", "draft"]
+    args.modes = args.modes or ["online", args.model]
     runtime = warm_runtime(max_running=max(args.levels))
     head = runtime.engine.runners[args.model].head
     if head._screen is None:
